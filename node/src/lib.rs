@@ -1,1 +1,10 @@
-//! placeholder
+//! spaced's node: the daemon (`spaced`), the admin CLI (`spacectl`), their protocol and the demo.
+
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod metrics;
+pub mod ctl;
+pub mod demo;

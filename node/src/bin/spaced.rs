@@ -1,1 +1,109 @@
-fn main(){}
+//! `spaced`: run a fabric node, or a self-contained demo cluster.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use spaced_node::config::NodeConfig;
+use spaced_node::daemon::Node;
+
+#[derive(Debug, Parser)]
+#[command(name = "spaced", version, about = "spaced fabric daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a node.
+    Run {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Initialise a one-node cluster (only on an empty data dir).
+        #[arg(long)]
+        bootstrap: bool,
+    },
+    /// Start a 3-node cluster on 127.0.0.1, register devices, kill the leader, show the failover.
+    Demo {
+        /// Keep the temp dir (configs, PKI, data, logs) afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPACED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("spaced: cannot start the async runtime: {e}");
+        ExitCode::from(1)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Run { config, bootstrap } => {
+            init_tracing("info,openraft=warn");
+            let cfg = match NodeConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("spaced: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(c) => return c,
+            };
+            rt.block_on(async move {
+                let node = match Node::start(cfg, bootstrap).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        eprintln!("spaced: {e}");
+                        return ExitCode::from(if e.bad_input { 2 } else { 1 });
+                    }
+                };
+                wait_for_signal().await;
+                tracing::info!("shutting down");
+                node.shutdown().await;
+                ExitCode::SUCCESS
+            })
+        }
+        Cmd::Demo { keep } => {
+            init_tracing("warn,openraft=error");
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(c) => return c,
+            };
+            match rt.block_on(spaced_node::demo::run(keep)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("spaced demo: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The admin protocol (ALPN `spaced-admin/1`): requests from `spacectl`, replies from a node.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use spaced_raft::fabric::{AdminState, DeviceMode, DeviceStatus, NewDevice};
+use spaced_raft::{Command, NodeId, Outcome};
+
+/// Largest admin frame (a device list of 100k devices fits comfortably).
+pub const MAX_ADMIN_FRAME: usize = 64 << 20;
+
+/// One admin call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// Cluster overview; answered best by the leader (it knows last contacts).
+    Status,
+    /// Propose a fabric command (leader only).
+    Write(Command),
+    /// Register devices in one command (leader only).
+    AddDevices(Vec<NewDevice>),
+    /// Add a node: learner, catch up, then voter while voters < 5 (leader only).
+    AddNode {
+        /// Raft id of the new node.
+        id: NodeId,
+        /// Its name (must match its certificate and config).
+        name: String,
+        /// Its QUIC address.
+        addr: String,
+        /// Roles; `None` asks the node for the roles in its config.
+        roles: Option<BTreeSet<String>>,
+    },
+    /// Remove a node by id or name (leader only).
+    RemoveNode(String),
+    /// Hand leadership to a node given by id or name (leader only).
+    TransferLeader(String),
+    /// All devices as this node has applied them.
+    ListDevices,
+}
+
+/// How a node describes one member in `Status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    /// Raft id.
+    pub id: NodeId,
+    /// Name.
+    pub name: String,
+    /// QUIC address.
+    pub addr: String,
+    /// Roles from the fabric.
+    pub roles: Vec<String>,
+    /// Voter (true) or learner (false).
+    pub voter: bool,
+    /// Milliseconds since the leader last heard from it (leader's view; `None` if unknown).
+    pub last_contact_ms: Option<u64>,
+    /// Active or draining.
+    pub admin_state: Option<AdminState>,
+    /// Devices it owns.
+    pub devices: u64,
+}
+
+/// The cluster as one node sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    /// Node that produced the report.
+    pub served_by: NodeId,
+    /// Current leader, if known.
+    pub leader: Option<NodeId>,
+    /// QUIC address of the leader, if known.
+    pub leader_addr: Option<String>,
+    /// Current term.
+    pub term: u64,
+    /// Last log index applied on the reporting node.
+    pub last_applied: Option<u64>,
+    /// Members.
+    pub nodes: Vec<NodeStatus>,
+    /// Registered devices.
+    pub devices: u64,
+}
+
+/// One device row for `device list`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceRow {
+    /// Device id.
+    pub id: String,
+    /// Address.
+    pub addr: String,
+    /// Connection mode.
+    pub mode: DeviceMode,
+    /// Owning node.
+    pub owner: Option<NodeId>,
+    /// State.
+    pub status: DeviceStatus,
+    /// Since when (ms since the epoch).
+    pub since: u64,
+}
+
+/// A node's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminReply {
+    /// Answer to `Status`.
+    Status(StatusReport),
+    /// A command was committed and applied.
+    Applied(Outcome),
+    /// A node joined.
+    NodeAdded {
+        /// Whether it was promoted to voter.
+        voter: bool,
+    },
+    /// Done, nothing to report.
+    Done,
+    /// Answer to `ListDevices`.
+    Devices(Vec<DeviceRow>),
+    /// Only the leader does that; here is where it is.
+    NotLeader {
+        /// Leader id, if known.
+        leader: Option<NodeId>,
+        /// Leader QUIC address, if known.
+        addr: Option<String>,
+    },
+    /// The operation failed; one line why.
+    Failed(String),
+}

@@ -1,0 +1,638 @@
+//! The node's TOML configuration: parsing, path resolution, validation and serialization.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A node's full configuration, as loaded from its TOML file.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Raft member id; unique in the cluster and never 0 (openraft reserves nothing, but 0
+    /// is the classic "unset" value and is rejected to catch forgotten keys).
+    pub node_id: u64,
+    /// Human-readable node name, used in logs, metrics labels and certificate names.
+    pub name: String,
+    /// Directory holding the Raft log, state machine and snapshots.
+    pub data_dir: PathBuf,
+    /// QUIC (UDP) socket address serving Raft traffic and admin requests.
+    pub listen: SocketAddr,
+    /// HTTP address for /metrics and /healthz; `None` disables the HTTP server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
+    /// Roles this node is willing to host (e.g. "ha", "app"), used for placement.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Certificate material for mutual TLS between nodes and with the admin CLI.
+    pub tls: TlsSection,
+    /// Raft timing and log-compaction knobs.
+    #[serde(default)]
+    pub raft: RaftTimings,
+    /// The file this configuration came from (not part of the TOML text).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// Paths to the PEM files used for mutual TLS.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Cluster CA certificate that peers' certificates must chain to.
+    pub ca: PathBuf,
+    /// This node's certificate chain, presented to peers and clients.
+    pub cert: PathBuf,
+    /// Private key matching `cert`.
+    pub key: PathBuf,
+}
+
+/// Raft timing and snapshot policy; every key is optional in the file.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTimings {
+    /// How often the leader sends heartbeats; must be below the minimum election timeout.
+    pub heartbeat_interval_ms: u64,
+    /// Lower bound of the randomized election timeout.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound (exclusive of equality with the minimum) of the randomized election timeout.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries since the last snapshot.
+    pub snapshot_after_logs: u64,
+    /// Log entries kept behind a snapshot so slightly lagging followers avoid a full install.
+    pub logs_kept_after_snapshot: u64,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_after_logs: 10_000,
+            logs_kept_after_snapshot: 1_000,
+        }
+    }
+}
+
+/// Why a configuration could not be loaded; every message is a single line naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {}: cannot read file: {source}", file.display())]
+    Read {
+        /// The file that was being read.
+        file: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML.
+    #[error("config {}: TOML syntax error at line {line}, column {column}: {message}", file.display())]
+    Syntax {
+        /// The file being parsed.
+        file: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column (in characters) of the error.
+        column: usize,
+        /// What the parser complained about, flattened to one line.
+        message: String,
+    },
+    /// A specific key is missing, unknown, mistyped or semantically invalid.
+    #[error("config {}: key `{key}`: {problem}", file.display())]
+    Key {
+        /// The file being parsed.
+        file: PathBuf,
+        /// Dotted path of the offending key, e.g. `raft.heartbeat_interval_ms` or `roles[1]`.
+        key: String,
+        /// What is wrong with it, one line.
+        problem: String,
+    },
+    /// A problem that applies to the document as a whole rather than to one key.
+    #[error("config {}: {problem}", file.display())]
+    Document {
+        /// The file being parsed.
+        file: PathBuf,
+        /// What is wrong, one line.
+        problem: String,
+    },
+}
+
+impl ConfigError {
+    /// Dotted key the error is about, if any (handy for tests and tooling).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Key { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads and parses the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse_str(&text, path)
+    }
+
+    /// Parses `text` as if read from `source`; relative paths are resolved against
+    /// `source.parent()`, then the result is validated.
+    pub fn parse_str(text: &str, source: &Path) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| syntax_error(e, text, source))?;
+        let mut cfg: NodeConfig =
+            serde_path_to_error::deserialize(de).map_err(|e| deser_error(e, text, source))?;
+        cfg.source = source.to_path_buf();
+        let base = source.parent().unwrap_or_else(|| Path::new(""));
+        cfg.validate()?;
+        cfg.data_dir = resolve(base, &cfg.data_dir);
+        cfg.tls.ca = resolve(base, &cfg.tls.ca);
+        cfg.tls.cert = resolve(base, &cfg.tls.cert);
+        cfg.tls.key = resolve(base, &cfg.tls.key);
+        Ok(cfg)
+    }
+
+    /// Serialize back to TOML (used by a demo that writes config files for child processes).
+    ///
+    /// Paths are written as held (after resolution); relative ones will be resolved again
+    /// against the directory of whatever file the text is written to, so prefer absolute paths
+    /// when the destination directory differs from the original one.
+    pub fn to_toml(&self) -> String {
+        // Every field is a plain string, integer, array or table, all of which TOML can
+        // represent; a failure here would be a bug in this module, so degrade to a comment
+        // rather than panic.
+        toml::to_string(self)
+            .unwrap_or_else(|e| format!("# failed to serialize configuration: {e}\n"))
+    }
+
+    /// Semantic checks that serde cannot express.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, problem: String| ConfigError::Key {
+            file: self.source.clone(),
+            key: key.to_string(),
+            problem,
+        };
+        if self.node_id == 0 {
+            return Err(err("node_id", "must be greater than 0".into()));
+        }
+        if let Some(problem) = name_problem(&self.name) {
+            return Err(err("name", problem));
+        }
+        let mut seen = HashSet::new();
+        for (i, role) in self.roles.iter().enumerate() {
+            let key = format!("roles[{i}]");
+            if let Some(problem) = name_problem(role) {
+                return Err(err(&key, problem));
+            }
+            if !seen.insert(role.as_str()) {
+                return Err(err(&key, format!("duplicate role {role:?}")));
+            }
+        }
+        for (key, path) in [
+            ("data_dir", &self.data_dir),
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(err(key, "must not be empty".into()));
+            }
+        }
+        let r = &self.raft;
+        for (key, value) in [
+            ("raft.heartbeat_interval_ms", r.heartbeat_interval_ms),
+            ("raft.election_timeout_min_ms", r.election_timeout_min_ms),
+            ("raft.election_timeout_max_ms", r.election_timeout_max_ms),
+            ("raft.snapshot_after_logs", r.snapshot_after_logs),
+            ("raft.logs_kept_after_snapshot", r.logs_kept_after_snapshot),
+        ] {
+            if value == 0 {
+                return Err(err(key, "must be greater than 0".into()));
+            }
+        }
+        if r.election_timeout_min_ms >= r.election_timeout_max_ms {
+            return Err(err(
+                "raft.election_timeout_min_ms",
+                format!(
+                    "must be less than raft.election_timeout_max_ms ({} >= {})",
+                    r.election_timeout_min_ms, r.election_timeout_max_ms
+                ),
+            ));
+        }
+        if r.heartbeat_interval_ms >= r.election_timeout_min_ms {
+            return Err(err(
+                "raft.heartbeat_interval_ms",
+                format!(
+                    "must be less than raft.election_timeout_min_ms ({} >= {})",
+                    r.heartbeat_interval_ms, r.election_timeout_min_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Joins a relative `path` onto `base`; absolute paths are kept as they are.
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+/// Returns why `name` is not a valid node/role name, or `None` if it is.
+fn name_problem(name: &str) -> Option<String> {
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if name.is_empty() || name.len() > 63 {
+        Some(format!("{name:?} must be 1 to 63 characters long"))
+    } else if !valid_chars {
+        Some(format!("{name:?} may only contain a-z, 0-9 and '-'"))
+    } else if name.starts_with('-') || name.ends_with('-') {
+        Some(format!("{name:?} must not start or end with '-'"))
+    } else {
+        None
+    }
+}
+
+/// 1-based (line, column) of byte `offset` in `text`, column counted in characters.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// Collapses a possibly multi-line message into one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn syntax_error(e: toml::de::Error, text: &str, source: &Path) -> ConfigError {
+    let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+    ConfigError::Syntax {
+        file: source.to_path_buf(),
+        line,
+        column,
+        message: one_line(e.message()),
+    }
+}
+
+/// Text between the first pair of backticks in `s`.
+fn backticked(s: &str) -> Option<&str> {
+    let rest = s.split_once('`')?.1;
+    Some(rest.split_once('`')?.0)
+}
+
+fn deser_error(
+    e: serde_path_to_error::Error<toml::de::Error>,
+    text: &str,
+    source: &Path,
+) -> ConfigError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let message = one_line(inner.message());
+    let at_root = path == ".";
+    let join = |field: &str| {
+        if at_root {
+            field.to_string()
+        } else {
+            format!("{path}.{field}")
+        }
+    };
+    // serde's standard wording for missing and unknown fields names the field in backticks;
+    // the path then points at the enclosing table, so append the field to it.
+    let (key, problem) = if let Some(rest) = message.strip_prefix("missing field ") {
+        match backticked(rest) {
+            Some(field) => (Some(join(field)), "missing".to_string()),
+            None => (None, message.clone()),
+        }
+    } else if let Some(rest) = message.strip_prefix("unknown field ") {
+        match backticked(rest) {
+            Some(field) => {
+                let key = if path.ends_with(field) {
+                    path.clone()
+                } else {
+                    join(field)
+                };
+                let hint = rest
+                    .split_once(", expected ")
+                    .map(|(_, expected)| format!(" (expected {expected})"))
+                    .unwrap_or_default();
+                (Some(key), format!("unknown key{hint}"))
+            }
+            None => (None, message.clone()),
+        }
+    } else {
+        let location = inner
+            .span()
+            .map(|s| {
+                let (line, column) = line_col(text, s.start);
+                format!(" (line {line}, column {column})")
+            })
+            .unwrap_or_default();
+        let problem = format!("{message}{location}");
+        if at_root {
+            (None, problem)
+        } else {
+            (Some(path.clone()), problem)
+        }
+    };
+    match key {
+        Some(key) => ConfigError::Key {
+            file: source.to_path_buf(),
+            key,
+            problem,
+        },
+        None => ConfigError::Document {
+            file: source.to_path_buf(),
+            problem,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+node_id = 1
+name = "n1"
+data_dir = "data/n1"
+listen = "127.0.0.1:7001"
+metrics = "127.0.0.1:9101"
+roles = ["ha", "app"]
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/n1.pem"
+key = "/abs/n1.key"
+[raft]
+heartbeat_interval_ms = 50
+election_timeout_min_ms = 300
+election_timeout_max_ms = 600
+snapshot_after_logs = 500
+logs_kept_after_snapshot = 20
+"#;
+
+    const MINIMAL: &str = r#"
+node_id = 7
+name = "node-7"
+data_dir = "d"
+listen = "127.0.0.1:7001"
+[tls]
+ca = "ca.pem"
+cert = "n.pem"
+key = "n.key"
+"#;
+
+    fn src() -> &'static Path {
+        Path::new("/etc/spaced/n1.toml")
+    }
+
+    fn err_of(text: &str) -> String {
+        let e = NodeConfig::parse_str(text, src()).expect_err("should fail");
+        let msg = e.to_string();
+        assert!(!msg.contains('\n'), "multi-line message: {msg}");
+        assert!(msg.starts_with("config /etc/spaced/n1.toml: "), "{msg}");
+        msg
+    }
+
+    /// MINIMAL with `line` replaced (matched by its key) or appended.
+    fn minimal_with(key: &str, line: &str) -> String {
+        let mut out = String::new();
+        let mut replaced = false;
+        for l in MINIMAL.lines() {
+            if l.starts_with(&format!("{key} =")) {
+                out.push_str(line);
+                replaced = true;
+            } else {
+                out.push_str(l);
+            }
+            out.push('\n');
+        }
+        if !replaced {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out
+    }
+
+    fn with_raft(body: &str) -> String {
+        format!("{MINIMAL}[raft]\n{body}\n")
+    }
+
+    #[test]
+    fn full_config_parses_and_resolves_paths() {
+        let c = NodeConfig::parse_str(FULL, src()).unwrap();
+        assert_eq!(c.node_id, 1);
+        assert_eq!(c.name, "n1");
+        assert_eq!(c.data_dir, PathBuf::from("/etc/spaced/data/n1"));
+        assert_eq!(c.listen, "127.0.0.1:7001".parse().unwrap());
+        assert_eq!(c.metrics, Some("127.0.0.1:9101".parse().unwrap()));
+        assert_eq!(c.roles, vec!["ha", "app"]);
+        assert_eq!(c.tls.ca, PathBuf::from("/etc/spaced/pki/ca.pem"));
+        assert_eq!(c.tls.cert, PathBuf::from("/etc/spaced/pki/n1.pem"));
+        assert_eq!(c.tls.key, PathBuf::from("/abs/n1.key"));
+        assert_eq!(c.raft.heartbeat_interval_ms, 50);
+        assert_eq!(c.raft.logs_kept_after_snapshot, 20);
+        assert_eq!(c.source, src());
+    }
+
+    #[test]
+    fn relative_source_resolves_relative_to_its_directory() {
+        let c = NodeConfig::parse_str(MINIMAL, Path::new("conf/n.toml")).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("conf/d"));
+        let c = NodeConfig::parse_str(MINIMAL, Path::new("n.toml")).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("d"));
+        assert_eq!(c.tls.ca, PathBuf::from("ca.pem"));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = NodeConfig::parse_str(MINIMAL, src()).unwrap();
+        assert_eq!(c.metrics, None);
+        assert!(c.roles.is_empty());
+        assert_eq!(c.raft, RaftTimings::default());
+        assert_eq!(
+            RaftTimings::default(),
+            RaftTimings {
+                heartbeat_interval_ms: 100,
+                election_timeout_min_ms: 400,
+                election_timeout_max_ms: 800,
+                snapshot_after_logs: 10000,
+                logs_kept_after_snapshot: 1000,
+            }
+        );
+        // A partial [raft] table keeps the defaults for the keys it omits.
+        let c = NodeConfig::parse_str(&with_raft("snapshot_after_logs = 5"), src()).unwrap();
+        assert_eq!(c.raft.snapshot_after_logs, 5);
+        assert_eq!(c.raft.heartbeat_interval_ms, 100);
+    }
+
+    #[test]
+    fn to_toml_round_trips() {
+        for text in [FULL, MINIMAL] {
+            let c = NodeConfig::parse_str(text, src()).unwrap();
+            let out = c.to_toml();
+            let back = NodeConfig::parse_str(&out, Path::new("/elsewhere/x.toml")).unwrap();
+            assert_eq!(back.source, Path::new("/elsewhere/x.toml"));
+            assert_eq!(
+                NodeConfig {
+                    source: c.source.clone(),
+                    ..back
+                },
+                c,
+                "{out}"
+            );
+        }
+    }
+
+    #[test]
+    fn load_reads_file_and_reports_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let c = NodeConfig::load(&path).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("d"));
+        assert_eq!(c.source, path);
+
+        let missing = dir.path().join("nope.toml");
+        let msg = NodeConfig::load(&missing).unwrap_err().to_string();
+        assert!(
+            msg.starts_with(&format!("config {}: cannot read file: ", missing.display())),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn syntax_error_has_line_and_column() {
+        let msg = err_of("node_id = 1\nname = \"n1\n");
+        assert!(msg.contains("TOML syntax error at line 2, column"), "{msg}");
+        let msg = err_of("node_id = 1\nnode_id = 2\n");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn missing_keys_are_named() {
+        let no_id = MINIMAL.replace("node_id = 7\n", "");
+        assert!(
+            err_of(&no_id).ends_with("key `node_id`: missing"),
+            "{}",
+            err_of(&no_id)
+        );
+        let no_ca = MINIMAL.replace("ca = \"ca.pem\"\n", "");
+        assert!(
+            err_of(&no_ca).ends_with("key `tls.ca`: missing"),
+            "{}",
+            err_of(&no_ca)
+        );
+        let no_tls = MINIMAL.split("[tls]").next().unwrap().to_string();
+        assert!(
+            err_of(&no_tls).ends_with("key `tls`: missing"),
+            "{}",
+            err_of(&no_tls)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let msg = err_of(&with_raft("heartbeat_ms = 5"));
+        assert!(
+            msg.contains("key `raft.heartbeat_ms`: unknown key"),
+            "{msg}"
+        );
+        let msg = err_of(&minimal_with("colour", "colour = 1"));
+        // appended after [tls], so it lands in the tls table
+        assert!(msg.contains("key `tls.colour`: unknown key"), "{msg}");
+        let msg = err_of(&format!("colour = 1\n{MINIMAL}"));
+        assert!(msg.contains("key `colour`: unknown key"), "{msg}");
+    }
+
+    #[test]
+    fn type_errors_are_named() {
+        let msg = err_of(&minimal_with("node_id", "node_id = \"x\""));
+        assert!(
+            msg.contains("key `node_id`: invalid type: string \"x\", expected u64"),
+            "{msg}"
+        );
+        let msg = err_of(&minimal_with("listen", "listen = \"nowhere\""));
+        assert!(msg.contains("key `listen`: "), "{msg}");
+        let msg = err_of(&minimal_with("node_id", "node_id = -1"));
+        assert!(msg.contains("key `node_id`: "), "{msg}");
+        let msg = err_of(&format!("roles = [\"a\", 3]\n{MINIMAL}"));
+        assert!(msg.contains("key `roles[1]`: "), "{msg}");
+        let msg = err_of(&with_raft("snapshot_after_logs = true"));
+        assert!(
+            msg.contains("key `raft.snapshot_after_logs`: invalid type"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_are_named() {
+        let msg = err_of(&minimal_with("node_id", "node_id = 0"));
+        assert!(
+            msg.contains("key `node_id`: must be greater than 0"),
+            "{msg}"
+        );
+        for bad in ["", "-a", "a-", "A", "a_b", &"a".repeat(64)] {
+            let msg = err_of(&minimal_with("name", &format!("name = {bad:?}")));
+            assert!(msg.contains("key `name`: "), "{msg}");
+        }
+        assert!(
+            NodeConfig::parse_str(
+                &minimal_with("name", &format!("name = {:?}", "a".repeat(63))),
+                src()
+            )
+            .is_ok()
+        );
+        let msg = err_of(&format!("roles = [\"ha\", \"Bad\"]\n{MINIMAL}"));
+        assert!(msg.contains("key `roles[1]`: "), "{msg}");
+        let msg = err_of(&format!("roles = [\"ha\", \"ha\"]\n{MINIMAL}"));
+        assert!(msg.contains("key `roles[1]`: duplicate role"), "{msg}");
+        let msg = err_of(&minimal_with("data_dir", "data_dir = \"\""));
+        assert!(msg.contains("key `data_dir`: must not be empty"), "{msg}");
+        let msg = err_of(&with_raft("election_timeout_min_ms = 800"));
+        assert!(
+            msg.contains("key `raft.election_timeout_min_ms`: must be less than"),
+            "{msg}"
+        );
+        let msg = err_of(&with_raft("heartbeat_interval_ms = 400"));
+        assert!(
+            msg.contains("key `raft.heartbeat_interval_ms`: must be less than"),
+            "{msg}"
+        );
+        let msg = err_of(&with_raft("heartbeat_interval_ms = 0"));
+        assert!(
+            msg.contains("key `raft.heartbeat_interval_ms`: must be greater than 0"),
+            "{msg}"
+        );
+        let msg = err_of(&with_raft("snapshot_after_logs = 0"));
+        assert!(
+            msg.contains("key `raft.snapshot_after_logs`: must be greater than 0"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn line_col_handles_edges() {
+        assert_eq!(line_col("", 5), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("é\nx", 1), (1, 1));
+    }
+}

@@ -1,0 +1,532 @@
+//! `spacectl`: PKI, status, membership, leadership and devices, as commands with tables or JSON.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use spaced_raft::fabric::{DeviceMode, NewDevice, check_device_addr, check_device_id};
+use spaced_raft::pki;
+
+use crate::admin::{AdminReply, AdminRequest, DeviceRow, StatusReport};
+use crate::client::{AdminClient, AdminCredentials, ClientError, unexpected};
+
+/// Devices per `AddDevices` command during import: large enough for speed, small enough to keep Raft responsive.
+pub const IMPORT_BATCH: usize = 1000;
+
+/// spacectl — administer a spaced fabric.
+#[derive(Debug, Parser)]
+#[command(name = "spacectl", version, about = "Administer a spaced fabric")]
+pub struct Cli {
+    /// Node to talk to (`host:port` of its QUIC listener); any node works.
+    #[arg(long, global = true, env = "SPACED_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Directory with `ca.pem` and an `admin-<name>.pem`/`.key` pair.
+    #[arg(long, global = true, env = "SPACED_PKI")]
+    pub pki: Option<PathBuf>,
+    /// Which admin certificate in the PKI directory to use (default: the only or first one).
+    #[arg(long, global = true, env = "SPACED_ADMIN")]
+    pub admin: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Cluster CA and certificates.
+    Pki {
+        /// PKI action.
+        #[command(subcommand)]
+        action: PkiCmd,
+    },
+    /// Leader, term and members.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cluster membership.
+    Node {
+        /// Membership action.
+        #[command(subcommand)]
+        action: NodeCmd,
+    },
+    /// Leadership.
+    Leader {
+        /// Leadership action.
+        #[command(subcommand)]
+        action: LeaderCmd,
+    },
+    /// Managed devices.
+    Device {
+        /// Device action.
+        #[command(subcommand)]
+        action: DeviceCmd,
+    },
+}
+
+/// `spacectl pki ...`
+#[derive(Debug, Subcommand)]
+pub enum PkiCmd {
+    /// Create the cluster CA (`ca.pem`, `ca.key`) in a directory.
+    Init {
+        /// Directory to create it in.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate (`<name>.pem`) or an admin one (`admin-<name>.pem`).
+    Issue {
+        /// Directory holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node or admin name.
+        #[arg(long)]
+        name: String,
+        /// Issue an admin (client) certificate instead of a node certificate.
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+/// `spacectl node ...`
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Add a node: it joins as learner, catches up, and becomes a voter while voters < 5.
+    Add {
+        /// Raft id of the node (its `node_id`).
+        #[arg(long)]
+        id: u64,
+        /// Its name (its `name`, as on its certificate).
+        #[arg(long)]
+        name: String,
+        /// Its QUIC address (`host:port`).
+        #[arg(long)]
+        addr: String,
+        /// Roles, comma-separated; default: the roles in the node's own config.
+        #[arg(long, value_delimiter = ',')]
+        roles: Option<Vec<String>>,
+    },
+    /// Remove a node (by name or id) from the cluster.
+    Remove {
+        /// Name or id.
+        node: String,
+    },
+    /// List members.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `spacectl leader ...`
+#[derive(Debug, Subcommand)]
+pub enum LeaderCmd {
+    /// Hand leadership to another voter.
+    Transfer {
+        /// Name or id of the new leader.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+/// `spacectl device ...`
+#[derive(Debug, Subcommand)]
+pub enum DeviceCmd {
+    /// Register one device.
+    Add {
+        /// Unique device id.
+        #[arg(long)]
+        id: String,
+        /// `host` or `host:port`.
+        #[arg(long)]
+        addr: String,
+        /// space-initiated (default) or device-initiated.
+        #[arg(long, default_value = "space-initiated")]
+        mode: DeviceMode,
+    },
+    /// Register devices from a CSV file: `id,addr[,mode]` per line (`#` comments, optional header).
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+    },
+    /// List devices.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failure: message and exit code (2 usage, 1 operation).
+#[derive(Debug)]
+pub struct CtlError {
+    /// One line for stderr.
+    pub message: String,
+    /// Process exit code.
+    pub code: i32,
+}
+
+impl From<ClientError> for CtlError {
+    fn from(e: ClientError) -> Self {
+        CtlError { message: e.to_string(), code: 1 }
+    }
+}
+
+fn usage(msg: impl Into<String>) -> CtlError {
+    CtlError { message: msg.into(), code: 2 }
+}
+fn failed(msg: impl Into<String>) -> CtlError {
+    CtlError { message: msg.into(), code: 1 }
+}
+
+/// Renders rows as an aligned table with a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{:<w$}  ", c, w = widths[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(|s| s.as_str()).collect()));
+    }
+    out
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// The human form of `spacectl status`.
+pub fn render_status(s: &StatusReport) -> String {
+    let mut out = format!(
+        "leader: {}   term: {}   devices: {}   (as seen by node {})\n\n",
+        opt(s.leader),
+        s.term,
+        s.devices,
+        s.served_by
+    );
+    let rows: Vec<Vec<String>> = s
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.to_string(),
+                n.name.clone(),
+                n.addr.clone(),
+                if n.roles.is_empty() { "-".into() } else { n.roles.join(",") },
+                if Some(n.id) == s.leader { "leader".into() } else if n.voter { "voter".into() } else { "learner".into() },
+                n.last_contact_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "-".into()),
+                n.devices.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["ID", "NAME", "ADDR", "ROLES", "RAFT", "LAST CONTACT", "DEVICES"], &rows));
+    out
+}
+
+/// The JSON form of `spacectl status`.
+pub fn status_json(s: &StatusReport) -> serde_json::Value {
+    json!({
+        "leader": s.leader,
+        "term": s.term,
+        "served_by": s.served_by,
+        "last_applied": s.last_applied,
+        "devices": s.devices,
+        "nodes": s.nodes.iter().map(|n| json!({
+            "id": n.id,
+            "name": n.name,
+            "addr": n.addr,
+            "roles": n.roles,
+            "voter": n.voter,
+            "leader": Some(n.id) == s.leader,
+            "last_contact_ms": n.last_contact_ms,
+            "admin_state": n.admin_state.map(|a| format!("{a:?}").to_lowercase()),
+            "devices": n.devices,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn device_json(d: &DeviceRow) -> serde_json::Value {
+    json!({"id": d.id, "addr": d.addr, "mode": d.mode.to_string(), "owner": d.owner, "status": d.status.to_string(), "since": d.since})
+}
+
+/// One parse problem in an import file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// Parses an import file: `id,addr[,mode]` per line; blank lines, `#` comments and an
+/// `id,addr[,mode]` header are skipped. Returns every bad line, not just the first.
+pub fn parse_import(text: &str) -> Result<Vec<(usize, NewDevice)>, Vec<LineError>> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let l = raw.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = l.split(',').map(str::trim).collect();
+        if out.is_empty() && errors.is_empty() && fields.first() == Some(&"id") && fields.get(1) == Some(&"addr") {
+            continue;
+        }
+        let mut err = |problem: String| errors.push(LineError { line, problem });
+        if !(2..=3).contains(&fields.len()) {
+            err(format!("expected id,addr[,mode], found {} fields", fields.len()));
+            continue;
+        }
+        let mode = match fields.get(2) {
+            None | Some(&"") => DeviceMode::SpaceInitiated,
+            Some(m) => match m.parse() {
+                Ok(m) => m,
+                Err(e) => {
+                    err(e);
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = check_device_id(fields[0]) {
+            err(e.to_string());
+            continue;
+        }
+        if let Err(e) = check_device_addr(fields[1]) {
+            err(e.to_string());
+            continue;
+        }
+        if let Some(first) = seen.insert(fields[0].to_string(), line) {
+            err(format!("device id {:?} already on line {first}", fields[0]));
+            continue;
+        }
+        out.push((line, NewDevice { id: fields[0].into(), addr: fields[1].into(), mode }));
+    }
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
+}
+
+async fn connect(cli: &Cli) -> Result<AdminClient, CtlError> {
+    let endpoint = cli.endpoint.as_deref().ok_or_else(|| usage("--endpoint (or SPACED_ENDPOINT) is required"))?;
+    let pki = cli.pki.as_deref().ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
+    let creds = AdminCredentials::load(pki, cli.admin.as_deref())?;
+    Ok(AdminClient::connect(endpoint, &creds).await?)
+}
+
+/// Runs one spacectl command, printing its output; returns the error to report.
+pub async fn run(cli: Cli) -> Result<(), CtlError> {
+    match &cli.command {
+        Cmd::Pki { action: PkiCmd::Init { dir } } => {
+            pki::init_ca(dir).map_err(|e| failed(e.to_string()))?;
+            println!("created cluster CA in {}", dir.display());
+            Ok(())
+        }
+        Cmd::Pki { action: PkiCmd::Issue { dir, name, admin } } => {
+            let files = pki::issue(dir, name, *admin).map_err(|e| failed(e.to_string()))?;
+            println!("issued {} certificate {} (key {})", if *admin { "admin" } else { "node" }, files.cert.display(), files.key.display());
+            Ok(())
+        }
+        Cmd::Status { json } => {
+            let mut c = connect(&cli).await?;
+            let s = c.status().await?;
+            if *json {
+                println!("{}", status_json(&s));
+            } else {
+                print!("{}", render_status(&s));
+            }
+            c.close().await;
+            Ok(())
+        }
+        Cmd::Node { action: NodeCmd::List { json } } => {
+            let mut c = connect(&cli).await?;
+            let s = c.status().await?;
+            if *json {
+                println!("{}", status_json(&s)["nodes"]);
+            } else {
+                let rows: Vec<Vec<String>> = s
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.id.to_string(),
+                            n.name.clone(),
+                            n.addr.clone(),
+                            if n.roles.is_empty() { "-".into() } else { n.roles.join(",") },
+                            if n.voter { "voter".into() } else { "learner".into() },
+                            opt(n.admin_state.map(|a| format!("{a:?}").to_lowercase())),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["ID", "NAME", "ADDR", "ROLES", "RAFT", "STATE"], &rows));
+            }
+            c.close().await;
+            Ok(())
+        }
+        Cmd::Node { action: NodeCmd::Add { id, name, addr, roles } } => {
+            let roles = roles.as_ref().map(|r| r.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<BTreeSet<_>>());
+            let mut c = connect(&cli).await?;
+            let req = AdminRequest::AddNode { id: *id, name: name.clone(), addr: addr.clone(), roles };
+            match c.call_leader(&req).await? {
+                AdminReply::NodeAdded { voter } => {
+                    println!("node {id} ({name}) joined as {}", if voter { "voter" } else { "learner (5 voters already)" })
+                }
+                other => return Err(unexpected(c.target(), &other).into()),
+            }
+            c.close().await;
+            Ok(())
+        }
+        Cmd::Node { action: NodeCmd::Remove { node } } => {
+            let mut c = connect(&cli).await?;
+            match c.call_leader(&AdminRequest::RemoveNode(node.clone())).await? {
+                AdminReply::Done => println!("node {node} removed"),
+                other => return Err(unexpected(c.target(), &other).into()),
+            }
+            c.close().await;
+            Ok(())
+        }
+        Cmd::Leader { action: LeaderCmd::Transfer { to } } => {
+            let mut c = connect(&cli).await?;
+            match c.call_leader(&AdminRequest::TransferLeader(to.clone())).await? {
+                AdminReply::Done => println!("leadership transferred to {to}"),
+                other => return Err(unexpected(c.target(), &other).into()),
+            }
+            c.close().await;
+            Ok(())
+        }
+        Cmd::Device { action: DeviceCmd::Add { id, addr, mode } } => {
+            check_device_id(id).map_err(|e| usage(e.to_string()))?;
+            check_device_addr(addr).map_err(|e| usage(e.to_string()))?;
+            let mut c = connect(&cli).await?;
+            let dev = NewDevice { id: id.clone(), addr: addr.clone(), mode: *mode };
+            match c.call_leader(&AdminRequest::AddDevices(vec![dev])).await? {
+                AdminReply::Applied(_) => println!("device {id} added"),
+                other => return Err(unexpected(c.target(), &other).into()),
+            }
+            c.close().await;
+            Ok(())
+        }
+        Cmd::Device { action: DeviceCmd::Import { file } } => import(&cli, file).await,
+        Cmd::Device { action: DeviceCmd::List { json } } => {
+            let mut c = connect(&cli).await?;
+            let devices = match c.call(&AdminRequest::ListDevices).await? {
+                AdminReply::Devices(d) => d,
+                other => return Err(unexpected(c.target(), &other).into()),
+            };
+            if *json {
+                println!("{}", serde_json::Value::Array(devices.iter().map(device_json).collect()));
+            } else {
+                let rows: Vec<Vec<String>> = devices
+                    .iter()
+                    .map(|d| vec![d.id.clone(), d.addr.clone(), d.mode.to_string(), opt(d.owner), d.status.to_string()])
+                    .collect();
+                print!("{}", table(&["ID", "ADDR", "MODE", "OWNER", "STATUS"], &rows));
+            }
+            c.close().await;
+            Ok(())
+        }
+    }
+}
+
+async fn import(cli: &Cli, file: &Path) -> Result<(), CtlError> {
+    let text = std::fs::read_to_string(file).map_err(|e| failed(format!("{}: {e}", file.display())))?;
+    let devices = parse_import(&text).map_err(|errs| {
+        let shown: Vec<String> = errs.iter().take(10).map(|e| format!("line {}: {}", e.line, e.problem)).collect();
+        let more = if errs.len() > 10 { format!("; and {} more", errs.len() - 10) } else { String::new() };
+        failed(format!("{}: {} bad line(s), nothing imported: {}{more}", file.display(), errs.len(), shown.join("; ")))
+    })?;
+    if devices.is_empty() {
+        return Err(failed(format!("{}: no devices in file", file.display())));
+    }
+    let mut c = connect(cli).await?;
+    // Refuse ids the fabric already has up front, so the import is all or nothing in the usual case.
+    let existing: HashSet<String> = match c.call(&AdminRequest::ListDevices).await? {
+        AdminReply::Devices(d) => d.into_iter().map(|d| d.id).collect(),
+        other => return Err(unexpected(c.target(), &other).into()),
+    };
+    let dups: Vec<String> = devices
+        .iter()
+        .filter(|(_, d)| existing.contains(&d.id))
+        .take(10)
+        .map(|(line, d)| format!("line {line}: device {:?} already registered", d.id))
+        .collect();
+    if !dups.is_empty() {
+        return Err(failed(format!("{}: nothing imported: {}", file.display(), dups.join("; "))));
+    }
+    let total = devices.len();
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(total as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} devices {per_sec} eta {eta}") {
+            b.set_style(style);
+        }
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut done = 0usize;
+    for chunk in devices.chunks(IMPORT_BATCH) {
+        let batch: Vec<NewDevice> = chunk.iter().map(|(_, d)| d.clone()).collect();
+        let first_line = chunk.first().map(|(l, _)| *l).unwrap_or(0);
+        let res = c.call_leader(&AdminRequest::AddDevices(batch)).await;
+        let err = match res {
+            Ok(AdminReply::Applied(_)) => None,
+            Ok(other) => Some(unexpected(c.target(), &other).to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = err {
+            bar.abandon();
+            return Err(failed(format!(
+                "{}: imported {done} of {total} devices (lines before {first_line}); the batch starting at line {first_line} failed: {e}",
+                file.display()
+            )));
+        }
+        done += chunk.len();
+        bar.set_position(done as u64);
+    }
+    bar.finish_and_clear();
+    println!("imported {total} devices from {}", file.display());
+    c.close().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_parsing_reports_every_bad_line() {
+        let text = "id,addr,mode\n# comment\n\nd1,10.0.0.1\nd2,10.0.0.2:830,device-initiated\nd3\nd1,10.0.0.9\nd4,bad host\nd5,10.0.0.5,sideways\n";
+        let errs = parse_import(text).unwrap_err();
+        let lines: Vec<usize> = errs.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![6, 7, 8, 9]);
+        assert!(errs[1].problem.contains("already on line 4"), "{:?}", errs[1]);
+        let ok = parse_import("d1,10.0.0.1\nd2,h2:22,space-initiated\n").unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[1].1.mode, DeviceMode::SpaceInitiated);
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&["A", "LONGER"], &[vec!["xxxx".into(), "y".into()], vec!["z".into(), "w".into()]]);
+        assert_eq!(t, "A     LONGER\nxxxx  y\nz     w\n");
+    }
+}

@@ -1,0 +1,647 @@
+//! One running spaced node: Raft over QUIC, the admin API, metrics, and an orderly shutdown.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::Instant as _;
+use openraft::async_runtime::WatchReceiver;
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
+use spaced_raft::fabric::Command;
+use spaced_raft::network::{NodeDescription, QuicNetwork, RaftReply, RaftRpc, RaftService};
+use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, Identity, TlsMaterial, TlsPaths};
+use spaced_raft::store::{self, FabricView};
+use spaced_raft::{Member, NodeId, Outcome, Raft};
+use tokio::sync::watch;
+
+use crate::admin::{AdminReply, AdminRequest, DeviceRow, MAX_ADMIN_FRAME, NodeStatus, StatusReport};
+use crate::config::NodeConfig;
+use crate::metrics::NodeMetrics;
+
+/// Most voters the fabric keeps; further nodes stay learners (as etcd advises, 5 tolerates 2 failures).
+pub const MAX_VOTERS: usize = 5;
+
+/// Why a node could not start. `key` names the config key at fault, when one is.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StartError {
+    /// One line: config file, key and problem.
+    pub message: String,
+    /// Whether the operator's input is at fault (exit 2) rather than the system (exit 1).
+    pub bad_input: bool,
+}
+
+impl StartError {
+    fn input(cfg: &NodeConfig, key: &str, problem: impl std::fmt::Display) -> Self {
+        StartError { message: format!("config {}: key `{key}`: {problem}", cfg.source.display()), bad_input: true }
+    }
+    fn system(problem: impl std::fmt::Display) -> Self {
+        StartError { message: problem.to_string(), bad_input: false }
+    }
+}
+
+/// QUIC transport settings: a dead peer is noticed within about a second.
+pub fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(250)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(1_000))));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
+    Arc::new(t)
+}
+
+/// Current wall clock in ms since the epoch, for stamping commands.
+pub fn now_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A running node.
+pub struct Node {
+    /// Shared state used by the admin handler and the tasks.
+    inner: Arc<NodeInner>,
+    /// Signals every task to stop.
+    shutdown_tx: watch::Sender<bool>,
+    /// Background tasks to await on shutdown.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct NodeInner {
+    id: NodeId,
+    name: String,
+    roles: BTreeSet<String>,
+    raft: Raft,
+    view: FabricView,
+    network: QuicNetwork,
+    endpoint: quinn::Endpoint,
+    listen: SocketAddr,
+    metrics: NodeMetrics,
+}
+
+impl Node {
+    /// Starts a node from its config. With `bootstrap`, initialises a one-node cluster on an empty data dir.
+    pub async fn start(cfg: NodeConfig, bootstrap: bool) -> Result<Node, StartError> {
+        let roles: BTreeSet<String> = cfg.roles.iter().cloned().collect();
+        let tls = TlsMaterial::load(&TlsPaths { ca: cfg.tls.ca.clone(), cert: cfg.tls.cert.clone(), key: cfg.tls.key.clone() })
+            .map_err(|e| StartError::input(&cfg, "tls", e))?;
+        match tls.identity() {
+            Identity::Node(n) if *n == cfg.name => {}
+            other => {
+                return Err(StartError::input(
+                    &cfg,
+                    "tls.cert",
+                    format!("certificate is for {other:?}, not node {:?}", cfg.name),
+                ));
+            }
+        }
+
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| StartError::input(&cfg, "data_dir", format!("{}: {e}", cfg.data_dir.display())))?;
+        let (log_store, sm_store) = store::open(&cfg.data_dir).map_err(|e| StartError::input(&cfg, "data_dir", e))?;
+        let empty = store::is_empty(&log_store).map_err(|e| StartError::input(&cfg, "data_dir", e))?;
+        if bootstrap && !empty {
+            return Err(StartError::input(
+                &cfg,
+                "data_dir",
+                format!("--bootstrap refused: {} already holds Raft state (restart without --bootstrap to resume)", cfg.data_dir.display()),
+            ));
+        }
+        let view = sm_store.view();
+
+        let transport = transport_config();
+        let server_cfg = tls.server_config(transport.clone()).map_err(StartError::system)?;
+        let client_cfg = tls.client_config(ALPN_RAFT, transport).map_err(StartError::system)?;
+        let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|e| {
+            StartError::input(&cfg, "listen", format!("cannot bind UDP {}: {e}", cfg.listen))
+        })?;
+        let listen = endpoint.local_addr().map_err(StartError::system)?;
+
+        let network = QuicNetwork::new(cfg.node_id, endpoint.clone(), client_cfg);
+        let raft_config = openraft::Config {
+            cluster_name: "spaced".into(),
+            heartbeat_interval: cfg.raft.heartbeat_interval_ms,
+            election_timeout_min: cfg.raft.election_timeout_min_ms,
+            election_timeout_max: cfg.raft.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: cfg.raft.logs_kept_after_snapshot,
+            install_snapshot_timeout: 10_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::input(&cfg, "raft", e))?;
+        let raft = Raft::new(cfg.node_id, Arc::new(raft_config), network.clone(), log_store, sm_store)
+            .await
+            .map_err(|e| StartError::system(format!("raft: {e}")))?;
+
+        let metrics = NodeMetrics::new();
+        let inner = Arc::new(NodeInner {
+            id: cfg.node_id,
+            name: cfg.name.clone(),
+            roles,
+            raft: raft.clone(),
+            view,
+            network,
+            endpoint: endpoint.clone(),
+            listen,
+            metrics,
+        });
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        if let Some(addr) = cfg.metrics {
+            let mut rx = shutdown_rx.clone();
+            let state: Arc<dyn crate::http::HttpState> = Arc::new(HttpView(inner.clone()));
+            let (_, h) = crate::http::serve(addr, state, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(|e| StartError::input(&cfg, "metrics", e))?;
+            tasks.push(h);
+        }
+
+        tasks.push(tokio::spawn(accept_loop(inner.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(metrics_loop(inner.clone(), shutdown_rx.clone())));
+
+        if bootstrap {
+            let me = Member { name: cfg.name.clone(), addr: listen.to_string() };
+            raft.initialize(BTreeMap::from([(cfg.node_id, me)]))
+                .await
+                .map_err(|e| StartError::system(format!("bootstrap: {e}")))?;
+            tasks.push(tokio::spawn(register_self(inner.clone())));
+        }
+        tracing::info!(node = cfg.node_id, name = %cfg.name, %listen, bootstrap, "node started");
+        Ok(Node { inner, shutdown_tx, tasks })
+    }
+
+    /// The Raft handle (tests and the demo watch its metrics).
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// Read access to the applied fabric.
+    pub fn fabric(&self) -> &FabricView {
+        &self.inner.view
+    }
+
+    /// The bound QUIC address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.inner.listen
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// Proposes a command through this node (must be leader) and records commit latency.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, String> {
+        self.inner.propose(cmd).await
+    }
+
+    /// Stops serving, shuts Raft down and waits for the tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        let _ = self.inner.raft.shutdown().await;
+        self.inner.endpoint.close(0u32.into(), b"shutdown");
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        self.inner.endpoint.wait_idle().await;
+    }
+}
+
+/// Leader-only work fails with this, so callers can redirect.
+enum ProposeError {
+    NotLeader(Option<NodeId>, Option<String>),
+    Failed(String),
+}
+
+impl NodeInner {
+    fn leader(&self) -> (Option<NodeId>, Option<String>) {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let leader = m.current_leader;
+        let addr = leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+        (leader, addr)
+    }
+
+    async fn propose(&self, cmd: Command) -> Result<Outcome, String> {
+        match self.propose_inner(cmd).await {
+            Ok(o) => Ok(o),
+            Err(ProposeError::NotLeader(l, _)) => Err(format!("node {} is not the leader (leader: {l:?})", self.id)),
+            Err(ProposeError::Failed(e)) => Err(e),
+        }
+    }
+
+    async fn propose_inner(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        let started = Instant::now();
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => {
+                self.metrics.commit_latency(started.elapsed());
+                resp.response().clone().map_err(|e| ProposeError::Failed(e.to_string()))
+            }
+            Err(e) => {
+                if let Some(fwd) = e.forward_to_leader() {
+                    let addr = fwd.leader_node.as_ref().map(|n| n.addr.clone());
+                    return Err(ProposeError::NotLeader(fwd.leader_id, addr));
+                }
+                Err(ProposeError::Failed(e.to_string()))
+            }
+        }
+    }
+
+    fn not_leader(&self) -> Option<AdminReply> {
+        if self.raft.is_leader() {
+            return None;
+        }
+        let (leader, addr) = self.leader();
+        Some(AdminReply::NotLeader { leader, addr })
+    }
+
+    fn resolve_node(&self, who: &str) -> Result<NodeId, String> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let membership = m.membership_config.membership();
+        if let Ok(id) = who.parse::<NodeId>()
+            && membership.get_node(&id).is_some()
+        {
+            return Ok(id);
+        }
+        membership
+            .nodes()
+            .find(|(_, n)| n.name == who)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| format!("no node {who:?} in the cluster"))
+    }
+
+    async fn handle(&self, req: AdminRequest) -> AdminReply {
+        match req {
+            AdminRequest::Status => AdminReply::Status(self.status()),
+            AdminRequest::ListDevices => AdminReply::Devices(self.view.read(|f| {
+                f.devices
+                    .iter()
+                    .map(|(id, d)| DeviceRow {
+                        id: id.clone(),
+                        addr: d.addr.clone(),
+                        mode: d.mode,
+                        owner: d.owner,
+                        status: d.status,
+                        since: d.since,
+                    })
+                    .collect()
+            })),
+            AdminRequest::Write(cmd) => self.write(cmd).await,
+            AdminRequest::AddDevices(devices) => self.write(Command::AddDevices { devices, at: now_millis() }).await,
+            AdminRequest::AddNode { id, name, addr, roles } => {
+                if let Some(r) = self.not_leader() {
+                    return r;
+                }
+                match self.add_node(id, name, addr, roles).await {
+                    Ok(voter) => AdminReply::NodeAdded { voter },
+                    Err(e) => AdminReply::Failed(e),
+                }
+            }
+            AdminRequest::RemoveNode(who) => {
+                if let Some(r) = self.not_leader() {
+                    return r;
+                }
+                match self.remove_node(&who).await {
+                    Ok(()) => AdminReply::Done,
+                    Err(e) => AdminReply::Failed(e),
+                }
+            }
+            AdminRequest::TransferLeader(who) => {
+                if let Some(r) = self.not_leader() {
+                    return r;
+                }
+                match self.transfer_leader(&who).await {
+                    Ok(()) => AdminReply::Done,
+                    Err(e) => AdminReply::Failed(e),
+                }
+            }
+        }
+    }
+
+    async fn write(&self, cmd: Command) -> AdminReply {
+        match self.propose_inner(cmd).await {
+            Ok(o) => AdminReply::Applied(o),
+            Err(ProposeError::NotLeader(leader, addr)) => AdminReply::NotLeader { leader, addr },
+            Err(ProposeError::Failed(e)) => AdminReply::Failed(e),
+        }
+    }
+
+    fn status(&self) -> StatusReport {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let heartbeat = m.heartbeat.clone().unwrap_or_default();
+        let counts = self.view.read(|f| f.device_counts());
+        let nodes = membership
+            .nodes()
+            .map(|(id, member)| {
+                let rec = self.view.read(|f| f.nodes.get(id).cloned());
+                let last_contact_ms = if *id == self.id && m.state == ServerState::Leader {
+                    Some(0)
+                } else {
+                    heartbeat.get(id).and_then(|t| t.as_ref()).map(|t| t.elapsed().as_millis() as u64)
+                };
+                NodeStatus {
+                    id: *id,
+                    name: member.name.clone(),
+                    addr: member.addr.clone(),
+                    roles: rec.as_ref().map(|r| r.roles.iter().cloned().collect()).unwrap_or_default(),
+                    voter: voters.contains(id),
+                    last_contact_ms,
+                    admin_state: rec.map(|r| r.admin_state),
+                    devices: counts.get(id).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        let leader_addr =
+            m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
+        StatusReport {
+            served_by: self.id,
+            leader: m.current_leader,
+            leader_addr,
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index()),
+            nodes,
+            devices: self.view.read(|f| f.devices.len() as u64),
+        }
+    }
+
+    async fn add_node(
+        &self,
+        id: NodeId,
+        name: String,
+        addr: String,
+        roles: Option<BTreeSet<String>>,
+    ) -> Result<bool, String> {
+        spaced_raft::fabric::check_name("node name", &name).map_err(|e| e.to_string())?;
+        let member = Member { name: name.clone(), addr: addr.clone() };
+        {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            let membership = m.membership_config.membership();
+            if membership.get_node(&id).is_some() {
+                return Err(format!("node {id} is already a member"));
+            }
+            if let Some((other, _)) = membership.nodes().find(|(_, n)| n.name == name) {
+                return Err(format!("name {name:?} is already used by node {other}"));
+            }
+        }
+        // Ask the node who it is before trusting it with the log.
+        let desc = match self.network.call(id, &member, RaftRpc::Describe, Duration::from_secs(3)).await {
+            Ok(RaftReply::Describe(d)) => d,
+            Ok(other) => return Err(format!("node at {addr}: unexpected reply {other:?}")),
+            Err(e) => return Err(format!("cannot reach node {name} at {addr}: {e}")),
+        };
+        if desc.id != id || desc.name != name {
+            return Err(format!(
+                "the node at {addr} is id {} named {:?}, not id {id} named {name:?}",
+                desc.id, desc.name
+            ));
+        }
+        let roles = roles.unwrap_or(desc.roles);
+        self.raft
+            .add_learner(id, member, true)
+            .await
+            .map_err(|e| format!("add learner {id}: {e}"))?;
+        let register = Command::RegisterNode {
+            id,
+            name,
+            raft_addr: addr,
+            mgmt_ip: None,
+            roles,
+            at: now_millis(),
+        };
+        if let Err(e) = self.propose(register).await {
+            return Err(format!("node {id} joined as learner but was not registered in the fabric: {e}"));
+        }
+        let voters = {
+            let m = self.raft.metrics();
+            let v = m.borrow_watched().membership_config.membership().voter_ids().count();
+            v
+        };
+        if voters >= MAX_VOTERS {
+            return Ok(false);
+        }
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| format!("node {id} joined as learner; promotion to voter failed: {e}"))?;
+        Ok(true)
+    }
+
+    async fn remove_node(&self, who: &str) -> Result<(), String> {
+        let id = self.resolve_node(who)?;
+        let is_voter = self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().any(|v| v == id);
+        if is_voter {
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| format!("remove voter {id}: {e}"))?;
+        }
+        self.raft
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| format!("remove node {id}: {e}"))?;
+        let known = self.view.read(|f| f.nodes.contains_key(&id));
+        if known && let Err(e) = self.propose(Command::RemoveNode { id }).await {
+            // Membership already excludes it; the fabric record is cleaned on the next try.
+            return Err(format!("node {id} left the cluster but its fabric record stays: {e}"));
+        }
+        Ok(())
+    }
+
+    async fn transfer_leader(&self, who: &str) -> Result<(), String> {
+        let to = self.resolve_node(who)?;
+        if to == self.id {
+            return Ok(());
+        }
+        let voter = self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().any(|v| v == to);
+        if !voter {
+            return Err(format!("node {to} is a learner; only voters can lead"));
+        }
+        self.raft.trigger().transfer_leader(to).await.map_err(|e| e.to_string())?;
+        let mut rx = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if rx.borrow_watched().current_leader == Some(to) {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(format!("node {to} did not take over leadership within 5 s")),
+            }
+        }
+    }
+}
+
+/// Registers the bootstrap node in the fabric once it leads its one-node cluster.
+async fn register_self(inner: Arc<NodeInner>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if inner.view.read(|f| f.nodes.contains_key(&inner.id)) {
+            return;
+        }
+        if inner.raft.is_leader() {
+            let cmd = Command::RegisterNode {
+                id: inner.id,
+                name: inner.name.clone(),
+                raft_addr: inner.listen.to_string(),
+                mgmt_ip: None,
+                roles: inner.roles.clone(),
+                at: now_millis(),
+            };
+            match inner.propose(cmd).await {
+                Ok(_) => return,
+                Err(e) => tracing::warn!(error = %e, "registering the bootstrap node failed; retrying"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::error!(node = inner.id, "bootstrap node could not register itself in the fabric");
+}
+
+async fn accept_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
+    let svc = RaftService {
+        raft: inner.raft.clone(),
+        local: NodeDescription { id: inner.id, name: inner.name.clone(), roles: inner.roles.clone() },
+    };
+    loop {
+        let incoming = tokio::select! {
+            i = inner.endpoint.accept() => match i { Some(i) => i, None => return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let svc = svc.clone();
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused connection: handshake failed");
+                    return;
+                }
+            };
+            let alpn = conn
+                .handshake_data()
+                .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|h| h.protocol);
+            let identity = match pki::peer_identity(&conn) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused connection: no usable certificate");
+                    conn.close(1u32.into(), b"certificate");
+                    return;
+                }
+            };
+            match (alpn.as_deref(), identity) {
+                (Some(ALPN_RAFT), Identity::Node(name)) => svc.serve_connection(conn, name).await,
+                (Some(ALPN_ADMIN), Identity::Admin(name)) => serve_admin(inner, conn, name).await,
+                (alpn, identity) => {
+                    tracing::warn!(%remote, ?identity, alpn = ?alpn.map(String::from_utf8_lossy), "refused connection: wrong certificate for protocol");
+                    conn.close(1u32.into(), b"wrong certificate for protocol");
+                }
+            }
+        });
+    }
+}
+
+async fn serve_admin(inner: Arc<NodeInner>, conn: quinn::Connection, admin: String) {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let inner = inner.clone();
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let bytes = match spaced_raft::frame::read_frame(&mut recv, MAX_ADMIN_FRAME).await {
+                Ok(Some(b)) => b,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(%admin, error = %e, "admin stream refused");
+                    let _ = send.reset(1u32.into());
+                    return;
+                }
+            };
+            let reply = match spaced_raft::codec::decode::<AdminRequest>(&bytes) {
+                Ok(req) => {
+                    tracing::debug!(%admin, ?req, "admin request");
+                    inner.handle(req).await
+                }
+                Err(e) => AdminReply::Failed(format!("undecodable admin request: {e}")),
+            };
+            match spaced_raft::codec::encode(&reply) {
+                Ok(b) if b.len() <= MAX_ADMIN_FRAME => {
+                    let _ = spaced_raft::frame::write_frame(&mut send, &b).await;
+                }
+                Ok(b) => {
+                    let msg = AdminReply::Failed(format!("reply of {} bytes exceeds the admin frame limit", b.len()));
+                    if let Ok(b) = spaced_raft::codec::encode(&msg) {
+                        let _ = spaced_raft::frame::write_frame(&mut send, &b).await;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode admin reply"),
+            }
+            let _ = send.finish();
+        });
+    }
+}
+
+async fn metrics_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let m = inner.raft.metrics().borrow_watched().clone();
+        let names: BTreeMap<NodeId, String> =
+            m.membership_config.membership().nodes().map(|(id, n)| (*id, n.name.clone())).collect();
+        let contacts = m
+            .heartbeat
+            .as_ref()
+            .map(|hb| {
+                hb.iter()
+                    .filter(|(id, _)| **id != inner.id)
+                    .map(|(id, t)| {
+                        let name = names.get(id).cloned().unwrap_or_else(|| id.to_string());
+                        (name, t.as_ref().map(|t| t.elapsed().as_secs_f64()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        inner.metrics.update(
+            m.current_term,
+            m.current_leader,
+            m.last_applied.map(|l| l.index()),
+            m.state == ServerState::Leader,
+            contacts,
+        );
+    }
+}
+
+/// Adapts the node to the HTTP server's view.
+struct HttpView(Arc<NodeInner>);
+
+impl crate::http::HttpState for HttpView {
+    fn metrics_text(&self) -> String {
+        self.0.metrics.render()
+    }
+
+    fn health(&self) -> (bool, String) {
+        let m = self.0.raft.metrics();
+        let m = m.borrow_watched();
+        if let Err(e) = &m.running_state {
+            return (false, format!("raft stopped: {e}"));
+        }
+        match m.current_leader {
+            Some(l) => (true, format!("{:?}, leader {l}, term {}", m.state, m.current_term)),
+            None => (false, format!("{:?}, no leader known, term {}", m.state, m.current_term)),
+        }
+    }
+}

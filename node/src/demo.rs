@@ -1,0 +1,247 @@
+//! `spaced demo`: a real 3-process cluster on 127.0.0.1 — bootstrap, join, register devices, kill the leader, watch it heal.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use spaced_raft::fabric::{AdminState, Command, DeviceMode, NewDevice};
+use spaced_raft::pki;
+
+use crate::admin::{AdminReply, AdminRequest};
+use crate::client::{AdminClient, AdminCredentials, unexpected};
+use crate::config::{NodeConfig, RaftTimings, TlsSection};
+use crate::ctl::render_status;
+
+/// Devices the demo registers.
+pub const DEMO_DEVICES: usize = 1000;
+
+/// A child `spaced` process that is killed if the demo fails half-way.
+struct NodeProcess {
+    id: u64,
+    name: String,
+    listen: SocketAddr,
+    child: Option<Child>,
+}
+
+impl NodeProcess {
+    fn kill(&mut self, signal: nix::sys::signal::Signal) -> Result<()> {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, signal).with_context(|| format!("signal {} to {}", signal, self.name))?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Free UDP port on loopback (QUIC), found by binding port 0.
+pub fn free_udp_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Free TCP port on loopback (metrics).
+pub fn free_tcp_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Writes a node config into `dir` and returns its path.
+pub fn write_node_config(dir: &Path, pki_dir: &Path, id: u64, roles: &[&str]) -> Result<(PathBuf, SocketAddr)> {
+    let name = format!("n{id}");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
+    let cfg = NodeConfig {
+        node_id: id,
+        name: name.clone(),
+        data_dir: dir.join(format!("data-{name}")),
+        listen,
+        metrics: Some(format!("127.0.0.1:{}", free_tcp_port()?).parse()?),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        tls: TlsSection {
+            ca: pki_dir.join("ca.pem"),
+            cert: pki_dir.join(format!("{name}.pem")),
+            key: pki_dir.join(format!("{name}.key")),
+        },
+        raft: RaftTimings::default(),
+        source: dir.join(format!("{name}.toml")),
+    };
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, cfg.to_toml()).with_context(|| format!("write {}", path.display()))?;
+    Ok((path, listen))
+}
+
+fn spawn_node(exe: &Path, dir: &Path, config: &Path, bootstrap: bool) -> Result<Child> {
+    let log = std::fs::File::create(dir.join(format!(
+        "{}.log",
+        config.file_stem().and_then(|s| s.to_str()).unwrap_or("node")
+    )))?;
+    let mut cmd = Process::new(exe);
+    cmd.arg("run").arg("--config").arg(config);
+    if bootstrap {
+        cmd.arg("--bootstrap");
+    }
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.spawn().with_context(|| format!("start {}", exe.display()))
+}
+
+async fn connect_retry(addr: &str, creds: &AdminCredentials, within: Duration) -> Result<AdminClient> {
+    let deadline = Instant::now() + within;
+    loop {
+        match AdminClient::connect(addr, creds).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Runs the demo; `keep` leaves the temp dir (configs, PKI, data, logs) in place.
+pub async fn run(keep: bool) -> Result<()> {
+    let tmp = tempfile::Builder::new().prefix("spaced-demo-").tempdir().context("create temp dir")?;
+    let dir = tmp.path().to_path_buf();
+    let result = run_in(&dir).await;
+    if keep {
+        let kept = tmp.keep();
+        println!("\nkept {} (configs, PKI, data dirs, node logs)", kept.display());
+    }
+    result
+}
+
+async fn run_in(dir: &Path) -> Result<()> {
+    let exe = std::env::current_exe().context("locate the spaced binary")?;
+    let pki_dir = dir.join("pki");
+    pki::init_ca(&pki_dir)?;
+    pki::issue(&pki_dir, "demo", true)?;
+    let mut nodes = Vec::new();
+    for id in 1..=3u64 {
+        pki::issue(&pki_dir, &format!("n{id}"), false)?;
+        let (config, listen) = write_node_config(dir, &pki_dir, id, &["ha", "app"])?;
+        let child = spawn_node(&exe, dir, &config, id == 1)?;
+        nodes.push(NodeProcess { id, name: format!("n{id}"), listen, child: Some(child) });
+    }
+    println!("started 3 spaced processes on 127.0.0.1 (work dir {})", dir.display());
+
+    let creds = AdminCredentials::load(&pki_dir, None)?;
+    let n1 = nodes[0].listen.to_string();
+    let mut admin = connect_retry(&n1, &creds, Duration::from_secs(15)).await?;
+    // Wait until the bootstrap node leads and has registered itself.
+    let t0 = Instant::now();
+    loop {
+        let s = admin.status().await?;
+        if s.leader == Some(1) && s.nodes.iter().any(|n| n.id == 1 && !n.roles.is_empty()) {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(15) {
+            bail!("n1 did not become leader of its one-node cluster within 15 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("n1 bootstrapped a one-node cluster");
+    for n in &nodes[1..] {
+        let t = Instant::now();
+        let req = AdminRequest::AddNode { id: n.id, name: n.name.clone(), addr: n.listen.to_string(), roles: None };
+        match admin.call_leader(&req).await? {
+            AdminReply::NodeAdded { voter } => println!(
+                "added {} as {} in {} ms",
+                n.name,
+                if voter { "voter" } else { "learner" },
+                t.elapsed().as_millis()
+            ),
+            other => return Err(unexpected(admin.target(), &other).into()),
+        }
+    }
+
+    let devices: Vec<NewDevice> = (0..DEMO_DEVICES)
+        .map(|i| NewDevice {
+            id: format!("dev-{i:04}"),
+            addr: format!("10.{}.{}.{}:22", 20 + i / 65536, (i / 256) % 256, i % 256),
+            mode: DeviceMode::SpaceInitiated,
+        })
+        .collect();
+    let t = Instant::now();
+    match admin.call_leader(&AdminRequest::AddDevices(devices)).await? {
+        AdminReply::Applied(_) => {}
+        other => return Err(unexpected(admin.target(), &other).into()),
+    }
+    println!("registered {DEMO_DEVICES} devices in {} ms\n", t.elapsed().as_millis());
+    // Let every follower apply and the leader see fresh heartbeats before showing status.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = admin.status().await?;
+    print!("{}", render_status(&status));
+
+    let leader = status.leader.context("no leader")?;
+    let victim = nodes.iter_mut().find(|n| n.id == leader).context("leader is not one of the demo nodes")?;
+    println!("\nkilling the leader {} (SIGKILL)...", victim.name);
+    victim.kill(nix::sys::signal::Signal::SIGKILL)?;
+    let killed_at = Instant::now();
+    let survivors: Vec<(u64, String)> =
+        nodes.iter().filter(|n| n.id != leader).map(|n| (n.id, n.listen.to_string())).collect();
+    admin.close().await;
+
+    // "Serving" = a write committed by the new leader, proposed through a surviving node.
+    let (probe_id, probe_addr) = survivors[0].clone();
+    let mut client = connect_retry(&probe_addr, &creds, Duration::from_secs(5)).await?;
+    let probe = AdminRequest::Write(Command::SetAdminState { id: probe_id, state: AdminState::Active });
+    loop {
+        match client.call_leader(&probe).await {
+            Ok(AdminReply::Applied(_)) => break,
+            Ok(_) | Err(_) if killed_at.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if client.target() != probe_addr {
+                    client = connect_retry(&probe_addr, &creds, Duration::from_secs(5)).await?;
+                }
+            }
+            Ok(other) => return Err(unexpected(client.target(), &other).into()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let failover = killed_at.elapsed();
+    let status = client.status().await?;
+    println!(
+        "new leader: node {} (term {}), serving writes {} ms after the kill",
+        status.leader.map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
+        status.term,
+        failover.as_millis()
+    );
+    let count = match client.call(&AdminRequest::ListDevices).await? {
+        AdminReply::Devices(d) => d.len(),
+        other => return Err(unexpected(client.target(), &other).into()),
+    };
+    if count != DEMO_DEVICES {
+        bail!("after failover the fabric holds {count} devices, expected {DEMO_DEVICES}");
+    }
+    println!("all {count} devices are still registered\n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    print!("{}", render_status(&client.status().await?));
+    client.close().await;
+
+    for n in &mut nodes {
+        n.stop();
+    }
+    println!("\nstopped all nodes");
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! One bincode configuration for everything spaced writes to disk or the wire.
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Why bytes could not be turned into a value (or back).
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Encoding failed (only on values serde cannot express).
+    #[error("encode: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    /// The bytes are not a valid encoding of the expected type.
+    #[error("decode: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    /// The bytes decode but leave trailing garbage.
+    #[error("decode: {0} trailing bytes")]
+    Trailing(usize),
+}
+
+fn config() -> impl bincode::config::Config {
+    // Limit guards against a length prefix inside the payload asking for a huge allocation.
+    bincode::config::standard().with_limit::<{ 1 << 30 }>()
+}
+
+/// Encodes a value with spaced's bincode configuration.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    Ok(bincode::serde::encode_to_vec(value, config())?)
+}
+
+/// Decodes a whole buffer; trailing bytes are an error.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, config())?;
+    if used != bytes.len() {
+        return Err(CodecError::Trailing(bytes.len() - used));
+    }
+    Ok(value)
+}

@@ -1,0 +1,424 @@
+//! Raft RPCs over QUIC: one connection per peer, one bidirectional stream per RPC, bincode frames.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, VoteRequest, VoteResponse,
+};
+use openraft::raft::TransferLeaderResponse;
+use openraft::async_runtime::WatchReceiver;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::codec;
+use crate::frame::{self, MAX_FRAME};
+use crate::pki::NODE_DOMAIN;
+use crate::store::Snapshot;
+use crate::types::{Member, NodeId, Raft, SnapshotMeta, TypeConfig, Vote};
+
+/// Snapshot bytes travel in chunks of this size, each its own frame.
+const SNAPSHOT_CHUNK: usize = 4 << 20;
+/// Upper bound on a received snapshot, against a peer announcing absurd sizes.
+const MAX_SNAPSHOT: u64 = 4 << 30;
+/// How long dialing a peer may take before it counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a node says about itself when asked (used by `node add` to check the target).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDescription {
+    /// Raft node id from its config.
+    pub id: NodeId,
+    /// Name from its config.
+    pub name: String,
+    /// Roles from its config.
+    pub roles: BTreeSet<String>,
+}
+
+/// One Raft RPC.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRpc {
+    /// Log replication and heartbeats.
+    Append(AppendEntriesRequest<TypeConfig>),
+    /// Election.
+    Vote(VoteRequest<TypeConfig>),
+    /// Pre-vote (does not disturb a healthy leader).
+    PreVote(VoteRequest<TypeConfig>),
+    /// Start of a snapshot transfer; `len` bytes follow in chunk frames.
+    Snapshot {
+        /// Leader's vote.
+        vote: Vote,
+        /// Snapshot metadata.
+        meta: SnapshotMeta,
+        /// Total data length.
+        len: u64,
+    },
+    /// Leadership handover.
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
+    /// Ask the node who it is.
+    Describe,
+}
+
+/// An RPC plus who claims to send it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RaftRequest {
+    /// Sender's node id; checked against its certificate name.
+    pub from: NodeId,
+    /// The call.
+    pub rpc: RaftRpc,
+}
+
+/// Replies, one per `RaftRpc` variant.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftReply {
+    /// Reply to `Append`.
+    Append(AppendEntriesResponse<TypeConfig>),
+    /// Reply to `Vote` and `PreVote`.
+    Vote(VoteResponse<TypeConfig>),
+    /// Reply to `Snapshot`.
+    Snapshot(SnapshotResponse<TypeConfig>),
+    /// Reply to `TransferLeader`.
+    TransferLeader(TransferLeaderResponse<TypeConfig>),
+    /// Reply to `Describe`.
+    Describe(NodeDescription),
+}
+
+/// What goes back on the wire: a reply or the reason there is none.
+pub type WireReply = Result<RaftReply, String>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+fn unreachable(msg: String) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(&Msg(msg)))
+}
+fn network(msg: String) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&Msg(msg)))
+}
+
+/// Dials peers and caches one connection per peer.
+#[derive(Clone)]
+pub struct QuicNetwork {
+    /// This node's id, sent with every request.
+    self_id: NodeId,
+    /// Local QUIC endpoint (the same one that serves).
+    endpoint: quinn::Endpoint,
+    /// TLS + transport settings for Raft connections (ALPN `spaced-raft/1`).
+    client_config: quinn::ClientConfig,
+    /// Live connections by peer.
+    conns: Arc<Mutex<HashMap<NodeId, Arc<Mutex<Option<quinn::Connection>>>>>>,
+}
+
+impl QuicNetwork {
+    /// Creates the dialer; `client_config` must carry the Raft ALPN and this node's certificate.
+    pub fn new(self_id: NodeId, endpoint: quinn::Endpoint, client_config: quinn::ClientConfig) -> Self {
+        QuicNetwork { self_id, endpoint, client_config, conns: Arc::default() }
+    }
+
+    async fn connection(&self, target: NodeId, member: &Member) -> Result<quinn::Connection, String> {
+        // One slot per peer: dialing a dead peer must not hold up RPCs to live ones.
+        let slot = self.conns.lock().await.entry(target).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref()
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        *slot = None;
+        let addr = resolve(&member.addr).await?;
+        let server_name = format!("{}.{}", member.name, NODE_DOMAIN);
+        let connecting = self
+            .endpoint
+            .connect_with(self.client_config.clone(), addr, &server_name)
+            .map_err(|e| format!("dial node {target} ({member}): {e}"))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| format!("dial node {target} ({member}): timed out"))?
+            .map_err(|e| format!("dial node {target} ({member}): {e}"))?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends one request on a new stream and reads the reply (for `Describe` and tests).
+    pub async fn call(&self, target: NodeId, member: &Member, rpc: RaftRpc, ttl: Duration) -> Result<RaftReply, String> {
+        let conn = self.connection(target, member).await?;
+        let req = RaftRequest { from: self.self_id, rpc };
+        tokio::time::timeout(ttl, call_on(&conn, &req, &[]))
+            .await
+            .map_err(|_| format!("node {target}: no reply within {ttl:?}"))?
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("resolve {addr}: no address"))
+}
+
+/// Opens a stream, writes the request (plus optional trailing chunk frames) and reads the reply.
+async fn call_on(conn: &quinn::Connection, req: &RaftRequest, chunks: &[&[u8]]) -> Result<RaftReply, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("open stream: {e}"))?;
+    let bytes = codec::encode(req).map_err(|e| e.to_string())?;
+    if bytes.len() > MAX_FRAME {
+        return Err(format!("request of {} bytes exceeds the frame limit", bytes.len()));
+    }
+    frame::write_frame(&mut send, &bytes).await.map_err(|e| format!("send: {e}"))?;
+    for c in chunks {
+        frame::write_frame(&mut send, c).await.map_err(|e| format!("send: {e}"))?;
+    }
+    send.finish().map_err(|e| format!("send: {e}"))?;
+    let reply = frame::read_frame(&mut recv, MAX_FRAME)
+        .await
+        .map_err(|e| format!("receive: {e}"))?
+        .ok_or_else(|| "receive: stream closed without a reply".to_string())?;
+    let reply: WireReply = codec::decode(&reply).map_err(|e| format!("receive: {e}"))?;
+    reply.map_err(|e| format!("peer refused: {e}"))
+}
+
+impl RaftNetworkFactory<TypeConfig> for QuicNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
+        PeerClient { net: self.clone(), target, member: node.clone() }
+    }
+}
+
+/// openraft's handle on one peer.
+pub struct PeerClient {
+    /// Shared dialer and connection cache.
+    net: QuicNetwork,
+    /// Peer id.
+    target: NodeId,
+    /// Peer name and address.
+    member: Member,
+}
+
+impl PeerClient {
+    async fn rpc(&self, rpc: RaftRpc, option: &RPCOption) -> Result<RaftReply, RPCError<TypeConfig>> {
+        let conn = self.net.connection(self.target, &self.member).await.map_err(unreachable)?;
+        let req = RaftRequest { from: self.net.self_id, rpc };
+        match tokio::time::timeout(option.hard_ttl(), call_on(&conn, &req, &[])).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(network(format!("node {}: {e}", self.target))),
+            Err(_) => Err(network(format!("node {}: no reply within {:?}", self.target, option.hard_ttl()))),
+        }
+    }
+}
+
+fn unexpected(reply: RaftReply) -> RPCError<TypeConfig> {
+    network(format!("unexpected reply {reply:?}"))
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.rpc(RaftRpc::Append(rpc), &option).await? {
+            RaftReply::Append(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.rpc(RaftRpc::Vote(rpc), &option).await? {
+            RaftReply::Vote(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.rpc(RaftRpc::PreVote(rpc), &option).await? {
+            RaftReply::Vote(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let conn = self
+            .net
+            .connection(self.target, &self.member)
+            .await
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&Msg(e))))?;
+        let data = snapshot.snapshot.into_inner();
+        let req = RaftRequest {
+            from: self.net.self_id,
+            rpc: RaftRpc::Snapshot { vote, meta: snapshot.meta, len: data.len() as u64 },
+        };
+        let chunks: Vec<&[u8]> = data.chunks(SNAPSHOT_CHUNK).collect();
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            reply = call_on(&conn, &req, &chunks) => match reply {
+                Ok(RaftReply::Snapshot(r)) => Ok(r),
+                Ok(other) => Err(StreamingError::Network(NetworkError::new(&Msg(format!("unexpected reply {other:?}"))))),
+                Err(e) => Err(StreamingError::Network(NetworkError::new(&Msg(format!("node {}: {e}", self.target))))),
+            },
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.rpc(RaftRpc::TransferLeader(req), &option).await? {
+            RaftReply::TransferLeader(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// The server half: answers Raft RPCs arriving on accepted connections.
+#[derive(Clone)]
+pub struct RaftService {
+    /// The local Raft node.
+    pub raft: Raft,
+    /// What `Describe` answers.
+    pub local: NodeDescription,
+}
+
+/// The node id a request's vote names, which must equal the claimed sender.
+fn voter_of(rpc: &RaftRpc) -> Option<NodeId> {
+    match rpc {
+        RaftRpc::Append(r) => Some(r.vote.leader_id.node_id),
+        RaftRpc::Vote(r) | RaftRpc::PreVote(r) => Some(r.vote.leader_id.node_id),
+        RaftRpc::Snapshot { vote, .. } => Some(vote.leader_id.node_id),
+        RaftRpc::TransferLeader(r) => Some(r.from_leader().leader_id.node_id),
+        RaftRpc::Describe => None,
+    }
+}
+
+impl RaftService {
+    /// Serves every stream of one accepted connection whose certificate names node `peer_name`.
+    pub async fn serve_connection(self, conn: quinn::Connection, peer_name: String) {
+        let remote = conn.remote_address();
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(peer = %peer_name, %remote, error = %e, "raft connection closed");
+                    return;
+                }
+            };
+            let svc = self.clone();
+            let peer = peer_name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = svc.serve_stream(send, recv, &peer).await {
+                    tracing::warn!(peer = %peer, %remote, error = %e, "raft stream refused");
+                }
+            });
+        }
+    }
+
+    /// Checks that the claimed sender is the node the certificate names.
+    fn check_sender(&self, req: &RaftRequest, peer_name: &str) -> Result<(), String> {
+        if let Some(v) = voter_of(&req.rpc)
+            && v != req.from
+        {
+            return Err(format!("request claims node {} but carries the vote of node {v}", req.from));
+        }
+        let metrics = self.raft.metrics();
+        let known = metrics.borrow_watched().membership_config.membership().get_node(&req.from).cloned();
+        match known {
+            Some(m) if m.name != peer_name => Err(format!(
+                "certificate names {peer_name:?} but request claims node {} which is {:?}",
+                req.from, m.name
+            )),
+            // Unknown ids pass: a lagging follower may not know a new leader's membership yet.
+            _ => Ok(()),
+        }
+    }
+
+    async fn serve_stream(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        peer_name: &str,
+    ) -> Result<(), String> {
+        let bytes = match frame::read_frame(&mut recv, MAX_FRAME).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let _ = recv.stop(1u32.into());
+                let _ = send.reset(1u32.into());
+                return Err(e.to_string());
+            }
+        };
+        let req: RaftRequest = match codec::decode(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = recv.stop(1u32.into());
+                let _ = send.reset(1u32.into());
+                return Err(format!("undecodable request: {e}"));
+            }
+        };
+        if let Err(e) = self.check_sender(&req, peer_name) {
+            let reply: WireReply = Err(e.clone());
+            if let Ok(b) = codec::encode(&reply) {
+                let _ = frame::write_frame(&mut send, &b).await;
+            }
+            let _ = send.finish();
+            return Err(e);
+        }
+        let reply: WireReply = match req.rpc {
+            RaftRpc::Append(r) => self.raft.append_entries(r).await.map(RaftReply::Append).map_err(|e| e.to_string()),
+            RaftRpc::Vote(r) => self.raft.vote(r).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
+            RaftRpc::PreVote(r) => self.raft.pre_vote(r).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
+            RaftRpc::TransferLeader(r) => {
+                self.raft.handle_transfer_leader(r).await.map(RaftReply::TransferLeader).map_err(|e| e.to_string())
+            }
+            RaftRpc::Describe => Ok(RaftReply::Describe(self.local.clone())),
+            RaftRpc::Snapshot { vote, meta, len } => {
+                if len > MAX_SNAPSHOT {
+                    return Err(format!("snapshot of {len} bytes exceeds the limit"));
+                }
+                let mut data = Vec::with_capacity(len.min(64 << 20) as usize);
+                while (data.len() as u64) < len {
+                    match frame::read_frame(&mut recv, SNAPSHOT_CHUNK).await {
+                        Ok(Some(c)) if !c.is_empty() => data.extend_from_slice(&c),
+                        Ok(_) => return Err("snapshot stream ended early".into()),
+                        Err(e) => return Err(format!("snapshot stream: {e}")),
+                    }
+                }
+                if data.len() as u64 != len {
+                    return Err(format!("snapshot of {} bytes, announced {len}", data.len()));
+                }
+                let snap = Snapshot { meta, snapshot: Cursor::new(data) };
+                self.raft.install_full_snapshot(vote, snap).await.map(RaftReply::Snapshot).map_err(|e| e.to_string())
+            }
+        };
+        let bytes = codec::encode(&reply).map_err(|e| e.to_string())?;
+        frame::write_frame(&mut send, &bytes).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}

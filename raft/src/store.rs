@@ -1,0 +1,407 @@
+//! Durable Raft storage in sled: log, vote and markers (`log`, `meta` trees) and the fabric snapshot (`sm`).
+//!
+//! The fabric itself lives in memory; it is made durable through snapshots plus the log. After a
+//! restart openraft re-applies the committed entries after the last snapshot, which is why the
+//! committed marker is saved.
+
+use std::fmt::Debug;
+use std::io;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use futures::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{
+    EntryResponder, IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine,
+};
+use openraft::{EntryPayload, OptionalSend};
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::fabric::{Fabric, Outcome};
+use crate::types::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, Vote};
+
+/// Snapshot as openraft sees it.
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"last_purged";
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (permissions, corruption, another process holds the lock).
+    #[error("data dir {dir}: {source}")]
+    Sled {
+        /// The data directory.
+        dir: String,
+        /// What sled said.
+        source: sled::Error,
+    },
+    /// A stored value does not decode.
+    #[error("data dir {dir}: stored {what} is corrupt: {source}")]
+    Corrupt {
+        /// The data directory.
+        dir: String,
+        /// Which value.
+        what: &'static str,
+        /// Decoder error.
+        source: codec::CodecError,
+    },
+}
+
+fn io_err(context: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("{context}: {e}"))
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+/// The persisted form of a snapshot: metadata plus the serialized `FabricState`.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// What a snapshot's data holds.
+#[derive(Serialize, Deserialize, Default, Clone)]
+struct FabricState {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+    fabric: Fabric,
+}
+
+/// Opens (or creates) the sled database in `dir` and returns the two halves openraft needs.
+pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
+    let dir_s = dir.display().to_string();
+    let sled_err = |source| StoreError::Sled { dir: dir_s.clone(), source };
+    let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open().map_err(sled_err)?;
+    let log = db.open_tree("log").map_err(sled_err)?;
+    let meta = db.open_tree("meta").map_err(sled_err)?;
+    let sm = db.open_tree("sm").map_err(sled_err)?;
+
+    let mut state = FabricState::default();
+    if let Some(bytes) = sm.get(KEY_SNAPSHOT).map_err(sled_err)? {
+        let snap: StoredSnapshot = codec::decode(&bytes)
+            .map_err(|source| StoreError::Corrupt { dir: dir_s.clone(), what: "snapshot", source })?;
+        state = codec::decode(&snap.data)
+            .map_err(|source| StoreError::Corrupt { dir: dir_s.clone(), what: "snapshot data", source })?;
+    }
+    let log_store = LogStore { db: db.clone(), log, meta };
+    let sm_store = FabricStore { db, sm, state: Arc::new(RwLock::new(state)) };
+    Ok((log_store, sm_store))
+}
+
+/// True when `dir` holds no Raft state yet (used to refuse `--bootstrap` on a used data dir).
+pub fn is_empty(log: &LogStore) -> Result<bool, io::Error> {
+    Ok(log.log.is_empty() && log.meta.get(KEY_VOTE).map_err(|e| io_err("read vote", e))?.is_none())
+}
+
+/// Raft log and hard state in sled.
+#[derive(Clone)]
+pub struct LogStore {
+    /// The database, for flushes.
+    db: sled::Db,
+    /// Entries keyed by big-endian index, so iteration order is log order.
+    log: sled::Tree,
+    /// Vote, committed and purged markers.
+    meta: sled::Tree,
+}
+
+impl LogStore {
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, io::Error> {
+        match self.meta.get(key).map_err(|e| io_err("read meta", e))? {
+            None => Ok(None),
+            Some(v) => codec::decode(&v).map(Some).map_err(|e| io_err("decode meta", e)),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), io::Error> {
+        let bytes = codec::encode(value).map_err(|e| io_err("encode meta", e))?;
+        self.meta.insert(key, bytes).map_err(|e| io_err("write meta", e))?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), io::Error> {
+        self.db.flush_async().await.map_err(|e| io_err("flush", e))?;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in self.log.range::<[u8; 8], _>((start, end)) {
+            let (_, v) = item.map_err(|e| io_err("read log", e))?;
+            out.push(codec::decode(&v).map_err(|e| io_err("decode log entry", e))?);
+        }
+        Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        self.get_meta(KEY_VOTE)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged: Option<LogId> = self.get_meta(KEY_PURGED)?;
+        let last = match self.log.last().map_err(|e| io_err("read log", e))? {
+            Some((_, v)) => {
+                let e: Entry = codec::decode(&v).map_err(|e| io_err("decode log entry", e))?;
+                Some(e.log_id())
+            }
+            None => last_purged,
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.put_meta(KEY_VOTE, vote)?;
+        self.flush().await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Not flushed on its own: a stale marker after a crash only means re-applying less, and
+        // the next log flush carries it anyway.
+        self.put_meta(KEY_COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = codec::encode(&entry).map_err(|e| io_err("encode log entry", e))?;
+            batch.insert(&index_key(entry.index()), bytes);
+        }
+        self.log.apply_batch(batch).map_err(|e| io_err("append log", e))?;
+        // Acknowledge only once durable.
+        let res = self.flush().await;
+        let ack = res.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
+        callback.io_completed(ack);
+        res
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let start = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(index_key(start)..) {
+            let (k, _) = item.map_err(|e| io_err("read log", e))?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(|e| io_err("truncate log", e))?;
+        self.flush().await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // Marker first: a crash between the two steps leaves extra entries, never a hole.
+        self.put_meta(KEY_PURGED, &log_id)?;
+        self.flush().await?;
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(..=index_key(log_id.index())) {
+            let (k, _) = item.map_err(|e| io_err("read log", e))?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(|e| io_err("purge log", e))?;
+        Ok(())
+    }
+}
+
+/// The fabric state machine: in memory, snapshotted to sled.
+#[derive(Clone)]
+pub struct FabricStore {
+    /// The database, for flushes.
+    db: sled::Db,
+    /// Holds the latest snapshot.
+    sm: sled::Tree,
+    /// Applied state, shared with readers through [`FabricView`].
+    state: Arc<RwLock<FabricState>>,
+}
+
+/// Read access to the applied fabric for the admin API and agents.
+#[derive(Clone)]
+pub struct FabricView {
+    state: Arc<RwLock<FabricState>>,
+}
+
+impl FabricView {
+    /// Runs `f` on the applied fabric.
+    pub fn read<R>(&self, f: impl FnOnce(&Fabric) -> R) -> R {
+        let guard = self.state.read().unwrap_or_else(|p| p.into_inner());
+        f(&guard.fabric)
+    }
+
+    /// Index of the last applied log entry.
+    pub fn last_applied_index(&self) -> Option<u64> {
+        let guard = self.state.read().unwrap_or_else(|p| p.into_inner());
+        guard.last_applied.map(|l| l.index())
+    }
+}
+
+impl FabricStore {
+    /// A read handle on the applied fabric.
+    pub fn view(&self) -> FabricView {
+        FabricView { state: self.state.clone() }
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, FabricState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn persist_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), io::Error> {
+        let stored = StoredSnapshot { meta: meta.clone(), data: data.to_vec() };
+        let bytes = codec::encode(&stored).map_err(|e| io_err("encode snapshot", e))?;
+        self.sm.insert(KEY_SNAPSHOT, bytes).map_err(|e| io_err("write snapshot", e))?;
+        self.db.flush_async().await.map_err(|e| io_err("flush snapshot", e))?;
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for FabricStore {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let (data, meta) = {
+            let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let data = codec::encode(&*st).map_err(|e| io_err("encode fabric", e))?;
+            (data, SnapshotMeta { last_log_id: st.last_applied, last_membership: st.last_membership.clone() })
+        };
+        self.persist_snapshot(&meta, &data).await?;
+        tracing::info!(bytes = data.len(), last = ?meta.last_log_id.map(|l| l.index()), "snapshot built");
+        Ok(Snapshot { meta, snapshot: Cursor::new(data) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for FabricStore {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        Ok((st.last_applied, st.last_membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let response = {
+                let mut st = self.write_state();
+                st.last_applied = Some(entry.log_id);
+                match &entry.payload {
+                    EntryPayload::Blank => Ok(Outcome::Done),
+                    EntryPayload::Normal(cmd) => st.fabric.apply(cmd),
+                    EntryPayload::Membership(m) => {
+                        st.last_membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                        Ok(Outcome::Done)
+                    }
+                }
+            };
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Self::SnapshotData) -> Result<(), io::Error> {
+        let data = snapshot.into_inner();
+        let new_state: FabricState = codec::decode(&data).map_err(|e| io_err("decode received snapshot", e))?;
+        self.persist_snapshot(meta, &data).await?;
+        *self.write_state() = new_state;
+        tracing::info!(bytes = data.len(), last = ?meta.last_log_id.map(|l| l.index()), "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let Some(bytes) = self.sm.get(KEY_SNAPSHOT).map_err(|e| io_err("read snapshot", e))? else {
+            return Ok(None);
+        };
+        let stored: StoredSnapshot = codec::decode(&bytes).map_err(|e| io_err("decode snapshot", e))?;
+        Ok(Some(Snapshot { meta: stored.meta, snapshot: Cursor::new(stored.data) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::StorageError;
+    use openraft::testing::log::{StoreBuilder, Suite};
+
+    use super::*;
+
+    /// Builds stores on fresh temp dirs; the guard keeps the dir alive for the test.
+    struct SledBuilder;
+
+    impl StoreBuilder<TypeConfig, LogStore, FabricStore, tempfile::TempDir> for SledBuilder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, FabricStore), StorageError<TypeConfig>> {
+            let dir = tempfile::tempdir().map_err(|e| StorageError::read(&e))?;
+            let (log, sm) = open(dir.path()).map_err(|e| StorageError::read(&io::Error::other(e.to_string())))?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    /// openraft's own storage conformance suite against the sled store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn openraft_storage_suite() {
+        Suite::test_all(SledBuilder).await.expect("storage suite");
+    }
+
+    /// Vote, log and snapshot survive closing and reopening the database.
+    #[tokio::test]
+    async fn state_survives_reopen() {
+        use openraft::storage::RaftLogStorageExt;
+        let dir = tempfile::tempdir().unwrap();
+        let vote = Vote::new(3, 1);
+        {
+            let (mut log, mut sm) = open(dir.path()).unwrap();
+            assert!(is_empty(&log).unwrap());
+            log.save_vote(&vote).await.unwrap();
+            let entries: Vec<Entry> = (1..=5)
+                .map(|i| Entry::new_blank(openraft::LogId::new(openraft::impls::leader_id_adv::CommittedLeaderId::new(3, 1), i)))
+                .collect();
+            log.blocking_append(entries).await.unwrap();
+            sm.build_snapshot().await.unwrap();
+        }
+        let (mut log, mut sm) = open(dir.path()).unwrap();
+        assert!(!is_empty(&log).unwrap());
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(log.get_log_state().await.unwrap().last_log_id.map(|l| l.index()), Some(5));
+        assert!(sm.get_current_snapshot().await.unwrap().is_some());
+    }
+}
