@@ -12,6 +12,8 @@ use crate::admin::{AdminReply, AdminRequest, MAX_ADMIN_FRAME};
 
 /// How long dialing a node may take before the endpoint counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Dialing a node another node named as leader: it answered its peers a moment ago, so be brief.
+const REDIRECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long one call may take (adding a node waits for it to catch up).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to keep looking for a leader (elections, redirects) before giving up.
@@ -105,14 +107,19 @@ async fn resolve(target: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| "resolve: no address".to_string())
 }
 
-async fn dial(endpoint: &quinn::Endpoint, config: &quinn::ClientConfig, target: &str) -> Result<quinn::Connection, ClientError> {
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    target: &str,
+    within: Duration,
+) -> Result<quinn::Connection, ClientError> {
     let unreachable = |problem: String| ClientError::Unreachable { endpoint: target.to_string(), problem };
     let addr = resolve(target).await.map_err(unreachable)?;
     let connecting = endpoint.connect_with(config.clone(), addr, NODE_DOMAIN).map_err(|e| unreachable(e.to_string()))?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+    match tokio::time::timeout(within, connecting).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(unreachable(e.to_string())),
-        Err(_) => Err(unreachable(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))),
+        Err(_) => Err(unreachable(format!("no answer within {} ms", within.as_millis()))),
     }
 }
 
@@ -129,7 +136,7 @@ impl AdminClient {
             "0.0.0.0:0".parse().map_err(|_| ClientError::Failed("bad bind address".into()))?
         };
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Failed(format!("local UDP socket: {e}")))?;
-        let conn = dial(&endpoint, &config, target).await?;
+        let conn = dial(&endpoint, &config, target, CONNECT_TIMEOUT).await?;
         Ok(AdminClient { endpoint, config, target: target.to_string(), conn })
     }
 
@@ -165,7 +172,7 @@ impl AdminClient {
 
     /// Re-points the client at another node.
     pub async fn redirect(&mut self, target: &str) -> Result<(), ClientError> {
-        self.conn = dial(&self.endpoint, &self.config, target).await?;
+        self.conn = dial(&self.endpoint, &self.config, target, REDIRECT_TIMEOUT).await?;
         self.target = target.to_string();
         Ok(())
     }
@@ -187,7 +194,14 @@ impl AdminClient {
             };
             match reply {
                 AdminReply::NotLeader { addr: Some(addr), .. } if addr != self.target => {
-                    self.redirect(&addr).await?;
+                    if let Err(e) = self.redirect(&addr).await {
+                        // The leader it named may just have died: ask the origin again.
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        self.redirect(&origin).await?;
+                    }
                 }
                 AdminReply::NotLeader { leader, .. } => {
                     if tokio::time::Instant::now() >= deadline {

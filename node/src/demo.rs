@@ -202,23 +202,27 @@ async fn run_in(dir: &Path) -> Result<()> {
         nodes.iter().filter(|n| n.id != leader).map(|n| (n.id, n.listen.to_string())).collect();
     admin.close().await;
 
-    // "Serving" = a write committed by the new leader, proposed through a surviving node.
-    let (probe_id, probe_addr) = survivors[0].clone();
-    let mut client = connect_retry(&probe_addr, &creds, Duration::from_secs(5)).await?;
-    let probe = AdminRequest::Write(Command::SetAdminState { id: probe_id, state: AdminState::Active });
-    loop {
-        match client.call_leader(&probe).await {
-            Ok(AdminReply::Applied(_)) => break,
-            Ok(_) | Err(_) if killed_at.elapsed() < Duration::from_secs(30) => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                if client.target() != probe_addr {
-                    client = connect_retry(&probe_addr, &creds, Duration::from_secs(5)).await?;
-                }
-            }
-            Ok(other) => return Err(unexpected(client.target(), &other).into()),
-            Err(e) => return Err(e.into()),
-        }
+    // "Serving" = a write committed by the new leader. Ask every survivor directly (no
+    // redirects, whose dial of the dead leader would add its timeout to the figure).
+    let mut clients = Vec::new();
+    for (id, addr) in &survivors {
+        clients.push((*id, connect_retry(addr, &creds, Duration::from_secs(5)).await?));
     }
+    let mut served_by = None;
+    while served_by.is_none() {
+        for (id, c) in clients.iter_mut() {
+            let probe = AdminRequest::Write(Command::SetAdminState { id: *id, state: AdminState::Active });
+            if let Ok(AdminReply::Applied(_)) = c.call(&probe).await {
+                served_by = Some(*id);
+                break;
+            }
+        }
+        if killed_at.elapsed() > Duration::from_secs(30) {
+            bail!("no surviving node served a write within 30 s of the kill");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut client = clients.into_iter().find(|(id, _)| Some(*id) == served_by).map(|(_, c)| c).context("serving client")?;
     let failover = killed_at.elapsed();
     let status = client.status().await?;
     println!(
