@@ -1,1 +1,246 @@
-//! placeholder
+//! Test harness: in-process clusters of real nodes on 127.0.0.1 (real QUIC, real sled), plus
+//! helpers to find the `spaced`/`spacectl` binaries for process-level tests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use openraft::async_runtime::WatchReceiver;
+use spaced_node::admin::{AdminReply, AdminRequest};
+use spaced_node::client::{AdminClient, AdminCredentials};
+use spaced_node::config::{NodeConfig, RaftTimings, TlsSection};
+use spaced_node::daemon::Node;
+use spaced_raft::NodeId;
+use spaced_raft::fabric::{DeviceMode, Fabric, NewDevice};
+use spaced_raft::pki;
+
+/// Logs to stderr when `SPACED_TEST_LOG` is set (e.g. `SPACED_TEST_LOG=info`).
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("SPACED_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// A free UDP port on loopback.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// A free TCP port on loopback.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// Creates a CA, an admin cert `admin-test` and node certs `n1..=nodes` in `dir`.
+pub fn make_pki(dir: &Path, nodes: u64) -> Result<()> {
+    pki::init_ca(dir)?;
+    pki::issue(dir, "test", true)?;
+    for id in 1..=nodes {
+        pki::issue(dir, &format!("n{id}"), false)?;
+    }
+    Ok(())
+}
+
+/// A node config for node `id` with its files under `dir` and certs in `pki_dir`.
+pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) -> NodeConfig {
+    let name = format!("n{id}");
+    NodeConfig {
+        node_id: id,
+        name: name.clone(),
+        data_dir: dir.join(format!("data-{name}")),
+        listen: format!("127.0.0.1:{}", free_udp_port()).parse().expect("loopback address"),
+        metrics: None,
+        roles: vec!["ha".into(), "app".into()],
+        tls: TlsSection {
+            ca: pki_dir.join("ca.pem"),
+            cert: pki_dir.join(format!("{name}.pem")),
+            key: pki_dir.join(format!("{name}.key")),
+        },
+        raft,
+        source: dir.join(format!("{name}.toml")),
+    }
+}
+
+/// `n` devices with ids `prefix-0..`.
+pub fn devices(prefix: &str, n: usize) -> Vec<NewDevice> {
+    (0..n)
+        .map(|i| NewDevice {
+            id: format!("{prefix}-{i}"),
+            addr: format!("10.{}.{}.{}", (i / 65536) % 256, (i / 256) % 256, i % 256),
+            mode: DeviceMode::SpaceInitiated,
+        })
+        .collect()
+}
+
+/// An in-process cluster of real nodes.
+pub struct Cluster {
+    /// Temp dir holding PKI, data dirs.
+    pub dir: tempfile::TempDir,
+    /// Running nodes.
+    pub nodes: BTreeMap<NodeId, Node>,
+    /// Configs of every node ever started, so they can be restarted.
+    pub configs: BTreeMap<NodeId, NodeConfig>,
+    /// Raft timings used for new nodes.
+    pub timings: RaftTimings,
+}
+
+impl Cluster {
+    /// Where the PKI lives.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    /// An empty cluster with a PKI for up to `max_nodes` nodes; nothing started.
+    pub fn empty(max_nodes: u64, timings: RaftTimings) -> Result<Cluster> {
+        init_logging();
+        let dir = tempfile::Builder::new().prefix("spaced-test-").tempdir()?;
+        make_pki(&dir.path().join("pki"), max_nodes)?;
+        Ok(Cluster { dir, nodes: BTreeMap::new(), configs: BTreeMap::new(), timings })
+    }
+
+    /// Bootstraps node 1 and adds nodes 2..=n through the admin API.
+    pub async fn start(n: u64, timings: RaftTimings) -> Result<Cluster> {
+        let mut c = Cluster::empty(n.max(5), timings)?;
+        c.start_node(1, true).await?;
+        c.wait_for(Duration::from_secs(10), "node 1 registered", |c| {
+            c.fabric_of(1).is_some_and(|f| f.nodes.contains_key(&1))
+        })
+        .await?;
+        for id in 2..=n {
+            c.start_node(id, false).await?;
+            c.add_node(id).await?;
+        }
+        Ok(c)
+    }
+
+    /// Starts node `id` (a fresh config the first time, the same config on restart).
+    pub async fn start_node(&mut self, id: NodeId, bootstrap: bool) -> Result<()> {
+        let cfg = match self.configs.get(&id) {
+            Some(c) => c.clone(),
+            None => node_config(self.dir.path(), &self.pki_dir(), id, self.timings.clone()),
+        };
+        // A restarted node may find its UDP port taken by then; retry on a new one.
+        let node = Node::start(cfg.clone(), bootstrap).await.map_err(|e| anyhow::anyhow!("start node {id}: {e}"))?;
+        self.configs.insert(id, cfg);
+        self.nodes.insert(id, node);
+        Ok(())
+    }
+
+    /// Stops node `id` gracefully (as a crash would, it just stops answering).
+    pub async fn stop_node(&mut self, id: NodeId) {
+        if let Some(n) = self.nodes.remove(&id) {
+            n.shutdown().await;
+        }
+    }
+
+    /// Stops every node.
+    pub async fn stop_all(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.stop_node(id).await;
+        }
+    }
+
+    /// Admin credentials of the test PKI.
+    pub fn credentials(&self) -> Result<AdminCredentials> {
+        Ok(AdminCredentials::load(&self.pki_dir(), None)?)
+    }
+
+    /// An admin client connected to node `id`.
+    pub async fn admin(&self, id: NodeId) -> Result<AdminClient> {
+        let addr = self.nodes.get(&id).context("no such running node")?.listen_addr().to_string();
+        Ok(AdminClient::connect(&addr, &self.credentials()?).await?)
+    }
+
+    /// Adds a started node to the cluster via any running node.
+    pub async fn add_node(&self, id: NodeId) -> Result<bool> {
+        let via = *self.nodes.keys().find(|k| **k != id).context("no node to add through")?;
+        let mut admin = self.admin(via).await?;
+        let node = self.nodes.get(&id).context("node not started")?;
+        let req = AdminRequest::AddNode { id, name: format!("n{id}"), addr: node.listen_addr().to_string(), roles: None };
+        match admin.call_leader(&req).await? {
+            AdminReply::NodeAdded { voter } => Ok(voter),
+            other => bail!("add node {id}: {other:?}"),
+        }
+    }
+
+    /// Current leader as seen by every running node, if they all agree.
+    pub fn agreed_leader(&self) -> Option<NodeId> {
+        let mut leader = None;
+        for n in self.nodes.values() {
+            let l = n.raft().metrics().borrow_watched().current_leader?;
+            if leader.is_some_and(|x| x != l) || !self.nodes.contains_key(&l) {
+                return None;
+            }
+            leader = Some(l);
+        }
+        leader
+    }
+
+    /// Waits until all running nodes agree on a running leader.
+    pub async fn wait_leader(&self, within: Duration) -> Result<NodeId> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.agreed_leader()
+                && self.nodes[&l].raft().is_leader()
+            {
+                return Ok(l);
+            }
+            if Instant::now() > deadline {
+                bail!("no agreed leader within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The applied fabric of node `id`.
+    pub fn fabric_of(&self, id: NodeId) -> Option<Fabric> {
+        self.nodes.get(&id).map(|n| n.fabric().read(|f| f.clone()))
+    }
+
+    /// Polls `cond` until true or `within` passes.
+    pub async fn wait_for(&self, within: Duration, what: &str, cond: impl Fn(&Cluster) -> bool) -> Result<()> {
+        let deadline = Instant::now() + within;
+        while !cond(self) {
+            if Instant::now() > deadline {
+                bail!("timed out after {within:?} waiting for: {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until every running node has applied the same log index as the leader and returns it.
+    pub async fn wait_converged(&self, within: Duration) -> Result<u64> {
+        let deadline = Instant::now() + within;
+        loop {
+            let applied: Vec<Option<u64>> = self.nodes.values().map(|n| n.fabric().last_applied_index()).collect();
+            if let Some(Some(first)) = applied.first()
+                && applied.iter().all(|a| *a == Some(*first))
+            {
+                return Ok(*first);
+            }
+            if Instant::now() > deadline {
+                bail!("nodes did not converge within {within:?}: applied {applied:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Path of a workspace binary (`spaced`, `spacectl`). `cargo test --workspace` builds them
+/// (spaced-node has integration tests of its own, which makes cargo build its binaries).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    // Test executables live in target/<profile>/deps; binaries in target/<profile>.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe.parent().and_then(|p| p.parent()).context("locate target dir")?;
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        bail!("binary {} not found: run the tests with `cargo test --workspace` (or `cargo build -p spaced-node` first)", path.display());
+    }
+    Ok(path)
+}

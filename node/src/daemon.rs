@@ -197,6 +197,11 @@ impl Node {
         self.inner.propose(cmd).await
     }
 
+    /// A cloneable handle for proposing commands from many tasks.
+    pub fn proposer(&self) -> Proposer {
+        Proposer { inner: self.inner.clone() }
+    }
+
     /// Stops serving, shuts Raft down and waits for the tasks.
     pub async fn shutdown(self) {
         let _ = self.shutdown_tx.send(true);
@@ -207,6 +212,19 @@ impl Node {
             let _ = t.await;
         }
         self.inner.endpoint.wait_idle().await;
+    }
+}
+
+/// Proposes commands through one node (benchmarks, tests, later the controller).
+#[derive(Clone)]
+pub struct Proposer {
+    inner: Arc<NodeInner>,
+}
+
+impl Proposer {
+    /// Proposes `cmd` (this node must lead); returns the applied outcome.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, String> {
+        self.inner.propose(cmd).await
     }
 }
 

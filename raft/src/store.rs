@@ -370,8 +370,8 @@ mod tests {
 
     impl StoreBuilder<TypeConfig, LogStore, FabricStore, tempfile::TempDir> for SledBuilder {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, FabricStore), StorageError<TypeConfig>> {
-            let dir = tempfile::tempdir().map_err(|e| StorageError::read(&e))?;
-            let (log, sm) = open(dir.path()).map_err(|e| StorageError::read(&io::Error::other(e.to_string())))?;
+            let dir = tempfile::tempdir().map_err(|e| StorageError::read(openraft::errors::ErrorSource::from_string(e.to_string())))?;
+            let (log, sm) = open(dir.path()).map_err(|e| StorageError::read(openraft::errors::ErrorSource::from_string(e.to_string())))?;
             Ok((dir, log, sm))
         }
     }
@@ -393,7 +393,7 @@ mod tests {
             assert!(is_empty(&log).unwrap());
             log.save_vote(&vote).await.unwrap();
             let entries: Vec<Entry> = (1..=5)
-                .map(|i| Entry::new_blank(openraft::LogId::new(openraft::impls::leader_id_adv::CommittedLeaderId::new(3, 1), i)))
+                .map(|i| Entry::new_blank(openraft::LogId::new(openraft::impls::leader_id_adv::LeaderId { term: 3, node_id: 1 }, i)))
                 .collect();
             log.blocking_append(entries).await.unwrap();
             sm.build_snapshot().await.unwrap();
