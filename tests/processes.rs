@@ -1,1 +1,285 @@
-//! placeholder
+//! Real `spaced` processes on 127.0.0.1 driven by `spacectl`: SIGKILL of the leader, restart,
+//! the CLI's outputs and errors, and the demo itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use spaced_node::demo::write_node_config;
+use spaced_tests::{binary, make_pki};
+
+/// A `spaced run` child that is killed when dropped, so a failing test leaves nothing behind.
+struct Proc {
+    child: Option<Child>,
+    config: PathBuf,
+    addr: String,
+}
+
+impl Proc {
+    fn start(dir: &Path, config: &Path, addr: &str, bootstrap: bool) -> Result<Proc> {
+        let log = std::fs::File::create(config.with_extension("log"))?;
+        let mut cmd = Command::new(binary("spaced")?);
+        cmd.arg("run").arg("--config").arg(config).current_dir(dir);
+        if bootstrap {
+            cmd.arg("--bootstrap");
+        }
+        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
+        Ok(Proc { child: Some(child), config: config.to_path_buf(), addr: addr.to_string() })
+    }
+
+    fn signal(&mut self, sig: nix::sys::signal::Signal) -> Result<()> {
+        let child = self.child.as_mut().context("not running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig)?;
+        Ok(())
+    }
+
+    fn wait(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("not running")?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = child.try_wait()? {
+                self.child = None;
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                bail!("process did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A 3-process lab: PKI, configs and running nodes under one temp dir.
+struct Lab {
+    dir: tempfile::TempDir,
+    procs: Vec<Proc>,
+}
+
+impl Lab {
+    fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    fn ctl(&self, endpoint: &str, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(binary("spacectl")?)
+            .args(args)
+            .env("SPACED_ENDPOINT", endpoint)
+            .env("SPACED_PKI", self.pki())
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    fn ctl_ok(&self, endpoint: &str, args: &[&str]) -> Result<String> {
+        let out = self.ctl(endpoint, args)?;
+        if !out.status.success() {
+            bail!("spacectl {args:?} failed ({:?}): {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    fn status(&self, endpoint: &str) -> Result<Value> {
+        Ok(serde_json::from_str(&self.ctl_ok(endpoint, &["status", "--json"])?)?)
+    }
+
+    /// Starts n1 (bootstrap) .. n3 and joins n2, n3 with `spacectl node add`.
+    fn start3() -> Result<Lab> {
+        let dir = tempfile::Builder::new().prefix("spaced-proc-").tempdir()?;
+        make_pki(&dir.path().join("pki"), 3)?;
+        let mut lab = Lab { dir, procs: Vec::new() };
+        for id in 1..=3u64 {
+            let roles: &[&str] = if id == 3 { &["app"] } else { &["ha", "app"] };
+            let (config, listen) = write_node_config(lab.dir.path(), &lab.pki(), id, roles)?;
+            lab.procs.push(Proc::start(lab.dir.path(), &config, &listen.to_string(), id == 1)?);
+        }
+        let n1 = lab.procs[0].addr.clone();
+        wait_until(Duration::from_secs(20), "n1 leads and is registered", || {
+            Ok(lab.status(&n1).is_ok_and(|s| s["leader"] == 1 && s["nodes"][0]["roles"].as_array().is_some_and(|r| !r.is_empty())))
+        })?;
+        for id in 2..=3 {
+            let addr = lab.procs[id - 1].addr.clone();
+            lab.ctl_ok(&n1, &["node", "add", "--id", &id.to_string(), "--name", &format!("n{id}"), "--addr", &addr])?;
+        }
+        Ok(lab)
+    }
+}
+
+fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn device_count(lab: &Lab, endpoint: &str) -> Result<usize> {
+    let v: Value = serde_json::from_str(&lab.ctl_ok(endpoint, &["device", "list", "--json"])?)?;
+    Ok(v.as_array().context("device list is not an array")?.len())
+}
+
+#[test]
+fn sigkill_of_the_leader_loses_no_committed_command() -> Result<()> {
+    let mut lab = Lab::start3()?;
+    let n1 = lab.procs[0].addr.clone();
+    // 300 devices, each acknowledged (committed) before the next.
+    let mut csv = String::new();
+    for i in 0..300 {
+        csv.push_str(&format!("k-{i},10.7.{}.{}\n", i / 256, i % 256));
+    }
+    let file = lab.dir.path().join("devices.csv");
+    std::fs::write(&file, csv)?;
+    lab.ctl_ok(&n1, &["device", "import", file.to_str().context("path")?])?;
+    for i in 0..20 {
+        lab.ctl_ok(&n1, &["device", "add", "--id", &format!("one-{i}"), "--addr", "10.8.0.1"])?;
+    }
+
+    let s = lab.status(&n1)?;
+    let leader = s["leader"].as_u64().context("leader")? as usize;
+    lab.procs[leader - 1].signal(nix::sys::signal::Signal::SIGKILL)?;
+    lab.procs[leader - 1].wait(Duration::from_secs(5))?;
+    let survivors: Vec<String> =
+        (1..=3).filter(|i| *i != leader).map(|i| lab.procs[i - 1].addr.clone()).collect();
+
+    wait_until(Duration::from_secs(20), "a new leader among the survivors", || {
+        Ok(lab.status(&survivors[0]).is_ok_and(|s| s["leader"].as_u64().is_some_and(|l| l as usize != leader)))
+    })?;
+    // A write goes through the new leader, and nothing acknowledged before the kill is gone.
+    lab.ctl_ok(&survivors[1], &["device", "add", "--id", "after-kill", "--addr", "10.9.0.1"])?;
+    for s in &survivors {
+        wait_until(Duration::from_secs(10), "survivor applied everything", || Ok(device_count(&lab, s)? == 321))?;
+    }
+
+    // The killed node restarts from its data dir and catches up.
+    let config = lab.procs[leader - 1].config.clone();
+    let addr = lab.procs[leader - 1].addr.clone();
+    lab.procs[leader - 1] = Proc::start(lab.dir.path(), &config, &addr, false)?;
+    wait_until(Duration::from_secs(20), "restarted node caught up", || Ok(device_count(&lab, &addr).unwrap_or(0) == 321))?;
+    let s = lab.status(&addr)?;
+    assert_eq!(s["nodes"].as_array().map(|n| n.len()), Some(3), "{s}");
+    Ok(())
+}
+
+#[test]
+fn spacectl_status_membership_devices_and_errors() -> Result<()> {
+    let lab = Lab::start3()?;
+    let n2 = lab.procs[1].addr.clone();
+
+    // Status from a follower: the leader's view (last contacts) with the documented fields.
+    let s = lab.status(&n2)?;
+    assert!(s["leader"].as_u64().is_some() && s["term"].as_u64().is_some(), "{s}");
+    let nodes = s["nodes"].as_array().context("nodes")?;
+    assert_eq!(nodes.len(), 3);
+    for n in nodes {
+        for key in ["id", "name", "addr", "roles", "voter", "last_contact_ms"] {
+            assert!(n.get(key).is_some(), "status node lacks {key}: {n}");
+        }
+        assert_eq!(n["voter"], true);
+    }
+    let n3 = nodes.iter().find(|n| n["name"] == "n3").context("n3")?;
+    assert_eq!(n3["roles"], serde_json::json!(["app"]), "roles come from the node's own config");
+    let table = lab.ctl_ok(&n2, &["status"])?;
+    assert!(table.lines().nth(2).is_some_and(|l| l.starts_with("ID") && l.contains("LAST CONTACT")), "{table}");
+
+    // Import: one bad line → nothing imported, exit 1, line numbers named.
+    let bad = lab.dir.path().join("bad.csv");
+    std::fs::write(&bad, "id,addr\nb1,10.0.0.1\nb2,not a host\nb3\n")?;
+    let out = lab.ctl(&n2, &["device", "import", bad.to_str().context("path")?])?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 3") && err.contains("line 4") && err.contains("nothing imported"), "{err}");
+    assert_eq!(device_count(&lab, &n2)?, 0);
+
+    // Good import of 5,000 through a follower (redirected to the leader).
+    let good = lab.dir.path().join("good.csv");
+    let mut csv = String::from("# managed devices\n");
+    for i in 0..5000 {
+        csv.push_str(&format!("dev-{i},10.{}.{}.{}:830,{}\n", i / 65536, (i / 256) % 256, i % 256, if i % 2 == 0 { "space-initiated" } else { "device-initiated" }));
+    }
+    std::fs::write(&good, csv)?;
+    lab.ctl_ok(&n2, &["device", "import", good.to_str().context("path")?])?;
+    assert_eq!(device_count(&lab, &n2)?, 5000);
+    // Importing again: every id exists → refused up front, count unchanged.
+    let out = lab.ctl(&n2, &["device", "import", good.to_str().context("path")?])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(device_count(&lab, &n2)?, 5000);
+    let list: Value = serde_json::from_str(&lab.ctl_ok(&n2, &["device", "list", "--json"])?)?;
+    assert_eq!(list[1]["mode"], "device-initiated", "{}", list[1]);
+
+    // Leader transfer by name.
+    let s = lab.status(&n2)?;
+    let leader = s["leader"].as_u64().context("leader")?;
+    let to = if leader == 2 { "n3" } else { "n2" };
+    lab.ctl_ok(&n2, &["leader", "transfer", "--to", to])?;
+    let s = lab.status(&n2)?;
+    assert_eq!(s["nodes"].as_array().and_then(|n| n.iter().find(|n| n["name"] == to)).map(|n| n["id"].clone()), Some(s["leader"].clone()));
+
+    // Node list and removal.
+    let list: Value = serde_json::from_str(&lab.ctl_ok(&n2, &["node", "list", "--json"])?)?;
+    assert_eq!(list.as_array().map(|a| a.len()), Some(3));
+    let remove = if to == "n3" { "n1" } else { "n3" };
+    lab.ctl_ok(&n2, &["node", "remove", remove])?;
+    let list: Value = serde_json::from_str(&lab.ctl_ok(&n2, &["node", "list", "--json"])?)?;
+    assert_eq!(list.as_array().map(|a| a.len()), Some(2));
+    let out = lab.ctl(&n2, &["node", "remove", "n42"])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("n42"));
+
+    // An unreachable endpoint fails within a few seconds, naming it.
+    let dead = format!("127.0.0.1:{}", spaced_tests::free_udp_port());
+    let t = Instant::now();
+    let out = lab.ctl(&dead, &["status"])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(t.elapsed() < Duration::from_secs(6), "took {:?}", t.elapsed());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&dead) && err.trim().lines().count() == 1, "{err}");
+    Ok(())
+}
+
+#[test]
+fn port_in_use_and_bootstrap_on_used_dir_exit_2() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path().join("pki");
+    make_pki(&pki, 1)?;
+    let (config, listen) = write_node_config(dir.path(), &pki, 1, &["ha"])?;
+    let _hold = std::net::UdpSocket::bind(listen)?;
+    let out = Command::new(binary("spaced")?).args(["run", "--bootstrap", "--config"]).arg(&config).output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("n1.toml") && err.contains("`listen`"), "{err}");
+    drop(_hold);
+
+    // First run bootstraps; a second --bootstrap on the same data dir is refused.
+    let mut p = Proc::start(dir.path(), &config, &listen.to_string(), true)?;
+    std::thread::sleep(Duration::from_millis(500));
+    p.signal(nix::sys::signal::Signal::SIGTERM)?;
+    assert!(p.wait(Duration::from_secs(10))?.success(), "SIGTERM should stop spaced cleanly");
+    let out = Command::new(binary("spaced")?).args(["run", "--bootstrap", "--config"]).arg(&config).output()?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bootstrap refused"));
+    Ok(())
+}
+
+#[test]
+fn demo_runs_to_completion() -> Result<()> {
+    let out = Command::new(binary("spaced")?).arg("demo").stdin(Stdio::null()).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("all 1000 devices are still registered"), "{stdout}");
+    assert!(stdout.contains("serving writes"), "{stdout}");
+    Ok(())
+}
