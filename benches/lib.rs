@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use openraft::async_runtime::WatchReceiver;
 use spaced_node::config::RaftTimings;
 use spaced_node::daemon::Proposer;
 use spaced_raft::fabric::{Command, DeviceMode, NewDevice};
@@ -43,7 +44,7 @@ impl BenchCluster {
         // node applied the same index so the measurement starts on a settled cluster.
         cluster.wait_converged(Duration::from_secs(20)).await.context("converge")?;
         let proposer = cluster.nodes[&leader].proposer();
-        let voters = cluster.nodes[&leader].raft().metrics().borrow().membership_config.membership().voter_ids().count();
+        let voters = cluster.nodes[&leader].raft().metrics().borrow_watched().membership_config.membership().voter_ids().count();
         anyhow::ensure!(voters as u64 == nodes, "cluster has {voters} voters, expected {nodes}");
         Ok(BenchCluster { cluster, leader, proposer })
     }

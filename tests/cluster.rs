@@ -333,3 +333,18 @@ async fn invalid_commands_are_refused_and_change_nothing() -> Result<()> {
     c.stop_all().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixth_node_stays_a_learner() -> Result<()> {
+    let mut c = Cluster::start(5, timings()).await?;
+    c.start_node(6, false).await?;
+    let voter = c.add_node(6).await?;
+    assert!(!voter, "a sixth node must join as learner");
+    c.wait_converged(T).await?;
+    let s = c.admin(6).await?.status().await?;
+    let voters: Vec<u64> = s.nodes.iter().filter(|n| n.voter).map(|n| n.id).collect();
+    assert_eq!(voters, vec![1, 2, 3, 4, 5], "{s:?}");
+    assert!(c.fabric_of(6).is_some_and(|f| f.nodes.len() == 6));
+    c.stop_all().await;
+    Ok(())
+}

@@ -104,7 +104,7 @@ impl Cluster {
 
     /// Bootstraps node 1 and adds nodes 2..=n through the admin API.
     pub async fn start(n: u64, timings: RaftTimings) -> Result<Cluster> {
-        let mut c = Cluster::empty(n.max(5), timings)?;
+        let mut c = Cluster::empty(n.max(8), timings)?;
         c.start_node(1, true).await?;
         c.wait_for(Duration::from_secs(10), "node 1 registered", |c| {
             c.fabric_of(1).is_some_and(|f| f.nodes.contains_key(&1))

@@ -239,6 +239,21 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("n42"));
 
+    // Metrics and health over HTTP on the node's `metrics` address.
+    let cfg = spaced_node::config::NodeConfig::load(&lab.procs[1].config)?;
+    let metrics = cfg.metrics.context("demo configs enable metrics")?;
+    let body = http_get(metrics, "/metrics")?;
+    for name in ["spaced_raft_term", "spaced_raft_leader_id", "spaced_raft_last_applied"] {
+        assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
+    }
+    let leader_id = lab.status(&n2)?["leader"].as_u64().context("leader")?;
+    let leader_cfg = spaced_node::config::NodeConfig::load(&lab.procs[leader_id as usize - 1].config)?;
+    let body = http_get(leader_cfg.metrics.context("metrics")?, "/metrics")?;
+    assert!(body.contains("spaced_peer_last_contact_seconds{peer="), "leader /metrics lacks peer contact:\n{body}");
+    assert!(body.contains("spaced_commit_latency_seconds_bucket"), "leader has no commit latency histogram:\n{body}");
+    let health = http_get(metrics, "/healthz")?;
+    assert!(health.starts_with("HTTP/1.1 200") && health.contains("ok:"), "{health}");
+
     // An unreachable endpoint fails within a few seconds, naming it.
     let dead = format!("127.0.0.1:{}", spaced_tests::free_udp_port());
     let t = Instant::now();
@@ -282,4 +297,15 @@ fn demo_runs_to_completion() -> Result<()> {
     assert!(stdout.contains("all 1000 devices are still registered"), "{stdout}");
     assert!(stdout.contains("serving writes"), "{stdout}");
     Ok(())
+}
+
+/// A plain HTTP/1.1 GET; returns the whole response (status line, headers, body).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }

@@ -66,9 +66,9 @@ pub struct RaftTimings {
 impl Default for RaftTimings {
     fn default() -> Self {
         Self {
-            heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 400,
-            election_timeout_max_ms: 800,
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
             snapshot_after_logs: 10_000,
             logs_kept_after_snapshot: 1_000,
         }
@@ -470,9 +470,9 @@ key = "n.key"
         assert_eq!(
             RaftTimings::default(),
             RaftTimings {
-                heartbeat_interval_ms: 100,
-                election_timeout_min_ms: 400,
-                election_timeout_max_ms: 800,
+                heartbeat_interval_ms: 50,
+                election_timeout_min_ms: 200,
+                election_timeout_max_ms: 400,
                 snapshot_after_logs: 10000,
                 logs_kept_after_snapshot: 1000,
             }
@@ -480,7 +480,7 @@ key = "n.key"
         // A partial [raft] table keeps the defaults for the keys it omits.
         let c = NodeConfig::parse_str(&with_raft("snapshot_after_logs = 5"), src()).unwrap();
         assert_eq!(c.raft.snapshot_after_logs, 5);
-        assert_eq!(c.raft.heartbeat_interval_ms, 100);
+        assert_eq!(c.raft.heartbeat_interval_ms, 50);
     }
 
     #[test]

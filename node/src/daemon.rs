@@ -528,14 +528,18 @@ async fn accept_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>)
         raft: inner.raft.clone(),
         local: NodeDescription { id: inner.id, name: inner.name.clone(), roles: inner.roles.clone() },
     };
+    // Connection tasks die with the loop (dropping a JoinSet aborts its tasks), so a stopped
+    // node leaves nothing holding its Raft handle or storage.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let incoming = tokio::select! {
             i = inner.endpoint.accept() => match i { Some(i) => i, None => return },
             _ = shutdown.wait_for(|s| *s) => return,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         let svc = svc.clone();
         let inner = inner.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,

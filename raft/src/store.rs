@@ -42,6 +42,12 @@ pub enum StoreError {
         /// What sled said.
         source: sled::Error,
     },
+    /// Another process (or node) has the data dir open.
+    #[error("data dir {dir} is in use by another spaced process")]
+    Locked {
+        /// The data directory.
+        dir: String,
+    },
     /// A stored value does not decode.
     #[error("data dir {dir}: stored {what} is corrupt: {source}")]
     Corrupt {
@@ -81,7 +87,22 @@ struct FabricState {
 pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
     let dir_s = dir.display().to_string();
     let sled_err = |source| StoreError::Sled { dir: dir_s.clone(), source };
-    let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open().map_err(sled_err)?;
+    // Every write that matters is flushed explicitly, so sled's background flusher is not needed.
+    let config = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).flush_every_ms(None);
+    // A node restarted in the same process may find the previous handle still releasing its lock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let db = loop {
+        match config.open() {
+            Ok(db) => break db,
+            Err(sled::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(sled::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(StoreError::Locked { dir: dir_s.clone() });
+            }
+            Err(e) => return Err(sled_err(e)),
+        }
+    };
     let log = db.open_tree("log").map_err(sled_err)?;
     let meta = db.open_tree("meta").map_err(sled_err)?;
     let sm = db.open_tree("sm").map_err(sled_err)?;
