@@ -26,12 +26,23 @@ struct Load {
 }
 
 const LOADS: [Load; 2] = [
-    Load { name: "1_proposer", proposers: 1, per_iter: 50 },
-    Load { name: "64_proposers", proposers: 64, per_iter: 640 },
+    Load {
+        name: "1_proposer",
+        proposers: 1,
+        per_iter: 50,
+    },
+    Load {
+        name: "64_proposers",
+        proposers: 64,
+        per_iter: 640,
+    },
 ];
 
 fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 fn criterion_groups(c: &mut Criterion, rt: &Runtime, filters: &[&String]) {
@@ -40,10 +51,13 @@ fn criterion_groups(c: &mut Criterion, rt: &Runtime, filters: &[&String]) {
         if !filters.is_empty() && !filters.iter().any(|f| id.contains(f.as_str())) {
             continue;
         }
-        let bc = rt.block_on(BenchCluster::start(NODES)).expect("start cluster");
+        let bc = rt
+            .block_on(BenchCluster::start(NODES))
+            .expect("start cluster");
         let proposer = bc.proposer.clone();
         // Warm the connections and the leader's pipeline before criterion's own warm-up.
-        rt.block_on(run_commits(&proposer, 200, load.proposers, false)).expect("warm-up commits");
+        rt.block_on(run_commits(&proposer, 200, load.proposers, false))
+            .expect("warm-up commits");
 
         let mut group = c.benchmark_group("commit");
         group
@@ -57,7 +71,9 @@ fn criterion_groups(c: &mut Criterion, rt: &Runtime, filters: &[&String]) {
                 let proposer = proposer.clone();
                 let (per_iter, proposers) = (load.per_iter, load.proposers);
                 async move {
-                    let r = run_commits(&proposer, iters * per_iter, proposers, false).await.expect("commits");
+                    let r = run_commits(&proposer, iters * per_iter, proposers, false)
+                        .await
+                        .expect("commits");
                     r.elapsed
                 }
             })
@@ -78,10 +94,16 @@ fn latency_report(rt: &Runtime, smoke: bool) {
         let mut out = Vec::new();
         for (proposers, per_round) in REPORT {
             let per_round = (per_round / scale).max(proposers);
-            run_commits(&bc.proposer, per_round / 5, proposers, false).await.expect("warm-up commits");
+            run_commits(&bc.proposer, per_round / 5, proposers, false)
+                .await
+                .expect("warm-up commits");
             let mut results: Vec<RunResult> = Vec::with_capacity(rounds);
             for _ in 0..rounds {
-                results.push(run_commits(&bc.proposer, per_round, proposers, true).await.expect("commits"));
+                results.push(
+                    run_commits(&bc.proposer, per_round, proposers, true)
+                        .await
+                        .expect("commits"),
+                );
             }
             out.push(Summary::of(proposers, &results));
         }
@@ -90,14 +112,20 @@ fn latency_report(rt: &Runtime, smoke: bool) {
     });
 
     println!();
-    println!("== commit latency report: {NODES} nodes on loopback, QUIC + sled, durable on a majority ==");
+    println!(
+        "== commit latency report: {NODES} nodes on loopback, QUIC + sled, durable on a majority =="
+    );
     print!("{}", table(&summaries));
     for s in &summaries {
         println!("{}", s.line());
     }
     if let Some(s) = summaries.iter().find(|s| s.proposers == 1) {
         let ok = s.p99 <= Duration::from_millis(10);
-        println!("target p99 <= 10 ms at 1 proposer: {} ({})", if ok { "met" } else { "MISSED" }, spaced_benches::ms(s.p99));
+        println!(
+            "target p99 <= 10 ms at 1 proposer: {} ({})",
+            if ok { "met" } else { "MISSED" },
+            spaced_benches::ms(s.p99)
+        );
     }
     if let Some(s) = summaries.iter().find(|s| s.proposers == 64) {
         let ok = s.throughput() >= 10_000.0;
@@ -116,7 +144,8 @@ fn main() {
     let smoke = !args.iter().any(|a| a == "--bench");
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     let want_report = filters.is_empty() || filters.iter().any(|f| "latency".contains(f.as_str()));
-    let want_criterion = filters.is_empty() || filters.iter().any(|f| !"latency".contains(f.as_str()));
+    let want_criterion =
+        filters.is_empty() || filters.iter().any(|f| !"latency".contains(f.as_str()));
 
     let rt = runtime();
     let mut c = Criterion::default().configure_from_args();

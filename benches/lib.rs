@@ -20,7 +20,11 @@ static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
 pub fn add_device_command() -> Command {
     let n = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
     Command::AddDevices {
-        devices: vec![NewDevice { id: format!("bench-{n}"), addr: "10.0.0.1".into(), mode: DeviceMode::SpaceInitiated }],
+        devices: vec![NewDevice {
+            id: format!("bench-{n}"),
+            addr: "10.0.0.1".into(),
+            mode: DeviceMode::SpaceInitiated,
+        }],
         at: 1,
     }
 }
@@ -38,15 +42,37 @@ pub struct BenchCluster {
 impl BenchCluster {
     /// Starts `nodes` nodes with default Raft timings and waits until they agree on a leader.
     pub async fn start(nodes: u64) -> Result<BenchCluster> {
-        let cluster = Cluster::start(nodes, RaftTimings::default()).await.context("start cluster")?;
-        let leader = cluster.wait_leader(Duration::from_secs(20)).await.context("elect a leader")?;
+        let cluster = Cluster::start(nodes, RaftTimings::default())
+            .await
+            .context("start cluster")?;
+        let leader = cluster
+            .wait_leader(Duration::from_secs(20))
+            .await
+            .context("elect a leader")?;
         // Followers join as learners and are promoted by membership changes; wait until every
         // node applied the same index so the measurement starts on a settled cluster.
-        cluster.wait_converged(Duration::from_secs(20)).await.context("converge")?;
+        cluster
+            .wait_converged(Duration::from_secs(20))
+            .await
+            .context("converge")?;
         let proposer = cluster.nodes[&leader].proposer();
-        let voters = cluster.nodes[&leader].raft().metrics().borrow_watched().membership_config.membership().voter_ids().count();
-        anyhow::ensure!(voters as u64 == nodes, "cluster has {voters} voters, expected {nodes}");
-        Ok(BenchCluster { cluster, leader, proposer })
+        let voters = cluster.nodes[&leader]
+            .raft()
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count();
+        anyhow::ensure!(
+            voters as u64 == nodes,
+            "cluster has {voters} voters, expected {nodes}"
+        );
+        Ok(BenchCluster {
+            cluster,
+            leader,
+            proposer,
+        })
     }
 
     /// Stops every node.
@@ -76,7 +102,12 @@ impl RunResult {
 /// Runs `total` proposals split across `tasks` concurrent tokio tasks, each task proposing one
 /// command at a time (a proposal returns once committed on a majority and applied). With
 /// `record`, keeps every proposal's latency. Fails on the first refused or failed proposal.
-pub async fn run_commits(proposer: &Proposer, total: u64, tasks: u64, record: bool) -> Result<RunResult> {
+pub async fn run_commits(
+    proposer: &Proposer,
+    total: u64,
+    tasks: u64,
+    record: bool,
+) -> Result<RunResult> {
     let tasks = tasks.clamp(1, total.max(1));
     let started = Instant::now();
     let mut handles = Vec::with_capacity(tasks as usize);
@@ -89,7 +120,9 @@ pub async fn run_commits(proposer: &Proposer, total: u64, tasks: u64, record: bo
             for _ in 0..share {
                 let cmd = add_device_command();
                 let t0 = Instant::now();
-                p.propose(cmd).await.map_err(|e| anyhow::anyhow!("proposal failed: {e}"))?;
+                p.propose(cmd)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("proposal failed: {e}"))?;
                 if record {
                     lat.push(t0.elapsed());
                 }
@@ -101,7 +134,11 @@ pub async fn run_commits(proposer: &Proposer, total: u64, tasks: u64, record: bo
     for h in handles {
         latencies.extend(h.await.context("proposer task panicked")??);
     }
-    Ok(RunResult { elapsed: started.elapsed(), commits: total, latencies })
+    Ok(RunResult {
+        elapsed: started.elapsed(),
+        commits: total,
+        latencies,
+    })
 }
 
 /// The `q`-quantile (0 < q <= 1) of sorted samples by the nearest-rank method.
@@ -121,7 +158,11 @@ pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Latency percentiles and throughput of one configuration over several rounds.
@@ -144,7 +185,10 @@ pub struct Summary {
 impl Summary {
     /// Summarises rounds of the same configuration.
     pub fn of(proposers: u64, rounds: &[RunResult]) -> Summary {
-        let mut all: Vec<Duration> = rounds.iter().flat_map(|r| r.latencies.iter().copied()).collect();
+        let mut all: Vec<Duration> = rounds
+            .iter()
+            .flat_map(|r| r.latencies.iter().copied())
+            .collect();
         all.sort_unstable();
         Summary {
             proposers,
@@ -163,7 +207,11 @@ impl Summary {
 
     /// One line: `commit latency 1 proposer: p50 0.9 ms p99 2.1 ms max 5.0 ms; throughput 1100 commits/s`.
     pub fn line(&self) -> String {
-        let who = if self.proposers == 1 { "1 proposer".to_string() } else { format!("{} proposers", self.proposers) };
+        let who = if self.proposers == 1 {
+            "1 proposer".to_string()
+        } else {
+            format!("{} proposers", self.proposers)
+        };
         format!(
             "commit latency {who}: p50 {} p99 {} max {}; throughput {:.0} commits/s (median of {} rounds, {} commits)",
             ms(self.p50),
@@ -189,7 +237,11 @@ pub fn table(rows: &[Summary]) -> String {
         "proposers", "commits", "p50", "p99", "max", "commits/s (med)", "per-round commits/s"
     ));
     for s in rows {
-        let rounds: Vec<String> = s.round_throughputs.iter().map(|t| format!("{t:.0}")).collect();
+        let rounds: Vec<String> = s
+            .round_throughputs
+            .iter()
+            .map(|t| format!("{t:.0}"))
+            .collect();
         out.push_str(&format!(
             "{:<12} {:>8} {:>10} {:>10} {:>10} {:>16.0}  [{}]\n",
             s.proposers,

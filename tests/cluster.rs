@@ -26,15 +26,32 @@ fn timings() -> RaftTimings {
 async fn three_nodes_elect_one_leader_and_agree() -> Result<()> {
     let mut c = Cluster::start(3, timings()).await?;
     let leader = c.wait_leader(T).await?;
-    let leaders: Vec<_> = c.nodes.values().filter(|n| n.raft().is_leader()).map(|n| n.id()).collect();
+    let leaders: Vec<_> = c
+        .nodes
+        .values()
+        .filter(|n| n.raft().is_leader())
+        .map(|n| n.id())
+        .collect();
     assert_eq!(leaders, vec![leader]);
-    let terms: BTreeSet<u64> = c.nodes.values().map(|n| n.raft().metrics().borrow_watched().current_term).collect();
+    let terms: BTreeSet<u64> = c
+        .nodes
+        .values()
+        .map(|n| n.raft().metrics().borrow_watched().current_term)
+        .collect();
     assert_eq!(terms.len(), 1, "nodes disagree on the term: {terms:?}");
     let s = c.admin(2).await?.status().await?;
     assert_eq!(s.leader, Some(leader));
     assert_eq!(s.nodes.len(), 3);
-    assert!(s.nodes.iter().all(|n| n.voter), "all three should be voters: {s:?}");
-    assert!(s.nodes.iter().all(|n| n.roles == vec!["app".to_string(), "ha".to_string()]), "{s:?}");
+    assert!(
+        s.nodes.iter().all(|n| n.voter),
+        "all three should be voters: {s:?}"
+    );
+    assert!(
+        s.nodes
+            .iter()
+            .all(|n| n.roles == vec!["app".to_string(), "ha".to_string()]),
+        "{s:?}"
+    );
     c.stop_all().await;
     Ok(())
 }
@@ -46,14 +63,21 @@ async fn replicates_10k_commands_to_every_node() -> Result<()> {
     let node = &c.nodes[&leader];
     // 10,000 separate commands, 64 in flight at a time.
     let all = devices("r", 10_000);
-    let mut chunks = all.chunks(10_000 / 64 + 1).map(|c| c.to_vec()).collect::<Vec<_>>();
+    let mut chunks = all
+        .chunks(10_000 / 64 + 1)
+        .map(|c| c.to_vec())
+        .collect::<Vec<_>>();
     let mut tasks = Vec::new();
     let propose = Arc::new(node.proposer());
     for chunk in chunks.drain(..) {
         let p = propose.clone();
         tasks.push(tokio::spawn(async move {
             for d in chunk {
-                p.propose(Command::AddDevices { devices: vec![d], at: 1 }).await?;
+                p.propose(Command::AddDevices {
+                    devices: vec![d],
+                    at: 1,
+                })
+                .await?;
             }
             Ok::<_, String>(())
         }));
@@ -70,7 +94,12 @@ async fn replicates_10k_commands_to_every_node() -> Result<()> {
     }
     // And through the admin API of a follower.
     let follower = *c.nodes.keys().find(|k| **k != leader).context("follower")?;
-    match c.admin(follower).await?.call(&AdminRequest::ListDevices).await? {
+    match c
+        .admin(follower)
+        .await?
+        .call(&AdminRequest::ListDevices)
+        .await?
+    {
         AdminReply::Devices(d) => assert_eq!(d.len(), 10_000),
         other => bail!("unexpected {other:?}"),
     }
@@ -83,7 +112,10 @@ async fn full_cluster_restart_resumes_from_disk() -> Result<()> {
     let mut c = Cluster::start(3, timings()).await?;
     let mut admin = c.admin(1).await?;
     for batch in devices("p", 500).chunks(50) {
-        match admin.call_leader(&AdminRequest::AddDevices(batch.to_vec())).await? {
+        match admin
+            .call_leader(&AdminRequest::AddDevices(batch.to_vec()))
+            .await?
+        {
             AdminReply::Applied(_) => {}
             other => bail!("unexpected {other:?}"),
         }
@@ -102,7 +134,10 @@ async fn full_cluster_restart_resumes_from_disk() -> Result<()> {
     .await?;
     // Writable again.
     let mut admin = c.admin(2).await?;
-    match admin.call_leader(&AdminRequest::AddDevices(devices("after", 1))).await? {
+    match admin
+        .call_leader(&AdminRequest::AddDevices(devices("after", 1)))
+        .await?
+    {
         AdminReply::Applied(_) => {}
         other => bail!("unexpected {other:?}"),
     }
@@ -119,30 +154,62 @@ async fn bootstrap_is_refused_on_a_used_data_dir() -> Result<()> {
         Ok(()) => bail!("bootstrap on a used data dir was accepted"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("--bootstrap refused") && err.contains("data_dir"), "{err}");
+    assert!(
+        err.contains("--bootstrap refused") && err.contains("data_dir"),
+        "{err}"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_added_after_snapshot_installs_it() -> Result<()> {
-    let t = RaftTimings { snapshot_after_logs: 200, logs_kept_after_snapshot: 10, ..timings() };
+    let t = RaftTimings {
+        snapshot_after_logs: 200,
+        logs_kept_after_snapshot: 10,
+        ..timings()
+    };
     let mut c = Cluster::start(3, t).await?;
     let leader = c.wait_leader(T).await?;
     let p = c.nodes[&leader].proposer();
     for d in devices("s", 1000) {
-        p.propose(Command::AddDevices { devices: vec![d], at: 1 }).await.map_err(anyhow::Error::msg)?;
+        p.propose(Command::AddDevices {
+            devices: vec![d],
+            at: 1,
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
     }
     c.wait_for(T, "leader purged logs behind a snapshot", |c| {
-        c.nodes[&leader].raft().metrics().borrow_watched().purged.is_some()
+        c.nodes[&leader]
+            .raft()
+            .metrics()
+            .borrow_watched()
+            .purged
+            .is_some()
     })
     .await?;
-    let purged = c.nodes[&leader].raft().metrics().borrow_watched().purged.map(|l| l.index).context("purged")?;
+    let purged = c.nodes[&leader]
+        .raft()
+        .metrics()
+        .borrow_watched()
+        .purged
+        .map(|l| l.index)
+        .context("purged")?;
     c.start_node(4, false).await?;
     c.add_node(4).await?;
     c.wait_converged(T).await?;
     // Entries up to `purged` no longer exist as log: node 4 can only have them from the snapshot.
-    let snap = c.nodes[&4].raft().metrics().borrow_watched().snapshot.map(|l| l.index).context("node 4 has no snapshot")?;
-    assert!(snap >= purged, "node 4 snapshot {snap} < leader purged {purged}");
+    let snap = c.nodes[&4]
+        .raft()
+        .metrics()
+        .borrow_watched()
+        .snapshot
+        .map(|l| l.index)
+        .context("node 4 has no snapshot")?;
+    assert!(
+        snap >= purged,
+        "node 4 snapshot {snap} < leader purged {purged}"
+    );
     assert_eq!(c.fabric_of(4), c.fabric_of(leader));
     assert_eq!(c.fabric_of(4).map(|f| f.devices.len()), Some(1000));
     c.stop_all().await;
@@ -157,15 +224,28 @@ async fn remove_node_and_transfer_leadership() -> Result<()> {
 
     // Transfer to a follower.
     let to = *c.nodes.keys().find(|k| **k != leader).context("follower")?;
-    match admin.call_leader(&AdminRequest::TransferLeader(format!("n{to}"))).await? {
+    match admin
+        .call_leader(&AdminRequest::TransferLeader(format!("n{to}")))
+        .await?
+    {
         AdminReply::Done => {}
         other => bail!("transfer: {other:?}"),
     }
-    c.wait_for(T, "all nodes follow the new leader", |c| c.agreed_leader() == Some(to)).await?;
+    c.wait_for(T, "all nodes follow the new leader", |c| {
+        c.agreed_leader() == Some(to)
+    })
+    .await?;
 
     // Remove the third node by name.
-    let victim = *c.nodes.keys().find(|k| **k != leader && **k != to).context("third node")?;
-    match admin.call_leader(&AdminRequest::RemoveNode(format!("n{victim}"))).await? {
+    let victim = *c
+        .nodes
+        .keys()
+        .find(|k| **k != leader && **k != to)
+        .context("third node")?;
+    match admin
+        .call_leader(&AdminRequest::RemoveNode(format!("n{victim}")))
+        .await?
+    {
         AdminReply::Done => {}
         other => bail!("remove: {other:?}"),
     }
@@ -174,14 +254,23 @@ async fn remove_node_and_transfer_leadership() -> Result<()> {
     let ids: BTreeSet<u64> = s.nodes.iter().map(|n| n.id).collect();
     assert!(!ids.contains(&victim), "removed node still listed: {s:?}");
     assert_eq!(ids.len(), 2);
-    assert!(c.fabric_of(to).is_some_and(|f| !f.nodes.contains_key(&victim)));
+    assert!(
+        c.fabric_of(to)
+            .is_some_and(|f| !f.nodes.contains_key(&victim))
+    );
     // The two remaining nodes still commit.
-    match admin.call_leader(&AdminRequest::AddDevices(devices("rm", 3))).await? {
+    match admin
+        .call_leader(&AdminRequest::AddDevices(devices("rm", 3)))
+        .await?
+    {
         AdminReply::Applied(_) => {}
         other => bail!("write after remove: {other:?}"),
     }
     // Unknown targets are refused with a clear message.
-    match admin.call_leader(&AdminRequest::TransferLeader("n42".into())).await? {
+    match admin
+        .call_leader(&AdminRequest::TransferLeader("n42".into()))
+        .await?
+    {
         AdminReply::Failed(e) => assert!(e.contains("n42"), "{e}"),
         other => bail!("transfer to unknown node: {other:?}"),
     }
@@ -191,7 +280,12 @@ async fn remove_node_and_transfer_leadership() -> Result<()> {
 }
 
 /// A QUIC client endpoint presenting the given certificate.
-fn client(pki_dir: &std::path::Path, ca_dir: &std::path::Path, cert: &str, alpn: &[u8]) -> Result<(quinn::Endpoint, quinn::ClientConfig)> {
+fn client(
+    pki_dir: &std::path::Path,
+    ca_dir: &std::path::Path,
+    cert: &str,
+    alpn: &[u8],
+) -> Result<(quinn::Endpoint, quinn::ClientConfig)> {
     let m = TlsMaterial::load(&TlsPaths {
         ca: ca_dir.join("ca.pem"),
         cert: pki_dir.join(format!("{cert}.pem")),
@@ -213,7 +307,9 @@ async fn foreign_ca_and_lying_peers_are_refused() -> Result<()> {
     pki::init_ca(&foreign)?;
     pki::issue(&foreign, "n2", false)?;
     let (ep, cfg) = client(&foreign, &foreign, "n2", ALPN_RAFT)?;
-    let conn = ep.connect_with(cfg, addr, &format!("n1.{NODE_DOMAIN}"))?.await;
+    let conn = ep
+        .connect_with(cfg, addr, &format!("n1.{NODE_DOMAIN}"))?
+        .await;
     let refused = match conn {
         Err(_) => true,
         // TLS 1.3: the client may finish before the server rejects its certificate.
@@ -232,19 +328,36 @@ async fn foreign_ca_and_lying_peers_are_refused() -> Result<()> {
     let pki_dir = c.pki_dir();
     let (ep, cfg) = client(&pki_dir, &pki_dir, "n4", ALPN_RAFT)?;
     let net = QuicNetwork::new(2, ep.clone(), cfg);
-    let n1 = Member { name: "n1".into(), addr: addr.to_string() };
+    let n1 = Member {
+        name: "n1".into(),
+        addr: addr.to_string(),
+    };
     let vote = c.nodes[&1].raft().metrics().borrow_watched().vote;
     let mut fake = vote;
     fake.leader_id.node_id = 2;
     fake.leader_id.term += 5;
     let req = openraft::raft::VoteRequest::<spaced_raft::TypeConfig>::new(fake, None);
-    let err = net.call(1, &n1, RaftRpc::Vote(req), Duration::from_secs(3)).await.expect_err("lying vote accepted");
+    let err = net
+        .call(1, &n1, RaftRpc::Vote(req), Duration::from_secs(3))
+        .await
+        .expect_err("lying vote accepted");
     assert!(err.contains("certificate names \"n4\""), "{err}");
     // The lie taints every request from that claim, even harmless ones...
-    assert!(net.call(1, &n1, RaftRpc::Describe, Duration::from_secs(3)).await.is_err());
+    assert!(
+        net.call(1, &n1, RaftRpc::Describe, Duration::from_secs(3))
+            .await
+            .is_err()
+    );
     // ...while the same certificate, honest about its id, is served.
-    let honest = QuicNetwork::new(4, ep.clone(), client(&pki_dir, &pki_dir, "n4", ALPN_RAFT)?.1);
-    match honest.call(1, &n1, RaftRpc::Describe, Duration::from_secs(3)).await {
+    let honest = QuicNetwork::new(
+        4,
+        ep.clone(),
+        client(&pki_dir, &pki_dir, "n4", ALPN_RAFT)?.1,
+    );
+    match honest
+        .call(1, &n1, RaftRpc::Describe, Duration::from_secs(3))
+        .await
+    {
         Ok(RaftReply::Describe(d)) => assert_eq!(d.name, "n1"),
         other => bail!("describe: {other:?}"),
     }
@@ -259,11 +372,20 @@ async fn foreign_ca_and_lying_peers_are_refused() -> Result<()> {
         Ok::<_, anyhow::Error>(r.read_to_end(1 << 20).await?)
     }
     .await;
-    assert!(res.is_err(), "node certificate was accepted for admin requests");
+    assert!(
+        res.is_err(),
+        "node certificate was accepted for admin requests"
+    );
 
     // The cluster is unharmed: same leader, still committing.
     assert_eq!(c.wait_leader(T).await?, leader);
-    c.nodes[&leader].propose(Command::AddDevices { devices: devices("ok", 1), at: 1 }).await.map_err(anyhow::Error::msg)?;
+    c.nodes[&leader]
+        .propose(Command::AddDevices {
+            devices: devices("ok", 1),
+            at: 1,
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
     c.stop_all().await;
     Ok(())
 }
@@ -275,35 +397,59 @@ async fn oversized_and_garbage_frames_close_only_that_stream() -> Result<()> {
     let addr = c.nodes[&1].listen_addr();
     let pki_dir = c.pki_dir();
     let (ep, cfg) = client(&pki_dir, &pki_dir, "n5", ALPN_RAFT)?;
-    let conn = ep.connect_with(cfg, addr, &format!("n1.{NODE_DOMAIN}"))?.await?;
+    let conn = ep
+        .connect_with(cfg, addr, &format!("n1.{NODE_DOMAIN}"))?
+        .await?;
 
     // 1 GiB announced: the node must refuse without waiting for (or allocating) the bytes.
     let (mut s, mut r) = conn.open_bi().await?;
     s.write_all(&(1u32 << 30).to_be_bytes()).await?;
-    let got = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(1024)).await.context("stream left hanging")?;
-    assert!(got.is_err() || got.is_ok_and(|b| b.is_empty()), "oversized frame got a reply");
+    let got = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(1024))
+        .await
+        .context("stream left hanging")?;
+    assert!(
+        got.is_err() || got.is_ok_and(|b| b.is_empty()),
+        "oversized frame got a reply"
+    );
 
     // Garbage that is not a request.
     let (mut s, mut r) = conn.open_bi().await?;
-    s.write_all(&[0, 0, 0, 8, 0xff, 0xfe, 0xfd, 0xfc, 0xfb, 0xfa, 0xf9, 0xf8]).await?;
+    s.write_all(&[0, 0, 0, 8, 0xff, 0xfe, 0xfd, 0xfc, 0xfb, 0xfa, 0xf9, 0xf8])
+        .await?;
     s.finish()?;
-    let got = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(1024)).await.context("stream left hanging")?;
-    assert!(got.is_err() || got.is_ok_and(|b| b.is_empty()), "garbage frame got a reply");
+    let got = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(1024))
+        .await
+        .context("stream left hanging")?;
+    assert!(
+        got.is_err() || got.is_ok_and(|b| b.is_empty()),
+        "garbage frame got a reply"
+    );
 
     // The same connection still serves a proper request.
     let (mut s, mut r) = conn.open_bi().await?;
-    let req = spaced_raft::network::RaftRequest { from: 5, rpc: RaftRpc::Describe };
+    let req = spaced_raft::network::RaftRequest {
+        from: 5,
+        rpc: RaftRpc::Describe,
+    };
     let bytes = spaced_raft::codec::encode(&req)?;
     spaced_raft::frame::write_frame(&mut s, &bytes).await?;
     s.finish()?;
-    let reply = spaced_raft::frame::read_frame(&mut r, 1 << 20).await?.context("no reply")?;
+    let reply = spaced_raft::frame::read_frame(&mut r, 1 << 20)
+        .await?
+        .context("no reply")?;
     let reply: spaced_raft::network::WireReply = spaced_raft::codec::decode(&reply)?;
     assert!(matches!(reply, Ok(RaftReply::Describe(_))), "{reply:?}");
 
     // Garbage on the admin protocol gets an error reply, not a crash.
     let mut admin = c.admin(1).await?;
     assert!(admin.status().await.is_ok());
-    c.nodes[&leader].propose(Command::AddDevices { devices: devices("g", 1), at: 1 }).await.map_err(anyhow::Error::msg)?;
+    c.nodes[&leader]
+        .propose(Command::AddDevices {
+            devices: devices("g", 1),
+            at: 1,
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
     admin.close().await;
     c.stop_all().await;
     Ok(())
@@ -314,7 +460,10 @@ async fn invalid_commands_are_refused_and_change_nothing() -> Result<()> {
     let mut c = Cluster::start(3, timings()).await?;
     c.wait_leader(T).await?;
     let mut admin = c.admin(3).await?;
-    match admin.call_leader(&AdminRequest::AddDevices(devices("x", 5))).await? {
+    match admin
+        .call_leader(&AdminRequest::AddDevices(devices("x", 5)))
+        .await?
+    {
         AdminReply::Applied(_) => {}
         other => bail!("{other:?}"),
     }

@@ -27,12 +27,18 @@ pub fn init_logging() {
 
 /// A free UDP port on loopback.
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(0)
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
 }
 
 /// A free TCP port on loopback.
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(0)
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
 }
 
 /// Creates a CA, an admin cert `admin-test` and node certs `n1..=nodes` in `dir`.
@@ -52,7 +58,9 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) ->
         node_id: id,
         name: name.clone(),
         data_dir: dir.join(format!("data-{name}")),
-        listen: format!("127.0.0.1:{}", free_udp_port()).parse().expect("loopback address"),
+        listen: format!("127.0.0.1:{}", free_udp_port())
+            .parse()
+            .expect("loopback address"),
         metrics: None,
         roles: vec!["ha".into(), "app".into()],
         tls: TlsSection {
@@ -99,7 +107,12 @@ impl Cluster {
         init_logging();
         let dir = tempfile::Builder::new().prefix("spaced-test-").tempdir()?;
         make_pki(&dir.path().join("pki"), max_nodes)?;
-        Ok(Cluster { dir, nodes: BTreeMap::new(), configs: BTreeMap::new(), timings })
+        Ok(Cluster {
+            dir,
+            nodes: BTreeMap::new(),
+            configs: BTreeMap::new(),
+            timings,
+        })
     }
 
     /// Bootstraps node 1 and adds nodes 2..=n through the admin API.
@@ -124,7 +137,9 @@ impl Cluster {
             None => node_config(self.dir.path(), &self.pki_dir(), id, self.timings.clone()),
         };
         // A restarted node may find its UDP port taken by then; retry on a new one.
-        let node = Node::start(cfg.clone(), bootstrap).await.map_err(|e| anyhow::anyhow!("start node {id}: {e}"))?;
+        let node = Node::start(cfg.clone(), bootstrap)
+            .await
+            .map_err(|e| anyhow::anyhow!("start node {id}: {e}"))?;
         self.configs.insert(id, cfg);
         self.nodes.insert(id, node);
         Ok(())
@@ -152,16 +167,30 @@ impl Cluster {
 
     /// An admin client connected to node `id`.
     pub async fn admin(&self, id: NodeId) -> Result<AdminClient> {
-        let addr = self.nodes.get(&id).context("no such running node")?.listen_addr().to_string();
+        let addr = self
+            .nodes
+            .get(&id)
+            .context("no such running node")?
+            .listen_addr()
+            .to_string();
         Ok(AdminClient::connect(&addr, &self.credentials()?).await?)
     }
 
     /// Adds a started node to the cluster via any running node.
     pub async fn add_node(&self, id: NodeId) -> Result<bool> {
-        let via = *self.nodes.keys().find(|k| **k != id).context("no node to add through")?;
+        let via = *self
+            .nodes
+            .keys()
+            .find(|k| **k != id)
+            .context("no node to add through")?;
         let mut admin = self.admin(via).await?;
         let node = self.nodes.get(&id).context("node not started")?;
-        let req = AdminRequest::AddNode { id, name: format!("n{id}"), addr: node.listen_addr().to_string(), roles: None };
+        let req = AdminRequest::AddNode {
+            id,
+            name: format!("n{id}"),
+            addr: node.listen_addr().to_string(),
+            roles: None,
+        };
         match admin.call_leader(&req).await? {
             AdminReply::NodeAdded { voter } => Ok(voter),
             other => bail!("add node {id}: {other:?}"),
@@ -203,7 +232,12 @@ impl Cluster {
     }
 
     /// Polls `cond` until true or `within` passes.
-    pub async fn wait_for(&self, within: Duration, what: &str, cond: impl Fn(&Cluster) -> bool) -> Result<()> {
+    pub async fn wait_for(
+        &self,
+        within: Duration,
+        what: &str,
+        cond: impl Fn(&Cluster) -> bool,
+    ) -> Result<()> {
         let deadline = Instant::now() + within;
         while !cond(self) {
             if Instant::now() > deadline {
@@ -218,7 +252,11 @@ impl Cluster {
     pub async fn wait_converged(&self, within: Duration) -> Result<u64> {
         let deadline = Instant::now() + within;
         loop {
-            let applied: Vec<Option<u64>> = self.nodes.values().map(|n| n.fabric().last_applied_index()).collect();
+            let applied: Vec<Option<u64>> = self
+                .nodes
+                .values()
+                .map(|n| n.fabric().last_applied_index())
+                .collect();
             if let Some(Some(first)) = applied.first()
                 && applied.iter().all(|a| *a == Some(*first))
             {
@@ -237,10 +275,16 @@ impl Cluster {
 pub fn binary(name: &str) -> Result<PathBuf> {
     // Test executables live in target/<profile>/deps; binaries in target/<profile>.
     let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(|p| p.parent()).context("locate target dir")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .context("locate target dir")?;
     let path = profile_dir.join(name);
     if !path.exists() {
-        bail!("binary {} not found: run the tests with `cargo test --workspace` (or `cargo build -p spaced-node` first)", path.display());
+        bail!(
+            "binary {} not found: run the tests with `cargo test --workspace` (or `cargo build -p spaced-node` first)",
+            path.display()
+        );
     }
     Ok(path)
 }

@@ -25,8 +25,16 @@ impl Proc {
         if bootstrap {
             cmd.arg("--bootstrap");
         }
-        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
-        Ok(Proc { child: Some(child), config: config.to_path_buf(), addr: addr.to_string() })
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        Ok(Proc {
+            child: Some(child),
+            config: config.to_path_buf(),
+            addr: addr.to_string(),
+        })
     }
 
     fn signal(&mut self, sig: nix::sys::signal::Signal) -> Result<()> {
@@ -83,32 +91,67 @@ impl Lab {
     fn ctl_ok(&self, endpoint: &str, args: &[&str]) -> Result<String> {
         let out = self.ctl(endpoint, args)?;
         if !out.status.success() {
-            bail!("spacectl {args:?} failed ({:?}): {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "spacectl {args:?} failed ({:?}): {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8(out.stdout)?)
     }
 
     fn status(&self, endpoint: &str) -> Result<Value> {
-        Ok(serde_json::from_str(&self.ctl_ok(endpoint, &["status", "--json"])?)?)
+        Ok(serde_json::from_str(
+            &self.ctl_ok(endpoint, &["status", "--json"])?,
+        )?)
     }
 
     /// Starts n1 (bootstrap) .. n3 and joins n2, n3 with `spacectl node add`.
     fn start3() -> Result<Lab> {
         let dir = tempfile::Builder::new().prefix("spaced-proc-").tempdir()?;
         make_pki(&dir.path().join("pki"), 3)?;
-        let mut lab = Lab { dir, procs: Vec::new() };
+        let mut lab = Lab {
+            dir,
+            procs: Vec::new(),
+        };
         for id in 1..=3u64 {
             let roles: &[&str] = if id == 3 { &["app"] } else { &["ha", "app"] };
             let (config, listen) = write_node_config(lab.dir.path(), &lab.pki(), id, roles)?;
-            lab.procs.push(Proc::start(lab.dir.path(), &config, &listen.to_string(), id == 1)?);
+            lab.procs.push(Proc::start(
+                lab.dir.path(),
+                &config,
+                &listen.to_string(),
+                id == 1,
+            )?);
         }
         let n1 = lab.procs[0].addr.clone();
-        wait_until(Duration::from_secs(20), "n1 leads and is registered", || {
-            Ok(lab.status(&n1).is_ok_and(|s| s["leader"] == 1 && s["nodes"][0]["roles"].as_array().is_some_and(|r| !r.is_empty())))
-        })?;
+        wait_until(
+            Duration::from_secs(20),
+            "n1 leads and is registered",
+            || {
+                Ok(lab.status(&n1).is_ok_and(|s| {
+                    s["leader"] == 1
+                        && s["nodes"][0]["roles"]
+                            .as_array()
+                            .is_some_and(|r| !r.is_empty())
+                }))
+            },
+        )?;
         for id in 2..=3 {
             let addr = lab.procs[id - 1].addr.clone();
-            lab.ctl_ok(&n1, &["node", "add", "--id", &id.to_string(), "--name", &format!("n{id}"), "--addr", &addr])?;
+            lab.ctl_ok(
+                &n1,
+                &[
+                    "node",
+                    "add",
+                    "--id",
+                    &id.to_string(),
+                    "--name",
+                    &format!("n{id}"),
+                    "--addr",
+                    &addr,
+                ],
+            )?;
         }
         Ok(lab)
     }
@@ -145,30 +188,57 @@ fn sigkill_of_the_leader_loses_no_committed_command() -> Result<()> {
     std::fs::write(&file, csv)?;
     lab.ctl_ok(&n1, &["device", "import", file.to_str().context("path")?])?;
     for i in 0..20 {
-        lab.ctl_ok(&n1, &["device", "add", "--id", &format!("one-{i}"), "--addr", "10.8.0.1"])?;
+        lab.ctl_ok(
+            &n1,
+            &[
+                "device",
+                "add",
+                "--id",
+                &format!("one-{i}"),
+                "--addr",
+                "10.8.0.1",
+            ],
+        )?;
     }
 
     let s = lab.status(&n1)?;
     let leader = s["leader"].as_u64().context("leader")? as usize;
     lab.procs[leader - 1].signal(nix::sys::signal::Signal::SIGKILL)?;
     lab.procs[leader - 1].wait(Duration::from_secs(5))?;
-    let survivors: Vec<String> =
-        (1..=3).filter(|i| *i != leader).map(|i| lab.procs[i - 1].addr.clone()).collect();
+    let survivors: Vec<String> = (1..=3)
+        .filter(|i| *i != leader)
+        .map(|i| lab.procs[i - 1].addr.clone())
+        .collect();
 
-    wait_until(Duration::from_secs(20), "a new leader among the survivors", || {
-        Ok(lab.status(&survivors[0]).is_ok_and(|s| s["leader"].as_u64().is_some_and(|l| l as usize != leader)))
-    })?;
+    wait_until(
+        Duration::from_secs(20),
+        "a new leader among the survivors",
+        || {
+            Ok(lab
+                .status(&survivors[0])
+                .is_ok_and(|s| s["leader"].as_u64().is_some_and(|l| l as usize != leader)))
+        },
+    )?;
     // A write goes through the new leader, and nothing acknowledged before the kill is gone.
-    lab.ctl_ok(&survivors[1], &["device", "add", "--id", "after-kill", "--addr", "10.9.0.1"])?;
+    lab.ctl_ok(
+        &survivors[1],
+        &["device", "add", "--id", "after-kill", "--addr", "10.9.0.1"],
+    )?;
     for s in &survivors {
-        wait_until(Duration::from_secs(10), "survivor applied everything", || Ok(device_count(&lab, s)? == 321))?;
+        wait_until(
+            Duration::from_secs(10),
+            "survivor applied everything",
+            || Ok(device_count(&lab, s)? == 321),
+        )?;
     }
 
     // The killed node restarts from its data dir and catches up.
     let config = lab.procs[leader - 1].config.clone();
     let addr = lab.procs[leader - 1].addr.clone();
     lab.procs[leader - 1] = Proc::start(lab.dir.path(), &config, &addr, false)?;
-    wait_until(Duration::from_secs(20), "restarted node caught up", || Ok(device_count(&lab, &addr).unwrap_or(0) == 321))?;
+    wait_until(Duration::from_secs(20), "restarted node caught up", || {
+        Ok(device_count(&lab, &addr).unwrap_or(0) == 321)
+    })?;
     let s = lab.status(&addr)?;
     assert_eq!(s["nodes"].as_array().map(|n| n.len()), Some(3), "{s}");
     Ok(())
@@ -181,7 +251,10 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
 
     // Status from a follower: the leader's view (last contacts) with the documented fields.
     let s = lab.status(&n2)?;
-    assert!(s["leader"].as_u64().is_some() && s["term"].as_u64().is_some(), "{s}");
+    assert!(
+        s["leader"].as_u64().is_some() && s["term"].as_u64().is_some(),
+        "{s}"
+    );
     let nodes = s["nodes"].as_array().context("nodes")?;
     assert_eq!(nodes.len(), 3);
     for n in nodes {
@@ -191,9 +264,19 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
         assert_eq!(n["voter"], true);
     }
     let n3 = nodes.iter().find(|n| n["name"] == "n3").context("n3")?;
-    assert_eq!(n3["roles"], serde_json::json!(["app"]), "roles come from the node's own config");
+    assert_eq!(
+        n3["roles"],
+        serde_json::json!(["app"]),
+        "roles come from the node's own config"
+    );
     let table = lab.ctl_ok(&n2, &["status"])?;
-    assert!(table.lines().nth(2).is_some_and(|l| l.starts_with("ID") && l.contains("LAST CONTACT")), "{table}");
+    assert!(
+        table
+            .lines()
+            .nth(2)
+            .is_some_and(|l| l.starts_with("ID") && l.contains("LAST CONTACT")),
+        "{table}"
+    );
 
     // Import: one bad line → nothing imported, exit 1, line numbers named.
     let bad = lab.dir.path().join("bad.csv");
@@ -201,14 +284,27 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     let out = lab.ctl(&n2, &["device", "import", bad.to_str().context("path")?])?;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 3") && err.contains("line 4") && err.contains("nothing imported"), "{err}");
+    assert!(
+        err.contains("line 3") && err.contains("line 4") && err.contains("nothing imported"),
+        "{err}"
+    );
     assert_eq!(device_count(&lab, &n2)?, 0);
 
     // Good import of 5,000 through a follower (redirected to the leader).
     let good = lab.dir.path().join("good.csv");
     let mut csv = String::from("# managed devices\n");
     for i in 0..5000 {
-        csv.push_str(&format!("dev-{i},10.{}.{}.{}:830,{}\n", i / 65536, (i / 256) % 256, i % 256, if i % 2 == 0 { "space-initiated" } else { "device-initiated" }));
+        csv.push_str(&format!(
+            "dev-{i},10.{}.{}.{}:830,{}\n",
+            i / 65536,
+            (i / 256) % 256,
+            i % 256,
+            if i % 2 == 0 {
+                "space-initiated"
+            } else {
+                "device-initiated"
+            }
+        ));
     }
     std::fs::write(&good, csv)?;
     lab.ctl_ok(&n2, &["device", "import", good.to_str().context("path")?])?;
@@ -226,7 +322,13 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     let to = if leader == 2 { "n3" } else { "n2" };
     lab.ctl_ok(&n2, &["leader", "transfer", "--to", to])?;
     let s = lab.status(&n2)?;
-    assert_eq!(s["nodes"].as_array().and_then(|n| n.iter().find(|n| n["name"] == to)).map(|n| n["id"].clone()), Some(s["leader"].clone()));
+    assert_eq!(
+        s["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["name"] == to))
+            .map(|n| n["id"].clone()),
+        Some(s["leader"].clone())
+    );
 
     // Node list and removal.
     let list: Value = serde_json::from_str(&lab.ctl_ok(&n2, &["node", "list", "--json"])?)?;
@@ -243,25 +345,46 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     let cfg = spaced_node::config::NodeConfig::load(&lab.procs[1].config)?;
     let metrics = cfg.metrics.context("demo configs enable metrics")?;
     let body = http_get(metrics, "/metrics")?;
-    for name in ["spaced_raft_term", "spaced_raft_leader_id", "spaced_raft_last_applied"] {
+    for name in [
+        "spaced_raft_term",
+        "spaced_raft_leader_id",
+        "spaced_raft_last_applied",
+    ] {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
     }
     let leader_id = lab.status(&n2)?["leader"].as_u64().context("leader")?;
-    let leader_cfg = spaced_node::config::NodeConfig::load(&lab.procs[leader_id as usize - 1].config)?;
+    let leader_cfg =
+        spaced_node::config::NodeConfig::load(&lab.procs[leader_id as usize - 1].config)?;
     let body = http_get(leader_cfg.metrics.context("metrics")?, "/metrics")?;
-    assert!(body.contains("spaced_peer_last_contact_seconds{peer="), "leader /metrics lacks peer contact:\n{body}");
-    assert!(body.contains("spaced_commit_latency_seconds_bucket"), "leader has no commit latency histogram:\n{body}");
+    assert!(
+        body.contains("spaced_peer_last_contact_seconds{peer="),
+        "leader /metrics lacks peer contact:\n{body}"
+    );
+    assert!(
+        body.contains("spaced_commit_latency_seconds_bucket"),
+        "leader has no commit latency histogram:\n{body}"
+    );
     let health = http_get(metrics, "/healthz")?;
-    assert!(health.starts_with("HTTP/1.1 200") && health.contains("ok:"), "{health}");
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.contains("ok:"),
+        "{health}"
+    );
 
     // An unreachable endpoint fails within a few seconds, naming it.
     let dead = format!("127.0.0.1:{}", spaced_tests::free_udp_port());
     let t = Instant::now();
     let out = lab.ctl(&dead, &["status"])?;
     assert_eq!(out.status.code(), Some(1));
-    assert!(t.elapsed() < Duration::from_secs(6), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        t.elapsed()
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&dead) && err.trim().lines().count() == 1, "{err}");
+    assert!(
+        err.contains(&dead) && err.trim().lines().count() == 1,
+        "{err}"
+    );
     Ok(())
 }
 
@@ -272,7 +395,10 @@ fn port_in_use_and_bootstrap_on_used_dir_exit_2() -> Result<()> {
     make_pki(&pki, 1)?;
     let (config, listen) = write_node_config(dir.path(), &pki, 1, &["ha"])?;
     let _hold = std::net::UdpSocket::bind(listen)?;
-    let out = Command::new(binary("spaced")?).args(["run", "--bootstrap", "--config"]).arg(&config).output()?;
+    let out = Command::new(binary("spaced")?)
+        .args(["run", "--bootstrap", "--config"])
+        .arg(&config)
+        .output()?;
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("n1.toml") && err.contains("`listen`"), "{err}");
@@ -282,8 +408,14 @@ fn port_in_use_and_bootstrap_on_used_dir_exit_2() -> Result<()> {
     let mut p = Proc::start(dir.path(), &config, &listen.to_string(), true)?;
     std::thread::sleep(Duration::from_millis(500));
     p.signal(nix::sys::signal::Signal::SIGTERM)?;
-    assert!(p.wait(Duration::from_secs(10))?.success(), "SIGTERM should stop spaced cleanly");
-    let out = Command::new(binary("spaced")?).args(["run", "--bootstrap", "--config"]).arg(&config).output()?;
+    assert!(
+        p.wait(Duration::from_secs(10))?.success(),
+        "SIGTERM should stop spaced cleanly"
+    );
+    let out = Command::new(binary("spaced")?)
+        .args(["run", "--bootstrap", "--config"])
+        .arg(&config)
+        .output()?;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--bootstrap refused"));
     Ok(())
@@ -291,10 +423,20 @@ fn port_in_use_and_bootstrap_on_used_dir_exit_2() -> Result<()> {
 
 #[test]
 fn demo_runs_to_completion() -> Result<()> {
-    let out = Command::new(binary("spaced")?).arg("demo").stdin(Stdio::null()).output()?;
+    let out = Command::new(binary("spaced")?)
+        .arg("demo")
+        .stdin(Stdio::null())
+        .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("all 1000 devices are still registered"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("all 1000 devices are still registered"),
+        "{stdout}"
+    );
     assert!(stdout.contains("serving writes"), "{stdout}");
     Ok(())
 }

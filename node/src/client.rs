@@ -61,15 +61,21 @@ impl AdminCredentials {
     /// Loads `ca.pem` and an admin certificate from `dir`: `admin-<name>.pem` for `name`, or
     /// the only (else the first, by name) `admin-*.pem` there.
     pub fn load(dir: &Path, name: Option<&str>) -> Result<Self, ClientError> {
-        let err = |problem: String| ClientError::Pki { dir: dir.display().to_string(), problem };
+        let err = |problem: String| ClientError::Pki {
+            dir: dir.display().to_string(),
+            problem,
+        };
         let cert = match name {
             Some(n) => dir.join(format!("admin-{n}.pem")),
             None => {
-                let rd = std::fs::read_dir(dir).map_err(|e| err(format!("cannot read directory: {e}")))?;
+                let rd = std::fs::read_dir(dir)
+                    .map_err(|e| err(format!("cannot read directory: {e}")))?;
                 let mut certs: Vec<PathBuf> = rd
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|p| {
-                        p.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with("admin-") && f.ends_with(".pem"))
+                        p.file_name()
+                            .and_then(|f| f.to_str())
+                            .is_some_and(|f| f.starts_with("admin-") && f.ends_with(".pem"))
                     })
                     .collect();
                 certs.sort();
@@ -79,7 +85,12 @@ impl AdminCredentials {
             }
         };
         let key = cert.with_extension("key");
-        let material = TlsMaterial::load(&TlsPaths { ca: dir.join("ca.pem"), cert, key }).map_err(|e| err(e.to_string()))?;
+        let material = TlsMaterial::load(&TlsPaths {
+            ca: dir.join("ca.pem"),
+            cert,
+            key,
+        })
+        .map_err(|e| err(e.to_string()))?;
         Ok(AdminCredentials { material })
     }
 }
@@ -113,13 +124,21 @@ async fn dial(
     target: &str,
     within: Duration,
 ) -> Result<quinn::Connection, ClientError> {
-    let unreachable = |problem: String| ClientError::Unreachable { endpoint: target.to_string(), problem };
+    let unreachable = |problem: String| ClientError::Unreachable {
+        endpoint: target.to_string(),
+        problem,
+    };
     let addr = resolve(target).await.map_err(unreachable)?;
-    let connecting = endpoint.connect_with(config.clone(), addr, NODE_DOMAIN).map_err(|e| unreachable(e.to_string()))?;
+    let connecting = endpoint
+        .connect_with(config.clone(), addr, NODE_DOMAIN)
+        .map_err(|e| unreachable(e.to_string()))?;
     match tokio::time::timeout(within, connecting).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(unreachable(e.to_string())),
-        Err(_) => Err(unreachable(format!("no answer within {} ms", within.as_millis()))),
+        Err(_) => Err(unreachable(format!(
+            "no answer within {} ms",
+            within.as_millis()
+        ))),
     }
 }
 
@@ -131,13 +150,23 @@ impl AdminClient {
             .client_config(ALPN_ADMIN, crate::daemon::transport_config())
             .map_err(|e| ClientError::Failed(e.to_string()))?;
         let bind: SocketAddr = if resolve(target).await.is_ok_and(|a| a.is_ipv6()) {
-            "[::]:0".parse().map_err(|_| ClientError::Failed("bad bind address".into()))?
+            "[::]:0"
+                .parse()
+                .map_err(|_| ClientError::Failed("bad bind address".into()))?
         } else {
-            "0.0.0.0:0".parse().map_err(|_| ClientError::Failed("bad bind address".into()))?
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|_| ClientError::Failed("bad bind address".into()))?
         };
-        let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Failed(format!("local UDP socket: {e}")))?;
+        let endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| ClientError::Failed(format!("local UDP socket: {e}")))?;
         let conn = dial(&endpoint, &config, target, CONNECT_TIMEOUT).await?;
-        Ok(AdminClient { endpoint, config, target: target.to_string(), conn })
+        Ok(AdminClient {
+            endpoint,
+            config,
+            target: target.to_string(),
+            conn,
+        })
     }
 
     /// The endpoint currently talked to.
@@ -148,18 +177,29 @@ impl AdminClient {
     /// One request to the current node, no redirects.
     pub async fn call(&mut self, req: &AdminRequest) -> Result<AdminReply, ClientError> {
         let target = self.target.clone();
-        let broken = |problem: String| ClientError::Unreachable { endpoint: target.clone(), problem };
+        let broken = |problem: String| ClientError::Unreachable {
+            endpoint: target.clone(),
+            problem,
+        };
         let fut = async {
-            let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
+            let (mut send, mut recv) = self
+                .conn
+                .open_bi()
+                .await
+                .map_err(|e| broken(e.to_string()))?;
             let bytes = codec::encode(req).map_err(|e| ClientError::Failed(e.to_string()))?;
-            frame::write_frame(&mut send, &bytes).await.map_err(|e| broken(e.to_string()))?;
+            frame::write_frame(&mut send, &bytes)
+                .await
+                .map_err(|e| broken(e.to_string()))?;
             send.finish().map_err(|e| broken(e.to_string()))?;
             let reply = frame::read_frame(&mut recv, MAX_ADMIN_FRAME)
                 .await
                 .map_err(|e| broken(e.to_string()))?
                 .ok_or_else(|| broken("connection closed without a reply".into()))?;
-            codec::decode::<AdminReply>(&reply)
-                .map_err(|e| ClientError::Protocol { endpoint: target.clone(), problem: e.to_string() })
+            codec::decode::<AdminReply>(&reply).map_err(|e| ClientError::Protocol {
+                endpoint: target.clone(),
+                problem: e.to_string(),
+            })
         };
         match tokio::time::timeout(CALL_TIMEOUT, fut).await {
             Ok(r) => r,
@@ -185,7 +225,9 @@ impl AdminClient {
             let reply = match self.call(req).await {
                 Ok(r) => r,
                 // The node we were redirected to may have died: start over from the origin.
-                Err(ClientError::Unreachable { .. }) if self.target != origin && tokio::time::Instant::now() < deadline => {
+                Err(ClientError::Unreachable { .. })
+                    if self.target != origin && tokio::time::Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     self.redirect(&origin).await?;
                     continue;
@@ -193,7 +235,9 @@ impl AdminClient {
                 Err(e) => return Err(e),
             };
             match reply {
-                AdminReply::NotLeader { addr: Some(addr), .. } if addr != self.target => {
+                AdminReply::NotLeader {
+                    addr: Some(addr), ..
+                } if addr != self.target => {
                     if let Err(e) = self.redirect(&addr).await {
                         // The leader it named may just have died: ask the origin again.
                         if tokio::time::Instant::now() >= deadline {
@@ -206,7 +250,9 @@ impl AdminClient {
                 AdminReply::NotLeader { leader, .. } => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(ClientError::Failed(match leader {
-                            Some(l) => format!("node {l} is leader but not reachable from {}", self.target),
+                            Some(l) => {
+                                format!("node {l} is leader but not reachable from {}", self.target)
+                            }
                             None => format!("no leader elected after {} s", LEADER_WAIT.as_secs()),
                         }));
                     }
@@ -226,7 +272,9 @@ impl AdminClient {
         if first.leader.is_none() || first.leader == Some(first.served_by) {
             return Ok(first);
         }
-        let Some(addr) = first.leader_addr.clone() else { return Ok(first) };
+        let Some(addr) = first.leader_addr.clone() else {
+            return Ok(first);
+        };
         if self.redirect(&addr).await.is_err() {
             return Ok(first);
         }
@@ -247,7 +295,10 @@ impl AdminClient {
 pub fn unexpected(target: &str, reply: &AdminReply) -> ClientError {
     match reply {
         AdminReply::Failed(e) => ClientError::Failed(e.clone()),
-        other => ClientError::Protocol { endpoint: target.to_string(), problem: format!("unexpected reply {other:?}") },
+        other => ClientError::Protocol {
+            endpoint: target.to_string(),
+            problem: format!("unexpected reply {other:?}"),
+        },
     }
 }
 

@@ -172,15 +172,24 @@ pub struct CtlError {
 
 impl From<ClientError> for CtlError {
     fn from(e: ClientError) -> Self {
-        CtlError { message: e.to_string(), code: 1 }
+        CtlError {
+            message: e.to_string(),
+            code: 1,
+        }
     }
 }
 
 fn usage(msg: impl Into<String>) -> CtlError {
-    CtlError { message: msg.into(), code: 2 }
+    CtlError {
+        message: msg.into(),
+        code: 2,
+    }
 }
 fn failed(msg: impl Into<String>) -> CtlError {
-    CtlError { message: msg.into(), code: 1 }
+    CtlError {
+        message: msg.into(),
+        code: 1,
+    }
 }
 
 /// Renders rows as an aligned table with a header.
@@ -232,14 +241,37 @@ pub fn render_status(s: &StatusReport) -> String {
                 n.id.to_string(),
                 n.name.clone(),
                 n.addr.clone(),
-                if n.roles.is_empty() { "-".into() } else { n.roles.join(",") },
-                if Some(n.id) == s.leader { "leader".into() } else if n.voter { "voter".into() } else { "learner".into() },
-                n.last_contact_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "-".into()),
+                if n.roles.is_empty() {
+                    "-".into()
+                } else {
+                    n.roles.join(",")
+                },
+                if Some(n.id) == s.leader {
+                    "leader".into()
+                } else if n.voter {
+                    "voter".into()
+                } else {
+                    "learner".into()
+                },
+                n.last_contact_ms
+                    .map(|ms| format!("{ms} ms"))
+                    .unwrap_or_else(|| "-".into()),
                 n.devices.to_string(),
             ]
         })
         .collect();
-    out.push_str(&table(&["ID", "NAME", "ADDR", "ROLES", "RAFT", "LAST CONTACT", "DEVICES"], &rows));
+    out.push_str(&table(
+        &[
+            "ID",
+            "NAME",
+            "ADDR",
+            "ROLES",
+            "RAFT",
+            "LAST CONTACT",
+            "DEVICES",
+        ],
+        &rows,
+    ));
     out
 }
 
@@ -291,12 +323,19 @@ pub fn parse_import(text: &str) -> Result<Vec<(usize, NewDevice)>, Vec<LineError
             continue;
         }
         let fields: Vec<&str> = l.split(',').map(str::trim).collect();
-        if out.is_empty() && errors.is_empty() && fields.first() == Some(&"id") && fields.get(1) == Some(&"addr") {
+        if out.is_empty()
+            && errors.is_empty()
+            && fields.first() == Some(&"id")
+            && fields.get(1) == Some(&"addr")
+        {
             continue;
         }
         let mut err = |problem: String| errors.push(LineError { line, problem });
         if !(2..=3).contains(&fields.len()) {
-            err(format!("expected id,addr[,mode], found {} fields", fields.len()));
+            err(format!(
+                "expected id,addr[,mode], found {} fields",
+                fields.len()
+            ));
             continue;
         }
         let mode = match fields.get(2) {
@@ -321,29 +360,71 @@ pub fn parse_import(text: &str) -> Result<Vec<(usize, NewDevice)>, Vec<LineError
             err(format!("device id {:?} already on line {first}", fields[0]));
             continue;
         }
-        out.push((line, NewDevice { id: fields[0].into(), addr: fields[1].into(), mode }));
+        out.push((
+            line,
+            NewDevice {
+                id: fields[0].into(),
+                addr: fields[1].into(),
+                mode,
+            },
+        ));
     }
-    if errors.is_empty() { Ok(out) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }
 
 async fn connect(cli: &Cli) -> Result<AdminClient, CtlError> {
-    let endpoint = cli.endpoint.as_deref().ok_or_else(|| usage("--endpoint (or SPACED_ENDPOINT) is required"))?;
-    let pki = cli.pki.as_deref().ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
+    let endpoint = cli
+        .endpoint
+        .as_deref()
+        .ok_or_else(|| usage("--endpoint (or SPACED_ENDPOINT) is required"))?;
+    let pki = cli
+        .pki
+        .as_deref()
+        .ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
     let creds = AdminCredentials::load(pki, cli.admin.as_deref())?;
     Ok(AdminClient::connect(endpoint, &creds).await?)
+}
+
+/// Sends a leader-only request (following redirects) and returns the reply; `Failed` becomes an error.
+async fn mutate(cli: &Cli, req: AdminRequest) -> Result<AdminReply, CtlError> {
+    let mut c = connect(cli).await?;
+    let reply = c.call_leader(&req).await;
+    c.close().await;
+    match reply? {
+        AdminReply::Failed(e) => Err(failed(e)),
+        other => Ok(other),
+    }
+}
+
+/// A reply of the wrong kind for the request.
+fn odd(reply: AdminReply) -> CtlError {
+    failed(format!("unexpected reply from spaced: {reply:?}"))
 }
 
 /// Runs one spacectl command, printing its output; returns the error to report.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match &cli.command {
-        Cmd::Pki { action: PkiCmd::Init { dir } } => {
+        Cmd::Pki {
+            action: PkiCmd::Init { dir },
+        } => {
             pki::init_ca(dir).map_err(|e| failed(e.to_string()))?;
             println!("created cluster CA in {}", dir.display());
             Ok(())
         }
-        Cmd::Pki { action: PkiCmd::Issue { dir, name, admin } } => {
+        Cmd::Pki {
+            action: PkiCmd::Issue { dir, name, admin },
+        } => {
             let files = pki::issue(dir, name, *admin).map_err(|e| failed(e.to_string()))?;
-            println!("issued {} certificate {} (key {})", if *admin { "admin" } else { "node" }, files.cert.display(), files.key.display());
+            println!(
+                "issued {} certificate {} (key {})",
+                if *admin { "admin" } else { "node" },
+                files.cert.display(),
+                files.key.display()
+            );
             Ok(())
         }
         Cmd::Status { json } => {
@@ -357,7 +438,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             c.close().await;
             Ok(())
         }
-        Cmd::Node { action: NodeCmd::List { json } } => {
+        Cmd::Node {
+            action: NodeCmd::List { json },
+        } => {
             let mut c = connect(&cli).await?;
             let s = c.status().await?;
             if *json {
@@ -371,75 +454,133 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                             n.id.to_string(),
                             n.name.clone(),
                             n.addr.clone(),
-                            if n.roles.is_empty() { "-".into() } else { n.roles.join(",") },
-                            if n.voter { "voter".into() } else { "learner".into() },
+                            if n.roles.is_empty() {
+                                "-".into()
+                            } else {
+                                n.roles.join(",")
+                            },
+                            if n.voter {
+                                "voter".into()
+                            } else {
+                                "learner".into()
+                            },
                             opt(n.admin_state.map(|a| format!("{a:?}").to_lowercase())),
                         ]
                     })
                     .collect();
-                print!("{}", table(&["ID", "NAME", "ADDR", "ROLES", "RAFT", "STATE"], &rows));
+                print!(
+                    "{}",
+                    table(&["ID", "NAME", "ADDR", "ROLES", "RAFT", "STATE"], &rows)
+                );
             }
             c.close().await;
             Ok(())
         }
-        Cmd::Node { action: NodeCmd::Add { id, name, addr, roles } } => {
-            let roles = roles.as_ref().map(|r| r.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<BTreeSet<_>>());
-            let mut c = connect(&cli).await?;
-            let req = AdminRequest::AddNode { id: *id, name: name.clone(), addr: addr.clone(), roles };
-            match c.call_leader(&req).await? {
+        Cmd::Node {
+            action:
+                NodeCmd::Add {
+                    id,
+                    name,
+                    addr,
+                    roles,
+                },
+        } => {
+            let roles = roles.as_ref().map(|r| {
+                r.iter()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect::<BTreeSet<_>>()
+            });
+            let req = AdminRequest::AddNode {
+                id: *id,
+                name: name.clone(),
+                addr: addr.clone(),
+                roles,
+            };
+            match mutate(&cli, req).await? {
                 AdminReply::NodeAdded { voter } => {
-                    println!("node {id} ({name}) joined as {}", if voter { "voter" } else { "learner (5 voters already)" })
+                    println!(
+                        "node {id} ({name}) joined as {}",
+                        if voter {
+                            "voter"
+                        } else {
+                            "learner (5 voters already)"
+                        }
+                    )
                 }
-                other => return Err(unexpected(c.target(), &other).into()),
+                other => return Err(odd(other)),
             }
-            c.close().await;
             Ok(())
         }
-        Cmd::Node { action: NodeCmd::Remove { node } } => {
-            let mut c = connect(&cli).await?;
-            match c.call_leader(&AdminRequest::RemoveNode(node.clone())).await? {
-                AdminReply::Done => println!("node {node} removed"),
-                other => return Err(unexpected(c.target(), &other).into()),
+        Cmd::Node {
+            action: NodeCmd::Remove { node },
+        } => match mutate(&cli, AdminRequest::RemoveNode(node.clone())).await? {
+            AdminReply::Done => {
+                println!("node {node} removed");
+                Ok(())
             }
-            c.close().await;
-            Ok(())
-        }
-        Cmd::Leader { action: LeaderCmd::Transfer { to } } => {
-            let mut c = connect(&cli).await?;
-            match c.call_leader(&AdminRequest::TransferLeader(to.clone())).await? {
-                AdminReply::Done => println!("leadership transferred to {to}"),
-                other => return Err(unexpected(c.target(), &other).into()),
+            other => Err(odd(other)),
+        },
+        Cmd::Leader {
+            action: LeaderCmd::Transfer { to },
+        } => match mutate(&cli, AdminRequest::TransferLeader(to.clone())).await? {
+            AdminReply::Done => {
+                println!("leadership transferred to {to}");
+                Ok(())
             }
-            c.close().await;
-            Ok(())
-        }
-        Cmd::Device { action: DeviceCmd::Add { id, addr, mode } } => {
+            other => Err(odd(other)),
+        },
+        Cmd::Device {
+            action: DeviceCmd::Add { id, addr, mode },
+        } => {
             check_device_id(id).map_err(|e| usage(e.to_string()))?;
             check_device_addr(addr).map_err(|e| usage(e.to_string()))?;
-            let mut c = connect(&cli).await?;
-            let dev = NewDevice { id: id.clone(), addr: addr.clone(), mode: *mode };
-            match c.call_leader(&AdminRequest::AddDevices(vec![dev])).await? {
-                AdminReply::Applied(_) => println!("device {id} added"),
-                other => return Err(unexpected(c.target(), &other).into()),
+            let dev = NewDevice {
+                id: id.clone(),
+                addr: addr.clone(),
+                mode: *mode,
+            };
+            match mutate(&cli, AdminRequest::AddDevices(vec![dev])).await? {
+                AdminReply::Applied(_) => {
+                    println!("device {id} added");
+                    Ok(())
+                }
+                other => Err(odd(other)),
             }
-            c.close().await;
-            Ok(())
         }
-        Cmd::Device { action: DeviceCmd::Import { file } } => import(&cli, file).await,
-        Cmd::Device { action: DeviceCmd::List { json } } => {
+        Cmd::Device {
+            action: DeviceCmd::Import { file },
+        } => import(&cli, file).await,
+        Cmd::Device {
+            action: DeviceCmd::List { json },
+        } => {
             let mut c = connect(&cli).await?;
             let devices = match c.call(&AdminRequest::ListDevices).await? {
                 AdminReply::Devices(d) => d,
                 other => return Err(unexpected(c.target(), &other).into()),
             };
             if *json {
-                println!("{}", serde_json::Value::Array(devices.iter().map(device_json).collect()));
+                println!(
+                    "{}",
+                    serde_json::Value::Array(devices.iter().map(device_json).collect())
+                );
             } else {
                 let rows: Vec<Vec<String>> = devices
                     .iter()
-                    .map(|d| vec![d.id.clone(), d.addr.clone(), d.mode.to_string(), opt(d.owner), d.status.to_string()])
+                    .map(|d| {
+                        vec![
+                            d.id.clone(),
+                            d.addr.clone(),
+                            d.mode.to_string(),
+                            opt(d.owner),
+                            d.status.to_string(),
+                        ]
+                    })
                     .collect();
-                print!("{}", table(&["ID", "ADDR", "MODE", "OWNER", "STATUS"], &rows));
+                print!(
+                    "{}",
+                    table(&["ID", "ADDR", "MODE", "OWNER", "STATUS"], &rows)
+                );
             }
             c.close().await;
             Ok(())
@@ -448,11 +589,25 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
 }
 
 async fn import(cli: &Cli, file: &Path) -> Result<(), CtlError> {
-    let text = std::fs::read_to_string(file).map_err(|e| failed(format!("{}: {e}", file.display())))?;
+    let text =
+        std::fs::read_to_string(file).map_err(|e| failed(format!("{}: {e}", file.display())))?;
     let devices = parse_import(&text).map_err(|errs| {
-        let shown: Vec<String> = errs.iter().take(10).map(|e| format!("line {}: {}", e.line, e.problem)).collect();
-        let more = if errs.len() > 10 { format!("; and {} more", errs.len() - 10) } else { String::new() };
-        failed(format!("{}: {} bad line(s), nothing imported: {}{more}", file.display(), errs.len(), shown.join("; ")))
+        let shown: Vec<String> = errs
+            .iter()
+            .take(10)
+            .map(|e| format!("line {}: {}", e.line, e.problem))
+            .collect();
+        let more = if errs.len() > 10 {
+            format!("; and {} more", errs.len() - 10)
+        } else {
+            String::new()
+        };
+        failed(format!(
+            "{}: {} bad line(s), nothing imported: {}{more}",
+            file.display(),
+            errs.len(),
+            shown.join("; ")
+        ))
     })?;
     if devices.is_empty() {
         return Err(failed(format!("{}: no devices in file", file.display())));
@@ -470,12 +625,18 @@ async fn import(cli: &Cli, file: &Path) -> Result<(), CtlError> {
         .map(|(line, d)| format!("line {line}: device {:?} already registered", d.id))
         .collect();
     if !dups.is_empty() {
-        return Err(failed(format!("{}: nothing imported: {}", file.display(), dups.join("; "))));
+        return Err(failed(format!(
+            "{}: nothing imported: {}",
+            file.display(),
+            dups.join("; ")
+        )));
     }
     let total = devices.len();
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(total as u64);
-        if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} devices {per_sec} eta {eta}") {
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} devices {per_sec} eta {eta}",
+        ) {
             b.set_style(style);
         }
         b
@@ -518,7 +679,11 @@ mod tests {
         let errs = parse_import(text).unwrap_err();
         let lines: Vec<usize> = errs.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![6, 7, 8, 9]);
-        assert!(errs[1].problem.contains("already on line 4"), "{:?}", errs[1]);
+        assert!(
+            errs[1].problem.contains("already on line 4"),
+            "{:?}",
+            errs[1]
+        );
         let ok = parse_import("d1,10.0.0.1\nd2,h2:22,space-initiated\n").unwrap();
         assert_eq!(ok.len(), 2);
         assert_eq!(ok[1].1.mode, DeviceMode::SpaceInitiated);
@@ -526,7 +691,13 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let t = table(&["A", "LONGER"], &[vec!["xxxx".into(), "y".into()], vec!["z".into(), "w".into()]]);
+        let t = table(
+            &["A", "LONGER"],
+            &[
+                vec!["xxxx".into(), "y".into()],
+                vec!["z".into(), "w".into()],
+            ],
+        );
         assert_eq!(t, "A     LONGER\nxxxx  y\nz     w\n");
     }
 }

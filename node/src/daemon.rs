@@ -15,7 +15,9 @@ use spaced_raft::store::{self, FabricView};
 use spaced_raft::{Member, NodeId, Outcome, Raft};
 use tokio::sync::watch;
 
-use crate::admin::{AdminReply, AdminRequest, DeviceRow, MAX_ADMIN_FRAME, NodeStatus, StatusReport};
+use crate::admin::{
+    AdminReply, AdminRequest, DeviceRow, MAX_ADMIN_FRAME, NodeStatus, StatusReport,
+};
 use crate::config::NodeConfig;
 use crate::metrics::NodeMetrics;
 
@@ -34,10 +36,16 @@ pub struct StartError {
 
 impl StartError {
     fn input(cfg: &NodeConfig, key: &str, problem: impl std::fmt::Display) -> Self {
-        StartError { message: format!("config {}: key `{key}`: {problem}", cfg.source.display()), bad_input: true }
+        StartError {
+            message: format!("config {}: key `{key}`: {problem}", cfg.source.display()),
+            bad_input: true,
+        }
     }
     fn system(problem: impl std::fmt::Display) -> Self {
-        StartError { message: problem.to_string(), bad_input: false }
+        StartError {
+            message: problem.to_string(),
+            bad_input: false,
+        }
     }
 }
 
@@ -45,14 +53,19 @@ impl StartError {
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_millis(250)));
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(1_000))));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        1_000,
+    ))));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
     Arc::new(t)
 }
 
 /// Current wall clock in ms since the epoch, for stamping commands.
 pub fn now_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A running node.
@@ -81,8 +94,12 @@ impl Node {
     /// Starts a node from its config. With `bootstrap`, initialises a one-node cluster on an empty data dir.
     pub async fn start(cfg: NodeConfig, bootstrap: bool) -> Result<Node, StartError> {
         let roles: BTreeSet<String> = cfg.roles.iter().cloned().collect();
-        let tls = TlsMaterial::load(&TlsPaths { ca: cfg.tls.ca.clone(), cert: cfg.tls.cert.clone(), key: cfg.tls.key.clone() })
-            .map_err(|e| StartError::input(&cfg, "tls", e))?;
+        let tls = TlsMaterial::load(&TlsPaths {
+            ca: cfg.tls.ca.clone(),
+            cert: cfg.tls.cert.clone(),
+            key: cfg.tls.key.clone(),
+        })
+        .map_err(|e| StartError::input(&cfg, "tls", e))?;
         match tls.identity() {
             Identity::Node(n) if *n == cfg.name => {}
             other => {
@@ -94,24 +111,38 @@ impl Node {
             }
         }
 
-        std::fs::create_dir_all(&cfg.data_dir)
-            .map_err(|e| StartError::input(&cfg, "data_dir", format!("{}: {e}", cfg.data_dir.display())))?;
-        let (log_store, sm_store) = store::open(&cfg.data_dir).map_err(|e| StartError::input(&cfg, "data_dir", e))?;
-        let empty = store::is_empty(&log_store).map_err(|e| StartError::input(&cfg, "data_dir", e))?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            StartError::input(&cfg, "data_dir", format!("{}: {e}", cfg.data_dir.display()))
+        })?;
+        let (log_store, sm_store) =
+            store::open(&cfg.data_dir).map_err(|e| StartError::input(&cfg, "data_dir", e))?;
+        let empty =
+            store::is_empty(&log_store).map_err(|e| StartError::input(&cfg, "data_dir", e))?;
         if bootstrap && !empty {
             return Err(StartError::input(
                 &cfg,
                 "data_dir",
-                format!("--bootstrap refused: {} already holds Raft state (restart without --bootstrap to resume)", cfg.data_dir.display()),
+                format!(
+                    "--bootstrap refused: {} already holds Raft state (restart without --bootstrap to resume)",
+                    cfg.data_dir.display()
+                ),
             ));
         }
         let view = sm_store.view();
 
         let transport = transport_config();
-        let server_cfg = tls.server_config(transport.clone()).map_err(StartError::system)?;
-        let client_cfg = tls.client_config(ALPN_RAFT, transport).map_err(StartError::system)?;
+        let server_cfg = tls
+            .server_config(transport.clone())
+            .map_err(StartError::system)?;
+        let client_cfg = tls
+            .client_config(ALPN_RAFT, transport)
+            .map_err(StartError::system)?;
         let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|e| {
-            StartError::input(&cfg, "listen", format!("cannot bind UDP {}: {e}", cfg.listen))
+            StartError::input(
+                &cfg,
+                "listen",
+                format!("cannot bind UDP {}: {e}", cfg.listen),
+            )
         })?;
         let listen = endpoint.local_addr().map_err(StartError::system)?;
 
@@ -128,9 +159,15 @@ impl Node {
         }
         .validate()
         .map_err(|e| StartError::input(&cfg, "raft", e))?;
-        let raft = Raft::new(cfg.node_id, Arc::new(raft_config), network.clone(), log_store, sm_store)
-            .await
-            .map_err(|e| StartError::system(format!("raft: {e}")))?;
+        let raft = Raft::new(
+            cfg.node_id,
+            Arc::new(raft_config),
+            network.clone(),
+            log_store,
+            sm_store,
+        )
+        .await
+        .map_err(|e| StartError::system(format!("raft: {e}")))?;
 
         let metrics = NodeMetrics::new();
         let inner = Arc::new(NodeInner {
@@ -158,18 +195,31 @@ impl Node {
             tasks.push(h);
         }
 
-        tasks.push(tokio::spawn(accept_loop(inner.clone(), shutdown_rx.clone())));
-        tasks.push(tokio::spawn(metrics_loop(inner.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(accept_loop(
+            inner.clone(),
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(metrics_loop(
+            inner.clone(),
+            shutdown_rx.clone(),
+        )));
 
         if bootstrap {
-            let me = Member { name: cfg.name.clone(), addr: listen.to_string() };
+            let me = Member {
+                name: cfg.name.clone(),
+                addr: listen.to_string(),
+            };
             raft.initialize(BTreeMap::from([(cfg.node_id, me)]))
                 .await
                 .map_err(|e| StartError::system(format!("bootstrap: {e}")))?;
             tasks.push(tokio::spawn(register_self(inner.clone())));
         }
         tracing::info!(node = cfg.node_id, name = %cfg.name, %listen, bootstrap, "node started");
-        Ok(Node { inner, shutdown_tx, tasks })
+        Ok(Node {
+            inner,
+            shutdown_tx,
+            tasks,
+        })
     }
 
     /// The Raft handle (tests and the demo watch its metrics).
@@ -199,7 +249,9 @@ impl Node {
 
     /// A cloneable handle for proposing commands from many tasks.
     pub fn proposer(&self) -> Proposer {
-        Proposer { inner: self.inner.clone() }
+        Proposer {
+            inner: self.inner.clone(),
+        }
     }
 
     /// Stops serving, shuts Raft down and waits for the tasks.
@@ -239,14 +291,22 @@ impl NodeInner {
         let m = self.raft.metrics();
         let m = m.borrow_watched();
         let leader = m.current_leader;
-        let addr = leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+        let addr = leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone())
+        });
         (leader, addr)
     }
 
     async fn propose(&self, cmd: Command) -> Result<Outcome, String> {
         match self.propose_inner(cmd).await {
             Ok(o) => Ok(o),
-            Err(ProposeError::NotLeader(l, _)) => Err(format!("node {} is not the leader (leader: {l:?})", self.id)),
+            Err(ProposeError::NotLeader(l, _)) => Err(format!(
+                "node {} is not the leader (leader: {l:?})",
+                self.id
+            )),
             Err(ProposeError::Failed(e)) => Err(e),
         }
     }
@@ -256,7 +316,9 @@ impl NodeInner {
         match self.raft.client_write(cmd).await {
             Ok(resp) => {
                 self.metrics.commit_latency(started.elapsed());
-                resp.response().clone().map_err(|e| ProposeError::Failed(e.to_string()))
+                resp.response()
+                    .clone()
+                    .map_err(|e| ProposeError::Failed(e.to_string()))
             }
             Err(e) => {
                 if let Some(fwd) = e.forward_to_leader() {
@@ -309,8 +371,19 @@ impl NodeInner {
                     .collect()
             })),
             AdminRequest::Write(cmd) => self.write(cmd).await,
-            AdminRequest::AddDevices(devices) => self.write(Command::AddDevices { devices, at: now_millis() }).await,
-            AdminRequest::AddNode { id, name, addr, roles } => {
+            AdminRequest::AddDevices(devices) => {
+                self.write(Command::AddDevices {
+                    devices,
+                    at: now_millis(),
+                })
+                .await
+            }
+            AdminRequest::AddNode {
+                id,
+                name,
+                addr,
+                roles,
+            } => {
                 if let Some(r) = self.not_leader() {
                     return r;
                 }
@@ -362,13 +435,19 @@ impl NodeInner {
                 let last_contact_ms = if *id == self.id && m.state == ServerState::Leader {
                     Some(0)
                 } else {
-                    heartbeat.get(id).and_then(|t| t.as_ref()).map(|t| t.elapsed().as_millis() as u64)
+                    heartbeat
+                        .get(id)
+                        .and_then(|t| t.as_ref())
+                        .map(|t| t.elapsed().as_millis() as u64)
                 };
                 NodeStatus {
                     id: *id,
                     name: member.name.clone(),
                     addr: member.addr.clone(),
-                    roles: rec.as_ref().map(|r| r.roles.iter().cloned().collect()).unwrap_or_default(),
+                    roles: rec
+                        .as_ref()
+                        .map(|r| r.roles.iter().cloned().collect())
+                        .unwrap_or_default(),
                     voter: voters.contains(id),
                     last_contact_ms,
                     admin_state: rec.map(|r| r.admin_state),
@@ -376,8 +455,9 @@ impl NodeInner {
                 }
             })
             .collect();
-        let leader_addr =
-            m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
         StatusReport {
             served_by: self.id,
             leader: m.current_leader,
@@ -397,7 +477,10 @@ impl NodeInner {
         roles: Option<BTreeSet<String>>,
     ) -> Result<bool, String> {
         spaced_raft::fabric::check_name("node name", &name).map_err(|e| e.to_string())?;
-        let member = Member { name: name.clone(), addr: addr.clone() };
+        let member = Member {
+            name: name.clone(),
+            addr: addr.clone(),
+        };
         {
             let m = self.raft.metrics();
             let m = m.borrow_watched();
@@ -410,7 +493,11 @@ impl NodeInner {
             }
         }
         // Ask the node who it is before trusting it with the log.
-        let desc = match self.network.call(id, &member, RaftRpc::Describe, Duration::from_secs(3)).await {
+        let desc = match self
+            .network
+            .call(id, &member, RaftRpc::Describe, Duration::from_secs(3))
+            .await
+        {
             Ok(RaftReply::Describe(d)) => d,
             Ok(other) => return Err(format!("node at {addr}: unexpected reply {other:?}")),
             Err(e) => return Err(format!("cannot reach node {name} at {addr}: {e}")),
@@ -435,13 +522,18 @@ impl NodeInner {
             at: now_millis(),
         };
         if let Err(e) = self.propose(register).await {
-            return Err(format!("node {id} joined as learner but was not registered in the fabric: {e}"));
+            return Err(format!(
+                "node {id} joined as learner but was not registered in the fabric: {e}"
+            ));
         }
-        let voters = {
-            let m = self.raft.metrics();
-            let v = m.borrow_watched().membership_config.membership().voter_ids().count();
-            v
-        };
+        let voters = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count();
         if voters >= MAX_VOTERS {
             return Ok(false);
         }
@@ -454,7 +546,14 @@ impl NodeInner {
 
     async fn remove_node(&self, who: &str) -> Result<(), String> {
         let id = self.resolve_node(who)?;
-        let is_voter = self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().any(|v| v == id);
+        let is_voter = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == id);
         if is_voter {
             self.raft
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
@@ -468,7 +567,9 @@ impl NodeInner {
         let known = self.view.read(|f| f.nodes.contains_key(&id));
         if known && let Err(e) = self.propose(Command::RemoveNode { id }).await {
             // Membership already excludes it; the fabric record is cleaned on the next try.
-            return Err(format!("node {id} left the cluster but its fabric record stays: {e}"));
+            return Err(format!(
+                "node {id} left the cluster but its fabric record stays: {e}"
+            ));
         }
         Ok(())
     }
@@ -478,11 +579,22 @@ impl NodeInner {
         if to == self.id {
             return Ok(());
         }
-        let voter = self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().any(|v| v == to);
+        let voter = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == to);
         if !voter {
             return Err(format!("node {to} is a learner; only voters can lead"));
         }
-        self.raft.trigger().transfer_leader(to).await.map_err(|e| e.to_string())?;
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut rx = self.raft.metrics();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
@@ -515,18 +627,27 @@ async fn register_self(inner: Arc<NodeInner>) {
             };
             match inner.propose(cmd).await {
                 Ok(_) => return,
-                Err(e) => tracing::warn!(error = %e, "registering the bootstrap node failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "registering the bootstrap node failed; retrying")
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tracing::error!(node = inner.id, "bootstrap node could not register itself in the fabric");
+    tracing::error!(
+        node = inner.id,
+        "bootstrap node could not register itself in the fabric"
+    );
 }
 
 async fn accept_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
     let svc = RaftService {
         raft: inner.raft.clone(),
-        local: NodeDescription { id: inner.id, name: inner.name.clone(), roles: inner.roles.clone() },
+        local: NodeDescription {
+            id: inner.id,
+            name: inner.name.clone(),
+            roles: inner.roles.clone(),
+        },
     };
     // Connection tasks die with the loop (dropping a JoinSet aborts its tasks), so a stopped
     // node leaves nothing holding its Raft handle or storage.
@@ -602,7 +723,10 @@ async fn serve_admin(inner: Arc<NodeInner>, conn: quinn::Connection, admin: Stri
                     let _ = spaced_raft::frame::write_frame(&mut send, &b).await;
                 }
                 Ok(b) => {
-                    let msg = AdminReply::Failed(format!("reply of {} bytes exceeds the admin frame limit", b.len()));
+                    let msg = AdminReply::Failed(format!(
+                        "reply of {} bytes exceeds the admin frame limit",
+                        b.len()
+                    ));
                     if let Ok(b) = spaced_raft::codec::encode(&msg) {
                         let _ = spaced_raft::frame::write_frame(&mut send, &b).await;
                     }
@@ -622,8 +746,12 @@ async fn metrics_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
             _ = shutdown.wait_for(|s| *s) => return,
         }
         let m = inner.raft.metrics().borrow_watched().clone();
-        let names: BTreeMap<NodeId, String> =
-            m.membership_config.membership().nodes().map(|(id, n)| (*id, n.name.clone())).collect();
+        let names: BTreeMap<NodeId, String> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.name.clone()))
+            .collect();
         let contacts = m
             .heartbeat
             .as_ref()
@@ -662,8 +790,14 @@ impl crate::http::HttpState for HttpView {
             return (false, format!("raft stopped: {e}"));
         }
         match m.current_leader {
-            Some(l) => (true, format!("{:?}, leader {l}, term {}", m.state, m.current_term)),
-            None => (false, format!("{:?}, no leader known, term {}", m.state, m.current_term)),
+            Some(l) => (
+                true,
+                format!("{:?}, leader {l}, term {}", m.state, m.current_term),
+            ),
+            None => (
+                false,
+                format!("{:?}, no leader known, term {}", m.state, m.current_term),
+            ),
         }
     }
 }

@@ -29,14 +29,17 @@ impl NodeProcess {
     fn kill(&mut self, signal: nix::sys::signal::Signal) -> Result<()> {
         if let Some(child) = &self.child {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            nix::sys::signal::kill(pid, signal).with_context(|| format!("signal {} to {}", signal, self.name))?;
+            nix::sys::signal::kill(pid, signal)
+                .with_context(|| format!("signal {} to {}", signal, self.name))?;
         }
         Ok(())
     }
 
     /// SIGTERM, then SIGKILL after 5 s.
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -71,7 +74,12 @@ pub fn free_tcp_port() -> Result<u16> {
 }
 
 /// Writes a node config into `dir` and returns its path.
-pub fn write_node_config(dir: &Path, pki_dir: &Path, id: u64, roles: &[&str]) -> Result<(PathBuf, SocketAddr)> {
+pub fn write_node_config(
+    dir: &Path,
+    pki_dir: &Path,
+    id: u64,
+    roles: &[&str],
+) -> Result<(PathBuf, SocketAddr)> {
     let name = format!("n{id}");
     let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
     let cfg = NodeConfig {
@@ -104,11 +112,18 @@ fn spawn_node(exe: &Path, dir: &Path, config: &Path, bootstrap: bool) -> Result<
     if bootstrap {
         cmd.arg("--bootstrap");
     }
-    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    cmd.spawn().with_context(|| format!("start {}", exe.display()))
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    cmd.spawn()
+        .with_context(|| format!("start {}", exe.display()))
 }
 
-async fn connect_retry(addr: &str, creds: &AdminCredentials, within: Duration) -> Result<AdminClient> {
+async fn connect_retry(
+    addr: &str,
+    creds: &AdminCredentials,
+    within: Duration,
+) -> Result<AdminClient> {
     let deadline = Instant::now() + within;
     loop {
         match AdminClient::connect(addr, creds).await {
@@ -121,12 +136,18 @@ async fn connect_retry(addr: &str, creds: &AdminCredentials, within: Duration) -
 
 /// Runs the demo; `keep` leaves the temp dir (configs, PKI, data, logs) in place.
 pub async fn run(keep: bool) -> Result<()> {
-    let tmp = tempfile::Builder::new().prefix("spaced-demo-").tempdir().context("create temp dir")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("spaced-demo-")
+        .tempdir()
+        .context("create temp dir")?;
     let dir = tmp.path().to_path_buf();
     let result = run_in(&dir).await;
     if keep {
         let kept = tmp.keep();
-        println!("\nkept {} (configs, PKI, data dirs, node logs)", kept.display());
+        println!(
+            "\nkept {} (configs, PKI, data dirs, node logs)",
+            kept.display()
+        );
     }
     result
 }
@@ -141,9 +162,17 @@ async fn run_in(dir: &Path) -> Result<()> {
         pki::issue(&pki_dir, &format!("n{id}"), false)?;
         let (config, listen) = write_node_config(dir, &pki_dir, id, &["ha", "app"])?;
         let child = spawn_node(&exe, dir, &config, id == 1)?;
-        nodes.push(NodeProcess { id, name: format!("n{id}"), listen, child: Some(child) });
+        nodes.push(NodeProcess {
+            id,
+            name: format!("n{id}"),
+            listen,
+            child: Some(child),
+        });
     }
-    println!("started 3 spaced processes on 127.0.0.1 (work dir {})", dir.display());
+    println!(
+        "started 3 spaced processes on 127.0.0.1 (work dir {})",
+        dir.display()
+    );
 
     let creds = AdminCredentials::load(&pki_dir, None)?;
     let n1 = nodes[0].listen.to_string();
@@ -163,7 +192,12 @@ async fn run_in(dir: &Path) -> Result<()> {
     println!("n1 bootstrapped a one-node cluster");
     for n in &nodes[1..] {
         let t = Instant::now();
-        let req = AdminRequest::AddNode { id: n.id, name: n.name.clone(), addr: n.listen.to_string(), roles: None };
+        let req = AdminRequest::AddNode {
+            id: n.id,
+            name: n.name.clone(),
+            addr: n.listen.to_string(),
+            roles: None,
+        };
         match admin.call_leader(&req).await? {
             AdminReply::NodeAdded { voter } => println!(
                 "added {} as {} in {} ms",
@@ -183,35 +217,53 @@ async fn run_in(dir: &Path) -> Result<()> {
         })
         .collect();
     let t = Instant::now();
-    match admin.call_leader(&AdminRequest::AddDevices(devices)).await? {
+    match admin
+        .call_leader(&AdminRequest::AddDevices(devices))
+        .await?
+    {
         AdminReply::Applied(_) => {}
         other => return Err(unexpected(admin.target(), &other).into()),
     }
-    println!("registered {DEMO_DEVICES} devices in {} ms\n", t.elapsed().as_millis());
+    println!(
+        "registered {DEMO_DEVICES} devices in {} ms\n",
+        t.elapsed().as_millis()
+    );
     // Let every follower apply and the leader see fresh heartbeats before showing status.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = admin.status().await?;
     print!("{}", render_status(&status));
 
     let leader = status.leader.context("no leader")?;
-    let victim = nodes.iter_mut().find(|n| n.id == leader).context("leader is not one of the demo nodes")?;
+    let victim = nodes
+        .iter_mut()
+        .find(|n| n.id == leader)
+        .context("leader is not one of the demo nodes")?;
     println!("\nkilling the leader {} (SIGKILL)...", victim.name);
     victim.kill(nix::sys::signal::Signal::SIGKILL)?;
     let killed_at = Instant::now();
-    let survivors: Vec<(u64, String)> =
-        nodes.iter().filter(|n| n.id != leader).map(|n| (n.id, n.listen.to_string())).collect();
+    let survivors: Vec<(u64, String)> = nodes
+        .iter()
+        .filter(|n| n.id != leader)
+        .map(|n| (n.id, n.listen.to_string()))
+        .collect();
     admin.close().await;
 
     // "Serving" = a write committed by the new leader. Ask every survivor directly (no
     // redirects, whose dial of the dead leader would add its timeout to the figure).
     let mut clients = Vec::new();
     for (id, addr) in &survivors {
-        clients.push((*id, connect_retry(addr, &creds, Duration::from_secs(5)).await?));
+        clients.push((
+            *id,
+            connect_retry(addr, &creds, Duration::from_secs(5)).await?,
+        ));
     }
     let mut served_by = None;
     while served_by.is_none() {
         for (id, c) in clients.iter_mut() {
-            let probe = AdminRequest::Write(Command::SetAdminState { id: *id, state: AdminState::Active });
+            let probe = AdminRequest::Write(Command::SetAdminState {
+                id: *id,
+                state: AdminState::Active,
+            });
             if let Ok(AdminReply::Applied(_)) = c.call(&probe).await {
                 served_by = Some(*id);
                 break;
@@ -222,12 +274,19 @@ async fn run_in(dir: &Path) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut client = clients.into_iter().find(|(id, _)| Some(*id) == served_by).map(|(_, c)| c).context("serving client")?;
+    let mut client = clients
+        .into_iter()
+        .find(|(id, _)| Some(*id) == served_by)
+        .map(|(_, c)| c)
+        .context("serving client")?;
     let failover = killed_at.elapsed();
     let status = client.status().await?;
     println!(
         "new leader: node {} (term {}), serving writes {} ms after the kill",
-        status.leader.map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
+        status
+            .leader
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "?".into()),
         status.term,
         failover.as_millis()
     );

@@ -3,8 +3,8 @@
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod ctl;
 pub mod daemon;
+pub mod demo;
 pub mod http;
 pub mod metrics;
-pub mod ctl;
-pub mod demo;

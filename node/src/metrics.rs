@@ -13,7 +13,9 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, Prometheu
 const COMMIT_LATENCY: &str = "spaced_commit_latency_seconds";
 
 /// Commit-latency histogram buckets (seconds): sub-millisecond to one second.
-const BUCKETS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
 
 fn meta() -> Metadata<'static> {
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()))
@@ -61,21 +63,37 @@ impl NodeMetrics {
             recorder.register_gauge(&Key::from_static_name(name), &meta())
         };
         let term = gauge("spaced_raft_term", "Current Raft term.");
-        let leader = gauge("spaced_raft_leader_id", "Current leader's node id; 0 when none is known.");
+        let leader = gauge(
+            "spaced_raft_leader_id",
+            "Current leader's node id; 0 when none is known.",
+        );
         let is_leader = gauge("spaced_raft_is_leader", "1 if this node is the leader.");
-        let last_applied = gauge("spaced_raft_last_applied", "Index of the last applied log entry.");
+        let last_applied = gauge(
+            "spaced_raft_last_applied",
+            "Index of the last applied log entry.",
+        );
         recorder.describe_histogram(
             COMMIT_LATENCY.into(),
             Some(metrics::Unit::Seconds),
             "Time from proposing a command on this node until it was committed and applied.".into(),
         );
-        let commit_latency = recorder.register_histogram(&Key::from_static_name(COMMIT_LATENCY), &meta());
+        let commit_latency =
+            recorder.register_histogram(&Key::from_static_name(COMMIT_LATENCY), &meta());
         recorder.describe_gauge(
             "spaced_peer_last_contact_seconds".into(),
             Some(metrics::Unit::Seconds),
             "Seconds since the leader last heard from each peer (leader only).".into(),
         );
-        NodeMetrics { recorder, handle, term, leader, is_leader, last_applied, commit_latency, peers: Mutex::default() }
+        NodeMetrics {
+            recorder,
+            handle,
+            term,
+            leader,
+            is_leader,
+            last_applied,
+            commit_latency,
+            peers: Mutex::default(),
+        }
     }
 
     /// Records one commit latency.
@@ -95,11 +113,15 @@ impl NodeMetrics {
         self.term.set(term as f64);
         self.leader.set(leader.unwrap_or(0) as f64);
         self.is_leader.set(if is_leader { 1.0 } else { 0.0 });
-        self.last_applied.set(last_applied.map(|i| i as f64).unwrap_or(-1.0));
+        self.last_applied
+            .set(last_applied.map(|i| i as f64).unwrap_or(-1.0));
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         for (name, secs) in contacts {
             let g = peers.entry(name.clone()).or_insert_with(|| {
-                let key = Key::from_parts("spaced_peer_last_contact_seconds", vec![Label::new("peer", name)]);
+                let key = Key::from_parts(
+                    "spaced_peer_last_contact_seconds",
+                    vec![Label::new("peer", name)],
+                );
                 self.recorder.register_gauge(&key, &meta())
             });
             // Never heard from: report +Inf rather than a misleading small number.
@@ -126,7 +148,13 @@ mod tests {
         assert!(text.contains("spaced_raft_term 7"), "{text}");
         assert!(text.contains("spaced_raft_leader_id 2"), "{text}");
         assert!(text.contains("spaced_raft_last_applied 41"), "{text}");
-        assert!(text.contains("spaced_peer_last_contact_seconds{peer=\"n3\"} 0.25"), "{text}");
-        assert!(text.contains("spaced_commit_latency_seconds_bucket{le=\"0.005\"} 1"), "{text}");
+        assert!(
+            text.contains("spaced_peer_last_contact_seconds{peer=\"n3\"} 0.25"),
+            "{text}"
+        );
+        assert!(
+            text.contains("spaced_commit_latency_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -11,9 +11,17 @@ fn spacectl() -> Command {
 
 #[test]
 fn usage_errors_exit_2() {
-    let out = spacectl().args(["node", "add", "--id", "x"]).output().unwrap();
+    let out = spacectl()
+        .args(["node", "add", "--id", "x"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let out = spacectl().env_remove("SPACED_ENDPOINT").args(["status"]).env("SPACED_PKI", "/nonexistent").output().unwrap();
+    let out = spacectl()
+        .env_remove("SPACED_ENDPOINT")
+        .args(["status"])
+        .env("SPACED_PKI", "/nonexistent")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--endpoint"));
     let out = spaced().args(["run"]).output().unwrap();
@@ -25,13 +33,21 @@ fn bad_config_exits_2_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "node_id = \"one\"\nname = \"n1\"\n").unwrap();
-    let out = spaced().args(["run", "--config"]).arg(&path).output().unwrap();
+    let out = spaced()
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml") && err.contains("node_id"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
-    let out = spaced().args(["run", "--config"]).arg(dir.path().join("missing.toml")).output().unwrap();
+    let out = spaced()
+        .args(["run", "--config"])
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 }

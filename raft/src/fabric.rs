@@ -290,10 +290,19 @@ impl std::fmt::Display for Command {
             Command::SetAdminState { id, state } => write!(f, "set-admin-state {id} {state:?}"),
             Command::AddPlacement { name, .. } => write!(f, "add-placement {name}"),
             Command::RemovePlacement { name } => write!(f, "remove-placement {name}"),
-            Command::GrantPlacement { name, to, expected_epoch } => {
-                write!(f, "grant-placement {name} to {to} at epoch {expected_epoch}")
+            Command::GrantPlacement {
+                name,
+                to,
+                expected_epoch,
+            } => {
+                write!(
+                    f,
+                    "grant-placement {name} to {to} at epoch {expected_epoch}"
+                )
             }
-            Command::ReleasePlacement { name, epoch } => write!(f, "release-placement {name} epoch {epoch}"),
+            Command::ReleasePlacement { name, epoch } => {
+                write!(f, "release-placement {name} epoch {epoch}")
+            }
             Command::AddDevices { devices, .. } => write!(f, "add-devices x{}", devices.len()),
             Command::RemoveDevice { id } => write!(f, "remove-device {id}"),
             Command::PutService { name, .. } => write!(f, "put-service {name}"),
@@ -375,13 +384,23 @@ pub enum CommandError {
 }
 
 fn invalid(what: &str, value: &str, why: &str) -> CommandError {
-    CommandError::Invalid { what: what.into(), value: value.into(), why: why.into() }
+    CommandError::Invalid {
+        what: what.into(),
+        value: value.into(),
+        why: why.into(),
+    }
 }
 fn exists(what: &str, key: impl ToString) -> CommandError {
-    CommandError::Exists { what: what.into(), key: key.to_string() }
+    CommandError::Exists {
+        what: what.into(),
+        key: key.to_string(),
+    }
 }
 fn not_found(what: &str, key: impl ToString) -> CommandError {
-    CommandError::NotFound { what: what.into(), key: key.to_string() }
+    CommandError::NotFound {
+        what: what.into(),
+        key: key.to_string(),
+    }
 }
 
 /// Checks a node, role, placement or service name: 1..=63 of `[a-z0-9-]`, no leading/trailing `-`.
@@ -389,7 +408,10 @@ pub fn check_name(what: &str, name: &str) -> Result<(), CommandError> {
     if name.is_empty() || name.len() > 63 {
         return Err(invalid(what, name, "must be 1 to 63 characters"));
     }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return Err(invalid(what, name, "only a-z, 0-9 and '-' are allowed"));
     }
     if name.starts_with('-') || name.ends_with('-') {
@@ -404,7 +426,11 @@ pub fn check_device_id(id: &str) -> Result<(), CommandError> {
         return Err(invalid("device id", id, "must be 1 to 128 characters"));
     }
     if !id.chars().all(|c| c.is_ascii_graphic() && c != ',') {
-        return Err(invalid("device id", id, "only printable ASCII without spaces or commas"));
+        return Err(invalid(
+            "device id",
+            id,
+            "only printable ASCII without spaces or commas",
+        ));
     }
     Ok(())
 }
@@ -429,12 +455,18 @@ pub fn check_device_addr(addr: &str) -> Result<(), CommandError> {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
     if !host_ok {
-        return Err(invalid("device address", addr, "expected ip, ip:port, host or host:port"));
+        return Err(invalid(
+            "device address",
+            addr,
+            "expected ip, ip:port, host or host:port",
+        ));
     }
     Ok(())
 }
@@ -444,11 +476,17 @@ pub fn check_vip_address(address: &str) -> Result<(), CommandError> {
     let Some((ip, prefix)) = address.split_once('/') else {
         return Err(invalid("VIP address", address, "expected ip/prefix"));
     };
-    let ip: IpAddr = ip.parse().map_err(|_| invalid("VIP address", address, "not an IP address"))?;
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| invalid("VIP address", address, "not an IP address"))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     match prefix.parse::<u8>() {
         Ok(p) if p <= max => Ok(()),
-        _ => Err(invalid("VIP address", address, &format!("prefix must be 0..={max}"))),
+        _ => Err(invalid(
+            "VIP address",
+            address,
+            &format!("prefix must be 0..={max}"),
+        )),
     }
 }
 
@@ -460,7 +498,14 @@ impl Fabric {
     /// Validates `cmd` against the current state and applies it; on error nothing changed.
     pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, CommandError> {
         match cmd {
-            Command::RegisterNode { id, name, raft_addr, mgmt_ip, roles, at } => {
+            Command::RegisterNode {
+                id,
+                name,
+                raft_addr,
+                mgmt_ip,
+                roles,
+                at,
+            } => {
                 check_name("node name", name)?;
                 roles.iter().try_for_each(|r| check_name("role", r))?;
                 if raft_addr.is_empty() {
@@ -505,29 +550,52 @@ impl Fabric {
             }
             Command::SetRoles { id, roles } => {
                 roles.iter().try_for_each(|r| check_name("role", r))?;
-                let node = self.nodes.get_mut(id).ok_or_else(|| not_found("node", id))?;
+                let node = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or_else(|| not_found("node", id))?;
                 node.roles = roles.clone();
                 Ok(Outcome::Done)
             }
             Command::SetAdminState { id, state } => {
-                let node = self.nodes.get_mut(id).ok_or_else(|| not_found("node", id))?;
+                let node = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or_else(|| not_found("node", id))?;
                 node.admin_state = *state;
                 Ok(Outcome::Done)
             }
-            Command::AddPlacement { name, kind, eligible_roles } => {
+            Command::AddPlacement {
+                name,
+                kind,
+                eligible_roles,
+            } => {
                 check_name("placement name", name)?;
                 if eligible_roles.is_empty() {
-                    return Err(invalid("eligible roles", "", "at least one role is required"));
+                    return Err(invalid(
+                        "eligible roles",
+                        "",
+                        "at least one role is required",
+                    ));
                 }
-                eligible_roles.iter().try_for_each(|r| check_name("role", r))?;
+                eligible_roles
+                    .iter()
+                    .try_for_each(|r| check_name("role", r))?;
                 if self.placements.contains_key(name) {
                     return Err(exists("placement", name));
                 }
                 match kind {
                     PlacementKind::Vip { address, interface } => {
                         check_vip_address(address)?;
-                        if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
-                            return Err(invalid("interface", interface, "not a Linux interface name"));
+                        if interface.is_empty()
+                            || interface.len() > 15
+                            || interface.contains(['/', ' '])
+                        {
+                            return Err(invalid(
+                                "interface",
+                                interface,
+                                "not a Linux interface name",
+                            ));
                         }
                         let ip = vip_ip(address);
                         let taken = self.placements.iter().find(|(_, p)| match &p.kind {
@@ -546,12 +614,20 @@ impl Fabric {
                 }
                 self.placements.insert(
                     name.clone(),
-                    Placement { kind: kind.clone(), eligible_roles: eligible_roles.clone(), owner: None, epoch: 0 },
+                    Placement {
+                        kind: kind.clone(),
+                        eligible_roles: eligible_roles.clone(),
+                        owner: None,
+                        epoch: 0,
+                    },
                 );
                 Ok(Outcome::Done)
             }
             Command::RemovePlacement { name } => {
-                let p = self.placements.get(name).ok_or_else(|| not_found("placement", name))?;
+                let p = self
+                    .placements
+                    .get(name)
+                    .ok_or_else(|| not_found("placement", name))?;
                 if let Some(owner) = p.owner {
                     return Err(CommandError::InUse {
                         what: "placement".into(),
@@ -562,9 +638,16 @@ impl Fabric {
                 self.placements.remove(name);
                 Ok(Outcome::Done)
             }
-            Command::GrantPlacement { name, to, expected_epoch } => {
+            Command::GrantPlacement {
+                name,
+                to,
+                expected_epoch,
+            } => {
                 let node = self.nodes.get(to).ok_or_else(|| not_found("node", to))?;
-                let p = self.placements.get(name).ok_or_else(|| not_found("placement", name))?;
+                let p = self
+                    .placements
+                    .get(name)
+                    .ok_or_else(|| not_found("placement", name))?;
                 if p.epoch != *expected_epoch {
                     return Err(CommandError::StaleEpoch {
                         name: name.clone(),
@@ -589,15 +672,25 @@ impl Fabric {
                 if p.owner == Some(*to) {
                     return Err(exists("owner of placement", format!("{name} on {to}")));
                 }
-                let p = self.placements.get_mut(name).ok_or_else(|| not_found("placement", name))?;
+                let p = self
+                    .placements
+                    .get_mut(name)
+                    .ok_or_else(|| not_found("placement", name))?;
                 p.owner = Some(*to);
                 p.epoch += 1;
                 Ok(Outcome::Epoch(p.epoch))
             }
             Command::ReleasePlacement { name, epoch } => {
-                let p = self.placements.get_mut(name).ok_or_else(|| not_found("placement", name))?;
+                let p = self
+                    .placements
+                    .get_mut(name)
+                    .ok_or_else(|| not_found("placement", name))?;
                 if p.epoch != *epoch {
-                    return Err(CommandError::StaleEpoch { name: name.clone(), expected: *epoch, current: p.epoch });
+                    return Err(CommandError::StaleEpoch {
+                        name: name.clone(),
+                        expected: *epoch,
+                        current: p.epoch,
+                    });
                 }
                 if p.owner.is_none() {
                     return Err(not_found("owner of placement", name));
@@ -628,13 +721,21 @@ impl Fabric {
                 for d in devices {
                     self.devices.insert(
                         d.id.clone(),
-                        Device { addr: d.addr.clone(), mode: d.mode, owner: None, status: DeviceStatus::Unassigned, since: *at },
+                        Device {
+                            addr: d.addr.clone(),
+                            mode: d.mode,
+                            owner: None,
+                            status: DeviceStatus::Unassigned,
+                            since: *at,
+                        },
                     );
                 }
                 Ok(Outcome::DevicesAdded(devices.len() as u64))
             }
             Command::RemoveDevice { id } => {
-                self.devices.remove(id).ok_or_else(|| not_found("device", id))?;
+                self.devices
+                    .remove(id)
+                    .ok_or_else(|| not_found("device", id))?;
                 Ok(Outcome::Done)
             }
             Command::PutService { name, spec } => {
@@ -649,7 +750,10 @@ impl Fabric {
                 }
                 if let ServiceScope::Vip(vip) = &spec.scope {
                     match self.placements.get(vip) {
-                        Some(Placement { kind: PlacementKind::Vip { .. }, .. }) => {}
+                        Some(Placement {
+                            kind: PlacementKind::Vip { .. },
+                            ..
+                        }) => {}
                         _ => return Err(not_found("VIP", vip)),
                     }
                 }
@@ -708,13 +812,20 @@ mod tests {
     }
 
     fn dev(id: &str, addr: &str) -> NewDevice {
-        NewDevice { id: id.into(), addr: addr.into(), mode: DeviceMode::SpaceInitiated }
+        NewDevice {
+            id: id.into(),
+            addr: addr.into(),
+            mode: DeviceMode::SpaceInitiated,
+        }
     }
 
     fn vip(name: &str, addr: &str, r: &[&str]) -> Command {
         Command::AddPlacement {
             name: name.into(),
-            kind: PlacementKind::Vip { address: addr.into(), interface: "eth0".into() },
+            kind: PlacementKind::Vip {
+                address: addr.into(),
+                interface: "eth0".into(),
+            },
             eligible_roles: roles(r),
         }
     }
@@ -744,10 +855,22 @@ mod tests {
     #[test]
     fn register_node_validation() {
         let mut f = base();
-        assert!(matches!(refused(&mut f, register(1, "n9", &[])), CommandError::Exists { .. }));
-        assert!(matches!(refused(&mut f, register(9, "n1", &[])), CommandError::Exists { .. }));
-        assert!(matches!(refused(&mut f, register(9, "N9", &[])), CommandError::Invalid { .. }));
-        assert!(matches!(refused(&mut f, register(9, "n9", &["Bad Role"])), CommandError::Invalid { .. }));
+        assert!(matches!(
+            refused(&mut f, register(1, "n9", &[])),
+            CommandError::Exists { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, register(9, "n1", &[])),
+            CommandError::Exists { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, register(9, "N9", &[])),
+            CommandError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, register(9, "n9", &["Bad Role"])),
+            CommandError::Invalid { .. }
+        ));
         let mut c = register(9, "n9", &[]);
         if let Command::RegisterNode { raft_addr, .. } = &mut c {
             raft_addr.clear();
@@ -760,8 +883,17 @@ mod tests {
     #[test]
     fn remove_node_releases_what_it_held() {
         let mut f = base();
-        f.apply(&Command::GrantPlacement { name: "cluster".into(), to: 1, expected_epoch: 0 }).unwrap();
-        f.apply(&Command::AddDevices { devices: vec![dev("d1", "10.1.0.1")], at: 5 }).unwrap();
+        f.apply(&Command::GrantPlacement {
+            name: "cluster".into(),
+            to: 1,
+            expected_epoch: 0,
+        })
+        .unwrap();
+        f.apply(&Command::AddDevices {
+            devices: vec![dev("d1", "10.1.0.1")],
+            at: 5,
+        })
+        .unwrap();
         f.devices.get_mut("d1").unwrap().owner = Some(1);
         refused(&mut f, Command::RemoveNode { id: 42 });
         f.apply(&Command::RemoveNode { id: 1 }).unwrap();
@@ -774,34 +906,92 @@ mod tests {
     #[test]
     fn roles_and_admin_state_validation() {
         let mut f = base();
-        refused(&mut f, Command::SetRoles { id: 7, roles: roles(&["app"]) });
-        refused(&mut f, Command::SetRoles { id: 1, roles: roles(&["-x"]) });
-        refused(&mut f, Command::SetAdminState { id: 7, state: AdminState::Draining });
-        f.apply(&Command::SetAdminState { id: 1, state: AdminState::Draining }).unwrap();
-        let err = refused(&mut f, Command::GrantPlacement { name: "cluster".into(), to: 1, expected_epoch: 0 });
+        refused(
+            &mut f,
+            Command::SetRoles {
+                id: 7,
+                roles: roles(&["app"]),
+            },
+        );
+        refused(
+            &mut f,
+            Command::SetRoles {
+                id: 1,
+                roles: roles(&["-x"]),
+            },
+        );
+        refused(
+            &mut f,
+            Command::SetAdminState {
+                id: 7,
+                state: AdminState::Draining,
+            },
+        );
+        f.apply(&Command::SetAdminState {
+            id: 1,
+            state: AdminState::Draining,
+        })
+        .unwrap();
+        let err = refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 1,
+                expected_epoch: 0,
+            },
+        );
         assert!(matches!(err, CommandError::NotEligible { .. }), "{err}");
     }
 
     #[test]
     fn add_placement_validation() {
         let mut f = base();
-        assert!(matches!(refused(&mut f, vip("cluster", "10.0.0.9/24", &["ha"])), CommandError::Exists { .. }));
-        assert!(matches!(refused(&mut f, vip("other", "10.0.0.100/16", &["ha"])), CommandError::InUse { .. }));
-        assert!(matches!(refused(&mut f, vip("v", "10.0.0.9", &["ha"])), CommandError::Invalid { .. }));
-        assert!(matches!(refused(&mut f, vip("v", "10.0.0.9/33", &["ha"])), CommandError::Invalid { .. }));
-        assert!(matches!(refused(&mut f, vip("v", "nope/24", &["ha"])), CommandError::Invalid { .. }));
-        assert!(matches!(refused(&mut f, vip("v", "10.0.0.9/24", &[])), CommandError::Invalid { .. }));
-        assert!(matches!(refused(&mut f, vip("V!", "10.0.0.9/24", &["ha"])), CommandError::Invalid { .. }));
+        assert!(matches!(
+            refused(&mut f, vip("cluster", "10.0.0.9/24", &["ha"])),
+            CommandError::Exists { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("other", "10.0.0.100/16", &["ha"])),
+            CommandError::InUse { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("v", "10.0.0.9", &["ha"])),
+            CommandError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("v", "10.0.0.9/33", &["ha"])),
+            CommandError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("v", "nope/24", &["ha"])),
+            CommandError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("v", "10.0.0.9/24", &[])),
+            CommandError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("V!", "10.0.0.9/24", &["ha"])),
+            CommandError::Invalid { .. }
+        ));
         let bad_if = Command::AddPlacement {
             name: "v".into(),
-            kind: PlacementKind::Vip { address: "10.0.0.9/24".into(), interface: "".into() },
+            kind: PlacementKind::Vip {
+                address: "10.0.0.9/24".into(),
+                interface: "".into(),
+            },
             eligible_roles: roles(&["ha"]),
         };
-        assert!(matches!(refused(&mut f, bad_if), CommandError::Invalid { .. }));
+        assert!(matches!(
+            refused(&mut f, bad_if),
+            CommandError::Invalid { .. }
+        ));
         f.apply(&vip("v6", "fd00::100/64", &["ha"])).unwrap();
         f.apply(&Command::AddPlacement {
             name: "poller".into(),
-            kind: PlacementKind::Singleton { service: "job-poller".into() },
+            kind: PlacementKind::Singleton {
+                service: "job-poller".into(),
+            },
             eligible_roles: roles(&["app"]),
         })
         .unwrap();
@@ -811,34 +1001,114 @@ mod tests {
     fn grant_and_release_fence_with_epochs() {
         let mut f = base();
         // Ineligible: node 2 has only `db`.
-        let err = refused(&mut f, Command::GrantPlacement { name: "cluster".into(), to: 2, expected_epoch: 0 });
+        let err = refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 2,
+                expected_epoch: 0,
+            },
+        );
         assert!(matches!(err, CommandError::NotEligible { .. }));
-        refused(&mut f, Command::GrantPlacement { name: "nope".into(), to: 1, expected_epoch: 0 });
-        refused(&mut f, Command::GrantPlacement { name: "cluster".into(), to: 9, expected_epoch: 0 });
+        refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "nope".into(),
+                to: 1,
+                expected_epoch: 0,
+            },
+        );
+        refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 9,
+                expected_epoch: 0,
+            },
+        );
         assert_eq!(
-            f.apply(&Command::GrantPlacement { name: "cluster".into(), to: 1, expected_epoch: 0 }),
+            f.apply(&Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 1,
+                expected_epoch: 0
+            }),
             Ok(Outcome::Epoch(1))
         );
         // A proposer that looked before the grant loses the compare-and-set.
-        let err = refused(&mut f, Command::GrantPlacement { name: "cluster".into(), to: 1, expected_epoch: 0 });
+        let err = refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 1,
+                expected_epoch: 0,
+            },
+        );
         assert!(matches!(err, CommandError::StaleEpoch { current: 1, .. }));
         // Granting to the current owner again is refused.
-        refused(&mut f, Command::GrantPlacement { name: "cluster".into(), to: 1, expected_epoch: 1 });
+        refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 1,
+                expected_epoch: 1,
+            },
+        );
         // Release with an old epoch is refused; with the current one it works and bumps the epoch.
-        refused(&mut f, Command::ReleasePlacement { name: "cluster".into(), epoch: 0 });
-        assert_eq!(f.apply(&Command::ReleasePlacement { name: "cluster".into(), epoch: 1 }), Ok(Outcome::Epoch(2)));
-        refused(&mut f, Command::ReleasePlacement { name: "cluster".into(), epoch: 2 });
-        refused(&mut f, Command::RemovePlacement { name: "nope".into() });
-        f.apply(&Command::GrantPlacement { name: "db".into(), to: 2, expected_epoch: 0 }).unwrap();
-        assert!(matches!(refused(&mut f, Command::RemovePlacement { name: "db".into() }), CommandError::InUse { .. }));
-        f.apply(&Command::RemovePlacement { name: "cluster".into() }).unwrap();
+        refused(
+            &mut f,
+            Command::ReleasePlacement {
+                name: "cluster".into(),
+                epoch: 0,
+            },
+        );
+        assert_eq!(
+            f.apply(&Command::ReleasePlacement {
+                name: "cluster".into(),
+                epoch: 1
+            }),
+            Ok(Outcome::Epoch(2))
+        );
+        refused(
+            &mut f,
+            Command::ReleasePlacement {
+                name: "cluster".into(),
+                epoch: 2,
+            },
+        );
+        refused(
+            &mut f,
+            Command::RemovePlacement {
+                name: "nope".into(),
+            },
+        );
+        f.apply(&Command::GrantPlacement {
+            name: "db".into(),
+            to: 2,
+            expected_epoch: 0,
+        })
+        .unwrap();
+        assert!(matches!(
+            refused(&mut f, Command::RemovePlacement { name: "db".into() }),
+            CommandError::InUse { .. }
+        ));
+        f.apply(&Command::RemovePlacement {
+            name: "cluster".into(),
+        })
+        .unwrap();
     }
 
     #[test]
     fn add_devices_is_all_or_nothing() {
         let mut f = base();
-        let ok = vec![dev("d1", "10.1.0.1"), dev("d2", "10.1.0.2:830"), dev("d3", "router-3.lab:22")];
-        assert_eq!(f.apply(&Command::AddDevices { devices: ok, at: 7 }), Ok(Outcome::DevicesAdded(3)));
+        let ok = vec![
+            dev("d1", "10.1.0.1"),
+            dev("d2", "10.1.0.2:830"),
+            dev("d3", "router-3.lab:22"),
+        ];
+        assert_eq!(
+            f.apply(&Command::AddDevices { devices: ok, at: 7 }),
+            Ok(Outcome::DevicesAdded(3))
+        );
         assert_eq!(f.devices["d2"].since, 7);
         // One bad device in a batch: nothing of the batch lands.
         for bad in [
@@ -850,14 +1120,43 @@ mod tests {
             dev("d9", "bad host"),
             dev("d9", ""),
         ] {
-            refused(&mut f, Command::AddDevices { devices: vec![dev("d8", "10.1.0.8"), bad], at: 8 });
+            refused(
+                &mut f,
+                Command::AddDevices {
+                    devices: vec![dev("d8", "10.1.0.8"), bad],
+                    at: 8,
+                },
+            );
         }
-        refused(&mut f, Command::AddDevices { devices: vec![dev("d8", "10.1.0.8"), dev("d8", "10.1.0.8")], at: 8 });
-        refused(&mut f, Command::AddDevices { devices: vec![], at: 8 });
-        let too_many = (0..=MAX_DEVICES_PER_COMMAND).map(|i| dev(&format!("x{i}"), "10.2.0.1")).collect();
-        refused(&mut f, Command::AddDevices { devices: too_many, at: 8 });
-        f.apply(&Command::AddDevices { devices: vec![dev("v6", "[fd00::1]:22"), dev("v6b", "fd00::2")], at: 9 })
-            .unwrap();
+        refused(
+            &mut f,
+            Command::AddDevices {
+                devices: vec![dev("d8", "10.1.0.8"), dev("d8", "10.1.0.8")],
+                at: 8,
+            },
+        );
+        refused(
+            &mut f,
+            Command::AddDevices {
+                devices: vec![],
+                at: 8,
+            },
+        );
+        let too_many = (0..=MAX_DEVICES_PER_COMMAND)
+            .map(|i| dev(&format!("x{i}"), "10.2.0.1"))
+            .collect();
+        refused(
+            &mut f,
+            Command::AddDevices {
+                devices: too_many,
+                at: 8,
+            },
+        );
+        f.apply(&Command::AddDevices {
+            devices: vec![dev("v6", "[fd00::1]:22"), dev("v6b", "fd00::2")],
+            at: 9,
+        })
+        .unwrap();
         refused(&mut f, Command::RemoveDevice { id: "nope".into() });
         f.apply(&Command::RemoveDevice { id: "d1".into() }).unwrap();
         assert_eq!(f.devices.len(), 4);
@@ -871,29 +1170,78 @@ mod tests {
             scope,
             health_check: None,
         };
-        refused(&mut f, Command::PutService { name: "web".into(), spec: spec(&[], ServiceScope::EveryNode) });
-        refused(&mut f, Command::PutService { name: "web".into(), spec: spec(&[""], ServiceScope::EveryNode) });
-        refused(&mut f, Command::PutService { name: "Web".into(), spec: spec(&["x"], ServiceScope::EveryNode) });
-        refused(&mut f, Command::PutService { name: "web".into(), spec: spec(&["x"], ServiceScope::Vip("nope".into())) });
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "web".into(),
+                spec: spec(&[], ServiceScope::EveryNode),
+            },
+        );
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "web".into(),
+                spec: spec(&[""], ServiceScope::EveryNode),
+            },
+        );
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "Web".into(),
+                spec: spec(&["x"], ServiceScope::EveryNode),
+            },
+        );
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "web".into(),
+                spec: spec(&["x"], ServiceScope::Vip("nope".into())),
+            },
+        );
         let mut hc = spec(&["x"], ServiceScope::EveryNode);
         hc.health_check = Some(vec![]);
-        refused(&mut f, Command::PutService { name: "web".into(), spec: hc });
-        f.apply(&Command::PutService { name: "web".into(), spec: spec(&["x"], ServiceScope::Vip("cluster".into())) })
-            .unwrap();
-        f.apply(&Command::PutService { name: "job-poller".into(), spec: spec(&["p"], ServiceScope::Singleton) })
-            .unwrap();
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "web".into(),
+                spec: hc,
+            },
+        );
+        f.apply(&Command::PutService {
+            name: "web".into(),
+            spec: spec(&["x"], ServiceScope::Vip("cluster".into())),
+        })
+        .unwrap();
+        f.apply(&Command::PutService {
+            name: "job-poller".into(),
+            spec: spec(&["p"], ServiceScope::Singleton),
+        })
+        .unwrap();
         f.apply(&Command::AddPlacement {
             name: "poller".into(),
-            kind: PlacementKind::Singleton { service: "job-poller".into() },
+            kind: PlacementKind::Singleton {
+                service: "job-poller".into(),
+            },
             eligible_roles: roles(&["app"]),
         })
         .unwrap();
         assert!(matches!(
-            refused(&mut f, Command::RemoveService { name: "job-poller".into() }),
+            refused(
+                &mut f,
+                Command::RemoveService {
+                    name: "job-poller".into()
+                }
+            ),
             CommandError::InUse { .. }
         ));
-        refused(&mut f, Command::RemoveService { name: "nope".into() });
-        f.apply(&Command::RemoveService { name: "web".into() }).unwrap();
+        refused(
+            &mut f,
+            Command::RemoveService {
+                name: "nope".into(),
+            },
+        );
+        f.apply(&Command::RemoveService { name: "web".into() })
+            .unwrap();
     }
 
     /// A pseudo-random command log (fixed seed) applied twice gives the same fabric, and the
@@ -911,14 +1259,24 @@ mod tests {
         for i in 0..3000u64 {
             let c = match next() % 6 {
                 0 => register(next() % 8, &format!("n{}", next() % 8), &["ha", "app"]),
-                1 => vip(&format!("v{}", next() % 5), &format!("10.0.{}.1/24", next() % 5), &["ha"]),
+                1 => vip(
+                    &format!("v{}", next() % 5),
+                    &format!("10.0.{}.1/24", next() % 5),
+                    &["ha"],
+                ),
                 2 => Command::GrantPlacement {
                     name: format!("v{}", next() % 5),
                     to: next() % 8,
                     expected_epoch: next() % 4,
                 },
-                3 => Command::ReleasePlacement { name: format!("v{}", next() % 5), epoch: next() % 4 },
-                4 => Command::AddDevices { devices: vec![dev(&format!("d{}", next() % 500), "10.9.0.1")], at: i },
+                3 => Command::ReleasePlacement {
+                    name: format!("v{}", next() % 5),
+                    epoch: next() % 4,
+                },
+                4 => Command::AddDevices {
+                    devices: vec![dev(&format!("d{}", next() % 500), "10.9.0.1")],
+                    at: i,
+                },
                 _ => Command::RemoveNode { id: next() % 8 },
             };
             log.push(c);

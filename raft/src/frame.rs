@@ -22,7 +22,10 @@ pub enum FrameError {
 }
 
 /// Reads one frame of at most `max` bytes. `Ok(None)` means the stream ended cleanly before a frame.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -40,7 +43,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<O
 
 /// Writes one frame; the caller guarantees `bytes.len() <= MAX_FRAME`.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-    let len = u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("frame longer than 4 GiB"))?;
+    let len =
+        u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("frame longer than 4 GiB"))?;
     w.write_all(&len.to_be_bytes()).await?;
     w.write_all(bytes).await
 }
@@ -61,12 +65,18 @@ mod tests {
 
         let huge = (u32::MAX).to_be_bytes();
         let mut r = &huge[..];
-        assert!(matches!(read_frame(&mut r, MAX_FRAME).await, Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            read_frame(&mut r, MAX_FRAME).await,
+            Err(FrameError::TooLarge { .. })
+        ));
 
         let mut cut = Vec::new();
         write_frame(&mut cut, b"hello").await.unwrap();
         cut.truncate(6);
         let mut r = &cut[..];
-        assert!(matches!(read_frame(&mut r, 16).await, Err(FrameError::Io(_))));
+        assert!(matches!(
+            read_frame(&mut r, 16).await,
+            Err(FrameError::Io(_))
+        ));
     }
 }

@@ -7,13 +7,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, VoteRequest, VoteResponse,
-};
 use openraft::raft::TransferLeaderResponse;
-use openraft::async_runtime::WatchReceiver;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    VoteRequest, VoteResponse,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
@@ -103,6 +104,9 @@ fn network(msg: String) -> RPCError<TypeConfig> {
     RPCError::Network(NetworkError::new(&Msg(msg)))
 }
 
+/// One peer's cached connection; its own lock so a slow dial blocks only that peer.
+type PeerSlot = Arc<Mutex<Option<quinn::Connection>>>;
+
 /// Dials peers and caches one connection per peer.
 #[derive(Clone)]
 pub struct QuicNetwork {
@@ -113,16 +117,29 @@ pub struct QuicNetwork {
     /// TLS + transport settings for Raft connections (ALPN `spaced-raft/1`).
     client_config: quinn::ClientConfig,
     /// Live connections by peer.
-    conns: Arc<Mutex<HashMap<NodeId, Arc<Mutex<Option<quinn::Connection>>>>>>,
+    conns: Arc<Mutex<HashMap<NodeId, PeerSlot>>>,
 }
 
 impl QuicNetwork {
     /// Creates the dialer; `client_config` must carry the Raft ALPN and this node's certificate.
-    pub fn new(self_id: NodeId, endpoint: quinn::Endpoint, client_config: quinn::ClientConfig) -> Self {
-        QuicNetwork { self_id, endpoint, client_config, conns: Arc::default() }
+    pub fn new(
+        self_id: NodeId,
+        endpoint: quinn::Endpoint,
+        client_config: quinn::ClientConfig,
+    ) -> Self {
+        QuicNetwork {
+            self_id,
+            endpoint,
+            client_config,
+            conns: Arc::default(),
+        }
     }
 
-    async fn connection(&self, target: NodeId, member: &Member) -> Result<quinn::Connection, String> {
+    async fn connection(
+        &self,
+        target: NodeId,
+        member: &Member,
+    ) -> Result<quinn::Connection, String> {
         // One slot per peer: dialing a dead peer must not hold up RPCs to live ones.
         let slot = self.conns.lock().await.entry(target).or_default().clone();
         let mut slot = slot.lock().await;
@@ -147,9 +164,18 @@ impl QuicNetwork {
     }
 
     /// Sends one request on a new stream and reads the reply (for `Describe` and tests).
-    pub async fn call(&self, target: NodeId, member: &Member, rpc: RaftRpc, ttl: Duration) -> Result<RaftReply, String> {
+    pub async fn call(
+        &self,
+        target: NodeId,
+        member: &Member,
+        rpc: RaftRpc,
+        ttl: Duration,
+    ) -> Result<RaftReply, String> {
         let conn = self.connection(target, member).await?;
-        let req = RaftRequest { from: self.self_id, rpc };
+        let req = RaftRequest {
+            from: self.self_id,
+            rpc,
+        };
         tokio::time::timeout(ttl, call_on(&conn, &req, &[]))
             .await
             .map_err(|_| format!("node {target}: no reply within {ttl:?}"))?
@@ -168,15 +194,29 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
 }
 
 /// Opens a stream, writes the request (plus optional trailing chunk frames) and reads the reply.
-async fn call_on(conn: &quinn::Connection, req: &RaftRequest, chunks: &[&[u8]]) -> Result<RaftReply, String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("open stream: {e}"))?;
+async fn call_on(
+    conn: &quinn::Connection,
+    req: &RaftRequest,
+    chunks: &[&[u8]],
+) -> Result<RaftReply, String> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| format!("open stream: {e}"))?;
     let bytes = codec::encode(req).map_err(|e| e.to_string())?;
     if bytes.len() > MAX_FRAME {
-        return Err(format!("request of {} bytes exceeds the frame limit", bytes.len()));
+        return Err(format!(
+            "request of {} bytes exceeds the frame limit",
+            bytes.len()
+        ));
     }
-    frame::write_frame(&mut send, &bytes).await.map_err(|e| format!("send: {e}"))?;
+    frame::write_frame(&mut send, &bytes)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
     for c in chunks {
-        frame::write_frame(&mut send, c).await.map_err(|e| format!("send: {e}"))?;
+        frame::write_frame(&mut send, c)
+            .await
+            .map_err(|e| format!("send: {e}"))?;
     }
     send.finish().map_err(|e| format!("send: {e}"))?;
     let reply = frame::read_frame(&mut recv, MAX_FRAME)
@@ -191,7 +231,11 @@ impl RaftNetworkFactory<TypeConfig> for QuicNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
-        PeerClient { net: self.clone(), target, member: node.clone() }
+        PeerClient {
+            net: self.clone(),
+            target,
+            member: node.clone(),
+        }
     }
 }
 
@@ -206,13 +250,28 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    async fn rpc(&self, rpc: RaftRpc, option: &RPCOption) -> Result<RaftReply, RPCError<TypeConfig>> {
-        let conn = self.net.connection(self.target, &self.member).await.map_err(unreachable)?;
-        let req = RaftRequest { from: self.net.self_id, rpc };
+    async fn rpc(
+        &self,
+        rpc: RaftRpc,
+        option: &RPCOption,
+    ) -> Result<RaftReply, RPCError<TypeConfig>> {
+        let conn = self
+            .net
+            .connection(self.target, &self.member)
+            .await
+            .map_err(unreachable)?;
+        let req = RaftRequest {
+            from: self.net.self_id,
+            rpc,
+        };
         match tokio::time::timeout(option.hard_ttl(), call_on(&conn, &req, &[])).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(network(format!("node {}: {e}", self.target))),
-            Err(_) => Err(network(format!("node {}: no reply within {:?}", self.target, option.hard_ttl()))),
+            Err(_) => Err(network(format!(
+                "node {}: no reply within {:?}",
+                self.target,
+                option.hard_ttl()
+            ))),
         }
     }
 }
@@ -272,7 +331,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let data = snapshot.snapshot.into_inner();
         let req = RaftRequest {
             from: self.net.self_id,
-            rpc: RaftRpc::Snapshot { vote, meta: snapshot.meta, len: data.len() as u64 },
+            rpc: RaftRpc::Snapshot {
+                vote,
+                meta: snapshot.meta,
+                len: data.len() as u64,
+            },
         };
         let chunks: Vec<&[u8]> = data.chunks(SNAPSHOT_CHUNK).collect();
         tokio::select! {
@@ -344,10 +407,18 @@ impl RaftService {
         if let Some(v) = voter_of(&req.rpc)
             && v != req.from
         {
-            return Err(format!("request claims node {} but carries the vote of node {v}", req.from));
+            return Err(format!(
+                "request claims node {} but carries the vote of node {v}",
+                req.from
+            ));
         }
         let metrics = self.raft.metrics();
-        let known = metrics.borrow_watched().membership_config.membership().get_node(&req.from).cloned();
+        let known = metrics
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .get_node(&req.from)
+            .cloned();
         match known {
             Some(m) if m.name != peer_name => Err(format!(
                 "certificate names {peer_name:?} but request claims node {} which is {:?}",
@@ -390,12 +461,30 @@ impl RaftService {
             return Err(e);
         }
         let reply: WireReply = match req.rpc {
-            RaftRpc::Append(r) => self.raft.append_entries(r).await.map(RaftReply::Append).map_err(|e| e.to_string()),
-            RaftRpc::Vote(r) => self.raft.vote(r).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
-            RaftRpc::PreVote(r) => self.raft.pre_vote(r).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
-            RaftRpc::TransferLeader(r) => {
-                self.raft.handle_transfer_leader(r).await.map(RaftReply::TransferLeader).map_err(|e| e.to_string())
-            }
+            RaftRpc::Append(r) => self
+                .raft
+                .append_entries(r)
+                .await
+                .map(RaftReply::Append)
+                .map_err(|e| e.to_string()),
+            RaftRpc::Vote(r) => self
+                .raft
+                .vote(r)
+                .await
+                .map(RaftReply::Vote)
+                .map_err(|e| e.to_string()),
+            RaftRpc::PreVote(r) => self
+                .raft
+                .pre_vote(r)
+                .await
+                .map(RaftReply::Vote)
+                .map_err(|e| e.to_string()),
+            RaftRpc::TransferLeader(r) => self
+                .raft
+                .handle_transfer_leader(r)
+                .await
+                .map(RaftReply::TransferLeader)
+                .map_err(|e| e.to_string()),
             RaftRpc::Describe => Ok(RaftReply::Describe(self.local.clone())),
             RaftRpc::Snapshot { vote, meta, len } => {
                 if len > MAX_SNAPSHOT {
@@ -412,12 +501,21 @@ impl RaftService {
                 if data.len() as u64 != len {
                     return Err(format!("snapshot of {} bytes, announced {len}", data.len()));
                 }
-                let snap = Snapshot { meta, snapshot: Cursor::new(data) };
-                self.raft.install_full_snapshot(vote, snap).await.map(RaftReply::Snapshot).map_err(|e| e.to_string())
+                let snap = Snapshot {
+                    meta,
+                    snapshot: Cursor::new(data),
+                };
+                self.raft
+                    .install_full_snapshot(vote, snap)
+                    .await
+                    .map(RaftReply::Snapshot)
+                    .map_err(|e| e.to_string())
             }
         };
         let bytes = codec::encode(&reply).map_err(|e| e.to_string())?;
-        frame::write_frame(&mut send, &bytes).await.map_err(|e| e.to_string())?;
+        frame::write_frame(&mut send, &bytes)
+            .await
+            .map_err(|e| e.to_string())?;
         send.finish().map_err(|e| e.to_string())?;
         Ok(())
     }

@@ -14,7 +14,8 @@ use std::sync::{Arc, RwLock};
 use futures::{Stream, TryStreamExt};
 use openraft::entry::RaftEntry;
 use openraft::storage::{
-    EntryResponder, IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine,
+    EntryResponder, IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder,
+    RaftStateMachine,
 };
 use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
@@ -86,15 +87,24 @@ struct FabricState {
 /// Opens (or creates) the sled database in `dir` and returns the two halves openraft needs.
 pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
     let dir_s = dir.display().to_string();
-    let sled_err = |source| StoreError::Sled { dir: dir_s.clone(), source };
+    let sled_err = |source| StoreError::Sled {
+        dir: dir_s.clone(),
+        source,
+    };
     // Every write that matters is flushed explicitly, so sled's background flusher is not needed.
-    let config = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).flush_every_ms(None);
+    let config = sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        .flush_every_ms(None);
     // A node restarted in the same process may find the previous handle still releasing its lock.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     let db = loop {
         match config.open() {
             Ok(db) => break db,
-            Err(sled::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+            Err(sled::Error::Io(e))
+                if e.kind() == io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             Err(sled::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -109,19 +119,38 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
 
     let mut state = FabricState::default();
     if let Some(bytes) = sm.get(KEY_SNAPSHOT).map_err(sled_err)? {
-        let snap: StoredSnapshot = codec::decode(&bytes)
-            .map_err(|source| StoreError::Corrupt { dir: dir_s.clone(), what: "snapshot", source })?;
-        state = codec::decode(&snap.data)
-            .map_err(|source| StoreError::Corrupt { dir: dir_s.clone(), what: "snapshot data", source })?;
+        let snap: StoredSnapshot = codec::decode(&bytes).map_err(|source| StoreError::Corrupt {
+            dir: dir_s.clone(),
+            what: "snapshot",
+            source,
+        })?;
+        state = codec::decode(&snap.data).map_err(|source| StoreError::Corrupt {
+            dir: dir_s.clone(),
+            what: "snapshot data",
+            source,
+        })?;
     }
-    let log_store = LogStore { db: db.clone(), log, meta };
-    let sm_store = FabricStore { db, sm, state: Arc::new(RwLock::new(state)) };
+    let log_store = LogStore {
+        db: db.clone(),
+        log,
+        meta,
+    };
+    let sm_store = FabricStore {
+        db,
+        sm,
+        state: Arc::new(RwLock::new(state)),
+    };
     Ok((log_store, sm_store))
 }
 
 /// True when `dir` holds no Raft state yet (used to refuse `--bootstrap` on a used data dir).
 pub fn is_empty(log: &LogStore) -> Result<bool, io::Error> {
-    Ok(log.log.is_empty() && log.meta.get(KEY_VOTE).map_err(|e| io_err("read vote", e))?.is_none())
+    Ok(log.log.is_empty()
+        && log
+            .meta
+            .get(KEY_VOTE)
+            .map_err(|e| io_err("read vote", e))?
+            .is_none())
 }
 
 /// Raft log and hard state in sled.
@@ -139,18 +168,25 @@ impl LogStore {
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, io::Error> {
         match self.meta.get(key).map_err(|e| io_err("read meta", e))? {
             None => Ok(None),
-            Some(v) => codec::decode(&v).map(Some).map_err(|e| io_err("decode meta", e)),
+            Some(v) => codec::decode(&v)
+                .map(Some)
+                .map_err(|e| io_err("decode meta", e)),
         }
     }
 
     fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), io::Error> {
         let bytes = codec::encode(value).map_err(|e| io_err("encode meta", e))?;
-        self.meta.insert(key, bytes).map_err(|e| io_err("write meta", e))?;
+        self.meta
+            .insert(key, bytes)
+            .map_err(|e| io_err("write meta", e))?;
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), io::Error> {
-        self.db.flush_async().await.map_err(|e| io_err("flush", e))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| io_err("flush", e))?;
         Ok(())
     }
 }
@@ -195,7 +231,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             None => last_purged,
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -217,7 +256,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
     {
@@ -226,10 +269,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = codec::encode(&entry).map_err(|e| io_err("encode log entry", e))?;
             batch.insert(&index_key(entry.index()), bytes);
         }
-        self.log.apply_batch(batch).map_err(|e| io_err("append log", e))?;
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_err("append log", e))?;
         // Acknowledge only once durable.
         let res = self.flush().await;
-        let ack = res.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
+        let ack = res
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| io::Error::new(e.kind(), e.to_string()));
         callback.io_completed(ack);
         res
     }
@@ -241,7 +289,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let (k, _) = item.map_err(|e| io_err("read log", e))?;
             batch.remove(k);
         }
-        self.log.apply_batch(batch).map_err(|e| io_err("truncate log", e))?;
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_err("truncate log", e))?;
         self.flush().await
     }
 
@@ -254,7 +304,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let (k, _) = item.map_err(|e| io_err("read log", e))?;
             batch.remove(k);
         }
-        self.log.apply_batch(batch).map_err(|e| io_err("purge log", e))?;
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_err("purge log", e))?;
         Ok(())
     }
 }
@@ -293,7 +345,9 @@ impl FabricView {
 impl FabricStore {
     /// A read handle on the applied fabric.
     pub fn view(&self) -> FabricView {
-        FabricView { state: self.state.clone() }
+        FabricView {
+            state: self.state.clone(),
+        }
     }
 
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, FabricState> {
@@ -301,10 +355,18 @@ impl FabricStore {
     }
 
     async fn persist_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), io::Error> {
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.to_vec() };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.to_vec(),
+        };
         let bytes = codec::encode(&stored).map_err(|e| io_err("encode snapshot", e))?;
-        self.sm.insert(KEY_SNAPSHOT, bytes).map_err(|e| io_err("write snapshot", e))?;
-        self.db.flush_async().await.map_err(|e| io_err("flush snapshot", e))?;
+        self.sm
+            .insert(KEY_SNAPSHOT, bytes)
+            .map_err(|e| io_err("write snapshot", e))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| io_err("flush snapshot", e))?;
         Ok(())
     }
 }
@@ -316,11 +378,20 @@ impl RaftSnapshotBuilder<TypeConfig> for FabricStore {
         let (data, meta) = {
             let st = self.state.read().unwrap_or_else(|p| p.into_inner());
             let data = codec::encode(&*st).map_err(|e| io_err("encode fabric", e))?;
-            (data, SnapshotMeta { last_log_id: st.last_applied, last_membership: st.last_membership.clone() })
+            (
+                data,
+                SnapshotMeta {
+                    last_log_id: st.last_applied,
+                    last_membership: st.last_membership.clone(),
+                },
+            )
         };
         self.persist_snapshot(&meta, &data).await?;
         tracing::info!(bytes = data.len(), last = ?meta.last_log_id.map(|l| l.index()), "snapshot built");
-        Ok(Snapshot { meta, snapshot: Cursor::new(data) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        })
     }
 }
 
@@ -361,9 +432,14 @@ impl RaftStateMachine<TypeConfig> for FabricStore {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Self::SnapshotData) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Self::SnapshotData,
+    ) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
-        let new_state: FabricState = codec::decode(&data).map_err(|e| io_err("decode received snapshot", e))?;
+        let new_state: FabricState =
+            codec::decode(&data).map_err(|e| io_err("decode received snapshot", e))?;
         self.persist_snapshot(meta, &data).await?;
         *self.write_state() = new_state;
         tracing::info!(bytes = data.len(), last = ?meta.last_log_id.map(|l| l.index()), "snapshot installed");
@@ -371,11 +447,19 @@ impl RaftStateMachine<TypeConfig> for FabricStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let Some(bytes) = self.sm.get(KEY_SNAPSHOT).map_err(|e| io_err("read snapshot", e))? else {
+        let Some(bytes) = self
+            .sm
+            .get(KEY_SNAPSHOT)
+            .map_err(|e| io_err("read snapshot", e))?
+        else {
             return Ok(None);
         };
-        let stored: StoredSnapshot = codec::decode(&bytes).map_err(|e| io_err("decode snapshot", e))?;
-        Ok(Some(Snapshot { meta: stored.meta, snapshot: Cursor::new(stored.data) }))
+        let stored: StoredSnapshot =
+            codec::decode(&bytes).map_err(|e| io_err("decode snapshot", e))?;
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Cursor::new(stored.data),
+        }))
     }
 }
 
@@ -390,9 +474,15 @@ mod tests {
     struct SledBuilder;
 
     impl StoreBuilder<TypeConfig, LogStore, FabricStore, tempfile::TempDir> for SledBuilder {
-        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, FabricStore), StorageError<TypeConfig>> {
-            let dir = tempfile::tempdir().map_err(|e| StorageError::read(openraft::errors::ErrorSource::from_string(e.to_string())))?;
-            let (log, sm) = open(dir.path()).map_err(|e| StorageError::read(openraft::errors::ErrorSource::from_string(e.to_string())))?;
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, FabricStore), StorageError<TypeConfig>> {
+            let dir = tempfile::tempdir().map_err(|e| {
+                StorageError::read(openraft::errors::ErrorSource::from_string(e.to_string()))
+            })?;
+            let (log, sm) = open(dir.path()).map_err(|e| {
+                StorageError::read(openraft::errors::ErrorSource::from_string(e.to_string()))
+            })?;
             Ok((dir, log, sm))
         }
     }
@@ -414,7 +504,15 @@ mod tests {
             assert!(is_empty(&log).unwrap());
             log.save_vote(&vote).await.unwrap();
             let entries: Vec<Entry> = (1..=5)
-                .map(|i| Entry::new_blank(openraft::LogId::new(openraft::impls::leader_id_adv::LeaderId { term: 3, node_id: 1 }, i)))
+                .map(|i| {
+                    Entry::new_blank(openraft::LogId::new(
+                        openraft::impls::leader_id_adv::LeaderId {
+                            term: 3,
+                            node_id: 1,
+                        },
+                        i,
+                    ))
+                })
                 .collect();
             log.blocking_append(entries).await.unwrap();
             sm.build_snapshot().await.unwrap();
@@ -422,7 +520,14 @@ mod tests {
         let (mut log, mut sm) = open(dir.path()).unwrap();
         assert!(!is_empty(&log).unwrap());
         assert_eq!(log.read_vote().await.unwrap(), Some(vote));
-        assert_eq!(log.get_log_state().await.unwrap().last_log_id.map(|l| l.index()), Some(5));
+        assert_eq!(
+            log.get_log_state()
+                .await
+                .unwrap()
+                .last_log_id
+                .map(|l| l.index()),
+            Some(5)
+        );
         assert!(sm.get_current_snapshot().await.unwrap().is_some());
     }
 }
