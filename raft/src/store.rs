@@ -9,6 +9,7 @@ use std::io;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use futures::{Stream, TryStreamExt};
@@ -130,13 +131,33 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
             source,
         })?;
     }
+    let db_file = std::fs::File::open(dir.join("db")).map_err(|e| StoreError::Sled {
+        dir: dir_s.clone(),
+        source: sled::Error::Io(e),
+    })?;
+    let db_file = Arc::new(db_file);
+    let purged: Option<LogId> = match meta.get(KEY_PURGED).map_err(sled_err)? {
+        Some(v) => Some(
+            codec::decode::<LogId>(&v).map_err(|source| StoreError::Corrupt {
+                dir: dir_s.clone(),
+                what: "purge marker",
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let floor = purged.map(|l| l.index() + 1).unwrap_or(0);
     let log_store = LogStore {
         db: db.clone(),
+        db_file: db_file.clone(),
         log,
         meta,
+        floor: Arc::new(AtomicU64::new(floor)),
+        purging: Arc::default(),
     };
     let sm_store = FabricStore {
         db,
+        db_file,
         sm,
         state: Arc::new(RwLock::new(state)),
     };
@@ -158,10 +179,17 @@ pub fn is_empty(log: &LogStore) -> Result<bool, io::Error> {
 pub struct LogStore {
     /// The database, for flushes.
     db: sled::Db,
+    /// sled's data file: sled's own flush uses `sync_file_range`, which does not reach the
+    /// disk's cache or metadata, so durability needs an explicit `fdatasync` on it.
+    db_file: Arc<std::fs::File>,
     /// Entries keyed by big-endian index, so iteration order is log order.
     log: sled::Tree,
     /// Vote, committed and purged markers.
     meta: sled::Tree,
+    /// First index not purged. Purged entries are deleted in the background; reads skip them.
+    floor: Arc<AtomicU64>,
+    /// Serializes background deletions.
+    purging: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl LogStore {
@@ -183,11 +211,43 @@ impl LogStore {
     }
 
     async fn flush(&self) -> Result<(), io::Error> {
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| io_err("flush", e))?;
-        Ok(())
+        flush_durably(&self.db, &self.db_file).await
+    }
+}
+
+/// sled flush, then `fdatasync` of its data file: only then is a write acknowledged.
+async fn flush_durably(db: &sled::Db, file: &Arc<std::fs::File>) -> Result<(), io::Error> {
+    db.flush_async().await.map_err(|e| io_err("flush", e))?;
+    let f = file.clone();
+    tokio::task::spawn_blocking(move || f.sync_data())
+        .await
+        .map_err(|e| io_err("fdatasync", e))?
+        .map_err(|e| io_err("fdatasync", e))
+}
+
+/// Deletes purged entries below `floor` in small batches: sled's batch write holds a
+/// process-wide lock, and one batch of thousands of keys stalls every other write for 100+ ms.
+async fn delete_purged(log: sled::Tree, floor: u64) {
+    const CHUNK: usize = 256;
+    loop {
+        let keys: Vec<sled::IVec> = log
+            .range(..index_key(floor))
+            .keys()
+            .take(CHUNK)
+            .filter_map(|k| k.ok())
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k);
+        }
+        if let Err(e) = log.apply_batch(batch) {
+            tracing::warn!(error = %e, "deleting purged log entries failed; retried at the next purge");
+            return;
+        }
+        tokio::task::yield_now().await;
     }
 }
 
@@ -196,10 +256,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
+        let floor = self.floor.load(Ordering::SeqCst);
         let start = match range.start_bound() {
-            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Included(i) => Bound::Included(index_key((*i).max(floor))),
+            Bound::Excluded(i) if *i < floor => Bound::Included(index_key(floor)),
             Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
-            Bound::Unbounded => Bound::Unbounded,
+            Bound::Unbounded => Bound::Included(index_key(floor)),
         };
         let end = match range.end_bound() {
             Bound::Included(i) => Bound::Included(index_key(*i)),
@@ -224,12 +286,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged: Option<LogId> = self.get_meta(KEY_PURGED)?;
+        let floor = self.floor.load(Ordering::SeqCst);
         let last = match self.log.last().map_err(|e| io_err("read log", e))? {
-            Some((_, v)) => {
+            Some((k, v)) if k.as_ref() >= index_key(floor).as_slice() => {
                 let e: Entry = codec::decode(&v).map_err(|e| io_err("decode log entry", e))?;
                 Some(e.log_id())
             }
-            None => last_purged,
+            _ => last_purged,
         };
         Ok(LogState {
             last_purged_log_id: last_purged,
@@ -296,17 +359,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        // Marker first: a crash between the two steps leaves extra entries, never a hole.
+        // Marker first: a crash before the deletions leaves extra entries, never a hole.
         self.put_meta(KEY_PURGED, &log_id)?;
         self.flush().await?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=index_key(log_id.index())) {
-            let (k, _) = item.map_err(|e| io_err("read log", e))?;
-            batch.remove(k);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_err("purge log", e))?;
+        self.floor.fetch_max(log_id.index() + 1, Ordering::SeqCst);
+        let log = self.log.clone();
+        let purging = self.purging.clone();
+        let floor = log_id.index() + 1;
+        tokio::spawn(async move {
+            let _one_at_a_time = purging.lock().await;
+            delete_purged(log, floor).await;
+        });
         Ok(())
     }
 }
@@ -316,6 +379,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 pub struct FabricStore {
     /// The database, for flushes.
     db: sled::Db,
+    /// sled's data file, for `fdatasync` after a snapshot is written.
+    db_file: Arc<std::fs::File>,
     /// Holds the latest snapshot.
     sm: sled::Tree,
     /// Applied state, shared with readers through [`FabricView`].
@@ -363,10 +428,7 @@ impl FabricStore {
         self.sm
             .insert(KEY_SNAPSHOT, bytes)
             .map_err(|e| io_err("write snapshot", e))?;
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| io_err("flush snapshot", e))?;
+        flush_durably(&self.db, &self.db_file).await?;
         Ok(())
     }
 }
