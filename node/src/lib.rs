@@ -8,3 +8,5 @@ pub mod daemon;
 pub mod demo;
 pub mod http;
 pub mod metrics;
+pub mod controller;
+pub mod lease;

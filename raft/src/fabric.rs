@@ -206,7 +206,7 @@ pub enum Command {
         /// Proposer's clock.
         at: Millis,
     },
-    /// Forget a node; what it held becomes unowned.
+    /// Forget a node; its devices become unassigned (its placements move when their lease runs out).
     RemoveNode {
         /// Raft node id.
         id: NodeId,
@@ -534,12 +534,8 @@ impl Fabric {
                 if self.nodes.remove(id).is_none() {
                     return Err(not_found("node", id));
                 }
-                for p in self.placements.values_mut() {
-                    if p.owner == Some(*id) {
-                        p.owner = None;
-                        p.epoch += 1;
-                    }
-                }
+                // Placements keep their owner: it may still hold a running lease, and only the
+                // leader's lease book knows when that has certainly run out.
                 for d in self.devices.values_mut() {
                     if d.owner == Some(*id) {
                         d.owner = None;
@@ -881,7 +877,7 @@ mod tests {
     }
 
     #[test]
-    fn remove_node_releases_what_it_held() {
+    fn remove_node_releases_devices_but_not_leased_placements() {
         let mut f = base();
         f.apply(&Command::GrantPlacement {
             name: "cluster".into(),
@@ -897,8 +893,8 @@ mod tests {
         f.devices.get_mut("d1").unwrap().owner = Some(1);
         refused(&mut f, Command::RemoveNode { id: 42 });
         f.apply(&Command::RemoveNode { id: 1 }).unwrap();
-        assert_eq!(f.placements["cluster"].owner, None);
-        assert_eq!(f.placements["cluster"].epoch, 2);
+        assert_eq!(f.placements["cluster"].owner, Some(1), "lease expiry, not removal, frees a placement");
+        assert_eq!(f.placements["cluster"].epoch, 1);
         assert_eq!(f.devices["d1"].owner, None);
         assert_eq!(f.devices["d1"].status, DeviceStatus::Unassigned);
     }
