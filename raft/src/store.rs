@@ -98,19 +98,14 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
         .mode(sled::Mode::HighThroughput)
         .flush_every_ms(None);
     // A node restarted in the same process may find the previous handle still releasing its lock.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let db = loop {
         match config.open() {
             Ok(db) => break db,
-            Err(sled::Error::Io(e))
-                if e.kind() == io::ErrorKind::WouldBlock
-                    && std::time::Instant::now() < deadline =>
-            {
+            Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            Err(sled::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(StoreError::Locked { dir: dir_s.clone() });
-            }
+            Err(e) if is_lock_error(&e) => return Err(StoreError::Locked { dir: dir_s.clone() }),
             Err(e) => return Err(sled_err(e)),
         }
     };
@@ -162,6 +157,14 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
         state: Arc::new(RwLock::new(state)),
     };
     Ok((log_store, sm_store))
+}
+
+/// sled reports a held file lock as an `Other` IO error carrying the OS `WouldBlock`.
+fn is_lock_error(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Io(io) => io.kind() == io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock"),
+        _ => false,
+    }
 }
 
 /// True when `dir` holds no Raft state yet (used to refuse `--bootstrap` on a used data dir).
