@@ -69,6 +69,9 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) ->
             key: pki_dir.join(format!("{name}.key")),
         },
         raft,
+        lease: Default::default(),
+        takeover: Default::default(),
+        vips: Vec::new(),
         source: dir.join(format!("{name}.toml")),
     }
 }
@@ -288,3 +291,4 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     }
     Ok(path)
 }
+pub mod lab;

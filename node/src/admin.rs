@@ -35,6 +35,38 @@ pub enum AdminRequest {
     TransferLeader(String),
     /// All devices as this node has applied them.
     ListDevices,
+    /// Create a VIP placement (leader only).
+    VipAdd(crate::config::VipSection),
+    /// VIPs with owner, epoch and lease (leader's view when asked on the leader).
+    VipList,
+    /// Move a VIP to a node (by id or name) gracefully (leader only).
+    VipMove {
+        /// VIP name.
+        name: String,
+        /// Target node, id or name.
+        to: String,
+    },
+}
+
+/// One VIP for `vip list` and `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VipRow {
+    /// Placement name.
+    pub name: String,
+    /// Address with prefix.
+    pub address: String,
+    /// Interface.
+    pub interface: String,
+    /// Eligible roles.
+    pub roles: Vec<String>,
+    /// Owner id.
+    pub owner: Option<NodeId>,
+    /// Owner name.
+    pub owner_name: Option<String>,
+    /// Fencing epoch.
+    pub epoch: u64,
+    /// On the leader: ms until it may reassign (the owner's lease ends before that).
+    pub lease_ms: Option<u64>,
 }
 
 /// How a node describes one member in `Status`.
@@ -75,6 +107,8 @@ pub struct StatusReport {
     pub nodes: Vec<NodeStatus>,
     /// Registered devices.
     pub devices: u64,
+    /// VIPs.
+    pub vips: Vec<VipRow>,
 }
 
 /// One device row for `device list`.
@@ -110,6 +144,10 @@ pub enum AdminReply {
     Done,
     /// Answer to `ListDevices`.
     Devices(Vec<DeviceRow>),
+    /// Answer to `VipList`.
+    Vips(Vec<VipRow>),
+    /// A VIP moved; its new epoch.
+    Moved(u64),
     /// Only the leader does that; here is where it is.
     NotLeader {
         /// Leader id, if known.

@@ -30,6 +30,16 @@ pub struct NodeConfig {
     /// Raft timing and log-compaction knobs.
     #[serde(default)]
     pub raft: RaftTimings,
+    /// Lease timing for VIPs and singletons.
+    #[serde(default)]
+    pub lease: LeaseTimings,
+    /// How this node takes over VIPs: real addresses (`netlink`) or, for the rootless demo,
+    /// a TCP responder on a loopback address (`loopback`).
+    #[serde(default)]
+    pub takeover: TakeoverMode,
+    /// VIPs this node declares; registered in the fabric at start-up if missing.
+    #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<VipSection>,
     /// The file this configuration came from (not part of the TOML text).
     #[serde(skip)]
     pub source: PathBuf,
@@ -73,6 +83,59 @@ impl Default for RaftTimings {
             logs_kept_after_snapshot: 1_000,
         }
     }
+}
+
+/// Lease timing (DESIGN §5); every key optional.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseTimings {
+    /// `L`: how long a confirmed renewal lets the owner hold a placement.
+    pub duration_ms: u64,
+    /// How often the owner renews; must be well below `duration_ms` (default L/4).
+    pub renew_every_ms: u64,
+    /// Extra wait on the leader beyond `L·(1+drift)` before it reassigns.
+    pub margin_ms: u64,
+    /// Bound on clock rate difference between nodes, as a fraction (0.01 = 1%).
+    pub drift: f64,
+}
+
+impl Default for LeaseTimings {
+    fn default() -> Self {
+        Self {
+            duration_ms: 300,
+            renew_every_ms: 75,
+            margin_ms: 50,
+            drift: 0.01,
+        }
+    }
+}
+
+/// How VIPs are taken over on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TakeoverMode {
+    /// Add the address with netlink and announce it with gratuitous ARP / unsolicited NA.
+    #[default]
+    Netlink,
+    /// No root needed: serve a TCP responder on the VIP (a loopback address) instead.
+    Loopback,
+}
+
+/// One `[[vip]]` entry.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSection {
+    /// Placement name, unique in the fabric.
+    pub name: String,
+    /// Address with prefix, e.g. `10.0.0.100/24` or `fd00::100/64`.
+    pub address: String,
+    /// Interface to add it to.
+    pub interface: String,
+    /// Roles eligible to hold it (e.g. `["ha"]` for the cluster VIP, `["db"]` for a database VIP).
+    pub roles: Vec<String>,
+    /// Loopback mode only: TCP port of the responder that stands in for the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// Why a configuration could not be loaded; every message is a single line naming the file.
@@ -188,6 +251,60 @@ impl NodeConfig {
             }
             if !seen.insert(role.as_str()) {
                 return Err(err(&key, format!("duplicate role {role:?}")));
+            }
+        }
+        let l = &self.lease;
+        if l.duration_ms == 0 {
+            return Err(err("lease.duration_ms", "must be greater than 0".into()));
+        }
+        if l.renew_every_ms == 0 || l.renew_every_ms * 2 > l.duration_ms {
+            return Err(err(
+                "lease.renew_every_ms",
+                format!(
+                    "must be between 1 and half of lease.duration_ms ({})",
+                    l.duration_ms
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&l.drift) {
+            return Err(err("lease.drift", "must be a fraction in [0, 1)".into()));
+        }
+        let mut vip_names = HashSet::new();
+        for (i, v) in self.vips.iter().enumerate() {
+            if let Some(problem) = name_problem(&v.name) {
+                return Err(err(&format!("vip[{i}].name"), problem));
+            }
+            if !vip_names.insert(v.name.as_str()) {
+                return Err(err(
+                    &format!("vip[{i}].name"),
+                    format!("duplicate VIP {:?}", v.name),
+                ));
+            }
+            if let Err(e) = spaced_raft::fabric::check_vip_address(&v.address) {
+                return Err(err(&format!("vip[{i}].address"), e.to_string()));
+            }
+            if v.interface.is_empty() || v.interface.len() > 15 {
+                return Err(err(
+                    &format!("vip[{i}].interface"),
+                    "not a Linux interface name".into(),
+                ));
+            }
+            if v.roles.is_empty() {
+                return Err(err(
+                    &format!("vip[{i}].roles"),
+                    "at least one eligible role is required".into(),
+                ));
+            }
+            for (j, r) in v.roles.iter().enumerate() {
+                if let Some(problem) = name_problem(r) {
+                    return Err(err(&format!("vip[{i}].roles[{j}]"), problem));
+                }
+            }
+            if self.takeover == TakeoverMode::Loopback && v.port.is_none() {
+                return Err(err(
+                    &format!("vip[{i}].port"),
+                    "required with takeover = \"loopback\"".into(),
+                ));
             }
         }
         for (key, path) in [

@@ -10,16 +10,21 @@ use crate::lease::RenewalBook;
 
 /// Whether `node` may hold `p`: registered, active, and one of the eligible roles.
 pub fn eligible(fabric: &Fabric, p: &Placement, node: NodeId) -> bool {
-    fabric
-        .nodes
-        .get(&node)
-        .is_some_and(|n| n.admin_state == AdminState::Active && !p.eligible_roles.is_disjoint(&n.roles))
+    fabric.nodes.get(&node).is_some_and(|n| {
+        n.admin_state == AdminState::Active && !p.eligible_roles.is_disjoint(&n.roles)
+    })
 }
 
 /// The best holder for `p` among `live` nodes, excluding `not`: fewest placements held, then a
 /// node other than the Raft leader (a crash then costs one failover, not an election plus one),
 /// then the lowest id.
-fn choose(fabric: &Fabric, p: &Placement, live: &BTreeSet<NodeId>, leader: NodeId, not: Option<NodeId>) -> Option<NodeId> {
+fn choose(
+    fabric: &Fabric,
+    p: &Placement,
+    live: &BTreeSet<NodeId>,
+    leader: NodeId,
+    not: Option<NodeId>,
+) -> Option<NodeId> {
     let mut load: BTreeMap<NodeId, usize> = BTreeMap::new();
     for q in fabric.placements.values() {
         if let Some(o) = q.owner {
@@ -37,14 +42,31 @@ fn choose(fabric: &Fabric, p: &Placement, live: &BTreeSet<NodeId>, leader: NodeI
 /// - unowned placement → grant to the best live eligible node;
 /// - owner whose lease has certainly run out (or who left the fabric) → grant elsewhere, or
 ///   take it back (owner none) when nobody else is eligible;
-/// - a live owner keeps its placement: no automatic failback.
-pub fn plan(fabric: &Fabric, live: &BTreeSet<NodeId>, leader: NodeId, book: &RenewalBook, now: Instant) -> Vec<Command> {
+/// - a live owner keeps its placement: no automatic failback;
+/// - `prefer` names the node an operator asked a placement to move to.
+pub fn plan(
+    fabric: &Fabric,
+    live: &BTreeSet<NodeId>,
+    leader: NodeId,
+    book: &RenewalBook,
+    prefer: &BTreeMap<String, NodeId>,
+    now: Instant,
+) -> Vec<Command> {
     let mut out = Vec::new();
     for (name, p) in &fabric.placements {
         match p.owner {
             None => {
-                if let Some(to) = choose(fabric, p, live, leader, None) {
-                    out.push(Command::GrantPlacement { name: name.clone(), to, expected_epoch: p.epoch });
+                // An operator's `vip move` target wins while it is live and eligible.
+                let preferred = prefer
+                    .get(name)
+                    .copied()
+                    .filter(|n| live.contains(n) && eligible(fabric, p, *n));
+                if let Some(to) = preferred.or_else(|| choose(fabric, p, live, leader, None)) {
+                    out.push(Command::GrantPlacement {
+                        name: name.clone(),
+                        to,
+                        expected_epoch: p.epoch,
+                    });
                 }
             }
             Some(owner) => {
@@ -53,8 +75,15 @@ pub fn plan(fabric: &Fabric, live: &BTreeSet<NodeId>, leader: NodeId, book: &Ren
                     continue;
                 }
                 match choose(fabric, p, live, leader, Some(owner)) {
-                    Some(to) => out.push(Command::GrantPlacement { name: name.clone(), to, expected_epoch: p.epoch }),
-                    None => out.push(Command::ReleasePlacement { name: name.clone(), epoch: p.epoch }),
+                    Some(to) => out.push(Command::GrantPlacement {
+                        name: name.clone(),
+                        to,
+                        expected_epoch: p.epoch,
+                    }),
+                    None => out.push(Command::ReleasePlacement {
+                        name: name.clone(),
+                        epoch: p.epoch,
+                    }),
                 }
             }
         }
@@ -71,7 +100,10 @@ mod tests {
     use super::*;
     use crate::lease::LeaseConfig;
 
-    fn fabric(nodes: &[(NodeId, &[&str])], vips: &[(&str, &[&str], Option<NodeId>, u64)]) -> Fabric {
+    fn fabric(
+        nodes: &[(NodeId, &[&str])],
+        vips: &[(&str, &[&str], Option<NodeId>, u64)],
+    ) -> Fabric {
         let mut f = Fabric::default();
         for (id, roles) in nodes {
             f.apply(&Command::RegisterNode {
@@ -88,7 +120,10 @@ mod tests {
             f.placements.insert(
                 name.to_string(),
                 Placement {
-                    kind: PlacementKind::Vip { address: format!("10.0.0.{}/24", 100 + i), interface: "eth0".into() },
+                    kind: PlacementKind::Vip {
+                        address: format!("10.0.0.{}/24", 100 + i),
+                        interface: "eth0".into(),
+                    },
                     eligible_roles: roles.iter().map(|r| r.to_string()).collect(),
                     owner: *owner,
                     epoch: *epoch,
@@ -109,7 +144,11 @@ mod tests {
     }
 
     fn grant(name: &str, to: NodeId, e: u64) -> Command {
-        Command::GrantPlacement { name: name.into(), to, expected_epoch: e }
+        Command::GrantPlacement {
+            name: name.into(),
+            to,
+            expected_epoch: e,
+        }
     }
 
     /// Table of cases: (nodes, vips, live, leader, advance past lease?, expected commands).
@@ -119,16 +158,91 @@ mod tests {
         let later = t0 + LeaseConfig::default().reassign_after() + Duration::from_millis(1);
         let ha_app: &[&str] = &["ha", "app"];
         let db: &[&str] = &["db"];
-        type Case<'a> = (&'a str, Vec<(NodeId, &'a [&'a str])>, Vec<(&'a str, &'a [&'a str], Option<NodeId>, u64)>, Vec<NodeId>, NodeId, bool, Vec<Command>);
+        type Case<'a> = (
+            &'a str,
+            Vec<(NodeId, &'a [&'a str])>,
+            Vec<(&'a str, &'a [&'a str], Option<NodeId>, u64)>,
+            Vec<NodeId>,
+            NodeId,
+            bool,
+            Vec<Command>,
+        );
         let cases: Vec<Case> = vec![
-            ("unowned goes to a non-leader", vec![(1, ha_app), (2, ha_app), (3, ha_app)], vec![("cluster", &["ha"], None, 0)], vec![1, 2, 3], 1, false, vec![grant("cluster", 2, 0)]),
-            ("only eligible roles", vec![(1, ha_app), (2, ha_app), (3, db)], vec![("db", &["db"], None, 4)], vec![1, 2, 3], 3, false, vec![grant("db", 3, 4)]),
-            ("nobody eligible: nothing", vec![(1, ha_app)], vec![("db", &["db"], None, 0)], vec![1], 1, false, vec![]),
-            ("dead nodes are not chosen", vec![(1, ha_app), (2, ha_app), (3, ha_app)], vec![("cluster", &["ha"], None, 0)], vec![1, 3], 1, false, vec![grant("cluster", 3, 0)]),
-            ("live owner keeps it while the lease may run", vec![(1, ha_app), (2, ha_app)], vec![("cluster", &["ha"], Some(2), 1)], vec![1], 1, false, vec![]),
-            ("expired owner is replaced", vec![(1, ha_app), (2, ha_app), (3, ha_app)], vec![("cluster", &["ha"], Some(2), 1)], vec![1, 3], 1, true, vec![grant("cluster", 3, 1)]),
-            ("expired, no one else: taken back", vec![(1, db), (2, ha_app)], vec![("cluster", &["ha"], Some(2), 5)], vec![1], 1, true, vec![Command::ReleasePlacement { name: "cluster".into(), epoch: 5 }]),
-            ("spread over nodes", vec![(1, ha_app), (2, ha_app), (3, ha_app)], vec![("a", &["ha"], Some(2), 1), ("b", &["ha"], None, 0)], vec![1, 2, 3], 1, false, vec![grant("b", 3, 0)]),
+            (
+                "unowned goes to a non-leader",
+                vec![(1, ha_app), (2, ha_app), (3, ha_app)],
+                vec![("cluster", &["ha"], None, 0)],
+                vec![1, 2, 3],
+                1,
+                false,
+                vec![grant("cluster", 2, 0)],
+            ),
+            (
+                "only eligible roles",
+                vec![(1, ha_app), (2, ha_app), (3, db)],
+                vec![("db", &["db"], None, 4)],
+                vec![1, 2, 3],
+                3,
+                false,
+                vec![grant("db", 3, 4)],
+            ),
+            (
+                "nobody eligible: nothing",
+                vec![(1, ha_app)],
+                vec![("db", &["db"], None, 0)],
+                vec![1],
+                1,
+                false,
+                vec![],
+            ),
+            (
+                "dead nodes are not chosen",
+                vec![(1, ha_app), (2, ha_app), (3, ha_app)],
+                vec![("cluster", &["ha"], None, 0)],
+                vec![1, 3],
+                1,
+                false,
+                vec![grant("cluster", 3, 0)],
+            ),
+            (
+                "live owner keeps it while the lease may run",
+                vec![(1, ha_app), (2, ha_app)],
+                vec![("cluster", &["ha"], Some(2), 1)],
+                vec![1],
+                1,
+                false,
+                vec![],
+            ),
+            (
+                "expired owner is replaced",
+                vec![(1, ha_app), (2, ha_app), (3, ha_app)],
+                vec![("cluster", &["ha"], Some(2), 1)],
+                vec![1, 3],
+                1,
+                true,
+                vec![grant("cluster", 3, 1)],
+            ),
+            (
+                "expired, no one else: taken back",
+                vec![(1, db), (2, ha_app)],
+                vec![("cluster", &["ha"], Some(2), 5)],
+                vec![1],
+                1,
+                true,
+                vec![Command::ReleasePlacement {
+                    name: "cluster".into(),
+                    epoch: 5,
+                }],
+            ),
+            (
+                "spread over nodes",
+                vec![(1, ha_app), (2, ha_app), (3, ha_app)],
+                vec![("a", &["ha"], Some(2), 1), ("b", &["ha"], None, 0)],
+                vec![1, 2, 3],
+                1,
+                false,
+                vec![grant("b", 3, 0)],
+            ),
         ];
         for (what, nodes, vips, alive, leader, expire, expected) in cases {
             let f = fabric(&nodes, &vips);
@@ -139,7 +253,11 @@ mod tests {
                 }
             }
             let now = if expire { later } else { t0 };
-            assert_eq!(plan(&f, &live(&alive), leader, &b, now), expected, "case: {what}");
+            assert_eq!(
+                plan(&f, &live(&alive), leader, &b, &BTreeMap::new(), now),
+                expected,
+                "case: {what}"
+            );
         }
     }
 
@@ -147,11 +265,27 @@ mod tests {
     fn removed_owner_waits_for_its_lease_and_draining_nodes_get_nothing() {
         let t0 = Instant::now();
         let later = t0 + LeaseConfig::default().reassign_after() + Duration::from_millis(1);
-        let mut f = fabric(&[(1, &["ha"]), (2, &["ha"])], &[("cluster", &["ha"], Some(9), 3)]);
+        let mut f = fabric(
+            &[(1, &["ha"]), (2, &["ha"])],
+            &[("cluster", &["ha"], Some(9), 3)],
+        );
         let b = book_at(t0);
-        assert_eq!(plan(&f, &live(&[1, 2]), 1, &b, t0), vec![]);
-        assert_eq!(plan(&f, &live(&[1, 2]), 1, &b, later), vec![grant("cluster", 2, 3)]);
-        f.apply(&Command::SetAdminState { id: 2, state: AdminState::Draining }).unwrap();
-        assert_eq!(plan(&f, &live(&[1, 2]), 1, &b, later), vec![grant("cluster", 1, 3)]);
+        assert_eq!(
+            plan(&f, &live(&[1, 2]), 1, &b, &BTreeMap::new(), t0),
+            vec![]
+        );
+        assert_eq!(
+            plan(&f, &live(&[1, 2]), 1, &b, &BTreeMap::new(), later),
+            vec![grant("cluster", 2, 3)]
+        );
+        f.apply(&Command::SetAdminState {
+            id: 2,
+            state: AdminState::Draining,
+        })
+        .unwrap();
+        assert_eq!(
+            plan(&f, &live(&[1, 2]), 1, &b, &BTreeMap::new(), later),
+            vec![grant("cluster", 1, 3)]
+        );
     }
 }

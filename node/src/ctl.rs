@@ -66,6 +66,46 @@ pub enum Cmd {
         #[command(subcommand)]
         action: DeviceCmd,
     },
+    /// Virtual IPs.
+    Vip {
+        /// VIP action.
+        #[command(subcommand)]
+        action: VipCmd,
+    },
+}
+
+/// `spacectl vip ...`
+#[derive(Debug, Subcommand)]
+pub enum VipCmd {
+    /// Create a VIP; the leader places it on an eligible node.
+    Add {
+        /// Unique name (e.g. `cluster`, `db`).
+        #[arg(long)]
+        name: String,
+        /// Address with prefix, e.g. `10.0.0.100/24` or `fd00::100/64`.
+        #[arg(long)]
+        address: String,
+        /// Interface the owner adds it to.
+        #[arg(long)]
+        interface: String,
+        /// Eligible roles, comma-separated (e.g. `ha`, or `db`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+    },
+    /// VIPs with owner, epoch and lease.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a VIP to another node: the owner releases first, then the target takes it.
+    Move {
+        /// VIP name.
+        name: String,
+        /// Target node (name or id).
+        #[arg(long)]
+        to: String,
+    },
 }
 
 /// `spacectl pki ...`
@@ -272,7 +312,44 @@ pub fn render_status(s: &StatusReport) -> String {
         ],
         &rows,
     ));
+    if !s.vips.is_empty() {
+        out.push('\n');
+        out.push_str(&render_vips(&s.vips));
+    }
     out
+}
+
+fn vip_json(v: &crate::admin::VipRow) -> serde_json::Value {
+    json!({"name": v.name, "address": v.address, "interface": v.interface, "roles": v.roles,
+           "owner": v.owner, "owner_name": v.owner_name, "epoch": v.epoch, "lease_ms": v.lease_ms})
+}
+
+/// The human form of `spacectl vip list`.
+pub fn render_vips(vips: &[crate::admin::VipRow]) -> String {
+    let rows: Vec<Vec<String>> = vips
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.address.clone(),
+                v.interface.clone(),
+                v.roles.join(","),
+                match (&v.owner_name, v.owner) {
+                    (Some(n), Some(id)) => format!("{n} ({id})"),
+                    (None, Some(id)) => id.to_string(),
+                    _ => "-".into(),
+                },
+                v.epoch.to_string(),
+                v.lease_ms
+                    .map(|ms| format!("{ms} ms"))
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "ADDRESS", "IF", "ROLES", "OWNER", "EPOCH", "LEASE"],
+        &rows,
+    )
 }
 
 /// The JSON form of `spacectl status`.
@@ -282,6 +359,7 @@ pub fn status_json(s: &StatusReport) -> serde_json::Value {
         "term": s.term,
         "served_by": s.served_by,
         "last_applied": s.last_applied,
+        "vips": s.vips.iter().map(vip_json).collect::<Vec<_>>(),
         "devices": s.devices,
         "nodes": s.nodes.iter().map(|n| json!({
             "id": n.id,
@@ -551,6 +629,68 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Cmd::Device {
             action: DeviceCmd::Import { file },
         } => import(&cli, file).await,
+        Cmd::Vip {
+            action:
+                VipCmd::Add {
+                    name,
+                    address,
+                    interface,
+                    roles,
+                },
+        } => {
+            spaced_raft::fabric::check_name("VIP name", name).map_err(|e| usage(e.to_string()))?;
+            spaced_raft::fabric::check_vip_address(address).map_err(|e| usage(e.to_string()))?;
+            let v = crate::config::VipSection {
+                name: name.clone(),
+                address: address.clone(),
+                interface: interface.clone(),
+                roles: roles.clone(),
+                port: None,
+            };
+            match mutate(&cli, AdminRequest::VipAdd(v)).await? {
+                AdminReply::Done => {
+                    println!("VIP {name} ({address} on {interface}) added");
+                    Ok(())
+                }
+                other => Err(odd(other)),
+            }
+        }
+        Cmd::Vip {
+            action: VipCmd::Move { name, to },
+        } => {
+            match mutate(
+                &cli,
+                AdminRequest::VipMove {
+                    name: name.clone(),
+                    to: to.clone(),
+                },
+            )
+            .await?
+            {
+                AdminReply::Moved(epoch) => {
+                    println!("VIP {name} moved to {to} (epoch {epoch})");
+                    Ok(())
+                }
+                other => Err(odd(other)),
+            }
+        }
+        Cmd::Vip {
+            action: VipCmd::List { json },
+        } => {
+            let mut c = connect(&cli).await?;
+            // The leader knows the lease times; status already prefers it.
+            let vips = c.status().await?.vips;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(vips.iter().map(vip_json).collect())
+                );
+            } else {
+                print!("{}", render_vips(&vips));
+            }
+            c.close().await;
+            Ok(())
+        }
         Cmd::Device {
             action: DeviceCmd::List { json },
         } => {

@@ -78,16 +78,27 @@ pub struct Node {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-struct NodeInner {
-    id: NodeId,
-    name: String,
-    roles: BTreeSet<String>,
-    raft: Raft,
-    view: FabricView,
-    network: QuicNetwork,
-    endpoint: quinn::Endpoint,
-    listen: SocketAddr,
-    metrics: NodeMetrics,
+pub(crate) struct NodeInner {
+    /// This node's id.
+    pub(crate) id: NodeId,
+    /// This node's name.
+    pub(crate) name: String,
+    /// Roles from the config (registered in the fabric when the node joins).
+    pub(crate) roles: BTreeSet<String>,
+    /// Raft handle.
+    pub(crate) raft: Raft,
+    /// Applied fabric.
+    pub(crate) view: FabricView,
+    /// Dialer for node-to-node calls.
+    pub(crate) network: QuicNetwork,
+    /// The QUIC endpoint.
+    pub(crate) endpoint: quinn::Endpoint,
+    /// Bound QUIC address.
+    pub(crate) listen: SocketAddr,
+    /// Prometheus metrics.
+    pub(crate) metrics: NodeMetrics,
+    /// Leases, VIP agent, leader's renewal book.
+    pub(crate) placements: crate::placement::Placements,
 }
 
 impl Node {
@@ -180,6 +191,12 @@ impl Node {
             endpoint: endpoint.clone(),
             listen,
             metrics,
+            placements: crate::placement::Placements::new(&cfg)
+                .await
+                .map_err(|e| StartError {
+                    message: e,
+                    bad_input: true,
+                })?,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -195,6 +212,18 @@ impl Node {
             tasks.push(h);
         }
 
+        tasks.push(tokio::spawn(crate::placement::agent_loop(
+            inner.clone(),
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::placement::controller_loop(
+            inner.clone(),
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::placement::register_config_vips(
+            inner.clone(),
+            cfg.vips.clone(),
+        )));
         tasks.push(tokio::spawn(accept_loop(
             inner.clone(),
             shutdown_rx.clone(),
@@ -256,6 +285,8 @@ impl Node {
 
     /// Stops serving, shuts Raft down and waits for the tasks.
     pub async fn shutdown(self) {
+        // Hand VIPs over first (fence, release, let the leader re-grant), then leadership.
+        crate::placement::hand_over(&self.inner).await;
         let _ = self.shutdown_tx.send(true);
         let _ = self.inner.raft.shutdown().await;
         self.inner.endpoint.close(0u32.into(), b"shutdown");
@@ -300,7 +331,7 @@ impl NodeInner {
         (leader, addr)
     }
 
-    async fn propose(&self, cmd: Command) -> Result<Outcome, String> {
+    pub(crate) async fn propose(&self, cmd: Command) -> Result<Outcome, String> {
         match self.propose_inner(cmd).await {
             Ok(o) => Ok(o),
             Err(ProposeError::NotLeader(l, _)) => Err(format!(
@@ -401,6 +432,29 @@ impl NodeInner {
                     Err(e) => AdminReply::Failed(e),
                 }
             }
+            AdminRequest::VipList => AdminReply::Vips(crate::placement::vip_rows(self)),
+            AdminRequest::VipAdd(v) => {
+                if let Some(r) = self.not_leader() {
+                    return r;
+                }
+                match crate::placement::vip_add(self, v).await {
+                    Ok(()) => AdminReply::Done,
+                    Err(e) => AdminReply::Failed(e),
+                }
+            }
+            AdminRequest::VipMove { name, to } => {
+                if let Some(r) = self.not_leader() {
+                    return r;
+                }
+                let to = match self.resolve_node(&to) {
+                    Ok(id) => id,
+                    Err(e) => return AdminReply::Failed(e),
+                };
+                match crate::placement::vip_move(self, &name, to).await {
+                    Ok(epoch) => AdminReply::Moved(epoch),
+                    Err(e) => AdminReply::Failed(e),
+                }
+            }
             AdminRequest::TransferLeader(who) => {
                 if let Some(r) = self.not_leader() {
                     return r;
@@ -466,6 +520,7 @@ impl NodeInner {
             last_applied: m.last_applied.map(|l| l.index()),
             nodes,
             devices: self.view.read(|f| f.devices.len() as u64),
+            vips: crate::placement::vip_rows(self),
         }
     }
 
@@ -642,6 +697,7 @@ async fn register_self(inner: Arc<NodeInner>) {
 
 async fn accept_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
     let svc = RaftService {
+        hooks: Some(Arc::new(crate::placement::Hooks(inner.clone()))),
         raft: inner.raft.clone(),
         local: NodeDescription {
             id: inner.id,

@@ -11,7 +11,7 @@ use spaced_raft::pki;
 
 use crate::admin::{AdminReply, AdminRequest};
 use crate::client::{AdminClient, AdminCredentials, unexpected};
-use crate::config::{NodeConfig, RaftTimings, TlsSection};
+use crate::config::{NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection};
 use crate::ctl::render_status;
 
 /// Devices the demo registers.
@@ -22,6 +22,7 @@ struct NodeProcess {
     id: u64,
     name: String,
     listen: SocketAddr,
+    config: PathBuf,
     child: Option<Child>,
 }
 
@@ -80,13 +81,19 @@ pub fn write_node_config(
     id: u64,
     roles: &[&str],
 ) -> Result<(PathBuf, SocketAddr)> {
+    let cfg = node_config(dir, pki_dir, id, roles)?;
+    let listen = cfg.listen;
+    Ok((write_config(&cfg)?, listen))
+}
+
+/// A node config on 127.0.0.1 with free ports, files under `dir`, certificates in `pki_dir`.
+pub fn node_config(dir: &Path, pki_dir: &Path, id: u64, roles: &[&str]) -> Result<NodeConfig> {
     let name = format!("n{id}");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
-    let cfg = NodeConfig {
+    Ok(NodeConfig {
         node_id: id,
         name: name.clone(),
         data_dir: dir.join(format!("data-{name}")),
-        listen,
+        listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
         metrics: Some(format!("127.0.0.1:{}", free_tcp_port()?).parse()?),
         roles: roles.iter().map(|r| r.to_string()).collect(),
         tls: TlsSection {
@@ -95,11 +102,18 @@ pub fn write_node_config(
             key: pki_dir.join(format!("{name}.key")),
         },
         raft: RaftTimings::default(),
+        lease: Default::default(),
+        takeover: Default::default(),
+        vips: Vec::new(),
         source: dir.join(format!("{name}.toml")),
-    };
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, cfg.to_toml()).with_context(|| format!("write {}", path.display()))?;
-    Ok((path, listen))
+    })
+}
+
+/// Writes `cfg` to its `source` path.
+pub fn write_config(cfg: &NodeConfig) -> Result<PathBuf> {
+    std::fs::write(&cfg.source, cfg.to_toml())
+        .with_context(|| format!("write {}", cfg.source.display()))?;
+    Ok(cfg.source.clone())
 }
 
 fn spawn_node(exe: &Path, dir: &Path, config: &Path, bootstrap: bool) -> Result<Child> {
@@ -117,6 +131,48 @@ fn spawn_node(exe: &Path, dir: &Path, config: &Path, bootstrap: bool) -> Result<
         .stderr(log);
     cmd.spawn()
         .with_context(|| format!("start {}", exe.display()))
+}
+
+/// The loopback address the demo's cluster VIP lives on.
+pub const DEMO_VIP: &str = "127.0.0.100";
+
+/// Waits until the `cluster` VIP has an owner and returns it.
+async fn wait_vip_owner(admin: &mut AdminClient, within: Duration) -> Result<u64> {
+    let t = Instant::now();
+    loop {
+        let s = admin.status().await?;
+        if let Some(o) = s
+            .vips
+            .iter()
+            .find(|v| v.name == "cluster")
+            .and_then(|v| v.owner)
+        {
+            return Ok(o);
+        }
+        if t.elapsed() > within {
+            bail!("the cluster VIP was not placed within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Connects to the VIP and returns the name its holder answers with.
+async fn vip_answer(addr: SocketAddr) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::time::timeout(
+        Duration::from_millis(200),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_millis(200), s.read_to_string(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let name = buf.trim().to_string();
+    (!name.is_empty()).then_some(name)
 }
 
 async fn connect_retry(
@@ -158,14 +214,28 @@ async fn run_in(dir: &Path) -> Result<()> {
     pki::init_ca(&pki_dir)?;
     pki::issue(&pki_dir, "demo", true)?;
     let mut nodes = Vec::new();
+    // The cluster VIP in loopback mode: its owner answers TCP on 127.0.0.100:<port> with its name.
+    let vip_port = free_tcp_port()?;
+    let vip_addr: SocketAddr = format!("{DEMO_VIP}:{vip_port}").parse()?;
     for id in 1..=3u64 {
         pki::issue(&pki_dir, &format!("n{id}"), false)?;
-        let (config, listen) = write_node_config(dir, &pki_dir, id, &["ha", "app"])?;
+        let mut cfg = node_config(dir, &pki_dir, id, &["ha", "app"])?;
+        cfg.takeover = TakeoverMode::Loopback;
+        cfg.vips = vec![VipSection {
+            name: "cluster".into(),
+            address: format!("{DEMO_VIP}/8"),
+            interface: "lo".into(),
+            roles: vec!["ha".into()],
+            port: Some(vip_port),
+        }];
+        let config = write_config(&cfg)?;
+        let listen = cfg.listen;
         let child = spawn_node(&exe, dir, &config, id == 1)?;
         nodes.push(NodeProcess {
             id,
             name: format!("n{id}"),
             listen,
+            config,
             child: Some(child),
         });
     }
@@ -233,6 +303,92 @@ async fn run_in(dir: &Path) -> Result<()> {
     let status = admin.status().await?;
     print!("{}", render_status(&status));
 
+    // Act 1: the cluster VIP. Kill its owner; time until a client is served by the new owner.
+    let mut owner = wait_vip_owner(&mut admin, Duration::from_secs(10)).await?;
+    // A leader holding the VIP hands leadership to another voter once the cluster is settled,
+    // so that losing one node costs a lease span, not an election plus a lease span.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(8) {
+        let s = admin.status().await?;
+        owner = s
+            .vips
+            .iter()
+            .find(|v| v.name == "cluster")
+            .and_then(|v| v.owner)
+            .unwrap_or(owner);
+        if s.leader.is_some_and(|l| l != owner) {
+            println!(
+                "\nleader n{} and VIP owner n{owner} are different nodes",
+                s.leader.unwrap_or(0)
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer = vip_answer(vip_addr)
+        .await
+        .context("the VIP does not answer")?;
+    println!("\nVIP cluster ({vip_addr}) is served by {answer}");
+    let victim = nodes
+        .iter_mut()
+        .find(|n| n.id == owner)
+        .context("VIP owner is not a demo node")?;
+    println!("killing the VIP owner {} (SIGKILL)...", victim.name);
+    victim.kill(nix::sys::signal::Signal::SIGKILL)?;
+    let killed_at = Instant::now();
+    let new_answer = loop {
+        if let Some(a) = vip_answer(vip_addr).await
+            && a != answer
+        {
+            break a;
+        }
+        if killed_at.elapsed() > Duration::from_secs(10) {
+            bail!("nobody served the VIP within 10 s of killing its owner");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    println!(
+        "{new_answer} serves the VIP {} ms after the kill",
+        killed_at.elapsed().as_millis()
+    );
+    if let Some(mut c) = victim.child.take() {
+        let _ = c.wait();
+    }
+    if victim.listen.to_string() == admin.target() {
+        let survivor = nodes
+            .iter()
+            .find(|n| n.id != owner)
+            .map(|n| n.listen.to_string())
+            .context("survivor")?;
+        admin = connect_retry(&survivor, &creds, Duration::from_secs(5)).await?;
+    }
+    let victim = nodes
+        .iter_mut()
+        .find(|n| n.id == owner)
+        .context("VIP owner is not a demo node")?;
+    victim.child = Some(spawn_node(&exe, dir, &victim.config, false)?);
+    let back = victim.name.clone();
+    let victim_id = victim.id;
+    let t = Instant::now();
+    loop {
+        let s = admin.status().await?;
+        if s.nodes
+            .iter()
+            .any(|n| n.id == victim_id && n.last_contact_ms.is_some_and(|ms| ms < 500))
+        {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(15) {
+            bail!("{back} did not rejoin within 15 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = vip_answer(vip_addr).await.unwrap_or_default();
+    println!("{back} restarted and rejoined as standby; the VIP stays on {still} (no failback)\n");
+
+    // Act 2: the Raft leader.
+    let status = admin.status().await?;
     let leader = status.leader.context("no leader")?;
     let victim = nodes
         .iter_mut()

@@ -69,7 +69,11 @@ pub struct OwnerLeases {
 impl OwnerLeases {
     /// No placements yet.
     pub fn new(cfg: LeaseConfig) -> Self {
-        OwnerLeases { cfg, held: BTreeMap::new(), last_sent: None }
+        OwnerLeases {
+            cfg,
+            held: BTreeMap::new(),
+            last_sent: None,
+        }
     }
 
     /// Aligns with what the fabric says this node owns. Placements no longer owned (or owned at
@@ -99,13 +103,26 @@ impl OwnerLeases {
         let due = match self.last_sent {
             None => true,
             // Even unconfirmed grants are retried at a bounded pace, not in a busy loop.
-            Some(t) => now >= t + if unconfirmed { self.cfg.renew_every / 4 } else { self.cfg.renew_every },
+            Some(t) => {
+                now >= t + if unconfirmed {
+                    self.cfg.renew_every / 4
+                } else {
+                    self.cfg.renew_every
+                }
+            }
         };
         if !due {
             return None;
         }
         self.last_sent = Some(now);
-        Some(Renewal { placements: self.held.iter().map(|(n, (e, _))| (n.clone(), *e)).collect(), sent_at: now })
+        Some(Renewal {
+            placements: self
+                .held
+                .iter()
+                .map(|(n, (e, _))| (n.clone(), *e))
+                .collect(),
+            sent_at: now,
+        })
     }
 
     /// The leader confirmed `confirmed` for a renewal sent at `renewal.sent_at`: their leases
@@ -141,7 +158,10 @@ impl OwnerLeases {
 
     /// Everything currently held, confirmed or not (for graceful release).
     pub fn all(&self) -> Vec<Held> {
-        self.held.iter().map(|(n, (e, _))| (n.clone(), *e)).collect()
+        self.held
+            .iter()
+            .map(|(n, (e, _))| (n.clone(), *e))
+            .collect()
     }
 }
 
@@ -159,7 +179,11 @@ pub struct RenewalBook {
 impl RenewalBook {
     /// An empty book of a node that does not lead.
     pub fn new(cfg: LeaseConfig) -> Self {
-        RenewalBook { cfg, leader_since: None, last: BTreeMap::new() }
+        RenewalBook {
+            cfg,
+            leader_since: None,
+            last: BTreeMap::new(),
+        }
     }
 
     /// This node won an election at `now`: it knows nothing its predecessor confirmed.
@@ -172,6 +196,11 @@ impl RenewalBook {
     pub fn stepped_down(&mut self) {
         self.leader_since = None;
         self.last.clear();
+    }
+
+    /// When this node became leader (as far as the book knows).
+    pub fn leader_since(&self) -> Option<Instant> {
+        self.leader_since
     }
 
     /// Whether this node currently keeps the book as leader.
@@ -195,7 +224,9 @@ impl RenewalBook {
     /// Has the lease `owner` may hold on `name` at `epoch` certainly run out at `now`?
     /// Never true on a node that does not lead.
     pub fn expired(&self, name: &str, owner: NodeId, epoch: u64, now: Instant) -> bool {
-        let Some(since) = self.leader_since else { return false };
+        let Some(since) = self.leader_since else {
+            return false;
+        };
         let heard = match self.last.get(name) {
             Some((o, e, t)) if *o == owner && *e == epoch => (*t).max(since),
             _ => since,
@@ -204,7 +235,13 @@ impl RenewalBook {
     }
 
     /// Time until `expired` would turn true (zero if it already is, `None` when not leader).
-    pub fn expires_in(&self, name: &str, owner: NodeId, epoch: u64, now: Instant) -> Option<Duration> {
+    pub fn expires_in(
+        &self,
+        name: &str,
+        owner: NodeId,
+        epoch: u64,
+        now: Instant,
+    ) -> Option<Duration> {
         let since = self.leader_since?;
         let heard = match self.last.get(name) {
             Some((o, e, t)) if *o == owner && *e == epoch => (*t).max(since),
@@ -248,7 +285,10 @@ mod tests {
         assert_eq!(o.valid(ms(t0, 150)), vec![held("vip", 1)]);
         assert_eq!(o.remaining("vip", ms(t0, 150)), Duration::from_millis(250));
         assert_eq!(o.valid(ms(t0, 399)), vec![held("vip", 1)]);
-        assert!(o.valid(ms(t0, 400)).is_empty(), "self-fence exactly at send + L");
+        assert!(
+            o.valid(ms(t0, 400)).is_empty(),
+            "self-fence exactly at send + L"
+        );
     }
 
     #[test]
@@ -368,6 +408,9 @@ mod tests {
             reassign_at += Duration::from_millis(1);
         }
         assert!(owner.valid(owner_end).is_empty());
-        assert!(owner_end_real < reassign_at, "owner still holds at {owner_end_real:?}, leader reassigns at {reassign_at:?}");
+        assert!(
+            owner_end_real < reassign_at,
+            "owner still holds at {owner_end_real:?}, leader reassigns at {reassign_at:?}"
+        );
     }
 }

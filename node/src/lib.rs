@@ -1,12 +1,17 @@
 //! spaced's node: the daemon (`spaced`), the admin CLI (`spacectl`), their protocol and the demo.
 
 pub mod admin;
+pub mod agent;
 pub mod client;
 pub mod config;
+pub mod controller;
 pub mod ctl;
 pub mod daemon;
 pub mod demo;
+pub mod guard;
 pub mod http;
-pub mod metrics;
-pub mod controller;
 pub mod lease;
+pub mod metrics;
+pub mod placement;
+pub mod takeover;
+pub mod takeover_backend;

@@ -893,7 +893,11 @@ mod tests {
         f.devices.get_mut("d1").unwrap().owner = Some(1);
         refused(&mut f, Command::RemoveNode { id: 42 });
         f.apply(&Command::RemoveNode { id: 1 }).unwrap();
-        assert_eq!(f.placements["cluster"].owner, Some(1), "lease expiry, not removal, frees a placement");
+        assert_eq!(
+            f.placements["cluster"].owner,
+            Some(1),
+            "lease expiry, not removal, frees a placement"
+        );
         assert_eq!(f.placements["cluster"].epoch, 1);
         assert_eq!(f.devices["d1"].owner, None);
         assert_eq!(f.devices["d1"].status, DeviceStatus::Unassigned);

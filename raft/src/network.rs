@@ -19,10 +19,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::codec;
+use crate::fabric::Command;
 use crate::frame::{self, MAX_FRAME};
 use crate::pki::NODE_DOMAIN;
 use crate::store::Snapshot;
-use crate::types::{Member, NodeId, Raft, SnapshotMeta, TypeConfig, Vote};
+use crate::types::{Member, NodeId, Raft, Response, SnapshotMeta, TypeConfig, Vote};
+
+/// A boxed future, for the object-safe [`NodeHooks`].
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Snapshot bytes travel in chunks of this size, each its own frame.
 const SNAPSHOT_CHUNK: usize = 4 << 20;
@@ -64,6 +68,17 @@ pub enum RaftRpc {
     TransferLeader(TransferLeaderRequest<TypeConfig>),
     /// Ask the node who it is.
     Describe,
+    /// Owner → leader: renew the leases on these placements at these epochs.
+    Renew(Vec<(String, u64)>),
+    /// Node → leader: propose a fabric command (agents releasing placements, for example).
+    Propose(Command),
+    /// Leader → owner: fence and release this placement now (a graceful move).
+    Release {
+        /// Placement name.
+        name: String,
+        /// Epoch the owner holds.
+        epoch: u64,
+    },
 }
 
 /// An RPC plus who claims to send it.
@@ -88,6 +103,26 @@ pub enum RaftReply {
     TransferLeader(TransferLeaderResponse<TypeConfig>),
     /// Reply to `Describe`.
     Describe(NodeDescription),
+    /// Reply to `Renew`: the placements whose leases the leader confirmed.
+    Renewed(Vec<(String, u64)>),
+    /// Reply to `Propose`: the command's result once applied.
+    Proposed(Response),
+    /// Reply to `Release`: fenced and released.
+    Released,
+}
+
+/// Node-level handlers for the RPCs that are not Raft's own; provided by the daemon.
+pub trait NodeHooks: Send + Sync + 'static {
+    /// `Renew` from `from` (a known member): confirm leadership, check ownership, record receipt.
+    fn renew(
+        &self,
+        from: NodeId,
+        held: Vec<(String, u64)>,
+    ) -> BoxFuture<'static, Result<Vec<(String, u64)>, String>>;
+    /// `Propose` from `from`: commit `cmd` (this node must lead).
+    fn propose(&self, from: NodeId, cmd: Command) -> BoxFuture<'static, Result<Response, String>>;
+    /// `Release` from the leader: fence `name` at `epoch`, then release it through the leader.
+    fn release(&self, name: String, epoch: u64) -> BoxFuture<'static, Result<(), String>>;
 }
 
 /// What goes back on the wire: a reply or the reason there is none.
@@ -367,6 +402,8 @@ pub struct RaftService {
     pub raft: Raft,
     /// What `Describe` answers.
     pub local: NodeDescription,
+    /// Handlers for lease renewals, proposals and releases.
+    pub hooks: Option<Arc<dyn NodeHooks>>,
 }
 
 /// The node id a request's vote names, which must equal the claimed sender.
@@ -376,7 +413,9 @@ fn voter_of(rpc: &RaftRpc) -> Option<NodeId> {
         RaftRpc::Vote(r) | RaftRpc::PreVote(r) => Some(r.vote.leader_id.node_id),
         RaftRpc::Snapshot { vote, .. } => Some(vote.leader_id.node_id),
         RaftRpc::TransferLeader(r) => Some(r.from_leader().leader_id.node_id),
-        RaftRpc::Describe => None,
+        RaftRpc::Describe | RaftRpc::Renew(_) | RaftRpc::Propose(_) | RaftRpc::Release { .. } => {
+            None
+        }
     }
 }
 
@@ -400,6 +439,17 @@ impl RaftService {
                 }
             });
         }
+    }
+
+    /// Whether `id` is in the Raft membership this node knows.
+    fn is_member(&self, id: NodeId) -> bool {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some()
     }
 
     /// Checks that the claimed sender is the node the certificate names.
@@ -486,6 +536,21 @@ impl RaftService {
                 .map(RaftReply::TransferLeader)
                 .map_err(|e| e.to_string()),
             RaftRpc::Describe => Ok(RaftReply::Describe(self.local.clone())),
+            RaftRpc::Renew(held) => match (&self.hooks, self.is_member(req.from)) {
+                (Some(h), true) => h.renew(req.from, held).await.map(RaftReply::Renewed),
+                (None, _) => Err("this node serves no leases".into()),
+                (_, false) => Err(format!("node {} is not a member", req.from)),
+            },
+            RaftRpc::Propose(cmd) => match (&self.hooks, self.is_member(req.from)) {
+                (Some(h), true) => h.propose(req.from, cmd).await.map(RaftReply::Proposed),
+                (None, _) => Err("this node takes no proposals".into()),
+                (_, false) => Err(format!("node {} is not a member", req.from)),
+            },
+            RaftRpc::Release { name, epoch } => match (&self.hooks, self.is_member(req.from)) {
+                (Some(h), true) => h.release(name, epoch).await.map(|()| RaftReply::Released),
+                (None, _) => Err("this node holds no placements".into()),
+                (_, false) => Err(format!("node {} is not a member", req.from)),
+            },
             RaftRpc::Snapshot { vote, meta, len } => {
                 if len > MAX_SNAPSHOT {
                     return Err(format!("snapshot of {len} bytes exceeds the limit"));

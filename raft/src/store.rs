@@ -162,7 +162,10 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
 /// sled reports a held file lock as an `Other` IO error carrying the OS `WouldBlock`.
 fn is_lock_error(e: &sled::Error) -> bool {
     match e {
-        sled::Error::Io(io) => io.kind() == io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock"),
+        sled::Error::Io(io) => {
+            io.kind() == io::ErrorKind::WouldBlock
+                || io.to_string().contains("could not acquire lock")
+        }
         _ => false,
     }
 }

@@ -25,6 +25,9 @@ enum Cmd {
         #[arg(long)]
         bootstrap: bool,
     },
+    /// Internal: the fence guard child of `spaced run` (removes VIPs if spaced dies or stalls).
+    #[command(hide = true)]
+    Guard,
     /// Start a 3-node cluster on 127.0.0.1, register devices, kill the leader, show the failover.
     Demo {
         /// Keep the temp dir (configs, PKI, data, logs) afterwards.
@@ -81,6 +84,39 @@ fn main() -> ExitCode {
                 node.shutdown().await;
                 ExitCode::SUCCESS
             })
+        }
+        Cmd::Guard => {
+            init_tracing("info");
+            // Signals meant for spaced (a terminal's ^C reaches the whole group) must not stop
+            // the guard before its parent: it ends when its stdin closes.
+            // SAFETY: setting SIG_IGN installs no handler code; done before any thread starts.
+            unsafe {
+                let _ = nix::sys::signal::signal(
+                    nix::sys::signal::Signal::SIGINT,
+                    nix::sys::signal::SigHandler::SigIgn,
+                );
+                let _ = nix::sys::signal::signal(
+                    nix::sys::signal::Signal::SIGTERM,
+                    nix::sys::signal::SigHandler::SigIgn,
+                );
+            }
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("spaced guard: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(spaced_node::guard::run_guard()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("spaced guard: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Cmd::Demo { keep } => {
             init_tracing("warn,openraft=error");

@@ -1,0 +1,468 @@
+//! The VIP agent on every node: keeps leases on what the fabric grants this node and makes the
+//! host match — address up only while the lease is valid, down (self-fenced) the moment it is not.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spaced_raft::NodeId;
+use spaced_raft::fabric::{Fabric, PlacementKind};
+use spaced_raft::network::BoxFuture;
+
+use crate::lease::{Held, LeaseConfig, OwnerLeases, Renewal};
+
+/// How often the agent reconciles; the leader's `margin` must exceed it.
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// A VIP as the agent hands it to a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipSpec {
+    /// Placement name.
+    pub name: String,
+    /// Address with prefix (`10.0.0.100/24`).
+    pub address: String,
+    /// Interface.
+    pub interface: String,
+}
+
+impl VipSpec {
+    /// The bare IP of the VIP.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.address
+            .split_once('/')
+            .and_then(|(ip, _)| ip.parse().ok())
+    }
+}
+
+/// How a host takes a VIP up and down (netlink + ARP, or a loopback stand-in).
+pub trait VipBackend: Send + Sync + 'static {
+    /// Bring the VIP up and announce it once.
+    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>>;
+    /// Announce it again (gratuitous ARP / NA); a no-op where meaningless.
+    fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>>;
+    /// Take it down; must succeed fast, it is the self-fence.
+    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>>;
+    /// Offsets after acquiring at which to announce again.
+    fn announce_schedule(&self) -> Vec<Duration> {
+        Vec::new()
+    }
+    /// The lease on `vip` now ends at `until`: a backend with an out-of-process guard passes it on,
+    /// so the VIP goes down at that instant even if this process is stopped.
+    fn hold_until(&self, _vip: &VipSpec, _until: Instant) {}
+}
+
+/// Stand-in for rootless demos: "holding" a VIP means answering TCP on `ip:port` with the node
+/// name, so a client can tell which node serves it.
+pub struct LoopbackBackend {
+    /// Name written to every client.
+    node_name: String,
+    /// Port per VIP name.
+    ports: BTreeMap<String, u16>,
+    /// Running responders.
+    running: Mutex<BTreeMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+impl LoopbackBackend {
+    /// A backend answering with `node_name` on each VIP's port.
+    pub fn new(node_name: String, ports: BTreeMap<String, u16>) -> Self {
+        LoopbackBackend {
+            node_name,
+            ports,
+            running: Mutex::default(),
+        }
+    }
+}
+
+impl VipBackend for LoopbackBackend {
+    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        let port = self.ports.get(&vip.name).copied();
+        let name = self.node_name.clone();
+        let ip = vip.ip();
+        let result = (|| {
+            let port = port.ok_or_else(|| {
+                format!("VIP {}: no loopback port configured on this node", vip.name)
+            })?;
+            let ip = ip.ok_or_else(|| format!("VIP {}: bad address {}", vip.name, vip.address))?;
+            let addr = SocketAddr::new(ip, port);
+            let std_listener = std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("VIP {}: bind {addr}: {e}", vip.name))?;
+            std_listener
+                .set_nonblocking(true)
+                .map_err(|e| e.to_string())?;
+            let listener =
+                tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
+            let task = tokio::spawn(async move {
+                while let Ok((mut s, _)) = listener.accept().await {
+                    let reply = format!("{name}\n");
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let _ = s.write_all(reply.as_bytes()).await;
+                        let _ = s.shutdown().await;
+                    });
+                }
+            });
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(old) = running.insert(vip.name.clone(), task) {
+                old.abort();
+            }
+            Ok(())
+        })();
+        Box::pin(async move { result })
+    }
+
+    fn announce(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        if let Some(t) = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vip.name)
+        {
+            t.abort();
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A VIP this node currently serves.
+#[derive(Debug, Clone)]
+struct Active {
+    /// Epoch it was acquired at.
+    epoch: u64,
+    /// What was acquired.
+    vip: VipSpec,
+    /// When, for the announcement schedule.
+    since: Instant,
+    /// Announcements already sent from the schedule.
+    announced: usize,
+    /// Lease end last passed to the backend's guard.
+    guarded_until: Option<Instant>,
+}
+
+/// What the agent's state is shared as between its loop, renewal tasks and RPC handlers.
+pub struct Agent {
+    /// This node.
+    pub me: NodeId,
+    /// Lease clock per placement.
+    leases: Mutex<OwnerLeases>,
+    /// VIPs up on this host.
+    active: Mutex<BTreeMap<String, Active>>,
+    /// Placements fenced on request (graceful move/shutdown) that must not come back at that epoch.
+    released: Mutex<BTreeSet<Held>>,
+    /// Host side.
+    backend: Arc<dyn VipBackend>,
+    /// No acquisitions once shutting down.
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// What one reconcile pass decided, for the caller to carry out.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// Renewal to send to the leader.
+    pub renewal: Option<Renewal>,
+    /// VIPs to bring up.
+    pub acquire: Vec<(u64, VipSpec)>,
+    /// VIPs to take down now (lease over or grant gone).
+    pub fence: Vec<VipSpec>,
+    /// VIPs to announce again.
+    pub announce: Vec<VipSpec>,
+    /// New lease ends of VIPs that are up.
+    pub extend: Vec<(VipSpec, Instant)>,
+}
+
+/// This node's VIP placements in the fabric: (name, epoch) and their specs.
+pub fn owned_vips(fabric: &Fabric, me: NodeId) -> Vec<(Held, VipSpec)> {
+    fabric
+        .placements
+        .iter()
+        .filter(|(_, p)| p.owner == Some(me))
+        .filter_map(|(name, p)| match &p.kind {
+            PlacementKind::Vip { address, interface } => Some((
+                (name.clone(), p.epoch),
+                VipSpec {
+                    name: name.clone(),
+                    address: address.clone(),
+                    interface: interface.clone(),
+                },
+            )),
+            PlacementKind::Singleton { .. } => None,
+        })
+        .collect()
+}
+
+impl Agent {
+    /// A new agent with no leases.
+    pub fn new(me: NodeId, cfg: LeaseConfig, backend: Arc<dyn VipBackend>) -> Self {
+        Agent {
+            me,
+            leases: Mutex::new(OwnerLeases::new(cfg)),
+            active: Mutex::default(),
+            released: Mutex::default(),
+            backend,
+            stopping: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pure part of a reconcile pass: given what the fabric grants and the clock, decide.
+    pub fn plan_step(&self, owned: &[(Held, VipSpec)], now: Instant) -> Step {
+        let mut step = Step::default();
+        let released = Self::lock(&self.released).clone();
+        let owned_ids: Vec<Held> = owned
+            .iter()
+            .map(|(h, _)| h.clone())
+            .filter(|h| !released.contains(h))
+            .collect();
+        let mut leases = Self::lock(&self.leases);
+        leases.sync(&owned_ids);
+        let valid: BTreeSet<Held> = leases.valid(now).into_iter().collect();
+        let ends: BTreeMap<String, Instant> = valid
+            .iter()
+            .map(|(n, _)| (n.clone(), now + leases.remaining(n, now)))
+            .collect();
+        step.renewal = leases.renewal_due(now);
+        drop(leases);
+        let stopping = self.stopping.load(std::sync::atomic::Ordering::SeqCst);
+        let mut active = Self::lock(&self.active);
+        // Fence first: anything up without a valid lease at its epoch.
+        let gone: Vec<String> = active
+            .iter()
+            .filter(|(name, a)| !valid.contains(&((*name).clone(), a.epoch)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            if let Some(a) = active.remove(&name) {
+                step.fence.push(a.vip);
+            }
+        }
+        let schedule = self.backend.announce_schedule();
+        for a in active.values_mut() {
+            while a.announced < schedule.len() && now >= a.since + schedule[a.announced] {
+                a.announced += 1;
+                step.announce.push(a.vip.clone());
+            }
+        }
+        if !stopping {
+            for ((name, epoch), spec) in owned {
+                if valid.contains(&(name.clone(), *epoch)) && !active.contains_key(name) {
+                    let a = Active {
+                        epoch: *epoch,
+                        vip: spec.clone(),
+                        since: now,
+                        announced: 0,
+                        guarded_until: None,
+                    };
+                    active.insert(name.clone(), a);
+                    step.acquire.push((*epoch, spec.clone()));
+                }
+            }
+        }
+        for (name, a) in active.iter_mut() {
+            if let Some(end) = ends.get(name)
+                && a.guarded_until != Some(*end)
+            {
+                a.guarded_until = Some(*end);
+                step.extend.push((a.vip.clone(), *end));
+            }
+        }
+        step
+    }
+
+    /// Carries out the host side of a step (fences first).
+    pub async fn execute(&self, step: &Step) {
+        for vip in &step.fence {
+            match self.backend.release(vip.clone()).await {
+                Ok(()) => {
+                    tracing::warn!(vip = %vip.name, address = %vip.address, "lease lost: VIP removed (self-fenced)")
+                }
+                Err(e) => {
+                    tracing::error!(vip = %vip.name, error = %e, "could not remove VIP while fencing")
+                }
+            }
+        }
+        for (epoch, vip) in &step.acquire {
+            match self.backend.acquire(vip.clone()).await {
+                Ok(()) => {
+                    tracing::info!(vip = %vip.name, address = %vip.address, epoch, "VIP taken over")
+                }
+                Err(e) => {
+                    tracing::error!(vip = %vip.name, epoch, error = %e, "could not take over VIP");
+                    Self::lock(&self.active).remove(&vip.name);
+                }
+            }
+        }
+        for (vip, until) in &step.extend {
+            self.backend.hold_until(vip, *until);
+        }
+        for vip in &step.announce {
+            if let Err(e) = self.backend.announce(vip.clone()).await {
+                tracing::warn!(vip = %vip.name, error = %e, "announcement failed");
+            }
+        }
+    }
+
+    /// The leader answered `renewal` with `confirmed`.
+    pub fn confirmed(&self, renewal: &Renewal, confirmed: &[Held]) {
+        Self::lock(&self.leases).confirmed(renewal, confirmed);
+    }
+
+    /// Fences `name` at `epoch` now and keeps it down at that epoch (graceful move or stop).
+    pub async fn fence_and_hold(&self, name: &str, epoch: u64) -> Result<(), String> {
+        Self::lock(&self.released).insert((name.to_string(), epoch));
+        let a = Self::lock(&self.active).remove(name);
+        if let Some(a) = a {
+            self.backend.release(a.vip.clone()).await?;
+            tracing::info!(vip = %name, epoch, "VIP released on request");
+        }
+        Ok(())
+    }
+
+    /// Stops acquiring; fences everything held and returns it, for the caller to release in the fabric.
+    pub async fn stop(&self) -> Vec<Held> {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let held = Self::lock(&self.leases).all();
+        for (name, epoch) in &held {
+            if let Err(e) = self.fence_and_hold(name, *epoch).await {
+                tracing::error!(vip = %name, error = %e, "could not remove VIP on shutdown");
+            }
+        }
+        held
+    }
+
+    /// Time left on a placement's lease here.
+    pub fn lease_remaining(&self, name: &str, now: Instant) -> Duration {
+        Self::lock(&self.leases).remaining(name, now)
+    }
+
+    /// VIP names up on this host.
+    pub fn active_names(&self) -> Vec<String> {
+        Self::lock(&self.active).keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records calls; no host effects.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl VipBackend for Recorder {
+        fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+            self.calls.lock().unwrap().push(format!("up {}", vip.name));
+            Box::pin(async { Ok(()) })
+        }
+        fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("announce {}", vip.name));
+            Box::pin(async { Ok(()) })
+        }
+        fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("down {}", vip.name));
+            Box::pin(async { Ok(()) })
+        }
+        fn announce_schedule(&self) -> Vec<Duration> {
+            vec![Duration::from_millis(250), Duration::from_millis(1000)]
+        }
+    }
+
+    fn spec(name: &str) -> VipSpec {
+        VipSpec {
+            name: name.into(),
+            address: "10.0.0.100/24".into(),
+            interface: "eth0".into(),
+        }
+    }
+
+    fn cfg() -> LeaseConfig {
+        LeaseConfig {
+            duration: Duration::from_millis(300),
+            renew_every: Duration::from_millis(75),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn acquires_only_with_a_confirmed_lease_and_fences_when_it_runs_out() {
+        let t0 = Instant::now();
+        let agent = Agent::new(1, cfg(), Arc::new(Recorder::default()));
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        let s = agent.plan_step(&owned, t0);
+        assert!(s.acquire.is_empty(), "no lease yet: nothing comes up");
+        let r = s.renewal.expect("renewal sent at once");
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        let s = agent.plan_step(&owned, t0 + Duration::from_millis(2));
+        assert_eq!(s.acquire.len(), 1);
+        // Announcements follow the schedule.
+        let s = agent.plan_step(&owned, t0 + Duration::from_millis(260));
+        assert_eq!(s.announce.len(), 1);
+        // No more confirmations: at send + L the VIP is fenced.
+        let s = agent.plan_step(&owned, t0 + Duration::from_millis(299));
+        assert!(s.fence.is_empty());
+        let s = agent.plan_step(&owned, t0 + Duration::from_millis(300));
+        assert_eq!(s.fence, vec![spec("cluster")]);
+        assert!(agent.active_names().is_empty());
+    }
+
+    #[test]
+    fn losing_the_grant_fences_even_with_lease_left() {
+        let t0 = Instant::now();
+        let agent = Agent::new(1, cfg(), Arc::new(Recorder::default()));
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        let r = agent.plan_step(&owned, t0).renewal.unwrap();
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        assert_eq!(agent.plan_step(&owned, t0).acquire.len(), 1);
+        let s = agent.plan_step(&[], t0 + Duration::from_millis(10));
+        assert_eq!(s.fence, vec![spec("cluster")]);
+    }
+
+    #[tokio::test]
+    async fn released_placements_stay_down_at_that_epoch() {
+        let t0 = Instant::now();
+        let rec = Arc::new(Recorder::default());
+        let agent = Agent::new(1, cfg(), rec.clone());
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        let r = agent.plan_step(&owned, t0).renewal.unwrap();
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        let s = agent.plan_step(&owned, t0);
+        agent.execute(&s).await;
+        agent.fence_and_hold("cluster", 2).await.unwrap();
+        let s = agent.plan_step(&owned, t0 + Duration::from_millis(5));
+        assert!(s.acquire.is_empty());
+        assert_eq!(
+            *rec.calls.lock().unwrap(),
+            vec!["up cluster".to_string(), "down cluster".to_string()]
+        );
+        // Granted again at a later epoch: it may come back.
+        let owned = vec![(("cluster".to_string(), 4), spec("cluster"))];
+        // (unconfirmed grants are renewed at a quarter of the normal pace)
+        let r = agent
+            .plan_step(&owned, t0 + Duration::from_millis(30))
+            .renewal
+            .unwrap();
+        agent.confirmed(&r, &[("cluster".into(), 4)]);
+        assert_eq!(
+            agent
+                .plan_step(&owned, t0 + Duration::from_millis(31))
+                .acquire
+                .len(),
+            1
+        );
+    }
+}

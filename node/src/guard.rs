@@ -1,0 +1,241 @@
+//! The fence guard: a child process that removes this node's VIPs when `spaced` dies or stalls.
+//!
+//! A SIGKILLed or SIGSTOPped daemon cannot remove its own addresses, and the kernel would go on
+//! answering ARP for them while another node takes over. So every VIP is also registered with
+//! `spaced guard`, a small child process reading commands on its stdin:
+//!
+//! ```text
+//! hold <name> <address/prefix> <interface> <deadline, CLOCK_MONOTONIC ns>
+//! drop <name>
+//! ```
+//!
+//! It removes a held VIP when its deadline (the lease end) passes without an extension, and
+//! every held VIP at once when its stdin closes — which happens when the parent dies, however.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncBufReadExt;
+
+use crate::agent::VipSpec;
+
+/// CLOCK_MONOTONIC now, in ns: the same clock in every process of the host.
+pub fn monotonic_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => (ts.tv_sec() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(ts.tv_nsec() as u64),
+        Err(_) => 0,
+    }
+}
+
+/// An `Instant` as CLOCK_MONOTONIC ns (std's `Instant` is CLOCK_MONOTONIC on Linux).
+pub fn instant_to_ns(t: Instant) -> u64 {
+    let now_i = Instant::now();
+    let now_ns = monotonic_ns();
+    if t >= now_i {
+        now_ns + (t - now_i).as_nanos() as u64
+    } else {
+        now_ns.saturating_sub((now_i - t).as_nanos() as u64)
+    }
+}
+
+/// One guard line, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GuardCommand {
+    /// Hold `vip` until `deadline_ns`.
+    Hold {
+        /// The VIP.
+        vip: VipSpec,
+        /// CLOCK_MONOTONIC ns.
+        deadline_ns: u64,
+    },
+    /// Forget `name` (the parent removed it).
+    Drop {
+        /// VIP name.
+        name: String,
+    },
+}
+
+/// Parses one line of the guard protocol.
+pub fn parse_line(line: &str) -> Result<GuardCommand, String> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    match f.as_slice() {
+        ["hold", name, address, interface, deadline] => Ok(GuardCommand::Hold {
+            vip: VipSpec {
+                name: name.to_string(),
+                address: address.to_string(),
+                interface: interface.to_string(),
+            },
+            deadline_ns: deadline
+                .parse()
+                .map_err(|_| format!("bad deadline {deadline:?}"))?,
+        }),
+        ["drop", name] => Ok(GuardCommand::Drop {
+            name: name.to_string(),
+        }),
+        _ => Err(format!("unknown guard command {line:?}")),
+    }
+}
+
+/// The parent's handle on its guard.
+pub struct GuardHandle {
+    /// The child, reaped on drop.
+    child: Mutex<Child>,
+    /// Its stdin; closing it (or dying) makes the guard remove everything.
+    stdin: Mutex<ChildStdin>,
+}
+
+impl GuardHandle {
+    /// Starts `<this executable> guard`.
+    pub fn spawn() -> Result<Self, String> {
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("locate spaced for the fence guard: {e}"))?;
+        let mut child = Command::new(exe)
+            .arg("guard")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("start the fence guard: {e}"))?;
+        let stdin = child.stdin.take().ok_or("fence guard has no stdin")?;
+        Ok(GuardHandle {
+            child: Mutex::new(child),
+            stdin: Mutex::new(stdin),
+        })
+    }
+
+    fn send(&self, line: &str) -> Result<(), String> {
+        let mut w = self.stdin.lock().unwrap_or_else(|p| p.into_inner());
+        writeln!(w, "{line}")
+            .and_then(|_| w.flush())
+            .map_err(|e| format!("fence guard: {e}"))
+    }
+
+    /// The guard removes `vip` at `until` unless told a later deadline.
+    pub fn hold(&self, vip: &VipSpec, until: Instant) -> Result<(), String> {
+        self.send(&format!(
+            "hold {} {} {} {}",
+            vip.name,
+            vip.address,
+            vip.interface,
+            instant_to_ns(until)
+        ))
+    }
+
+    /// The parent removed `name` itself.
+    pub fn drop_vip(&self, name: &str) -> Result<(), String> {
+        self.send(&format!("drop {name}"))
+    }
+}
+
+impl Drop for GuardHandle {
+    fn drop(&mut self) {
+        let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        // Closing stdin happens when `stdin` drops after this; kill to be sure it goes.
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// `spaced guard`: runs until stdin closes, then removes what it still holds and exits.
+pub async fn run_guard() -> Result<(), String> {
+    let tk = crate::takeover::Takeover::new()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut held: BTreeMap<String, (VipSpec, u64)> = BTreeMap::new();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        let next_deadline = held.values().map(|(_, d)| *d).min();
+        let wait = next_deadline.map(|d| Duration::from_nanos(d.saturating_sub(monotonic_ns())));
+        let line = match wait {
+            Some(w) => tokio::time::timeout(w, lines.next_line()).await.ok(),
+            None => Some(lines.next_line().await),
+        };
+        match line {
+            // Deadline passed: fence whatever is due.
+            None => {
+                let now = monotonic_ns();
+                let due: Vec<String> = held
+                    .iter()
+                    .filter(|(_, (_, d))| *d <= now)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for name in due {
+                    if let Some((vip, _)) = held.remove(&name) {
+                        remove(&tk, &vip, "lease ran out without renewal (spaced stalled?)").await;
+                    }
+                }
+            }
+            Some(Ok(Some(l))) => match parse_line(&l) {
+                Ok(GuardCommand::Hold { vip, deadline_ns }) => {
+                    held.insert(vip.name.clone(), (vip, deadline_ns));
+                }
+                Ok(GuardCommand::Drop { name }) => {
+                    held.remove(&name);
+                }
+                Err(e) => tracing::warn!(error = %e, "fence guard: ignored line"),
+            },
+            // EOF or read error: the parent is gone.
+            Some(Ok(None)) | Some(Err(_)) => {
+                for (_, (vip, _)) in std::mem::take(&mut held) {
+                    remove(&tk, &vip, "spaced exited").await;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn remove(tk: &crate::takeover::Takeover, vip: &VipSpec, why: &str) {
+    match crate::takeover::VipAddr::parse(&vip.address, &vip.interface) {
+        Ok(addr) => match tk.remove(&addr).await {
+            Ok(()) => {
+                tracing::warn!(vip = %vip.name, address = %vip.address, why, "fence guard removed VIP")
+            }
+            Err(e) => {
+                tracing::error!(vip = %vip.name, error = %e, "fence guard could not remove VIP")
+            }
+        },
+        Err(e) => tracing::error!(vip = %vip.name, error = %e, "fence guard: bad VIP"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_protocol() {
+        assert_eq!(
+            parse_line("hold cluster 10.0.0.100/24 eth0 123"),
+            Ok(GuardCommand::Hold {
+                vip: VipSpec {
+                    name: "cluster".into(),
+                    address: "10.0.0.100/24".into(),
+                    interface: "eth0".into()
+                },
+                deadline_ns: 123
+            })
+        );
+        assert_eq!(
+            parse_line("drop cluster"),
+            Ok(GuardCommand::Drop {
+                name: "cluster".into()
+            })
+        );
+        assert!(parse_line("hold cluster 10.0.0.100/24 eth0 soon").is_err());
+        assert!(parse_line("explode").is_err());
+    }
+
+    #[test]
+    fn instants_map_onto_the_monotonic_clock() {
+        let now = Instant::now();
+        let a = instant_to_ns(now + Duration::from_millis(300));
+        let b = monotonic_ns();
+        assert!(a > b + 250_000_000 && a < b + 350_000_000, "{a} vs {b}");
+    }
+}

@@ -1,0 +1,115 @@
+//! The real VIP backend: netlink address + gratuitous ARP / NA, an RFC 5227 probe before
+//! claiming, and a fence guard process that takes the address down if `spaced` dies or stalls.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use spaced_raft::network::BoxFuture;
+
+use crate::agent::{VipBackend, VipSpec};
+use crate::guard::GuardHandle;
+use crate::takeover::{Takeover, VipAddr};
+
+/// Probe before claiming: two ARP probes 10 ms apart, then 30 ms of listening (RFC 5227's
+/// seconds-long timing is for address autoconfiguration, not for a failover path).
+const PROBES: u32 = 2;
+const PROBE_INTERVAL: Duration = Duration::from_millis(10);
+const PROBE_WAIT: Duration = Duration::from_millis(30);
+
+/// Netlink/raw-frame backend, shared by the agent's tasks.
+pub struct NetlinkBackend {
+    /// netlink + raw sockets in this process's namespace.
+    tk: Arc<Takeover>,
+    /// Started on the first VIP this node takes.
+    guard: OnceLock<Result<GuardHandle, String>>,
+}
+
+impl NetlinkBackend {
+    /// Opens netlink.
+    pub async fn new() -> Result<Self, String> {
+        let tk = Takeover::new().await.map_err(|e| e.to_string())?;
+        Ok(NetlinkBackend {
+            tk: Arc::new(tk),
+            guard: OnceLock::new(),
+        })
+    }
+
+    /// The VIP can live on this host: interface present, address inside one of its subnets.
+    pub async fn check(&self, address: &str, interface: &str) -> Result<(), String> {
+        let vip = VipAddr::parse(address, interface).map_err(|e| e.to_string())?;
+        self.tk.check(&vip).await.map_err(|e| e.to_string())
+    }
+
+    fn guard(&self) -> Result<&GuardHandle, String> {
+        self.guard
+            .get_or_init(GuardHandle::spawn)
+            .as_ref()
+            .map_err(|e| e.clone())
+    }
+}
+
+impl VipBackend for NetlinkBackend {
+    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        let tk = self.tk.clone();
+        let guard_ok = self.guard().map(|_| ());
+        Box::pin(async move {
+            guard_ok?;
+            let addr = VipAddr::parse(&vip.address, &vip.interface).map_err(|e| e.to_string())?;
+            crate::takeover::check_capabilities().map_err(|e| e.to_string())?;
+            if !tk.present(&addr).await.map_err(|e| e.to_string())? {
+                if let Some(mac) = tk
+                    .probe(&addr, PROBES, PROBE_INTERVAL, PROBE_WAIT)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    let mac = mac
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":");
+                    return Err(format!(
+                        "refusing VIP {} ({}): host {mac} already answers for it on {}",
+                        vip.name, vip.address, vip.interface
+                    ));
+                }
+                tk.add(&addr).await.map_err(|e| e.to_string())?;
+            }
+            tk.announce(&addr).map_err(|e| e.to_string())
+        })
+    }
+
+    fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        let tk = self.tk.clone();
+        Box::pin(async move {
+            let addr = VipAddr::parse(&vip.address, &vip.interface).map_err(|e| e.to_string())?;
+            tk.announce(&addr).map_err(|e| e.to_string())
+        })
+    }
+
+    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        let tk = self.tk.clone();
+        if let Some(Ok(g)) = self.guard.get() {
+            let _ = g.drop_vip(&vip.name);
+        }
+        Box::pin(async move {
+            let addr = VipAddr::parse(&vip.address, &vip.interface).map_err(|e| e.to_string())?;
+            tk.remove(&addr).await.map_err(|e| e.to_string())
+        })
+    }
+
+    fn announce_schedule(&self) -> Vec<Duration> {
+        crate::takeover::announce_schedule()
+            .iter()
+            .copied()
+            .filter(|d| !d.is_zero())
+            .collect()
+    }
+
+    fn hold_until(&self, vip: &VipSpec, until: Instant) {
+        if let Ok(g) = self.guard()
+            && let Err(e) = g.hold(vip, until)
+        {
+            tracing::error!(vip = %vip.name, error = %e, "fence guard unreachable");
+        }
+    }
+}
