@@ -36,7 +36,16 @@ pub enum AdminRequest {
     /// All devices as this node has applied them.
     ListDevices,
     /// Create a VIP placement (leader only).
-    VipAdd(crate::config::VipSection),
+    VipAdd {
+        /// Placement name.
+        name: String,
+        /// Address with prefix.
+        address: String,
+        /// Interface.
+        interface: String,
+        /// Eligible roles.
+        roles: Vec<String>,
+    },
     /// VIPs with owner, epoch and lease (leader's view when asked on the leader).
     VipList,
     /// Move a VIP to a node (by id or name) gracefully (leader only).

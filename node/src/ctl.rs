@@ -640,14 +640,13 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         } => {
             spaced_raft::fabric::check_name("VIP name", name).map_err(|e| usage(e.to_string()))?;
             spaced_raft::fabric::check_vip_address(address).map_err(|e| usage(e.to_string()))?;
-            let v = crate::config::VipSection {
+            let v = AdminRequest::VipAdd {
                 name: name.clone(),
                 address: address.clone(),
                 interface: interface.clone(),
                 roles: roles.clone(),
-                port: None,
             };
-            match mutate(&cli, AdminRequest::VipAdd(v)).await? {
+            match mutate(&cli, v).await? {
                 AdminReply::Done => {
                     println!("VIP {name} ({address} on {interface}) added");
                     Ok(())

@@ -433,10 +433,22 @@ impl NodeInner {
                 }
             }
             AdminRequest::VipList => AdminReply::Vips(crate::placement::vip_rows(self)),
-            AdminRequest::VipAdd(v) => {
+            AdminRequest::VipAdd {
+                name,
+                address,
+                interface,
+                roles,
+            } => {
                 if let Some(r) = self.not_leader() {
                     return r;
                 }
+                let v = crate::config::VipSection {
+                    name,
+                    address,
+                    interface,
+                    roles,
+                    port: None,
+                };
                 match crate::placement::vip_add(self, v).await {
                     Ok(()) => AdminReply::Done,
                     Err(e) => AdminReply::Failed(e),

@@ -1,0 +1,489 @@
+//! VIP takeover in the network lab: real `spaced` processes in namespaces on a bridge, a client
+//! namespace that connects to the VIP and whose ARP cache is observed, and real faults.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use spaced_node::config::{
+    LeaseTimings, NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection,
+};
+use spaced_tests::lab::{AddressWatch, Lab, LabProcess, lab_or_skip};
+use spaced_tests::{binary, make_pki};
+
+/// Port of the stand-in service every host runs on the VIP (bound with IP_FREEBIND).
+const SERVICE_PORT: u16 = 8080;
+
+/// A lab with spaced running on every host.
+struct Fabric {
+    lab: Lab,
+    pki: PathBuf,
+    procs: Vec<Option<LabProcess>>,
+    configs: Vec<PathBuf>,
+}
+
+impl Fabric {
+    /// Starts `roles.len()` hosts with those roles and the given VIPs; h1 bootstraps, the others join.
+    fn start(roles: &[&[&str]], vips: &[VipSection]) -> Result<Option<Fabric>> {
+        let Some(lab) = lab_or_skip(roles.len())? else {
+            return Ok(None);
+        };
+        let pki = lab.dir().join("pki");
+        make_pki(&pki, roles.len() as u64)?;
+        let mut f = Fabric {
+            lab,
+            pki,
+            procs: Vec::new(),
+            configs: Vec::new(),
+        };
+        for (i, r) in roles.iter().enumerate() {
+            let id = i as u64 + 1;
+            let host = f.lab.host(i + 1).clone();
+            let name = format!("n{id}");
+            let dir = f.lab.dir().to_path_buf();
+            let cfg = NodeConfig {
+                node_id: id,
+                name: name.clone(),
+                data_dir: dir.join(format!("data-{name}")),
+                listen: SocketAddr::new(IpAddr::V4(host.ip), 7000),
+                metrics: None,
+                roles: r.iter().map(|s| s.to_string()).collect(),
+                tls: TlsSection {
+                    ca: f.pki.join("ca.pem"),
+                    cert: f.pki.join(format!("{name}.pem")),
+                    key: f.pki.join(format!("{name}.key")),
+                },
+                raft: RaftTimings::default(),
+                lease: LeaseTimings::default(),
+                takeover: TakeoverMode::Netlink,
+                vips: vips.to_vec(),
+                source: dir.join(format!("{name}.toml")),
+            };
+            std::fs::write(&cfg.source, cfg.to_toml())?;
+            f.configs.push(cfg.source.clone());
+            for v in vips {
+                let ip: IpAddr = v.address.split('/').next().context("vip")?.parse()?;
+                f.lab.serve_in(
+                    &host.ns,
+                    SocketAddr::new(ip, SERVICE_PORT),
+                    name.clone().into_bytes(),
+                )?;
+            }
+            f.procs.push(Some(f.spawn(i + 1, id == 1)?));
+        }
+        let h1 = f.endpoint(1);
+        f.wait(Duration::from_secs(20), "n1 leads", |f| {
+            Ok(f.status(&h1).is_ok_and(|s| s["leader"] == 1))
+        })?;
+        for id in 2..=roles.len() {
+            let addr = f.endpoint(id);
+            f.ctl(
+                &h1,
+                &[
+                    "node",
+                    "add",
+                    "--id",
+                    &id.to_string(),
+                    "--name",
+                    &format!("n{id}"),
+                    "--addr",
+                    &addr,
+                ],
+            )?;
+        }
+        Ok(Some(f))
+    }
+
+    fn spawn(&self, host: usize, bootstrap: bool) -> Result<LabProcess> {
+        let cfg = self.configs[host - 1].to_str().context("path")?.to_string();
+        let mut args = vec!["run", "--config", cfg.as_str()];
+        if bootstrap {
+            args.push("--bootstrap");
+        }
+        self.lab.spawn_in(
+            &self.lab.host(host).ns,
+            &binary("spaced")?,
+            &args,
+            &format!("n{host}"),
+        )
+    }
+
+    fn endpoint(&self, host: usize) -> String {
+        format!("{}:7000", self.lab.host(host).ip)
+    }
+
+    /// Runs spacectl from the client namespace.
+    fn ctl(&self, endpoint: &str, args: &[&str]) -> Result<String> {
+        let out = self
+            .lab
+            .command_in(&self.lab.client().ns, binary("spacectl")?)
+            .args(args)
+            .env("SPACED_ENDPOINT", endpoint)
+            .env("SPACED_PKI", &self.pki)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "spacectl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    fn status(&self, endpoint: &str) -> Result<Value> {
+        Ok(serde_json::from_str(
+            &self.ctl(endpoint, &["status", "--json"])?,
+        )?)
+    }
+
+    /// Status from any host that answers, skipping `not`.
+    fn any_status(&self, not: Option<usize>) -> Result<Value> {
+        for h in 1..=self.procs.len() {
+            if Some(h) == not {
+                continue;
+            }
+            if let Ok(s) = self.status(&self.endpoint(h)) {
+                return Ok(s);
+            }
+        }
+        bail!("no node answered status")
+    }
+
+    fn vip_owner(&self, name: &str, not: Option<usize>) -> Option<u64> {
+        let s = self.any_status(not).ok()?;
+        s["vips"].as_array()?.iter().find(|v| v["name"] == name)?["owner"].as_u64()
+    }
+
+    fn wait(
+        &self,
+        within: Duration,
+        what: &str,
+        mut f: impl FnMut(&Fabric) -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if f(self)? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {within:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Which host's service answers on the VIP, from the client.
+    fn served_by(&self, vip: IpAddr) -> Option<String> {
+        let r = self.lab.tcp_exchange(
+            &self.lab.client().ns,
+            SocketAddr::new(vip, SERVICE_PORT),
+            b"",
+            Duration::from_millis(500),
+        );
+        r.ok()
+            .map(|b| String::from_utf8_lossy(&b).to_string())
+            .filter(|s| !s.is_empty())
+    }
+
+    fn host_namespaces(&self) -> Vec<String> {
+        self.lab.host_namespaces()
+    }
+}
+
+fn vip(name: &str, ip: IpAddr, prefix: u8, roles: &[&str]) -> VipSection {
+    VipSection {
+        name: name.into(),
+        address: format!("{ip}/{prefix}"),
+        interface: "eth0".into(),
+        roles: roles.iter().map(|s| s.to_string()).collect(),
+        port: None,
+    }
+}
+
+/// Waits for the VIP to be placed and served; returns the owner's host index.
+fn wait_served(f: &Fabric, name: &str, ip: IpAddr, not: Option<usize>) -> Result<usize> {
+    let mut owner = 0;
+    f.wait(Duration::from_secs(20), "VIP placed and served", |f| {
+        let Some(o) = f.vip_owner(name, not) else {
+            return Ok(false);
+        };
+        owner = o as usize;
+        Ok(Some(o as usize) != not && f.served_by(ip) == Some(format!("n{o}")))
+    })?;
+    Ok(owner)
+}
+
+#[test]
+fn vip_fails_over_on_sigkill_and_the_client_follows_the_gratuitous_arp() -> Result<()> {
+    let roles: &[&[&str]] = &[&["ha", "app"], &["ha", "app"], &["ha", "app"]];
+    // The VIP address depends on the lab's subnet: added with spacectl once the lab exists.
+    let Some(mut f) = Fabric::start(roles, &[])? else {
+        return Ok(());
+    };
+    let vip_ip = IpAddr::V4(f.lab.free_ip(0));
+    for h in 1..=3 {
+        f.lab.serve_in(
+            &f.lab.host(h).ns,
+            SocketAddr::new(vip_ip, SERVICE_PORT),
+            format!("n{h}").into_bytes(),
+        )?;
+    }
+    f.ctl(
+        &f.endpoint(1),
+        &[
+            "vip",
+            "add",
+            "--name",
+            "cluster",
+            "--address",
+            &format!("{vip_ip}/24"),
+            "--interface",
+            "eth0",
+            "--roles",
+            "ha",
+        ],
+    )?;
+    let owner = wait_served(&f, "cluster", vip_ip, None)?;
+    let owner_mac = f.lab.host(owner).mac;
+    assert_eq!(
+        f.lab.neighbour(&f.lab.client().ns, vip_ip)?,
+        Some(owner_mac)
+    );
+
+    let watch = AddressWatch::start(
+        &f.lab,
+        &f.host_namespaces(),
+        vip_ip,
+        Duration::from_millis(2),
+    )?;
+    let t = Instant::now();
+    f.procs[owner - 1]
+        .as_ref()
+        .context("owner process")?
+        .signal(Signal::SIGKILL)?;
+    let new_owner = wait_served(&f, "cluster", vip_ip, Some(owner))?;
+    let failover = t.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let report = watch.stop();
+    assert_ne!(new_owner, owner);
+    assert_eq!(
+        report.max_holders, 1,
+        "two hosts held the VIP at once: {:?}",
+        report.overlaps
+    );
+    // The client's ARP cache was moved to the new owner by the gratuitous ARP.
+    assert_eq!(
+        f.lab.neighbour(&f.lab.client().ns, vip_ip)?,
+        Some(f.lab.host(new_owner).mac)
+    );
+    println!(
+        "SIGKILL failover, client-observed: {} ms",
+        failover.as_millis()
+    );
+
+    // The killed node comes back as standby: no failback.
+    f.procs[owner - 1] = Some(f.spawn(owner, false)?);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        f.vip_owner("cluster", None),
+        Some(new_owner as u64),
+        "the VIP failed back"
+    );
+    assert_eq!(f.served_by(vip_ip), Some(format!("n{new_owner}")));
+    Ok(())
+}
+
+#[test]
+fn partitioned_owner_drops_the_vip_and_the_majority_takes_over_without_overlap() -> Result<()> {
+    let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
+    let Some(f) = Fabric::start(roles, &[])? else {
+        return Ok(());
+    };
+    let vip_ip = IpAddr::V4(f.lab.free_ip(0));
+    for h in 1..=3 {
+        f.lab.serve_in(
+            &f.lab.host(h).ns,
+            SocketAddr::new(vip_ip, SERVICE_PORT),
+            format!("n{h}").into_bytes(),
+        )?;
+    }
+    f.ctl(
+        &f.endpoint(1),
+        &[
+            "vip",
+            "add",
+            "--name",
+            "cluster",
+            "--address",
+            &format!("{vip_ip}/24"),
+            "--interface",
+            "eth0",
+            "--roles",
+            "ha",
+        ],
+    )?;
+    let owner = wait_served(&f, "cluster", vip_ip, None)?;
+    let watch = AddressWatch::start(
+        &f.lab,
+        &f.host_namespaces(),
+        vip_ip,
+        Duration::from_millis(2),
+    )?;
+    f.lab.partition(f.lab.host(owner))?;
+    let new_owner = wait_served(&f, "cluster", vip_ip, Some(owner))?;
+    // The partitioned owner has removed the address on its own.
+    f.wait(Duration::from_secs(5), "old owner dropped the VIP", |f| {
+        Ok(!f.lab.addresses(&f.lab.host(owner).ns)?.contains(&vip_ip))
+    })?;
+    f.lab.heal(f.lab.host(owner))?;
+    std::thread::sleep(Duration::from_secs(3));
+    let report = watch.stop();
+    assert_eq!(
+        report.max_holders, 1,
+        "two hosts held the VIP at once: {:?}",
+        report.overlaps
+    );
+    // Healed: no failback, no flapping.
+    let s = f.any_status(None)?;
+    let v = s["vips"]
+        .as_array()
+        .and_then(|v| v.first())
+        .context("vip")?
+        .clone();
+    assert_eq!(v["owner"].as_u64(), Some(new_owner as u64), "{s}");
+    let holders: Vec<_> = report
+        .holders_over_time
+        .iter()
+        .filter(|(_, h)| !h.is_empty())
+        .collect();
+    assert!(
+        holders.len() <= 2,
+        "the VIP flapped: {:?}",
+        report.holders_over_time
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_hands_the_vip_over_and_db_vip_stays_on_db_nodes() -> Result<()> {
+    let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha", "db"]];
+    let Some(f) = Fabric::start(roles, &[])? else {
+        return Ok(());
+    };
+    let vip_ip = IpAddr::V4(f.lab.free_ip(0));
+    let db_ip = IpAddr::V4(f.lab.free_ip(1));
+    for h in 1..=3 {
+        for ip in [vip_ip, db_ip] {
+            f.lab.serve_in(
+                &f.lab.host(h).ns,
+                SocketAddr::new(ip, SERVICE_PORT),
+                format!("n{h}").into_bytes(),
+            )?;
+        }
+    }
+    let h1 = f.endpoint(1);
+    f.ctl(
+        &h1,
+        &[
+            "vip",
+            "add",
+            "--name",
+            "cluster",
+            "--address",
+            &format!("{vip_ip}/24"),
+            "--interface",
+            "eth0",
+            "--roles",
+            "ha",
+        ],
+    )?;
+    f.ctl(
+        &h1,
+        &[
+            "vip",
+            "add",
+            "--name",
+            "db",
+            "--address",
+            &format!("{db_ip}/24"),
+            "--interface",
+            "eth0",
+            "--roles",
+            "db",
+        ],
+    )?;
+    // A VIP nobody could hold is refused, and a duplicate address too.
+    assert!(
+        f.ctl(
+            &h1,
+            &[
+                "vip",
+                "add",
+                "--name",
+                "fmpm",
+                "--address",
+                &format!("{}/24", f.lab.free_ip(2)),
+                "--interface",
+                "eth0",
+                "--roles",
+                "fmpm"
+            ]
+        )
+        .is_err()
+    );
+    assert!(
+        f.ctl(
+            &h1,
+            &[
+                "vip",
+                "add",
+                "--name",
+                "dup",
+                "--address",
+                &format!("{vip_ip}/24"),
+                "--interface",
+                "eth0",
+                "--roles",
+                "ha"
+            ]
+        )
+        .is_err()
+    );
+    let db_owner = wait_served(&f, "db", db_ip, None)?;
+    assert_eq!(db_owner, 3, "the db VIP must land on the only db node");
+    let owner = wait_served(&f, "cluster", vip_ip, None)?;
+
+    // Graceful: SIGTERM the cluster VIP's owner; another takes over at once.
+    let watch = AddressWatch::start(
+        &f.lab,
+        &f.host_namespaces(),
+        vip_ip,
+        Duration::from_millis(2),
+    )?;
+    let t = Instant::now();
+    let p = f.procs[owner - 1].as_ref().context("owner")?;
+    p.signal(Signal::SIGTERM)?;
+    let new_owner = wait_served(&f, "cluster", vip_ip, Some(owner))?;
+    println!(
+        "SIGTERM handover, client-observed: {} ms",
+        t.elapsed().as_millis()
+    );
+    let st = p
+        .wait(Duration::from_secs(10))?
+        .context("spaced did not exit on SIGTERM")?;
+    assert!(st.success(), "spaced exited with {st}");
+    let report = watch.stop();
+    assert_eq!(report.max_holders, 1, "{:?}", report.overlaps);
+    assert_ne!(new_owner, owner);
+    // The db VIP never moved to a node without the db role.
+    let s = f.any_status(Some(owner))?;
+    let db = s["vips"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "db"))
+        .context("db vip")?;
+    assert!(db["owner"].is_null() || db["owner"] == 3, "{s}");
+    Ok(())
+}
