@@ -17,6 +17,14 @@ use spaced_tests::{binary, make_pki};
 /// Port of the stand-in service every host runs on the VIP (bound with IP_FREEBIND).
 const SERVICE_PORT: u16 = 8080;
 
+/// One lab at a time: on a 2-core machine, parallel 3-node fabrics starve each other's lease
+/// timers and the tests would measure the scheduler, not spaced.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_lab() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LAB.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A lab with spaced running on every host.
 struct Fabric {
     lab: Lab,
@@ -218,6 +226,7 @@ fn wait_served(f: &Fabric, name: &str, ip: IpAddr, not: Option<usize>) -> Result
 
 #[test]
 fn vip_fails_over_on_sigkill_and_the_client_follows_the_gratuitous_arp() -> Result<()> {
+    let _serial = one_lab();
     let roles: &[&[&str]] = &[&["ha", "app"], &["ha", "app"], &["ha", "app"]];
     // The VIP address depends on the lab's subnet: added with spacectl once the lab exists.
     let Some(mut f) = Fabric::start(roles, &[])? else {
@@ -298,6 +307,7 @@ fn vip_fails_over_on_sigkill_and_the_client_follows_the_gratuitous_arp() -> Resu
 
 #[test]
 fn partitioned_owner_drops_the_vip_and_the_majority_takes_over_without_overlap() -> Result<()> {
+    let _serial = one_lab();
     let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
     let Some(f) = Fabric::start(roles, &[])? else {
         return Ok(());
@@ -369,6 +379,7 @@ fn partitioned_owner_drops_the_vip_and_the_majority_takes_over_without_overlap()
 
 #[test]
 fn sigterm_hands_the_vip_over_and_db_vip_stays_on_db_nodes() -> Result<()> {
+    let _serial = one_lab();
     let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha", "db"]];
     let Some(f) = Fabric::start(roles, &[])? else {
         return Ok(());
@@ -485,5 +496,150 @@ fn sigterm_hands_the_vip_over_and_db_vip_stays_on_db_nodes() -> Result<()> {
         .and_then(|v| v.iter().find(|v| v["name"] == "db"))
         .context("db vip")?;
     assert!(db["owner"].is_null() || db["owner"] == 3, "{s}");
+    Ok(())
+}
+
+#[test]
+fn sigstopped_owner_is_fenced_by_its_guard_and_ipv6_vip_moves() -> Result<()> {
+    let _serial = one_lab();
+    let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
+    let Some(f) = Fabric::start(roles, &[])? else {
+        return Ok(());
+    };
+    let v6 = IpAddr::V6(f.lab.free_ip6(100));
+    for h in 1..=3 {
+        f.lab.serve_in(
+            &f.lab.host(h).ns,
+            SocketAddr::new(v6, SERVICE_PORT),
+            format!("n{h}").into_bytes(),
+        )?;
+    }
+    f.ctl(
+        &f.endpoint(1),
+        &[
+            "vip",
+            "add",
+            "--name",
+            "cluster6",
+            "--address",
+            &format!("{v6}/64"),
+            "--interface",
+            "eth0",
+            "--roles",
+            "ha",
+        ],
+    )?;
+    let owner = wait_served(&f, "cluster6", v6, None)?;
+    let watch = AddressWatch::start(&f.lab, &f.host_namespaces(), v6, Duration::from_millis(2))?;
+    // SIGSTOP: the daemon cannot fence itself; its guard removes the address when the lease ends.
+    let p = f.procs[owner - 1].as_ref().context("owner")?;
+    p.signal(Signal::SIGSTOP)?;
+    let new_owner = wait_served(&f, "cluster6", v6, Some(owner))?;
+    assert!(
+        !f.lab.addresses(&f.lab.host(owner).ns)?.contains(&v6),
+        "the stopped owner still holds the VIP"
+    );
+    p.signal(Signal::SIGCONT)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let report = watch.stop();
+    assert_eq!(
+        report.max_holders, 1,
+        "two hosts held the VIP at once: {:?}",
+        report.overlaps
+    );
+    assert_ne!(new_owner, owner);
+    // Resumed, the old owner learns it lost the VIP and does not take it back.
+    assert_eq!(f.vip_owner("cluster6", None), Some(new_owner as u64));
+    assert!(!f.lab.addresses(&f.lab.host(owner).ns)?.contains(&v6));
+    assert_eq!(f.served_by(v6), Some(format!("n{new_owner}")));
+    Ok(())
+}
+
+#[test]
+fn missing_capability_is_named_and_no_vip_is_claimed() -> Result<()> {
+    let _serial = one_lab();
+    // Without CAP_NET_ADMIN (dropped with setpriv as root; absent anyway otherwise) a node
+    // whose config declares a VIP refuses to start, naming the capability.
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path().join("pki");
+    make_pki(&pki, 1)?;
+    let mut cfg = spaced_node::demo::node_config(dir.path(), &pki, 1, &["ha"])?;
+    cfg.vips = vec![vip("cluster", "127.0.0.200".parse()?, 8, &["ha"])];
+    cfg.vips[0].interface = "lo".into();
+    let path = spaced_node::demo::write_config(&cfg)?;
+    let root = nix::unistd::Uid::effective().is_root();
+    let out = if root {
+        std::process::Command::new("setpriv")
+            .args([
+                "--bounding-set=-net_admin,-net_raw",
+                "--inh-caps=-net_admin,-net_raw",
+            ])
+            .arg(binary("spaced")?)
+            .args(["run", "--bootstrap", "--config"])
+            .arg(&path)
+            .output()?
+    } else {
+        std::process::Command::new(binary("spaced")?)
+            .args(["run", "--bootstrap", "--config"])
+            .arg(&path)
+            .output()?
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("CAP_NET_ADMIN") || err.contains("CAP_NET_RAW"),
+        "{err}"
+    );
+    assert!(err.contains("n1.toml"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn bad_vip_config_is_refused_at_start() -> Result<()> {
+    let _serial = one_lab();
+    let Some(lab) = lab_or_skip(1)? else {
+        return Ok(());
+    };
+    let pki = lab.dir().join("pki");
+    make_pki(&pki, 1)?;
+    let h = lab.host(1).clone();
+    let cases = [
+        (
+            vip("cluster", "192.0.2.10".parse()?, 24, &["ha"]),
+            "outside",
+        ),
+        (
+            VipSection {
+                interface: "eth9".into(),
+                ..vip("cluster", IpAddr::V4(lab.free_ip(0)), 24, &["ha"])
+            },
+            "eth9",
+        ),
+    ];
+    for (i, (v, expect)) in cases.into_iter().enumerate() {
+        let dir = lab.dir().join(format!("case{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut cfg = spaced_node::demo::node_config(&dir, &pki, 1, &["ha"])?;
+        cfg.listen = SocketAddr::new(IpAddr::V4(h.ip), 7000);
+        cfg.metrics = None;
+        cfg.vips = vec![v];
+        let path = spaced_node::demo::write_config(&cfg)?;
+        let out = lab
+            .command_in(&h.ns, binary("spaced")?)
+            .args(["run", "--bootstrap", "--config"])
+            .arg(&path)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("vip[0]") && err.to_lowercase().contains(expect),
+            "expected {expect:?} in: {err}"
+        );
+        assert!(
+            !lab.addresses(&h.ns)?
+                .iter()
+                .any(|a| a.to_string().starts_with("192.0.2."))
+        );
+    }
     Ok(())
 }
