@@ -385,7 +385,7 @@ async fn run_in(dir: &Path) -> Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let still = vip_answer(vip_addr).await.unwrap_or_default();
-    println!("{back} restarted and rejoined as standby; the VIP stays on {still} (no failback)\n");
+    println!("{back} restarted and rejoined as standby; the VIP stays on {still} (no failback)");
 
     // Act 2: the Raft leader.
     let status = admin.status().await?;
