@@ -489,6 +489,31 @@ fn sigterm_hands_the_vip_over_and_db_vip_stays_on_db_nodes() -> Result<()> {
     let report = watch.stop();
     assert_eq!(report.max_holders, 1, "{:?}", report.overlaps);
     assert_ne!(new_owner, owner);
+    // An operator move: to the remaining `ha` node, gracefully, two epochs later (release, grant).
+    let target = (1..=3)
+        .find(|h| *h != owner && *h != new_owner)
+        .context("third node")?;
+    let before = f.any_status(Some(owner))?;
+    let epoch = before["vips"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "cluster"))
+        .and_then(|v| v["epoch"].as_u64())
+        .context("epoch")?;
+    let ep = f.endpoint(new_owner);
+    let out = f.ctl(
+        &ep,
+        &["vip", "move", "cluster", "--to", &format!("n{target}")],
+    )?;
+    assert!(out.contains(&format!("epoch {}", epoch + 2)), "{out}");
+    assert_eq!(wait_served(&f, "cluster", vip_ip, Some(new_owner))?, target);
+    // Moving to a node without the role is refused.
+    assert!(
+        f.ctl(
+            &ep,
+            &["vip", "move", "db", "--to", &format!("n{new_owner}")]
+        )
+        .is_err()
+    );
     // The db VIP never moved to a node without the db role.
     let s = f.any_status(Some(owner))?;
     let db = s["vips"]

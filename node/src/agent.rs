@@ -293,8 +293,12 @@ impl Agent {
                     tracing::info!(vip = %vip.name, address = %vip.address, epoch, "VIP taken over")
                 }
                 Err(e) => {
-                    tracing::error!(vip = %vip.name, epoch, error = %e, "could not take over VIP");
-                    Self::lock(&self.active).remove(&vip.name);
+                    // Stop renewing it: the leader sees the lease lapse and grants it elsewhere,
+                    // rather than leaving the VIP with a node that cannot serve it.
+                    tracing::error!(vip = %vip.name, epoch, error = %e, "could not take over VIP; letting its lease lapse");
+                    if let Err(e) = self.fence_and_hold(&vip.name, *epoch).await {
+                        tracing::error!(vip = %vip.name, error = %e, "could not clean up after a failed takeover");
+                    }
                 }
             }
         }
@@ -430,6 +434,36 @@ mod tests {
         assert_eq!(agent.plan_step(&owned, t0).acquire.len(), 1);
         let s = agent.plan_step(&[], t0 + Duration::from_millis(10));
         assert_eq!(s.fence, vec![spec("cluster")]);
+    }
+
+    /// A backend that cannot bring VIPs up (no capability, say).
+    struct Broken;
+
+    impl VipBackend for Broken {
+        fn acquire(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+            Box::pin(async { Err("missing CAP_NET_ADMIN".into()) })
+        }
+        fn announce(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn release(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vip_that_cannot_be_taken_is_not_renewed() {
+        let t0 = Instant::now();
+        let agent = Agent::new(1, cfg(), Arc::new(Broken));
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        let r = agent.plan_step(&owned, t0).renewal.unwrap();
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        let s = agent.plan_step(&owned, t0 + Duration::from_millis(1));
+        agent.execute(&s).await;
+        assert!(agent.active_names().is_empty());
+        // Later steps neither retry nor renew it at that epoch.
+        let s = agent.plan_step(&owned, t0 + Duration::from_millis(200));
+        assert!(s.acquire.is_empty() && s.renewal.is_none(), "{s:?}");
     }
 
     #[tokio::test]
