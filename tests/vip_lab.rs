@@ -34,8 +34,8 @@ struct Fabric {
 }
 
 impl Fabric {
-    /// Starts `roles.len()` hosts with those roles and the given VIPs; h1 bootstraps, the others join.
-    fn start(roles: &[&[&str]], vips: &[VipSection]) -> Result<Option<Fabric>> {
+    /// Starts `roles.len()` hosts with those roles; h1 bootstraps, the others join.
+    fn start(roles: &[&[&str]]) -> Result<Option<Fabric>> {
         let Some(lab) = lab_or_skip(roles.len())? else {
             return Ok(None);
         };
@@ -67,19 +67,11 @@ impl Fabric {
                 raft: RaftTimings::default(),
                 lease: LeaseTimings::default(),
                 takeover: TakeoverMode::Netlink,
-                vips: vips.to_vec(),
+                vips: Vec::new(),
                 source: dir.join(format!("{name}.toml")),
             };
             std::fs::write(&cfg.source, cfg.to_toml())?;
             f.configs.push(cfg.source.clone());
-            for v in vips {
-                let ip: IpAddr = v.address.split('/').next().context("vip")?.parse()?;
-                f.lab.serve_in(
-                    &host.ns,
-                    SocketAddr::new(ip, SERVICE_PORT),
-                    name.clone().into_bytes(),
-                )?;
-            }
             f.procs.push(Some(f.spawn(i + 1, id == 1)?));
         }
         let h1 = f.endpoint(1);
@@ -196,6 +188,32 @@ impl Fabric {
             .filter(|s| !s.is_empty())
     }
 
+    /// Serves the stand-in service on `ip` on every host and adds the VIP with spacectl.
+    fn add_vip(&self, name: &str, ip: IpAddr, prefix: u8, roles: &str) -> Result<()> {
+        for h in 1..=self.procs.len() {
+            let reply = format!("n{h}").into_bytes();
+            self.lab.serve_in(
+                &self.lab.host(h).ns,
+                SocketAddr::new(ip, SERVICE_PORT),
+                reply,
+            )?;
+        }
+        let address = format!("{ip}/{prefix}");
+        let args = [
+            "vip",
+            "add",
+            "--name",
+            name,
+            "--address",
+            &address,
+            "--interface",
+            "eth0",
+            "--roles",
+            roles,
+        ];
+        self.ctl(&self.endpoint(1), &args).map(|_| ())
+    }
+
     fn host_namespaces(&self) -> Vec<String> {
         self.lab.host_namespaces()
     }
@@ -229,32 +247,11 @@ fn vip_fails_over_on_sigkill_and_the_client_follows_the_gratuitous_arp() -> Resu
     let _serial = one_lab();
     let roles: &[&[&str]] = &[&["ha", "app"], &["ha", "app"], &["ha", "app"]];
     // The VIP address depends on the lab's subnet: added with spacectl once the lab exists.
-    let Some(mut f) = Fabric::start(roles, &[])? else {
+    let Some(mut f) = Fabric::start(roles)? else {
         return Ok(());
     };
     let vip_ip = IpAddr::V4(f.lab.free_ip(0));
-    for h in 1..=3 {
-        f.lab.serve_in(
-            &f.lab.host(h).ns,
-            SocketAddr::new(vip_ip, SERVICE_PORT),
-            format!("n{h}").into_bytes(),
-        )?;
-    }
-    f.ctl(
-        &f.endpoint(1),
-        &[
-            "vip",
-            "add",
-            "--name",
-            "cluster",
-            "--address",
-            &format!("{vip_ip}/24"),
-            "--interface",
-            "eth0",
-            "--roles",
-            "ha",
-        ],
-    )?;
+    f.add_vip("cluster", vip_ip, 24, "ha")?;
     let owner = wait_served(&f, "cluster", vip_ip, None)?;
     let owner_mac = f.lab.host(owner).mac;
     assert_eq!(
@@ -309,32 +306,11 @@ fn vip_fails_over_on_sigkill_and_the_client_follows_the_gratuitous_arp() -> Resu
 fn partitioned_owner_drops_the_vip_and_the_majority_takes_over_without_overlap() -> Result<()> {
     let _serial = one_lab();
     let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
-    let Some(f) = Fabric::start(roles, &[])? else {
+    let Some(f) = Fabric::start(roles)? else {
         return Ok(());
     };
     let vip_ip = IpAddr::V4(f.lab.free_ip(0));
-    for h in 1..=3 {
-        f.lab.serve_in(
-            &f.lab.host(h).ns,
-            SocketAddr::new(vip_ip, SERVICE_PORT),
-            format!("n{h}").into_bytes(),
-        )?;
-    }
-    f.ctl(
-        &f.endpoint(1),
-        &[
-            "vip",
-            "add",
-            "--name",
-            "cluster",
-            "--address",
-            &format!("{vip_ip}/24"),
-            "--interface",
-            "eth0",
-            "--roles",
-            "ha",
-        ],
-    )?;
+    f.add_vip("cluster", vip_ip, 24, "ha")?;
     let owner = wait_served(&f, "cluster", vip_ip, None)?;
     let watch = AddressWatch::start(
         &f.lab,
@@ -381,51 +357,14 @@ fn partitioned_owner_drops_the_vip_and_the_majority_takes_over_without_overlap()
 fn sigterm_hands_the_vip_over_and_db_vip_stays_on_db_nodes() -> Result<()> {
     let _serial = one_lab();
     let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha", "db"]];
-    let Some(f) = Fabric::start(roles, &[])? else {
+    let Some(f) = Fabric::start(roles)? else {
         return Ok(());
     };
     let vip_ip = IpAddr::V4(f.lab.free_ip(0));
     let db_ip = IpAddr::V4(f.lab.free_ip(1));
-    for h in 1..=3 {
-        for ip in [vip_ip, db_ip] {
-            f.lab.serve_in(
-                &f.lab.host(h).ns,
-                SocketAddr::new(ip, SERVICE_PORT),
-                format!("n{h}").into_bytes(),
-            )?;
-        }
-    }
+    f.add_vip("cluster", vip_ip, 24, "ha")?;
+    f.add_vip("db", db_ip, 24, "db")?;
     let h1 = f.endpoint(1);
-    f.ctl(
-        &h1,
-        &[
-            "vip",
-            "add",
-            "--name",
-            "cluster",
-            "--address",
-            &format!("{vip_ip}/24"),
-            "--interface",
-            "eth0",
-            "--roles",
-            "ha",
-        ],
-    )?;
-    f.ctl(
-        &h1,
-        &[
-            "vip",
-            "add",
-            "--name",
-            "db",
-            "--address",
-            &format!("{db_ip}/24"),
-            "--interface",
-            "eth0",
-            "--roles",
-            "db",
-        ],
-    )?;
     // A VIP nobody could hold is refused, and a duplicate address too.
     assert!(
         f.ctl(
@@ -528,32 +467,11 @@ fn sigterm_hands_the_vip_over_and_db_vip_stays_on_db_nodes() -> Result<()> {
 fn sigstopped_owner_is_fenced_by_its_guard_and_ipv6_vip_moves() -> Result<()> {
     let _serial = one_lab();
     let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
-    let Some(f) = Fabric::start(roles, &[])? else {
+    let Some(f) = Fabric::start(roles)? else {
         return Ok(());
     };
     let v6 = IpAddr::V6(f.lab.free_ip6(100));
-    for h in 1..=3 {
-        f.lab.serve_in(
-            &f.lab.host(h).ns,
-            SocketAddr::new(v6, SERVICE_PORT),
-            format!("n{h}").into_bytes(),
-        )?;
-    }
-    f.ctl(
-        &f.endpoint(1),
-        &[
-            "vip",
-            "add",
-            "--name",
-            "cluster6",
-            "--address",
-            &format!("{v6}/64"),
-            "--interface",
-            "eth0",
-            "--roles",
-            "ha",
-        ],
-    )?;
+    f.add_vip("cluster6", v6, 64, "ha")?;
     let owner = wait_served(&f, "cluster6", v6, None)?;
     let watch = AddressWatch::start(&f.lab, &f.host_namespaces(), v6, Duration::from_millis(2))?;
     // SIGSTOP: the daemon cannot fence itself; its guard removes the address when the lease ends.
