@@ -416,11 +416,21 @@ fn sigterm_hands_the_vip_over_and_db_vip_stays_on_db_nodes() -> Result<()> {
     let t = Instant::now();
     let p = f.procs[owner - 1].as_ref().context("owner")?;
     p.signal(Signal::SIGTERM)?;
-    let new_owner = wait_served(&f, "cluster", vip_ip, Some(owner))?;
+    // Client-observed: the first exchange answered by another host.
+    let old_name = format!("n{owner}");
+    f.wait(
+        Duration::from_secs(20),
+        "another host serves the VIP",
+        |f| Ok(f.served_by(vip_ip).is_some_and(|n| n != old_name)),
+    )?;
     println!(
         "SIGTERM handover, client-observed: {} ms",
         t.elapsed().as_millis()
     );
+    if std::env::var("DEBUG_PANIC").is_ok() {
+        panic!("debug: keep the lab");
+    }
+    let new_owner = wait_served(&f, "cluster", vip_ip, Some(owner))?;
     let st = p
         .wait(Duration::from_secs(10))?
         .context("spaced did not exit on SIGTERM")?;

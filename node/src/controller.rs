@@ -1,12 +1,9 @@
 //! The leader's placement planner: which placements to grant or take back, as a pure function.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
 
 use spaced_raft::NodeId;
 use spaced_raft::fabric::{AdminState, Command, Fabric, Placement};
-
-use crate::lease::RenewalBook;
 
 /// Whether `node` may hold `p`: registered, active, and one of the eligible roles.
 pub fn eligible(fabric: &Fabric, p: &Placement, node: NodeId) -> bool {
@@ -40,7 +37,7 @@ fn choose(
 /// What the leader should propose now.
 ///
 /// - unowned placement → grant to the best live eligible node;
-/// - owner whose lease has certainly run out (or who left the fabric) → grant elsewhere, or
+/// - owner whose lease has certainly run out (`expired`, from a silent majority) → grant elsewhere, or
 ///   take it back (owner none) when nobody else is eligible;
 /// - a live owner keeps its placement: no automatic failback;
 /// - `prefer` names the node an operator asked a placement to move to.
@@ -48,9 +45,8 @@ pub fn plan(
     fabric: &Fabric,
     live: &BTreeSet<NodeId>,
     leader: NodeId,
-    book: &RenewalBook,
+    expired: &BTreeSet<String>,
     prefer: &BTreeMap<String, NodeId>,
-    now: Instant,
 ) -> Vec<Command> {
     let mut out = Vec::new();
     for (name, p) in &fabric.placements {
@@ -70,8 +66,9 @@ pub fn plan(
                 }
             }
             Some(owner) => {
-                // Even an owner that left the fabric may still hold a running lease.
-                if !book.expired(name, owner, p.epoch, now) {
+                // Even an owner that left the fabric may still hold a running lease: only a
+                // silent majority of voters (see `lease`) frees the placement.
+                if !expired.contains(name) {
                     continue;
                 }
                 match choose(fabric, p, live, leader, Some(owner)) {
@@ -93,12 +90,9 @@ pub fn plan(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use spaced_raft::fabric::PlacementKind;
 
     use super::*;
-    use crate::lease::LeaseConfig;
 
     fn fabric(
         nodes: &[(NodeId, &[&str])],
@@ -137,12 +131,6 @@ mod tests {
         ids.iter().copied().collect()
     }
 
-    fn book_at(t: Instant) -> RenewalBook {
-        let mut b = RenewalBook::new(LeaseConfig::default());
-        b.became_leader(t);
-        b
-    }
-
     fn grant(name: &str, to: NodeId, e: u64) -> Command {
         Command::GrantPlacement {
             name: name.into(),
@@ -154,8 +142,6 @@ mod tests {
     /// Table of cases: (nodes, vips, live, leader, advance past lease?, expected commands).
     #[test]
     fn planner_table() {
-        let t0 = Instant::now();
-        let later = t0 + LeaseConfig::default().reassign_after() + Duration::from_millis(1);
         let ha_app: &[&str] = &["ha", "app"];
         let db: &[&str] = &["db"];
         type Case<'a> = (
@@ -246,15 +232,13 @@ mod tests {
         ];
         for (what, nodes, vips, alive, leader, expire, expected) in cases {
             let f = fabric(&nodes, &vips);
-            let mut b = book_at(t0);
-            for (name, _, owner, epoch) in &vips {
-                if let Some(o) = owner {
-                    b.renewed(name, *o, *epoch, t0);
-                }
-            }
-            let now = if expire { later } else { t0 };
+            let expired: BTreeSet<String> = if expire {
+                vips.iter().map(|(n, ..)| n.to_string()).collect()
+            } else {
+                BTreeSet::new()
+            };
             assert_eq!(
-                plan(&f, &live(&alive), leader, &b, &BTreeMap::new(), now),
+                plan(&f, &live(&alive), leader, &expired, &BTreeMap::new()),
                 expected,
                 "case: {what}"
             );
@@ -263,19 +247,15 @@ mod tests {
 
     #[test]
     fn removed_owner_waits_for_its_lease_and_draining_nodes_get_nothing() {
-        let t0 = Instant::now();
-        let later = t0 + LeaseConfig::default().reassign_after() + Duration::from_millis(1);
+        let none = BTreeSet::new();
+        let expired: BTreeSet<String> = ["cluster".to_string()].into();
         let mut f = fabric(
             &[(1, &["ha"]), (2, &["ha"])],
             &[("cluster", &["ha"], Some(9), 3)],
         );
-        let b = book_at(t0);
+        assert_eq!(plan(&f, &live(&[1, 2]), 1, &none, &BTreeMap::new()), vec![]);
         assert_eq!(
-            plan(&f, &live(&[1, 2]), 1, &b, &BTreeMap::new(), t0),
-            vec![]
-        );
-        assert_eq!(
-            plan(&f, &live(&[1, 2]), 1, &b, &BTreeMap::new(), later),
+            plan(&f, &live(&[1, 2]), 1, &expired, &BTreeMap::new()),
             vec![grant("cluster", 2, 3)]
         );
         f.apply(&Command::SetAdminState {
@@ -284,7 +264,19 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            plan(&f, &live(&[1, 2]), 1, &b, &BTreeMap::new(), later),
+            plan(&f, &live(&[1, 2]), 1, &expired, &BTreeMap::new()),
+            vec![grant("cluster", 1, 3)]
+        );
+        // An operator's move target wins over the usual choice.
+        f.apply(&Command::SetAdminState {
+            id: 2,
+            state: AdminState::Active,
+        })
+        .unwrap();
+        f.placements.get_mut("cluster").unwrap().owner = None;
+        let prefer: BTreeMap<String, NodeId> = [("cluster".to_string(), 1)].into();
+        assert_eq!(
+            plan(&f, &live(&[1, 2]), 2, &none, &prefer),
             vec![grant("cluster", 1, 3)]
         );
     }

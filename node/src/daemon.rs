@@ -166,6 +166,8 @@ impl Node {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_after_logs),
             max_in_snapshot_log_to_keep: cfg.raft.logs_kept_after_snapshot,
             install_snapshot_timeout: 10_000,
+            // A node cut off by a partition must not raise the term and depose a healthy leader when it returns.
+            enable_pre_vote: Some(true),
             ..Default::default()
         }
         .validate()

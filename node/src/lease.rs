@@ -1,11 +1,13 @@
-//! Leased placements (DESIGN §5): the owner's lease clock and the leader's renewal book; pure, time passed in.
+//! Leased placements (DESIGN §5): the owner's lease clock and every voter's renewal witness; pure, time passed in.
 //!
-//! Safety argument, in one place: the owner's lease for a renewal *sent* at `s` ends at `s + L`
-//! on its own clock. The leader answers a renewal only after confirming with a quorum that it
-//! still leads, and records the *receipt* time `r >= s`. It reassigns only after
-//! `L·(1+ρ) + margin` without a receipt; a new leader first waits the same span after winning,
-//! because it cannot know what its predecessor confirmed. With clock rates within `ρ`, the old
-//! owner's lease has run out (and it has fenced itself) before anyone else is granted.
+//! The owner renews with every voter, not only the leader. Each voter records when it
+//! *received* a renewal; the owner's lease for a renewal *sent* at `s` runs to `s + L` once a
+//! majority of voters acknowledged it. The leader reassigns a placement only when a majority of
+//! voters report that they heard nothing from its owner for longer than `L·(1+ρ) + margin`.
+//! The two majorities share a voter, whose silent span started after the owner's last
+//! acknowledged send; with clock rates within `ρ` the owner's lease has run out (and it has
+//! fenced itself) before anyone else is granted. Nothing depends on which node leads: a leader
+//! change neither extends a lease nor makes a healthy owner lose its VIP.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -165,90 +167,56 @@ impl OwnerLeases {
     }
 }
 
-/// The leader's book of renewals: when did it last hear from each placement's owner.
+/// Identity of one lease: placement, epoch, owner.
+pub type LeaseKey = (String, u64, NodeId);
+
+/// A voter's memory of renewals: when it last heard from each owner about each placement.
 #[derive(Debug)]
-pub struct RenewalBook {
-    /// Timing.
-    cfg: LeaseConfig,
-    /// When this node became leader; `None` while it is not leader.
-    leader_since: Option<Instant>,
-    /// Placement → (owner, epoch, last receipt or grant time).
-    last: BTreeMap<String, (NodeId, u64, Instant)>,
+pub struct Witness {
+    /// When this witness started: it knows nothing from before, so silence counts from here.
+    started: Instant,
+    /// Last renewal received, or first time asked about a lease never heard of.
+    heard: BTreeMap<LeaseKey, Instant>,
 }
 
-impl RenewalBook {
-    /// An empty book of a node that does not lead.
-    pub fn new(cfg: LeaseConfig) -> Self {
-        RenewalBook {
-            cfg,
-            leader_since: None,
-            last: BTreeMap::new(),
+impl Witness {
+    /// A witness with no memory, started at `now`.
+    pub fn new(now: Instant) -> Self {
+        Witness {
+            started: now,
+            heard: BTreeMap::new(),
         }
     }
 
-    /// This node won an election at `now`: it knows nothing its predecessor confirmed.
-    pub fn became_leader(&mut self, now: Instant) {
-        self.leader_since = Some(now);
-        self.last.clear();
+    /// A renewal for `key` arrived at `now`.
+    pub fn renewed(&mut self, key: LeaseKey, now: Instant) {
+        let t = self.heard.entry(key).or_insert(now);
+        *t = (*t).max(now);
     }
 
-    /// This node no longer leads.
-    pub fn stepped_down(&mut self) {
-        self.leader_since = None;
-        self.last.clear();
+    /// How long this witness has heard nothing for `key`. A lease never heard of counts from
+    /// the first time it is asked (or the witness started, if later): silence is never
+    /// overstated, which is what safety needs.
+    pub fn silence(&mut self, key: &LeaseKey, now: Instant) -> Duration {
+        let since = *self.heard.entry(key.clone()).or_insert(now);
+        now.saturating_duration_since(since.max(self.started))
     }
 
-    /// When this node became leader (as far as the book knows).
-    pub fn leader_since(&self) -> Option<Instant> {
-        self.leader_since
+    /// Forgets leases of other epochs of the same placements (bounded memory).
+    pub fn retain(&mut self, live: impl Fn(&LeaseKey) -> bool) {
+        self.heard.retain(|k, _| live(k));
     }
+}
 
-    /// Whether this node currently keeps the book as leader.
-    pub fn is_leader(&self) -> bool {
-        self.leader_since.is_some()
-    }
-
-    /// A renewal from `owner` for `name` at `epoch` arrived at `now` (after leadership was confirmed).
-    pub fn renewed(&mut self, name: &str, owner: NodeId, epoch: u64, now: Instant) {
-        if self.leader_since.is_some() {
-            self.last.insert(name.to_string(), (owner, epoch, now));
-        }
-    }
-
-    /// The leader granted `name` to `owner` at `epoch` at `now`: the new owner gets a full span to
-    /// start renewing before it counts as failed.
-    pub fn granted(&mut self, name: &str, owner: NodeId, epoch: u64, now: Instant) {
-        self.renewed(name, owner, epoch, now);
-    }
-
-    /// Has the lease `owner` may hold on `name` at `epoch` certainly run out at `now`?
-    /// Never true on a node that does not lead.
-    pub fn expired(&self, name: &str, owner: NodeId, epoch: u64, now: Instant) -> bool {
-        let Some(since) = self.leader_since else {
-            return false;
-        };
-        let heard = match self.last.get(name) {
-            Some((o, e, t)) if *o == owner && *e == epoch => (*t).max(since),
-            _ => since,
-        };
-        now > heard + self.cfg.reassign_after()
-    }
-
-    /// Time until `expired` would turn true (zero if it already is, `None` when not leader).
-    pub fn expires_in(
-        &self,
-        name: &str,
-        owner: NodeId,
-        epoch: u64,
-        now: Instant,
-    ) -> Option<Duration> {
-        let since = self.leader_since?;
-        let heard = match self.last.get(name) {
-            Some((o, e, t)) if *o == owner && *e == epoch => (*t).max(since),
-            _ => since,
-        };
-        Some((heard + self.cfg.reassign_after()).saturating_duration_since(now))
-    }
+/// Whether a majority of `voters` reported silence longer than `cfg.reassign_after()`.
+/// `reports` holds one silence per voter that answered; voters that did not answer count as
+/// not silent.
+pub fn quorum_silent(cfg: &LeaseConfig, voters: usize, reports: &[Duration]) -> bool {
+    let silent = reports
+        .iter()
+        .filter(|d| **d > cfg.reassign_after())
+        .count();
+    voters > 0 && silent > voters / 2
 }
 
 #[cfg(test)]
@@ -341,76 +309,96 @@ mod tests {
     }
 
     #[test]
-    fn leader_reassigns_only_after_the_lease_certainly_ran_out() {
+    fn witness_reports_silence_since_the_last_renewal() {
         let t0 = Instant::now();
-        let c = cfg();
-        let wait = c.reassign_after();
-        assert_eq!(wait, Duration::from_millis(454));
-        let mut b = RenewalBook::new(c);
-        // Not leader: never expired.
-        assert!(!b.expired("vip", 1, 1, ms(t0, 10_000)));
-        b.became_leader(t0);
-        b.renewed("vip", 1, 1, ms(t0, 100));
-        assert!(!b.expired("vip", 1, 1, ms(t0, 100) + wait));
-        assert!(b.expired("vip", 1, 1, ms(t0, 101) + wait));
-        assert_eq!(b.expires_in("vip", 1, 1, ms(t0, 100)), Some(wait));
-        // A renewal for an old epoch or another owner does not keep the current one alive.
-        b.renewed("vip", 2, 7, ms(t0, 400));
-        assert!(b.expired("vip", 1, 1, ms(t0, 101) + wait));
+        let mut w = Witness::new(t0);
+        let key: LeaseKey = ("vip".into(), 1, 2);
+        w.renewed(key.clone(), ms(t0, 100));
+        assert_eq!(w.silence(&key, ms(t0, 400)), Duration::from_millis(300));
+        // An older (reordered) receipt never moves the clock back.
+        w.renewed(key.clone(), ms(t0, 50));
+        assert_eq!(w.silence(&key, ms(t0, 400)), Duration::from_millis(300));
+        // Another owner or epoch is a different lease.
+        let other: LeaseKey = ("vip".into(), 2, 3);
+        w.renewed(other.clone(), ms(t0, 390));
+        assert_eq!(w.silence(&key, ms(t0, 400)), Duration::from_millis(300));
     }
 
     #[test]
-    fn new_leader_waits_a_full_span_after_winning() {
+    fn unknown_leases_count_from_the_first_question_not_from_ever() {
         let t0 = Instant::now();
-        let c = cfg();
-        let wait = c.reassign_after();
-        let mut b = RenewalBook::new(c);
-        b.became_leader(ms(t0, 1000));
-        // Never heard from the owner: expires only a full span after the win.
-        assert!(!b.expired("vip", 3, 9, ms(t0, 1000) + wait));
-        assert!(b.expired("vip", 3, 9, ms(t0, 1001) + wait));
-        // Stepping down forgets everything and expires nothing.
-        b.stepped_down();
-        assert!(!b.expired("vip", 3, 9, ms(t0, 100_000)));
-        assert!(!b.is_leader());
+        let mut w = Witness::new(t0);
+        let key: LeaseKey = ("vip".into(), 7, 1);
+        // Asked long after start about a lease it never saw: silence starts now.
+        assert_eq!(w.silence(&key, ms(t0, 10_000)), Duration::ZERO);
+        assert_eq!(w.silence(&key, ms(t0, 10_500)), Duration::from_millis(500));
+        // A restarted witness knows nothing from before its start.
+        let mut fresh = Witness::new(ms(t0, 20_000));
+        fresh.renewed(key.clone(), ms(t0, 1));
+        assert_eq!(
+            fresh.silence(&key, ms(t0, 20_100)),
+            Duration::from_millis(100)
+        );
     }
 
-    /// Owner and leader together under virtual time: partition the owner after a confirmed
-    /// renewal; the owner's lease ends strictly before the leader may reassign, with the
-    /// owner's clock running slow by the full drift bound.
     #[test]
-    fn owner_fences_before_the_leader_reassigns() {
+    fn reassignment_needs_a_silent_majority() {
+        let c = cfg();
+        let long = c.reassign_after() + Duration::from_millis(1);
+        let short = c.reassign_after();
+        assert!(quorum_silent(&c, 3, &[long, long]));
+        assert!(
+            !quorum_silent(&c, 3, &[long, short]),
+            "exactly L(1+ρ)+margin is not enough"
+        );
+        assert!(
+            !quorum_silent(&c, 3, &[long]),
+            "one of three is not a majority"
+        );
+        assert!(
+            !quorum_silent(&c, 4, &[long, long]),
+            "two of four is not a majority"
+        );
+        assert!(quorum_silent(&c, 5, &[long, long, long, short]));
+        assert!(!quorum_silent(&c, 0, &[]));
+    }
+
+    /// Owner and three voters under virtual time, the owner's clock running slow by the full
+    /// drift bound: after the owner is cut off, any majority that reports silence does so only
+    /// after the owner's lease has ended in real time.
+    #[test]
+    fn owner_fences_before_a_silent_majority_forms() {
         let t0 = Instant::now();
         let c = cfg();
         let mut owner = OwnerLeases::new(c.clone());
-        let mut book = RenewalBook::new(c.clone());
-        book.became_leader(t0);
+        let mut voters: Vec<Witness> = (0..3).map(|_| Witness::new(t0)).collect();
+        let key: LeaseKey = ("vip".into(), 1, 9);
         owner.sync(&[held("vip", 1)]);
-        book.granted("vip", 1, 1, t0);
-        let mut last_receipt = t0;
-        let mut t = t0;
+        let mut last_confirmed_send = t0;
         for step in 0..20u64 {
-            t = ms(t0, step * 100);
+            let t = ms(t0, step * 100);
             if let Some(r) = owner.renewal_due(t) {
-                // One-way delay 7 ms: the leader receives later than the owner sent.
-                let receipt = r.sent_at + Duration::from_millis(7);
-                book.renewed("vip", 1, 1, receipt);
-                last_receipt = receipt;
+                // Voter 0 and 1 get it after 3 and 9 ms; voter 2 is slow and never does.
+                voters[0].renewed(key.clone(), r.sent_at + Duration::from_millis(3));
+                voters[1].renewed(key.clone(), r.sent_at + Duration::from_millis(9));
                 owner.confirmed(&r, &[held("vip", 1)]);
+                last_confirmed_send = r.sent_at;
             }
         }
-        // Partition: no more renewals reach the leader. Find when each side acts.
-        let owner_end = t + c.duration; // send time of the last confirmed renewal + L
-        // A slow owner clock stretches its lease in real time by (1+ρ).
-        let owner_end_real = t + c.duration.mul_f64(1.0 + c.drift);
-        let mut reassign_at = last_receipt;
-        while !book.expired("vip", 1, 1, reassign_at) {
-            reassign_at += Duration::from_millis(1);
+        // Partition now. The owner's lease ends at send + L on its clock, later in real time.
+        let owner_end_real = last_confirmed_send + c.duration.mul_f64(1.0 + c.drift);
+        let mut t = last_confirmed_send;
+        loop {
+            let reports: Vec<Duration> = voters.iter_mut().map(|w| w.silence(&key, t)).collect();
+            if quorum_silent(&c, 3, &reports) {
+                break;
+            }
+            t += Duration::from_millis(1);
         }
-        assert!(owner.valid(owner_end).is_empty());
+        assert!(owner.valid(last_confirmed_send + c.duration).is_empty());
         assert!(
-            owner_end_real < reassign_at,
-            "owner still holds at {owner_end_real:?}, leader reassigns at {reassign_at:?}"
+            owner_end_real < t,
+            "owner holds until {owner_end_real:?}, majority silent at {t:?}"
         );
     }
 }

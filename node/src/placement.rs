@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
-use openraft::raft::ReadPolicy;
 use spaced_raft::fabric::{Command, PlacementKind};
 use spaced_raft::network::{BoxFuture, NodeHooks, RaftReply, RaftRpc};
 use spaced_raft::{NodeId, Outcome, Response};
@@ -18,10 +17,12 @@ use crate::agent::{Agent, LoopbackBackend, TICK, VipBackend, owned_vips};
 use crate::config::{NodeConfig, TakeoverMode, VipSection};
 use crate::controller::{eligible, plan};
 use crate::daemon::NodeInner;
-use crate::lease::{Held, LeaseConfig, RenewalBook};
+use crate::lease::{Held, LeaseConfig, LeaseKey, Witness, quorum_silent};
 
 /// How often the leader plans.
 const PLAN_EVERY: Duration = Duration::from_millis(10);
+/// A node that handed its placements over is not granted any for this long (it is exiting).
+const STOPPING_FOR: Duration = Duration::from_secs(10);
 /// A peer counts as live for placement while the leader heard from it this recently.
 const LIVE_WITHIN: Duration = Duration::from_millis(1000);
 
@@ -31,8 +32,13 @@ pub struct Placements {
     pub(crate) lease: LeaseConfig,
     /// The VIP agent.
     pub(crate) agent: Arc<Agent>,
-    /// The leader's renewal book (empty while not leading).
-    pub(crate) book: Mutex<RenewalBook>,
+    /// This node's witness of renewals (used when it votes).
+    pub(crate) witness: Mutex<Witness>,
+    /// When this node last became leader (for the step-aside policy).
+    pub(crate) leading_since: Mutex<Option<Instant>>,
+    /// Nodes handing their placements over because they are stopping, and since when: the
+    /// planner must not grant them anything back.
+    pub(crate) stopping: Mutex<BTreeMap<NodeId, Instant>>,
     /// Operator-requested targets of `vip move`, consulted by the planner.
     pub(crate) moves: Mutex<BTreeMap<String, NodeId>>,
 }
@@ -81,7 +87,9 @@ impl Placements {
         };
         Ok(Placements {
             agent: Arc::new(Agent::new(cfg.node_id, lease.clone(), backend)),
-            book: Mutex::new(RenewalBook::new(lease.clone())),
+            witness: Mutex::new(Witness::new(Instant::now())),
+            leading_since: Mutex::new(None),
+            stopping: Mutex::default(),
             lease,
             moves: Mutex::default(),
         })
@@ -128,12 +136,25 @@ pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Recei
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let renewing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut pass: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         let owned = inner.view.read(|f| owned_vips(f, inner.id));
+        pass += 1;
+        if pass % 1000 == 0 {
+            // Keep the witness bounded: forget leases of placements that moved on.
+            let current: BTreeMap<String, u64> = inner.view.read(|f| {
+                f.placements
+                    .iter()
+                    .map(|(n, p)| (n.clone(), p.epoch))
+                    .collect()
+            });
+            lock(&inner.placements.witness)
+                .retain(|(n, e, _)| current.get(n).is_some_and(|c| e >= c));
+        }
         let step = inner.placements.agent.plan_step(&owned, Instant::now());
         if let Some(renewal) = step.renewal.clone()
             && !renewing.swap(true, std::sync::atomic::Ordering::SeqCst)
@@ -152,66 +173,138 @@ pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Recei
     }
 }
 
-/// Sends one renewal to the leader (or handles it here when this node leads).
+/// Sends one renewal to every voter; succeeds once a majority recorded it.
 async fn renew(inner: &Arc<NodeInner>, held: Vec<Held>) -> Result<Vec<Held>, String> {
-    let ttl = inner.placements.lease.renew_every;
-    let (leader, member) = {
-        let m = inner.raft.metrics();
-        let m = m.borrow_watched();
-        let l = m.current_leader.ok_or("no leader")?;
-        (l, m.membership_config.membership().get_node(&l).cloned())
-    };
-    if leader == inner.id {
-        return confirm_renewal(inner, inner.id, held).await;
+    use futures::StreamExt;
+    let ttl = inner
+        .placements
+        .lease
+        .renew_every
+        .max(Duration::from_millis(50));
+    let voters = voters(inner);
+    let needed = voters.len() / 2 + 1;
+    let mut calls = futures::stream::FuturesUnordered::new();
+    for (v, member) in voters {
+        let inner = inner.clone();
+        let held = held.clone();
+        calls.push(async move {
+            if v == inner.id {
+                return Ok(record_renewal(&inner, inner.id, held));
+            }
+            let member = member.ok_or("voter not in membership")?;
+            match inner
+                .network
+                .call(v, &member, RaftRpc::Renew(held), ttl)
+                .await?
+            {
+                RaftReply::Renewed(c) => Ok(c),
+                other => Err(format!("unexpected reply {other:?}")),
+            }
+        });
     }
-    let member = member.ok_or("leader not in membership")?;
-    match inner
-        .network
-        .call(
-            leader,
-            &member,
-            RaftRpc::Renew(held),
-            ttl.max(Duration::from_millis(50)),
-        )
-        .await?
-    {
-        RaftReply::Renewed(c) => Ok(c),
-        other => Err(format!("unexpected reply {other:?}")),
+    let mut acks = 0;
+    let mut last_err = String::from("no voters");
+    while let Some(r) = calls.next().await {
+        match r {
+            Ok(_) => {
+                acks += 1;
+                if acks >= needed {
+                    return Ok(held);
+                }
+            }
+            Err(e) => last_err = e,
+        }
     }
+    Err(format!(
+        "renewal acknowledged by {acks} voters, {needed} needed (last error: {last_err})"
+    ))
 }
 
-/// Leader side of a renewal: confirm leadership with a quorum, then confirm what `from` still owns.
-async fn confirm_renewal(
-    inner: &NodeInner,
-    from: NodeId,
-    held: Vec<Held>,
-) -> Result<Vec<Held>, String> {
-    let received = Instant::now();
-    inner
-        .raft
-        .ensure_linearizable(ReadPolicy::ReadIndex)
-        .await
-        .map_err(|e| format!("not leader: {e}"))?;
-    let confirmed: Vec<Held> = inner.view.read(|f| {
-        held.into_iter()
-            .filter(|(name, epoch)| {
-                f.nodes.contains_key(&from)
-                    && f.placements
-                        .get(name)
-                        .is_some_and(|p| p.owner == Some(from) && p.epoch == *epoch)
-            })
+/// The current voters and how to reach them.
+fn voters(inner: &NodeInner) -> Vec<(NodeId, Option<spaced_raft::Member>)> {
+    let m = inner.raft.metrics();
+    let m = m.borrow_watched();
+    let membership = m.membership_config.membership();
+    membership
+        .voter_ids()
+        .map(|v| (v, membership.get_node(&v).cloned()))
+        .collect()
+}
+
+/// A voter records a renewal from `from`. No leadership or ownership check is needed: the
+/// record is only ever used to *delay* a reassignment.
+fn record_renewal(inner: &NodeInner, from: NodeId, held: Vec<Held>) -> Vec<Held> {
+    let now = Instant::now();
+    let mut w = lock(&inner.placements.witness);
+    for (name, epoch) in &held {
+        w.renewed((name.clone(), *epoch, from), now);
+    }
+    held
+}
+
+/// Silence per lease as this node's witness sees it.
+fn local_silence(inner: &NodeInner, keys: &[LeaseKey]) -> Vec<Duration> {
+    let now = Instant::now();
+    let mut w = lock(&inner.placements.witness);
+    keys.iter().map(|k| w.silence(k, now)).collect()
+}
+
+/// On the leader: the placements whose owner a majority of voters has not heard from for a
+/// full span. Asks the other voters only about leases its own witness finds silent.
+async fn expired_leases(inner: &Arc<NodeInner>) -> BTreeSet<String> {
+    let span = inner.placements.lease.reassign_after();
+    let keys: Vec<LeaseKey> = inner.view.read(|f| {
+        f.placements
+            .iter()
+            .filter_map(|(n, p)| p.owner.map(|o| (n.clone(), p.epoch, o)))
             .collect()
     });
-    let mut book = lock(&inner.placements.book);
-    if !book.is_leader() {
-        // Renewals can arrive before the controller loop notices the win: start the book now,
-        // later than the real win, which only makes the leader wait longer.
-        book.became_leader(received);
+    let mine = local_silence(inner, &keys);
+    let suspects: Vec<LeaseKey> = keys
+        .into_iter()
+        .zip(mine)
+        .filter(|(_, d)| *d > span)
+        .map(|(k, _)| k)
+        .collect();
+    if suspects.is_empty() {
+        return BTreeSet::new();
     }
-    for (name, epoch) in &confirmed {
-        book.renewed(name, from, *epoch, received);
+    let voters = voters(inner);
+    let n_voters = voters.len();
+    let asks = voters.into_iter().map(|(v, member)| {
+        let inner = inner.clone();
+        let suspects = suspects.clone();
+        async move {
+            if v == inner.id {
+                return Some(local_silence(&inner, &suspects));
+            }
+            let rpc = RaftRpc::Silence(suspects.clone());
+            match inner
+                .network
+                .call(v, &member?, rpc, Duration::from_millis(100))
+                .await
+            {
+                Ok(RaftReply::Silences(ms)) if ms.len() == suspects.len() => Some(
+                    ms.into_iter()
+                        .map(Duration::from_millis)
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            }
+        }
+    });
+    let mut reports: Vec<Vec<Duration>> = vec![Vec::new(); suspects.len()];
+    for answer in futures::future::join_all(asks).await.into_iter().flatten() {
+        for (i, d) in answer.into_iter().enumerate() {
+            reports[i].push(d);
+        }
     }
-    Ok(confirmed)
+    suspects
+        .into_iter()
+        .zip(reports)
+        .filter(|(_, r)| quorum_silent(&inner.placements.lease, n_voters, r))
+        .map(|((name, ..), _)| name)
+        .collect()
 }
 
 /// Nodes the leader heard from recently, plus itself.
@@ -241,39 +334,36 @@ pub(crate) async fn controller_loop(inner: Arc<NodeInner>, mut shutdown: watch::
         }
         let leading = inner.raft.is_leader();
         {
-            let mut book = lock(&inner.placements.book);
-            match (leading, book.is_leader()) {
-                (true, false) => {
-                    book.became_leader(Instant::now());
-                    tracing::info!(
-                        node = inner.id,
-                        wait_ms = inner.placements.lease.reassign_after().as_millis() as u64,
-                        "leading: placements of silent owners move after one lease span"
-                    );
-                }
-                (false, true) => book.stepped_down(),
+            let mut since = lock(&inner.placements.leading_since);
+            match (leading, since.is_some()) {
+                (true, false) => *since = Some(Instant::now()),
+                (false, true) => *since = None,
                 _ => {}
             }
         }
         if !leading {
             continue;
         }
-        let live = live_nodes(&inner);
+        let mut live = live_nodes(&inner);
+        {
+            let mut stopping = lock(&inner.placements.stopping);
+            stopping.retain(|_, since| since.elapsed() < STOPPING_FOR);
+            live.retain(|n| !stopping.contains_key(n));
+        }
         step_aside_if_owner(&inner, &live, &mut last_step_aside).await;
         let prefer = lock(&inner.placements.moves).clone();
-        let now = Instant::now();
-        let cmds = {
-            let book = lock(&inner.placements.book);
-            inner
-                .view
-                .read(|f| plan(f, &live, inner.id, &book, &prefer, now))
-        };
+        let expired = expired_leases(&inner).await;
+        let cmds = inner
+            .view
+            .read(|f| plan(f, &live, inner.id, &expired, &prefer));
         for cmd in cmds {
             let desc = cmd.to_string();
             match inner.propose(cmd.clone()).await {
                 Ok(Outcome::Epoch(epoch)) => {
                     if let Command::GrantPlacement { name, to, .. } = &cmd {
-                        lock(&inner.placements.book).granted(name, *to, epoch, Instant::now());
+                        // The grant counts as hearing from the new owner: a full span to start renewing.
+                        lock(&inner.placements.witness)
+                            .renewed((name.clone(), epoch, *to), Instant::now());
                         tracing::info!(placement = %name, to, epoch, "placement granted");
                     } else {
                         tracing::warn!(command = %desc, epoch, "placement taken back: no eligible live node");
@@ -305,9 +395,8 @@ async fn step_aside_if_owner(
     }
     // Only in a settled cluster: leading for a while, membership committed and not joint,
     // at least three voters, and the target fully caught up.
-    let settled = lock(&inner.placements.book)
-        .leader_since()
-        .is_some_and(|t| t.elapsed() > Duration::from_secs(2));
+    let settled =
+        lock(&inner.placements.leading_since).is_some_and(|t| t.elapsed() > Duration::from_secs(2));
     if !settled {
         return;
     }
@@ -387,12 +476,24 @@ impl NodeHooks for Hooks {
         from: NodeId,
         held: Vec<Held>,
     ) -> BoxFuture<'static, Result<Vec<Held>, String>> {
-        let inner = self.0.clone();
-        Box::pin(async move { confirm_renewal(&inner, from, held).await })
+        let recorded = record_renewal(&self.0, from, held);
+        Box::pin(async move { Ok(recorded) })
     }
 
-    fn propose(&self, _from: NodeId, cmd: Command) -> BoxFuture<'static, Result<Response, String>> {
+    fn silence(&self, keys: Vec<LeaseKey>) -> BoxFuture<'static, Result<Vec<u64>, String>> {
+        let ms = local_silence(&self.0, &keys)
+            .into_iter()
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        Box::pin(async move { Ok(ms) })
+    }
+
+    fn propose(&self, from: NodeId, cmd: Command) -> BoxFuture<'static, Result<Response, String>> {
         let inner = self.0.clone();
+        if matches!(cmd, Command::ReleasePlacement { .. }) {
+            // Only a stopping node releases its own placements this way (see `hand_over`).
+            lock(&inner.placements.stopping).insert(from, Instant::now());
+        }
         Box::pin(async move {
             if !inner.raft.is_leader() {
                 return Err("not the leader".to_string());
@@ -412,8 +513,18 @@ impl NodeHooks for Hooks {
 
 /// Rows for `vip list` / `status`, with the leader's view of lease time left.
 pub(crate) fn vip_rows(inner: &NodeInner) -> Vec<VipRow> {
-    let now = Instant::now();
-    let book = lock(&inner.placements.book);
+    let span = inner.placements.lease.reassign_after();
+    let known: Vec<LeaseKey> = inner.view.read(|f| {
+        f.placements
+            .iter()
+            .filter_map(|(n, p)| p.owner.map(|o| (n.clone(), p.epoch, o)))
+            .collect()
+    });
+    let silences: BTreeMap<String, Duration> = known
+        .iter()
+        .map(|k| k.0.clone())
+        .zip(local_silence(inner, &known))
+        .collect();
     inner.view.read(|f| {
         f.placements
             .iter()
@@ -428,10 +539,11 @@ pub(crate) fn vip_rows(inner: &NodeInner) -> Vec<VipRow> {
                         .owner
                         .and_then(|o| f.nodes.get(&o).map(|n| n.name.clone())),
                     epoch: p.epoch,
+                    // Time until this node's witness would count the owner as silent.
                     lease_ms: p
                         .owner
-                        .and_then(|o| book.expires_in(name, o, p.epoch, now))
-                        .map(|d| d.as_millis() as u64),
+                        .and(silences.get(name))
+                        .map(|d| span.saturating_sub(*d).as_millis() as u64),
                 }),
                 PlacementKind::Singleton { .. } => None,
             })
@@ -546,6 +658,7 @@ pub(crate) async fn vip_move(inner: &NodeInner, name: &str, to: NodeId) -> Resul
 /// leadership to another voter if this node leads.
 pub(crate) async fn hand_over(inner: &Arc<NodeInner>) {
     let held = inner.placements.agent.stop().await;
+    lock(&inner.placements.stopping).insert(inner.id, Instant::now());
     for (name, epoch) in &held {
         match propose_anywhere(
             inner,

@@ -10,11 +10,12 @@ use crate::agent::{VipBackend, VipSpec};
 use crate::guard::GuardHandle;
 use crate::takeover::{Takeover, VipAddr};
 
-/// Probe before claiming: two ARP probes 10 ms apart, then 30 ms of listening (RFC 5227's
-/// seconds-long timing is for address autoconfiguration, not for a failover path).
-const PROBES: u32 = 2;
-const PROBE_INTERVAL: Duration = Duration::from_millis(10);
-const PROBE_WAIT: Duration = Duration::from_millis(30);
+/// Probe before claiming: one ARP probe, then 20 ms of listening (RFC 5227's seconds-long
+/// timing is for address autoconfiguration, not for a failover path; a conflicting host on the
+/// same LAN answers within a millisecond or two).
+const PROBES: u32 = 1;
+const PROBE_INTERVAL: Duration = Duration::from_millis(5);
+const PROBE_WAIT: Duration = Duration::from_millis(20);
 
 /// Netlink/raw-frame backend, shared by the agent's tasks.
 pub struct NetlinkBackend {

@@ -68,8 +68,10 @@ pub enum RaftRpc {
     TransferLeader(TransferLeaderRequest<TypeConfig>),
     /// Ask the node who it is.
     Describe,
-    /// Owner → leader: renew the leases on these placements at these epochs.
+    /// Owner → every voter: renew the leases on these placements at these epochs.
     Renew(Vec<(String, u64)>),
+    /// Leader → voter: how long (ms) since you heard from each (placement, epoch, owner)?
+    Silence(Vec<(String, u64, NodeId)>),
     /// Node → leader: propose a fabric command (agents releasing placements, for example).
     Propose(Command),
     /// Leader → owner: fence and release this placement now (a graceful move).
@@ -103,8 +105,10 @@ pub enum RaftReply {
     TransferLeader(TransferLeaderResponse<TypeConfig>),
     /// Reply to `Describe`.
     Describe(NodeDescription),
-    /// Reply to `Renew`: the placements whose leases the leader confirmed.
+    /// Reply to `Renew`: the placements whose renewal this voter recorded.
     Renewed(Vec<(String, u64)>),
+    /// Reply to `Silence`: milliseconds per asked lease, in order.
+    Silences(Vec<u64>),
     /// Reply to `Propose`: the command's result once applied.
     Proposed(Response),
     /// Reply to `Release`: fenced and released.
@@ -113,12 +117,17 @@ pub enum RaftReply {
 
 /// Node-level handlers for the RPCs that are not Raft's own; provided by the daemon.
 pub trait NodeHooks: Send + Sync + 'static {
-    /// `Renew` from `from` (a known member): confirm leadership, check ownership, record receipt.
+    /// `Renew` from `from` (a known member): record receipt, return what was recorded.
     fn renew(
         &self,
         from: NodeId,
         held: Vec<(String, u64)>,
     ) -> BoxFuture<'static, Result<Vec<(String, u64)>, String>>;
+    /// `Silence` from the leader: this voter's silence per lease, in ms.
+    fn silence(
+        &self,
+        keys: Vec<(String, u64, NodeId)>,
+    ) -> BoxFuture<'static, Result<Vec<u64>, String>>;
     /// `Propose` from `from`: commit `cmd` (this node must lead).
     fn propose(&self, from: NodeId, cmd: Command) -> BoxFuture<'static, Result<Response, String>>;
     /// `Release` from the leader: fence `name` at `epoch`, then release it through the leader.
@@ -413,9 +422,11 @@ fn voter_of(rpc: &RaftRpc) -> Option<NodeId> {
         RaftRpc::Vote(r) | RaftRpc::PreVote(r) => Some(r.vote.leader_id.node_id),
         RaftRpc::Snapshot { vote, .. } => Some(vote.leader_id.node_id),
         RaftRpc::TransferLeader(r) => Some(r.from_leader().leader_id.node_id),
-        RaftRpc::Describe | RaftRpc::Renew(_) | RaftRpc::Propose(_) | RaftRpc::Release { .. } => {
-            None
-        }
+        RaftRpc::Describe
+        | RaftRpc::Renew(_)
+        | RaftRpc::Silence(_)
+        | RaftRpc::Propose(_)
+        | RaftRpc::Release { .. } => None,
     }
 }
 
@@ -539,6 +550,11 @@ impl RaftService {
             RaftRpc::Renew(held) => match (&self.hooks, self.is_member(req.from)) {
                 (Some(h), true) => h.renew(req.from, held).await.map(RaftReply::Renewed),
                 (None, _) => Err("this node serves no leases".into()),
+                (_, false) => Err(format!("node {} is not a member", req.from)),
+            },
+            RaftRpc::Silence(keys) => match (&self.hooks, self.is_member(req.from)) {
+                (Some(h), true) => h.silence(keys).await.map(RaftReply::Silences),
+                (None, _) => Err("this node keeps no lease witness".into()),
                 (_, false) => Err(format!("node {} is not a member", req.from)),
             },
             RaftRpc::Propose(cmd) => match (&self.hooks, self.is_member(req.from)) {

@@ -1,0 +1,1463 @@
+//! On-demand failover benchmark (`benches/failover`, or `cargo bench -p spaced-tests --bench
+//! failover` as root after `cargo build --release -p spaced-node --bins`).
+//!
+//! What is measured is what a client sees: the time from a fault at the VIP's owner to the first
+//! successful TCP exchange on the VIP that is answered by a *different* host. One network lab
+//! (3 hosts + a client on one bridge) runs three systems side by side, each with its own VIP:
+//!
+//! - spaced (3 nodes, default Raft and lease settings),
+//! - keepalived with 1 s adverts, and keepalived with 100 ms adverts (the Debian package; VRRPv3,
+//!   all BACKUP with `nopreempt` and priorities 100/99/98, so there is no failback — like spaced).
+//!
+//! Every host runs a stand-in service on every VIP (bound with IP_FREEBIND) that answers its own
+//! host name, so a reply says who holds the address. A prober in the client namespace starts a
+//! short TCP exchange every 5 ms (100 ms timeout each, several in flight), and every round:
+//! finds the owner from the replies, injects the fault at t0, takes the first exchange completed
+//! after t0 that another host answered, then repairs the fault and waits until the system is
+//! healthy again before the next round. Rounds are interleaved across systems.
+//!
+//! Faults: crash by SIGKILL (spaced: only the `spaced` process — its fence guard child is left to
+//! do its job; keepalived: the whole daemon, parent and VRRP child), crash by link down (the
+//! owner's switch port goes down), and graceful stop by SIGTERM. Nothing is asserted: the result
+//! is a Markdown report on stdout. The exit status is non-zero only when the harness itself
+//! failed (no lab, a system that never became healthy, a round that never recovered).
+//!
+//! Environment: `ROUNDS` (default 20), `FAILOVER_FAULTS` (default `kill,link,term`),
+//! `FAILOVER_SYSTEMS` (default `spaced,keepalived-1s,keepalived-100ms`), and
+//! `FAILOVER_LAB_ID_FILE` (the lab id is written there, so the calling script can clean up even
+//! if this process is SIGKILLed).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, mpsc};
+use std::thread::Scope;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, killpg, sigaction};
+use nix::unistd::Pid;
+use serde_json::Value;
+use spaced_node::config::{LeaseTimings, NodeConfig, RaftTimings, TakeoverMode, TlsSection};
+use spaced_tests::lab::{Lab, LabProcess};
+use spaced_tests::{binary, make_pki};
+
+/// Port of the stand-in service on every VIP.
+const SERVICE_PORT: u16 = 8080;
+/// A new probe starts this often.
+const PROBE_EVERY: Duration = Duration::from_millis(5);
+/// Bound on one probe (connect + send + reply + EOF).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
+/// A round that has not recovered by then counts as a failed round (a harness failure).
+const RECOVER_WITHIN: Duration = Duration::from_secs(15);
+/// How long a system may take to become healthy again after a round.
+const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
+/// After recovery, probing goes on this long to see whether the old host answers again.
+const AFTER_RECOVERY: Duration = Duration::from_millis(250);
+/// Consecutive probes from one host that make it "the owner" before a fault is injected.
+const STABLE_PROBES: usize = 10;
+/// spaced: a node counts as in contact when the leader heard from it this recently.
+const CONTACT_MS: u64 = 500;
+
+/// Set by SIGINT/SIGTERM/SIGHUP: stop after the current step and clean up.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+fn check_interrupt() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleeps in short steps so an interrupt is noticed.
+fn nap(d: Duration) -> Result<()> {
+    let until = Instant::now() + d;
+    loop {
+        check_interrupt()?;
+        let now = Instant::now();
+        if now >= until {
+            return Ok(());
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(20)));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults and results
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    /// SIGKILL of the owner's daemon.
+    Kill,
+    /// The owner's switch port goes down.
+    Link,
+    /// SIGTERM of the owner's daemon.
+    Term,
+}
+
+impl Fault {
+    fn parse(s: &str) -> Result<Fault> {
+        match s.trim() {
+            "kill" | "sigkill" => Ok(Fault::Kill),
+            "link" | "linkdown" => Ok(Fault::Link),
+            "term" | "sigterm" => Ok(Fault::Term),
+            other => bail!("unknown fault {other:?} (kill, link, term)"),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Fault::Kill => "crash: SIGKILL",
+            Fault::Link => "crash: link down",
+            Fault::Term => "graceful: SIGTERM",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Fault::Kill => "sigkill",
+            Fault::Link => "linkdown",
+            Fault::Term => "sigterm",
+        }
+    }
+
+    fn is_crash(self) -> bool {
+        matches!(self, Fault::Kill | Fault::Link)
+    }
+}
+
+/// One measured round.
+#[derive(Debug, Clone)]
+struct Round {
+    /// Fault to first exchange answered by another host; None if it never came (failure).
+    ms: Option<f64>,
+    /// The old owner still had the VIP on its interface when the new owner first answered.
+    old_held: bool,
+    /// Exchanges answered by the old owner after the new one had answered (flapping back).
+    old_answered_after: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The prober
+// ---------------------------------------------------------------------------------------------
+
+/// One finished probe.
+#[derive(Debug, Clone)]
+struct Probe {
+    done: Instant,
+    /// Host index (1-based) that answered, or None for a failed/timed-out exchange.
+    host: Option<usize>,
+}
+
+/// Probes the current target from the client namespace every `PROBE_EVERY`, each on its own
+/// thread so a probe stuck in a timeout does not delay the next one.
+struct Prober {
+    /// Current target and its generation; None pauses probing.
+    target: Mutex<(u64, Option<SocketAddr>)>,
+    generation: AtomicU64,
+    log: Mutex<Vec<Probe>>,
+    quit: AtomicBool,
+}
+
+impl Prober {
+    fn new() -> Prober {
+        Prober {
+            target: Mutex::new((0, None)),
+            generation: AtomicU64::new(0),
+            log: Mutex::new(Vec::new()),
+            quit: AtomicBool::new(false),
+        }
+    }
+
+    /// The scheduler loop; runs on a scoped thread until `stop`.
+    fn run<'s>(&'s self, lab: &'s Lab, scope: &'s Scope<'s, '_>) {
+        let ns = lab.client().ns.clone();
+        let mut next = Instant::now();
+        while !self.quit.load(Ordering::SeqCst) {
+            let (generation, target) = *lock(&self.target);
+            if let Some(addr) = target {
+                let ns = ns.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("failover-probe".into())
+                    .spawn_scoped(scope, move || {
+                        let reply = lab.tcp_exchange(&ns, addr, b"", PROBE_TIMEOUT);
+                        let done = Instant::now();
+                        let host = reply.ok().and_then(|r| parse_host(&r));
+                        if self.generation.load(Ordering::SeqCst) == generation {
+                            lock(&self.log).push(Probe { done, host });
+                        }
+                    });
+                if let Err(e) = spawned {
+                    eprintln!("prober: cannot spawn a probe thread: {e}");
+                }
+            }
+            next += PROBE_EVERY;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            } else {
+                next = now;
+            }
+        }
+    }
+
+    fn stop(&self) {
+        self.quit.store(true, Ordering::SeqCst);
+    }
+
+    /// Starts probing `addr` with an empty log (None pauses).
+    fn aim(&self, addr: Option<SocketAddr>) {
+        let mut t = lock(&self.target);
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        *t = (generation, addr);
+        lock(&self.log).clear();
+    }
+
+    fn snapshot(&self) -> Vec<Probe> {
+        let mut v = lock(&self.log).clone();
+        v.sort_by_key(|p| p.done);
+        v
+    }
+
+    /// Waits until the last `STABLE_PROBES` probes were all answered by the same host.
+    fn stable_owner(&self, within: Duration) -> Result<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            check_interrupt()?;
+            let log = self.snapshot();
+            if log.len() >= STABLE_PROBES {
+                let tail = &log[log.len() - STABLE_PROBES..];
+                if let Some(h) = tail[0].host
+                    && tail.iter().all(|p| p.host == Some(h))
+                {
+                    return Ok(h);
+                }
+            }
+            if Instant::now() > deadline {
+                let tail: Vec<_> = log
+                    .iter()
+                    .rev()
+                    .take(STABLE_PROBES)
+                    .map(|p| p.host)
+                    .collect();
+                bail!("no stable owner within {within:?} (last probes, newest first: {tail:?})");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The earliest exchange completed at/after `t0` answered by a host other than `old`.
+    fn first_other(&self, t0: Instant, old: usize) -> Option<(Instant, usize)> {
+        lock(&self.log)
+            .iter()
+            .filter(|p| p.done >= t0)
+            .filter_map(|p| p.host.filter(|h| *h != old).map(|h| (p.done, h)))
+            .min_by_key(|(t, _)| *t)
+    }
+}
+
+fn parse_host(reply: &[u8]) -> Option<usize> {
+    std::str::from_utf8(reply)
+        .ok()?
+        .trim()
+        .strip_prefix('h')?
+        .parse()
+        .ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Systems under test
+// ---------------------------------------------------------------------------------------------
+
+trait System {
+    fn name(&self) -> &str;
+    fn vip(&self) -> Ipv4Addr;
+    /// Injects `fault` at host `owner`; returns t0 (taken just before the fault is applied).
+    fn inject(&mut self, lab: &Lab, fault: Fault, owner: usize) -> Result<Instant>;
+    /// Undoes the fault (restart / heal) and returns once the system is healthy again.
+    fn restore(&mut self, lab: &Lab, fault: Fault, owner: usize) -> Result<()>;
+    /// Waits until the system is healthy (all members up, the VIP held by exactly one host).
+    fn wait_healthy(&mut self, lab: &Lab, within: Duration) -> Result<()>;
+    /// A one-line note about the state at fault time (e.g. whether the owner led Raft).
+    fn note(&self) -> String {
+        String::new()
+    }
+    /// Remarks for the report (counts of unusual events).
+    fn remarks(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Hosts that currently have `vip` on an interface.
+fn holders(lab: &Lab, vip: Ipv4Addr) -> Result<Vec<usize>> {
+    let mut v = Vec::new();
+    for (i, h) in lab.hosts().iter().enumerate() {
+        if lab.addresses(&h.ns)?.contains(&IpAddr::V4(vip)) {
+            v.push(i + 1);
+        }
+    }
+    Ok(v)
+}
+
+/// Runs a command with a time limit (killed and reaped when it runs over).
+fn output_within(mut cmd: Command, within: Duration, what: &str) -> Result<Output> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {what}"))?;
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(within) {
+        Ok(out) => out,
+        Err(_) => {
+            // Not reaped yet (the waiter is still blocked in wait), so the pid is still ours.
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = rx.recv();
+            let _ = waiter.join();
+            bail!("{what} did not finish within {within:?}");
+        }
+    };
+    let _ = waiter.join();
+    out.with_context(|| format!("running {what}"))
+}
+
+/// Pids of live processes whose process group is `pgid` (from /proc).
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    // "pid (comm) state ppid pgrp ...": comm may hold spaces, so cut after ')'.
+                    let rest = s.get(s.rfind(')')? + 1..)?.to_string();
+                    let fields: Vec<&str> = rest.split_whitespace().collect();
+                    let state = *fields.first()?;
+                    let pgrp: u32 = fields.get(2)?.parse().ok()?;
+                    Some(pgrp == pgid && state != "Z")
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// After a group leader exited, waits for the rest of its group (spaced's guard) to exit too,
+/// and SIGKILLs stragglers after `within` (the group still has members, so the id is not reused).
+fn reap_group(pgid: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if group_members(pgid).is_empty() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !group_members(pgid).is_empty() {
+        let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+    }
+    false
+}
+
+// --- spaced ----------------------------------------------------------------------------------
+
+struct Spaced {
+    pki: PathBuf,
+    configs: Vec<PathBuf>,
+    procs: Vec<LabProcess>,
+    spawns: usize,
+    vip: Ipv4Addr,
+    spaced_bin: PathBuf,
+    spacectl_bin: PathBuf,
+    /// Raft leader and VIP owner at the last health check.
+    last_leader: Option<usize>,
+    last_owner: Option<usize>,
+    /// Rounds in which the fault hit the Raft leader.
+    owner_was_leader: usize,
+    /// Guards that had not exited 3 s after their spaced did.
+    lingering_guards: usize,
+}
+
+impl Spaced {
+    fn start(lab: &Lab, vip: Ipv4Addr) -> Result<Spaced> {
+        let pki = lab.dir().join("pki");
+        make_pki(&pki, lab.hosts().len() as u64)?;
+        let mut s = Spaced {
+            pki,
+            configs: Vec::new(),
+            procs: Vec::new(),
+            spawns: 0,
+            vip,
+            spaced_bin: binary("spaced")?,
+            spacectl_bin: binary("spacectl")?,
+            last_leader: None,
+            last_owner: None,
+            owner_was_leader: 0,
+            lingering_guards: 0,
+        };
+        for (i, host) in lab.hosts().iter().enumerate() {
+            let id = i as u64 + 1;
+            let name = format!("n{id}");
+            let dir = lab.dir();
+            let cfg = NodeConfig {
+                node_id: id,
+                name: name.clone(),
+                data_dir: dir.join(format!("data-{name}")),
+                listen: SocketAddr::new(IpAddr::V4(host.ip), 7000),
+                metrics: None,
+                roles: vec!["ha".into()],
+                tls: TlsSection {
+                    ca: s.pki.join("ca.pem"),
+                    cert: s.pki.join(format!("{name}.pem")),
+                    key: s.pki.join(format!("{name}.key")),
+                },
+                raft: RaftTimings::default(),
+                lease: LeaseTimings::default(),
+                takeover: TakeoverMode::Netlink,
+                vips: Vec::new(),
+                source: dir.join(format!("{name}.toml")),
+            };
+            std::fs::write(&cfg.source, cfg.to_toml())
+                .with_context(|| format!("writing {}", cfg.source.display()))?;
+            s.configs.push(cfg.source.clone());
+            let p = s.spawn(lab, i + 1, id == 1)?;
+            s.procs.push(p);
+        }
+        let h1 = s.endpoint(lab, 1);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !s.status(lab, &h1).is_ok_and(|st| st["leader"] == 1) {
+            if Instant::now() > deadline {
+                bail!("spaced n1 did not become leader within 20 s");
+            }
+            nap(Duration::from_millis(100))?;
+        }
+        for h in 2..=lab.hosts().len() {
+            let addr = s.endpoint(lab, h);
+            s.ctl(
+                lab,
+                &h1,
+                &[
+                    "node",
+                    "add",
+                    "--id",
+                    &h.to_string(),
+                    "--name",
+                    &format!("n{h}"),
+                    "--addr",
+                    &addr,
+                ],
+                Duration::from_secs(20),
+            )?;
+        }
+        s.ctl(
+            lab,
+            &h1,
+            &[
+                "vip",
+                "add",
+                "--name",
+                "bench",
+                "--address",
+                &format!("{vip}/{}", lab.subnet_prefix()),
+                "--interface",
+                "eth0",
+                "--roles",
+                "ha",
+            ],
+            Duration::from_secs(10),
+        )?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self, lab: &Lab, host: usize, bootstrap: bool) -> Result<LabProcess> {
+        self.spawns += 1;
+        let cfg = self.configs[host - 1]
+            .to_str()
+            .context("config path is not UTF-8")?
+            .to_string();
+        let mut args = vec!["run", "--config", cfg.as_str()];
+        if bootstrap {
+            args.push("--bootstrap");
+        }
+        lab.spawn_in(
+            &lab.host(host).ns,
+            &self.spaced_bin,
+            &args,
+            &format!("spaced-h{host}-{}.log", self.spawns),
+        )
+    }
+
+    fn endpoint(&self, lab: &Lab, host: usize) -> String {
+        format!("{}:7000", lab.host(host).ip)
+    }
+
+    /// spacectl from the client namespace, bounded in time.
+    fn ctl(&self, lab: &Lab, endpoint: &str, args: &[&str], within: Duration) -> Result<String> {
+        let mut cmd = lab.command_in(&lab.client().ns, &self.spacectl_bin);
+        cmd.args(args)
+            .env("SPACED_ENDPOINT", endpoint)
+            .env("SPACED_PKI", &self.pki);
+        let what = format!("spacectl {} (endpoint {endpoint})", args.join(" "));
+        let out = output_within(cmd, within, &what)?;
+        if !out.status.success() {
+            bail!(
+                "{what}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn status(&self, lab: &Lab, endpoint: &str) -> Result<Value> {
+        let text = self.ctl(lab, endpoint, &["status", "--json"], Duration::from_secs(3))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing status: {text}"))
+    }
+
+    /// The Raft leader's status (last_contact_ms is the leader's view).
+    fn leader_status(&self, lab: &Lab) -> Result<Value> {
+        let mut last_err = anyhow!("no spaced node is running");
+        for h in 1..=self.procs.len() {
+            if !self.procs[h - 1].is_running() {
+                continue;
+            }
+            match self.status(lab, &self.endpoint(lab, h)) {
+                Ok(st) => {
+                    let Some(leader) = st["leader"].as_u64() else {
+                        last_err = anyhow!("n{h} knows no leader");
+                        continue;
+                    };
+                    if st["served_by"].as_u64() == Some(leader) {
+                        return Ok(st);
+                    }
+                    let l = leader as usize;
+                    if (1..=self.procs.len()).contains(&l) && self.procs[l - 1].is_running() {
+                        return self.status(lab, &self.endpoint(lab, l));
+                    }
+                    last_err = anyhow!("leader n{leader} is not running");
+                }
+                Err(e) => last_err = e,
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Healthy: every process running, the leader in recent contact with all nodes (all voters),
+    /// the VIP owned by a running node which is the only host holding the address.
+    fn check_healthy(&mut self, lab: &Lab) -> Result<()> {
+        for (i, p) in self.procs.iter().enumerate() {
+            if !p.is_running() {
+                bail!(
+                    "spaced on h{} is not running; log:\n{}",
+                    i + 1,
+                    p.read_log()
+                );
+            }
+        }
+        let st = self.leader_status(lab)?;
+        let nodes = st["nodes"].as_array().context("status without nodes")?;
+        if nodes.len() != self.procs.len() {
+            bail!("{} nodes in status, want {}", nodes.len(), self.procs.len());
+        }
+        for n in nodes {
+            let contact = n["last_contact_ms"].as_u64();
+            if !contact.is_some_and(|ms| ms < CONTACT_MS) || n["voter"] != true {
+                bail!("node {} not in contact: {n}", n["id"]);
+            }
+        }
+        let owner = st["vips"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "bench"))
+            .and_then(|v| v["owner"].as_u64())
+            .context("the VIP has no owner")? as usize;
+        let held = holders(lab, self.vip)?;
+        if held != [owner] {
+            bail!("VIP owned by n{owner} but held by {held:?}");
+        }
+        self.last_leader = st["leader"].as_u64().map(|l| l as usize);
+        self.last_owner = Some(owner);
+        Ok(())
+    }
+}
+
+impl System for Spaced {
+    fn name(&self) -> &str {
+        "spaced"
+    }
+
+    fn vip(&self) -> Ipv4Addr {
+        self.vip
+    }
+
+    fn inject(&mut self, lab: &Lab, fault: Fault, owner: usize) -> Result<Instant> {
+        if self.last_leader == Some(owner) {
+            self.owner_was_leader += 1;
+        }
+        let p = &self.procs[owner - 1];
+        let t0 = Instant::now();
+        match fault {
+            // Only the daemon: its fence guard (same process group) must survive it.
+            Fault::Kill => p.signal(Signal::SIGKILL)?,
+            Fault::Term => p.signal(Signal::SIGTERM)?,
+            Fault::Link => lab.partition(lab.host(owner))?,
+        }
+        Ok(t0)
+    }
+
+    fn restore(&mut self, lab: &Lab, fault: Fault, owner: usize) -> Result<()> {
+        match fault {
+            Fault::Kill | Fault::Term => {
+                let p = self.procs[owner - 1].clone();
+                let status = p
+                    .wait(Duration::from_secs(10))?
+                    .with_context(|| format!("spaced on h{owner} did not exit after {fault:?}"))?;
+                if fault == Fault::Term && !status.success() {
+                    eprintln!("  note: spaced on h{owner} exited with {status} after SIGTERM");
+                }
+                if !reap_group(p.pid(), Duration::from_secs(3)) {
+                    self.lingering_guards += 1;
+                    eprintln!(
+                        "  note: the guard of spaced pid {} outlived it by 3 s",
+                        p.pid()
+                    );
+                }
+                self.procs[owner - 1] = self.spawn(lab, owner, false)?;
+            }
+            Fault::Link => lab.heal(lab.host(owner))?,
+        }
+        self.wait_healthy(lab, HEALTHY_WITHIN)
+    }
+
+    fn wait_healthy(&mut self, lab: &Lab, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            check_interrupt()?;
+            match self.check_healthy(lab) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).context(format!("spaced not healthy within {within:?}"));
+                }
+                Err(_) => nap(Duration::from_millis(100))?,
+            }
+        }
+    }
+
+    fn note(&self) -> String {
+        match (self.last_leader, self.last_owner) {
+            (Some(l), Some(o)) if l == o => "owner was the Raft leader".into(),
+            (Some(l), _) => format!("Raft leader n{l}"),
+            _ => String::new(),
+        }
+    }
+
+    fn remarks(&self) -> Vec<String> {
+        let mut v = vec![format!(
+            "spaced: the faulted owner was also the Raft leader in {} round(s)",
+            self.owner_was_leader
+        )];
+        if self.lingering_guards > 0 {
+            v.push(format!(
+                "spaced: a fence guard outlived its daemon by > 3 s {} time(s)",
+                self.lingering_guards
+            ));
+        }
+        v
+    }
+}
+
+// --- keepalived ------------------------------------------------------------------------------
+
+struct Keepalived {
+    label: String,
+    bin: PathBuf,
+    confs: Vec<PathBuf>,
+    procs: Vec<LabProcess>,
+    spawns: usize,
+    vip: Ipv4Addr,
+    /// Rounds after which the harness had to remove a VIP left by a SIGKILLed keepalived.
+    stale_removed: usize,
+}
+
+impl Keepalived {
+    fn start(
+        lab: &Lab,
+        bin: &Path,
+        label: &str,
+        advert: &str,
+        vrid: u8,
+        vip: Ipv4Addr,
+    ) -> Result<Keepalived> {
+        let mut k = Keepalived {
+            label: label.to_string(),
+            bin: bin.to_path_buf(),
+            confs: Vec::new(),
+            procs: Vec::new(),
+            spawns: 0,
+            vip,
+            stale_removed: 0,
+        };
+        for (i, host) in lab.hosts().iter().enumerate() {
+            let priority = 100 - i as u32;
+            let conf = format!(
+                "global_defs {{\n\
+                 \x20   router_id {label}-{host}\n\
+                 }}\n\
+                 vrrp_instance {label} {{\n\
+                 \x20   state BACKUP\n\
+                 \x20   nopreempt\n\
+                 \x20   interface eth0\n\
+                 \x20   version 3\n\
+                 \x20   virtual_router_id {vrid}\n\
+                 \x20   priority {priority}\n\
+                 \x20   advert_int {advert}\n\
+                 \x20   virtual_ipaddress {{\n\
+                 \x20       {vip}/{prefix} dev eth0\n\
+                 \x20   }}\n\
+                 }}\n",
+                host = host.name,
+                prefix = lab.subnet_prefix(),
+            );
+            let path = lab.dir().join(format!("{label}-{}.conf", host.name));
+            std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
+            k.confs.push(path);
+            let p = k.spawn(lab, i + 1)?;
+            k.procs.push(p);
+        }
+        Ok(k)
+    }
+
+    fn spawn(&mut self, lab: &Lab, host: usize) -> Result<LabProcess> {
+        self.spawns += 1;
+        let dir = lab.dir();
+        let tag = format!("{}-h{host}", self.label);
+        let path = |suffix: &str| dir.join(format!("{tag}.{suffix}")).display().to_string();
+        let conf = self.confs[host - 1].display().to_string();
+        let (pid, vrrp, checkers, bfd) = (
+            path("pid"),
+            path("vrrp.pid"),
+            path("check.pid"),
+            path("bfd.pid"),
+        );
+        lab.spawn_in(
+            &lab.host(host).ns,
+            &self.bin,
+            &[
+                "-n", "-l", "-D", "-G", "-P", "-f", &conf, "-p", &pid, "-r", &vrrp, "-c",
+                &checkers, "-b", &bfd,
+            ],
+            &format!("{tag}-{}.log", self.spawns),
+        )
+    }
+
+    fn check_healthy(&self, lab: &Lab) -> Result<()> {
+        for (i, p) in self.procs.iter().enumerate() {
+            if !p.is_running() {
+                bail!(
+                    "{} on h{} is not running; log:\n{}",
+                    self.label,
+                    i + 1,
+                    p.read_log()
+                );
+            }
+            let log = p.read_log();
+            if !log.contains("Entering BACKUP STATE") && !log.contains("Entering MASTER STATE") {
+                bail!(
+                    "{} on h{} has not entered a VRRP state yet",
+                    self.label,
+                    i + 1
+                );
+            }
+        }
+        let held = holders(lab, self.vip)?;
+        if held.len() != 1 {
+            bail!("{} VIP held by {held:?}", self.label);
+        }
+        Ok(())
+    }
+}
+
+impl System for Keepalived {
+    fn name(&self) -> &str {
+        &self.label
+    }
+
+    fn vip(&self) -> Ipv4Addr {
+        self.vip
+    }
+
+    fn inject(&mut self, lab: &Lab, fault: Fault, owner: usize) -> Result<Instant> {
+        let p = &self.procs[owner - 1];
+        let t0 = Instant::now();
+        match fault {
+            // The whole daemon (parent and VRRP child share the process group), like a crash.
+            Fault::Kill => {
+                p.kill();
+            }
+            Fault::Term => p.signal(Signal::SIGTERM)?,
+            Fault::Link => lab.partition(lab.host(owner))?,
+        }
+        Ok(t0)
+    }
+
+    fn restore(&mut self, lab: &Lab, fault: Fault, owner: usize) -> Result<()> {
+        match fault {
+            Fault::Kill | Fault::Term => {
+                let p = self.procs[owner - 1].clone();
+                p.wait(Duration::from_secs(10))?.with_context(|| {
+                    format!("{} on h{owner} did not exit after {fault:?}", self.label)
+                })?;
+                reap_group(p.pid(), Duration::from_secs(3));
+                self.procs[owner - 1] = self.spawn(lab, owner)?;
+            }
+            Fault::Link => lab.heal(lab.host(owner))?,
+        }
+        // A SIGKILLed keepalived leaves its VIP behind; see whether the restarted one clears it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            check_interrupt()?;
+            if self.check_healthy(lab).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let held = holders(lab, self.vip)?;
+                if held.len() > 1 && held.contains(&owner) {
+                    eprintln!(
+                        "  note: {} left the VIP on h{owner} after restart ({held:?}); removing it",
+                        self.label
+                    );
+                    lab.run_in(
+                        &lab.host(owner).ns,
+                        &[
+                            "ip",
+                            "addr",
+                            "del",
+                            &format!("{}/{}", self.vip, lab.subnet_prefix()),
+                            "dev",
+                            "eth0",
+                        ],
+                    )?;
+                    self.stale_removed += 1;
+                }
+                break;
+            }
+            nap(Duration::from_millis(50))?;
+        }
+        self.wait_healthy(lab, HEALTHY_WITHIN)
+    }
+
+    fn wait_healthy(&mut self, lab: &Lab, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            check_interrupt()?;
+            match self.check_healthy(lab) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).context(format!("{} not healthy within {within:?}", self.label));
+                }
+                Err(_) => nap(Duration::from_millis(50))?,
+            }
+        }
+    }
+
+    fn remarks(&self) -> Vec<String> {
+        if self.stale_removed > 0 {
+            vec![format!(
+                "{}: the restarted keepalived kept the VIP left by its SIGKILLed predecessor {} time(s); the harness removed it",
+                self.label, self.stale_removed
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from));
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn keepalived_version(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines()
+                .find(|l| l.starts_with("Keepalived"))
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "keepalived (version unknown)".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rounds
+// ---------------------------------------------------------------------------------------------
+
+/// One round: find the owner, inject, wait for another host to answer, restore.
+fn round(
+    lab: &Lab,
+    prober: &Prober,
+    sys: &mut dyn System,
+    fault: Fault,
+    tag: &str,
+) -> Result<Round> {
+    let vip = SocketAddr::new(IpAddr::V4(sys.vip()), SERVICE_PORT);
+    prober.aim(Some(vip));
+    let owner = prober
+        .stable_owner(Duration::from_secs(10))
+        .with_context(|| format!("{}: finding the owner", sys.name()))?;
+    let note = sys.note();
+    let t0 = sys.inject(lab, fault, owner)?;
+    let deadline = t0 + RECOVER_WITHIN;
+    let mut recovered = None;
+    while Instant::now() < deadline && !interrupted() {
+        if let Some(found) = prober.first_other(t0, owner) {
+            recovered = Some(found);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    check_interrupt()?;
+    let old_held = holders(lab, sys.vip())?.contains(&owner);
+    let result = match recovered {
+        Some((at, new)) => {
+            nap(AFTER_RECOVERY)?;
+            let old_answered_after = prober
+                .snapshot()
+                .iter()
+                .filter(|p| p.done > at && p.host == Some(owner))
+                .count();
+            prober.aim(None);
+            let ms = at.duration_since(t0).as_secs_f64() * 1000.0;
+            eprintln!(
+                "{tag} {} {}: h{owner} -> h{new} {ms:.1} ms{}{}{}",
+                sys.name(),
+                fault.short(),
+                if old_held {
+                    ", old owner still held the VIP"
+                } else {
+                    ""
+                },
+                if old_answered_after > 0 {
+                    format!(", old owner answered {old_answered_after} more time(s)")
+                } else {
+                    String::new()
+                },
+                if note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({note})")
+                },
+            );
+            Round {
+                ms: Some(ms),
+                old_held,
+                old_answered_after,
+            }
+        }
+        None => {
+            prober.aim(None);
+            eprintln!(
+                "{tag} {} {}: h{owner}: NO RECOVERY within {RECOVER_WITHIN:?}",
+                sys.name(),
+                fault.short()
+            );
+            Round {
+                ms: None,
+                old_held,
+                old_answered_after: 0,
+            }
+        }
+    };
+    sys.restore(lab, fault, owner)
+        .with_context(|| format!("{}: restoring after {}", sys.name(), fault.short()))?;
+    Ok(result)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+/// Linear interpolation between closest ranks (sorted input).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.len() == 1 {
+        return sorted[0];
+    }
+    let h = (sorted.len() - 1) as f64 * p / 100.0;
+    let lo = h.floor() as usize;
+    let hi = (lo + 1).min(sorted.len() - 1);
+    sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo])
+}
+
+struct Stats {
+    n: usize,
+    min: f64,
+    median: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn stats(rounds: &[Round]) -> Option<Stats> {
+    let mut v: Vec<f64> = rounds.iter().filter_map(|r| r.ms).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(Stats {
+        n: v.len(),
+        min: v[0],
+        median: percentile(&v, 50.0),
+        p99: percentile(&v, 99.0),
+        max: v[v.len() - 1],
+    })
+}
+
+fn ms(v: f64) -> String {
+    format!("{v:.0}")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    results: &BTreeMap<(usize, Fault), Vec<Round>>,
+    names: &[String],
+    faults: &[Fault],
+    rounds_wanted: usize,
+    ka_version: Option<&str>,
+    remarks: &[String],
+    failures: &[String],
+    elapsed: Duration,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "### Failover as the client sees it\n");
+    let _ = writeln!(
+        out,
+        "Time from the fault at the VIP's owner to the first TCP exchange on the VIP answered by \
+         another host, from a client probing every {} ms ({} ms timeout per exchange); 3 hosts \
+         and the client on one bridge (network namespaces), {rounds_wanted} rounds per row, rounds \
+         of all systems interleaved; {:.0} s in all. spaced with default settings; {}, VRRPv3, \
+         all BACKUP with nopreempt, priorities 100/99/98. Milliseconds; median and p99 \
+         interpolated between ranks (p99 of 20 is close to the max).\n",
+        PROBE_EVERY.as_millis(),
+        PROBE_TIMEOUT.as_millis(),
+        elapsed.as_secs_f64(),
+        ka_version.unwrap_or("keepalived not run"),
+    );
+    let _ = writeln!(
+        out,
+        "| system | fault | rounds | min | median | p99 | max | old owner still held the VIP |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for fault in faults {
+        for (si, name) in names.iter().enumerate() {
+            let Some(rs) = results.get(&(si, *fault)) else {
+                continue;
+            };
+            let failed = rs.iter().filter(|r| r.ms.is_none()).count();
+            let held = rs.iter().filter(|r| r.old_held).count();
+            let back = rs.iter().filter(|r| r.old_answered_after > 0).count();
+            let rounds = if failed > 0 {
+                format!("{} ({failed} did not recover)", rs.len())
+            } else {
+                rs.len().to_string()
+            };
+            let held_text = if back > 0 {
+                format!("{held} / {} (old owner answered again in {back})", rs.len())
+            } else {
+                format!("{held} / {}", rs.len())
+            };
+            match stats(rs) {
+                Some(s) => {
+                    let _ = writeln!(
+                        out,
+                        "| {name} | {} | {rounds} | {} | {} | {} | {} | {held_text} |",
+                        fault.label(),
+                        ms(s.min),
+                        ms(s.median),
+                        ms(s.p99),
+                        ms(s.max),
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "| {name} | {} | {rounds} | – | – | – | – | {held_text} |",
+                        fault.label()
+                    );
+                }
+            }
+        }
+    }
+
+    // Ratios of medians: spaced / each keepalived.
+    let spaced = names.iter().position(|n| n == "spaced");
+    let others: Vec<usize> = (0..names.len()).filter(|i| Some(*i) != spaced).collect();
+    if let Some(sp) = spaced
+        && !others.is_empty()
+    {
+        let _ = writeln!(out);
+        let mut header = "| fault | spaced median |".to_string();
+        let mut rule = "|---|---|".to_string();
+        for o in &others {
+            let _ = write!(header, " {} median | spaced / {} |", names[*o], names[*o]);
+            rule.push_str("---|---|");
+        }
+        let _ = writeln!(out, "{header}\n{rule}");
+        for fault in faults {
+            let Some(sm) = results.get(&(sp, *fault)).and_then(|r| stats(r)) else {
+                continue;
+            };
+            let mut line = format!("| {} | {} |", fault.label(), ms(sm.median));
+            for o in &others {
+                match results.get(&(*o, *fault)).and_then(|r| stats(r)) {
+                    Some(om) => {
+                        let _ = write!(line, " {} | {:.2} |", ms(om.median), sm.median / om.median);
+                    }
+                    None => line.push_str(" – | – |"),
+                }
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+
+    // Targets.
+    if let Some(sp) = spaced {
+        let _ = writeln!(out, "\nTargets for spaced with default settings:\n");
+        for fault in faults {
+            let Some(rs) = results.get(&(sp, *fault)) else {
+                continue;
+            };
+            let failed = rs.iter().filter(|r| r.ms.is_none()).count();
+            let Some(s) = stats(rs) else {
+                let _ = writeln!(out, "- {}: no round recovered: not met", fault.label());
+                continue;
+            };
+            let verdict = |ok: bool| if ok && failed == 0 { "met" } else { "NOT met" };
+            if fault.is_crash() {
+                let _ = writeln!(
+                    out,
+                    "- {}: median ≤ 500 ms: {} ({} ms); max ≤ 1 s: {} ({} ms)",
+                    fault.label(),
+                    verdict(s.median <= 500.0),
+                    ms(s.median),
+                    verdict(s.max <= 1000.0),
+                    ms(s.max),
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "- {}: median ≤ 100 ms: {} ({} ms)",
+                    fault.label(),
+                    verdict(s.median <= 100.0),
+                    ms(s.median),
+                );
+            }
+        }
+    }
+    if !remarks.is_empty() {
+        let _ = writeln!(out, "\nNotes:\n");
+        for r in remarks {
+            let _ = writeln!(out, "- {r}");
+        }
+    }
+    if !failures.is_empty() {
+        let _ = writeln!(out, "\nHarness failures:\n");
+        for f in failures {
+            let _ = writeln!(out, "- {f}");
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main
+// ---------------------------------------------------------------------------------------------
+
+fn install_signal_handlers() -> Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }
+            .with_context(|| format!("installing a {sig} handler"))?;
+    }
+    Ok(())
+}
+
+struct Settings {
+    rounds: usize,
+    faults: Vec<Fault>,
+    systems: Vec<String>,
+}
+
+fn settings() -> Result<Settings> {
+    let rounds = match std::env::var("ROUNDS") {
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .with_context(|| format!("ROUNDS={v:?} is not a positive number"))?,
+        Err(_) => 20,
+    };
+    let faults = std::env::var("FAILOVER_FAULTS")
+        .unwrap_or_else(|_| "kill,link,term".into())
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(Fault::parse)
+        .collect::<Result<Vec<_>>>()?;
+    let systems: Vec<String> = std::env::var("FAILOVER_SYSTEMS")
+        .unwrap_or_else(|_| "spaced,keepalived-1s,keepalived-100ms".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for s in &systems {
+        if !["spaced", "keepalived-1s", "keepalived-100ms"].contains(&s.as_str()) {
+            bail!("unknown system {s:?} (spaced, keepalived-1s, keepalived-100ms)");
+        }
+    }
+    if faults.is_empty() || systems.is_empty() {
+        bail!("nothing to run (FAILOVER_FAULTS / FAILOVER_SYSTEMS are empty)");
+    }
+    Ok(Settings {
+        rounds,
+        faults,
+        systems,
+    })
+}
+
+/// Exit codes: 0 done, 1 harness failure, 2 cannot run (not root, bad settings), 130 interrupted.
+fn main() -> ExitCode {
+    // `cargo bench` passes --bench; under `cargo test --benches` do nothing (this takes minutes).
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "failover bench: run with `cargo bench` or benches/failover; nothing to do in test mode"
+        );
+        return ExitCode::SUCCESS;
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("failover bench: needs root (network namespaces, veth, bridge, keepalived)");
+        return ExitCode::from(2);
+    }
+    let settings = match settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("failover bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = install_signal_handlers() {
+        eprintln!("failover bench: {e:#}");
+        return ExitCode::from(1);
+    }
+    let code = match run(&settings) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("failover bench: {e:#}");
+            ExitCode::from(1)
+        }
+    };
+    if interrupted() {
+        eprintln!("failover bench: interrupted; lab cleaned up");
+        return ExitCode::from(130);
+    }
+    code
+}
+
+/// Builds the lab, runs everything, prints the report. Ok(false) when the harness failed in
+/// some round (the report is still printed).
+fn run(settings: &Settings) -> Result<bool> {
+    let ka_bin = if settings.systems.iter().any(|s| s.starts_with("keepalived")) {
+        Some(find_program("keepalived").context(
+            "keepalived is not installed (apt-get install keepalived; benches/failover does this)",
+        )?)
+    } else {
+        None
+    };
+    let ka_version = ka_bin.as_deref().map(keepalived_version);
+    // Fail early, before building anything, if the binaries are missing.
+    binary("spaced")?;
+    binary("spacectl")?;
+
+    let lab = Lab::new(3).context("building the network lab")?;
+    if let Ok(file) = std::env::var("FAILOVER_LAB_ID_FILE") {
+        std::fs::write(&file, lab.id()).with_context(|| format!("writing {file}"))?;
+    }
+    eprintln!(
+        "failover bench: lab {} (logs in {}), {} rounds of {:?} for {:?}",
+        lab.id(),
+        lab.dir().display(),
+        settings.rounds,
+        settings.faults,
+        settings.systems
+    );
+    let prober = Prober::new();
+    let outcome = std::thread::scope(|scope| {
+        let prober = &prober;
+        let lab = &lab;
+        let scheduler = std::thread::Builder::new()
+            .name("failover-prober".into())
+            .spawn_scoped(scope, move || prober.run(lab, scope))
+            .context("spawning the prober");
+        let outcome = match scheduler {
+            Ok(_) => bench(
+                lab,
+                prober,
+                settings,
+                ka_bin.as_deref(),
+                ka_version.as_deref(),
+            ),
+            Err(e) => Err(e),
+        };
+        prober.stop();
+        outcome
+    });
+    // The lab (processes, namespaces) is torn down here, also on errors.
+    drop(lab);
+    outcome
+}
+
+fn bench(
+    lab: &Lab,
+    prober: &Prober,
+    settings: &Settings,
+    ka_bin: Option<&Path>,
+    ka_version: Option<&str>,
+) -> Result<bool> {
+    let started = Instant::now();
+    // A VRRP router id unique to this lab (two consecutive ids).
+    let vrid = 1 + (std::process::id() % 120) as u8 * 2;
+    let mut systems: Vec<Box<dyn System>> = Vec::new();
+    for (k, name) in settings.systems.iter().enumerate() {
+        let vip = lab.free_ip(k as u8);
+        for h in lab.hosts() {
+            lab.serve_in(
+                &h.ns,
+                SocketAddr::new(IpAddr::V4(vip), SERVICE_PORT),
+                h.name.clone().into_bytes(),
+            )?;
+        }
+        let sys: Box<dyn System> = match name.as_str() {
+            "spaced" => Box::new(Spaced::start(lab, vip).context("starting spaced")?),
+            ka => {
+                let (advert, id) = if ka == "keepalived-1s" {
+                    ("1", vrid)
+                } else {
+                    ("0.1", vrid + 1)
+                };
+                let bin = ka_bin.context("keepalived binary")?;
+                Box::new(
+                    Keepalived::start(lab, bin, ka, advert, id, vip)
+                        .with_context(|| format!("starting {ka}"))?,
+                )
+            }
+        };
+        systems.push(sys);
+    }
+    for sys in &mut systems {
+        sys.wait_healthy(lab, Duration::from_secs(60))?;
+    }
+    eprintln!(
+        "failover bench: all systems up after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let names: Vec<String> = systems.iter().map(|s| s.name().to_string()).collect();
+    let mut results: BTreeMap<(usize, Fault), Vec<Round>> = BTreeMap::new();
+    let mut failures: Vec<String> = Vec::new();
+    let mut broken = vec![false; systems.len()];
+    let total = settings.rounds * settings.faults.len() * systems.len();
+    let mut done = 0;
+    'rounds: for r in 1..=settings.rounds {
+        for fault in &settings.faults {
+            for (si, sys) in systems.iter_mut().enumerate() {
+                if interrupted() {
+                    break 'rounds;
+                }
+                done += 1;
+                if broken[si] {
+                    continue;
+                }
+                let tag = format!("[{done:>3}/{total}] r{r}");
+                match round(lab, prober, sys.as_mut(), *fault, &tag) {
+                    Ok(rd) => {
+                        if rd.ms.is_none() {
+                            failures.push(format!(
+                                "{} {} round {r}: no other host answered within {RECOVER_WITHIN:?}",
+                                names[si],
+                                fault.short()
+                            ));
+                        }
+                        results.entry((si, *fault)).or_default().push(rd);
+                    }
+                    Err(e) => {
+                        prober.aim(None);
+                        if interrupted() {
+                            break 'rounds;
+                        }
+                        eprintln!(
+                            "{tag} {} {}: HARNESS FAILURE: {e:#}",
+                            names[si],
+                            fault.short()
+                        );
+                        failures.push(format!(
+                            "{} {} round {r}: {e:#} (no further rounds of {})",
+                            names[si],
+                            fault.short(),
+                            names[si]
+                        ));
+                        broken[si] = true;
+                    }
+                }
+            }
+        }
+    }
+    prober.aim(None);
+    let remarks: Vec<String> = systems.iter().flat_map(|s| s.remarks()).collect();
+    let text = report(
+        &results,
+        &names,
+        &settings.faults,
+        settings.rounds,
+        ka_version,
+        &remarks,
+        &failures,
+        started.elapsed(),
+    );
+    println!("{text}");
+    Ok(failures.is_empty() && !interrupted())
+}
