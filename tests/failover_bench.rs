@@ -55,12 +55,14 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
 const RECOVER_WITHIN: Duration = Duration::from_secs(15);
 /// How long a system may take to become healthy again after a round.
 const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
-/// After recovery, probing goes on this long to see whether the old host answers again.
-const AFTER_RECOVERY: Duration = Duration::from_millis(250);
+/// After the repair, probing goes on this long before the round's probes are judged.
+const AFTER_REPAIR: Duration = Duration::from_millis(500);
 /// Consecutive probes from one host that make it "the owner" before a fault is injected.
 const STABLE_PROBES: usize = 10;
 /// spaced: a node counts as in contact when the leader heard from it this recently.
 const CONTACT_MS: u64 = 500;
+/// spaced: healthy means also the same term, leader and VIP owner for this long.
+const SPACED_SETTLE: Duration = Duration::from_millis(700);
 
 /// Set by SIGINT/SIGTERM/SIGHUP: stop after the current step and clean up.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -149,8 +151,15 @@ struct Round {
     ms: Option<f64>,
     /// The old owner still had the VIP on its interface when the new owner first answered.
     old_held: bool,
-    /// Exchanges answered by the old owner after the new one had answered (flapping back).
-    old_answered_after: usize,
+    /// After the new owner first answered and until the system was repaired and healthy again
+    /// (+`AFTER_REPAIR`), yet another host answered: the VIP moved a second time.
+    moved_again: bool,
+    /// Probes started after the new owner first answered that failed (until the end of repair).
+    failed_after: usize,
+    /// When some did: the longest time without a successful exchange after the takeover (ms).
+    second_outage_ms: Option<f64>,
+    /// spaced: whether the faulted owner was also the Raft leader.
+    owner_led: Option<bool>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -160,6 +169,7 @@ struct Round {
 /// One finished probe.
 #[derive(Debug, Clone)]
 struct Probe {
+    sent: Instant,
     done: Instant,
     /// Host index (1-based) that answered, or None for a failed/timed-out exchange.
     host: Option<usize>,
@@ -196,11 +206,12 @@ impl Prober {
                 let spawned = std::thread::Builder::new()
                     .name("failover-probe".into())
                     .spawn_scoped(scope, move || {
+                        let sent = Instant::now();
                         let reply = lab.tcp_exchange(&ns, addr, b"", PROBE_TIMEOUT);
                         let done = Instant::now();
                         let host = reply.ok().and_then(|r| parse_host(&r));
                         if self.generation.load(Ordering::SeqCst) == generation {
-                            lock(&self.log).push(Probe { done, host });
+                            lock(&self.log).push(Probe { sent, done, host });
                         }
                     });
                 if let Err(e) = spawned {
@@ -294,9 +305,9 @@ trait System {
     fn restore(&mut self, lab: &Lab, fault: Fault, owner: usize) -> Result<()>;
     /// Waits until the system is healthy (all members up, the VIP held by exactly one host).
     fn wait_healthy(&mut self, lab: &Lab, within: Duration) -> Result<()>;
-    /// A one-line note about the state at fault time (e.g. whether the owner led Raft).
-    fn note(&self) -> String {
-        String::new()
+    /// Called just before the fault; spaced answers whether `owner` is the Raft leader.
+    fn owner_leads(&mut self, _lab: &Lab, _owner: usize) -> Option<bool> {
+        None
     }
     /// Remarks for the report (counts of unusual events).
     fn remarks(&self) -> Vec<String> {
@@ -304,11 +315,15 @@ trait System {
     }
 }
 
-/// Hosts that currently have `vip` on an interface.
+/// Hosts that currently have `vip` on eth0. Asks `ip`, because `Lab::addresses` filters by
+/// getifaddrs' interface name, which for a labelled IPv4 address (spaced adds its VIPs as
+/// `eth0:0`) is the label, so it would never see spaced's VIP.
 fn holders(lab: &Lab, vip: Ipv4Addr) -> Result<Vec<usize>> {
+    let needle = format!(" {vip}/");
     let mut v = Vec::new();
     for (i, h) in lab.hosts().iter().enumerate() {
-        if lab.addresses(&h.ns)?.contains(&IpAddr::V4(vip)) {
+        let out = lab.run_in(&h.ns, &["ip", "-o", "-4", "addr", "show", "dev", "eth0"])?;
+        if out.contains(&needle) {
             v.push(i + 1);
         }
     }
@@ -391,11 +406,6 @@ struct Spaced {
     vip: Ipv4Addr,
     spaced_bin: PathBuf,
     spacectl_bin: PathBuf,
-    /// Raft leader and VIP owner at the last health check.
-    last_leader: Option<usize>,
-    last_owner: Option<usize>,
-    /// Rounds in which the fault hit the Raft leader.
-    owner_was_leader: usize,
     /// Guards that had not exited 3 s after their spaced did.
     lingering_guards: usize,
 }
@@ -412,9 +422,6 @@ impl Spaced {
             vip,
             spaced_bin: binary("spaced")?,
             spacectl_bin: binary("spacectl")?,
-            last_leader: None,
-            last_owner: None,
-            owner_was_leader: 0,
             lingering_guards: 0,
         };
         for (i, host) in lab.hosts().iter().enumerate() {
@@ -437,6 +444,7 @@ impl Spaced {
                 lease: LeaseTimings::default(),
                 takeover: TakeoverMode::Netlink,
                 vips: Vec::new(),
+                garp_refresh_s: 0,
                 source: dir.join(format!("{name}.toml")),
             };
             std::fs::write(&cfg.source, cfg.to_toml())
@@ -565,8 +573,9 @@ impl Spaced {
     }
 
     /// Healthy: every process running, the leader in recent contact with all nodes (all voters),
-    /// the VIP owned by a running node which is the only host holding the address.
-    fn check_healthy(&mut self, lab: &Lab) -> Result<()> {
+    /// the VIP owned by a running node which is the only host holding the address. Returns
+    /// (term, leader, owner), which must then stay the same for a while (`wait_healthy`).
+    fn check_healthy(&self, lab: &Lab) -> Result<(u64, u64, usize)> {
         for (i, p) in self.procs.iter().enumerate() {
             if !p.is_running() {
                 bail!(
@@ -596,9 +605,9 @@ impl Spaced {
         if held != [owner] {
             bail!("VIP owned by n{owner} but held by {held:?}");
         }
-        self.last_leader = st["leader"].as_u64().map(|l| l as usize);
-        self.last_owner = Some(owner);
-        Ok(())
+        let term = st["term"].as_u64().context("status without term")?;
+        let leader = st["leader"].as_u64().context("status without leader")?;
+        Ok((term, leader, owner))
     }
 }
 
@@ -612,9 +621,6 @@ impl System for Spaced {
     }
 
     fn inject(&mut self, lab: &Lab, fault: Fault, owner: usize) -> Result<Instant> {
-        if self.last_leader == Some(owner) {
-            self.owner_was_leader += 1;
-        }
         let p = &self.procs[owner - 1];
         let t0 = Instant::now();
         match fault {
@@ -650,33 +656,43 @@ impl System for Spaced {
         self.wait_healthy(lab, HEALTHY_WITHIN)
     }
 
+    /// Healthy, and the same term, leader and owner for `SPACED_SETTLE`: a node that comes back
+    /// from a partition may still force an election shortly after it is in contact again.
     fn wait_healthy(&mut self, lab: &Lab, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
+        let mut since: Option<((u64, u64, usize), Instant)> = None;
         loop {
             check_interrupt()?;
             match self.check_healthy(lab) {
-                Ok(()) => return Ok(()),
+                Ok(state) => match since {
+                    Some((s, t)) if s == state => {
+                        if t.elapsed() >= SPACED_SETTLE {
+                            return Ok(());
+                        }
+                    }
+                    _ => since = Some((state, Instant::now())),
+                },
                 Err(e) if Instant::now() > deadline => {
                     return Err(e).context(format!("spaced not healthy within {within:?}"));
                 }
-                Err(_) => nap(Duration::from_millis(100))?,
+                Err(_) => since = None,
             }
+            if Instant::now() > deadline {
+                bail!(
+                    "spaced healthy but not settled (term/leader/owner changing) within {within:?}"
+                );
+            }
+            nap(Duration::from_millis(100))?;
         }
     }
 
-    fn note(&self) -> String {
-        match (self.last_leader, self.last_owner) {
-            (Some(l), Some(o)) if l == o => "owner was the Raft leader".into(),
-            (Some(l), _) => format!("Raft leader n{l}"),
-            _ => String::new(),
-        }
+    fn owner_leads(&mut self, lab: &Lab, owner: usize) -> Option<bool> {
+        let leader = self.leader_status(lab).ok()?["leader"].as_u64()?;
+        Some(leader as usize == owner)
     }
 
     fn remarks(&self) -> Vec<String> {
-        let mut v = vec![format!(
-            "spaced: the faulted owner was also the Raft leader in {} round(s)",
-            self.owner_was_leader
-        )];
+        let mut v = Vec::new();
         if self.lingering_guards > 0 {
             v.push(format!(
                 "spaced: a fence guard outlived its daemon by > 3 s {} time(s)",
@@ -752,7 +768,14 @@ impl Keepalived {
         self.spawns += 1;
         let dir = lab.dir();
         let tag = format!("{}-h{host}", self.label);
-        let path = |suffix: &str| dir.join(format!("{tag}.{suffix}")).display().to_string();
+        // Fresh pid files per start: after a SIGKILL the old ones may still name a process that
+        // is not reaped yet, and keepalived would refuse to start ("daemon is already running").
+        let n = self.spawns;
+        let path = |suffix: &str| {
+            dir.join(format!("{tag}-{n}.{suffix}"))
+                .display()
+                .to_string()
+        };
         let conf = self.confs[host - 1].display().to_string();
         let (pid, vrrp, checkers, bfd) = (
             path("pid"),
@@ -767,7 +790,7 @@ impl Keepalived {
                 "-n", "-l", "-D", "-G", "-P", "-f", &conf, "-p", &pid, "-r", &vrrp, "-c",
                 &checkers, "-b", &bfd,
             ],
-            &format!("{tag}-{}.log", self.spawns),
+            &format!("{tag}-{n}.log"),
         )
     }
 
@@ -923,7 +946,8 @@ fn keepalived_version(bin: &Path) -> String {
 // Rounds
 // ---------------------------------------------------------------------------------------------
 
-/// One round: find the owner, inject, wait for another host to answer, restore.
+/// One round: find the owner, inject, wait for another host to answer, repair, and look at
+/// what the client saw from the takeover until the system was healthy again.
 fn round(
     lab: &Lab,
     prober: &Prober,
@@ -936,7 +960,7 @@ fn round(
     let owner = prober
         .stable_owner(Duration::from_secs(10))
         .with_context(|| format!("{}: finding the owner", sys.name()))?;
-    let note = sys.note();
+    let owner_led = sys.owner_leads(lab, owner);
     let t0 = sys.inject(lab, fault, owner)?;
     let deadline = t0 + RECOVER_WITHIN;
     let mut recovered = None;
@@ -949,59 +973,85 @@ fn round(
     }
     check_interrupt()?;
     let old_held = holders(lab, sys.vip())?.contains(&owner);
-    let result = match recovered {
-        Some((at, new)) => {
-            nap(AFTER_RECOVERY)?;
-            let old_answered_after = prober
-                .snapshot()
-                .iter()
-                .filter(|p| p.done > at && p.host == Some(owner))
-                .count();
-            prober.aim(None);
-            let ms = at.duration_since(t0).as_secs_f64() * 1000.0;
-            eprintln!(
-                "{tag} {} {}: h{owner} -> h{new} {ms:.1} ms{}{}{}",
-                sys.name(),
-                fault.short(),
-                if old_held {
-                    ", old owner still held the VIP"
-                } else {
-                    ""
-                },
-                if old_answered_after > 0 {
-                    format!(", old owner answered {old_answered_after} more time(s)")
-                } else {
-                    String::new()
-                },
-                if note.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({note})")
-                },
-            );
-            Round {
-                ms: Some(ms),
-                old_held,
-                old_answered_after,
-            }
-        }
-        None => {
-            prober.aim(None);
-            eprintln!(
-                "{tag} {} {}: h{owner}: NO RECOVERY within {RECOVER_WITHIN:?}",
-                sys.name(),
-                fault.short()
-            );
-            Round {
-                ms: None,
-                old_held,
-                old_answered_after: 0,
-            }
-        }
+    let led = match owner_led {
+        Some(true) => " (owner led Raft)",
+        _ => "",
     };
+    let Some((at, new)) = recovered else {
+        prober.aim(None);
+        eprintln!(
+            "{tag} {} {}: h{owner}: NO RECOVERY within {RECOVER_WITHIN:?}{led}",
+            sys.name(),
+            fault.short()
+        );
+        sys.restore(lab, fault, owner)
+            .with_context(|| format!("{}: restoring after {}", sys.name(), fault.short()))?;
+        return Ok(Round {
+            ms: None,
+            old_held,
+            moved_again: false,
+            failed_after: 0,
+            second_outage_ms: None,
+            owner_led,
+        });
+    };
+    let ms = at.duration_since(t0).as_secs_f64() * 1000.0;
+    // Probing goes on through the repair: a second move (failback, flapping) shows up here.
     sys.restore(lab, fault, owner)
         .with_context(|| format!("{}: restoring after {}", sys.name(), fault.short()))?;
-    Ok(result)
+    nap(AFTER_REPAIR)?;
+    let log = prober.snapshot();
+    prober.aim(None);
+    let later: Vec<&Probe> = log.iter().filter(|p| p.sent > at).collect();
+    let others: Vec<usize> = later
+        .iter()
+        .filter_map(|p| p.host)
+        .filter(|h| *h != new)
+        .collect();
+    let moved_again = !others.is_empty();
+    let failed_after = later.iter().filter(|p| p.host.is_none()).count();
+    let second_outage_ms = (failed_after > 0).then(|| {
+        let mut ok: Vec<Instant> = later
+            .iter()
+            .filter(|p| p.host.is_some())
+            .map(|p| p.done)
+            .collect();
+        ok.push(at);
+        ok.push(log.iter().map(|p| p.done).max().unwrap_or(at));
+        ok.sort_unstable();
+        ok.windows(2)
+            .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1000.0)
+            .fold(0.0, f64::max)
+    });
+    let mut extra = String::new();
+    if old_held {
+        extra.push_str(", old owner still held the VIP");
+    }
+    if moved_again {
+        let mut hosts = others.clone();
+        hosts.sort_unstable();
+        hosts.dedup();
+        let _ = write!(extra, ", then moved again (to {hosts:?})");
+    }
+    if let Some(gap) = second_outage_ms {
+        let _ = write!(
+            extra,
+            ", then {failed_after} failed probe(s), longest gap {gap:.0} ms"
+        );
+    }
+    eprintln!(
+        "{tag} {} {}: h{owner} -> h{new} {ms:.1} ms{extra}{led}",
+        sys.name(),
+        fault.short(),
+    );
+    Ok(Round {
+        ms: Some(ms),
+        old_held,
+        moved_again,
+        failed_after,
+        second_outage_ms,
+        owner_led,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1020,7 +1070,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 struct Stats {
-    n: usize,
     min: f64,
     median: f64,
     p99: f64,
@@ -1034,7 +1083,6 @@ fn stats(rounds: &[Round]) -> Option<Stats> {
     }
     v.sort_by(f64::total_cmp);
     Some(Stats {
-        n: v.len(),
         min: v[0],
         median: percentile(&v, 50.0),
         p99: percentile(&v, 99.0),
@@ -1074,9 +1122,9 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "| system | fault | rounds | min | median | p99 | max | old owner still held the VIP |"
+        "| system | fault | rounds | min | median | p99 | max | old owner still held the VIP | VIP moved again | second outage after the takeover: rounds (longest) |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for fault in faults {
         for (si, name) in names.iter().enumerate() {
             let Some(rs) = results.get(&(si, *fault)) else {
@@ -1084,17 +1132,23 @@ fn report(
             };
             let failed = rs.iter().filter(|r| r.ms.is_none()).count();
             let held = rs.iter().filter(|r| r.old_held).count();
-            let back = rs.iter().filter(|r| r.old_answered_after > 0).count();
+            let moved = rs.iter().filter(|r| r.moved_again).count();
+            let gaps: Vec<f64> = rs.iter().filter_map(|r| r.second_outage_ms).collect();
+            let gap_text = if gaps.is_empty() {
+                "0".to_string()
+            } else {
+                format!(
+                    "{} ({} ms)",
+                    gaps.len(),
+                    ms(gaps.iter().copied().fold(0.0, f64::max))
+                )
+            };
             let rounds = if failed > 0 {
                 format!("{} ({failed} did not recover)", rs.len())
             } else {
                 rs.len().to_string()
             };
-            let held_text = if back > 0 {
-                format!("{held} / {} (old owner answered again in {back})", rs.len())
-            } else {
-                format!("{held} / {}", rs.len())
-            };
+            let held_text = format!("{held} / {} | {moved} | {gap_text}", rs.len());
             match stats(rs) {
                 Some(s) => {
                     let _ = writeln!(
@@ -1183,9 +1237,32 @@ fn report(
             }
         }
     }
-    if !remarks.is_empty() {
+    // spaced: does it matter whether the owner was also the Raft leader?
+    let mut notes: Vec<String> = Vec::new();
+    if let Some(sp) = spaced {
+        for fault in faults {
+            let Some(rs) = results.get(&(sp, *fault)) else {
+                continue;
+            };
+            let (led, rest): (Vec<Round>, Vec<Round>) =
+                rs.iter().cloned().partition(|r| r.owner_led == Some(true));
+            let median = |v: &[Round]| {
+                stats(v).map_or_else(|| "–".to_string(), |s| format!("{} ms", ms(s.median)))
+            };
+            notes.push(format!(
+                "spaced, {}: the owner was also the Raft leader in {} of {} rounds (median {}; other rounds: median {})",
+                fault.label(),
+                led.len(),
+                rs.len(),
+                median(&led),
+                median(&rest),
+            ));
+        }
+    }
+    notes.extend(remarks.iter().cloned());
+    if !notes.is_empty() {
         let _ = writeln!(out, "\nNotes:\n");
-        for r in remarks {
+        for r in &notes {
             let _ = writeln!(out, "- {r}");
         }
     }
@@ -1346,9 +1423,35 @@ fn run(settings: &Settings) -> Result<bool> {
         prober.stop();
         outcome
     });
+    if !matches!(outcome, Ok(true)) || std::env::var_os("FAILOVER_KEEP_LOGS").is_some() {
+        keep_logs(&lab);
+    }
     // The lab (processes, namespaces) is torn down here, also on errors.
     drop(lab);
     outcome
+}
+
+/// Copies the lab's logs and configs (not data dirs or keys) somewhere that outlives the lab.
+fn keep_logs(lab: &Lab) {
+    let dest = std::env::temp_dir().join(format!("failover-bench-logs-{}", lab.id()));
+    let copy = || -> Result<()> {
+        std::fs::create_dir_all(&dest)?;
+        for entry in std::fs::read_dir(lab.dir())? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let keep = name.to_str().is_some_and(|n| {
+                n.ends_with(".log") || n.ends_with(".conf") || n.ends_with(".toml")
+            });
+            if keep && entry.file_type()?.is_file() {
+                std::fs::copy(entry.path(), dest.join(&name))?;
+            }
+        }
+        Ok(())
+    };
+    match copy() {
+        Ok(()) => eprintln!("failover bench: logs kept in {}", dest.display()),
+        Err(e) => eprintln!("failover bench: could not keep the logs: {e:#}"),
+    }
 }
 
 fn bench(
@@ -1402,9 +1505,12 @@ fn bench(
     let mut broken = vec![false; systems.len()];
     let total = settings.rounds * settings.faults.len() * systems.len();
     let mut done = 0;
+    // A link-down round cuts the host off for every system running on it, not only the one
+    // measured: after one, all systems must be healthy again before the next round.
+    let mut disturbed = false;
     'rounds: for r in 1..=settings.rounds {
         for fault in &settings.faults {
-            for (si, sys) in systems.iter_mut().enumerate() {
+            for si in 0..systems.len() {
                 if interrupted() {
                     break 'rounds;
                 }
@@ -1412,7 +1518,31 @@ fn bench(
                 if broken[si] {
                     continue;
                 }
+                if disturbed {
+                    for (oi, other) in systems.iter_mut().enumerate() {
+                        if broken[oi] {
+                            continue;
+                        }
+                        if let Err(e) = other.wait_healthy(lab, HEALTHY_WITHIN) {
+                            if interrupted() {
+                                break 'rounds;
+                            }
+                            eprintln!("{}: HARNESS FAILURE: {e:#}", names[oi]);
+                            failures.push(format!(
+                                "{}: not healthy after another system's link-down round: {e:#} (no further rounds of {})",
+                                names[oi], names[oi]
+                            ));
+                            broken[oi] = true;
+                        }
+                    }
+                    disturbed = false;
+                    if broken[si] {
+                        continue;
+                    }
+                }
+                let sys = &mut systems[si];
                 let tag = format!("[{done:>3}/{total}] r{r}");
+                disturbed = *fault == Fault::Link;
                 match round(lab, prober, sys.as_mut(), *fault, &tag) {
                     Ok(rd) => {
                         if rd.ms.is_none() {

@@ -72,6 +72,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) ->
         lease: Default::default(),
         takeover: Default::default(),
         vips: Vec::new(),
+        garp_refresh_s: 0,
         source: dir.join(format!("{name}.toml")),
     }
 }

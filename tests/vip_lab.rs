@@ -68,6 +68,7 @@ impl Fabric {
                 lease: LeaseTimings::default(),
                 takeover: TakeoverMode::Netlink,
                 vips: Vec::new(),
+                garp_refresh_s: 0,
                 source: dir.join(format!("{name}.toml")),
             };
             std::fs::write(&cfg.source, cfg.to_toml())?;

@@ -139,6 +139,8 @@ struct Active {
     since: Instant,
     /// Announcements already sent from the schedule.
     announced: usize,
+    /// Periodic refreshes sent after the schedule.
+    refreshed: u32,
     /// Lease end last passed to the backend's guard.
     guarded_until: Option<Instant>,
 }
@@ -157,6 +159,8 @@ pub struct Agent {
     backend: Arc<dyn VipBackend>,
     /// No acquisitions once shutting down.
     stopping: std::sync::atomic::AtomicBool,
+    /// Re-announce held VIPs this often after the initial burst (`None`: never).
+    refresh: Mutex<Option<Duration>>,
 }
 
 /// What one reconcile pass decided, for the caller to carry out.
@@ -204,7 +208,13 @@ impl Agent {
             released: Mutex::default(),
             backend,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            refresh: Mutex::new(None),
         }
+    }
+
+    /// Re-announce held VIPs every `every` after the initial burst (gratuitous ARP refresh).
+    pub fn set_refresh(&self, every: Option<Duration>) {
+        *Self::lock(&self.refresh) = every;
     }
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -243,10 +253,22 @@ impl Agent {
             }
         }
         let schedule = self.backend.announce_schedule();
+        let refresh = *Self::lock(&self.refresh);
         for a in active.values_mut() {
             while a.announced < schedule.len() && now >= a.since + schedule[a.announced] {
                 a.announced += 1;
                 step.announce.push(a.vip.clone());
+            }
+            // After the burst, an optional periodic refresh for caches that age entries out.
+            if let Some(every) = refresh
+                && a.announced >= schedule.len()
+            {
+                let last = schedule.last().copied().unwrap_or_default();
+                let due = a.since + last + every * (a.refreshed + 1);
+                if now >= due {
+                    a.refreshed += 1;
+                    step.announce.push(a.vip.clone());
+                }
             }
         }
         if !stopping {
@@ -257,6 +279,7 @@ impl Agent {
                         vip: spec.clone(),
                         since: now,
                         announced: 0,
+                        refreshed: 0,
                         guarded_until: None,
                     };
                     active.insert(name.clone(), a);
@@ -422,6 +445,27 @@ mod tests {
         let s = agent.plan_step(&owned, t0 + Duration::from_millis(300));
         assert_eq!(s.fence, vec![spec("cluster")]);
         assert!(agent.active_names().is_empty());
+    }
+
+    #[test]
+    fn periodic_refresh_follows_the_burst() {
+        let t0 = Instant::now();
+        let agent = Agent::new(1, cfg(), Arc::new(Recorder::default()));
+        agent.set_refresh(Some(Duration::from_secs(30)));
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        // A long-lived lease so the VIP stays up across the simulated minute.
+        let mut t = t0;
+        let mut announces = 0;
+        while t < t0 + Duration::from_secs(62) {
+            let s = agent.plan_step(&owned, t);
+            if let Some(r) = s.renewal {
+                agent.confirmed(&r, &[("cluster".into(), 2)]);
+            }
+            announces += s.announce.len();
+            t += Duration::from_millis(50);
+        }
+        // Burst of 2 (0.25 s, 1 s), then refreshes at 1 s + 30 s and 1 s + 60 s.
+        assert_eq!(announces, 4);
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct NodeConfig {
     /// a TCP responder on a loopback address (`loopback`).
     #[serde(default)]
     pub takeover: TakeoverMode,
+    /// Re-announce held VIPs (gratuitous ARP / NA) this often after the initial burst; 0 = never.
+    #[serde(default)]
+    pub garp_refresh_s: u64,
     /// VIPs this node declares; registered in the fabric at start-up if missing.
     #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
     pub vips: Vec<VipSection>,

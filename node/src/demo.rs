@@ -105,6 +105,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: u64, roles: &[&str]) -> Resul
         lease: Default::default(),
         takeover: Default::default(),
         vips: Vec::new(),
+        garp_refresh_s: 0,
         source: dir.join(format!("{name}.toml")),
     })
 }

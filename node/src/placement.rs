@@ -85,8 +85,11 @@ impl Placements {
                 Arc::new(backend)
             }
         };
+        let agent = Agent::new(cfg.node_id, lease.clone(), backend);
+        agent
+            .set_refresh((cfg.garp_refresh_s > 0).then(|| Duration::from_secs(cfg.garp_refresh_s)));
         Ok(Placements {
-            agent: Arc::new(Agent::new(cfg.node_id, lease.clone(), backend)),
+            agent: Arc::new(agent),
             witness: Mutex::new(Witness::new(Instant::now())),
             leading_since: Mutex::new(None),
             stopping: Mutex::default(),
