@@ -989,7 +989,15 @@ fn with_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result
 fn local_addresses(iface: Option<&str>) -> Result<Vec<IpAddr>> {
     let addrs = nix::ifaddrs::getifaddrs().context("getifaddrs")?;
     Ok(addrs
-        .filter(|a| iface.is_none_or(|name| a.interface_name == name))
+        // IPv4 aliases report their label (`eth0:0`) as the interface name.
+        .filter(|a| {
+            iface.is_none_or(|name| {
+                a.interface_name == name
+                    || a.interface_name
+                        .strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with(':'))
+            })
+        })
         .filter_map(|a| {
             let addr = a.address?;
             if let Some(v4) = addr.as_sockaddr_in() {
