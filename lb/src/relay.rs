@@ -1,0 +1,581 @@
+//! Zero-copy relay: splice(2) bytes between two TCP streams through one pooled pipe per direction.
+//!
+//! # How one direction works
+//!
+//! Each direction owns one pipe and counts the bytes sitting in it
+//! (`Pipe::len`). A loop alternates two non-blocking splices:
+//!
+//! * **in**: `splice(src socket → pipe)`, only while the pipe has room;
+//! * **out**: `splice(pipe → dst socket)`, only while the pipe holds bytes.
+//!
+//! Readiness is edge-triggered (tokio/epoll), so clearing it by mistake means
+//! waiting for an edge that already happened — a hang. `EAGAIN` is ambiguous:
+//! from the *in* splice it means "socket empty" **or** "pipe full" (a pipe
+//! full of small socket fragments can run out of slots before its byte
+//! capacity is reached), from the *out* splice "socket full" **or** "pipe
+//! empty". The byte count removes the ambiguity where it can:
+//!
+//! * *out* runs only with bytes in the pipe, so its `EAGAIN` always means
+//!   "socket full": it goes through `try_io(WRITABLE)`, which clears tokio's
+//!   write readiness, and we then wait on `writable()`.
+//! * *in* with an **empty** pipe: `EAGAIN` can only mean "socket empty", so it
+//!   goes through `try_io(READABLE)` and we wait on `readable()`.
+//! * *in* with a **non-empty** pipe: `EAGAIN` may be the pipe's fault, so the
+//!   raw splice is used and read readiness is left alone. We never wait for
+//!   readability in that state: the pipe must drain first, so we wait on the
+//!   destination's `writable()`, drain, and retry.
+//!
+//! When the *in* splice returns 0 the source sent FIN: the loop drains the
+//! pipe, then `shutdown(SHUT_WR)` the destination, and that direction ends
+//! while the other keeps flowing.
+//!
+//! Splicing into a reset socket may raise `SIGPIPE`; Rust programs ignore it
+//! by default (std sets `SIG_IGN` at start-up), so it surfaces as `EPIPE`.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use nix::sys::socket::{Shutdown, shutdown};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Pipe capacity assumed when the kernel will not tell us (one page). Only
+/// an upper bound for how much one *in* splice asks for, so being low is safe.
+const FALLBACK_PIPE_CAPACITY: usize = 4096;
+
+/// Bytes moved by one finished relay, for accounting and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Bytes read from the client and written to the backend.
+    pub client_to_backend: u64,
+    /// Bytes read from the backend and written to the client.
+    pub backend_to_client: u64,
+}
+
+/// Which way bytes were flowing when something went wrong, so an error
+/// names the broken side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client socket → pipe → backend socket.
+    ClientToBackend,
+    /// Backend socket → pipe → client socket.
+    BackendToClient,
+}
+
+impl Direction {
+    /// The socket bytes are read from in this direction.
+    fn source(self) -> &'static str {
+        match self {
+            Direction::ClientToBackend => "client",
+            Direction::BackendToClient => "backend",
+        }
+    }
+
+    /// The socket bytes are written to in this direction.
+    fn destination(self) -> &'static str {
+        match self {
+            Direction::ClientToBackend => "backend",
+            Direction::BackendToClient => "client",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.source(), self.destination())
+    }
+}
+
+/// Why a relay ended early. Every variant means both sockets were closed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// No pipe could be created (fd or memory exhaustion); the connection
+    /// cannot be relayed at all.
+    #[error("creating a pipe for the relay: {source}")]
+    Pipe {
+        /// The `pipe2(2)` failure.
+        #[source]
+        source: Errno,
+    },
+    /// Reading from the source socket failed (typically a reset peer).
+    #[error("relay {direction}: reading from the {} failed after {moved} bytes: {source}", direction.source())]
+    Read {
+        /// The direction that broke.
+        direction: Direction,
+        /// Bytes this direction had delivered before the failure.
+        moved: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing to the destination socket failed (peer reset or gone).
+    #[error("relay {direction}: writing to the {} failed after {moved} bytes: {source}", direction.destination())]
+    Write {
+        /// The direction that broke.
+        direction: Direction,
+        /// Bytes this direction had delivered before the failure.
+        moved: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Forwarding a half-close (`shutdown(SHUT_WR)`) failed.
+    #[error("relay {direction}: forwarding EOF (shutdown write) to the {} failed: {source}", direction.destination())]
+    Shutdown {
+        /// The direction whose EOF could not be forwarded.
+        direction: Direction,
+        /// The OS error.
+        #[source]
+        source: Errno,
+    },
+    /// Nothing moved either way for the idle period; both sides were closed
+    /// so dead peers do not pin fds and pipes forever.
+    #[error("relay idle: no byte moved either way for {idle:?} (moved {} client->backend, {} backend->client)", stats.client_to_backend, stats.backend_to_client)]
+    Idle {
+        /// The configured idle timeout that expired.
+        idle: Duration,
+        /// What had moved before the connection went quiet.
+        stats: RelayStats,
+    },
+}
+
+/// A non-blocking kernel pipe used as the splice buffer for one direction.
+///
+/// Tracks how many bytes it holds because the kernel's `EAGAIN` cannot tell
+/// "pipe full/empty" from "socket empty/full" (see the module docs).
+#[derive(Debug)]
+pub struct Pipe {
+    /// Read end, spliced into the destination socket.
+    read: OwnedFd,
+    /// Write end, filled from the source socket.
+    write: OwnedFd,
+    /// Capacity reported by `F_GETPIPE_SZ`, the most one *in* splice asks for.
+    capacity: usize,
+    /// Bytes spliced in and not yet spliced out.
+    len: usize,
+}
+
+impl Pipe {
+    /// Creates a `O_NONBLOCK | O_CLOEXEC` pipe and tries to grow it to
+    /// `size` bytes; a refused resize (e.g. above `pipe-max-size` or the
+    /// per-user pipe quota) just keeps the default size.
+    fn create(size: usize) -> Result<Self, Errno> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        if size > 0 {
+            let want = i32::try_from(size).unwrap_or(i32::MAX);
+            if let Err(errno) = fcntl(&write, FcntlArg::F_SETPIPE_SZ(want)) {
+                tracing::debug!(%errno, size, "F_SETPIPE_SZ refused; keeping the default pipe size");
+            }
+        }
+        let capacity = match fcntl(&write, FcntlArg::F_GETPIPE_SZ) {
+            Ok(n) if n > 0 => usize::try_from(n).unwrap_or(FALLBACK_PIPE_CAPACITY),
+            Ok(_) => FALLBACK_PIPE_CAPACITY,
+            Err(errno) => {
+                tracing::debug!(%errno, "F_GETPIPE_SZ failed; assuming one page");
+                FALLBACK_PIPE_CAPACITY
+            }
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+            len: 0,
+        })
+    }
+
+    /// Capacity in bytes, as reported by the kernel after resizing.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes the relay has spliced in and not yet out.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the relay's count says the pipe is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The write end, so tests and diagnostics can put bytes in directly.
+    pub fn write_end(&self) -> BorrowedFd<'_> {
+        self.write.as_fd()
+    }
+
+    /// The read end, so tests and diagnostics can look at the content.
+    pub fn read_end(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+
+    /// Whether the pipe really holds no bytes: our count says so *and* a
+    /// one-byte non-blocking read finds nothing. The probe read may consume
+    /// a byte, but only from a pipe that is about to be closed anyway.
+    fn verified_empty(&self) -> bool {
+        if self.len != 0 {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(
+            nix::unistd::read(&self.read, &mut probe),
+            Err(Errno::EAGAIN)
+        )
+    }
+}
+
+/// A bounded free list of empty pipes, shared by all relays of a listener,
+/// so each connection does not pay two `pipe2` + `fcntl` calls.
+///
+/// Only verified-empty pipes are kept: a pipe that still holds bytes (the
+/// relay failed mid-transfer) would leak one connection's data into the next,
+/// so it is closed instead.
+#[derive(Debug)]
+pub struct PipePool {
+    /// Empty pipes ready for reuse.
+    idle: Mutex<Vec<Pipe>>,
+    /// Most pipes kept idle; extra returned pipes are closed to bound fds.
+    max_idle: usize,
+    /// Requested pipe size in bytes for newly created pipes.
+    size: usize,
+}
+
+impl PipePool {
+    /// A pool keeping at most `max_idle` idle pipes, creating new ones with
+    /// a requested capacity of `size` bytes (e.g. 1 MiB; 0 keeps the kernel
+    /// default).
+    pub fn new(max_idle: usize, size: usize) -> Self {
+        PipePool {
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            size,
+        }
+    }
+
+    /// Takes an idle pipe or creates a new one.
+    pub fn take(&self) -> Result<Pipe, RelayError> {
+        if let Some(pipe) = self.lock().pop() {
+            return Ok(pipe);
+        }
+        Pipe::create(self.size).map_err(|source| RelayError::Pipe { source })
+    }
+
+    /// Returns a pipe to the pool. It is kept only if it is verifiably empty
+    /// and the pool has room; otherwise it is closed. Returns whether it was
+    /// kept.
+    pub fn give_back(&self, pipe: Pipe) -> bool {
+        if !pipe.verified_empty() {
+            tracing::debug!(
+                len = pipe.len,
+                "closing a pipe that still holds data instead of reusing it"
+            );
+            return false;
+        }
+        let mut idle = self.lock();
+        if idle.len() >= self.max_idle {
+            return false;
+        }
+        idle.push(pipe);
+        true
+    }
+
+    /// Number of idle pipes currently kept.
+    pub fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Locks the free list; a poisoned lock still holds a valid `Vec`.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pipe>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A pipe borrowed from the pool for one relay direction; goes back (or is
+/// closed) on drop, whatever way the relay ended.
+struct Lease<'p> {
+    /// Where the pipe goes back to.
+    pool: &'p PipePool,
+    /// Always `Some` until drop.
+    pipe: Option<Pipe>,
+}
+
+impl<'p> Lease<'p> {
+    /// Takes a pipe from `pool`.
+    fn take(pool: &'p PipePool) -> Result<Self, RelayError> {
+        Ok(Lease {
+            pool,
+            pipe: Some(pool.take()?),
+        })
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            self.pool.give_back(pipe);
+        }
+    }
+}
+
+/// Last time any byte moved, shared by both directions and the idle watchdog.
+struct Activity {
+    /// Reference point for `last_nanos`.
+    base: Instant,
+    /// Nanoseconds after `base` of the last movement.
+    last_nanos: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            base: Instant::now(),
+            last_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that bytes moved now.
+    fn touch(&self) {
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing has moved for `idle`; never completes if the
+    /// deadline is beyond what `Instant` can represent.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.base + Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed));
+            let Some(deadline) = last.checked_add(idle) else {
+                return std::future::pending().await;
+            };
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// One non-blocking splice of up to `len` bytes, as an `io::Result` so it can
+/// run inside tokio's `try_io`. `EINTR` is retried.
+fn splice_io(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    loop {
+        match splice(
+            from,
+            None,
+            to,
+            None,
+            len,
+            SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+        ) {
+            Err(Errno::EINTR) => continue,
+            other => return other.map_err(io::Error::from),
+        }
+    }
+}
+
+/// Moves one direction until the source's EOF has been forwarded, or fails.
+/// Adds delivered bytes to `moved` as they go so the caller can report them
+/// even when the other direction fails.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &mut Pipe,
+    direction: Direction,
+    moved: &AtomicU64,
+    activity: &Activity,
+) -> Result<(), RelayError> {
+    let read_err = |source: io::Error| RelayError::Read {
+        direction,
+        moved: moved.load(Ordering::Relaxed),
+        source,
+    };
+    let write_err = |source: io::Error| RelayError::Write {
+        direction,
+        moved: moved.load(Ordering::Relaxed),
+        source,
+    };
+    let mut eof = false;
+    loop {
+        let mut progressed = false;
+
+        if !eof && pipe.len < pipe.capacity {
+            let room = pipe.capacity - pipe.len;
+            let (from, to) = (src.as_fd(), pipe.write.as_fd());
+            let result = if pipe.len == 0 {
+                // Empty pipe: EAGAIN means "socket empty", clear readiness.
+                src.try_io(Interest::READABLE, || splice_io(from, to, room))
+            } else {
+                // EAGAIN might be "pipe out of slots": leave readiness alone.
+                splice_io(from, to, room)
+            };
+            match result {
+                Ok(0) => {
+                    eof = true;
+                    progressed = true;
+                }
+                Ok(n) => {
+                    pipe.len += n;
+                    progressed = true;
+                    activity.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(read_err(e)),
+            }
+        }
+
+        if pipe.len > 0 {
+            let (from, to, len) = (pipe.read.as_fd(), dst.as_fd(), pipe.len);
+            // Non-empty pipe: EAGAIN means "socket full", clear readiness.
+            match dst.try_io(Interest::WRITABLE, || splice_io(from, to, len)) {
+                Ok(n) => {
+                    pipe.len -= n;
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    progressed = n > 0 || progressed;
+                    activity.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(write_err(e)),
+            }
+        }
+
+        if eof && pipe.len == 0 {
+            shutdown(dst.as_raw_fd(), Shutdown::Write)
+                .map_err(|source| RelayError::Shutdown { direction, source })?;
+            tracing::trace!(%direction, moved = moved.load(Ordering::Relaxed), "forwarded EOF");
+            return Ok(());
+        }
+
+        if progressed {
+            // Let the other direction and other tasks run on a hot stream.
+            tokio::task::consume_budget().await;
+            continue;
+        }
+
+        if pipe.len > 0 {
+            dst.writable().await.map_err(write_err)?;
+        } else {
+            src.readable().await.map_err(read_err)?;
+        }
+    }
+}
+
+/// Moves bytes both ways between two connected TCP streams with splice(2)
+/// through one pipe per direction, until both directions are closed.
+///
+/// Propagates half-close: when one side reads EOF, the other side gets
+/// `shutdown(Write)` once that direction's pipe drained, and the other
+/// direction keeps flowing. If no byte moves either way for `idle`, both are
+/// closed ([`RelayError::Idle`]); an error on either side (e.g. a reset)
+/// closes both and is returned. Both sockets are closed when this returns.
+/// Returns the bytes moved each way.
+pub async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    pool: &PipePool,
+    idle: Duration,
+) -> Result<RelayStats, RelayError> {
+    let mut up = Lease::take(pool)?;
+    let mut down = Lease::take(pool)?;
+    let up_moved = AtomicU64::new(0);
+    let down_moved = AtomicU64::new(0);
+    let activity = Activity::new();
+
+    let outcome = {
+        let (Some(up_pipe), Some(down_pipe)) = (up.pipe.as_mut(), down.pipe.as_mut()) else {
+            // A fresh lease always holds its pipe; report rather than panic if that ever breaks.
+            return Err(RelayError::Pipe {
+                source: Errno::EBADF,
+            });
+        };
+        let both = async {
+            tokio::try_join!(
+                pump(
+                    &client,
+                    &backend,
+                    up_pipe,
+                    Direction::ClientToBackend,
+                    &up_moved,
+                    &activity
+                ),
+                pump(
+                    &backend,
+                    &client,
+                    down_pipe,
+                    Direction::BackendToClient,
+                    &down_moved,
+                    &activity
+                ),
+            )
+        };
+        tokio::select! {
+            result = both => result.map(|_| true),
+            () = activity.idle_for(idle) => Ok(false),
+        }
+    };
+
+    let stats = RelayStats {
+        client_to_backend: up_moved.load(Ordering::Relaxed),
+        backend_to_client: down_moved.load(Ordering::Relaxed),
+    };
+    // Sockets close when `client`/`backend` drop at return; pipes go back
+    // to the pool (or are closed if they still hold bytes) via the leases.
+    match outcome {
+        Ok(true) => {
+            tracing::debug!(?stats, "relay finished");
+            Ok(stats)
+        }
+        Ok(false) => {
+            tracing::debug!(?stats, ?idle, "relay idle; closing both sides");
+            Err(RelayError::Idle { idle, stats })
+        }
+        Err(error) => {
+            tracing::debug!(%error, ?stats, "relay failed; closing both sides");
+            Err(error)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipe_with_leftover_data_is_not_pooled() {
+        let pool = PipePool::new(4, 1 << 20);
+        let clean = pool.take().unwrap();
+        assert!(clean.capacity() >= 4096);
+        let dirty = pool.take().unwrap();
+        nix::unistd::write(dirty.write_end(), b"leftover").unwrap();
+        assert!(
+            !pool.give_back(dirty),
+            "a pipe holding bytes must be closed"
+        );
+        assert_eq!(pool.idle_count(), 0);
+        assert!(pool.give_back(clean));
+        assert_eq!(pool.idle_count(), 1);
+
+        // A pipe whose relay count says it holds bytes is also refused.
+        let mut counted = pool.take().unwrap();
+        counted.len = 3;
+        assert!(!pool.give_back(counted));
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[test]
+    fn pool_bounds_idle_pipes() {
+        let pool = PipePool::new(1, 0);
+        let a = pool.take().unwrap();
+        let b = pool.take().unwrap();
+        assert!(pool.give_back(a));
+        assert!(!pool.give_back(b));
+        assert_eq!(pool.idle_count(), 1);
+    }
+}
