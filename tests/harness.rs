@@ -274,6 +274,33 @@ impl Cluster {
     }
 }
 
+/// Polls `f` every 50 ms until it is true; fails naming `what` after `within`.
+pub fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a prepared `spacectl` command: its stdout, or an error with the exit code and stderr.
+pub fn spacectl_stdout(mut cmd: std::process::Command, args: &[&str]) -> Result<String> {
+    let out = cmd.args(args).stdin(std::process::Stdio::null()).output()?;
+    if !out.status.success() {
+        bail!(
+            "spacectl {args:?} failed ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 /// Path of a workspace binary (`spaced`, `spacectl`). `cargo test --workspace` builds them
 /// (spaced-node has integration tests of its own, which makes cargo build its binaries).
 pub fn binary(name: &str) -> Result<PathBuf> {

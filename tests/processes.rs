@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use spaced_node::demo::write_node_config;
-use spaced_tests::{binary, make_pki};
+use spaced_tests::{binary, make_pki, spacectl_stdout, wait_until};
 
 /// A `spaced run` child that is killed when dropped, so a failing test leaves nothing behind.
 struct Proc {
@@ -79,25 +79,24 @@ impl Lab {
         self.dir.path().join("pki")
     }
 
+    /// `spacectl` pointed at `endpoint` with the lab's PKI.
+    fn spacectl(&self, endpoint: &str) -> Result<Command> {
+        let mut cmd = Command::new(binary("spacectl")?);
+        cmd.env("SPACED_ENDPOINT", endpoint)
+            .env("SPACED_PKI", self.pki());
+        Ok(cmd)
+    }
+
     fn ctl(&self, endpoint: &str, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(binary("spacectl")?)
+        Ok(self
+            .spacectl(endpoint)?
             .args(args)
-            .env("SPACED_ENDPOINT", endpoint)
-            .env("SPACED_PKI", self.pki())
             .stdin(Stdio::null())
             .output()?)
     }
 
     fn ctl_ok(&self, endpoint: &str, args: &[&str]) -> Result<String> {
-        let out = self.ctl(endpoint, args)?;
-        if !out.status.success() {
-            bail!(
-                "spacectl {args:?} failed ({:?}): {}",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8(out.stdout)?)
+        spacectl_stdout(self.spacectl(endpoint)?, args)
     }
 
     fn status(&self, endpoint: &str) -> Result<Value> {
@@ -154,19 +153,6 @@ impl Lab {
             )?;
         }
         Ok(lab)
-    }
-}
-
-fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        if f()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {within:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -12,7 +12,7 @@ use spaced_node::config::{
     LeaseTimings, NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection,
 };
 use spaced_tests::lab::{AddressWatch, Lab, LabProcess, lab_or_skip};
-use spaced_tests::{binary, make_pki};
+use spaced_tests::{binary, make_pki, spacectl_stdout, wait_until};
 
 /// Port of the stand-in service every host runs on the VIP (bound with IP_FREEBIND).
 const SERVICE_PORT: u16 = 8080;
@@ -118,20 +118,12 @@ impl Fabric {
 
     /// Runs spacectl from the client namespace.
     fn ctl(&self, endpoint: &str, args: &[&str]) -> Result<String> {
-        let out = self
+        let mut cmd = self
             .lab
-            .command_in(&self.lab.client().ns, binary("spacectl")?)
-            .args(args)
-            .env("SPACED_ENDPOINT", endpoint)
-            .env("SPACED_PKI", &self.pki)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "spacectl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8(out.stdout)?)
+            .command_in(&self.lab.client().ns, binary("spacectl")?);
+        cmd.env("SPACED_ENDPOINT", endpoint)
+            .env("SPACED_PKI", &self.pki);
+        spacectl_stdout(cmd, args)
     }
 
     fn status(&self, endpoint: &str) -> Result<Value> {
@@ -164,16 +156,7 @@ impl Fabric {
         what: &str,
         mut f: impl FnMut(&Fabric) -> Result<bool>,
     ) -> Result<()> {
-        let deadline = Instant::now() + within;
-        loop {
-            if f(self)? {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("timed out after {within:?} waiting for {what}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(within, what, || f(self))
     }
 
     /// Which host's service answers on the VIP, from the client.

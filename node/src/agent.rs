@@ -102,7 +102,7 @@ impl VipBackend for LoopbackBackend {
                     });
                 }
             });
-            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            let mut running = crate::lock(&self.running);
             if let Some(old) = running.insert(vip.name.clone(), task) {
                 old.abort();
             }
@@ -116,12 +116,7 @@ impl VipBackend for LoopbackBackend {
     }
 
     fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
-        if let Some(t) = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&vip.name)
-        {
+        if let Some(t) = crate::lock(&self.running).remove(&vip.name) {
             t.abort();
         }
         Box::pin(async { Ok(()) })
@@ -214,23 +209,19 @@ impl Agent {
 
     /// Re-announce held VIPs every `every` after the initial burst (gratuitous ARP refresh).
     pub fn set_refresh(&self, every: Option<Duration>) {
-        *Self::lock(&self.refresh) = every;
-    }
-
-    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(|p| p.into_inner())
+        *crate::lock(&self.refresh) = every;
     }
 
     /// Pure part of a reconcile pass: given what the fabric grants and the clock, decide.
     pub fn plan_step(&self, owned: &[(Held, VipSpec)], now: Instant) -> Step {
         let mut step = Step::default();
-        let released = Self::lock(&self.released).clone();
+        let released = crate::lock(&self.released).clone();
         let owned_ids: Vec<Held> = owned
             .iter()
             .map(|(h, _)| h.clone())
             .filter(|h| !released.contains(h))
             .collect();
-        let mut leases = Self::lock(&self.leases);
+        let mut leases = crate::lock(&self.leases);
         leases.sync(&owned_ids);
         let valid: BTreeSet<Held> = leases.valid(now).into_iter().collect();
         let ends: BTreeMap<String, Instant> = valid
@@ -240,7 +231,7 @@ impl Agent {
         step.renewal = leases.renewal_due(now);
         drop(leases);
         let stopping = self.stopping.load(std::sync::atomic::Ordering::SeqCst);
-        let mut active = Self::lock(&self.active);
+        let mut active = crate::lock(&self.active);
         // Fence first: anything up without a valid lease at its epoch.
         let gone: Vec<String> = active
             .iter()
@@ -253,7 +244,7 @@ impl Agent {
             }
         }
         let schedule = self.backend.announce_schedule();
-        let refresh = *Self::lock(&self.refresh);
+        let refresh = *crate::lock(&self.refresh);
         for a in active.values_mut() {
             while a.announced < schedule.len() && now >= a.since + schedule[a.announced] {
                 a.announced += 1;
@@ -337,13 +328,13 @@ impl Agent {
 
     /// The leader answered `renewal` with `confirmed`.
     pub fn confirmed(&self, renewal: &Renewal, confirmed: &[Held]) {
-        Self::lock(&self.leases).confirmed(renewal, confirmed);
+        crate::lock(&self.leases).confirmed(renewal, confirmed);
     }
 
     /// Fences `name` at `epoch` now and keeps it down at that epoch (graceful move or stop).
     pub async fn fence_and_hold(&self, name: &str, epoch: u64) -> Result<(), String> {
-        Self::lock(&self.released).insert((name.to_string(), epoch));
-        let a = Self::lock(&self.active).remove(name);
+        crate::lock(&self.released).insert((name.to_string(), epoch));
+        let a = crate::lock(&self.active).remove(name);
         if let Some(a) = a {
             self.backend.release(a.vip.clone()).await?;
             tracing::info!(vip = %name, epoch, "VIP released on request");
@@ -355,7 +346,7 @@ impl Agent {
     pub async fn stop(&self) -> Vec<Held> {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let held = Self::lock(&self.leases).all();
+        let held = crate::lock(&self.leases).all();
         for (name, epoch) in &held {
             if let Err(e) = self.fence_and_hold(name, *epoch).await {
                 tracing::error!(vip = %name, error = %e, "could not remove VIP on shutdown");
@@ -366,12 +357,12 @@ impl Agent {
 
     /// Time left on a placement's lease here.
     pub fn lease_remaining(&self, name: &str, now: Instant) -> Duration {
-        Self::lock(&self.leases).remaining(name, now)
+        crate::lock(&self.leases).remaining(name, now)
     }
 
     /// VIP names up on this host.
     pub fn active_names(&self) -> Vec<String> {
-        Self::lock(&self.active).keys().cloned().collect()
+        crate::lock(&self.active).keys().cloned().collect()
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use spaced_raft::network::resolve;
 use spaced_raft::pki::{ALPN_ADMIN, NODE_DOMAIN, TlsMaterial, TlsPaths};
 use spaced_raft::{codec, frame};
 
@@ -105,17 +106,6 @@ pub struct AdminClient {
     target: String,
     /// Open connection to `target`.
     conn: quinn::Connection,
-}
-
-async fn resolve(target: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = target.parse() {
-        return Ok(a);
-    }
-    tokio::net::lookup_host(target)
-        .await
-        .map_err(|e| format!("resolve: {e}"))?
-        .next()
-        .ok_or_else(|| "resolve: no address".to_string())
 }
 
 async fn dial(

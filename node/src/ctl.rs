@@ -264,6 +264,20 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
+/// Roles as one table cell.
+fn roles_cell(roles: &[String]) -> String {
+    if roles.is_empty() {
+        "-".into()
+    } else {
+        roles.join(",")
+    }
+}
+
+/// `active` or `draining`.
+fn admin_state_name(a: spaced_raft::fabric::AdminState) -> String {
+    format!("{a:?}").to_lowercase()
+}
+
 /// The human form of `spacectl status`.
 pub fn render_status(s: &StatusReport) -> String {
     let mut out = format!(
@@ -281,11 +295,7 @@ pub fn render_status(s: &StatusReport) -> String {
                 n.id.to_string(),
                 n.name.clone(),
                 n.addr.clone(),
-                if n.roles.is_empty() {
-                    "-".into()
-                } else {
-                    n.roles.join(",")
-                },
+                roles_cell(&n.roles),
                 if Some(n.id) == s.leader {
                     "leader".into()
                 } else if n.voter {
@@ -369,7 +379,7 @@ pub fn status_json(s: &StatusReport) -> serde_json::Value {
             "voter": n.voter,
             "leader": Some(n.id) == s.leader,
             "last_contact_ms": n.last_contact_ms,
-            "admin_state": n.admin_state.map(|a| format!("{a:?}").to_lowercase()),
+            "admin_state": n.admin_state.map(admin_state_name),
             "devices": n.devices,
         })).collect::<Vec<_>>(),
     })
@@ -532,17 +542,13 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                             n.id.to_string(),
                             n.name.clone(),
                             n.addr.clone(),
-                            if n.roles.is_empty() {
-                                "-".into()
-                            } else {
-                                n.roles.join(",")
-                            },
+                            roles_cell(&n.roles),
                             if n.voter {
                                 "voter".into()
                             } else {
                                 "learner".into()
                             },
-                            opt(n.admin_state.map(|a| format!("{a:?}").to_lowercase())),
+                            opt(n.admin_state.map(admin_state_name)),
                         ]
                     })
                     .collect();

@@ -12,7 +12,8 @@ use spaced_raft::fabric::Command;
 use spaced_raft::network::{NodeDescription, QuicNetwork, RaftReply, RaftRpc, RaftService};
 use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, Identity, TlsMaterial, TlsPaths};
 use spaced_raft::store::{self, FabricView};
-use spaced_raft::{Member, NodeId, Outcome, Raft};
+use spaced_raft::types::StoredMembership;
+use spaced_raft::{Member, NodeId, Outcome, Raft, Response};
 use tokio::sync::watch;
 
 use crate::admin::{
@@ -313,53 +314,86 @@ impl Proposer {
     }
 }
 
-/// Leader-only work fails with this, so callers can redirect.
-enum ProposeError {
+/// Why a proposal was not applied, so callers can redirect.
+pub(crate) enum ProposeError {
+    /// This node does not lead; the leader's id and address, if known.
     NotLeader(Option<NodeId>, Option<String>),
+    /// Raft failed (shutting down, fatal error).
     Failed(String),
 }
 
-impl NodeInner {
-    fn leader(&self) -> (Option<NodeId>, Option<String>) {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
-        let leader = m.current_leader;
-        let addr = leader.and_then(|l| {
-            m.membership_config
-                .membership()
-                .get_node(&l)
-                .map(|n| n.addr.clone())
-        });
-        (leader, addr)
-    }
-
-    pub(crate) async fn propose(&self, cmd: Command) -> Result<Outcome, String> {
-        match self.propose_inner(cmd).await {
-            Ok(o) => Ok(o),
-            Err(ProposeError::NotLeader(l, _)) => Err(format!(
-                "node {} is not the leader (leader: {l:?})",
-                self.id
-            )),
-            Err(ProposeError::Failed(e)) => Err(e),
+impl std::fmt::Display for ProposeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProposeError::NotLeader(l, _) => write!(f, "not the leader (leader: {l:?})"),
+            ProposeError::Failed(e) => f.write_str(e),
         }
     }
+}
 
-    async fn propose_inner(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+impl NodeInner {
+    /// The Raft membership this node knows now (effective, possibly not yet committed).
+    pub(crate) fn membership(&self) -> Arc<StoredMembership> {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone()
+    }
+
+    /// How to reach member `id`, if it is one.
+    pub(crate) fn member(&self, id: NodeId) -> Option<Member> {
+        self.membership().membership().get_node(&id).cloned()
+    }
+
+    /// Whether `id` is a voter.
+    pub(crate) fn is_voter(&self, id: NodeId) -> bool {
+        self.membership().membership().voter_ids().any(|v| v == id)
+    }
+
+    /// On the leader: time since it last heard from each peer (`None`: never). Empty elsewhere.
+    pub(crate) fn contacts(&self) -> BTreeMap<NodeId, Option<Duration>> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.heartbeat
+            .as_ref()
+            .map(|hb| {
+                hb.iter()
+                    .map(|(id, t)| (*id, t.as_ref().map(|t| t.elapsed())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn leader(&self) -> (Option<NodeId>, Option<String>) {
+        let leader = self.raft.metrics().borrow_watched().current_leader;
+        (leader, leader.and_then(|l| self.member(l)).map(|n| n.addr))
+    }
+
+    /// Commits `cmd` through this node (it must lead) and returns its applied result, refused
+    /// commands included; records the commit latency.
+    pub(crate) async fn commit(&self, cmd: Command) -> Result<Response, ProposeError> {
         let started = Instant::now();
         match self.raft.client_write(cmd).await {
             Ok(resp) => {
                 self.metrics.commit_latency(started.elapsed());
-                resp.response()
-                    .clone()
-                    .map_err(|e| ProposeError::Failed(e.to_string()))
+                Ok(resp.response().clone())
             }
-            Err(e) => {
-                if let Some(fwd) = e.forward_to_leader() {
-                    let addr = fwd.leader_node.as_ref().map(|n| n.addr.clone());
-                    return Err(ProposeError::NotLeader(fwd.leader_id, addr));
-                }
-                Err(ProposeError::Failed(e.to_string()))
-            }
+            Err(e) => match e.forward_to_leader() {
+                Some(fwd) => Err(ProposeError::NotLeader(
+                    fwd.leader_id,
+                    fwd.leader_node.as_ref().map(|n| n.addr.clone()),
+                )),
+                None => Err(ProposeError::Failed(e.to_string())),
+            },
+        }
+    }
+
+    /// Like [`commit`](Self::commit), with a refused command as an error too.
+    pub(crate) async fn propose(&self, cmd: Command) -> Result<Outcome, String> {
+        match self.commit(cmd).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("node {}: {e}", self.id)),
         }
     }
 
@@ -372,9 +406,8 @@ impl NodeInner {
     }
 
     fn resolve_node(&self, who: &str) -> Result<NodeId, String> {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
-        let membership = m.membership_config.membership();
+        let membership = self.membership();
+        let membership = membership.membership();
         if let Ok(id) = who.parse::<NodeId>()
             && membership.get_node(&id).is_some()
         {
@@ -403,6 +436,7 @@ impl NodeInner {
                     })
                     .collect()
             })),
+            AdminRequest::VipList => AdminReply::Vips(crate::placement::vip_rows(self)),
             AdminRequest::Write(cmd) => self.write(cmd).await,
             AdminRequest::AddDevices(devices) => {
                 self.write(Command::AddDevices {
@@ -411,129 +445,106 @@ impl NodeInner {
                 })
                 .await
             }
+            leader_only => {
+                if let Some(r) = self.not_leader() {
+                    return r;
+                }
+                self.leader_op(leader_only)
+                    .await
+                    .unwrap_or_else(AdminReply::Failed)
+            }
+        }
+    }
+
+    /// The admin operations only the leader carries out.
+    async fn leader_op(&self, req: AdminRequest) -> Result<AdminReply, String> {
+        Ok(match req {
             AdminRequest::AddNode {
                 id,
                 name,
                 addr,
                 roles,
-            } => {
-                if let Some(r) = self.not_leader() {
-                    return r;
-                }
-                match self.add_node(id, name, addr, roles).await {
-                    Ok(voter) => AdminReply::NodeAdded { voter },
-                    Err(e) => AdminReply::Failed(e),
-                }
-            }
+            } => AdminReply::NodeAdded {
+                voter: self.add_node(id, name, addr, roles).await?,
+            },
             AdminRequest::RemoveNode(who) => {
-                if let Some(r) = self.not_leader() {
-                    return r;
-                }
-                match self.remove_node(&who).await {
-                    Ok(()) => AdminReply::Done,
-                    Err(e) => AdminReply::Failed(e),
-                }
+                self.remove_node(&who).await?;
+                AdminReply::Done
             }
-            AdminRequest::VipList => AdminReply::Vips(crate::placement::vip_rows(self)),
+            AdminRequest::TransferLeader(who) => {
+                self.transfer_leader(&who).await?;
+                AdminReply::Done
+            }
             AdminRequest::VipAdd {
                 name,
                 address,
                 interface,
                 roles,
             } => {
-                if let Some(r) = self.not_leader() {
-                    return r;
-                }
-                let v = crate::config::VipSection {
-                    name,
-                    address,
-                    interface,
-                    roles,
-                    port: None,
-                };
-                match crate::placement::vip_add(self, v).await {
-                    Ok(()) => AdminReply::Done,
-                    Err(e) => AdminReply::Failed(e),
-                }
+                crate::placement::vip_add(self, name, address, interface, roles).await?;
+                AdminReply::Done
             }
             AdminRequest::VipMove { name, to } => {
-                if let Some(r) = self.not_leader() {
-                    return r;
-                }
-                let to = match self.resolve_node(&to) {
-                    Ok(id) => id,
-                    Err(e) => return AdminReply::Failed(e),
-                };
-                match crate::placement::vip_move(self, &name, to).await {
-                    Ok(epoch) => AdminReply::Moved(epoch),
-                    Err(e) => AdminReply::Failed(e),
-                }
+                let to = self.resolve_node(&to)?;
+                AdminReply::Moved(crate::placement::vip_move(self, &name, to).await?)
             }
-            AdminRequest::TransferLeader(who) => {
-                if let Some(r) = self.not_leader() {
-                    return r;
-                }
-                match self.transfer_leader(&who).await {
-                    Ok(()) => AdminReply::Done,
-                    Err(e) => AdminReply::Failed(e),
-                }
-            }
-        }
+            other => return Err(format!("not a leader operation: {other:?}")),
+        })
     }
 
     async fn write(&self, cmd: Command) -> AdminReply {
-        match self.propose_inner(cmd).await {
-            Ok(o) => AdminReply::Applied(o),
+        match self.commit(cmd).await {
+            Ok(Ok(o)) => AdminReply::Applied(o),
+            Ok(Err(e)) => AdminReply::Failed(e.to_string()),
             Err(ProposeError::NotLeader(leader, addr)) => AdminReply::NotLeader { leader, addr },
             Err(ProposeError::Failed(e)) => AdminReply::Failed(e),
         }
     }
 
     fn status(&self) -> StatusReport {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched().clone();
+        let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let heartbeat = m.heartbeat.clone().unwrap_or_default();
-        let counts = self.view.read(|f| f.device_counts());
+        let contacts = self.contacts();
+        let (records, counts, devices) = self
+            .view
+            .read(|f| (f.nodes.clone(), f.device_counts(), f.devices.len() as u64));
         let nodes = membership
             .nodes()
             .map(|(id, member)| {
-                let rec = self.view.read(|f| f.nodes.get(id).cloned());
+                let rec = records.get(id);
                 let last_contact_ms = if *id == self.id && m.state == ServerState::Leader {
                     Some(0)
                 } else {
-                    heartbeat
+                    contacts
                         .get(id)
-                        .and_then(|t| t.as_ref())
-                        .map(|t| t.elapsed().as_millis() as u64)
+                        .copied()
+                        .flatten()
+                        .map(|d| d.as_millis() as u64)
                 };
                 NodeStatus {
                     id: *id,
                     name: member.name.clone(),
                     addr: member.addr.clone(),
                     roles: rec
-                        .as_ref()
                         .map(|r| r.roles.iter().cloned().collect())
                         .unwrap_or_default(),
-                    voter: voters.contains(id),
+                    voter: membership.voter_ids().any(|v| v == *id),
                     last_contact_ms,
                     admin_state: rec.map(|r| r.admin_state),
                     devices: counts.get(id).copied().unwrap_or(0),
                 }
             })
             .collect();
-        let leader_addr = m
-            .current_leader
-            .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
         StatusReport {
             served_by: self.id,
             leader: m.current_leader,
-            leader_addr,
+            leader_addr: m
+                .current_leader
+                .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone())),
             term: m.current_term,
             last_applied: m.last_applied.map(|l| l.index()),
             nodes,
-            devices: self.view.read(|f| f.devices.len() as u64),
+            devices,
             vips: crate::placement::vip_rows(self),
         }
     }
@@ -550,16 +561,16 @@ impl NodeInner {
             name: name.clone(),
             addr: addr.clone(),
         };
+        let membership = self.membership();
+        if membership.membership().get_node(&id).is_some() {
+            return Err(format!("node {id} is already a member"));
+        }
+        if let Some((other, _)) = membership
+            .membership()
+            .nodes()
+            .find(|(_, n)| n.name == name)
         {
-            let m = self.raft.metrics();
-            let m = m.borrow_watched();
-            let membership = m.membership_config.membership();
-            if membership.get_node(&id).is_some() {
-                return Err(format!("node {id} is already a member"));
-            }
-            if let Some((other, _)) = membership.nodes().find(|(_, n)| n.name == name) {
-                return Err(format!("name {name:?} is already used by node {other}"));
-            }
+            return Err(format!("name {name:?} is already used by node {other}"));
         }
         // Ask the node who it is before trusting it with the log.
         let desc = match self
@@ -595,14 +606,7 @@ impl NodeInner {
                 "node {id} joined as learner but was not registered in the fabric: {e}"
             ));
         }
-        let voters = self
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .count();
+        let voters = self.membership().membership().voter_ids().count();
         if voters >= MAX_VOTERS {
             return Ok(false);
         }
@@ -615,14 +619,7 @@ impl NodeInner {
 
     async fn remove_node(&self, who: &str) -> Result<(), String> {
         let id = self.resolve_node(who)?;
-        let is_voter = self
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == id);
+        let is_voter = self.is_voter(id);
         if is_voter {
             self.raft
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
@@ -648,14 +645,7 @@ impl NodeInner {
         if to == self.id {
             return Ok(());
         }
-        let voter = self
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == to);
+        let voter = self.is_voter(to);
         if !voter {
             return Err(format!("node {to} is a learner; only voters can lead"));
         }
@@ -822,19 +812,15 @@ async fn metrics_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
             .nodes()
             .map(|(id, n)| (*id, n.name.clone()))
             .collect();
-        let contacts = m
-            .heartbeat
-            .as_ref()
-            .map(|hb| {
-                hb.iter()
-                    .filter(|(id, _)| **id != inner.id)
-                    .map(|(id, t)| {
-                        let name = names.get(id).cloned().unwrap_or_else(|| id.to_string());
-                        (name, t.as_ref().map(|t| t.elapsed().as_secs_f64()))
-                    })
-                    .collect()
+        let contacts = inner
+            .contacts()
+            .into_iter()
+            .filter(|(id, _)| *id != inner.id)
+            .map(|(id, t)| {
+                let name = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
+                (name, t.map(|d| d.as_secs_f64()))
             })
-            .unwrap_or_default();
+            .collect();
         inner.metrics.update(
             m.current_term,
             m.current_leader,

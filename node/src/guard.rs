@@ -109,7 +109,7 @@ impl GuardHandle {
     }
 
     fn send(&self, line: &str) -> Result<(), String> {
-        let mut w = self.stdin.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = crate::lock(&self.stdin);
         writeln!(w, "{line}")
             .and_then(|_| w.flush())
             .map_err(|e| format!("fence guard: {e}"))
@@ -134,7 +134,7 @@ impl GuardHandle {
 
 impl Drop for GuardHandle {
     fn drop(&mut self) {
-        let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = crate::lock(&self.child);
         // Closing stdin happens when `stdin` drops after this; kill to be sure it goes.
         let _ = c.kill();
         let _ = c.wait();

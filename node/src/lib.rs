@@ -15,3 +15,9 @@ pub mod metrics;
 pub mod placement;
 pub mod takeover;
 pub mod takeover_backend;
+
+/// Locks a mutex, recovering from poisoning: the state behind spaced's mutexes stays
+/// consistent between statements, so a panicked holder leaves nothing half-written.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -115,7 +115,7 @@ impl NodeMetrics {
         self.is_leader.set(if is_leader { 1.0 } else { 0.0 });
         self.last_applied
             .set(last_applied.map(|i| i as f64).unwrap_or(-1.0));
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = crate::lock(&self.peers);
         for (name, secs) in contacts {
             let g = peers.entry(name.clone()).or_insert_with(|| {
                 let key = Key::from_parts(

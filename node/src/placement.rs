@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
 use spaced_raft::fabric::{Command, PlacementKind};
 use spaced_raft::network::{BoxFuture, NodeHooks, RaftReply, RaftRpc};
@@ -18,6 +17,7 @@ use crate::config::{NodeConfig, TakeoverMode, VipSection};
 use crate::controller::{eligible, plan};
 use crate::daemon::NodeInner;
 use crate::lease::{Held, LeaseConfig, LeaseKey, Witness, quorum_silent};
+use crate::lock;
 
 /// How often the leader plans.
 const PLAN_EVERY: Duration = Duration::from_millis(10);
@@ -41,10 +41,6 @@ pub struct Placements {
     pub(crate) stopping: Mutex<BTreeMap<NodeId, Instant>>,
     /// Operator-requested targets of `vip move`, consulted by the planner.
     pub(crate) moves: Mutex<BTreeMap<String, NodeId>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Placements {
@@ -99,26 +95,19 @@ impl Placements {
     }
 }
 
-/// Proposes `cmd` through whichever node leads (locally when this node does).
+/// Proposes `cmd` through whichever node leads (locally when this node does): `Ok` carries the
+/// applied result (a refused command included), `Err` means it was not delivered.
 pub(crate) async fn propose_anywhere(inner: &NodeInner, cmd: Command) -> Result<Response, String> {
     if inner.raft.is_leader() {
-        return match inner.propose(cmd).await {
-            Ok(o) => Ok(Ok(o)),
-            Err(e) => Err(e),
-        };
+        return inner.commit(cmd).await.map_err(|e| e.to_string());
     }
-    let (leader, member) = {
-        let m = inner.raft.metrics();
-        let m = m.borrow_watched();
-        let l = m.current_leader.ok_or("no leader")?;
-        let member = m
-            .membership_config
-            .membership()
-            .get_node(&l)
-            .cloned()
-            .ok_or("leader not in membership")?;
-        (l, member)
-    };
+    let leader = inner
+        .raft
+        .metrics()
+        .borrow_watched()
+        .current_leader
+        .ok_or("no leader")?;
+    let member = inner.member(leader).ok_or("leader not in membership")?;
     match inner
         .network
         .call(
@@ -134,7 +123,7 @@ pub(crate) async fn propose_anywhere(inner: &NodeInner, cmd: Command) -> Result<
     }
 }
 
-/// The VIP agent: reconcile every tick, renew through the leader.
+/// The VIP agent: reconcile every tick, renew with the voters.
 pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -147,7 +136,7 @@ pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Recei
         }
         let owned = inner.view.read(|f| owned_vips(f, inner.id));
         pass += 1;
-        if pass % 1000 == 0 {
+        if pass.is_multiple_of(1000) {
             // Keep the witness bounded: forget leases of placements that moved on.
             let current: BTreeMap<String, u64> = inner.view.read(|f| {
                 f.placements
@@ -225,13 +214,22 @@ async fn renew(inner: &Arc<NodeInner>, held: Vec<Held>) -> Result<Vec<Held>, Str
 
 /// The current voters and how to reach them.
 fn voters(inner: &NodeInner) -> Vec<(NodeId, Option<spaced_raft::Member>)> {
-    let m = inner.raft.metrics();
-    let m = m.borrow_watched();
-    let membership = m.membership_config.membership();
+    let membership = inner.membership();
+    let membership = membership.membership();
     membership
         .voter_ids()
         .map(|v| (v, membership.get_node(&v).cloned()))
         .collect()
+}
+
+/// Every lease the fabric knows of now: (placement, epoch, owner).
+fn lease_keys(inner: &NodeInner) -> Vec<LeaseKey> {
+    inner.view.read(|f| {
+        f.placements
+            .iter()
+            .filter_map(|(n, p)| p.owner.map(|o| (n.clone(), p.epoch, o)))
+            .collect()
+    })
 }
 
 /// A voter records a renewal from `from`. No leadership or ownership check is needed: the
@@ -256,12 +254,7 @@ fn local_silence(inner: &NodeInner, keys: &[LeaseKey]) -> Vec<Duration> {
 /// full span. Asks the other voters only about leases its own witness finds silent.
 async fn expired_leases(inner: &Arc<NodeInner>) -> BTreeSet<String> {
     let span = inner.placements.lease.reassign_after();
-    let keys: Vec<LeaseKey> = inner.view.read(|f| {
-        f.placements
-            .iter()
-            .filter_map(|(n, p)| p.owner.map(|o| (n.clone(), p.epoch, o)))
-            .collect()
-    });
+    let keys = lease_keys(inner);
     let mine = local_silence(inner, &keys);
     let suspects: Vec<LeaseKey> = keys
         .into_iter()
@@ -312,16 +305,13 @@ async fn expired_leases(inner: &Arc<NodeInner>) -> BTreeSet<String> {
 
 /// Nodes the leader heard from recently, plus itself.
 fn live_nodes(inner: &NodeInner) -> BTreeSet<NodeId> {
-    let m = inner.raft.metrics();
-    let m = m.borrow_watched();
-    let mut live: BTreeSet<NodeId> = BTreeSet::from([inner.id]);
-    if let Some(hb) = &m.heartbeat {
-        for (id, t) in hb {
-            if t.as_ref().is_some_and(|t| t.elapsed() < LIVE_WITHIN) {
-                live.insert(*id);
-            }
-        }
-    }
+    let mut live: BTreeSet<NodeId> = inner
+        .contacts()
+        .into_iter()
+        .filter(|(_, t)| t.is_some_and(|t| t < LIVE_WITHIN))
+        .map(|(id, _)| id)
+        .collect();
+    live.insert(inner.id);
     live
 }
 
@@ -491,21 +481,13 @@ impl NodeHooks for Hooks {
         Box::pin(async move { Ok(ms) })
     }
 
-    fn propose(&self, from: NodeId, cmd: Command) -> BoxFuture<'static, Result<Response, String>> {
+    fn propose(&self, _from: NodeId, cmd: Command) -> BoxFuture<'static, Result<Response, String>> {
         let inner = self.0.clone();
-        if matches!(cmd, Command::ReleasePlacement { .. }) {
-            // Only a stopping node releases its own placements this way (see `hand_over`).
-            lock(&inner.placements.stopping).insert(from, Instant::now());
-        }
-        Box::pin(async move {
-            if !inner.raft.is_leader() {
-                return Err("not the leader".to_string());
-            }
-            match inner.raft.client_write(cmd).await {
-                Ok(r) => Ok(r.response().clone()),
-                Err(e) => Err(e.to_string()),
-            }
-        })
+        Box::pin(async move { inner.commit(cmd).await.map_err(|e| e.to_string()) })
+    }
+
+    fn leaving(&self, from: NodeId) {
+        lock(&self.0.placements.stopping).insert(from, Instant::now());
     }
 
     fn release(&self, name: String, epoch: u64) -> BoxFuture<'static, Result<(), String>> {
@@ -517,12 +499,7 @@ impl NodeHooks for Hooks {
 /// Rows for `vip list` / `status`, with the leader's view of lease time left.
 pub(crate) fn vip_rows(inner: &NodeInner) -> Vec<VipRow> {
     let span = inner.placements.lease.reassign_after();
-    let known: Vec<LeaseKey> = inner.view.read(|f| {
-        f.placements
-            .iter()
-            .filter_map(|(n, p)| p.owner.map(|o| (n.clone(), p.epoch, o)))
-            .collect()
-    });
+    let known = lease_keys(inner);
     let silences: BTreeMap<String, Duration> = known
         .iter()
         .map(|k| k.0.clone())
@@ -555,23 +532,25 @@ pub(crate) fn vip_rows(inner: &NodeInner) -> Vec<VipRow> {
 }
 
 /// `vip add` on the leader: refuses a VIP no registered node could hold.
-pub(crate) async fn vip_add(inner: &NodeInner, v: VipSection) -> Result<(), String> {
-    let roles: BTreeSet<String> = v.roles.iter().cloned().collect();
+pub(crate) async fn vip_add(
+    inner: &NodeInner,
+    name: String,
+    address: String,
+    interface: String,
+    roles: Vec<String>,
+) -> Result<(), String> {
+    let roles: BTreeSet<String> = roles.into_iter().collect();
     let anyone = inner
         .view
         .read(|f| f.nodes.values().any(|n| !n.roles.is_disjoint(&roles)));
     if !anyone {
         return Err(format!(
-            "no node has any of the roles {:?}; VIP {:?} could never be placed",
-            v.roles, v.name
+            "no node has any of the roles {roles:?}; VIP {name:?} could never be placed"
         ));
     }
     let cmd = Command::AddPlacement {
-        name: v.name.clone(),
-        kind: PlacementKind::Vip {
-            address: v.address,
-            interface: v.interface,
-        },
+        name,
+        kind: PlacementKind::Vip { address, interface },
         eligible_roles: roles,
     };
     inner.propose(cmd).await.map(|_| ())
@@ -604,13 +583,7 @@ pub(crate) async fn vip_move(inner: &NodeInner, name: &str, to: NodeId) -> Resul
                 inner.placements.agent.fence_and_hold(name, epoch).await?;
             } else {
                 let member = inner
-                    .raft
-                    .metrics()
-                    .borrow_watched()
-                    .membership_config
-                    .membership()
-                    .get_node(&o)
-                    .cloned()
+                    .member(o)
                     .ok_or_else(|| format!("owner {o} is not a member"))?;
                 let rpc = RaftRpc::Release {
                     name: name.to_string(),
@@ -657,11 +630,35 @@ pub(crate) async fn vip_move(inner: &NodeInner, name: &str, to: NodeId) -> Resul
     result
 }
 
+/// Tells the leader (or this node's own planner, when it leads) not to grant this node
+/// anything back while it stops. Best effort: without it a re-grant just lapses.
+async fn tell_leader_leaving(inner: &NodeInner) {
+    let leader = inner.raft.metrics().borrow_watched().current_leader;
+    match leader {
+        Some(l) if l == inner.id => {
+            lock(&inner.placements.stopping).insert(inner.id, Instant::now());
+        }
+        Some(l) => {
+            let Some(member) = inner.member(l) else {
+                return;
+            };
+            if let Err(e) = inner
+                .network
+                .call(l, &member, RaftRpc::Leaving, Duration::from_secs(1))
+                .await
+            {
+                tracing::warn!(leader = l, error = %e, "could not tell the leader this node is leaving");
+            }
+        }
+        None => {}
+    }
+}
+
 /// Graceful stop: fence and release every VIP, let the leader re-grant them, and hand
 /// leadership to another voter if this node leads.
 pub(crate) async fn hand_over(inner: &Arc<NodeInner>) {
     let held = inner.placements.agent.stop().await;
-    lock(&inner.placements.stopping).insert(inner.id, Instant::now());
+    tell_leader_leaving(inner).await;
     for (name, epoch) in &held {
         match propose_anywhere(
             inner,
@@ -698,22 +695,13 @@ pub(crate) async fn hand_over(inner: &Arc<NodeInner>) {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let target = {
-        let m = inner.raft.metrics();
-        let m = m.borrow_watched();
-        let voters: Vec<NodeId> = m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .filter(|v| *v != inner.id)
-            .collect();
-        let hb = m.heartbeat.clone().unwrap_or_default();
-        voters.into_iter().min_by_key(|v| {
-            hb.get(v)
-                .and_then(|t| t.as_ref().map(|t| t.elapsed()))
-                .unwrap_or(Duration::MAX)
-        })
-    };
+    // The voter heard from most recently is the best placed to lead.
+    let contacts = inner.contacts();
+    let target = voters(inner)
+        .into_iter()
+        .map(|(v, _)| v)
+        .filter(|v| *v != inner.id)
+        .min_by_key(|v| contacts.get(v).copied().flatten().unwrap_or(Duration::MAX));
     if let Some(to) = target {
         if let Err(e) = inner.raft.trigger().transfer_leader(to).await {
             tracing::warn!(to, error = %e, "leadership transfer on shutdown failed");

@@ -74,6 +74,8 @@ pub enum RaftRpc {
     Silence(Vec<(String, u64, NodeId)>),
     /// Node → leader: propose a fabric command (agents releasing placements, for example).
     Propose(Command),
+    /// Node → leader: I am shutting down; grant me nothing for a while.
+    Leaving,
     /// Leader → owner: fence and release this placement now (a graceful move).
     Release {
         /// Placement name.
@@ -113,6 +115,8 @@ pub enum RaftReply {
     Proposed(Response),
     /// Reply to `Release`: fenced and released.
     Released,
+    /// Reply to `Leaving`.
+    Noted,
 }
 
 /// Node-level handlers for the RPCs that are not Raft's own; provided by the daemon.
@@ -130,6 +134,8 @@ pub trait NodeHooks: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Vec<u64>, String>>;
     /// `Propose` from `from`: commit `cmd` (this node must lead).
     fn propose(&self, from: NodeId, cmd: Command) -> BoxFuture<'static, Result<Response, String>>;
+    /// `Leaving` from `from`: it is shutting down and hands its placements over.
+    fn leaving(&self, from: NodeId);
     /// `Release` from the leader: fence `name` at `epoch`, then release it through the leader.
     fn release(&self, name: String, epoch: u64) -> BoxFuture<'static, Result<(), String>>;
 }
@@ -226,7 +232,8 @@ impl QuicNetwork {
     }
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+/// Resolves `host:port` (an IP literal without a lookup).
+pub async fn resolve(addr: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = addr.parse() {
         return Ok(a);
     }
@@ -426,6 +433,7 @@ fn voter_of(rpc: &RaftRpc) -> Option<NodeId> {
         | RaftRpc::Renew(_)
         | RaftRpc::Silence(_)
         | RaftRpc::Propose(_)
+        | RaftRpc::Leaving
         | RaftRpc::Release { .. } => None,
     }
 }
@@ -450,6 +458,18 @@ impl RaftService {
                 }
             });
         }
+    }
+
+    /// The node-level handlers, for a sender that is a member (node RPCs come only from peers).
+    fn hooks_for(&self, from: NodeId) -> Result<&Arc<dyn NodeHooks>, String> {
+        let hooks = self
+            .hooks
+            .as_ref()
+            .ok_or("this node serves no node-level RPCs")?;
+        if !self.is_member(from) {
+            return Err(format!("node {from} is not a member"));
+        }
+        Ok(hooks)
     }
 
     /// Whether `id` is in the Raft membership this node knows.
@@ -547,26 +567,26 @@ impl RaftService {
                 .map(RaftReply::TransferLeader)
                 .map_err(|e| e.to_string()),
             RaftRpc::Describe => Ok(RaftReply::Describe(self.local.clone())),
-            RaftRpc::Renew(held) => match (&self.hooks, self.is_member(req.from)) {
-                (Some(h), true) => h.renew(req.from, held).await.map(RaftReply::Renewed),
-                (None, _) => Err("this node serves no leases".into()),
-                (_, false) => Err(format!("node {} is not a member", req.from)),
-            },
-            RaftRpc::Silence(keys) => match (&self.hooks, self.is_member(req.from)) {
-                (Some(h), true) => h.silence(keys).await.map(RaftReply::Silences),
-                (None, _) => Err("this node keeps no lease witness".into()),
-                (_, false) => Err(format!("node {} is not a member", req.from)),
-            },
-            RaftRpc::Propose(cmd) => match (&self.hooks, self.is_member(req.from)) {
-                (Some(h), true) => h.propose(req.from, cmd).await.map(RaftReply::Proposed),
-                (None, _) => Err("this node takes no proposals".into()),
-                (_, false) => Err(format!("node {} is not a member", req.from)),
-            },
-            RaftRpc::Release { name, epoch } => match (&self.hooks, self.is_member(req.from)) {
-                (Some(h), true) => h.release(name, epoch).await.map(|()| RaftReply::Released),
-                (None, _) => Err("this node holds no placements".into()),
-                (_, false) => Err(format!("node {} is not a member", req.from)),
-            },
+            RaftRpc::Renew(held) => {
+                let h = self.hooks_for(req.from)?;
+                h.renew(req.from, held).await.map(RaftReply::Renewed)
+            }
+            RaftRpc::Silence(keys) => {
+                let h = self.hooks_for(req.from)?;
+                h.silence(keys).await.map(RaftReply::Silences)
+            }
+            RaftRpc::Propose(cmd) => {
+                let h = self.hooks_for(req.from)?;
+                h.propose(req.from, cmd).await.map(RaftReply::Proposed)
+            }
+            RaftRpc::Leaving => {
+                self.hooks_for(req.from)?.leaving(req.from);
+                Ok(RaftReply::Noted)
+            }
+            RaftRpc::Release { name, epoch } => {
+                let h = self.hooks_for(req.from)?;
+                h.release(name, epoch).await.map(|()| RaftReply::Released)
+            }
             RaftRpc::Snapshot { vote, meta, len } => {
                 if len > MAX_SNAPSHOT {
                     return Err(format!("snapshot of {len} bytes exceeds the limit"));
