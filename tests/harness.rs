@@ -73,6 +73,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) ->
         takeover: Default::default(),
         vips: Vec::new(),
         garp_refresh_s: 0,
+        lb: None,
         source: dir.join(format!("{name}.toml")),
     }
 }

@@ -69,6 +69,7 @@ impl Fabric {
                 takeover: TakeoverMode::Netlink,
                 vips: Vec::new(),
                 garp_refresh_s: 0,
+                lb: None,
                 source: dir.join(format!("{name}.toml")),
             };
             std::fs::write(&cfg.source, cfg.to_toml())?;

@@ -390,6 +390,7 @@ async fn pump(
     pipe: &mut Pipe,
     direction: Direction,
     moved: &AtomicU64,
+    live: &AtomicU64,
     activity: &Activity,
 ) -> Result<(), RelayError> {
     let read_err = |source: io::Error| RelayError::Read {
@@ -438,6 +439,7 @@ async fn pump(
                 Ok(n) => {
                     pipe.len -= n;
                     moved.fetch_add(n as u64, Ordering::Relaxed);
+                    live.fetch_add(n as u64, Ordering::Relaxed);
                     progressed = n > 0 || progressed;
                     activity.touch();
                 }
@@ -467,6 +469,17 @@ async fn pump(
     }
 }
 
+/// Running byte totals shared by many relays (e.g. a listener's counters),
+/// updated as bytes move rather than when a connection ends, so long-lived
+/// streams show up in metrics while they flow.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Bytes delivered client → backend.
+    pub client_to_backend: AtomicU64,
+    /// Bytes delivered backend → client.
+    pub backend_to_client: AtomicU64,
+}
+
 /// Moves bytes both ways between two connected TCP streams with splice(2)
 /// through one pipe per direction, until both directions are closed.
 ///
@@ -481,6 +494,17 @@ pub async fn relay(
     backend: TcpStream,
     pool: &PipePool,
     idle: Duration,
+) -> Result<RelayStats, RelayError> {
+    relay_counted(client, backend, pool, idle, &RelayCounters::default()).await
+}
+
+/// [`relay`], also adding every delivered byte to `live` as it moves.
+pub async fn relay_counted(
+    client: TcpStream,
+    backend: TcpStream,
+    pool: &PipePool,
+    idle: Duration,
+    live: &RelayCounters,
 ) -> Result<RelayStats, RelayError> {
     let mut up = Lease::take(pool)?;
     let mut down = Lease::take(pool)?;
@@ -503,6 +527,7 @@ pub async fn relay(
                     up_pipe,
                     Direction::ClientToBackend,
                     &up_moved,
+                    &live.client_to_backend,
                     &activity
                 ),
                 pump(
@@ -511,6 +536,7 @@ pub async fn relay(
                     down_pipe,
                     Direction::BackendToClient,
                     &down_moved,
+                    &live.backend_to_client,
                     &activity
                 ),
             )

@@ -43,9 +43,127 @@ pub struct NodeConfig {
     /// VIPs this node declares; registered in the fabric at start-up if missing.
     #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
     pub vips: Vec<VipSection>,
+    /// The load balancer on a VIP (DESIGN §7); absent = no balancer on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lb: Option<LbSection>,
     /// The file this configuration came from (not part of the TOML text).
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// `[lb]`: a TCP balancer that listens on a VIP's ports and is active on the VIP's owner.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbSection {
+    /// The VIP (placement name) whose owner runs the balancer.
+    pub vip: String,
+    /// Ports to balance: each listens on the VIP and forwards to the same backend port on every backend.
+    pub ports: Vec<LbPort>,
+    /// Nodes with this role are the backends (model: the `app` nodes).
+    #[serde(default = "default_backend_role")]
+    pub backend_role: String,
+    /// `rr`, `leastconn`, `sticky` (JSESSIONID route, else rr) or `source` (Maglev on the client address).
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    /// Connections open at once per port; the excess is refused at accept.
+    #[serde(default = "default_max_conns")]
+    pub max_conns: u64,
+    /// A backend connect slower than this fails over to another backend.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Other backends tried when a connect fails.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// A connection with no byte moving either way for this long is closed.
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    /// Longest wait for the first request when looking for a session route.
+    #[serde(default = "default_peek_timeout_ms")]
+    pub peek_timeout_ms: u64,
+    /// Send a PROXY protocol v2 header to backends.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Health-check interval; 0 disables health checks.
+    #[serde(default = "default_health_interval_ms")]
+    pub health_interval_ms: u64,
+    /// Successful checks that bring a backend up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Failed checks that take a backend down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// After losing the VIP, open connections get this long before they are cut.
+    #[serde(default = "default_drain_grace_s")]
+    pub drain_grace_s: u64,
+}
+
+/// One `[[lb.ports]]` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbPort {
+    /// Port on the VIP.
+    pub listen: u16,
+    /// Port on each backend node.
+    pub backend: u16,
+}
+
+fn default_backend_role() -> String {
+    "app".into()
+}
+fn default_policy() -> String {
+    "rr".into()
+}
+fn default_max_conns() -> u64 {
+    20_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    3_000
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_idle_timeout_s() -> u64 {
+    300
+}
+fn default_peek_timeout_ms() -> u64 {
+    1_000
+}
+fn default_health_interval_ms() -> u64 {
+    1_000
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+fn default_drain_grace_s() -> u64 {
+    10
+}
+
+impl LbSection {
+    /// The balancer settings this section describes (`policy` must have passed validation).
+    pub fn balancer_config(&self) -> spaced_lb::balancer::LbConfig {
+        use std::time::Duration;
+        let defaults = spaced_lb::balancer::LbConfig::default();
+        spaced_lb::balancer::LbConfig {
+            policy: self.policy.parse().unwrap_or_default(),
+            max_conns: self.max_conns,
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            retries: self.retries,
+            idle_timeout: Duration::from_secs(self.idle_timeout_s),
+            peek_timeout: Duration::from_millis(self.peek_timeout_ms),
+            proxy_protocol: self.proxy_protocol,
+            health: (self.health_interval_ms > 0).then(|| spaced_lb::balancer::HealthConfig {
+                interval: Duration::from_millis(self.health_interval_ms),
+                rise: self.rise,
+                fall: self.fall,
+                timeout: Duration::from_millis(self.health_interval_ms.min(2_000)),
+            }),
+            drain_grace: Duration::from_secs(self.drain_grace_s),
+            ..defaults
+        }
+    }
 }
 
 /// Paths to the PEM files used for mutual TLS.
@@ -307,6 +425,59 @@ impl NodeConfig {
                 return Err(err(
                     &format!("vip[{i}].port"),
                     "required with takeover = \"loopback\"".into(),
+                ));
+            }
+        }
+        if let Some(lb) = &self.lb {
+            if !self.vips.iter().any(|v| v.name == lb.vip) {
+                return Err(err(
+                    "lb.vip",
+                    format!(
+                        "no [[vip]] named {:?} in this file (the balancer needs its address)",
+                        lb.vip
+                    ),
+                ));
+            }
+            if lb.ports.is_empty() {
+                return Err(err("lb.ports", "at least one port is required".into()));
+            }
+            let mut listen_ports = HashSet::new();
+            for (i, p) in lb.ports.iter().enumerate() {
+                if p.listen == 0 || p.backend == 0 {
+                    return Err(err(
+                        &format!("lb.ports[{i}]"),
+                        "port 0 is not usable".into(),
+                    ));
+                }
+                if !listen_ports.insert(p.listen) {
+                    return Err(err(
+                        &format!("lb.ports[{i}].listen"),
+                        format!("port {} listed twice", p.listen),
+                    ));
+                }
+            }
+            if let Some(problem) = name_problem(&lb.backend_role) {
+                return Err(err("lb.backend_role", problem));
+            }
+            if let Err(problem) = lb.policy.parse::<spaced_lb::backend::Policy>() {
+                return Err(err("lb.policy", problem));
+            }
+            if lb.max_conns == 0 {
+                return Err(err("lb.max_conns", "must be greater than 0".into()));
+            }
+            for (key, value) in [
+                ("lb.connect_timeout_ms", lb.connect_timeout_ms),
+                ("lb.idle_timeout_s", lb.idle_timeout_s),
+                ("lb.peek_timeout_ms", lb.peek_timeout_ms),
+            ] {
+                if value == 0 {
+                    return Err(err(key, "must be greater than 0".into()));
+                }
+            }
+            if lb.health_interval_ms > 0 && (lb.rise == 0 || lb.fall == 0) {
+                return Err(err(
+                    if lb.rise == 0 { "lb.rise" } else { "lb.fall" },
+                    "must be at least 1".into(),
                 ));
             }
         }

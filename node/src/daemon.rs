@@ -77,6 +77,8 @@ pub struct Node {
     shutdown_tx: watch::Sender<bool>,
     /// Background tasks to await on shutdown.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The balancer's task, awaited (not aborted) on shutdown so open connections drain.
+    lb_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub(crate) struct NodeInner {
@@ -98,6 +100,8 @@ pub(crate) struct NodeInner {
     pub(crate) listen: SocketAddr,
     /// Prometheus metrics.
     pub(crate) metrics: NodeMetrics,
+    /// The load balancer on the cluster VIP, if `[lb]` is configured.
+    pub(crate) lb: Option<Arc<crate::lb_service::LbService>>,
     /// Leases, VIP agent, leader's renewal book.
     pub(crate) placements: crate::placement::Placements,
 }
@@ -184,6 +188,26 @@ impl Node {
         .map_err(|e| StartError::system(format!("raft: {e}")))?;
 
         let metrics = NodeMetrics::new();
+        let lb = match &cfg.lb {
+            Some(section) => {
+                let vip_ip = cfg
+                    .vips
+                    .iter()
+                    .find(|v| v.name == section.vip)
+                    .and_then(|v| v.address.split_once('/'))
+                    .and_then(|(ip, _)| ip.parse().ok())
+                    .ok_or_else(|| {
+                        StartError::input(
+                            &cfg,
+                            "lb.vip",
+                            "no [[vip]] with a usable address of that name",
+                        )
+                    })?;
+                let prebind = cfg.takeover == crate::config::TakeoverMode::Netlink;
+                Some(crate::lb_service::LbService::new(section, vip_ip, prebind))
+            }
+            None => None,
+        };
         let inner = Arc::new(NodeInner {
             id: cfg.node_id,
             name: cfg.name.clone(),
@@ -194,6 +218,7 @@ impl Node {
             endpoint: endpoint.clone(),
             listen,
             metrics,
+            lb: lb.clone(),
             placements: crate::placement::Placements::new(&cfg)
                 .await
                 .map_err(|e| StartError {
@@ -235,6 +260,13 @@ impl Node {
             inner.clone(),
             shutdown_rx.clone(),
         )));
+        let lb_task = lb.map(|service| {
+            tokio::spawn(crate::lb_service::run(
+                inner.clone(),
+                service,
+                shutdown_rx.clone(),
+            ))
+        });
 
         if bootstrap {
             let me = Member {
@@ -251,6 +283,7 @@ impl Node {
             inner,
             shutdown_tx,
             tasks,
+            lb_task,
         })
     }
 
@@ -291,6 +324,10 @@ impl Node {
         // Hand VIPs over first (fence, release, let the leader re-grant), then leadership.
         crate::placement::hand_over(&self.inner).await;
         let _ = self.shutdown_tx.send(true);
+        if let Some(lb) = self.lb_task {
+            // Bounded by the drain grace: open connections finish or are cut.
+            let _ = lb.await;
+        }
         let _ = self.inner.raft.shutdown().await;
         self.inner.endpoint.close(0u32.into(), b"shutdown");
         for t in self.tasks {
@@ -836,7 +873,11 @@ struct HttpView(Arc<NodeInner>);
 
 impl crate::http::HttpState for HttpView {
     fn metrics_text(&self) -> String {
-        self.0.metrics.render()
+        let mut text = self.0.metrics.render();
+        if let Some(lb) = &self.0.lb {
+            lb.render(&mut text);
+        }
+        text
     }
 
     fn health(&self) -> (bool, String) {

@@ -106,6 +106,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: u64, roles: &[&str]) -> Resul
         takeover: Default::default(),
         vips: Vec::new(),
         garp_refresh_s: 0,
+        lb: None,
         source: dir.join(format!("{name}.toml")),
     })
 }

@@ -10,9 +10,11 @@ pub mod daemon;
 pub mod demo;
 pub mod guard;
 pub mod http;
+pub mod lb_service;
 pub mod lease;
 pub mod metrics;
 pub mod placement;
+pub mod standalone_lb;
 pub mod takeover;
 pub mod takeover_backend;
 

@@ -25,6 +25,8 @@ enum Cmd {
         #[arg(long)]
         bootstrap: bool,
     },
+    /// Run only the TCP load balancer, with backends from flags.
+    Lb(spaced_node::standalone_lb::LbArgs),
     /// Internal: the fence guard child of `spaced run` (removes VIPs if spaced dies or stalls).
     #[command(hide = true)]
     Guard,
@@ -84,6 +86,37 @@ fn main() -> ExitCode {
                 node.shutdown().await;
                 ExitCode::SUCCESS
             })
+        }
+        Cmd::Lb(args) => {
+            init_tracing("info");
+            if let Err(e) = args.validate() {
+                eprintln!("spaced lb: {e}");
+                return ExitCode::from(2);
+            }
+            let built = if args.threads == 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(args.threads)
+                    .enable_all()
+                    .build()
+            };
+            let rt = match built {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("spaced lb: cannot start the async runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(spaced_node::standalone_lb::run(args, wait_for_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("spaced lb: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Cmd::Guard => {
             init_tracing("info");

@@ -1,0 +1,435 @@
+//! One balancer: a listener's accept loop, per-connection backend choice, connect and relay, health checks, drain.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use nix::sys::socket::{
+    AddressFamily, Backlog, MsgFlags, SockFlag, SockType, SockaddrStorage, bind, listen, recv,
+    setsockopt, socket, sockopt,
+};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior, timeout, timeout_at};
+
+use crate::backend::{Backend, BackendSpec, Backends, HealthCounter, Policy};
+use crate::peek::{Peeked, session_route};
+use crate::relay::{PipePool, RelayError, relay_counted};
+use crate::stats::{LbStats, Rendered};
+
+/// Active TCP health checks of the backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Time between two probes of one backend.
+    pub interval: Duration,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
+    /// A probe's connect must finish within this.
+    pub timeout: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How one balancer behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbConfig {
+    /// Backend choice.
+    pub policy: Policy,
+    /// Connections open at once; the excess is closed at accept and counted.
+    pub max_conns: u64,
+    /// A backend connect taking longer fails over to another backend.
+    pub connect_timeout: Duration,
+    /// Backends tried per connection after the first fails to connect.
+    pub retries: u32,
+    /// A connection with no byte moving either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most bytes peeked for a session route ([`Policy::Sticky`] only).
+    pub peek_bytes: usize,
+    /// Longest wait for the first request before falling back to round-robin.
+    pub peek_timeout: Duration,
+    /// Send a PROXY protocol v2 header to backends.
+    pub proxy_protocol: bool,
+    /// Requested capacity of each relay pipe (F_SETPIPE_SZ).
+    pub pipe_size: usize,
+    /// Health checks; `None` trusts every backend.
+    pub health: Option<HealthConfig>,
+    /// After the balancer stops accepting, open connections get this long to finish.
+    pub drain_grace: Duration,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        LbConfig {
+            policy: Policy::RoundRobin,
+            max_conns: 20_000,
+            connect_timeout: Duration::from_secs(3),
+            retries: 2,
+            idle_timeout: Duration::from_secs(300),
+            peek_bytes: crate::peek::DEFAULT_PEEK_BYTES,
+            peek_timeout: Duration::from_secs(1),
+            proxy_protocol: false,
+            pipe_size: 1 << 20,
+            health: Some(HealthConfig::default()),
+            drain_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Creates a listening TCP socket on `addr`. With `freebind` the address
+/// need not be on this host yet (`IP_FREEBIND`): a VIP's listener is bound
+/// before takeover adds the address, so gaining the VIP needs no rebind.
+pub fn bind_listener(addr: SocketAddr, freebind: bool, backlog: i32) -> io::Result<TcpListener> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let context = |what: &str, e: nix::Error| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("listener {addr}: {what}: {e}"),
+        )
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| context("socket", e))?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| context("SO_REUSEADDR", e))?;
+    if freebind {
+        setsockopt(&fd, sockopt::IpFreebind, &true).map_err(|e| context("IP_FREEBIND", e))?;
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(|e| context("bind", e))?;
+    let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
+    listen(&fd, backlog).map_err(|e| context("listen", e))?;
+    TcpListener::from_std(std::net::TcpListener::from(fd))
+}
+
+/// One listener's balancer: its configuration, backends, counters and pipes.
+#[derive(Debug)]
+pub struct Balancer {
+    /// Label in logs and metrics (the listen address).
+    label: String,
+    /// Behaviour.
+    config: LbConfig,
+    /// Current backends and their health.
+    backends: Backends,
+    /// Counters.
+    stats: LbStats,
+    /// Relay pipes, reused across connections.
+    pool: PipePool,
+    /// Whether `serve` is accepting right now (metrics, status).
+    accepting: AtomicBool,
+}
+
+impl Balancer {
+    /// A balancer with no backends yet.
+    pub fn new(label: impl Into<String>, config: LbConfig) -> Arc<Self> {
+        let pool = PipePool::new(1024, config.pipe_size);
+        Arc::new(Balancer {
+            label: label.into(),
+            config,
+            backends: Backends::new(),
+            stats: LbStats::default(),
+            pool,
+            accepting: AtomicBool::new(false),
+        })
+    }
+
+    /// Its label.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &LbConfig {
+        &self.config
+    }
+
+    /// Its backends.
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &LbStats {
+        &self.stats
+    }
+
+    /// Whether it is accepting connections now.
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed)
+    }
+
+    /// The figures to render for `/metrics`.
+    pub fn rendered(&self) -> Rendered<'_> {
+        Rendered {
+            listener: &self.label,
+            stats: &self.stats,
+            backends: &self.backends,
+            accepting: self.is_accepting(),
+        }
+    }
+
+    /// Replaces the backend set without touching open connections, and
+    /// starts health checks on new backends (needs a tokio runtime).
+    pub fn set_backends(self: &Arc<Self>, specs: &[BackendSpec]) {
+        let added = self.backends.update(specs);
+        for backend in &added {
+            tracing::info!(lb = %self.label, backend = %backend.name(), addr = %backend.spec.addr, "backend added");
+        }
+        if let Some(health) = self.config.health {
+            for backend in added {
+                tokio::spawn(check_backend(Arc::downgrade(self), backend, health));
+            }
+        }
+    }
+
+    /// Accepts and relays connections until `stop` completes, then drains:
+    /// the listener is closed at once (no new connections) and open
+    /// connections get `drain_grace` to finish before they are cut.
+    pub async fn serve(self: &Arc<Self>, listener: TcpListener, stop: impl Future<Output = ()>) {
+        let mut conns = JoinSet::new();
+        self.accepting.store(true, Ordering::Relaxed);
+        tracing::info!(lb = %self.label, policy = %self.config.policy, "balancer accepting");
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut stop => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((client, peer)) => {
+                        if self.stats.active.load(Ordering::Relaxed) >= self.config.max_conns {
+                            self.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
+                            drop(client);
+                            continue;
+                        }
+                        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                        let open = OpenConn::new(self.clone());
+                        conns.spawn(async move {
+                            open.0.handle(client, peer).await;
+                            drop(open);
+                        });
+                    }
+                    Err(error) => {
+                        // EMFILE/ENFILE and the like: back off instead of spinning.
+                        tracing::warn!(lb = %self.label, %error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        self.accepting.store(false, Ordering::Relaxed);
+        drop(listener);
+        let open = conns.len();
+        tracing::info!(lb = %self.label, open, grace = ?self.config.drain_grace, "balancer draining");
+        let finished = timeout(self.config.drain_grace, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            let cut = conns.len();
+            self.stats
+                .drain_cut
+                .fetch_add(cut as u64, Ordering::Relaxed);
+            // Aborted tasks drop their sockets (closing them) and their `OpenConn`.
+            conns.abort_all();
+            while conns.join_next().await.is_some() {}
+            tracing::info!(lb = %self.label, cut, "drain grace over; remaining connections closed");
+        }
+    }
+
+    /// One client connection: choose, connect (with redispatch), relay.
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let route = match self.config.policy {
+            Policy::Sticky => self.peek_route(&client).await,
+            _ => None,
+        };
+        let mut tried: Vec<Arc<Backend>> = Vec::new();
+        let (backend, upstream) = loop {
+            let Some(backend) =
+                self.backends
+                    .choose(self.config.policy, route.as_deref(), peer.ip(), &tried)
+            else {
+                self.stats.no_backend.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(lb = %self.label, %peer, tried = tried.len(), "no backend available; closing");
+                return;
+            };
+            match timeout(
+                self.config.connect_timeout,
+                TcpStream::connect(backend.spec.addr),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => break (backend, stream),
+                outcome => {
+                    let error = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {:?}", self.config.connect_timeout),
+                    };
+                    tracing::debug!(lb = %self.label, backend = %backend.name(), %error, "backend connect failed");
+                    backend.count_connect_error();
+                    self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                    tried.push(backend);
+                    if tried.len() > self.config.retries as usize {
+                        self.stats.no_backend.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        };
+        if route.as_deref() == Some(backend.name()) {
+            self.stats.sticky_routed.fetch_add(1, Ordering::Relaxed);
+        }
+        let _claim = backend.claim();
+        // Latency over batching: the relay forwards what arrives as it arrives.
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        let mut upstream = upstream;
+        if self.config.proxy_protocol {
+            let local = client.local_addr().unwrap_or(peer);
+            let header = crate::proxy_v2::encode(peer, local);
+            if let Err(error) = upstream.write_all(&header).await {
+                tracing::debug!(lb = %self.label, backend = %backend.name(), %error, "writing the PROXY header failed");
+                self.stats.relay_errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            self.stats
+                .copied
+                .fetch_add(header.len() as u64, Ordering::Relaxed);
+        }
+        match relay_counted(
+            client,
+            upstream,
+            &self.pool,
+            self.config.idle_timeout,
+            &self.stats.spliced,
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(RelayError::Idle { .. }) => {
+                self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                tracing::debug!(lb = %self.label, backend = %backend.name(), %error, "relay ended with an error");
+                self.stats.relay_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Peeks (without consuming) at the client's first bytes, bounded by
+    /// `peek_bytes` and `peek_timeout`, for a session route.
+    async fn peek_route(&self, client: &TcpStream) -> Option<String> {
+        let deadline = Instant::now() + self.config.peek_timeout;
+        let mut buf = vec![0u8; self.config.peek_bytes.max(1)];
+        let mut seen = 0usize;
+        loop {
+            let ready = match timeout_at(deadline, client.ready(Interest::READABLE)).await {
+                Ok(Ok(ready)) => ready,
+                Ok(Err(_)) => return None,
+                Err(_) => {
+                    self.stats.peek_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            };
+            let fd = client.as_fd();
+            // Only new bytes count as progress; "no new bytes" clears the
+            // readiness so we sleep until more arrive instead of spinning.
+            let peeked = client.try_io(Interest::READABLE, || {
+                let n = recv(
+                    fd.as_raw_fd(),
+                    &mut buf,
+                    MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+                )
+                .map_err(io::Error::from)?;
+                if n == seen && n != 0 {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(n)
+                }
+            });
+            match peeked {
+                Ok(0) => return None,
+                Ok(n) => seen = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if ready.is_read_closed() {
+                        // The client half-closed: no more bytes will come.
+                        return None;
+                    }
+                    continue;
+                }
+                Err(_) => return None,
+            }
+            match session_route(&buf[..seen]) {
+                Peeked::Route(route) => return Some(route),
+                Peeked::NoRoute => return None,
+                Peeked::Incomplete if seen >= buf.len() => return None,
+                Peeked::Incomplete => {}
+            }
+        }
+    }
+}
+
+/// Counts one open client connection for as long as its task lives, also
+/// when the task is aborted at the end of a drain.
+struct OpenConn(Arc<Balancer>);
+
+impl OpenConn {
+    fn new(balancer: Arc<Balancer>) -> Self {
+        balancer.stats.active.fetch_add(1, Ordering::Relaxed);
+        OpenConn(balancer)
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Probes one backend until it is retired or its balancer is gone.
+async fn check_backend(balancer: Weak<Balancer>, backend: Arc<Backend>, health: HealthConfig) {
+    let mut counter = HealthCounter::new(backend.is_up());
+    let mut tick = tokio::time::interval(health.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if backend.is_retired() {
+            return;
+        }
+        let ok = matches!(
+            timeout(health.timeout, TcpStream::connect(backend.spec.addr)).await,
+            Ok(Ok(_))
+        );
+        let Some(balancer) = balancer.upgrade() else {
+            return;
+        };
+        if let Some(up) = counter.observe(ok, health.rise, health.fall) {
+            balancer.backends.set_up(&backend, up);
+            if up {
+                tracing::info!(lb = %balancer.label, backend = %backend.name(), addr = %backend.spec.addr, "backend up");
+            } else {
+                tracing::warn!(lb = %balancer.label, backend = %backend.name(), addr = %backend.spec.addr, "backend down");
+            }
+        }
+    }
+}

@@ -1,0 +1,537 @@
+//! The balancer end to end on 127.0.0.1: real listener, real backends, real connections.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use spaced_lb::backend::{BackendSpec, Policy};
+use spaced_lb::balancer::{Balancer, HealthConfig, LbConfig, bind_listener};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+/// Longest any single step may take before the test calls it a hang.
+const STEP: Duration = Duration::from_secs(10);
+
+/// A test backend: on accept it writes `<name>\n` (with PROXY headers,
+/// `<name> <client>\n`), then echoes every byte until EOF, then closes.
+struct TestBackend {
+    spec: BackendSpec,
+    task: JoinHandle<()>,
+}
+
+impl TestBackend {
+    async fn start(name: &str, proxy: bool) -> TestBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(name, listener, proxy)
+    }
+
+    fn serve(name: &str, listener: TcpListener, proxy: bool) -> TestBackend {
+        let addr = listener.local_addr().unwrap();
+        let name = name.to_string();
+        let task_name = name.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let name = task_name.clone();
+                tokio::spawn(async move {
+                    let mut greeting = name;
+                    if proxy {
+                        let mut buf = Vec::new();
+                        loop {
+                            let mut chunk = [0u8; 64];
+                            let Ok(n) = s.read(&mut chunk).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                            match spaced_lb::proxy_v2::decode(&buf) {
+                                Ok(Some((client, _, len))) => {
+                                    greeting = format!("{greeting} {client}");
+                                    assert_eq!(
+                                        len,
+                                        buf.len(),
+                                        "test clients wait for the greeting"
+                                    );
+                                    break;
+                                }
+                                Ok(None) => continue,
+                                Err(_) => {
+                                    greeting = format!("{greeting} bad-header");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    if s.write_all(format!("{greeting}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        TestBackend {
+            spec: BackendSpec { name, addr },
+            task,
+        }
+    }
+
+    /// Stops accepting (the port then refuses connections).
+    fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+/// A balancer serving on an ephemeral port until the returned sender fires.
+async fn start(
+    config: LbConfig,
+    backends: &[BackendSpec],
+) -> (
+    Arc<Balancer>,
+    SocketAddr,
+    oneshot::Sender<()>,
+    JoinHandle<()>,
+) {
+    let listener = bind_listener("127.0.0.1:0".parse().unwrap(), false, 1024).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let balancer = Balancer::new(addr.to_string(), config);
+    balancer.set_backends(backends);
+    let (tx, rx) = oneshot::channel();
+    let b = balancer.clone();
+    let task = tokio::spawn(async move {
+        b.serve(listener, async move {
+            let _ = rx.await;
+        })
+        .await
+    });
+    (balancer, addr, tx, task)
+}
+
+fn quick_health() -> Option<HealthConfig> {
+    Some(HealthConfig {
+        interval: Duration::from_millis(50),
+        rise: 2,
+        fall: 2,
+        timeout: Duration::from_millis(200),
+    })
+}
+
+/// Connects, optionally sends `first`, and returns the backend's greeting line and the stream.
+async fn connect(addr: SocketAddr, first: &[u8]) -> (String, BufReader<TcpStream>) {
+    let mut s = timeout(STEP, TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    if !first.is_empty() {
+        s.write_all(first).await.unwrap();
+    }
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    timeout(STEP, r.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    (line.trim_end().to_string(), r)
+}
+
+async fn greeting(addr: SocketAddr, first: &[u8]) -> String {
+    connect(addr, first).await.0
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn three(proxy: bool) -> Vec<TestBackend> {
+    vec![
+        TestBackend::start("n1", proxy).await,
+        TestBackend::start("n2", proxy).await,
+        TestBackend::start("n3", proxy).await,
+    ]
+}
+
+fn specs(b: &[TestBackend]) -> Vec<BackendSpec> {
+    b.iter().map(|b| b.spec.clone()).collect()
+}
+
+#[tokio::test]
+async fn round_robin_spreads_evenly() {
+    let backends = three(false).await;
+    let (lb, addr, _stop, _) = start(LbConfig::default(), &specs(&backends)).await;
+    let mut counts = BTreeMap::<String, u32>::new();
+    for _ in 0..30 {
+        *counts.entry(greeting(addr, b"").await).or_default() += 1;
+    }
+    assert_eq!(
+        counts,
+        BTreeMap::from([("n1".into(), 10), ("n2".into(), 10), ("n3".into(), 10)])
+    );
+    assert_eq!(lb.stats().accepted.load(Ordering::Relaxed), 30);
+}
+
+const STICKY_N2: &[u8] =
+    b"GET /app HTTP/1.1\r\nHost: x\r\nCookie: theme=dark; JSESSIONID=8F3A9C.n2\r\n\r\n";
+
+#[tokio::test]
+async fn jsessionid_route_sticks_while_healthy_and_moves_when_not() {
+    let backends = three(false).await;
+    let config = LbConfig {
+        policy: Policy::Sticky,
+        health: quick_health(),
+        ..LbConfig::default()
+    };
+    let (lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+    for _ in 0..12 {
+        assert_eq!(greeting(addr, STICKY_N2).await, "n2");
+    }
+    let path_param = b"GET /app;jsessionid=77.n3?x=1 HTTP/1.1\r\nHost: x\r\n\r\n";
+    for _ in 0..6 {
+        assert_eq!(greeting(addr, path_param).await, "n3");
+    }
+    assert_eq!(lb.stats().sticky_routed.load(Ordering::Relaxed), 18);
+
+    backends[1].kill();
+    let n2 = lb.backends().snapshot()[1].clone();
+    wait_for("n2 to be marked down", || !n2.is_up()).await;
+    for _ in 0..12 {
+        assert_ne!(greeting(addr, STICKY_N2).await, "n2");
+    }
+    // The session still works end to end through the other backend (echo).
+    let (_, mut s) = connect(addr, STICKY_N2).await;
+    let mut echoed = vec![0u8; STICKY_N2.len()];
+    timeout(STEP, s.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, STICKY_N2);
+}
+
+#[tokio::test]
+async fn unfinished_or_garbage_first_bytes_fall_back_to_round_robin() {
+    let backends = three(false).await;
+    let config = LbConfig {
+        policy: Policy::Sticky,
+        peek_timeout: Duration::from_millis(200),
+        health: None,
+        ..LbConfig::default()
+    };
+    let (lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+    // A request head that never ends: after the peek timeout round-robin
+    // decides, so three connections see three different backends (a sticky
+    // choice would have given n2 each time).
+    let unfinished = b"GET / HTTP/1.1\r\nCookie: JSESSIONID=1.n2\r\nX-Slow: ";
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        seen.insert(greeting(addr, unfinished).await);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(lb.stats().peek_timeouts.load(Ordering::Relaxed), 3);
+
+    // Garbage (a TLS ClientHello start) is decided at once, no timeout.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        seen.insert(greeting(addr, &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(lb.stats().peek_timeouts.load(Ordering::Relaxed), 3);
+    // A client that says nothing (server speaks first) is served after the timeout too.
+    assert!(!greeting(addr, b"").await.is_empty());
+}
+
+#[tokio::test]
+async fn connection_limit_refuses_the_excess_and_serves_the_rest() {
+    let backends = three(false).await;
+    let config = LbConfig {
+        max_conns: 5,
+        ..LbConfig::default()
+    };
+    let (lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(connect(addr, b"").await.1);
+    }
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        // Refused at accept: closed without a greeting.
+        let n = timeout(STEP, s.read(&mut buf)).await.unwrap().unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    assert_eq!(lb.stats().refused_limit.load(Ordering::Relaxed), 3);
+    for s in &mut held {
+        s.get_mut().write_all(b"still here").await.unwrap();
+        let mut buf = [0u8; 10];
+        timeout(STEP, s.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf, b"still here");
+    }
+    drop(held);
+    wait_for("the held connections to close", || {
+        lb.stats().active.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert_eq!(greeting(addr, b"").await.len(), 2);
+}
+
+#[tokio::test]
+async fn many_concurrent_connections_are_relayed_intact() {
+    let backends = three(false).await;
+    let (lb, addr, _stop, _) = start(LbConfig::default(), &specs(&backends)).await;
+    let mut clients = Vec::new();
+    for i in 0..200u32 {
+        clients.push(tokio::spawn(async move {
+            let (_, mut s) = connect(addr, b"").await;
+            let payload: Vec<u8> = (0..64 * 1024u32).map(|j| (i * 31 + j) as u8).collect();
+            let (mut r, mut w) = s.get_mut().split();
+            let send = async {
+                w.write_all(&payload).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut back = Vec::new();
+            let recv = r.read_to_end(&mut back);
+            let (_, got) = tokio::join!(send, recv);
+            got.unwrap();
+            assert_eq!(back, payload, "connection {i}");
+        }));
+    }
+    for c in clients {
+        timeout(STEP * 3, c).await.unwrap().unwrap();
+    }
+    let s = lb.stats();
+    assert_eq!(s.accepted.load(Ordering::Relaxed), 200);
+    assert_eq!(
+        s.spliced.client_to_backend.load(Ordering::Relaxed),
+        200 * 64 * 1024
+    );
+    let per_backend: Vec<u64> = lb.backends().snapshot().iter().map(|b| b.total()).collect();
+    assert_eq!(per_backend.iter().sum::<u64>(), 200);
+}
+
+#[tokio::test]
+async fn backend_dying_mid_stream_closes_the_client() {
+    // A backend that sends a little, then resets the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(b"partial").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // SO_LINGER 0: close sends a reset, as a crashed peer's kernel would.
+            let _ = nix::sys::socket::setsockopt(
+                &s,
+                nix::sys::socket::sockopt::Linger,
+                &nix::libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            );
+            drop(s);
+        }
+    });
+    let spec = BackendSpec {
+        name: "dying".into(),
+        addr: backend_addr,
+    };
+    let (lb, addr, _stop, _) = start(
+        LbConfig {
+            health: None,
+            ..LbConfig::default()
+        },
+        &[spec],
+    )
+    .await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut got = Vec::new();
+    // Ends (EOF or reset) instead of hanging.
+    let _ = timeout(STEP, s.read_to_end(&mut got)).await.unwrap();
+    assert!(got.starts_with(b"partial") || got.is_empty(), "{got:?}");
+    wait_for("the relay to end", || {
+        lb.stats().active.load(Ordering::Relaxed) == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn half_close_from_the_client_still_gets_the_answer() {
+    let backends = three(false).await;
+    let (_lb, addr, _stop, _) = start(LbConfig::default(), &specs(&backends[..1])).await;
+    let (_, mut s) = connect(addr, b"").await;
+    s.get_mut().write_all(b"question").await.unwrap();
+    s.get_mut().shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    timeout(STEP, s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        rest, b"question",
+        "echo arrives after our FIN, then the backend's FIN"
+    );
+}
+
+#[tokio::test]
+async fn failed_connects_are_redispatched_and_dead_backends_get_nothing() {
+    let mut backends = three(false).await;
+    // n2's port refuses connections.
+    backends[1].kill();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let config = LbConfig {
+        health: quick_health(),
+        ..LbConfig::default()
+    };
+    let (lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+    // Before the checker notices, connects to n2 fail over to another backend.
+    for _ in 0..9 {
+        assert_ne!(greeting(addr, b"").await, "n2");
+    }
+    let n2 = lb.backends().snapshot()[1].clone();
+    wait_for("n2 to be marked down", || !n2.is_up()).await;
+    let errors_when_down = n2.connect_errors();
+    for _ in 0..9 {
+        assert_ne!(greeting(addr, b"").await, "n2");
+    }
+    assert_eq!(
+        n2.connect_errors(),
+        errors_when_down,
+        "a down backend gets no attempts"
+    );
+
+    // n2 comes back on the same port: after `rise` good checks it is used again.
+    let listener = TcpListener::bind(backends[1].spec.addr).await.unwrap();
+    backends[1] = TestBackend::serve("n2", listener, false);
+    wait_for("n2 to be marked up", || n2.is_up()).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(greeting(addr, b"").await);
+    }
+    assert!(seen.contains("n2"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn no_backend_up_closes_the_client() {
+    let backends = three(false).await;
+    let config = LbConfig {
+        health: None,
+        retries: 5,
+        ..LbConfig::default()
+    };
+    for b in &backends {
+        b.kill();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = timeout(STEP, s.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(lb.stats().no_backend.load(Ordering::Relaxed), 1);
+    assert_eq!(lb.stats().connect_errors.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn drain_refuses_new_connections_and_lets_open_ones_finish() {
+    let backends = three(false).await;
+    let config = LbConfig {
+        drain_grace: Duration::from_millis(600),
+        ..LbConfig::default()
+    };
+    let (lb, addr, stop, task) = start(config, &specs(&backends)).await;
+    let (_, mut open) = connect(addr, b"").await;
+    stop.send(()).unwrap();
+    wait_for("accepting to stop", || !lb.is_accepting()).await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "a drained listener must refuse new connections"
+    );
+    // The open connection keeps working during the grace period.
+    open.get_mut().write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    timeout(STEP, open.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+    // Then the grace ends and it is cut.
+    timeout(STEP, task).await.unwrap().unwrap();
+    let mut rest = Vec::new();
+    let _ = timeout(STEP, open.read_to_end(&mut rest)).await.unwrap();
+    assert_eq!(lb.stats().drain_cut.load(Ordering::Relaxed), 1);
+    assert_eq!(lb.stats().active.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn backend_updates_keep_open_connections() {
+    let backends = three(false).await;
+    let (lb, addr, _stop, _) = start(LbConfig::default(), &specs(&backends)).await;
+    let (first, mut open) = connect(addr, b"").await;
+    let keep: Vec<BackendSpec> = specs(&backends)
+        .into_iter()
+        .filter(|s| s.name != first)
+        .collect();
+    lb.set_backends(&keep);
+    open.get_mut().write_all(b"after update").await.unwrap();
+    let mut buf = [0u8; 12];
+    timeout(STEP, open.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"after update");
+    for _ in 0..6 {
+        assert_ne!(greeting(addr, b"").await, first);
+    }
+}
+
+#[tokio::test]
+async fn source_affinity_keeps_a_client_on_one_backend() {
+    let backends = three(false).await;
+    let config = LbConfig {
+        policy: Policy::Source,
+        ..LbConfig::default()
+    };
+    let (_lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+    let first = greeting(addr, b"").await;
+    for _ in 0..10 {
+        assert_eq!(greeting(addr, b"").await, first);
+    }
+}
+
+#[tokio::test]
+async fn proxy_protocol_v2_tells_the_backend_who_the_client_is() {
+    let backends = three(true).await;
+    let config = LbConfig {
+        proxy_protocol: true,
+        health: None,
+        ..LbConfig::default()
+    };
+    let (lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+    let s = TcpStream::connect(addr).await.unwrap();
+    let me = s.local_addr().unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    timeout(STEP, r.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, client) = line.trim_end().split_once(' ').unwrap();
+    assert_eq!(client, me.to_string());
+    assert!(lb.stats().copied.load(Ordering::Relaxed) > 0);
+}

@@ -1,0 +1,277 @@
+//! The balancer on the cluster VIP: bound before takeover, accepting only while this node holds the VIP, backends from the fabric.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use spaced_lb::backend::BackendSpec;
+use spaced_lb::balancer::{Balancer, bind_listener};
+use spaced_raft::fabric::{AdminState, Fabric};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{LbPort, LbSection};
+use crate::daemon::NodeInner;
+
+/// How often the service looks at VIP ownership and the fabric's backends.
+/// Connections that arrive in between wait in the pre-bound listener's
+/// backlog, so this adds latency to the first connections, not failures.
+const TICK: Duration = Duration::from_millis(20);
+
+/// Listen backlog: connections queued while the service notices a takeover.
+const BACKLOG: i32 = 4096;
+
+/// The node's balancers, one per configured port, all following one VIP.
+pub struct LbService {
+    /// The `[lb]` section.
+    section: LbSection,
+    /// The VIP's address (from the node's `[[vip]]` entry).
+    vip_ip: IpAddr,
+    /// Bind with `IP_FREEBIND` ahead of takeover (netlink mode); in loopback
+    /// mode every node shares 127/8, so a listener is bound only while active.
+    prebind: bool,
+    /// One balancer per port, in `section.ports` order.
+    balancers: Vec<(LbPort, Arc<Balancer>)>,
+}
+
+impl LbService {
+    /// Builds the balancers; nothing is bound until [`run`] starts.
+    pub fn new(section: &LbSection, vip_ip: IpAddr, prebind: bool) -> Arc<Self> {
+        let config = section.balancer_config();
+        let balancers = section
+            .ports
+            .iter()
+            .map(|port| {
+                let label = SocketAddr::new(vip_ip, port.listen).to_string();
+                (*port, Balancer::new(label, config.clone()))
+            })
+            .collect();
+        Arc::new(LbService {
+            section: section.clone(),
+            vip_ip,
+            prebind,
+            balancers,
+        })
+    }
+
+    /// The balancers, for metrics and status.
+    pub fn balancers(&self) -> impl Iterator<Item = &Arc<Balancer>> {
+        self.balancers.iter().map(|(_, b)| b)
+    }
+
+    /// Prometheus text for all ports.
+    pub fn render(&self, out: &mut String) {
+        let rendered: Vec<_> = self.balancers().map(|b| b.rendered()).collect();
+        spaced_lb::stats::render_prometheus(&rendered, out);
+    }
+}
+
+/// The backends the fabric names for `port`: active nodes with the backend
+/// role, at their management IP (or their Raft address's IP).
+pub fn fabric_backends(fabric: &Fabric, role: &str, port: u16) -> Vec<BackendSpec> {
+    fabric
+        .nodes
+        .values()
+        .filter(|n| n.admin_state == AdminState::Active && n.roles.contains(role))
+        .filter_map(|n| {
+            let ip = n
+                .mgmt_ip
+                .or_else(|| n.raft_addr.parse::<SocketAddr>().ok().map(|a| a.ip()))?;
+            Some(BackendSpec {
+                name: n.name.clone(),
+                addr: SocketAddr::new(ip, port),
+            })
+        })
+        .collect()
+}
+
+/// One port's listener state.
+enum PortState {
+    /// Not holding the VIP; maybe a listener bound ahead of takeover.
+    Standby(Option<TcpListener>),
+    /// Accepting; the sender stops `serve`, which then drains in the background.
+    Active(oneshot::Sender<()>),
+}
+
+/// Follows VIP ownership and the fabric until shutdown, then drains.
+pub(crate) async fn run(
+    inner: Arc<NodeInner>,
+    service: Arc<LbService>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut states: Vec<PortState> = service
+        .balancers
+        .iter()
+        .map(|_| PortState::Standby(None))
+        .collect();
+    let mut draining: Vec<JoinHandle<()>> = Vec::new();
+    let mut last_backends: Option<Vec<Vec<BackendSpec>>> = None;
+    let mut bind_errors: BTreeSet<u16> = BTreeSet::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        draining.retain(|h| !h.is_finished());
+
+        let backends: Vec<Vec<BackendSpec>> = inner.view.read(|f| {
+            service
+                .balancers
+                .iter()
+                .map(|(port, _)| fabric_backends(f, &service.section.backend_role, port.backend))
+                .collect()
+        });
+        if last_backends.as_ref() != Some(&backends) {
+            for ((_, balancer), specs) in service.balancers.iter().zip(&backends) {
+                balancer.set_backends(specs);
+            }
+            last_backends = Some(backends);
+        }
+
+        let holding = inner
+            .placements
+            .agent
+            .active_names()
+            .iter()
+            .any(|n| n == &service.section.vip);
+        for ((port, balancer), state) in service.balancers.iter().zip(states.iter_mut()) {
+            let addr = SocketAddr::new(service.vip_ip, port.listen);
+            match (holding, &mut *state) {
+                (true, PortState::Standby(bound)) => {
+                    let listener = match bound.take() {
+                        Some(l) => Ok(l),
+                        None => bind_listener(addr, service.prebind, BACKLOG),
+                    };
+                    match listener {
+                        Ok(listener) => {
+                            bind_errors.remove(&port.listen);
+                            let (stop_tx, stop_rx) = oneshot::channel();
+                            let balancer = balancer.clone();
+                            draining.push(tokio::spawn(async move {
+                                balancer
+                                    .serve(listener, async move {
+                                        let _ = stop_rx.await;
+                                    })
+                                    .await;
+                            }));
+                            tracing::info!(vip = %service.section.vip, %addr, "balancer active");
+                            *state = PortState::Active(stop_tx);
+                        }
+                        Err(error) => {
+                            if bind_errors.insert(port.listen) {
+                                tracing::error!(vip = %service.section.vip, %error, "balancer cannot listen; retrying");
+                            }
+                        }
+                    }
+                }
+                (false, PortState::Active(_)) => {
+                    if let PortState::Active(stop) =
+                        std::mem::replace(state, PortState::Standby(None))
+                    {
+                        let _ = stop.send(());
+                    }
+                    tracing::info!(vip = %service.section.vip, %addr, "VIP lost; balancer draining");
+                }
+                (false, PortState::Standby(bound)) if bound.is_none() && service.prebind => {
+                    // The previous listener may still be closing; retry every tick.
+                    if let Ok(listener) = bind_listener(addr, true, BACKLOG) {
+                        *bound = Some(listener);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    for state in states {
+        if let PortState::Active(stop) = state {
+            let _ = stop.send(());
+        }
+    }
+    for handle in draining {
+        let _ = handle.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spaced_raft::fabric::NodeRecord;
+
+    fn node(
+        name: &str,
+        raft: &str,
+        mgmt: Option<&str>,
+        roles: &[&str],
+        state: AdminState,
+    ) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            raft_addr: raft.into(),
+            mgmt_ip: mgmt.map(|m| m.parse().unwrap()),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            admin_state: state,
+            joined_at: 0,
+        }
+    }
+
+    #[test]
+    fn backends_are_active_app_nodes_at_their_management_ip() {
+        let mut f = Fabric::default();
+        f.nodes.insert(
+            1,
+            node(
+                "n1",
+                "10.0.0.1:7000",
+                None,
+                &["ha", "app"],
+                AdminState::Active,
+            ),
+        );
+        f.nodes.insert(
+            2,
+            node(
+                "n2",
+                "10.0.0.2:7000",
+                Some("192.168.0.2"),
+                &["app"],
+                AdminState::Active,
+            ),
+        );
+        f.nodes.insert(
+            3,
+            node("n3", "10.0.0.3:7000", None, &["app"], AdminState::Draining),
+        );
+        f.nodes.insert(
+            4,
+            node("n4", "10.0.0.4:7000", None, &["db"], AdminState::Active),
+        );
+        f.nodes.insert(
+            5,
+            node(
+                "n5",
+                "node5.example:7000",
+                None,
+                &["app"],
+                AdminState::Active,
+            ),
+        );
+        let got = fabric_backends(&f, "app", 8080);
+        assert_eq!(
+            got,
+            vec![
+                BackendSpec {
+                    name: "n1".into(),
+                    addr: "10.0.0.1:8080".parse().unwrap()
+                },
+                BackendSpec {
+                    name: "n2".into(),
+                    addr: "192.168.0.2:8080".parse().unwrap()
+                },
+            ]
+        );
+    }
+}
