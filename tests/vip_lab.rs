@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use spaced_node::config::{
-    LeaseTimings, NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection,
+    LbPort, LbSection, LeaseTimings, NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection,
 };
 use spaced_tests::lab::{AddressWatch, Lab, LabProcess, lab_or_skip};
 use spaced_tests::{binary, make_pki, spacectl_stdout, wait_until};
@@ -36,6 +36,14 @@ struct Fabric {
 impl Fabric {
     /// Starts `roles.len()` hosts with those roles; h1 bootstraps, the others join.
     fn start(roles: &[&[&str]]) -> Result<Option<Fabric>> {
+        Self::start_with(roles, |_, _| {})
+    }
+
+    /// [`Fabric::start`], letting `adjust` change each node's config once the lab's addresses are known.
+    fn start_with(
+        roles: &[&[&str]],
+        adjust: impl Fn(&Lab, &mut NodeConfig),
+    ) -> Result<Option<Fabric>> {
         let Some(lab) = lab_or_skip(roles.len())? else {
             return Ok(None);
         };
@@ -52,7 +60,7 @@ impl Fabric {
             let host = f.lab.host(i + 1).clone();
             let name = format!("n{id}");
             let dir = f.lab.dir().to_path_buf();
-            let cfg = NodeConfig {
+            let mut cfg = NodeConfig {
                 node_id: id,
                 name: name.clone(),
                 data_dir: dir.join(format!("data-{name}")),
@@ -72,6 +80,7 @@ impl Fabric {
                 lb: None,
                 source: dir.join(format!("{name}.toml")),
             };
+            adjust(&f.lab, &mut cfg);
             std::fs::write(&cfg.source, cfg.to_toml())?;
             f.configs.push(cfg.source.clone());
             f.procs.push(Some(f.spawn(i + 1, id == 1)?));
@@ -577,6 +586,111 @@ fn bad_vip_config_is_refused_at_start() -> Result<()> {
             !lab.addresses(&h.ns)?
                 .iter()
                 .any(|a| a.to_string().starts_with("192.0.2."))
+        );
+    }
+    Ok(())
+}
+
+/// Port the balancer listens on at the VIP, and the backend port on every app node.
+const LB_PORT: u16 = 80;
+const APP_PORT: u16 = 8081;
+
+#[test]
+fn balancer_on_the_vip_spreads_over_app_nodes_and_follows_the_vip() -> Result<()> {
+    let _serial = one_lab();
+    let roles: &[&[&str]] = &[&["ha", "app"], &["ha", "app"], &["ha", "app"]];
+    let Some(f) = Fabric::start_with(roles, |lab, cfg| {
+        let ip = IpAddr::V4(lab.free_ip(0));
+        cfg.vips.push(vip("cluster", ip, 24, &["ha"]));
+        cfg.lb = Some(LbSection {
+            vip: "cluster".into(),
+            ports: vec![LbPort {
+                listen: LB_PORT,
+                backend: APP_PORT,
+            }],
+            backend_role: "app".into(),
+            policy: "rr".into(),
+            max_conns: 1000,
+            connect_timeout_ms: 500,
+            retries: 2,
+            idle_timeout_s: 30,
+            peek_timeout_ms: 500,
+            proxy_protocol: false,
+            health_interval_ms: 200,
+            rise: 2,
+            fall: 2,
+            drain_grace_s: 1,
+        });
+    })?
+    else {
+        return Ok(());
+    };
+    let vip_ip = IpAddr::V4(f.lab.free_ip(0));
+    for h in 1..=3 {
+        let host = f.lab.host(h).clone();
+        f.lab.serve_in(
+            &host.ns,
+            SocketAddr::new(IpAddr::V4(host.ip), APP_PORT),
+            format!("app-n{h}").into_bytes(),
+        )?;
+    }
+    let through_lb = |f: &Fabric| {
+        f.lab
+            .tcp_exchange(
+                &f.lab.client().ns,
+                SocketAddr::new(vip_ip, LB_PORT),
+                b"",
+                Duration::from_millis(1500),
+            )
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).to_string())
+    };
+    // Round-robin over every app node once all have joined the fabric.
+    f.wait(
+        Duration::from_secs(30),
+        "the balancer to reach all three app nodes",
+        |f| {
+            let seen: std::collections::BTreeSet<String> =
+                (0..6).filter_map(|_| through_lb(f)).collect();
+            Ok(seen.len() == 3)
+        },
+    )?;
+    let owner = f.vip_owner("cluster", None).context("VIP owner")? as usize;
+
+    // The owner dies: its app server stays up in the namespace, but its node
+    // is gone; the new VIP owner's balancer (bound in advance with
+    // IP_FREEBIND) takes the connections without a restart.
+    f.procs[owner - 1]
+        .as_ref()
+        .context("owner process")?
+        .signal(Signal::SIGKILL)?;
+    let t = Instant::now();
+    f.wait(
+        Duration::from_secs(20),
+        "the balancer to answer on the new owner",
+        |f| {
+            Ok(f.vip_owner("cluster", Some(owner))
+                .is_some_and(|o| o as usize != owner)
+                && through_lb(f).is_some())
+        },
+    )?;
+    eprintln!(
+        "balancer back on the VIP {:?} after SIGKILL of its owner",
+        t.elapsed()
+    );
+    let new_owner = f.vip_owner("cluster", Some(owner)).context("new owner")? as usize;
+    assert_ne!(new_owner, owner);
+    // Only the new owner holds the VIP, and its balancer still spreads over all app backends
+    // (the dead node's app server is still running, so it stays a healthy backend).
+    let seen: std::collections::BTreeSet<String> = (0..9).filter_map(|_| through_lb(&f)).collect();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (h, ns) in f.host_namespaces().iter().enumerate() {
+        let holds = f.lab.addresses(ns)?.contains(&vip_ip);
+        assert_eq!(
+            holds,
+            h + 1 == new_owner,
+            "host {} holds the VIP: {holds}",
+            h + 1
         );
     }
     Ok(())
