@@ -841,6 +841,64 @@ key = "n.key"
     }
 
     #[test]
+    fn lb_section_parses_and_bad_values_are_named() {
+        let vip = "[[vip]]\nname = \"cluster\"\naddress = \"10.0.0.100/24\"\ninterface = \"eth0\"\nroles = [\"ha\"]\n";
+        let good = format!(
+            "{MINIMAL}{vip}[lb]\nvip = \"cluster\"\npolicy = \"sticky\"\nports = [{{ listen = 80, backend = 8080 }}]\n"
+        );
+        let c = NodeConfig::parse_str(&good, src()).unwrap();
+        let lb = c.lb.as_ref().unwrap();
+        assert_eq!(lb.backend_role, "app");
+        assert_eq!(
+            lb.ports,
+            vec![LbPort {
+                listen: 80,
+                backend: 8080
+            }]
+        );
+        let b = lb.balancer_config();
+        assert_eq!(b.policy, spaced_lb::backend::Policy::Sticky);
+        assert_eq!(b.health.unwrap().fall, 3);
+        let back = NodeConfig::parse_str(&c.to_toml(), src()).unwrap();
+        assert_eq!(back.lb, c.lb);
+
+        for (text, key, problem) in [
+            (
+                good.replace("policy = \"sticky\"", "policy = \"random\""),
+                "lb.policy",
+                "unknown balancing policy",
+            ),
+            (
+                good.replace("vip = \"cluster\"\npolicy", "vip = \"other\"\npolicy"),
+                "lb.vip",
+                "no [[vip]] named",
+            ),
+            (
+                good.replace("listen = 80", "listen = 0"),
+                "lb.ports[0]",
+                "port 0",
+            ),
+            (
+                good.replace("[{ listen = 80, backend = 8080 }]", "[]"),
+                "lb.ports",
+                "at least one",
+            ),
+            (
+                format!("{good}max_conns = 0\n"),
+                "lb.max_conns",
+                "greater than 0",
+            ),
+            (format!("{good}fall = 0\n"), "lb.fall", "at least 1"),
+        ] {
+            let msg = err_of(&text);
+            assert!(
+                msg.contains(&format!("key `{key}`")) && msg.contains(problem),
+                "{key}: {msg}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let msg = err_of(&with_raft("heartbeat_ms = 5"));
         assert!(
