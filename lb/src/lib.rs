@@ -10,4 +10,5 @@
 //!
 //! Listener, backend selection and health checks are not built yet.
 
+pub mod peek;
 pub mod relay;
