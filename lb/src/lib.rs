@@ -11,4 +11,5 @@
 //! Listener, backend selection and health checks are not built yet.
 
 pub mod peek;
+pub mod proxy_v2;
 pub mod relay;
