@@ -10,6 +10,7 @@
 //!
 //! Listener, backend selection and health checks are not built yet.
 
+pub mod maglev;
 pub mod peek;
 pub mod proxy_v2;
 pub mod relay;
