@@ -190,5 +190,50 @@ fn relay_throughput(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, peek, maglev, proxy_header, relay_throughput);
+/// Backend choice per policy over 3 and 16 backends, as done once per new connection.
+fn choice(c: &mut Criterion) {
+    use spaced_lb::backend::{BackendSpec, Backends, Policy};
+    let mut group = c.benchmark_group("choice");
+    for n in [3usize, 16] {
+        let backends = Backends::new();
+        let specs: Vec<BackendSpec> = backend_names(n)
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| BackendSpec {
+                name,
+                addr: std::net::SocketAddr::from(([10, 0, 0, 1], 8000 + i as u16)),
+            })
+            .collect();
+        backends.update(&specs);
+        let route = specs[n / 2].name.clone();
+        let client = std::net::IpAddr::from([192, 0, 2, 7]);
+        for policy in [
+            Policy::RoundRobin,
+            Policy::LeastConn,
+            Policy::Sticky,
+            Policy::Source,
+        ] {
+            group.bench_function(format!("{policy}/{n}"), |b| {
+                b.iter(|| {
+                    black_box(backends.choose(
+                        black_box(policy),
+                        Some(route.as_str()),
+                        black_box(client),
+                        &[],
+                    ))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    peek,
+    maglev,
+    proxy_header,
+    choice,
+    relay_throughput
+);
 criterion_main!(benches);
