@@ -51,3 +51,107 @@ fn bad_config_exits_2_naming_file_and_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 }
+
+#[test]
+fn spaced_lb_bad_flags_exit_2_naming_them_and_a_busy_port_exits_1() {
+    for (args, needle) in [
+        (
+            vec!["--listen", "127.0.0.1:0", "--backend", "n1=nowhere"],
+            "nowhere",
+        ),
+        (
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                "127.0.0.1:80",
+                "--policy",
+                "random",
+            ],
+            "random",
+        ),
+        (
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                "127.0.0.1:80",
+                "--threads",
+                "0",
+            ],
+            "--threads",
+        ),
+        (vec!["--listen", "127.0.0.1:0"], "--backend"),
+    ] {
+        let out = spaced().arg("lb").args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = spaced()
+        .args(["lb", "--listen", &addr, "--backend", "127.0.0.1:80"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&addr) && err.contains("bind"), "{err}");
+}
+
+#[test]
+fn spaced_lb_relays_to_its_backend_and_stops_on_sigterm() {
+    use std::io::{Read, Write};
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in backend.incoming().flatten() {
+            let mut buf = [0u8; 5];
+            if s.read_exact(&mut buf).is_ok() {
+                let _ = s.write_all(b"pong:");
+                let _ = s.write_all(&buf);
+            }
+        }
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = spaced()
+        .args([
+            "lb",
+            "--listen",
+            &listen,
+            "--threads",
+            "1",
+            "--drain-grace-s",
+            "0",
+        ])
+        .arg("--backend")
+        .arg(format!("b1={backend_addr}"))
+        .env("SPACED_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut reply = Vec::new();
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(&listen) {
+            s.write_all(b"ping!").unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            reply.clear();
+            let _ = s.read_to_end(&mut reply);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(String::from_utf8_lossy(&reply), "pong:ping!");
+    assert!(status.success(), "{status:?}");
+}
