@@ -13,6 +13,7 @@ pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod placement;
+pub mod supervisor;
 pub mod takeover;
 pub mod takeover_backend;
 
