@@ -15,6 +15,7 @@ pub mod lease;
 pub mod metrics;
 pub mod placement;
 pub mod standalone_lb;
+pub mod supervisor;
 pub mod takeover;
 pub mod takeover_backend;
 
