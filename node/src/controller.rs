@@ -3,7 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use spaced_raft::NodeId;
-use spaced_raft::fabric::{AdminState, Command, Fabric, Placement};
+use spaced_raft::assign;
+use spaced_raft::fabric::{AdminState, Command, Fabric, Millis, Placement};
 
 /// Whether `node` may hold `p`: registered, active, and one of the eligible roles.
 pub fn eligible(fabric: &Fabric, p: &Placement, node: NodeId) -> bool {
@@ -86,6 +87,22 @@ pub fn plan(
         }
     }
     out
+}
+
+/// Device commands the leader should propose now, `batch` assignments per command: devices that
+/// are unassigned (just registered, or their owner was removed) or whose owner is not live or no
+/// longer eligible go to the least-loaded live, active `app` nodes (see [`assign::reassign_lost`]).
+/// Devices on eligible nodes stay put: no automatic failback or rebalance, as in the model.
+///
+/// Each command carries the owners it was planned from, so a plan that a committed change has
+/// overtaken is refused whole and simply planned again from the newer view on the next tick.
+pub fn plan_devices(
+    fabric: &Fabric,
+    live: &BTreeSet<NodeId>,
+    at: Millis,
+    batch: usize,
+) -> Vec<Command> {
+    assign::assign_commands(assign::reassign_lost(fabric, live), batch, at)
 }
 
 #[cfg(test)]
@@ -279,5 +296,111 @@ mod tests {
             plan(&f, &live(&[1, 2]), 2, &none, &prefer),
             vec![grant("cluster", 1, 3)]
         );
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use spaced_raft::fabric::{DeviceMode, DeviceStatus, MAX_DEVICES_PER_COMMAND, NewDevice};
+
+    use super::*;
+
+    fn fabric(app_nodes: NodeId, devices: usize) -> Fabric {
+        let mut f = Fabric::default();
+        for id in 1..=app_nodes {
+            f.apply(&Command::RegisterNode {
+                id,
+                name: format!("n{id}"),
+                raft_addr: "a".into(),
+                mgmt_ip: None,
+                roles: ["app".to_string()].into(),
+                at: 0,
+            })
+            .unwrap();
+        }
+        let all: Vec<NewDevice> = (0..devices)
+            .map(|i| NewDevice {
+                id: format!("d{i:05}"),
+                addr: "10.1.0.1".into(),
+                mode: DeviceMode::SpaceInitiated,
+            })
+            .collect();
+        for chunk in all.chunks(MAX_DEVICES_PER_COMMAND) {
+            f.apply(&Command::AddDevices {
+                devices: chunk.to_vec(),
+                at: 1,
+            })
+            .unwrap();
+        }
+        f
+    }
+
+    fn live(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
+    }
+
+    /// Registration, node loss and a stale plan, driven through the state machine the way the
+    /// controller loop would: plan, propose, apply.
+    #[test]
+    fn registered_devices_are_assigned_and_a_lost_nodes_devices_move() {
+        let mut f = fabric(3, 10_000);
+        let cmds = plan_devices(&f, &live(&[1, 2, 3]), 5, assign::ASSIGN_BATCH);
+        assert_eq!(
+            cmds.len(),
+            10,
+            "10,000 registrations → 10 commands of 1,000"
+        );
+        for c in &cmds {
+            f.apply(c).unwrap();
+        }
+        assert_eq!(
+            f.device_counts(),
+            BTreeMap::from([(1, 3334), (2, 3333), (3, 3333)])
+        );
+        assert!(
+            f.devices
+                .values()
+                .all(|d| d.status == DeviceStatus::Connecting && d.since == 5)
+        );
+        assert_eq!(plan_devices(&f, &live(&[1, 2, 3]), 6, 1000), vec![]);
+
+        // Node 3 is lost; the plan is made, but node 1 is lost too before it commits.
+        let stale = plan_devices(&f, &live(&[1, 2]), 7, 1000);
+        let fresh = plan_devices(&f, &live(&[2]), 7, 1000);
+        for c in &fresh {
+            f.apply(c).unwrap();
+        }
+        let before = f.clone();
+        for c in &stale {
+            assert!(
+                f.apply(c).is_err(),
+                "{c} planned from an old view must be refused"
+            );
+        }
+        assert_eq!(f, before);
+        assert_eq!(
+            f.device_counts(),
+            BTreeMap::from([(1, 0), (2, 10_000), (3, 0)])
+        );
+        assert_eq!(plan_devices(&f, &live(&[2]), 8, 1000), vec![]);
+    }
+
+    #[test]
+    fn no_app_node_alive_leaves_devices_unassigned() {
+        let mut f = fabric(2, 4);
+        for c in plan_devices(&f, &live(&[1, 2]), 5, 1000) {
+            f.apply(&c).unwrap();
+        }
+        let cmds = plan_devices(&f, &live(&[]), 6, 1000);
+        assert_eq!(cmds.len(), 1);
+        for c in &cmds {
+            f.apply(c).unwrap();
+        }
+        assert!(
+            f.devices
+                .values()
+                .all(|d| d.owner.is_none() && d.status == DeviceStatus::Unassigned)
+        );
+        assert_eq!(plan_devices(&f, &live(&[]), 7, 1000), vec![]);
     }
 }

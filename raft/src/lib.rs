@@ -1,5 +1,6 @@
 //! spaced's replicated fabric: Raft types, the `Fabric` state machine, sled storage and the QUIC transport.
 
+pub mod assign;
 pub mod codec;
 pub mod fabric;
 pub mod frame;
