@@ -18,12 +18,17 @@
 //! * *out* runs only with bytes in the pipe, so its `EAGAIN` always means
 //!   "socket full": it goes through `try_io(WRITABLE)`, which clears tokio's
 //!   write readiness, and we then wait on `writable()`.
-//! * *in* with an **empty** pipe: `EAGAIN` can only mean "socket empty", so it
-//!   goes through `try_io(READABLE)` and we wait on `readable()`.
-//! * *in* with a **non-empty** pipe: `EAGAIN` may be the pipe's fault, so the
-//!   raw splice is used and read readiness is left alone. We never wait for
-//!   readability in that state: the pipe must drain first, so we wait on the
-//!   destination's `writable()`, drain, and retry.
+//! * *in* always goes through `try_io(READABLE)`, so an `EAGAIN` clears
+//!   tokio's read readiness. With an **empty** pipe that is exact ("socket
+//!   empty"). With a **non-empty** pipe it may be wrong (the pipe ran out of
+//!   slots while the socket still holds bytes), so in that state we never
+//!   wait for readability *alone*: we wait for the destination's
+//!   `writable()` **or** the source's `readable()`, whichever comes first.
+//!   The destination always becomes writable eventually, the pipe drains, and
+//!   the loop retries the *in* splice without looking at readiness. Waiting
+//!   on both keeps the pipeline full: while the destination is busy, newly
+//!   arrived source bytes are pulled into the pipe's free room at once
+//!   instead of piling up in the socket and closing the sender's TCP window.
 //!
 //! When the *in* splice returns 0 the source sent FIN: the loop drains the
 //! pipe, then `shutdown(SHUT_WR)` the destination, and that direction ends
@@ -410,13 +415,9 @@ async fn pump(
         if !eof && pipe.len < pipe.capacity {
             let room = pipe.capacity - pipe.len;
             let (from, to) = (src.as_fd(), pipe.write.as_fd());
-            let result = if pipe.len == 0 {
-                // Empty pipe: EAGAIN means "socket empty", clear readiness.
-                src.try_io(Interest::READABLE, || splice_io(from, to, room))
-            } else {
-                // EAGAIN might be "pipe out of slots": leave readiness alone.
-                splice_io(from, to, room)
-            };
+            // EAGAIN clears read readiness; see the module docs for why
+            // that is safe with a non-empty pipe.
+            let result = src.try_io(Interest::READABLE, || splice_io(from, to, room));
             match result {
                 Ok(0) => {
                     eof = true;
@@ -461,10 +462,16 @@ async fn pump(
             continue;
         }
 
-        if pipe.len > 0 {
+        if pipe.len == 0 {
+            src.readable().await.map_err(read_err)?;
+        } else if eof || pipe.len >= pipe.capacity {
             dst.writable().await.map_err(write_err)?;
         } else {
-            src.readable().await.map_err(read_err)?;
+            tokio::select! {
+                biased;
+                ready = dst.writable() => ready.map_err(write_err)?,
+                ready = src.readable() => ready.map_err(read_err)?,
+            }
         }
     }
 }
