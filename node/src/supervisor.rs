@@ -29,6 +29,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -619,6 +620,8 @@ struct Supervised {
     spec: DesiredService,
     /// Set to `true` to make the task stop the service and end.
     stop: watch::Sender<bool>,
+    /// Set before `stop` to skip the grace: SIGKILL at once (fencing a lapsed lease).
+    hard: Arc<AtomicBool>,
     /// The task; awaited to know the service is fully stopped.
     task: JoinHandle<()>,
 }
@@ -778,6 +781,18 @@ impl Supervisor {
         true
     }
 
+    /// Like [`stop_now`](Self::stop_now) without the grace: SIGKILL to the whole group at once.
+    /// For fencing a singleton whose lease ran out, where waiting is not allowed.
+    pub async fn kill_now(&self, name: &str) -> bool {
+        let mut control = self.inner.control.lock().await;
+        let Some(s) = control.supervised.remove(name) else {
+            return false;
+        };
+        s.hard.store(true, Ordering::SeqCst);
+        stop_all(&self.inner.shared, vec![(name.to_string(), s)]).await;
+        true
+    }
+
     /// Every known service: the desired ones, those stopped by `stop_now`, rejected entries.
     pub fn status(&self) -> Vec<ServiceStatus> {
         crate::lock(&self.inner.shared.statuses)
@@ -815,6 +830,7 @@ impl Supervisor {
         });
         up.set(0.0);
         let (stop, stop_rx) = watch::channel(false);
+        let hard = Arc::new(AtomicBool::new(false));
         let run = ServiceRun {
             shared: shared.clone(),
             spec: spec.clone(),
@@ -822,10 +838,12 @@ impl Supervisor {
             restarts,
             restarts_total,
             up,
+            hard: hard.clone(),
         };
         Supervised {
             spec,
             stop,
+            hard,
             task: tokio::spawn(run.run()),
         }
     }
@@ -897,6 +915,8 @@ struct ServiceRun {
     restarts_total: Counter,
     /// `spaced_service_up{service}`.
     up: Gauge,
+    /// When set, a stop skips the grace period (see [`Supervisor::kill_now`]).
+    hard: Arc<AtomicBool>,
 }
 
 impl ServiceRun {
@@ -1117,7 +1137,11 @@ impl ServiceRun {
     /// SIGTERM to the group; SIGKILL to it after `stop_grace`; returns once the leader is reaped
     /// and no member is left.
     async fn terminate(&self, live: &mut Live) -> Option<ExitStatus> {
-        let grace = self.shared.cfg.stop_grace;
+        let grace = if self.hard.load(Ordering::SeqCst) {
+            Duration::ZERO
+        } else {
+            self.shared.cfg.stop_grace
+        };
         let deadline = Instant::now() + grace;
         live.group.signal(Signal::SIGTERM);
         let status = match tokio::time::timeout_at(deadline, live.child.wait()).await {
@@ -1721,6 +1745,31 @@ mod tests {
         let s = status_of(&sup, "stubborn").unwrap();
         assert_eq!(s.state, ServiceState::Stopped);
         assert_eq!(s.last_exit.as_deref(), Some("killed by SIGKILL"));
+    }
+
+    #[tokio::test]
+    async fn kill_now_skips_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = test_config(dir.path());
+        cfg.stop_grace = Duration::from_secs(60);
+        let sup = Supervisor::start(cfg).unwrap();
+        let gc = dir.path().join("gc");
+        let script = format!(
+            "trap '' TERM; sleep 1000 & echo $! > {}; wait",
+            gc.display()
+        );
+        sup.set_desired(vec![service("fenced", &script)])
+            .await
+            .unwrap();
+        let pid = eventually("running", LONG, || running_pid(&sup, "fenced")).await;
+        let grandchild = eventually("grandchild started", LONG, || read_pid(&gc)).await;
+        // A graceful stop would wait the whole minute for this SIGTERM-ignoring group.
+        tokio::time::timeout(Duration::from_secs(30), sup.kill_now("fenced"))
+            .await
+            .expect("kill_now must not wait for the grace period");
+        assert!(!alive(pid) && !alive(grandchild));
+        assert!(group_is_empty(pid));
+        assert!(!sup.kill_now("fenced").await, "already gone");
     }
 
     #[tokio::test]

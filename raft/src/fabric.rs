@@ -206,6 +206,10 @@ pub struct ServiceSpec {
     pub scope: ServiceScope,
     /// Optional command whose non-zero exit means unhealthy.
     pub health_check: Option<Vec<String>>,
+    /// `every-node`: runs on nodes with one of these roles (empty: on every node).
+    /// `singleton`: the roles eligible to hold it (at least one). `vip:`: unused.
+    #[serde(default)]
+    pub roles: BTreeSet<String>,
 }
 
 /// The whole replicated state.
@@ -851,6 +855,45 @@ impl Fabric {
                         _ => return Err(not_found("VIP", vip)),
                     }
                 }
+                spec.roles.iter().try_for_each(|r| check_name("role", r))?;
+                let singleton = spec.scope == ServiceScope::Singleton;
+                if let Some(old) = self.services.get(name)
+                    && (old.scope == ServiceScope::Singleton) != singleton
+                {
+                    return Err(invalid(
+                        "service scope",
+                        name,
+                        "cannot change to or from singleton; remove the service first",
+                    ));
+                }
+                if singleton {
+                    if spec.roles.is_empty() {
+                        return Err(invalid(
+                            "service roles",
+                            name,
+                            "a singleton needs at least one eligible role",
+                        ));
+                    }
+                    match self.placements.get(name) {
+                        None => {}
+                        Some(Placement {
+                            kind: PlacementKind::Singleton { service },
+                            ..
+                        }) if service == name => {}
+                        Some(_) => return Err(exists("placement", name)),
+                    }
+                    // The singleton's placement has the service's name; a changed role set
+                    // applies to the next grant (the current owner keeps it: no failback).
+                    let placement = self.placements.entry(name.clone()).or_insert(Placement {
+                        kind: PlacementKind::Singleton {
+                            service: name.clone(),
+                        },
+                        eligible_roles: BTreeSet::new(),
+                        owner: None,
+                        epoch: 0,
+                    });
+                    placement.eligible_roles = spec.roles.clone();
+                }
                 self.services.insert(name.clone(), spec.clone());
                 Ok(Outcome::Done)
             }
@@ -858,8 +901,10 @@ impl Fabric {
                 if !self.services.contains_key(name) {
                     return Err(not_found("service", name));
                 }
-                let user = self.placements.iter().find(|(_, p)| {
-                    matches!(&p.kind, PlacementKind::Singleton { service } if service == name)
+                // Its own singleton placement goes with it; another placement running it blocks.
+                let user = self.placements.iter().find(|(pname, p)| {
+                    *pname != name
+                        && matches!(&p.kind, PlacementKind::Singleton { service } if service == name)
                 });
                 if let Some((pname, _)) = user {
                     return Err(CommandError::InUse {
@@ -867,6 +912,12 @@ impl Fabric {
                         key: name.clone(),
                         why: format!("singleton placement {pname:?} runs it"),
                     });
+                }
+                if matches!(
+                    self.placements.get(name),
+                    Some(Placement { kind: PlacementKind::Singleton { service }, .. }) if service == name
+                ) {
+                    self.placements.remove(name);
                 }
                 self.services.remove(name);
                 Ok(Outcome::Done)
@@ -1385,6 +1436,7 @@ mod tests {
             command: cmd.iter().map(|s| s.to_string()).collect(),
             scope,
             health_check: None,
+            roles: BTreeSet::new(),
         };
         refused(
             &mut f,
@@ -1428,11 +1480,45 @@ mod tests {
             spec: spec(&["x"], ServiceScope::Vip("cluster".into())),
         })
         .unwrap();
+        // A singleton needs eligible roles; with them, its placement comes with it.
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "job-poller".into(),
+                spec: spec(&["p"], ServiceScope::Singleton),
+            },
+        );
+        let mut single = spec(&["p"], ServiceScope::Singleton);
+        single.roles = roles(&["app"]);
         f.apply(&Command::PutService {
             name: "job-poller".into(),
-            spec: spec(&["p"], ServiceScope::Singleton),
+            spec: single.clone(),
         })
         .unwrap();
+        let own = &f.placements["job-poller"];
+        assert_eq!(
+            own.kind,
+            PlacementKind::Singleton {
+                service: "job-poller".into()
+            }
+        );
+        assert_eq!(own.eligible_roles, roles(&["app"]));
+        assert_eq!(own.owner, None);
+        // Scope changes to or from singleton are refused.
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "job-poller".into(),
+                spec: spec(&["p"], ServiceScope::EveryNode),
+            },
+        );
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "web".into(),
+                spec: single.clone(),
+            },
+        );
         f.apply(&Command::AddPlacement {
             name: "poller".into(),
             kind: PlacementKind::Singleton {
@@ -1458,6 +1544,17 @@ mod tests {
         );
         f.apply(&Command::RemoveService { name: "web".into() })
             .unwrap();
+        // Once the other placement is gone, removing the service removes its own placement.
+        f.apply(&Command::RemovePlacement {
+            name: "poller".into(),
+        })
+        .unwrap();
+        f.apply(&Command::RemoveService {
+            name: "job-poller".into(),
+        })
+        .unwrap();
+        assert!(!f.placements.contains_key("job-poller"));
+        assert!(f.services.is_empty());
     }
 
     /// A pseudo-random command log (fixed seed) applied twice gives the same fabric, and the
