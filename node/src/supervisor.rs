@@ -21,7 +21,7 @@
 //! PDEATHSIG reaches only the group leader: grandchildren of a service survive a SIGKILLed
 //! `spaced` (they are reparented to init). Only cgroups can close that gap.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::future::Future;
 use std::io;
@@ -633,6 +633,9 @@ struct Control {
     supervised: BTreeMap<String, Supervised>,
     /// Set by `shutdown`; nothing is started afterwards.
     shut_down: bool,
+    /// Names killed by [`Supervisor::kill_now`]: not started by `set_desired` until
+    /// [`Supervisor::unfence`], so a desired set computed just before a fence cannot revive them.
+    fenced: BTreeSet<String>,
 }
 
 /// Inside the `Supervisor` handle.
@@ -714,12 +717,13 @@ impl Supervisor {
     /// `services`.
     pub async fn set_desired(&self, services: Vec<DesiredService>) -> Result<(), DesiredError> {
         let count = services.len();
-        let (desired, rejected) = validate_desired(services);
+        let (mut desired, rejected) = validate_desired(services);
         let shared = &self.inner.shared;
         let mut control = self.inner.control.lock().await;
         if control.shut_down {
             return Err(DesiredError::ShutDown(count));
         }
+        desired.retain(|name, _| !control.fenced.contains(name));
         let supervised: BTreeMap<String, DesiredService> = control
             .supervised
             .iter()
@@ -783,14 +787,21 @@ impl Supervisor {
 
     /// Like [`stop_now`](Self::stop_now) without the grace: SIGKILL to the whole group at once.
     /// For fencing a singleton whose lease ran out, where waiting is not allowed.
+    /// It stays fenced (never started, whatever `set_desired` asks) until [`unfence`](Self::unfence).
     pub async fn kill_now(&self, name: &str) -> bool {
         let mut control = self.inner.control.lock().await;
+        control.fenced.insert(name.to_string());
         let Some(s) = control.supervised.remove(name) else {
             return false;
         };
         s.hard.store(true, Ordering::SeqCst);
         stop_all(&self.inner.shared, vec![(name.to_string(), s)]).await;
         true
+    }
+
+    /// Lets `set_desired` start `name` again after [`kill_now`](Self::kill_now) (a new lease).
+    pub async fn unfence(&self, name: &str) {
+        self.inner.control.lock().await.fenced.remove(name);
     }
 
     /// Every known service: the desired ones, those stopped by `stop_now`, rejected entries.
@@ -1770,6 +1781,19 @@ mod tests {
         assert!(!alive(pid) && !alive(grandchild));
         assert!(group_is_empty(pid));
         assert!(!sup.kill_now("fenced").await, "already gone");
+        // Fenced: a desired set (computed before the fence) does not revive it...
+        sup.set_desired(vec![service("fenced", &script)])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(running_pid(&sup, "fenced").is_none());
+        // ...until a new lease unfences it.
+        sup.unfence("fenced").await;
+        sup.set_desired(vec![service("fenced", &script)])
+            .await
+            .unwrap();
+        eventually("running again", LONG, || running_pid(&sup, "fenced")).await;
+        assert!(sup.kill_now("fenced").await);
     }
 
     #[tokio::test]
