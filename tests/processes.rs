@@ -437,3 +437,192 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
     s.read_to_string(&mut out)?;
     Ok(out)
 }
+
+/// Whether a process is alive (not a zombie).
+fn pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// `(node, epoch, pid)` of every start the singleton logged.
+fn singleton_starts(log: &Path) -> Vec<(String, u64, i32)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                f.first()?.to_string(),
+                f.get(1)?.parse().ok()?,
+                f.get(2)?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn services_run_where_scoped_restart_when_killed_and_a_singleton_moves_on_sigkill() -> Result<()> {
+    let mut lab = Lab::start3()?;
+    let n1 = lab.procs[0].addr.clone();
+    let out = lab.dir.path().join("svc");
+    std::fs::create_dir_all(&out)?;
+    let web = format!(
+        "echo $$ > {}/web-$SPACED_NODE.pid; exec sleep 1000",
+        out.display()
+    );
+    lab.ctl_ok(
+        &n1,
+        &[
+            "service",
+            "add",
+            "web",
+            "--scope",
+            "every-node",
+            "--",
+            "/bin/sh",
+            "-c",
+            &web,
+        ],
+    )?;
+    // Every node runs it, with its own name in the environment.
+    let pid_file = |n: &str| out.join(format!("web-{n}.pid"));
+    wait_until(Duration::from_secs(20), "web on all three nodes", || {
+        Ok(["n1", "n2", "n3"]
+            .iter()
+            .all(|n| read_pid(&pid_file(n)).is_some_and(pid_alive)))
+    })?;
+    // A killed service is restarted by its node's supervisor.
+    let old = read_pid(&pid_file("n2")).context("n2's web pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    wait_until(Duration::from_secs(10), "web restarted on n2", || {
+        Ok(read_pid(&pid_file("n2")).is_some_and(|p| p != old && pid_alive(p)))
+    })?;
+    let list: Value = serde_json::from_str(&lab.ctl_ok(&n1, &["service", "list", "--json"])?)?;
+    let instances = list["services"][0]["instances"]
+        .as_array()
+        .context("instances")?
+        .clone();
+    assert_eq!(instances.len(), 3, "{list}");
+    let n2 = instances
+        .iter()
+        .find(|i| i["node"] == "n2")
+        .context("n2 instance")?;
+    assert_eq!(n2["restarts"], 1, "{list}");
+    assert_eq!(n2["state"], "running", "{list}");
+
+    // A bad scope is a usage error; a missing program is reported by the supervisor, not fatal.
+    let bad = lab.ctl(
+        &n1,
+        &[
+            "service",
+            "add",
+            "x",
+            "--scope",
+            "somewhere",
+            "--",
+            "/bin/true",
+        ],
+    )?;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("somewhere"));
+    lab.ctl_ok(
+        &n1,
+        &[
+            "service",
+            "add",
+            "ghost",
+            "--scope",
+            "every-node",
+            "--",
+            "/nonexistent/ghostd",
+        ],
+    )?;
+    wait_until(
+        Duration::from_secs(20),
+        "ghost reported as failed-to-start",
+        || {
+            let list: Value =
+                serde_json::from_str(&lab.ctl_ok(&n1, &["service", "list", "--json"])?)?;
+            Ok(list["services"].as_array().is_some_and(|s| {
+                s.iter().any(|s| {
+                    s["name"] == "ghost"
+                        && s["instances"].as_array().is_some_and(|i| {
+                            i.len() == 3
+                                && i.iter().all(|i| {
+                                    i["state"] == "failed-to-start"
+                                        || (i["state"] == "backoff"
+                                            && i["last_error"]
+                                                .as_str()
+                                                .is_some_and(|e| e.contains("ghostd")))
+                                })
+                        })
+                })
+            }))
+        },
+    )?;
+    lab.ctl_ok(&n1, &["service", "remove", "ghost"])?;
+
+    // A singleton: exactly one node runs it, with its epoch.
+    let log = out.join("poller.log");
+    let poller = format!(
+        "echo \"$SPACED_NODE $SPACED_EPOCH $$\" >> {}; exec sleep 1000",
+        log.display()
+    );
+    lab.ctl_ok(
+        &n1,
+        &[
+            "service",
+            "add",
+            "poller",
+            "--scope",
+            "singleton",
+            "--roles",
+            "app",
+            "--",
+            "/bin/sh",
+            "-c",
+            &poller,
+        ],
+    )?;
+    wait_until(
+        Duration::from_secs(20),
+        "the singleton running once",
+        || {
+            let starts = singleton_starts(&log);
+            Ok(starts.len() == 1 && pid_alive(starts[0].2))
+        },
+    )?;
+    let (owner_name, epoch, pid) = singleton_starts(&log)[0].clone();
+    let rows: Value = serde_json::from_str(&lab.ctl_ok(&n1, &["singleton", "list", "--json"])?)?;
+    assert_eq!(rows[0]["owner_name"], owner_name.as_str(), "{rows}");
+    assert_eq!(rows[0]["epoch"], epoch, "{rows}");
+
+    // SIGKILL of its node: the process dies with it and another node starts it at a new epoch.
+    let owner_idx: usize = owner_name.trim_start_matches('n').parse::<usize>()? - 1;
+    lab.procs[owner_idx].signal(nix::sys::signal::Signal::SIGKILL)?;
+    lab.procs[owner_idx].wait(Duration::from_secs(10))?;
+    let survivor = lab.procs[(owner_idx + 1) % 3].addr.clone();
+    wait_until(Duration::from_secs(30), "the singleton re-placed", || {
+        let starts = singleton_starts(&log);
+        Ok(starts.len() == 2 && pid_alive(starts[1].2))
+    })?;
+    let starts = singleton_starts(&log);
+    assert_ne!(starts[1].0, owner_name);
+    assert!(starts[1].1 > epoch, "{starts:?}");
+    assert!(!pid_alive(pid), "the old instance died with its node");
+    let alive = starts.iter().filter(|s| pid_alive(s.2)).count();
+    assert_eq!(alive, 1, "{starts:?}");
+    let rows: Value =
+        serde_json::from_str(&lab.ctl_ok(&survivor, &["singleton", "list", "--json"])?)?;
+    assert_eq!(rows[0]["owner_name"], starts[1].0.as_str(), "{rows}");
+    Ok(())
+}

@@ -48,6 +48,10 @@ pub enum AdminRequest {
     },
     /// VIPs with owner, epoch and lease (leader's view when asked on the leader).
     VipList,
+    /// The service specs and this node's supervisor state of each service it runs.
+    ServiceStatus,
+    /// Singleton placements with owner and epoch.
+    SingletonList,
     /// Move a VIP to a node (by id or name) gracefully (leader only).
     VipMove {
         /// VIP name.
@@ -55,6 +59,34 @@ pub enum AdminRequest {
         /// Target node, id or name.
         to: String,
     },
+}
+
+/// One node's answer to `service list`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServicesReport {
+    /// The answering node.
+    pub node: String,
+    /// The fabric's service specs, by name.
+    pub specs: std::collections::BTreeMap<String, spaced_raft::fabric::ServiceSpec>,
+    /// What this node's supervisor runs.
+    pub running: Vec<crate::supervisor::ServiceStatus>,
+}
+
+/// One singleton placement for `singleton list`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SingletonRow {
+    /// Placement name.
+    pub name: String,
+    /// The service it runs.
+    pub service: String,
+    /// Eligible roles.
+    pub roles: Vec<String>,
+    /// Owner id.
+    pub owner: Option<NodeId>,
+    /// Owner name.
+    pub owner_name: Option<String>,
+    /// Fencing epoch (`SPACED_EPOCH` of the running instance).
+    pub epoch: u64,
 }
 
 /// One VIP for `vip list` and `status`.
@@ -155,6 +187,10 @@ pub enum AdminReply {
     Devices(Vec<DeviceRow>),
     /// Answer to `VipList`.
     Vips(Vec<VipRow>),
+    /// Answer to `ServiceStatus`.
+    Services(ServicesReport),
+    /// Answer to `SingletonList`.
+    Singletons(Vec<SingletonRow>),
     /// A VIP moved; its new epoch.
     Moved(u64),
     /// Only the leader does that; here is where it is.

@@ -24,6 +24,8 @@ pub struct VipSpec {
     pub address: String,
     /// Interface.
     pub interface: String,
+    /// Set for a singleton placement: the service it runs (address and interface are empty).
+    pub service: Option<String>,
 }
 
 impl VipSpec {
@@ -43,6 +45,10 @@ pub trait VipBackend: Send + Sync + 'static {
     fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>>;
     /// Take it down; must succeed fast, it is the self-fence.
     fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>>;
+    /// Take it down on request (move, shutdown), where there is time to be gentle.
+    fn release_gracefully(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        self.release(vip)
+    }
     /// Offsets after acquiring at which to announce again.
     fn announce_schedule(&self) -> Vec<Duration> {
         Vec::new()
@@ -173,7 +179,7 @@ pub struct Step {
     pub extend: Vec<(VipSpec, Instant)>,
 }
 
-/// This node's VIP placements in the fabric: (name, epoch) and their specs.
+/// This node's placements in the fabric, VIPs and singletons: (name, epoch) and their specs.
 pub fn owned_vips(fabric: &Fabric, me: NodeId) -> Vec<(Held, VipSpec)> {
     fabric
         .placements
@@ -186,9 +192,18 @@ pub fn owned_vips(fabric: &Fabric, me: NodeId) -> Vec<(Held, VipSpec)> {
                     name: name.clone(),
                     address: address.clone(),
                     interface: interface.clone(),
+                    service: None,
                 },
             )),
-            PlacementKind::Singleton { .. } => None,
+            PlacementKind::Singleton { service } => Some((
+                (name.clone(), p.epoch),
+                VipSpec {
+                    name: name.clone(),
+                    address: String::new(),
+                    interface: String::new(),
+                    service: Some(service.clone()),
+                },
+            )),
         })
         .collect()
 }
@@ -336,7 +351,7 @@ impl Agent {
         crate::lock(&self.released).insert((name.to_string(), epoch));
         let a = crate::lock(&self.active).remove(name);
         if let Some(a) = a {
-            self.backend.release(a.vip.clone()).await?;
+            self.backend.release_gracefully(a.vip.clone()).await?;
             tracing::info!(vip = %name, epoch, "VIP released on request");
         }
         Ok(())
@@ -363,6 +378,14 @@ impl Agent {
     /// VIP names up on this host.
     pub fn active_names(&self) -> Vec<String> {
         crate::lock(&self.active).keys().cloned().collect()
+    }
+
+    /// Placements up on this host with the epoch they were acquired at.
+    pub fn active_epochs(&self) -> BTreeMap<String, u64> {
+        crate::lock(&self.active)
+            .iter()
+            .map(|(n, a)| (n.clone(), a.epoch))
+            .collect()
     }
 }
 
@@ -405,6 +428,7 @@ mod tests {
             name: name.into(),
             address: "10.0.0.100/24".into(),
             interface: "eth0".into(),
+            service: None,
         }
     }
 

@@ -188,6 +188,7 @@ impl Node {
         .map_err(|e| StartError::system(format!("raft: {e}")))?;
 
         let metrics = NodeMetrics::new();
+        let recorder = metrics.recorder();
         let lb = match &cfg.lb {
             Some(section) => {
                 let vip_ip = cfg
@@ -219,7 +220,7 @@ impl Node {
             listen,
             metrics,
             lb: lb.clone(),
-            placements: crate::placement::Placements::new(&cfg)
+            placements: crate::placement::Placements::new(&cfg, recorder)
                 .await
                 .map_err(|e| StartError {
                     message: e,
@@ -258,6 +259,12 @@ impl Node {
         )));
         tasks.push(tokio::spawn(metrics_loop(
             inner.clone(),
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::services::services_loop(
+            inner.clone(),
+            inner.placements.supervisor.clone(),
+            inner.placements.services_wake.clone(),
             shutdown_rx.clone(),
         )));
         let lb_task = lb.map(|service| {
@@ -324,6 +331,8 @@ impl Node {
         // Hand VIPs over first (fence, release, let the leader re-grant), then leadership.
         crate::placement::hand_over(&self.inner).await;
         let _ = self.shutdown_tx.send(true);
+        // Every service stopped (SIGTERM, grace, SIGKILL) before the node goes.
+        self.inner.placements.supervisor.shutdown().await;
         if let Some(lb) = self.lb_task {
             // Bounded by the drain grace: open connections finish or are cut.
             let _ = lb.await;
@@ -475,6 +484,31 @@ impl NodeInner {
             })),
             AdminRequest::VipList => AdminReply::Vips(crate::placement::vip_rows(self)),
             AdminRequest::Write(cmd) => self.write(cmd).await,
+            AdminRequest::ServiceStatus => AdminReply::Services(crate::admin::ServicesReport {
+                node: self.name.clone(),
+                specs: self.view.read(|f| f.services.clone()),
+                running: self.placements.supervisor.status(),
+            }),
+            AdminRequest::SingletonList => AdminReply::Singletons(self.view.read(|f| {
+                f.placements
+                    .iter()
+                    .filter_map(|(name, p)| match &p.kind {
+                        spaced_raft::fabric::PlacementKind::Singleton { service } => {
+                            Some(crate::admin::SingletonRow {
+                                name: name.clone(),
+                                service: service.clone(),
+                                roles: p.eligible_roles.iter().cloned().collect(),
+                                owner: p.owner,
+                                owner_name: p
+                                    .owner
+                                    .and_then(|o| f.nodes.get(&o).map(|n| n.name.clone())),
+                                epoch: p.epoch,
+                            })
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })),
             AdminRequest::AddDevices(devices) => {
                 self.write(Command::AddDevices {
                     devices,

@@ -69,6 +69,7 @@ pub fn parse_line(line: &str) -> Result<GuardCommand, String> {
                 name: name.to_string(),
                 address: address.to_string(),
                 interface: interface.to_string(),
+                service: None,
             },
             deadline_ns: deadline
                 .parse()
@@ -216,7 +217,8 @@ mod tests {
                 vip: VipSpec {
                     name: "cluster".into(),
                     address: "10.0.0.100/24".into(),
-                    interface: "eth0".into()
+                    interface: "eth0".into(),
+                    service: None,
                 },
                 deadline_ns: 123
             })

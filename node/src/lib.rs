@@ -14,6 +14,7 @@ pub mod lb_service;
 pub mod lease;
 pub mod metrics;
 pub mod placement;
+pub mod services;
 pub mod standalone_lb;
 pub mod supervisor;
 pub mod takeover;

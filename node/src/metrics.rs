@@ -23,8 +23,8 @@ fn meta() -> Metadata<'static> {
 
 /// The node's metric handles and its renderer.
 pub struct NodeMetrics {
-    /// Owns the registry the handles write to.
-    recorder: PrometheusRecorder,
+    /// Owns the registry the handles write to; shared with the service supervisor.
+    recorder: std::sync::Arc<PrometheusRecorder>,
     /// Renders the registry as Prometheus text.
     handle: PrometheusHandle,
     /// Current Raft term.
@@ -85,7 +85,7 @@ impl NodeMetrics {
             "Seconds since the leader last heard from each peer (leader only).".into(),
         );
         NodeMetrics {
-            recorder,
+            recorder: std::sync::Arc::new(recorder),
             handle,
             term,
             leader,
@@ -94,6 +94,11 @@ impl NodeMetrics {
             commit_latency,
             peers: Mutex::default(),
         }
+    }
+
+    /// The node's registry, for components that record through the `metrics` macros.
+    pub fn recorder(&self) -> std::sync::Arc<dyn Recorder + Send + Sync> {
+        self.recorder.clone()
     }
 
     /// Records one commit latency.

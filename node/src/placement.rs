@@ -41,12 +41,19 @@ pub struct Placements {
     pub(crate) stopping: Mutex<BTreeMap<NodeId, Instant>>,
     /// Operator-requested targets of `vip move`, consulted by the planner.
     pub(crate) moves: Mutex<BTreeMap<String, NodeId>>,
+    /// Runs this node's services (and the singletons it holds).
+    pub(crate) supervisor: crate::supervisor::Supervisor,
+    /// Wakes the services loop when a singleton lease arrives.
+    pub(crate) services_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Placements {
     /// Builds the agent with the configured takeover backend; checks the config's VIPs against
     /// the host (interface present, address inside its subnet, capabilities) before anything runs.
-    pub async fn new(cfg: &NodeConfig) -> Result<Self, String> {
+    pub async fn new(
+        cfg: &NodeConfig,
+        recorder: Arc<dyn metrics::Recorder + Send + Sync>,
+    ) -> Result<Self, String> {
         let lease = LeaseConfig {
             duration: Duration::from_millis(cfg.lease.duration_ms),
             renew_every: Duration::from_millis(cfg.lease.renew_every_ms),
@@ -81,6 +88,18 @@ impl Placements {
                 Arc::new(backend)
             }
         };
+        let log_dir = cfg.data_dir.join("service-logs");
+        let supervisor = crate::supervisor::Supervisor::start_with_recorder(
+            crate::supervisor::SupervisorConfig::new(&log_dir),
+            recorder,
+        )
+        .map_err(|e| format!("config {file}: key `data_dir`: service supervisor: {e}"))?;
+        let services_wake = Arc::new(tokio::sync::Notify::new());
+        let backend: Arc<dyn VipBackend> = Arc::new(crate::services::PlacementBackend::new(
+            backend,
+            supervisor.clone(),
+            services_wake.clone(),
+        ));
         let agent = Agent::new(cfg.node_id, lease.clone(), backend);
         agent
             .set_refresh((cfg.garp_refresh_s > 0).then(|| Duration::from_secs(cfg.garp_refresh_s)));
@@ -91,6 +110,8 @@ impl Placements {
             stopping: Mutex::default(),
             lease,
             moves: Mutex::default(),
+            supervisor,
+            services_wake,
         })
     }
 }

@@ -1,0 +1,268 @@
+//! Which services this node runs, from the fabric and the placements it holds, handed to the supervisor.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use spaced_raft::fabric::{Fabric, ServiceScope};
+use tokio::sync::watch;
+
+use crate::agent::{VipBackend, VipSpec};
+use crate::daemon::NodeInner;
+use crate::supervisor::{DesiredService, Supervisor};
+
+/// How often the desired set is recomputed (a held placement also triggers a pass at once).
+const PASS_EVERY: Duration = Duration::from_millis(200);
+
+/// The services this node should run now.
+///
+/// - `every-node`: when the node has one of the service's roles (or it names none);
+/// - `vip:<name>`: while this node holds that VIP (`held`, with the epoch it holds);
+/// - `singleton`: while this node holds the service's placement.
+///
+/// Each gets `SPACED_NODE`, `SPACED_EPOCH` (the fencing token; 0 for `every-node`) and
+/// `SPACED_PLACEMENT` (empty for `every-node`).
+pub fn desired_services(
+    fabric: &Fabric,
+    node_name: &str,
+    roles: &BTreeSet<String>,
+    held: &BTreeMap<String, u64>,
+) -> Vec<DesiredService> {
+    let placement_of = |service: &str| -> Option<String> {
+        fabric
+            .placements
+            .iter()
+            .find_map(|(name, p)| match &p.kind {
+                spaced_raft::fabric::PlacementKind::Singleton { service: s } if s == service => {
+                    Some(name.clone())
+                }
+                _ => None,
+            })
+    };
+    fabric
+        .services
+        .iter()
+        .filter_map(|(name, spec)| {
+            let (placement, epoch) = match &spec.scope {
+                ServiceScope::EveryNode => {
+                    if !spec.roles.is_empty() && spec.roles.is_disjoint(roles) {
+                        return None;
+                    }
+                    (String::new(), 0)
+                }
+                ServiceScope::Vip(vip) => (vip.clone(), *held.get(vip)?),
+                ServiceScope::Singleton => {
+                    let placement = placement_of(name)?;
+                    let epoch = *held.get(&placement)?;
+                    (placement, epoch)
+                }
+            };
+            let env = BTreeMap::from([
+                ("SPACED_NODE".to_string(), node_name.to_string()),
+                ("SPACED_EPOCH".to_string(), epoch.to_string()),
+                ("SPACED_PLACEMENT".to_string(), placement),
+            ]);
+            Some(DesiredService {
+                name: name.clone(),
+                command: spec.command.clone(),
+                health_check: spec.health_check.clone(),
+                env,
+            })
+        })
+        .collect()
+}
+
+/// The agent's backend for all placements: VIPs go to the takeover backend, singletons to the
+/// supervisor. Losing a singleton's lease kills its process group at once (the fence); a
+/// graceful release (move, shutdown) stops it with SIGTERM and the grace period.
+pub struct PlacementBackend {
+    /// Netlink or loopback takeover.
+    vips: Arc<dyn VipBackend>,
+    /// Runs the singletons.
+    supervisor: Supervisor,
+    /// Wakes the services loop when a singleton is acquired, so it starts without waiting a pass.
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl PlacementBackend {
+    /// Routes VIPs to `vips` and singletons to `supervisor`.
+    pub fn new(
+        vips: Arc<dyn VipBackend>,
+        supervisor: Supervisor,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Self {
+        PlacementBackend {
+            vips,
+            supervisor,
+            wake,
+        }
+    }
+}
+
+impl VipBackend for PlacementBackend {
+    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        match vip.service {
+            None => self.vips.acquire(vip),
+            Some(service) => {
+                let supervisor = self.supervisor.clone();
+                let wake = self.wake.clone();
+                Box::pin(async move {
+                    supervisor.unfence(&service).await;
+                    wake.notify_one();
+                    tracing::info!(singleton = %vip.name, %service, "singleton lease held: starting");
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        match vip.service {
+            None => self.vips.announce(vip),
+            Some(_) => Box::pin(async { Ok(()) }),
+        }
+    }
+
+    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        match vip.service {
+            None => self.vips.release(vip),
+            Some(service) => {
+                let supervisor = self.supervisor.clone();
+                Box::pin(async move {
+                    supervisor.kill_now(&service).await;
+                    tracing::warn!(singleton = %vip.name, %service, "singleton lease lost: killed");
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    fn release_gracefully(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        match vip.service {
+            None => self.vips.release_gracefully(vip),
+            Some(service) => {
+                let supervisor = self.supervisor.clone();
+                Box::pin(async move {
+                    // Stop gracefully, then fence so no desired set revives it without a lease.
+                    supervisor.stop_now(&service).await;
+                    supervisor.kill_now(&service).await;
+                    tracing::info!(singleton = %vip.name, %service, "singleton released");
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    fn announce_schedule(&self) -> Vec<Duration> {
+        self.vips.announce_schedule()
+    }
+
+    fn hold_until(&self, vip: &VipSpec, until: Instant) {
+        if vip.service.is_none() {
+            self.vips.hold_until(vip, until);
+        }
+    }
+}
+
+/// Keeps the supervisor's desired set equal to [`desired_services`] until shutdown, then stops
+/// every service.
+pub(crate) async fn services_loop(
+    inner: Arc<NodeInner>,
+    supervisor: Supervisor,
+    wake: Arc<tokio::sync::Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last: Option<Vec<DesiredService>> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PASS_EVERY) => {}
+            _ = wake.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        let held = inner.placements.agent.active_epochs();
+        let desired = inner
+            .view
+            .read(|f| desired_services(f, &inner.name, &inner.roles, &held));
+        if last.as_ref() == Some(&desired) {
+            continue;
+        }
+        if let Err(e) = supervisor.set_desired(desired.clone()).await {
+            tracing::warn!(error = %e, "some services were not accepted by the supervisor");
+        }
+        last = Some(desired);
+    }
+    supervisor.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spaced_raft::fabric::{Placement, PlacementKind, ServiceSpec};
+
+    fn roles(r: &[&str]) -> BTreeSet<String> {
+        r.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn fabric() -> Fabric {
+        let mut f = Fabric::default();
+        let spec = |scope: ServiceScope, r: &[&str]| ServiceSpec {
+            command: vec!["/bin/true".into()],
+            scope,
+            health_check: None,
+            roles: roles(r),
+        };
+        f.services
+            .insert("httpd".into(), spec(ServiceScope::EveryNode, &[]));
+        f.services
+            .insert("jboss".into(), spec(ServiceScope::EveryNode, &["app"]));
+        f.services.insert(
+            "netmon".into(),
+            spec(ServiceScope::Vip("cluster".into()), &[]),
+        );
+        f.services
+            .insert("poller".into(), spec(ServiceScope::Singleton, &["app"]));
+        f.placements.insert(
+            "poller".into(),
+            Placement {
+                kind: PlacementKind::Singleton {
+                    service: "poller".into(),
+                },
+                eligible_roles: roles(&["app"]),
+                owner: Some(1),
+                epoch: 4,
+            },
+        );
+        f
+    }
+
+    fn names(d: &[DesiredService]) -> Vec<&str> {
+        d.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn scopes_decide_where_services_run() {
+        let f = fabric();
+        let none = BTreeMap::new();
+        // A db node holding nothing: only the role-less every-node service.
+        assert_eq!(
+            names(&desired_services(&f, "n3", &roles(&["db"]), &none)),
+            ["httpd"]
+        );
+        // An app node holding nothing.
+        assert_eq!(
+            names(&desired_services(&f, "n2", &roles(&["app"]), &none)),
+            ["httpd", "jboss"]
+        );
+        // The VIP owner runs the VIP-bound service; the singleton's holder runs the singleton.
+        let held = BTreeMap::from([("cluster".to_string(), 7), ("poller".to_string(), 4)]);
+        let d = desired_services(&f, "n1", &roles(&["app", "ha"]), &held);
+        assert_eq!(names(&d), ["httpd", "jboss", "netmon", "poller"]);
+        let env = |name: &str| d.iter().find(|s| s.name == name).unwrap().env.clone();
+        assert_eq!(env("netmon")["SPACED_EPOCH"], "7");
+        assert_eq!(env("netmon")["SPACED_PLACEMENT"], "cluster");
+        assert_eq!(env("poller")["SPACED_EPOCH"], "4");
+        assert_eq!(env("poller")["SPACED_NODE"], "n1");
+        assert_eq!(env("httpd")["SPACED_EPOCH"], "0");
+    }
+}
