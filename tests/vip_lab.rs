@@ -695,3 +695,184 @@ fn balancer_on_the_vip_spreads_over_app_nodes_and_follows_the_vip() -> Result<()
     }
     Ok(())
 }
+
+/// Argument that marks the lab singleton's process (`sleep <MARK>`), so a scan of /proc finds
+/// every instance on every host (the namespaces share one pid space).
+const SINGLETON_MARK: &str = "8675309";
+
+/// Live instances of the lab singleton: (pid, SPACED_NODE, SPACED_EPOCH).
+fn singleton_instances() -> Vec<(i32, String, u64)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args.len() < 2
+                || !args[0].ends_with(b"sleep")
+                || args[1] != SINGLETON_MARK.as_bytes()
+            {
+                return None;
+            }
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            if stat.rsplit_once(") ")?.1.starts_with('Z') {
+                return None;
+            }
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let var = |k: &str| {
+                environ.split(|b| *b == 0).find_map(|kv| {
+                    let kv = std::str::from_utf8(kv).ok()?;
+                    kv.strip_prefix(k)?.strip_prefix('=').map(str::to_string)
+                })
+            };
+            Some((pid, var("SPACED_NODE")?, var("SPACED_EPOCH")?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Samples the singleton's instances every few ms until stopped; remembers any overlap.
+struct SingletonWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl SingletonWatch {
+    fn start() -> SingletonWatch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut max = 0;
+            let mut overlaps = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = singleton_instances();
+                let nodes: std::collections::BTreeSet<&String> = now.iter().map(|i| &i.1).collect();
+                max = max.max(nodes.len());
+                if nodes.len() > 1 && overlaps.len() < 20 {
+                    overlaps.push(format!("{now:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            (max, overlaps)
+        });
+        SingletonWatch { stop, handle }
+    }
+
+    fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .join()
+            .unwrap_or((usize::MAX, vec!["watch thread panicked".into()]))
+    }
+}
+
+/// Waits until exactly one instance runs on a host other than `not`; returns (host, epoch).
+fn wait_singleton(f: &Fabric, not: Option<usize>) -> Result<(usize, u64)> {
+    let mut found = (0, 0);
+    let mut last = Vec::new();
+    let waited = f.wait(
+        Duration::from_secs(20),
+        "the singleton running on one node",
+        |_| {
+            let now = singleton_instances();
+            last = now.clone();
+            if let [(_, node, epoch)] = now.as_slice() {
+                let host: usize = node.trim_start_matches('n').parse()?;
+                if Some(host) != not {
+                    found = (host, *epoch);
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        },
+    );
+    waited.with_context(|| format!("instances seen last: {last:?}"))?;
+    Ok(found)
+}
+
+#[test]
+fn singleton_never_runs_twice_under_sigkill_sigstop_and_partition() -> Result<()> {
+    let _serial = one_lab();
+    let roles: &[&[&str]] = &[&["app"], &["app"], &["app"]];
+    let Some(mut f) = Fabric::start(roles)? else {
+        return Ok(());
+    };
+    let watch = SingletonWatch::start();
+    let h1 = f.endpoint(1);
+    let script = format!("exec sleep {SINGLETON_MARK}");
+    f.ctl(
+        &h1,
+        &[
+            "service",
+            "add",
+            "poller",
+            "--scope",
+            "singleton",
+            "--roles",
+            "app",
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ],
+    )?;
+    let (mut owner, mut epoch) = wait_singleton(&f, None)?;
+
+    // SIGKILL of the owner's spaced: its instance dies with it, another node starts one.
+    let t = Instant::now();
+    f.procs[owner - 1]
+        .as_ref()
+        .context("owner")?
+        .signal(Signal::SIGKILL)?;
+    let (next, next_epoch) = wait_singleton(&f, Some(owner))?;
+    eprintln!("singleton back after SIGKILL in {:?}", t.elapsed());
+    assert!(next_epoch > epoch);
+    f.procs[owner - 1] = Some(f.spawn(owner, false)?);
+    // Let the restarted node catch up before the next fault, so each is measured alone.
+    let restarted = f.endpoint(owner);
+    f.wait(
+        Duration::from_secs(20),
+        "the restarted node to catch up",
+        |f| {
+            Ok(f.ctl(&restarted, &["singleton", "list", "--json"])
+                .is_ok_and(|s| s.contains(&format!("\"epoch\":{next_epoch}"))))
+        },
+    )?;
+    (owner, epoch) = (next, next_epoch);
+
+    // SIGSTOP: spaced cannot fence; its guard kills the instance when the lease ends.
+    let t = Instant::now();
+    let stopped = f.procs[owner - 1].as_ref().context("owner")?.clone();
+    stopped.signal(Signal::SIGSTOP)?;
+    let (next, next_epoch) = wait_singleton(&f, Some(owner))?;
+    eprintln!("singleton back after SIGSTOP in {:?}", t.elapsed());
+    assert!(next_epoch > epoch);
+    stopped.signal(Signal::SIGCONT)?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        singleton_instances().len(),
+        1,
+        "the resumed node must not run it again"
+    );
+    (owner, epoch) = (next, next_epoch);
+
+    // Partition: the cut-off owner fences itself; the majority re-places it.
+    let t = Instant::now();
+    f.lab.partition(f.lab.host(owner))?;
+    let (next, next_epoch) = wait_singleton(&f, Some(owner))?;
+    eprintln!("singleton back after a partition in {:?}", t.elapsed());
+    assert!(next_epoch > epoch);
+    f.lab.heal(f.lab.host(owner))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let now = singleton_instances();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(now[0].1, format!("n{next}"), "no failback after healing");
+
+    let (max, overlaps) = watch.stop();
+    assert_eq!(
+        max, 1,
+        "the singleton ran on two nodes at once: {overlaps:?}"
+    );
+    Ok(())
+}

@@ -185,25 +185,22 @@ pub fn owned_vips(fabric: &Fabric, me: NodeId) -> Vec<(Held, VipSpec)> {
         .placements
         .iter()
         .filter(|(_, p)| p.owner == Some(me))
-        .filter_map(|(name, p)| match &p.kind {
-            PlacementKind::Vip { address, interface } => Some((
-                (name.clone(), p.epoch),
-                VipSpec {
+        .map(|(name, p)| {
+            let spec = match &p.kind {
+                PlacementKind::Vip { address, interface } => VipSpec {
                     name: name.clone(),
                     address: address.clone(),
                     interface: interface.clone(),
                     service: None,
                 },
-            )),
-            PlacementKind::Singleton { service } => Some((
-                (name.clone(), p.epoch),
-                VipSpec {
+                PlacementKind::Singleton { service } => VipSpec {
                     name: name.clone(),
                     address: String::new(),
                     interface: String::new(),
                     service: Some(service.clone()),
                 },
-            )),
+            };
+            ((name.clone(), p.epoch), spec)
         })
         .collect()
 }

@@ -6,11 +6,14 @@
 //!
 //! ```text
 //! hold <name> <address/prefix> <interface> <deadline, CLOCK_MONOTONIC ns>
+//! hold-group <name> <process group id> <deadline, CLOCK_MONOTONIC ns>
 //! drop <name>
 //! ```
 //!
 //! It removes a held VIP when its deadline (the lease end) passes without an extension, and
 //! every held VIP at once when its stdin closes — which happens when the parent dies, however.
+//! A held process group (a singleton service) gets SIGKILL at the same moments, so a stopped
+//! (SIGSTOP) or killed spaced cannot leave its singleton running past the lease.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -53,6 +56,15 @@ pub enum GuardCommand {
         /// CLOCK_MONOTONIC ns.
         deadline_ns: u64,
     },
+    /// SIGKILL process group `pgid` at `deadline_ns` (a singleton service).
+    HoldGroup {
+        /// Placement name.
+        name: String,
+        /// The service's process group.
+        pgid: i32,
+        /// CLOCK_MONOTONIC ns.
+        deadline_ns: u64,
+    },
     /// Forget `name` (the parent removed it).
     Drop {
         /// VIP name.
@@ -71,6 +83,17 @@ pub fn parse_line(line: &str) -> Result<GuardCommand, String> {
                 interface: interface.to_string(),
                 service: None,
             },
+            deadline_ns: deadline
+                .parse()
+                .map_err(|_| format!("bad deadline {deadline:?}"))?,
+        }),
+        ["hold-group", name, pgid, deadline] => Ok(GuardCommand::HoldGroup {
+            name: name.to_string(),
+            pgid: pgid
+                .parse()
+                .ok()
+                .filter(|p: &i32| *p > 1)
+                .ok_or_else(|| format!("bad process group {pgid:?}"))?,
             deadline_ns: deadline
                 .parse()
                 .map_err(|_| format!("bad deadline {deadline:?}"))?,
@@ -127,6 +150,14 @@ impl GuardHandle {
         ))
     }
 
+    /// The guard SIGKILLs process group `pgid` at `until` unless told a later deadline.
+    pub fn hold_group(&self, name: &str, pgid: i32, until: Instant) -> Result<(), String> {
+        self.send(&format!(
+            "hold-group {name} {pgid} {}",
+            instant_to_ns(until)
+        ))
+    }
+
     /// The parent removed `name` itself.
     pub fn drop_vip(&self, name: &str) -> Result<(), String> {
         self.send(&format!("drop {name}"))
@@ -147,7 +178,7 @@ pub async fn run_guard() -> Result<(), String> {
     let tk = crate::takeover::Takeover::new()
         .await
         .map_err(|e| e.to_string())?;
-    let mut held: BTreeMap<String, (VipSpec, u64)> = BTreeMap::new();
+    let mut held: BTreeMap<String, (Guarded, u64)> = BTreeMap::new();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
         let next_deadline = held.values().map(|(_, d)| *d).min();
@@ -166,14 +197,27 @@ pub async fn run_guard() -> Result<(), String> {
                     .map(|(n, _)| n.clone())
                     .collect();
                 for name in due {
-                    if let Some((vip, _)) = held.remove(&name) {
-                        remove(&tk, &vip, "lease ran out without renewal (spaced stalled?)").await;
+                    if let Some((what, _)) = held.remove(&name) {
+                        fence(
+                            &tk,
+                            &name,
+                            &what,
+                            "lease ran out without renewal (spaced stalled?)",
+                        )
+                        .await;
                     }
                 }
             }
             Some(Ok(Some(l))) => match parse_line(&l) {
                 Ok(GuardCommand::Hold { vip, deadline_ns }) => {
-                    held.insert(vip.name.clone(), (vip, deadline_ns));
+                    held.insert(vip.name.clone(), (Guarded::Vip(vip), deadline_ns));
+                }
+                Ok(GuardCommand::HoldGroup {
+                    name,
+                    pgid,
+                    deadline_ns,
+                }) => {
+                    held.insert(name, (Guarded::Group(pgid), deadline_ns));
                 }
                 Ok(GuardCommand::Drop { name }) => {
                     held.remove(&name);
@@ -182,10 +226,38 @@ pub async fn run_guard() -> Result<(), String> {
             },
             // EOF or read error: the parent is gone.
             Some(Ok(None)) | Some(Err(_)) => {
-                for (_, (vip, _)) in std::mem::take(&mut held) {
-                    remove(&tk, &vip, "spaced exited").await;
+                for (name, (what, _)) in std::mem::take(&mut held) {
+                    fence(&tk, &name, &what, "spaced exited").await;
                 }
                 return Ok(());
+            }
+        }
+    }
+}
+
+/// What the guard takes down for a name.
+enum Guarded {
+    /// A VIP: remove the address.
+    Vip(VipSpec),
+    /// A singleton's process group: SIGKILL it.
+    Group(i32),
+}
+
+async fn fence(tk: &crate::takeover::Takeover, name: &str, what: &Guarded, why: &str) {
+    match what {
+        Guarded::Vip(vip) => remove(tk, vip, why).await,
+        Guarded::Group(pgid) => {
+            match nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(*pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            ) {
+                Ok(()) => {
+                    tracing::warn!(singleton = %name, pgid, why, "fence guard killed the singleton's processes")
+                }
+                Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => {
+                    tracing::error!(singleton = %name, pgid, error = %e, "fence guard could not kill the singleton")
+                }
             }
         }
     }
@@ -223,6 +295,19 @@ mod tests {
                 deadline_ns: 123
             })
         );
+        assert_eq!(
+            parse_line("hold-group poller 4242 99"),
+            Ok(GuardCommand::HoldGroup {
+                name: "poller".into(),
+                pgid: 4242,
+                deadline_ns: 99
+            })
+        );
+        assert!(
+            parse_line("hold-group poller 1 99").is_err(),
+            "never init's group"
+        );
+        assert!(parse_line("hold-group poller -5 99").is_err());
         assert_eq!(
             parse_line("drop cluster"),
             Ok(GuardCommand::Drop {

@@ -45,6 +45,8 @@ pub struct Placements {
     pub(crate) supervisor: crate::supervisor::Supervisor,
     /// Wakes the services loop when a singleton lease arrives.
     pub(crate) services_wake: Arc<tokio::sync::Notify>,
+    /// The agent's backend, also asked by the services loop to guard new singleton processes.
+    pub(crate) placement_backend: Arc<crate::services::PlacementBackend>,
 }
 
 impl Placements {
@@ -95,12 +97,12 @@ impl Placements {
         )
         .map_err(|e| format!("config {file}: key `data_dir`: service supervisor: {e}"))?;
         let services_wake = Arc::new(tokio::sync::Notify::new());
-        let backend: Arc<dyn VipBackend> = Arc::new(crate::services::PlacementBackend::new(
+        let placement_backend = Arc::new(crate::services::PlacementBackend::new(
             backend,
             supervisor.clone(),
             services_wake.clone(),
         ));
-        let agent = Agent::new(cfg.node_id, lease.clone(), backend);
+        let agent = Agent::new(cfg.node_id, lease.clone(), placement_backend.clone());
         agent
             .set_refresh((cfg.garp_refresh_s > 0).then(|| Duration::from_secs(cfg.garp_refresh_s)));
         Ok(Placements {
@@ -112,6 +114,7 @@ impl Placements {
             moves: Mutex::default(),
             supervisor,
             services_wake,
+            placement_backend,
         })
     }
 }
@@ -215,21 +218,37 @@ async fn renew(inner: &Arc<NodeInner>, held: Vec<Held>) -> Result<Vec<Held>, Str
             }
         });
     }
-    let mut acks = 0;
+    // A placement's lease counts once a majority confirmed that placement at that epoch;
+    // voters confirm only what their own fabric grants us.
+    let mut acks: BTreeMap<Held, usize> = BTreeMap::new();
+    let mut answered = 0;
     let mut last_err = String::from("no voters");
     while let Some(r) = calls.next().await {
         match r {
-            Ok(_) => {
-                acks += 1;
-                if acks >= needed {
+            Ok(confirmed) => {
+                answered += 1;
+                for h in confirmed {
+                    *acks.entry(h).or_default() += 1;
+                }
+                if held
+                    .iter()
+                    .all(|h| acks.get(h).is_some_and(|n| *n >= needed))
+                {
                     return Ok(held);
                 }
             }
             Err(e) => last_err = e,
         }
     }
+    let confirmed: Vec<Held> = held
+        .into_iter()
+        .filter(|h| acks.get(h).is_some_and(|n| *n >= needed))
+        .collect();
+    if answered >= needed {
+        return Ok(confirmed);
+    }
     Err(format!(
-        "renewal acknowledged by {acks} voters, {needed} needed (last error: {last_err})"
+        "renewal answered by {answered} voters, {needed} needed (last error: {last_err})"
     ))
 }
 
@@ -255,13 +274,25 @@ fn lease_keys(inner: &NodeInner) -> Vec<LeaseKey> {
 
 /// A voter records a renewal from `from`. No leadership or ownership check is needed: the
 /// record is only ever used to *delay* a reassignment.
+/// A voter confirms only what its own applied fabric grants `from` at that epoch: a node acting
+/// on an old grant (restarted and still replaying its log, or back from a partition) gets no
+/// lease for a placement that has since moved on.
 fn record_renewal(inner: &NodeInner, from: NodeId, held: Vec<Held>) -> Vec<Held> {
     let now = Instant::now();
+    let current: Vec<Held> = inner.view.read(|f| {
+        held.into_iter()
+            .filter(|(name, epoch)| {
+                f.placements
+                    .get(name)
+                    .is_some_and(|p| p.owner == Some(from) && p.epoch == *epoch)
+            })
+            .collect()
+    });
     let mut w = lock(&inner.placements.witness);
-    for (name, epoch) in &held {
+    for (name, epoch) in &current {
         w.renewed((name.clone(), *epoch, from), now);
     }
-    held
+    current
 }
 
 /// Silence per lease as this node's witness sees it.

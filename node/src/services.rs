@@ -12,8 +12,9 @@ use crate::agent::{VipBackend, VipSpec};
 use crate::daemon::NodeInner;
 use crate::supervisor::{DesiredService, Supervisor};
 
-/// How often the desired set is recomputed (a held placement also triggers a pass at once).
-const PASS_EVERY: Duration = Duration::from_millis(200);
+/// How often the desired set is recomputed and running singletons are re-guarded (a held
+/// placement also triggers a pass at once).
+const PASS_EVERY: Duration = Duration::from_millis(100);
 
 /// The services this node should run now.
 ///
@@ -83,6 +84,72 @@ pub struct PlacementBackend {
     supervisor: Supervisor,
     /// Wakes the services loop when a singleton is acquired, so it starts without waiting a pass.
     wake: Arc<tokio::sync::Notify>,
+    /// The fence guard that SIGKILLs a singleton's group at its lease end even if spaced is
+    /// stopped or killed; started on first use, only when running as the `spaced` binary (a
+    /// test process cannot be re-executed as `guard`).
+    guard: Arc<std::sync::OnceLock<Option<crate::guard::GuardHandle>>>,
+}
+
+impl PlacementBackend {
+    fn guard(&self) -> Option<&crate::guard::GuardHandle> {
+        self.guard
+            .get_or_init(|| {
+                let is_spaced = std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n == "spaced"))
+                    .unwrap_or(false);
+                if !is_spaced {
+                    tracing::debug!("not running as spaced: singletons have no fence guard");
+                    return None;
+                }
+                match crate::guard::GuardHandle::spawn() {
+                    Ok(g) => {
+                        tracing::info!("fence guard started for singletons");
+                        Some(g)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "no fence guard for singletons");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    /// Registers the process groups of the singletons running here with the guard right away
+    /// (rather than at the next renewal), each until the end of its lease here.
+    pub(crate) fn guard_running(
+        &self,
+        singletons: &[(String, String)],
+        agent: &crate::agent::Agent,
+    ) {
+        let statuses = self.supervisor.status();
+        for (placement, service) in singletons {
+            let pid = statuses
+                .iter()
+                .find(|s| &s.name == service)
+                .and_then(|s| s.pid)
+                .and_then(|p| i32::try_from(p).ok());
+            let Some(pgid) = pid else { continue };
+            let remaining = agent.lease_remaining(placement, Instant::now());
+            if remaining.is_zero() {
+                continue;
+            }
+            let Some(guard) = self.guard() else { return };
+            if let Err(e) = guard.hold_group(placement, pgid, Instant::now() + remaining) {
+                tracing::error!(singleton = %placement, error = %e, "fence guard unreachable");
+            }
+        }
+    }
+
+    /// Tells the guard the singleton is no longer held here.
+    fn unguard(&self, name: &str) {
+        if let Some(Some(g)) = self.guard.get()
+            && let Err(e) = g.drop_vip(name)
+        {
+            tracing::error!(singleton = %name, error = %e, "fence guard unreachable");
+        }
+    }
 }
 
 impl PlacementBackend {
@@ -96,6 +163,7 @@ impl PlacementBackend {
             vips,
             supervisor,
             wake,
+            guard: Arc::default(),
         }
     }
 }
@@ -129,6 +197,7 @@ impl VipBackend for PlacementBackend {
             None => self.vips.release(vip),
             Some(service) => {
                 let supervisor = self.supervisor.clone();
+                self.unguard(&vip.name);
                 Box::pin(async move {
                     supervisor.kill_now(&service).await;
                     tracing::warn!(singleton = %vip.name, %service, "singleton lease lost: killed");
@@ -143,7 +212,13 @@ impl VipBackend for PlacementBackend {
             None => self.vips.release_gracefully(vip),
             Some(service) => {
                 let supervisor = self.supervisor.clone();
+                let guard = self.guard.clone();
+                let name = vip.name.clone();
                 Box::pin(async move {
+                    // The guard must not fire at the old deadline during a long graceful stop.
+                    if let Some(Some(g)) = guard.get() {
+                        let _ = g.drop_vip(&name);
+                    }
                     // Stop gracefully, then fence so no desired set revives it without a lease.
                     supervisor.stop_now(&service).await;
                     supervisor.kill_now(&service).await;
@@ -159,8 +234,26 @@ impl VipBackend for PlacementBackend {
     }
 
     fn hold_until(&self, vip: &VipSpec, until: Instant) {
-        if vip.service.is_none() {
+        let Some(service) = &vip.service else {
             self.vips.hold_until(vip, until);
+            return;
+        };
+        // Each service leads its own process group, so its pid is the group id.
+        let pid = self
+            .supervisor
+            .status()
+            .into_iter()
+            .find(|s| &s.name == service)
+            .and_then(|s| s.pid)
+            .and_then(|p| i32::try_from(p).ok());
+        let Some(guard) = self.guard() else { return };
+        tracing::debug!(singleton = %vip.name, ?pid, "singleton guarded until the lease end");
+        let sent = match pid {
+            Some(pgid) => guard.hold_group(&vip.name, pgid, until),
+            None => guard.drop_vip(&vip.name),
+        };
+        if let Err(e) = sent {
+            tracing::error!(singleton = %vip.name, error = %e, "fence guard unreachable");
         }
     }
 }
@@ -184,13 +277,44 @@ pub(crate) async fn services_loop(
         let desired = inner
             .view
             .read(|f| desired_services(f, &inner.name, &inner.roles, &held));
-        if last.as_ref() == Some(&desired) {
-            continue;
+        let singletons: Vec<(String, String)> = inner.view.read(|f| {
+            desired
+                .iter()
+                .filter(|d| {
+                    f.services
+                        .get(&d.name)
+                        .is_some_and(|s| s.scope == ServiceScope::Singleton)
+                })
+                .filter_map(|d| Some((d.env.get("SPACED_PLACEMENT")?.clone(), d.name.clone())))
+                .collect()
+        });
+        if last.as_ref() != Some(&desired) {
+            if let Err(e) = supervisor.set_desired(desired.clone()).await {
+                tracing::warn!(error = %e, "some services were not accepted by the supervisor");
+            }
+            // Singletons just started are guarded as soon as they have a pid, not at the next
+            // renewal: a spaced stopped in between would leave them running past the lease.
+            for _ in 0..50 {
+                let statuses = supervisor.status();
+                let all_up = singletons.iter().all(|(_, service)| {
+                    statuses
+                        .iter()
+                        .any(|s| &s.name == service && s.pid.is_some())
+                });
+                if all_up {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            last = Some(desired);
         }
-        if let Err(e) = supervisor.set_desired(desired.clone()).await {
-            tracing::warn!(error = %e, "some services were not accepted by the supervisor");
+        // Every pass: a restarted singleton has a new process group.
+        if !singletons.is_empty() {
+            inner
+                .placements
+                .placement_backend
+                .guard_running(&singletons, &inner.placements.agent);
         }
-        last = Some(desired);
     }
     supervisor.shutdown().await;
 }
