@@ -656,6 +656,26 @@ fn balancer_on_the_vip_spreads_over_app_nodes_and_follows_the_vip() -> Result<()
         },
     )?;
     let owner = f.vip_owner("cluster", None).context("VIP owner")? as usize;
+    // A `vip:` service runs on the VIP's owner only, with the VIP's epoch.
+    let netmon = format!("exec sleep {VIP_SERVICE_MARK}");
+    f.ctl(
+        &f.endpoint(owner),
+        &[
+            "service",
+            "add",
+            "netmon",
+            "--scope",
+            "vip:cluster",
+            "--",
+            "/bin/sh",
+            "-c",
+            &netmon,
+        ],
+    )?;
+    f.wait(Duration::from_secs(20), "netmon on the VIP owner", |_| {
+        let now = marked_instances(VIP_SERVICE_MARK);
+        Ok(now.len() == 1 && now[0].1 == format!("n{owner}"))
+    })?;
 
     // The owner dies: its app server stays up in the namespace, but its node
     // is gone; the new VIP owner's balancer (bound in advance with
@@ -680,6 +700,15 @@ fn balancer_on_the_vip_spreads_over_app_nodes_and_follows_the_vip() -> Result<()
     );
     let new_owner = f.vip_owner("cluster", Some(owner)).context("new owner")? as usize;
     assert_ne!(new_owner, owner);
+    // The `vip:` service followed the VIP: only on the new owner (the old one died with its node).
+    f.wait(
+        Duration::from_secs(20),
+        "netmon on the new VIP owner",
+        |_| {
+            let now = marked_instances(VIP_SERVICE_MARK);
+            Ok(now.len() == 1 && now[0].1 == format!("n{new_owner}"))
+        },
+    )?;
     // Only the new owner holds the VIP, and its balancer still spreads over all app backends
     // (the dead node's app server is still running, so it stays a healthy backend).
     let seen: std::collections::BTreeSet<String> = (0..9).filter_map(|_| through_lb(&f)).collect();
@@ -700,8 +729,16 @@ fn balancer_on_the_vip_spreads_over_app_nodes_and_follows_the_vip() -> Result<()
 /// every instance on every host (the namespaces share one pid space).
 const SINGLETON_MARK: &str = "8675309";
 
+/// The same for the `vip:`-scoped service of the balancer test.
+const VIP_SERVICE_MARK: &str = "8675310";
+
 /// Live instances of the lab singleton: (pid, SPACED_NODE, SPACED_EPOCH).
 fn singleton_instances() -> Vec<(i32, String, u64)> {
+    marked_instances(SINGLETON_MARK)
+}
+
+/// Live processes `sleep <mark>` started by spaced: (pid, SPACED_NODE, SPACED_EPOCH).
+fn marked_instances(mark: &str) -> Vec<(i32, String, u64)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -710,10 +747,7 @@ fn singleton_instances() -> Vec<(i32, String, u64)> {
         .filter_map(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            if args.len() < 2
-                || !args[0].ends_with(b"sleep")
-                || args[1] != SINGLETON_MARK.as_bytes()
-            {
+            if args.len() < 2 || !args[0].ends_with(b"sleep") || args[1] != mark.as_bytes() {
                 return None;
             }
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -454,7 +454,12 @@ impl RaftService {
             let peer = peer_name.clone();
             tokio::spawn(async move {
                 if let Err(e) = svc.serve_stream(send, recv, &peer).await {
-                    tracing::warn!(peer = %peer, %remote, error = %e, "raft stream refused");
+                    if e.contains("stopped by peer") {
+                        // The caller gave up waiting (its RPC timed out): not a refusal.
+                        tracing::debug!(peer = %peer, %remote, error = %e, "raft reply not wanted any more");
+                    } else {
+                        tracing::warn!(peer = %peer, %remote, error = %e, "raft stream refused");
+                    }
                 }
             });
         }
