@@ -6,7 +6,7 @@ use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use spaced_raft::fabric::{AdminState, Command, DeviceMode, NewDevice};
+use spaced_raft::fabric::{AdminState, Command, DeviceMode, NewDevice, ServiceScope, ServiceSpec};
 use spaced_raft::pki;
 
 use crate::admin::{AdminReply, AdminRequest};
@@ -389,7 +389,101 @@ async fn run_in(dir: &Path) -> Result<()> {
     let still = vip_answer(vip_addr).await.unwrap_or_default();
     println!("{back} restarted and rejoined as standby; the VIP stays on {still} (no failback)");
 
-    // Act 2: the Raft leader.
+    // Act 2: a singleton service. Exactly one node runs it; kill that node and time until
+    // another runs it, at a higher epoch (the fencing token it gets as SPACED_EPOCH).
+    let starts = dir.join("poller-starts.log");
+    let script = format!(
+        "echo \"$SPACED_NODE $SPACED_EPOCH\" >> {}; exec sleep 100000",
+        starts.display()
+    );
+    let put = AdminRequest::Write(Command::PutService {
+        name: "poller".into(),
+        spec: ServiceSpec {
+            command: vec!["/bin/sh".into(), "-c".into(), script],
+            scope: ServiceScope::Singleton,
+            health_check: None,
+            roles: ["app".to_string()].into(),
+        },
+    });
+    match admin.call_leader(&put).await? {
+        AdminReply::Applied(_) => {}
+        other => return Err(unexpected(admin.target(), &other).into()),
+    }
+    let read_starts = || -> Vec<(String, u64)> {
+        std::fs::read_to_string(&starts)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (node, epoch) = l.split_once(' ')?;
+                Some((node.to_string(), epoch.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    let t = Instant::now();
+    let (holder, epoch) = loop {
+        if let Some(first) = read_starts().first() {
+            break first.clone();
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("the singleton did not start within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    println!("\nsingleton poller runs on {holder} (epoch {epoch})");
+    let victim = nodes
+        .iter_mut()
+        .find(|n| n.name == holder)
+        .context("singleton holder is not a demo node")?;
+    println!("killing {holder} (SIGKILL)...");
+    victim.kill(nix::sys::signal::Signal::SIGKILL)?;
+    let killed_at = Instant::now();
+    let (next, next_epoch) = loop {
+        if let Some(second) = read_starts().get(1) {
+            break second.clone();
+        }
+        if killed_at.elapsed() > Duration::from_secs(10) {
+            bail!("nobody ran the singleton within 10 s of killing its holder");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    println!(
+        "{next} runs poller (epoch {next_epoch}) {} ms after the kill",
+        killed_at.elapsed().as_millis()
+    );
+    if let Some(mut c) = victim.child.take() {
+        let _ = c.wait();
+    }
+    if victim.listen.to_string() == admin.target() {
+        let survivor = nodes
+            .iter()
+            .find(|n| n.name != holder && n.child.is_some())
+            .map(|n| n.listen.to_string())
+            .context("survivor")?;
+        admin = connect_retry(&survivor, &creds, Duration::from_secs(5)).await?;
+    }
+    let victim = nodes
+        .iter_mut()
+        .find(|n| n.name == holder)
+        .context("singleton holder is not a demo node")?;
+    victim.child = Some(spawn_node(&exe, dir, &victim.config, false)?);
+    let victim_id = victim.id;
+    let t = Instant::now();
+    loop {
+        let s = admin.status().await?;
+        if s.nodes
+            .iter()
+            .any(|n| n.id == victim_id && n.last_contact_ms.is_some_and(|ms| ms < 500))
+        {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(15) {
+            bail!("{holder} did not rejoin within 15 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("{holder} restarted and rejoined; poller stays on {next} (no failback)");
+
+    // Act 3: the Raft leader.
     let status = admin.status().await?;
     let leader = status.leader.context("no leader")?;
     let victim = nodes
