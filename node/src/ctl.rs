@@ -455,6 +455,15 @@ fn vip_json(v: &crate::admin::VipRow) -> serde_json::Value {
            "owner": v.owner, "owner_name": v.owner_name, "epoch": v.epoch, "lease_ms": v.lease_ms})
 }
 
+/// A placement's owner as one table cell: `name (id)`, the id alone, or `-`.
+fn owner_cell(name: Option<&str>, id: Option<u64>) -> String {
+    match (name, id) {
+        (Some(n), Some(id)) => format!("{n} ({id})"),
+        (None, Some(id)) => id.to_string(),
+        _ => "-".into(),
+    }
+}
+
 /// The human form of `spacectl vip list`.
 pub fn render_vips(vips: &[crate::admin::VipRow]) -> String {
     let rows: Vec<Vec<String>> = vips
@@ -465,11 +474,7 @@ pub fn render_vips(vips: &[crate::admin::VipRow]) -> String {
                 v.address.clone(),
                 v.interface.clone(),
                 v.roles.join(","),
-                match (&v.owner_name, v.owner) {
-                    (Some(n), Some(id)) => format!("{n} ({id})"),
-                    (None, Some(id)) => id.to_string(),
-                    _ => "-".into(),
-                },
+                owner_cell(v.owner_name.as_deref(), v.owner),
                 v.epoch.to_string(),
                 v.lease_ms
                     .map(|ms| format!("{ms} ms"))
@@ -959,11 +964,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                             r.name.clone(),
                             r.service.clone(),
                             r.roles.join(","),
-                            match (&r.owner_name, r.owner) {
-                                (Some(n), Some(id)) => format!("{n} ({id})"),
-                                (None, Some(id)) => id.to_string(),
-                                _ => "-".into(),
-                            },
+                            owner_cell(r.owner_name.as_deref(), r.owner),
                             r.epoch.to_string(),
                         ]
                     })

@@ -192,6 +192,60 @@ async fn connect_retry(
     }
 }
 
+/// Reaps the killed node `id`; if the admin client was talking to it, reconnects to a live node.
+async fn reap_and_reconnect(
+    nodes: &mut [NodeProcess],
+    id: u64,
+    admin: &mut AdminClient,
+    creds: &AdminCredentials,
+) -> Result<()> {
+    let node = nodes
+        .iter_mut()
+        .find(|n| n.id == id)
+        .context("not a demo node")?;
+    if let Some(mut c) = node.child.take() {
+        let _ = c.wait();
+    }
+    if node.listen.to_string() == admin.target() {
+        let survivor = nodes
+            .iter()
+            .find(|n| n.id != id && n.child.is_some())
+            .map(|n| n.listen.to_string())
+            .context("no surviving node")?;
+        *admin = connect_retry(&survivor, creds, Duration::from_secs(5)).await?;
+    }
+    Ok(())
+}
+
+/// Restarts the killed node `id` and waits until the leader hears from it; returns its name.
+async fn restart_and_rejoin(
+    exe: &Path,
+    dir: &Path,
+    nodes: &mut [NodeProcess],
+    id: u64,
+    admin: &mut AdminClient,
+) -> Result<String> {
+    let node = nodes
+        .iter_mut()
+        .find(|n| n.id == id)
+        .context("not a demo node")?;
+    node.child = Some(spawn_node(exe, dir, &node.config, false)?);
+    let t = Instant::now();
+    loop {
+        let s = admin.status().await?;
+        if s.nodes
+            .iter()
+            .any(|n| n.id == id && n.last_contact_ms.is_some_and(|ms| ms < 500))
+        {
+            return Ok(node.name.clone());
+        }
+        if t.elapsed() > Duration::from_secs(15) {
+            bail!("{} did not rejoin within 15 s", node.name);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs the demo; `keep` leaves the temp dir (configs, PKI, data, logs) in place.
 pub async fn run(keep: bool) -> Result<()> {
     let tmp = tempfile::Builder::new()
@@ -353,38 +407,8 @@ async fn run_in(dir: &Path) -> Result<()> {
         "{new_answer} serves the VIP {} ms after the kill",
         killed_at.elapsed().as_millis()
     );
-    if let Some(mut c) = victim.child.take() {
-        let _ = c.wait();
-    }
-    if victim.listen.to_string() == admin.target() {
-        let survivor = nodes
-            .iter()
-            .find(|n| n.id != owner)
-            .map(|n| n.listen.to_string())
-            .context("survivor")?;
-        admin = connect_retry(&survivor, &creds, Duration::from_secs(5)).await?;
-    }
-    let victim = nodes
-        .iter_mut()
-        .find(|n| n.id == owner)
-        .context("VIP owner is not a demo node")?;
-    victim.child = Some(spawn_node(&exe, dir, &victim.config, false)?);
-    let back = victim.name.clone();
-    let victim_id = victim.id;
-    let t = Instant::now();
-    loop {
-        let s = admin.status().await?;
-        if s.nodes
-            .iter()
-            .any(|n| n.id == victim_id && n.last_contact_ms.is_some_and(|ms| ms < 500))
-        {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(15) {
-            bail!("{back} did not rejoin within 15 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    reap_and_reconnect(&mut nodes, owner, &mut admin, &creds).await?;
+    let back = restart_and_rejoin(&exe, dir, &mut nodes, owner, &mut admin).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let still = vip_answer(vip_addr).await.unwrap_or_default();
     println!("{back} restarted and rejoined as standby; the VIP stays on {still} (no failback)");
@@ -450,37 +474,9 @@ async fn run_in(dir: &Path) -> Result<()> {
         "{next} runs poller (epoch {next_epoch}) {} ms after the kill",
         killed_at.elapsed().as_millis()
     );
-    if let Some(mut c) = victim.child.take() {
-        let _ = c.wait();
-    }
-    if victim.listen.to_string() == admin.target() {
-        let survivor = nodes
-            .iter()
-            .find(|n| n.name != holder && n.child.is_some())
-            .map(|n| n.listen.to_string())
-            .context("survivor")?;
-        admin = connect_retry(&survivor, &creds, Duration::from_secs(5)).await?;
-    }
-    let victim = nodes
-        .iter_mut()
-        .find(|n| n.name == holder)
-        .context("singleton holder is not a demo node")?;
-    victim.child = Some(spawn_node(&exe, dir, &victim.config, false)?);
-    let victim_id = victim.id;
-    let t = Instant::now();
-    loop {
-        let s = admin.status().await?;
-        if s.nodes
-            .iter()
-            .any(|n| n.id == victim_id && n.last_contact_ms.is_some_and(|ms| ms < 500))
-        {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(15) {
-            bail!("{holder} did not rejoin within 15 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let holder_id = victim.id;
+    reap_and_reconnect(&mut nodes, holder_id, &mut admin, &creds).await?;
+    restart_and_rejoin(&exe, dir, &mut nodes, holder_id, &mut admin).await?;
     println!("{holder} restarted and rejoined; poller stays on {next} (no failback)");
 
     // Act 3: the Raft leader.
