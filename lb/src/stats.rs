@@ -23,8 +23,10 @@ pub struct LbStats {
     pub sticky_routed: AtomicU64,
     /// Peeks that ran out of time before the first request was complete.
     pub peek_timeouts: AtomicU64,
-    /// Relays that ended with an error (reset, broken pipe) rather than a clean close.
+    /// Relays that ended with an error other than a peer's reset.
     pub relay_errors: AtomicU64,
+    /// Relays ended by a peer's reset or a write to a closed peer (common at teardown).
+    pub relay_resets: AtomicU64,
     /// Relays closed by the idle timeout.
     pub idle_closed: AtomicU64,
     /// Connections cut when a drain's grace period ran out.
@@ -55,7 +57,7 @@ pub struct Rendered<'a> {
 /// Appends Prometheus text for all `balancers`, one HELP/TYPE block per metric.
 pub fn render_prometheus(balancers: &[Rendered<'_>], out: &mut String) {
     type Field = fn(&LbStats) -> u64;
-    let scalar: [(&str, &str, &str, Field); 11] = [
+    let scalar: [(&str, &str, &str, Field); 12] = [
         (
             "spaced_lb_connections_total",
             "counter",
@@ -101,8 +103,14 @@ pub fn render_prometheus(balancers: &[Rendered<'_>], out: &mut String) {
         (
             "spaced_lb_relay_errors_total",
             "counter",
-            "Relays ended by an error (reset, broken pipe).",
+            "Relays ended by an error other than a peer's reset.",
             |s| get(&s.relay_errors),
+        ),
+        (
+            "spaced_lb_relay_resets_total",
+            "counter",
+            "Relays ended by a peer's reset or broken pipe.",
+            |s| get(&s.relay_resets),
         ),
         (
             "spaced_lb_idle_closed_total",

@@ -368,6 +368,8 @@ async fn backend_dying_mid_stream_closes_the_client() {
         lb.stats().active.load(Ordering::Relaxed) == 0
     })
     .await;
+    assert_eq!(lb.stats().relay_resets.load(Ordering::Relaxed), 1);
+    assert_eq!(lb.stats().relay_errors.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
