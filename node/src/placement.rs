@@ -24,7 +24,7 @@ const PLAN_EVERY: Duration = Duration::from_millis(10);
 /// A node that handed its placements over is not granted any for this long (it is exiting).
 const STOPPING_FOR: Duration = Duration::from_secs(10);
 /// A peer counts as live for placement while the leader heard from it this recently.
-const LIVE_WITHIN: Duration = Duration::from_millis(1000);
+pub(crate) const LIVE_WITHIN: Duration = Duration::from_millis(1000);
 
 /// Placement state of one node.
 pub struct Placements {
@@ -315,6 +315,16 @@ fn live_nodes(inner: &NodeInner) -> BTreeSet<NodeId> {
     live
 }
 
+/// On the leader: the nodes work may go to now: live ([`live_nodes`]) and not stopping.
+/// Placements and devices use the same set.
+pub(crate) fn live_set(inner: &NodeInner) -> BTreeSet<NodeId> {
+    let mut live = live_nodes(inner);
+    let mut stopping = lock(&inner.placements.stopping);
+    stopping.retain(|_, since| since.elapsed() < STOPPING_FOR);
+    live.retain(|n| !stopping.contains_key(n));
+    live
+}
+
 /// On the leader: plan and propose grants and take-backs.
 pub(crate) async fn controller_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(PLAN_EVERY);
@@ -337,12 +347,7 @@ pub(crate) async fn controller_loop(inner: Arc<NodeInner>, mut shutdown: watch::
         if !leading {
             continue;
         }
-        let mut live = live_nodes(&inner);
-        {
-            let mut stopping = lock(&inner.placements.stopping);
-            stopping.retain(|_, since| since.elapsed() < STOPPING_FOR);
-            live.retain(|n| !stopping.contains_key(n));
-        }
+        let live = live_set(&inner);
         step_aside_if_owner(&inner, &live, &mut last_step_aside).await;
         let prefer = lock(&inner.placements.moves).clone();
         let expired = expired_leases(&inner).await;
