@@ -185,6 +185,10 @@ pub struct DevicesSection {
     pub listen: Option<SocketAddr>,
     /// A connect attempt to a device that takes longer than this counts as failed.
     pub connect_timeout_s: u64,
+    /// On the leader: a node not heard from for this long is lost and its devices move to the
+    /// others (a new leader also waits this long before it counts a node it has not heard from
+    /// as lost). Lower fails over faster; too low moves devices off a node that only paused.
+    pub lost_after_ms: u64,
 }
 
 /// The port devices connect to in device-initiated mode (as in the model).
@@ -197,6 +201,7 @@ impl Default for DevicesSection {
             down_after_s: 900,
             listen: Some(SocketAddr::from(([0, 0, 0, 0], DEVICE_PORT))),
             connect_timeout_s: 10,
+            lost_after_ms: 800,
         }
     }
 }
@@ -552,6 +557,16 @@ impl NodeConfig {
             if value == 0 {
                 return Err(err(key, "must be greater than 0".into()));
             }
+        }
+        if d.lost_after_ms < 4 * self.raft.heartbeat_interval_ms {
+            return Err(err(
+                "devices.lost_after_ms",
+                format!(
+                    "must be at least 4 × raft.heartbeat_interval_ms ({} < {})",
+                    d.lost_after_ms,
+                    4 * self.raft.heartbeat_interval_ms
+                ),
+            ));
         }
         if d.down_after_s < d.keepalive_interval_s {
             return Err(err(
@@ -968,6 +983,11 @@ key = "n.key"
                 "connect_timeout_s = 0",
                 "devices.connect_timeout_s",
                 "greater than 0",
+            ),
+            (
+                "lost_after_ms = 150",
+                "devices.lost_after_ms",
+                "at least 4 × raft.heartbeat_interval_ms (150 < 200)",
             ),
             ("keepalive = 5", "devices.keepalive", "unknown key"),
         ] {

@@ -1,11 +1,12 @@
 //! The leader's side of devices (DESIGN §8): assigns registered, orphaned and draining nodes'
 //! devices every tick, and carries out `device rebalance` and `node drain` / `node activate`.
 //!
-//! Who counts as live is the placements' rule ([`crate::placement::live_set`]): heard from
-//! within [`LIVE_WITHIN`] and not stopping. A new leader's contact table starts empty, so for
-//! its first [`LIVE_WITHIN`] it moves no device at all unless it has heard from every
-//! registered node by then: a node it has not heard from *yet* is not lost, and its devices'
-//! connections must not be torn down for the new leader's ignorance.
+//! A node is live for devices when the leader heard from it within `[devices] lost_after_ms`
+//! (800 ms by default; placements use the same rule with 1 s, see
+//! [`crate::placement::live_set`]) and it is not stopping. A new leader's contact table starts
+//! empty, so for its first `lost_after` it moves no device at all unless it has heard from
+//! every registered node by then: a node it has not heard from *yet* is not lost, and its
+//! devices' connections must not be torn down for the new leader's ignorance.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -20,42 +21,44 @@ use crate::admin::{NodeDevices, RebalanceReport};
 use crate::controller::plan_devices;
 use crate::daemon::{NodeInner, ProposeError, now_millis};
 use crate::lock;
-use crate::placement::{LIVE_WITHIN, live_set};
+use crate::placement::live_set;
 
 /// How often the leader plans device assignments: new registrations wait at most this long.
 const PLAN_DEVICES_EVERY: Duration = Duration::from_millis(100);
 
 /// Whether a leader that has led for `leading` may move devices now: once it has led for
-/// [`LIVE_WITHIN`] (a node it has not heard from by then is lost), or earlier if every
+/// `lost_after` (a node it has not heard from by then is lost), or earlier if every
 /// `registered` node is `live` already. `Err` says how much longer to wait.
 pub fn may_move_devices(
     leading: Duration,
+    lost_after: Duration,
     mut registered: impl Iterator<Item = NodeId>,
     live: &BTreeSet<NodeId>,
 ) -> Result<(), Duration> {
-    if leading >= LIVE_WITHIN || registered.all(|n| live.contains(&n)) {
+    if leading >= lost_after || registered.all(|n| live.contains(&n)) {
         Ok(())
     } else {
-        Err(LIVE_WITHIN - leading)
+        Err(lost_after - leading)
     }
 }
 
 /// The live set, once the leader knows enough to act on it (see [`may_move_devices`]).
 fn settled_live_set(inner: &NodeInner) -> Result<BTreeSet<NodeId>, Duration> {
-    let live = live_set(inner);
+    let lost_after = inner.devices.settings().lost_after;
+    let live = live_set(inner, lost_after);
     let leading = lock(&inner.placements.leading_since)
         .map(|t| t.elapsed())
         .unwrap_or_default();
     inner
         .view
-        .read(|f| may_move_devices(leading, f.nodes.keys().copied(), &live))?;
+        .read(|f| may_move_devices(leading, lost_after, f.nodes.keys().copied(), &live))?;
     Ok(live)
 }
 
 /// Commits device commands one after another (each a batch of at most [`ASSIGN_BATCH`]), so
 /// other proposals interleave. Returns the devices moved; a refused batch (a plan a newer change
 /// overtook) is skipped, the rest still go; losing leadership stops it.
-async fn commit_batches(inner: &NodeInner, cmds: Vec<Command>) -> Result<u64, String> {
+async fn commit_batches(inner: &NodeInner, cmds: Vec<Command>) -> Result<u64, ProposeError> {
     let mut moved = 0;
     for cmd in cmds {
         match inner.commit(cmd).await {
@@ -64,8 +67,7 @@ async fn commit_batches(inner: &NodeInner, cmds: Vec<Command>) -> Result<u64, St
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "device assignment refused; planning again")
             }
-            Err(e @ ProposeError::NotLeader(..)) => return Err(e.to_string()),
-            Err(ProposeError::Failed(e)) => return Err(e),
+            Err(e) => return Err(e),
         }
     }
     Ok(moved)
@@ -112,6 +114,10 @@ pub(crate) async fn planner_loop(inner: Arc<NodeInner>, mut shutdown: watch::Rec
                 ms = started.elapsed().as_millis() as u64,
                 "devices assigned"
             ),
+            // Leadership moved on; the new leader plans from here.
+            Err(e @ ProposeError::NotLeader(..)) => {
+                tracing::debug!(error = %e, "device assignment interrupted")
+            }
             Err(e) => tracing::warn!(error = %e, "device assignment interrupted"),
         }
     }
@@ -148,7 +154,9 @@ pub(crate) async fn rebalance(
     let plan = inner.view.read(|f| assign::rebalance(f, &live, max_moves));
     let planned = plan.len() as u64;
     let cmds = assign::assign_commands(plan, ASSIGN_BATCH, now_millis());
-    let moved = commit_batches(inner, cmds).await?;
+    let moved = commit_batches(inner, cmds)
+        .await
+        .map_err(|e| e.to_string())?;
     tracing::info!(planned, moved, "devices rebalanced");
     Ok(RebalanceReport {
         planned,
@@ -184,7 +192,7 @@ mod tests {
     #[test]
     fn a_new_leader_moves_devices_only_once_it_knows_who_is_lost() {
         let ms = Duration::from_millis;
-        let full = LIVE_WITHIN.as_millis() as u64;
+        let full = 800;
         type Case = (
             &'static str,
             u64,
@@ -232,7 +240,7 @@ mod tests {
         ];
         for (what, led, registered, live, expected) in cases {
             let live: BTreeSet<NodeId> = live.iter().copied().collect();
-            let got = may_move_devices(ms(*led), registered.iter().copied(), &live);
+            let got = may_move_devices(ms(*led), ms(full), registered.iter().copied(), &live);
             assert_eq!(got, expected.map_err(ms), "case: {what}");
         }
     }

@@ -73,6 +73,8 @@ pub struct DeviceSettings {
     pub down_after: Duration,
     /// A slower connect attempt fails.
     pub connect_timeout: Duration,
+    /// Leader side: silence after which a node's devices move.
+    pub lost_after: Duration,
 }
 
 impl From<&DevicesSection> for DeviceSettings {
@@ -81,6 +83,7 @@ impl From<&DevicesSection> for DeviceSettings {
             keepalive: Duration::from_secs(s.keepalive_interval_s),
             down_after: Duration::from_secs(s.down_after_s),
             connect_timeout: Duration::from_secs(s.connect_timeout_s),
+            lost_after: Duration::from_millis(s.lost_after_ms),
         }
     }
 }
@@ -180,6 +183,11 @@ impl DeviceAgent {
             pending: std::sync::Mutex::default(),
             connecting: Semaphore::new(CONNECTING_AT_ONCE),
         })
+    }
+
+    /// Timing from `[devices]`.
+    pub(crate) fn settings(&self) -> &DeviceSettings {
+        &self.settings
     }
 
     /// The bound device-initiated port, if any.
