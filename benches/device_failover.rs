@@ -98,7 +98,8 @@ async fn wait(what: &str, within: Duration, mut done: impl FnMut() -> Result<boo
         if Instant::now() > deadline {
             bail!("timed out after {within:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Each look scans every device under the fabric's read lock: not too often.
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
 }

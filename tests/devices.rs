@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use spaced_node::admin::{AdminReply, AdminRequest};
 use spaced_node::config::RaftTimings;
 use spaced_raft::NodeId;
-use spaced_raft::fabric::{AdminState, DeviceMode, DeviceStatus, Fabric, NewDevice};
+use spaced_raft::fabric::{AdminState, Command, DeviceMode, DeviceStatus, Fabric, NewDevice};
 use spaced_tests::Cluster;
 use spaced_tests::device_farm::Farm;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -341,6 +341,27 @@ async fn draining_hands_devices_off_and_rebalance_evens_them_out() -> Result<()>
         AdminReply::Rebalanced(r) => assert_eq!(r.moved, 0, "balanced already: {r:?}"),
         other => bail!("rebalance: {other:?}"),
     }
+
+    // A removed device's connection is closed by its owner.
+    let removed = dev_id(0);
+    match admin
+        .call_leader(&AdminRequest::Write(Command::RemoveDevice {
+            id: removed.clone(),
+        }))
+        .await?
+    {
+        AdminReply::Applied(_) => {}
+        other => bail!("remove {removed}: {other:?}"),
+    }
+    let deadline = Instant::now() + T;
+    while farm.counts(1)?[0].live != 0 {
+        if Instant::now() > deadline {
+            bail!("the connection of removed device {removed} stayed open");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held: usize = c.nodes.values().map(|n| n.held_devices()).sum();
+    assert_eq!(held, n - 1);
     admin.close().await;
     c.stop_all().await;
     Ok(())
