@@ -22,7 +22,8 @@ pub fn add_device_command() -> Command {
     Command::AddDevices {
         devices: vec![NewDevice {
             id: format!("bench-{n}"),
-            addr: "10.0.0.1".into(),
+            // Nothing listens there: the device agents' connects are refused at once.
+            addr: "127.0.0.1:1".into(),
             mode: DeviceMode::SpaceInitiated,
         }],
         at: 1,

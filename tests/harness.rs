@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use openraft::async_runtime::WatchReceiver;
 use spaced_node::admin::{AdminReply, AdminRequest};
 use spaced_node::client::{AdminClient, AdminCredentials};
-use spaced_node::config::{NodeConfig, RaftTimings, TlsSection};
+use spaced_node::config::{DevicesSection, NodeConfig, RaftTimings, TlsSection};
 use spaced_node::daemon::Node;
 use spaced_raft::NodeId;
 use spaced_raft::fabric::{DeviceMode, Fabric, NewDevice};
@@ -74,16 +74,33 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) ->
         vips: Vec::new(),
         garp_refresh_s: 0,
         lb: None,
+        // Several nodes share the host: each takes its own device port.
+        devices: DevicesSection {
+            listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..DevicesSection::default()
+        },
         source: dir.join(format!("{name}.toml")),
     }
 }
 
-/// `n` devices with ids `prefix-0..`.
+/// An address no device answers on: a loopback address, port 1, where nothing listens. The
+/// nodes' device agents connect to every device they own, so test devices must not point at
+/// real networks; a refused loopback connect costs next to nothing.
+pub fn unreachable_device_addr(i: usize) -> String {
+    format!(
+        "127.{}.{}.{}:1",
+        20 + (i / 65536) % 200,
+        (i / 256) % 256,
+        i % 256
+    )
+}
+
+/// `n` devices with ids `prefix-0..`, at addresses nobody answers on.
 pub fn devices(prefix: &str, n: usize) -> Vec<NewDevice> {
     (0..n)
         .map(|i| NewDevice {
             id: format!("{prefix}-{i}"),
-            addr: format!("10.{}.{}.{}", (i / 65536) % 256, (i / 256) % 256, i % 256),
+            addr: unreachable_device_addr(i),
             mode: DeviceMode::SpaceInitiated,
         })
         .collect()
@@ -154,6 +171,13 @@ impl Cluster {
     pub async fn stop_node(&mut self, id: NodeId) {
         if let Some(n) = self.nodes.remove(&id) {
             n.shutdown().await;
+        }
+    }
+
+    /// Crashes node `id`: it stops at once, without hand-over (see [`Node::crash`]).
+    pub async fn crash_node(&mut self, id: NodeId) {
+        if let Some(n) = self.nodes.remove(&id) {
+            n.crash().await;
         }
     }
 
@@ -320,4 +344,5 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     }
     Ok(path)
 }
+pub mod device_farm;
 pub mod lab;

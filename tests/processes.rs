@@ -168,7 +168,7 @@ fn sigkill_of_the_leader_loses_no_committed_command() -> Result<()> {
     // 300 devices, each acknowledged (committed) before the next.
     let mut csv = String::new();
     for i in 0..300 {
-        csv.push_str(&format!("k-{i},10.7.{}.{}\n", i / 256, i % 256));
+        csv.push_str(&format!("k-{i},127.7.{}.{}:1\n", i / 256, i % 256));
     }
     let file = lab.dir.path().join("devices.csv");
     std::fs::write(&file, csv)?;
@@ -182,7 +182,7 @@ fn sigkill_of_the_leader_loses_no_committed_command() -> Result<()> {
                 "--id",
                 &format!("one-{i}"),
                 "--addr",
-                "10.8.0.1",
+                "127.8.0.1:1",
             ],
         )?;
     }
@@ -208,7 +208,14 @@ fn sigkill_of_the_leader_loses_no_committed_command() -> Result<()> {
     // A write goes through the new leader, and nothing acknowledged before the kill is gone.
     lab.ctl_ok(
         &survivors[1],
-        &["device", "add", "--id", "after-kill", "--addr", "10.9.0.1"],
+        &[
+            "device",
+            "add",
+            "--id",
+            "after-kill",
+            "--addr",
+            "127.9.0.1:1",
+        ],
     )?;
     for s in &survivors {
         wait_until(
@@ -281,7 +288,7 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     let mut csv = String::from("# managed devices\n");
     for i in 0..5000 {
         csv.push_str(&format!(
-            "dev-{i},10.{}.{}.{}:830,{}\n",
+            "dev-{i},127.{}.{}.{}:1,{}\n",
             i / 65536,
             (i / 256) % 256,
             i % 256,
@@ -466,6 +473,21 @@ fn singleton_starts(log: &Path) -> Vec<(String, u64, i32)> {
         .collect()
 }
 
+/// Device counts per node name from `status --json`.
+fn devices_per_node(lab: &Lab, endpoint: &str) -> Result<std::collections::BTreeMap<String, u64>> {
+    let s = lab.status(endpoint)?;
+    let nodes = s["nodes"].as_array().context("nodes")?;
+    nodes
+        .iter()
+        .map(|n| {
+            Ok((
+                n["name"].as_str().context("name")?.to_string(),
+                n["devices"].as_u64().context("devices")?,
+            ))
+        })
+        .collect()
+}
+
 #[test]
 fn services_run_where_scoped_restart_when_killed_and_a_singleton_moves_on_sigkill() -> Result<()> {
     let mut lab = Lab::start3()?;
@@ -624,5 +646,164 @@ fn services_run_where_scoped_restart_when_killed_and_a_singleton_moves_on_sigkil
     let rows: Value =
         serde_json::from_str(&lab.ctl_ok(&survivor, &["singleton", "list", "--json"])?)?;
     assert_eq!(rows[0]["owner_name"], starts[1].0.as_str(), "{rows}");
+    Ok(())
+}
+
+/// Whether `device list --json` shows every device up on one of `owners`, and the farm sees
+/// exactly one open connection per device.
+fn all_up_on(
+    lab: &Lab,
+    endpoint: &str,
+    farm: &spaced_tests::device_farm::Farm,
+    n: usize,
+    owners: &[&str],
+) -> Result<bool> {
+    let list: Value = serde_json::from_str(&lab.ctl_ok(endpoint, &["device", "list", "--json"])?)?;
+    let list = list.as_array().context("device list")?;
+    let up = list.len() == n
+        && list.iter().all(|d| {
+            d["status"] == "up"
+                && d["owner_name"]
+                    .as_str()
+                    .is_some_and(|o| owners.contains(&o))
+        });
+    Ok(up && farm.counts(n)?.iter().all(|c| c.live == 1))
+}
+
+#[test]
+fn spacectl_devices_connect_drain_rebalance_and_survive_sigkill() -> Result<()> {
+    use spaced_tests::device_farm::Farm;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let farm = rt.block_on(Farm::local())?;
+    let mut lab = Lab::start3()?;
+    let n1 = lab.procs[0].addr.clone();
+    let t = Duration::from_secs(30);
+
+    // An address that does not parse is refused before anything is sent.
+    let out = lab.ctl(
+        &n1,
+        &["device", "add", "--id", "bad", "--addr", "not a host"],
+    )?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("device address") && err.contains("not a host"),
+        "{err}"
+    );
+    let out = lab.ctl(&n1, &["device", "add", "--id", "bad", "--addr", "router:0"])?;
+    assert_eq!(out.status.code(), Some(2));
+
+    // One device: added, then listed with its owner's name shortly after.
+    let first = farm.device_addr(0);
+    let added = Instant::now();
+    lab.ctl_ok(
+        &n1,
+        &["device", "add", "--id", "dev-000000", "--addr", &first],
+    )?;
+    wait_until(t, "the added device up with an owner", || {
+        let list: Value = serde_json::from_str(&lab.ctl_ok(&n1, &["device", "list", "--json"])?)?;
+        Ok(list[0]["status"] == "up" && list[0]["owner_name"].is_string())
+    })?;
+    println!(
+        "device add → listed up with an owner after {:?}",
+        added.elapsed()
+    );
+    let table = lab.ctl_ok(&n1, &["device", "list"])?;
+    assert!(
+        table.starts_with("ID") && table.contains("SINCE") && table.contains(" up "),
+        "{table}"
+    );
+
+    // 299 more by import: one connection each, balanced 100/100/100.
+    let n = 300;
+    let mut csv = String::from("id,addr\n");
+    for i in 1..n {
+        csv.push_str(&format!("dev-{i:06},{}\n", farm.device_addr(i)));
+    }
+    let file = lab.dir.path().join("farm.csv");
+    std::fs::write(&file, csv)?;
+    lab.ctl_ok(&n1, &["device", "import", file.to_str().context("path")?])?;
+    let all = ["n1", "n2", "n3"];
+    wait_until(t, "300 devices up, once each", || {
+        all_up_on(&lab, &n1, &farm, n, &all)
+    })?;
+    let counts = devices_per_node(&lab, &n1)?;
+    assert!(counts.values().all(|c| *c == 100), "{counts:?}");
+
+    // Drain n3: its devices move to n1 and n2.
+    let out = lab.ctl_ok(&n1, &["node", "drain", "n3"])?;
+    assert!(
+        out.contains("n3 (3) is draining") && out.contains("100 devices"),
+        "{out}"
+    );
+    wait_until(t, "n3 drained", || {
+        all_up_on(&lab, &n1, &farm, n, &["n1", "n2"])
+    })?;
+    let counts = devices_per_node(&lab, &n1)?;
+    assert_eq!(counts.get("n3"), Some(&0), "{counts:?}");
+    let nodes: Value = serde_json::from_str(&lab.ctl_ok(&n1, &["node", "list", "--json"])?)?;
+    let n3 = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == "n3"))
+        .context("n3 listed")?;
+    assert_eq!(n3["admin_state"], "draining", "{n3}");
+
+    // Active again, then rebalanced with the fewest moves.
+    let out = lab.ctl_ok(&n1, &["node", "activate", "n3"])?;
+    assert!(out.contains("active"), "{out}");
+    let r: Value = serde_json::from_str(&lab.ctl_ok(&n1, &["device", "rebalance", "--json"])?)?;
+    assert_eq!(r["moved"], 100, "{r}");
+    let per: Vec<u64> = r["nodes"]
+        .as_array()
+        .context("nodes")?
+        .iter()
+        .filter_map(|x| x["devices"].as_u64())
+        .collect();
+    assert_eq!(per, vec![100, 100, 100], "{r}");
+    wait_until(t, "rebalanced devices up", || {
+        all_up_on(&lab, &n1, &farm, n, &all)
+    })?;
+    let out = lab.ctl_ok(&n1, &["device", "rebalance", "--max-moves", "5"])?;
+    assert!(out.starts_with("moved 0 devices"), "{out}");
+
+    // SIGKILL a follower: its devices reconnect from the two survivors, once each.
+    let leader = lab.status(&n1)?["leader"].as_u64().context("leader")? as usize;
+    let victim = if leader == 3 { 2 } else { 3 };
+    let endpoint = lab.procs[leader - 1].addr.clone();
+    let before = farm.counts(n)?;
+    lab.procs[victim - 1].signal(nix::sys::signal::Signal::SIGKILL)?;
+    lab.procs[victim - 1].wait(Duration::from_secs(5))?;
+    let killed = Instant::now();
+    let survivors: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|x| *x != format!("n{victim}"))
+        .collect();
+    wait_until(t, "the killed node's devices up elsewhere", || {
+        all_up_on(&lab, &endpoint, &farm, n, &survivors)
+    })?;
+    println!(
+        "SIGKILL of n{victim}: its devices up on the survivors after {:?}",
+        killed.elapsed()
+    );
+    let counts = devices_per_node(&lab, &endpoint)?;
+    let (a, b) = (counts[survivors[0]], counts[survivors[1]]);
+    assert!(a.abs_diff(b) <= 1 && a + b == n as u64, "{counts:?}");
+    let after = farm.counts(n)?;
+    let reconnected = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| a.accepted > b.accepted)
+        .count();
+    assert_eq!(
+        reconnected, 100,
+        "only the killed node's devices reconnected"
+    );
+    drop(lab);
+    drop(farm);
+    rt.shutdown_background();
     Ok(())
 }

@@ -78,6 +78,7 @@ impl Fabric {
                 vips: Vec::new(),
                 garp_refresh_s: 0,
                 lb: None,
+                devices: Default::default(),
                 source: dir.join(format!("{name}.toml")),
             };
             adjust(&f.lab, &mut cfg);

@@ -59,6 +59,41 @@ pub enum AdminRequest {
         /// Target node, id or name.
         to: String,
     },
+    /// Even out the devices of the live `app` nodes with the fewest moves (leader only).
+    DeviceRebalance {
+        /// Stop after this many moves; `None`: as many as needed.
+        max_moves: Option<u64>,
+    },
+    /// Drain a node (it hands its devices off and takes nothing new) or make it active again,
+    /// by id or name (leader only).
+    SetAdminState {
+        /// Node id or name.
+        node: String,
+        /// Active or draining.
+        state: AdminState,
+    },
+}
+
+/// Devices one node holds, for `device rebalance`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeDevices {
+    /// Raft id.
+    pub id: NodeId,
+    /// Name.
+    pub name: String,
+    /// Devices it owns after the operation.
+    pub devices: u64,
+}
+
+/// What `device rebalance` did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RebalanceReport {
+    /// Moves the plan had.
+    pub planned: u64,
+    /// Moves committed (fewer than planned only if a concurrent change overtook the plan).
+    pub moved: u64,
+    /// Device counts of the eligible nodes afterwards.
+    pub nodes: Vec<NodeDevices>,
 }
 
 /// One node's answer to `service list`.
@@ -167,6 +202,8 @@ pub struct DeviceRow {
     pub status: DeviceStatus,
     /// Since when (ms since the epoch).
     pub since: u64,
+    /// Owning node's name, so operators need not map ids.
+    pub owner_name: Option<String>,
 }
 
 /// A node's answer.
@@ -202,4 +239,17 @@ pub enum AdminReply {
     },
     /// The operation failed; one line why.
     Failed(String),
+    /// Answer to `DeviceRebalance`.
+    Rebalanced(RebalanceReport),
+    /// Answer to `SetAdminState`: the node's new state and the devices it still held.
+    AdminStateSet {
+        /// Raft id.
+        id: NodeId,
+        /// Name.
+        name: String,
+        /// The state now committed.
+        state: AdminState,
+        /// Devices it owned when the change committed (a draining node hands them off next).
+        devices: u64,
+    },
 }

@@ -46,6 +46,9 @@ pub struct NodeConfig {
     /// The load balancer on a VIP (DESIGN §7); absent = no balancer on this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lb: Option<LbSection>,
+    /// The device agent (DESIGN §8): keepalive, down detection and the device-initiated port.
+    #[serde(default)]
+    pub devices: DevicesSection,
     /// The file this configuration came from (not part of the TOML text).
     #[serde(skip)]
     pub source: PathBuf,
@@ -163,6 +166,70 @@ impl LbSection {
             drain_grace: Duration::from_secs(self.drain_grace_s),
             ..defaults
         }
+    }
+}
+
+/// `[devices]`: how this node holds the management connections of the devices it owns; every
+/// key is optional (the model's 40 s keepalive and 15 min down-after are the defaults).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesSection {
+    /// Heartbeat period of a held connection: TCP keepalive probes go out after this much
+    /// silence and this often after that; also the longest pause between reconnect attempts.
+    pub keepalive_interval_s: u64,
+    /// A device this node owns but cannot reach for this long is reported `down`.
+    pub down_after_s: u64,
+    /// Where devices in device-initiated mode connect and name themselves (`"off"`: nowhere,
+    /// e.g. several nodes on one test host).
+    #[serde(with = "listen_or_off")]
+    pub listen: Option<SocketAddr>,
+    /// A connect attempt to a device that takes longer than this counts as failed.
+    pub connect_timeout_s: u64,
+    /// On the leader: a node not heard from for this long is lost and its devices move to the
+    /// others (a new leader also waits this long before it counts a node it has not heard from
+    /// as lost). Lower fails over faster; too low moves devices off a node that only paused.
+    pub lost_after_ms: u64,
+}
+
+/// The port devices connect to in device-initiated mode (as in the model).
+pub const DEVICE_PORT: u16 = 7804;
+
+impl Default for DevicesSection {
+    fn default() -> Self {
+        Self {
+            keepalive_interval_s: 40,
+            down_after_s: 900,
+            listen: Some(SocketAddr::from(([0, 0, 0, 0], DEVICE_PORT))),
+            connect_timeout_s: 10,
+            lost_after_ms: 800,
+        }
+    }
+}
+
+/// `listen = "off"` or a socket address, for [`DevicesSection::listen`].
+mod listen_or_off {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "off" {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "expected \"off\" or ip:port (e.g. \"0.0.0.0:{}\"), found {text:?}",
+                super::DEVICE_PORT
+            ))
+        })
     }
 }
 
@@ -480,6 +547,35 @@ impl NodeConfig {
                     "must be at least 1".into(),
                 ));
             }
+        }
+        let d = &self.devices;
+        for (key, value) in [
+            ("devices.keepalive_interval_s", d.keepalive_interval_s),
+            ("devices.down_after_s", d.down_after_s),
+            ("devices.connect_timeout_s", d.connect_timeout_s),
+        ] {
+            if value == 0 {
+                return Err(err(key, "must be greater than 0".into()));
+            }
+        }
+        if d.lost_after_ms < 4 * self.raft.heartbeat_interval_ms {
+            return Err(err(
+                "devices.lost_after_ms",
+                format!(
+                    "must be at least 4 × raft.heartbeat_interval_ms ({} < {})",
+                    d.lost_after_ms,
+                    4 * self.raft.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if d.down_after_s < d.keepalive_interval_s {
+            return Err(err(
+                "devices.down_after_s",
+                format!(
+                    "must be at least devices.keepalive_interval_s ({} < {})",
+                    d.down_after_s, d.keepalive_interval_s
+                ),
+            ));
         }
         for (key, path) in [
             ("data_dir", &self.data_dir),
@@ -838,6 +934,69 @@ key = "n.key"
             "{}",
             err_of(&no_tls)
         );
+    }
+
+    #[test]
+    fn devices_section_defaults_parses_and_bad_values_are_named() {
+        let c = NodeConfig::parse_str(MINIMAL, src()).unwrap();
+        assert_eq!(c.devices.keepalive_interval_s, 40);
+        assert_eq!(c.devices.down_after_s, 900);
+        assert_eq!(c.devices.listen, Some("0.0.0.0:7804".parse().unwrap()));
+        let c = NodeConfig::parse_str(
+            &format!("{MINIMAL}[devices]\nlisten = \"off\"\ndown_after_s = 60\n"),
+            src(),
+        )
+        .unwrap();
+        assert_eq!(c.devices.listen, None);
+        assert_eq!(c.devices.down_after_s, 60);
+        assert_eq!(c.devices.keepalive_interval_s, 40);
+        let back = NodeConfig::parse_str(&c.to_toml(), src()).unwrap();
+        assert_eq!(back.devices, c.devices);
+        let c = NodeConfig::parse_str(
+            &format!("{MINIMAL}[devices]\nlisten = \"127.0.0.1:17804\"\n"),
+            src(),
+        )
+        .unwrap();
+        assert_eq!(c.devices.listen, Some("127.0.0.1:17804".parse().unwrap()));
+        assert_eq!(
+            NodeConfig::parse_str(&c.to_toml(), src()).unwrap().devices,
+            c.devices
+        );
+
+        for (body, key, problem) in [
+            (
+                "listen = \"nowhere\"",
+                "devices.listen",
+                "expected \"off\" or ip:port",
+            ),
+            (
+                "keepalive_interval_s = 0",
+                "devices.keepalive_interval_s",
+                "greater than 0",
+            ),
+            (
+                "down_after_s = 10",
+                "devices.down_after_s",
+                "at least devices.keepalive_interval_s",
+            ),
+            (
+                "connect_timeout_s = 0",
+                "devices.connect_timeout_s",
+                "greater than 0",
+            ),
+            (
+                "lost_after_ms = 150",
+                "devices.lost_after_ms",
+                "at least 4 × raft.heartbeat_interval_ms (150 < 200)",
+            ),
+            ("keepalive = 5", "devices.keepalive", "unknown key"),
+        ] {
+            let msg = err_of(&format!("{MINIMAL}[devices]\n{body}\n"));
+            assert!(
+                msg.contains(&format!("key `{key}`")) && msg.contains(problem),
+                "{key}: {msg}"
+            );
+        }
     }
 
     #[test]

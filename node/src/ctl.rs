@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use spaced_raft::fabric::{DeviceMode, NewDevice, check_device_addr, check_device_id};
+use spaced_raft::fabric::{AdminState, DeviceMode, NewDevice, check_device_addr, check_device_id};
 use spaced_raft::pki;
 
-use crate::admin::{AdminReply, AdminRequest, DeviceRow, StatusReport};
+use crate::admin::{AdminReply, AdminRequest, DeviceRow, RebalanceReport, StatusReport};
 use crate::client::{AdminClient, AdminCredentials, ClientError, unexpected};
 
 /// Devices per `AddDevices` command during import: large enough for speed, small enough to keep Raft responsive.
@@ -281,6 +281,17 @@ pub enum NodeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Drain a node: it hands its devices to the other `app` nodes and takes nothing new.
+    Drain {
+        /// Name or id.
+        node: String,
+    },
+    /// Make a drained node active again (its devices do not come back by themselves; see
+    /// `device rebalance`).
+    Activate {
+        /// Name or id.
+        node: String,
+    },
 }
 
 /// `spacectl leader ...`
@@ -317,6 +328,15 @@ pub enum DeviceCmd {
     /// List devices.
     List {
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Even out the devices of the live `app` nodes with the fewest moves.
+    Rebalance {
+        /// Move at most this many devices.
+        #[arg(long)]
+        max_moves: Option<u64>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -512,7 +532,72 @@ pub fn status_json(s: &StatusReport) -> serde_json::Value {
 }
 
 fn device_json(d: &DeviceRow) -> serde_json::Value {
-    json!({"id": d.id, "addr": d.addr, "mode": d.mode.to_string(), "owner": d.owner, "status": d.status.to_string(), "since": d.since})
+    json!({"id": d.id, "addr": d.addr, "mode": d.mode.to_string(), "owner": d.owner,
+           "owner_name": d.owner_name, "status": d.status.to_string(), "since": d.since})
+}
+
+/// How long ago `since` (ms since the epoch) was, as `4s`, `12m3s`, `5h2m` or `3d4h`.
+pub fn age(now_ms: u64, since_ms: u64) -> String {
+    if since_ms == 0 || since_ms > now_ms {
+        return "-".into();
+    }
+    let s = (now_ms - since_ms) / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// The human form of `spacectl device list`.
+pub fn render_devices(devices: &[DeviceRow], now_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = devices
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.clone(),
+                d.addr.clone(),
+                d.mode.to_string(),
+                match (&d.owner_name, d.owner) {
+                    (Some(n), Some(id)) => format!("{n} ({id})"),
+                    (None, Some(id)) => id.to_string(),
+                    _ => "-".into(),
+                },
+                d.status.to_string(),
+                age(now_ms, d.since),
+            ]
+        })
+        .collect();
+    table(&["ID", "ADDR", "MODE", "OWNER", "STATUS", "SINCE"], &rows)
+}
+
+/// The JSON form of `spacectl device rebalance`.
+pub fn rebalance_json(r: &RebalanceReport) -> serde_json::Value {
+    json!({
+        "planned": r.planned,
+        "moved": r.moved,
+        "nodes": r.nodes.iter().map(|n| json!({"id": n.id, "name": n.name, "devices": n.devices})).collect::<Vec<_>>(),
+    })
+}
+
+/// The human form of `spacectl device rebalance`.
+pub fn render_rebalance(r: &RebalanceReport) -> String {
+    let mut out = if r.moved == r.planned {
+        format!("moved {} devices\n\n", r.moved)
+    } else {
+        format!(
+            "moved {} of {} planned devices (the fabric changed meanwhile; run it again)\n\n",
+            r.moved, r.planned
+        )
+    };
+    let rows: Vec<Vec<String>> = r
+        .nodes
+        .iter()
+        .map(|n| vec![n.id.to_string(), n.name.clone(), n.devices.to_string()])
+        .collect();
+    out.push_str(&table(&["ID", "NAME", "DEVICES"], &rows));
+    out
 }
 
 /// One parse problem in an import file.
@@ -1022,26 +1107,58 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     serde_json::Value::Array(devices.iter().map(device_json).collect())
                 );
             } else {
-                let rows: Vec<Vec<String>> = devices
-                    .iter()
-                    .map(|d| {
-                        vec![
-                            d.id.clone(),
-                            d.addr.clone(),
-                            d.mode.to_string(),
-                            opt(d.owner),
-                            d.status.to_string(),
-                        ]
-                    })
-                    .collect();
-                print!(
-                    "{}",
-                    table(&["ID", "ADDR", "MODE", "OWNER", "STATUS"], &rows)
-                );
+                print!("{}", render_devices(&devices, crate::daemon::now_millis()));
             }
             c.close().await;
             Ok(())
         }
+        Cmd::Device {
+            action: DeviceCmd::Rebalance { max_moves, json },
+        } => {
+            let req = AdminRequest::DeviceRebalance {
+                max_moves: *max_moves,
+            };
+            match mutate(&cli, req).await? {
+                AdminReply::Rebalanced(r) => {
+                    if *json {
+                        println!("{}", rebalance_json(&r));
+                    } else {
+                        print!("{}", render_rebalance(&r));
+                    }
+                    Ok(())
+                }
+                other => Err(odd(other)),
+            }
+        }
+        Cmd::Node {
+            action: NodeCmd::Drain { node },
+        } => set_admin_state(&cli, node, AdminState::Draining).await,
+        Cmd::Node {
+            action: NodeCmd::Activate { node },
+        } => set_admin_state(&cli, node, AdminState::Active).await,
+    }
+}
+
+async fn set_admin_state(cli: &Cli, node: &str, state: AdminState) -> Result<(), CtlError> {
+    let req = AdminRequest::SetAdminState {
+        node: node.to_string(),
+        state,
+    };
+    match mutate(cli, req).await? {
+        AdminReply::AdminStateSet {
+            id, name, devices, ..
+        } => {
+            match state {
+                AdminState::Draining => println!(
+                    "node {name} ({id}) is draining: its {devices} devices move to the other app nodes"
+                ),
+                AdminState::Active => println!(
+                    "node {name} ({id}) is active; it holds {devices} devices (`spacectl device rebalance` evens them out)"
+                ),
+            }
+            Ok(())
+        }
+        other => Err(odd(other)),
     }
 }
 

@@ -104,6 +104,8 @@ pub(crate) struct NodeInner {
     pub(crate) lb: Option<Arc<crate::lb_service::LbService>>,
     /// Leases, VIP agent, leader's renewal book.
     pub(crate) placements: crate::placement::Placements,
+    /// The device agent: connections of the devices this node owns.
+    pub(crate) devices: Arc<crate::devices::DeviceAgent>,
 }
 
 impl Node {
@@ -209,6 +211,21 @@ impl Node {
             }
             None => None,
         };
+        if let Err(e) = crate::devices::raise_fd_limit() {
+            tracing::warn!(error = %e, "cannot raise the open-files limit; fewer devices can be held");
+        }
+        let devices = crate::devices::DeviceAgent::new(cfg.node_id, &cfg.devices).map_err(|e| {
+            let addr = cfg
+                .devices
+                .listen
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            StartError::input(
+                &cfg,
+                "devices.listen",
+                format!("cannot bind TCP {addr}: {e}"),
+            )
+        })?;
         let inner = Arc::new(NodeInner {
             id: cfg.node_id,
             name: cfg.name.clone(),
@@ -226,6 +243,7 @@ impl Node {
                     message: e,
                     bad_input: true,
                 })?,
+            devices: Arc::new(devices),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -265,6 +283,14 @@ impl Node {
             inner.clone(),
             inner.placements.supervisor.clone(),
             inner.placements.services_wake.clone(),
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::devices::run(
+            inner.clone(),
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::device_control::planner_loop(
+            inner.clone(),
             shutdown_rx.clone(),
         )));
         let lb_task = lb.map(|service| {
@@ -314,6 +340,16 @@ impl Node {
         self.inner.id
     }
 
+    /// Where devices in device-initiated mode connect to this node, if it listens.
+    pub fn device_listen_addr(&self) -> Option<SocketAddr> {
+        self.inner.devices.listen_addr()
+    }
+
+    /// Devices this node holds a connection task for (connected or still trying).
+    pub fn held_devices(&self) -> usize {
+        self.inner.devices.held_count()
+    }
+
     /// Proposes a command through this node (must be leader) and records commit latency.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, String> {
         self.inner.propose(cmd).await
@@ -344,6 +380,21 @@ impl Node {
             let _ = t.await;
         }
         self.inner.endpoint.wait_idle().await;
+    }
+}
+
+impl Node {
+    /// Stops at once, as close to a crash as one process allows: no hand-over of VIPs or
+    /// leadership, no goodbye to the leader; device connections and QUIC just drop. Peers notice
+    /// only by silence. For failover tests and benchmarks.
+    pub async fn crash(self) {
+        let _ = self.shutdown_tx.send(true);
+        for t in self.tasks.into_iter().chain(self.lb_task) {
+            t.abort();
+            let _ = t.await;
+        }
+        let _ = self.inner.raft.shutdown().await;
+        self.inner.endpoint.close(0u32.into(), b"crash");
     }
 }
 
@@ -479,6 +530,9 @@ impl NodeInner {
                         owner: d.owner,
                         status: d.status,
                         since: d.since,
+                        owner_name: d
+                            .owner
+                            .and_then(|o| f.nodes.get(&o).map(|n| n.name.clone())),
                     })
                     .collect()
             })),
@@ -558,6 +612,20 @@ impl NodeInner {
             AdminRequest::VipMove { name, to } => {
                 let to = self.resolve_node(&to)?;
                 AdminReply::Moved(crate::placement::vip_move(self, &name, to).await?)
+            }
+            AdminRequest::DeviceRebalance { max_moves } => {
+                AdminReply::Rebalanced(crate::device_control::rebalance(self, max_moves).await?)
+            }
+            AdminRequest::SetAdminState { node, state } => {
+                let id = self.resolve_node(&node)?;
+                let (name, devices) =
+                    crate::device_control::set_admin_state(self, id, state).await?;
+                AdminReply::AdminStateSet {
+                    id,
+                    name,
+                    state,
+                    devices,
+                }
             }
             other => return Err(format!("not a leader operation: {other:?}")),
         })

@@ -11,7 +11,9 @@ use spaced_raft::pki;
 
 use crate::admin::{AdminReply, AdminRequest};
 use crate::client::{AdminClient, AdminCredentials, unexpected};
-use crate::config::{NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection};
+use crate::config::{
+    DevicesSection, NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection,
+};
 use crate::ctl::render_status;
 
 /// Devices the demo registers.
@@ -107,6 +109,11 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: u64, roles: &[&str]) -> Resul
         vips: Vec::new(),
         garp_refresh_s: 0,
         lb: None,
+        // Three nodes share the host: each takes its own device port.
+        devices: DevicesSection {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..DevicesSection::default()
+        },
         source: dir.join(format!("{name}.toml")),
     })
 }
@@ -246,6 +253,64 @@ async fn restart_and_rejoin(
     }
 }
 
+/// Stand-in devices: a loopback listener that accepts every connection and holds it open until
+/// the other side closes it. Returns its address.
+async fn simulate_devices() -> Result<SocketAddr> {
+    // A deep accept queue: a thousand "devices" share it, and a dropped SYN costs a 1 s retry.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let listener = socket
+        .listen(4096)
+        .context("bind the simulated devices' port")?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 64];
+                while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Waits until every device is `up` on a node other than `lost` and prints how long that took
+/// since `since`.
+async fn wait_devices_up(
+    admin: &mut AdminClient,
+    lost: Option<u64>,
+    since: Instant,
+    within: Duration,
+) -> Result<()> {
+    loop {
+        let up = match admin.call(&AdminRequest::ListDevices).await? {
+            AdminReply::Devices(d) => d
+                .iter()
+                .filter(|d| d.status == spaced_raft::fabric::DeviceStatus::Up && d.owner != lost)
+                .count(),
+            other => return Err(unexpected(admin.target(), &other).into()),
+        };
+        if up == DEMO_DEVICES {
+            match lost {
+                None => println!(
+                    "all {DEMO_DEVICES} devices connected and up {} ms after that",
+                    since.elapsed().as_millis()
+                ),
+                Some(n) => println!(
+                    "node {n}'s devices reconnected from the survivors: all {DEMO_DEVICES} up {} ms after the kill",
+                    since.elapsed().as_millis()
+                ),
+            }
+            return Ok(());
+        }
+        if since.elapsed() > within {
+            bail!("only {up} of {DEMO_DEVICES} devices up after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs the demo; `keep` leaves the temp dir (configs, PKI, data, logs) in place.
 pub async fn run(keep: bool) -> Result<()> {
     let tmp = tempfile::Builder::new()
@@ -335,10 +400,12 @@ async fn run_in(dir: &Path) -> Result<()> {
         }
     }
 
+    // The devices are stand-ins: one listener on loopback that holds whatever connects to it.
+    let device_addr = simulate_devices().await?;
     let devices: Vec<NewDevice> = (0..DEMO_DEVICES)
         .map(|i| NewDevice {
             id: format!("dev-{i:04}"),
-            addr: format!("10.{}.{}.{}:22", 20 + i / 65536, (i / 256) % 256, i % 256),
+            addr: device_addr.to_string(),
             mode: DeviceMode::SpaceInitiated,
         })
         .collect();
@@ -351,9 +418,11 @@ async fn run_in(dir: &Path) -> Result<()> {
         other => return Err(unexpected(admin.target(), &other).into()),
     }
     println!(
-        "registered {DEMO_DEVICES} devices in {} ms\n",
+        "registered {DEMO_DEVICES} devices in {} ms",
         t.elapsed().as_millis()
     );
+    wait_devices_up(&mut admin, None, t, Duration::from_secs(15)).await?;
+    println!();
     // Let every follower apply and the leader see fresh heartbeats before showing status.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = admin.status().await?;
@@ -479,9 +548,31 @@ async fn run_in(dir: &Path) -> Result<()> {
     restart_and_rejoin(&exe, dir, &mut nodes, holder_id, &mut admin).await?;
     println!("{holder} restarted and rejoined; poller stays on {next} (no failback)");
 
-    // Act 3: the Raft leader.
-    let status = admin.status().await?;
-    let leader = status.leader.context("no leader")?;
+    // Act 3: the Raft leader. First let the cluster settle: a leader that holds a placement
+    // hands leadership on, and a kill during that hand-off would time a transfer, not a failover.
+    let t = Instant::now();
+    let mut stable: Option<(u64, Instant)> = None;
+    let leader = loop {
+        let status = admin.status().await?;
+        let singletons = match admin.call(&AdminRequest::SingletonList).await? {
+            AdminReply::Singletons(rows) => rows,
+            other => return Err(unexpected(admin.target(), &other).into()),
+        };
+        let leader = status.leader.context("no leader")?;
+        let holds = status.vips.iter().any(|v| v.owner == Some(leader))
+            || singletons.iter().any(|r| r.owner == Some(leader));
+        match stable {
+            Some((l, since)) if l == leader && !holds => {
+                if since.elapsed() > Duration::from_millis(500)
+                    || t.elapsed() > Duration::from_secs(10)
+                {
+                    break leader;
+                }
+            }
+            _ => stable = Some((leader, Instant::now())),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let victim = nodes
         .iter_mut()
         .find(|n| n.id == leader)
@@ -545,7 +636,15 @@ async fn run_in(dir: &Path) -> Result<()> {
     if count != DEMO_DEVICES {
         bail!("after failover the fabric holds {count} devices, expected {DEMO_DEVICES}");
     }
-    println!("all {count} devices are still registered\n");
+    println!("all {count} devices are still registered");
+    wait_devices_up(
+        &mut client,
+        Some(leader),
+        killed_at,
+        Duration::from_secs(15),
+    )
+    .await?;
+    println!();
     tokio::time::sleep(Duration::from_millis(300)).await;
     print!("{}", render_status(&client.status().await?));
     client.close().await;

@@ -8,6 +8,8 @@ pub mod controller;
 pub mod ctl;
 pub mod daemon;
 pub mod demo;
+pub mod device_control;
+pub mod devices;
 pub mod guard;
 pub mod http;
 pub mod lb_service;

@@ -355,15 +355,25 @@ async fn expired_leases(inner: &Arc<NodeInner>) -> BTreeSet<String> {
         .collect()
 }
 
-/// Nodes the leader heard from recently, plus itself.
-fn live_nodes(inner: &NodeInner) -> BTreeSet<NodeId> {
+/// Nodes the leader heard from within `within`, plus itself.
+fn live_nodes(inner: &NodeInner, within: Duration) -> BTreeSet<NodeId> {
     let mut live: BTreeSet<NodeId> = inner
         .contacts()
         .into_iter()
-        .filter(|(_, t)| t.is_some_and(|t| t < LIVE_WITHIN))
+        .filter(|(_, t)| t.is_some_and(|t| t < within))
         .map(|(id, _)| id)
         .collect();
     live.insert(inner.id);
+    live
+}
+
+/// On the leader: the nodes work may go to now: heard from within `within` and not stopping.
+/// Placements count [`LIVE_WITHIN`]; devices their own `[devices] lost_after_ms`.
+pub(crate) fn live_set(inner: &NodeInner, within: Duration) -> BTreeSet<NodeId> {
+    let mut live = live_nodes(inner, within);
+    let mut stopping = lock(&inner.placements.stopping);
+    stopping.retain(|_, since| since.elapsed() < STOPPING_FOR);
+    live.retain(|n| !stopping.contains_key(n));
     live
 }
 
@@ -389,12 +399,7 @@ pub(crate) async fn controller_loop(inner: Arc<NodeInner>, mut shutdown: watch::
         if !leading {
             continue;
         }
-        let mut live = live_nodes(&inner);
-        {
-            let mut stopping = lock(&inner.placements.stopping);
-            stopping.retain(|_, since| since.elapsed() < STOPPING_FOR);
-            live.retain(|n| !stopping.contains_key(n));
-        }
+        let live = live_set(&inner, LIVE_WITHIN);
         step_aside_if_owner(&inner, &live, &mut last_step_aside).await;
         let prefer = lock(&inner.placements.moves).clone();
         let expired = expired_leases(&inner).await;
@@ -622,7 +627,7 @@ pub(crate) async fn vip_move(inner: &NodeInner, name: &str, to: NodeId) -> Resul
             "node {to} is not eligible for {name:?} (roles or draining)"
         ));
     }
-    if !live_nodes(inner).contains(&to) {
+    if !live_nodes(inner, LIVE_WITHIN).contains(&to) {
         return Err(format!("node {to} is not reachable from the leader"));
     }
     if owner == Some(to) {

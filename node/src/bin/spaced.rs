@@ -74,6 +74,9 @@ fn main() -> ExitCode {
                 Err(c) => return c,
             };
             rt.block_on(async move {
+                // Listen for SIGTERM before starting: one that arrives during start-up then
+                // stops the node cleanly instead of killing the process.
+                let stop = stop_signal();
                 let node = match Node::start(cfg, bootstrap).await {
                     Ok(n) => n,
                     Err(e) => {
@@ -81,7 +84,7 @@ fn main() -> ExitCode {
                         return ExitCode::from(if e.bad_input { 2 } else { 1 });
                     }
                 };
-                wait_for_signal().await;
+                stop.await;
                 tracing::info!("shutting down");
                 node.shutdown().await;
                 ExitCode::SUCCESS
@@ -169,19 +172,27 @@ fn main() -> ExitCode {
 }
 
 async fn wait_for_signal() {
+    stop_signal().await
+}
+
+/// Registers for SIGTERM and SIGINT now and returns a future that completes on the first.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let registered = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match registered {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
