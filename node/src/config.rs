@@ -548,35 +548,6 @@ impl NodeConfig {
                 ));
             }
         }
-        let d = &self.devices;
-        for (key, value) in [
-            ("devices.keepalive_interval_s", d.keepalive_interval_s),
-            ("devices.down_after_s", d.down_after_s),
-            ("devices.connect_timeout_s", d.connect_timeout_s),
-        ] {
-            if value == 0 {
-                return Err(err(key, "must be greater than 0".into()));
-            }
-        }
-        if d.lost_after_ms < 4 * self.raft.heartbeat_interval_ms {
-            return Err(err(
-                "devices.lost_after_ms",
-                format!(
-                    "must be at least 4 × raft.heartbeat_interval_ms ({} < {})",
-                    d.lost_after_ms,
-                    4 * self.raft.heartbeat_interval_ms
-                ),
-            ));
-        }
-        if d.down_after_s < d.keepalive_interval_s {
-            return Err(err(
-                "devices.down_after_s",
-                format!(
-                    "must be at least devices.keepalive_interval_s ({} < {})",
-                    d.down_after_s, d.keepalive_interval_s
-                ),
-            ));
-        }
         for (key, path) in [
             ("data_dir", &self.data_dir),
             ("tls.ca", &self.tls.ca),
@@ -614,6 +585,35 @@ impl NodeConfig {
                 format!(
                     "must be less than raft.election_timeout_min_ms ({} >= {})",
                     r.heartbeat_interval_ms, r.election_timeout_min_ms
+                ),
+            ));
+        }
+        let d = &self.devices;
+        for (key, value) in [
+            ("devices.keepalive_interval_s", d.keepalive_interval_s),
+            ("devices.down_after_s", d.down_after_s),
+            ("devices.connect_timeout_s", d.connect_timeout_s),
+        ] {
+            if value == 0 {
+                return Err(err(key, "must be greater than 0".into()));
+            }
+        }
+        if d.lost_after_ms < 4 * self.raft.heartbeat_interval_ms {
+            return Err(err(
+                "devices.lost_after_ms",
+                format!(
+                    "must be at least 4 × raft.heartbeat_interval_ms ({} < {})",
+                    d.lost_after_ms,
+                    4 * self.raft.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if d.down_after_s < d.keepalive_interval_s {
+            return Err(err(
+                "devices.down_after_s",
+                format!(
+                    "must be at least devices.keepalive_interval_s ({} < {})",
+                    d.down_after_s, d.keepalive_interval_s
                 ),
             ));
         }
