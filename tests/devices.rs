@@ -157,20 +157,37 @@ fn assert_balanced(counts: &BTreeMap<NodeId, u64>, nodes: &BTreeSet<NodeId>) {
     );
 }
 
-/// Crashes one node of a running 3-node cluster with `n` devices up, and checks its devices
+/// How a node goes away.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stop {
+    /// At once, no goodbye ([`Cluster::crash_node`]).
+    Crash,
+    /// Gracefully: it tells the leader it is leaving ([`Cluster::stop_node`]).
+    Graceful,
+}
+
+/// Stops one node of a running 3-node cluster with `n` devices up, and checks its devices
 /// reconnect from the survivors, once each, balanced, while no other device moves. Returns
-/// (reassigned, reconnected) times after the crash.
+/// (reassigned, reconnected) times after the stop began.
 async fn crash_and_check(
     c: &mut Cluster,
     farm: &Farm,
     n: usize,
     victim: NodeId,
+    how: Stop,
 ) -> Result<(Duration, Duration)> {
     let survivors: BTreeSet<NodeId> = c.nodes.keys().copied().filter(|i| *i != victim).collect();
     let watcher = *survivors.first().context("no survivor")?;
     let before = c.fabric_of(watcher).context("fabric")?;
     let crashed = Instant::now();
-    c.crash_node(victim).await;
+    match how {
+        Stop::Crash => c.crash_node(victim).await,
+        // Its devices may move while it is still stopping: watch from another task.
+        Stop::Graceful => {
+            let node = c.nodes.remove(&victim).context("victim running")?;
+            tokio::spawn(node.shutdown());
+        }
+    }
     let deadline = crashed + T + Duration::from_millis(n as u64 * 5);
     loop {
         let f = c.fabric_of(watcher).context("fabric")?;
@@ -236,7 +253,7 @@ async fn devices_connect_once_balanced_and_survive_a_crash() -> Result<()> {
     }
 
     let victim = *all.iter().find(|i| **i != leader).context("a follower")?;
-    let (reassigned, reconnected) = crash_and_check(&mut c, &farm, n, victim).await?;
+    let (reassigned, reconnected) = crash_and_check(&mut c, &farm, n, victim, Stop::Crash).await?;
     println!(
         "{n} devices: registered in {registered:?}, all up once in {up:?}; follower {victim} crashed: its devices reassigned after {reassigned:?}, all up again after {reconnected:?}"
     );
@@ -256,10 +273,32 @@ async fn a_crashed_leaders_devices_move_and_no_other_device_does() -> Result<()>
     wait_all_up(&c, leader, &farm, n, &all, T).await?;
     // The new leader starts with an empty contact table: it must not take the devices of the
     // node it has not heard from *yet* (checked inside: nothing moves off a survivor).
-    let (reassigned, reconnected) = crash_and_check(&mut c, &farm, n, leader).await?;
+    let (reassigned, reconnected) = crash_and_check(&mut c, &farm, n, leader, Stop::Crash).await?;
     println!(
         "leader {leader} crashed: its devices reassigned after {reassigned:?}, all up again after {reconnected:?}"
     );
+    c.stop_all().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_hands_its_devices_over_without_waiting_to_be_lost() -> Result<()> {
+    let n = 300;
+    let farm = farm_for(n).await?;
+    let mut c = Cluster::start(3, timings()).await?;
+    let leader = c.wait_leader(T).await?;
+    c.wait_converged(T).await?;
+    register(&c, leader, &farm, n).await?;
+    let all: BTreeSet<NodeId> = [1, 2, 3].into();
+    wait_all_up(&c, leader, &farm, n, &all, T).await?;
+    let victim = *all.iter().find(|i| **i != leader).context("a follower")?;
+    let (reassigned, reconnected) =
+        crash_and_check(&mut c, &farm, n, victim, Stop::Graceful).await?;
+    println!(
+        "follower {victim} stopped: its devices reassigned after {reassigned:?}, all up again after {reconnected:?}"
+    );
+    // The leader was told: no need to wait `lost_after` (800 ms) of silence.
+    assert!(reassigned < Duration::from_millis(700), "{reassigned:?}");
     c.stop_all().await;
     Ok(())
 }

@@ -1264,6 +1264,50 @@ mod tests {
     }
 
     #[test]
+    fn device_list_shows_owner_names_status_and_age() {
+        let row = |id: &str, owner: Option<(u64, &str)>, status, since| DeviceRow {
+            id: id.into(),
+            addr: "10.0.0.1".into(),
+            mode: DeviceMode::SpaceInitiated,
+            owner: owner.map(|o| o.0),
+            status,
+            since,
+            owner_name: owner.map(|o| o.1.to_string()),
+        };
+        use spaced_raft::fabric::DeviceStatus::{Unassigned, Up};
+        let now = 1_800_000_000_000;
+        let text = render_devices(
+            &[
+                row("d1", Some((2, "n2")), Up, now - 75_000),
+                row("d2", None, Unassigned, 0),
+            ],
+            now,
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["ID", "ADDR", "MODE", "OWNER", "STATUS", "SINCE"]
+        );
+        assert!(
+            lines[1].contains("n2 (2)") && lines[1].contains(" up ") && lines[1].ends_with("1m15s"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("unassigned") && lines[2].ends_with('-'),
+            "{text}"
+        );
+        for (ms, expected) in [
+            (0, "0s"),
+            (59_999, "59s"),
+            (3_600_000, "1h0m"),
+            (90_000_000, "1d1h"),
+        ] {
+            assert_eq!(age(now, now - ms), expected);
+        }
+        assert_eq!(age(now, now + 5), "-", "a clock behind the proposer's");
+    }
+
+    #[test]
     fn table_aligns_columns() {
         let t = table(
             &["A", "LONGER"],

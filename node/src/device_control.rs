@@ -21,37 +21,39 @@ use crate::admin::{NodeDevices, RebalanceReport};
 use crate::controller::plan_devices;
 use crate::daemon::{NodeInner, ProposeError, now_millis};
 use crate::lock;
-use crate::placement::live_set;
+use crate::placement::{live_nodes, live_set};
 
 /// How often the leader plans device assignments: new registrations wait at most this long.
 const PLAN_DEVICES_EVERY: Duration = Duration::from_millis(100);
 
 /// Whether a leader that has led for `leading` may move devices now: once it has led for
-/// `lost_after` (a node it has not heard from by then is lost), or earlier if every
-/// `registered` node is `live` already. `Err` says how much longer to wait.
+/// `lost_after` (a node it has not heard from by then is lost), or earlier if it has `heard`
+/// from every `registered` node already. `Err` says how much longer to wait.
 pub fn may_move_devices(
     leading: Duration,
     lost_after: Duration,
     mut registered: impl Iterator<Item = NodeId>,
-    live: &BTreeSet<NodeId>,
+    heard: &BTreeSet<NodeId>,
 ) -> Result<(), Duration> {
-    if leading >= lost_after || registered.all(|n| live.contains(&n)) {
+    if leading >= lost_after || registered.all(|n| heard.contains(&n)) {
         Ok(())
     } else {
         Err(lost_after - leading)
     }
 }
 
-/// The live set, once the leader knows enough to act on it (see [`may_move_devices`]).
+/// The live set, once the leader knows enough to act on it (see [`may_move_devices`]). A node
+/// that told the leader it is stopping has been heard from, though it is not live for new work.
 fn settled_live_set(inner: &NodeInner) -> Result<BTreeSet<NodeId>, Duration> {
     let lost_after = inner.devices.settings().lost_after;
+    let heard = live_nodes(inner, lost_after);
     let live = live_set(inner, lost_after);
     let leading = lock(&inner.placements.leading_since)
         .map(|t| t.elapsed())
         .unwrap_or_default();
     inner
         .view
-        .read(|f| may_move_devices(leading, lost_after, f.nodes.keys().copied(), &live))?;
+        .read(|f| may_move_devices(leading, lost_after, f.nodes.keys().copied(), &heard))?;
     Ok(live)
 }
 
@@ -188,7 +190,7 @@ pub(crate) async fn set_admin_state(
 mod tests {
     use super::*;
 
-    /// (what, led for ms, registered nodes, live nodes, expected: Ok or ms left to wait).
+    /// (what, led for ms, registered nodes, nodes heard from, expected: Ok or ms left to wait).
     #[test]
     fn a_new_leader_moves_devices_only_once_it_knows_who_is_lost() {
         let ms = Duration::from_millis;
@@ -238,9 +240,9 @@ mod tests {
                 Ok(()),
             ),
         ];
-        for (what, led, registered, live, expected) in cases {
-            let live: BTreeSet<NodeId> = live.iter().copied().collect();
-            let got = may_move_devices(ms(*led), ms(full), registered.iter().copied(), &live);
+        for (what, led, registered, heard, expected) in cases {
+            let heard: BTreeSet<NodeId> = heard.iter().copied().collect();
+            let got = may_move_devices(ms(*led), ms(full), registered.iter().copied(), &heard);
             assert_eq!(got, expected.map_err(ms), "case: {what}");
         }
     }

@@ -21,7 +21,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use spaced_raft::fabric::{
     Command, CommandError, DeviceAssignment, DeviceMode, DeviceReport, DeviceStatus,
@@ -32,6 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
 
 use crate::config::DevicesSection;
 use crate::daemon::{NodeInner, now_millis};
@@ -447,7 +448,7 @@ async fn hold_space_initiated(agent: Arc<DeviceAgent>, id: String, addr: String)
 /// The task behind a device-initiated device this node owns but holds no connection for:
 /// reports it down once `down_after` has passed since `since`.
 async fn await_device(agent: Arc<DeviceAgent>, id: String, since: Instant) {
-    tokio::time::sleep_until((since + agent.settings.down_after).into()).await;
+    tokio::time::sleep_until(since + agent.settings.down_after).await;
     tracing::warn!(device = %id, "device has not connected: down");
     agent.report(&id, DeviceStatus::Down);
     std::future::pending::<()>().await;
@@ -624,7 +625,13 @@ async fn greet(
             agent.adopt(&id, addr, stream);
         }
         Err(e) => {
-            tracing::error!(%peer, error = %e, "device connection refused");
+            // A stranger's garbage (a port scan, say) is worth less noise than a device that
+            // names itself and is refused.
+            if matches!(e, ClaimError::BadHello(_)) {
+                tracing::warn!(%peer, error = %e, "device connection refused");
+            } else {
+                tracing::error!(%peer, error = %e, "device connection refused");
+            }
             let _ = stream.write_all(format!("ERR {e}\n").as_bytes()).await;
             let _ = stream.shutdown().await;
         }
@@ -820,6 +827,75 @@ mod tests {
                 (got, _) => panic!("{addr}: got {got:?}, expected {expected:?}"),
             }
         }
+    }
+
+    /// An agent with the given timing and no listener.
+    fn agent(keepalive_s: u64, down_after_s: u64) -> Arc<DeviceAgent> {
+        let cfg = DevicesSection {
+            keepalive_interval_s: keepalive_s,
+            down_after_s,
+            listen: None,
+            ..DevicesSection::default()
+        };
+        Arc::new(DeviceAgent::new(1, &cfg).unwrap())
+    }
+
+    fn pending(agent: &DeviceAgent) -> Vec<(String, DeviceStatus)> {
+        std::mem::take(&mut *lock(&agent.pending))
+            .into_iter()
+            .collect()
+    }
+
+    /// A loopback port nothing listens on (bound, then released).
+    async fn closed_port() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_device_is_down_after_down_after_and_up_once_it_answers() {
+        let a = agent(5, 60);
+        let addr = closed_port().await;
+        let task = tokio::spawn(hold_space_initiated(
+            a.clone(),
+            "d1".into(),
+            addr.to_string(),
+        ));
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert_eq!(pending(&a), vec![], "not down before down_after");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(pending(&a), vec![("d1".to_string(), DeviceStatus::Down)]);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(pending(&a), vec![], "down is reported once");
+
+        // The device comes up: the next retry (at most the keepalive interval away) connects.
+        let listener = bind_listener(addr).unwrap();
+        let (conn, _) = tokio::time::timeout(Duration::from_secs(6), listener.accept())
+            .await
+            .expect("a retry within the keepalive interval")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(pending(&a), vec![("d1".to_string(), DeviceStatus::Up)]);
+
+        // It goes away again: down only after another full down_after.
+        drop(conn);
+        drop(listener);
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert_eq!(pending(&a), vec![]);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(pending(&a), vec![("d1".to_string(), DeviceStatus::Down)]);
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_device_initiated_device_that_never_calls_is_down_after_down_after() {
+        let a = agent(5, 30);
+        let task = tokio::spawn(await_device(a.clone(), "d2".into(), Instant::now()));
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert_eq!(pending(&a), vec![]);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(pending(&a), vec![("d2".to_string(), DeviceStatus::Down)]);
+        task.abort();
     }
 
     #[test]

@@ -356,7 +356,7 @@ async fn expired_leases(inner: &Arc<NodeInner>) -> BTreeSet<String> {
 }
 
 /// Nodes the leader heard from within `within`, plus itself.
-fn live_nodes(inner: &NodeInner, within: Duration) -> BTreeSet<NodeId> {
+pub(crate) fn live_nodes(inner: &NodeInner, within: Duration) -> BTreeSet<NodeId> {
     let mut live: BTreeSet<NodeId> = inner
         .contacts()
         .into_iter()
