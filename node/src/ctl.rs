@@ -26,7 +26,13 @@ pub struct Cli {
     #[arg(long, global = true, env = "SPACED_PKI")]
     pub pki: Option<PathBuf>,
     /// Which admin certificate in the PKI directory to use (default: the only or first one).
-    #[arg(long, global = true, env = "SPACED_ADMIN")]
+    /// (Not `--admin`: that is `pki issue`'s flag for an admin certificate.)
+    #[arg(
+        long = "admin-name",
+        id = "admin_name",
+        global = true,
+        env = "SPACED_ADMIN"
+    )]
     pub admin: Option<String>,
     /// What to do.
     #[command(subcommand)]

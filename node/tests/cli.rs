@@ -155,3 +155,36 @@ fn spaced_lb_relays_to_its_backend_and_stops_on_sigterm() {
     assert_eq!(String::from_utf8_lossy(&reply), "pong:ping!");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn pki_issue_admin_flag_and_the_admin_name_option_coexist() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let ok = |args: &[&str]| {
+        let out = spacectl().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(&["pki", "init", "--dir", pki.to_str().unwrap()]);
+    ok(&[
+        "pki",
+        "issue",
+        "--dir",
+        pki.to_str().unwrap(),
+        "--name",
+        "ops",
+        "--admin",
+    ]);
+    ok(&[
+        "pki",
+        "issue",
+        "--dir",
+        pki.to_str().unwrap(),
+        "--name",
+        "n1",
+    ]);
+    assert!(pki.join("admin-ops.pem").exists() && pki.join("n1.pem").exists());
+}
