@@ -558,14 +558,23 @@ async fn run_in(dir: &Path) -> Result<()> {
             AdminReply::Singletons(rows) => rows,
             other => return Err(unexpected(admin.target(), &other).into()),
         };
-        let leader = status.leader.context("no leader")?;
+        // No leader for a moment (an election or a hand-off in flight): not settled yet.
+        let Some(leader) = status.leader else {
+            if t.elapsed() > Duration::from_secs(15) {
+                bail!("no leader for 15 s");
+            }
+            stable = None;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let holds = status.vips.iter().any(|v| v.owner == Some(leader))
             || singletons.iter().any(|r| r.owner == Some(leader));
+        if t.elapsed() > Duration::from_secs(10) {
+            break leader;
+        }
         match stable {
             Some((l, since)) if l == leader && !holds => {
-                if since.elapsed() > Duration::from_millis(500)
-                    || t.elapsed() > Duration::from_secs(10)
-                {
+                if since.elapsed() > Duration::from_millis(500) {
                     break leader;
                 }
             }
