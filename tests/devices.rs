@@ -228,6 +228,21 @@ async fn crash_and_check(
     Ok((reassigned, reconnected))
 }
 
+/// A 3-node cluster with `n` farm devices registered and all of them up: (farm, cluster,
+/// leader, node ids).
+async fn three_nodes_with_devices_up(
+    n: usize,
+) -> Result<(Farm, Cluster, NodeId, BTreeSet<NodeId>)> {
+    let farm = farm_for(n).await?;
+    let c = Cluster::start(3, timings()).await?;
+    let leader = c.wait_leader(T).await?;
+    c.wait_converged(T).await?;
+    register(&c, leader, &farm, n).await?;
+    let all: BTreeSet<NodeId> = [1, 2, 3].into();
+    wait_all_up(&c, leader, &farm, n, &all, T).await?;
+    Ok((farm, c, leader, all))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_connect_once_balanced_and_survive_a_crash() -> Result<()> {
     let n = device_count();
@@ -264,13 +279,7 @@ async fn devices_connect_once_balanced_and_survive_a_crash() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_leaders_devices_move_and_no_other_device_does() -> Result<()> {
     let n = 300;
-    let farm = farm_for(n).await?;
-    let mut c = Cluster::start(3, timings()).await?;
-    let leader = c.wait_leader(T).await?;
-    c.wait_converged(T).await?;
-    register(&c, leader, &farm, n).await?;
-    let all: BTreeSet<NodeId> = [1, 2, 3].into();
-    wait_all_up(&c, leader, &farm, n, &all, T).await?;
+    let (farm, mut c, leader, _) = three_nodes_with_devices_up(n).await?;
     // The new leader starts with an empty contact table: it must not take the devices of the
     // node it has not heard from *yet* (checked inside: nothing moves off a survivor).
     let (reassigned, reconnected) = crash_and_check(&mut c, &farm, n, leader, Stop::Crash).await?;
@@ -284,13 +293,7 @@ async fn a_crashed_leaders_devices_move_and_no_other_device_does() -> Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_node_hands_its_devices_over_without_waiting_to_be_lost() -> Result<()> {
     let n = 300;
-    let farm = farm_for(n).await?;
-    let mut c = Cluster::start(3, timings()).await?;
-    let leader = c.wait_leader(T).await?;
-    c.wait_converged(T).await?;
-    register(&c, leader, &farm, n).await?;
-    let all: BTreeSet<NodeId> = [1, 2, 3].into();
-    wait_all_up(&c, leader, &farm, n, &all, T).await?;
+    let (farm, mut c, leader, all) = three_nodes_with_devices_up(n).await?;
     let victim = *all.iter().find(|i| **i != leader).context("a follower")?;
     let (reassigned, reconnected) =
         crash_and_check(&mut c, &farm, n, victim, Stop::Graceful).await?;
@@ -306,13 +309,7 @@ async fn a_stopping_node_hands_its_devices_over_without_waiting_to_be_lost() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_hands_devices_off_and_rebalance_evens_them_out() -> Result<()> {
     let n = 300;
-    let farm = farm_for(n).await?;
-    let mut c = Cluster::start(3, timings()).await?;
-    let leader = c.wait_leader(T).await?;
-    c.wait_converged(T).await?;
-    register(&c, leader, &farm, n).await?;
-    let all: BTreeSet<NodeId> = [1, 2, 3].into();
-    wait_all_up(&c, leader, &farm, n, &all, T).await?;
+    let (farm, mut c, leader, all) = three_nodes_with_devices_up(n).await?;
     let drained: NodeId = 3;
     let mut admin = c.admin(leader).await?;
 

@@ -313,35 +313,33 @@ impl Backends {
         }
     }
 
+    /// The list once around, starting one further than last time, so choices rotate.
+    fn rotation<'a>(&self, list: &'a [Arc<Backend>]) -> impl Iterator<Item = &'a Arc<Backend>> {
+        let n = list.len();
+        let start = if n == 0 {
+            0
+        } else {
+            self.cursor.fetch_add(1, Ordering::Relaxed)
+        };
+        (0..n).map(move |i| &list[(start + i) % n])
+    }
+
     fn round_robin(
         &self,
         list: &[Arc<Backend>],
         usable: impl Fn(&Arc<Backend>) -> bool,
     ) -> Option<Arc<Backend>> {
-        let n = list.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| &list[(start + i) % n])
-            .find(|b| usable(b))
-            .cloned()
+        self.rotation(list).find(|b| usable(b)).cloned()
     }
 
+    /// Fewest active connections; the rotating start spreads equal loads instead of piling
+    /// them on the first backend.
     fn least_conn(
         &self,
         list: &[Arc<Backend>],
         usable: impl Fn(&Arc<Backend>) -> bool,
     ) -> Option<Arc<Backend>> {
-        let n = list.len();
-        if n == 0 {
-            return None;
-        }
-        // Scan from a rotating start so equal loads are spread, not piled on the first.
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| &list[(start + i) % n])
+        self.rotation(list)
             .filter(|b| usable(b))
             .min_by_key(|b| b.active())
             .cloned()

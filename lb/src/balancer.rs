@@ -35,14 +35,21 @@ pub struct HealthConfig {
     pub timeout: Duration,
 }
 
+impl HealthConfig {
+    /// Checks every `interval` with the given rise/fall; a probe may take the interval, at most 2 s.
+    pub fn every(interval: Duration, rise: u32, fall: u32) -> Self {
+        HealthConfig {
+            interval,
+            rise,
+            fall,
+            timeout: interval.min(Duration::from_secs(2)),
+        }
+    }
+}
+
 impl Default for HealthConfig {
     fn default() -> Self {
-        HealthConfig {
-            interval: Duration::from_secs(1),
-            rise: 2,
-            fall: 3,
-            timeout: Duration::from_secs(1),
-        }
+        HealthConfig::every(Duration::from_secs(1), 2, 3)
     }
 }
 

@@ -31,9 +31,7 @@ pub struct VipSpec {
 impl VipSpec {
     /// The bare IP of the VIP.
     pub fn ip(&self) -> Option<IpAddr> {
-        self.address
-            .split_once('/')
-            .and_then(|(ip, _)| ip.parse().ok())
+        spaced_raft::fabric::vip_ip(&self.address)
     }
 }
 

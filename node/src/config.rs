@@ -157,11 +157,12 @@ impl LbSection {
             idle_timeout: Duration::from_secs(self.idle_timeout_s),
             peek_timeout: Duration::from_millis(self.peek_timeout_ms),
             proxy_protocol: self.proxy_protocol,
-            health: (self.health_interval_ms > 0).then(|| spaced_lb::balancer::HealthConfig {
-                interval: Duration::from_millis(self.health_interval_ms),
-                rise: self.rise,
-                fall: self.fall,
-                timeout: Duration::from_millis(self.health_interval_ms.min(2_000)),
+            health: (self.health_interval_ms > 0).then(|| {
+                spaced_lb::balancer::HealthConfig::every(
+                    Duration::from_millis(self.health_interval_ms),
+                    self.rise,
+                    self.fall,
+                )
             }),
             drain_grace: Duration::from_secs(self.drain_grace_s),
             ..defaults

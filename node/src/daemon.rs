@@ -197,8 +197,7 @@ impl Node {
                     .vips
                     .iter()
                     .find(|v| v.name == section.vip)
-                    .and_then(|v| v.address.split_once('/'))
-                    .and_then(|(ip, _)| ip.parse().ok())
+                    .and_then(|v| spaced_raft::fabric::vip_ip(&v.address))
                     .ok_or_else(|| {
                         StartError::input(
                             &cfg,

@@ -16,6 +16,15 @@ use crate::supervisor::{DesiredService, Supervisor};
 /// placement also triggers a pass at once).
 const PASS_EVERY: Duration = Duration::from_millis(100);
 
+/// What this node should run now, from [`desired_services`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Desired {
+    /// Every service to run, with its environment.
+    pub services: Vec<DesiredService>,
+    /// The singletons among them as (placement, service), for the fence guard.
+    pub singletons: Vec<(String, String)>,
+}
+
 /// The services this node should run now.
 ///
 /// - `every-node`: when the node has one of the service's roles (or it names none);
@@ -29,7 +38,8 @@ pub fn desired_services(
     node_name: &str,
     roles: &BTreeSet<String>,
     held: &BTreeMap<String, u64>,
-) -> Vec<DesiredService> {
+) -> Desired {
+    let mut singletons = Vec::new();
     let placement_of = |service: &str| -> Option<String> {
         fabric
             .placements
@@ -41,7 +51,7 @@ pub fn desired_services(
                 _ => None,
             })
     };
-    fabric
+    let services = fabric
         .services
         .iter()
         .filter_map(|(name, spec)| {
@@ -56,6 +66,7 @@ pub fn desired_services(
                 ServiceScope::Singleton => {
                     let placement = placement_of(name)?;
                     let epoch = *held.get(&placement)?;
+                    singletons.push((placement.clone(), name.clone()));
                     (placement, epoch)
                 }
             };
@@ -71,7 +82,11 @@ pub fn desired_services(
                 env,
             })
         })
-        .collect()
+        .collect();
+    Desired {
+        services,
+        singletons,
+    }
 }
 
 /// The agent's backend for all placements: VIPs go to the takeover backend, singletons to the
@@ -125,12 +140,9 @@ impl PlacementBackend {
     ) {
         let statuses = self.supervisor.status();
         for (placement, service) in singletons {
-            let pid = statuses
-                .iter()
-                .find(|s| &s.name == service)
-                .and_then(|s| s.pid)
-                .and_then(|p| i32::try_from(p).ok());
-            let Some(pgid) = pid else { continue };
+            let Some(pgid) = process_group(&statuses, service) else {
+                continue;
+            };
             let remaining = agent.lease_remaining(placement, Instant::now());
             if remaining.is_zero() {
                 continue;
@@ -166,6 +178,15 @@ impl PlacementBackend {
             guard: Arc::default(),
         }
     }
+}
+
+/// The process group of a running service: each leads its own, so its pid is the group id.
+fn process_group(statuses: &[crate::supervisor::ServiceStatus], service: &str) -> Option<i32> {
+    statuses
+        .iter()
+        .find(|s| s.name == service)
+        .and_then(|s| s.pid)
+        .and_then(|p| i32::try_from(p).ok())
 }
 
 impl VipBackend for PlacementBackend {
@@ -238,14 +259,7 @@ impl VipBackend for PlacementBackend {
             self.vips.hold_until(vip, until);
             return;
         };
-        // Each service leads its own process group, so its pid is the group id.
-        let pid = self
-            .supervisor
-            .status()
-            .into_iter()
-            .find(|s| &s.name == service)
-            .and_then(|s| s.pid)
-            .and_then(|p| i32::try_from(p).ok());
+        let pid = process_group(&self.supervisor.status(), service);
         let Some(guard) = self.guard() else { return };
         tracing::debug!(singleton = %vip.name, ?pid, "singleton guarded until the lease end");
         let sent = match pid {
@@ -274,20 +288,12 @@ pub(crate) async fn services_loop(
             _ = shutdown.wait_for(|s| *s) => break,
         }
         let held = inner.placements.agent.active_epochs();
-        let desired = inner
+        let Desired {
+            services: desired,
+            singletons,
+        } = inner
             .view
             .read(|f| desired_services(f, &inner.name, &inner.roles, &held));
-        let singletons: Vec<(String, String)> = inner.view.read(|f| {
-            desired
-                .iter()
-                .filter(|d| {
-                    f.services
-                        .get(&d.name)
-                        .is_some_and(|s| s.scope == ServiceScope::Singleton)
-                })
-                .filter_map(|d| Some((d.env.get("SPACED_PLACEMENT")?.clone(), d.name.clone())))
-                .collect()
-        });
         if last.as_ref() != Some(&desired) {
             if let Err(e) = supervisor.set_desired(desired.clone()).await {
                 tracing::warn!(error = %e, "some services were not accepted by the supervisor");
@@ -370,17 +376,22 @@ mod tests {
         let none = BTreeMap::new();
         // A db node holding nothing: only the role-less every-node service.
         assert_eq!(
-            names(&desired_services(&f, "n3", &roles(&["db"]), &none)),
+            names(&desired_services(&f, "n3", &roles(&["db"]), &none).services),
             ["httpd"]
         );
         // An app node holding nothing.
         assert_eq!(
-            names(&desired_services(&f, "n2", &roles(&["app"]), &none)),
+            names(&desired_services(&f, "n2", &roles(&["app"]), &none).services),
             ["httpd", "jboss"]
         );
         // The VIP owner runs the VIP-bound service; the singleton's holder runs the singleton.
         let held = BTreeMap::from([("cluster".to_string(), 7), ("poller".to_string(), 4)]);
-        let d = desired_services(&f, "n1", &roles(&["app", "ha"]), &held);
+        let all = desired_services(&f, "n1", &roles(&["app", "ha"]), &held);
+        assert_eq!(
+            all.singletons,
+            [("poller".to_string(), "poller".to_string())]
+        );
+        let d = all.services;
         assert_eq!(names(&d), ["httpd", "jboss", "netmon", "poller"]);
         let env = |name: &str| d.iter().find(|s| s.name == name).unwrap().env.clone();
         assert_eq!(env("netmon")["SPACED_EPOCH"], "7");

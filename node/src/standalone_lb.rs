@@ -116,11 +116,12 @@ impl LbArgs {
             peek_timeout: Duration::from_millis(self.peek_timeout_ms),
             proxy_protocol: self.proxy_protocol,
             pipe_size: self.pipe_size,
-            health: (!self.no_health).then(|| HealthConfig {
-                interval: Duration::from_millis(self.health_interval_ms),
-                rise: self.rise,
-                fall: self.fall,
-                timeout: Duration::from_millis(self.health_interval_ms.min(2_000)),
+            health: (!self.no_health).then(|| {
+                HealthConfig::every(
+                    Duration::from_millis(self.health_interval_ms),
+                    self.rise,
+                    self.fall,
+                )
             }),
             drain_grace: Duration::from_secs(self.drain_grace_s),
         }

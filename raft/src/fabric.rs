@@ -592,7 +592,8 @@ pub fn check_vip_address(address: &str) -> Result<(), CommandError> {
     }
 }
 
-fn vip_ip(address: &str) -> Option<IpAddr> {
+/// The bare IP of a VIP address written `ip/prefix`.
+pub fn vip_ip(address: &str) -> Option<IpAddr> {
     address.split_once('/').and_then(|(ip, _)| ip.parse().ok())
 }
 
