@@ -106,6 +106,20 @@ pub fn devices(prefix: &str, n: usize) -> Vec<NewDevice> {
         .collect()
 }
 
+/// `f` without what the nodes change on their own while a test runs: device owners (the
+/// leader's planner assigns them) and device status (their owners' agents report it).
+/// What is left is what commands sent by a test can change.
+pub fn without_device_state(f: Option<Fabric>) -> Option<Fabric> {
+    f.map(|mut f| {
+        for d in f.devices.values_mut() {
+            d.owner = None;
+            d.status = Default::default();
+            d.since = 0;
+        }
+        f
+    })
+}
+
 /// An in-process cluster of real nodes.
 pub struct Cluster {
     /// Temp dir holding PKI, data dirs.
@@ -258,6 +272,41 @@ impl Cluster {
     /// The applied fabric of node `id`.
     pub fn fabric_of(&self, id: NodeId) -> Option<Fabric> {
         self.nodes.get(&id).map(|n| n.fabric().read(|f| f.clone()))
+    }
+
+    /// Every running node's fabric at one moment when all have applied the same index. Nodes
+    /// go on committing by themselves (device assignment and status), so a pair of plain reads
+    /// can straddle a commit; this retries until it has a consistent cut. Equal indexes with
+    /// different fabrics is a real divergence and fails at once.
+    pub async fn agreed_fabric(&self, within: Duration) -> Result<Fabric> {
+        let deadline = Instant::now() + within;
+        loop {
+            let cut: Vec<(NodeId, Option<u64>, Fabric, Option<u64>)> = self
+                .nodes
+                .iter()
+                .map(|(id, n)| {
+                    let before = n.fabric().last_applied_index();
+                    let f = n.fabric().read(|f| f.clone());
+                    (*id, before, f, n.fabric().last_applied_index())
+                })
+                .collect();
+            let steady = cut.iter().all(|(_, a, _, b)| a == b);
+            if let Some((first_id, first_at, first, _)) = cut.first()
+                && steady
+                && cut.iter().all(|(_, at, _, _)| at == first_at)
+            {
+                for (id, _, f, _) in &cut {
+                    if f != first {
+                        bail!("node {id} differs from node {first_id} at index {first_at:?}");
+                    }
+                }
+                return Ok(first.clone());
+            }
+            if Instant::now() > deadline {
+                bail!("nodes did not reach one applied index within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Polls `cond` until true or `within` passes.
