@@ -18,17 +18,23 @@
 //! * *out* runs only with bytes in the pipe, so its `EAGAIN` always means
 //!   "socket full": it goes through `try_io(WRITABLE)`, which clears tokio's
 //!   write readiness, and we then wait on `writable()`.
-//! * *in* always goes through `try_io(READABLE)`, so an `EAGAIN` clears
-//!   tokio's read readiness. With an **empty** pipe that is exact ("socket
-//!   empty"). With a **non-empty** pipe it may be wrong (the pipe ran out of
-//!   slots while the socket still holds bytes), so in that state we never
-//!   wait for readability *alone*: we wait for the destination's
-//!   `writable()` **or** the source's `readable()`, whichever comes first.
-//!   The destination always becomes writable eventually, the pipe drains, and
-//!   the loop retries the *in* splice without looking at readiness. Waiting
-//!   on both keeps the pipeline full: while the destination is busy, newly
-//!   arrived source bytes are pulled into the pipe's free room at once
-//!   instead of piling up in the socket and closing the sender's TCP window.
+//! * *in* always goes through `try_io(READABLE)`, and tokio clears the
+//!   socket's read readiness when the closure reports `EAGAIN`; after that
+//!   tokio will not even call the closure until a new edge arrives. With an
+//!   **empty** pipe `EAGAIN` is exact ("socket empty"). With a **non-empty**
+//!   pipe it may be "pipe out of slots" (a pipe full of small socket
+//!   fragments runs out of its page slots long before its byte capacity),
+//!   and clearing readiness then would be fatal: the bytes still queued in
+//!   the socket raise no new edge, so a sender that wrote a message and now
+//!   waits for the answer would wait forever. So in that case the closure
+//!   asks the socket (a one-byte `MSG_PEEK`): nothing queued → report
+//!   `EAGAIN` (clear, correct); bytes queued → report "slots full", keep the
+//!   readiness, and wait only for the destination to drain the pipe.
+//! * With room in the pipe and an empty socket, we wait for the
+//!   destination's `writable()` **or** the source's `readable()`, whichever
+//!   comes first: while the destination is busy, newly arrived source bytes
+//!   are pulled into the pipe's free room at once instead of piling up in the
+//!   socket and closing the sender's TCP window.
 //!
 //! When the *in* splice returns 0 the source sent FIN: the loop drains the
 //! pipe, then `shutdown(SHUT_WR)` the destination, and that direction ends
@@ -46,7 +52,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use nix::sys::socket::{Shutdown, shutdown};
+use nix::sys::socket::{MsgFlags, Shutdown, recv, shutdown};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -409,25 +415,41 @@ async fn pump(
         source,
     };
     let mut eof = false;
+    // The last *in* splice found the pipe out of slots with bytes still queued
+    // in the socket (read readiness kept); cleared once the *out* splice frees room.
+    let mut slots_full = false;
     loop {
         let mut progressed = false;
 
-        if !eof && pipe.len < pipe.capacity {
+        if !eof && !slots_full && pipe.len < pipe.capacity {
             let room = pipe.capacity - pipe.len;
+            let pipe_was_empty = pipe.len == 0;
             let (from, to) = (src.as_fd(), pipe.write.as_fd());
-            // EAGAIN clears read readiness; see the module docs for why
-            // that is safe with a non-empty pipe.
-            let result = src.try_io(Interest::READABLE, || splice_io(from, to, room));
+            let result = src.try_io(Interest::READABLE, || {
+                match splice_io(from, to, room) {
+                    Ok(n) => Ok(Some(n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && !pipe_was_empty => {
+                        // Ambiguous; see the module docs. WouldBlock clears readiness.
+                        if socket_has_bytes(from)? {
+                            Ok(None)
+                        } else {
+                            Err(e)
+                        }
+                    }
+                    Err(e) => Err(e),
+                }
+            });
             match result {
-                Ok(0) => {
+                Ok(Some(0)) => {
                     eof = true;
                     progressed = true;
                 }
-                Ok(n) => {
+                Ok(Some(n)) => {
                     pipe.len += n;
                     progressed = true;
                     activity.touch();
                 }
+                Ok(None) => slots_full = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(read_err(e)),
             }
@@ -441,7 +463,10 @@ async fn pump(
                     pipe.len -= n;
                     moved.fetch_add(n as u64, Ordering::Relaxed);
                     live.fetch_add(n as u64, Ordering::Relaxed);
-                    progressed = n > 0 || progressed;
+                    if n > 0 {
+                        progressed = true;
+                        slots_full = false;
+                    }
                     activity.touch();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -464,7 +489,7 @@ async fn pump(
 
         if pipe.len == 0 {
             src.readable().await.map_err(read_err)?;
-        } else if eof || pipe.len >= pipe.capacity {
+        } else if eof || slots_full || pipe.len >= pipe.capacity {
             dst.writable().await.map_err(write_err)?;
         } else {
             tokio::select! {
@@ -472,6 +497,22 @@ async fn pump(
                 ready = dst.writable() => ready.map_err(write_err)?,
                 ready = src.readable() => ready.map_err(read_err)?,
             }
+        }
+    }
+}
+
+/// Whether bytes (or a FIN) are queued in the socket's receive queue: a
+/// one-byte `MSG_PEEK`, consuming nothing.
+fn socket_has_bytes(socket: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut probe = [0u8; 1];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    loop {
+        match recv(socket.as_raw_fd(), &mut probe, flags) {
+            // 0 is a pending FIN: the next splice reports it.
+            Ok(_) => return Ok(true),
+            Err(Errno::EAGAIN) => return Ok(false),
+            Err(Errno::EINTR) => {}
+            Err(errno) => return Err(io::Error::from(errno)),
         }
     }
 }

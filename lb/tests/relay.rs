@@ -225,6 +225,59 @@ async fn bulk_through_tiny_pipes() {
         .expect("relay hung with tiny pipes");
 }
 
+/// The same trap without a FIN to rescue it. A sender that writes a large
+/// message and then waits for an answer produces no more socket events once
+/// its last segment has arrived (a FIN would leave the socket readable for
+/// good). If the relay forgot that the socket still holds bytes when a
+/// slot-full pipe returned EAGAIN, the tail of the message would stay in its
+/// receive queue and the answer would never come. The backend reads nothing
+/// at first, so the pipe stays full while the message queues up behind it
+/// and the sender's window closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_without_fin_through_tiny_pipes_arrives_whole() {
+    const MESSAGE: usize = 12 << 20;
+    for round in 0..3 {
+        // A small receive buffer at the backend, so its socket fills up
+        // while it is not reading and the relay's pipe stays non-empty.
+        let backend = tokio::net::TcpSocket::new_v4().unwrap();
+        backend.set_recv_buffer_size(16 << 10).unwrap();
+        backend.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let backend = backend.listen(16).unwrap();
+        let pool = Arc::new(PipePool::new(2, 4096));
+        let (proxy, _outcomes) =
+            start_proxy(backend.local_addr().unwrap(), pool, Duration::from_secs(30)).await;
+        let mut client = TcpStream::connect(proxy).await.unwrap();
+        let (mut server, _) = backend.accept().await.unwrap();
+        // An odd first write, so later page-sized splices straddle the
+        // sender's page fragments and need two pipe slots.
+        client.write_all(&[7u8; 100]).await.unwrap();
+        let mut first = [0u8; 100];
+        server.read_exact(&mut first).await.unwrap();
+        let writer = tokio::spawn(async move {
+            let message: Vec<u8> = (0..MESSAGE).map(|i| (i % 251) as u8).collect();
+            client.write_all(&message).await.unwrap();
+            client
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut got = vec![0u8; MESSAGE];
+        let read = timeout(Duration::from_secs(20), server.read_exact(&mut got)).await;
+        assert!(
+            matches!(read, Ok(Ok(_))),
+            "round {round}: the message's tail is stuck in the relay: {read:?}"
+        );
+        assert!(
+            got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
+            "round {round}: message corrupted"
+        );
+        // The answer goes back on the same connection.
+        server.write_all(b"done").await.unwrap();
+        let mut client = writer.await.unwrap();
+        let mut answer = [0u8; 4];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"done");
+    }
+}
+
 /// Echo backend: every connection gets back what it sent, then EOF.
 async fn start_echo() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
