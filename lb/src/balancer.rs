@@ -217,11 +217,20 @@ impl Balancer {
         self.accepting.store(true, Ordering::Relaxed);
         tracing::info!(lb = %self.label, policy = %self.config.policy, "balancer accepting");
         tokio::pin!(stop);
+        // Registering a timer that expires before every other one wakes
+        // tokio's driver through its eventfd: a write and an extra epoll
+        // round for each connection's connect timeout. A tick due sooner
+        // than any connect timeout keeps the driver's next wake-up close, so
+        // those registrations need no wake-up.
+        let mut keep_timer_near =
+            tokio::time::interval((self.config.connect_timeout / 2).max(Duration::from_millis(10)));
+        keep_timer_near.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 () = &mut stop => break,
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                _ = keep_timer_near.tick() => {}
                 accepted = listener.accept() => match accepted {
                     Ok((client, peer)) => {
                         if self.stats.active.load(Ordering::Relaxed) >= self.config.max_conns {

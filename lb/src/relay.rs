@@ -30,6 +30,11 @@
 //!   asks the socket (a one-byte `MSG_PEEK`): nothing queued → report
 //!   `EAGAIN` (clear, correct); bytes queued → report "slots full", keep the
 //!   readiness, and wait only for the destination to drain the pipe.
+//! * A *short* in splice (fewer bytes than asked) into an empty pipe, of
+//!   fewer bytes than the pipe has slots, cannot have run out of slots, so
+//!   it emptied the socket: the closure then clears the read readiness
+//!   itself, as tokio's own reads do after a short read, which saves the
+//!   `EAGAIN` splice that would otherwise follow every message.
 //! * With room in the pipe and an empty socket, we wait for the
 //!   destination's `writable()` **or** the source's `readable()`, whichever
 //!   comes first: while the destination is busy, newly arrived source bytes
@@ -38,7 +43,9 @@
 //!
 //! When the *in* splice returns 0 the source sent FIN: the loop drains the
 //! pipe, then `shutdown(SHUT_WR)` the destination, and that direction ends
-//! while the other keeps flowing.
+//! while the other keeps flowing. The direction that ends last skips the
+//! `shutdown`: both sockets are closed right after, and a `close` of a
+//! socket read to its end sends the same FIN.
 //!
 //! Splicing into a reset socket may raise `SIGPIPE`; Rust programs ignore it
 //! by default (std sets `SIG_IGN` at start-up), so it surfaces as `EPIPE`.
@@ -47,7 +54,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -169,6 +176,8 @@ pub struct Pipe {
     write: OwnedFd,
     /// Capacity reported by `F_GETPIPE_SZ`, the most one *in* splice asks for.
     capacity: usize,
+    /// Page slots: the most buffers the pipe can hold, whatever their size.
+    slots: usize,
     /// Bytes spliced in and not yet spliced out.
     len: usize,
 }
@@ -193,10 +202,17 @@ impl Pipe {
                 FALLBACK_PIPE_CAPACITY
             }
         };
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|p| usize::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .unwrap_or(FALLBACK_PIPE_CAPACITY);
         Ok(Pipe {
             read,
             write,
             capacity,
+            slots: (capacity / page).max(1),
             len: 0,
         })
     }
@@ -226,13 +242,10 @@ impl Pipe {
         self.read.as_fd()
     }
 
-    /// Whether the pipe really holds no bytes: our count says so *and* a
-    /// one-byte non-blocking read finds nothing. The probe read may consume
-    /// a byte, but only from a pipe that is about to be closed anyway.
-    fn verified_empty(&self) -> bool {
-        if self.len != 0 {
-            return false;
-        }
+    /// Whether a one-byte non-blocking read finds nothing: a check of the
+    /// byte count, for debug builds. It may consume a byte, but only from a
+    /// pipe whose count was wrong and which is then closed.
+    fn probe_empty(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(
             nix::unistd::read(&self.read, &mut probe),
@@ -244,9 +257,11 @@ impl Pipe {
 /// A bounded free list of empty pipes, shared by all relays of a listener,
 /// so each connection does not pay two `pipe2` + `fcntl` calls.
 ///
-/// Only verified-empty pipes are kept: a pipe that still holds bytes (the
-/// relay failed mid-transfer) would leak one connection's data into the next,
-/// so it is closed instead.
+/// Only empty pipes are kept: a pipe that still holds bytes (the relay
+/// failed mid-transfer) would leak one connection's data into the next, so
+/// it is closed instead. "Empty" is the relay's byte count, which is exact
+/// (every splice's return value goes into it); debug builds also probe the
+/// pipe, so a counting bug fails the tests instead of leaking data.
 #[derive(Debug)]
 pub struct PipePool {
     /// Empty pipes ready for reuse.
@@ -277,15 +292,19 @@ impl PipePool {
         Pipe::create(self.size).map_err(|source| RelayError::Pipe { source })
     }
 
-    /// Returns a pipe to the pool. It is kept only if it is verifiably empty
-    /// and the pool has room; otherwise it is closed. Returns whether it was
-    /// kept.
+    /// Returns a pipe to the pool. It is kept only if its count says it is
+    /// empty and the pool has room; otherwise it is closed. Returns whether
+    /// it was kept.
     pub fn give_back(&self, pipe: Pipe) -> bool {
-        if !pipe.verified_empty() {
+        if !pipe.is_empty() {
             tracing::debug!(
                 len = pipe.len,
                 "closing a pipe that still holds data instead of reusing it"
             );
+            return false;
+        }
+        if cfg!(debug_assertions) && !pipe.probe_empty() {
+            debug_assert!(false, "a pipe the relay counted as empty holds bytes");
             return false;
         }
         let mut idle = self.lock();
@@ -403,6 +422,7 @@ async fn pump(
     moved: &AtomicU64,
     live: &AtomicU64,
     activity: &Activity,
+    finished: &AtomicU8,
 ) -> Result<(), RelayError> {
     let read_err = |source: io::Error| RelayError::Read {
         direction,
@@ -425,8 +445,14 @@ async fn pump(
             let room = pipe.capacity - pipe.len;
             let pipe_was_empty = pipe.len == 0;
             let (from, to) = (src.as_fd(), pipe.write.as_fd());
+            let mut drained = None;
             let result = src.try_io(Interest::READABLE, || {
                 match splice_io(from, to, room) {
+                    Ok(n) if n > 0 && n < room && pipe_was_empty && n < pipe.slots => {
+                        // The socket is empty (module docs): WouldBlock clears readiness.
+                        drained = Some(n);
+                        Err(io::ErrorKind::WouldBlock.into())
+                    }
                     Ok(n) => Ok(Some(n)),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && !pipe_was_empty => {
                         // Ambiguous; see the module docs. WouldBlock clears readiness.
@@ -439,6 +465,10 @@ async fn pump(
                     Err(e) => Err(e),
                 }
             });
+            let result = match (result, drained) {
+                (Err(_), Some(n)) => Ok(Some(n)),
+                (result, _) => result,
+            };
             match result {
                 Ok(Some(0)) => {
                     eof = true;
@@ -475,8 +505,11 @@ async fn pump(
         }
 
         if eof && pipe.len == 0 {
-            shutdown(dst.as_raw_fd(), Shutdown::Write)
-                .map_err(|source| RelayError::Shutdown { direction, source })?;
+            // Both directions run in one task, so this count is not raced.
+            if finished.fetch_add(1, Ordering::Relaxed) == 0 {
+                shutdown(dst.as_raw_fd(), Shutdown::Write)
+                    .map_err(|source| RelayError::Shutdown { direction, source })?;
+            }
             tracing::trace!(%direction, moved = moved.load(Ordering::Relaxed), "forwarded EOF");
             return Ok(());
         }
@@ -559,6 +592,7 @@ pub async fn relay_counted(
     let up_moved = AtomicU64::new(0);
     let down_moved = AtomicU64::new(0);
     let activity = Activity::new();
+    let finished = AtomicU8::new(0);
 
     let outcome = {
         let (Some(up_pipe), Some(down_pipe)) = (up.pipe.as_mut(), down.pipe.as_mut()) else {
@@ -576,7 +610,8 @@ pub async fn relay_counted(
                     Direction::ClientToBackend,
                     &up_moved,
                     &live.client_to_backend,
-                    &activity
+                    &activity,
+                    &finished
                 ),
                 pump(
                     &backend,
@@ -585,7 +620,8 @@ pub async fn relay_counted(
                     Direction::BackendToClient,
                     &down_moved,
                     &live.backend_to_client,
-                    &activity
+                    &activity,
+                    &finished
                 ),
             )
         };
@@ -626,8 +662,10 @@ mod tests {
         let pool = PipePool::new(4, 1 << 20);
         let clean = pool.take().unwrap();
         assert!(clean.capacity() >= 4096);
-        let dirty = pool.take().unwrap();
-        nix::unistd::write(dirty.write_end(), b"leftover").unwrap();
+        // The relay's count says the pipe holds bytes: closed, not pooled.
+        let mut dirty = pool.take().unwrap();
+        nix::unistd::write(dirty.write_end(), b"lef").unwrap();
+        dirty.len = 3;
         assert!(
             !pool.give_back(dirty),
             "a pipe holding bytes must be closed"
@@ -635,12 +673,18 @@ mod tests {
         assert_eq!(pool.idle_count(), 0);
         assert!(pool.give_back(clean));
         assert_eq!(pool.idle_count(), 1);
+    }
 
-        // A pipe whose relay count says it holds bytes is also refused.
-        let mut counted = pool.take().unwrap();
-        counted.len = 3;
-        assert!(!pool.give_back(counted));
-        assert_eq!(pool.idle_count(), 0);
+    /// A counting bug (bytes in a pipe counted as empty) fails loudly in
+    /// debug builds, where the tests run.
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "counted as empty holds bytes")]
+    fn a_miscounted_pipe_fails_debug_builds() {
+        let pool = PipePool::new(4, 1 << 20);
+        let miscounted = pool.take().unwrap();
+        nix::unistd::write(miscounted.write_end(), b"leftover").unwrap();
+        pool.give_back(miscounted);
     }
 
     #[test]
