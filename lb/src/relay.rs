@@ -355,12 +355,15 @@ impl Drop for Lease<'_> {
     }
 }
 
-/// Last time any byte moved, shared by both directions and the idle watchdog.
+/// What both directions and the idle watchdog share: the last time any byte
+/// moved, and how many directions have finished.
 struct Activity {
     /// Reference point for `last_nanos`.
     base: Instant,
     /// Nanoseconds after `base` of the last movement.
     last_nanos: AtomicU64,
+    /// Directions that have forwarded their EOF (0, 1 or 2).
+    finished: AtomicU8,
 }
 
 impl Activity {
@@ -368,6 +371,7 @@ impl Activity {
         Activity {
             base: Instant::now(),
             last_nanos: AtomicU64::new(0),
+            finished: AtomicU8::new(0),
         }
     }
 
@@ -422,7 +426,6 @@ async fn pump(
     moved: &AtomicU64,
     live: &AtomicU64,
     activity: &Activity,
-    finished: &AtomicU8,
 ) -> Result<(), RelayError> {
     let read_err = |source: io::Error| RelayError::Read {
         direction,
@@ -506,7 +509,7 @@ async fn pump(
 
         if eof && pipe.len == 0 {
             // Both directions run in one task, so this count is not raced.
-            if finished.fetch_add(1, Ordering::Relaxed) == 0 {
+            if activity.finished.fetch_add(1, Ordering::Relaxed) == 0 {
                 shutdown(dst.as_raw_fd(), Shutdown::Write)
                     .map_err(|source| RelayError::Shutdown { direction, source })?;
             }
@@ -592,7 +595,6 @@ pub async fn relay_counted(
     let up_moved = AtomicU64::new(0);
     let down_moved = AtomicU64::new(0);
     let activity = Activity::new();
-    let finished = AtomicU8::new(0);
 
     let outcome = {
         let (Some(up_pipe), Some(down_pipe)) = (up.pipe.as_mut(), down.pipe.as_mut()) else {
@@ -610,8 +612,7 @@ pub async fn relay_counted(
                     Direction::ClientToBackend,
                     &up_moved,
                     &live.client_to_backend,
-                    &activity,
-                    &finished
+                    &activity
                 ),
                 pump(
                     &backend,
@@ -620,8 +621,7 @@ pub async fn relay_counted(
                     Direction::BackendToClient,
                     &down_moved,
                     &live.backend_to_client,
-                    &activity,
-                    &finished
+                    &activity
                 ),
             )
         };
