@@ -494,8 +494,9 @@ fn services_run_where_scoped_restart_when_killed_and_a_singleton_moves_on_sigkil
     let n1 = lab.procs[0].addr.clone();
     let out = lab.dir.path().join("svc");
     std::fs::create_dir_all(&out)?;
+    // It forks a child of its own, as daemons do: that one must not outlive a killed spaced.
     let web = format!(
-        "echo $$ > {}/web-$SPACED_NODE.pid; exec sleep 1000",
+        "sleep 1000 & echo $! > {0}/web-child-$SPACED_NODE.pid; echo $$ > {0}/web-$SPACED_NODE.pid; exec sleep 1000",
         out.display()
     );
     lab.ctl_ok(
@@ -630,8 +631,18 @@ fn services_run_where_scoped_restart_when_killed_and_a_singleton_moves_on_sigkil
 
     // SIGKILL of its node: the process dies with it and another node starts it at a new epoch.
     let owner_idx: usize = owner_name.trim_start_matches('n').parse::<usize>()? - 1;
+    let web_child = read_pid(&out.join(format!("web-child-{owner_name}.pid")))
+        .context("the web service's own child")?;
+    assert!(pid_alive(web_child));
     lab.procs[owner_idx].signal(nix::sys::signal::Signal::SIGKILL)?;
     lab.procs[owner_idx].wait(Duration::from_secs(10))?;
+    // The service's direct child goes with spaced (PDEATHSIG); what it forked is killed by the
+    // fence guard when spaced's end closes the guard's stdin.
+    wait_until(
+        Duration::from_secs(10),
+        "the killed node's web service's own child gone",
+        || Ok(!pid_alive(web_child)),
+    )?;
     let survivor = lab.procs[(owner_idx + 1) % 3].addr.clone();
     wait_until(Duration::from_secs(30), "the singleton re-placed", || {
         let starts = singleton_starts(&log);

@@ -13,7 +13,10 @@
 //! It removes a held VIP when its deadline (the lease end) passes without an extension, and
 //! every held VIP at once when its stdin closes — which happens when the parent dies, however.
 //! A held process group (a singleton service) gets SIGKILL at the same moments, so a stopped
-//! (SIGSTOP) or killed spaced cannot leave its singleton running past the lease.
+//! (SIGSTOP) or killed spaced cannot leave its singleton running past the lease. Every other
+//! service's group is held with no deadline (`u64::MAX`): it is killed only when spaced dies,
+//! so that what a service forked does not outlive a SIGKILLed spaced (the direct child already
+//! goes with it, by `PR_SET_PDEATHSIG`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -158,6 +161,12 @@ impl GuardHandle {
         ))
     }
 
+    /// The guard SIGKILLs process group `pgid` only when spaced goes (its stdin closes): for
+    /// services with no lease, whose forked children would otherwise outlive a SIGKILLed spaced.
+    pub fn hold_group_while_spaced_lives(&self, name: &str, pgid: i32) -> Result<(), String> {
+        self.send(&format!("hold-group {name} {pgid} {}", u64::MAX))
+    }
+
     /// The parent removed `name` itself.
     pub fn drop_vip(&self, name: &str) -> Result<(), String> {
         self.send(&format!("drop {name}"))
@@ -252,11 +261,11 @@ async fn fence(tk: &crate::takeover::Takeover, name: &str, what: &Guarded, why: 
                 nix::sys::signal::Signal::SIGKILL,
             ) {
                 Ok(()) => {
-                    tracing::warn!(singleton = %name, pgid, why, "fence guard killed the singleton's processes")
+                    tracing::warn!(group = %name, pgid, why, "fence guard killed a service's processes")
                 }
                 Err(nix::errno::Errno::ESRCH) => {}
                 Err(e) => {
-                    tracing::error!(singleton = %name, pgid, error = %e, "fence guard could not kill the singleton")
+                    tracing::error!(group = %name, pgid, error = %e, "fence guard could not kill a service's processes")
                 }
             }
         }

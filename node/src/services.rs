@@ -154,6 +154,49 @@ impl PlacementBackend {
         }
     }
 
+    /// Registers the process group of every running service that is not a singleton with the
+    /// guard, to be killed when spaced dies, and forgets the ones that stopped. `registered`
+    /// (service → process group) is what the guard was last told, so a pass that changes
+    /// nothing sends nothing. Guard names are `service/<name>`: a placement name has no `/`.
+    pub(crate) fn guard_services(
+        &self,
+        singletons: &[(String, String)],
+        registered: &mut BTreeMap<String, i32>,
+    ) {
+        let statuses = self.supervisor.status();
+        let running: BTreeMap<&str, i32> = statuses
+            .iter()
+            .filter(|s| !singletons.iter().any(|(_, service)| *service == s.name))
+            .filter_map(|s| Some((s.name.as_str(), process_group(&statuses, &s.name)?)))
+            .collect();
+        if running.is_empty() && registered.is_empty() {
+            return;
+        }
+        let Some(guard) = self.guard() else { return };
+        let mut failure = None;
+        let mut note = |sent: Result<(), String>| {
+            if let Err(e) = sent {
+                failure = Some(e);
+            }
+        };
+        registered.retain(|service, _| {
+            let keep = running.contains_key(service.as_str());
+            if !keep {
+                note(guard.drop_vip(&format!("service/{service}")));
+            }
+            keep
+        });
+        for (service, pgid) in running {
+            if registered.get(service) != Some(&pgid) {
+                note(guard.hold_group_while_spaced_lives(&format!("service/{service}"), pgid));
+                registered.insert(service.to_string(), pgid);
+            }
+        }
+        if let Some(e) = failure {
+            tracing::error!(error = %e, "fence guard unreachable: what services forked may outlive a killed spaced");
+        }
+    }
+
     /// Tells the guard the singleton is no longer held here.
     fn unguard(&self, name: &str) {
         if let Some(Some(g)) = self.guard.get()
@@ -281,6 +324,7 @@ pub(crate) async fn services_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last: Option<Vec<DesiredService>> = None;
+    let mut guarded = BTreeMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PASS_EVERY) => {}
@@ -314,13 +358,12 @@ pub(crate) async fn services_loop(
             }
             last = Some(desired);
         }
-        // Every pass: a restarted singleton has a new process group.
+        // Every pass: a restarted service has a new process group.
+        let backend = &inner.placements.placement_backend;
         if !singletons.is_empty() {
-            inner
-                .placements
-                .placement_backend
-                .guard_running(&singletons, &inner.placements.agent);
+            backend.guard_running(&singletons, &inner.placements.agent);
         }
+        backend.guard_services(&singletons, &mut guarded);
     }
     supervisor.shutdown().await;
 }
