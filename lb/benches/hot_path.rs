@@ -1,15 +1,16 @@
-//! Criterion benchmarks of the per-connection hot path: peek, backend choice, PROXY header, and splice relay throughput.
+//! Criterion benchmarks of the per-connection hot path: peek, backend choice, PROXY header, splice relay throughput, and small round trips spliced or copied.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use spaced_lb::maglev::{Maglev, hash_ip};
 use spaced_lb::peek::session_route;
 use spaced_lb::proxy_v2;
-use spaced_lb::relay::{PipePool, relay};
+use spaced_lb::relay::{COPY_BUFFER, PipePool, RelayCounters, relay, relay_counted};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -157,6 +158,139 @@ async fn relay_once(pool: &Arc<PipePool>, chunk: &[u8]) -> std::io::Result<Durat
     receive.await.map_err(std::io::Error::other)?
 }
 
+/// Size of the message each round trip of [`small_exchange`] sends and gets back.
+const EXCHANGE_BYTES: usize = 200;
+
+/// How the proxy of [`small_exchange`] moves bytes.
+#[derive(Clone, Copy)]
+enum Path {
+    /// The relay as the balancer runs it: small messages are copied.
+    Relay,
+    /// The relay after a first exchange of [`COPY_BUFFER`] bytes each way
+    /// switched both directions to splice.
+    Spliced,
+    /// tokio's `copy_bidirectional` through 64 KiB user-space buffers.
+    TokioCopy,
+}
+
+/// client ⇄ proxy ⇄ echo backend on loopback, all with `TCP_NODELAY` as in
+/// the balancer. Returns the client end.
+async fn exchange_path(path: Path, pool: Arc<PipePool>) -> std::io::Result<TcpStream> {
+    let front = TcpListener::bind("127.0.0.1:0").await?;
+    let back = TcpListener::bind("127.0.0.1:0").await?;
+    let back_addr = back.local_addr()?;
+    tokio::spawn(async move {
+        let (mut echo, _) = back.accept().await?;
+        echo.set_nodelay(true)?;
+        let (mut from, mut to) = echo.split();
+        tokio::io::copy(&mut from, &mut to).await
+    });
+    let (mut client, accepted) =
+        tokio::try_join!(TcpStream::connect(front.local_addr()?), async {
+            front.accept().await.map(|(stream, _)| stream)
+        })?;
+    let upstream = TcpStream::connect(back_addr).await?;
+    for stream in [&client, &accepted, &upstream] {
+        stream.set_nodelay(true)?;
+    }
+    let spliced = Arc::new(RelayCounters::default());
+    let counted = Arc::clone(&spliced);
+    tokio::spawn(async move {
+        match path {
+            Path::Relay | Path::Spliced => {
+                let copied = RelayCounters::default();
+                let idle = Duration::from_secs(300);
+                relay_counted(accepted, upstream, &pool, idle, &counted, &copied)
+                    .await
+                    .map(|_| ())
+                    .map_err(std::io::Error::other)
+            }
+            Path::TokioCopy => {
+                let (mut accepted, mut upstream) = (accepted, upstream);
+                tokio::io::copy_bidirectional_with_sizes(
+                    &mut accepted,
+                    &mut upstream,
+                    64 << 10,
+                    64 << 10,
+                )
+                .await
+                .map(|_| ())
+            }
+        }
+    });
+    if let Path::Spliced = path {
+        // A direction switches once one read fills its buffer; a read can
+        // come up short, so exchange until both directions splice.
+        let bulk = vec![0x5au8; 4 * COPY_BUFFER];
+        let mut back = vec![0u8; bulk.len()];
+        let both = || {
+            spliced.client_to_backend.load(Ordering::Relaxed) > 0
+                && spliced.backend_to_client.load(Ordering::Relaxed) > 0
+        };
+        for _ in 0..100 {
+            if both() {
+                break;
+            }
+            client.write_all(&bulk).await?;
+            client.read_exact(&mut back).await?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if !both() {
+            return Err(std::io::Error::other("the relay never switched to splice"));
+        }
+    }
+    Ok(client)
+}
+
+/// Where splice does not pay: a request-sized message and its echo per
+/// round trip, through the relay as it runs (copying small messages), the
+/// relay forced to splice, and tokio's copy (client and echo backend costs
+/// are the same on all paths).
+fn small_exchange(c: &mut Criterion) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => panic!("building the tokio runtime: {error}"),
+    };
+    let pool = Arc::new(PipePool::new(8, 1 << 20));
+    let mut group = c.benchmark_group("round_trip_200B");
+    for (name, path) in [
+        ("relay", Path::Relay),
+        ("splice", Path::Spliced),
+        ("copy", Path::TokioCopy),
+    ] {
+        let client = match runtime.block_on(exchange_path(path, Arc::clone(&pool))) {
+            Ok(client) => Arc::new(tokio::sync::Mutex::new(client)),
+            Err(error) => panic!("setting up the {name} path: {error}"),
+        };
+        group.bench_function(name, |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let client = Arc::clone(&client);
+                async move {
+                    let mut client = client.lock().await;
+                    let message = [0x42u8; EXCHANGE_BYTES];
+                    let mut echoed = [0u8; EXCHANGE_BYTES];
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let round = async {
+                            client.write_all(&message).await?;
+                            client.read_exact(&mut echoed).await
+                        };
+                        if let Err(error) = round.await {
+                            panic!("{name} round trip failed: {error}");
+                        }
+                    }
+                    start.elapsed()
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 fn relay_throughput(c: &mut Criterion) {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -234,6 +368,7 @@ criterion_group!(
     maglev,
     proxy_header,
     choice,
-    relay_throughput
+    relay_throughput,
+    small_exchange
 );
 criterion_main!(benches);

@@ -330,6 +330,7 @@ impl Balancer {
             }
             self.stats
                 .copied
+                .client_to_backend
                 .fetch_add(header.len() as u64, Ordering::Relaxed);
         }
         match relay_counted(
@@ -338,6 +339,7 @@ impl Balancer {
             &self.pool,
             self.config.idle_timeout,
             &self.stats.spliced,
+            &self.stats.copied,
         )
         .await
         {

@@ -33,8 +33,9 @@ pub struct LbStats {
     pub drain_cut: AtomicU64,
     /// Bytes moved by splice(2), each way, updated as they move.
     pub spliced: RelayCounters,
-    /// Bytes written from user space (PROXY protocol headers).
-    pub copied: AtomicU64,
+    /// Bytes written from user space, each way: small messages (the relay
+    /// copies until a read fills its buffer) and PROXY protocol headers.
+    pub copied: RelayCounters,
 }
 
 /// Reads an atomic counter.
@@ -57,7 +58,7 @@ pub struct Rendered<'a> {
 /// Appends Prometheus text for all `balancers`, one HELP/TYPE block per metric.
 pub fn render_prometheus(balancers: &[Rendered<'_>], out: &mut String) {
     type Field = fn(&LbStats) -> u64;
-    let scalar: [(&str, &str, &str, Field); 12] = [
+    let scalar: [(&str, &str, &str, Field); 11] = [
         (
             "spaced_lb_connections_total",
             "counter",
@@ -124,12 +125,6 @@ pub fn render_prometheus(balancers: &[Rendered<'_>], out: &mut String) {
             "Connections cut at the end of a drain's grace period.",
             |s| get(&s.drain_cut),
         ),
-        (
-            "spaced_lb_copy_bytes_total",
-            "counter",
-            "Bytes written from user space (PROXY protocol headers).",
-            |s| get(&s.copied),
-        ),
     ];
     for (name, kind, help, field) in scalar {
         header(out, name, kind, help);
@@ -158,23 +153,32 @@ pub fn render_prometheus(balancers: &[Rendered<'_>], out: &mut String) {
         );
     }
 
-    header(
-        out,
-        "spaced_lb_splice_bytes_total",
-        "counter",
-        "Bytes moved by splice(2), by direction.",
-    );
-    for b in balancers {
-        for (direction, counter) in [
-            ("client_to_backend", &b.stats.spliced.client_to_backend),
-            ("backend_to_client", &b.stats.spliced.backend_to_client),
-        ] {
-            let _ = writeln!(
-                out,
-                "spaced_lb_splice_bytes_total{{listener=\"{}\",direction=\"{direction}\"}} {}",
-                b.listener,
-                get(counter)
-            );
+    for (name, help, by) in [
+        (
+            "spaced_lb_splice_bytes_total",
+            "Bytes moved by splice(2), by direction.",
+            (|s| &s.spliced) as fn(&LbStats) -> &RelayCounters,
+        ),
+        (
+            "spaced_lb_copy_bytes_total",
+            "Bytes written from user space (small messages, PROXY headers), by direction.",
+            |s| &s.copied,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        for b in balancers {
+            let counters = by(b.stats);
+            for (direction, counter) in [
+                ("client_to_backend", &counters.client_to_backend),
+                ("backend_to_client", &counters.backend_to_client),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{listener=\"{}\",direction=\"{direction}\"}} {}",
+                    b.listener,
+                    get(counter)
+                );
+            }
         }
     }
 
@@ -253,6 +257,7 @@ mod tests {
             .spliced
             .backend_to_client
             .store(1234, Ordering::Relaxed);
+        stats.copied.client_to_backend.store(28, Ordering::Relaxed);
         let backends = Backends::new();
         backends.update(&[BackendSpec {
             name: "n\"2".into(),
@@ -272,6 +277,14 @@ mod tests {
         assert!(out.contains(
             "spaced_lb_splice_bytes_total{listener=\"10.0.0.1:80\",direction=\"backend_to_client\"} 1234\n"
         ));
+        assert!(out.contains(
+            "spaced_lb_copy_bytes_total{listener=\"10.0.0.1:80\",direction=\"client_to_backend\"} 28\n"
+        ));
+        assert_eq!(
+            out.matches("# TYPE spaced_lb_copy_bytes_total counter")
+                .count(),
+            1
+        );
         assert!(out.contains(
             "spaced_lb_backend_up{listener=\"10.0.0.1:80\",backend=\"n\\\"2\",addr=\"127.0.0.1:80\"} 1\n"
         ));

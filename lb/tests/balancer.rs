@@ -319,7 +319,8 @@ async fn many_concurrent_connections_are_relayed_intact() {
     let s = lb.stats();
     assert_eq!(s.accepted.load(Ordering::Relaxed), 200);
     assert_eq!(
-        s.spliced.client_to_backend.load(Ordering::Relaxed),
+        s.spliced.client_to_backend.load(Ordering::Relaxed)
+            + s.copied.client_to_backend.load(Ordering::Relaxed),
         200 * 64 * 1024
     );
     let per_backend: Vec<u64> = lb.backends().snapshot().iter().map(|b| b.total()).collect();
@@ -535,5 +536,19 @@ async fn proxy_protocol_v2_tells_the_backend_who_the_client_is() {
         .unwrap();
     let (_, client) = line.trim_end().split_once(' ').unwrap();
     assert_eq!(client, me.to_string());
-    assert!(lb.stats().copied.load(Ordering::Relaxed) > 0);
+    // The header is written from user space; the backend's short line is copied, not spliced.
+    let stats = lb.stats();
+    assert_eq!(
+        stats.copied.client_to_backend.load(Ordering::Relaxed),
+        spaced_lb::proxy_v2::encode(me, addr).len() as u64
+    );
+    let line_len = line.len() as u64;
+    timeout(STEP, async {
+        while stats.copied.backend_to_client.load(Ordering::Relaxed) != line_len {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(stats.spliced.backend_to_client.load(Ordering::Relaxed), 0);
 }

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spaced_lb::relay::{PipePool, RelayError, RelayStats, relay};
+use spaced_lb::relay::{
+    COPY_BUFFER, PipePool, RelayCounters, RelayError, RelayStats, relay, relay_counted,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -276,6 +278,127 @@ async fn message_without_fin_through_tiny_pipes_arrives_whole() {
         client.read_exact(&mut answer).await.unwrap();
         assert_eq!(&answer, b"done");
     }
+}
+
+/// Waits until `counter` reads `want`: the relay counts a byte right after
+/// the call that delivered it returns, so the peer may see it first.
+async fn counted(counter: &std::sync::atomic::AtomicU64, want: usize, what: &str) {
+    let read = || counter.load(std::sync::atomic::Ordering::Relaxed);
+    let settled = timeout(Duration::from_secs(5), async {
+        while read() != want as u64 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "{what}: counted {} bytes, expected {want}",
+        read()
+    );
+}
+
+#[tokio::test]
+async fn small_messages_are_copied_until_a_read_fills_the_buffer() {
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = TcpStream::connect(front.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = front.accept().await.unwrap();
+    let upstream = TcpStream::connect(back.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut server, _) = back.accept().await.unwrap();
+
+    // A bulk first message, all queued before the relay starts: its first
+    // read fills the copy buffer, so exactly that much is copied and the
+    // rest of the stream is spliced.
+    let bulk: Vec<u8> = (0..64 << 10).map(|i: usize| (i % 241) as u8).collect();
+    client.write_all(&bulk).await.unwrap();
+    let mut probe = vec![0u8; COPY_BUFFER];
+    timeout(Duration::from_secs(5), async {
+        while accepted.peek(&mut probe).await.unwrap() < COPY_BUFFER {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .unwrap();
+
+    let counters = Arc::new((RelayCounters::default(), RelayCounters::default()));
+    let relay_counters = counters.clone();
+    let relay_task = tokio::spawn(async move {
+        let pool = PipePool::new(2, 1 << 20);
+        let (spliced, copied) = &*relay_counters;
+        relay_counted(
+            accepted,
+            upstream,
+            &pool,
+            Duration::from_secs(30),
+            spliced,
+            copied,
+        )
+        .await
+    });
+    let (spliced, copied) = &*counters;
+    let mut got = vec![0u8; bulk.len()];
+    server.read_exact(&mut got).await.unwrap();
+    assert!(got == bulk, "bulk message corrupted");
+    counted(
+        &spliced.client_to_backend,
+        bulk.len() - COPY_BUFFER,
+        "spliced up",
+    )
+    .await;
+    counted(&copied.client_to_backend, COPY_BUFFER, "copied up").await;
+
+    // The other direction starts small: copied, nothing spliced.
+    server.write_all(b"a short answer").await.unwrap();
+    let mut answer = [0u8; 14];
+    client.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"a short answer");
+    counted(&copied.backend_to_client, answer.len(), "copied down").await;
+    // Once spliced, a direction stays spliced, however small the message.
+    client.write_all(b"tiny").await.unwrap();
+    let mut tiny = [0u8; 4];
+    server.read_exact(&mut tiny).await.unwrap();
+    assert_eq!(&tiny, b"tiny");
+    counted(
+        &spliced.client_to_backend,
+        bulk.len() - COPY_BUFFER + 4,
+        "spliced up",
+    )
+    .await;
+    assert_eq!(
+        copied
+            .client_to_backend
+            .load(std::sync::atomic::Ordering::Relaxed),
+        COPY_BUFFER as u64
+    );
+    assert_eq!(
+        spliced
+            .backend_to_client
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // EOF is forwarded from the copy phase too; the totals add both ways of moving.
+    server.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    client.shutdown().await.unwrap();
+    let stats = timeout(Duration::from_secs(5), relay_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stats,
+        RelayStats {
+            client_to_backend: bulk.len() as u64 + 4,
+            backend_to_client: 14,
+        }
+    );
 }
 
 /// Echo backend: every connection gets back what it sent, then EOF.
