@@ -242,11 +242,8 @@ async fn exchange_path(path: Path, pool: Arc<PipePool>) -> std::io::Result<TcpSt
     Ok(client)
 }
 
-/// Where splice does not pay: a request-sized message and its echo per
-/// round trip, through the relay as it runs (copying small messages), the
-/// relay forced to splice, and tokio's copy (client and echo backend costs
-/// are the same on all paths).
-fn small_exchange(c: &mut Criterion) {
+/// The runtime (two workers, as on the 2-core machine) and pipe pool the relay benches share.
+fn relay_setup() -> (tokio::runtime::Runtime, Arc<PipePool>) {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -255,7 +252,15 @@ fn small_exchange(c: &mut Criterion) {
         Ok(runtime) => runtime,
         Err(error) => panic!("building the tokio runtime: {error}"),
     };
-    let pool = Arc::new(PipePool::new(8, 1 << 20));
+    (runtime, Arc::new(PipePool::new(8, 1 << 20)))
+}
+
+/// Where splice does not pay: a request-sized message and its echo per
+/// round trip, through the relay as it runs (copying small messages), the
+/// relay forced to splice, and tokio's copy (client and echo backend costs
+/// are the same on all paths).
+fn small_exchange(c: &mut Criterion) {
+    let (runtime, pool) = relay_setup();
     let mut group = c.benchmark_group("round_trip_200B");
     for (name, path) in [
         ("relay", Path::Relay),
@@ -292,15 +297,7 @@ fn small_exchange(c: &mut Criterion) {
 }
 
 fn relay_throughput(c: &mut Criterion) {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => panic!("building the tokio runtime: {error}"),
-    };
-    let pool = Arc::new(PipePool::new(8, 1 << 20));
+    let (runtime, pool) = relay_setup();
     let chunk = vec![0x5au8; 256 << 10];
 
     let mut group = c.benchmark_group("relay");

@@ -2,8 +2,9 @@
 //!
 //! * [`relay`] — the data path: once a client connection has been accepted
 //!   and a backend connection opened, [`relay::relay`] moves the bytes both
-//!   ways with `splice(2)` through kernel pipes (taken from a
-//!   [`relay::PipePool`]), so payload never enters user space. It propagates
+//!   ways: small messages are copied (cheaper for them), and once a read
+//!   fills the copy buffer the stream goes by `splice(2)` through kernel
+//!   pipes (taken from a [`relay::PipePool`]) and never enters user space. It propagates
 //!   half-close, enforces an idle timeout and closes both sides on any error.
 //! * [`backend`] — the backend set, its live state and the balancing policies.
 //! * [`balancer`] — a listener's accept loop, connect with redispatch, health
