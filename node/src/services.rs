@@ -329,6 +329,10 @@ pub(crate) async fn services_loop(
         tokio::select! {
             _ = tokio::time::sleep(PASS_EVERY) => {}
             _ = wake.notified() => {}
+            // A restarted service has a new process group: the guard learns it now, not at
+            // the next pass (a spaced stopped in between would leave a restarted singleton
+            // unfenced, running past its lease).
+            () = supervisor.started() => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
         let held = inner.placements.agent.active_epochs();

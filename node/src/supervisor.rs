@@ -39,7 +39,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{error, info, warn};
@@ -597,6 +597,8 @@ struct Shared {
     statuses: Mutex<BTreeMap<String, ServiceStatus>>,
     /// The node's own metrics registry; `None` uses the global `metrics` recorder.
     recorder: Option<Arc<dyn Recorder + Send + Sync>>,
+    /// Signalled after every start, once `status()` shows the new pid.
+    started: Notify,
 }
 
 impl Shared {
@@ -688,6 +690,7 @@ impl Supervisor {
             spawner,
             statuses: Mutex::default(),
             recorder,
+            started: Notify::new(),
         });
         shared.with_recorder(|| {
             metrics::describe_counter!(
@@ -802,6 +805,13 @@ impl Supervisor {
     /// Lets `set_desired` start `name` again after [`kill_now`](Self::kill_now) (a new lease).
     pub async fn unfence(&self, name: &str) {
         self.inner.control.lock().await.fenced.remove(name);
+    }
+
+    /// Completes after the supervisor started a process (a first start or a restart), once
+    /// [`status`](Self::status) shows its pid. A start while nobody waits is remembered, so
+    /// a caller that checks the status and then waits misses none.
+    pub async fn started(&self) {
+        self.inner.shared.started.notified().await;
     }
 
     /// Every known service: the desired ones, those stopped by `stop_now`, rejected entries.
@@ -1062,6 +1072,7 @@ impl ServiceRun {
         if !has_check {
             self.up.set(1.0);
         }
+        self.shared.started.notify_one();
         Ok(Live {
             child,
             group: ProcessGroup::of(pid),
@@ -1252,6 +1263,7 @@ async fn run_health_check(shared: Arc<Shared>, spec: DesiredService) -> Result<(
 mod tests {
     use super::*;
     use std::path::Path;
+    use tokio::time::timeout;
 
     // ---- pure parts ----
 
@@ -1604,6 +1616,39 @@ mod tests {
             text.contains("spaced_service_up{service=\"web\"} 0"),
             "{text}"
         );
+    }
+
+    /// What the services loop relies on to tell the fence guard a restarted service's new
+    /// process group at once: every start is signalled, after `status()` shows the new pid.
+    #[tokio::test]
+    async fn every_start_is_signalled_with_its_pid_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = Supervisor::start(test_config(dir.path())).unwrap();
+        sup.set_desired(vec![service("web", "exec sleep 1000")])
+            .await
+            .unwrap();
+        timeout(LONG, sup.started())
+            .await
+            .expect("first start signalled");
+        let first = status_of(&sup, "web")
+            .and_then(|s| s.pid)
+            .expect("pid shown at the signal");
+        // Nothing else starts: no signal.
+        assert!(
+            timeout(Duration::from_millis(300), sup.started())
+                .await
+                .is_err()
+        );
+        nix::sys::signal::kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+        timeout(LONG, sup.started())
+            .await
+            .expect("restart signalled");
+        let second = status_of(&sup, "web")
+            .and_then(|s| s.pid)
+            .expect("new pid shown at the signal");
+        assert_ne!(second, first);
+        assert!(alive(second));
+        sup.shutdown().await;
     }
 
     #[tokio::test]
