@@ -657,6 +657,31 @@ fn services_run_where_scoped_restart_when_killed_and_a_singleton_moves_on_sigkil
     let rows: Value =
         serde_json::from_str(&lab.ctl_ok(&survivor, &["singleton", "list", "--json"])?)?;
     assert_eq!(rows[0]["owner_name"], starts[1].0.as_str(), "{rows}");
+
+    // `singleton move`: the owner stops it gracefully, then the target starts it at a new epoch.
+    let name = rows[0]["name"].as_str().context("singleton name")?;
+    let target = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != owner_name && *n != starts[1].0)
+        .context("a third node")?;
+    lab.ctl_ok(&survivor, &["singleton", "move", name, "--to", target])?;
+    wait_until(Duration::from_secs(30), "the singleton moved", || {
+        let starts = singleton_starts(&log);
+        Ok(starts.len() == 3 && pid_alive(starts[2].2))
+    })?;
+    let starts = singleton_starts(&log);
+    assert_eq!(starts[2].0, target, "{starts:?}");
+    assert!(starts[2].1 > starts[1].1, "{starts:?}");
+    assert!(!pid_alive(starts[1].2), "the old owner stopped it");
+    // It stays put: the old owner's stale desired set does not start it again.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = singleton_starts(&log);
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert_eq!(
+        after.iter().filter(|s| pid_alive(s.2)).count(),
+        1,
+        "{after:?}"
+    );
     Ok(())
 }
 

@@ -283,9 +283,9 @@ impl VipBackend for PlacementBackend {
                     if let Some(Some(g)) = guard.get() {
                         let _ = g.drop_vip(&name);
                     }
-                    // Stop gracefully, then fence so no desired set revives it without a lease.
-                    supervisor.stop_now(&service).await;
-                    supervisor.kill_now(&service).await;
+                    // Stop gracefully and fence in one step, so no desired set revives it
+                    // without a lease.
+                    supervisor.stop_and_fence(&service).await;
                     tracing::info!(singleton = %vip.name, %service, "singleton released");
                     Ok(())
                 })

@@ -780,24 +780,36 @@ impl Supervisor {
     /// it must be dead before its lease can be granted elsewhere). It stays stopped until a later
     /// `set_desired` includes it. Returns whether it was supervised.
     pub async fn stop_now(&self, name: &str) -> bool {
-        let mut control = self.inner.control.lock().await;
-        let Some(s) = control.supervised.remove(name) else {
-            return false;
-        };
-        stop_all(&self.inner.shared, vec![(name.to_string(), s)]).await;
-        true
+        self.stop_one(name, false, false).await
+    }
+
+    /// A graceful stop, as [`stop_now`](Self::stop_now), that also fences `name` as
+    /// [`kill_now`](Self::kill_now) does, in one step: no `set_desired` can start it again
+    /// between the stop and the fence (a singleton handed over on request).
+    pub async fn stop_and_fence(&self, name: &str) -> bool {
+        self.stop_one(name, true, false).await
     }
 
     /// Like [`stop_now`](Self::stop_now) without the grace: SIGKILL to the whole group at once.
     /// For fencing a singleton whose lease ran out, where waiting is not allowed.
     /// It stays fenced (never started, whatever `set_desired` asks) until [`unfence`](Self::unfence).
     pub async fn kill_now(&self, name: &str) -> bool {
+        self.stop_one(name, true, true).await
+    }
+
+    /// Stops `name` (without the grace if `hard`), fencing it first if `fence`, all under the
+    /// control lock; returns whether it was supervised.
+    async fn stop_one(&self, name: &str, fence: bool, hard: bool) -> bool {
         let mut control = self.inner.control.lock().await;
-        control.fenced.insert(name.to_string());
+        if fence {
+            control.fenced.insert(name.to_string());
+        }
         let Some(s) = control.supervised.remove(name) else {
             return false;
         };
-        s.hard.store(true, Ordering::SeqCst);
+        if hard {
+            s.hard.store(true, Ordering::SeqCst);
+        }
         stop_all(&self.inner.shared, vec![(name.to_string(), s)]).await;
         true
     }
@@ -1839,6 +1851,46 @@ mod tests {
             .unwrap();
         eventually("running again", LONG, || running_pid(&sup, "fenced")).await;
         assert!(sup.kill_now("fenced").await);
+    }
+
+    #[tokio::test]
+    async fn stop_and_fence_stops_gracefully_and_stays_stopped_until_unfenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = Supervisor::start(test_config(dir.path())).unwrap();
+        let termed = dir.path().join("termed");
+        let starts = dir.path().join("starts");
+        // Counts its starts and records the SIGTERM it gets: a graceful stop, not a SIGKILL.
+        let script = format!(
+            "echo start >> {}; trap 'echo term > {}; exit 0' TERM; sleep 1000 & wait",
+            starts.display(),
+            termed.display()
+        );
+        let desired = vec![service("handed", &script)];
+        sup.set_desired(desired.clone()).await.unwrap();
+        let pid = eventually("running", LONG, || running_pid(&sup, "handed")).await;
+        // The services loop may hand the supervisor its (stale) desired set at any moment.
+        let pusher = {
+            let (sup, desired) = (sup.clone(), desired.clone());
+            tokio::spawn(async move {
+                loop {
+                    let _ = sup.set_desired(desired.clone()).await;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        };
+        assert!(sup.stop_and_fence("handed").await);
+        assert!(!alive(pid));
+        assert_eq!(std::fs::read_to_string(&termed).unwrap().trim(), "term");
+        // Fenced from the moment it stopped: the desired set never revived it...
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pusher.abort();
+        assert!(running_pid(&sup, "handed").is_none());
+        assert_eq!(std::fs::read_to_string(&starts).unwrap().lines().count(), 1);
+        // ...until a new lease unfences it.
+        sup.unfence("handed").await;
+        sup.set_desired(desired).await.unwrap();
+        eventually("running again", LONG, || running_pid(&sup, "handed")).await;
+        sup.shutdown().await;
     }
 
     #[tokio::test]
