@@ -137,6 +137,28 @@ impl Fabric {
         spacectl_stdout(cmd, args)
     }
 
+    /// Runs spacectl from the client namespace; the whole outcome, failure included.
+    fn ctl_output(&self, endpoint: &str, args: &[&str]) -> Result<std::process::Output> {
+        let mut cmd = self
+            .lab
+            .command_in(&self.lab.client().ns, binary("spacectl")?);
+        cmd.env("SPACED_ENDPOINT", endpoint)
+            .env("SPACED_PKI", &self.pki)
+            .args(args)
+            .stdin(std::process::Stdio::null());
+        Ok(cmd.output()?)
+    }
+
+    /// The `vip list --json` entry of `name`, from any host that answers.
+    fn vip_entry(&self, name: &str) -> Option<Value> {
+        let s = self.any_status(None).ok()?;
+        s["vips"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
+    }
+
     fn status(&self, endpoint: &str) -> Result<Value> {
         Ok(serde_json::from_str(
             &self.ctl(endpoint, &["status", "--json"])?,
@@ -589,6 +611,133 @@ fn bad_vip_config_is_refused_at_start() -> Result<()> {
                 .any(|a| a.to_string().starts_with("192.0.2."))
         );
     }
+    Ok(())
+}
+
+/// Nodes named in a VIP entry's `refused` list.
+fn refusers(entry: &Value) -> Vec<u64> {
+    entry["refused"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r["node"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn vip_add_is_checked_on_the_nodes_and_a_node_that_cannot_hold_it_gives_it_back() -> Result<()> {
+    let _serial = one_lab();
+    let Some(f) = Fabric::start(&[&["ha"], &["ha"], &["ha"]])? else {
+        return Ok(());
+    };
+    let h1 = f.endpoint(1);
+    let prefix = f.lab.subnet_prefix().to_string();
+    let add = |name: &str, address: &str, interface: &str| {
+        f.ctl_output(
+            &h1,
+            &[
+                "vip",
+                "add",
+                "--name",
+                name,
+                "--address",
+                address,
+                "--interface",
+                interface,
+                "--roles",
+                "ha",
+            ],
+        )
+    };
+    // No node has the interface, or the address is outside every subnet: refused with each
+    // node's reason, and nothing is added.
+    let free = format!("{}/{prefix}", f.lab.free_ip(0));
+    for (address, interface, expect) in [
+        (free.as_str(), "eth9", "eth9"),
+        ("192.0.2.10/24", "eth0", "outside every subnet"),
+    ] {
+        let out = add("bad", address, interface)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{address} on {interface} was added");
+        assert!(
+            err.contains("not added") && err.contains("n1: ") && err.contains(expect),
+            "{err}"
+        );
+    }
+    assert!(
+        f.vip_entry("bad").is_none(),
+        "a refused VIP is in the fabric"
+    );
+
+    // Only n3 has the interface and subnet (a veth pair inside its namespace). The planner's
+    // first choice, n2, cannot add the address: it gives the VIP back with its reason and n3
+    // gets it, for good.
+    let ns3 = f.lab.host(3).ns.clone();
+    f.lab.run_in(
+        &ns3,
+        &[
+            "ip", "link", "add", "side0", "type", "veth", "peer", "name", "side1",
+        ],
+    )?;
+    f.lab.run_in(
+        &ns3,
+        &["ip", "addr", "add", "198.51.100.1/24", "dev", "side0"],
+    )?;
+    f.lab.run_in(&ns3, &["ip", "link", "set", "side1", "up"])?;
+    f.lab.run_in(&ns3, &["ip", "link", "set", "side0", "up"])?;
+    let out = add("side", "198.51.100.50/24", "side0")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("node n1 cannot hold it") && err.contains("node n2 cannot hold it"),
+        "{err}"
+    );
+    f.wait(Duration::from_secs(20), "side placed on n3", |f| {
+        Ok(f.vip_owner("side", None) == Some(3))
+    })?;
+    f.wait(Duration::from_secs(5), "address up on n3", |f| {
+        Ok(f.lab
+            .run_in(&ns3, &["ip", "-o", "addr", "show", "dev", "side0"])?
+            .contains("198.51.100.50/24"))
+    })?;
+    let entry = f.vip_entry("side").context("side listed")?;
+    assert_eq!(refusers(&entry), [2], "{entry}");
+    let reason = entry["refused"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("side0"), "{entry}");
+    let epoch = entry["epoch"].as_u64();
+    std::thread::sleep(Duration::from_secs(2));
+    let later = f.vip_entry("side").context("side listed")?;
+    assert_eq!(
+        (later["owner"].as_u64(), later["epoch"].as_u64()),
+        (Some(3), epoch),
+        "the VIP moved on: {later}"
+    );
+    let listed = f.ctl(&h1, &["vip", "list"])?;
+    assert!(
+        listed.contains("side: refused by n2 (2)") && listed.contains("passed over for now"),
+        "{listed}"
+    );
+
+    // n3 dies: the others cannot hold the VIP, so it stays unowned with their reasons instead
+    // of cycling through them.
+    f.procs[2]
+        .as_ref()
+        .context("n3 process")?
+        .signal(Signal::SIGKILL)?;
+    f.wait(
+        Duration::from_secs(20),
+        "side unowned, refused by n1 and n2",
+        |f| {
+            Ok(f.vip_entry("side")
+                .is_some_and(|e| e["owner"].is_null() && refusers(&e) == [1, 2]))
+        },
+    )?;
+    let before = f.vip_entry("side").context("side listed")?["epoch"].as_u64();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = f.vip_entry("side").context("side listed")?;
+    assert_eq!(
+        after["epoch"].as_u64(),
+        before,
+        "the VIP kept cycling: {after}"
+    );
     Ok(())
 }
 

@@ -122,6 +122,43 @@ pub struct SingletonRow {
     pub owner_name: Option<String>,
     /// Fencing epoch (`SPACED_EPOCH` of the running instance).
     pub epoch: u64,
+    /// Nodes that gave it back because they could not run it, and why.
+    pub refused: Vec<RefusalRow>,
+}
+
+/// A node that gave a placement back because it could not hold it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RefusalRow {
+    /// Node id.
+    pub node: NodeId,
+    /// Node name, while it is registered.
+    pub node_name: Option<String>,
+    /// What went wrong on it.
+    pub reason: String,
+    /// When, ms since the Unix epoch (the node's clock).
+    pub at: u64,
+    /// Whether the planner still passes the node over for it (see `controller::REFUSAL_HOLD_MS`).
+    pub holding: bool,
+}
+
+impl RefusalRow {
+    /// The refusals recorded on `p`, as of `now`.
+    pub fn of(
+        f: &spaced_raft::fabric::Fabric,
+        p: &spaced_raft::fabric::Placement,
+        now: u64,
+    ) -> Vec<RefusalRow> {
+        p.refused
+            .iter()
+            .map(|(node, r)| RefusalRow {
+                node: *node,
+                node_name: f.nodes.get(node).map(|n| n.name.clone()),
+                reason: r.reason.clone(),
+                at: r.at,
+                holding: crate::controller::refused_recently(p, *node, now),
+            })
+            .collect()
+    }
 }
 
 /// One VIP for `vip list` and `status`.
@@ -143,6 +180,8 @@ pub struct VipRow {
     pub epoch: u64,
     /// On the leader: ms until it may reassign (the owner's lease ends before that).
     pub lease_ms: Option<u64>,
+    /// Nodes that gave it back because they could not hold it, and why.
+    pub refused: Vec<RefusalRow>,
 }
 
 /// How a node describes one member in `Status`.
@@ -230,6 +269,12 @@ pub enum AdminReply {
     Singletons(Vec<SingletonRow>),
     /// A VIP moved; its new epoch.
     Moved(u64),
+    /// A VIP was added; these eligible nodes (name, why) said they could not hold it, so it is
+    /// not placed there.
+    VipAdded {
+        /// Node name and its reason.
+        cannot: Vec<(String, String)>,
+    },
     /// Only the leader does that; here is where it is.
     NotLeader {
         /// Leader id, if known.

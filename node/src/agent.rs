@@ -47,6 +47,10 @@ pub trait VipBackend: Send + Sync + 'static {
     fn release_gracefully(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
         self.release(vip)
     }
+    /// Whether this host could hold the VIP (interface, subnet, capabilities); changes nothing.
+    fn check(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
     /// Offsets after acquiring at which to announce again.
     fn announce_schedule(&self) -> Vec<Duration> {
         Vec::new()
@@ -299,8 +303,11 @@ impl Agent {
         step
     }
 
-    /// Carries out the host side of a step (fences first).
-    pub async fn execute(&self, step: &Step) {
+    /// Carries out the host side of a step (fences first). Returns the placements that could not
+    /// be taken (already fenced and held down here) with the error, for the caller to give back
+    /// with a refusal.
+    pub async fn execute(&self, step: &Step) -> Vec<(Held, String)> {
+        let mut failed = Vec::new();
         for vip in &step.fence {
             match self.backend.release(vip.clone()).await {
                 Ok(()) => {
@@ -319,10 +326,11 @@ impl Agent {
                 Err(e) => {
                     // Stop renewing it: the leader sees the lease lapse and grants it elsewhere,
                     // rather than leaving the VIP with a node that cannot serve it.
-                    tracing::error!(vip = %vip.name, epoch, error = %e, "could not take over VIP; letting its lease lapse");
+                    tracing::error!(vip = %vip.name, epoch, error = %e, "could not take over VIP; giving it back");
                     if let Err(e) = self.fence_and_hold(&vip.name, *epoch).await {
                         tracing::error!(vip = %vip.name, error = %e, "could not clean up after a failed takeover");
                     }
+                    failed.push(((vip.name.clone(), *epoch), e));
                 }
             }
         }
@@ -334,6 +342,7 @@ impl Agent {
                 tracing::warn!(vip = %vip.name, error = %e, "announcement failed");
             }
         }
+        failed
     }
 
     /// The leader answered `renewal` with `confirmed`.
@@ -513,7 +522,9 @@ mod tests {
         let r = agent.plan_step(&owned, t0).renewal.unwrap();
         agent.confirmed(&r, &[("cluster".into(), 2)]);
         let s = agent.plan_step(&owned, t0 + Duration::from_millis(1));
-        agent.execute(&s).await;
+        let failed = agent.execute(&s).await;
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, ("cluster".to_string(), 2));
         assert!(agent.active_names().is_empty());
         // Later steps neither retry nor renew it at that epoch.
         let s = agent.plan_step(&owned, t0 + Duration::from_millis(200));

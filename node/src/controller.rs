@@ -13,7 +13,20 @@ pub fn eligible(fabric: &Fabric, p: &Placement, node: NodeId) -> bool {
     })
 }
 
-/// The best holder for `p` among `live` nodes, excluding `not`: fewest placements held, then a
+/// How long a node that refused a placement (see [`Command::RefusePlacement`]) is passed over for
+/// it. After that it is tried again, so a host fixed by its operator takes the placement back
+/// without a restart, at the cost of one grant and refusal per minute while it is still broken.
+pub const REFUSAL_HOLD_MS: Millis = 60_000;
+
+/// Whether `node` refused `p` less than [`REFUSAL_HOLD_MS`] before `now`.
+pub fn refused_recently(p: &Placement, node: NodeId, now: Millis) -> bool {
+    p.refused
+        .get(&node)
+        .is_some_and(|r| now.saturating_sub(r.at) < REFUSAL_HOLD_MS)
+}
+
+/// The best holder for `p` among `live` nodes, excluding `not` and nodes that refused it recently:
+/// fewest placements held, then a
 /// node other than the Raft leader (a crash then costs one failover, not an election plus one),
 /// then the lowest id.
 fn choose(
@@ -22,6 +35,7 @@ fn choose(
     live: &BTreeSet<NodeId>,
     leader: NodeId,
     not: Option<NodeId>,
+    now: Millis,
 ) -> Option<NodeId> {
     let mut load: BTreeMap<NodeId, usize> = BTreeMap::new();
     for q in fabric.placements.values() {
@@ -31,7 +45,7 @@ fn choose(
     }
     live.iter()
         .copied()
-        .filter(|n| Some(*n) != not && eligible(fabric, p, *n))
+        .filter(|n| Some(*n) != not && eligible(fabric, p, *n) && !refused_recently(p, *n, now))
         .min_by_key(|n| (load.get(n).copied().unwrap_or(0), *n == leader, *n))
 }
 
@@ -41,13 +55,17 @@ fn choose(
 /// - owner whose lease has certainly run out (`expired`, from a silent majority) → grant elsewhere, or
 ///   take it back (owner none) when nobody else is eligible;
 /// - a live owner keeps its placement: no automatic failback;
-/// - `prefer` names the node an operator asked a placement to move to.
+/// - a node that refused a placement less than [`REFUSAL_HOLD_MS`] before `now` is passed over;
+///   when every eligible live node has, the placement stays unowned;
+/// - `prefer` names the node an operator asked a placement to move to (a recent refusal does not
+///   stop that: the operator asks for a new try).
 pub fn plan(
     fabric: &Fabric,
     live: &BTreeSet<NodeId>,
     leader: NodeId,
     expired: &BTreeSet<String>,
     prefer: &BTreeMap<String, NodeId>,
+    now: Millis,
 ) -> Vec<Command> {
     let mut out = Vec::new();
     for (name, p) in &fabric.placements {
@@ -58,7 +76,7 @@ pub fn plan(
                     .get(name)
                     .copied()
                     .filter(|n| live.contains(n) && eligible(fabric, p, *n));
-                if let Some(to) = preferred.or_else(|| choose(fabric, p, live, leader, None)) {
+                if let Some(to) = preferred.or_else(|| choose(fabric, p, live, leader, None, now)) {
                     out.push(Command::GrantPlacement {
                         name: name.clone(),
                         to,
@@ -72,7 +90,7 @@ pub fn plan(
                 if !expired.contains(name) {
                     continue;
                 }
-                match choose(fabric, p, live, leader, Some(owner)) {
+                match choose(fabric, p, live, leader, Some(owner), now) {
                     Some(to) => out.push(Command::GrantPlacement {
                         name: name.clone(),
                         to,
@@ -138,6 +156,7 @@ mod tests {
                     eligible_roles: roles.iter().map(|r| r.to_string()).collect(),
                     owner: *owner,
                     epoch: *epoch,
+                    refused: BTreeMap::new(),
                 },
             );
         }
@@ -255,7 +274,7 @@ mod tests {
                 BTreeSet::new()
             };
             assert_eq!(
-                plan(&f, &live(&alive), leader, &expired, &BTreeMap::new()),
+                plan(&f, &live(&alive), leader, &expired, &BTreeMap::new(), 0),
                 expected,
                 "case: {what}"
             );
@@ -270,9 +289,12 @@ mod tests {
             &[(1, &["ha"]), (2, &["ha"])],
             &[("cluster", &["ha"], Some(9), 3)],
         );
-        assert_eq!(plan(&f, &live(&[1, 2]), 1, &none, &BTreeMap::new()), vec![]);
         assert_eq!(
-            plan(&f, &live(&[1, 2]), 1, &expired, &BTreeMap::new()),
+            plan(&f, &live(&[1, 2]), 1, &none, &BTreeMap::new(), 0),
+            vec![]
+        );
+        assert_eq!(
+            plan(&f, &live(&[1, 2]), 1, &expired, &BTreeMap::new(), 0),
             vec![grant("cluster", 2, 3)]
         );
         f.apply(&Command::SetAdminState {
@@ -281,7 +303,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            plan(&f, &live(&[1, 2]), 1, &expired, &BTreeMap::new()),
+            plan(&f, &live(&[1, 2]), 1, &expired, &BTreeMap::new(), 0),
             vec![grant("cluster", 1, 3)]
         );
         // An operator's move target wins over the usual choice.
@@ -293,8 +315,115 @@ mod tests {
         f.placements.get_mut("cluster").unwrap().owner = None;
         let prefer: BTreeMap<String, NodeId> = [("cluster".to_string(), 1)].into();
         assert_eq!(
-            plan(&f, &live(&[1, 2]), 2, &none, &prefer),
+            plan(&f, &live(&[1, 2]), 2, &none, &prefer, 0),
             vec![grant("cluster", 1, 3)]
+        );
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use spaced_raft::fabric::{PlacementKind, Refusal};
+
+    use super::*;
+
+    #[test]
+    fn a_node_that_refused_is_passed_over_until_the_hold_ends() {
+        let mut f = Fabric::default();
+        for id in 1..=3 {
+            f.apply(&Command::RegisterNode {
+                id,
+                name: format!("n{id}"),
+                raft_addr: format!("127.0.0.1:{}", 7000 + id),
+                mgmt_ip: None,
+                roles: ["ha".to_string()].into(),
+                at: 0,
+            })
+            .unwrap();
+        }
+        f.apply(&Command::AddPlacement {
+            name: "cluster".into(),
+            kind: PlacementKind::Vip {
+                address: "10.0.0.100/24".into(),
+                interface: "eth0".into(),
+            },
+            eligible_roles: ["ha".to_string()].into(),
+        })
+        .unwrap();
+        let live: BTreeSet<NodeId> = [1, 2, 3].into();
+        let none = BTreeSet::new();
+        let grant = |to: NodeId, e: u64| Command::GrantPlacement {
+            name: "cluster".into(),
+            to,
+            expected_epoch: e,
+        };
+        let refuse = |f: &mut Fabric, node: NodeId, at: Millis| {
+            let epoch = f.placements["cluster"].epoch;
+            f.apply(&grant(node, epoch)).unwrap();
+            f.apply(&Command::RefusePlacement {
+                name: "cluster".into(),
+                node,
+                epoch: epoch + 1,
+                reason: "no eth0 here".into(),
+                at,
+            })
+            .unwrap();
+        };
+        let t0: Millis = 1_000_000;
+        // Node 1 (lowest id) would be chosen; once it refused, node 2 is.
+        assert_eq!(
+            plan(&f, &live, 3, &none, &BTreeMap::new(), t0),
+            vec![grant(1, 0)]
+        );
+        refuse(&mut f, 1, t0);
+        assert_eq!(
+            plan(&f, &live, 3, &none, &BTreeMap::new(), t0),
+            vec![grant(2, 2)]
+        );
+        // Every eligible node refused: the placement stays unowned instead of cycling.
+        refuse(&mut f, 2, t0 + 10);
+        refuse(&mut f, 3, t0 + 20);
+        assert_eq!(plan(&f, &live, 3, &none, &BTreeMap::new(), t0 + 30), vec![]);
+        let p = &f.placements["cluster"];
+        assert_eq!(p.owner, None);
+        assert_eq!(
+            p.refused.get(&2),
+            Some(&Refusal {
+                reason: "no eth0 here".into(),
+                at: t0 + 10
+            })
+        );
+        // An operator's move is a new try, refusal or not.
+        let prefer: BTreeMap<String, NodeId> = [("cluster".to_string(), 3)].into();
+        assert_eq!(
+            plan(&f, &live, 3, &none, &prefer, t0 + 30),
+            vec![grant(3, 6)]
+        );
+        // After the hold the first refuser is tried again.
+        assert_eq!(
+            plan(
+                &f,
+                &live,
+                3,
+                &none,
+                &BTreeMap::new(),
+                t0 + REFUSAL_HOLD_MS - 1
+            ),
+            vec![]
+        );
+        assert_eq!(
+            plan(&f, &live, 3, &none, &BTreeMap::new(), t0 + REFUSAL_HOLD_MS),
+            vec![grant(1, 6)]
+        );
+        // An owner whose lease ran out is replaced only by a node that has not refused.
+        f.apply(&grant(1, 6)).unwrap();
+        let expired: BTreeSet<String> = ["cluster".to_string()].into();
+        assert_eq!(
+            plan(&f, &live, 3, &expired, &BTreeMap::new(), t0 + 40),
+            vec![Command::ReleasePlacement {
+                name: "cluster".into(),
+                epoch: 7
+            }]
         );
     }
 }

@@ -478,7 +478,37 @@ pub fn render_status(s: &StatusReport) -> String {
 
 fn vip_json(v: &crate::admin::VipRow) -> serde_json::Value {
     json!({"name": v.name, "address": v.address, "interface": v.interface, "roles": v.roles,
-           "owner": v.owner, "owner_name": v.owner_name, "epoch": v.epoch, "lease_ms": v.lease_ms})
+           "owner": v.owner, "owner_name": v.owner_name, "epoch": v.epoch, "lease_ms": v.lease_ms,
+           "refused": v.refused})
+}
+
+/// Lines under a placement table naming the nodes that gave a placement back, and why:
+/// `  cluster: refused by n2 (2) 12s ago, passed over for now: <reason>`.
+pub fn render_refusals<'a>(
+    placements: impl IntoIterator<Item = (&'a str, &'a [crate::admin::RefusalRow])>,
+    now_ms: u64,
+) -> String {
+    let mut out = String::new();
+    for (name, refused) in placements {
+        for r in refused {
+            let state = if r.holding {
+                "passed over for now"
+            } else {
+                "may be tried again"
+            };
+            out.push_str(&format!(
+                "  {name}: refused by {} {} ago, {state}: {}\n",
+                owner_cell(r.node_name.as_deref(), Some(r.node)),
+                age(now_ms, r.at),
+                r.reason
+            ));
+        }
+    }
+    if out.is_empty() {
+        out
+    } else {
+        format!("could not be held:\n{out}")
+    }
 }
 
 /// A placement's owner as one table cell: `name (id)`, the id alone, or `-`.
@@ -508,10 +538,15 @@ pub fn render_vips(vips: &[crate::admin::VipRow]) -> String {
             ]
         })
         .collect();
-    table(
+    let mut out = table(
         &["NAME", "ADDRESS", "IF", "ROLES", "OWNER", "EPOCH", "LEASE"],
         &rows,
-    )
+    );
+    out.push_str(&render_refusals(
+        vips.iter().map(|v| (v.name.as_str(), v.refused.as_slice())),
+        crate::daemon::now_millis(),
+    ));
+    out
 }
 
 /// The JSON form of `spacectl status`.
@@ -870,8 +905,13 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 roles: roles.clone(),
             };
             match mutate(&cli, v).await? {
-                AdminReply::Done => {
+                AdminReply::VipAdded { cannot } => {
                     println!("VIP {name} ({address} on {interface}) added");
+                    for (node, why) in cannot {
+                        eprintln!(
+                            "spacectl: warning: node {node} cannot hold it ({why}); it is not placed there"
+                        );
+                    }
                     Ok(())
                 }
                 other => Err(odd(other)),
@@ -1061,8 +1101,12 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     })
                     .collect();
                 print!(
-                    "{}",
-                    table(&["NAME", "SERVICE", "ROLES", "OWNER", "EPOCH"], &table_rows)
+                    "{}{}",
+                    table(&["NAME", "SERVICE", "ROLES", "OWNER", "EPOCH"], &table_rows),
+                    render_refusals(
+                        rows.iter().map(|r| (r.name.as_str(), r.refused.as_slice())),
+                        crate::daemon::now_millis(),
+                    )
                 );
             }
             Ok(())
@@ -1267,6 +1311,35 @@ mod tests {
         let ok = parse_import("d1,10.0.0.1\nd2,h2:22,space-initiated\n").unwrap();
         assert_eq!(ok.len(), 2);
         assert_eq!(ok[1].1.mode, DeviceMode::SpaceInitiated);
+    }
+
+    #[test]
+    fn refusals_are_listed_under_the_table_with_age_and_hold() {
+        use crate::admin::RefusalRow;
+        let now = 1_000_000_000;
+        let rows = [
+            RefusalRow {
+                node: 2,
+                node_name: Some("n2".into()),
+                reason: "interface \"side0\" does not exist".into(),
+                at: now - 12_000,
+                holding: true,
+            },
+            RefusalRow {
+                node: 7,
+                node_name: None,
+                reason: "4 failures in a row".into(),
+                at: now - 125_000,
+                holding: false,
+            },
+        ];
+        assert_eq!(render_refusals([("cluster", &rows[..0])], now), "");
+        assert_eq!(
+            render_refusals([("cluster", &rows[..1]), ("poller", &rows[1..])], now),
+            "could not be held:\n  cluster: refused by n2 (2) 12s ago, passed over for now: \
+             interface \"side0\" does not exist\n  poller: refused by 7 2m5s ago, may be tried \
+             again: 4 failures in a row\n"
+        );
     }
 
     #[test]

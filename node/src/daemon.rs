@@ -556,6 +556,7 @@ impl NodeInner {
                                     .owner
                                     .and_then(|o| f.nodes.get(&o).map(|n| n.name.clone())),
                                 epoch: p.epoch,
+                                refused: crate::admin::RefusalRow::of(f, p, now_millis()),
                             })
                         }
                         _ => None,
@@ -605,8 +606,9 @@ impl NodeInner {
                 interface,
                 roles,
             } => {
-                crate::placement::vip_add(self, name, address, interface, roles).await?;
-                AdminReply::Done
+                let cannot =
+                    crate::placement::vip_add(self, name, address, interface, roles).await?;
+                AdminReply::VipAdded { cannot }
             }
             AdminRequest::VipMove { name, to } => {
                 let to = self.resolve_node(&to)?;

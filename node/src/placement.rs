@@ -11,11 +11,11 @@ use spaced_raft::network::{BoxFuture, NodeHooks, RaftReply, RaftRpc};
 use spaced_raft::{NodeId, Outcome, Response};
 use tokio::sync::watch;
 
-use crate::admin::VipRow;
+use crate::admin::{RefusalRow, VipRow};
 use crate::agent::{Agent, LoopbackBackend, TICK, VipBackend, owned_vips};
 use crate::config::{NodeConfig, TakeoverMode, VipSection};
 use crate::controller::{eligible, plan};
-use crate::daemon::NodeInner;
+use crate::daemon::{NodeInner, now_millis};
 use crate::lease::{Held, LeaseConfig, LeaseKey, Witness, quorum_silent};
 use crate::lock;
 
@@ -185,8 +185,45 @@ pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Recei
                 renewing.store(false, std::sync::atomic::Ordering::SeqCst);
             });
         }
-        inner.placements.agent.execute(&step).await;
+        for (held, reason) in inner.placements.agent.execute(&step).await {
+            refuse_in_background(&inner, held, reason);
+        }
     }
+}
+
+/// Gives a placement this node cannot hold back to the fabric, saying why (a VIP it could not
+/// add, a singleton it cannot keep running); the caller has already fenced it here. In the
+/// background and best effort: if the refusal does not commit, the lease, no longer renewed,
+/// lapses and the placement moves on anyway (only without the reason and the hold).
+pub(crate) fn refuse_in_background(inner: &Arc<NodeInner>, (name, epoch): Held, reason: String) {
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let cmd = Command::RefusePlacement {
+            name: name.clone(),
+            node: inner.id,
+            epoch,
+            reason: reason.clone(),
+            at: now_millis(),
+        };
+        for _ in 0..3 {
+            match propose_anywhere(&inner, cmd.clone()).await {
+                Ok(Ok(_)) => {
+                    tracing::warn!(placement = %name, epoch, %reason, "placement refused: given back for another node");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    // It moved on meanwhile (lease lapsed, re-granted): nothing to give back.
+                    tracing::debug!(placement = %name, epoch, error = %e, "refusal not needed");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(placement = %name, epoch, error = %e, "refusal not delivered; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        tracing::warn!(placement = %name, epoch, "could not deliver the refusal; its lease will lapse");
+    });
 }
 
 /// Sends one renewal to every voter; succeeds once a majority recorded it.
@@ -405,7 +442,7 @@ pub(crate) async fn controller_loop(inner: Arc<NodeInner>, mut shutdown: watch::
         let expired = expired_leases(&inner).await;
         let cmds = inner
             .view
-            .read(|f| plan(f, &live, inner.id, &expired, &prefer));
+            .read(|f| plan(f, &live, inner.id, &expired, &prefer, now_millis()));
         for cmd in cmds {
             let desc = cmd.to_string();
             match inner.propose(cmd.clone()).await {
@@ -551,7 +588,30 @@ impl NodeHooks for Hooks {
         let inner = self.0.clone();
         Box::pin(async move { inner.placements.agent.fence_and_hold(&name, epoch).await })
     }
+
+    fn check_vip(&self, address: String, interface: String) -> BoxFuture<'static, Option<String>> {
+        check_vip_here(&self.0, address, interface)
+    }
 }
+
+/// Whether this node could hold a VIP (`None`) or why not.
+fn check_vip_here(
+    inner: &NodeInner,
+    address: String,
+    interface: String,
+) -> BoxFuture<'static, Option<String>> {
+    let spec = crate::agent::VipSpec {
+        name: String::new(),
+        address,
+        interface,
+        service: None,
+    };
+    let check = inner.placements.placement_backend.check(spec);
+    Box::pin(async move { check.await.err() })
+}
+
+/// How long `vip add` waits for each node's answer to whether it could hold the VIP.
+const CHECK_VIP_WITHIN: Duration = Duration::from_secs(2);
 
 /// Rows for `vip list` / `status`, with the leader's view of lease time left.
 pub(crate) fn vip_rows(inner: &NodeInner) -> Vec<VipRow> {
@@ -562,6 +622,7 @@ pub(crate) fn vip_rows(inner: &NodeInner) -> Vec<VipRow> {
         .map(|k| k.0.clone())
         .zip(local_silence(inner, &known))
         .collect();
+    let now = now_millis();
     inner.view.read(|f| {
         f.placements
             .iter()
@@ -581,6 +642,7 @@ pub(crate) fn vip_rows(inner: &NodeInner) -> Vec<VipRow> {
                         .owner
                         .and(silences.get(name))
                         .map(|d| span.saturating_sub(*d).as_millis() as u64),
+                    refused: RefusalRow::of(f, p, now),
                 }),
                 PlacementKind::Singleton { .. } => None,
             })
@@ -588,21 +650,65 @@ pub(crate) fn vip_rows(inner: &NodeInner) -> Vec<VipRow> {
     })
 }
 
-/// `vip add` on the leader: refuses a VIP no registered node could hold.
+/// `vip add` on the leader: asks every live node with one of the roles whether it could hold
+/// the VIP (interface present, address inside one of its subnets, capabilities) and refuses a
+/// VIP none of them can hold, naming each node's reason; nothing is added then. Returns the
+/// nodes (name, reason) that said they cannot or did not answer, when others can.
 pub(crate) async fn vip_add(
     inner: &NodeInner,
     name: String,
     address: String,
     interface: String,
     roles: Vec<String>,
-) -> Result<(), String> {
+) -> Result<Vec<(String, String)>, String> {
     let roles: BTreeSet<String> = roles.into_iter().collect();
-    let anyone = inner
-        .view
-        .read(|f| f.nodes.values().any(|n| !n.roles.is_disjoint(&roles)));
-    if !anyone {
+    let candidates: Vec<(NodeId, String)> = inner.view.read(|f| {
+        f.nodes
+            .iter()
+            .filter(|(_, n)| !n.roles.is_disjoint(&roles))
+            .map(|(id, n)| (*id, n.name.clone()))
+            .collect()
+    });
+    if candidates.is_empty() {
         return Err(format!(
             "no node has any of the roles {roles:?}; VIP {name:?} could never be placed"
+        ));
+    }
+    let live = &live_set(inner, LIVE_WITHIN);
+    let answers = futures::future::join_all(candidates.iter().map(|(id, node)| {
+        let (address, interface) = (address.clone(), interface.clone());
+        async move {
+            let answer = if !live.contains(id) {
+                Err("not live, not asked".to_string())
+            } else if *id == inner.id {
+                Ok(check_vip_here(inner, address, interface).await)
+            } else {
+                ask_check_vip(inner, *id, address, interface).await
+            };
+            (node.clone(), answer)
+        }
+    }))
+    .await;
+    let mut can = 0;
+    let mut cannot = Vec::new();
+    let mut unknown = Vec::new();
+    for (node, answer) in answers {
+        match answer {
+            Ok(None) => can += 1,
+            Ok(Some(why)) => cannot.push((node, why)),
+            Err(why) => unknown.push((node, why)),
+        }
+    }
+    if can == 0 {
+        let all: Vec<String> = cannot
+            .iter()
+            .chain(&unknown)
+            .map(|(node, why)| format!("{node}: {why}"))
+            .collect();
+        return Err(format!(
+            "VIP {name:?} ({address} on {interface}) not added: no node with one of the roles \
+             {roles:?} can hold it ({})",
+            all.join("; ")
         ));
     }
     let cmd = Command::AddPlacement {
@@ -610,7 +716,25 @@ pub(crate) async fn vip_add(
         kind: PlacementKind::Vip { address, interface },
         eligible_roles: roles,
     };
-    inner.propose(cmd).await.map(|_| ())
+    inner.propose(cmd).await?;
+    cannot.extend(unknown);
+    Ok(cannot)
+}
+
+/// Asks node `id` whether it could hold a VIP: `Ok(None)` yes, `Ok(Some(why))` no, `Err` no answer.
+async fn ask_check_vip(
+    inner: &NodeInner,
+    id: NodeId,
+    address: String,
+    interface: String,
+) -> Result<Option<String>, String> {
+    let member = inner.member(id).ok_or("not a member")?;
+    let rpc = RaftRpc::CheckVip { address, interface };
+    match inner.network.call(id, &member, rpc, CHECK_VIP_WITHIN).await {
+        Ok(RaftReply::VipChecked(answer)) => Ok(answer),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(format!("no answer: {e}")),
+    }
 }
 
 /// `vip move` on the leader: the owner fences and the release commits before the target is granted.

@@ -10,11 +10,39 @@ use tokio::sync::watch;
 
 use crate::agent::{VipBackend, VipSpec};
 use crate::daemon::NodeInner;
-use crate::supervisor::{DesiredService, Supervisor};
+use crate::lease::Held;
+use crate::supervisor::{DesiredService, ServiceState, ServiceStatus, Supervisor};
 
 /// How often the desired set is recomputed and running singletons are re-guarded (a held
 /// placement also triggers a pass at once).
 const PASS_EVERY: Duration = Duration::from_millis(100);
+
+/// A singleton that failed this many times in a row here (failed starts, exits or restarts for
+/// ill health, each without a healthy run long enough to reset its backoff) is given back for
+/// another node to try: with the default backoff that is about 1.4 s of retries plus run time.
+pub const SINGLETON_GIVE_UP_AFTER: u32 = 4;
+
+/// Why this node cannot keep a singleton's service running, judged from its status: rejected by
+/// the supervisor, or [`SINGLETON_GIVE_UP_AFTER`] failures in a row. `None` while it runs, starts
+/// or has failed fewer times.
+pub fn cannot_keep_running(status: &ServiceStatus) -> Option<String> {
+    let last = status
+        .last_error
+        .clone()
+        .unwrap_or_else(|| "no error recorded".into());
+    match status.state {
+        ServiceState::Rejected => Some(format!("rejected by the supervisor: {last}")),
+        ServiceState::FailedToStart | ServiceState::Backoff
+            if status.failures >= SINGLETON_GIVE_UP_AFTER =>
+        {
+            Some(format!(
+                "{} failures in a row; last: {last}",
+                status.failures
+            ))
+        }
+        _ => None,
+    }
+}
 
 /// What this node should run now, from [`desired_services`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -233,6 +261,13 @@ fn process_group(statuses: &[crate::supervisor::ServiceStatus], service: &str) -
 }
 
 impl VipBackend for PlacementBackend {
+    fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        match vip.service {
+            None => self.vips.check(vip),
+            Some(_) => Box::pin(async { Ok(()) }),
+        }
+    }
+
     fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
         match vip.service {
             None => self.vips.acquire(vip),
@@ -325,6 +360,7 @@ pub(crate) async fn services_loop(
 ) {
     let mut last: Option<Vec<DesiredService>> = None;
     let mut guarded = BTreeMap::new();
+    let mut giving_up = BTreeSet::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PASS_EVERY) => {}
@@ -368,8 +404,55 @@ pub(crate) async fn services_loop(
             backend.guard_running(&singletons, &inner.placements.agent);
         }
         backend.guard_services(&singletons, &mut guarded);
+        give_up_failing_singletons(&inner, &supervisor, &singletons, &held, &mut giving_up);
     }
     supervisor.shutdown().await;
+}
+
+/// Gives back each singleton held here that this node cannot keep running: stopped and held
+/// down here first, then refused in the fabric so the leader tries another node. `giving_up`
+/// remembers what was already handed back, so that each (placement, epoch) goes once.
+fn give_up_failing_singletons(
+    inner: &Arc<NodeInner>,
+    supervisor: &Supervisor,
+    singletons: &[(String, String)],
+    held: &BTreeMap<String, u64>,
+    giving_up: &mut BTreeSet<Held>,
+) {
+    giving_up.retain(|(name, epoch)| held.get(name) == Some(epoch));
+    if singletons.is_empty() {
+        return;
+    }
+    let statuses = supervisor.status();
+    for (placement, service) in singletons {
+        let Some(&epoch) = held.get(placement) else {
+            continue;
+        };
+        let Some(reason) = statuses
+            .iter()
+            .find(|s| &s.name == service)
+            .and_then(cannot_keep_running)
+        else {
+            continue;
+        };
+        if !giving_up.insert((placement.clone(), epoch)) {
+            continue;
+        }
+        tracing::warn!(singleton = %placement, epoch, %reason, "cannot keep the singleton running here; giving it back");
+        let inner = inner.clone();
+        let placement = placement.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inner
+                .placements
+                .agent
+                .fence_and_hold(&placement, epoch)
+                .await
+            {
+                tracing::error!(singleton = %placement, error = %e, "could not stop the singleton it gives back");
+            }
+            crate::placement::refuse_in_background(&inner, (placement, epoch), reason);
+        });
+    }
 }
 
 #[cfg(test)]
@@ -408,6 +491,7 @@ mod tests {
                 eligible_roles: roles(&["app"]),
                 owner: Some(1),
                 epoch: 4,
+                refused: BTreeMap::new(),
             },
         );
         f
@@ -415,6 +499,42 @@ mod tests {
 
     fn names(d: &[DesiredService]) -> Vec<&str> {
         d.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_singleton_is_given_up_after_enough_failures_in_a_row() {
+        let status = |state: ServiceState, failures: u32| {
+            let mut s = ServiceStatus::new("poller", state, 0);
+            s.failures = failures;
+            s.last_error = Some("service poller exited (exit code 3)".into());
+            s
+        };
+        let n = SINGLETON_GIVE_UP_AFTER;
+        assert_eq!(
+            cannot_keep_running(&status(ServiceState::Backoff, n - 1)),
+            None
+        );
+        assert_eq!(
+            cannot_keep_running(&status(ServiceState::FailedToStart, n - 1)),
+            None
+        );
+        // Still failing, but running right now (or starting): not yet.
+        assert_eq!(
+            cannot_keep_running(&status(ServiceState::Running, n + 5)),
+            None
+        );
+        assert_eq!(
+            cannot_keep_running(&status(ServiceState::Starting, n + 5)),
+            None
+        );
+        let why = cannot_keep_running(&status(ServiceState::Backoff, n)).unwrap();
+        assert!(
+            why.contains(&format!("{n} failures in a row")) && why.contains("exit code 3"),
+            "{why}"
+        );
+        assert!(cannot_keep_running(&status(ServiceState::FailedToStart, n)).is_some());
+        let why = cannot_keep_running(&status(ServiceState::Rejected, 0)).unwrap();
+        assert!(why.starts_with("rejected"), "{why}");
     }
 
     #[test]

@@ -382,10 +382,13 @@ pub struct ServiceStatus {
     /// In `backoff` and `failed-to-start`: the delay before the next start, so a crash loop
     /// visibly slows down.
     pub backoff_ms: Option<u64>,
+    /// Failures in a row (exits, failed starts, restarts for ill health) without a healthy run
+    /// long enough to reset the backoff in between, as of the latest failure.
+    pub failures: u32,
 }
 
 impl ServiceStatus {
-    fn new(name: &str, state: ServiceState, restarts: u64) -> Self {
+    pub(crate) fn new(name: &str, state: ServiceState, restarts: u64) -> Self {
         ServiceStatus {
             name: name.to_string(),
             state,
@@ -396,6 +399,7 @@ impl ServiceStatus {
             since: unix_ms(),
             last_error: None,
             backoff_ms: None,
+            failures: 0,
         }
     }
 
@@ -1022,6 +1026,7 @@ impl ServiceRun {
                 s.enter(failed_state);
                 s.pid = None;
                 s.backoff_ms = Some(delay.as_millis() as u64);
+                s.failures = failures;
             });
             info!(service = %self.name(), delay_ms = delay.as_millis() as u64, failures, "restarting after backoff");
             tokio::select! {

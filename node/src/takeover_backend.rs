@@ -50,6 +50,16 @@ impl NetlinkBackend {
 }
 
 impl VipBackend for NetlinkBackend {
+    fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        let tk = self.tk.clone();
+        Box::pin(async move {
+            crate::takeover::check_capabilities()
+                .map_err(|e| format!("this node cannot hold VIPs: {e}"))?;
+            let addr = VipAddr::parse(&vip.address, &vip.interface).map_err(|e| e.to_string())?;
+            tk.check(&addr).await.map_err(|e| e.to_string())
+        })
+    }
+
     fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
         let tk = self.tk.clone();
         let guard_ok = self.guard().map(|_| ());

@@ -80,7 +80,24 @@ pub struct Placement {
     pub owner: Option<NodeId>,
     /// Fencing token: incremented on every owner change.
     pub epoch: u64,
+    /// Nodes that were granted the placement and could not hold it (a VIP they cannot add, a
+    /// singleton they cannot keep running), with why and when. The leader's planner passes them
+    /// over for a while; a new grant to the node, a changed service spec or the node's removal
+    /// clears the entry.
+    pub refused: BTreeMap<NodeId, Refusal>,
 }
+
+/// Why a node gave a placement back, and when (the refusing node's clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// What went wrong on the node, at most [`MAX_REFUSAL_REASON`] bytes.
+    pub reason: String,
+    /// When it refused.
+    pub at: Millis,
+}
+
+/// Longest refusal reason kept in the fabric; longer ones are cut at a character boundary.
+pub const MAX_REFUSAL_REASON: usize = 300;
 
 /// Who opens a device's management connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -292,6 +309,22 @@ pub enum Command {
         /// Epoch the releasing owner was granted.
         epoch: u64,
     },
+    /// The owner gives a placement back because it cannot hold it (a VIP it cannot add, a
+    /// singleton it cannot keep running); it has already fenced it. Like `ReleasePlacement`, but
+    /// the node is recorded in the placement's `refused` with `reason`, so that the planner does
+    /// not grant it straight back.
+    RefusePlacement {
+        /// Placement name.
+        name: String,
+        /// The refusing owner.
+        node: NodeId,
+        /// Epoch it was granted.
+        epoch: u64,
+        /// What went wrong.
+        reason: String,
+        /// Proposer's clock.
+        at: Millis,
+    },
     /// Register devices; all or none.
     AddDevices {
         /// Devices to add.
@@ -363,6 +396,9 @@ impl std::fmt::Display for Command {
             Command::ReleasePlacement { name, epoch } => {
                 write!(f, "release-placement {name} epoch {epoch}")
             }
+            Command::RefusePlacement {
+                name, node, epoch, ..
+            } => write!(f, "refuse-placement {name} by {node} epoch {epoch}"),
             Command::AddDevices { devices, .. } => write!(f, "add-devices x{}", devices.len()),
             Command::RemoveDevice { id } => write!(f, "remove-device {id}"),
             Command::PutService { name, .. } => write!(f, "put-service {name}"),
@@ -476,6 +512,15 @@ pub enum CommandError {
         /// Actual owner.
         current: Option<NodeId>,
     },
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn cut_at_char(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn holder(owner: &Option<NodeId>) -> String {
@@ -637,6 +682,9 @@ impl Fabric {
                 if self.nodes.remove(id).is_none() {
                     return Err(not_found("node", id));
                 }
+                for p in self.placements.values_mut() {
+                    p.refused.remove(id);
+                }
                 // Placements keep their owner: it may still hold a running lease, and only the
                 // leader's lease book knows when that has certainly run out.
                 for d in self.devices.values_mut() {
@@ -718,6 +766,7 @@ impl Fabric {
                         eligible_roles: eligible_roles.clone(),
                         owner: None,
                         epoch: 0,
+                        refused: BTreeMap::new(),
                     },
                 );
                 Ok(Outcome::Done)
@@ -777,6 +826,8 @@ impl Fabric {
                     .ok_or_else(|| not_found("placement", name))?;
                 p.owner = Some(*to);
                 p.epoch += 1;
+                // A new try: the node refuses again if it still cannot hold it.
+                p.refused.remove(to);
                 Ok(Outcome::Epoch(p.epoch))
             }
             Command::ReleasePlacement { name, epoch } => {
@@ -796,6 +847,40 @@ impl Fabric {
                 }
                 p.owner = None;
                 p.epoch += 1;
+                Ok(Outcome::Epoch(p.epoch))
+            }
+            Command::RefusePlacement {
+                name,
+                node,
+                epoch,
+                reason,
+                at,
+            } => {
+                let p = self
+                    .placements
+                    .get_mut(name)
+                    .ok_or_else(|| not_found("placement", name))?;
+                if p.epoch != *epoch {
+                    return Err(CommandError::StaleEpoch {
+                        name: name.clone(),
+                        expected: *epoch,
+                        current: p.epoch,
+                    });
+                }
+                if p.owner != Some(*node) {
+                    return Err(CommandError::NotEligible {
+                        name: name.clone(),
+                        node: *node,
+                        why: format!("cannot refuse it: it is held by {}", holder(&p.owner)),
+                    });
+                }
+                let reason = match reason.trim() {
+                    "" => "no reason given".to_string(),
+                    r => cut_at_char(r, MAX_REFUSAL_REASON).to_string(),
+                };
+                p.owner = None;
+                p.epoch += 1;
+                p.refused.insert(*node, Refusal { reason, at: *at });
                 Ok(Outcome::Epoch(p.epoch))
             }
             Command::AddDevices { devices, at } => {
@@ -892,8 +977,11 @@ impl Fabric {
                         eligible_roles: BTreeSet::new(),
                         owner: None,
                         epoch: 0,
+                        refused: BTreeMap::new(),
                     });
                     placement.eligible_roles = spec.roles.clone();
+                    // A changed spec may well run where the old one could not.
+                    placement.refused.clear();
                 }
                 self.services.insert(name.clone(), spec.clone());
                 Ok(Outcome::Done)
@@ -1366,6 +1454,59 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_placement_is_released_and_remembers_who_refused() {
+        let mut f = base();
+        let refuse = |node: NodeId, epoch: u64, reason: &str| Command::RefusePlacement {
+            name: "cluster".into(),
+            node,
+            epoch,
+            reason: reason.into(),
+            at: 1_000,
+        };
+        f.apply(&Command::GrantPlacement {
+            name: "cluster".into(),
+            to: 1,
+            expected_epoch: 0,
+        })
+        .unwrap();
+        // Only the owner, at its epoch, may refuse.
+        assert!(matches!(
+            refused(&mut f, refuse(2, 1, "x")),
+            CommandError::NotEligible { node: 2, .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, refuse(1, 0, "x")),
+            CommandError::StaleEpoch { current: 1, .. }
+        ));
+        let long = format!("interface eth9 does not exist {}", "é".repeat(400));
+        assert_eq!(f.apply(&refuse(1, 1, &long)), Ok(Outcome::Epoch(2)));
+        let p = &f.placements["cluster"];
+        assert_eq!(p.owner, None);
+        let r = &p.refused[&1];
+        assert_eq!(r.at, 1_000);
+        assert!(r.reason.starts_with("interface eth9 does not exist"));
+        assert!(r.reason.len() <= MAX_REFUSAL_REASON && r.reason.len() > 250);
+        // Nothing to refuse any more.
+        refused(&mut f, refuse(1, 2, "x"));
+        // A new grant to the node is a new try: its old refusal goes.
+        f.apply(&Command::GrantPlacement {
+            name: "cluster".into(),
+            to: 1,
+            expected_epoch: 2,
+        })
+        .unwrap();
+        assert!(f.placements["cluster"].refused.is_empty());
+        assert_eq!(f.apply(&refuse(1, 3, "  ")), Ok(Outcome::Epoch(4)));
+        assert_eq!(
+            f.placements["cluster"].refused[&1].reason,
+            "no reason given"
+        );
+        // Removing the node forgets its refusals.
+        f.apply(&Command::RemoveNode { id: 1 }).unwrap();
+        assert!(f.placements["cluster"].refused.is_empty());
+    }
+
+    #[test]
     fn add_devices_is_all_or_nothing() {
         let mut f = base();
         let ok = vec![
@@ -1571,7 +1712,7 @@ mod tests {
         };
         let mut log = Vec::new();
         for i in 0..3000u64 {
-            let c = match next() % 6 {
+            let c = match next() % 7 {
                 0 => register(next() % 8, &format!("n{}", next() % 8), &["ha", "app"]),
                 1 => vip(
                     &format!("v{}", next() % 5),
@@ -1589,6 +1730,13 @@ mod tests {
                 },
                 4 => Command::AddDevices {
                     devices: vec![dev(&format!("d{}", next() % 500), "10.9.0.1")],
+                    at: i,
+                },
+                5 => Command::RefusePlacement {
+                    name: format!("v{}", next() % 5),
+                    node: next() % 8,
+                    epoch: next() % 4,
+                    reason: "eth0 is missing".into(),
                     at: i,
                 },
                 _ => Command::RemoveNode { id: next() % 8 },

@@ -83,6 +83,14 @@ pub enum RaftRpc {
         /// Epoch the owner holds.
         epoch: u64,
     },
+    /// Leader → node: could you hold this VIP (interface, subnet, capabilities)? Asked before
+    /// `vip add` commits, so that an address no node can hold is refused up front.
+    CheckVip {
+        /// Address with prefix.
+        address: String,
+        /// Interface.
+        interface: String,
+    },
 }
 
 /// An RPC plus who claims to send it.
@@ -117,6 +125,8 @@ pub enum RaftReply {
     Released,
     /// Reply to `Leaving`.
     Noted,
+    /// Reply to `CheckVip`: `None` when the node could hold the VIP, else why not.
+    VipChecked(Option<String>),
 }
 
 /// Node-level handlers for the RPCs that are not Raft's own; provided by the daemon.
@@ -138,6 +148,8 @@ pub trait NodeHooks: Send + Sync + 'static {
     fn leaving(&self, from: NodeId);
     /// `Release` from the leader: fence `name` at `epoch`, then release it through the leader.
     fn release(&self, name: String, epoch: u64) -> BoxFuture<'static, Result<(), String>>;
+    /// `CheckVip`: `None` when this node could hold the VIP, else why not.
+    fn check_vip(&self, address: String, interface: String) -> BoxFuture<'static, Option<String>>;
 }
 
 /// What goes back on the wire: a reply or the reason there is none.
@@ -434,7 +446,8 @@ fn voter_of(rpc: &RaftRpc) -> Option<NodeId> {
         | RaftRpc::Silence(_)
         | RaftRpc::Propose(_)
         | RaftRpc::Leaving
-        | RaftRpc::Release { .. } => None,
+        | RaftRpc::Release { .. }
+        | RaftRpc::CheckVip { .. } => None,
     }
 }
 
@@ -591,6 +604,10 @@ impl RaftService {
             RaftRpc::Release { name, epoch } => {
                 let h = self.hooks_for(req.from)?;
                 h.release(name, epoch).await.map(|()| RaftReply::Released)
+            }
+            RaftRpc::CheckVip { address, interface } => {
+                let h = self.hooks_for(req.from)?;
+                Ok(RaftReply::VipChecked(h.check_vip(address, interface).await))
             }
             RaftRpc::Snapshot { vote, meta, len } => {
                 if len > MAX_SNAPSHOT {
