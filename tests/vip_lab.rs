@@ -710,6 +710,14 @@ fn vip_add_is_checked_on_the_nodes_and_a_node_that_cannot_hold_it_gives_it_back(
         (Some(3), epoch),
         "the VIP moved on: {later}"
     );
+    // Moving it to a node that cannot hold it is refused up front; it stays on n3.
+    let out = f.ctl_output(&h1, &["vip", "move", "side", "--to", "n1"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot hold") && err.contains("side0"),
+        "{err}"
+    );
+    assert_eq!(f.vip_owner("side", None), Some(3));
     let listed = f.ctl(&h1, &["vip", "list"])?;
     assert!(
         listed.contains("side: refused by n2 (2)") && listed.contains("passed over for now"),

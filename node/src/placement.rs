@@ -739,12 +739,16 @@ async fn ask_check_vip(
 
 /// `vip move` on the leader: the owner fences and the release commits before the target is granted.
 pub(crate) async fn vip_move(inner: &NodeInner, name: &str, to: NodeId) -> Result<u64, String> {
-    let (owner, epoch, ok) = inner.view.read(|f| {
+    let (owner, epoch, ok, vip) = inner.view.read(|f| {
         let p = f
             .placements
             .get(name)
             .ok_or_else(|| format!("no VIP {name:?}"))?;
-        Ok::<_, String>((p.owner, p.epoch, eligible(f, p, to)))
+        let vip = match &p.kind {
+            PlacementKind::Vip { address, interface } => Some((address.clone(), interface.clone())),
+            PlacementKind::Singleton { .. } => None,
+        };
+        Ok::<_, String>((p.owner, p.epoch, eligible(f, p, to), vip))
     })?;
     if !ok {
         return Err(format!(
@@ -756,6 +760,23 @@ pub(crate) async fn vip_move(inner: &NodeInner, name: &str, to: NodeId) -> Resul
     }
     if owner == Some(to) {
         return Err(format!("{name:?} is already on node {to}"));
+    }
+    // Ask the target before the owner lets go: a VIP it cannot hold would be given straight back.
+    if let Some((address, interface)) = vip {
+        let answer = if to == inner.id {
+            Ok(check_vip_here(inner, address, interface).await)
+        } else {
+            ask_check_vip(inner, to, address, interface).await
+        };
+        match answer {
+            Ok(None) => {}
+            Ok(Some(why)) => return Err(format!("node {to} cannot hold {name:?}: {why}")),
+            Err(e) => {
+                return Err(format!(
+                    "node {to} did not say whether it can hold {name:?}: {e}"
+                ));
+            }
+        }
     }
     lock(&inner.placements.moves).insert(name.to_string(), to);
     let result = async {
