@@ -213,6 +213,9 @@ impl Balancer {
     /// the listener is closed at once (no new connections) and open
     /// connections get `drain_grace` to finish before they are cut.
     pub async fn serve(self: &Arc<Self>, listener: TcpListener, stop: impl Future<Output = ()>) {
+        // Latency over batching: the relay forwards what arrives as it arrives. Accepted sockets
+        // inherit TCP_NODELAY from the listener, which saves a system call per connection.
+        let client_nodelay = setsockopt(&listener, sockopt::TcpNoDelay, &true).is_ok();
         let mut conns = JoinSet::new();
         self.accepting.store(true, Ordering::Relaxed);
         tracing::info!(lb = %self.label, policy = %self.config.policy, "balancer accepting");
@@ -241,7 +244,7 @@ impl Balancer {
                         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                         let open = OpenConn::new(self.clone());
                         conns.spawn(async move {
-                            open.0.handle(client, peer).await;
+                            open.0.handle(client, peer, client_nodelay).await;
                             drop(open);
                         });
                     }
@@ -273,8 +276,9 @@ impl Balancer {
         }
     }
 
-    /// One client connection: choose, connect (with redispatch), relay.
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    /// One client connection: choose, connect (with redispatch), relay. `client_nodelay`: the
+    /// client socket has TCP_NODELAY already (inherited from the listener).
+    async fn handle(&self, client: TcpStream, peer: SocketAddr, client_nodelay: bool) {
         let route = match self.config.policy {
             Policy::Sticky => self.peek_route(&client).await,
             _ => None,
@@ -316,8 +320,9 @@ impl Balancer {
             self.stats.sticky_routed.fetch_add(1, Ordering::Relaxed);
         }
         let _claim = backend.claim();
-        // Latency over batching: the relay forwards what arrives as it arrives.
-        let _ = client.set_nodelay(true);
+        if !client_nodelay {
+            let _ = client.set_nodelay(true);
+        }
         let _ = upstream.set_nodelay(true);
         let mut upstream = upstream;
         if self.config.proxy_protocol {
@@ -459,6 +464,24 @@ async fn check_backend(balancer: Weak<Balancer>, backend: Arc<Backend>, health: 
             } else {
                 tracing::warn!(lb = %balancer.label, backend = %backend.name(), addr = %backend.spec.addr, "backend down");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `serve` relies on accepted sockets inheriting TCP_NODELAY from the listener.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        for nodelay in [true, false] {
+            let listener = bind_listener("127.0.0.1:0".parse().unwrap(), false, 16).unwrap();
+            setsockopt(&listener, sockopt::TcpNoDelay, &nodelay).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let _client = TcpStream::connect(addr).await.unwrap();
+            let (accepted, _) = listener.accept().await.unwrap();
+            assert_eq!(accepted.nodelay().unwrap(), nodelay);
         }
     }
 }
