@@ -494,3 +494,52 @@ async fn sixth_node_stays_a_learner() -> Result<()> {
     c.stop_all().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_listening_on_a_wildcard_address_is_known_by_its_advertised_one() -> Result<()> {
+    let mut c = Cluster::empty(3, timings())?;
+    let mut cfg = spaced_tests::node_config(c.dir.path(), &c.pki_dir(), 1, timings());
+    let port = cfg.listen.port();
+    cfg.listen = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    cfg.advertise = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    c.configs.insert(1, cfg);
+    c.start_node(1, true).await?;
+    c.wait_for(T, "node 1 registered", |c| {
+        c.fabric_of(1).is_some_and(|f| f.nodes.contains_key(&1))
+    })
+    .await?;
+    let advertised = format!("127.0.0.1:{port}");
+    let f = c.fabric_of(1).context("fabric of n1")?;
+    assert_eq!(f.nodes[&1].raft_addr, advertised);
+    for id in 2..=3 {
+        c.start_node(id, false).await?;
+        c.add_node(id).await?;
+    }
+    let mut admin = c.admin(2).await?;
+    let s = admin.status().await?;
+    let n1 = s.nodes.iter().find(|n| n.id == 1).context("n1 listed")?;
+    assert_eq!(n1.addr, advertised, "{s:?}");
+    // Another leader reaches n1 at that address: what it commits arrives on n1.
+    match admin
+        .call_leader(&AdminRequest::TransferLeader("n2".into()))
+        .await?
+    {
+        AdminReply::Done => {}
+        other => bail!("transfer: {other:?}"),
+    }
+    c.wait_for(T, "all nodes follow n2", |c| c.agreed_leader() == Some(2))
+        .await?;
+    match admin
+        .call_leader(&AdminRequest::AddDevices(devices("adv", 2)))
+        .await?
+    {
+        AdminReply::Applied(_) => {}
+        other => bail!("add devices: {other:?}"),
+    }
+    c.wait_for(T, "n1 applied n2's write", |c| {
+        c.fabric_of(1).is_some_and(|f| f.devices.len() == 2)
+    })
+    .await?;
+    c.stop_all().await;
+    Ok(())
+}

@@ -61,6 +61,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) ->
         listen: format!("127.0.0.1:{}", free_udp_port())
             .parse()
             .expect("loopback address"),
+        advertise: None,
         metrics: None,
         roles: vec!["ha".into(), "app".into()],
         tls: TlsSection {
@@ -214,7 +215,7 @@ impl Cluster {
             .nodes
             .get(&id)
             .context("no such running node")?
-            .listen_addr()
+            .advertise_addr()
             .to_string();
         Ok(AdminClient::connect(&addr, &self.credentials()?).await?)
     }
@@ -231,7 +232,7 @@ impl Cluster {
         let req = AdminRequest::AddNode {
             id,
             name: format!("n{id}"),
-            addr: node.listen_addr().to_string(),
+            addr: node.advertise_addr().to_string(),
             roles: None,
         };
         match admin.call_leader(&req).await? {

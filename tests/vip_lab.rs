@@ -65,6 +65,7 @@ impl Fabric {
                 name: name.clone(),
                 data_dir: dir.join(format!("data-{name}")),
                 listen: SocketAddr::new(IpAddr::V4(host.ip), 7000),
+                advertise: None,
                 metrics: None,
                 roles: r.iter().map(|s| s.to_string()).collect(),
                 tls: TlsSection {

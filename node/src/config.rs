@@ -19,6 +19,11 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// QUIC (UDP) socket address serving Raft traffic and admin requests.
     pub listen: SocketAddr,
+    /// The address other nodes dial to reach this one, when it differs from `listen` (which
+    /// must then be given when `listen` is a wildcard such as `0.0.0.0:7000`). A bootstrap node
+    /// records it as its own address in the cluster; joining nodes are added with theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<SocketAddr>,
     /// HTTP address for /metrics and /healthz; `None` disables the HTTP server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
@@ -441,6 +446,24 @@ impl NodeConfig {
             if !seen.insert(role.as_str()) {
                 return Err(err(&key, format!("duplicate role {role:?}")));
             }
+        }
+        match self.advertise {
+            None if self.listen.ip().is_unspecified() => {
+                return Err(err(
+                    "listen",
+                    format!(
+                        "{} is a wildcard address other nodes cannot dial; set `advertise` to the address they should use",
+                        self.listen
+                    ),
+                ));
+            }
+            Some(a) if a.ip().is_unspecified() || a.port() == 0 => {
+                return Err(err(
+                    "advertise",
+                    format!("{a} cannot be dialled: give a concrete address and port"),
+                ));
+            }
+            _ => {}
         }
         let l = &self.lease;
         if l.duration_ms == 0 {
@@ -1091,6 +1114,30 @@ key = "n.key"
             msg.contains("key `raft.snapshot_after_logs`: invalid type"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_needs_an_advertised_one() {
+        let msg = err_of(&minimal_with("listen", "listen = \"0.0.0.0:7001\""));
+        assert!(
+            msg.contains("key `listen`: 0.0.0.0:7001 is a wildcard") && msg.contains("advertise"),
+            "{msg}"
+        );
+        for bad in ["0.0.0.0:7001", "10.0.0.1:0"] {
+            let text = format!("advertise = \"{bad}\"\n{MINIMAL}");
+            let msg = err_of(&text);
+            assert!(
+                msg.contains("key `advertise`: ") && msg.contains(bad),
+                "{msg}"
+            );
+        }
+        let text = minimal_with(
+            "listen",
+            "listen = \"0.0.0.0:7001\"\nadvertise = \"10.0.0.1:7001\"",
+        );
+        let c = NodeConfig::parse_str(&text, src()).unwrap();
+        assert_eq!(c.advertise, Some("10.0.0.1:7001".parse().unwrap()));
+        assert_eq!(NodeConfig::parse_str(&c.to_toml(), src()).unwrap(), c);
     }
 
     #[test]

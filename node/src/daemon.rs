@@ -98,6 +98,8 @@ pub(crate) struct NodeInner {
     pub(crate) endpoint: quinn::Endpoint,
     /// Bound QUIC address.
     pub(crate) listen: SocketAddr,
+    /// The address other nodes dial (`advertise`, else `listen`).
+    pub(crate) advertise: SocketAddr,
     /// Prometheus metrics.
     pub(crate) metrics: NodeMetrics,
     /// The load balancer on the cluster VIP, if `[lb]` is configured.
@@ -163,6 +165,7 @@ impl Node {
             )
         })?;
         let listen = endpoint.local_addr().map_err(StartError::system)?;
+        let advertise = cfg.advertise.unwrap_or(listen);
 
         let network = QuicNetwork::new(cfg.node_id, endpoint.clone(), client_cfg);
         let raft_config = openraft::Config {
@@ -234,6 +237,7 @@ impl Node {
             network,
             endpoint: endpoint.clone(),
             listen,
+            advertise,
             metrics,
             lb: lb.clone(),
             placements: crate::placement::Placements::new(&cfg, recorder)
@@ -303,7 +307,7 @@ impl Node {
         if bootstrap {
             let me = Member {
                 name: cfg.name.clone(),
-                addr: listen.to_string(),
+                addr: advertise.to_string(),
             };
             raft.initialize(BTreeMap::from([(cfg.node_id, me)]))
                 .await
@@ -332,6 +336,11 @@ impl Node {
     /// The bound QUIC address.
     pub fn listen_addr(&self) -> SocketAddr {
         self.inner.listen
+    }
+
+    /// The address other nodes and spacectl dial: `advertise`, else the bound address.
+    pub fn advertise_addr(&self) -> SocketAddr {
+        self.inner.advertise
     }
 
     /// This node's id.
@@ -819,7 +828,7 @@ async fn register_self(inner: Arc<NodeInner>) {
             let cmd = Command::RegisterNode {
                 id: inner.id,
                 name: inner.name.clone(),
-                raft_addr: inner.listen.to_string(),
+                raft_addr: inner.advertise.to_string(),
                 mgmt_ip: None,
                 roles: inner.roles.clone(),
                 at: now_millis(),
