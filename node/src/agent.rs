@@ -83,6 +83,20 @@ impl LoopbackBackend {
 }
 
 impl VipBackend for LoopbackBackend {
+    fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        let result = if !self.ports.contains_key(&vip.name) {
+            Err(format!(
+                "VIP {}: no loopback port configured on this node",
+                vip.name
+            ))
+        } else if vip.ip().is_none() {
+            Err(format!("VIP {}: bad address {}", vip.name, vip.address))
+        } else {
+            Ok(())
+        };
+        Box::pin(async move { result })
+    }
+
     fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
         let port = self.ports.get(&vip.name).copied();
         let name = self.node_name.clone();

@@ -9,7 +9,7 @@
 //! fenced itself) before anyone else is granted. Nothing depends on which node leads: a leader
 //! change neither extends a lease nor makes a healthy owner lose its VIP.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use spaced_raft::NodeId;
@@ -208,15 +208,32 @@ impl Witness {
     }
 }
 
-/// Whether a majority of `voters` reported silence longer than `cfg.reassign_after()`.
-/// `reports` holds one silence per voter that answered; voters that did not answer count as
-/// not silent.
-pub fn quorum_silent(cfg: &LeaseConfig, voters: usize, reports: &[Duration]) -> bool {
-    let silent = reports
+/// Whether `yes` holds a majority of every voter set in `configs`: the one set of a settled
+/// membership, or both the old and the new set during a joint-consensus change (as Raft's own
+/// commits need). A lease confirmed and a lease found silent under this rule share a voter
+/// even while the membership changes, which a majority of the union of the sets would not
+/// guarantee. No configuration, or an empty one, is never a majority.
+pub fn joint_majority(configs: &[BTreeSet<NodeId>], yes: &BTreeSet<NodeId>) -> bool {
+    !configs.is_empty()
+        && configs
+            .iter()
+            .all(|c| c.iter().filter(|v| yes.contains(v)).count() * 2 > c.len())
+}
+
+/// Whether voters holding a majority of every set in `configs` (see [`joint_majority`])
+/// reported silence longer than `cfg.reassign_after()`. `reports` holds one silence per voter
+/// that answered; voters that did not answer count as not silent.
+pub fn quorum_silent(
+    cfg: &LeaseConfig,
+    configs: &[BTreeSet<NodeId>],
+    reports: &[(NodeId, Duration)],
+) -> bool {
+    let silent: BTreeSet<NodeId> = reports
         .iter()
-        .filter(|d| **d > cfg.reassign_after())
-        .count();
-    voters > 0 && silent > voters / 2
+        .filter(|(_, d)| *d > cfg.reassign_after())
+        .map(|(v, _)| *v)
+        .collect();
+    joint_majority(configs, &silent)
 }
 
 #[cfg(test)]
@@ -341,26 +358,75 @@ mod tests {
         );
     }
 
+    fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
+    }
+
     #[test]
     fn reassignment_needs_a_silent_majority() {
         let c = cfg();
         let long = c.reassign_after() + Duration::from_millis(1);
         let short = c.reassign_after();
-        assert!(quorum_silent(&c, 3, &[long, long]));
+        let three = [set(&[1, 2, 3])];
+        assert!(quorum_silent(&c, &three, &[(1, long), (2, long)]));
         assert!(
-            !quorum_silent(&c, 3, &[long, short]),
+            !quorum_silent(&c, &three, &[(1, long), (2, short)]),
             "exactly L(1+ρ)+margin is not enough"
         );
         assert!(
-            !quorum_silent(&c, 3, &[long]),
+            !quorum_silent(&c, &three, &[(1, long)]),
             "one of three is not a majority"
         );
         assert!(
-            !quorum_silent(&c, 4, &[long, long]),
+            !quorum_silent(&c, &[set(&[1, 2, 3, 4])], &[(1, long), (2, long)]),
             "two of four is not a majority"
         );
-        assert!(quorum_silent(&c, 5, &[long, long, long, short]));
-        assert!(!quorum_silent(&c, 0, &[]));
+        assert!(
+            !quorum_silent(&c, &three, &[(1, long), (9, long)]),
+            "a non-voter's report does not count"
+        );
+        assert!(quorum_silent(
+            &c,
+            &[set(&[1, 2, 3, 4, 5])],
+            &[(1, long), (2, long), (3, long), (4, short)]
+        ));
+        assert!(!quorum_silent(&c, &[], &[]));
+    }
+
+    #[test]
+    fn during_a_membership_change_a_majority_of_each_voter_set_is_needed() {
+        // Joint consensus from {1,2,3} to {3,4,5}.
+        let joint = [set(&[1, 2, 3]), set(&[3, 4, 5])];
+        // A majority of the five, but only one of the new set: it would not share a voter
+        // with the new set's majority {3,5} once the change completes.
+        assert!(!joint_majority(&joint, &set(&[1, 2, 4])));
+        assert!(joint_majority(&joint, &set(&[1, 3, 4])));
+        assert!(joint_majority(&joint, &set(&[2, 4, 5, 1])));
+        assert!(
+            !joint_majority(&joint, &set(&[3, 4, 5])),
+            "one of the old set"
+        );
+        // Every joint majority meets every majority of either set alone.
+        let all: Vec<NodeId> = (1..=5).collect();
+        let subsets: Vec<BTreeSet<NodeId>> = (0u32..32)
+            .map(|m| {
+                all.iter()
+                    .copied()
+                    .filter(|v| m & (1 << (v - 1)) != 0)
+                    .collect()
+            })
+            .collect();
+        for a in subsets.iter().filter(|a| joint_majority(&joint, a)) {
+            for cfg in &joint {
+                for b in subsets
+                    .iter()
+                    .filter(|b| joint_majority(std::slice::from_ref(cfg), b))
+                {
+                    assert!(!a.is_disjoint(b), "{a:?} and {b:?} share no voter");
+                }
+            }
+        }
+        assert!(!joint_majority(&[set(&[])], &set(&[1])));
     }
 
     /// Owner and three voters under virtual time, the owner's clock running slow by the full
@@ -389,8 +455,12 @@ mod tests {
         let owner_end_real = last_confirmed_send + c.duration.mul_f64(1.0 + c.drift);
         let mut t = last_confirmed_send;
         loop {
-            let reports: Vec<Duration> = voters.iter_mut().map(|w| w.silence(&key, t)).collect();
-            if quorum_silent(&c, 3, &reports) {
+            let reports: Vec<(NodeId, Duration)> = voters
+                .iter_mut()
+                .enumerate()
+                .map(|(i, w)| (i as NodeId, w.silence(&key, t)))
+                .collect();
+            if quorum_silent(&c, &[set(&[0, 1, 2])], &reports) {
                 break;
             }
             t += Duration::from_millis(1);

@@ -16,7 +16,7 @@ use crate::agent::{Agent, LoopbackBackend, TICK, VipBackend, owned_vips};
 use crate::config::{NodeConfig, TakeoverMode, VipSection};
 use crate::controller::{eligible, plan};
 use crate::daemon::{NodeInner, now_millis};
-use crate::lease::{Held, LeaseConfig, LeaseKey, Witness, quorum_silent};
+use crate::lease::{Held, LeaseConfig, LeaseKey, Witness, joint_majority, quorum_silent};
 use crate::lock;
 
 /// How often the leader plans.
@@ -226,7 +226,8 @@ pub(crate) fn refuse_in_background(inner: &Arc<NodeInner>, (name, epoch): Held, 
     });
 }
 
-/// Sends one renewal to every voter; succeeds once a majority recorded it.
+/// Sends one renewal to every voter; succeeds once voters holding a majority of every voter
+/// set (see [`joint_majority`]) recorded it.
 async fn renew(inner: &Arc<NodeInner>, held: Vec<Held>) -> Result<Vec<Held>, String> {
     use futures::StreamExt;
     let ttl = inner
@@ -234,59 +235,65 @@ async fn renew(inner: &Arc<NodeInner>, held: Vec<Held>) -> Result<Vec<Held>, Str
         .lease
         .renew_every
         .max(Duration::from_millis(50));
-    let voters = voters(inner);
-    let needed = voters.len() / 2 + 1;
+    let configs = voter_configs(inner);
     let mut calls = futures::stream::FuturesUnordered::new();
-    for (v, member) in voters {
+    for (v, member) in voters(inner) {
         let inner = inner.clone();
         let held = held.clone();
         calls.push(async move {
             if v == inner.id {
-                return Ok(record_renewal(&inner, inner.id, held));
+                return (v, Ok(record_renewal(&inner, inner.id, held)));
             }
-            let member = member.ok_or("voter not in membership")?;
-            match inner
+            let Some(member) = member else {
+                return (v, Err("voter not in membership".to_string()));
+            };
+            let reply = match inner
                 .network
                 .call(v, &member, RaftRpc::Renew(held), ttl)
-                .await?
+                .await
             {
-                RaftReply::Renewed(c) => Ok(c),
-                other => Err(format!("unexpected reply {other:?}")),
-            }
+                Ok(RaftReply::Renewed(c)) => Ok(c),
+                Ok(other) => Err(format!("unexpected reply {other:?}")),
+                Err(e) => Err(e.to_string()),
+            };
+            (v, reply)
         });
     }
-    // A placement's lease counts once a majority confirmed that placement at that epoch;
+    // A placement's lease counts once a quorum confirmed that placement at that epoch;
     // voters confirm only what their own fabric grants us.
-    let mut acks: BTreeMap<Held, usize> = BTreeMap::new();
-    let mut answered = 0;
+    let mut acks: BTreeMap<Held, BTreeSet<NodeId>> = BTreeMap::new();
+    let mut answered = BTreeSet::new();
     let mut last_err = String::from("no voters");
-    while let Some(r) = calls.next().await {
+    let quorum = |acks: &BTreeMap<Held, BTreeSet<NodeId>>, h: &Held| {
+        acks.get(h).is_some_and(|by| joint_majority(&configs, by))
+    };
+    while let Some((v, r)) = calls.next().await {
         match r {
             Ok(confirmed) => {
-                answered += 1;
+                answered.insert(v);
                 for h in confirmed {
-                    *acks.entry(h).or_default() += 1;
+                    acks.entry(h).or_default().insert(v);
                 }
-                if held
-                    .iter()
-                    .all(|h| acks.get(h).is_some_and(|n| *n >= needed))
-                {
+                if held.iter().all(|h| quorum(&acks, h)) {
                     return Ok(held);
                 }
             }
             Err(e) => last_err = e,
         }
     }
-    let confirmed: Vec<Held> = held
-        .into_iter()
-        .filter(|h| acks.get(h).is_some_and(|n| *n >= needed))
-        .collect();
-    if answered >= needed {
+    let confirmed: Vec<Held> = held.into_iter().filter(|h| quorum(&acks, h)).collect();
+    if joint_majority(&configs, &answered) {
         return Ok(confirmed);
     }
     Err(format!(
-        "renewal answered by {answered} voters, {needed} needed (last error: {last_err})"
+        "renewal answered by voters {answered:?}, not a majority of {configs:?} (last error: {last_err})"
     ))
+}
+
+/// The voter sets a lease decision needs a majority of: one, or two during a joint-consensus
+/// membership change.
+fn voter_configs(inner: &NodeInner) -> Vec<BTreeSet<NodeId>> {
+    inner.membership().membership().get_joint_config().clone()
 }
 
 /// The current voters and how to reach them.
@@ -354,14 +361,13 @@ async fn expired_leases(inner: &Arc<NodeInner>) -> BTreeSet<String> {
     if suspects.is_empty() {
         return BTreeSet::new();
     }
-    let voters = voters(inner);
-    let n_voters = voters.len();
-    let asks = voters.into_iter().map(|(v, member)| {
+    let configs = voter_configs(inner);
+    let asks = voters(inner).into_iter().map(|(v, member)| {
         let inner = inner.clone();
         let suspects = suspects.clone();
         async move {
             if v == inner.id {
-                return Some(local_silence(&inner, &suspects));
+                return Some((v, local_silence(&inner, &suspects)));
             }
             let rpc = RaftRpc::Silence(suspects.clone());
             match inner
@@ -369,25 +375,26 @@ async fn expired_leases(inner: &Arc<NodeInner>) -> BTreeSet<String> {
                 .call(v, &member?, rpc, Duration::from_millis(100))
                 .await
             {
-                Ok(RaftReply::Silences(ms)) if ms.len() == suspects.len() => Some(
+                Ok(RaftReply::Silences(ms)) if ms.len() == suspects.len() => Some((
+                    v,
                     ms.into_iter()
                         .map(Duration::from_millis)
                         .collect::<Vec<_>>(),
-                ),
+                )),
                 _ => None,
             }
         }
     });
-    let mut reports: Vec<Vec<Duration>> = vec![Vec::new(); suspects.len()];
-    for answer in futures::future::join_all(asks).await.into_iter().flatten() {
+    let mut reports: Vec<Vec<(NodeId, Duration)>> = vec![Vec::new(); suspects.len()];
+    for (v, answer) in futures::future::join_all(asks).await.into_iter().flatten() {
         for (i, d) in answer.into_iter().enumerate() {
-            reports[i].push(d);
+            reports[i].push((v, d));
         }
     }
     suspects
         .into_iter()
         .zip(reports)
-        .filter(|(_, r)| quorum_silent(&inner.placements.lease, n_voters, r))
+        .filter(|(_, r)| quorum_silent(&inner.placements.lease, &configs, r))
         .map(|((name, ..), _)| name)
         .collect()
 }
