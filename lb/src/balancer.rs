@@ -354,14 +354,7 @@ impl Balancer {
             }
             Err(error) => {
                 tracing::debug!(lb = %self.label, backend = %backend.name(), %error, "relay ended with an error");
-                let reset = match &error {
-                    RelayError::Read { source, .. } | RelayError::Write { source, .. } => matches!(
-                        source.kind(),
-                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-                    ),
-                    _ => false,
-                };
-                if reset {
+                if error.is_peer_gone() {
                     self.stats.relay_resets.fetch_add(1, Ordering::Relaxed);
                 } else {
                     self.stats.relay_errors.fetch_add(1, Ordering::Relaxed);

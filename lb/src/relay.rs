@@ -181,6 +181,26 @@ pub enum RelayError {
     },
 }
 
+impl RelayError {
+    /// Whether the relay ended because a peer went away (reset, broken pipe, or a socket no
+    /// longer connected when its half-close was forwarded): routine at teardown, for example
+    /// when a load generator stops with connections open, not a fault of the relay.
+    pub fn is_peer_gone(&self) -> bool {
+        match self {
+            RelayError::Read { source, .. } | RelayError::Write { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::NotConnected
+            ),
+            RelayError::Shutdown { source, .. } => {
+                matches!(source, Errno::ENOTCONN | Errno::ECONNRESET | Errno::EPIPE)
+            }
+            RelayError::Pipe { .. } | RelayError::Idle { .. } => false,
+        }
+    }
+}
+
 /// A non-blocking kernel pipe used as the splice buffer for one direction.
 ///
 /// Tracks how many bytes it holds because the kernel's `EAGAIN` cannot tell
@@ -785,6 +805,31 @@ pub async fn relay_counted(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_that_went_away_is_told_apart_from_a_relay_fault() {
+        let io_err = |kind: io::ErrorKind| RelayError::Write {
+            direction: Direction::BackendToClient,
+            moved: 0,
+            source: kind.into(),
+        };
+        let shutdown = |e: Errno| RelayError::Shutdown {
+            direction: Direction::BackendToClient,
+            source: e,
+        };
+        assert!(io_err(io::ErrorKind::ConnectionReset).is_peer_gone());
+        assert!(io_err(io::ErrorKind::BrokenPipe).is_peer_gone());
+        assert!(io_err(io::ErrorKind::NotConnected).is_peer_gone());
+        assert!(!io_err(io::ErrorKind::PermissionDenied).is_peer_gone());
+        assert!(shutdown(Errno::ENOTCONN).is_peer_gone());
+        assert!(!shutdown(Errno::EBADF).is_peer_gone());
+        assert!(
+            !RelayError::Pipe {
+                source: Errno::EMFILE
+            }
+            .is_peer_gone()
+        );
+    }
 
     #[test]
     fn pipe_with_leftover_data_is_not_pooled() {

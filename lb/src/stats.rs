@@ -25,7 +25,8 @@ pub struct LbStats {
     pub peek_timeouts: AtomicU64,
     /// Relays that ended with an error other than a peer's reset.
     pub relay_errors: AtomicU64,
-    /// Relays ended by a peer's reset or a write to a closed peer (common at teardown).
+    /// Relays ended by a peer's reset, a write to a closed peer or a half-close forwarded to a
+    /// peer already gone (common at teardown).
     pub relay_resets: AtomicU64,
     /// Relays closed by the idle timeout.
     pub idle_closed: AtomicU64,
@@ -110,7 +111,7 @@ pub fn render_prometheus(balancers: &[Rendered<'_>], out: &mut String) {
         (
             "spaced_lb_relay_resets_total",
             "counter",
-            "Relays ended by a peer's reset or broken pipe.",
+            "Relays ended by a peer that went away (reset, broken pipe, not connected).",
             |s| get(&s.relay_resets),
         ),
         (
