@@ -376,6 +376,14 @@ pub fn spacectl_stdout(mut cmd: std::process::Command, args: &[&str]) -> Result<
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// Ids of the nodes in the `refused` list of a `vip list --json` or `singleton list --json` row.
+pub fn refusers(row: &serde_json::Value) -> Vec<u64> {
+    row["refused"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r["node"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
 /// Path of a workspace binary (`spaced`, `spacectl`). `cargo test --workspace` builds them
 /// (spaced-node has integration tests of its own, which makes cargo build its binaries).
 pub fn binary(name: &str) -> Result<PathBuf> {

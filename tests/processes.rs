@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use spaced_node::demo::write_node_config;
-use spaced_tests::{binary, make_pki, spacectl_stdout, wait_until};
+use spaced_tests::{binary, make_pki, refusers, spacectl_stdout, wait_until};
 
 /// A `spaced run` child that is killed when dropped, so a failing test leaves nothing behind.
 struct Proc {
@@ -694,14 +694,6 @@ fn singleton_row(lab: &Lab, endpoint: &str, name: &str) -> Result<Value> {
         .with_context(|| format!("no singleton {name} in {rows}"))
 }
 
-/// Ids of the nodes in a singleton row's `refused` list.
-fn refusers(row: &Value) -> Vec<u64> {
-    row["refused"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|r| r["node"].as_u64()).collect())
-        .unwrap_or_default()
-}
-
 #[test]
 fn a_singleton_a_node_cannot_keep_running_moves_on_and_one_no_node_can_run_waits_unowned()
 -> Result<()> {
@@ -709,6 +701,20 @@ fn a_singleton_a_node_cannot_keep_running_moves_on_and_one_no_node_can_run_waits
     let n1 = lab.procs[0].addr.clone();
     let out = lab.dir.path().join("svc");
     std::fs::create_dir_all(&out)?;
+    let add_singleton = |name: &str, command: &[&str]| {
+        let mut args = vec![
+            "service",
+            "add",
+            name,
+            "--scope",
+            "singleton",
+            "--roles",
+            "app",
+            "--",
+        ];
+        args.extend_from_slice(command);
+        lab.ctl_ok(&n1, &args)
+    };
 
     // Runs only on n1; exits at once elsewhere. The planner's first choice is not n1 (the
     // leader is passed over while others are free), so some node fails it first, gives it back
@@ -718,22 +724,7 @@ fn a_singleton_a_node_cannot_keep_running_moves_on_and_one_no_node_can_run_waits
         "echo \"$SPACED_NODE $SPACED_EPOCH $$\" >> {}; [ \"$SPACED_NODE\" = n1 ] || exit 3; exec sleep 1000",
         log.display()
     );
-    lab.ctl_ok(
-        &n1,
-        &[
-            "service",
-            "add",
-            "picky",
-            "--scope",
-            "singleton",
-            "--roles",
-            "app",
-            "--",
-            "/bin/sh",
-            "-c",
-            &picky,
-        ],
-    )?;
+    add_singleton("picky", &["/bin/sh", "-c", &picky])?;
     wait_until(Duration::from_secs(30), "picky running on n1", || {
         Ok(singleton_starts(&log)
             .last()
@@ -765,20 +756,7 @@ fn a_singleton_a_node_cannot_keep_running_moves_on_and_one_no_node_can_run_waits
 
     // A program no node has: every node gives it back, and it waits unowned with their reasons
     // instead of cycling through the nodes.
-    lab.ctl_ok(
-        &n1,
-        &[
-            "service",
-            "add",
-            "ghost",
-            "--scope",
-            "singleton",
-            "--roles",
-            "app",
-            "--",
-            "/nonexistent/ghostd",
-        ],
-    )?;
+    add_singleton("ghost", &["/nonexistent/ghostd"])?;
     wait_until(
         Duration::from_secs(60),
         "ghost refused by all three",
@@ -803,21 +781,7 @@ fn a_singleton_a_node_cannot_keep_running_moves_on_and_one_no_node_can_run_waits
         "{human}"
     );
     // A fixed spec is tried again at once: the refusals go with the old spec.
-    lab.ctl_ok(
-        &n1,
-        &[
-            "service",
-            "add",
-            "ghost",
-            "--scope",
-            "singleton",
-            "--roles",
-            "app",
-            "--",
-            "/bin/sleep",
-            "1000",
-        ],
-    )?;
+    add_singleton("ghost", &["/bin/sleep", "1000"])?;
     wait_until(Duration::from_secs(20), "the fixed ghost placed", || {
         let row = singleton_row(&lab, &n1, "ghost")?;
         Ok(row["owner"].is_u64() && refusers(&row).is_empty())

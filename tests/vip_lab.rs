@@ -12,7 +12,7 @@ use spaced_node::config::{
     LbPort, LbSection, LeaseTimings, NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection,
 };
 use spaced_tests::lab::{AddressWatch, Lab, LabProcess, lab_or_skip};
-use spaced_tests::{binary, make_pki, spacectl_stdout, wait_until};
+use spaced_tests::{binary, make_pki, refusers, spacectl_stdout, wait_until};
 
 /// Port of the stand-in service every host runs on the VIP (bound with IP_FREEBIND).
 const SERVICE_PORT: u16 = 8080;
@@ -613,14 +613,6 @@ fn bad_vip_config_is_refused_at_start() -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Nodes named in a VIP entry's `refused` list.
-fn refusers(entry: &Value) -> Vec<u64> {
-    entry["refused"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|r| r["node"].as_u64()).collect())
-        .unwrap_or_default()
 }
 
 #[test]

@@ -514,6 +514,25 @@ pub enum CommandError {
     },
 }
 
+/// Placement `name`, if its epoch is still `epoch` (the compare of a compare-and-set).
+fn placement_at<'a>(
+    placements: &'a mut BTreeMap<String, Placement>,
+    name: &str,
+    epoch: u64,
+) -> Result<&'a mut Placement, CommandError> {
+    let p = placements
+        .get_mut(name)
+        .ok_or_else(|| not_found("placement", name))?;
+    if p.epoch != epoch {
+        return Err(CommandError::StaleEpoch {
+            name: name.to_string(),
+            expected: epoch,
+            current: p.epoch,
+        });
+    }
+    Ok(p)
+}
+
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
 fn cut_at_char(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
@@ -792,17 +811,7 @@ impl Fabric {
                 expected_epoch,
             } => {
                 let node = self.nodes.get(to).ok_or_else(|| not_found("node", to))?;
-                let p = self
-                    .placements
-                    .get(name)
-                    .ok_or_else(|| not_found("placement", name))?;
-                if p.epoch != *expected_epoch {
-                    return Err(CommandError::StaleEpoch {
-                        name: name.clone(),
-                        expected: *expected_epoch,
-                        current: p.epoch,
-                    });
-                }
+                let p = placement_at(&mut self.placements, name, *expected_epoch)?;
                 if node.admin_state != AdminState::Active {
                     return Err(CommandError::NotEligible {
                         name: name.clone(),
@@ -820,10 +829,6 @@ impl Fabric {
                 if p.owner == Some(*to) {
                     return Err(exists("owner of placement", format!("{name} on {to}")));
                 }
-                let p = self
-                    .placements
-                    .get_mut(name)
-                    .ok_or_else(|| not_found("placement", name))?;
                 p.owner = Some(*to);
                 p.epoch += 1;
                 // A new try: the node refuses again if it still cannot hold it.
@@ -831,17 +836,7 @@ impl Fabric {
                 Ok(Outcome::Epoch(p.epoch))
             }
             Command::ReleasePlacement { name, epoch } => {
-                let p = self
-                    .placements
-                    .get_mut(name)
-                    .ok_or_else(|| not_found("placement", name))?;
-                if p.epoch != *epoch {
-                    return Err(CommandError::StaleEpoch {
-                        name: name.clone(),
-                        expected: *epoch,
-                        current: p.epoch,
-                    });
-                }
+                let p = placement_at(&mut self.placements, name, *epoch)?;
                 if p.owner.is_none() {
                     return Err(not_found("owner of placement", name));
                 }
@@ -856,17 +851,7 @@ impl Fabric {
                 reason,
                 at,
             } => {
-                let p = self
-                    .placements
-                    .get_mut(name)
-                    .ok_or_else(|| not_found("placement", name))?;
-                if p.epoch != *epoch {
-                    return Err(CommandError::StaleEpoch {
-                        name: name.clone(),
-                        expected: *epoch,
-                        current: p.epoch,
-                    });
-                }
+                let p = placement_at(&mut self.placements, name, *epoch)?;
                 if p.owner != Some(*node) {
                     return Err(CommandError::NotEligible {
                         name: name.clone(),
