@@ -772,12 +772,16 @@ fn a_singleton_a_node_cannot_keep_running_moves_on_and_one_no_node_can_run_waits
             "{row}"
         );
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // Then the node that refused longest ago is tried again every 5 s (each try takes its 4
+    // failures): a few epochs in 3 s at most, not a cycle every few ms.
+    let before = row["epoch"].as_u64().context("epoch")?;
+    std::thread::sleep(Duration::from_secs(3));
     let later = singleton_row(&lab, &n1, "ghost")?;
-    assert_eq!(later["epoch"], row["epoch"], "it kept cycling: {later}");
+    let after = later["epoch"].as_u64().context("epoch")?;
+    assert!(after - before <= 4, "it kept cycling: {later}");
     let human = lab.ctl_ok(&n1, &["singleton", "list"])?;
     assert!(
-        human.contains("could not be held:") && human.contains("ghost: refused by n2 (2)"),
+        human.contains("could not be held:") && human.contains("ghost: refused by n"),
         "{human}"
     );
     // A fixed spec is tried again at once: the refusals go with the old spec.

@@ -14,9 +14,16 @@ pub fn eligible(fabric: &Fabric, p: &Placement, node: NodeId) -> bool {
 }
 
 /// How long a node that refused a placement (see [`Command::RefusePlacement`]) is passed over for
-/// it. After that it is tried again, so a host fixed by its operator takes the placement back
-/// without a restart, at the cost of one grant and refusal per minute while it is still broken.
+/// it while another eligible node is free. After that it is tried again, so a host fixed by its
+/// operator takes the placement back without a restart, at the cost of one grant and refusal per
+/// minute while it is still broken.
 pub const REFUSAL_HOLD_MS: Millis = 60_000;
+
+/// When every eligible live node refused a placement recently, the one that refused longest ago
+/// is tried again once its refusal is this old: a placement that could only live on nodes that
+/// all failed (one `db` node whose takeover failed once, say) is retried every few seconds
+/// instead of staying down for the whole hold, and still does not cycle.
+pub const RETRY_ALL_REFUSED_MS: Millis = 5_000;
 
 /// Whether `node` refused `p` less than [`REFUSAL_HOLD_MS`] before `now`.
 pub fn refused_recently(p: &Placement, node: NodeId, now: Millis) -> bool {
@@ -28,7 +35,8 @@ pub fn refused_recently(p: &Placement, node: NodeId, now: Millis) -> bool {
 /// The best holder for `p` among `live` nodes, excluding `not` and nodes that refused it recently:
 /// fewest placements held, then a
 /// node other than the Raft leader (a crash then costs one failover, not an election plus one),
-/// then the lowest id.
+/// then the lowest id. When every such node refused recently, the one that refused longest ago,
+/// once that is [`RETRY_ALL_REFUSED_MS`] past.
 fn choose(
     fabric: &Fabric,
     p: &Placement,
@@ -43,10 +51,24 @@ fn choose(
             *load.entry(o).or_default() += 1;
         }
     }
-    live.iter()
+    let candidates: Vec<NodeId> = live
+        .iter()
         .copied()
-        .filter(|n| Some(*n) != not && eligible(fabric, p, *n) && !refused_recently(p, *n, now))
-        .min_by_key(|n| (load.get(n).copied().unwrap_or(0), *n == leader, *n))
+        .filter(|n| Some(*n) != not && eligible(fabric, p, *n))
+        .collect();
+    let fresh = candidates
+        .iter()
+        .copied()
+        .filter(|n| !refused_recently(p, *n, now))
+        .min_by_key(|n| (load.get(n).copied().unwrap_or(0), *n == leader, *n));
+    fresh.or_else(|| {
+        candidates
+            .iter()
+            .filter_map(|n| p.refused.get(n).map(|r| (r.at, *n)))
+            .filter(|(at, _)| now.saturating_sub(*at) >= RETRY_ALL_REFUSED_MS)
+            .min()
+            .map(|(_, n)| n)
+    })
 }
 
 /// What the leader should propose now.
@@ -56,7 +78,8 @@ fn choose(
 ///   take it back (owner none) when nobody else is eligible;
 /// - a live owner keeps its placement: no automatic failback;
 /// - a node that refused a placement less than [`REFUSAL_HOLD_MS`] before `now` is passed over;
-///   when every eligible live node has, the placement stays unowned;
+///   when every eligible live node has, the placement stays unowned until the oldest of those
+///   refusals is [`RETRY_ALL_REFUSED_MS`] old, and that node is tried again;
 /// - `prefer` names the node an operator asked a placement to move to (a recent refusal does not
 ///   stop that: the operator asks for a new try).
 pub fn plan(
@@ -380,10 +403,21 @@ mod refusal_tests {
             plan(&f, &live, 3, &none, &BTreeMap::new(), t0),
             vec![grant(2, 2)]
         );
-        // Every eligible node refused: the placement stays unowned instead of cycling.
+        // Every eligible node refused: the placement stays unowned instead of cycling, until
+        // the oldest refusal is RETRY_ALL_REFUSED_MS old (node 1's: tried again first).
         refuse(&mut f, 2, t0 + 10);
         refuse(&mut f, 3, t0 + 20);
-        assert_eq!(plan(&f, &live, 3, &none, &BTreeMap::new(), t0 + 30), vec![]);
+        let at = |ms: Millis| plan(&f, &live, 3, &none, &BTreeMap::new(), t0 + ms);
+        assert_eq!(at(30), vec![]);
+        assert_eq!(at(RETRY_ALL_REFUSED_MS - 1), vec![]);
+        assert_eq!(at(RETRY_ALL_REFUSED_MS), vec![grant(1, 6)]);
+        // Without node 1, node 2 refused longest ago.
+        let without_1: BTreeSet<NodeId> = [2, 3].into();
+        let late = t0 + RETRY_ALL_REFUSED_MS + 10;
+        assert_eq!(
+            plan(&f, &without_1, 3, &none, &BTreeMap::new(), late),
+            vec![grant(2, 6)]
+        );
         let p = &f.placements["cluster"];
         assert_eq!(p.owner, None);
         assert_eq!(
@@ -399,20 +433,25 @@ mod refusal_tests {
             plan(&f, &live, 3, &none, &prefer, t0 + 30),
             vec![grant(3, 6)]
         );
-        // After the hold the first refuser is tried again.
+        // While a node that did not refuse is free, the refusers wait out the whole hold;
+        // after it, the usual choice (lowest id among the least loaded) may pick them again.
+        f.apply(&Command::RegisterNode {
+            id: 4,
+            name: "n4".into(),
+            raft_addr: "127.0.0.1:7004".into(),
+            mgmt_ip: None,
+            roles: ["ha".to_string()].into(),
+            at: 0,
+        })
+        .unwrap();
+        let four: BTreeSet<NodeId> = [1, 2, 3, 4].into();
+        let hold = t0 + REFUSAL_HOLD_MS;
         assert_eq!(
-            plan(
-                &f,
-                &live,
-                3,
-                &none,
-                &BTreeMap::new(),
-                t0 + REFUSAL_HOLD_MS - 1
-            ),
-            vec![]
+            plan(&f, &four, 3, &none, &BTreeMap::new(), hold - 1),
+            vec![grant(4, 6)]
         );
         assert_eq!(
-            plan(&f, &live, 3, &none, &BTreeMap::new(), t0 + REFUSAL_HOLD_MS),
+            plan(&f, &four, 3, &none, &BTreeMap::new(), hold),
             vec![grant(1, 6)]
         );
         // An owner whose lease ran out is replaced only by a node that has not refused.
