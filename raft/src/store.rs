@@ -32,6 +32,14 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"last_purged";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
+const KEY_FORMAT: &[u8] = b"format";
+
+/// The encoding of what this build keeps in a data dir (log entries, snapshots, markers),
+/// recorded in the dir when it is first used and checked at every open. Raised whenever that
+/// encoding changes, so that a dir written by another build is refused by name instead of
+/// failing to decode halfway through. 2: placements record the nodes that refused them (dirs
+/// written before formats were recorded have no marker).
+pub const DATA_FORMAT: u32 = 2;
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +57,16 @@ pub enum StoreError {
     Locked {
         /// The data directory.
         dir: String,
+    },
+    /// The data dir was written by a build with another data format.
+    #[error("data dir {dir} holds data format {}, and this spaced reads format {expected} only: give this node an empty data dir and add it to the cluster again (it catches up from its peers), or run the spaced that wrote it", found.map(|f| f.to_string()).unwrap_or_else(|| "from before formats were recorded".into()))]
+    Format {
+        /// The data directory.
+        dir: String,
+        /// The format recorded in it (`None`: written before formats were recorded).
+        found: Option<u32>,
+        /// The format this build reads and writes.
+        expected: u32,
     },
     /// A stored value does not decode.
     #[error("data dir {dir}: stored {what} is corrupt: {source}")]
@@ -112,6 +130,30 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
     let log = db.open_tree("log").map_err(sled_err)?;
     let meta = db.open_tree("meta").map_err(sled_err)?;
     let sm = db.open_tree("sm").map_err(sled_err)?;
+    let found = match meta.get(KEY_FORMAT).map_err(sled_err)? {
+        Some(v) => Some(
+            <[u8; 4]>::try_from(v.as_ref())
+                .map(u32::from_be_bytes)
+                .unwrap_or(0),
+        ),
+        None => None,
+    };
+    let used = !log.is_empty() || !sm.is_empty() || !meta.is_empty();
+    match found {
+        Some(f) if f == DATA_FORMAT => {}
+        None if !used => {
+            meta.insert(KEY_FORMAT, &DATA_FORMAT.to_be_bytes())
+                .map_err(sled_err)?;
+            db.flush().map_err(sled_err)?;
+        }
+        found => {
+            return Err(StoreError::Format {
+                dir: dir_s.clone(),
+                found,
+                expected: DATA_FORMAT,
+            });
+        }
+    }
 
     let mut state = FabricState::default();
     if let Some(bytes) = sm.get(KEY_SNAPSHOT).map_err(sled_err)? {
@@ -559,6 +601,44 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn openraft_storage_suite() {
         Suite::test_all(SledBuilder).await.expect("storage suite");
+    }
+
+    /// A data dir of another format, or from before formats were recorded, is refused by name
+    /// and left as it was; a fresh one gets this build's format.
+    #[test]
+    fn a_data_dir_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()).unwrap());
+        drop(open(dir.path()).unwrap());
+        let set_format = |format: Option<u32>| {
+            let db = sled::open(dir.path()).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            match format {
+                Some(f) => meta.insert(KEY_FORMAT, &f.to_be_bytes()).unwrap(),
+                None => meta.remove(KEY_FORMAT).unwrap(),
+            };
+            meta.insert(KEY_VOTE, b"x".as_slice()).unwrap();
+            db.flush().unwrap();
+        };
+        set_format(Some(DATA_FORMAT + 1));
+        let err = open(dir.path())
+            .err()
+            .expect("another format is refused")
+            .to_string();
+        assert!(
+            err.contains(&format!("holds data format {}", DATA_FORMAT + 1))
+                && err.contains(&format!("reads format {DATA_FORMAT}")),
+            "{err}"
+        );
+        set_format(None);
+        let err = open(dir.path())
+            .err()
+            .expect("no marker on a used dir is refused")
+            .to_string();
+        assert!(err.contains("from before formats were recorded"), "{err}");
+        // Refusing changed nothing: still no marker.
+        let err = open(dir.path()).err().expect("still refused").to_string();
+        assert!(err.contains("from before formats were recorded"), "{err}");
     }
 
     /// Vote, log and snapshot survive closing and reopening the database.
