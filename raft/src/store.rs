@@ -130,14 +130,12 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
     let log = db.open_tree("log").map_err(sled_err)?;
     let meta = db.open_tree("meta").map_err(sled_err)?;
     let sm = db.open_tree("sm").map_err(sled_err)?;
-    let found = match meta.get(KEY_FORMAT).map_err(sled_err)? {
-        Some(v) => Some(
-            <[u8; 4]>::try_from(v.as_ref())
-                .map(u32::from_be_bytes)
-                .unwrap_or(0),
-        ),
-        None => None,
-    };
+    // A marker that is not 4 bytes reads as format 0: refused like any other format.
+    let found = meta.get(KEY_FORMAT).map_err(sled_err)?.map(|v| {
+        <[u8; 4]>::try_from(v.as_ref())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0)
+    });
     let used = !log.is_empty() || !sm.is_empty() || !meta.is_empty();
     match found {
         Some(f) if f == DATA_FORMAT => {}
