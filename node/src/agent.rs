@@ -82,31 +82,30 @@ impl LoopbackBackend {
     }
 }
 
+impl LoopbackBackend {
+    /// Where this node answers for `vip`: its address and the port configured for it here.
+    fn responder_addr(&self, vip: &VipSpec) -> Result<SocketAddr, String> {
+        let port =
+            self.ports.get(&vip.name).copied().ok_or_else(|| {
+                format!("VIP {}: no loopback port configured on this node", vip.name)
+            })?;
+        let ip = vip
+            .ip()
+            .ok_or_else(|| format!("VIP {}: bad address {}", vip.name, vip.address))?;
+        Ok(SocketAddr::new(ip, port))
+    }
+}
+
 impl VipBackend for LoopbackBackend {
     fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
-        let result = if !self.ports.contains_key(&vip.name) {
-            Err(format!(
-                "VIP {}: no loopback port configured on this node",
-                vip.name
-            ))
-        } else if vip.ip().is_none() {
-            Err(format!("VIP {}: bad address {}", vip.name, vip.address))
-        } else {
-            Ok(())
-        };
+        let result = self.responder_addr(&vip).map(|_| ());
         Box::pin(async move { result })
     }
 
     fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
-        let port = self.ports.get(&vip.name).copied();
         let name = self.node_name.clone();
-        let ip = vip.ip();
         let result = (|| {
-            let port = port.ok_or_else(|| {
-                format!("VIP {}: no loopback port configured on this node", vip.name)
-            })?;
-            let ip = ip.ok_or_else(|| format!("VIP {}: bad address {}", vip.name, vip.address))?;
-            let addr = SocketAddr::new(ip, port);
+            let addr = self.responder_addr(&vip)?;
             let std_listener = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("VIP {}: bind {addr}: {e}", vip.name))?;
             std_listener

@@ -552,6 +552,7 @@ impl NodeInner {
                 running: self.placements.supervisor.status(),
             }),
             AdminRequest::SingletonList => AdminReply::Singletons(self.view.read(|f| {
+                let now = now_millis();
                 f.placements
                     .iter()
                     .filter_map(|(name, p)| match &p.kind {
@@ -565,7 +566,7 @@ impl NodeInner {
                                     .owner
                                     .and_then(|o| f.nodes.get(&o).map(|n| n.name.clone())),
                                 epoch: p.epoch,
-                                refused: crate::admin::RefusalRow::of(f, p, now_millis()),
+                                refused: crate::admin::RefusalRow::of(f, p, now),
                             })
                         }
                         _ => None,

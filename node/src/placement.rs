@@ -186,18 +186,22 @@ pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Recei
             });
         }
         for (held, reason) in inner.placements.agent.execute(&step).await {
-            refuse_in_background(&inner, held, reason);
+            give_back(&inner, held, reason);
         }
     }
 }
 
 /// Gives a placement this node cannot hold back to the fabric, saying why (a VIP it could not
-/// add, a singleton it cannot keep running); the caller has already fenced it here. In the
-/// background and best effort: if the refusal does not commit, the lease, no longer renewed,
-/// lapses and the placement moves on anyway (only without the reason and the hold).
-pub(crate) fn refuse_in_background(inner: &Arc<NodeInner>, (name, epoch): Held, reason: String) {
+/// add, a singleton it cannot keep running): fenced and held down here first (nothing more to
+/// do if that already happened), then refused. In the background and best effort: if the
+/// refusal does not commit, the lease, no longer renewed, lapses and the placement moves on
+/// anyway (only without the reason and the hold).
+pub(crate) fn give_back(inner: &Arc<NodeInner>, (name, epoch): Held, reason: String) {
     let inner = inner.clone();
     tokio::spawn(async move {
+        if let Err(e) = inner.placements.agent.fence_and_hold(&name, epoch).await {
+            tracing::error!(placement = %name, epoch, error = %e, "could not stop what it gives back");
+        }
         let cmd = Command::RefusePlacement {
             name: name.clone(),
             node: inner.id,
@@ -601,6 +605,26 @@ impl NodeHooks for Hooks {
     }
 }
 
+/// Whether node `id` (this one or a peer) could hold a VIP: `Ok(None)` yes, `Ok(Some(why))`
+/// no, `Err` no answer.
+async fn check_vip_on(
+    inner: &NodeInner,
+    id: NodeId,
+    address: String,
+    interface: String,
+) -> Result<Option<String>, String> {
+    if id == inner.id {
+        return Ok(check_vip_here(inner, address, interface).await);
+    }
+    let member = inner.member(id).ok_or("not a member")?;
+    let rpc = RaftRpc::CheckVip { address, interface };
+    match inner.network.call(id, &member, rpc, CHECK_VIP_WITHIN).await {
+        Ok(RaftReply::VipChecked(answer)) => Ok(answer),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(format!("no answer: {e}")),
+    }
+}
+
 /// Whether this node could hold a VIP (`None`) or why not.
 fn check_vip_here(
     inner: &NodeInner,
@@ -685,12 +709,10 @@ pub(crate) async fn vip_add(
     let answers = futures::future::join_all(candidates.iter().map(|(id, node)| {
         let (address, interface) = (address.clone(), interface.clone());
         async move {
-            let answer = if !live.contains(id) {
-                Err("not live, not asked".to_string())
-            } else if *id == inner.id {
-                Ok(check_vip_here(inner, address, interface).await)
+            let answer = if live.contains(id) {
+                check_vip_on(inner, *id, address, interface).await
             } else {
-                ask_check_vip(inner, *id, address, interface).await
+                Err("not live, not asked".to_string())
             };
             (node.clone(), answer)
         }
@@ -728,22 +750,6 @@ pub(crate) async fn vip_add(
     Ok(cannot)
 }
 
-/// Asks node `id` whether it could hold a VIP: `Ok(None)` yes, `Ok(Some(why))` no, `Err` no answer.
-async fn ask_check_vip(
-    inner: &NodeInner,
-    id: NodeId,
-    address: String,
-    interface: String,
-) -> Result<Option<String>, String> {
-    let member = inner.member(id).ok_or("not a member")?;
-    let rpc = RaftRpc::CheckVip { address, interface };
-    match inner.network.call(id, &member, rpc, CHECK_VIP_WITHIN).await {
-        Ok(RaftReply::VipChecked(answer)) => Ok(answer),
-        Ok(other) => Err(format!("unexpected reply {other:?}")),
-        Err(e) => Err(format!("no answer: {e}")),
-    }
-}
-
 /// `vip move` on the leader: the owner fences and the release commits before the target is granted.
 pub(crate) async fn vip_move(inner: &NodeInner, name: &str, to: NodeId) -> Result<u64, String> {
     let (owner, epoch, ok, vip) = inner.view.read(|f| {
@@ -770,12 +776,7 @@ pub(crate) async fn vip_move(inner: &NodeInner, name: &str, to: NodeId) -> Resul
     }
     // Ask the target before the owner lets go: a VIP it cannot hold would be given straight back.
     if let Some((address, interface)) = vip {
-        let answer = if to == inner.id {
-            Ok(check_vip_here(inner, address, interface).await)
-        } else {
-            ask_check_vip(inner, to, address, interface).await
-        };
-        match answer {
+        match check_vip_on(inner, to, address, interface).await {
             Ok(None) => {}
             Ok(Some(why)) => return Err(format!("node {to} cannot hold {name:?}: {why}")),
             Err(e) => {

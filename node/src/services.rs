@@ -26,10 +26,7 @@ pub const SINGLETON_GIVE_UP_AFTER: u32 = 4;
 /// the supervisor, or [`SINGLETON_GIVE_UP_AFTER`] failures in a row. `None` while it runs, starts
 /// or has failed fewer times.
 pub fn cannot_keep_running(status: &ServiceStatus) -> Option<String> {
-    let last = status
-        .last_error
-        .clone()
-        .unwrap_or_else(|| "no error recorded".into());
+    let last = status.last_error.as_deref().unwrap_or("no error recorded");
     match status.state {
         ServiceState::Rejected => Some(format!("rejected by the supervisor: {last}")),
         ServiceState::FailedToStart | ServiceState::Backoff
@@ -439,19 +436,7 @@ fn give_up_failing_singletons(
             continue;
         }
         tracing::warn!(singleton = %placement, epoch, %reason, "cannot keep the singleton running here; giving it back");
-        let inner = inner.clone();
-        let placement = placement.clone();
-        tokio::spawn(async move {
-            if let Err(e) = inner
-                .placements
-                .agent
-                .fence_and_hold(&placement, epoch)
-                .await
-            {
-                tracing::error!(singleton = %placement, error = %e, "could not stop the singleton it gives back");
-            }
-            crate::placement::refuse_in_background(&inner, (placement, epoch), reason);
-        });
+        crate::placement::give_back(inner, (placement.clone(), epoch), reason);
     }
 }
 

@@ -37,8 +37,7 @@ impl NetlinkBackend {
 
     /// The VIP can live on this host: interface present, address inside one of its subnets.
     pub async fn check(&self, address: &str, interface: &str) -> Result<(), String> {
-        let vip = VipAddr::parse(address, interface).map_err(|e| e.to_string())?;
-        self.tk.check(&vip).await.map_err(|e| e.to_string())
+        check_address(&self.tk, address, interface).await
     }
 
     fn guard(&self) -> Result<&GuardHandle, String> {
@@ -49,14 +48,19 @@ impl NetlinkBackend {
     }
 }
 
+/// Interface present in this namespace, address inside one of its subnets.
+async fn check_address(tk: &Takeover, address: &str, interface: &str) -> Result<(), String> {
+    let vip = VipAddr::parse(address, interface).map_err(|e| e.to_string())?;
+    tk.check(&vip).await.map_err(|e| e.to_string())
+}
+
 impl VipBackend for NetlinkBackend {
     fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
         let tk = self.tk.clone();
         Box::pin(async move {
             crate::takeover::check_capabilities()
                 .map_err(|e| format!("this node cannot hold VIPs: {e}"))?;
-            let addr = VipAddr::parse(&vip.address, &vip.interface).map_err(|e| e.to_string())?;
-            tk.check(&addr).await.map_err(|e| e.to_string())
+            check_address(&tk, &vip.address, &vip.interface).await
         })
     }
 
