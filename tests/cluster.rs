@@ -18,6 +18,18 @@ use spaced_tests::{Cluster, devices, without_device_state};
 
 const T: Duration = Duration::from_secs(20);
 
+/// Sends `req` to the leader and fails unless it answers `Done`.
+async fn expect_done(
+    admin: &mut spaced_node::client::AdminClient,
+    req: &AdminRequest,
+    what: &str,
+) -> Result<()> {
+    match admin.call_leader(req).await? {
+        AdminReply::Done => Ok(()),
+        other => bail!("{what}: {other:?}"),
+    }
+}
+
 fn timings() -> RaftTimings {
     RaftTimings::default()
 }
@@ -218,13 +230,12 @@ async fn remove_node_and_transfer_leadership() -> Result<()> {
 
     // Transfer to a follower.
     let to = *c.nodes.keys().find(|k| **k != leader).context("follower")?;
-    match admin
-        .call_leader(&AdminRequest::TransferLeader(format!("n{to}")))
-        .await?
-    {
-        AdminReply::Done => {}
-        other => bail!("transfer: {other:?}"),
-    }
+    expect_done(
+        &mut admin,
+        &AdminRequest::TransferLeader(format!("n{to}")),
+        "transfer",
+    )
+    .await?;
     c.wait_for(T, "all nodes follow the new leader", |c| {
         c.agreed_leader() == Some(to)
     })
@@ -236,13 +247,12 @@ async fn remove_node_and_transfer_leadership() -> Result<()> {
         .keys()
         .find(|k| **k != leader && **k != to)
         .context("third node")?;
-    match admin
-        .call_leader(&AdminRequest::RemoveNode(format!("n{victim}")))
-        .await?
-    {
-        AdminReply::Done => {}
-        other => bail!("remove: {other:?}"),
-    }
+    expect_done(
+        &mut admin,
+        &AdminRequest::RemoveNode(format!("n{victim}")),
+        "remove",
+    )
+    .await?;
     c.stop_node(victim).await;
     let s = admin.status().await?;
     let ids: BTreeSet<u64> = s.nodes.iter().map(|n| n.id).collect();
@@ -520,13 +530,12 @@ async fn a_node_listening_on_a_wildcard_address_is_known_by_its_advertised_one()
     let n1 = s.nodes.iter().find(|n| n.id == 1).context("n1 listed")?;
     assert_eq!(n1.addr, advertised, "{s:?}");
     // Another leader reaches n1 at that address: what it commits arrives on n1.
-    match admin
-        .call_leader(&AdminRequest::TransferLeader("n2".into()))
-        .await?
-    {
-        AdminReply::Done => {}
-        other => bail!("transfer: {other:?}"),
-    }
+    expect_done(
+        &mut admin,
+        &AdminRequest::TransferLeader("n2".into()),
+        "transfer",
+    )
+    .await?;
     c.wait_for(T, "all nodes follow n2", |c| c.agreed_leader() == Some(2))
         .await?;
     match admin
@@ -604,13 +613,12 @@ async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()>
     let victim = (1..=5)
         .find(|id| *id != owner && *id != leader)
         .context("a node to remove")?;
-    match admin
-        .call_leader(&AdminRequest::RemoveNode(format!("n{victim}")))
-        .await?
-    {
-        AdminReply::Done => {}
-        other => bail!("remove: {other:?}"),
-    }
+    expect_done(
+        &mut admin,
+        &AdminRequest::RemoveNode(format!("n{victim}")),
+        "remove",
+    )
+    .await?;
     c.stop_node(victim).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
