@@ -366,6 +366,24 @@ async fn foreign_ca_and_lying_peers_are_refused() -> Result<()> {
         other => bail!("describe: {other:?}"),
     }
 
+    // A node or a spacectl of another protocol version is refused at the handshake, told why.
+    let older = QuicNetwork::new(
+        4,
+        ep.clone(),
+        client(&pki_dir, &pki_dir, "n4", b"spaced-raft/1")?.1,
+    );
+    let err = older
+        .call(1, &n1, RaftRpc::Describe, Duration::from_secs(3))
+        .await
+        .expect_err("a node of another protocol version was served");
+    assert!(err.contains("another spaced build"), "{err}");
+    let (ep_old, cfg_old) = client(&pki_dir, &pki_dir, "admin-test", b"spaced-admin/1")?;
+    let refused = ep_old
+        .connect_with(cfg_old, addr, NODE_DOMAIN)?
+        .await
+        .expect_err("a spacectl of another protocol version was served");
+    assert!(pki::is_protocol_mismatch(&refused), "{refused:?}");
+
     // A node certificate on the admin protocol, and an admin certificate on the Raft protocol.
     let (ep2, cfg2) = client(&pki_dir, &pki_dir, "n4", ALPN_ADMIN)?;
     let conn = ep2.connect_with(cfg2, addr, NODE_DOMAIN)?.await?;

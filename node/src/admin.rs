@@ -1,4 +1,4 @@
-//! The admin protocol (ALPN `spaced-admin/1`): requests from `spacectl`, replies from a node.
+//! The admin protocol (ALPN `spaced-admin/2`, [`spaced_raft::pki::ALPN_ADMIN`]): requests from `spacectl`, replies from a node.
 
 use std::collections::BTreeSet;
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spaced_raft::network::resolve;
-use spaced_raft::pki::{ALPN_ADMIN, NODE_DOMAIN, TlsMaterial, TlsPaths};
+use spaced_raft::pki::{self, ALPN_ADMIN, NODE_DOMAIN, TlsMaterial, TlsPaths};
 use spaced_raft::{codec, frame};
 
 use crate::admin::{AdminReply, AdminRequest, MAX_ADMIN_FRAME};
@@ -100,7 +100,7 @@ impl AdminCredentials {
 pub struct AdminClient {
     /// Local QUIC endpoint.
     endpoint: quinn::Endpoint,
-    /// TLS with the admin certificate, ALPN `spaced-admin/1`.
+    /// TLS with the admin certificate, ALPN [`ALPN_ADMIN`].
     config: quinn::ClientConfig,
     /// `host:port` currently talked to.
     target: String,
@@ -124,7 +124,7 @@ async fn dial(
         .map_err(|e| unreachable(e.to_string()))?;
     match tokio::time::timeout(within, connecting).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Ok(Err(e)) => Err(unreachable(pki::explain_connection_error(&e, ALPN_ADMIN))),
         Err(_) => Err(unreachable(format!(
             "no answer within {} ms",
             within.as_millis()

@@ -874,6 +874,17 @@ async fn accept_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>)
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
+                Err(e) if pki::is_protocol_mismatch(&e) => {
+                    tracing::warn!(
+                        %remote,
+                        error = %e,
+                        raft = %String::from_utf8_lossy(ALPN_RAFT),
+                        admin = %String::from_utf8_lossy(ALPN_ADMIN),
+                        "refused connection: the peer speaks neither of our protocol versions; \
+                         it runs another spaced build"
+                    );
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "refused connection: handshake failed");
                     return;

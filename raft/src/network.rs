@@ -176,7 +176,7 @@ pub struct QuicNetwork {
     self_id: NodeId,
     /// Local QUIC endpoint (the same one that serves).
     endpoint: quinn::Endpoint,
-    /// TLS + transport settings for Raft connections (ALPN `spaced-raft/1`).
+    /// TLS + transport settings for Raft connections (ALPN [`crate::pki::ALPN_RAFT`]).
     client_config: quinn::ClientConfig,
     /// Live connections by peer.
     conns: Arc<Mutex<HashMap<NodeId, PeerSlot>>>,
@@ -220,7 +220,10 @@ impl QuicNetwork {
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| format!("dial node {target} ({member}): timed out"))?
-            .map_err(|e| format!("dial node {target} ({member}): {e}"))?;
+            .map_err(|e| {
+                let why = crate::pki::explain_connection_error(&e, crate::pki::ALPN_RAFT);
+                format!("dial node {target} ({member}): {why}")
+            })?;
         *slot = Some(conn.clone());
         Ok(conn)
     }

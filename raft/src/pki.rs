@@ -27,10 +27,45 @@ use x509_parser::extensions::GeneralName;
 pub const NODE_DOMAIN: &str = "node.spaced";
 /// DNS suffix of admin certificates, so admins can never pass as nodes.
 pub const ADMIN_DOMAIN: &str = "admin.spaced";
-/// ALPN for node-to-node Raft traffic, so one port can serve both protocols.
-pub const ALPN_RAFT: &[u8] = b"spaced-raft/1";
-/// ALPN for admin CLI traffic, distinguishing it from Raft on the same port.
-pub const ALPN_ADMIN: &[u8] = b"spaced-admin/1";
+/// ALPN for node-to-node Raft traffic, so one port can serve both protocols. Its version is
+/// the data format ([`crate::store::DATA_FORMAT`]): log entries and snapshots travel in the
+/// encoding the store keeps, so nodes of different formats must not talk. A node of another
+/// format fails the handshake ([`explain_connection_error`]) instead of misreading the log.
+pub const ALPN_RAFT: &[u8] = b"spaced-raft/2";
+/// ALPN for admin CLI traffic, distinguishing it from Raft on the same port. Bump its version
+/// whenever the encoding of the admin requests or replies changes, so a `spacectl` of another
+/// build is refused at the handshake instead of misreading replies.
+pub const ALPN_ADMIN: &[u8] = b"spaced-admin/2";
+
+/// QUIC's code for the TLS alert `no_application_protocol` (RFC 9001 §4.8: 0x100 + alert 120):
+/// the two ends share no ALPN.
+fn no_shared_protocol() -> quinn::TransportErrorCode {
+    quinn::TransportErrorCode::crypto(120)
+}
+
+/// Whether a handshake failed because the two ends share no protocol version, which means
+/// they are different spaced builds (or not spaced at all).
+pub fn is_protocol_mismatch(error: &quinn::ConnectionError) -> bool {
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close) => close.error_code == no_shared_protocol(),
+        quinn::ConnectionError::TransportError(e) => e.code == no_shared_protocol(),
+        _ => false,
+    }
+}
+
+/// A failed connection, said so an operator can act on it: a protocol mismatch names the
+/// protocol this build speaks (`alpn`) and says what to do.
+pub fn explain_connection_error(error: &quinn::ConnectionError, alpn: &[u8]) -> String {
+    if is_protocol_mismatch(error) {
+        format!(
+            "it does not speak {} ({error}): it runs another spaced build; nodes and spacectl \
+             must run builds of the same protocol version",
+            String::from_utf8_lossy(alpn)
+        )
+    } else {
+        error.to_string()
+    }
+}
 
 /// File name of the CA certificate inside a PKI directory.
 const CA_CERT_FILE: &str = "ca.pem";
@@ -1439,6 +1474,70 @@ mod tests {
         let server = server_result(task).await;
         eprintln!("client: {res:?}; server: {server:?}");
         assert!(server.is_err());
+    }
+
+    #[test]
+    fn the_raft_protocol_version_is_the_data_format() {
+        let alpn = format!("spaced-raft/{}", crate::store::DATA_FORMAT);
+        assert_eq!(ALPN_RAFT, alpn.as_bytes());
+    }
+
+    /// A build of another protocol version (here: the previous one) fails the handshake on
+    /// both ends, and both ends can tell that from other handshake failures.
+    #[tokio::test]
+    async fn another_protocol_version_is_refused_and_named() {
+        let tmp = cluster();
+        let server = material(tmp.path(), "n1");
+        let ep = quinn::Endpoint::server(
+            server.server_config(transport()).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = ep.local_addr().unwrap();
+        let server_ep = ep.clone();
+        let (first_tx, first) = tokio::sync::oneshot::channel();
+        let _serving = tokio::spawn(async move {
+            let incoming = server_ep.accept().await.expect("an incoming connection");
+            let _ = first_tx.send(incoming.await.map(|_| ()));
+            // Serve the second handshake too, so that the client, not a silence, ends it.
+            if let Some(incoming) = server_ep.accept().await {
+                let _ = incoming.await;
+            }
+        });
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let config = material(tmp.path(), "n2")
+            .client_config(b"spaced-raft/1", transport())
+            .unwrap();
+        let dialed = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.connect_with(config, addr, "n1.node.spaced").unwrap(),
+        )
+        .await
+        .expect("the handshake ends");
+        let err = dialed.expect_err("an old protocol version was accepted");
+        assert!(is_protocol_mismatch(&err), "{err:?}");
+        let said = explain_connection_error(&err, ALPN_RAFT);
+        assert!(said.contains("does not speak spaced-raft/2"), "{said}");
+        assert!(said.contains("another spaced build"), "{said}");
+        let server_err = first.await.unwrap().expect_err("the server accepted it");
+        assert!(is_protocol_mismatch(&server_err), "{server_err:?}");
+
+        // A refused certificate is a handshake failure of another kind.
+        let config = material(tmp.path(), "n2")
+            .client_config(ALPN_RAFT, transport())
+            .unwrap();
+        let wrong_name = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.connect_with(config, addr, "n3.node.spaced").unwrap(),
+        )
+        .await
+        .expect("the handshake ends")
+        .expect_err("a wrong server name was accepted");
+        assert!(!is_protocol_mismatch(&wrong_name), "{wrong_name:?}");
+        assert_eq!(
+            explain_connection_error(&wrong_name, ALPN_RAFT),
+            wrong_name.to_string()
+        );
     }
 
     #[tokio::test]
