@@ -745,6 +745,20 @@ fn vip_add_is_checked_on_the_nodes_and_a_node_that_cannot_hold_it_gives_it_back(
         after - before <= 4,
         "the VIP kept cycling: epoch {before} -> {after}"
     );
+
+    // A VIP added while n3 is down: n1 and n2 can hold it; n3 was not asked, and the warning
+    // says that rather than that it cannot.
+    let later = format!("{}/{prefix}", f.lab.free_ip(1));
+    let out = add("later", &later, "eth0")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("node n3 was not checked (not live") && !err.contains("cannot hold it ("),
+        "{err}"
+    );
+    f.wait(Duration::from_secs(20), "later placed on n1 or n2", |f| {
+        Ok(matches!(f.vip_owner("later", None), Some(1 | 2)))
+    })?;
     Ok(())
 }
 

@@ -269,11 +269,13 @@ pub enum AdminReply {
     Singletons(Vec<SingletonRow>),
     /// A VIP moved; its new epoch.
     Moved(u64),
-    /// A VIP was added; these eligible nodes (name, why) said they could not hold it, so it is
-    /// not placed there.
+    /// A VIP was added. Some eligible nodes may not be able to hold it.
     VipAdded {
-        /// Node name and its reason.
+        /// Nodes (name, reason) that said they cannot hold it: it is not placed there.
         cannot: Vec<(String, String)>,
+        /// Nodes (name, why) that were not asked (not live) or did not answer: if one of them
+        /// is granted the VIP and cannot hold it, it gives the VIP back.
+        unchecked: Vec<(String, String)>,
     },
     /// Only the leader does that; here is where it is.
     NotLeader {

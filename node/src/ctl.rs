@@ -905,11 +905,16 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 roles: roles.clone(),
             };
             match mutate(&cli, v).await? {
-                AdminReply::VipAdded { cannot } => {
+                AdminReply::VipAdded { cannot, unchecked } => {
                     println!("VIP {name} ({address} on {interface}) added");
                     for (node, why) in cannot {
                         eprintln!(
                             "spacectl: warning: node {node} cannot hold it ({why}); it is not placed there"
+                        );
+                    }
+                    for (node, why) in unchecked {
+                        eprintln!(
+                            "spacectl: warning: node {node} was not checked ({why}); if it is granted the VIP and cannot hold it, it gives it back"
                         );
                     }
                     Ok(())

@@ -616,9 +616,9 @@ impl NodeInner {
                 interface,
                 roles,
             } => {
-                let cannot =
+                let (cannot, unchecked) =
                     crate::placement::vip_add(self, name, address, interface, roles).await?;
-                AdminReply::VipAdded { cannot }
+                AdminReply::VipAdded { cannot, unchecked }
             }
             AdminRequest::VipMove { name, to } => {
                 let to = self.resolve_node(&to)?;

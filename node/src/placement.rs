@@ -683,15 +683,16 @@ pub(crate) fn vip_rows(inner: &NodeInner) -> Vec<VipRow> {
 
 /// `vip add` on the leader: asks every live node with one of the roles whether it could hold
 /// the VIP (interface present, address inside one of its subnets, capabilities) and refuses a
-/// VIP none of them can hold, naming each node's reason; nothing is added then. Returns the
-/// nodes (name, reason) that said they cannot or did not answer, when others can.
+/// VIP none of them can hold, naming each node's reason; nothing is added then. When some can,
+/// returns the nodes (name, reason) that said they cannot, and those (name, why) that were not
+/// asked or did not answer.
 pub(crate) async fn vip_add(
     inner: &NodeInner,
     name: String,
     address: String,
     interface: String,
     roles: Vec<String>,
-) -> Result<Vec<(String, String)>, String> {
+) -> Result<NodeAnswers, String> {
     let roles: BTreeSet<String> = roles.into_iter().collect();
     let candidates: Vec<(NodeId, String)> = inner.view.read(|f| {
         f.nodes
@@ -712,7 +713,7 @@ pub(crate) async fn vip_add(
             let answer = if live.contains(id) {
                 check_vip_on(inner, *id, address, interface).await
             } else {
-                Err("not live, not asked".to_string())
+                Err("not live, so not asked".to_string())
             };
             (node.clone(), answer)
         }
@@ -746,9 +747,12 @@ pub(crate) async fn vip_add(
         eligible_roles: roles,
     };
     inner.propose(cmd).await?;
-    cannot.extend(unknown);
-    Ok(cannot)
+    Ok((cannot, unknown))
 }
+
+/// Nodes (name, reason) that said they cannot hold a VIP, and nodes (name, why) that were not
+/// asked or did not answer.
+pub(crate) type NodeAnswers = (Vec<(String, String)>, Vec<(String, String)>);
 
 /// `vip move` on the leader: the owner fences and the release commits before the target is granted.
 pub(crate) async fn vip_move(inner: &NodeInner, name: &str, to: NodeId) -> Result<u64, String> {
