@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
-use spaced_raft::fabric::{Command, PlacementKind};
+use spaced_raft::fabric::{Command, Millis, PlacementKind};
 use spaced_raft::network::{BoxFuture, NodeHooks, RaftReply, RaftRpc};
 use spaced_raft::{NodeId, Outcome, Response};
 use tokio::sync::watch;
@@ -586,7 +586,12 @@ impl NodeHooks for Hooks {
         Box::pin(async move { Ok(ms) })
     }
 
-    fn propose(&self, _from: NodeId, cmd: Command) -> BoxFuture<'static, Result<Response, String>> {
+    fn propose(
+        &self,
+        _from: NodeId,
+        mut cmd: Command,
+    ) -> BoxFuture<'static, Result<Response, String>> {
+        stamp_with_leader_clock(&mut cmd, now_millis());
         let inner = self.0.clone();
         Box::pin(async move { inner.commit(cmd).await.map_err(|e| e.to_string()) })
     }
@@ -602,6 +607,15 @@ impl NodeHooks for Hooks {
 
     fn check_vip(&self, address: String, interface: String) -> BoxFuture<'static, Option<String>> {
         check_vip_here(&self.0, address, interface)
+    }
+}
+
+/// A refusal a peer sent to the leader carries the time the leader received it, not the
+/// peer's clock: the planner, on the leader, measures its hold and retry periods against its
+/// own clock, so a peer's clock skew must not stretch or cancel them.
+fn stamp_with_leader_clock(cmd: &mut Command, now: Millis) {
+    if let Command::RefusePlacement { at, .. } = cmd {
+        *at = now;
     }
 }
 
@@ -926,5 +940,33 @@ pub(crate) async fn hand_over(inner: &Arc<NodeInner>) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         tracing::info!(to, "leadership handed over");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_sent_to_the_leader_is_stamped_with_the_leaders_clock() {
+        let refusal = |at| Command::RefusePlacement {
+            name: "vip".into(),
+            node: 2,
+            epoch: 7,
+            reason: "no such interface".into(),
+            at,
+        };
+        // The peer's clock runs an hour ahead; the leader's time replaces it.
+        let mut cmd = refusal(5_000_000);
+        stamp_with_leader_clock(&mut cmd, 1_400_000);
+        assert_eq!(cmd, refusal(1_400_000));
+        // Other commands keep the proposer's times.
+        let other = || Command::AddDevices {
+            devices: Vec::new(),
+            at: 5_000_000,
+        };
+        let mut cmd = other();
+        stamp_with_leader_clock(&mut cmd, 1_400_000);
+        assert_eq!(cmd, other());
     }
 }
