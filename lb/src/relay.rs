@@ -6,7 +6,8 @@
 //! answer through a pipe costs more than a read and a write through a
 //! user-space buffer (`benches/hot_path.rs`, `round_trip_200B`: about 8%
 //! slower per round trip on loopback). So each direction starts by copying:
-//! it reads into a [`COPY_BUFFER`]-byte buffer and writes what it read. The
+//! it reads into a [`COPY_BUFFER`]-byte buffer (pooled like the pipes, so a
+//! connection neither allocates nor zeroes one) and writes what it read. The
 //! first read that fills the buffer marks a bulk stream; once those bytes
 //! are written the direction splices for good (no byte is ever in both the
 //! buffer and the pipe, so order is kept). A short read empties the socket,
@@ -292,7 +293,9 @@ impl Pipe {
 }
 
 /// A bounded free list of empty pipes, shared by all relays of a listener,
-/// so each connection does not pay two `pipe2` + `fcntl` calls.
+/// so each connection does not pay two `pipe2` + `fcntl` calls; and likewise
+/// of copy buffers, so each connection does not allocate and zero two
+/// [`COPY_BUFFER`]-byte buffers for its first messages.
 ///
 /// Only empty pipes are kept: a pipe that still holds bytes (the relay
 /// failed mid-transfer) would leak one connection's data into the next, so
@@ -303,6 +306,9 @@ impl Pipe {
 pub struct PipePool {
     /// Empty pipes ready for reuse.
     idle: Mutex<Vec<Pipe>>,
+    /// Copy buffers ready for reuse. What a buffer still holds is never sent: a
+    /// direction only writes out the bytes its own last read put there.
+    buffers: Mutex<Vec<Box<[u8]>>>,
     /// Most pipes kept idle; extra returned pipes are closed to bound fds.
     max_idle: usize,
     /// Requested pipe size in bytes for newly created pipes.
@@ -316,8 +322,24 @@ impl PipePool {
     pub fn new(max_idle: usize, size: usize) -> Self {
         PipePool {
             idle: Mutex::new(Vec::new()),
+            buffers: Mutex::new(Vec::new()),
             max_idle,
             size,
+        }
+    }
+
+    /// Takes an idle copy buffer of [`COPY_BUFFER`] bytes or allocates one.
+    fn take_buffer(&self) -> Box<[u8]> {
+        lock_list(&self.buffers)
+            .pop()
+            .unwrap_or_else(|| vec![0u8; COPY_BUFFER].into_boxed_slice())
+    }
+
+    /// Keeps a copy buffer for the next connection, up to as many as pipes are kept.
+    fn give_back_buffer(&self, buffer: Box<[u8]>) {
+        let mut buffers = lock_list(&self.buffers);
+        if buffers.len() < self.max_idle {
+            buffers.push(buffer);
         }
     }
 
@@ -357,11 +379,29 @@ impl PipePool {
         self.lock().len()
     }
 
-    /// Locks the free list; a poisoned lock still holds a valid `Vec`.
+    /// Locks the free list of pipes.
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pipe>> {
-        self.idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock_list(&self.idle)
+    }
+}
+
+/// Locks a free list; a poisoned lock still holds a valid `Vec`.
+fn lock_list<T>(list: &Mutex<Vec<T>>) -> std::sync::MutexGuard<'_, Vec<T>> {
+    list.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A copy buffer borrowed from the pool for one direction's copy phase; goes back on drop,
+/// whatever way the phase ended.
+struct BufferLease<'p> {
+    /// Where the buffer goes back to.
+    pool: &'p PipePool,
+    /// [`COPY_BUFFER`] bytes.
+    buffer: Box<[u8]>,
+}
+
+impl Drop for BufferLease<'_> {
+    fn drop(&mut self) {
+        self.pool.give_back_buffer(std::mem::take(&mut self.buffer));
     }
 }
 
@@ -462,6 +502,7 @@ async fn pump(
     direction: Direction,
     tally: Tally<'_>,
     activity: &Activity,
+    pool: &PipePool,
 ) -> Result<(), RelayError> {
     let moved = tally.moved;
     let read_err = |source: io::Error| RelayError::Read {
@@ -474,7 +515,7 @@ async fn pump(
         moved: moved.load(Ordering::Relaxed),
         source,
     };
-    let mut eof = copy_phase(src, dst, direction, tally, activity).await?;
+    let mut eof = copy_phase(src, dst, direction, tally, activity, pool).await?;
     // The last *in* splice found the pipe out of slots with bytes still queued
     // in the socket (read readiness kept); cleared once the *out* splice frees room.
     let mut slots_full = false;
@@ -595,6 +636,7 @@ async fn copy_phase(
     direction: Direction,
     tally: Tally<'_>,
     activity: &Activity,
+    pool: &PipePool,
 ) -> Result<bool, RelayError> {
     let read_err = |source: io::Error| RelayError::Read {
         direction,
@@ -606,11 +648,15 @@ async fn copy_phase(
         moved: tally.moved.load(Ordering::Relaxed),
         source,
     };
-    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut lease = BufferLease {
+        pool,
+        buffer: pool.take_buffer(),
+    };
+    let buf = &mut lease.buffer[..];
     let (from, to) = (src.as_fd(), dst.as_fd());
     loop {
         let mut drained = None;
-        let result = src.try_io(Interest::READABLE, || match recv_io(from, &mut buf) {
+        let result = src.try_io(Interest::READABLE, || match recv_io(from, buf) {
             Ok(n) if n > 0 && n < COPY_BUFFER => {
                 // A short read emptied the socket: WouldBlock clears readiness.
                 drained = Some(n);
@@ -758,7 +804,8 @@ pub async fn relay_counted(
                         spliced: &spliced.client_to_backend,
                         copied: &copied.client_to_backend,
                     },
-                    &activity
+                    &activity,
+                    pool
                 ),
                 pump(
                     &backend,
@@ -770,7 +817,8 @@ pub async fn relay_counted(
                         spliced: &spliced.backend_to_client,
                         copied: &copied.backend_to_client,
                     },
-                    &activity
+                    &activity,
+                    pool
                 ),
             )
         };
@@ -859,6 +907,21 @@ mod tests {
         let miscounted = pool.take().unwrap();
         nix::unistd::write(miscounted.write_end(), b"leftover").unwrap();
         pool.give_back(miscounted);
+    }
+
+    #[test]
+    fn copy_buffers_are_reused_and_bounded() {
+        let pool = PipePool::new(1, 0);
+        let mut a = pool.take_buffer();
+        assert_eq!(a.len(), COPY_BUFFER);
+        a[0] = 7;
+        let b = pool.take_buffer();
+        pool.give_back_buffer(a);
+        pool.give_back_buffer(b);
+        assert_eq!(lock_list(&pool.buffers).len(), 1, "kept beyond the bound");
+        // The kept buffer is handed out again as it is; the relay only sends what it reads.
+        let again = pool.take_buffer();
+        assert_eq!((again.len(), again[0]), (COPY_BUFFER, 7));
     }
 
     #[test]
