@@ -177,6 +177,9 @@ pub struct Agent {
     stopping: std::sync::atomic::AtomicBool,
     /// Re-announce held VIPs this often after the initial burst (`None`: never).
     refresh: Mutex<Option<Duration>>,
+    /// Counts changes of the VIPs up here, once the host side is done, so followers of VIP
+    /// ownership (the balancer) act at once instead of polling.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// What one reconcile pass decided, for the caller to carry out.
@@ -231,7 +234,19 @@ impl Agent {
             backend,
             stopping: std::sync::atomic::AtomicBool::new(false),
             refresh: Mutex::new(None),
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// A receiver told each time VIPs went up or down here, from now on; see [`active_names`].
+    ///
+    /// [`active_names`]: Agent::active_names
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Re-announce held VIPs every `every` after the initial burst (gratuitous ARP refresh).
@@ -331,6 +346,9 @@ impl Agent {
                 }
             }
         }
+        if !step.fence.is_empty() {
+            self.changed();
+        }
         for (epoch, vip) in &step.acquire {
             match self.backend.acquire(vip.clone()).await {
                 Ok(()) => {
@@ -350,6 +368,9 @@ impl Agent {
         for (vip, until) in &step.extend {
             self.backend.hold_until(vip, *until);
         }
+        if !step.acquire.is_empty() {
+            self.changed();
+        }
         for vip in &step.announce {
             if let Err(e) = self.backend.announce(vip.clone()).await {
                 tracing::warn!(vip = %vip.name, error = %e, "announcement failed");
@@ -368,7 +389,9 @@ impl Agent {
         crate::lock(&self.released).insert((name.to_string(), epoch));
         let a = crate::lock(&self.active).remove(name);
         if let Some(a) = a {
-            self.backend.release_gracefully(a.vip.clone()).await?;
+            let released = self.backend.release_gracefully(a.vip.clone()).await;
+            self.changed();
+            released?;
             tracing::info!(vip = %name, epoch, "VIP released on request");
         }
         Ok(())
@@ -510,6 +533,47 @@ mod tests {
         assert_eq!(agent.plan_step(&owned, t0).acquire.len(), 1);
         let s = agent.plan_step(&[], t0 + Duration::from_millis(10));
         assert_eq!(s.fence, vec![spec("cluster")]);
+    }
+
+    /// Followers of VIP ownership are told when a VIP came up (after the host side), when
+    /// it was fenced, and when it was released on request; not on announcements.
+    #[tokio::test]
+    async fn vip_changes_are_told_once_the_host_side_is_done() {
+        let t0 = Instant::now();
+        let agent = Agent::new(1, cfg(), Arc::new(Recorder::default()));
+        let mut changes = agent.changes();
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        let r = agent.plan_step(&owned, t0).renewal.unwrap();
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        let up = agent.plan_step(&owned, t0 + Duration::from_millis(1));
+        assert!(!changes.has_changed().unwrap(), "told before the VIP is up");
+        agent.execute(&up).await;
+        assert!(changes.has_changed().unwrap(), "not told the VIP came up");
+        changes.borrow_and_update();
+        let announce = agent.plan_step(&owned, t0 + Duration::from_millis(260));
+        assert_eq!(announce.announce.len(), 1);
+        agent.execute(&announce).await;
+        assert!(!changes.has_changed().unwrap(), "told of an announcement");
+        let fence = agent.plan_step(&[], t0 + Duration::from_millis(270));
+        agent.execute(&fence).await;
+        assert!(
+            changes.has_changed().unwrap(),
+            "not told the VIP was fenced"
+        );
+        changes.borrow_and_update();
+        // Up again at a new epoch, then released on request.
+        let owned = vec![(("cluster".to_string(), 3), spec("cluster"))];
+        let r = agent
+            .plan_step(&owned, t0 + Duration::from_millis(280))
+            .renewal
+            .unwrap();
+        agent.confirmed(&r, &[("cluster".into(), 3)]);
+        agent
+            .execute(&agent.plan_step(&owned, t0 + Duration::from_millis(281)))
+            .await;
+        changes.borrow_and_update();
+        agent.fence_and_hold("cluster", 3).await.unwrap();
+        assert!(changes.has_changed().unwrap(), "not told of the release");
     }
 
     /// A backend that cannot bring VIPs up (no capability, say).

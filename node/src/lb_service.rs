@@ -15,10 +15,13 @@ use tokio::task::JoinHandle;
 use crate::config::{LbPort, LbSection};
 use crate::daemon::NodeInner;
 
-/// How often the service looks at VIP ownership and the fabric's backends.
-/// Connections that arrive in between wait in the pre-bound listener's
-/// backlog, so this adds latency to the first connections, not failures.
-const TICK: Duration = Duration::from_millis(20);
+/// The service acts when the VIPs up on this node change or the fabric applies entries (it
+/// is told; it does not poll). While a bind is failing (the previous listener still
+/// closing), it retries this often.
+const RETRY: Duration = Duration::from_millis(20);
+
+/// Without news, it still looks this often (a safety net, not the way it learns of changes).
+const IDLE_LOOK: Duration = Duration::from_secs(1);
 
 /// Listen backlog: connections queued while the service notices a takeover.
 const BACKLOG: i32 = 4096;
@@ -109,13 +112,20 @@ pub(crate) async fn run(
     let mut draining: Vec<JoinHandle<()>> = Vec::new();
     let mut last_backends: Option<Vec<Vec<BackendSpec>>> = None;
     let mut bind_errors: BTreeSet<u16> = BTreeSet::new();
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut vips_changed = inner.placements.agent.changes();
+    let mut fabric_changed = inner.view.changes();
+    // The first pass runs at once.
+    let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            () = tokio::time::sleep(wait) => {}
+            Ok(()) = vips_changed.changed() => {}
+            Ok(()) = fabric_changed.changed() => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
+        // Mark both as seen: this pass reads the current state of each.
+        vips_changed.borrow_and_update();
+        fabric_changed.borrow_and_update();
         draining.retain(|h| !h.is_finished());
 
         let backends: Vec<Vec<BackendSpec>> = inner.view.read(|f| {
@@ -177,7 +187,7 @@ pub(crate) async fn run(
                     tracing::info!(vip = %service.section.vip, %addr, "VIP lost; balancer draining");
                 }
                 (false, PortState::Standby(bound)) if bound.is_none() && service.prebind => {
-                    // The previous listener may still be closing; retry every tick.
+                    // The previous listener may still be closing; retried soon.
                     if let Ok(listener) = bind_listener(addr, true, BACKLOG) {
                         *bound = Some(listener);
                     }
@@ -185,6 +195,9 @@ pub(crate) async fn run(
                 _ => {}
             }
         }
+        let retrying = !bind_errors.is_empty()
+            || (service.prebind && states.iter().any(|s| matches!(s, PortState::Standby(None))));
+        wait = if retrying { RETRY } else { IDLE_LOOK };
     }
     for state in states {
         if let PortState::Active(stop) = state {

@@ -195,6 +195,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
         db_file,
         sm,
         state: Arc::new(RwLock::new(state)),
+        changes: Arc::new(tokio::sync::watch::Sender::new(0)),
     };
     Ok((log_store, sm_store))
 }
@@ -431,12 +432,15 @@ pub struct FabricStore {
     sm: sled::Tree,
     /// Applied state, shared with readers through [`FabricView`].
     state: Arc<RwLock<FabricState>>,
+    /// Counts applied batches and installed snapshots, so readers can wait for a change.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Read access to the applied fabric for the admin API and agents.
 #[derive(Clone)]
 pub struct FabricView {
     state: Arc<RwLock<FabricState>>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl FabricView {
@@ -444,6 +448,12 @@ impl FabricView {
     pub fn read<R>(&self, f: impl FnOnce(&Fabric) -> R) -> R {
         let guard = self.state.read().unwrap_or_else(|p| p.into_inner());
         f(&guard.fabric)
+    }
+
+    /// A receiver that is told each time entries were applied or a snapshot installed, from
+    /// now on; what changed is for the reader to look up.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Index of the last applied log entry.
@@ -458,6 +468,7 @@ impl FabricStore {
     pub fn view(&self) -> FabricView {
         FabricView {
             state: self.state.clone(),
+            changes: self.changes.clone(),
         }
     }
 
@@ -533,6 +544,7 @@ impl RaftStateMachine<TypeConfig> for FabricStore {
                 r.send(response);
             }
         }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
     }
 
@@ -550,6 +562,7 @@ impl RaftStateMachine<TypeConfig> for FabricStore {
             codec::decode(&data).map_err(|e| io_err("decode received snapshot", e))?;
         self.persist_snapshot(meta, &data).await?;
         *self.write_state() = new_state;
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
         tracing::info!(bytes = data.len(), last = ?meta.last_log_id.map(|l| l.index()), "snapshot installed");
         Ok(())
     }
@@ -637,6 +650,30 @@ mod tests {
         // Refusing changed nothing: still no marker.
         let err = open(dir.path()).err().expect("still refused").to_string();
         assert!(err.contains("from before formats were recorded"), "{err}");
+    }
+
+    /// Readers waiting on the view are told once applied entries are visible in it.
+    #[tokio::test]
+    async fn the_view_tells_of_applied_entries() {
+        use openraft::storage::RaftStateMachine;
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        let view = sm.view();
+        let mut changes = view.changes();
+        assert!(!changes.has_changed().unwrap());
+        let entry = Entry::new_blank(openraft::LogId::new(
+            openraft::impls::leader_id_adv::LeaderId {
+                term: 1,
+                node_id: 1,
+            },
+            1,
+        ));
+        let entries = futures::stream::iter(vec![Ok((entry, None))]);
+        sm.apply(entries).await.unwrap();
+        assert!(changes.has_changed().unwrap(), "not told of the apply");
+        changes.borrow_and_update();
+        assert_eq!(view.last_applied_index(), Some(1));
+        assert!(!changes.has_changed().unwrap());
     }
 
     /// Vote, log and snapshot survive closing and reopening the database.
