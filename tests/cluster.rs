@@ -650,3 +650,52 @@ async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()>
     c.stop_all().await;
     Ok(())
 }
+
+/// A follower hands a request only the leader can carry out to the leader and returns the
+/// leader's answer, so spacectl may talk to any node; no redirect is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_leader_only_requests_to_the_leader() -> Result<()> {
+    let mut c = Cluster::start(3, timings()).await?;
+    let leader = c.wait_leader(T).await?;
+    let follower = (1..=3).find(|id| *id != leader).context("a follower")?;
+    let mut admin = c.admin(follower).await?;
+    let at_follower = admin.target().to_string();
+    // One call each, without following redirects.
+    match admin
+        .call(&AdminRequest::AddDevices(devices("fwd", 3)))
+        .await?
+    {
+        AdminReply::Applied(spaced_raft::Outcome::DevicesAdded(3)) => {}
+        other => bail!("forwarded device import: {other:?}"),
+    }
+    // The leader's refusal comes back as it is.
+    match admin
+        .call(&AdminRequest::AddDevices(devices("fwd", 1)))
+        .await?
+    {
+        AdminReply::Failed(e) => assert!(e.contains("already exists"), "{e}"),
+        other => bail!("duplicate accepted: {other:?}"),
+    }
+    match admin
+        .call(&AdminRequest::TransferLeader(format!("n{follower}")))
+        .await?
+    {
+        AdminReply::Done => {}
+        other => bail!("forwarded leader transfer: {other:?}"),
+    }
+    assert_eq!(c.wait_leader(T).await?, follower);
+    assert_eq!(admin.target(), at_follower, "the client was redirected");
+    c.wait_converged(T).await?;
+    assert_eq!(
+        c.fabric_of(leader)
+            .context("the old leader's fabric")?
+            .devices
+            .keys()
+            .filter(|d| d.starts_with("fwd"))
+            .count(),
+        3
+    );
+    admin.close().await;
+    c.stop_all().await;
+    Ok(())
+}

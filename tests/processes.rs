@@ -283,7 +283,7 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     );
     assert_eq!(device_count(&lab, &n2)?, 0);
 
-    // Good import of 5,000 through a follower (redirected to the leader).
+    // Good import of 5,000 through a follower (forwarded to the leader).
     let good = lab.dir.path().join("good.csv");
     let mut csv = String::from("# managed devices\n");
     for i in 0..5000 {

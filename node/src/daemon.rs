@@ -25,6 +25,10 @@ use crate::metrics::NodeMetrics;
 /// Most voters the fabric keeps; further nodes stay learners (as etcd advises, 5 tolerates 2 failures).
 pub const MAX_VOTERS: usize = 5;
 
+/// How long a node waits for the leader to carry out an admin request it forwarded; below
+/// spacectl's own call timeout, so spacectl hears the outcome (or the leader's address).
+const ADMIN_FORWARD_TIMEOUT: Duration = Duration::from_secs(50);
+
 /// Why a node could not start. `key` names the config key at fault, when one is.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -502,6 +506,61 @@ impl NodeInner {
         }
     }
 
+    /// Hands an admin request that only the leader can carry out (`request`, as it came from
+    /// spacectl) to the leader and returns its reply, so spacectl may talk to any node. The
+    /// leader carries it out or, if it no longer leads, says where the leader is; it does not
+    /// forward again. If the leader cannot be reached, spacectl gets the leader's address
+    /// (`addr`) to try itself.
+    pub(crate) async fn forward_admin(
+        &self,
+        leader: NodeId,
+        addr: Option<String>,
+        admin: &str,
+        request: Vec<u8>,
+    ) -> AdminReply {
+        let not_leader = |addr| AdminReply::NotLeader {
+            leader: Some(leader),
+            addr,
+        };
+        let Some(member) = self.member(leader) else {
+            return not_leader(addr);
+        };
+        let rpc = RaftRpc::Admin {
+            admin: admin.to_string(),
+            request,
+        };
+        match self
+            .network
+            .call(leader, &member, rpc, ADMIN_FORWARD_TIMEOUT)
+            .await
+        {
+            Ok(RaftReply::Admin(reply)) => spaced_raft::codec::decode::<AdminReply>(&reply)
+                .unwrap_or_else(|e| {
+                    AdminReply::Failed(format!("the leader's reply is undecodable: {e}"))
+                }),
+            Ok(other) => AdminReply::Failed(format!("the leader answered {other:?}")),
+            Err(e) => {
+                tracing::debug!(leader, error = %e, "could not forward an admin request to the leader");
+                not_leader(addr)
+            }
+        }
+    }
+
+    /// An admin request another node forwarded (see [`forward_admin`](Self::forward_admin)):
+    /// carried out here, not forwarded again; the encoded reply.
+    pub(crate) async fn serve_forwarded_admin(
+        &self,
+        from: NodeId,
+        admin: String,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        let req = spaced_raft::codec::decode::<AdminRequest>(&request)
+            .map_err(|e| format!("undecodable admin request: {e}"))?;
+        tracing::debug!(from, %admin, ?req, "admin request forwarded by a node");
+        let reply = self.handle(req).await;
+        encode_admin_reply(&reply).ok_or_else(|| "cannot encode the admin reply".to_string())
+    }
+
     fn not_leader(&self) -> Option<AdminReply> {
         if self.raft.is_leader() {
             return None;
@@ -914,6 +973,27 @@ async fn accept_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
+/// Encodes an admin reply for the wire; a reply over the admin frame limit becomes a `Failed`
+/// that says so. `None` only if even that cannot be encoded (logged).
+pub(crate) fn encode_admin_reply(reply: &AdminReply) -> Option<Vec<u8>> {
+    let encoded = spaced_raft::codec::encode(reply).and_then(|b| {
+        if b.len() <= MAX_ADMIN_FRAME {
+            return Ok(b);
+        }
+        spaced_raft::codec::encode(&AdminReply::Failed(format!(
+            "reply of {} bytes exceeds the admin frame limit",
+            b.len()
+        )))
+    });
+    match encoded {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode admin reply");
+            None
+        }
+    }
+}
+
 async fn serve_admin(inner: Arc<NodeInner>, conn: quinn::Connection, admin: String) {
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
@@ -935,24 +1015,20 @@ async fn serve_admin(inner: Arc<NodeInner>, conn: quinn::Connection, admin: Stri
             let reply = match spaced_raft::codec::decode::<AdminRequest>(&bytes) {
                 Ok(req) => {
                     tracing::debug!(%admin, ?req, "admin request");
-                    inner.handle(req).await
+                    match inner.handle(req).await {
+                        AdminReply::NotLeader {
+                            leader: Some(leader),
+                            addr,
+                        } if leader != inner.id => {
+                            inner.forward_admin(leader, addr, &admin, bytes).await
+                        }
+                        reply => reply,
+                    }
                 }
                 Err(e) => AdminReply::Failed(format!("undecodable admin request: {e}")),
             };
-            match spaced_raft::codec::encode(&reply) {
-                Ok(b) if b.len() <= MAX_ADMIN_FRAME => {
-                    let _ = spaced_raft::frame::write_frame(&mut send, &b).await;
-                }
-                Ok(b) => {
-                    let msg = AdminReply::Failed(format!(
-                        "reply of {} bytes exceeds the admin frame limit",
-                        b.len()
-                    ));
-                    if let Ok(b) = spaced_raft::codec::encode(&msg) {
-                        let _ = spaced_raft::frame::write_frame(&mut send, &b).await;
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "cannot encode admin reply"),
+            if let Some(b) = encode_admin_reply(&reply) {
+                let _ = spaced_raft::frame::write_frame(&mut send, &b).await;
             }
             let _ = send.finish();
         });

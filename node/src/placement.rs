@@ -608,6 +608,16 @@ impl NodeHooks for Hooks {
     fn check_vip(&self, address: String, interface: String) -> BoxFuture<'static, Option<String>> {
         check_vip_here(&self.0, address, interface)
     }
+
+    fn admin(
+        &self,
+        from: NodeId,
+        admin: String,
+        request: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        let inner = self.0.clone();
+        Box::pin(async move { inner.serve_forwarded_admin(from, admin, request).await })
+    }
 }
 
 /// A refusal a peer sent to the leader carries the time the leader received it, not the

@@ -91,6 +91,14 @@ pub enum RaftRpc {
         /// Interface.
         interface: String,
     },
+    /// Node → leader: an admin request the node received and only the leader can carry out,
+    /// forwarded so that `spacectl` may talk to any node.
+    Admin {
+        /// The admin (certificate name) the node served, for the leader's log.
+        admin: String,
+        /// The encoded admin request; the daemon defines its format.
+        request: Vec<u8>,
+    },
 }
 
 /// An RPC plus who claims to send it.
@@ -127,6 +135,8 @@ pub enum RaftReply {
     Noted,
     /// Reply to `CheckVip`: `None` when the node could hold the VIP, else why not.
     VipChecked(Option<String>),
+    /// Reply to `Admin`: the encoded admin reply.
+    Admin(Vec<u8>),
 }
 
 /// Node-level handlers for the RPCs that are not Raft's own; provided by the daemon.
@@ -150,6 +160,13 @@ pub trait NodeHooks: Send + Sync + 'static {
     fn release(&self, name: String, epoch: u64) -> BoxFuture<'static, Result<(), String>>;
     /// `CheckVip`: `None` when this node could hold the VIP, else why not.
     fn check_vip(&self, address: String, interface: String) -> BoxFuture<'static, Option<String>>;
+    /// `Admin` from `from`: carry out an admin request it forwarded; the encoded reply.
+    fn admin(
+        &self,
+        from: NodeId,
+        admin: String,
+        request: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>>;
 }
 
 /// What goes back on the wire: a reply or the reason there is none.
@@ -450,7 +467,8 @@ fn voter_of(rpc: &RaftRpc) -> Option<NodeId> {
         | RaftRpc::Propose(_)
         | RaftRpc::Leaving
         | RaftRpc::Release { .. }
-        | RaftRpc::CheckVip { .. } => None,
+        | RaftRpc::CheckVip { .. }
+        | RaftRpc::Admin { .. } => None,
     }
 }
 
@@ -611,6 +629,12 @@ impl RaftService {
             RaftRpc::CheckVip { address, interface } => {
                 let h = self.hooks_for(req.from)?;
                 Ok(RaftReply::VipChecked(h.check_vip(address, interface).await))
+            }
+            RaftRpc::Admin { admin, request } => {
+                let h = self.hooks_for(req.from)?;
+                h.admin(req.from, admin, request)
+                    .await
+                    .map(RaftReply::Admin)
             }
             RaftRpc::Snapshot { vote, meta, len } => {
                 if len > MAX_SNAPSHOT {
