@@ -510,7 +510,10 @@ impl NodeInner {
     /// spacectl) to the leader and returns its reply, so spacectl may talk to any node. The
     /// leader carries it out or, if it no longer leads, says where the leader is; it does not
     /// forward again. If the leader cannot be reached, spacectl gets the leader's address
-    /// (`addr`) to try itself.
+    /// (`addr`) to try itself. If this node learns of another leader meanwhile (the one asked
+    /// died, say), it stops waiting: it carries the request out itself if it now leads, else
+    /// names the new leader. (So a request the old leader carried out just before it lost the
+    /// lead may be carried out twice; operations refuse a duplicate or repeat harmlessly.)
     pub(crate) async fn forward_admin(
         &self,
         leader: NodeId,
@@ -527,13 +530,32 @@ impl NodeInner {
         };
         let rpc = RaftRpc::Admin {
             admin: admin.to_string(),
-            request,
+            request: request.clone(),
         };
-        match self
+        let call = self
             .network
-            .call(leader, &member, rpc, ADMIN_FORWARD_TIMEOUT)
-            .await
-        {
+            .call(leader, &member, rpc, ADMIN_FORWARD_TIMEOUT);
+        let wait = self.raft.wait(None);
+        // A new leader known, not an election under way: the leader asked may be waiting for
+        // a vote itself (a leader transfer it was asked to make, say) and answer shortly.
+        let leader_moved = wait.metrics(
+            |m| m.current_leader.is_some_and(|l| l != leader),
+            "another leader",
+        );
+        let answer = tokio::select! {
+            answer = call => answer,
+            _ = leader_moved => {
+                tracing::debug!(leader, "the leader changed while a forwarded admin request waited");
+                if let Some(elsewhere) = self.not_leader() {
+                    return elsewhere;
+                }
+                return match spaced_raft::codec::decode::<AdminRequest>(&request) {
+                    Ok(req) => self.handle(req).await,
+                    Err(e) => AdminReply::Failed(format!("undecodable admin request: {e}")),
+                };
+            }
+        };
+        match answer {
             Ok(RaftReply::Admin(reply)) => spaced_raft::codec::decode::<AdminReply>(&reply)
                 .unwrap_or_else(|e| {
                     AdminReply::Failed(format!("the leader's reply is undecodable: {e}"))

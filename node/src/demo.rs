@@ -597,37 +597,34 @@ async fn run_in(dir: &Path) -> Result<()> {
         .collect();
     admin.close().await;
 
-    // "Serving" = a write committed by the new leader. Ask every survivor directly (no
-    // redirects, whose dial of the dead leader would add its timeout to the figure).
-    let mut clients = Vec::new();
+    // "Serving" = a write committed by the new leader. Ask every survivor at once, directly
+    // (no redirects, whose dial of the dead leader would add its timeout to the figure); a
+    // follower that still takes the dead node for the leader spends up to a second trying to
+    // forward the write there, so the first survivor to answer is taken.
+    let mut probes = futures::stream::FuturesUnordered::new();
     for (id, addr) in &survivors {
-        clients.push((
-            *id,
-            connect_retry(addr, &creds, Duration::from_secs(5)).await?,
-        ));
-    }
-    let mut served_by = None;
-    while served_by.is_none() {
-        for (id, c) in clients.iter_mut() {
-            let probe = AdminRequest::Write(Command::SetAdminState {
-                id: *id,
-                state: AdminState::Active,
-            });
-            if let Ok(AdminReply::Applied(_)) = c.call(&probe).await {
-                served_by = Some(*id);
-                break;
+        let mut c = connect_retry(addr, &creds, Duration::from_secs(5)).await?;
+        let id = *id;
+        probes.push(async move {
+            loop {
+                let probe = AdminRequest::Write(Command::SetAdminState {
+                    id,
+                    state: AdminState::Active,
+                });
+                if let Ok(AdminReply::Applied(_)) = c.call(&probe).await {
+                    return c;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-        }
-        if killed_at.elapsed() > Duration::from_secs(30) {
-            bail!("no surviving node served a write within 30 s of the kill");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        });
     }
-    let mut client = clients
-        .into_iter()
-        .find(|(id, _)| Some(*id) == served_by)
-        .map(|(_, c)| c)
-        .context("serving client")?;
+    let deadline = Duration::from_secs(30).saturating_sub(killed_at.elapsed());
+    let mut client =
+        match tokio::time::timeout(deadline, futures::StreamExt::next(&mut probes)).await {
+            Ok(Some(c)) => c,
+            _ => bail!("no surviving node served a write within 30 s of the kill"),
+        };
+    drop(probes);
     let failover = killed_at.elapsed();
     let status = client.status().await?;
     println!(
