@@ -47,7 +47,7 @@ const CLIENT_OCTET: u8 = 200;
 /// Per-process counter, combined with the pid into each lab's unique id.
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Builds a lab, or returns Ok(None) after printing "skipped: <reason>" when we are not root —
+/// Builds a lab, or returns Ok(None) after printing `"skipped: <reason>"` when we are not root —
 /// unless env CI=true, where a missing lab must fail the test instead of silently passing.
 pub fn lab_or_skip(hosts: usize) -> Result<Option<Lab>> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -278,7 +278,7 @@ impl Lab {
         Ipv4Addr::new(10, self.net4[0], self.net4[1], 100 + k)
     }
 
-    /// An IPv6 address in the lab prefix that no host uses (for VIPs): fd00:<x>::1:k.
+    /// An IPv6 address in the lab prefix that no host uses (for VIPs): `fd00:<x>::1:k`.
     pub fn free_ip6(&self, k: u16) -> Ipv6Addr {
         Ipv6Addr::new(0xfd00, self.net6, 0, 0, 0, 0, 1, k)
     }

@@ -3,7 +3,7 @@
 //!
 //! A node is live for devices when the leader heard from it within `[devices] lost_after_ms`
 //! (800 ms by default; placements use the same rule with 1 s, see
-//! [`crate::placement::live_set`]) and it is not stopping. A new leader's contact table starts
+//! `placement::live_set`) and it is not stopping. A new leader's contact table starts
 //! empty, so for its first `lost_after` it moves no device at all unless it has heard from
 //! every registered node by then: a node it has not heard from *yet* is not lost, and its
 //! devices' connections must not be torn down for the new leader's ignorance.

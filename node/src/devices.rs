@@ -13,7 +13,7 @@
 //!   answers `ERR <reason>\n` and closes. A node that loses a device (to a claim elsewhere, a
 //!   reassignment or a rebalance) closes its connection at once.
 //!
-//! Reports are batched (every [`REPORT_EVERY`], [`REPORT_BATCH`] per command) and sent through
+//! Reports are batched (every `REPORT_EVERY`, [`REPORT_BATCH`] per command) and sent through
 //! the leader. One tokio task per held device keeps the cost at a few kilobytes per connection.
 
 use std::collections::{BTreeMap, HashMap};

@@ -40,7 +40,7 @@ pub struct LbService {
 }
 
 impl LbService {
-    /// Builds the balancers; nothing is bound until [`run`] starts.
+    /// Builds the balancers; nothing is bound until `run` starts.
     pub fn new(section: &LbSection, vip_ip: IpAddr, prebind: bool) -> Arc<Self> {
         let config = section.balancer_config();
         let balancers = section

@@ -13,7 +13,7 @@
 //!   with it. PDEATHSIG fires when the *thread* that forked the child exits, not the process,
 //!   and tokio's blocking-pool threads exit when idle (and a worker thread that enters
 //!   `block_in_place` can end up as one). So every fork happens on one dedicated thread
-//!   ([`Spawner`]) that lives as long as the supervisor: its exit is exactly "nobody supervises
+//!   (`Spawner`) that lives as long as the supervisor: its exit is exactly "nobody supervises
 //!   these processes any more", which is when they should die;
 //! - every child is reaped (tokio's pidfd reaper), and the group is swept after the leader
 //!   exits, so stray grandchildren do not run alongside the restarted service.

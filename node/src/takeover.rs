@@ -286,7 +286,7 @@ fn cap_eff(status: &str) -> Option<u64> {
     })
 }
 
-/// Whether the CapEff line of a /proc/<pid>/status text grants (CAP_NET_ADMIN, CAP_NET_RAW); both false if absent.
+/// Whether the CapEff line of a `/proc/<pid>/status` text grants (CAP_NET_ADMIN, CAP_NET_RAW); both false if absent.
 pub fn caps_from_status(status: &str) -> (bool, bool) {
     let mask = cap_eff(status).unwrap_or(0);
     (

@@ -363,7 +363,7 @@ pub fn init_ca(dir: &Path) -> Result<(), PkiError> {
 
 /// Loads ca.pem/ca.key from dir and issues a leaf cert signed by the CA: node cert →
 /// `<name>.pem`/`<name>.key`; admin cert → `admin-<name>.pem`/`admin-<name>.key`.
-/// SAN DNS = "<name>.node.spaced" or "<name>.admin.spaced", CN = name. Extended key usage:
+/// SAN DNS = `"<name>.node.spaced"` or `"<name>.admin.spaced"`, CN = name. Extended key usage:
 /// server+client auth for nodes, client auth for admins. Refuses to overwrite existing files.
 /// Returns the paths written.
 pub fn issue(dir: &Path, name: &str, admin: bool) -> Result<IssuedFiles, PkiError> {
