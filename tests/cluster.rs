@@ -696,6 +696,40 @@ async fn a_follower_forwards_leader_only_requests_to_the_leader() -> Result<()> 
         3
     );
     admin.close().await;
+
+    // The leader crashes: a request sent meanwhile to the third node, again without following
+    // redirects, is answered "not the leader" until a new leader is known, then carried out
+    // once (a second run of it would be refused as a duplicate).
+    let third = (1..=3)
+        .find(|id| *id != leader && *id != follower)
+        .context("a third node")?;
+    let mut admin = c.admin(third).await?;
+    c.crash_node(follower).await;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match admin
+            .call(&AdminRequest::AddDevices(devices("after", 2)))
+            .await?
+        {
+            AdminReply::Applied(spaced_raft::Outcome::DevicesAdded(2)) => break,
+            AdminReply::NotLeader { .. } if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => bail!("import during the failover: {other:?}"),
+        }
+    }
+    let now = c.wait_leader(T).await?;
+    assert_ne!(now, follower);
+    assert_eq!(
+        c.fabric_of(now)
+            .context("the new leader's fabric")?
+            .devices
+            .keys()
+            .filter(|d| d.starts_with("after"))
+            .count(),
+        2
+    );
+    admin.close().await;
     c.stop_all().await;
     Ok(())
 }
