@@ -651,6 +651,18 @@ async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()>
     Ok(())
 }
 
+/// How many devices whose id starts with `prefix` node `id`'s fabric holds.
+fn devices_named(c: &Cluster, id: u64, prefix: &str) -> Result<usize> {
+    let fabric = c
+        .fabric_of(id)
+        .with_context(|| format!("node {id}'s fabric"))?;
+    Ok(fabric
+        .devices
+        .keys()
+        .filter(|d| d.starts_with(prefix))
+        .count())
+}
+
 /// A follower hands a request only the leader can carry out to the leader and returns the
 /// leader's answer, so spacectl may talk to any node; no redirect is needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -686,15 +698,7 @@ async fn a_follower_forwards_leader_only_requests_to_the_leader() -> Result<()> 
     assert_eq!(c.wait_leader(T).await?, follower);
     assert_eq!(admin.target(), at_follower, "the client was redirected");
     c.wait_converged(T).await?;
-    assert_eq!(
-        c.fabric_of(leader)
-            .context("the old leader's fabric")?
-            .devices
-            .keys()
-            .filter(|d| d.starts_with("fwd"))
-            .count(),
-        3
-    );
+    assert_eq!(devices_named(&c, leader, "fwd")?, 3);
     admin.close().await;
 
     // The leader crashes: a request sent meanwhile to the third node, again without following
@@ -720,15 +724,7 @@ async fn a_follower_forwards_leader_only_requests_to_the_leader() -> Result<()> 
     }
     let now = c.wait_leader(T).await?;
     assert_ne!(now, follower);
-    assert_eq!(
-        c.fabric_of(now)
-            .context("the new leader's fabric")?
-            .devices
-            .keys()
-            .filter(|d| d.starts_with("after"))
-            .count(),
-        2
-    );
+    assert_eq!(devices_named(&c, now, "after")?, 2);
     admin.close().await;
     c.stop_all().await;
     Ok(())

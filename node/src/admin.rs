@@ -135,7 +135,7 @@ pub struct RefusalRow {
     pub node_name: Option<String>,
     /// What went wrong on it.
     pub reason: String,
-    /// When, ms since the Unix epoch (the node's clock).
+    /// When, ms since the Unix epoch (the leader's clock when it received the refusal).
     pub at: u64,
     /// Whether the planner still passes the node over for it (see `controller::REFUSAL_HOLD_MS`).
     pub holding: bool,

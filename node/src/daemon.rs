@@ -549,9 +549,9 @@ impl NodeInner {
                 if let Some(elsewhere) = self.not_leader() {
                     return elsewhere;
                 }
-                return match spaced_raft::codec::decode::<AdminRequest>(&request) {
+                return match decode_admin_request(&request) {
                     Ok(req) => self.handle(req).await,
-                    Err(e) => AdminReply::Failed(format!("undecodable admin request: {e}")),
+                    Err(e) => AdminReply::Failed(e),
                 };
             }
         };
@@ -576,8 +576,7 @@ impl NodeInner {
         admin: String,
         request: Vec<u8>,
     ) -> Result<Vec<u8>, String> {
-        let req = spaced_raft::codec::decode::<AdminRequest>(&request)
-            .map_err(|e| format!("undecodable admin request: {e}"))?;
+        let req = decode_admin_request(&request)?;
         tracing::debug!(from, %admin, ?req, "admin request forwarded by a node");
         let reply = self.handle(req).await;
         encode_admin_reply(&reply).ok_or_else(|| "cannot encode the admin reply".to_string())
@@ -995,6 +994,11 @@ async fn accept_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
+/// Decodes an admin request from the wire (from spacectl, or forwarded by a node).
+fn decode_admin_request(bytes: &[u8]) -> Result<AdminRequest, String> {
+    spaced_raft::codec::decode(bytes).map_err(|e| format!("undecodable admin request: {e}"))
+}
+
 /// Encodes an admin reply for the wire; a reply over the admin frame limit becomes a `Failed`
 /// that says so. `None` only if even that cannot be encoded (logged).
 pub(crate) fn encode_admin_reply(reply: &AdminReply) -> Option<Vec<u8>> {
@@ -1034,7 +1038,7 @@ async fn serve_admin(inner: Arc<NodeInner>, conn: quinn::Connection, admin: Stri
                     return;
                 }
             };
-            let reply = match spaced_raft::codec::decode::<AdminRequest>(&bytes) {
+            let reply = match decode_admin_request(&bytes) {
                 Ok(req) => {
                     tracing::debug!(%admin, ?req, "admin request");
                     match inner.handle(req).await {
@@ -1047,7 +1051,7 @@ async fn serve_admin(inner: Arc<NodeInner>, conn: quinn::Connection, admin: Stri
                         reply => reply,
                     }
                 }
-                Err(e) => AdminReply::Failed(format!("undecodable admin request: {e}")),
+                Err(e) => AdminReply::Failed(e),
             };
             if let Some(b) = encode_admin_reply(&reply) {
                 let _ = spaced_raft::frame::write_frame(&mut send, &b).await;

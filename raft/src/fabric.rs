@@ -87,7 +87,8 @@ pub struct Placement {
     pub refused: BTreeMap<NodeId, Refusal>,
 }
 
-/// Why a node gave a placement back, and when (the refusing node's clock).
+/// Why a node gave a placement back, and when (the leader's clock: a refusal a node sends to
+/// the leader is stamped when the leader receives it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
     /// What went wrong on the node, at most [`MAX_REFUSAL_REASON`] bytes.
@@ -322,7 +323,7 @@ pub enum Command {
         epoch: u64,
         /// What went wrong.
         reason: String,
-        /// Proposer's clock.
+        /// When: the leader's clock (it restamps a refusal a node sends it).
         at: Millis,
     },
     /// Register devices; all or none.

@@ -37,8 +37,10 @@ const KEY_FORMAT: &[u8] = b"format";
 /// The encoding of what this build keeps in a data dir (log entries, snapshots, markers),
 /// recorded in the dir when it is first used and checked at every open. Raised whenever that
 /// encoding changes, so that a dir written by another build is refused by name instead of
-/// failing to decode halfway through. 2: placements record the nodes that refused them (dirs
-/// written before formats were recorded have no marker).
+/// failing to decode halfway through. It is also the Raft protocol's version
+/// ([`crate::pki::ALPN_RAFT`]), since log entries and snapshots travel in this encoding. 2:
+/// placements record the nodes that refused them (dirs written before formats were recorded
+/// have no marker).
 pub const DATA_FORMAT: u32 = 2;
 
 /// Why the store could not be opened.
