@@ -30,6 +30,18 @@ async fn expect_done(
     }
 }
 
+/// Removes node `victim` by name through the leader, then stops it.
+async fn remove_and_stop(
+    c: &mut Cluster,
+    admin: &mut spaced_node::client::AdminClient,
+    victim: u64,
+) -> Result<()> {
+    let remove = AdminRequest::RemoveNode(format!("n{victim}"));
+    expect_done(admin, &remove, "remove").await?;
+    c.stop_node(victim).await;
+    Ok(())
+}
+
 fn timings() -> RaftTimings {
     RaftTimings::default()
 }
@@ -247,13 +259,7 @@ async fn remove_node_and_transfer_leadership() -> Result<()> {
         .keys()
         .find(|k| **k != leader && **k != to)
         .context("third node")?;
-    expect_done(
-        &mut admin,
-        &AdminRequest::RemoveNode(format!("n{victim}")),
-        "remove",
-    )
-    .await?;
-    c.stop_node(victim).await;
+    remove_and_stop(&mut c, &mut admin, victim).await?;
     let s = admin.status().await?;
     let ids: BTreeSet<u64> = s.nodes.iter().map(|n| n.id).collect();
     assert!(!ids.contains(&victim), "removed node still listed: {s:?}");
@@ -631,13 +637,7 @@ async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()>
     let victim = (1..=5)
         .find(|id| *id != owner && *id != leader)
         .context("a node to remove")?;
-    expect_done(
-        &mut admin,
-        &AdminRequest::RemoveNode(format!("n{victim}")),
-        "remove",
-    )
-    .await?;
-    c.stop_node(victim).await;
+    remove_and_stop(&mut c, &mut admin, victim).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         held(&c),
