@@ -383,7 +383,7 @@ async fn foreign_ca_and_lying_peers_are_refused() -> Result<()> {
         .await
         .expect_err("a node of another protocol version was served");
     assert!(err.contains("another spaced build"), "{err}");
-    let (ep_old, cfg_old) = client(&pki_dir, &pki_dir, "admin-test", b"spaced-admin/1")?;
+    let (ep_old, cfg_old) = client(&pki_dir, &pki_dir, "admin-test", b"spaced-admin/2")?;
     let refused = ep_old
         .connect_with(cfg_old, addr, NODE_DOMAIN)?
         .await

@@ -893,6 +893,57 @@ fn balancer_on_the_vip_spreads_over_app_nodes_and_follows_the_vip() -> Result<()
             h + 1
         );
     }
+
+    // `lb status`, asked of the survivor that does not hold the VIP: every node answers for
+    // its own balancer; only the new owner accepts, it relayed the connections above to three
+    // healthy backends, and the dead node is named as not answering.
+    let other = (1..=3)
+        .find(|h| *h != owner && *h != new_owner)
+        .context("third node")?;
+    let listen = SocketAddr::new(vip_ip, LB_PORT).to_string();
+    let lb: Value = serde_json::from_str(&f.ctl(&f.endpoint(other), &["lb", "status", "--json"])?)?;
+    let nodes = lb["nodes"].as_array().context("nodes")?;
+    let listener_of = |node: usize| {
+        nodes
+            .iter()
+            .find(|n| n["node"] == format!("n{node}"))
+            .and_then(|n| {
+                n["listeners"]
+                    .as_array()?
+                    .iter()
+                    .find(|l| l["listen"] == listen.as_str())
+            })
+    };
+    let active = listener_of(new_owner).context("the new owner's listener")?;
+    assert_eq!(active["accepting"], true, "{lb}");
+    assert!(active["total"].as_u64().unwrap_or(0) >= 9, "{lb}");
+    let backends = active["backends"].as_array().context("backends")?;
+    assert_eq!(backends.len(), 3, "{lb}");
+    assert!(backends.iter().all(|b| b["up"] == true), "{lb}");
+    assert!(
+        backends
+            .iter()
+            .map(|b| b["total"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            >= 9,
+        "{lb}"
+    );
+    let standby = listener_of(other).context("the other survivor's listener")?;
+    assert_eq!(standby["accepting"], false, "{lb}");
+    assert_eq!(
+        lb["unreachable"],
+        serde_json::json!([format!("n{owner}")]),
+        "{lb}"
+    );
+    let text = f.ctl(&f.endpoint(other), &["lb", "status"])?;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("n{new_owner} "))
+                && l.contains(&listen)
+                && l.contains("accepting")),
+        "{text}"
+    );
+    assert!(!text.contains("warning"), "{text}");
     Ok(())
 }
 

@@ -90,6 +90,12 @@ pub enum Cmd {
         #[command(subcommand)]
         action: SingletonCmd,
     },
+    /// The load balancer on the VIP.
+    Lb {
+        /// Balancer action.
+        #[command(subcommand)]
+        action: LbCmd,
+    },
 }
 
 /// `spacectl service ...`
@@ -168,10 +174,13 @@ fn scope_text(scope: &spaced_raft::fabric::ServiceScope) -> String {
     }
 }
 
-/// Asks every member for its services; nodes that do not answer are reported, not fatal.
-async fn services_everywhere(
+/// Asks every member at once for `request`, keeping the replies `pick` accepts (in membership
+/// order); nodes that do not answer (or answer something else) are named, not fatal.
+async fn ask_everywhere<T>(
     cli: &Cli,
-) -> Result<(Vec<crate::admin::ServicesReport>, Vec<String>), CtlError> {
+    request: AdminRequest,
+    pick: fn(AdminReply) -> Option<T>,
+) -> Result<(Vec<T>, Vec<String>), CtlError> {
     let mut c = connect(cli).await?;
     let status = c.status().await?;
     c.close().await;
@@ -180,25 +189,179 @@ async fn services_everywhere(
         .as_deref()
         .ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
     let creds = AdminCredentials::load(pki, cli.admin.as_deref())?;
+    let answers = futures::future::join_all(status.nodes.iter().map(|n| {
+        let (creds, request) = (&creds, &request);
+        async move {
+            let mut c = AdminClient::connect(&n.addr, creds).await.ok()?;
+            let reply = c.call(request).await.ok();
+            c.close().await;
+            pick(reply?)
+        }
+    }))
+    .await;
     let mut reports = Vec::new();
     let mut silent = Vec::new();
-    for n in &status.nodes {
-        let answer = async {
-            let mut c = AdminClient::connect(&n.addr, &creds).await.ok()?;
-            let reply = c.call(&AdminRequest::ServiceStatus).await.ok();
-            c.close().await;
-            match reply? {
-                AdminReply::Services(r) => Some(r),
-                _ => None,
-            }
-        }
-        .await;
+    for (n, answer) in status.nodes.iter().zip(answers) {
         match answer {
             Some(r) => reports.push(r),
             None => silent.push(n.name.clone()),
         }
     }
     Ok((reports, silent))
+}
+
+/// Asks every member for its services.
+async fn services_everywhere(
+    cli: &Cli,
+) -> Result<(Vec<crate::admin::ServicesReport>, Vec<String>), CtlError> {
+    ask_everywhere(cli, AdminRequest::ServiceStatus, |reply| match reply {
+        AdminReply::Services(r) => Some(r),
+        _ => None,
+    })
+    .await
+}
+
+/// `spacectl lb ...`
+#[derive(Debug, Subcommand)]
+pub enum LbCmd {
+    /// Every node's balancer: which accepts on the VIP, its connections, its backends' health.
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// State word of one listener: `accepting`, `draining` (not accepting, connections still
+/// open) or `standby`.
+fn listener_state(l: &crate::admin::LbListenerRow) -> &'static str {
+    match (l.accepting, l.active) {
+        (true, _) => "accepting",
+        (false, 0) => "standby",
+        (false, _) => "draining",
+    }
+}
+
+/// Bytes with an SI unit, to three significant figures (`512 B`, `1.50 MB`, `12.3 GB`).
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["kB", "MB", "GB", "TB", "PB", "EB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 999.95 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    let digits = if v >= 99.95 {
+        0
+    } else if v >= 9.995 {
+        1
+    } else {
+        2
+    };
+    format!("{v:.digits$} {}", UNITS[unit])
+}
+
+/// `lb status` as text: a table of listeners, a table of backends, then warnings (a listener
+/// accepting on more than one node or on none, nodes without a balancer or silent).
+pub fn lb_status_text(reports: &[crate::admin::LbReport], silent: &[String]) -> String {
+    let mut listeners = Vec::new();
+    let mut backends = Vec::new();
+    let mut accepting: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for r in reports {
+        for l in &r.listeners {
+            let on = accepting.entry(&l.listen).or_default();
+            if l.accepting {
+                on.push(&r.node);
+            }
+            listeners.push(vec![
+                r.node.clone(),
+                l.listen.clone(),
+                listener_state(l).into(),
+                l.active.to_string(),
+                l.total.to_string(),
+                l.refused.to_string(),
+                l.no_backend.to_string(),
+                l.relay_errors.to_string(),
+                human_bytes(l.bytes_in),
+                human_bytes(l.bytes_out),
+            ]);
+            for b in &l.backends {
+                backends.push(vec![
+                    r.node.clone(),
+                    l.listen.clone(),
+                    b.name.clone(),
+                    b.addr.clone(),
+                    if b.up { "up" } else { "down" }.into(),
+                    b.active.to_string(),
+                    b.total.to_string(),
+                    b.connect_errors.to_string(),
+                    b.transitions.to_string(),
+                ]);
+            }
+        }
+    }
+    let mut out = String::new();
+    if listeners.is_empty() {
+        out.push_str("no node runs a balancer (no [lb] section)\n");
+    } else {
+        out.push_str(&table(
+            &[
+                "NODE",
+                "LISTENER",
+                "STATE",
+                "ACTIVE",
+                "TOTAL",
+                "REFUSED",
+                "NO BACKEND",
+                "ERRORS",
+                "BYTES IN",
+                "BYTES OUT",
+            ],
+            &listeners,
+        ));
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "NODE",
+                "LISTENER",
+                "BACKEND",
+                "ADDR",
+                "HEALTH",
+                "ACTIVE",
+                "TOTAL",
+                "CONNECT ERRORS",
+                "UP/DOWN CHANGES",
+            ],
+            &backends,
+        ));
+    }
+    for (listen, on) in &accepting {
+        match on.len() {
+            0 => out.push_str(&format!(
+                "warning: no node accepts on {listen} (is its VIP placed? see `vip list`)\n"
+            )),
+            1 => {}
+            n => out.push_str(&format!(
+                "warning: {n} nodes accept on {listen}: {}\n",
+                on.join(", ")
+            )),
+        }
+    }
+    let without: Vec<&str> = reports
+        .iter()
+        .filter(|r| r.vip.is_none())
+        .map(|r| r.node.as_str())
+        .collect();
+    if !without.is_empty() && !listeners.is_empty() {
+        out.push_str(&format!("no balancer on: {}\n", without.join(", ")));
+    }
+    if !silent.is_empty() {
+        out.push_str(&format!("not answering: {}\n", silent.join(", ")));
+    }
+    out
 }
 
 /// `spacectl vip ...`
@@ -1081,6 +1244,22 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             }
             Ok(())
         }
+        Cmd::Lb {
+            action: LbCmd::Status { json },
+        } => {
+            let (reports, silent) =
+                ask_everywhere(&cli, AdminRequest::LbStatus, |reply| match reply {
+                    AdminReply::Lb(r) => Some(r),
+                    _ => None,
+                })
+                .await?;
+            if *json {
+                println!("{}", json!({"nodes": reports, "unreachable": silent}));
+            } else {
+                print!("{}", lb_status_text(&reports, &silent));
+            }
+            Ok(())
+        }
         Cmd::Singleton {
             action: SingletonCmd::List { json },
         } => {
@@ -1389,6 +1568,112 @@ mod tests {
             assert_eq!(age(now, now - ms), expected);
         }
         assert_eq!(age(now, now + 5), "-", "a clock behind the proposer's");
+    }
+
+    #[test]
+    fn bytes_are_shown_with_si_units() {
+        let cases = [
+            (0, "0 B"),
+            (999, "999 B"),
+            (1000, "1.00 kB"),
+            (1_536_000, "1.54 MB"),
+            (12_345_678_901, "12.3 GB"),
+            (999_999_999, "1.00 GB"),
+            (u64::MAX, "18.4 EB"),
+        ];
+        for (n, want) in cases {
+            assert_eq!(human_bytes(n), want, "{n}");
+        }
+    }
+
+    fn lb_report(node: &str, listeners: Vec<(&str, bool, u64)>) -> crate::admin::LbReport {
+        crate::admin::LbReport {
+            node: node.into(),
+            vip: Some("cluster".into()),
+            listeners: listeners
+                .into_iter()
+                .map(|(listen, accepting, active)| crate::admin::LbListenerRow {
+                    listen: listen.into(),
+                    accepting,
+                    active,
+                    total: 7,
+                    refused: 0,
+                    no_backend: 0,
+                    relay_errors: 0,
+                    bytes_in: 2_000,
+                    bytes_out: 3_000_000,
+                    backends: vec![crate::admin::LbBackendRow {
+                        name: "n2".into(),
+                        addr: "10.0.0.2:8080".into(),
+                        up: !accepting,
+                        active: 1,
+                        total: 5,
+                        connect_errors: 0,
+                        transitions: 2,
+                    }],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn lb_status_names_states_and_warns_about_accepting_twice_or_never() {
+        let mut bare = lb_report("n4", vec![]);
+        bare.vip = None;
+        let reports = [
+            lb_report(
+                "n1",
+                vec![("10.0.0.100:80", true, 3), ("10.0.0.100:443", false, 0)],
+            ),
+            lb_report(
+                "n2",
+                vec![("10.0.0.100:80", true, 0), ("10.0.0.100:443", false, 2)],
+            ),
+            bare,
+        ];
+        let text = lb_status_text(&reports, &["n3".to_string()]);
+        let lines: Vec<&str> = text.lines().collect();
+        let row = |node: &str, listen: &str| {
+            lines
+                .iter()
+                .find(|l| l.starts_with(node) && l.contains(listen) && !l.contains("10.0.0.2:"))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert_eq!(row("n1", ":80 ")[2..5], ["accepting", "3", "7"], "{text}");
+        assert_eq!(row("n1", ":443")[2], "standby", "{text}");
+        assert_eq!(row("n2", ":443")[2], "draining", "{text}");
+        assert!(
+            row("n1", ":80 ").join(" ").ends_with("2.00 kB 3.00 MB"),
+            "{text}"
+        );
+        assert!(
+            lines.iter().any(|l| l.starts_with("n1")
+                && l.contains("10.0.0.100:80 ")
+                && l.split_whitespace().collect::<Vec<_>>()[2..5]
+                    == ["n2", "10.0.0.2:8080", "down"]),
+            "{text}"
+        );
+        assert!(
+            text.contains("warning: 2 nodes accept on 10.0.0.100:80: n1, n2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("warning: no node accepts on 10.0.0.100:443"),
+            "{text}"
+        );
+        assert!(text.contains("no balancer on: n4"), "{text}");
+        assert!(text.ends_with("not answering: n3\n"), "{text}");
+        // One node accepting per listener: no warning.
+        let calm = [lb_report("n1", vec![("10.0.0.100:80", true, 0)])];
+        assert!(!lb_status_text(&calm, &[]).contains("warning"));
+        // Nobody has a balancer.
+        let mut none = lb_report("n1", vec![]);
+        none.vip = None;
+        assert_eq!(
+            lb_status_text(&[none], &[]),
+            "no node runs a balancer (no [lb] section)\n"
+        );
     }
 
     #[test]

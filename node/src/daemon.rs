@@ -626,6 +626,11 @@ impl NodeInner {
             })),
             AdminRequest::VipList => AdminReply::Vips(crate::placement::vip_rows(self)),
             AdminRequest::Write(cmd) => self.write(cmd).await,
+            AdminRequest::LbStatus => AdminReply::Lb(crate::admin::LbReport {
+                node: self.name.clone(),
+                vip: self.lb.as_ref().map(|lb| lb.vip().to_string()),
+                listeners: self.lb.as_ref().map(|lb| lb.report()).unwrap_or_default(),
+            }),
             AdminRequest::ServiceStatus => AdminReply::Services(crate::admin::ServicesReport {
                 node: self.name.clone(),
                 specs: self.view.read(|f| f.services.clone()),

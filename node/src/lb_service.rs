@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use spaced_lb::backend::BackendSpec;
@@ -12,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::admin::{LbBackendRow, LbListenerRow};
 use crate::config::{LbPort, LbSection};
 use crate::daemon::NodeInner;
 
@@ -62,6 +64,48 @@ impl LbService {
     /// The balancers, for metrics and status.
     pub fn balancers(&self) -> impl Iterator<Item = &Arc<Balancer>> {
         self.balancers.iter().map(|(_, b)| b)
+    }
+
+    /// The VIP the balancers follow.
+    pub fn vip(&self) -> &str {
+        &self.section.vip
+    }
+
+    /// Each port's state and counters, for `spacectl lb status`.
+    pub fn report(&self) -> Vec<LbListenerRow> {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        self.balancers()
+            .map(|b| {
+                let s = b.stats();
+                LbListenerRow {
+                    listen: b.label().to_string(),
+                    accepting: b.is_accepting(),
+                    active: load(&s.active),
+                    total: load(&s.accepted),
+                    refused: load(&s.refused_limit),
+                    no_backend: load(&s.no_backend),
+                    relay_errors: load(&s.relay_errors),
+                    bytes_in: load(&s.spliced.client_to_backend)
+                        + load(&s.copied.client_to_backend),
+                    bytes_out: load(&s.spliced.backend_to_client)
+                        + load(&s.copied.backend_to_client),
+                    backends: b
+                        .backends()
+                        .snapshot()
+                        .iter()
+                        .map(|be| LbBackendRow {
+                            name: be.name().to_string(),
+                            addr: be.spec.addr.to_string(),
+                            up: be.is_up(),
+                            active: be.active(),
+                            total: be.total(),
+                            connect_errors: be.connect_errors(),
+                            transitions: be.transitions(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
     }
 
     /// Prometheus text for all ports.
