@@ -415,6 +415,11 @@ impl Agent {
         crate::lock(&self.leases).remaining(name, now)
     }
 
+    /// Nothing held and nothing up: a reconcile pass with nothing owned has nothing to do.
+    pub fn is_idle(&self) -> bool {
+        crate::lock(&self.leases).all().is_empty() && crate::lock(&self.active).is_empty()
+    }
+
     /// VIP names up on this host.
     pub fn active_names(&self) -> Vec<String> {
         crate::lock(&self.active).keys().cloned().collect()
@@ -500,6 +505,26 @@ mod tests {
         let s = agent.plan_step(&owned, t0 + Duration::from_millis(300));
         assert_eq!(s.fence, vec![spec("cluster")]);
         assert!(agent.active_names().is_empty());
+    }
+
+    /// The agent loop sleeps until the fabric changes while this holds, so it must not hold
+    /// while anything is held or up, and must hold again once the grant has gone and the VIP
+    /// is down.
+    #[test]
+    fn idle_only_with_nothing_held_and_nothing_up() {
+        let t0 = Instant::now();
+        let agent = Agent::new(1, cfg(), Arc::new(Recorder::default()));
+        assert!(agent.is_idle());
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        let r = agent.plan_step(&owned, t0).renewal.expect("renewal");
+        assert!(!agent.is_idle(), "granted, lease not yet confirmed");
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        assert_eq!(agent.plan_step(&owned, t0).acquire.len(), 1);
+        assert!(!agent.is_idle(), "up");
+        // The grant goes (moved elsewhere): fenced in the same pass, and idle after it.
+        let s = agent.plan_step(&[], t0 + Duration::from_millis(10));
+        assert_eq!(s.fence, vec![spec("cluster")]);
+        assert!(agent.is_idle());
     }
 
     #[test]

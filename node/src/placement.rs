@@ -21,6 +21,11 @@ use crate::lock;
 
 /// How often the leader plans.
 const PLAN_EVERY: Duration = Duration::from_millis(10);
+/// An agent with nothing granted and nothing up waits for a fabric change, but looks at least
+/// this often anyway (a safety net, not the way it learns of grants).
+const AGENT_IDLE_LOOK: Duration = Duration::from_secs(1);
+/// How often the agent forgets witnessed leases of placements that moved on.
+const WITNESS_PRUNE_EVERY: Duration = Duration::from_secs(5);
 /// A node that handed its placements over is not granted any for this long (it is exiting).
 const STOPPING_FOR: Duration = Duration::from_secs(10);
 /// A peer counts as live for placement while the leader heard from it this recently.
@@ -152,15 +157,18 @@ pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Recei
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let renewing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut pass: u64 = 0;
+    let mut fabric_changed = inner.view.changes();
+    let mut pruned = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+        // Seen before reading: a grant applied from now on wakes an idle wait below.
+        fabric_changed.borrow_and_update();
         let owned = inner.view.read(|f| owned_vips(f, inner.id));
-        pass += 1;
-        if pass.is_multiple_of(1000) {
+        if pruned.elapsed() >= WITNESS_PRUNE_EVERY {
+            pruned = Instant::now();
             // Keep the witness bounded: forget leases of placements that moved on.
             let current: BTreeMap<String, u64> = inner.view.read(|f| {
                 f.placements
@@ -187,6 +195,17 @@ pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Recei
         }
         for (held, reason) in inner.placements.agent.execute(&step).await {
             give_back(&inner, held, reason);
+        }
+        if owned.is_empty() && inner.placements.agent.is_idle() {
+            // Nothing granted here and nothing up: no lease, fence or announcement can fall
+            // due before the fabric grants this node something, so wait for that instead of
+            // ticking (most nodes own nothing most of the time). The next tick is overdue by
+            // then and fires at once.
+            tokio::select! {
+                _ = fabric_changed.changed() => {}
+                () = tokio::time::sleep(AGENT_IDLE_LOOK) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
         }
     }
 }
@@ -430,10 +449,19 @@ pub(crate) async fn controller_loop(inner: Arc<NodeInner>, mut shutdown: watch::
     let mut tick = tokio::time::interval(PLAN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_step_aside: Option<Instant> = None;
+    // Changes with the server state (leader, follower, candidate), the vote and membership,
+    // not with every heartbeat: a follower sleeps on it instead of ticking.
+    let mut server = inner.raft.server_metrics();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        let was_leading = server.borrow_watched().state.is_leader();
+        let raft_gone = tokio::select! {
+            _ = tick.tick(), if was_leading => false,
+            changed = server.changed(), if !was_leading => changed.is_err(),
             _ = shutdown.wait_for(|s| *s) => return,
+        };
+        if raft_gone {
+            // Raft has shut down: tick (and find no leadership) until shutdown.
+            tick.tick().await;
         }
         let leading = inner.raft.is_leader();
         {
