@@ -431,6 +431,39 @@ fn demo_runs_to_completion() -> Result<()> {
         "{stdout}"
     );
     assert!(stdout.contains("serving writes"), "{stdout}");
+    // The balancer on the VIP: round-robin over the three app nodes, then over the two that
+    // are left once the VIP owner and its app server are gone.
+    assert!(
+        stdout.contains("30 connections: n1 10, n2 10, n3 10"),
+        "{stdout}"
+    );
+    let after = stdout
+        .lines()
+        .find(|l| l.starts_with("the balancer on "))
+        .with_context(|| format!("no balancer line after the takeover: {stdout}"))?;
+    let killed = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("killing the VIP owner "))
+        .and_then(|l| l.split_whitespace().next())
+        .with_context(|| format!("no VIP owner kill: {stdout}"))?;
+    let counts: Vec<(&str, u32)> = after
+        .rsplit_once("connections: ")
+        .map(|(_, spread)| spread)
+        .unwrap_or_default()
+        .split(", ")
+        .filter_map(|part| {
+            let (name, n) = part.split_once(' ')?;
+            Some((name, n.parse().ok()?))
+        })
+        .collect();
+    // Both survivors, about evenly (a connection the dead backend refused before its health
+    // check took it down is redispatched to one of them), all 30 answered.
+    assert_eq!(counts.len(), 2, "{after}");
+    assert!(
+        counts.iter().all(|(name, n)| *name != killed && *n >= 10),
+        "{after}"
+    );
+    assert_eq!(counts.iter().map(|(_, n)| n).sum::<u32>(), 30, "{after}");
     Ok(())
 }
 

@@ -324,12 +324,25 @@ impl Backends {
         (0..n).map(move |i| &list[(start + i) % n])
     }
 
+    /// Turns taken over the usable backends only, so they share evenly while others are down
+    /// (rotating over the whole list and skipping a down backend would hand its turns to the
+    /// one after it: 1/3 and 2/3 between two survivors of three).
     fn round_robin(
         &self,
         list: &[Arc<Backend>],
         usable: impl Fn(&Arc<Backend>) -> bool,
     ) -> Option<Arc<Backend>> {
-        self.rotation(list).find(|b| usable(b)).cloned()
+        let count = list.iter().filter(|b| usable(b)).count();
+        if count == 0 {
+            return None;
+        }
+        let turn = self.cursor.fetch_add(1, Ordering::Relaxed) % count;
+        list.iter()
+            .filter(|b| usable(b))
+            .nth(turn)
+            // A backend went down between the two looks: any usable one.
+            .or_else(|| list.iter().find(|b| usable(b)))
+            .cloned()
     }
 
     /// Fewest active connections; the rotating start spreads equal loads instead of piling
@@ -435,9 +448,14 @@ mod tests {
 
         let n2 = b.snapshot()[1].clone();
         b.set_up(&n2, false);
+        let mut counts = BTreeMap::<String, u32>::new();
         for i in 0..30 {
-            assert_ne!(pick(&b, Policy::RoundRobin, None, client(i)).unwrap(), "n2");
+            let chosen = pick(&b, Policy::RoundRobin, None, client(i)).unwrap();
+            assert_ne!(chosen, "n2");
+            *counts.entry(chosen).or_default() += 1;
         }
+        // The survivors share evenly; the down backend's turns do not all go to its successor.
+        assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![15, 15]);
         for backend in b.snapshot().iter() {
             b.set_up(backend, false);
         }

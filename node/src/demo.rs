@@ -1,6 +1,8 @@
-//! `spaced demo`: a real 3-process cluster on 127.0.0.1 — bootstrap, join, register devices, kill the leader, watch it heal.
+//! `spaced demo`: a real 3-process cluster on loopback — bootstrap, join, register devices, balance
+//! through the VIP, kill the VIP owner, a singleton's node and the leader, watch it heal.
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
@@ -12,7 +14,8 @@ use spaced_raft::pki;
 use crate::admin::{AdminReply, AdminRequest};
 use crate::client::{AdminClient, AdminCredentials, unexpected};
 use crate::config::{
-    DevicesSection, NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection,
+    DevicesSection, LbPort, LbSection, NodeConfig, RaftTimings, TakeoverMode, TlsSection,
+    VipSection,
 };
 use crate::ctl::render_status;
 
@@ -145,6 +148,69 @@ fn spawn_node(exe: &Path, dir: &Path, config: &Path, bootstrap: bool) -> Result<
 
 /// The loopback address the demo's cluster VIP lives on.
 pub const DEMO_VIP: &str = "127.0.0.100";
+
+/// Connections the demo opens through the balancer each time it shows the spread.
+const LB_PROBES: usize = 30;
+
+/// Node `id`'s own loopback address in the demo (127.0.0.11, .12, ...), so that the balancer's
+/// backends, the app nodes at their Raft address's IP, are told apart.
+fn demo_node_ip(id: u64) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 10 + (id as u8))
+}
+
+/// A TCP port free on every one of `ips` (the nodes' stand-in app servers share one port).
+fn free_tcp_port_on_all(ips: &[Ipv4Addr]) -> Result<u16> {
+    for _ in 0..50 {
+        let first = TcpListener::bind((ips[0], 0))?;
+        let port = first.local_addr()?.port();
+        if ips[1..]
+            .iter()
+            .all(|ip| TcpListener::bind((*ip, port)).is_ok())
+        {
+            return Ok(port);
+        }
+    }
+    bail!("no TCP port free on all of {ips:?} in 50 tries")
+}
+
+/// Stand-in application server of one node: answers every connection on `addr` with the
+/// node's name and closes it. Aborting the task closes the listener (the host went down).
+async fn app_server(addr: SocketAddr, name: String) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind the stand-in app server of {name} on {addr}"))?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let reply = format!("{name}\n");
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = conn.write_all(reply.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    }))
+}
+
+/// Opens `LB_PROBES` connections one after another through the balancer at `addr` and counts
+/// which app server answered each, as `n1 10, n2 10, n3 10` (`None`: none answered).
+async fn lb_spread(addr: SocketAddr) -> Option<String> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..LB_PROBES {
+        if let Some(name) = vip_answer(addr).await {
+            *seen.entry(name).or_default() += 1;
+        }
+    }
+    let missed = LB_PROBES - seen.values().sum::<usize>();
+    let mut text = seen
+        .iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if missed > 0 {
+        text.push_str(&format!(", {missed} not answered"));
+    }
+    (!seen.is_empty()).then_some(text)
+}
 
 /// Waits until the `cluster` VIP has an owner and returns it.
 async fn wait_vip_owner(admin: &mut AdminClient, within: Duration) -> Result<u64> {
@@ -339,9 +405,44 @@ async fn run_in(dir: &Path) -> Result<()> {
     // The cluster VIP in loopback mode: its owner answers TCP on 127.0.0.100:<port> with its name.
     let vip_port = free_tcp_port()?;
     let vip_addr: SocketAddr = format!("{DEMO_VIP}:{vip_port}").parse()?;
+    // The balancer on the VIP's owner spreads connections to its port over every app node's
+    // stand-in app server (this process runs them, one per node address, on one port).
+    let lb_port = free_tcp_port()?;
+    let lb_addr: SocketAddr = format!("{DEMO_VIP}:{lb_port}").parse()?;
+    let ips: Vec<Ipv4Addr> = (1..=3).map(demo_node_ip).collect();
+    let app_port = free_tcp_port_on_all(&ips)?;
+    let mut apps = BTreeMap::new();
+    for id in 1..=3u64 {
+        let addr = SocketAddr::new(IpAddr::V4(demo_node_ip(id)), app_port);
+        apps.insert(id, app_server(addr, format!("n{id}")).await?);
+    }
     for id in 1..=3u64 {
         pki::issue(&pki_dir, &format!("n{id}"), false)?;
         let mut cfg = node_config(dir, &pki_dir, id, &["ha", "app"])?;
+        let ip = demo_node_ip(id);
+        cfg.listen = SocketAddr::new(
+            IpAddr::V4(ip),
+            UdpSocket::bind((ip, 0))?.local_addr()?.port(),
+        );
+        cfg.lb = Some(LbSection {
+            vip: "cluster".into(),
+            ports: vec![LbPort {
+                listen: lb_port,
+                backend: app_port,
+            }],
+            backend_role: "app".into(),
+            policy: "rr".into(),
+            max_conns: 1000,
+            connect_timeout_ms: 500,
+            retries: 2,
+            idle_timeout_s: 30,
+            peek_timeout_ms: 500,
+            proxy_protocol: false,
+            health_interval_ms: 200,
+            rise: 2,
+            fall: 2,
+            drain_grace_s: 1,
+        });
         cfg.takeover = TakeoverMode::Loopback;
         cfg.vips = vec![VipSection {
             name: "cluster".into(),
@@ -362,7 +463,7 @@ async fn run_in(dir: &Path) -> Result<()> {
         });
     }
     println!(
-        "started 3 spaced processes on 127.0.0.1 (work dir {})",
+        "started 3 spaced processes on 127.0.0.11-13 (work dir {})",
         dir.display()
     );
 
@@ -455,13 +556,23 @@ async fn run_in(dir: &Path) -> Result<()> {
         .await
         .context("the VIP does not answer")?;
     println!("\nVIP cluster ({vip_addr}) is served by {answer}");
+    let spread = lb_spread(lb_addr)
+        .await
+        .context("the balancer on the VIP does not answer")?;
+    println!("balancer on the VIP ({lb_addr}), {LB_PROBES} connections: {spread}");
     let victim = nodes
         .iter_mut()
         .find(|n| n.id == owner)
         .context("VIP owner is not a demo node")?;
-    println!("killing the VIP owner {} (SIGKILL)...", victim.name);
+    println!(
+        "killing the VIP owner {} (SIGKILL) and its app server...",
+        victim.name
+    );
     victim.kill(nix::sys::signal::Signal::SIGKILL)?;
     let killed_at = Instant::now();
+    if let Some(app) = apps.remove(&owner) {
+        app.abort();
+    }
     let new_answer = loop {
         if let Some(a) = vip_answer(vip_addr).await
             && a != answer
@@ -477,7 +588,23 @@ async fn run_in(dir: &Path) -> Result<()> {
         "{new_answer} serves the VIP {} ms after the kill",
         killed_at.elapsed().as_millis()
     );
+    while vip_answer(lb_addr).await.is_none() {
+        if killed_at.elapsed() > Duration::from_secs(10) {
+            bail!("the balancer did not answer on the VIP within 10 s of killing its owner");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let lb_back = killed_at.elapsed();
+    let spread = lb_spread(lb_addr)
+        .await
+        .context("the balancer on the new owner stopped answering")?;
+    println!(
+        "the balancer on {new_answer} answers {} ms after the kill; {LB_PROBES} connections: {spread}",
+        lb_back.as_millis()
+    );
     reap_and_reconnect(&mut nodes, owner, &mut admin, &creds).await?;
+    let addr = SocketAddr::new(IpAddr::V4(demo_node_ip(owner)), app_port);
+    apps.insert(owner, app_server(addr, format!("n{owner}")).await?);
     let back = restart_and_rejoin(&exe, dir, &mut nodes, owner, &mut admin).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let still = vip_answer(vip_addr).await.unwrap_or_default();
