@@ -160,13 +160,13 @@ fn demo_node_ip(id: u64) -> Ipv4Addr {
 
 /// A TCP port free on every one of `ips` (the nodes' stand-in app servers share one port).
 fn free_tcp_port_on_all(ips: &[Ipv4Addr]) -> Result<u16> {
+    let Some((first_ip, rest)) = ips.split_first() else {
+        bail!("no address to find a free port on");
+    };
     for _ in 0..50 {
-        let first = TcpListener::bind((ips[0], 0))?;
+        let first = TcpListener::bind((*first_ip, 0))?;
         let port = first.local_addr()?.port();
-        if ips[1..]
-            .iter()
-            .all(|ip| TcpListener::bind((*ip, port)).is_ok())
-        {
+        if rest.iter().all(|ip| TcpListener::bind((*ip, port)).is_ok()) {
             return Ok(port);
         }
     }
