@@ -774,23 +774,20 @@ fn balancer_on_the_vip_spreads_over_app_nodes_and_follows_the_vip() -> Result<()
         let ip = IpAddr::V4(lab.free_ip(0));
         cfg.vips.push(vip("cluster", ip, 24, &["ha"]));
         cfg.lb = Some(LbSection {
-            vip: "cluster".into(),
-            ports: vec![LbPort {
-                listen: LB_PORT,
-                backend: APP_PORT,
-            }],
-            backend_role: "app".into(),
-            policy: "rr".into(),
             max_conns: 1000,
             connect_timeout_ms: 500,
-            retries: 2,
             idle_timeout_s: 30,
             peek_timeout_ms: 500,
-            proxy_protocol: false,
             health_interval_ms: 200,
-            rise: 2,
             fall: 2,
             drain_grace_s: 1,
+            ..LbSection::new(
+                "cluster",
+                vec![LbPort {
+                    listen: LB_PORT,
+                    backend: APP_PORT,
+                }],
+            )
         });
     })?
     else {

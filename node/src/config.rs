@@ -150,6 +150,27 @@ fn default_drain_grace_s() -> u64 {
 }
 
 impl LbSection {
+    /// A section for `vip` and `ports` with every other key at its default, as a config file
+    /// that names only those two would give.
+    pub fn new(vip: &str, ports: Vec<LbPort>) -> Self {
+        LbSection {
+            vip: vip.to_string(),
+            ports,
+            backend_role: default_backend_role(),
+            policy: default_policy(),
+            max_conns: default_max_conns(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            retries: default_retries(),
+            idle_timeout_s: default_idle_timeout_s(),
+            peek_timeout_ms: default_peek_timeout_ms(),
+            proxy_protocol: false,
+            health_interval_ms: default_health_interval_ms(),
+            rise: default_rise(),
+            fall: default_fall(),
+            drain_grace_s: default_drain_grace_s(),
+        }
+    }
+
     /// The balancer settings this section describes (`policy` must have passed validation).
     pub fn balancer_config(&self) -> spaced_lb::balancer::LbConfig {
         use std::time::Duration;
@@ -780,6 +801,18 @@ fn deser_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lb_section_new_is_what_a_file_naming_only_vip_and_ports_gives() {
+        let parsed: LbSection =
+            toml::from_str("vip = \"cluster\"\nports = [{ listen = 80, backend = 8080 }]\n")
+                .unwrap();
+        let ports = vec![LbPort {
+            listen: 80,
+            backend: 8080,
+        }];
+        assert_eq!(LbSection::new("cluster", ports), parsed);
+    }
 
     const FULL: &str = r#"
 node_id = 1

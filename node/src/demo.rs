@@ -425,23 +425,17 @@ async fn run_in(dir: &Path) -> Result<()> {
             UdpSocket::bind((ip, 0))?.local_addr()?.port(),
         );
         cfg.lb = Some(LbSection {
-            vip: "cluster".into(),
-            ports: vec![LbPort {
-                listen: lb_port,
-                backend: app_port,
-            }],
-            backend_role: "app".into(),
-            policy: "rr".into(),
-            max_conns: 1000,
             connect_timeout_ms: 500,
-            retries: 2,
-            idle_timeout_s: 30,
-            peek_timeout_ms: 500,
-            proxy_protocol: false,
             health_interval_ms: 200,
-            rise: 2,
             fall: 2,
             drain_grace_s: 1,
+            ..LbSection::new(
+                "cluster",
+                vec![LbPort {
+                    listen: lb_port,
+                    backend: app_port,
+                }],
+            )
         });
         cfg.takeover = TakeoverMode::Loopback;
         cfg.vips = vec![VipSection {
