@@ -12,8 +12,15 @@ use spaced_raft::network::BoxFuture;
 
 use crate::lease::{Held, LeaseConfig, OwnerLeases, Renewal};
 
-/// How often the agent reconciles; the leader's `margin` must exceed it.
-pub const TICK: Duration = Duration::from_millis(5);
+/// Reconcile passes are at least this far apart, so a due time already past cannot spin the
+/// loop. A pass runs when something falls due (`Agent::next_due`: a renewal, a lease end, an
+/// announcement), when the fabric changes or when the agent is poked, so it acts within about
+/// this much (plus the timer's 1 ms grain) of a lease end; the leader's `margin` must exceed it.
+pub const MIN_GAP: Duration = Duration::from_millis(1);
+
+/// While it owns or holds anything, the agent runs a pass at least this often even when
+/// nothing falls due sooner (a safety net).
+pub const MAX_GAP: Duration = Duration::from_millis(100);
 
 /// A VIP as the agent hands it to a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +187,9 @@ pub struct Agent {
     /// Counts changes of the VIPs up here, once the host side is done, so followers of VIP
     /// ownership (the balancer) act at once instead of polling.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Wakes the agent loop early when something it sleeps on changed outside it: a renewal
+    /// was confirmed (a first confirmation lets a VIP come up), a placement was fenced on request.
+    poke: tokio::sync::Notify,
 }
 
 /// What one reconcile pass decided, for the caller to carry out.
@@ -235,6 +245,35 @@ impl Agent {
             stopping: std::sync::atomic::AtomicBool::new(false),
             refresh: Mutex::new(None),
             changes: tokio::sync::watch::Sender::new(0),
+            poke: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Resolves when the agent loop should run a pass before its planned time (see `poke`).
+    pub async fn poked(&self) {
+        self.poke.notified().await
+    }
+
+    /// When the next reconcile pass has something to do: a renewal, a lease end (fence), an
+    /// announcement or refresh. `None`: nothing held and nothing up, so nothing falls due until
+    /// the fabric grants this node something.
+    pub fn next_due(&self, now: Instant) -> Option<Instant> {
+        let leases = crate::lock(&self.leases).next_due(now);
+        let schedule = self.backend.announce_schedule();
+        let refresh = *crate::lock(&self.refresh);
+        let announcements = crate::lock(&self.active)
+            .values()
+            .filter_map(|a| match schedule.get(a.announced) {
+                Some(offset) => Some(a.since + *offset),
+                None => refresh.map(|every| {
+                    let last = schedule.last().copied().unwrap_or_default();
+                    a.since + last + every * (a.refreshed + 1)
+                }),
+            })
+            .min();
+        match (leases, announcements) {
+            (Some(l), Some(a)) => Some(l.min(a)),
+            (l, a) => l.or(a),
         }
     }
 
@@ -382,6 +421,7 @@ impl Agent {
     /// The leader answered `renewal` with `confirmed`.
     pub fn confirmed(&self, renewal: &Renewal, confirmed: &[Held]) {
         crate::lock(&self.leases).confirmed(renewal, confirmed);
+        self.poke.notify_one();
     }
 
     /// Fences `name` at `epoch` now and keeps it down at that epoch (graceful move or stop).
@@ -394,6 +434,7 @@ impl Agent {
             released?;
             tracing::info!(vip = %name, epoch, "VIP released on request");
         }
+        self.poke.notify_one();
         Ok(())
     }
 
@@ -525,6 +566,54 @@ mod tests {
         let s = agent.plan_step(&[], t0 + Duration::from_millis(10));
         assert_eq!(s.fence, vec![spec("cluster")]);
         assert!(agent.is_idle());
+    }
+
+    /// The agent loop sleeps until `next_due`, so it must name the earliest of: the next
+    /// renewal (sooner while unconfirmed), the lease end, the next announcement.
+    #[test]
+    fn next_due_is_the_earliest_renewal_lease_end_or_announcement() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let agent = Agent::new(
+            1,
+            LeaseConfig {
+                duration: ms(100),
+                renew_every: ms(80),
+                ..Default::default()
+            },
+            Arc::new(Recorder::default()),
+        );
+        assert_eq!(agent.next_due(t0), None, "nothing held");
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        // Granted: a renewal goes out at once; unconfirmed, the next is due a quarter later.
+        let r = agent.plan_step(&owned, t0).renewal.expect("renewal");
+        assert_eq!(agent.next_due(t0), Some(t0 + ms(20)));
+        // Confirmed: up at t0 + 1; the lease (t0 + 100) and the announcement (t0 + 251) are
+        // later than the renewal (t0 + 80).
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        assert_eq!(agent.plan_step(&owned, t0 + ms(1)).acquire.len(), 1);
+        assert_eq!(agent.next_due(t0 + ms(1)), Some(t0 + ms(80)));
+        // The renewal at t0 + 80 goes unanswered: the lease end comes first now.
+        assert!(agent.plan_step(&owned, t0 + ms(80)).renewal.is_some());
+        assert_eq!(agent.next_due(t0 + ms(80)), Some(t0 + ms(100)));
+        // At the lease end the VIP goes down; only the (unconfirmed-pace) renewal is left.
+        assert_eq!(agent.plan_step(&owned, t0 + ms(100)).fence.len(), 1);
+        assert_eq!(agent.next_due(t0 + ms(100)), Some(t0 + ms(160)));
+        // An announcement can be the earliest: a long lease, up at t1, first announcement at +250.
+        let agent = Agent::new(
+            1,
+            LeaseConfig {
+                duration: ms(10_000),
+                renew_every: ms(5_000),
+                ..Default::default()
+            },
+            Arc::new(Recorder::default()),
+        );
+        let t1 = t0 + ms(1_000);
+        let r = agent.plan_step(&owned, t1).renewal.expect("renewal");
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        assert_eq!(agent.plan_step(&owned, t1).acquire.len(), 1);
+        assert_eq!(agent.next_due(t1), Some(t1 + ms(250)));
     }
 
     #[test]

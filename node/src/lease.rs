@@ -98,21 +98,9 @@ impl OwnerLeases {
     /// A renewal to send now, if one is due: immediately when something is unconfirmed,
     /// otherwise every `renew_every`.
     pub fn renewal_due(&mut self, now: Instant) -> Option<Renewal> {
-        if self.held.is_empty() {
-            return None;
-        }
-        let unconfirmed = self.held.values().any(|(_, until)| until.is_none());
-        let due = match self.last_sent {
-            None => true,
-            // Even unconfirmed grants are retried at a bounded pace, not in a busy loop.
-            Some(t) => {
-                now >= t + if unconfirmed {
-                    self.cfg.renew_every / 4
-                } else {
-                    self.cfg.renew_every
-                }
-            }
-        };
+        let due = self
+            .next_renewal()
+            .is_some_and(|at| at.is_none_or(|t| now >= t));
         if !due {
             return None;
         }
@@ -125,6 +113,37 @@ impl OwnerLeases {
                 .collect(),
             sent_at: now,
         })
+    }
+
+    /// When the next renewal is due: `None` with nothing held, `Some(None)` at once (none sent
+    /// yet), else `renew_every` after the last one, or a quarter of that while a grant is
+    /// unconfirmed (retried at a bounded pace, not in a busy loop).
+    fn next_renewal(&self) -> Option<Option<Instant>> {
+        if self.held.is_empty() {
+            return None;
+        }
+        let unconfirmed = self.held.values().any(|(_, until)| until.is_none());
+        Some(self.last_sent.map(|t| {
+            t + if unconfirmed {
+                self.cfg.renew_every / 4
+            } else {
+                self.cfg.renew_every
+            }
+        }))
+    }
+
+    /// When this book next needs its owner to act: the next renewal, or the earliest lease end
+    /// still ahead (whatever it covers must go down then), whichever comes first. `None` with
+    /// nothing held.
+    pub fn next_due(&self, now: Instant) -> Option<Instant> {
+        let renewal = self.next_renewal()?.unwrap_or(now);
+        let end = self
+            .held
+            .values()
+            .filter_map(|(_, until)| *until)
+            .filter(|until| *until > now)
+            .min();
+        Some(end.map_or(renewal, |end| end.min(renewal)))
     }
 
     /// The leader confirmed `confirmed` for a renewal sent at `renewal.sent_at`: their leases

@@ -12,7 +12,7 @@ use spaced_raft::{NodeId, Outcome, Response};
 use tokio::sync::watch;
 
 use crate::admin::{RefusalRow, VipRow};
-use crate::agent::{Agent, LoopbackBackend, TICK, VipBackend, owned_vips};
+use crate::agent::{Agent, LoopbackBackend, MAX_GAP, MIN_GAP, VipBackend, owned_vips};
 use crate::config::{NodeConfig, TakeoverMode, VipSection};
 use crate::controller::{eligible, plan};
 use crate::daemon::{NodeInner, now_millis};
@@ -152,19 +152,27 @@ pub(crate) async fn propose_anywhere(inner: &NodeInner, cmd: Command) -> Result<
     }
 }
 
-/// The VIP agent: reconcile every tick, renew with the voters.
+/// The VIP agent: reconcile when something falls due, the fabric changes or the agent is
+/// poked; renew with the voters.
 pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let agent = inner.placements.agent.clone();
     let renewing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut fabric_changed = inner.view.changes();
     let mut pruned = Instant::now();
+    let mut next = tokio::time::Instant::now();
+    let mut last_pass: Option<Instant> = None;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            () = tokio::time::sleep_until(next) => {}
+            Ok(()) = fabric_changed.changed() => {}
+            () = agent.poked() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        // Seen before reading: a grant applied from now on wakes an idle wait below.
+        if let Some(gap) = last_pass.map(|t| t.elapsed()).filter(|gap| *gap < MIN_GAP) {
+            tokio::time::sleep(MIN_GAP - gap).await;
+        }
+        last_pass = Some(Instant::now());
+        // Seen before reading: a grant applied from now on wakes the wait above.
         fabric_changed.borrow_and_update();
         let owned = inner.view.read(|f| owned_vips(f, inner.id));
         if pruned.elapsed() >= WITNESS_PRUNE_EVERY {
@@ -196,17 +204,19 @@ pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Recei
         for (held, reason) in inner.placements.agent.execute(&step).await {
             give_back(&inner, held, reason);
         }
-        if owned.is_empty() && inner.placements.agent.is_idle() {
-            // Nothing granted here and nothing up: no lease, fence or announcement can fall
-            // due before the fabric grants this node something, so wait for that instead of
-            // ticking (most nodes own nothing most of the time). The next tick is overdue by
-            // then and fires at once.
-            tokio::select! {
-                _ = fabric_changed.changed() => {}
-                () = tokio::time::sleep(AGENT_IDLE_LOOK) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
-            }
-        }
+        // Sleep until the next thing falls due. With nothing granted here and nothing up,
+        // nothing can before the fabric grants this node something (most nodes own nothing
+        // most of the time), so only the fabric or the safety net wakes it.
+        let now = Instant::now();
+        let cap = if owned.is_empty() && agent.is_idle() {
+            AGENT_IDLE_LOOK
+        } else {
+            MAX_GAP
+        };
+        let due = agent
+            .next_due(now)
+            .map_or(now + cap, |due| due.min(now + cap));
+        next = tokio::time::Instant::from_std(due);
     }
 }
 
