@@ -372,6 +372,20 @@ async fn foreign_ca_and_lying_peers_are_refused() -> Result<()> {
         other => bail!("describe: {other:?}"),
     }
 
+    // A peer that never answers (a UDP port that swallows the handshake) costs a call its
+    // time limit, dialing included, not the 2 s connect timeout: the leader asks every voter
+    // about leases with 100 ms calls, and a dead voter used to hold a VIP move up for seconds.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let nobody = Member {
+        name: "n9".into(),
+        addr: silent.local_addr()?.to_string(),
+    };
+    let err = honest
+        .call(9, &nobody, RaftRpc::Describe, Duration::from_millis(100))
+        .await
+        .expect_err("a silent peer answered");
+    assert!(err.contains("no reply within 100ms"), "{err}");
+
     // A node or a spacectl of another protocol version is refused at the handshake, told why.
     let older = QuicNetwork::new(
         4,

@@ -245,7 +245,11 @@ impl QuicNetwork {
         Ok(conn)
     }
 
-    /// Sends one request on a new stream and reads the reply (for `Describe` and tests).
+    /// Sends one request on a new stream and reads the reply, all within `ttl`, dialing
+    /// included: a dead peer costs its callers `ttl`, not a connect timeout each (callers of
+    /// one peer queue on its slot, so those would add up: seconds of a leader asking a dead
+    /// voter about leases before it could move a VIP). A dial cut short is simply retried by
+    /// the next caller.
     pub async fn call(
         &self,
         target: NodeId,
@@ -253,14 +257,16 @@ impl QuicNetwork {
         rpc: RaftRpc,
         ttl: Duration,
     ) -> Result<RaftReply, String> {
-        let conn = self.connection(target, member).await?;
         let req = RaftRequest {
             from: self.self_id,
             rpc,
         };
-        tokio::time::timeout(ttl, call_on(&conn, &req, &[]))
-            .await
-            .map_err(|_| format!("node {target}: no reply within {ttl:?}"))?
+        tokio::time::timeout(ttl, async {
+            let conn = self.connection(target, member).await?;
+            call_on(&conn, &req, &[]).await
+        })
+        .await
+        .map_err(|_| format!("node {target}: no reply within {ttl:?}"))?
     }
 }
 
