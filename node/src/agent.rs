@@ -168,6 +168,24 @@ struct Active {
     guarded_until: Option<Instant>,
 }
 
+impl Active {
+    /// When it is announced next: the next offset of the burst (`schedule`, from `since`),
+    /// then every `refresh` after the burst's last offset (never, without a refresh).
+    fn next_announcement(
+        &self,
+        schedule: &[Duration],
+        refresh: Option<Duration>,
+    ) -> Option<Instant> {
+        match schedule.get(self.announced) {
+            Some(offset) => Some(self.since + *offset),
+            None => refresh.map(|every| {
+                let last = schedule.last().copied().unwrap_or_default();
+                self.since + last + every * (self.refreshed + 1)
+            }),
+        }
+    }
+}
+
 /// What the agent's state is shared as between its loop, renewal tasks and RPC handlers.
 pub struct Agent {
     /// This node.
@@ -255,21 +273,16 @@ impl Agent {
     }
 
     /// When the next reconcile pass has something to do: a renewal, a lease end (fence), an
-    /// announcement or refresh. `None`: nothing held and nothing up, so nothing falls due until
-    /// the fabric grants this node something.
+    /// announcement or refresh. `None` after a pass means nothing is held and nothing is up
+    /// (a pass takes down whatever has no lease), so nothing falls due until the fabric
+    /// grants this node something.
     pub fn next_due(&self, now: Instant) -> Option<Instant> {
         let leases = crate::lock(&self.leases).next_due(now);
         let schedule = self.backend.announce_schedule();
         let refresh = *crate::lock(&self.refresh);
         let announcements = crate::lock(&self.active)
             .values()
-            .filter_map(|a| match schedule.get(a.announced) {
-                Some(offset) => Some(a.since + *offset),
-                None => refresh.map(|every| {
-                    let last = schedule.last().copied().unwrap_or_default();
-                    a.since + last + every * (a.refreshed + 1)
-                }),
-            })
+            .filter_map(|a| a.next_announcement(&schedule, refresh))
             .min();
         match (leases, announcements) {
             (Some(l), Some(a)) => Some(l.min(a)),
@@ -327,20 +340,21 @@ impl Agent {
         let schedule = self.backend.announce_schedule();
         let refresh = *crate::lock(&self.refresh);
         for a in active.values_mut() {
-            while a.announced < schedule.len() && now >= a.since + schedule[a.announced] {
+            while a.announced < schedule.len()
+                && a.next_announcement(&schedule, refresh)
+                    .is_some_and(|due| now >= due)
+            {
                 a.announced += 1;
                 step.announce.push(a.vip.clone());
             }
-            // After the burst, an optional periodic refresh for caches that age entries out.
-            if let Some(every) = refresh
-                && a.announced >= schedule.len()
+            // After the burst, an optional periodic refresh (at most one a pass) for caches
+            // that age entries out.
+            if a.announced >= schedule.len()
+                && a.next_announcement(&schedule, refresh)
+                    .is_some_and(|due| now >= due)
             {
-                let last = schedule.last().copied().unwrap_or_default();
-                let due = a.since + last + every * (a.refreshed + 1);
-                if now >= due {
-                    a.refreshed += 1;
-                    step.announce.push(a.vip.clone());
-                }
+                a.refreshed += 1;
+                step.announce.push(a.vip.clone());
             }
         }
         if !stopping {
@@ -456,11 +470,6 @@ impl Agent {
         crate::lock(&self.leases).remaining(name, now)
     }
 
-    /// Nothing held and nothing up: a reconcile pass with nothing owned has nothing to do.
-    pub fn is_idle(&self) -> bool {
-        crate::lock(&self.leases).all().is_empty() && crate::lock(&self.active).is_empty()
-    }
-
     /// VIP names up on this host.
     pub fn active_names(&self) -> Vec<String> {
         crate::lock(&self.active).keys().cloned().collect()
@@ -548,24 +557,25 @@ mod tests {
         assert!(agent.active_names().is_empty());
     }
 
-    /// The agent loop sleeps until the fabric changes while this holds, so it must not hold
-    /// while anything is held or up, and must hold again once the grant has gone and the VIP
+    /// The agent loop sleeps until the fabric changes while nothing is due, so something must
+    /// be due while anything is held or up, and nothing once the grant has gone and the VIP
     /// is down.
     #[test]
     fn idle_only_with_nothing_held_and_nothing_up() {
         let t0 = Instant::now();
         let agent = Agent::new(1, cfg(), Arc::new(Recorder::default()));
-        assert!(agent.is_idle());
+        let idle = |agent: &Agent, now| agent.next_due(now).is_none();
+        assert!(idle(&agent, t0));
         let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
         let r = agent.plan_step(&owned, t0).renewal.expect("renewal");
-        assert!(!agent.is_idle(), "granted, lease not yet confirmed");
+        assert!(!idle(&agent, t0), "granted, lease not yet confirmed");
         agent.confirmed(&r, &[("cluster".into(), 2)]);
         assert_eq!(agent.plan_step(&owned, t0).acquire.len(), 1);
-        assert!(!agent.is_idle(), "up");
+        assert!(!idle(&agent, t0), "up");
         // The grant goes (moved elsewhere): fenced in the same pass, and idle after it.
         let s = agent.plan_step(&[], t0 + Duration::from_millis(10));
         assert_eq!(s.fence, vec![spec("cluster")]);
-        assert!(agent.is_idle());
+        assert!(idle(&agent, t0 + Duration::from_millis(10)));
     }
 
     /// The agent loop sleeps until `next_due`, so it must name the earliest of: the next

@@ -187,7 +187,7 @@ pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Recei
             lock(&inner.placements.witness)
                 .retain(|(n, e, _)| current.get(n).is_some_and(|c| e >= c));
         }
-        let step = inner.placements.agent.plan_step(&owned, Instant::now());
+        let step = agent.plan_step(&owned, Instant::now());
         if let Some(renewal) = step.renewal.clone()
             && !renewing.swap(true, std::sync::atomic::Ordering::SeqCst)
         {
@@ -201,21 +201,18 @@ pub(crate) async fn agent_loop(inner: Arc<NodeInner>, mut shutdown: watch::Recei
                 renewing.store(false, std::sync::atomic::Ordering::SeqCst);
             });
         }
-        for (held, reason) in inner.placements.agent.execute(&step).await {
+        for (held, reason) in agent.execute(&step).await {
             give_back(&inner, held, reason);
         }
         // Sleep until the next thing falls due. With nothing granted here and nothing up,
         // nothing can before the fabric grants this node something (most nodes own nothing
         // most of the time), so only the fabric or the safety net wakes it.
         let now = Instant::now();
-        let cap = if owned.is_empty() && agent.is_idle() {
-            AGENT_IDLE_LOOK
-        } else {
-            MAX_GAP
+        let due = match agent.next_due(now) {
+            Some(due) => due.min(now + MAX_GAP),
+            None if owned.is_empty() => now + AGENT_IDLE_LOOK,
+            None => now + MAX_GAP,
         };
-        let due = agent
-            .next_due(now)
-            .map_or(now + cap, |due| due.min(now + cap));
         next = tokio::time::Instant::from_std(due);
     }
 }
