@@ -78,6 +78,25 @@ pub struct LoopbackBackend {
     running: Mutex<BTreeMap<String, tokio::task::JoinHandle<()>>>,
 }
 
+/// Answers every connection to `listener` with `name` and a newline, then closes it: how a
+/// loopback "VIP holder" (and the demo's stand-in app servers) tell a client who they are.
+/// Aborting the task closes the listener.
+pub(crate) fn answer_with_name(
+    listener: tokio::net::TcpListener,
+    name: String,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let reply = format!("{name}\n");
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = conn.write_all(reply.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    })
+}
+
 impl LoopbackBackend {
     /// A backend answering with `node_name` on each VIP's port.
     pub fn new(node_name: String, ports: BTreeMap<String, u16>) -> Self {
@@ -120,16 +139,7 @@ impl VipBackend for LoopbackBackend {
                 .map_err(|e| e.to_string())?;
             let listener =
                 tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
-            let task = tokio::spawn(async move {
-                while let Ok((mut s, _)) = listener.accept().await {
-                    let reply = format!("{name}\n");
-                    tokio::spawn(async move {
-                        use tokio::io::AsyncWriteExt;
-                        let _ = s.write_all(reply.as_bytes()).await;
-                        let _ = s.shutdown().await;
-                    });
-                }
-            });
+            let task = answer_with_name(listener, name);
             let mut running = crate::lock(&self.running);
             if let Some(old) = running.insert(vip.name.clone(), task) {
                 old.abort();
@@ -202,9 +212,9 @@ pub struct Agent {
     stopping: std::sync::atomic::AtomicBool,
     /// Re-announce held VIPs this often after the initial burst (`None`: never).
     refresh: Mutex<Option<Duration>>,
-    /// Counts changes of the VIPs up here, once the host side is done, so followers of VIP
+    /// Told of every change of the VIPs up here, once the host side is done, so followers of VIP
     /// ownership (the balancer) act at once instead of polling.
-    changes: tokio::sync::watch::Sender<u64>,
+    changes: tokio::sync::watch::Sender<()>,
     /// Wakes the agent loop early when something it sleeps on changed outside it: a renewal
     /// was confirmed (a first confirmation lets a VIP come up), a placement was fenced on request.
     poke: tokio::sync::Notify,
@@ -262,7 +272,7 @@ impl Agent {
             backend,
             stopping: std::sync::atomic::AtomicBool::new(false),
             refresh: Mutex::new(None),
-            changes: tokio::sync::watch::Sender::new(0),
+            changes: tokio::sync::watch::Sender::new(()),
             poke: tokio::sync::Notify::new(),
         }
     }
@@ -293,12 +303,12 @@ impl Agent {
     /// A receiver told each time VIPs went up or down here, from now on; see [`active_names`].
     ///
     /// [`active_names`]: Agent::active_names
-    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<()> {
         self.changes.subscribe()
     }
 
     fn changed(&self) {
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.changes.send_replace(());
     }
 
     /// Re-announce held VIPs every `every` after the initial burst (gratuitous ARP refresh).

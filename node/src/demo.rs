@@ -179,16 +179,7 @@ async fn app_server(addr: SocketAddr, name: String) -> Result<tokio::task::JoinH
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind the stand-in app server of {name} on {addr}"))?;
-    Ok(tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let reply = format!("{name}\n");
-            tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                let _ = conn.write_all(reply.as_bytes()).await;
-                let _ = conn.shutdown().await;
-            });
-        }
-    }))
+    Ok(crate::agent::answer_with_name(listener, name))
 }
 
 /// Opens `LB_PROBES` connections one after another through the balancer at `addr` and counts

@@ -197,7 +197,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
         db_file,
         sm,
         state: Arc::new(RwLock::new(state)),
-        changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        changes: Arc::new(tokio::sync::watch::Sender::new(())),
     };
     Ok((log_store, sm_store))
 }
@@ -434,15 +434,15 @@ pub struct FabricStore {
     sm: sled::Tree,
     /// Applied state, shared with readers through [`FabricView`].
     state: Arc<RwLock<FabricState>>,
-    /// Counts applied batches and installed snapshots, so readers can wait for a change.
-    changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Told of every applied batch and installed snapshot, so readers can wait for a change.
+    changes: Arc<tokio::sync::watch::Sender<()>>,
 }
 
 /// Read access to the applied fabric for the admin API and agents.
 #[derive(Clone)]
 pub struct FabricView {
     state: Arc<RwLock<FabricState>>,
-    changes: Arc<tokio::sync::watch::Sender<u64>>,
+    changes: Arc<tokio::sync::watch::Sender<()>>,
 }
 
 impl FabricView {
@@ -454,7 +454,7 @@ impl FabricView {
 
     /// A receiver that is told each time entries were applied or a snapshot installed, from
     /// now on; what changed is for the reader to look up.
-    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<()> {
         self.changes.subscribe()
     }
 
@@ -546,7 +546,7 @@ impl RaftStateMachine<TypeConfig> for FabricStore {
                 r.send(response);
             }
         }
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.changes.send_replace(());
         Ok(())
     }
 
@@ -564,7 +564,7 @@ impl RaftStateMachine<TypeConfig> for FabricStore {
             codec::decode(&data).map_err(|e| io_err("decode received snapshot", e))?;
         self.persist_snapshot(meta, &data).await?;
         *self.write_state() = new_state;
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.changes.send_replace(());
         tracing::info!(bytes = data.len(), last = ?meta.last_log_id.map(|l| l.index()), "snapshot installed");
         Ok(())
     }
