@@ -1148,6 +1148,39 @@ mod tests {
         read_certs(path).unwrap().remove(0)
     }
 
+    /// A server endpoint with `m`'s certificate on a free loopback port.
+    fn server_endpoint(m: &TlsMaterial) -> (quinn::Endpoint, SocketAddr) {
+        let ep = quinn::Endpoint::server(
+            m.server_config(transport()).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = ep.local_addr().unwrap();
+        (ep, addr)
+    }
+
+    /// Dials `addr` (server name `name`) with `m`'s certificate and `alpn` from a fresh client
+    /// endpoint: the endpoint (keep it while the connection is used) and the handshake's own
+    /// outcome, `None` if it did not end within 5 s.
+    async fn handshake(
+        m: &TlsMaterial,
+        alpn: &[u8],
+        addr: SocketAddr,
+        name: &str,
+    ) -> (
+        quinn::Endpoint,
+        Option<Result<quinn::Connection, quinn::ConnectionError>>,
+    ) {
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = ep
+            .connect_with(m.client_config(alpn, transport()).unwrap(), addr, name)
+            .unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), connecting)
+            .await
+            .ok();
+        (ep, outcome)
+    }
+
     /// Starts a server; the task yields the identity the server sees for the first peer.
     fn serve(
         m: &TlsMaterial,
@@ -1156,12 +1189,7 @@ mod tests {
         SocketAddr,
         tokio::task::JoinHandle<Result<Identity, String>>,
     ) {
-        let ep = quinn::Endpoint::server(
-            m.server_config(transport()).unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
-        let addr = ep.local_addr().unwrap();
+        let (ep, addr) = server_endpoint(m);
         let ep2 = ep.clone();
         let task = tokio::spawn(async move {
             let incoming = ep2.accept().await.ok_or("endpoint closed")?;
@@ -1181,13 +1209,9 @@ mod tests {
         addr: SocketAddr,
         name: &str,
     ) -> Result<Identity, String> {
-        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let connecting = ep
-            .connect_with(m.client_config(alpn, transport()).unwrap(), addr, name)
-            .map_err(|e| e.to_string())?;
-        let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
-            .await
-            .map_err(|_| "timeout".to_string())?
+        let (ep, outcome) = handshake(m, alpn, addr, name).await;
+        let conn = outcome
+            .ok_or_else(|| "timeout".to_string())?
             .map_err(|e| e.to_string())?;
         // The server checks our certificate after we consider the handshake done; give it a
         // moment to refuse.
@@ -1487,14 +1511,7 @@ mod tests {
     #[tokio::test]
     async fn another_protocol_version_is_refused_and_named() {
         let tmp = cluster();
-        let server = material(tmp.path(), "n1");
-        let ep = quinn::Endpoint::server(
-            server.server_config(transport()).unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
-        let addr = ep.local_addr().unwrap();
-        let server_ep = ep.clone();
+        let (server_ep, addr) = server_endpoint(&material(tmp.path(), "n1"));
         let (first_tx, first) = tokio::sync::oneshot::channel();
         let _serving = tokio::spawn(async move {
             let incoming = server_ep.accept().await.expect("an incoming connection");
@@ -1504,17 +1521,11 @@ mod tests {
                 let _ = incoming.await;
             }
         });
-        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let config = material(tmp.path(), "n2")
-            .client_config(b"spaced-raft/1", transport())
-            .unwrap();
-        let dialed = tokio::time::timeout(
-            Duration::from_secs(5),
-            client.connect_with(config, addr, "n1.node.spaced").unwrap(),
-        )
-        .await
-        .expect("the handshake ends");
-        let err = dialed.expect_err("an old protocol version was accepted");
+        let n2 = material(tmp.path(), "n2");
+        let (_client, dialed) = handshake(&n2, b"spaced-raft/1", addr, "n1.node.spaced").await;
+        let err = dialed
+            .expect("the handshake ends")
+            .expect_err("an old protocol version was accepted");
         assert!(is_protocol_mismatch(&err), "{err:?}");
         let said = explain_connection_error(&err, ALPN_RAFT);
         assert!(said.contains("does not speak spaced-raft/2"), "{said}");
@@ -1523,16 +1534,10 @@ mod tests {
         assert!(is_protocol_mismatch(&server_err), "{server_err:?}");
 
         // A refused certificate is a handshake failure of another kind.
-        let config = material(tmp.path(), "n2")
-            .client_config(ALPN_RAFT, transport())
-            .unwrap();
-        let wrong_name = tokio::time::timeout(
-            Duration::from_secs(5),
-            client.connect_with(config, addr, "n3.node.spaced").unwrap(),
-        )
-        .await
-        .expect("the handshake ends")
-        .expect_err("a wrong server name was accepted");
+        let (_client, wrong_name) = handshake(&n2, ALPN_RAFT, addr, "n3.node.spaced").await;
+        let wrong_name = wrong_name
+            .expect("the handshake ends")
+            .expect_err("a wrong server name was accepted");
         assert!(!is_protocol_mismatch(&wrong_name), "{wrong_name:?}");
         assert_eq!(
             explain_connection_error(&wrong_name, ALPN_RAFT),
