@@ -242,28 +242,6 @@ fn listener_state(l: &crate::admin::LbListenerRow) -> &'static str {
     }
 }
 
-/// Bytes with an SI unit, to three significant figures (`512 B`, `1.50 MB`, `12.3 GB`).
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["kB", "MB", "GB", "TB", "PB", "EB"];
-    if n < 1000 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1000.0;
-    let mut unit = 0;
-    while v >= 999.95 && unit + 1 < UNITS.len() {
-        v /= 1000.0;
-        unit += 1;
-    }
-    let digits = if v >= 99.95 {
-        0
-    } else if v >= 9.995 {
-        1
-    } else {
-        2
-    };
-    format!("{v:.digits$} {}", UNITS[unit])
-}
-
 /// `lb status` as text: a table of listeners, a table of backends, then warnings (a listener
 /// accepting on more than one node or on none, nodes without a balancer or silent).
 pub fn lb_status_text(reports: &[crate::admin::LbReport], silent: &[String]) -> String {
@@ -285,8 +263,8 @@ pub fn lb_status_text(reports: &[crate::admin::LbReport], silent: &[String]) -> 
                 l.refused.to_string(),
                 l.no_backend.to_string(),
                 l.relay_errors.to_string(),
-                human_bytes(l.bytes_in),
-                human_bytes(l.bytes_out),
+                indicatif::DecimalBytes(l.bytes_in).to_string(),
+                indicatif::DecimalBytes(l.bytes_out).to_string(),
             ]);
             for b in &l.backends {
                 backends.push(vec![
@@ -1568,22 +1546,6 @@ mod tests {
             assert_eq!(age(now, now - ms), expected);
         }
         assert_eq!(age(now, now + 5), "-", "a clock behind the proposer's");
-    }
-
-    #[test]
-    fn bytes_are_shown_with_si_units() {
-        let cases = [
-            (0, "0 B"),
-            (999, "999 B"),
-            (1000, "1.00 kB"),
-            (1_536_000, "1.54 MB"),
-            (12_345_678_901, "12.3 GB"),
-            (999_999_999, "1.00 GB"),
-            (u64::MAX, "18.4 EB"),
-        ];
-        for (n, want) in cases {
-            assert_eq!(human_bytes(n), want, "{n}");
-        }
     }
 
     fn lb_report(node: &str, listeners: Vec<(&str, bool, u64)>) -> crate::admin::LbReport {
