@@ -593,16 +593,16 @@ mod tests {
     #[test]
     fn next_due_is_the_earliest_renewal_lease_end_or_announcement() {
         let ms = Duration::from_millis;
-        let t0 = Instant::now();
-        let agent = Agent::new(
-            1,
-            LeaseConfig {
-                duration: ms(100),
-                renew_every: ms(80),
+        let agent_with = |duration, renew_every| {
+            let lease = LeaseConfig {
+                duration,
+                renew_every,
                 ..Default::default()
-            },
-            Arc::new(Recorder::default()),
-        );
+            };
+            Agent::new(1, lease, Arc::new(Recorder::default()))
+        };
+        let t0 = Instant::now();
+        let agent = agent_with(ms(100), ms(80));
         assert_eq!(agent.next_due(t0), None, "nothing held");
         let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
         // Granted: a renewal goes out at once; unconfirmed, the next is due a quarter later.
@@ -616,19 +616,11 @@ mod tests {
         // The renewal at t0 + 80 goes unanswered: the lease end comes first now.
         assert!(agent.plan_step(&owned, t0 + ms(80)).renewal.is_some());
         assert_eq!(agent.next_due(t0 + ms(80)), Some(t0 + ms(100)));
-        // At the lease end the VIP goes down; only the (unconfirmed-pace) renewal is left.
+        // At the lease end the VIP goes down; only the next renewal (t0 + 80 + 80) is left.
         assert_eq!(agent.plan_step(&owned, t0 + ms(100)).fence.len(), 1);
         assert_eq!(agent.next_due(t0 + ms(100)), Some(t0 + ms(160)));
         // An announcement can be the earliest: a long lease, up at t1, first announcement at +250.
-        let agent = Agent::new(
-            1,
-            LeaseConfig {
-                duration: ms(10_000),
-                renew_every: ms(5_000),
-                ..Default::default()
-            },
-            Arc::new(Recorder::default()),
-        );
+        let agent = agent_with(ms(10_000), ms(5_000));
         let t1 = t0 + ms(1_000);
         let r = agent.plan_step(&owned, t1).renewal.expect("renewal");
         agent.confirmed(&r, &[("cluster".into(), 2)]);
