@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -279,8 +279,10 @@ impl Balancer {
     /// One client connection: choose, connect (with redispatch), relay. `client_nodelay`: the
     /// client socket has TCP_NODELAY already (inherited from the listener).
     async fn handle(&self, client: TcpStream, peer: SocketAddr, client_nodelay: bool) {
+        // Client bytes the peek had to consume; they go to the backend first.
+        let mut consumed = Vec::new();
         let route = match self.config.policy {
-            Policy::Sticky => self.peek_route(&client).await,
+            Policy::Sticky => self.peek_route(&client, &mut consumed).await,
             _ => None,
         };
         let mut tried: Vec<Arc<Backend>> = Vec::new();
@@ -325,18 +327,22 @@ impl Balancer {
         }
         let _ = upstream.set_nodelay(true);
         let mut upstream = upstream;
+        let mut first = Vec::new();
         if self.config.proxy_protocol {
             let local = client.local_addr().unwrap_or(peer);
-            let header = crate::proxy_v2::encode(peer, local);
-            if let Err(error) = upstream.write_all(&header).await {
-                tracing::debug!(lb = %self.label, backend = %backend.name(), %error, "writing the PROXY header failed");
+            first = crate::proxy_v2::encode(peer, local);
+        }
+        first.extend_from_slice(&consumed);
+        if !first.is_empty() {
+            if let Err(error) = upstream.write_all(&first).await {
+                tracing::debug!(lb = %self.label, backend = %backend.name(), %error, "writing the first bytes (PROXY header, peeked request) failed");
                 self.stats.relay_errors.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             self.stats
                 .copied
                 .client_to_backend
-                .fetch_add(header.len() as u64, Ordering::Relaxed);
+                .fetch_add(first.len() as u64, Ordering::Relaxed);
         }
         match relay_counted(
             client,
@@ -365,20 +371,33 @@ impl Balancer {
 
     /// Peeks (without consuming) at the client's first bytes, bounded by
     /// `peek_bytes` and `peek_timeout`, for a session route.
-    async fn peek_route(&self, client: &TcpStream) -> Option<String> {
+    ///
+    /// Waiting for more bytes means clearing the client's read readiness
+    /// with bytes still queued (they were only peeked at). If the peek then
+    /// times out, no new edge may ever come for those bytes (the client may
+    /// be waiting for an answer), and the relay, which trusts readiness,
+    /// would never read them; so in that case they are consumed here into
+    /// `consumed`, which the caller must send to the backend first.
+    async fn peek_route(&self, client: &TcpStream, consumed: &mut Vec<u8>) -> Option<String> {
         let deadline = Instant::now() + self.config.peek_timeout;
         let mut buf = vec![0u8; self.config.peek_bytes.max(1)];
         let mut seen = 0usize;
+        let fd = client.as_fd();
+        // Readiness was cleared with `seen` bytes queued and no edge since.
+        let mut cleared_with_bytes = false;
         loop {
             let ready = match timeout_at(deadline, client.ready(Interest::READABLE)).await {
                 Ok(Ok(ready)) => ready,
                 Ok(Err(_)) => return None,
                 Err(_) => {
                     self.stats.peek_timeouts.fetch_add(1, Ordering::Relaxed);
+                    if cleared_with_bytes {
+                        take_queued(fd, &mut buf[..seen], consumed);
+                    }
                     return None;
                 }
             };
-            let fd = client.as_fd();
+            cleared_with_bytes = false;
             // Only new bytes count as progress; "no new bytes" clears the
             // readiness so we sleep until more arrive instead of spinning.
             let peeked = client.try_io(Interest::READABLE, || {
@@ -399,9 +418,11 @@ impl Balancer {
                 Ok(n) => seen = n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if ready.is_read_closed() {
-                        // The client half-closed: no more bytes will come.
+                        // The client half-closed: no more bytes will come (a
+                        // closed readiness is never cleared, so the relay reads on).
                         return None;
                     }
+                    cleared_with_bytes = seen > 0;
                     continue;
                 }
                 Err(_) => return None,
@@ -412,6 +433,21 @@ impl Balancer {
                 Peeked::Incomplete if seen >= buf.len() => return None,
                 Peeked::Incomplete => {}
             }
+        }
+    }
+}
+
+/// Consumes the bytes a peek saw (at most `buf.len()`) into `consumed`. A
+/// failure leaves them queued; the relay then meets the socket's error itself.
+fn take_queued(fd: BorrowedFd<'_>, buf: &mut [u8], consumed: &mut Vec<u8>) {
+    loop {
+        match recv(fd.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => {
+                consumed.extend_from_slice(&buf[..n]);
+                return;
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return,
         }
     }
 }

@@ -239,7 +239,17 @@ async fn unfinished_or_garbage_first_bytes_fall_back_to_round_robin() {
     let unfinished = b"GET / HTTP/1.1\r\nCookie: JSESSIONID=1.n2\r\nX-Slow: ";
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..3 {
-        seen.insert(greeting(addr, unfinished).await);
+        let (name, mut stream) = connect(addr, unfinished).await;
+        seen.insert(name);
+        // The bytes the balancer peeked at reach the backend (echoed back)
+        // without the client sending more: the peek left them queued and
+        // the relay must not wait for a new readiness edge to read them.
+        let mut echo = vec![0u8; unfinished.len()];
+        timeout(Duration::from_secs(3), stream.read_exact(&mut echo))
+            .await
+            .expect("the peeked bytes were never forwarded")
+            .unwrap();
+        assert_eq!(&echo[..], &unfinished[..]);
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(lb.stats().peek_timeouts.load(Ordering::Relaxed), 3);
