@@ -53,6 +53,18 @@ impl Default for HealthConfig {
     }
 }
 
+/// Open files one relayed connection holds: its two sockets and the two ends
+/// of each direction's pipe.
+pub const FDS_PER_CONN: u64 = 6;
+
+/// How many relayed connections fit in an open-files `limit` of which
+/// `reserved` are kept for other uses. A balancer whose `max_conns` is above
+/// this would fail connections after accepting them (no pipe, no backend
+/// socket) instead of refusing the excess at accept.
+pub fn conns_within_fd_limit(limit: u64, reserved: u64) -> u64 {
+    limit.saturating_sub(reserved) / FDS_PER_CONN
+}
+
 /// How one balancer behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LbConfig {

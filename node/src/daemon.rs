@@ -198,6 +198,13 @@ impl Node {
 
         let metrics = NodeMetrics::new();
         let recorder = metrics.recorder();
+        let fd_limit = match crate::devices::raise_fd_limit() {
+            Ok(limit) => Some(limit),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot raise the open-files limit; fewer devices can be held");
+                None
+            }
+        };
         let lb = match &cfg.lb {
             Some(section) => {
                 let vip_ip = cfg
@@ -213,13 +220,12 @@ impl Node {
                         )
                     })?;
                 let prebind = cfg.takeover == crate::config::TakeoverMode::Netlink;
-                Some(crate::lb_service::LbService::new(section, vip_ip, prebind))
+                Some(crate::lb_service::LbService::new(
+                    section, vip_ip, prebind, fd_limit,
+                ))
             }
             None => None,
         };
-        if let Err(e) = crate::devices::raise_fd_limit() {
-            tracing::warn!(error = %e, "cannot raise the open-files limit; fewer devices can be held");
-        }
         let devices = crate::devices::DeviceAgent::new(cfg.node_id, &cfg.devices).map_err(|e| {
             let addr = cfg
                 .devices

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use spaced_lb::backend::BackendSpec;
-use spaced_lb::balancer::{Balancer, bind_listener};
+use spaced_lb::balancer::{Balancer, FDS_PER_CONN, bind_listener, conns_within_fd_limit};
 use spaced_raft::fabric::{AdminState, Fabric};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -42,9 +42,30 @@ pub struct LbService {
 }
 
 impl LbService {
-    /// Builds the balancers; nothing is bound until `run` starts.
-    pub fn new(section: &LbSection, vip_ip: IpAddr, prebind: bool) -> Arc<Self> {
-        let config = section.balancer_config();
+    /// Builds the balancers; nothing is bound until `run` starts. With the
+    /// node's open-files limit known, each port's `max_conns` is lowered (with
+    /// a warning) to its share of half that limit; the other half is kept for
+    /// devices, Raft and admin connections.
+    pub fn new(
+        section: &LbSection,
+        vip_ip: IpAddr,
+        prebind: bool,
+        fd_limit: Option<u64>,
+    ) -> Arc<Self> {
+        let mut config = section.balancer_config();
+        if let Some(limit) = fd_limit {
+            let ports = section.ports.len().max(1) as u64;
+            let fit = (conns_within_fd_limit(limit, limit / 2) / ports).max(1);
+            if fit < config.max_conns {
+                tracing::warn!(
+                    limit,
+                    max_conns = fit,
+                    asked = config.max_conns,
+                    "lb.max_conns lowered to each port's share of half the open-files limit ({FDS_PER_CONN} per connection); the excess is refused at accept"
+                );
+                config.max_conns = fit;
+            }
+        }
         let balancers = section
             .ports
             .iter()

@@ -5,7 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spaced_lb::backend::{BackendSpec, Policy};
-use spaced_lb::balancer::{Balancer, HealthConfig, LbConfig, bind_listener};
+use spaced_lb::balancer::{
+    Balancer, FDS_PER_CONN, HealthConfig, LbConfig, bind_listener, conns_within_fd_limit,
+};
+
+/// Open files kept back from connections for the listener, `/metrics`, logs
+/// and the runtime (one more per backend, for its health checks).
+const RESERVED_FDS: u64 = 64;
 
 /// Flags of `spaced lb`.
 #[derive(Debug, Clone, clap::Args)]
@@ -134,7 +140,31 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let listener = bind_listener(args.listen, args.freebind, 4096).map_err(|e| e.to_string())?;
-    let balancer = Balancer::new(args.listen.to_string(), args.config());
+    let mut config = args.config();
+    match crate::devices::raise_fd_limit() {
+        Ok(limit) => {
+            let reserved = RESERVED_FDS + args.backends.len() as u64;
+            let fit = conns_within_fd_limit(limit, reserved);
+            if fit == 0 {
+                return Err(format!(
+                    "the open-files limit ({limit}) leaves no room for connections: the balancer \
+                     keeps {reserved} for itself and needs {FDS_PER_CONN} per connection \
+                     (raise it with ulimit -n or LimitNOFILE=)"
+                ));
+            }
+            if fit < config.max_conns {
+                tracing::warn!(
+                    limit,
+                    max_conns = fit,
+                    asked = config.max_conns,
+                    "--max-conns lowered to what the open-files limit allows ({FDS_PER_CONN} per connection); the excess is refused at accept"
+                );
+                config.max_conns = fit;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+    let balancer = Balancer::new(args.listen.to_string(), config);
     balancer.set_backends(&args.backends);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = args.metrics {

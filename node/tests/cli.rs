@@ -188,3 +188,99 @@ fn pki_issue_admin_flag_and_the_admin_name_option_coexist() {
     ]);
     assert!(pki.join("admin-ops.pem").exists() && pki.join("n1.pem").exists());
 }
+
+/// A free port on 127.0.0.1 (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `/metrics` sample of the standalone balancer, by metric name.
+fn lb_metric(metrics: &str, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(metrics).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}")) as u64
+}
+
+/// Under a low open-files limit the standalone balancer lowers `--max-conns`
+/// to what fits (6 descriptors per connection), so the excess is refused at
+/// accept and every accepted connection works, instead of connections failing
+/// after accept for want of a pipe or a backend socket.
+#[test]
+fn spaced_lb_keeps_its_connections_within_the_open_files_limit() {
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    // Echoes one byte per connection, then holds it open until the client closes.
+    std::thread::spawn(move || {
+        for mut s in backend.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                while s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {}
+            });
+        }
+    });
+    let listen = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut cmd = spaced();
+    cmd.args(["lb", "--listen", &listen, "--threads", "1", "--no-health"])
+        .args(["--drain-grace-s", "0", "--max-conns", "1000", "--metrics", &metrics])
+        .arg("--backend")
+        .arg(format!("b1={backend_addr}"))
+        .env("SPACED_LOG", "warn")
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 128, 128)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(&metrics).is_err() {
+        assert!(std::time::Instant::now() < deadline, "spaced lb did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut held = Vec::new();
+    let mut served = 0;
+    for _ in 0..40 {
+        let mut s = std::net::TcpStream::connect(&listen).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        if s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() {
+            assert_eq!(&b, b"x");
+            served += 1;
+        }
+        held.push(s);
+    }
+    let refused = lb_metric(&metrics, "spaced_lb_refused_total");
+    let errors = lb_metric(&metrics, "spaced_lb_relay_errors_total");
+    let active = lb_metric(&metrics, "spaced_lb_connections_active");
+    drop(held);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(served >= 5, "only {served} connections served; log:\n{log}");
+    assert!(served < 40, "the limit of 128 open files cannot hold 40 connections");
+    assert_eq!(active, served, "log:\n{log}");
+    assert_eq!(refused, 40 - served, "log:\n{log}");
+    assert_eq!(errors, 0, "log:\n{log}");
+    assert!(log.contains("--max-conns lowered"), "log:\n{log}");
+}
