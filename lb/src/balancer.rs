@@ -4,7 +4,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use nix::sys::socket::{
 };
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, timeout, timeout_at};
 
@@ -154,8 +155,10 @@ pub struct Balancer {
     stats: LbStats,
     /// Relay pipes, reused across connections.
     pool: PipePool,
-    /// Whether `serve` is accepting right now (metrics, status).
-    accepting: AtomicBool,
+    /// Whether `serve` is accepting right now (metrics, status); a draining
+    /// `serve` watches it to spare its connections while the balancer
+    /// serves again (the VIP came back within the grace).
+    accepting: watch::Sender<bool>,
 }
 
 impl Balancer {
@@ -168,7 +171,7 @@ impl Balancer {
             backends: Backends::new(),
             stats: LbStats::default(),
             pool,
-            accepting: AtomicBool::new(false),
+            accepting: watch::Sender::new(false),
         })
     }
 
@@ -194,7 +197,7 @@ impl Balancer {
 
     /// Whether it is accepting connections now.
     pub fn is_accepting(&self) -> bool {
-        self.accepting.load(Ordering::Relaxed)
+        *self.accepting.borrow()
     }
 
     /// The figures to render for `/metrics`.
@@ -229,7 +232,7 @@ impl Balancer {
         // inherit TCP_NODELAY from the listener, which saves a system call per connection.
         let client_nodelay = setsockopt(&listener, sockopt::TcpNoDelay, &true).is_ok();
         let mut conns = JoinSet::new();
-        self.accepting.store(true, Ordering::Relaxed);
+        self.accepting.send_replace(true);
         tracing::info!(lb = %self.label, policy = %self.config.policy, "balancer accepting");
         tokio::pin!(stop);
         // Registering a timer that expires before every other one wakes
@@ -268,23 +271,45 @@ impl Balancer {
                 },
             }
         }
-        self.accepting.store(false, Ordering::Relaxed);
+        self.accepting.send_replace(false);
         drop(listener);
-        let open = conns.len();
-        tracing::info!(lb = %self.label, open, grace = ?self.config.drain_grace, "balancer draining");
-        let finished = timeout(self.config.drain_grace, async {
-            while conns.join_next().await.is_some() {}
-        })
-        .await;
-        if finished.is_err() {
-            let cut = conns.len();
-            self.stats
-                .drain_cut
-                .fetch_add(cut as u64, Ordering::Relaxed);
-            // Aborted tasks drop their sockets (closing them) and their `OpenConn`.
-            conns.abort_all();
-            while conns.join_next().await.is_some() {}
-            tracing::info!(lb = %self.label, cut, "drain grace over; remaining connections closed");
+        self.drain(conns).await;
+    }
+
+    /// Lets `conns` finish: each gets `drain_grace` from the moment the
+    /// balancer stopped accepting, then the rest are cut. If the balancer
+    /// accepts again meanwhile (another `serve`: the VIP came back), their
+    /// addresses are valid again and they are kept with no deadline until it
+    /// stops again, when a new grace starts.
+    async fn drain(&self, mut conns: JoinSet<()>) {
+        let mut accepting = self.accepting.subscribe();
+        let mut deadline = Instant::now() + self.config.drain_grace;
+        // Cannot close while `self` holds the sender; if it did, drain as if not serving.
+        let mut watching = true;
+        tracing::info!(lb = %self.label, open = conns.len(), grace = ?self.config.drain_grace, "balancer draining");
+        while !conns.is_empty() {
+            let serving_again = watching && *accepting.borrow_and_update();
+            tokio::select! {
+                _ = conns.join_next() => {}
+                changed = accepting.changed(), if watching => {
+                    watching = changed.is_ok();
+                    if serving_again {
+                        // Stopped once more: a new grace from now.
+                        deadline = Instant::now() + self.config.drain_grace;
+                    } else if watching {
+                        tracing::info!(lb = %self.label, open = conns.len(), "accepting again; drained connections are kept");
+                    }
+                }
+                () = tokio::time::sleep_until(deadline), if !serving_again => {
+                    let cut = conns.len();
+                    self.stats.drain_cut.fetch_add(cut as u64, Ordering::Relaxed);
+                    // Aborted tasks drop their sockets (closing them) and their `OpenConn`.
+                    conns.abort_all();
+                    while conns.join_next().await.is_some() {}
+                    tracing::info!(lb = %self.label, cut, "drain grace over; remaining connections closed");
+                    return;
+                }
+            }
         }
     }
 

@@ -491,6 +491,52 @@ async fn drain_refuses_new_connections_and_lets_open_ones_finish() {
     assert_eq!(lb.stats().active.load(Ordering::Relaxed), 0);
 }
 
+/// The VIP lost and regained within the drain grace (a flap, a move and back):
+/// the connections of the first term are valid again and are not cut when
+/// that first grace ends; they are cut only after a later stop's grace.
+#[tokio::test]
+async fn serving_again_within_the_grace_keeps_the_drained_connections() {
+    let backends = three(false).await;
+    let config = LbConfig {
+        drain_grace: Duration::from_millis(400),
+        ..LbConfig::default()
+    };
+    let (lb, addr, stop, first_term) = start(config, &specs(&backends)).await;
+    let (_, mut open) = connect(addr, b"").await;
+    stop.send(()).unwrap();
+    wait_for("accepting to stop", || !lb.is_accepting()).await;
+
+    // Serving again, on a new listener, before the grace is over.
+    let listener = bind_listener("127.0.0.1:0".parse().unwrap(), false, 1024).unwrap();
+    let (stop_again, stopped) = oneshot::channel::<()>();
+    let b = lb.clone();
+    let second_term = tokio::spawn(async move {
+        b.serve(listener, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    wait_for("accepting again", || lb.is_accepting()).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    open.get_mut().write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    timeout(STEP, open.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .expect("the connection was cut");
+    assert_eq!(&buf, b"still here");
+    assert_eq!(lb.stats().drain_cut.load(Ordering::Relaxed), 0);
+
+    // Lost again: now its grace applies, and then the old connection is cut.
+    stop_again.send(()).unwrap();
+    timeout(STEP, second_term).await.unwrap().unwrap();
+    timeout(STEP, first_term).await.unwrap().unwrap();
+    let mut rest = Vec::new();
+    let _ = timeout(STEP, open.read_to_end(&mut rest)).await.unwrap();
+    assert_eq!(lb.stats().drain_cut.load(Ordering::Relaxed), 1);
+    assert_eq!(lb.stats().active.load(Ordering::Relaxed), 0);
+}
+
 #[tokio::test]
 async fn backend_updates_keep_open_connections() {
     let backends = three(false).await;
