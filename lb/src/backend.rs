@@ -155,10 +155,11 @@ impl Backend {
         self.connect_errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Marks one connection as using this backend until the guard drops.
+    /// Marks one connection as using this backend until the guard drops,
+    /// from the moment it is assigned (before its connect completes), so
+    /// that leastconn sees connections still connecting: a burst spreads.
     pub(crate) fn claim(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(self.clone())
     }
 }
@@ -166,6 +167,13 @@ impl Backend {
 /// Holds one active connection on a backend; decrements on drop, however the connection ended.
 #[derive(Debug)]
 pub(crate) struct ActiveGuard(Arc<Backend>);
+
+impl ActiveGuard {
+    /// The backend accepted the connection: it counts in the backend's total.
+    pub(crate) fn connected(&self) {
+        self.0.total.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {

@@ -323,7 +323,7 @@ impl Balancer {
             _ => None,
         };
         let mut tried: Vec<Arc<Backend>> = Vec::new();
-        let (backend, upstream) = loop {
+        let (backend, upstream, claim) = loop {
             let Some(backend) =
                 self.backends
                     .choose(self.config.policy, route.as_deref(), peer.ip(), &tried)
@@ -332,13 +332,15 @@ impl Balancer {
                 tracing::debug!(lb = %self.label, %peer, tried = tried.len(), "no backend available; closing");
                 return;
             };
+            // Counted from now (not once connected), so leastconn spreads a burst.
+            let claim = backend.claim();
             match timeout(
                 self.config.connect_timeout,
                 TcpStream::connect(backend.spec.addr),
             )
             .await
             {
-                Ok(Ok(stream)) => break (backend, stream),
+                Ok(Ok(stream)) => break (backend, stream, claim),
                 outcome => {
                     let error = match outcome {
                         Ok(Err(e)) => e.to_string(),
@@ -358,7 +360,7 @@ impl Balancer {
         if route.as_deref() == Some(backend.name()) {
             self.stats.sticky_routed.fetch_add(1, Ordering::Relaxed);
         }
-        let _claim = backend.claim();
+        claim.connected();
         if !client_nodelay {
             let _ = client.set_nodelay(true);
         }

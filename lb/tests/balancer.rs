@@ -186,6 +186,54 @@ async fn round_robin_spreads_evenly() {
     assert_eq!(lb.stats().accepted.load(Ordering::Relaxed), 30);
 }
 
+/// leastconn counts a connection from the moment it is assigned, not once
+/// its backend connect completed: a burst of new connections arriving
+/// together spreads over the least-loaded backends instead of all piling
+/// onto the one that was least loaded before the burst.
+#[tokio::test]
+async fn leastconn_spreads_a_burst() {
+    let backends = three(false).await;
+    let config = LbConfig {
+        policy: Policy::LeastConn,
+        health: None,
+        ..LbConfig::default()
+    };
+    let all = specs(&backends);
+    let (lb, addr, _stop, _) = start(config, &all[1..]).await;
+    // n2 and n3 carry 5 open connections each.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(connect(addr, b"").await);
+    }
+    wait_for("10 open connections", || {
+        lb.stats().active.load(Ordering::Relaxed) == 10
+    })
+    .await;
+    // n1 joins, then 12 connections arrive at once.
+    lb.set_backends(&all);
+    let burst = connect_at_once(addr, 12).await;
+    let mut counts = BTreeMap::<String, u32>::new();
+    for (name, _) in held.iter().chain(burst.iter()) {
+        *counts.entry(name.clone()).or_default() += 1;
+    }
+    // 22 connections: 8/7/7 in some order (n1 takes 8 of the burst).
+    let mut spread: Vec<u32> = counts.values().copied().collect();
+    spread.sort_unstable();
+    assert_eq!(spread, vec![7, 7, 8], "{counts:?}");
+}
+
+/// Opens `n` connections concurrently; each returns its greeting and stream.
+async fn connect_at_once(addr: SocketAddr, n: usize) -> Vec<(String, BufReader<TcpStream>)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(async move { connect(addr, b"").await }))
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 const STICKY_N2: &[u8] =
     b"GET /app HTTP/1.1\r\nHost: x\r\nCookie: theme=dark; JSESSIONID=8F3A9C.n2\r\n\r\n";
 
