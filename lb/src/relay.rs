@@ -54,6 +54,15 @@
 //!   are pulled into the pipe's free room at once instead of piling up in the
 //!   socket and closing the sender's TCP window.
 //!
+//! * TCP urgent data (`MSG_OOB`): splice stops at an urgent mark and returns
+//!   `EAGAIN` there for good, bytes queued behind it. So an `EAGAIN` into an
+//!   empty pipe is checked like the ambiguous one above: bytes queued means
+//!   the mark, and one `recv` (which passes it, leaving the urgent byte out
+//!   as every reader without `SO_OOBINLINE` does) moves them; then splicing
+//!   goes on. A read that stops short at the mark looks like one that
+//!   emptied the socket, so the bytes behind a mark wait for the sender's
+//!   next bytes (a new edge) — a delay, not a hang, and only with urgent data.
+//!
 //! When the *in* splice returns 0 the source sent FIN: the loop drains the
 //! pipe, then `shutdown(SHUT_WR)` the destination, and that direction ends
 //! while the other keeps flowing. The direction that ends last skips the
@@ -505,16 +514,8 @@ async fn pump(
     pool: &PipePool,
 ) -> Result<(), RelayError> {
     let moved = tally.moved;
-    let read_err = |source: io::Error| RelayError::Read {
-        direction,
-        moved: moved.load(Ordering::Relaxed),
-        source,
-    };
-    let write_err = |source: io::Error| RelayError::Write {
-        direction,
-        moved: moved.load(Ordering::Relaxed),
-        source,
-    };
+    let read_err = |source| tally.read_error(direction, source);
+    let write_err = |source| tally.write_error(direction, source);
     let mut eof = copy_phase(src, dst, direction, tally, activity, pool).await?;
     // The last *in* splice found the pipe out of slots with bytes still queued
     // in the socket (read readiness kept); cleared once the *out* splice frees room.
@@ -534,33 +535,40 @@ async fn pump(
                         drained = Some(n);
                         Err(io::ErrorKind::WouldBlock.into())
                     }
-                    Ok(n) => Ok(Some(n)),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && !pipe_was_empty => {
+                    Ok(n) => Ok(In::Moved(n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         // Ambiguous; see the module docs. WouldBlock clears readiness.
-                        if socket_has_bytes(from)? {
-                            Ok(None)
-                        } else {
+                        if !socket_has_bytes(from)? {
                             Err(e)
+                        } else if pipe_was_empty {
+                            Ok(In::UrgentMark)
+                        } else {
+                            Ok(In::SlotsFull)
                         }
                     }
                     Err(e) => Err(e),
                 }
             });
             let result = match (result, drained) {
-                (Err(_), Some(n)) => Ok(Some(n)),
+                (Err(_), Some(n)) => Ok(In::Moved(n)),
                 (result, _) => result,
             };
             match result {
-                Ok(Some(0)) => {
+                Ok(In::Moved(0)) => {
                     eof = true;
                     progressed = true;
                 }
-                Ok(Some(n)) => {
+                Ok(In::Moved(n)) => {
                     pipe.len += n;
                     progressed = true;
                     activity.touch();
                 }
-                Ok(None) => slots_full = true,
+                Ok(In::SlotsFull) => slots_full = true,
+                Ok(In::UrgentMark) => {
+                    // The pipe is empty, so these bytes keep their place in the stream.
+                    eof = step_over_urgent_mark(src, dst, direction, tally, activity, pool).await?;
+                    progressed = true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(read_err(e)),
             }
@@ -615,6 +623,79 @@ async fn pump(
     }
 }
 
+/// What one *in* splice found.
+enum In {
+    /// Bytes moved into the pipe (0: the source's EOF).
+    Moved(usize),
+    /// Bytes queued but the pipe is out of slots: wait for the *out* splice.
+    SlotsFull,
+    /// Bytes queued, an empty pipe, and still `EAGAIN`: the socket is stopped
+    /// at TCP urgent data. splice never passes an urgent mark (it returns
+    /// `EAGAIN` there for good); a `recv` does.
+    UrgentMark,
+}
+
+/// Moves the bytes queued past a TCP urgent mark with one `recv` and writes
+/// them out; after that the direction splices again. Like any reader without
+/// `SO_OOBINLINE`, the `recv` leaves the urgent byte out, so the destination
+/// gets the stream a direct connection would have given it. Returns `true`
+/// when the source's EOF was reached.
+async fn step_over_urgent_mark(
+    src: &TcpStream,
+    dst: &TcpStream,
+    direction: Direction,
+    tally: Tally<'_>,
+    activity: &Activity,
+    pool: &PipePool,
+) -> Result<bool, RelayError> {
+    let mut lease = BufferLease {
+        pool,
+        buffer: pool.take_buffer(),
+    };
+    let buf = &mut lease.buffer[..];
+    let n = match recv_io(src.as_fd(), buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+        Err(source) => return Err(tally.read_error(direction, source)),
+    };
+    tracing::debug!(%direction, bytes = n, "stepped over a TCP urgent mark");
+    if n == 0 {
+        return Ok(true);
+    }
+    activity.touch();
+    send_all(dst, &buf[..n], direction, tally, activity).await?;
+    Ok(false)
+}
+
+/// Writes all of `buf` to `dst`, waiting for room as needed, counting it as copied.
+async fn send_all(
+    dst: &TcpStream,
+    buf: &[u8],
+    direction: Direction,
+    tally: Tally<'_>,
+    activity: &Activity,
+) -> Result<(), RelayError> {
+    let to = dst.as_fd();
+    let mut sent = 0;
+    while sent < buf.len() {
+        match dst.try_io(Interest::WRITABLE, || send_io(to, &buf[sent..])) {
+            Ok(k) => {
+                sent += k;
+                tally.moved.fetch_add(k as u64, Ordering::Relaxed);
+                tally.copied.fetch_add(k as u64, Ordering::Relaxed);
+                activity.touch();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                dst.writable()
+                    .await
+                    .map_err(|source| tally.write_error(direction, source))?;
+            }
+            Err(source) => return Err(tally.write_error(direction, source)),
+        }
+    }
+    Ok(())
+}
+
 /// Where one direction adds up the bytes it delivers.
 #[derive(Clone, Copy)]
 struct Tally<'a> {
@@ -624,6 +705,26 @@ struct Tally<'a> {
     spliced: &'a AtomicU64,
     /// Shared running total of bytes copied this way.
     copied: &'a AtomicU64,
+}
+
+impl Tally<'_> {
+    /// A read failure of `direction`, with the bytes it had delivered.
+    fn read_error(&self, direction: Direction, source: io::Error) -> RelayError {
+        RelayError::Read {
+            direction,
+            moved: self.moved.load(Ordering::Relaxed),
+            source,
+        }
+    }
+
+    /// A write failure of `direction`, with the bytes it had delivered.
+    fn write_error(&self, direction: Direction, source: io::Error) -> RelayError {
+        RelayError::Write {
+            direction,
+            moved: self.moved.load(Ordering::Relaxed),
+            source,
+        }
+    }
 }
 
 /// The copy phase of one direction (module docs): reads into a buffer and
@@ -638,22 +739,13 @@ async fn copy_phase(
     activity: &Activity,
     pool: &PipePool,
 ) -> Result<bool, RelayError> {
-    let read_err = |source: io::Error| RelayError::Read {
-        direction,
-        moved: tally.moved.load(Ordering::Relaxed),
-        source,
-    };
-    let write_err = |source: io::Error| RelayError::Write {
-        direction,
-        moved: tally.moved.load(Ordering::Relaxed),
-        source,
-    };
+    let read_err = |source| tally.read_error(direction, source);
     let mut lease = BufferLease {
         pool,
         buffer: pool.take_buffer(),
     };
     let buf = &mut lease.buffer[..];
-    let (from, to) = (src.as_fd(), dst.as_fd());
+    let from = src.as_fd();
     loop {
         let mut drained = None;
         let result = src.try_io(Interest::READABLE, || match recv_io(from, buf) {
@@ -676,21 +768,7 @@ async fn copy_phase(
             return Ok(true);
         }
         activity.touch();
-        let mut sent = 0;
-        while sent < n {
-            match dst.try_io(Interest::WRITABLE, || send_io(to, &buf[sent..n])) {
-                Ok(k) => {
-                    sent += k;
-                    tally.moved.fetch_add(k as u64, Ordering::Relaxed);
-                    tally.copied.fetch_add(k as u64, Ordering::Relaxed);
-                    activity.touch();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    dst.writable().await.map_err(write_err)?;
-                }
-                Err(e) => return Err(write_err(e)),
-            }
-        }
+        send_all(dst, &buf[..n], direction, tally, activity).await?;
         if n == COPY_BUFFER {
             return Ok(false);
         }

@@ -653,3 +653,48 @@ async fn idle_timeout_closes_pair() {
         other => panic!("expected an idle timeout, got {other:?}"),
     }
 }
+
+/// TCP urgent data (MSG_OOB) in a spliced direction. splice(2) stops at an
+/// urgent mark and returns EAGAIN there for good; only a `recv` passes it
+/// (dropping the urgent byte, as the kernel does for every reader without
+/// SO_OOBINLINE, so the backend gets what a direct connection would). The
+/// relay must step over the mark instead of waiting forever.
+#[tokio::test]
+async fn urgent_data_does_not_stall_a_spliced_direction() {
+    use std::os::fd::AsRawFd;
+    let (mut client, mut server, _outcomes) = one_pair(Duration::from_secs(30)).await;
+    client.set_nodelay(true).unwrap();
+    // A read that fills the copy buffer: this direction splices from now on.
+    let bulk = vec![7u8; 4 * COPY_BUFFER];
+    client.write_all(&bulk).await.unwrap();
+    let mut got = vec![0u8; bulk.len()];
+    timeout(Duration::from_secs(10), server.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    // "abc", urgent "X", "def" together, then "ghi" a little later.
+    client.write_all(b"abc").await.unwrap();
+    nix::sys::socket::send(
+        client.as_raw_fd(),
+        b"X",
+        nix::sys::socket::MsgFlags::MSG_OOB,
+    )
+    .unwrap();
+    client.write_all(b"def").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.write_all(b"ghi").await.unwrap();
+    let mut got = [0u8; 9];
+    timeout(Duration::from_secs(3), server.read_exact(&mut got))
+        .await
+        .expect("the relay stalled at the urgent mark")
+        .unwrap();
+    assert_eq!(&got, b"abcdefghi");
+    // And the direction goes on splicing.
+    client.write_all(&bulk).await.unwrap();
+    let mut got = vec![0u8; bulk.len()];
+    timeout(Duration::from_secs(10), server.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, bulk);
+}
