@@ -53,7 +53,6 @@
 //!   comes first: while the destination is busy, newly arrived source bytes
 //!   are pulled into the pipe's free room at once instead of piling up in the
 //!   socket and closing the sender's TCP window.
-//!
 //! * TCP urgent data (`MSG_OOB`): splice stops at an urgent mark and returns
 //!   `EAGAIN` there for good, bytes queued behind it. So an `EAGAIN` into an
 //!   empty pipe is checked like the ambiguous one above: bytes queued means
@@ -61,7 +60,8 @@
 //!   as every reader without `SO_OOBINLINE` does) moves them; then splicing
 //!   goes on. A read that stops short at the mark looks like one that
 //!   emptied the socket, so the bytes behind a mark wait for the sender's
-//!   next bytes (a new edge) — a delay, not a hang, and only with urgent data.
+//!   next bytes (a new edge), or, if it sends none, the idle timeout; only
+//!   with urgent data.
 //!
 //! When the *in* splice returns 0 the source sent FIN: the loop drains the
 //! pipe, then `shutdown(SHUT_WR)` the destination, and that direction ends
