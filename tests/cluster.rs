@@ -743,3 +743,46 @@ async fn a_follower_forwards_leader_only_requests_to_the_leader() -> Result<()> 
     c.stop_all().await;
     Ok(())
 }
+
+/// A node's `mgmt_ip` from its config reaches the fabric once the node is registered (the
+/// bootstrap node and a node that joins later alike), and a restart with another value, or
+/// none, replaces it everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_management_ip_follows_its_config() -> Result<()> {
+    let mut c = Cluster::empty(8, timings())?;
+    let ip = |id: u64| -> std::net::IpAddr { format!("192.0.2.{id}").parse().unwrap() };
+    for id in 1..=2 {
+        let mut cfg = spaced_tests::node_config(c.dir.path(), &c.pki_dir(), id, timings());
+        cfg.mgmt_ip = Some(ip(id));
+        c.configs.insert(id, cfg);
+    }
+    let everywhere = |c: &Cluster, id: u64, want: Option<std::net::IpAddr>| {
+        c.nodes.keys().all(|on| {
+            c.fabric_of(*on)
+                .is_some_and(|f| f.nodes.get(&id).is_some_and(|n| n.mgmt_ip == want))
+        })
+    };
+    c.start_node(1, true).await?;
+    c.wait_for(T, "n1's management IP in the fabric", |c| {
+        everywhere(c, 1, Some(ip(1)))
+    })
+    .await?;
+    c.start_node(2, false).await?;
+    c.add_node(2).await?;
+    c.wait_for(T, "n2's management IP on both nodes", |c| {
+        everywhere(c, 2, Some(ip(2))) && everywhere(c, 1, Some(ip(1)))
+    })
+    .await?;
+    // n2 restarts without one (it is a follower: its proposal goes through the leader).
+    c.stop_node(2).await;
+    if let Some(cfg) = c.configs.get_mut(&2) {
+        cfg.mgmt_ip = None;
+    }
+    c.start_node(2, false).await?;
+    c.wait_for(T, "n2's management IP cleared on both nodes", |c| {
+        everywhere(c, 2, None)
+    })
+    .await?;
+    c.stop_all().await;
+    Ok(())
+}

@@ -62,6 +62,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) ->
             .parse()
             .expect("loopback address"),
         advertise: None,
+        mgmt_ip: None,
         metrics: None,
         roles: vec!["ha".into(), "app".into()],
         tls: TlsSection {

@@ -66,6 +66,7 @@ impl Fabric {
                 data_dir: dir.join(format!("data-{name}")),
                 listen: SocketAddr::new(IpAddr::V4(host.ip), 7000),
                 advertise: None,
+                mgmt_ip: None,
                 metrics: None,
                 roles: r.iter().map(|s| s.to_string()).collect(),
                 tls: TlsSection {

@@ -1,4 +1,4 @@
-//! The admin protocol (ALPN `spaced-admin/3`, [`spaced_raft::pki::ALPN_ADMIN`]): requests from `spacectl`, replies from a node.
+//! The admin protocol (ALPN `spaced-admin/4`, [`spaced_raft::pki::ALPN_ADMIN`]): requests from `spacectl`, replies from a node.
 
 use std::collections::BTreeSet;
 
@@ -250,6 +250,8 @@ pub struct NodeStatus {
     pub name: String,
     /// QUIC address.
     pub addr: String,
+    /// Management IP from the fabric (where the balancer reaches its app servers), if set.
+    pub mgmt_ip: Option<std::net::IpAddr>,
     /// Roles from the fabric.
     pub roles: Vec<String>,
     /// Voter (true) or learner (false).

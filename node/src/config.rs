@@ -24,6 +24,11 @@ pub struct NodeConfig {
     /// records it as its own address in the cluster; joining nodes are added with theirs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise: Option<SocketAddr>,
+    /// This node's management IP: where the balancer on the VIP owner connects to the
+    /// application servers on this node (and what `spacectl status --json` shows). Unset: the
+    /// IP of its Raft address. The node records it in the fabric at every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mgmt_ip: Option<std::net::IpAddr>,
     /// HTTP address for /metrics and /healthz; `None` disables the HTTP server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
@@ -485,6 +490,11 @@ impl NodeConfig {
                 ));
             }
             _ => {}
+        }
+        if let Some(ip) = &self.mgmt_ip
+            && let Err(e) = spaced_raft::fabric::check_mgmt_ip(ip)
+        {
+            return Err(err("mgmt_ip", e.to_string()));
         }
         let l = &self.lease;
         if l.duration_ms == 0 {
@@ -1147,6 +1157,23 @@ key = "n.key"
             msg.contains("key `raft.snapshot_after_logs`: invalid type"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn mgmt_ip_parses_and_unusable_ones_are_named() {
+        let c =
+            NodeConfig::parse_str(&format!("mgmt_ip = \"192.0.2.11\"\n{MINIMAL}"), src()).unwrap();
+        assert_eq!(c.mgmt_ip, Some("192.0.2.11".parse().unwrap()));
+        assert_eq!(NodeConfig::parse_str(&c.to_toml(), src()).unwrap(), c);
+        for bad in ["0.0.0.0", "239.1.1.1"] {
+            let msg = err_of(&format!("mgmt_ip = \"{bad}\"\n{MINIMAL}"));
+            assert!(
+                msg.contains("key `mgmt_ip`: ") && msg.contains("unicast"),
+                "{msg}"
+            );
+        }
+        let msg = err_of(&format!("mgmt_ip = \"eth0\"\n{MINIMAL}"));
+        assert!(msg.contains("mgmt_ip"), "{msg}");
     }
 
     #[test]

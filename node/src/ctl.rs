@@ -703,6 +703,7 @@ pub fn status_json(s: &StatusReport) -> serde_json::Value {
             "id": n.id,
             "name": n.name,
             "addr": n.addr,
+            "mgmt_ip": n.mgmt_ip,
             "roles": n.roles,
             "voter": n.voter,
             "leader": Some(n.id) == s.leader,

@@ -284,6 +284,11 @@ impl Node {
             inner.clone(),
             cfg.vips.clone(),
         )));
+        tasks.push(tokio::spawn(crate::placement::record_mgmt_ip(
+            inner.clone(),
+            cfg.mgmt_ip,
+            shutdown_rx.clone(),
+        )));
         tasks.push(tokio::spawn(accept_loop(
             inner.clone(),
             shutdown_rx.clone(),
@@ -766,6 +771,7 @@ impl NodeInner {
                     id: *id,
                     name: member.name.clone(),
                     addr: member.addr.clone(),
+                    mgmt_ip: rec.and_then(|r| r.mgmt_ip),
                     roles: rec
                         .map(|r| r.roles.iter().cloned().collect())
                         .unwrap_or_default(),

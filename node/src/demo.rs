@@ -100,6 +100,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: u64, roles: &[&str]) -> Resul
         data_dir: dir.join(format!("data-{name}")),
         listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
         advertise: None,
+        mgmt_ip: None,
         metrics: Some(format!("127.0.0.1:{}", free_tcp_port()?).parse()?),
         roles: roles.iter().map(|r| r.to_string()).collect(),
         tls: TlsSection {

@@ -2,6 +2,7 @@
 //! VIP admin operations and graceful hand-over on shutdown.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -596,6 +597,55 @@ pub(crate) async fn register_config_vips(inner: Arc<NodeInner>, vips: Vec<VipSec
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
+        }
+    }
+}
+
+/// Records this node's management IP from its config in the fabric, once it is registered
+/// there (at start, or when it joins later), if the fabric has another (or none); `None` in
+/// the config clears it. Stops when the fabric agrees, or refuses (logged), or at shutdown.
+pub(crate) async fn record_mgmt_ip(
+    inner: Arc<NodeInner>,
+    want: Option<IpAddr>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut fabric_changed = inner.view.changes();
+    loop {
+        fabric_changed.borrow_and_update();
+        let recorded = inner
+            .view
+            .read(|f| f.nodes.get(&inner.id).map(|n| n.mgmt_ip));
+        match recorded {
+            Some(ip) if ip == want => return,
+            Some(_) => {
+                let cmd = Command::SetMgmtIp {
+                    id: inner.id,
+                    mgmt_ip: want,
+                };
+                match propose_anywhere(&inner, cmd).await {
+                    Ok(Ok(_)) => {
+                        tracing::info!(mgmt_ip = ?want, "management IP recorded in the fabric");
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(mgmt_ip = ?want, error = %e, "management IP refused by the fabric");
+                        return;
+                    }
+                    // No leader yet, or it did not answer: try again shortly.
+                    Err(_) => {}
+                }
+            }
+            // Not registered yet: wait for the fabric to change.
+            None => {}
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            changed = fabric_changed.changed(), if recorded.is_none() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)), if recorded.is_some() => {}
         }
     }
 }

@@ -235,7 +235,14 @@ fn spaced_lb_keeps_its_connections_within_the_open_files_limit() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let mut cmd = spaced();
     cmd.args(["lb", "--listen", &listen, "--threads", "1", "--no-health"])
-        .args(["--drain-grace-s", "0", "--max-conns", "1000", "--metrics", &metrics])
+        .args([
+            "--drain-grace-s",
+            "0",
+            "--max-conns",
+            "1000",
+            "--metrics",
+            &metrics,
+        ])
         .arg("--backend")
         .arg(format!("b1={backend_addr}"))
         .env("SPACED_LOG", "warn")
@@ -250,7 +257,10 @@ fn spaced_lb_keeps_its_connections_within_the_open_files_limit() {
     let child = cmd.spawn().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::net::TcpStream::connect(&metrics).is_err() {
-        assert!(std::time::Instant::now() < deadline, "spaced lb did not start");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spaced lb did not start"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let mut held = Vec::new();
@@ -278,7 +288,10 @@ fn spaced_lb_keeps_its_connections_within_the_open_files_limit() {
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(served >= 5, "only {served} connections served; log:\n{log}");
-    assert!(served < 40, "the limit of 128 open files cannot hold 40 connections");
+    assert!(
+        served < 40,
+        "the limit of 128 open files cannot hold 40 connections"
+    );
     assert_eq!(active, served, "log:\n{log}");
     assert_eq!(refused, 40 - served, "log:\n{log}");
     assert_eq!(errors, 0, "log:\n{log}");

@@ -373,6 +373,14 @@ pub enum Command {
         /// Proposer's clock.
         at: Millis,
     },
+    /// Set or clear a node's management IP, where the balancer reaches its application
+    /// servers (without one, the IP of its Raft address). A node proposes it from its config.
+    SetMgmtIp {
+        /// Raft node id.
+        id: NodeId,
+        /// The new address; `None` clears it.
+        mgmt_ip: Option<IpAddr>,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -410,6 +418,10 @@ impl std::fmt::Display for Command {
             Command::ReportDeviceStatus { node, reports, .. } => {
                 write!(f, "report-device-status from {node} x{}", reports.len())
             }
+            Command::SetMgmtIp { id, mgmt_ip } => match mgmt_ip {
+                Some(ip) => write!(f, "set-mgmt-ip {id} {ip}"),
+                None => write!(f, "set-mgmt-ip {id} none"),
+            },
         }
     }
 }
@@ -550,6 +562,18 @@ fn holder(owner: &Option<NodeId>) -> String {
     }
 }
 
+/// A management IP must be one a backend connection can go to.
+pub fn check_mgmt_ip(ip: &IpAddr) -> Result<(), CommandError> {
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(invalid(
+            "management IP",
+            &ip.to_string(),
+            "must be a unicast address",
+        ));
+    }
+    Ok(())
+}
+
 fn invalid(what: &str, value: &str, why: &str) -> CommandError {
     CommandError::Invalid {
         what: what.into(),
@@ -679,6 +703,9 @@ impl Fabric {
                 if raft_addr.is_empty() {
                     return Err(invalid("node address", raft_addr, "must not be empty"));
                 }
+                if let Some(ip) = mgmt_ip {
+                    check_mgmt_ip(ip)?;
+                }
                 if self.nodes.contains_key(id) {
                     return Err(exists("node", id));
                 }
@@ -730,6 +757,17 @@ impl Fabric {
                     .get_mut(id)
                     .ok_or_else(|| not_found("node", id))?;
                 node.admin_state = *state;
+                Ok(Outcome::Done)
+            }
+            Command::SetMgmtIp { id, mgmt_ip } => {
+                if let Some(ip) = mgmt_ip {
+                    check_mgmt_ip(ip)?;
+                }
+                let node = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or_else(|| not_found("node", id))?;
+                node.mgmt_ip = *mgmt_ip;
                 Ok(Outcome::Done)
             }
             Command::AddPlacement {
@@ -1283,6 +1321,43 @@ mod tests {
             },
         );
         assert!(matches!(err, CommandError::NotEligible { .. }), "{err}");
+    }
+
+    #[test]
+    fn mgmt_ip_is_set_cleared_and_checked() {
+        let mut f = base();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        f.apply(&Command::SetMgmtIp {
+            id: 1,
+            mgmt_ip: Some(ip),
+        })
+        .unwrap();
+        assert_eq!(f.nodes[&1].mgmt_ip, Some(ip));
+        // Unknown node, and addresses no connection can go to: refused, nothing changed.
+        refused(
+            &mut f,
+            Command::SetMgmtIp {
+                id: 7,
+                mgmt_ip: Some(ip),
+            },
+        );
+        for bad in ["0.0.0.0", "::", "224.0.0.1"] {
+            let err = refused(
+                &mut f,
+                Command::SetMgmtIp {
+                    id: 1,
+                    mgmt_ip: Some(bad.parse().unwrap()),
+                },
+            );
+            assert!(err.to_string().contains("management IP"), "{err}");
+        }
+        assert_eq!(f.nodes[&1].mgmt_ip, Some(ip));
+        f.apply(&Command::SetMgmtIp {
+            id: 1,
+            mgmt_ip: None,
+        })
+        .unwrap();
+        assert_eq!(f.nodes[&1].mgmt_ip, None);
     }
 
     #[test]

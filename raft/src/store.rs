@@ -40,8 +40,13 @@ const KEY_FORMAT: &[u8] = b"format";
 /// failing to decode halfway through. It is also the Raft protocol's version
 /// ([`crate::pki::ALPN_RAFT`]), since log entries and snapshots travel in this encoding. 2:
 /// placements record the nodes that refused them (dirs written before formats were recorded
-/// have no marker).
-pub const DATA_FORMAT: u32 = 2;
+/// have no marker). 3: the `SetMgmtIp` command, appended to the commands (format 2 data reads
+/// unchanged, so a format 2 dir is upgraded in place: see [`UPGRADES_FROM`]).
+pub const DATA_FORMAT: u32 = 3;
+
+/// Formats whose data this build reads as it is (only additions since): a dir of one of them is
+/// re-marked with [`DATA_FORMAT`] when opened, after which older builds refuse it by name.
+pub const UPGRADES_FROM: &[u32] = &[2];
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +146,12 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
     let used = !log.is_empty() || !sm.is_empty() || !meta.is_empty();
     match found {
         Some(f) if f == DATA_FORMAT => {}
+        Some(f) if UPGRADES_FROM.contains(&f) => {
+            meta.insert(KEY_FORMAT, &DATA_FORMAT.to_be_bytes())
+                .map_err(sled_err)?;
+            db.flush().map_err(sled_err)?;
+            tracing::info!(dir = %dir_s, from = f, to = DATA_FORMAT, "data dir upgraded in place");
+        }
         None if !used => {
             meta.insert(KEY_FORMAT, &DATA_FORMAT.to_be_bytes())
                 .map_err(sled_err)?;
@@ -652,6 +663,30 @@ mod tests {
         // Refusing changed nothing: still no marker.
         let err = open(dir.path()).err().expect("still refused").to_string();
         assert!(err.contains("from before formats were recorded"), "{err}");
+    }
+
+    /// A dir of a format this build reads as it is gets this build's marker, and its data.
+    #[test]
+    fn a_data_dir_of_an_upgradable_format_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()).unwrap());
+        let format = || {
+            let db = sled::open(dir.path()).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            let v = meta.get(KEY_FORMAT).unwrap().unwrap();
+            u32::from_be_bytes(<[u8; 4]>::try_from(v.as_ref()).unwrap())
+        };
+        for old in UPGRADES_FROM {
+            {
+                let db = sled::open(dir.path()).unwrap();
+                let meta = db.open_tree("meta").unwrap();
+                meta.insert(KEY_FORMAT, &old.to_be_bytes()).unwrap();
+                db.flush().unwrap();
+            }
+            assert_eq!(format(), *old);
+            drop(open(dir.path()).expect("an upgradable format opens"));
+            assert_eq!(format(), DATA_FORMAT);
+        }
     }
 
     /// Readers waiting on the view are told once applied entries are visible in it.
