@@ -511,7 +511,8 @@ impl Drop for OpenConn {
 /// Probes one backend until it is retired or its balancer is gone.
 async fn check_backend(balancer: Weak<Balancer>, backend: Arc<Backend>, health: HealthConfig) {
     let mut counter = HealthCounter::new(backend.is_up());
-    let mut tick = tokio::time::interval(health.interval);
+    // A zero interval (only reachable through the library API) would panic `interval`.
+    let mut tick = tokio::time::interval(health.interval.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
