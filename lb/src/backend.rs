@@ -101,6 +101,9 @@ pub struct Backend {
     transitions: AtomicU64,
     /// Set once the backend left the configured set, so its health checker stops.
     retired: AtomicBool,
+    /// Bumped by every health checker started on it; an older checker seeing a newer number
+    /// stops (a backend re-added while its old checker still runs gets only one).
+    checkers: AtomicU64,
 }
 
 impl Backend {
@@ -113,6 +116,7 @@ impl Backend {
             connect_errors: AtomicU64::new(0),
             transitions: AtomicU64::new(0),
             retired: AtomicBool::new(false),
+            checkers: AtomicU64::new(0),
         }
     }
 
@@ -149,6 +153,16 @@ impl Backend {
     /// Whether it has been removed from the set.
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Registers a new health checker; it runs while [`Self::checker_current`] says so.
+    pub(crate) fn start_checker(&self) -> u64 {
+        self.checkers.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Whether checker `me` should go on: the backend is in the set and no newer checker started.
+    pub(crate) fn checker_current(&self, me: u64) -> bool {
+        !self.is_retired() && self.checkers.load(Ordering::Relaxed) == me
     }
 
     pub(crate) fn count_connect_error(&self) {
@@ -227,6 +241,12 @@ struct SourceTable {
     built_for: (u64, Vec<bool>),
 }
 
+/// Locks `m`, also after a panic elsewhere poisoned it (the data stays consistent: every
+/// critical section here only replaces whole values).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The backend set of one balancer: replaced as a whole when the
 /// configuration or the fabric changes, while connections keep the
 /// `Arc<Backend>` they were given, so an update never drops a connection.
@@ -240,6 +260,9 @@ pub struct Backends {
     cursor: AtomicUsize,
     /// Maglev table for [`Policy::Source`].
     source: Mutex<Option<SourceTable>>,
+    /// Removed backends that still carry connections: one added again is revived from here,
+    /// so its open connections count for leastconn and in its metrics.
+    retiring: Mutex<Vec<Arc<Backend>>>,
 }
 
 impl Backends {
@@ -258,31 +281,45 @@ impl Backends {
 
     /// Replaces the set with `specs`. A backend with an unchanged name and
     /// address keeps its state (health, active connections); removed ones are
-    /// retired; added ones start up (the first failed checks take them down).
-    /// Returns the backends that are new, for the caller to start health checks on.
+    /// retired; added ones start up (the first failed checks take them down),
+    /// except one removed earlier whose connections are still open: it comes
+    /// back with its state and its connections. Returns the backends that are
+    /// (back) in the set now, for the caller to start health checks on.
     pub fn update(&self, specs: &[BackendSpec]) -> Vec<Arc<Backend>> {
         let wanted: BTreeSet<&BackendSpec> = specs.iter().collect();
         let mut list = match self.list.write() {
             Ok(list) => list,
             Err(poisoned) => poisoned.into_inner(),
         };
+        let mut retiring = lock(&self.retiring);
+        retiring.retain(|b| b.active() > 0);
         let mut next = Vec::with_capacity(wanted.len());
         let mut added = Vec::new();
         for spec in &wanted {
-            match list.iter().find(|b| &&b.spec == spec) {
-                Some(existing) => next.push(existing.clone()),
-                None => {
-                    let backend = Arc::new(Backend::new((*spec).clone()));
-                    added.push(backend.clone());
-                    next.push(backend);
-                }
+            if let Some(existing) = list.iter().find(|b| &&b.spec == spec) {
+                next.push(existing.clone());
+                continue;
             }
+            let backend = match retiring.iter().position(|b| &&b.spec == spec) {
+                Some(i) => {
+                    let revived = retiring.swap_remove(i);
+                    revived.retired.store(false, Ordering::Relaxed);
+                    revived
+                }
+                None => Arc::new(Backend::new((*spec).clone())),
+            };
+            added.push(backend.clone());
+            next.push(backend);
         }
         for old in list.iter() {
             if !wanted.contains(&old.spec) {
                 old.retired.store(true, Ordering::Relaxed);
+                if old.active() > 0 {
+                    retiring.push(old.clone());
+                }
             }
         }
+        drop(retiring);
         *list = Arc::new(next);
         self.generation.fetch_add(1, Ordering::Relaxed);
         added
@@ -370,10 +407,7 @@ impl Backends {
     fn by_source(&self, list: &[Arc<Backend>], client: IpAddr) -> Option<Arc<Backend>> {
         let generation = self.generation.load(Ordering::Relaxed);
         let ups: Vec<bool> = list.iter().map(|b| b.is_up()).collect();
-        let mut cache = match self.source.lock() {
-            Ok(cache) => cache,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut cache = lock(&self.source);
         let stale = cache
             .as_ref()
             .is_none_or(|t| t.built_for.0 != generation || t.built_for.1 != ups);
@@ -534,6 +568,41 @@ mod tests {
                 assert_eq!(was, now, "a client of a surviving backend must not move");
             }
         }
+    }
+
+    #[test]
+    fn a_backend_added_again_while_its_connections_are_open_comes_back_with_them() {
+        let b = Backends::new();
+        b.update(&specs(&["n1", "n2"]));
+        let n1 = b.snapshot()[0].clone();
+        let guard = n1.claim();
+        // n1 leaves (drained) and comes back while its connection is open.
+        b.update(&specs(&["n1", "n2"])[1..]);
+        assert!(n1.is_retired());
+        let added = b.update(&specs(&["n1", "n2"]));
+        assert_eq!(added.len(), 1);
+        assert!(
+            Arc::ptr_eq(&added[0], &n1),
+            "a fresh n1 forgets its connection"
+        );
+        assert!(!n1.is_retired());
+        assert_eq!(n1.active(), 1);
+        // So leastconn still sees it: n2 (no connection) is chosen.
+        let any: IpAddr = "192.0.2.1".parse().unwrap();
+        let chosen = b.choose(Policy::LeastConn, None, any, &[]).unwrap();
+        assert_eq!(chosen.name(), "n2");
+        // Without open connections a removed backend is gone for good: re-added, it is new.
+        drop(guard);
+        b.update(&specs(&["n1", "n2"])[1..]);
+        b.update(&specs(&["n2"]));
+        let added = b.update(&specs(&["n1", "n2"]));
+        assert!(!Arc::ptr_eq(&added[0], &n1));
+        // A backend's older health checker gives way to a newer one (a revived backend gets one).
+        let fresh = &added[0];
+        let old = fresh.start_checker();
+        assert!(fresh.checker_current(old));
+        let new = fresh.start_checker();
+        assert!(!fresh.checker_current(old) && fresh.checker_current(new));
     }
 
     #[test]

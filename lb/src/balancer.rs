@@ -508,15 +508,16 @@ impl Drop for OpenConn {
     }
 }
 
-/// Probes one backend until it is retired or its balancer is gone.
+/// Probes one backend until it is retired, a newer checker took over, or its balancer is gone.
 async fn check_backend(balancer: Weak<Balancer>, backend: Arc<Backend>, health: HealthConfig) {
+    let me = backend.start_checker();
     let mut counter = HealthCounter::new(backend.is_up());
     // A zero interval (only reachable through the library API) would panic `interval`.
     let mut tick = tokio::time::interval(health.interval.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if backend.is_retired() {
+        if !backend.checker_current(me) {
             return;
         }
         let ok = matches!(
