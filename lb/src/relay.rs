@@ -408,6 +408,16 @@ struct BufferLease<'p> {
     buffer: Box<[u8]>,
 }
 
+impl<'p> BufferLease<'p> {
+    /// A copy buffer from `pool`, going back to it on drop.
+    fn take(pool: &'p PipePool) -> Self {
+        BufferLease {
+            pool,
+            buffer: pool.take_buffer(),
+        }
+    }
+}
+
 impl Drop for BufferLease<'_> {
     fn drop(&mut self) {
         self.pool.give_back_buffer(std::mem::take(&mut self.buffer));
@@ -648,10 +658,7 @@ async fn step_over_urgent_mark(
     activity: &Activity,
     pool: &PipePool,
 ) -> Result<bool, RelayError> {
-    let mut lease = BufferLease {
-        pool,
-        buffer: pool.take_buffer(),
-    };
+    let mut lease = BufferLease::take(pool);
     let buf = &mut lease.buffer[..];
     let n = match recv_io(src.as_fd(), buf) {
         Ok(n) => n,
@@ -740,10 +747,7 @@ async fn copy_phase(
     pool: &PipePool,
 ) -> Result<bool, RelayError> {
     let read_err = |source| tally.read_error(direction, source);
-    let mut lease = BufferLease {
-        pool,
-        buffer: pool.take_buffer(),
-    };
+    let mut lease = BufferLease::take(pool);
     let buf = &mut lease.buffer[..];
     let from = src.as_fd();
     loop {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use spaced_lb::backend::BackendSpec;
-use spaced_lb::balancer::{Balancer, FDS_PER_CONN, bind_listener, conns_within_fd_limit};
+use spaced_lb::balancer::{Balancer, bind_listener, conns_within_fd_limit};
 use spaced_raft::fabric::{AdminState, Fabric};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -56,15 +56,11 @@ impl LbService {
         if let Some(limit) = fd_limit {
             let ports = section.ports.len().max(1) as u64;
             let fit = (conns_within_fd_limit(limit, limit / 2) / ports).max(1);
-            if fit < config.max_conns {
-                tracing::warn!(
-                    limit,
-                    max_conns = fit,
-                    asked = config.max_conns,
-                    "lb.max_conns lowered to each port's share of half the open-files limit ({FDS_PER_CONN} per connection); the excess is refused at accept"
-                );
-                config.max_conns = fit;
-            }
+            config.cap_max_conns(
+                fit,
+                "lb.max_conns",
+                &format!("each port's share of half the open-files limit ({limit})"),
+            );
         }
         let balancers = section
             .ports

@@ -152,15 +152,11 @@ pub async fn run(
                      (raise it with ulimit -n or LimitNOFILE=)"
                 ));
             }
-            if fit < config.max_conns {
-                tracing::warn!(
-                    limit,
-                    max_conns = fit,
-                    asked = config.max_conns,
-                    "--max-conns lowered to what the open-files limit allows ({FDS_PER_CONN} per connection); the excess is refused at accept"
-                );
-                config.max_conns = fit;
-            }
+            config.cap_max_conns(
+                fit,
+                "--max-conns",
+                &format!("what the open-files limit ({limit}) allows"),
+            );
         }
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
     }
