@@ -66,23 +66,6 @@ pub fn conns_within_fd_limit(limit: u64, reserved: u64) -> u64 {
     limit.saturating_sub(reserved) / FDS_PER_CONN
 }
 
-impl LbConfig {
-    /// Lowers `max_conns` to `fit` if it is above, with a warning naming `setting` (the flag or
-    /// config key) and `why`; the excess is then refused at accept. Whether it lowered it.
-    pub fn cap_max_conns(&mut self, fit: u64, setting: &str, why: &str) -> bool {
-        if fit >= self.max_conns {
-            return false;
-        }
-        tracing::warn!(
-            max_conns = fit,
-            asked = self.max_conns,
-            "{setting} lowered to {why} ({FDS_PER_CONN} open files per connection); the excess is refused at accept"
-        );
-        self.max_conns = fit;
-        true
-    }
-}
-
 /// How one balancer behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LbConfig {
@@ -125,6 +108,23 @@ impl Default for LbConfig {
             health: Some(HealthConfig::default()),
             drain_grace: Duration::from_secs(10),
         }
+    }
+}
+
+impl LbConfig {
+    /// Lowers `max_conns` to `fit` if it is above, with a warning naming `setting` (the flag or
+    /// config key) and `why`; the excess is then refused at accept. Whether it lowered it.
+    pub fn cap_max_conns(&mut self, fit: u64, setting: &str, why: &str) -> bool {
+        if fit >= self.max_conns {
+            return false;
+        }
+        tracing::warn!(
+            max_conns = fit,
+            asked = self.max_conns,
+            "{setting} lowered to {why} ({FDS_PER_CONN} open files per connection); the excess is refused at accept"
+        );
+        self.max_conns = fit;
+        true
     }
 }
 
