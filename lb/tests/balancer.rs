@@ -487,6 +487,49 @@ async fn failed_connects_are_redispatched_and_dead_backends_get_nothing() {
     assert!(seen.contains("n2"), "{seen:?}");
 }
 
+/// A backend that does not answer at all (the kernel drops its SYNs) is given
+/// up after `connect_timeout` and the connection goes to another backend; the
+/// timeout counts as a connect error of that backend.
+#[tokio::test]
+async fn a_backend_that_does_not_answer_is_given_up_after_the_connect_timeout() {
+    let good = TestBackend::start("n2", false).await;
+    // n1: a listener with a full accept queue (backlog 0 holds one connection,
+    // never accepted), so the kernel drops every further SYN to it.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let silent = socket.listen(0).unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let _filler = std::net::TcpStream::connect(silent_addr).unwrap();
+    assert!(
+        timeout(Duration::from_millis(300), TcpStream::connect(silent_addr))
+            .await
+            .is_err(),
+        "the silent backend answered a connect: the test cannot work here"
+    );
+    let config = LbConfig {
+        connect_timeout: Duration::from_millis(200),
+        health: None,
+        ..LbConfig::default()
+    };
+    let specs = [
+        BackendSpec {
+            name: "n1".into(),
+            addr: silent_addr,
+        },
+        good.spec.clone(),
+    ];
+    let (lb, addr, _stop, _) = start(config, &specs).await;
+    // With two backends every connection starts at n1 (the retry's choice of
+    // n2 moves the rotation on), waits out the timeout there, and n2 serves it.
+    for _ in 0..4 {
+        assert_eq!(greeting(addr, b"").await, "n2");
+    }
+    assert_eq!(lb.stats().connect_errors.load(Ordering::Relaxed), 4);
+    let n1 = lb.backends().snapshot()[0].clone();
+    assert_eq!((n1.name(), n1.connect_errors()), ("n1", 4));
+    assert_eq!(lb.stats().no_backend.load(Ordering::Relaxed), 0);
+}
+
 #[tokio::test]
 async fn no_backend_up_closes_the_client() {
     let backends = three(false).await;

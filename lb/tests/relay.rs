@@ -13,12 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
-/// Bytes sent each way by the bulk test. The debug build is checked with
-/// 256 MiB each way to keep `cargo test` quick (the checksum code is
-/// unoptimised); `cargo test --release` moves the full 1 GiB each way.
-#[cfg(debug_assertions)]
-const BULK_BYTES: u64 = 256 << 20;
-#[cfg(not(debug_assertions))]
+/// Bytes sent each way by the bulk test: 1 GiB, as the issue asks (about
+/// 12 s in a debug build, whose checksum code is unoptimised).
 const BULK_BYTES: u64 = 1 << 30;
 
 /// Chunk size for the bulk endpoints; `BULK_BYTES` is a multiple of it.
