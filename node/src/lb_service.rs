@@ -1,6 +1,6 @@
 //! The balancer on the cluster VIP: bound before takeover, accepting only while this node holds the VIP, backends from the fabric.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use spaced_lb::backend::BackendSpec;
 use spaced_lb::balancer::{Balancer, bind_listener, conns_within_fd_limit};
-use spaced_raft::fabric::{AdminState, Fabric};
+use spaced_raft::fabric::{AdminState, Fabric, PlacementKind, vip_ip};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -19,7 +19,7 @@ use crate::daemon::NodeInner;
 
 /// The service acts when the VIPs up on this node change or the fabric applies entries (it
 /// is told; it does not poll). While a bind is failing (the previous listener still
-/// closing), it retries this often.
+/// closing), it retries this often at first, backing off to [`IDLE_LOOK`].
 const RETRY: Duration = Duration::from_millis(20);
 
 /// Without news, it still looks this often (a safety net, not the way it learns of changes).
@@ -151,6 +151,77 @@ pub fn fabric_backends(fabric: &Fabric, role: &str, port: u16) -> Vec<BackendSpe
         .collect()
 }
 
+/// Whether the balancer may serve while this node holds its VIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VipCheck {
+    /// The fabric's address for the VIP is the one this node's config gave.
+    Agrees,
+    /// The fabric has no VIP of that name (yet: it is registered at start).
+    Missing,
+    /// The fabric's VIP differs from this node's `[[vip]]` (the fabric's wins for the VIP
+    /// itself, so a listener on the config's address would be unreachable); the reason.
+    Differs(String),
+}
+
+/// Checks the `[lb]` VIP named `vip`, whose address this node's config says is `config_ip`,
+/// against the fabric.
+pub fn check_vip(fabric: &Fabric, vip: &str, config_ip: IpAddr) -> VipCheck {
+    match fabric.placements.get(vip).map(|p| &p.kind) {
+        Some(PlacementKind::Vip { address, .. }) => match vip_ip(address) {
+            Some(ip) if ip == config_ip => VipCheck::Agrees,
+            _ => VipCheck::Differs(format!(
+                "the fabric's VIP {vip:?} is {address}, but this node's [[vip]] says {config_ip}"
+            )),
+        },
+        Some(_) => VipCheck::Differs(format!("{vip:?} in the fabric is not a VIP")),
+        None => VipCheck::Missing,
+    }
+}
+
+/// Bind failures by port, each logged when it first happens and again only when it changes,
+/// with retries backing off from [`RETRY`] to [`IDLE_LOOK`] while any persists.
+#[derive(Default)]
+struct BindFailures {
+    /// Port → the last error.
+    by_port: BTreeMap<u16, String>,
+    /// The next retry's delay.
+    backoff: Option<Duration>,
+}
+
+impl BindFailures {
+    /// Records a failure to bind `addr`; logs it if it is new for that port.
+    fn failed(&mut self, addr: SocketAddr, vip: &str, holding: bool, error: &std::io::Error) {
+        let text = error.to_string();
+        if self.by_port.get(&addr.port()) != Some(&text) {
+            if holding {
+                tracing::error!(%vip, %addr, error = %text, "balancer cannot listen; retrying");
+            } else {
+                tracing::warn!(%vip, %addr, error = %text, "balancer cannot bind ahead of takeover; retrying");
+            }
+        }
+        self.by_port.insert(addr.port(), text);
+    }
+
+    /// `port` is bound now, or needs no binding.
+    fn clear(&mut self, port: u16) {
+        if self.by_port.remove(&port).is_some() && self.by_port.is_empty() {
+            self.backoff = None;
+        }
+    }
+
+    /// How long until the next pass: backing off while binds fail, `RETRY` when a bind is
+    /// merely pending (a previous listener closing), else `IDLE_LOOK`.
+    fn next_wait(&mut self, pending: bool) -> Duration {
+        if self.by_port.is_empty() {
+            self.backoff = None;
+            return if pending { RETRY } else { IDLE_LOOK };
+        }
+        let wait = self.backoff.unwrap_or(RETRY);
+        self.backoff = Some((wait * 2).min(IDLE_LOOK));
+        wait
+    }
+}
+
 /// One port's listener state.
 enum PortState {
     /// Not holding the VIP; maybe a listener bound ahead of takeover.
@@ -172,7 +243,8 @@ pub(crate) async fn run(
         .collect();
     let mut draining: Vec<JoinHandle<()>> = Vec::new();
     let mut last_backends: Option<Vec<Vec<BackendSpec>>> = None;
-    let mut bind_errors: BTreeSet<u16> = BTreeSet::new();
+    let mut binds = BindFailures::default();
+    let mut last_check = VipCheck::Missing;
     let mut vips_changed = inner.placements.agent.changes();
     let mut fabric_changed = inner.view.changes();
     // The first pass runs at once.
@@ -203,12 +275,31 @@ pub(crate) async fn run(
             last_backends = Some(backends);
         }
 
-        let holding = inner
-            .placements
-            .agent
-            .active_names()
-            .iter()
-            .any(|n| n == &service.section.vip);
+        let check = inner
+            .view
+            .read(|f| check_vip(f, &service.section.vip, service.vip_ip));
+        if check != last_check {
+            match &check {
+                VipCheck::Missing => {
+                    tracing::info!(vip = %service.section.vip, "the fabric has no VIP of this name yet; the balancer waits")
+                }
+                VipCheck::Differs(problem) => {
+                    tracing::error!(vip = %service.section.vip, "{problem}; the balancer does not serve until they agree")
+                }
+                VipCheck::Agrees if last_check != VipCheck::Missing => {
+                    tracing::info!(vip = %service.section.vip, addr = %service.vip_ip, "the fabric's VIP agrees with this node's config again")
+                }
+                VipCheck::Agrees => {}
+            }
+            last_check = check.clone();
+        }
+        let holding = check == VipCheck::Agrees
+            && inner
+                .placements
+                .agent
+                .active_names()
+                .iter()
+                .any(|n| n == &service.section.vip);
         for ((port, balancer), state) in service.balancers.iter().zip(states.iter_mut()) {
             let addr = SocketAddr::new(service.vip_ip, port.listen);
             match (holding, &mut *state) {
@@ -219,7 +310,7 @@ pub(crate) async fn run(
                     };
                     match listener {
                         Ok(listener) => {
-                            bind_errors.remove(&port.listen);
+                            binds.clear(port.listen);
                             let (stop_tx, stop_rx) = oneshot::channel();
                             let balancer = balancer.clone();
                             draining.push(tokio::spawn(async move {
@@ -232,11 +323,7 @@ pub(crate) async fn run(
                             tracing::info!(vip = %service.section.vip, %addr, "balancer active");
                             *state = PortState::Active(stop_tx);
                         }
-                        Err(error) => {
-                            if bind_errors.insert(port.listen) {
-                                tracing::error!(vip = %service.section.vip, %error, "balancer cannot listen; retrying");
-                            }
-                        }
+                        Err(error) => binds.failed(addr, &service.section.vip, true, &error),
                     }
                 }
                 (false, PortState::Active(_)) => {
@@ -248,17 +335,22 @@ pub(crate) async fn run(
                     tracing::info!(vip = %service.section.vip, %addr, "VIP lost; balancer draining");
                 }
                 (false, PortState::Standby(bound)) if bound.is_none() && service.prebind => {
-                    // The previous listener may still be closing; retried soon.
-                    if let Ok(listener) = bind_listener(addr, true, BACKLOG) {
-                        *bound = Some(listener);
+                    // The previous listener may still be closing: then the next tries succeed.
+                    match bind_listener(addr, true, BACKLOG) {
+                        Ok(listener) => {
+                            *bound = Some(listener);
+                            binds.clear(port.listen);
+                        }
+                        Err(error) => binds.failed(addr, &service.section.vip, false, &error),
                     }
                 }
+                (false, PortState::Standby(_)) => binds.clear(port.listen),
                 _ => {}
             }
         }
-        let retrying = !bind_errors.is_empty()
-            || (service.prebind && states.iter().any(|s| matches!(s, PortState::Standby(None))));
-        wait = if retrying { RETRY } else { IDLE_LOOK };
+        let pending =
+            service.prebind && states.iter().any(|s| matches!(s, PortState::Standby(None)));
+        wait = binds.next_wait(pending);
     }
     for state in states {
         if let PortState::Active(stop) = state {
@@ -290,6 +382,62 @@ mod tests {
             admin_state: state,
             joined_at: 0,
         }
+    }
+
+    #[test]
+    fn the_balancer_serves_only_when_the_fabrics_vip_is_the_configured_one() {
+        use spaced_raft::fabric::Command;
+        let mut f = Fabric::default();
+        let ip: IpAddr = "10.0.0.100".parse().unwrap();
+        assert_eq!(check_vip(&f, "cluster", ip), VipCheck::Missing);
+        f.apply(&Command::RegisterNode {
+            id: 1,
+            name: "n1".into(),
+            raft_addr: "10.0.0.1:7000".into(),
+            mgmt_ip: None,
+            roles: ["ha".to_string()].into(),
+            at: 0,
+        })
+        .unwrap();
+        for (name, address) in [("cluster", "10.0.0.100/24"), ("other", "10.0.0.101/24")] {
+            f.apply(&Command::AddPlacement {
+                name: name.into(),
+                kind: PlacementKind::Vip {
+                    address: address.into(),
+                    interface: "eth0".into(),
+                },
+                eligible_roles: ["ha".to_string()].into(),
+            })
+            .unwrap();
+        }
+        assert_eq!(check_vip(&f, "cluster", ip), VipCheck::Agrees);
+        // Another node registered "other" first, at .101: this node's config says .100.
+        let VipCheck::Differs(why) = check_vip(&f, "other", ip) else {
+            panic!("a different address must not agree");
+        };
+        assert!(
+            why.contains("10.0.0.101/24") && why.contains("10.0.0.100"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn bind_failures_back_off_and_clear() {
+        let mut b = BindFailures::default();
+        assert_eq!(b.next_wait(false), IDLE_LOOK);
+        assert_eq!(b.next_wait(true), RETRY);
+        let addr: SocketAddr = "10.0.0.100:80".parse().unwrap();
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        b.failed(addr, "cluster", false, &denied);
+        let waits: Vec<Duration> = (0..8).map(|_| b.next_wait(true)).collect();
+        assert_eq!(waits[0], RETRY);
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+        assert_eq!(*waits.last().unwrap(), IDLE_LOOK);
+        // Bound (or no longer needed): back to the quick pace at once.
+        b.clear(80);
+        assert_eq!(b.next_wait(true), RETRY);
+        b.failed(addr, "cluster", true, &denied);
+        assert_eq!(b.next_wait(false), RETRY);
     }
 
     #[test]
