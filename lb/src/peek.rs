@@ -9,8 +9,10 @@
 //! Where the session id is looked for, in order:
 //!
 //! 1. the `JSESSIONID` cookie (name matched case-insensitively) in any
-//!    `Cookie` header; the first one found decides, even if it carries no
-//!    route, because that is the session the container will use;
+//!    `Cookie` header; the first one with a value decides, even if it
+//!    carries no route, because that is the session the container will
+//!    use (an empty one, as left by a logout on some path, is skipped: no
+//!    container takes it for a session);
 //! 2. otherwise a `;jsessionid=<id>` path parameter in the request target
 //!    (URL rewriting, for clients without cookies).
 //!
@@ -93,8 +95,8 @@ fn method_may_still_end(buf: &[u8]) -> bool {
     window.contains(&b' ') || buf.len() <= MAX_METHOD_LEN
 }
 
-/// The value of the first `JSESSIONID` cookie in one `Cookie` header value
-/// (`a=1; JSESSIONID="abc.n1"; b=2`), surrounding quotes removed.
+/// The value of the first non-empty `JSESSIONID` cookie in one `Cookie`
+/// header value (`a=1; JSESSIONID="abc.n1"; b=2`), surrounding quotes removed.
 fn session_in_cookie_header(value: &[u8]) -> Option<&[u8]> {
     value.split(|&byte| byte == b';').find_map(|cookie| {
         let eq = cookie.iter().position(|&byte| byte == b'=')?;
@@ -102,7 +104,7 @@ fn session_in_cookie_header(value: &[u8]) -> Option<&[u8]> {
         if !trim(name).eq_ignore_ascii_case(SESSION_NAME) {
             return None;
         }
-        Some(strip_quotes(trim(&rest[1..])))
+        Some(strip_quotes(trim(&rest[1..]))).filter(|id| !id.is_empty())
     })
 }
 
@@ -294,6 +296,21 @@ mod tests {
                 "/",
                 &["Cookie: JSESSIONID="],
                 Peeked::NoRoute,
+            ),
+            (
+                "an empty session cookie is skipped",
+                "/",
+                &[
+                    "Cookie: JSESSIONID=; a=1",
+                    "Cookie: JSESSIONID=\"\"; JSESSIONID=C.n3",
+                ],
+                route("n3"),
+            ),
+            (
+                "an empty session cookie does not hide the path parameter",
+                "/x;jsessionid=D.n4",
+                &["Cookie: JSESSIONID="],
+                route("n4"),
             ),
             (
                 "route with bad chars",
