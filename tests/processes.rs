@@ -414,6 +414,84 @@ fn port_in_use_and_bootstrap_on_used_dir_exit_2() -> Result<()> {
     Ok(())
 }
 
+/// A balancer whose port on the VIP is taken says so in `lb status` (and does not accept), then
+/// binds by itself once the port is free: bind failures are retried (with backoff) and shown.
+#[test]
+fn a_balancer_that_cannot_bind_says_so_and_binds_once_the_port_is_free() -> Result<()> {
+    use spaced_node::config::{LbPort, LbSection, TakeoverMode, VipSection};
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path().join("pki");
+    make_pki(&pki, 1)?;
+    // 127.0.0.101: a VIP of its own, apart from the demo's (tests run side by side).
+    let vip = "127.0.0.101";
+    let hold = std::net::TcpListener::bind((vip, 0))?;
+    let port = hold.local_addr()?.port();
+    let mut cfg = spaced_node::demo::node_config(dir.path(), &pki, 1, &["ha", "app"])?;
+    cfg.takeover = TakeoverMode::Loopback;
+    cfg.vips = vec![VipSection {
+        name: "cluster".into(),
+        address: format!("{vip}/8"),
+        interface: "lo".into(),
+        roles: vec!["ha".into()],
+        port: Some(spaced_node::demo::free_tcp_port()?),
+    }];
+    cfg.lb = Some(LbSection::new(
+        "cluster",
+        vec![LbPort {
+            listen: port,
+            backend: spaced_node::demo::free_tcp_port()?,
+        }],
+    ));
+    let config = spaced_node::demo::write_config(&cfg)?;
+    let endpoint = cfg.listen.to_string();
+    let _node = Proc::start(dir.path(), &config, &endpoint, true)?;
+    let lab = Lab {
+        dir,
+        procs: Vec::new(),
+    };
+    let lb_status = || -> Result<Value> {
+        Ok(serde_json::from_str(
+            &lab.ctl_ok(&endpoint, &["lb", "status", "--json"])?,
+        )?)
+    };
+    let listen = format!("{vip}:{port}");
+    wait_until(
+        Duration::from_secs(30),
+        "lb status names the bind failure",
+        || {
+            Ok(lb_status().is_ok_and(|s| {
+                s["nodes"][0]["problems"].as_array().is_some_and(|p| {
+                    p.iter().any(|p| {
+                        p.as_str()
+                            .is_some_and(|p| p.contains(&format!("cannot bind {listen}")))
+                    })
+                })
+            }))
+        },
+    )?;
+    let s = lb_status()?;
+    assert_eq!(s["nodes"][0]["listeners"][0]["accepting"], false, "{s}");
+    let text = lab.ctl_ok(&endpoint, &["lb", "status"])?;
+    assert!(
+        text.contains(&format!("problem on n1: cannot bind {listen}")),
+        "{text}"
+    );
+    drop(hold);
+    wait_until(
+        Duration::from_secs(30),
+        "the balancer binds and accepts once the port is free",
+        || {
+            Ok(lb_status().is_ok_and(|s| {
+                s["nodes"][0]["listeners"][0]["accepting"] == true
+                    && s["nodes"][0]["problems"]
+                        .as_array()
+                        .is_some_and(|p| p.is_empty())
+            }))
+        },
+    )?;
+    Ok(())
+}
+
 #[test]
 fn demo_runs_to_completion() -> Result<()> {
     let out = Command::new(binary("spaced")?)

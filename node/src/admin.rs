@@ -85,6 +85,9 @@ pub struct LbReport {
     pub vip: Option<String>,
     /// One entry per configured port.
     pub listeners: Vec<LbListenerRow>,
+    /// Why the balancer cannot serve as configured right now (its VIP's address differs in
+    /// the fabric, a listener cannot be bound); empty when all is well.
+    pub problems: Vec<String>,
 }
 
 /// One balancer (one listening port) on one node.

@@ -336,6 +336,11 @@ pub fn lb_status_text(reports: &[crate::admin::LbReport], silent: &[String]) -> 
     if !without.is_empty() && !listeners.is_empty() {
         out.push_str(&format!("no balancer on: {}\n", without.join(", ")));
     }
+    for r in reports {
+        for problem in &r.problems {
+            out.push_str(&format!("problem on {}: {problem}\n", r.node));
+        }
+    }
     if !silent.is_empty() {
         out.push_str(&format!("not answering: {}\n", silent.join(", ")));
     }
@@ -1553,6 +1558,7 @@ mod tests {
         crate::admin::LbReport {
             node: node.into(),
             vip: Some("cluster".into()),
+            problems: Vec::new(),
             listeners: listeners
                 .into_iter()
                 .map(|(listen, accepting, active)| crate::admin::LbListenerRow {
@@ -1630,6 +1636,13 @@ mod tests {
         // One node accepting per listener: no warning.
         let calm = [lb_report("n1", vec![("10.0.0.100:80", true, 0)])];
         assert!(!lb_status_text(&calm, &[]).contains("warning"));
+        // A node's problems are named with it.
+        let mut troubled = lb_report("n2", vec![("10.0.0.100:80", false, 0)]);
+        troubled.problems = vec!["cannot bind 10.0.0.100:80: Permission denied".into()];
+        assert!(
+            lb_status_text(&[troubled], &[])
+                .contains("problem on n2: cannot bind 10.0.0.100:80: Permission denied\n")
+        );
         // Nobody has a balancer.
         let mut none = lb_report("n1", vec![]);
         none.vip = None;

@@ -641,6 +641,7 @@ impl NodeInner {
                 node: self.name.clone(),
                 vip: self.lb.as_ref().map(|lb| lb.vip().to_string()),
                 listeners: self.lb.as_ref().map(|lb| lb.report()).unwrap_or_default(),
+                problems: self.lb.as_ref().map(|lb| lb.problems()).unwrap_or_default(),
             }),
             AdminRequest::ServiceStatus => AdminReply::Services(crate::admin::ServicesReport {
                 node: self.name.clone(),

@@ -39,6 +39,8 @@ pub struct LbService {
     prebind: bool,
     /// One balancer per port, in `section.ports` order.
     balancers: Vec<(LbPort, Arc<Balancer>)>,
+    /// What keeps it from serving as configured, as of the last pass (for `lb status`).
+    problems: std::sync::Mutex<Vec<String>>,
 }
 
 impl LbService {
@@ -75,7 +77,25 @@ impl LbService {
             vip_ip,
             prebind,
             balancers,
+            problems: std::sync::Mutex::default(),
         })
+    }
+
+    /// What keeps the balancer from serving as configured (see [`LbReport::problems`]).
+    ///
+    /// [`LbReport::problems`]: crate::admin::LbReport::problems
+    pub fn problems(&self) -> Vec<String> {
+        self.problems
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn set_problems(&self, problems: Vec<String>) {
+        *self
+            .problems
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = problems;
     }
 
     /// The balancers, for metrics and status.
@@ -200,6 +220,13 @@ impl BindFailures {
             }
         }
         self.by_port.insert(addr.port(), text);
+    }
+
+    /// One line per failing port, for `lb status`.
+    fn describe(&self, vip_ip: IpAddr) -> impl Iterator<Item = String> + '_ {
+        self.by_port.iter().map(move |(port, error)| {
+            format!("cannot bind {}: {error}", SocketAddr::new(vip_ip, *port))
+        })
     }
 
     /// `port` is bound now, or needs no binding.
@@ -351,6 +378,12 @@ pub(crate) async fn run(
         let pending =
             service.prebind && states.iter().any(|s| matches!(s, PortState::Standby(None)));
         wait = binds.next_wait(pending);
+        let mut problems: Vec<String> = Vec::new();
+        if let VipCheck::Differs(why) = &check {
+            problems.push(format!("{why}: not serving until they agree"));
+        }
+        problems.extend(binds.describe(service.vip_ip));
+        service.set_problems(problems);
     }
     for state in states {
         if let PortState::Active(stop) = state {
