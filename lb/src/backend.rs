@@ -241,12 +241,6 @@ struct SourceTable {
     built_for: (u64, Vec<bool>),
 }
 
-/// Locks `m`, also after a panic elsewhere poisoned it (the data stays consistent: every
-/// critical section here only replaces whole values).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// The backend set of one balancer: replaced as a whole when the
 /// configuration or the fabric changes, while connections keep the
 /// `Arc<Backend>` they were given, so an update never drops a connection.
@@ -291,7 +285,7 @@ impl Backends {
             Ok(list) => list,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut retiring = lock(&self.retiring);
+        let mut retiring = crate::lock(&self.retiring);
         retiring.retain(|b| b.active() > 0);
         let mut next = Vec::with_capacity(wanted.len());
         let mut added = Vec::new();
@@ -407,7 +401,7 @@ impl Backends {
     fn by_source(&self, list: &[Arc<Backend>], client: IpAddr) -> Option<Arc<Backend>> {
         let generation = self.generation.load(Ordering::Relaxed);
         let ups: Vec<bool> = list.iter().map(|b| b.is_up()).collect();
-        let mut cache = lock(&self.source);
+        let mut cache = crate::lock(&self.source);
         let stale = cache
             .as_ref()
             .is_none_or(|t| t.built_for.0 != generation || t.built_for.1 != ups);

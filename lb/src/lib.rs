@@ -21,3 +21,9 @@ pub mod peek;
 pub mod proxy_v2;
 pub mod relay;
 pub mod stats;
+
+/// Locks `m`, also after a panic elsewhere poisoned it: every critical section in this crate
+/// only pushes, pops or replaces whole values, so the data behind a poisoned lock is valid.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

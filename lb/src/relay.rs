@@ -339,14 +339,14 @@ impl PipePool {
 
     /// Takes an idle copy buffer of [`COPY_BUFFER`] bytes or allocates one.
     fn take_buffer(&self) -> Box<[u8]> {
-        lock_list(&self.buffers)
+        crate::lock(&self.buffers)
             .pop()
             .unwrap_or_else(|| vec![0u8; COPY_BUFFER].into_boxed_slice())
     }
 
     /// Keeps a copy buffer for the next connection, up to as many as pipes are kept.
     fn give_back_buffer(&self, buffer: Box<[u8]>) {
-        let mut buffers = lock_list(&self.buffers);
+        let mut buffers = crate::lock(&self.buffers);
         if buffers.len() < self.max_idle {
             buffers.push(buffer);
         }
@@ -390,13 +390,8 @@ impl PipePool {
 
     /// Locks the free list of pipes.
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pipe>> {
-        lock_list(&self.idle)
+        crate::lock(&self.idle)
     }
-}
-
-/// Locks a free list; a poisoned lock still holds a valid `Vec`.
-fn lock_list<T>(list: &Mutex<Vec<T>>) -> std::sync::MutexGuard<'_, Vec<T>> {
-    list.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A copy buffer borrowed from the pool for one direction's copy phase; goes back on drop,
@@ -1000,7 +995,7 @@ mod tests {
         let b = pool.take_buffer();
         pool.give_back_buffer(a);
         pool.give_back_buffer(b);
-        assert_eq!(lock_list(&pool.buffers).len(), 1, "kept beyond the bound");
+        assert_eq!(crate::lock(&pool.buffers).len(), 1, "kept beyond the bound");
         // The kept buffer is handed out again as it is; the relay only sends what it reads.
         let again = pool.take_buffer();
         assert_eq!((again.len(), again[0]), (COPY_BUFFER, 7));
