@@ -496,15 +496,8 @@ impl Balancer {
 /// Consumes the bytes a peek saw (at most `buf.len()`) into `consumed`. A
 /// failure leaves them queued; the relay then meets the socket's error itself.
 fn take_queued(fd: BorrowedFd<'_>, buf: &mut [u8], consumed: &mut Vec<u8>) {
-    loop {
-        match recv(fd.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
-            Ok(n) => {
-                consumed.extend_from_slice(&buf[..n]);
-                return;
-            }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return,
-        }
+    if let Ok(n) = crate::relay::recv_io(fd, buf) {
+        consumed.extend_from_slice(&buf[..n]);
     }
 }
 

@@ -775,7 +775,7 @@ async fn copy_phase(
 }
 
 /// One non-blocking `recv` into `buf`; `EINTR` is retried.
-fn recv_io(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn recv_io(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match recv(socket.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
             Err(Errno::EINTR) => continue,

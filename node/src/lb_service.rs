@@ -85,17 +85,11 @@ impl LbService {
     ///
     /// [`LbReport::problems`]: crate::admin::LbReport::problems
     pub fn problems(&self) -> Vec<String> {
-        self.problems
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        crate::lock(&self.problems).clone()
     }
 
     fn set_problems(&self, problems: Vec<String>) {
-        *self
-            .problems
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = problems;
+        *crate::lock(&self.problems) = problems;
     }
 
     /// The balancers, for metrics and status.
