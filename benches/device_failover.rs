@@ -218,7 +218,7 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    spaced_node::devices::raise_fd_limit()?;
+    spaced_node::raise_fd_limit()?;
     for s in &SCENARIOS {
         if !filters.is_empty() && !filters.iter().any(|f| f == s.name) {
             continue;

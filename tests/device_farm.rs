@@ -199,7 +199,7 @@ impl RemoteFarm {
 /// The child side of [`RemoteFarm`]: runs a farm, prints `port <p>`, then answers each
 /// `counts <n>` line on stdin with `live/accepted` pairs for devices `0..n`. Exits at EOF.
 pub fn serve_stdio() -> Result<()> {
-    spaced_node::devices::raise_fd_limit()?;
+    spaced_node::raise_fd_limit()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -198,7 +198,7 @@ impl Node {
 
         let metrics = NodeMetrics::new();
         let recorder = metrics.recorder();
-        let fd_limit = match crate::devices::raise_fd_limit() {
+        let fd_limit = match crate::raise_fd_limit() {
             Ok(limit) => Some(limit),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot raise the open-files limit; fewer devices can be held");

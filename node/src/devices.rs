@@ -322,18 +322,6 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
     socket.listen(4096)
 }
 
-/// Raises the soft limit on open files to the hard limit: every held device is a socket.
-/// Returns the soft limit now in force.
-pub fn raise_fd_limit() -> Result<u64, nix::Error> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
-        tracing::info!(from = soft, to = hard, "raised the open-files limit");
-    }
-    Ok(hard.max(soft))
-}
-
 /// A pause of `base` shortened by up to half at random, so retries of many devices spread out.
 fn jittered(base: Duration) -> Duration {
     let r = std::collections::hash_map::RandomState::new()

@@ -27,3 +27,16 @@ pub mod takeover_backend;
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Raises the soft limit on open files to the hard limit: every held device and every
+/// balanced connection (two sockets, two pipes) holds descriptors. Returns the soft limit now
+/// in force.
+pub fn raise_fd_limit() -> Result<u64, nix::Error> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+        tracing::info!(from = soft, to = hard, "raised the open-files limit");
+    }
+    Ok(hard.max(soft))
+}

@@ -141,7 +141,7 @@ pub async fn run(
 ) -> Result<(), String> {
     let listener = bind_listener(args.listen, args.freebind, 4096).map_err(|e| e.to_string())?;
     let mut config = args.config();
-    match crate::devices::raise_fd_limit() {
+    match crate::raise_fd_limit() {
         Ok(limit) => {
             let reserved = RESERVED_FDS + args.backends.len() as u64;
             let fit = conns_within_fd_limit(limit, reserved);
