@@ -660,14 +660,20 @@ async fn urgent_data_does_not_stall_a_spliced_direction() {
     use std::os::fd::AsRawFd;
     let (mut client, mut server, _outcomes) = one_pair(Duration::from_secs(30)).await;
     client.set_nodelay(true).unwrap();
+    // Reads `n` bytes at the backend end, or fails naming `what`.
+    async fn read_n(server: &mut TcpStream, n: usize, within: Duration, what: &str) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        timeout(within, server.read_exact(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .unwrap();
+        got
+    }
     // A read that fills the copy buffer: this direction splices from now on.
     let bulk = vec![7u8; 4 * COPY_BUFFER];
     client.write_all(&bulk).await.unwrap();
-    let mut got = vec![0u8; bulk.len()];
-    timeout(Duration::from_secs(10), server.read_exact(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
+    let bulk_back = "the bulk bytes did not arrive";
+    read_n(&mut server, bulk.len(), Duration::from_secs(10), bulk_back).await;
     // "abc", urgent "X", "def" together, then "ghi" a little later.
     client.write_all(b"abc").await.unwrap();
     nix::sys::socket::send(
@@ -679,18 +685,11 @@ async fn urgent_data_does_not_stall_a_spliced_direction() {
     client.write_all(b"def").await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     client.write_all(b"ghi").await.unwrap();
-    let mut got = [0u8; 9];
-    timeout(Duration::from_secs(3), server.read_exact(&mut got))
-        .await
-        .expect("the relay stalled at the urgent mark")
-        .unwrap();
+    let stalled = "the relay stalled at the urgent mark";
+    let got = read_n(&mut server, 9, Duration::from_secs(3), stalled).await;
     assert_eq!(&got, b"abcdefghi");
     // And the direction goes on splicing.
     client.write_all(&bulk).await.unwrap();
-    let mut got = vec![0u8; bulk.len()];
-    timeout(Duration::from_secs(10), server.read_exact(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
+    let got = read_n(&mut server, bulk.len(), Duration::from_secs(10), bulk_back).await;
     assert_eq!(got, bulk);
 }
