@@ -744,30 +744,18 @@ impl Fabric {
             }
             Command::SetRoles { id, roles } => {
                 roles.iter().try_for_each(|r| check_name("role", r))?;
-                let node = self
-                    .nodes
-                    .get_mut(id)
-                    .ok_or_else(|| not_found("node", id))?;
-                node.roles = roles.clone();
+                self.node_mut(*id)?.roles = roles.clone();
                 Ok(Outcome::Done)
             }
             Command::SetAdminState { id, state } => {
-                let node = self
-                    .nodes
-                    .get_mut(id)
-                    .ok_or_else(|| not_found("node", id))?;
-                node.admin_state = *state;
+                self.node_mut(*id)?.admin_state = *state;
                 Ok(Outcome::Done)
             }
             Command::SetMgmtIp { id, mgmt_ip } => {
                 if let Some(ip) = mgmt_ip {
                     check_mgmt_ip(ip)?;
                 }
-                let node = self
-                    .nodes
-                    .get_mut(id)
-                    .ok_or_else(|| not_found("node", id))?;
-                node.mgmt_ip = *mgmt_ip;
+                self.node_mut(*id)?.mgmt_ip = *mgmt_ip;
                 Ok(Outcome::Done)
             }
             Command::AddPlacement {
@@ -1071,6 +1059,11 @@ fn check_device_batch(what: &str, len: usize) -> Result<(), CommandError> {
 
 // Device assignment and status: validate the whole batch first, then change; never panic.
 impl Fabric {
+    /// The registered node `id`, for a command that changes it.
+    fn node_mut(&mut self, id: NodeId) -> Result<&mut NodeRecord, CommandError> {
+        self.nodes.get_mut(&id).ok_or_else(|| not_found("node", id))
+    }
+
     fn assign_devices(
         &mut self,
         assignments: &[DeviceAssignment],
