@@ -509,19 +509,19 @@ fn splice_io(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result
 /// Moves one direction until the source's EOF has been forwarded, or fails.
 /// Adds delivered bytes to `moved` as they go so the caller can report them
 /// even when the other direction fails.
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pipe: &mut Pipe,
-    direction: Direction,
-    tally: Tally<'_>,
-    activity: &Activity,
-    pool: &PipePool,
-) -> Result<(), RelayError> {
+async fn pump(way: Way<'_>, pipe: &mut Pipe) -> Result<(), RelayError> {
+    let Way {
+        src,
+        dst,
+        direction,
+        tally,
+        activity,
+        ..
+    } = way;
     let moved = tally.moved;
-    let read_err = |source| tally.read_error(direction, source);
-    let write_err = |source| tally.write_error(direction, source);
-    let mut eof = copy_phase(src, dst, direction, tally, activity, pool).await?;
+    let read_err = |source| way.read_error(source);
+    let write_err = |source| way.write_error(source);
+    let mut eof = copy_phase(way).await?;
     // The last *in* splice found the pipe out of slots with bytes still queued
     // in the socket (read readiness kept); cleared once the *out* splice frees room.
     let mut slots_full = false;
@@ -571,7 +571,7 @@ async fn pump(
                 Ok(In::SlotsFull) => slots_full = true,
                 Ok(In::UrgentMark) => {
                     // The pipe is empty, so these bytes keep their place in the stream.
-                    eof = step_over_urgent_mark(src, dst, direction, tally, activity, pool).await?;
+                    eof = step_over_urgent_mark(way).await?;
                     progressed = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -645,38 +645,31 @@ enum In {
 /// `SO_OOBINLINE`, the `recv` leaves the urgent byte out, so the destination
 /// gets the stream a direct connection would have given it. Returns `true`
 /// when the source's EOF was reached.
-async fn step_over_urgent_mark(
-    src: &TcpStream,
-    dst: &TcpStream,
-    direction: Direction,
-    tally: Tally<'_>,
-    activity: &Activity,
-    pool: &PipePool,
-) -> Result<bool, RelayError> {
-    let mut lease = BufferLease::take(pool);
+async fn step_over_urgent_mark(way: Way<'_>) -> Result<bool, RelayError> {
+    let mut lease = BufferLease::take(way.pool);
     let buf = &mut lease.buffer[..];
-    let n = match recv_io(src.as_fd(), buf) {
+    let n = match recv_io(way.src.as_fd(), buf) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-        Err(source) => return Err(tally.read_error(direction, source)),
+        Err(source) => return Err(way.read_error(source)),
     };
-    tracing::debug!(%direction, bytes = n, "stepped over a TCP urgent mark");
+    tracing::debug!(direction = %way.direction, bytes = n, "stepped over a TCP urgent mark");
     if n == 0 {
         return Ok(true);
     }
-    activity.touch();
-    send_all(dst, &buf[..n], direction, tally, activity).await?;
+    way.activity.touch();
+    send_all(way, &buf[..n]).await?;
     Ok(false)
 }
 
-/// Writes all of `buf` to `dst`, waiting for room as needed, counting it as copied.
-async fn send_all(
-    dst: &TcpStream,
-    buf: &[u8],
-    direction: Direction,
-    tally: Tally<'_>,
-    activity: &Activity,
-) -> Result<(), RelayError> {
+/// Writes all of `buf` to the destination, waiting for room as needed, counting it as copied.
+async fn send_all(way: Way<'_>, buf: &[u8]) -> Result<(), RelayError> {
+    let Way {
+        dst,
+        tally,
+        activity,
+        ..
+    } = way;
     let to = dst.as_fd();
     let mut sent = 0;
     while sent < buf.len() {
@@ -690,9 +683,9 @@ async fn send_all(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 dst.writable()
                     .await
-                    .map_err(|source| tally.write_error(direction, source))?;
+                    .map_err(|source| way.write_error(source))?;
             }
-            Err(source) => return Err(tally.write_error(direction, source)),
+            Err(source) => return Err(way.write_error(source)),
         }
     }
     Ok(())
@@ -709,21 +702,33 @@ struct Tally<'a> {
     copied: &'a AtomicU64,
 }
 
-impl Tally<'_> {
-    /// A read failure of `direction`, with the bytes it had delivered.
-    fn read_error(&self, direction: Direction, source: io::Error) -> RelayError {
+/// One direction of a relay: what its pump and the copy and urgent-data
+/// steps it takes share.
+#[derive(Clone, Copy)]
+struct Way<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    direction: Direction,
+    tally: Tally<'a>,
+    activity: &'a Activity,
+    pool: &'a PipePool,
+}
+
+impl Way<'_> {
+    /// A read failure of this direction, with the bytes it had delivered.
+    fn read_error(&self, source: io::Error) -> RelayError {
         RelayError::Read {
-            direction,
-            moved: self.moved.load(Ordering::Relaxed),
+            direction: self.direction,
+            moved: self.tally.moved.load(Ordering::Relaxed),
             source,
         }
     }
 
-    /// A write failure of `direction`, with the bytes it had delivered.
-    fn write_error(&self, direction: Direction, source: io::Error) -> RelayError {
+    /// A write failure of this direction, with the bytes it had delivered.
+    fn write_error(&self, source: io::Error) -> RelayError {
         RelayError::Write {
-            direction,
-            moved: self.moved.load(Ordering::Relaxed),
+            direction: self.direction,
+            moved: self.tally.moved.load(Ordering::Relaxed),
             source,
         }
     }
@@ -733,16 +738,10 @@ impl Tally<'_> {
 /// writes out what it read. Returns `true` when the source's EOF arrived
 /// (not yet forwarded), `false` once a read filled the buffer and all of it
 /// was written: the direction splices from then on.
-async fn copy_phase(
-    src: &TcpStream,
-    dst: &TcpStream,
-    direction: Direction,
-    tally: Tally<'_>,
-    activity: &Activity,
-    pool: &PipePool,
-) -> Result<bool, RelayError> {
-    let read_err = |source| tally.read_error(direction, source);
-    let mut lease = BufferLease::take(pool);
+async fn copy_phase(way: Way<'_>) -> Result<bool, RelayError> {
+    let Way { src, activity, .. } = way;
+    let read_err = |source| way.read_error(source);
+    let mut lease = BufferLease::take(way.pool);
     let buf = &mut lease.buffer[..];
     let from = src.as_fd();
     loop {
@@ -767,7 +766,7 @@ async fn copy_phase(
             return Ok(true);
         }
         activity.touch();
-        send_all(dst, &buf[..n], direction, tally, activity).await?;
+        send_all(way, &buf[..n]).await?;
         if n == COPY_BUFFER {
             return Ok(false);
         }
@@ -869,36 +868,31 @@ pub async fn relay_counted(
                 source: Errno::EBADF,
             });
         };
-        let both = async {
-            tokio::try_join!(
-                pump(
-                    &client,
-                    &backend,
-                    up_pipe,
-                    Direction::ClientToBackend,
-                    Tally {
-                        moved: &up_moved,
-                        spliced: &spliced.client_to_backend,
-                        copied: &copied.client_to_backend,
-                    },
-                    &activity,
-                    pool
-                ),
-                pump(
-                    &backend,
-                    &client,
-                    down_pipe,
-                    Direction::BackendToClient,
-                    Tally {
-                        moved: &down_moved,
-                        spliced: &spliced.backend_to_client,
-                        copied: &copied.backend_to_client,
-                    },
-                    &activity,
-                    pool
-                ),
-            )
+        let up_way = Way {
+            src: &client,
+            dst: &backend,
+            direction: Direction::ClientToBackend,
+            tally: Tally {
+                moved: &up_moved,
+                spliced: &spliced.client_to_backend,
+                copied: &copied.client_to_backend,
+            },
+            activity: &activity,
+            pool,
         };
+        let down_way = Way {
+            src: &backend,
+            dst: &client,
+            direction: Direction::BackendToClient,
+            tally: Tally {
+                moved: &down_moved,
+                spliced: &spliced.backend_to_client,
+                copied: &copied.backend_to_client,
+            },
+            activity: &activity,
+            pool,
+        };
+        let both = async { tokio::try_join!(pump(up_way, up_pipe), pump(down_way, down_pipe)) };
         tokio::select! {
             result = both => result.map(|_| true),
             () = activity.idle_for(idle) => Ok(false),
