@@ -21,10 +21,10 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use spaced_fabric::{DeviceMode, DeviceStatus, NewDevice};
 use spaced_node::admin::{AdminReply, AdminRequest};
 use spaced_node::config::RaftTimings;
 use spaced_raft::NodeId;
-use spaced_raft::fabric::{DeviceMode, DeviceStatus, NewDevice};
 use spaced_tests::Cluster;
 use spaced_tests::device_farm::{Farm, serve_stdio};
 

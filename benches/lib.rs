@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use openraft::async_runtime::WatchReceiver;
+use spaced_fabric::{Command, DeviceMode, NewDevice};
 use spaced_node::config::RaftTimings;
 use spaced_node::daemon::Proposer;
-use spaced_raft::fabric::{Command, DeviceMode, NewDevice};
 use spaced_tests::Cluster;
 
 /// Source of device ids: every proposal in the process registers a different device, since the

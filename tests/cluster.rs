@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use openraft::async_runtime::WatchReceiver;
+use spaced_fabric::Command;
 use spaced_node::admin::{AdminReply, AdminRequest};
 use spaced_node::config::RaftTimings;
 use spaced_node::daemon::transport_config;
 use spaced_raft::Member;
-use spaced_raft::fabric::Command;
 use spaced_raft::network::{QuicNetwork, RaftReply, RaftRpc};
 use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, NODE_DOMAIN, TlsMaterial, TlsPaths};
 use spaced_tests::{Cluster, devices, without_device_state};

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use openraft::async_runtime::WatchReceiver;
+use spaced_fabric::{DeviceMode, Fabric, NewDevice};
 use spaced_node::admin::{AdminReply, AdminRequest};
 use spaced_node::client::{AdminClient, AdminCredentials};
 use spaced_node::config::{DevicesSection, NodeConfig, RaftTimings, TlsSection};
 use spaced_node::daemon::Node;
 use spaced_raft::NodeId;
-use spaced_raft::fabric::{DeviceMode, Fabric, NewDevice};
 use spaced_raft::pki;
 
 /// Logs to stderr when `SPACED_TEST_LOG` is set (e.g. `SPACED_TEST_LOG=info`).

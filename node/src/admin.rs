@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
-use spaced_raft::fabric::{AdminState, DeviceMode, DeviceStatus, NewDevice};
+use spaced_fabric::{AdminState, DeviceMode, DeviceStatus, NewDevice};
 use spaced_raft::{Command, NodeId, Outcome};
 
 /// Largest admin frame (a device list of 100k devices fits comfortably).
@@ -162,7 +162,7 @@ pub struct ServicesReport {
     /// The answering node.
     pub node: String,
     /// The fabric's service specs, by name.
-    pub specs: std::collections::BTreeMap<String, spaced_raft::fabric::ServiceSpec>,
+    pub specs: std::collections::BTreeMap<String, spaced_fabric::ServiceSpec>,
     /// What this node's supervisor runs.
     pub running: Vec<crate::supervisor::ServiceStatus>,
 }
@@ -204,8 +204,8 @@ pub struct RefusalRow {
 impl RefusalRow {
     /// The refusals recorded on `p`, as of `now`.
     pub fn of(
-        f: &spaced_raft::fabric::Fabric,
-        p: &spaced_raft::fabric::Placement,
+        f: &spaced_fabric::Fabric,
+        p: &spaced_fabric::Placement,
         now: u64,
     ) -> Vec<RefusalRow> {
         p.refused
@@ -215,7 +215,7 @@ impl RefusalRow {
                 node_name: f.nodes.get(node).map(|n| n.name.clone()),
                 reason: r.reason.clone(),
                 at: r.at,
-                holding: crate::controller::refused_recently(p, *node, now),
+                holding: spaced_fabric::plan::placements::refused_recently(p, *node, now),
             })
             .collect()
     }

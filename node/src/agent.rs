@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use spaced_fabric::{Fabric, PlacementKind};
 use spaced_raft::NodeId;
-use spaced_raft::fabric::{Fabric, PlacementKind};
 use spaced_raft::network::BoxFuture;
 
 use crate::lease::{Held, LeaseConfig, OwnerLeases, Renewal};
@@ -38,7 +38,7 @@ pub struct VipSpec {
 impl VipSpec {
     /// The bare IP of the VIP.
     pub fn ip(&self) -> Option<IpAddr> {
-        spaced_raft::fabric::vip_ip(&self.address)
+        spaced_fabric::vip_ip(&self.address)
     }
 }
 

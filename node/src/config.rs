@@ -492,7 +492,7 @@ impl NodeConfig {
             _ => {}
         }
         if let Some(ip) = &self.mgmt_ip
-            && let Err(e) = spaced_raft::fabric::check_mgmt_ip(ip)
+            && let Err(e) = spaced_fabric::check_mgmt_ip(ip)
         {
             return Err(err("mgmt_ip", e.to_string()));
         }
@@ -523,7 +523,7 @@ impl NodeConfig {
                     format!("duplicate VIP {:?}", v.name),
                 ));
             }
-            if let Err(e) = spaced_raft::fabric::check_vip_address(&v.address) {
+            if let Err(e) = spaced_fabric::check_vip_address(&v.address) {
                 return Err(err(&format!("vip[{i}].address"), e.to_string()));
             }
             if v.interface.is_empty() || v.interface.len() > 15 {

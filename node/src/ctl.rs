@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use spaced_raft::fabric::{AdminState, DeviceMode, NewDevice, check_device_addr, check_device_id};
+use spaced_fabric::{AdminState, DeviceMode, NewDevice, check_device_addr, check_device_id};
 use spaced_raft::pki;
 
 use crate::admin::{AdminReply, AdminRequest, DeviceRow, RebalanceReport, StatusReport};
@@ -151,8 +151,8 @@ pub enum SingletonCmd {
 }
 
 /// Parses `--scope`.
-fn parse_scope(scope: &str) -> Result<spaced_raft::fabric::ServiceScope, CtlError> {
-    use spaced_raft::fabric::ServiceScope;
+fn parse_scope(scope: &str) -> Result<spaced_fabric::ServiceScope, CtlError> {
+    use spaced_fabric::ServiceScope;
     match scope {
         "every-node" => Ok(ServiceScope::EveryNode),
         "singleton" => Ok(ServiceScope::Singleton),
@@ -165,8 +165,8 @@ fn parse_scope(scope: &str) -> Result<spaced_raft::fabric::ServiceScope, CtlErro
     }
 }
 
-fn scope_text(scope: &spaced_raft::fabric::ServiceScope) -> String {
-    use spaced_raft::fabric::ServiceScope;
+fn scope_text(scope: &spaced_fabric::ServiceScope) -> String {
+    use spaced_fabric::ServiceScope;
     match scope {
         ServiceScope::EveryNode => "every-node".into(),
         ServiceScope::Vip(v) => format!("vip:{v}"),
@@ -567,7 +567,7 @@ fn roles_cell(roles: &[String]) -> String {
 }
 
 /// `active` or `draining`.
-fn admin_state_name(a: spaced_raft::fabric::AdminState) -> String {
+fn admin_state_name(a: spaced_fabric::AdminState) -> String {
     format!("{a:?}").to_lowercase()
 }
 
@@ -1043,8 +1043,8 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     roles,
                 },
         } => {
-            spaced_raft::fabric::check_name("VIP name", name).map_err(|e| usage(e.to_string()))?;
-            spaced_raft::fabric::check_vip_address(address).map_err(|e| usage(e.to_string()))?;
+            spaced_fabric::check_name("VIP name", name).map_err(|e| usage(e.to_string()))?;
+            spaced_fabric::check_vip_address(address).map_err(|e| usage(e.to_string()))?;
             let v = AdminRequest::VipAdd {
                 name: name.clone(),
                 address: address.clone(),
@@ -1098,15 +1098,14 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     command,
                 },
         } => {
-            spaced_raft::fabric::check_name("service name", name)
-                .map_err(|e| usage(e.to_string()))?;
+            spaced_fabric::check_name("service name", name).map_err(|e| usage(e.to_string()))?;
             let scope = parse_scope(scope)?;
             let mut roles: BTreeSet<String> = roles
                 .iter()
                 .map(|r| r.trim().to_string())
                 .filter(|r| !r.is_empty())
                 .collect();
-            if roles.is_empty() && scope == spaced_raft::fabric::ServiceScope::Singleton {
+            if roles.is_empty() && scope == spaced_fabric::ServiceScope::Singleton {
                 roles.insert("app".into());
             }
             let health_check = health_check
@@ -1115,7 +1114,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             if health_check.as_ref().is_some_and(|h| h.is_empty()) {
                 return Err(usage("--health-check: empty command"));
             }
-            let spec = spaced_raft::fabric::ServiceSpec {
+            let spec = spaced_fabric::ServiceSpec {
                 command: command.clone(),
                 scope,
                 health_check,
@@ -1521,7 +1520,7 @@ mod tests {
             since,
             owner_name: owner.map(|o| o.1.to_string()),
         };
-        use spaced_raft::fabric::DeviceStatus::{Unassigned, Up};
+        use spaced_fabric::DeviceStatus::{Unassigned, Up};
         let now = 1_800_000_000_000;
         let text = render_devices(
             &[

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
-use spaced_raft::fabric::Command;
+use spaced_fabric::Command;
 use spaced_raft::network::{NodeDescription, QuicNetwork, RaftReply, RaftRpc, RaftService};
 use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, Identity, TlsMaterial, TlsPaths};
 use spaced_raft::store::{self, FabricView};
@@ -211,7 +211,7 @@ impl Node {
                     .vips
                     .iter()
                     .find(|v| v.name == section.vip)
-                    .and_then(|v| spaced_raft::fabric::vip_ip(&v.address))
+                    .and_then(|v| spaced_fabric::vip_ip(&v.address))
                     .ok_or_else(|| {
                         StartError::input(
                             &cfg,
@@ -653,7 +653,7 @@ impl NodeInner {
                 f.placements
                     .iter()
                     .filter_map(|(name, p)| match &p.kind {
-                        spaced_raft::fabric::PlacementKind::Singleton { service } => {
+                        spaced_fabric::PlacementKind::Singleton { service } => {
                             Some(crate::admin::SingletonRow {
                                 name: name.clone(),
                                 service: service.clone(),
@@ -804,7 +804,7 @@ impl NodeInner {
         addr: String,
         roles: Option<BTreeSet<String>>,
     ) -> Result<bool, String> {
-        spaced_raft::fabric::check_name("node name", &name).map_err(|e| e.to_string())?;
+        spaced_fabric::check_name("node name", &name).map_err(|e| e.to_string())?;
         let member = Member {
             name: name.clone(),
             addr: addr.clone(),

@@ -8,7 +8,7 @@ use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use spaced_raft::fabric::{AdminState, Command, DeviceMode, NewDevice, ServiceScope, ServiceSpec};
+use spaced_fabric::{AdminState, Command, DeviceMode, NewDevice, ServiceScope, ServiceSpec};
 use spaced_raft::pki;
 
 use crate::admin::{AdminReply, AdminRequest};
@@ -346,7 +346,7 @@ async fn wait_devices_up(
         let up = match admin.call(&AdminRequest::ListDevices).await? {
             AdminReply::Devices(d) => d
                 .iter()
-                .filter(|d| d.status == spaced_raft::fabric::DeviceStatus::Up && d.owner != lost)
+                .filter(|d| d.status == spaced_fabric::DeviceStatus::Up && d.owner != lost)
                 .count(),
             other => return Err(unexpected(admin.target(), &other).into()),
         };

@@ -12,16 +12,16 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use spaced_raft::assign::{self, ASSIGN_BATCH};
-use spaced_raft::fabric::{AdminState, Command};
+use spaced_fabric::plan::devices::{self as assign, ASSIGN_BATCH};
+use spaced_fabric::{AdminState, Command};
 use spaced_raft::{NodeId, Outcome};
 use tokio::sync::watch;
 
 use crate::admin::{NodeDevices, RebalanceReport};
-use crate::controller::plan_devices;
 use crate::daemon::{NodeInner, ProposeError, now_millis};
 use crate::lock;
 use crate::placement::{live_nodes, live_set};
+use spaced_fabric::plan::placements::plan_devices;
 
 /// How often the leader plans device assignments: new registrations wait at most this long.
 const PLAN_DEVICES_EVERY: Duration = Duration::from_millis(100);

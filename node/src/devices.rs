@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use spaced_raft::fabric::{
+use spaced_fabric::{
     Command, CommandError, DeviceAssignment, DeviceMode, DeviceReport, DeviceStatus,
     check_device_id,
 };

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use spaced_fabric::{AdminState, Fabric, PlacementKind, vip_ip};
 use spaced_lb::backend::BackendSpec;
 use spaced_lb::balancer::{Balancer, bind_listener, conns_within_fd_limit};
-use spaced_raft::fabric::{AdminState, Fabric, PlacementKind, vip_ip};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -392,7 +392,7 @@ pub(crate) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spaced_raft::fabric::NodeRecord;
+    use spaced_fabric::NodeRecord;
 
     fn node(
         name: &str,
@@ -413,7 +413,7 @@ mod tests {
 
     #[test]
     fn the_balancer_serves_only_when_the_fabrics_vip_is_the_configured_one() {
-        use spaced_raft::fabric::Command;
+        use spaced_fabric::Command;
         let mut f = Fabric::default();
         let ip: IpAddr = "10.0.0.100".parse().unwrap();
         assert_eq!(check_vip(&f, "cluster", ip), VipCheck::Missing);

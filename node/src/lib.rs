@@ -4,7 +4,6 @@ pub mod admin;
 pub mod agent;
 pub mod client;
 pub mod config;
-pub mod controller;
 pub mod ctl;
 pub mod daemon;
 pub mod demo;

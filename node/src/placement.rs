@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
-use spaced_raft::fabric::{Command, Millis, PlacementKind};
+use spaced_fabric::{Command, Millis, PlacementKind};
 use spaced_raft::network::{BoxFuture, NodeHooks, RaftReply, RaftRpc};
 use spaced_raft::{NodeId, Outcome, Response};
 use tokio::sync::watch;
@@ -15,10 +15,10 @@ use tokio::sync::watch;
 use crate::admin::{RefusalRow, VipRow};
 use crate::agent::{Agent, LoopbackBackend, MAX_GAP, MIN_GAP, VipBackend, owned_vips};
 use crate::config::{NodeConfig, TakeoverMode, VipSection};
-use crate::controller::{eligible, plan};
 use crate::daemon::{NodeInner, now_millis};
 use crate::lease::{Held, LeaseConfig, LeaseKey, Witness, joint_majority, quorum_silent};
 use crate::lock;
+use spaced_fabric::plan::placements::{eligible, plan};
 
 /// How often the leader plans.
 const PLAN_EVERY: Duration = Duration::from_millis(10);

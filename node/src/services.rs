@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use spaced_raft::fabric::{Fabric, ServiceScope};
+use spaced_fabric::{Fabric, ServiceScope};
 use tokio::sync::watch;
 
 use crate::agent::{VipBackend, VipSpec};
@@ -70,7 +70,7 @@ pub fn desired_services(
             .placements
             .iter()
             .find_map(|(name, p)| match &p.kind {
-                spaced_raft::fabric::PlacementKind::Singleton { service: s } if s == service => {
+                spaced_fabric::PlacementKind::Singleton { service: s } if s == service => {
                     Some(name.clone())
                 }
                 _ => None,
@@ -443,7 +443,7 @@ fn give_up_failing_singletons(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spaced_raft::fabric::{Placement, PlacementKind, ServiceSpec};
+    use spaced_fabric::{Placement, PlacementKind, ServiceSpec};
 
     fn roles(r: &[&str]) -> BTreeSet<String> {
         r.iter().map(|s| s.to_string()).collect()

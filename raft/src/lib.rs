@@ -1,13 +1,12 @@
-//! spaced's replicated fabric: Raft types, the `Fabric` state machine, sled storage and the QUIC transport.
+//! spaced's Raft: the openraft type configuration over the `Fabric` (crate `spaced-fabric`), sled
+//! storage, the QUIC transport with mutual TLS, and the PKI.
 
-pub mod assign;
 pub mod codec;
-pub mod fabric;
 pub mod frame;
 pub mod network;
 pub mod pki;
 pub mod store;
 pub mod types;
 
-pub use fabric::{Command, CommandError, Fabric, Outcome};
+pub use spaced_fabric::{Command, CommandError, Fabric, Outcome};
 pub use types::{Member, NodeId, Raft, Response, TypeConfig};

@@ -19,11 +19,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::codec;
-use crate::fabric::Command;
 use crate::frame::{self, MAX_FRAME};
 use crate::pki::NODE_DOMAIN;
 use crate::store::Snapshot;
 use crate::types::{Member, NodeId, Raft, Response, SnapshotMeta, TypeConfig, Vote};
+use spaced_fabric::Command;
 
 /// A boxed future, for the object-safe [`NodeHooks`].
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -22,8 +22,8 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 
 use crate::codec;
-use crate::fabric::{Fabric, Outcome};
 use crate::types::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, Vote};
+use spaced_fabric::{Fabric, Outcome};
 
 /// Snapshot as openraft sees it.
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;

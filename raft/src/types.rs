@@ -4,10 +4,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fabric::{Command, CommandError, Outcome};
+use spaced_fabric::{Command, CommandError, Outcome};
 
-/// Raft node id; chosen by the operator (`node_id` in the config).
-pub type NodeId = u64;
+pub use spaced_fabric::NodeId;
 
 /// What Raft membership knows about a node: enough to dial it and to check its certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

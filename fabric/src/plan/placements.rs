@@ -2,9 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use spaced_raft::NodeId;
-use spaced_raft::assign;
-use spaced_raft::fabric::{AdminState, Command, Fabric, Millis, Placement};
+use crate::NodeId;
+use crate::plan::devices as assign;
+use crate::{AdminState, Command, Fabric, Millis, Placement};
 
 /// Whether `node` may hold `p`: registered, active, and one of the eligible roles.
 pub fn eligible(fabric: &Fabric, p: &Placement, node: NodeId) -> bool {
@@ -148,7 +148,7 @@ pub fn plan_devices(
 
 #[cfg(test)]
 mod tests {
-    use spaced_raft::fabric::PlacementKind;
+    use crate::PlacementKind;
 
     use super::*;
 
@@ -346,7 +346,7 @@ mod tests {
 
 #[cfg(test)]
 mod refusal_tests {
-    use spaced_raft::fabric::{PlacementKind, Refusal};
+    use crate::{PlacementKind, Refusal};
 
     use super::*;
 
@@ -469,7 +469,7 @@ mod refusal_tests {
 
 #[cfg(test)]
 mod device_tests {
-    use spaced_raft::fabric::{DeviceMode, DeviceStatus, MAX_DEVICES_PER_COMMAND, NewDevice};
+    use crate::{DeviceMode, DeviceStatus, MAX_DEVICES_PER_COMMAND, NewDevice};
 
     use super::*;
 

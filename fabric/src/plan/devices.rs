@@ -8,10 +8,8 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
-use crate::fabric::{
-    Command, DeviceAssignment, DeviceStatus, Fabric, MAX_DEVICES_PER_COMMAND, Millis,
-};
-use crate::types::NodeId;
+use crate::NodeId;
+use crate::{Command, DeviceAssignment, DeviceStatus, Fabric, MAX_DEVICES_PER_COMMAND, Millis};
 
 /// Moves per `AssignDevices` command: one log entry stays small (tens of kB) so heartbeats and
 /// placement changes are not stuck behind a 10,000-device reshuffle.
@@ -213,7 +211,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::fabric::{AdminState, Device, DeviceMode};
+    use crate::{AdminState, Device, DeviceMode};
 
     const APP: &[&str] = &["app"];
     const DB: &[&str] = &["db"];

@@ -1,0 +1,61 @@
+//! `Fabric::apply`: validates a command against the current state and applies it, one file per
+//! command group. Deterministic (no clock: the proposer stamps times), never panics, and a
+//! refused command changes nothing.
+
+mod devices;
+mod nodes;
+mod placements;
+mod services;
+
+use crate::command::{Command, CommandError, Outcome};
+use crate::model::Fabric;
+
+impl Fabric {
+    /// Validates `cmd` against the current state and applies it; on error nothing changed.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, CommandError> {
+        match cmd {
+            Command::RegisterNode {
+                id,
+                name,
+                raft_addr,
+                mgmt_ip,
+                roles,
+                at,
+            } => self.register_node(id, name, raft_addr, mgmt_ip, roles, at),
+            Command::RemoveNode { id } => self.remove_node(id),
+            Command::SetRoles { id, roles } => self.set_roles(id, roles),
+            Command::SetAdminState { id, state } => self.set_admin_state(id, state),
+            Command::SetMgmtIp { id, mgmt_ip } => self.set_mgmt_ip(id, mgmt_ip),
+            Command::AddPlacement {
+                name,
+                kind,
+                eligible_roles,
+            } => self.add_placement(name, kind, eligible_roles),
+            Command::RemovePlacement { name } => self.remove_placement(name),
+            Command::GrantPlacement {
+                name,
+                to,
+                expected_epoch,
+            } => self.grant_placement(name, to, expected_epoch),
+            Command::ReleasePlacement { name, epoch } => self.release_placement(name, epoch),
+            Command::RefusePlacement {
+                name,
+                node,
+                epoch,
+                reason,
+                at,
+            } => self.refuse_placement(name, node, epoch, reason, at),
+            Command::AddDevices { devices, at } => self.add_devices(devices, at),
+            Command::RemoveDevice { id } => self.remove_device(id),
+            Command::PutService { name, spec } => self.put_service(name, spec),
+            Command::RemoveService { name } => self.remove_service(name),
+            Command::AssignDevices { assignments, at } => self.assign_devices(assignments, *at),
+            Command::ReportDeviceStatus { node, reports, at } => {
+                self.report_device_status(*node, reports, *at)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

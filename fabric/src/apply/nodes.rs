@@ -1,0 +1,102 @@
+//! Commands on nodes: register, remove, roles, admin state, management IP.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use crate::NodeId;
+use crate::command::{CommandError, Outcome};
+use crate::model::{AdminState, DeviceStatus, Fabric, Millis, NodeRecord};
+use crate::validate::{check_mgmt_ip, check_name, exists, invalid, not_found};
+
+impl Fabric {
+    pub(super) fn register_node(
+        &mut self,
+        id: &NodeId,
+        name: &String,
+        raft_addr: &String,
+        mgmt_ip: &Option<IpAddr>,
+        roles: &BTreeSet<String>,
+        at: &Millis,
+    ) -> Result<Outcome, CommandError> {
+        check_name("node name", name)?;
+        roles.iter().try_for_each(|r| check_name("role", r))?;
+        if raft_addr.is_empty() {
+            return Err(invalid("node address", raft_addr, "must not be empty"));
+        }
+        if let Some(ip) = mgmt_ip {
+            check_mgmt_ip(ip)?;
+        }
+        if self.nodes.contains_key(id) {
+            return Err(exists("node", id));
+        }
+        if self.nodes.values().any(|n| &n.name == name) {
+            return Err(exists("node name", name));
+        }
+        self.nodes.insert(
+            *id,
+            NodeRecord {
+                name: name.clone(),
+                raft_addr: raft_addr.clone(),
+                mgmt_ip: *mgmt_ip,
+                roles: roles.clone(),
+                admin_state: AdminState::Active,
+                joined_at: *at,
+            },
+        );
+        Ok(Outcome::Done)
+    }
+
+    pub(super) fn remove_node(&mut self, id: &NodeId) -> Result<Outcome, CommandError> {
+        if self.nodes.remove(id).is_none() {
+            return Err(not_found("node", id));
+        }
+        for p in self.placements.values_mut() {
+            p.refused.remove(id);
+        }
+        // Placements keep their owner: it may still hold a running lease, and only the
+        // leader's lease book knows when that has certainly run out.
+        for d in self.devices.values_mut() {
+            if d.owner == Some(*id) {
+                d.owner = None;
+                d.status = DeviceStatus::Unassigned;
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    pub(super) fn set_roles(
+        &mut self,
+        id: &NodeId,
+        roles: &BTreeSet<String>,
+    ) -> Result<Outcome, CommandError> {
+        roles.iter().try_for_each(|r| check_name("role", r))?;
+        self.node_mut(*id)?.roles = roles.clone();
+        Ok(Outcome::Done)
+    }
+
+    pub(super) fn set_admin_state(
+        &mut self,
+        id: &NodeId,
+        state: &AdminState,
+    ) -> Result<Outcome, CommandError> {
+        self.node_mut(*id)?.admin_state = *state;
+        Ok(Outcome::Done)
+    }
+
+    pub(super) fn set_mgmt_ip(
+        &mut self,
+        id: &NodeId,
+        mgmt_ip: &Option<IpAddr>,
+    ) -> Result<Outcome, CommandError> {
+        if let Some(ip) = mgmt_ip {
+            check_mgmt_ip(ip)?;
+        }
+        self.node_mut(*id)?.mgmt_ip = *mgmt_ip;
+        Ok(Outcome::Done)
+    }
+
+    /// The registered node `id`, for a command that changes it.
+    fn node_mut(&mut self, id: NodeId) -> Result<&mut NodeRecord, CommandError> {
+        self.nodes.get_mut(&id).ok_or_else(|| not_found("node", id))
+    }
+}

@@ -1,0 +1,1068 @@
+//! Tests of `Fabric::apply`: validation, fencing epochs, devices, services, determinism.
+
+/// The bincode configuration spaced's log and snapshots use (the raft crate's `codec`), so the
+/// round trips below are the ones the store makes.
+mod codec {
+    use serde::{Serialize, de::DeserializeOwned};
+
+    fn config() -> impl bincode::config::Config {
+        bincode::config::standard().with_limit::<{ 1 << 30 }>()
+    }
+    pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, bincode::error::EncodeError> {
+        bincode::serde::encode_to_vec(v, config())
+    }
+    pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(b, config()).map(|(v, _)| v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::*;
+    use std::collections::BTreeSet;
+    use std::net::IpAddr;
+
+    fn roles(r: &[&str]) -> BTreeSet<String> {
+        r.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn register(id: NodeId, name: &str, r: &[&str]) -> Command {
+        Command::RegisterNode {
+            id,
+            name: name.into(),
+            raft_addr: format!("127.0.0.1:{}", 7000 + id),
+            mgmt_ip: None,
+            roles: roles(r),
+            at: 1,
+        }
+    }
+
+    fn dev(id: &str, addr: &str) -> NewDevice {
+        NewDevice {
+            id: id.into(),
+            addr: addr.into(),
+            mode: DeviceMode::SpaceInitiated,
+        }
+    }
+
+    fn vip(name: &str, addr: &str, r: &[&str]) -> Command {
+        Command::AddPlacement {
+            name: name.into(),
+            kind: PlacementKind::Vip {
+                address: addr.into(),
+                interface: "eth0".into(),
+            },
+            eligible_roles: roles(r),
+        }
+    }
+
+    /// A fabric with two nodes (1: ha+app, 2: db), a cluster VIP and a db VIP.
+    fn base() -> Fabric {
+        let mut f = Fabric::default();
+        for c in [
+            register(1, "n1", &["ha", "app"]),
+            register(2, "n2", &["db"]),
+            vip("cluster", "10.0.0.100/24", &["ha"]),
+            vip("db", "10.0.0.101/24", &["db"]),
+        ] {
+            f.apply(&c).unwrap();
+        }
+        f
+    }
+
+    /// Applies a command expected to fail and checks the fabric did not change.
+    fn refused(f: &mut Fabric, c: Command) -> CommandError {
+        let before = f.clone();
+        let err = f.apply(&c).expect_err("command should be refused");
+        assert_eq!(*f, before, "a refused command changed the fabric: {c:?}");
+        err
+    }
+
+    #[test]
+    fn register_node_validation() {
+        let mut f = base();
+        assert!(matches!(
+            refused(&mut f, register(1, "n9", &[])),
+            CommandError::Exists { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, register(9, "n1", &[])),
+            CommandError::Exists { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, register(9, "N9", &[])),
+            CommandError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, register(9, "n9", &["Bad Role"])),
+            CommandError::Invalid { .. }
+        ));
+        let mut c = register(9, "n9", &[]);
+        if let Command::RegisterNode { raft_addr, .. } = &mut c {
+            raft_addr.clear();
+        }
+        assert!(matches!(refused(&mut f, c), CommandError::Invalid { .. }));
+        f.apply(&register(9, "n9", &["app"])).unwrap();
+        assert_eq!(f.nodes[&9].roles, roles(&["app"]));
+    }
+
+    #[test]
+    fn remove_node_releases_devices_but_not_leased_placements() {
+        let mut f = base();
+        f.apply(&Command::GrantPlacement {
+            name: "cluster".into(),
+            to: 1,
+            expected_epoch: 0,
+        })
+        .unwrap();
+        f.apply(&Command::AddDevices {
+            devices: vec![dev("d1", "10.1.0.1")],
+            at: 5,
+        })
+        .unwrap();
+        f.devices.get_mut("d1").unwrap().owner = Some(1);
+        refused(&mut f, Command::RemoveNode { id: 42 });
+        f.apply(&Command::RemoveNode { id: 1 }).unwrap();
+        assert_eq!(
+            f.placements["cluster"].owner,
+            Some(1),
+            "lease expiry, not removal, frees a placement"
+        );
+        assert_eq!(f.placements["cluster"].epoch, 1);
+        assert_eq!(f.devices["d1"].owner, None);
+        assert_eq!(f.devices["d1"].status, DeviceStatus::Unassigned);
+    }
+
+    #[test]
+    fn roles_and_admin_state_validation() {
+        let mut f = base();
+        refused(
+            &mut f,
+            Command::SetRoles {
+                id: 7,
+                roles: roles(&["app"]),
+            },
+        );
+        refused(
+            &mut f,
+            Command::SetRoles {
+                id: 1,
+                roles: roles(&["-x"]),
+            },
+        );
+        refused(
+            &mut f,
+            Command::SetAdminState {
+                id: 7,
+                state: AdminState::Draining,
+            },
+        );
+        f.apply(&Command::SetAdminState {
+            id: 1,
+            state: AdminState::Draining,
+        })
+        .unwrap();
+        let err = refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 1,
+                expected_epoch: 0,
+            },
+        );
+        assert!(matches!(err, CommandError::NotEligible { .. }), "{err}");
+    }
+
+    #[test]
+    fn mgmt_ip_is_set_cleared_and_checked() {
+        let mut f = base();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        f.apply(&Command::SetMgmtIp {
+            id: 1,
+            mgmt_ip: Some(ip),
+        })
+        .unwrap();
+        assert_eq!(f.nodes[&1].mgmt_ip, Some(ip));
+        // Unknown node, and addresses no connection can go to: refused, nothing changed.
+        refused(
+            &mut f,
+            Command::SetMgmtIp {
+                id: 7,
+                mgmt_ip: Some(ip),
+            },
+        );
+        for bad in ["0.0.0.0", "::", "224.0.0.1"] {
+            let err = refused(
+                &mut f,
+                Command::SetMgmtIp {
+                    id: 1,
+                    mgmt_ip: Some(bad.parse().unwrap()),
+                },
+            );
+            assert!(err.to_string().contains("management IP"), "{err}");
+        }
+        assert_eq!(f.nodes[&1].mgmt_ip, Some(ip));
+        f.apply(&Command::SetMgmtIp {
+            id: 1,
+            mgmt_ip: None,
+        })
+        .unwrap();
+        assert_eq!(f.nodes[&1].mgmt_ip, None);
+    }
+
+    #[test]
+    fn add_placement_validation() {
+        let mut f = base();
+        assert!(matches!(
+            refused(&mut f, vip("cluster", "10.0.0.9/24", &["ha"])),
+            CommandError::Exists { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("other", "10.0.0.100/16", &["ha"])),
+            CommandError::InUse { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("v", "10.0.0.9", &["ha"])),
+            CommandError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("v", "10.0.0.9/33", &["ha"])),
+            CommandError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("v", "nope/24", &["ha"])),
+            CommandError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("v", "10.0.0.9/24", &[])),
+            CommandError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, vip("V!", "10.0.0.9/24", &["ha"])),
+            CommandError::Invalid { .. }
+        ));
+        let bad_if = Command::AddPlacement {
+            name: "v".into(),
+            kind: PlacementKind::Vip {
+                address: "10.0.0.9/24".into(),
+                interface: "".into(),
+            },
+            eligible_roles: roles(&["ha"]),
+        };
+        assert!(matches!(
+            refused(&mut f, bad_if),
+            CommandError::Invalid { .. }
+        ));
+        f.apply(&vip("v6", "fd00::100/64", &["ha"])).unwrap();
+        f.apply(&Command::AddPlacement {
+            name: "poller".into(),
+            kind: PlacementKind::Singleton {
+                service: "job-poller".into(),
+            },
+            eligible_roles: roles(&["app"]),
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn grant_and_release_fence_with_epochs() {
+        let mut f = base();
+        // Ineligible: node 2 has only `db`.
+        let err = refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 2,
+                expected_epoch: 0,
+            },
+        );
+        assert!(matches!(err, CommandError::NotEligible { .. }));
+        refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "nope".into(),
+                to: 1,
+                expected_epoch: 0,
+            },
+        );
+        refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 9,
+                expected_epoch: 0,
+            },
+        );
+        assert_eq!(
+            f.apply(&Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 1,
+                expected_epoch: 0
+            }),
+            Ok(Outcome::Epoch(1))
+        );
+        // A proposer that looked before the grant loses the compare-and-set.
+        let err = refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 1,
+                expected_epoch: 0,
+            },
+        );
+        assert!(matches!(err, CommandError::StaleEpoch { current: 1, .. }));
+        // Granting to the current owner again is refused.
+        refused(
+            &mut f,
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 1,
+                expected_epoch: 1,
+            },
+        );
+        // Release with an old epoch is refused; with the current one it works and bumps the epoch.
+        refused(
+            &mut f,
+            Command::ReleasePlacement {
+                name: "cluster".into(),
+                epoch: 0,
+            },
+        );
+        assert_eq!(
+            f.apply(&Command::ReleasePlacement {
+                name: "cluster".into(),
+                epoch: 1
+            }),
+            Ok(Outcome::Epoch(2))
+        );
+        refused(
+            &mut f,
+            Command::ReleasePlacement {
+                name: "cluster".into(),
+                epoch: 2,
+            },
+        );
+        refused(
+            &mut f,
+            Command::RemovePlacement {
+                name: "nope".into(),
+            },
+        );
+        f.apply(&Command::GrantPlacement {
+            name: "db".into(),
+            to: 2,
+            expected_epoch: 0,
+        })
+        .unwrap();
+        assert!(matches!(
+            refused(&mut f, Command::RemovePlacement { name: "db".into() }),
+            CommandError::InUse { .. }
+        ));
+        f.apply(&Command::RemovePlacement {
+            name: "cluster".into(),
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_refused_placement_is_released_and_remembers_who_refused() {
+        let mut f = base();
+        let refuse = |node: NodeId, epoch: u64, reason: &str| Command::RefusePlacement {
+            name: "cluster".into(),
+            node,
+            epoch,
+            reason: reason.into(),
+            at: 1_000,
+        };
+        f.apply(&Command::GrantPlacement {
+            name: "cluster".into(),
+            to: 1,
+            expected_epoch: 0,
+        })
+        .unwrap();
+        // Only the owner, at its epoch, may refuse.
+        assert!(matches!(
+            refused(&mut f, refuse(2, 1, "x")),
+            CommandError::NotEligible { node: 2, .. }
+        ));
+        assert!(matches!(
+            refused(&mut f, refuse(1, 0, "x")),
+            CommandError::StaleEpoch { current: 1, .. }
+        ));
+        let long = format!("interface eth9 does not exist {}", "é".repeat(400));
+        assert_eq!(f.apply(&refuse(1, 1, &long)), Ok(Outcome::Epoch(2)));
+        let p = &f.placements["cluster"];
+        assert_eq!(p.owner, None);
+        let r = &p.refused[&1];
+        assert_eq!(r.at, 1_000);
+        assert!(r.reason.starts_with("interface eth9 does not exist"));
+        assert!(r.reason.len() <= MAX_REFUSAL_REASON && r.reason.len() > 250);
+        // Nothing to refuse any more.
+        refused(&mut f, refuse(1, 2, "x"));
+        // A new grant to the node is a new try: its old refusal goes.
+        f.apply(&Command::GrantPlacement {
+            name: "cluster".into(),
+            to: 1,
+            expected_epoch: 2,
+        })
+        .unwrap();
+        assert!(f.placements["cluster"].refused.is_empty());
+        assert_eq!(f.apply(&refuse(1, 3, "  ")), Ok(Outcome::Epoch(4)));
+        assert_eq!(
+            f.placements["cluster"].refused[&1].reason,
+            "no reason given"
+        );
+        // Removing the node forgets its refusals.
+        f.apply(&Command::RemoveNode { id: 1 }).unwrap();
+        assert!(f.placements["cluster"].refused.is_empty());
+    }
+
+    #[test]
+    fn add_devices_is_all_or_nothing() {
+        let mut f = base();
+        let ok = vec![
+            dev("d1", "10.1.0.1"),
+            dev("d2", "10.1.0.2:830"),
+            dev("d3", "router-3.lab:22"),
+        ];
+        assert_eq!(
+            f.apply(&Command::AddDevices { devices: ok, at: 7 }),
+            Ok(Outcome::DevicesAdded(3))
+        );
+        assert_eq!(f.devices["d2"].since, 7);
+        // One bad device in a batch: nothing of the batch lands.
+        for bad in [
+            dev("d1", "10.1.0.9"),
+            dev("d 9", "10.1.0.9"),
+            dev("", "10.1.0.9"),
+            dev("d9", "10.1.0.9:0"),
+            dev("d9", "10.1.0.9:99999"),
+            dev("d9", "bad host"),
+            dev("d9", ""),
+        ] {
+            refused(
+                &mut f,
+                Command::AddDevices {
+                    devices: vec![dev("d8", "10.1.0.8"), bad],
+                    at: 8,
+                },
+            );
+        }
+        refused(
+            &mut f,
+            Command::AddDevices {
+                devices: vec![dev("d8", "10.1.0.8"), dev("d8", "10.1.0.8")],
+                at: 8,
+            },
+        );
+        refused(
+            &mut f,
+            Command::AddDevices {
+                devices: vec![],
+                at: 8,
+            },
+        );
+        let too_many = (0..=MAX_DEVICES_PER_COMMAND)
+            .map(|i| dev(&format!("x{i}"), "10.2.0.1"))
+            .collect();
+        refused(
+            &mut f,
+            Command::AddDevices {
+                devices: too_many,
+                at: 8,
+            },
+        );
+        f.apply(&Command::AddDevices {
+            devices: vec![dev("v6", "[fd00::1]:22"), dev("v6b", "fd00::2")],
+            at: 9,
+        })
+        .unwrap();
+        refused(&mut f, Command::RemoveDevice { id: "nope".into() });
+        f.apply(&Command::RemoveDevice { id: "d1".into() }).unwrap();
+        assert_eq!(f.devices.len(), 4);
+    }
+
+    #[test]
+    fn service_validation() {
+        let mut f = base();
+        let spec = |cmd: &[&str], scope: ServiceScope| ServiceSpec {
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            scope,
+            health_check: None,
+            roles: BTreeSet::new(),
+        };
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "web".into(),
+                spec: spec(&[], ServiceScope::EveryNode),
+            },
+        );
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "web".into(),
+                spec: spec(&[""], ServiceScope::EveryNode),
+            },
+        );
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "Web".into(),
+                spec: spec(&["x"], ServiceScope::EveryNode),
+            },
+        );
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "web".into(),
+                spec: spec(&["x"], ServiceScope::Vip("nope".into())),
+            },
+        );
+        let mut hc = spec(&["x"], ServiceScope::EveryNode);
+        hc.health_check = Some(vec![]);
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "web".into(),
+                spec: hc,
+            },
+        );
+        f.apply(&Command::PutService {
+            name: "web".into(),
+            spec: spec(&["x"], ServiceScope::Vip("cluster".into())),
+        })
+        .unwrap();
+        // A singleton needs eligible roles; with them, its placement comes with it.
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "job-poller".into(),
+                spec: spec(&["p"], ServiceScope::Singleton),
+            },
+        );
+        let mut single = spec(&["p"], ServiceScope::Singleton);
+        single.roles = roles(&["app"]);
+        f.apply(&Command::PutService {
+            name: "job-poller".into(),
+            spec: single.clone(),
+        })
+        .unwrap();
+        let own = &f.placements["job-poller"];
+        assert_eq!(
+            own.kind,
+            PlacementKind::Singleton {
+                service: "job-poller".into()
+            }
+        );
+        assert_eq!(own.eligible_roles, roles(&["app"]));
+        assert_eq!(own.owner, None);
+        // Scope changes to or from singleton are refused.
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "job-poller".into(),
+                spec: spec(&["p"], ServiceScope::EveryNode),
+            },
+        );
+        refused(
+            &mut f,
+            Command::PutService {
+                name: "web".into(),
+                spec: single.clone(),
+            },
+        );
+        f.apply(&Command::AddPlacement {
+            name: "poller".into(),
+            kind: PlacementKind::Singleton {
+                service: "job-poller".into(),
+            },
+            eligible_roles: roles(&["app"]),
+        })
+        .unwrap();
+        assert!(matches!(
+            refused(
+                &mut f,
+                Command::RemoveService {
+                    name: "job-poller".into()
+                }
+            ),
+            CommandError::InUse { .. }
+        ));
+        refused(
+            &mut f,
+            Command::RemoveService {
+                name: "nope".into(),
+            },
+        );
+        f.apply(&Command::RemoveService { name: "web".into() })
+            .unwrap();
+        // Once the other placement is gone, removing the service removes its own placement.
+        f.apply(&Command::RemovePlacement {
+            name: "poller".into(),
+        })
+        .unwrap();
+        f.apply(&Command::RemoveService {
+            name: "job-poller".into(),
+        })
+        .unwrap();
+        assert!(!f.placements.contains_key("job-poller"));
+        assert!(f.services.is_empty());
+    }
+
+    /// A pseudo-random command log (fixed seed) applied twice gives the same fabric, and the
+    /// serialized fabric round-trips.
+    #[test]
+    fn apply_is_deterministic_and_snapshot_round_trips() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut log = Vec::new();
+        for i in 0..3000u64 {
+            let c = match next() % 7 {
+                0 => register(next() % 8, &format!("n{}", next() % 8), &["ha", "app"]),
+                1 => vip(
+                    &format!("v{}", next() % 5),
+                    &format!("10.0.{}.1/24", next() % 5),
+                    &["ha"],
+                ),
+                2 => Command::GrantPlacement {
+                    name: format!("v{}", next() % 5),
+                    to: next() % 8,
+                    expected_epoch: next() % 4,
+                },
+                3 => Command::ReleasePlacement {
+                    name: format!("v{}", next() % 5),
+                    epoch: next() % 4,
+                },
+                4 => Command::AddDevices {
+                    devices: vec![dev(&format!("d{}", next() % 500), "10.9.0.1")],
+                    at: i,
+                },
+                5 => Command::RefusePlacement {
+                    name: format!("v{}", next() % 5),
+                    node: next() % 8,
+                    epoch: next() % 4,
+                    reason: "eth0 is missing".into(),
+                    at: i,
+                },
+                _ => Command::RemoveNode { id: next() % 8 },
+            };
+            log.push(c);
+        }
+        let run = |log: &[Command]| {
+            let mut f = Fabric::default();
+            let results: Vec<_> = log.iter().map(|c| f.apply(c)).collect();
+            (f, results)
+        };
+        let (a, ra) = run(&log);
+        let (b, rb) = run(&log);
+        assert_eq!(a, b);
+        assert_eq!(ra, rb);
+        assert!(ra.iter().any(|r| r.is_ok()) && ra.iter().any(|r| r.is_err()));
+        let bytes = super::codec::encode(&a).unwrap();
+        let back: Fabric = super::codec::decode(&bytes).unwrap();
+        assert_eq!(a, back);
+    }
+
+    #[test]
+    fn name_and_address_checks() {
+        assert!(check_name("n", "a").is_ok());
+        assert!(check_name("n", &"a".repeat(63)).is_ok());
+        assert!(check_name("n", &"a".repeat(64)).is_err());
+        assert!(check_name("n", "a_b").is_err());
+        assert!(check_device_addr("[fd00::1]:830").is_ok());
+        assert!(check_device_addr("host-1.example").is_ok());
+        assert!(check_device_addr("host_1").is_err());
+        assert!(check_device_addr(":22").is_err());
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use crate::*;
+    use std::collections::BTreeMap;
+
+    fn node(id: NodeId, roles: &[&str]) -> Command {
+        Command::RegisterNode {
+            id,
+            name: format!("n{id}"),
+            raft_addr: format!("127.0.0.1:{}", 7000 + id),
+            mgmt_ip: None,
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            at: 1,
+        }
+    }
+
+    fn add(ids: &[&str]) -> Command {
+        Command::AddDevices {
+            devices: ids
+                .iter()
+                .map(|id| NewDevice {
+                    id: id.to_string(),
+                    addr: "10.1.0.1".into(),
+                    mode: DeviceMode::SpaceInitiated,
+                })
+                .collect(),
+            at: 2,
+        }
+    }
+
+    fn mv(device: &str, from: Option<NodeId>, to: Option<NodeId>) -> DeviceAssignment {
+        DeviceAssignment {
+            device: device.into(),
+            from,
+            to,
+        }
+    }
+
+    fn assign(assignments: Vec<DeviceAssignment>, at: Millis) -> Command {
+        Command::AssignDevices { assignments, at }
+    }
+
+    fn report(node: NodeId, r: &[(&str, DeviceStatus)], at: Millis) -> Command {
+        Command::ReportDeviceStatus {
+            node,
+            reports: r
+                .iter()
+                .map(|(d, s)| DeviceReport {
+                    device: d.to_string(),
+                    status: *s,
+                })
+                .collect(),
+            at,
+        }
+    }
+
+    /// Nodes 1, 2: app; 3: db only; 4: app but draining. Devices d1..d3, unassigned.
+    fn fabric() -> Fabric {
+        let mut f = Fabric::default();
+        for c in [
+            node(1, &["app"]),
+            node(2, &["ha", "app"]),
+            node(3, &["db"]),
+            node(4, &["app"]),
+            Command::SetAdminState {
+                id: 4,
+                state: AdminState::Draining,
+            },
+            add(&["d1", "d2", "d3"]),
+        ] {
+            f.apply(&c).unwrap();
+        }
+        f
+    }
+
+    #[test]
+    fn assign_devices_sets_owner_status_and_since() {
+        let mut f = fabric();
+        assert_eq!(
+            f.apply(&assign(
+                vec![mv("d1", None, Some(1)), mv("d2", None, Some(2))],
+                10
+            )),
+            Ok(Outcome::DevicesAssigned(2))
+        );
+        assert_eq!(f.devices["d1"].owner, Some(1));
+        assert_eq!(f.devices["d1"].status, DeviceStatus::Connecting);
+        assert_eq!(f.devices["d1"].since, 10);
+        assert_eq!(f.devices["d3"].status, DeviceStatus::Unassigned);
+        assert_eq!(f.devices["d3"].since, 2, "untouched device keeps its time");
+        // Moving on and taking back.
+        f.apply(&assign(
+            vec![mv("d1", Some(1), Some(2)), mv("d2", Some(2), None)],
+            11,
+        ))
+        .unwrap();
+        assert_eq!(f.devices["d1"].owner, Some(2));
+        assert_eq!(f.devices["d2"].owner, None);
+        assert_eq!(f.devices["d2"].status, DeviceStatus::Unassigned);
+        assert_eq!(f.devices["d2"].since, 11);
+        assert_eq!(
+            f.device_counts(),
+            BTreeMap::from([(1, 0), (2, 1), (3, 0), (4, 0)])
+        );
+    }
+
+    /// Each bad batch is refused whole: the good assignment next to the bad one does not land
+    /// either, and the error names the device and the node.
+    #[test]
+    fn assign_devices_is_all_or_nothing() {
+        let mut base = fabric();
+        base.apply(&assign(vec![mv("d3", None, Some(2))], 5))
+            .unwrap();
+        let good = mv("d1", None, Some(1));
+        let too_many = (0..=MAX_DEVICES_PER_COMMAND)
+            .map(|_| mv("d1", None, Some(1)))
+            .collect();
+        type Case = (&'static str, Vec<DeviceAssignment>, &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                "unknown device",
+                vec![good.clone(), mv("nope", None, Some(1))],
+                "no device \"nope\"",
+            ),
+            (
+                "unknown node",
+                vec![good.clone(), mv("d2", None, Some(9))],
+                "node 9 may not hold device \"d2\": not a registered node",
+            ),
+            (
+                "db-only node",
+                vec![good.clone(), mv("d2", None, Some(3))],
+                "node 3 may not hold device \"d2\": needs the role \"app\"",
+            ),
+            (
+                "draining node",
+                vec![good.clone(), mv("d2", None, Some(4))],
+                "node 4 may not hold device \"d2\": node is draining",
+            ),
+            (
+                "device twice",
+                vec![good.clone(), mv("d1", None, Some(2))],
+                "\"d1\": device listed twice",
+            ),
+            (
+                "stale owner",
+                vec![good.clone(), mv("d3", Some(1), Some(1))],
+                "device \"d3\" changed owner since the proposer looked: held by node 2, expected node 1",
+            ),
+            (
+                "stale unowned",
+                vec![good.clone(), mv("d3", None, Some(1))],
+                "device \"d3\" changed owner since the proposer looked: held by node 2, expected no node",
+            ),
+            (
+                "no change",
+                vec![good.clone(), mv("d3", Some(2), Some(2))],
+                "\"d3\": already held by node 2",
+            ),
+            (
+                "unassign unassigned",
+                vec![good.clone(), mv("d2", None, None)],
+                "\"d2\": already unassigned",
+            ),
+            ("empty", vec![], "invalid assignment list"),
+            ("too many", too_many, "at most 10000 devices per command"),
+        ];
+        for (what, assignments, message) in cases {
+            let mut f = base.clone();
+            let err = f.apply(&assign(assignments, 6)).expect_err(what);
+            assert_eq!(f, base, "case {what}: a refused command changed the fabric");
+            assert!(
+                err.to_string().contains(message),
+                "case {what}: {err} lacks {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_current_owner_reports_status() {
+        let mut f = fabric();
+        f.apply(&assign(
+            vec![mv("d1", None, Some(1)), mv("d2", None, Some(1))],
+            10,
+        ))
+        .unwrap();
+        assert_eq!(
+            f.apply(&report(
+                1,
+                &[("d1", DeviceStatus::Up), ("d2", DeviceStatus::Down)],
+                20
+            )),
+            Ok(Outcome::DevicesReported {
+                changed: 2,
+                stale: 0
+            })
+        );
+        assert_eq!(f.devices["d1"].status, DeviceStatus::Up);
+        assert_eq!(f.devices["d1"].since, 20);
+        assert_eq!(f.devices["d2"].status, DeviceStatus::Down);
+        // A repeated status is no change: `since` keeps the time of the real change.
+        assert_eq!(
+            f.apply(&report(1, &[("d1", DeviceStatus::Up)], 30)),
+            Ok(Outcome::DevicesReported {
+                changed: 0,
+                stale: 0
+            })
+        );
+        assert_eq!(f.devices["d1"].since, 20);
+        // d1 moves to node 2; node 1's report was made before it learned that.
+        f.apply(&assign(vec![mv("d1", Some(1), Some(2))], 40))
+            .unwrap();
+        f.apply(&Command::RemoveDevice { id: "d2".into() }).unwrap();
+        let before = f.clone();
+        assert_eq!(
+            f.apply(&report(
+                1,
+                &[("d1", DeviceStatus::Down), ("d2", DeviceStatus::Up)],
+                41
+            )),
+            Ok(Outcome::DevicesReported {
+                changed: 0,
+                stale: 2
+            })
+        );
+        assert_eq!(f, before, "stale reports change nothing");
+        // The new owner's report counts, next to a stale one in the same batch.
+        assert_eq!(
+            f.apply(&report(
+                2,
+                &[("d1", DeviceStatus::Up), ("d3", DeviceStatus::Up)],
+                42
+            )),
+            Ok(Outcome::DevicesReported {
+                changed: 1,
+                stale: 1
+            })
+        );
+        assert_eq!(f.devices["d1"].status, DeviceStatus::Up);
+        assert_eq!(f.devices["d3"].status, DeviceStatus::Unassigned);
+        // A report from a node that is not even registered is stale too.
+        assert_eq!(
+            f.apply(&report(9, &[("d1", DeviceStatus::Down)], 43)),
+            Ok(Outcome::DevicesReported {
+                changed: 0,
+                stale: 1
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_status_reports_are_refused() {
+        let mut f = fabric();
+        f.apply(&assign(vec![mv("d1", None, Some(1))], 10)).unwrap();
+        let before = f.clone();
+        for (what, c) in [
+            (
+                "connecting is set by assignment",
+                report(1, &[("d1", DeviceStatus::Connecting)], 11),
+            ),
+            (
+                "unassigned is set by assignment",
+                report(1, &[("d1", DeviceStatus::Unassigned)], 11),
+            ),
+            (
+                "device twice",
+                report(
+                    1,
+                    &[("d1", DeviceStatus::Up), ("d1", DeviceStatus::Down)],
+                    11,
+                ),
+            ),
+            ("empty", report(1, &[], 11)),
+        ] {
+            assert!(f.apply(&c).is_err(), "{what}");
+            assert_eq!(f, before, "{what}");
+        }
+    }
+
+    #[test]
+    fn removing_a_node_unassigns_its_devices_and_a_draining_node_keeps_them() {
+        let mut f = fabric();
+        f.apply(&assign(
+            vec![mv("d1", None, Some(1)), mv("d2", None, Some(2))],
+            10,
+        ))
+        .unwrap();
+        // Draining changes no owner by itself: the planner hands the devices off.
+        f.apply(&Command::SetAdminState {
+            id: 1,
+            state: AdminState::Draining,
+        })
+        .unwrap();
+        assert_eq!(f.devices["d1"].owner, Some(1));
+        assert!(!f.nodes[&1].may_hold_devices());
+        f.apply(&Command::RemoveNode { id: 2 }).unwrap();
+        assert_eq!(f.devices["d2"].owner, None);
+        assert_eq!(f.devices["d2"].status, DeviceStatus::Unassigned);
+    }
+
+    /// A pseudo-random log of device commands (fixed seed), valid and stale ones mixed, applied
+    /// twice gives the same fabric and results; fabric, commands and outcomes round-trip the codec.
+    #[test]
+    fn device_commands_are_deterministic_and_round_trip() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let statuses = [
+            DeviceStatus::Up,
+            DeviceStatus::Down,
+            DeviceStatus::Connecting,
+            DeviceStatus::Unassigned,
+        ];
+        let mut log = vec![node(1, &["app"]), node(2, &["app"]), node(3, &["db"])];
+        for i in 0..3000u64 {
+            let c = match next() % 6 {
+                0 => add(&[&format!("d{}", next() % 50)]),
+                1 | 2 => assign(
+                    (0..1 + next() % 4)
+                        .map(|_| {
+                            let pick = |n: u64| (!n.is_multiple_of(5)).then_some(n % 5);
+                            mv(&format!("d{}", next() % 50), pick(next()), pick(next()))
+                        })
+                        .collect(),
+                    i,
+                ),
+                3 | 4 => report(
+                    1 + next() % 3,
+                    &[(
+                        &format!("d{}", next() % 50),
+                        statuses[(next() % 4) as usize],
+                    )],
+                    i,
+                ),
+                _ => match next() % 3 {
+                    0 => Command::RemoveDevice {
+                        id: format!("d{}", next() % 50),
+                    },
+                    1 => Command::SetAdminState {
+                        id: 1 + next() % 2,
+                        state: if next() % 2 == 0 {
+                            AdminState::Active
+                        } else {
+                            AdminState::Draining
+                        },
+                    },
+                    _ => node(1 + next() % 2, &["app"]),
+                },
+            };
+            log.push(c);
+        }
+        let run = |log: &[Command]| {
+            let mut f = Fabric::default();
+            let results: Vec<_> = log.iter().map(|c| f.apply(c)).collect();
+            (f, results)
+        };
+        let (a, ra) = run(&log);
+        let (b, rb) = run(&log);
+        assert_eq!(a, b);
+        assert_eq!(ra, rb);
+        for want in ["assigned", "reported with stale", "refused"] {
+            let seen = ra.iter().any(|r| match want {
+                "assigned" => matches!(r, Ok(Outcome::DevicesAssigned(_))),
+                "reported with stale" => {
+                    matches!(r, Ok(Outcome::DevicesReported { stale: 1.., .. }))
+                }
+                _ => r.is_err(),
+            });
+            assert!(seen, "the log never produced: {want}");
+        }
+        let back: Fabric = super::codec::decode(&super::codec::encode(&a).unwrap()).unwrap();
+        assert_eq!(a, back);
+        let back: Vec<Command> =
+            super::codec::decode(&super::codec::encode(&log).unwrap()).unwrap();
+        assert_eq!(log, back);
+        let back: Vec<Result<Outcome, CommandError>> =
+            super::codec::decode(&super::codec::encode(&ra).unwrap()).unwrap();
+        assert_eq!(ra, back);
+    }
+}

@@ -1,0 +1,302 @@
+//! The commands that change the fabric, what an applied one reports, and why one is refused.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+use crate::model::{
+    AdminState, DeviceAssignment, DeviceReport, Millis, NewDevice, PlacementKind, ServiceSpec,
+};
+
+/// A change to the fabric, proposed through Raft.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Register a node that joined Raft membership.
+    RegisterNode {
+        /// Raft node id.
+        id: NodeId,
+        /// Unique name.
+        name: String,
+        /// QUIC address.
+        raft_addr: String,
+        /// Optional management address.
+        mgmt_ip: Option<IpAddr>,
+        /// Roles.
+        roles: BTreeSet<String>,
+        /// Proposer's clock.
+        at: Millis,
+    },
+    /// Forget a node; its devices become unassigned (its placements move when their lease runs out).
+    RemoveNode {
+        /// Raft node id.
+        id: NodeId,
+    },
+    /// Replace a node's roles.
+    SetRoles {
+        /// Raft node id.
+        id: NodeId,
+        /// New roles.
+        roles: BTreeSet<String>,
+    },
+    /// Mark a node active or draining.
+    SetAdminState {
+        /// Raft node id.
+        id: NodeId,
+        /// New state.
+        state: AdminState,
+    },
+    /// Create a VIP or singleton placement, unowned.
+    AddPlacement {
+        /// Unique placement name.
+        name: String,
+        /// What it places.
+        kind: PlacementKind,
+        /// Roles eligible to hold it; must not be empty.
+        eligible_roles: BTreeSet<String>,
+    },
+    /// Delete an unowned placement.
+    RemovePlacement {
+        /// Placement name.
+        name: String,
+    },
+    /// Give a placement to a node, if its epoch is still `expected_epoch` (compare-and-set).
+    GrantPlacement {
+        /// Placement name.
+        name: String,
+        /// New owner.
+        to: NodeId,
+        /// Epoch the proposer based its decision on.
+        expected_epoch: u64,
+    },
+    /// Owner gives a placement up, if `epoch` is still current.
+    ReleasePlacement {
+        /// Placement name.
+        name: String,
+        /// Epoch the releasing owner was granted.
+        epoch: u64,
+    },
+    /// The owner gives a placement back because it cannot hold it (a VIP it cannot add, a
+    /// singleton it cannot keep running); it has already fenced it. Like `ReleasePlacement`, but
+    /// the node is recorded in the placement's `refused` with `reason`, so that the planner does
+    /// not grant it straight back.
+    RefusePlacement {
+        /// Placement name.
+        name: String,
+        /// The refusing owner.
+        node: NodeId,
+        /// Epoch it was granted.
+        epoch: u64,
+        /// What went wrong.
+        reason: String,
+        /// When: the leader's clock (it restamps a refusal a node sends it).
+        at: Millis,
+    },
+    /// Register devices; all or none.
+    AddDevices {
+        /// Devices to add.
+        devices: Vec<NewDevice>,
+        /// Proposer's clock.
+        at: Millis,
+    },
+    /// Forget a device.
+    RemoveDevice {
+        /// Device id.
+        id: String,
+    },
+    /// Create or replace a service spec.
+    PutService {
+        /// Service name.
+        name: String,
+        /// Its spec.
+        spec: ServiceSpec,
+    },
+    /// Delete a service spec that no placement refers to.
+    RemoveService {
+        /// Service name.
+        name: String,
+    },
+    /// Change the owners of a batch of devices; all or none. Every device must exist and still
+    /// have the owner `from`, and every new owner must be a registered, active `app` node.
+    /// A moved device is `Connecting` (or `Unassigned` without owner) from `at` on.
+    ///
+    /// Registration does not assign: `AddDevices` lands devices unassigned and the leader, which
+    /// alone knows which nodes are live, follows with this command (see `assign`).
+    AssignDevices {
+        /// Owner changes, at most [`MAX_DEVICES_PER_COMMAND`], each device at most once.
+        assignments: Vec<DeviceAssignment>,
+        /// Proposer's clock.
+        at: Millis,
+    },
+    /// A node reports the connection state of devices it holds. Reports about devices it no
+    /// longer holds (moved or removed since it looked) are skipped and counted, not refused: they
+    /// carry no news, and refusing would drop the node's other, current reports with them.
+    ReportDeviceStatus {
+        /// Reporting node; only a device's current owner is heeded.
+        node: NodeId,
+        /// Reports, at most [`MAX_DEVICES_PER_COMMAND`], each device at most once.
+        reports: Vec<DeviceReport>,
+        /// Proposer's clock.
+        at: Millis,
+    },
+    /// Set or clear a node's management IP, where the balancer reaches its application
+    /// servers (without one, the IP of its Raft address). A node proposes it from its config.
+    SetMgmtIp {
+        /// Raft node id.
+        id: NodeId,
+        /// The new address; `None` clears it.
+        mgmt_ip: Option<IpAddr>,
+    },
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::RegisterNode { id, name, .. } => write!(f, "register-node {id} {name}"),
+            Command::RemoveNode { id } => write!(f, "remove-node {id}"),
+            Command::SetRoles { id, roles } => write!(f, "set-roles {id} {roles:?}"),
+            Command::SetAdminState { id, state } => write!(f, "set-admin-state {id} {state:?}"),
+            Command::AddPlacement { name, .. } => write!(f, "add-placement {name}"),
+            Command::RemovePlacement { name } => write!(f, "remove-placement {name}"),
+            Command::GrantPlacement {
+                name,
+                to,
+                expected_epoch,
+            } => {
+                write!(
+                    f,
+                    "grant-placement {name} to {to} at epoch {expected_epoch}"
+                )
+            }
+            Command::ReleasePlacement { name, epoch } => {
+                write!(f, "release-placement {name} epoch {epoch}")
+            }
+            Command::RefusePlacement {
+                name, node, epoch, ..
+            } => write!(f, "refuse-placement {name} by {node} epoch {epoch}"),
+            Command::AddDevices { devices, .. } => write!(f, "add-devices x{}", devices.len()),
+            Command::RemoveDevice { id } => write!(f, "remove-device {id}"),
+            Command::PutService { name, .. } => write!(f, "put-service {name}"),
+            Command::RemoveService { name } => write!(f, "remove-service {name}"),
+            Command::AssignDevices { assignments, .. } => {
+                write!(f, "assign-devices x{}", assignments.len())
+            }
+            Command::ReportDeviceStatus { node, reports, .. } => {
+                write!(f, "report-device-status from {node} x{}", reports.len())
+            }
+            Command::SetMgmtIp { id, mgmt_ip } => match mgmt_ip {
+                Some(ip) => write!(f, "set-mgmt-ip {id} {ip}"),
+                None => write!(f, "set-mgmt-ip {id} none"),
+            },
+        }
+    }
+}
+
+/// What a successfully applied command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Applied; nothing to report.
+    Done,
+    /// A placement changed owner; this is its new epoch.
+    Epoch(u64),
+    /// This many devices were added.
+    DevicesAdded(u64),
+    /// This many devices changed owner.
+    DevicesAssigned(u64),
+    /// A status report was applied.
+    DevicesReported {
+        /// Devices whose status changed (unchanged ones keep their `since`).
+        changed: u64,
+        /// Reports skipped because the reporter does not hold the device (any more).
+        stale: u64,
+    },
+}
+
+/// Why a command was refused; the fabric is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CommandError {
+    /// A name or id does not have the required shape.
+    #[error("invalid {what} {value:?}: {why}")]
+    Invalid {
+        /// Which field.
+        what: String,
+        /// The offending value.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Something with this key exists already.
+    #[error("{what} {key:?} already exists")]
+    Exists {
+        /// Kind of thing.
+        what: String,
+        /// Its key.
+        key: String,
+    },
+    /// Nothing with this key exists.
+    #[error("no {what} {key:?}")]
+    NotFound {
+        /// Kind of thing.
+        what: String,
+        /// Its key.
+        key: String,
+    },
+    /// A compare-and-set lost: the placement moved on since the proposer looked.
+    #[error("placement {name:?} is at epoch {current}, not {expected}")]
+    StaleEpoch {
+        /// Placement.
+        name: String,
+        /// Epoch the proposer expected.
+        expected: u64,
+        /// Actual epoch.
+        current: u64,
+    },
+    /// The target node may not hold the placement.
+    #[error("node {node} is not eligible for placement {name:?}: {why}")]
+    NotEligible {
+        /// Placement.
+        name: String,
+        /// Node.
+        node: NodeId,
+        /// Why not.
+        why: String,
+    },
+    /// The thing is still referenced.
+    #[error("{what} {key:?} is in use: {why}")]
+    InUse {
+        /// Kind of thing.
+        what: String,
+        /// Its key.
+        key: String,
+        /// By what.
+        why: String,
+    },
+    /// The target node may not hold device connections.
+    #[error("node {node} may not hold device {device:?}: {why}")]
+    DeviceOwnerNotEligible {
+        /// Device.
+        device: String,
+        /// Node.
+        node: NodeId,
+        /// Why not.
+        why: String,
+    },
+    /// A compare-and-set lost: the device changed owner since the proposer looked.
+    #[error("device {device:?} changed owner since the proposer looked: held by {}, expected {}", holder(.current), holder(.expected))]
+    DeviceOwnerChanged {
+        /// Device.
+        device: String,
+        /// Owner the proposer expected.
+        expected: Option<NodeId>,
+        /// Actual owner.
+        current: Option<NodeId>,
+    },
+}
+
+pub(crate) fn holder(owner: &Option<NodeId>) -> String {
+    match owner {
+        Some(n) => format!("node {n}"),
+        None => "no node".into(),
+    }
+}
