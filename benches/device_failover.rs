@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use spaced_fabric::{DeviceMode, DeviceStatus, NewDevice};
 use spaced_node::admin::{AdminReply, AdminRequest};
-use spaced_node::config::RaftTimings;
+use spaced_node::ops::config::RaftTimings;
 use spaced_raft::NodeId;
 use spaced_tests::Cluster;
 use spaced_tests::device_farm::{Farm, serve_stdio};

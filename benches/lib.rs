@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use openraft::async_runtime::WatchReceiver;
 use spaced_fabric::{Command, DeviceMode, NewDevice};
-use spaced_node::config::RaftTimings;
-use spaced_node::daemon::Proposer;
+use spaced_node::node::Proposer;
+use spaced_node::ops::config::RaftTimings;
 use spaced_tests::Cluster;
 
 /// Source of device ids: every proposal in the process registers a different device, since the

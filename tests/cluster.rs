@@ -9,9 +9,9 @@ use anyhow::{Context, Result, bail};
 use openraft::async_runtime::WatchReceiver;
 use spaced_fabric::Command;
 use spaced_node::admin::{AdminReply, AdminRequest};
-use spaced_node::config::RaftTimings;
-use spaced_node::daemon::transport_config;
+use spaced_node::ops::config::RaftTimings;
 use spaced_raft::Member;
+use spaced_raft::network::transport_config;
 use spaced_raft::network::{QuicNetwork, RaftReply, RaftRpc};
 use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, NODE_DOMAIN, TlsMaterial, TlsPaths};
 use spaced_tests::{Cluster, devices, without_device_state};
@@ -20,7 +20,7 @@ const T: Duration = Duration::from_secs(20);
 
 /// Sends `req` to the leader and fails unless it answers `Done`.
 async fn expect_done(
-    admin: &mut spaced_node::client::AdminClient,
+    admin: &mut spaced_node::admin::client::AdminClient,
     req: &AdminRequest,
     what: &str,
 ) -> Result<()> {
@@ -33,7 +33,7 @@ async fn expect_done(
 /// Removes node `victim` by name through the leader, then stops it.
 async fn remove_and_stop(
     c: &mut Cluster,
-    admin: &mut spaced_node::client::AdminClient,
+    admin: &mut spaced_node::admin::client::AdminClient,
     victim: u64,
 ) -> Result<()> {
     let remove = AdminRequest::RemoveNode(format!("n{victim}"));
@@ -101,7 +101,8 @@ async fn replicates_10k_commands_to_every_node() -> Result<()> {
                     devices: vec![d],
                     at: 1,
                 })
-                .await?;
+                .await
+                .map_err(|e| e.to_string())?;
             }
             Ok::<_, String>(())
         }));
@@ -350,7 +351,8 @@ async fn foreign_ca_and_lying_peers_are_refused() -> Result<()> {
     let err = net
         .call(1, &n1, RaftRpc::Vote(req), Duration::from_secs(3))
         .await
-        .expect_err("lying vote accepted");
+        .expect_err("lying vote accepted")
+        .to_string();
     assert!(err.contains("certificate names \"n4\""), "{err}");
     // The lie taints every request from that claim, even harmless ones...
     assert!(
@@ -383,7 +385,8 @@ async fn foreign_ca_and_lying_peers_are_refused() -> Result<()> {
     let err = honest
         .call(9, &nobody, RaftRpc::Describe, Duration::from_millis(100))
         .await
-        .expect_err("a silent peer answered");
+        .expect_err("a silent peer answered")
+        .to_string();
     assert!(err.contains("no reply within 100ms"), "{err}");
 
     // A node or a spacectl of another protocol version is refused at the handshake, told why.
@@ -395,7 +398,8 @@ async fn foreign_ca_and_lying_peers_are_refused() -> Result<()> {
     let err = older
         .call(1, &n1, RaftRpc::Describe, Duration::from_secs(3))
         .await
-        .expect_err("a node of another protocol version was served");
+        .expect_err("a node of another protocol version was served")
+        .to_string();
     assert!(err.contains("another spaced build"), "{err}");
     let (ep_old, cfg_old) = client(&pki_dir, &pki_dir, "admin-test", b"spaced-admin/2")?;
     let refused = ep_old
@@ -599,8 +603,8 @@ async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()>
     let port = spaced_tests::free_tcp_port();
     for id in 1..=5 {
         let mut cfg = spaced_tests::node_config(c.dir.path(), &c.pki_dir(), id, timings());
-        cfg.takeover = spaced_node::config::TakeoverMode::Loopback;
-        cfg.vips = vec![spaced_node::config::VipSection {
+        cfg.takeover = spaced_node::ops::config::TakeoverMode::Loopback;
+        cfg.vips = vec![spaced_node::ops::config::VipSection {
             name: "cluster".into(),
             address: "127.0.0.100/8".into(),
             interface: "lo".into(),

@@ -46,7 +46,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, killpg, sigaction};
 use nix::unistd::Pid;
 use serde_json::Value;
-use spaced_node::config::NodeConfig;
+use spaced_node::ops::config::NodeConfig;
 use spaced_tests::lab::{Lab, LabProcess};
 use spaced_tests::{binary, make_pki};
 

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use openraft::async_runtime::WatchReceiver;
 use spaced_fabric::{DeviceMode, Fabric, NewDevice};
+use spaced_node::admin::client::{AdminClient, AdminCredentials};
 use spaced_node::admin::{AdminReply, AdminRequest};
-use spaced_node::client::{AdminClient, AdminCredentials};
-use spaced_node::config::{DevicesSection, NodeConfig, RaftTimings, TlsSection};
-use spaced_node::daemon::Node;
+use spaced_node::node::Node;
+use spaced_node::ops::config::{DevicesSection, NodeConfig, RaftTimings, TlsSection};
 use spaced_raft::NodeId;
 use spaced_raft::pki;
 

@@ -335,7 +335,7 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("n42"));
 
     // Metrics and health over HTTP on the node's `metrics` address.
-    let cfg = spaced_node::config::NodeConfig::load(&lab.procs[1].config)?;
+    let cfg = spaced_node::ops::config::NodeConfig::load(&lab.procs[1].config)?;
     let metrics = cfg.metrics.context("demo configs enable metrics")?;
     let body = http_get(metrics, "/metrics")?;
     for name in [
@@ -347,7 +347,7 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     }
     let leader_id = lab.status(&n2)?["leader"].as_u64().context("leader")?;
     let leader_cfg =
-        spaced_node::config::NodeConfig::load(&lab.procs[leader_id as usize - 1].config)?;
+        spaced_node::ops::config::NodeConfig::load(&lab.procs[leader_id as usize - 1].config)?;
     let body = http_get(leader_cfg.metrics.context("metrics")?, "/metrics")?;
     assert!(
         body.contains("spaced_peer_last_contact_seconds{peer="),
@@ -418,7 +418,7 @@ fn port_in_use_and_bootstrap_on_used_dir_exit_2() -> Result<()> {
 /// binds by itself once the port is free: bind failures are retried (with backoff) and shown.
 #[test]
 fn a_balancer_that_cannot_bind_says_so_and_binds_once_the_port_is_free() -> Result<()> {
-    use spaced_node::config::{LbPort, LbSection, TakeoverMode, VipSection};
+    use spaced_node::ops::config::{LbPort, LbSection, TakeoverMode, VipSection};
     let dir = tempfile::tempdir()?;
     let pki = dir.path().join("pki");
     make_pki(&pki, 1)?;

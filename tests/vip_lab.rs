@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use spaced_node::config::{
+use spaced_node::ops::config::{
     LbPort, LbSection, LeaseTimings, NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection,
 };
 use spaced_tests::lab::{AddressWatch, Lab, LabProcess, lab_or_skip};

@@ -11,13 +11,13 @@ use anyhow::{Context, Result, bail};
 use spaced_fabric::{AdminState, Command, DeviceMode, NewDevice, ServiceScope, ServiceSpec};
 use spaced_raft::pki;
 
+use crate::admin::client::{AdminClient, AdminCredentials, unexpected};
 use crate::admin::{AdminReply, AdminRequest};
-use crate::client::{AdminClient, AdminCredentials, unexpected};
-use crate::config::{
+use crate::ctl::render_status;
+use crate::ops::config::{
     DevicesSection, LbPort, LbSection, NodeConfig, RaftTimings, TakeoverMode, TlsSection,
     VipSection,
 };
-use crate::ctl::render_status;
 
 /// Devices the demo registers.
 pub const DEMO_DEVICES: usize = 1000;
@@ -180,7 +180,7 @@ async fn app_server(addr: SocketAddr, name: String) -> Result<tokio::task::JoinH
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind the stand-in app server of {name} on {addr}"))?;
-    Ok(crate::agent::answer_with_name(listener, name))
+    Ok(crate::placement::agent::answer_with_name(listener, name))
 }
 
 /// Opens `LB_PROBES` connections one after another through the balancer at `addr` and counts

@@ -1,25 +1,41 @@
 //! spaced's node: the daemon (`spaced`), the admin CLI (`spacectl`), their protocol and the demo.
+//!
+//! The folders are the architecture; arrows point one way, from the root down:
+//!
+//! * [`node`] — the composition root: [`node::Node::start`] builds everything, hands each
+//!   subsystem only what it uses, and stops it all. Nothing imports it but the binaries.
+//! * [`admin`] — the admin protocol (`spacectl` ⇄ node), the server that carries requests out
+//!   (membership changes included) and the admin client.
+//! * [`placement`] — leased placements: the lease arithmetic, the VIP agent and its renewal
+//!   loop, the leader's controller, VIP operations and hand-over.
+//! * [`takeover`] — how an address moves: netlink and raw ARP/NA frames, and the fence guard.
+//! * [`services`] — the supervisor and which services this node runs (singletons included).
+//! * [`devices`] — the device agent (connections) and the leader's device planner loop.
+//! * [`lb`] — the balancer glue on the cluster VIP, and standalone `spaced lb`.
+//! * [`ops`] — configuration, the HTTP endpoint, metrics.
+//! * [`cluster`] — the narrow [`cluster::Cluster`] handle subsystems share: identity, Raft,
+//!   the applied fabric, commit/propose, membership and liveness.
+//! * [`ctl`] — `spacectl`, one file per command group; [`demo`] — `spaced demo`.
 
 pub mod admin;
-pub mod agent;
-pub mod client;
-pub mod config;
+pub mod cluster;
 pub mod ctl;
-pub mod daemon;
 pub mod demo;
-pub mod device_control;
 pub mod devices;
-pub mod guard;
-pub mod http;
-pub mod lb_service;
-pub mod lease;
-pub mod metrics;
+pub mod lb;
+pub mod node;
+pub mod ops;
 pub mod placement;
 pub mod services;
-pub mod standalone_lb;
-pub mod supervisor;
 pub mod takeover;
-pub mod takeover_backend;
+
+/// Current wall clock in ms since the epoch, for stamping commands.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// Locks a mutex, recovering from poisoning: the state behind spaced's mutexes stays
 /// consistent between statements, so a panicked holder leaves nothing half-written.

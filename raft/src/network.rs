@@ -35,6 +35,18 @@ const MAX_SNAPSHOT: u64 = 4 << 30;
 /// How long dialing a peer may take before it counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// QUIC transport settings for Raft and admin connections: a dead peer is noticed within
+/// about a second.
+pub fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(250)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        1_000,
+    ))));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
+    Arc::new(t)
+}
+
 /// What a node says about itself when asked (used by `node add` to check the target).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDescription {
@@ -218,7 +230,7 @@ impl QuicNetwork {
         &self,
         target: NodeId,
         member: &Member,
-    ) -> Result<quinn::Connection, String> {
+    ) -> Result<quinn::Connection, RpcError> {
         // One slot per peer: dialing a dead peer must not hold up RPCs to live ones.
         let slot = self.conns.lock().await.entry(target).or_default().clone();
         let mut slot = slot.lock().await;
@@ -228,18 +240,27 @@ impl QuicNetwork {
             return Ok(c.clone());
         }
         *slot = None;
-        let addr = resolve(&member.addr).await?;
+        let dial = |why: String| RpcError::Dial {
+            node: target,
+            member: member.to_string(),
+            why,
+        };
+        let addr = resolve(&member.addr)
+            .await
+            .map_err(|e| dial(e.to_string()))?;
         let server_name = format!("{}.{}", member.name, NODE_DOMAIN);
         let connecting = self
             .endpoint
             .connect_with(self.client_config.clone(), addr, &server_name)
-            .map_err(|e| format!("dial node {target} ({member}): {e}"))?;
+            .map_err(|e| dial(e.to_string()))?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
-            .map_err(|_| format!("dial node {target} ({member}): timed out"))?
+            .map_err(|_| dial("timed out".into()))?
             .map_err(|e| {
-                let why = crate::pki::explain_connection_error(&e, crate::pki::ALPN_RAFT);
-                format!("dial node {target} ({member}): {why}")
+                dial(crate::pki::explain_connection_error(
+                    &e,
+                    crate::pki::ALPN_RAFT,
+                ))
             })?;
         *slot = Some(conn.clone());
         Ok(conn)
@@ -256,7 +277,7 @@ impl QuicNetwork {
         member: &Member,
         rpc: RaftRpc,
         ttl: Duration,
-    ) -> Result<RaftReply, String> {
+    ) -> Result<RaftReply, RpcError> {
         let req = RaftRequest {
             from: self.self_id,
             rpc,
@@ -266,20 +287,78 @@ impl QuicNetwork {
             call_on(&conn, &req, &[]).await
         })
         .await
-        .map_err(|_| format!("node {target}: no reply within {ttl:?}"))?
+        .map_err(|_| RpcError::Timeout { node: target, ttl })?
     }
 }
 
+/// Why a host:port could not be resolved.
+#[derive(Debug, thiserror::Error)]
+#[error("resolve {addr}: {why}")]
+pub struct ResolveError {
+    /// The address as given.
+    pub addr: String,
+    /// What the lookup said.
+    pub why: String,
+}
+
 /// Resolves `host:port` (an IP literal without a lookup).
-pub async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+pub async fn resolve(addr: &str) -> Result<SocketAddr, ResolveError> {
     if let Ok(a) = addr.parse() {
         return Ok(a);
     }
+    let fail = |why: String| ResolveError {
+        addr: addr.to_string(),
+        why,
+    };
     tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| format!("resolve {addr}: {e}"))?
+        .map_err(|e| fail(e.to_string()))?
         .next()
-        .ok_or_else(|| format!("resolve {addr}: no address"))
+        .ok_or_else(|| fail("no address".into()))
+}
+
+/// Why a node-to-node call got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// The peer could not be dialed.
+    #[error("dial node {node} ({member}): {why}")]
+    Dial {
+        /// The peer.
+        node: NodeId,
+        /// How it was dialed (`name@addr`).
+        member: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// No reply within the call's time limit (dialing included).
+    #[error("node {node}: no reply within {ttl:?}")]
+    Timeout {
+        /// The peer.
+        node: NodeId,
+        /// The limit.
+        ttl: Duration,
+    },
+    /// The request is larger than a frame may be.
+    #[error("request of {0} bytes exceeds the frame limit")]
+    TooLarge(usize),
+    /// The stream failed: opening, sending, receiving or decoding the reply.
+    #[error("{stage}: {why}")]
+    Stream {
+        /// `open stream`, `send` or `receive`.
+        stage: &'static str,
+        /// What went wrong.
+        why: String,
+    },
+    /// The peer answered with a refusal (its own words; they cross the wire as text).
+    #[error("peer refused: {0}")]
+    Refused(String),
+}
+
+fn stream(stage: &'static str) -> impl Fn(&dyn std::fmt::Display) -> RpcError {
+    move |e| RpcError::Stream {
+        stage,
+        why: e.to_string(),
+    }
 }
 
 /// Opens a stream, writes the request (plus optional trailing chunk frames) and reads the reply.
@@ -287,33 +366,30 @@ async fn call_on(
     conn: &quinn::Connection,
     req: &RaftRequest,
     chunks: &[&[u8]],
-) -> Result<RaftReply, String> {
+) -> Result<RaftReply, RpcError> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
-        .map_err(|e| format!("open stream: {e}"))?;
-    let bytes = codec::encode(req).map_err(|e| e.to_string())?;
+        .map_err(|e| stream("open stream")(&e))?;
+    let bytes = codec::encode(req).map_err(|e| stream("encode")(&e))?;
     if bytes.len() > MAX_FRAME {
-        return Err(format!(
-            "request of {} bytes exceeds the frame limit",
-            bytes.len()
-        ));
+        return Err(RpcError::TooLarge(bytes.len()));
     }
     frame::write_frame(&mut send, &bytes)
         .await
-        .map_err(|e| format!("send: {e}"))?;
+        .map_err(|e| stream("send")(&e))?;
     for c in chunks {
         frame::write_frame(&mut send, c)
             .await
-            .map_err(|e| format!("send: {e}"))?;
+            .map_err(|e| stream("send")(&e))?;
     }
-    send.finish().map_err(|e| format!("send: {e}"))?;
+    send.finish().map_err(|e| stream("send")(&e))?;
     let reply = frame::read_frame(&mut recv, MAX_FRAME)
         .await
-        .map_err(|e| format!("receive: {e}"))?
-        .ok_or_else(|| "receive: stream closed without a reply".to_string())?;
-    let reply: WireReply = codec::decode(&reply).map_err(|e| format!("receive: {e}"))?;
-    reply.map_err(|e| format!("peer refused: {e}"))
+        .map_err(|e| stream("receive")(&e))?
+        .ok_or_else(|| stream("receive")(&"stream closed without a reply"))?;
+    let reply: WireReply = codec::decode(&reply).map_err(|e| stream("receive")(&e))?;
+    reply.map_err(RpcError::Refused)
 }
 
 impl RaftNetworkFactory<TypeConfig> for QuicNetwork {
@@ -348,7 +424,7 @@ impl PeerClient {
             .net
             .connection(self.target, &self.member)
             .await
-            .map_err(unreachable)?;
+            .map_err(|e| unreachable(e.to_string()))?;
         let req = RaftRequest {
             from: self.net.self_id,
             rpc,
@@ -416,7 +492,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             .net
             .connection(self.target, &self.member)
             .await
-            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&Msg(e))))?;
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&Msg(e.to_string()))))?;
         let data = snapshot.snapshot.into_inner();
         let req = RaftRequest {
             from: self.net.self_id,

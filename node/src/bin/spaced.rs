@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use spaced_node::config::NodeConfig;
-use spaced_node::daemon::Node;
+use spaced_node::node::Node;
+use spaced_node::ops::config::NodeConfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "spaced", version, about = "spaced fabric daemon")]
@@ -26,7 +26,7 @@ enum Cmd {
         bootstrap: bool,
     },
     /// Run only the TCP load balancer, with backends from flags.
-    Lb(spaced_node::standalone_lb::LbArgs),
+    Lb(spaced_node::lb::standalone::LbArgs),
     /// Internal: the fence guard child of `spaced run` (removes VIPs if spaced dies or stalls).
     #[command(hide = true)]
     Guard,
@@ -89,7 +89,7 @@ fn main() -> ExitCode {
                     Ok(n) => n,
                     Err(e) => {
                         eprintln!("spaced: {e}");
-                        return ExitCode::from(if e.bad_input { 2 } else { 1 });
+                        return ExitCode::from(if e.bad_input() { 2 } else { 1 });
                     }
                 };
                 stop.await;
@@ -123,7 +123,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match rt.block_on(spaced_node::standalone_lb::run(args, wait_for_signal())) {
+            match rt.block_on(spaced_node::lb::standalone::run(args, wait_for_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("spaced lb: {e}");
@@ -156,7 +156,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match rt.block_on(spaced_node::guard::run_guard()) {
+            match rt.block_on(spaced_node::takeover::guard::run_guard()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("spaced guard: {e}");

@@ -14,8 +14,9 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{LbBackendRow, LbListenerRow};
-use crate::config::{LbPort, LbSection};
-use crate::daemon::NodeInner;
+use crate::ops::config::{LbPort, LbSection};
+use crate::placement::agent::Agent;
+use spaced_raft::store::FabricView;
 
 /// The service acts when the VIPs up on this node change or the fabric applies entries (it
 /// is told; it does not poll). While a bind is failing (the previous listener still
@@ -252,8 +253,9 @@ enum PortState {
 }
 
 /// Follows VIP ownership and the fabric until shutdown, then drains.
-pub(crate) async fn run(
-    inner: Arc<NodeInner>,
+pub async fn run(
+    view: FabricView,
+    vips: Arc<Agent>,
     service: Arc<LbService>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -266,8 +268,8 @@ pub(crate) async fn run(
     let mut last_backends: Option<Vec<Vec<BackendSpec>>> = None;
     let mut binds = BindFailures::default();
     let mut last_check = VipCheck::Missing;
-    let mut vips_changed = inner.placements.agent.changes();
-    let mut fabric_changed = inner.view.changes();
+    let mut vips_changed = vips.changes();
+    let mut fabric_changed = view.changes();
     // The first pass runs at once.
     let mut wait = Duration::ZERO;
     loop {
@@ -282,7 +284,7 @@ pub(crate) async fn run(
         fabric_changed.borrow_and_update();
         draining.retain(|h| !h.is_finished());
 
-        let backends: Vec<Vec<BackendSpec>> = inner.view.read(|f| {
+        let backends: Vec<Vec<BackendSpec>> = view.read(|f| {
             service
                 .balancers
                 .iter()
@@ -296,9 +298,7 @@ pub(crate) async fn run(
             last_backends = Some(backends);
         }
 
-        let check = inner
-            .view
-            .read(|f| check_vip(f, &service.section.vip, service.vip_ip));
+        let check = view.read(|f| check_vip(f, &service.section.vip, service.vip_ip));
         if check != last_check {
             match &check {
                 VipCheck::Missing => {
@@ -315,9 +315,7 @@ pub(crate) async fn run(
             last_check = check.clone();
         }
         let holding = check == VipCheck::Agrees
-            && inner
-                .placements
-                .agent
+            && vips
                 .active_names()
                 .iter()
                 .any(|n| n == &service.section.vip);

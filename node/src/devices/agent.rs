@@ -34,10 +34,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::config::DevicesSection;
-use crate::daemon::{NodeInner, now_millis};
+use crate::cluster::Cluster;
 use crate::lock;
-use crate::placement::propose_anywhere;
+use crate::now_millis;
+use crate::ops::config::DevicesSection;
 
 /// SSH, where a space-initiated device is reached when its address names no port.
 pub const DEFAULT_DEVICE_PORT: u16 = 22;
@@ -151,7 +151,7 @@ struct Held {
 }
 
 /// The agent's state, shared by its loops and by every connection task.
-pub(crate) struct DeviceAgent {
+pub struct DeviceAgent {
     /// This node's id: the owner the agent looks for in the fabric.
     me: NodeId,
     /// Keepalive, down-after and connect timeout.
@@ -189,7 +189,7 @@ impl DeviceAgent {
     }
 
     /// Timing from `[devices]`.
-    pub(crate) fn settings(&self) -> &DeviceSettings {
+    pub fn settings(&self) -> &DeviceSettings {
         &self.settings
     }
 
@@ -223,7 +223,7 @@ impl DeviceAgent {
     /// One pass over the fabric with hash lookups in the held set, under the fabric's read lock
     /// (which holds up `apply`): with 100,000 devices a lookup per held device in the fabric's
     /// tree instead cost tens of milliseconds per pass.
-    fn reconcile(self: &Arc<Self>, inner: &NodeInner, pass: u64) {
+    fn reconcile(self: &Arc<Self>, inner: &Cluster, pass: u64) {
         let me = self.me;
         let to_start: Vec<(String, String, DeviceMode)> = inner.view.read(|f| {
             let mut held = lock(&self.held);
@@ -516,7 +516,7 @@ async fn read_hello(stream: &mut TcpStream) -> Result<String, ClaimError> {
 
 /// Makes this node the owner of device-initiated device `id` (compare-and-set on the owner it
 /// sees, through the leader) and waits until it applied that. Returns the device's address.
-async fn claim(inner: &NodeInner, id: &str) -> Result<String, ClaimError> {
+async fn claim(inner: &Cluster, id: &str) -> Result<String, ClaimError> {
     let me = inner.id;
     let mut attempt = 0;
     loop {
@@ -539,7 +539,7 @@ async fn claim(inner: &NodeInner, id: &str) -> Result<String, ClaimError> {
             }],
             at: now_millis(),
         };
-        match propose_anywhere(inner, cmd).await {
+        match inner.propose_anywhere(cmd).await {
             Ok(Ok(_)) => break,
             // This node's view lagged behind a change; look again.
             Ok(Err(CommandError::DeviceOwnerChanged { .. })) if attempt < CLAIM_ATTEMPTS => {
@@ -554,7 +554,7 @@ async fn claim(inner: &NodeInner, id: &str) -> Result<String, ClaimError> {
             Err(error) => {
                 return Err(ClaimError::NotDelivered {
                     device: id.to_string(),
-                    error,
+                    error: error.to_string(),
                 });
             }
         }
@@ -584,12 +584,7 @@ async fn claim(inner: &NodeInner, id: &str) -> Result<String, ClaimError> {
 }
 
 /// Serves one device-initiated connection: hello, claim, then hand it to the agent.
-async fn greet(
-    inner: Arc<NodeInner>,
-    agent: Arc<DeviceAgent>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-) {
+async fn greet(inner: Cluster, agent: Arc<DeviceAgent>, mut stream: TcpStream, peer: SocketAddr) {
     let hello = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .unwrap_or_else(|_| {
@@ -628,7 +623,7 @@ async fn greet(
 
 /// Accepts device-initiated connections until shutdown.
 async fn accept_devices(
-    inner: Arc<NodeInner>,
+    inner: Cluster,
     agent: Arc<DeviceAgent>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
@@ -655,7 +650,7 @@ async fn accept_devices(
 
 /// Sends the pending reports about devices this node still owns, whose state the fabric does
 /// not show yet, in batches through the leader. Undelivered ones are kept for the next round.
-async fn send_reports(inner: &NodeInner, agent: &DeviceAgent) {
+async fn send_reports(inner: &Cluster, agent: &DeviceAgent) {
     let pending = std::mem::take(&mut *lock(&agent.pending));
     if pending.is_empty() {
         return;
@@ -681,7 +676,7 @@ async fn send_reports(inner: &NodeInner, agent: &DeviceAgent) {
             reports: batch.clone(),
             at: now_millis(),
         };
-        match propose_anywhere(inner, cmd).await {
+        match inner.propose_anywhere(cmd).await {
             Ok(Ok(Outcome::DevicesReported { changed, stale })) => {
                 tracing::debug!(reports = n, changed, stale, "device status reported")
             }
@@ -710,8 +705,7 @@ impl Drop for StopOnDrop {
 
 /// Runs the agent until shutdown: reconcile with the fabric, accept device-initiated
 /// connections, send reports.
-pub(crate) async fn run(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
-    let agent = inner.devices.clone();
+pub async fn run(inner: Cluster, agent: Arc<DeviceAgent>, mut shutdown: watch::Receiver<bool>) {
     let _stop = StopOnDrop(agent.clone());
     let listener = lock(&agent.listener).take();
     let accepting = listener.map(|l| {

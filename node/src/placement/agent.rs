@@ -10,7 +10,7 @@ use spaced_fabric::{Fabric, PlacementKind};
 use spaced_raft::NodeId;
 use spaced_raft::network::BoxFuture;
 
-use crate::lease::{Held, LeaseConfig, OwnerLeases, Renewal};
+use crate::placement::lease::{Held, LeaseConfig, OwnerLeases, Renewal};
 
 /// Reconcile passes are at least this far apart, so a due time already past cannot spin the
 /// loop. A pass runs when something falls due (`Agent::next_due`: a renewal, a lease end, an

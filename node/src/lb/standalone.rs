@@ -165,8 +165,8 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = args.metrics {
         let mut rx = stop_rx.clone();
-        let state: Arc<dyn crate::http::HttpState> = Arc::new(LbHttp(balancer.clone()));
-        crate::http::serve(addr, state, async move {
+        let state: Arc<dyn crate::ops::http::HttpState> = Arc::new(LbHttp(balancer.clone()));
+        crate::ops::http::serve(addr, state, async move {
             let _ = rx.wait_for(|s| *s).await;
         })
         .await
@@ -181,7 +181,7 @@ pub async fn run(
 /// `/metrics` and `/healthz` of the standalone balancer.
 struct LbHttp(Arc<Balancer>);
 
-impl crate::http::HttpState for LbHttp {
+impl crate::ops::http::HttpState for LbHttp {
     fn metrics_text(&self) -> String {
         let mut text = String::new();
         spaced_lb::stats::render_prometheus(&[self.0.rendered()], &mut text);

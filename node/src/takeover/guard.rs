@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncBufReadExt;
 
-use crate::agent::VipSpec;
+use crate::placement::agent::VipSpec;
 
 /// CLOCK_MONOTONIC now, in ns: the same clock in every process of the host.
 pub fn monotonic_ns() -> u64 {

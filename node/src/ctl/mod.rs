@@ -9,8 +9,8 @@ use serde_json::json;
 use spaced_fabric::{AdminState, DeviceMode, NewDevice, check_device_addr, check_device_id};
 use spaced_raft::pki;
 
+use crate::admin::client::{AdminClient, AdminCredentials, ClientError, unexpected};
 use crate::admin::{AdminReply, AdminRequest, DeviceRow, RebalanceReport, StatusReport};
-use crate::client::{AdminClient, AdminCredentials, ClientError, unexpected};
 
 /// Devices per `AddDevices` command during import: large enough for speed, small enough to keep Raft responsive.
 pub const IMPORT_BATCH: usize = 1000;
@@ -690,7 +690,7 @@ pub fn render_vips(vips: &[crate::admin::VipRow]) -> String {
     );
     out.push_str(&render_refusals(
         vips.iter().map(|v| (v.name.as_str(), v.refused.as_slice())),
-        crate::daemon::now_millis(),
+        crate::now_millis(),
     ));
     out
 }
@@ -1272,7 +1272,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     table(&["NAME", "SERVICE", "ROLES", "OWNER", "EPOCH"], &table_rows),
                     render_refusals(
                         rows.iter().map(|r| (r.name.as_str(), r.refused.as_slice())),
-                        crate::daemon::now_millis(),
+                        crate::now_millis(),
                     )
                 );
             }
@@ -1324,7 +1324,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     serde_json::Value::Array(devices.iter().map(device_json).collect())
                 );
             } else {
-                print!("{}", render_devices(&devices, crate::daemon::now_millis()));
+                print!("{}", render_devices(&devices, crate::now_millis()));
             }
             c.close().await;
             Ok(())

@@ -9,7 +9,6 @@
 //! devices' connections must not be torn down for the new leader's ignorance.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use spaced_fabric::plan::devices::{self as assign, ASSIGN_BATCH};
@@ -18,9 +17,8 @@ use spaced_raft::{NodeId, Outcome};
 use tokio::sync::watch;
 
 use crate::admin::{NodeDevices, RebalanceReport};
-use crate::daemon::{NodeInner, ProposeError, now_millis};
-use crate::lock;
-use crate::placement::{live_nodes, live_set};
+use crate::cluster::{Cluster, ProposeError};
+use crate::now_millis;
 use spaced_fabric::plan::placements::plan_devices;
 
 /// How often the leader plans device assignments: new registrations wait at most this long.
@@ -44,13 +42,10 @@ pub fn may_move_devices(
 
 /// The live set, once the leader knows enough to act on it (see [`may_move_devices`]). A node
 /// that told the leader it is stopping has been heard from, though it is not live for new work.
-fn settled_live_set(inner: &NodeInner) -> Result<BTreeSet<NodeId>, Duration> {
-    let lost_after = inner.devices.settings().lost_after;
-    let heard = live_nodes(inner, lost_after);
-    let live = live_set(inner, lost_after);
-    let leading = lock(&inner.placements.leading_since)
-        .map(|t| t.elapsed())
-        .unwrap_or_default();
+fn settled_live_set(inner: &Cluster, lost_after: Duration) -> Result<BTreeSet<NodeId>, Duration> {
+    let heard = inner.live_nodes(lost_after);
+    let live = inner.live_set(lost_after);
+    let leading = inner.tenure.leading_for().unwrap_or_default();
     inner
         .view
         .read(|f| may_move_devices(leading, lost_after, f.nodes.keys().copied(), &heard))?;
@@ -60,7 +55,7 @@ fn settled_live_set(inner: &NodeInner) -> Result<BTreeSet<NodeId>, Duration> {
 /// Commits device commands one after another (each a batch of at most [`ASSIGN_BATCH`]), so
 /// other proposals interleave. Returns the devices moved; a refused batch (a plan a newer change
 /// overtook) is skipped, the rest still go; losing leadership stops it.
-async fn commit_batches(inner: &NodeInner, cmds: Vec<Command>) -> Result<u64, ProposeError> {
+async fn commit_batches(inner: &Cluster, cmds: Vec<Command>) -> Result<u64, ProposeError> {
     let mut moved = 0;
     for cmd in cmds {
         match inner.commit(cmd).await {
@@ -77,7 +72,11 @@ async fn commit_batches(inner: &NodeInner, cmds: Vec<Command>) -> Result<u64, Pr
 
 /// On the leader, every [`PLAN_DEVICES_EVERY`]: give unassigned devices and those of lost,
 /// stopping or draining nodes to the least-loaded live `app` nodes.
-pub(crate) async fn planner_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
+pub async fn planner_loop(
+    inner: Cluster,
+    lost_after: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(PLAN_DEVICES_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut waiting_logged = false;
@@ -90,7 +89,7 @@ pub(crate) async fn planner_loop(inner: Arc<NodeInner>, mut shutdown: watch::Rec
             waiting_logged = false;
             continue;
         }
-        let live = match settled_live_set(&inner) {
+        let live = match settled_live_set(&inner, lost_after) {
             Ok(live) => live,
             Err(left) => {
                 if !waiting_logged {
@@ -126,7 +125,7 @@ pub(crate) async fn planner_loop(inner: Arc<NodeInner>, mut shutdown: watch::Rec
 }
 
 /// Device counts of the nodes that may hold devices now.
-fn eligible_counts(inner: &NodeInner, live: &BTreeSet<NodeId>) -> Vec<NodeDevices> {
+fn eligible_counts(inner: &Cluster, live: &BTreeSet<NodeId>) -> Vec<NodeDevices> {
     inner.view.read(|f| {
         let counts = f.device_counts();
         assign::eligible_device_nodes(f, live)
@@ -142,11 +141,12 @@ fn eligible_counts(inner: &NodeInner, live: &BTreeSet<NodeId>) -> Vec<NodeDevice
 
 /// `device rebalance` on the leader: the fewest moves that bring the live `app` nodes within one
 /// device of each other (at most `max_moves`), committed in batches.
-pub(crate) async fn rebalance(
-    inner: &NodeInner,
+pub async fn rebalance(
+    inner: &Cluster,
+    lost_after: Duration,
     max_moves: Option<u64>,
 ) -> Result<RebalanceReport, String> {
-    let live = settled_live_set(inner).map_err(|left| {
+    let live = settled_live_set(inner, lost_after).map_err(|left| {
         format!(
             "this node just became leader; try again in {} ms",
             left.as_millis()
@@ -169,8 +169,8 @@ pub(crate) async fn rebalance(
 
 /// `node drain` / `node activate` on the leader: commits the admin state; a draining node's
 /// devices then move on the planner's next tick. Returns the devices the node held.
-pub(crate) async fn set_admin_state(
-    inner: &NodeInner,
+pub async fn set_admin_state(
+    inner: &Cluster,
     id: NodeId,
     state: AdminState,
 ) -> Result<(String, u64), String> {
@@ -178,7 +178,10 @@ pub(crate) async fn set_admin_state(
         .view
         .read(|f| f.nodes.get(&id).map(|n| n.name.clone()))
         .ok_or_else(|| format!("node {id} is not registered in the fabric"))?;
-    inner.propose(Command::SetAdminState { id, state }).await?;
+    inner
+        .propose(Command::SetAdminState { id, state })
+        .await
+        .map_err(|e| e.to_string())?;
     let held = inner
         .view
         .read(|f| f.device_counts().get(&id).copied().unwrap_or(0));

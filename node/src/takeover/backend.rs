@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use spaced_raft::network::BoxFuture;
 
-use crate::agent::{VipBackend, VipSpec};
-use crate::guard::GuardHandle;
+use crate::placement::agent::{VipBackend, VipSpec};
+use crate::takeover::guard::GuardHandle;
 use crate::takeover::{Takeover, VipAddr};
 
 /// Probe before claiming: one ARP probe, then 20 ms of listening (RFC 5227's seconds-long

@@ -8,10 +8,10 @@ use futures::future::BoxFuture;
 use spaced_fabric::{Fabric, ServiceScope};
 use tokio::sync::watch;
 
-use crate::agent::{VipBackend, VipSpec};
-use crate::daemon::NodeInner;
-use crate::lease::Held;
-use crate::supervisor::{DesiredService, ServiceState, ServiceStatus, Supervisor};
+use crate::placement::Placements;
+use crate::placement::agent::{VipBackend, VipSpec};
+use crate::placement::lease::Held;
+use crate::services::supervisor::{DesiredService, ServiceState, ServiceStatus, Supervisor};
 
 /// How often the desired set is recomputed and running singletons are re-guarded (a held
 /// placement also triggers a pass at once).
@@ -127,11 +127,11 @@ pub struct PlacementBackend {
     /// The fence guard that SIGKILLs a singleton's group at its lease end even if spaced is
     /// stopped or killed; started on first use, only when running as the `spaced` binary (a
     /// test process cannot be re-executed as `guard`).
-    guard: Arc<std::sync::OnceLock<Option<crate::guard::GuardHandle>>>,
+    guard: Arc<std::sync::OnceLock<Option<crate::takeover::guard::GuardHandle>>>,
 }
 
 impl PlacementBackend {
-    fn guard(&self) -> Option<&crate::guard::GuardHandle> {
+    fn guard(&self) -> Option<&crate::takeover::guard::GuardHandle> {
         self.guard
             .get_or_init(|| {
                 let is_spaced = std::env::current_exe()
@@ -142,7 +142,7 @@ impl PlacementBackend {
                     tracing::debug!("not running as spaced: singletons have no fence guard");
                     return None;
                 }
-                match crate::guard::GuardHandle::spawn() {
+                match crate::takeover::guard::GuardHandle::spawn() {
                     Ok(g) => {
                         tracing::info!("fence guard started for singletons");
                         Some(g)
@@ -161,7 +161,7 @@ impl PlacementBackend {
     pub(crate) fn guard_running(
         &self,
         singletons: &[(String, String)],
-        agent: &crate::agent::Agent,
+        agent: &crate::placement::agent::Agent,
     ) {
         let statuses = self.supervisor.status();
         for (placement, service) in singletons {
@@ -249,7 +249,10 @@ impl PlacementBackend {
 }
 
 /// The process group of a running service: each leads its own, so its pid is the group id.
-fn process_group(statuses: &[crate::supervisor::ServiceStatus], service: &str) -> Option<i32> {
+fn process_group(
+    statuses: &[crate::services::supervisor::ServiceStatus],
+    service: &str,
+) -> Option<i32> {
     statuses
         .iter()
         .find(|s| s.name == service)
@@ -349,8 +352,9 @@ impl VipBackend for PlacementBackend {
 
 /// Keeps the supervisor's desired set equal to [`desired_services`] until shutdown, then stops
 /// every service.
-pub(crate) async fn services_loop(
-    inner: Arc<NodeInner>,
+pub async fn services_loop(
+    placements: Arc<Placements>,
+    backend: Arc<PlacementBackend>,
     supervisor: Supervisor,
     wake: Arc<tokio::sync::Notify>,
     mut shutdown: watch::Receiver<bool>,
@@ -368,13 +372,14 @@ pub(crate) async fn services_loop(
             () = supervisor.started() => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
-        let held = inner.placements.agent.active_epochs();
+        let held = placements.agent().active_epochs();
+        let cluster = &placements.cluster;
         let Desired {
             services: desired,
             singletons,
-        } = inner
+        } = cluster
             .view
-            .read(|f| desired_services(f, &inner.name, &inner.roles, &held));
+            .read(|f| desired_services(f, &cluster.name, &cluster.roles, &held));
         if last.as_ref() != Some(&desired) {
             if let Err(e) = supervisor.set_desired(desired.clone()).await {
                 tracing::warn!(error = %e, "some services were not accepted by the supervisor");
@@ -396,12 +401,11 @@ pub(crate) async fn services_loop(
             last = Some(desired);
         }
         // Every pass: a restarted service has a new process group.
-        let backend = &inner.placements.placement_backend;
         if !singletons.is_empty() {
-            backend.guard_running(&singletons, &inner.placements.agent);
+            backend.guard_running(&singletons, placements.agent());
         }
         backend.guard_services(&singletons, &mut guarded);
-        give_up_failing_singletons(&inner, &supervisor, &singletons, &held, &mut giving_up);
+        give_up_failing_singletons(&placements, &supervisor, &singletons, &held, &mut giving_up);
     }
     supervisor.shutdown().await;
 }
@@ -410,7 +414,7 @@ pub(crate) async fn services_loop(
 /// down here first, then refused in the fabric so the leader tries another node. `giving_up`
 /// remembers what was already handed back, so that each (placement, epoch) goes once.
 fn give_up_failing_singletons(
-    inner: &Arc<NodeInner>,
+    placements: &Arc<Placements>,
     supervisor: &Supervisor,
     singletons: &[(String, String)],
     held: &BTreeMap<String, u64>,
@@ -436,7 +440,7 @@ fn give_up_failing_singletons(
             continue;
         }
         tracing::warn!(singleton = %placement, epoch, %reason, "cannot keep the singleton running here; giving it back");
-        crate::placement::give_back(inner, (placement.clone(), epoch), reason);
+        placements.give_back((placement.clone(), epoch), reason);
     }
 }
 

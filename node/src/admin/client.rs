@@ -118,7 +118,9 @@ async fn dial(
         endpoint: target.to_string(),
         problem,
     };
-    let addr = resolve(target).await.map_err(unreachable)?;
+    let addr = resolve(target)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
     let connecting = endpoint
         .connect_with(config.clone(), addr, NODE_DOMAIN)
         .map_err(|e| unreachable(e.to_string()))?;
@@ -137,7 +139,7 @@ impl AdminClient {
     pub async fn connect(target: &str, creds: &AdminCredentials) -> Result<Self, ClientError> {
         let config = creds
             .material
-            .client_config(ALPN_ADMIN, crate::daemon::transport_config())
+            .client_config(ALPN_ADMIN, spaced_raft::network::transport_config())
             .map_err(|e| ClientError::Failed(e.to_string()))?;
         let bind: SocketAddr = if resolve(target).await.is_ok_and(|a| a.is_ipv6()) {
             "[::]:0"

@@ -164,7 +164,7 @@ pub struct ServicesReport {
     /// The fabric's service specs, by name.
     pub specs: std::collections::BTreeMap<String, spaced_fabric::ServiceSpec>,
     /// What this node's supervisor runs.
-    pub running: Vec<crate::supervisor::ServiceStatus>,
+    pub running: Vec<crate::services::supervisor::ServiceStatus>,
 }
 
 /// One singleton placement for `singleton list`.

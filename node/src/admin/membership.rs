@@ -1,0 +1,143 @@
+//! Membership changes on the leader: `node add` (asks the node who it is, adds it as a
+//! learner, registers it, promotes it while there are fewer than [`MAX_VOTERS`] voters),
+//! `node remove` and `leader transfer`.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use openraft::ChangeMembers;
+use openraft::async_runtime::WatchReceiver;
+use spaced_fabric::Command;
+use spaced_raft::network::{RaftReply, RaftRpc};
+use spaced_raft::{Member, NodeId};
+
+use super::server::AdminServer;
+use crate::now_millis;
+
+/// Most voters the fabric keeps; further nodes stay learners (as etcd advises, 5 tolerates 2 failures).
+pub const MAX_VOTERS: usize = 5;
+
+impl AdminServer {
+    pub(super) async fn add_node(
+        &self,
+        id: NodeId,
+        name: String,
+        addr: String,
+        roles: Option<BTreeSet<String>>,
+    ) -> Result<bool, String> {
+        spaced_fabric::check_name("node name", &name).map_err(|e| e.to_string())?;
+        let member = Member {
+            name: name.clone(),
+            addr: addr.clone(),
+        };
+        let membership = self.cluster.membership();
+        if membership.membership().get_node(&id).is_some() {
+            return Err(format!("node {id} is already a member"));
+        }
+        if let Some((other, _)) = membership
+            .membership()
+            .nodes()
+            .find(|(_, n)| n.name == name)
+        {
+            return Err(format!("name {name:?} is already used by node {other}"));
+        }
+        // Ask the node who it is before trusting it with the log.
+        let desc = match self
+            .cluster
+            .call(id, &member, RaftRpc::Describe, Duration::from_secs(3))
+            .await
+        {
+            Ok(RaftReply::Describe(d)) => d,
+            Ok(other) => return Err(format!("node at {addr}: unexpected reply {other:?}")),
+            Err(e) => return Err(format!("cannot reach node {name} at {addr}: {e}")),
+        };
+        if desc.id != id || desc.name != name {
+            return Err(format!(
+                "the node at {addr} is id {} named {:?}, not id {id} named {name:?}",
+                desc.id, desc.name
+            ));
+        }
+        let roles = roles.unwrap_or(desc.roles);
+        self.cluster
+            .raft
+            .add_learner(id, member, true)
+            .await
+            .map_err(|e| format!("add learner {id}: {e}"))?;
+        let register = Command::RegisterNode {
+            id,
+            name,
+            raft_addr: addr,
+            mgmt_ip: None,
+            roles,
+            at: now_millis(),
+        };
+        if let Err(e) = self.cluster.propose(register).await {
+            return Err(format!(
+                "node {id} joined as learner but was not registered in the fabric: {e}"
+            ));
+        }
+        let voters = self.cluster.membership().membership().voter_ids().count();
+        if voters >= MAX_VOTERS {
+            return Ok(false);
+        }
+        self.cluster
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| format!("node {id} joined as learner; promotion to voter failed: {e}"))?;
+        Ok(true)
+    }
+
+    pub(super) async fn remove_node(&self, who: &str) -> Result<(), String> {
+        let id = self.resolve_node(who)?;
+        let is_voter = self.cluster.is_voter(id);
+        if is_voter {
+            self.cluster
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| format!("remove voter {id}: {e}"))?;
+        }
+        self.cluster
+            .raft
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| format!("remove node {id}: {e}"))?;
+        let known = self.cluster.view.read(|f| f.nodes.contains_key(&id));
+        if known && let Err(e) = self.cluster.propose(Command::RemoveNode { id }).await {
+            // Membership already excludes it; the fabric record is cleaned on the next try.
+            return Err(format!(
+                "node {id} left the cluster but its fabric record stays: {e}"
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn transfer_leader(&self, who: &str) -> Result<(), String> {
+        let to = self.resolve_node(who)?;
+        if to == self.cluster.id {
+            return Ok(());
+        }
+        let voter = self.cluster.is_voter(to);
+        if !voter {
+            return Err(format!("node {to} is a learner; only voters can lead"));
+        }
+        self.cluster
+            .raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut rx = self.cluster.raft.metrics();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if rx.borrow_watched().current_leader == Some(to) {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(format!("node {to} did not take over leadership within 5 s")),
+            }
+        }
+    }
+}

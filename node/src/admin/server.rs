@@ -1,0 +1,420 @@
+//! The admin server: carries out what `spacectl` asks (status, lists, writes, and the
+//! operations only the leader may run), or forwards it to the leader, so that `spacectl` may
+//! talk to any node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use spaced_fabric::Command;
+use spaced_raft::NodeId;
+use spaced_raft::network::{RaftReply, RaftRpc};
+
+use super::{AdminReply, AdminRequest, DeviceRow, MAX_ADMIN_FRAME, NodeStatus, StatusReport};
+use crate::cluster::{Cluster, ProposeError};
+use crate::lb::service::LbService;
+use crate::now_millis;
+use crate::placement::Placements;
+use crate::services::supervisor::Supervisor;
+
+/// How long a node waits for the leader to carry out an admin request it forwarded; below
+/// spacectl's own call timeout, so spacectl hears the outcome (or the leader's address).
+const ADMIN_FORWARD_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// What the admin server reads and changes: the cluster, and the subsystems' handles whose
+/// state `spacectl` shows or whose operations it runs.
+pub struct AdminServer {
+    /// The cluster: status, writes, membership.
+    pub(super) cluster: Cluster,
+    /// VIP rows and operations.
+    pub(super) placements: Arc<Placements>,
+    /// Services running here.
+    pub(super) supervisor: Supervisor,
+    /// The balancer on the cluster VIP, if configured.
+    pub(super) lb: Option<Arc<LbService>>,
+    /// The devices' `lost_after` (the leader waits that long before moving any after election).
+    pub(super) device_lost_after: Duration,
+}
+
+/// Why an admin request could not be carried out here.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The bytes are not an admin request of this protocol version.
+    #[error("undecodable admin request: {0}")]
+    Undecodable(#[from] spaced_raft::codec::CodecError),
+    /// The reply could not be encoded.
+    #[error("cannot encode the admin reply")]
+    Unencodable,
+}
+
+impl AdminServer {
+    /// The server over the handles the root gives it.
+    pub fn new(
+        cluster: Cluster,
+        placements: Arc<Placements>,
+        supervisor: Supervisor,
+        lb: Option<Arc<LbService>>,
+        device_lost_after: Duration,
+    ) -> Arc<Self> {
+        Arc::new(AdminServer {
+            cluster,
+            placements,
+            supervisor,
+            lb,
+            device_lost_after,
+        })
+    }
+
+    /// Hands an admin request that only the leader can carry out (`request`, as it came from
+    /// spacectl) to the leader and returns its reply, so spacectl may talk to any node. The
+    /// leader carries it out or, if it no longer leads, says where the leader is; it does not
+    /// forward again. If the leader cannot be reached, spacectl gets the leader's address
+    /// (`addr`) to try itself. If this node learns of another leader meanwhile (the one asked
+    /// died, say), it stops waiting: it carries the request out itself if it now leads, else
+    /// names the new leader. (So a request the old leader carried out just before it lost the
+    /// lead may be carried out twice; operations refuse a duplicate or repeat harmlessly.)
+    async fn forward_admin(
+        &self,
+        leader: NodeId,
+        addr: Option<String>,
+        admin: &str,
+        request: Vec<u8>,
+    ) -> AdminReply {
+        let not_leader = |addr| AdminReply::NotLeader {
+            leader: Some(leader),
+            addr,
+        };
+        let Some(member) = self.cluster.member(leader) else {
+            return not_leader(addr);
+        };
+        let rpc = RaftRpc::Admin {
+            admin: admin.to_string(),
+            request: request.clone(),
+        };
+        let call = self
+            .cluster
+            .call(leader, &member, rpc, ADMIN_FORWARD_TIMEOUT);
+        let wait = self.cluster.raft.wait(None);
+        // A new leader known, not an election under way: the leader asked may be waiting for
+        // a vote itself (a leader transfer it was asked to make, say) and answer shortly.
+        let leader_moved = wait.metrics(
+            |m| m.current_leader.is_some_and(|l| l != leader),
+            "another leader",
+        );
+        let answer = tokio::select! {
+            answer = call => answer,
+            _ = leader_moved => {
+                tracing::debug!(leader, "the leader changed while a forwarded admin request waited");
+                if let Some(elsewhere) = self.not_leader() {
+                    return elsewhere;
+                }
+                return match decode_admin_request(&request) {
+                    Ok(req) => self.handle(req).await,
+                    Err(e) => AdminReply::Failed(e.to_string()),
+                };
+            }
+        };
+        match answer {
+            Ok(RaftReply::Admin(reply)) => spaced_raft::codec::decode::<AdminReply>(&reply)
+                .unwrap_or_else(|e| {
+                    AdminReply::Failed(format!("the leader's reply is undecodable: {e}"))
+                }),
+            Ok(other) => AdminReply::Failed(format!("the leader answered {other:?}")),
+            Err(e) => {
+                tracing::debug!(leader, error = %e, "could not forward an admin request to the leader");
+                not_leader(addr)
+            }
+        }
+    }
+
+    /// An admin request another node forwarded (see [`forward_admin`](Self::forward_admin)):
+    /// carried out here, not forwarded again; the encoded reply.
+    pub async fn serve_forwarded_admin(
+        &self,
+        from: NodeId,
+        admin: String,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, AdminError> {
+        let req = decode_admin_request(&request)?;
+        tracing::debug!(from, %admin, ?req, "admin request forwarded by a node");
+        let reply = self.handle(req).await;
+        encode_admin_reply(&reply).ok_or(AdminError::Unencodable)
+    }
+
+    fn not_leader(&self) -> Option<AdminReply> {
+        if self.cluster.raft.is_leader() {
+            return None;
+        }
+        let (leader, addr) = self.cluster.leader();
+        Some(AdminReply::NotLeader { leader, addr })
+    }
+
+    pub(super) fn resolve_node(&self, who: &str) -> Result<NodeId, String> {
+        let membership = self.cluster.membership();
+        let membership = membership.membership();
+        if let Ok(id) = who.parse::<NodeId>()
+            && membership.get_node(&id).is_some()
+        {
+            return Ok(id);
+        }
+        membership
+            .nodes()
+            .find(|(_, n)| n.name == who)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| format!("no node {who:?} in the cluster"))
+    }
+
+    async fn handle(&self, req: AdminRequest) -> AdminReply {
+        match req {
+            AdminRequest::Status => AdminReply::Status(self.status()),
+            AdminRequest::ListDevices => AdminReply::Devices(self.cluster.view.read(|f| {
+                f.devices
+                    .iter()
+                    .map(|(id, d)| DeviceRow {
+                        id: id.clone(),
+                        addr: d.addr.clone(),
+                        mode: d.mode,
+                        owner: d.owner,
+                        status: d.status,
+                        since: d.since,
+                        owner_name: d
+                            .owner
+                            .and_then(|o| f.nodes.get(&o).map(|n| n.name.clone())),
+                    })
+                    .collect()
+            })),
+            AdminRequest::VipList => AdminReply::Vips(self.placements.vip_rows()),
+            AdminRequest::Write(cmd) => self.write(cmd).await,
+            AdminRequest::LbStatus => AdminReply::Lb(super::LbReport {
+                node: self.cluster.name.clone(),
+                vip: self.lb.as_ref().map(|lb| lb.vip().to_string()),
+                listeners: self.lb.as_ref().map(|lb| lb.report()).unwrap_or_default(),
+                problems: self.lb.as_ref().map(|lb| lb.problems()).unwrap_or_default(),
+            }),
+            AdminRequest::ServiceStatus => AdminReply::Services(super::ServicesReport {
+                node: self.cluster.name.clone(),
+                specs: self.cluster.view.read(|f| f.services.clone()),
+                running: self.supervisor.status(),
+            }),
+            AdminRequest::SingletonList => AdminReply::Singletons(self.cluster.view.read(|f| {
+                let now = now_millis();
+                f.placements
+                    .iter()
+                    .filter_map(|(name, p)| match &p.kind {
+                        spaced_fabric::PlacementKind::Singleton { service } => {
+                            Some(super::SingletonRow {
+                                name: name.clone(),
+                                service: service.clone(),
+                                roles: p.eligible_roles.iter().cloned().collect(),
+                                owner: p.owner,
+                                owner_name: p
+                                    .owner
+                                    .and_then(|o| f.nodes.get(&o).map(|n| n.name.clone())),
+                                epoch: p.epoch,
+                                refused: super::RefusalRow::of(f, p, now),
+                            })
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })),
+            AdminRequest::AddDevices(devices) => {
+                self.write(Command::AddDevices {
+                    devices,
+                    at: now_millis(),
+                })
+                .await
+            }
+            leader_only => {
+                if let Some(r) = self.not_leader() {
+                    return r;
+                }
+                self.leader_op(leader_only)
+                    .await
+                    .unwrap_or_else(AdminReply::Failed)
+            }
+        }
+    }
+
+    /// The admin operations only the leader carries out.
+    async fn leader_op(&self, req: AdminRequest) -> Result<AdminReply, String> {
+        Ok(match req {
+            AdminRequest::AddNode {
+                id,
+                name,
+                addr,
+                roles,
+            } => AdminReply::NodeAdded {
+                voter: self.add_node(id, name, addr, roles).await?,
+            },
+            AdminRequest::RemoveNode(who) => {
+                self.remove_node(&who).await?;
+                AdminReply::Done
+            }
+            AdminRequest::TransferLeader(who) => {
+                self.transfer_leader(&who).await?;
+                AdminReply::Done
+            }
+            AdminRequest::VipAdd {
+                name,
+                address,
+                interface,
+                roles,
+            } => {
+                let (cannot, unchecked) = self
+                    .placements
+                    .vip_add(name, address, interface, roles)
+                    .await?;
+                AdminReply::VipAdded { cannot, unchecked }
+            }
+            AdminRequest::VipMove { name, to } => {
+                let to = self.resolve_node(&to)?;
+                AdminReply::Moved(self.placements.vip_move(&name, to).await?)
+            }
+            AdminRequest::DeviceRebalance { max_moves } => AdminReply::Rebalanced(
+                crate::devices::leader::rebalance(&self.cluster, self.device_lost_after, max_moves)
+                    .await?,
+            ),
+            AdminRequest::SetAdminState { node, state } => {
+                let id = self.resolve_node(&node)?;
+                let (name, devices) =
+                    crate::devices::leader::set_admin_state(&self.cluster, id, state).await?;
+                AdminReply::AdminStateSet {
+                    id,
+                    name,
+                    state,
+                    devices,
+                }
+            }
+            other => return Err(format!("not a leader operation: {other:?}")),
+        })
+    }
+
+    async fn write(&self, cmd: Command) -> AdminReply {
+        match self.cluster.commit(cmd).await {
+            Ok(Ok(o)) => AdminReply::Applied(o),
+            Ok(Err(e)) => AdminReply::Failed(e.to_string()),
+            Err(ProposeError::NotLeader(leader, addr)) => AdminReply::NotLeader { leader, addr },
+            Err(e) => AdminReply::Failed(e.to_string()),
+        }
+    }
+
+    fn status(&self) -> StatusReport {
+        let m = self.cluster.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let contacts = self.cluster.contacts();
+        let (records, counts, devices) = self
+            .cluster
+            .view
+            .read(|f| (f.nodes.clone(), f.device_counts(), f.devices.len() as u64));
+        let nodes = membership
+            .nodes()
+            .map(|(id, member)| {
+                let rec = records.get(id);
+                let last_contact_ms = if *id == self.cluster.id && m.state == ServerState::Leader {
+                    Some(0)
+                } else {
+                    contacts
+                        .get(id)
+                        .copied()
+                        .flatten()
+                        .map(|d| d.as_millis() as u64)
+                };
+                NodeStatus {
+                    id: *id,
+                    name: member.name.clone(),
+                    addr: member.addr.clone(),
+                    mgmt_ip: rec.and_then(|r| r.mgmt_ip),
+                    roles: rec
+                        .map(|r| r.roles.iter().cloned().collect())
+                        .unwrap_or_default(),
+                    voter: membership.voter_ids().any(|v| v == *id),
+                    last_contact_ms,
+                    admin_state: rec.map(|r| r.admin_state),
+                    devices: counts.get(id).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        StatusReport {
+            served_by: self.cluster.id,
+            leader: m.current_leader,
+            leader_addr: m
+                .current_leader
+                .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone())),
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index()),
+            nodes,
+            devices,
+            vips: self.placements.vip_rows(),
+        }
+    }
+}
+
+/// Decodes an admin request from the wire (from spacectl, or forwarded by a node).
+fn decode_admin_request(bytes: &[u8]) -> Result<AdminRequest, AdminError> {
+    Ok(spaced_raft::codec::decode(bytes)?)
+}
+
+/// Encodes an admin reply for the wire; a reply over the admin frame limit becomes a `Failed`
+/// that says so. `None` only if even that cannot be encoded (logged).
+pub fn encode_admin_reply(reply: &AdminReply) -> Option<Vec<u8>> {
+    let encoded = spaced_raft::codec::encode(reply).and_then(|b| {
+        if b.len() <= MAX_ADMIN_FRAME {
+            return Ok(b);
+        }
+        spaced_raft::codec::encode(&AdminReply::Failed(format!(
+            "reply of {} bytes exceeds the admin frame limit",
+            b.len()
+        )))
+    });
+    match encoded {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode admin reply");
+            None
+        }
+    }
+}
+
+/// Serves one `spacectl` connection (admin certificate `admin`): one request per stream.
+pub async fn serve_admin(server: Arc<AdminServer>, conn: quinn::Connection, admin: String) {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let server = server.clone();
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let bytes = match spaced_raft::frame::read_frame(&mut recv, MAX_ADMIN_FRAME).await {
+                Ok(Some(b)) => b,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(%admin, error = %e, "admin stream refused");
+                    let _ = send.reset(1u32.into());
+                    return;
+                }
+            };
+            let reply = match decode_admin_request(&bytes) {
+                Ok(req) => {
+                    tracing::debug!(%admin, ?req, "admin request");
+                    match server.handle(req).await {
+                        AdminReply::NotLeader {
+                            leader: Some(leader),
+                            addr,
+                        } if leader != server.cluster.id => {
+                            server.forward_admin(leader, addr, &admin, bytes).await
+                        }
+                        reply => reply,
+                    }
+                }
+                Err(e) => AdminReply::Failed(e.to_string()),
+            };
+            if let Some(b) = encode_admin_reply(&reply) {
+                let _ = spaced_raft::frame::write_frame(&mut send, &b).await;
+            }
+            let _ = send.finish();
+        });
+    }
+}

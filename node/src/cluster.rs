@@ -1,0 +1,302 @@
+//! The narrow handle every subsystem is given: who this node is, the Raft handle, the applied
+//! fabric, how to commit or propose a command, the membership and the liveness the leader
+//! sees. Cheap to clone; it holds nothing of any subsystem.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::Instant as _;
+use openraft::async_runtime::WatchReceiver;
+use spaced_fabric::Command;
+use spaced_raft::network::{QuicNetwork, RaftReply, RaftRpc, RpcError};
+use spaced_raft::store::FabricView;
+use spaced_raft::types::StoredMembership;
+use spaced_raft::{Member, NodeId, Outcome, Raft, Response};
+use tokio::sync::watch;
+
+use crate::lock;
+use crate::ops::metrics::NodeMetrics;
+
+/// A node that said it is stopping is given no new work for this long (it is exiting).
+const LEAVING_FOR: Duration = Duration::from_secs(10);
+
+/// How long a proposal forwarded to the leader may take.
+const PROPOSE_WITHIN: Duration = Duration::from_secs(3);
+
+/// Why a command was not committed through this node.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// This node does not lead; the leader's id and address, if known.
+    #[error("not the leader (leader: {0:?})")]
+    NotLeader(Option<NodeId>, Option<String>),
+    /// No leader is known, or it is not in the membership.
+    #[error("no leader known")]
+    NoLeader,
+    /// The leader did not answer a forwarded proposal, or answered something else.
+    #[error("leader {leader}: {problem}")]
+    Forward {
+        /// The leader asked.
+        leader: NodeId,
+        /// What went wrong.
+        problem: String,
+    },
+    /// Raft failed (shutting down, fatal error).
+    #[error("raft: {0}")]
+    Raft(String),
+    /// The command was delivered and refused by the fabric.
+    #[error(transparent)]
+    Refused(#[from] spaced_fabric::CommandError),
+}
+
+/// The cluster as one node sees it. Cloning shares it.
+#[derive(Clone)]
+pub struct Cluster {
+    state: Arc<ClusterState>,
+}
+
+/// What a [`Cluster`] handle shares.
+pub struct ClusterState {
+    /// This node's id.
+    pub id: NodeId,
+    /// This node's name.
+    pub name: String,
+    /// Roles from the config (registered in the fabric when the node joins).
+    pub roles: BTreeSet<String>,
+    /// The address other nodes and spacectl dial (`advertise`, else the bound address).
+    pub advertise: SocketAddr,
+    /// The Raft handle.
+    pub raft: Raft,
+    /// The applied fabric.
+    pub view: FabricView,
+    /// Dialer for node-to-node calls.
+    pub network: QuicNetwork,
+    /// Prometheus metrics: commit latency is recorded here.
+    pub metrics: NodeMetrics,
+    /// Since when this node leads (`None`: it does not).
+    pub tenure: LeaderTenure,
+    /// On the leader: nodes that said they are stopping, and since when; the planners give
+    /// them nothing new.
+    leaving: Mutex<BTreeMap<NodeId, Instant>>,
+}
+
+impl Deref for Cluster {
+    type Target = ClusterState;
+    fn deref(&self) -> &ClusterState {
+        &self.state
+    }
+}
+
+impl Cluster {
+    /// Wraps what the composition root built.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: NodeId,
+        name: String,
+        roles: BTreeSet<String>,
+        advertise: SocketAddr,
+        raft: Raft,
+        view: FabricView,
+        network: QuicNetwork,
+        metrics: NodeMetrics,
+    ) -> Self {
+        Cluster {
+            state: Arc::new(ClusterState {
+                id,
+                name,
+                roles,
+                advertise,
+                raft,
+                view,
+                network,
+                metrics,
+                tenure: LeaderTenure::default(),
+                leaving: Mutex::default(),
+            }),
+        }
+    }
+}
+
+impl ClusterState {
+    /// The Raft membership this node knows now (effective, possibly not yet committed).
+    pub fn membership(&self) -> Arc<StoredMembership> {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone()
+    }
+
+    /// How to reach member `id`, if it is one.
+    pub fn member(&self, id: NodeId) -> Option<Member> {
+        self.membership().membership().get_node(&id).cloned()
+    }
+
+    /// Whether `id` is a voter.
+    pub fn is_voter(&self, id: NodeId) -> bool {
+        self.membership().membership().voter_ids().any(|v| v == id)
+    }
+
+    /// The voter sets a quorum decision needs a majority of: one, or two during a
+    /// joint-consensus membership change.
+    pub fn voter_configs(&self) -> Vec<BTreeSet<NodeId>> {
+        self.membership().membership().get_joint_config().clone()
+    }
+
+    /// The current voters and how to reach them.
+    pub fn voters(&self) -> Vec<(NodeId, Option<Member>)> {
+        let membership = self.membership();
+        let membership = membership.membership();
+        membership
+            .voter_ids()
+            .map(|v| (v, membership.get_node(&v).cloned()))
+            .collect()
+    }
+
+    /// The leader this node knows of, and its address.
+    pub fn leader(&self) -> (Option<NodeId>, Option<String>) {
+        let leader = self.raft.metrics().borrow_watched().current_leader;
+        (leader, leader.and_then(|l| self.member(l)).map(|n| n.addr))
+    }
+
+    /// On the leader: time since it last heard from each peer (`None`: never). Empty elsewhere.
+    pub fn contacts(&self) -> BTreeMap<NodeId, Option<Duration>> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.heartbeat
+            .as_ref()
+            .map(|hb| {
+                hb.iter()
+                    .map(|(id, t)| (*id, t.as_ref().map(|t| t.elapsed())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Nodes the leader heard from within `within`, plus itself.
+    pub fn live_nodes(&self, within: Duration) -> BTreeSet<NodeId> {
+        let mut live: BTreeSet<NodeId> = self
+            .contacts()
+            .into_iter()
+            .filter(|(_, t)| t.is_some_and(|t| t < within))
+            .map(|(id, _)| id)
+            .collect();
+        live.insert(self.id);
+        live
+    }
+
+    /// On the leader: the nodes work may go to now: heard from within `within` and not leaving.
+    pub fn live_set(&self, within: Duration) -> BTreeSet<NodeId> {
+        let mut live = self.live_nodes(within);
+        let mut leaving = lock(&self.leaving);
+        leaving.retain(|_, since| since.elapsed() < LEAVING_FOR);
+        live.retain(|n| !leaving.contains_key(n));
+        live
+    }
+
+    /// Records that `node` is stopping: the planners give it nothing new for a while.
+    pub fn leaving(&self, node: NodeId) {
+        lock(&self.leaving).insert(node, Instant::now());
+    }
+
+    /// Commits `cmd` through this node (it must lead) and returns its applied result, refused
+    /// commands included; records the commit latency.
+    pub async fn commit(&self, cmd: Command) -> Result<Response, ProposeError> {
+        let started = Instant::now();
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => {
+                self.metrics.commit_latency(started.elapsed());
+                Ok(resp.response().clone())
+            }
+            Err(e) => match e.forward_to_leader() {
+                Some(fwd) => Err(ProposeError::NotLeader(
+                    fwd.leader_id,
+                    fwd.leader_node.as_ref().map(|n| n.addr.clone()),
+                )),
+                None => Err(ProposeError::Raft(e.to_string())),
+            },
+        }
+    }
+
+    /// Like [`commit`](Self::commit), with a refused command as an error too.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        Ok(self.commit(cmd).await??)
+    }
+
+    /// Proposes `cmd` through whichever node leads (locally when this node does): `Ok` carries
+    /// the applied result (a refused command included), `Err` means it was not delivered.
+    pub async fn propose_anywhere(&self, cmd: Command) -> Result<Response, ProposeError> {
+        if self.raft.is_leader() {
+            return self.commit(cmd).await;
+        }
+        let leader = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .current_leader
+            .ok_or(ProposeError::NoLeader)?;
+        let member = self.member(leader).ok_or(ProposeError::NoLeader)?;
+        let forward = |problem: String| ProposeError::Forward { leader, problem };
+        match self
+            .call(leader, &member, RaftRpc::Propose(cmd), PROPOSE_WITHIN)
+            .await
+            .map_err(|e| forward(e.to_string()))?
+        {
+            RaftReply::Proposed(r) => Ok(r),
+            other => Err(forward(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// One RPC to a peer, within `ttl` (dialing included).
+    pub async fn call(
+        &self,
+        peer: NodeId,
+        member: &Member,
+        rpc: RaftRpc,
+        ttl: Duration,
+    ) -> Result<RaftReply, RpcError> {
+        self.network.call(peer, member, rpc, ttl).await
+    }
+}
+
+/// Since when this node leads, kept by [`LeaderTenure::track`] from Raft's server state. The
+/// planners use it: a new leader knows little of its peers' liveness at first.
+#[derive(Default)]
+pub struct LeaderTenure {
+    since: Mutex<Option<Instant>>,
+}
+
+impl LeaderTenure {
+    /// How long this node has led; `None` when it does not lead.
+    pub fn leading_for(&self) -> Option<Duration> {
+        lock(&self.since).map(|t| t.elapsed())
+    }
+
+    /// Records whether this node leads now (the start of a tenure is kept while it lasts).
+    pub fn observe(&self, leading: bool) {
+        let mut since = lock(&self.since);
+        match (leading, since.is_some()) {
+            (true, false) => *since = Some(Instant::now()),
+            (false, true) => *since = None,
+            _ => {}
+        }
+    }
+
+    /// Follows Raft's server state until shutdown or until Raft stops.
+    pub async fn track(cluster: Cluster, mut shutdown: watch::Receiver<bool>) {
+        let mut server = cluster.raft.server_metrics();
+        loop {
+            let leading = server.borrow_watched().state.is_leader();
+            cluster.tenure.observe(leading);
+            tokio::select! {
+                changed = server.changed() => if changed.is_err() {
+                    cluster.tenure.observe(false);
+                    return;
+                },
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}

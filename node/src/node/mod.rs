@@ -1,0 +1,479 @@
+//! The composition root: [`Node::start`] builds every subsystem in one place, hands each only
+//! the handles it uses, spawns its tasks, and stops them in order. Nothing but the binaries,
+//! the demo's tests and the benchmarks import it.
+//!
+//! * [`peer`] — the QUIC endpoint's accept loop (Raft or admin, by certificate and ALPN) and
+//!   the node RPCs peers call (renewals, silence, proposals, release, VIP checks, forwarded
+//!   admin requests).
+//! * [`registration`] — the node's own record in the fabric (bootstrap, management IP).
+//! * [`observe`] — `/metrics` and `/healthz`.
+
+mod observe;
+mod peer;
+mod registration;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::SnapshotPolicy;
+use spaced_fabric::Command;
+use spaced_raft::network::{QuicNetwork, transport_config};
+use spaced_raft::pki::{ALPN_RAFT, Identity, TlsMaterial, TlsPaths};
+use spaced_raft::store::{self, FabricView};
+use spaced_raft::{Member, NodeId, Outcome, Raft};
+use tokio::sync::watch;
+
+use crate::admin::server::AdminServer;
+use crate::cluster::{Cluster, LeaderTenure, ProposeError};
+use crate::devices::agent::DeviceAgent;
+use crate::ops::config::{NodeConfig, TakeoverMode};
+use crate::ops::metrics::NodeMetrics;
+use crate::placement::Placements;
+use crate::placement::agent::{Agent, LoopbackBackend, VipBackend};
+use crate::placement::lease::LeaseConfig;
+use crate::services::desired::PlacementBackend;
+use crate::services::supervisor::{Supervisor, SupervisorConfig};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The operator's input is at fault (exit 2): config file, key and problem.
+    #[error("config {file}: key `{key}`: {problem}")]
+    Input {
+        /// The config file.
+        file: String,
+        /// The key at fault.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The system failed (exit 1): a socket, the store, Raft.
+    #[error("{0}")]
+    System(String),
+}
+
+impl StartError {
+    fn input(cfg: &NodeConfig, key: &str, problem: impl std::fmt::Display) -> Self {
+        StartError::Input {
+            file: cfg.source.display().to_string(),
+            key: key.to_string(),
+            problem: problem.to_string(),
+        }
+    }
+    fn system(problem: impl std::fmt::Display) -> Self {
+        StartError::System(problem.to_string())
+    }
+    /// Whether the operator's input is at fault (exit 2) rather than the system (exit 1).
+    pub fn bad_input(&self) -> bool {
+        matches!(self, StartError::Input { .. })
+    }
+}
+
+/// A running node.
+pub struct Node {
+    /// The cluster handle the subsystems share.
+    cluster: Cluster,
+    /// Placements: handed over first on shutdown.
+    placements: Arc<Placements>,
+    /// The supervisor: every service stopped before the node goes.
+    supervisor: Supervisor,
+    /// The device agent (its counts for tests).
+    devices: Arc<DeviceAgent>,
+    /// The QUIC endpoint, closed last.
+    endpoint: quinn::Endpoint,
+    /// Bound QUIC address.
+    listen: SocketAddr,
+    /// Signals every task to stop.
+    shutdown_tx: watch::Sender<bool>,
+    /// Background tasks to await on shutdown.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The balancer's task, awaited (not aborted) on shutdown so open connections drain.
+    lb_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The VIP agent's backend for the configured takeover mode; checks the config's VIPs
+/// against the host (interface present, address inside its subnet, capabilities) first.
+async fn vip_backend(cfg: &NodeConfig) -> Result<Arc<dyn VipBackend>, StartError> {
+    Ok(match cfg.takeover {
+        TakeoverMode::Loopback => {
+            let ports = cfg
+                .vips
+                .iter()
+                .filter_map(|v| v.port.map(|p| (v.name.clone(), p)))
+                .collect();
+            Arc::new(LoopbackBackend::new(cfg.name.clone(), ports))
+        }
+        TakeoverMode::Netlink => {
+            let backend = crate::takeover::backend::NetlinkBackend::new()
+                .await
+                .map_err(|e| StartError::system(format!("takeover: {e}")))?;
+            if !cfg.vips.is_empty() {
+                crate::takeover::check_capabilities().map_err(|e| {
+                    StartError::input(cfg, "vip", format!("this node cannot hold VIPs: {e}"))
+                })?;
+            }
+            for (i, v) in cfg.vips.iter().enumerate() {
+                backend
+                    .check(&v.address, &v.interface)
+                    .await
+                    .map_err(|e| StartError::input(cfg, &format!("vip[{i}]"), e))?;
+            }
+            Arc::new(backend)
+        }
+    })
+}
+
+impl Node {
+    /// Starts a node from its config. With `bootstrap`, initialises a one-node cluster on an empty data dir.
+    pub async fn start(cfg: NodeConfig, bootstrap: bool) -> Result<Node, StartError> {
+        let roles: BTreeSet<String> = cfg.roles.iter().cloned().collect();
+        let tls = TlsMaterial::load(&TlsPaths {
+            ca: cfg.tls.ca.clone(),
+            cert: cfg.tls.cert.clone(),
+            key: cfg.tls.key.clone(),
+        })
+        .map_err(|e| StartError::input(&cfg, "tls", e))?;
+        match tls.identity() {
+            Identity::Node(n) if *n == cfg.name => {}
+            other => {
+                return Err(StartError::input(
+                    &cfg,
+                    "tls.cert",
+                    format!("certificate is for {other:?}, not node {:?}", cfg.name),
+                ));
+            }
+        }
+
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            StartError::input(&cfg, "data_dir", format!("{}: {e}", cfg.data_dir.display()))
+        })?;
+        let (log_store, sm_store) =
+            store::open(&cfg.data_dir).map_err(|e| StartError::input(&cfg, "data_dir", e))?;
+        let empty =
+            store::is_empty(&log_store).map_err(|e| StartError::input(&cfg, "data_dir", e))?;
+        if bootstrap && !empty {
+            return Err(StartError::input(
+                &cfg,
+                "data_dir",
+                format!(
+                    "--bootstrap refused: {} already holds Raft state (restart without --bootstrap to resume)",
+                    cfg.data_dir.display()
+                ),
+            ));
+        }
+        let view = sm_store.view();
+
+        let transport = transport_config();
+        let server_cfg = tls
+            .server_config(transport.clone())
+            .map_err(StartError::system)?;
+        let client_cfg = tls
+            .client_config(ALPN_RAFT, transport)
+            .map_err(StartError::system)?;
+        let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|e| {
+            StartError::input(
+                &cfg,
+                "listen",
+                format!("cannot bind UDP {}: {e}", cfg.listen),
+            )
+        })?;
+        let listen = endpoint.local_addr().map_err(StartError::system)?;
+        let advertise = cfg.advertise.unwrap_or(listen);
+
+        let network = QuicNetwork::new(cfg.node_id, endpoint.clone(), client_cfg);
+        let raft_config = openraft::Config {
+            cluster_name: "spaced".into(),
+            heartbeat_interval: cfg.raft.heartbeat_interval_ms,
+            election_timeout_min: cfg.raft.election_timeout_min_ms,
+            election_timeout_max: cfg.raft.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: cfg.raft.logs_kept_after_snapshot,
+            install_snapshot_timeout: 10_000,
+            // A node cut off by a partition must not raise the term and depose a healthy leader when it returns.
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::input(&cfg, "raft", e))?;
+        let raft = Raft::new(
+            cfg.node_id,
+            Arc::new(raft_config),
+            network.clone(),
+            log_store,
+            sm_store,
+        )
+        .await
+        .map_err(|e| StartError::system(format!("raft: {e}")))?;
+
+        let metrics = NodeMetrics::new();
+        let recorder = metrics.recorder();
+        let fd_limit = match crate::raise_fd_limit() {
+            Ok(limit) => Some(limit),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot raise the open-files limit; fewer devices can be held");
+                None
+            }
+        };
+        let lb = match &cfg.lb {
+            Some(section) => {
+                let vip_ip = cfg
+                    .vips
+                    .iter()
+                    .find(|v| v.name == section.vip)
+                    .and_then(|v| spaced_fabric::vip_ip(&v.address))
+                    .ok_or_else(|| {
+                        StartError::input(
+                            &cfg,
+                            "lb.vip",
+                            "no [[vip]] with a usable address of that name",
+                        )
+                    })?;
+                let prebind = cfg.takeover == crate::ops::config::TakeoverMode::Netlink;
+                Some(crate::lb::service::LbService::new(
+                    section, vip_ip, prebind, fd_limit,
+                ))
+            }
+            None => None,
+        };
+        let devices = DeviceAgent::new(cfg.node_id, &cfg.devices).map_err(|e| {
+            let addr = cfg
+                .devices
+                .listen
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            StartError::input(
+                &cfg,
+                "devices.listen",
+                format!("cannot bind TCP {addr}: {e}"),
+            )
+        })?;
+        let devices = Arc::new(devices);
+        let cluster = Cluster::new(
+            cfg.node_id,
+            cfg.name.clone(),
+            roles,
+            advertise,
+            raft.clone(),
+            view,
+            network,
+            metrics,
+        );
+
+        // Placements, services and the takeover backend, wired through the agent's backend.
+        let lease = LeaseConfig {
+            duration: Duration::from_millis(cfg.lease.duration_ms),
+            renew_every: Duration::from_millis(cfg.lease.renew_every_ms),
+            margin: Duration::from_millis(cfg.lease.margin_ms),
+            drift: cfg.lease.drift,
+        };
+        let takeover = vip_backend(&cfg).await?;
+        let supervisor = Supervisor::start_with_recorder(
+            SupervisorConfig::new(&cfg.data_dir.join("service-logs")),
+            recorder,
+        )
+        .map_err(|e| StartError::input(&cfg, "data_dir", format!("service supervisor: {e}")))?;
+        let services_wake = Arc::new(tokio::sync::Notify::new());
+        let placement_backend = Arc::new(PlacementBackend::new(
+            takeover,
+            supervisor.clone(),
+            services_wake.clone(),
+        ));
+        let agent = Agent::new(cfg.node_id, lease.clone(), placement_backend.clone());
+        agent
+            .set_refresh((cfg.garp_refresh_s > 0).then(|| Duration::from_secs(cfg.garp_refresh_s)));
+        let placements = Placements::new(
+            cluster.clone(),
+            lease,
+            Arc::new(agent),
+            placement_backend.clone(),
+        );
+        let device_lost_after = devices.settings().lost_after;
+        let admin = AdminServer::new(
+            cluster.clone(),
+            placements.clone(),
+            supervisor.clone(),
+            lb.clone(),
+            device_lost_after,
+        );
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        if let Some(addr) = cfg.metrics {
+            let mut rx = shutdown_rx.clone();
+            let state: Arc<dyn crate::ops::http::HttpState> =
+                Arc::new(observe::HttpView::new(cluster.clone(), lb.clone()));
+            let (_, h) = crate::ops::http::serve(addr, state, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(|e| StartError::input(&cfg, "metrics", e))?;
+            tasks.push(h);
+        }
+
+        let stop = || shutdown_rx.clone();
+        tasks.push(tokio::spawn(LeaderTenure::track(cluster.clone(), stop())));
+        tasks.push(tokio::spawn(placements.clone().agent_loop(stop())));
+        tasks.push(tokio::spawn(placements.clone().controller_loop(stop())));
+        tasks.push(tokio::spawn(
+            placements.clone().register_config_vips(cfg.vips.clone()),
+        ));
+        tasks.push(tokio::spawn(registration::record_mgmt_ip(
+            cluster.clone(),
+            cfg.mgmt_ip,
+            stop(),
+        )));
+        let hooks = Arc::new(peer::Hooks::new(placements.clone(), admin.clone()));
+        tasks.push(tokio::spawn(peer::accept_loop(
+            endpoint.clone(),
+            cluster.clone(),
+            hooks,
+            admin,
+            stop(),
+        )));
+        tasks.push(tokio::spawn(observe::metrics_loop(cluster.clone(), stop())));
+        tasks.push(tokio::spawn(crate::services::desired::services_loop(
+            placements.clone(),
+            placement_backend,
+            supervisor.clone(),
+            services_wake,
+            stop(),
+        )));
+        tasks.push(tokio::spawn(crate::devices::agent::run(
+            cluster.clone(),
+            devices.clone(),
+            stop(),
+        )));
+        tasks.push(tokio::spawn(crate::devices::leader::planner_loop(
+            cluster.clone(),
+            device_lost_after,
+            stop(),
+        )));
+        let lb_task = lb.map(|service| {
+            tokio::spawn(crate::lb::service::run(
+                cluster.view.clone(),
+                placements.agent().clone(),
+                service,
+                stop(),
+            ))
+        });
+
+        if bootstrap {
+            let me = Member {
+                name: cfg.name.clone(),
+                addr: advertise.to_string(),
+            };
+            raft.initialize(BTreeMap::from([(cfg.node_id, me)]))
+                .await
+                .map_err(|e| StartError::system(format!("bootstrap: {e}")))?;
+            tasks.push(tokio::spawn(registration::register_self(cluster.clone())));
+        }
+        tracing::info!(node = cfg.node_id, name = %cfg.name, %listen, bootstrap, "node started");
+        Ok(Node {
+            cluster,
+            placements,
+            supervisor,
+            devices,
+            endpoint,
+            listen,
+            shutdown_tx,
+            tasks,
+            lb_task,
+        })
+    }
+
+    /// The Raft handle (tests and the demo watch its metrics).
+    pub fn raft(&self) -> &Raft {
+        &self.cluster.raft
+    }
+
+    /// Read access to the applied fabric.
+    pub fn fabric(&self) -> &FabricView {
+        &self.cluster.view
+    }
+
+    /// The bound QUIC address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The address other nodes and spacectl dial: `advertise`, else the bound address.
+    pub fn advertise_addr(&self) -> SocketAddr {
+        self.cluster.advertise
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.cluster.id
+    }
+
+    /// Where devices in device-initiated mode connect to this node, if it listens.
+    pub fn device_listen_addr(&self) -> Option<SocketAddr> {
+        self.devices.listen_addr()
+    }
+
+    /// Devices this node holds a connection task for (connected or still trying).
+    pub fn held_devices(&self) -> usize {
+        self.devices.held_count()
+    }
+
+    /// Proposes a command through this node (must be leader) and records commit latency.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        self.cluster.propose(cmd).await
+    }
+
+    /// A cloneable handle for proposing commands from many tasks.
+    pub fn proposer(&self) -> Proposer {
+        Proposer {
+            cluster: self.cluster.clone(),
+        }
+    }
+
+    /// Stops serving, shuts Raft down and waits for the tasks.
+    pub async fn shutdown(self) {
+        // Hand VIPs over first (fence, release, let the leader re-grant), then leadership.
+        self.placements.hand_over().await;
+        let _ = self.shutdown_tx.send(true);
+        // Every service stopped (SIGTERM, grace, SIGKILL) before the node goes.
+        self.supervisor.shutdown().await;
+        if let Some(lb) = self.lb_task {
+            // Bounded by the drain grace: open connections finish or are cut.
+            let _ = lb.await;
+        }
+        let _ = self.cluster.raft.shutdown().await;
+        self.endpoint.close(0u32.into(), b"shutdown");
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        self.endpoint.wait_idle().await;
+    }
+
+    /// Stops at once, as close to a crash as one process allows: no hand-over of VIPs or
+    /// leadership, no goodbye to the leader; device connections and QUIC just drop. Peers notice
+    /// only by silence. For failover tests and benchmarks.
+    pub async fn crash(self) {
+        let _ = self.shutdown_tx.send(true);
+        for t in self.tasks.into_iter().chain(self.lb_task) {
+            t.abort();
+            let _ = t.await;
+        }
+        let _ = self.cluster.raft.shutdown().await;
+        self.endpoint.close(0u32.into(), b"crash");
+    }
+}
+
+/// Proposes commands through one node (benchmarks, tests).
+#[derive(Clone)]
+pub struct Proposer {
+    cluster: Cluster,
+}
+
+impl Proposer {
+    /// Proposes `cmd` (this node must lead); returns the applied outcome.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        self.cluster.propose(cmd).await
+    }
+}

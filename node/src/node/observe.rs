@@ -1,0 +1,88 @@
+//! What the node shows on its HTTP endpoint: `/metrics` (refreshed from Raft's metrics every
+//! half second) and `/healthz`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use spaced_raft::NodeId;
+use tokio::sync::watch;
+
+use crate::cluster::Cluster;
+use crate::lb::service::LbService;
+
+/// Refreshes the Raft gauges until shutdown.
+pub(super) async fn metrics_loop(inner: Cluster, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let m = inner.raft.metrics().borrow_watched().clone();
+        let names: BTreeMap<NodeId, String> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.name.clone()))
+            .collect();
+        let contacts = inner
+            .contacts()
+            .into_iter()
+            .filter(|(id, _)| *id != inner.id)
+            .map(|(id, t)| {
+                let name = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
+                (name, t.map(|d| d.as_secs_f64()))
+            })
+            .collect();
+        inner.metrics.update(
+            m.current_term,
+            m.current_leader,
+            m.last_applied.map(|l| l.index()),
+            m.state == ServerState::Leader,
+            contacts,
+        );
+    }
+}
+
+/// Adapts the node to the HTTP server's view.
+pub(super) struct HttpView {
+    cluster: Cluster,
+    lb: Option<Arc<LbService>>,
+}
+
+impl HttpView {
+    pub(super) fn new(cluster: Cluster, lb: Option<Arc<LbService>>) -> Self {
+        HttpView { cluster, lb }
+    }
+}
+
+impl crate::ops::http::HttpState for HttpView {
+    fn metrics_text(&self) -> String {
+        let mut text = self.cluster.metrics.render();
+        if let Some(lb) = &self.lb {
+            lb.render(&mut text);
+        }
+        text
+    }
+
+    fn health(&self) -> (bool, String) {
+        let m = self.cluster.raft.metrics();
+        let m = m.borrow_watched();
+        if let Err(e) = &m.running_state {
+            return (false, format!("raft stopped: {e}"));
+        }
+        match m.current_leader {
+            Some(l) => (
+                true,
+                format!("{:?}, leader {l}, term {}", m.state, m.current_term),
+            ),
+            None => (
+                false,
+                format!("{:?}, no leader known, term {}", m.state, m.current_term),
+            ),
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The QUIC endpoint's accept loop, and the node RPCs peers call (renewals, silence,
+//! proposals, release, VIP checks, forwarded admin requests).
+//!
+//! Errors cross the wire as text (`Result<_, String>` in [`NodeHooks`]): the peer only logs
+//! or relays them, and a typed error would tie both builds to one enum.
+
+use std::sync::Arc;
+
+use spaced_fabric::{Command, Millis};
+use spaced_raft::network::{BoxFuture, NodeDescription, NodeHooks, RaftService};
+use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, Identity};
+use spaced_raft::{NodeId, Response};
+use tokio::sync::watch;
+
+use crate::admin::server::{AdminServer, serve_admin};
+use crate::cluster::Cluster;
+use crate::now_millis;
+use crate::placement::Placements;
+use crate::placement::lease::{Held, LeaseKey};
+
+/// Accepts QUIC connections until shutdown: a node certificate with the Raft ALPN gets the
+/// Raft service (with `hooks`), an admin certificate with the admin ALPN the admin server.
+pub(super) async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    cluster: Cluster,
+    hooks: Arc<Hooks>,
+    admin: Arc<AdminServer>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let svc = RaftService {
+        hooks: Some(hooks),
+        raft: cluster.raft.clone(),
+        local: NodeDescription {
+            id: cluster.id,
+            name: cluster.name.clone(),
+            roles: cluster.roles.clone(),
+        },
+    };
+    // Connection tasks die with the loop (dropping a JoinSet aborts its tasks), so a stopped
+    // node leaves nothing holding its Raft handle or storage.
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => return },
+            _ = shutdown.wait_for(|s| *s) => return,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let svc = svc.clone();
+        let admin = admin.clone();
+        conns.spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) if pki::is_protocol_mismatch(&e) => {
+                    tracing::warn!(
+                        %remote,
+                        error = %e,
+                        raft = %String::from_utf8_lossy(ALPN_RAFT),
+                        admin = %String::from_utf8_lossy(ALPN_ADMIN),
+                        "refused connection: the peer speaks neither of our protocol versions; \
+                         it runs another spaced build"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused connection: handshake failed");
+                    return;
+                }
+            };
+            let alpn = conn
+                .handshake_data()
+                .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|h| h.protocol);
+            let identity = match pki::peer_identity(&conn) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused connection: no usable certificate");
+                    conn.close(1u32.into(), b"certificate");
+                    return;
+                }
+            };
+            match (alpn.as_deref(), identity) {
+                (Some(ALPN_RAFT), Identity::Node(name)) => svc.serve_connection(conn, name).await,
+                (Some(ALPN_ADMIN), Identity::Admin(name)) => serve_admin(admin, conn, name).await,
+                (alpn, identity) => {
+                    tracing::warn!(%remote, ?identity, alpn = ?alpn.map(String::from_utf8_lossy), "refused connection: wrong certificate for protocol");
+                    conn.close(1u32.into(), b"wrong certificate for protocol");
+                }
+            }
+        });
+    }
+}
+
+/// The RPC handlers this node offers its peers.
+pub(super) struct Hooks {
+    /// Renewals, silence, release and VIP checks.
+    placements: Arc<Placements>,
+    /// Admin requests other nodes forward.
+    admin: Arc<AdminServer>,
+}
+
+impl Hooks {
+    pub(super) fn new(placements: Arc<Placements>, admin: Arc<AdminServer>) -> Self {
+        Hooks { placements, admin }
+    }
+}
+
+impl NodeHooks for Hooks {
+    fn renew(
+        &self,
+        from: NodeId,
+        held: Vec<Held>,
+    ) -> BoxFuture<'static, Result<Vec<Held>, String>> {
+        let recorded = self.placements.record_renewal(from, held);
+        Box::pin(async move { Ok(recorded) })
+    }
+
+    fn silence(&self, keys: Vec<LeaseKey>) -> BoxFuture<'static, Result<Vec<u64>, String>> {
+        let ms = self
+            .placements
+            .local_silence(&keys)
+            .into_iter()
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        Box::pin(async move { Ok(ms) })
+    }
+
+    fn propose(
+        &self,
+        _from: NodeId,
+        mut cmd: Command,
+    ) -> BoxFuture<'static, Result<Response, String>> {
+        stamp_with_leader_clock(&mut cmd, now_millis());
+        let cluster = self.placements.cluster.clone();
+        Box::pin(async move { cluster.commit(cmd).await.map_err(|e| e.to_string()) })
+    }
+
+    fn leaving(&self, from: NodeId) {
+        self.placements.cluster.leaving(from);
+    }
+
+    fn release(&self, name: String, epoch: u64) -> BoxFuture<'static, Result<(), String>> {
+        let placements = self.placements.clone();
+        Box::pin(async move { placements.agent.fence_and_hold(&name, epoch).await })
+    }
+
+    fn check_vip(&self, address: String, interface: String) -> BoxFuture<'static, Option<String>> {
+        self.placements.check_vip_here(address, interface)
+    }
+
+    fn admin(
+        &self,
+        from: NodeId,
+        admin: String,
+        request: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        let server = self.admin.clone();
+        Box::pin(async move {
+            server
+                .serve_forwarded_admin(from, admin, request)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// A refusal a peer sent to the leader carries the time the leader received it, not the
+/// peer's clock: the planner, on the leader, measures its hold and retry periods against its
+/// own clock, so a peer's clock skew must not stretch or cancel them.
+fn stamp_with_leader_clock(cmd: &mut Command, now: Millis) {
+    if let Command::RefusePlacement { at, .. } = cmd {
+        *at = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_sent_to_the_leader_is_stamped_with_the_leaders_clock() {
+        let refusal = |at| Command::RefusePlacement {
+            name: "vip".into(),
+            node: 2,
+            epoch: 7,
+            reason: "no such interface".into(),
+            at,
+        };
+        // The peer's clock runs an hour ahead; the leader's time replaces it.
+        let mut cmd = refusal(5_000_000);
+        stamp_with_leader_clock(&mut cmd, 1_400_000);
+        assert_eq!(cmd, refusal(1_400_000));
+        // Other commands keep the proposer's times.
+        let other = || Command::AddDevices {
+            devices: Vec::new(),
+            at: 5_000_000,
+        };
+        let mut cmd = other();
+        stamp_with_leader_clock(&mut cmd, 1_400_000);
+        assert_eq!(cmd, other());
+    }
+}

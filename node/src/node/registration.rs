@@ -1,0 +1,91 @@
+//! The node's own record in the fabric: the bootstrap node registers itself, and every node
+//! records the management IP of its config.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use spaced_fabric::Command;
+use tokio::sync::watch;
+
+use crate::cluster::Cluster;
+use crate::now_millis;
+
+/// Registers the bootstrap node in the fabric once it leads its one-node cluster.
+pub(super) async fn register_self(inner: Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if inner.view.read(|f| f.nodes.contains_key(&inner.id)) {
+            return;
+        }
+        if inner.raft.is_leader() {
+            let cmd = Command::RegisterNode {
+                id: inner.id,
+                name: inner.name.clone(),
+                raft_addr: inner.advertise.to_string(),
+                mgmt_ip: None,
+                roles: inner.roles.clone(),
+                at: now_millis(),
+            };
+            match inner.propose(cmd).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registering the bootstrap node failed; retrying")
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::error!(
+        node = inner.id,
+        "bootstrap node could not register itself in the fabric"
+    );
+}
+
+/// Records this node's management IP from its config in the fabric, once it is registered
+/// there (at start, or when it joins later), if the fabric has another (or none); `None` in
+/// the config clears it. Stops when the fabric agrees, or refuses (logged), or at shutdown.
+pub(super) async fn record_mgmt_ip(
+    inner: Cluster,
+    want: Option<IpAddr>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut fabric_changed = inner.view.changes();
+    loop {
+        fabric_changed.borrow_and_update();
+        let recorded = inner
+            .view
+            .read(|f| f.nodes.get(&inner.id).map(|n| n.mgmt_ip));
+        match recorded {
+            Some(ip) if ip == want => return,
+            Some(_) => {
+                let cmd = Command::SetMgmtIp {
+                    id: inner.id,
+                    mgmt_ip: want,
+                };
+                match inner.propose_anywhere(cmd).await {
+                    Ok(Ok(_)) => {
+                        tracing::info!(mgmt_ip = ?want, "management IP recorded in the fabric");
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(mgmt_ip = ?want, error = %e, "management IP refused by the fabric");
+                        return;
+                    }
+                    // No leader yet, or it did not answer: try again shortly.
+                    Err(_) => {}
+                }
+            }
+            // Not registered yet: wait for the fabric to change.
+            None => {}
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            changed = fabric_changed.changed(), if recorded.is_none() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)), if recorded.is_some() => {}
+        }
+    }
+}

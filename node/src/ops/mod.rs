@@ -1,0 +1,6 @@
+//! What operators touch around the daemon: its configuration file ([`config`]), the HTTP
+//! endpoint for `/metrics` and `/healthz` ([`http`]) and the Prometheus metrics ([`metrics`]).
+
+pub mod config;
+pub mod http;
+pub mod metrics;

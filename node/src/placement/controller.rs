@@ -1,0 +1,367 @@
+//! The leader's side of placements: every [`PLAN_EVERY`] it finds the leases a majority of
+//! voters heard nothing of, plans grants and take-backs (the pure planner of `spaced-fabric`)
+//! and proposes them; and it hands leadership away when it holds placements itself.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use spaced_fabric::Command;
+use spaced_fabric::plan::placements::plan;
+use spaced_raft::network::{RaftReply, RaftRpc};
+use spaced_raft::{NodeId, Outcome};
+use tokio::sync::watch;
+
+use super::lease::{LeaseConfig, LeaseKey, quorum_silent};
+use super::{LIVE_WITHIN, Placements};
+use crate::{lock, now_millis};
+
+/// How often the leader plans.
+const PLAN_EVERY: Duration = Duration::from_millis(10);
+/// A leader that holds placements hands leadership away at most this often.
+const STEP_ASIDE_EVERY: Duration = Duration::from_secs(5);
+/// ... and only after it has led this long (the cluster is settled).
+const STEP_ASIDE_AFTER: Duration = Duration::from_secs(2);
+
+/// The leases a leader asks the other voters about: those its own witness finds silent for
+/// longer than `span`.
+pub fn suspects(keys: Vec<LeaseKey>, mine: Vec<Duration>, span: Duration) -> Vec<LeaseKey> {
+    keys.into_iter()
+        .zip(mine)
+        .filter(|(_, d)| *d > span)
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// The placements among `suspects` that voters holding a majority of every voter set report
+/// silent (`answers`: each voter's silence per suspect, in the suspects' order; a voter that
+/// did not answer is absent).
+pub fn silent_placements(
+    lease: &LeaseConfig,
+    configs: &[BTreeSet<NodeId>],
+    suspects: Vec<LeaseKey>,
+    answers: Vec<(NodeId, Vec<Duration>)>,
+) -> BTreeSet<String> {
+    let mut reports: Vec<Vec<(NodeId, Duration)>> = vec![Vec::new(); suspects.len()];
+    for (v, answer) in answers {
+        if answer.len() != suspects.len() {
+            continue;
+        }
+        for (i, d) in answer.into_iter().enumerate() {
+            reports[i].push((v, d));
+        }
+    }
+    suspects
+        .into_iter()
+        .zip(reports)
+        .filter(|(_, r)| quorum_silent(lease, configs, r))
+        .map(|((name, ..), _)| name)
+        .collect()
+}
+
+/// What a leader knows when it considers handing leadership away because it holds placements.
+pub struct StepAsideView {
+    /// The leader.
+    pub me: NodeId,
+    /// How long it has led.
+    pub leading_for: Option<Duration>,
+    /// Nodes that own a placement.
+    pub owners: BTreeSet<NodeId>,
+    /// The voters.
+    pub voters: Vec<NodeId>,
+    /// Membership committed and not joint.
+    pub stable: bool,
+    /// Voters whose log matches the leader's.
+    pub caught_up: BTreeSet<NodeId>,
+    /// Nodes live for placements.
+    pub live: BTreeSet<NodeId>,
+}
+
+/// A leader that also holds placements makes its own crash cost an election *and* a lease
+/// span: the voter to hand leadership to, if any. Only in a settled cluster (leading for
+/// [`STEP_ASIDE_AFTER`], membership committed and not joint, at least three voters) and only to
+/// a live, caught-up voter that holds nothing.
+pub fn step_aside_target(v: &StepAsideView) -> Option<NodeId> {
+    if !v.owners.contains(&v.me) {
+        return None;
+    }
+    if !v.leading_for.is_some_and(|t| t > STEP_ASIDE_AFTER) {
+        return None;
+    }
+    if !v.stable || v.voters.len() < 3 {
+        return None;
+    }
+    v.voters.iter().copied().find(|n| {
+        *n != v.me && v.live.contains(n) && !v.owners.contains(n) && v.caught_up.contains(n)
+    })
+}
+
+impl Placements {
+    /// On the leader: the placements whose owner a majority of voters has not heard from for a
+    /// full span. Asks the other voters only about leases its own witness finds silent.
+    async fn expired_leases(self: &Arc<Self>) -> BTreeSet<String> {
+        let keys = self.lease_keys();
+        let mine = self.local_silence(&keys);
+        let suspects = suspects(keys, mine, self.lease.reassign_after());
+        if suspects.is_empty() {
+            return BTreeSet::new();
+        }
+        let configs = self.cluster.voter_configs();
+        let asks = self.cluster.voters().into_iter().map(|(v, member)| {
+            let placements = self.clone();
+            let suspects = suspects.clone();
+            async move {
+                let cluster = &placements.cluster;
+                if v == cluster.id {
+                    return Some((v, placements.local_silence(&suspects)));
+                }
+                let rpc = RaftRpc::Silence(suspects);
+                match cluster
+                    .call(v, &member?, rpc, Duration::from_millis(100))
+                    .await
+                {
+                    Ok(RaftReply::Silences(ms)) => {
+                        Some((v, ms.into_iter().map(Duration::from_millis).collect()))
+                    }
+                    _ => None,
+                }
+            }
+        });
+        let answers = futures::future::join_all(asks).await.into_iter().flatten();
+        silent_placements(&self.lease, &configs, suspects, answers.collect())
+    }
+
+    /// On the leader: plan and propose grants and take-backs.
+    pub async fn controller_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let cluster = self.cluster.clone();
+        let mut tick = tokio::time::interval(PLAN_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_step_aside: Option<Instant> = None;
+        // Changes with the server state (leader, follower, candidate), the vote and membership,
+        // not with every heartbeat: a follower sleeps on it instead of ticking.
+        let mut server = cluster.raft.server_metrics();
+        loop {
+            let was_leading = server.borrow_watched().state.is_leader();
+            let raft_gone = tokio::select! {
+                _ = tick.tick(), if was_leading => false,
+                changed = server.changed(), if !was_leading => changed.is_err(),
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            if raft_gone {
+                // Raft has shut down: tick (and find no leadership) until shutdown.
+                tick.tick().await;
+            }
+            let leading = cluster.raft.is_leader();
+            cluster.tenure.observe(leading);
+            if !leading {
+                continue;
+            }
+            let live = cluster.live_set(LIVE_WITHIN);
+            if !last_step_aside.is_some_and(|t| t.elapsed() < STEP_ASIDE_EVERY)
+                && let Some(to) = self
+                    .step_aside_view(&live)
+                    .as_ref()
+                    .and_then(step_aside_target)
+            {
+                last_step_aside = Some(Instant::now());
+                tracing::info!(
+                    to,
+                    "leader holds placements: handing leadership to a voter that holds none"
+                );
+                if let Err(e) = cluster.raft.trigger().transfer_leader(to).await {
+                    tracing::warn!(to, error = %e, "leadership transfer failed");
+                }
+            }
+            let prefer = lock(&self.moves).clone();
+            let expired = self.expired_leases().await;
+            let cmds = cluster
+                .view
+                .read(|f| plan(f, &live, cluster.id, &expired, &prefer, now_millis()));
+            for cmd in cmds {
+                let desc = cmd.to_string();
+                match cluster.propose(cmd.clone()).await {
+                    Ok(Outcome::Epoch(epoch)) => {
+                        if let Command::GrantPlacement { name, to, .. } = &cmd {
+                            // The grant counts as hearing from the new owner: a full span to start renewing.
+                            lock(&self.witness).renewed((name.clone(), epoch, *to), Instant::now());
+                            tracing::info!(placement = %name, to, epoch, "placement granted");
+                        } else {
+                            tracing::warn!(command = %desc, epoch, "placement taken back: no eligible live node");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(command = %desc, error = %e, "placement change refused")
+                    }
+                }
+            }
+        }
+    }
+
+    /// What [`step_aside_target`] decides on, read from the fabric and Raft's metrics.
+    fn step_aside_view(&self, live: &BTreeSet<NodeId>) -> Option<StepAsideView> {
+        let cluster = &self.cluster;
+        let owners: BTreeSet<NodeId> = cluster
+            .view
+            .read(|f| f.placements.values().filter_map(|p| p.owner).collect());
+        if !owners.contains(&cluster.id) {
+            return None;
+        }
+        let m = cluster.raft.metrics();
+        let m = m.borrow_watched();
+        let membership = m.membership_config.membership();
+        let replication = m.replication.clone().unwrap_or_default();
+        Some(StepAsideView {
+            me: cluster.id,
+            leading_for: cluster.tenure.leading_for(),
+            owners,
+            voters: membership.voter_ids().collect(),
+            stable: m.membership_config.log_id() == m.committed_membership_config.log_id()
+                && membership.get_joint_config().len() == 1,
+            caught_up: replication
+                .iter()
+                .filter(|(_, l)| l.map(|l| l.index) == m.last_log_index)
+                .map(|(v, _)| *v)
+                .collect(),
+            live: live.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
+    }
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn settled_leader_owning_a_vip() -> StepAsideView {
+        StepAsideView {
+            me: 1,
+            leading_for: Some(Duration::from_secs(3)),
+            owners: set(&[1]),
+            voters: vec![1, 2, 3],
+            stable: true,
+            caught_up: set(&[2, 3]),
+            live: set(&[1, 2, 3]),
+        }
+    }
+
+    #[test]
+    fn a_settled_leader_that_holds_a_placement_hands_over_to_a_free_voter() {
+        assert_eq!(step_aside_target(&settled_leader_owning_a_vip()), Some(2));
+    }
+
+    #[test]
+    fn no_step_aside_unless_every_condition_holds() {
+        let base = settled_leader_owning_a_vip;
+        let cases: Vec<(&str, StepAsideView)> = vec![
+            (
+                "holds nothing",
+                StepAsideView {
+                    owners: set(&[2]),
+                    ..base()
+                },
+            ),
+            (
+                "just elected",
+                StepAsideView {
+                    leading_for: Some(ms(1_500)),
+                    ..base()
+                },
+            ),
+            (
+                "not leading",
+                StepAsideView {
+                    leading_for: None,
+                    ..base()
+                },
+            ),
+            (
+                "membership changing",
+                StepAsideView {
+                    stable: false,
+                    ..base()
+                },
+            ),
+            (
+                "two voters",
+                StepAsideView {
+                    voters: vec![1, 2],
+                    ..base()
+                },
+            ),
+            (
+                "others lag",
+                StepAsideView {
+                    caught_up: set(&[]),
+                    ..base()
+                },
+            ),
+            (
+                "others down",
+                StepAsideView {
+                    live: set(&[1]),
+                    ..base()
+                },
+            ),
+            (
+                "others own too",
+                StepAsideView {
+                    owners: set(&[1, 2, 3]),
+                    ..base()
+                },
+            ),
+        ];
+        for (why, v) in cases {
+            assert_eq!(step_aside_target(&v), None, "{why}");
+        }
+    }
+
+    #[test]
+    fn the_target_is_live_caught_up_and_free() {
+        let v = StepAsideView {
+            owners: set(&[1, 2]),
+            caught_up: set(&[2, 3, 4]),
+            live: set(&[1, 2, 3]),
+            voters: vec![1, 2, 3, 4],
+            ..settled_leader_owning_a_vip()
+        };
+        // 2 owns, 4 is not live: 3.
+        assert_eq!(step_aside_target(&v), Some(3));
+    }
+
+    #[test]
+    fn only_leases_the_leader_finds_silent_are_suspects() {
+        let keys = vec![("a".to_string(), 1, 2), ("b".to_string(), 1, 3)];
+        let got = suspects(keys, vec![ms(400), ms(100)], ms(350));
+        assert_eq!(got, vec![("a".to_string(), 1, 2)]);
+    }
+
+    #[test]
+    fn a_lease_expires_only_when_a_majority_reports_it_silent() {
+        let lease = LeaseConfig::default();
+        let span = lease.reassign_after();
+        let long = span + ms(1);
+        let short = ms(10);
+        let configs = vec![set(&[1, 2, 3])];
+        let suspects = vec![("a".to_string(), 1, 2), ("b".to_string(), 1, 3)];
+        // 1 and 3 find `a` silent; 2 (its owner) is absent; `b` has only 1 silent report.
+        let answers = vec![(1, vec![long, long]), (3, vec![long, short])];
+        assert_eq!(
+            silent_placements(&lease, &configs, suspects.clone(), answers),
+            BTreeSet::from(["a".to_string()])
+        );
+        // One voter alone is not a majority.
+        let answers = vec![(1, vec![long, long])];
+        assert!(silent_placements(&lease, &configs, suspects.clone(), answers).is_empty());
+        // A malformed answer (wrong length) is ignored, not misattributed.
+        let answers = vec![(1, vec![long, long]), (3, vec![long])];
+        assert!(silent_placements(&lease, &configs, suspects, answers).is_empty());
+    }
+}

@@ -1,0 +1,383 @@
+//! VIP operations: rows for `vip list` and `status`, `vip add` (asking the nodes first),
+//! `vip move` (the owner releases first), registering the config's VIPs, and the graceful
+//! hand-over of a stopping node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use spaced_fabric::plan::placements::eligible;
+use spaced_fabric::{Command, PlacementKind};
+use spaced_raft::NodeId;
+use spaced_raft::network::{BoxFuture, RaftReply, RaftRpc};
+
+use super::{LIVE_WITHIN, Placements};
+use crate::admin::{RefusalRow, VipRow};
+use crate::ops::config::VipSection;
+use crate::{lock, now_millis};
+
+/// How long `vip add` waits for each node's answer to whether it could hold the VIP.
+const CHECK_VIP_WITHIN: Duration = Duration::from_secs(2);
+
+/// Nodes (name, reason) that said they cannot hold a VIP, and nodes (name, why) that were not
+/// asked or did not answer.
+pub type NodeAnswers = (Vec<(String, String)>, Vec<(String, String)>);
+
+impl Placements {
+    /// Registers the config's VIPs in the fabric (once; the first node to declare a name wins).
+    pub async fn register_config_vips(self: Arc<Self>, vips: Vec<VipSection>) {
+        let inner = &self.cluster;
+        for v in vips {
+            let cmd = Command::AddPlacement {
+                name: v.name.clone(),
+                kind: PlacementKind::Vip {
+                    address: v.address.clone(),
+                    interface: v.interface.clone(),
+                },
+                eligible_roles: v.roles.iter().cloned().collect(),
+            };
+            loop {
+                let known = inner
+                    .view
+                    .read(|f| f.placements.get(&v.name).map(|p| p.kind.clone()));
+                match known {
+                    Some(PlacementKind::Vip { address, .. }) if address == v.address => break,
+                    Some(other) => {
+                        tracing::error!(vip = %v.name, fabric = ?other, config = %v.address, "VIP in this node's config differs from the fabric's; the fabric's is kept");
+                        break;
+                    }
+                    None => {}
+                }
+                match inner.propose_anywhere(cmd.clone()).await {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(e)) => {
+                        tracing::error!(vip = %v.name, error = %e, "VIP from config refused by the fabric");
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+    }
+
+    /// Whether node `id` (this one or a peer) could hold a VIP: `Ok(None)` yes, `Ok(Some(why))`
+    /// no, `Err` no answer.
+    async fn check_vip_on(
+        &self,
+        id: NodeId,
+        address: String,
+        interface: String,
+    ) -> Result<Option<String>, String> {
+        let inner = &self.cluster;
+        if id == inner.id {
+            return Ok(self.check_vip_here(address, interface).await);
+        }
+        let member = inner.member(id).ok_or("not a member")?;
+        let rpc = RaftRpc::CheckVip { address, interface };
+        match inner.call(id, &member, rpc, CHECK_VIP_WITHIN).await {
+            Ok(RaftReply::VipChecked(answer)) => Ok(answer),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => Err(format!("no answer: {e}")),
+        }
+    }
+
+    /// Whether this node could hold a VIP (`None`) or why not.
+    pub fn check_vip_here(
+        &self,
+        address: String,
+        interface: String,
+    ) -> BoxFuture<'static, Option<String>> {
+        let spec = super::agent::VipSpec {
+            name: String::new(),
+            address,
+            interface,
+            service: None,
+        };
+        let check = self.backend.check(spec);
+        Box::pin(async move { check.await.err() })
+    }
+
+    /// Rows for `vip list` / `status`, with the leader's view of lease time left.
+    pub fn vip_rows(&self) -> Vec<VipRow> {
+        let inner = &self.cluster;
+        let span = self.lease.reassign_after();
+        let known = self.lease_keys();
+        let silences: BTreeMap<String, Duration> = known
+            .iter()
+            .map(|k| k.0.clone())
+            .zip(self.local_silence(&known))
+            .collect();
+        let now = now_millis();
+        inner.view.read(|f| {
+            f.placements
+                .iter()
+                .filter_map(|(name, p)| match &p.kind {
+                    PlacementKind::Vip { address, interface } => Some(VipRow {
+                        name: name.clone(),
+                        address: address.clone(),
+                        interface: interface.clone(),
+                        roles: p.eligible_roles.iter().cloned().collect(),
+                        owner: p.owner,
+                        owner_name: p
+                            .owner
+                            .and_then(|o| f.nodes.get(&o).map(|n| n.name.clone())),
+                        epoch: p.epoch,
+                        // Time until this node's witness would count the owner as silent.
+                        lease_ms: p
+                            .owner
+                            .and(silences.get(name))
+                            .map(|d| span.saturating_sub(*d).as_millis() as u64),
+                        refused: RefusalRow::of(f, p, now),
+                    }),
+                    PlacementKind::Singleton { .. } => None,
+                })
+                .collect()
+        })
+    }
+
+    /// `vip add` on the leader: asks every live node with one of the roles whether it could hold
+    /// the VIP (interface present, address inside one of its subnets, capabilities) and refuses a
+    /// VIP none of them can hold, naming each node's reason; nothing is added then. When some can,
+    /// returns the nodes (name, reason) that said they cannot, and those (name, why) that were not
+    /// asked or did not answer.
+    pub async fn vip_add(
+        &self,
+        name: String,
+        address: String,
+        interface: String,
+        roles: Vec<String>,
+    ) -> Result<NodeAnswers, String> {
+        let inner = &self.cluster;
+        let roles: BTreeSet<String> = roles.into_iter().collect();
+        let candidates: Vec<(NodeId, String)> = inner.view.read(|f| {
+            f.nodes
+                .iter()
+                .filter(|(_, n)| !n.roles.is_disjoint(&roles))
+                .map(|(id, n)| (*id, n.name.clone()))
+                .collect()
+        });
+        if candidates.is_empty() {
+            return Err(format!(
+                "no node has any of the roles {roles:?}; VIP {name:?} could never be placed"
+            ));
+        }
+        let live = &inner.live_set(LIVE_WITHIN);
+        let answers = futures::future::join_all(candidates.iter().map(|(id, node)| {
+            let (address, interface) = (address.clone(), interface.clone());
+            async move {
+                let answer = if live.contains(id) {
+                    self.check_vip_on(*id, address, interface).await
+                } else {
+                    Err("not live, so not asked".to_string())
+                };
+                (node.clone(), answer)
+            }
+        }))
+        .await;
+        let mut can = 0;
+        let mut cannot = Vec::new();
+        let mut unknown = Vec::new();
+        for (node, answer) in answers {
+            match answer {
+                Ok(None) => can += 1,
+                Ok(Some(why)) => cannot.push((node, why)),
+                Err(why) => unknown.push((node, why)),
+            }
+        }
+        if can == 0 {
+            let all: Vec<String> = cannot
+                .iter()
+                .chain(&unknown)
+                .map(|(node, why)| format!("{node}: {why}"))
+                .collect();
+            return Err(format!(
+                "VIP {name:?} ({address} on {interface}) not added: no node with one of the roles \
+                 {roles:?} can hold it ({})",
+                all.join("; ")
+            ));
+        }
+        let cmd = Command::AddPlacement {
+            name,
+            kind: PlacementKind::Vip { address, interface },
+            eligible_roles: roles,
+        };
+        inner.propose(cmd).await.map_err(|e| e.to_string())?;
+        Ok((cannot, unknown))
+    }
+
+    /// `vip move` on the leader: the owner fences and the release commits before the target is granted.
+    pub async fn vip_move(&self, name: &str, to: NodeId) -> Result<u64, String> {
+        let inner = &self.cluster;
+        let (owner, epoch, ok, vip) = inner.view.read(|f| {
+            let p = f
+                .placements
+                .get(name)
+                .ok_or_else(|| format!("no VIP {name:?}"))?;
+            let vip = match &p.kind {
+                PlacementKind::Vip { address, interface } => {
+                    Some((address.clone(), interface.clone()))
+                }
+                PlacementKind::Singleton { .. } => None,
+            };
+            Ok::<_, String>((p.owner, p.epoch, eligible(f, p, to), vip))
+        })?;
+        if !ok {
+            return Err(format!(
+                "node {to} is not eligible for {name:?} (roles or draining)"
+            ));
+        }
+        if !inner.live_nodes(LIVE_WITHIN).contains(&to) {
+            return Err(format!("node {to} is not reachable from the leader"));
+        }
+        if owner == Some(to) {
+            return Err(format!("{name:?} is already on node {to}"));
+        }
+        // Ask the target before the owner lets go: a VIP it cannot hold would be given straight back.
+        if let Some((address, interface)) = vip {
+            match self.check_vip_on(to, address, interface).await {
+                Ok(None) => {}
+                Ok(Some(why)) => return Err(format!("node {to} cannot hold {name:?}: {why}")),
+                Err(e) => {
+                    return Err(format!(
+                        "node {to} did not say whether it can hold {name:?}: {e}"
+                    ));
+                }
+            }
+        }
+        lock(&self.moves).insert(name.to_string(), to);
+        let result = async {
+            if let Some(o) = owner {
+                if o == inner.id {
+                    self.agent.fence_and_hold(name, epoch).await?;
+                } else {
+                    let member = inner
+                        .member(o)
+                        .ok_or_else(|| format!("owner {o} is not a member"))?;
+                    let rpc = RaftRpc::Release {
+                        name: name.to_string(),
+                        epoch,
+                    };
+                    match inner.call(o, &member, rpc, Duration::from_secs(2)).await {
+                        Ok(RaftReply::Released) => {}
+                        Ok(other) => return Err(format!("owner {o}: unexpected reply {other:?}")),
+                        Err(e) => return Err(format!("owner {o} did not release {name:?}: {e}")),
+                    }
+                }
+                inner
+                    .propose(Command::ReleasePlacement {
+                        name: name.to_string(),
+                        epoch,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            // The planner grants it to `to` (preferred) on its next pass; wait for that.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let now_owner = inner
+                    .view
+                    .read(|f| f.placements.get(name).map(|p| (p.owner, p.epoch)));
+                if let Some((Some(o), e)) = now_owner
+                    && o == to
+                {
+                    return Ok(e);
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{name:?} was released but not granted to node {to} within 3 s"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        .await;
+        lock(&self.moves).remove(name);
+        result
+    }
+
+    /// Tells the leader (or this node's own planner, when it leads) not to grant this node
+    /// anything back while it stops. Best effort: without it a re-grant just lapses.
+    async fn tell_leader_leaving(&self) {
+        let inner = &self.cluster;
+        let leader = inner.raft.metrics().borrow_watched().current_leader;
+        match leader {
+            Some(l) if l == inner.id => {
+                inner.leaving(inner.id);
+            }
+            Some(l) => {
+                let Some(member) = inner.member(l) else {
+                    return;
+                };
+                if let Err(e) = inner
+                    .call(l, &member, RaftRpc::Leaving, Duration::from_secs(1))
+                    .await
+                {
+                    tracing::warn!(leader = l, error = %e, "could not tell the leader this node is leaving");
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Graceful stop: fence and release every VIP, let the leader re-grant them, and hand
+    /// leadership to another voter if this node leads.
+    pub async fn hand_over(&self) {
+        let inner = &self.cluster;
+        let held = self.agent.stop().await;
+        self.tell_leader_leaving().await;
+        for (name, epoch) in &held {
+            match inner
+                .propose_anywhere(Command::ReleasePlacement {
+                    name: name.clone(),
+                    epoch: *epoch,
+                })
+                .await
+            {
+                Ok(Ok(_)) => tracing::info!(vip = %name, epoch, "released for hand-over"),
+                Ok(Err(e)) => tracing::warn!(vip = %name, error = %e, "release refused"),
+                Err(e) => {
+                    tracing::warn!(vip = %name, error = %e, "release not delivered; the lease will run out")
+                }
+            }
+        }
+        if !inner.raft.is_leader() {
+            return;
+        }
+        // Let this node's planner grant the released placements elsewhere before it stops leading.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let names: Vec<String> = held.iter().map(|(n, _)| n.clone()).collect();
+        while Instant::now() < deadline {
+            let done = inner.view.read(|f| {
+                names.iter().all(|n| {
+                    f.placements
+                        .get(n)
+                        .is_none_or(|p| p.owner.is_some_and(|o| o != inner.id))
+                })
+            });
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The voter heard from most recently is the best placed to lead.
+        let contacts = inner.contacts();
+        let target = inner
+            .voters()
+            .into_iter()
+            .map(|(v, _)| v)
+            .filter(|v| *v != inner.id)
+            .min_by_key(|v| contacts.get(v).copied().flatten().unwrap_or(Duration::MAX));
+        if let Some(to) = target {
+            if let Err(e) = inner.raft.trigger().transfer_leader(to).await {
+                tracing::warn!(to, error = %e, "leadership transfer on shutdown failed");
+                return;
+            }
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline && inner.raft.is_leader() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tracing::info!(to, "leadership handed over");
+        }
+    }
+}
