@@ -300,3 +300,22 @@ impl LeaderTenure {
         }
     }
 }
+
+/// Why an operator's operation (membership, VIP, devices) was not carried out. Its text is
+/// the reason `spacectl` shows.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// Not possible as asked: an unknown or ineligible node, a VIP no node can hold, a node
+    /// that is already a member.
+    #[error("{0}")]
+    Refused(String),
+    /// A node involved did not answer, or answered something else.
+    #[error("{0}")]
+    Peer(String),
+    /// Raft refused a membership change or a leader transfer, or it did not complete.
+    #[error("{0}")]
+    Raft(String),
+    /// Committing a change to the fabric failed or was refused.
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+}

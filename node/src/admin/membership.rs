@@ -12,6 +12,7 @@ use spaced_raft::network::{RaftReply, RaftRpc};
 use spaced_raft::{Member, NodeId};
 
 use super::server::AdminServer;
+use crate::cluster::OpError;
 use crate::now_millis;
 
 /// Most voters the fabric keeps; further nodes stay learners (as etcd advises, 5 tolerates 2 failures).
@@ -24,22 +25,25 @@ impl AdminServer {
         name: String,
         addr: String,
         roles: Option<BTreeSet<String>>,
-    ) -> Result<bool, String> {
-        spaced_fabric::check_name("node name", &name).map_err(|e| e.to_string())?;
+    ) -> Result<bool, OpError> {
+        spaced_fabric::check_name("node name", &name)
+            .map_err(|e| OpError::Refused(e.to_string()))?;
         let member = Member {
             name: name.clone(),
             addr: addr.clone(),
         };
         let membership = self.cluster.membership();
         if membership.membership().get_node(&id).is_some() {
-            return Err(format!("node {id} is already a member"));
+            return Err(OpError::Refused(format!("node {id} is already a member")));
         }
         if let Some((other, _)) = membership
             .membership()
             .nodes()
             .find(|(_, n)| n.name == name)
         {
-            return Err(format!("name {name:?} is already used by node {other}"));
+            return Err(OpError::Refused(format!(
+                "name {name:?} is already used by node {other}"
+            )));
         }
         // Ask the node who it is before trusting it with the log.
         let desc = match self
@@ -48,21 +52,29 @@ impl AdminServer {
             .await
         {
             Ok(RaftReply::Describe(d)) => d,
-            Ok(other) => return Err(format!("node at {addr}: unexpected reply {other:?}")),
-            Err(e) => return Err(format!("cannot reach node {name} at {addr}: {e}")),
+            Ok(other) => {
+                return Err(OpError::Refused(format!(
+                    "node at {addr}: unexpected reply {other:?}"
+                )));
+            }
+            Err(e) => {
+                return Err(OpError::Refused(format!(
+                    "cannot reach node {name} at {addr}: {e}"
+                )));
+            }
         };
         if desc.id != id || desc.name != name {
-            return Err(format!(
+            return Err(OpError::Refused(format!(
                 "the node at {addr} is id {} named {:?}, not id {id} named {name:?}",
                 desc.id, desc.name
-            ));
+            )));
         }
         let roles = roles.unwrap_or(desc.roles);
         self.cluster
             .raft
             .add_learner(id, member, true)
             .await
-            .map_err(|e| format!("add learner {id}: {e}"))?;
+            .map_err(|e| OpError::Raft(format!("add learner {id}: {e}")))?;
         let register = Command::RegisterNode {
             id,
             name,
@@ -72,9 +84,9 @@ impl AdminServer {
             at: now_millis(),
         };
         if let Err(e) = self.cluster.propose(register).await {
-            return Err(format!(
+            return Err(OpError::Refused(format!(
                 "node {id} joined as learner but was not registered in the fabric: {e}"
-            ));
+            )));
         }
         let voters = self.cluster.membership().membership().voter_ids().count();
         if voters >= MAX_VOTERS {
@@ -84,11 +96,15 @@ impl AdminServer {
             .raft
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
             .await
-            .map_err(|e| format!("node {id} joined as learner; promotion to voter failed: {e}"))?;
+            .map_err(|e| {
+                OpError::Raft(format!(
+                    "node {id} joined as learner; promotion to voter failed: {e}"
+                ))
+            })?;
         Ok(true)
     }
 
-    pub(super) async fn remove_node(&self, who: &str) -> Result<(), String> {
+    pub(super) async fn remove_node(&self, who: &str) -> Result<(), OpError> {
         let id = self.resolve_node(who)?;
         let is_voter = self.cluster.is_voter(id);
         if is_voter {
@@ -96,38 +112,40 @@ impl AdminServer {
                 .raft
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
                 .await
-                .map_err(|e| format!("remove voter {id}: {e}"))?;
+                .map_err(|e| OpError::Raft(format!("remove voter {id}: {e}")))?;
         }
         self.cluster
             .raft
             .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
             .await
-            .map_err(|e| format!("remove node {id}: {e}"))?;
+            .map_err(|e| OpError::Raft(format!("remove node {id}: {e}")))?;
         let known = self.cluster.view.read(|f| f.nodes.contains_key(&id));
         if known && let Err(e) = self.cluster.propose(Command::RemoveNode { id }).await {
             // Membership already excludes it; the fabric record is cleaned on the next try.
-            return Err(format!(
+            return Err(OpError::Refused(format!(
                 "node {id} left the cluster but its fabric record stays: {e}"
-            ));
+            )));
         }
         Ok(())
     }
 
-    pub(super) async fn transfer_leader(&self, who: &str) -> Result<(), String> {
+    pub(super) async fn transfer_leader(&self, who: &str) -> Result<(), OpError> {
         let to = self.resolve_node(who)?;
         if to == self.cluster.id {
             return Ok(());
         }
         let voter = self.cluster.is_voter(to);
         if !voter {
-            return Err(format!("node {to} is a learner; only voters can lead"));
+            return Err(OpError::Refused(format!(
+                "node {to} is a learner; only voters can lead"
+            )));
         }
         self.cluster
             .raft
             .trigger()
             .transfer_leader(to)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| OpError::Raft(e.to_string()))?;
         let mut rx = self.cluster.raft.metrics();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
@@ -136,7 +154,11 @@ impl AdminServer {
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
-                _ => return Err(format!("node {to} did not take over leadership within 5 s")),
+                _ => {
+                    return Err(OpError::Refused(format!(
+                        "node {to} did not take over leadership within 5 s"
+                    )));
+                }
             }
         }
     }

@@ -12,7 +12,7 @@ use spaced_raft::NodeId;
 use spaced_raft::network::{RaftReply, RaftRpc};
 
 use super::{AdminReply, AdminRequest, DeviceRow, MAX_ADMIN_FRAME, NodeStatus, StatusReport};
-use crate::cluster::{Cluster, ProposeError};
+use crate::cluster::{Cluster, OpError, ProposeError};
 use crate::lb::service::LbService;
 use crate::now_millis;
 use crate::placement::Placements;
@@ -150,7 +150,7 @@ impl AdminServer {
         Some(AdminReply::NotLeader { leader, addr })
     }
 
-    pub(super) fn resolve_node(&self, who: &str) -> Result<NodeId, String> {
+    pub(super) fn resolve_node(&self, who: &str) -> Result<NodeId, OpError> {
         let membership = self.cluster.membership();
         let membership = membership.membership();
         if let Ok(id) = who.parse::<NodeId>()
@@ -162,7 +162,7 @@ impl AdminServer {
             .nodes()
             .find(|(_, n)| n.name == who)
             .map(|(id, _)| *id)
-            .ok_or_else(|| format!("no node {who:?} in the cluster"))
+            .ok_or_else(|| OpError::Refused(format!("no node {who:?} in the cluster")))
     }
 
     async fn handle(&self, req: AdminRequest) -> AdminReply {
@@ -232,13 +232,13 @@ impl AdminServer {
                 }
                 self.leader_op(leader_only)
                     .await
-                    .unwrap_or_else(AdminReply::Failed)
+                    .unwrap_or_else(|e| AdminReply::Failed(e.to_string()))
             }
         }
     }
 
     /// The admin operations only the leader carries out.
-    async fn leader_op(&self, req: AdminRequest) -> Result<AdminReply, String> {
+    async fn leader_op(&self, req: AdminRequest) -> Result<AdminReply, OpError> {
         Ok(match req {
             AdminRequest::AddNode {
                 id,
@@ -287,7 +287,11 @@ impl AdminServer {
                     devices,
                 }
             }
-            other => return Err(format!("not a leader operation: {other:?}")),
+            other => {
+                return Err(OpError::Refused(format!(
+                    "not a leader operation: {other:?}"
+                )));
+            }
         })
     }
 

@@ -17,7 +17,7 @@ use spaced_raft::{NodeId, Outcome};
 use tokio::sync::watch;
 
 use crate::admin::{NodeDevices, RebalanceReport};
-use crate::cluster::{Cluster, ProposeError};
+use crate::cluster::{Cluster, OpError, ProposeError};
 use crate::now_millis;
 use spaced_fabric::plan::placements::plan_devices;
 
@@ -145,20 +145,18 @@ pub async fn rebalance(
     inner: &Cluster,
     lost_after: Duration,
     max_moves: Option<u64>,
-) -> Result<RebalanceReport, String> {
+) -> Result<RebalanceReport, OpError> {
     let live = settled_live_set(inner, lost_after).map_err(|left| {
-        format!(
+        OpError::Refused(format!(
             "this node just became leader; try again in {} ms",
             left.as_millis()
-        )
+        ))
     })?;
     let max_moves = max_moves.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
     let plan = inner.view.read(|f| assign::rebalance(f, &live, max_moves));
     let planned = plan.len() as u64;
     let cmds = assign::assign_commands(plan, ASSIGN_BATCH, now_millis());
-    let moved = commit_batches(inner, cmds)
-        .await
-        .map_err(|e| e.to_string())?;
+    let moved = commit_batches(inner, cmds).await?;
     tracing::info!(planned, moved, "devices rebalanced");
     Ok(RebalanceReport {
         planned,
@@ -173,15 +171,12 @@ pub async fn set_admin_state(
     inner: &Cluster,
     id: NodeId,
     state: AdminState,
-) -> Result<(String, u64), String> {
+) -> Result<(String, u64), OpError> {
     let name = inner
         .view
         .read(|f| f.nodes.get(&id).map(|n| n.name.clone()))
-        .ok_or_else(|| format!("node {id} is not registered in the fabric"))?;
-    inner
-        .propose(Command::SetAdminState { id, state })
-        .await
-        .map_err(|e| e.to_string())?;
+        .ok_or_else(|| OpError::Refused(format!("node {id} is not registered in the fabric")))?;
+    inner.propose(Command::SetAdminState { id, state }).await?;
     let held = inner
         .view
         .read(|f| f.device_counts().get(&id).copied().unwrap_or(0));

@@ -79,14 +79,54 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// A flag value clap accepted but the balancer cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {problem}")]
+pub struct FlagError {
+    /// The flag.
+    pub flag: &'static str,
+    /// What is wrong with its value.
+    pub problem: String,
+}
+
+fn bad_flag(flag: &'static str, problem: impl Into<String>) -> Result<(), FlagError> {
+    Err(FlagError {
+        flag,
+        problem: problem.into(),
+    })
+}
+
+/// Why standalone `spaced lb` could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum LbRunError {
+    /// The listening socket could not be bound.
+    #[error("{0}")]
+    Bind(std::io::Error),
+    /// The open-files limit leaves no room for a single connection.
+    #[error(
+        "the open-files limit ({limit}) leaves no room for connections: the balancer keeps \
+         {reserved} for itself and needs {FDS_PER_CONN} per connection (raise it with ulimit -n \
+         or LimitNOFILE=)"
+    )]
+    NoDescriptors {
+        /// The limit in force.
+        limit: u64,
+        /// Descriptors the balancer keeps for itself.
+        reserved: u64,
+    },
+    /// The metrics endpoint could not be bound.
+    #[error("{0}")]
+    Metrics(std::io::Error),
+}
+
 impl LbArgs {
     /// Checks what clap cannot; the message names the flag.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FlagError> {
         if self.threads == 0 {
-            return Err("--threads: must be at least 1".into());
+            return bad_flag("--threads", "must be at least 1");
         }
         if self.max_conns == 0 {
-            return Err("--max-conns: must be at least 1".into());
+            return bad_flag("--max-conns", "must be at least 1");
         }
         for (flag, v) in [
             ("--connect-timeout-ms", self.connect_timeout_ms),
@@ -95,16 +135,16 @@ impl LbArgs {
             ("--health-interval-ms", self.health_interval_ms),
         ] {
             if v == 0 {
-                return Err(format!("{flag}: must be greater than 0"));
+                return bad_flag(flag, "must be greater than 0");
             }
         }
         if self.rise == 0 || self.fall == 0 {
-            return Err("--rise/--fall: must be at least 1".into());
+            return bad_flag("--rise/--fall", "must be at least 1");
         }
         let mut names = std::collections::BTreeSet::new();
         for b in &self.backends {
             if !names.insert(&b.name) {
-                return Err(format!("--backend: name {:?} given twice", b.name));
+                return bad_flag("--backend", format!("name {:?} given twice", b.name));
             }
         }
         Ok(())
@@ -138,19 +178,15 @@ impl LbArgs {
 pub async fn run(
     args: LbArgs,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
-    let listener = bind_listener(args.listen, args.freebind, 4096).map_err(|e| e.to_string())?;
+) -> Result<(), LbRunError> {
+    let listener = bind_listener(args.listen, args.freebind, 4096).map_err(LbRunError::Bind)?;
     let mut config = args.config();
     match crate::raise_fd_limit() {
         Ok(limit) => {
             let reserved = RESERVED_FDS + args.backends.len() as u64;
             let fit = conns_within_fd_limit(limit, reserved);
             if fit == 0 {
-                return Err(format!(
-                    "the open-files limit ({limit}) leaves no room for connections: the balancer \
-                     keeps {reserved} for itself and needs {FDS_PER_CONN} per connection \
-                     (raise it with ulimit -n or LimitNOFILE=)"
-                ));
+                return Err(LbRunError::NoDescriptors { limit, reserved });
             }
             config.cap_max_conns(
                 fit,
@@ -170,7 +206,7 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(LbRunError::Metrics)?;
     }
     tracing::info!(listen = %args.listen, backends = args.backends.len(), policy = %args.policy, threads = args.threads, "spaced lb started");
     balancer.serve(listener, stop).await;

@@ -141,7 +141,13 @@ impl NodeHooks for Hooks {
 
     fn release(&self, name: String, epoch: u64) -> BoxFuture<'static, Result<(), String>> {
         let placements = self.placements.clone();
-        Box::pin(async move { placements.agent.fence_and_hold(&name, epoch).await })
+        Box::pin(async move {
+            placements
+                .agent
+                .fence_and_hold(&name, epoch)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 
     fn check_vip(&self, address: String, interface: String) -> BoxFuture<'static, Option<String>> {

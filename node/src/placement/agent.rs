@@ -42,20 +42,36 @@ impl VipSpec {
     }
 }
 
+/// Why a backend could not take a placement up or down, or would not be able to. Its text is
+/// what the operator sees as a refusal's reason, so every variant shows its words as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HoldError {
+    /// This host cannot hold it: no such interface, an address outside its subnets, no
+    /// capability, a port it cannot bind.
+    #[error("{0}")]
+    Host(String),
+    /// The fence guard could not be started or told.
+    #[error("{0}")]
+    Guard(String),
+    /// The singleton's service could not be started or stopped.
+    #[error("{0}")]
+    Service(String),
+}
+
 /// How a host takes a VIP up and down (netlink + ARP, or a loopback stand-in).
 pub trait VipBackend: Send + Sync + 'static {
     /// Bring the VIP up and announce it once.
-    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>>;
+    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>>;
     /// Announce it again (gratuitous ARP / NA); a no-op where meaningless.
-    fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>>;
+    fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>>;
     /// Take it down; must succeed fast, it is the self-fence.
-    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>>;
+    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>>;
     /// Take it down on request (move, shutdown), where there is time to be gentle.
-    fn release_gracefully(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn release_gracefully(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         self.release(vip)
     }
     /// Whether this host could hold the VIP (interface, subnet, capabilities); changes nothing.
-    fn check(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn check(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         Box::pin(async { Ok(()) })
     }
     /// Offsets after acquiring at which to announce again.
@@ -110,35 +126,35 @@ impl LoopbackBackend {
 
 impl LoopbackBackend {
     /// Where this node answers for `vip`: its address and the port configured for it here.
-    fn responder_addr(&self, vip: &VipSpec) -> Result<SocketAddr, String> {
-        let port =
-            self.ports.get(&vip.name).copied().ok_or_else(|| {
-                format!("VIP {}: no loopback port configured on this node", vip.name)
-            })?;
-        let ip = vip
-            .ip()
-            .ok_or_else(|| format!("VIP {}: bad address {}", vip.name, vip.address))?;
+    fn responder_addr(&self, vip: &VipSpec) -> Result<SocketAddr, HoldError> {
+        let port = self.ports.get(&vip.name).copied().ok_or_else(|| {
+            HoldError::Host(format!(
+                "VIP {}: no loopback port configured on this node",
+                vip.name
+            ))
+        })?;
+        let ip = vip.ip().ok_or_else(|| {
+            HoldError::Host(format!("VIP {}: bad address {}", vip.name, vip.address))
+        })?;
         Ok(SocketAddr::new(ip, port))
     }
 }
 
 impl VipBackend for LoopbackBackend {
-    fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         let result = self.responder_addr(&vip).map(|_| ());
         Box::pin(async move { result })
     }
 
-    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         let name = self.node_name.clone();
         let result = (|| {
             let addr = self.responder_addr(&vip)?;
             let std_listener = std::net::TcpListener::bind(addr)
-                .map_err(|e| format!("VIP {}: bind {addr}: {e}", vip.name))?;
-            std_listener
-                .set_nonblocking(true)
-                .map_err(|e| e.to_string())?;
-            let listener =
-                tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
+                .map_err(|e| HoldError::Host(format!("VIP {}: bind {addr}: {e}", vip.name)))?;
+            let host = |e: std::io::Error| HoldError::Host(e.to_string());
+            std_listener.set_nonblocking(true).map_err(host)?;
+            let listener = tokio::net::TcpListener::from_std(std_listener).map_err(host)?;
             let task = answer_with_name(listener, name);
             let mut running = crate::lock(&self.running);
             if let Some(old) = running.insert(vip.name.clone(), task) {
@@ -149,11 +165,11 @@ impl VipBackend for LoopbackBackend {
         Box::pin(async move { result })
     }
 
-    fn announce(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn announce(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         Box::pin(async { Ok(()) })
     }
 
-    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         if let Some(t) = crate::lock(&self.running).remove(&vip.name) {
             t.abort();
         }
@@ -424,7 +440,7 @@ impl Agent {
                     if let Err(e) = self.fence_and_hold(&vip.name, *epoch).await {
                         tracing::error!(vip = %vip.name, error = %e, "could not clean up after a failed takeover");
                     }
-                    failed.push(((vip.name.clone(), *epoch), e));
+                    failed.push(((vip.name.clone(), *epoch), e.to_string()));
                 }
             }
         }
@@ -449,7 +465,7 @@ impl Agent {
     }
 
     /// Fences `name` at `epoch` now and keeps it down at that epoch (graceful move or stop).
-    pub async fn fence_and_hold(&self, name: &str, epoch: u64) -> Result<(), String> {
+    pub async fn fence_and_hold(&self, name: &str, epoch: u64) -> Result<(), HoldError> {
         crate::lock(&self.released).insert((name.to_string(), epoch));
         let a = crate::lock(&self.active).remove(name);
         if let Some(a) = a {
@@ -505,18 +521,18 @@ mod tests {
     }
 
     impl VipBackend for Recorder {
-        fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
             self.calls.lock().unwrap().push(format!("up {}", vip.name));
             Box::pin(async { Ok(()) })
         }
-        fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
             self.calls
                 .lock()
                 .unwrap()
                 .push(format!("announce {}", vip.name));
             Box::pin(async { Ok(()) })
         }
-        fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
             self.calls
                 .lock()
                 .unwrap()
@@ -706,13 +722,13 @@ mod tests {
     struct Broken;
 
     impl VipBackend for Broken {
-        fn acquire(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
-            Box::pin(async { Err("missing CAP_NET_ADMIN".into()) })
+        fn acquire(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+            Box::pin(async { Err(HoldError::Host("missing CAP_NET_ADMIN".into())) })
         }
-        fn announce(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        fn announce(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
             Box::pin(async { Ok(()) })
         }
-        fn release(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+        fn release(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
             Box::pin(async { Ok(()) })
         }
     }

@@ -14,6 +14,7 @@ use spaced_raft::network::{BoxFuture, RaftReply, RaftRpc};
 
 use super::{LIVE_WITHIN, Placements};
 use crate::admin::{RefusalRow, VipRow};
+use crate::cluster::OpError;
 use crate::ops::config::VipSection;
 use crate::{lock, now_millis};
 
@@ -68,17 +69,19 @@ impl Placements {
         id: NodeId,
         address: String,
         interface: String,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, OpError> {
         let inner = &self.cluster;
         if id == inner.id {
             return Ok(self.check_vip_here(address, interface).await);
         }
-        let member = inner.member(id).ok_or("not a member")?;
+        let member = inner
+            .member(id)
+            .ok_or_else(|| OpError::Peer("not a member".into()))?;
         let rpc = RaftRpc::CheckVip { address, interface };
         match inner.call(id, &member, rpc, CHECK_VIP_WITHIN).await {
             Ok(RaftReply::VipChecked(answer)) => Ok(answer),
-            Ok(other) => Err(format!("unexpected reply {other:?}")),
-            Err(e) => Err(format!("no answer: {e}")),
+            Ok(other) => Err(OpError::Peer(format!("unexpected reply {other:?}"))),
+            Err(e) => Err(OpError::Peer(format!("no answer: {e}"))),
         }
     }
 
@@ -95,7 +98,7 @@ impl Placements {
             service: None,
         };
         let check = self.backend.check(spec);
-        Box::pin(async move { check.await.err() })
+        Box::pin(async move { check.await.err().map(|e| e.to_string()) })
     }
 
     /// Rows for `vip list` / `status`, with the leader's view of lease time left.
@@ -147,7 +150,7 @@ impl Placements {
         address: String,
         interface: String,
         roles: Vec<String>,
-    ) -> Result<NodeAnswers, String> {
+    ) -> Result<NodeAnswers, OpError> {
         let inner = &self.cluster;
         let roles: BTreeSet<String> = roles.into_iter().collect();
         let candidates: Vec<(NodeId, String)> = inner.view.read(|f| {
@@ -158,9 +161,9 @@ impl Placements {
                 .collect()
         });
         if candidates.is_empty() {
-            return Err(format!(
+            return Err(OpError::Refused(format!(
                 "no node has any of the roles {roles:?}; VIP {name:?} could never be placed"
-            ));
+            )));
         }
         let live = &inner.live_set(LIVE_WITHIN);
         let answers = futures::future::join_all(candidates.iter().map(|(id, node)| {
@@ -169,7 +172,7 @@ impl Placements {
                 let answer = if live.contains(id) {
                     self.check_vip_on(*id, address, interface).await
                 } else {
-                    Err("not live, so not asked".to_string())
+                    Err(OpError::Peer("not live, so not asked".to_string()))
                 };
                 (node.clone(), answer)
             }
@@ -182,7 +185,7 @@ impl Placements {
             match answer {
                 Ok(None) => can += 1,
                 Ok(Some(why)) => cannot.push((node, why)),
-                Err(why) => unknown.push((node, why)),
+                Err(why) => unknown.push((node, why.to_string())),
             }
         }
         if can == 0 {
@@ -191,57 +194,65 @@ impl Placements {
                 .chain(&unknown)
                 .map(|(node, why)| format!("{node}: {why}"))
                 .collect();
-            return Err(format!(
+            return Err(OpError::Refused(format!(
                 "VIP {name:?} ({address} on {interface}) not added: no node with one of the roles \
                  {roles:?} can hold it ({})",
                 all.join("; ")
-            ));
+            )));
         }
         let cmd = Command::AddPlacement {
             name,
             kind: PlacementKind::Vip { address, interface },
             eligible_roles: roles,
         };
-        inner.propose(cmd).await.map_err(|e| e.to_string())?;
+        inner.propose(cmd).await?;
         Ok((cannot, unknown))
     }
 
     /// `vip move` on the leader: the owner fences and the release commits before the target is granted.
-    pub async fn vip_move(&self, name: &str, to: NodeId) -> Result<u64, String> {
+    pub async fn vip_move(&self, name: &str, to: NodeId) -> Result<u64, OpError> {
         let inner = &self.cluster;
         let (owner, epoch, ok, vip) = inner.view.read(|f| {
             let p = f
                 .placements
                 .get(name)
-                .ok_or_else(|| format!("no VIP {name:?}"))?;
+                .ok_or_else(|| OpError::Refused(format!("no VIP {name:?}")))?;
             let vip = match &p.kind {
                 PlacementKind::Vip { address, interface } => {
                     Some((address.clone(), interface.clone()))
                 }
                 PlacementKind::Singleton { .. } => None,
             };
-            Ok::<_, String>((p.owner, p.epoch, eligible(f, p, to), vip))
+            Ok::<_, OpError>((p.owner, p.epoch, eligible(f, p, to), vip))
         })?;
         if !ok {
-            return Err(format!(
+            return Err(OpError::Refused(format!(
                 "node {to} is not eligible for {name:?} (roles or draining)"
-            ));
+            )));
         }
         if !inner.live_nodes(LIVE_WITHIN).contains(&to) {
-            return Err(format!("node {to} is not reachable from the leader"));
+            return Err(OpError::Refused(format!(
+                "node {to} is not reachable from the leader"
+            )));
         }
         if owner == Some(to) {
-            return Err(format!("{name:?} is already on node {to}"));
+            return Err(OpError::Refused(format!(
+                "{name:?} is already on node {to}"
+            )));
         }
         // Ask the target before the owner lets go: a VIP it cannot hold would be given straight back.
         if let Some((address, interface)) = vip {
             match self.check_vip_on(to, address, interface).await {
                 Ok(None) => {}
-                Ok(Some(why)) => return Err(format!("node {to} cannot hold {name:?}: {why}")),
+                Ok(Some(why)) => {
+                    return Err(OpError::Refused(format!(
+                        "node {to} cannot hold {name:?}: {why}"
+                    )));
+                }
                 Err(e) => {
-                    return Err(format!(
+                    return Err(OpError::Refused(format!(
                         "node {to} did not say whether it can hold {name:?}: {e}"
-                    ));
+                    )));
                 }
             }
         }
@@ -249,19 +260,30 @@ impl Placements {
         let result = async {
             if let Some(o) = owner {
                 if o == inner.id {
-                    self.agent.fence_and_hold(name, epoch).await?;
+                    self.agent
+                        .fence_and_hold(name, epoch)
+                        .await
+                        .map_err(|e| OpError::Refused(e.to_string()))?;
                 } else {
                     let member = inner
                         .member(o)
-                        .ok_or_else(|| format!("owner {o} is not a member"))?;
+                        .ok_or_else(|| OpError::Refused(format!("owner {o} is not a member")))?;
                     let rpc = RaftRpc::Release {
                         name: name.to_string(),
                         epoch,
                     };
                     match inner.call(o, &member, rpc, Duration::from_secs(2)).await {
                         Ok(RaftReply::Released) => {}
-                        Ok(other) => return Err(format!("owner {o}: unexpected reply {other:?}")),
-                        Err(e) => return Err(format!("owner {o} did not release {name:?}: {e}")),
+                        Ok(other) => {
+                            return Err(OpError::Peer(format!(
+                                "owner {o}: unexpected reply {other:?}"
+                            )));
+                        }
+                        Err(e) => {
+                            return Err(OpError::Peer(format!(
+                                "owner {o} did not release {name:?}: {e}"
+                            )));
+                        }
                     }
                 }
                 inner
@@ -269,8 +291,7 @@ impl Placements {
                         name: name.to_string(),
                         epoch,
                     })
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
             }
             // The planner grants it to `to` (preferred) on its next pass; wait for that.
             let deadline = Instant::now() + Duration::from_secs(3);
@@ -284,9 +305,9 @@ impl Placements {
                     return Ok(e);
                 }
                 if Instant::now() > deadline {
-                    return Err(format!(
+                    return Err(OpError::Refused(format!(
                         "{name:?} was released but not granted to node {to} within 3 s"
-                    ));
+                    )));
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

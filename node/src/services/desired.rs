@@ -9,9 +9,10 @@ use spaced_fabric::{Fabric, ServiceScope};
 use tokio::sync::watch;
 
 use crate::placement::Placements;
-use crate::placement::agent::{VipBackend, VipSpec};
+use crate::placement::agent::{HoldError, VipBackend, VipSpec};
 use crate::placement::lease::Held;
 use crate::services::supervisor::{DesiredService, ServiceState, ServiceStatus, Supervisor};
+use crate::takeover::guard::GuardError;
 
 /// How often the desired set is recomputed and running singletons are re-guarded (a held
 /// placement also triggers a pass at once).
@@ -199,7 +200,7 @@ impl PlacementBackend {
         }
         let Some(guard) = self.guard() else { return };
         let mut failure = None;
-        let mut note = |sent: Result<(), String>| {
+        let mut note = |sent: Result<(), GuardError>| {
             if let Err(e) = sent {
                 failure = Some(e);
             }
@@ -261,14 +262,14 @@ fn process_group(
 }
 
 impl VipBackend for PlacementBackend {
-    fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         match vip.service {
             None => self.vips.check(vip),
             Some(_) => Box::pin(async { Ok(()) }),
         }
     }
 
-    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         match vip.service {
             None => self.vips.acquire(vip),
             Some(service) => {
@@ -284,14 +285,14 @@ impl VipBackend for PlacementBackend {
         }
     }
 
-    fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         match vip.service {
             None => self.vips.announce(vip),
             Some(_) => Box::pin(async { Ok(()) }),
         }
     }
 
-    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         match vip.service {
             None => self.vips.release(vip),
             Some(service) => {
@@ -306,7 +307,7 @@ impl VipBackend for PlacementBackend {
         }
     }
 
-    fn release_gracefully(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn release_gracefully(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         match vip.service {
             None => self.vips.release_gracefully(vip),
             Some(service) => {

@@ -194,22 +194,38 @@ pub struct DesiredService {
     pub env: BTreeMap<String, String>,
 }
 
+/// Why a service cannot run here: its definition, its start or its health check. The text is
+/// what operators see as the service's `last_error` or rejection reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    /// The definition is unusable (name, command, environment).
+    #[error("{0}")]
+    Spec(String),
+    /// The process could not be started (log file, program).
+    #[error("{0}")]
+    Start(String),
+    /// The health check failed, timed out or could not run.
+    #[error("{0}")]
+    Check(String),
+}
+
 /// Checks that `name` is usable as a file name and metric label.
-pub fn validate_service_name(name: &str) -> Result<(), String> {
+pub fn validate_service_name(name: &str) -> Result<(), ServiceError> {
+    let bad = |why: String| Err(ServiceError::Spec(why));
     if name.is_empty() {
-        return Err("name is empty".into());
+        return bad("name is empty".into());
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("name is longer than {MAX_NAME_LEN} characters"));
+        return bad(format!("name is longer than {MAX_NAME_LEN} characters"));
     }
     if name.starts_with('.') {
-        return Err("name must not start with '.'".into());
+        return bad("name must not start with '.'".into());
     }
     match name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        Some(c) => Err(format!(
+        Some(c) => bad(format!(
             "name contains {c:?}; only A-Z, a-z, 0-9, '.', '_' and '-' are allowed"
         )),
         None => Ok(()),
@@ -218,7 +234,7 @@ pub fn validate_service_name(name: &str) -> Result<(), String> {
 
 impl DesiredService {
     /// Everything that would make the service unstartable for reasons of its own definition.
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), ServiceError> {
         validate_service_name(&self.name)?;
         check_argv("command", &self.command)?;
         if let Some(hc) = &self.health_check {
@@ -226,22 +242,27 @@ impl DesiredService {
         }
         for (k, v) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(format!("environment variable name {k:?} is not valid"));
+                return Err(ServiceError::Spec(format!(
+                    "environment variable name {k:?} is not valid"
+                )));
             }
             if v.contains('\0') {
-                return Err(format!("environment variable {k} contains a NUL byte"));
+                return Err(ServiceError::Spec(format!(
+                    "environment variable {k} contains a NUL byte"
+                )));
             }
         }
         Ok(())
     }
 }
 
-fn check_argv(what: &str, argv: &[String]) -> Result<(), String> {
+fn check_argv(what: &str, argv: &[String]) -> Result<(), ServiceError> {
+    let bad = |why: String| Err(ServiceError::Spec(why));
     match argv.first() {
-        None => Err(format!("{what} is empty")),
-        Some(p) if p.is_empty() => Err(format!("{what} has an empty program name")),
+        None => bad(format!("{what} is empty")),
+        Some(p) if p.is_empty() => bad(format!("{what} has an empty program name")),
         Some(_) if argv.iter().any(|a| a.contains('\0')) => {
-            Err(format!("{what} contains a NUL byte"))
+            bad(format!("{what} contains a NUL byte"))
         }
         Some(_) => Ok(()),
     }
@@ -258,7 +279,7 @@ pub fn validate_desired(
         if let Err(reason) = s.check() {
             rejected.push(Rejection {
                 name: s.name,
-                reason,
+                reason: reason.to_string(),
             });
         } else if ok.contains_key(&s.name) {
             rejected.push(Rejection {
@@ -936,7 +957,7 @@ enum Ended {
 }
 
 /// A running health check.
-type HealthCheck = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+type HealthCheck = Pin<Box<dyn Future<Output = Result<(), ServiceError>> + Send>>;
 
 /// The task that keeps one service alive.
 struct ServiceRun {
@@ -978,7 +999,7 @@ impl ServiceRun {
             let (failed_state, healthy_for) = match self.spawn_service().await {
                 Err(msg) => {
                     warn!(service = %self.name(), error = %msg, "service failed to start");
-                    self.update(|s| s.last_error = Some(msg));
+                    self.update(|s| s.last_error = Some(msg.to_string()));
                     (ServiceState::FailedToStart, Duration::ZERO)
                 }
                 Ok(mut live) => {
@@ -1048,7 +1069,7 @@ impl ServiceRun {
     }
 
     /// Spawns the service with its output appended to its log file.
-    async fn spawn_service(&self) -> Result<Live, String> {
+    async fn spawn_service(&self) -> Result<Live, ServiceError> {
         let name = self.name();
         let program = self.spec.command.first().map_or("", String::as_str);
         let log_path = self
@@ -1057,10 +1078,10 @@ impl ServiceRun {
             .log_dir
             .join(format!("{}.log", self.spec.name));
         let log_error = |e: io::Error| {
-            format!(
+            ServiceError::Start(format!(
                 "service {name}: cannot open log file {}: {e}",
                 log_path.display()
-            )
+            ))
         };
         let stdout = OpenOptions::new()
             .create(true)
@@ -1068,14 +1089,16 @@ impl ServiceRun {
             .open(&log_path)
             .map_err(log_error)?;
         let stderr = stdout.try_clone().map_err(log_error)?;
-        let spawn_error = |e: io::Error| format!("service {name}: cannot start {program:?}: {e}");
+        let spawn_error = |e: io::Error| {
+            ServiceError::Start(format!("service {name}: cannot start {program:?}: {e}"))
+        };
         let mut cmd = child_command(&self.spec.command, &self.spec.env).map_err(spawn_error)?;
         cmd.stdout(stdout).stderr(stderr);
         let child = self.shared.spawner.spawn(cmd).await.map_err(spawn_error)?;
         let Some(pid) = child.id() else {
-            return Err(format!(
+            return Err(ServiceError::Start(format!(
                 "service {name}: {program:?} vanished right after spawning"
-            ));
+            )));
         };
         let epoch = self.spec.env.get("SPACED_EPOCH").map_or("", String::as_str);
         info!(service = %name, pid, epoch, "service started");
@@ -1225,7 +1248,7 @@ impl ServiceRun {
 }
 
 /// The running check's result; never resolves while no check runs.
-async fn poll_check(check: &mut Option<HealthCheck>) -> Result<(), String> {
+async fn poll_check(check: &mut Option<HealthCheck>) -> Result<(), ServiceError> {
     match check {
         Some(c) => c.await,
         None => std::future::pending().await,
@@ -1233,39 +1256,36 @@ async fn poll_check(check: &mut Option<HealthCheck>) -> Result<(), String> {
 }
 
 /// Runs the service's health check once, with the timeout; output is discarded.
-async fn run_health_check(shared: Arc<Shared>, spec: DesiredService) -> Result<(), String> {
+async fn run_health_check(shared: Arc<Shared>, spec: DesiredService) -> Result<(), ServiceError> {
     let Some(argv) = spec.health_check.as_deref() else {
         return Ok(());
     };
     let program = argv.first().map_or("", String::as_str);
-    let mut cmd =
-        child_command(argv, &spec.env).map_err(|e| format!("cannot start {program:?}: {e}"))?;
+    let failed = |why: String| ServiceError::Check(why);
+    let cannot_start = |e: io::Error| failed(format!("cannot start {program:?}: {e}"));
+    let mut cmd = child_command(argv, &spec.env).map_err(cannot_start)?;
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    let mut child = shared
-        .spawner
-        .spawn(cmd)
-        .await
-        .map_err(|e| format!("cannot start {program:?}: {e}"))?;
+    let mut child = shared.spawner.spawn(cmd).await.map_err(cannot_start)?;
     let Some(pid) = child.id() else {
-        return Err(format!("{program:?} vanished right after spawning"));
+        return Err(failed(format!("{program:?} vanished right after spawning")));
     };
     // Dropped early (the service exited or is being stopped), the guard kills the check's group.
     let mut group = ProcessGroup::of(pid);
     let timeout = shared.cfg.health_timeout;
     let result = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) => Err(format!(
+        Ok(Ok(status)) => Err(failed(format!(
             "{program:?} ended with {}",
             describe_exit(Some(status))
-        )),
-        Ok(Err(e)) => Err(format!("cannot wait for {program:?}: {e}")),
+        ))),
+        Ok(Err(e)) => Err(failed(format!("cannot wait for {program:?}: {e}"))),
         Err(_) => {
             group.signal(Signal::SIGKILL);
             let _ = child.wait().await;
-            Err(format!(
+            Err(failed(format!(
                 "{program:?} did not finish within {} ms",
                 timeout.as_millis()
-            ))
+            )))
         }
     };
     // Whatever the check left running in its group goes now.

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use spaced_raft::network::BoxFuture;
 
-use crate::placement::agent::{VipBackend, VipSpec};
-use crate::takeover::guard::GuardHandle;
-use crate::takeover::{Takeover, VipAddr};
+use crate::placement::agent::{HoldError, VipBackend, VipSpec};
+use crate::takeover::guard::{GuardError, GuardHandle};
+use crate::takeover::{Takeover, TakeoverError, VipAddr};
 
 /// Probe before claiming: one ARP probe, then 20 ms of listening (RFC 5227's seconds-long
 /// timing is for address autoconfiguration, not for a failover path; a conflicting host on the
@@ -22,13 +22,25 @@ pub struct NetlinkBackend {
     /// netlink + raw sockets in this process's namespace.
     tk: Arc<Takeover>,
     /// Started on the first VIP this node takes.
-    guard: OnceLock<Result<GuardHandle, String>>,
+    guard: OnceLock<Result<GuardHandle, GuardError>>,
+}
+
+impl From<TakeoverError> for HoldError {
+    fn from(e: TakeoverError) -> Self {
+        HoldError::Host(e.to_string())
+    }
+}
+
+impl From<GuardError> for HoldError {
+    fn from(e: GuardError) -> Self {
+        HoldError::Guard(e.to_string())
+    }
 }
 
 impl NetlinkBackend {
     /// Opens netlink.
-    pub async fn new() -> Result<Self, String> {
-        let tk = Takeover::new().await.map_err(|e| e.to_string())?;
+    pub async fn new() -> Result<Self, TakeoverError> {
+        let tk = Takeover::new().await?;
         Ok(NetlinkBackend {
             tk: Arc::new(tk),
             guard: OnceLock::new(),
@@ -36,11 +48,11 @@ impl NetlinkBackend {
     }
 
     /// The VIP can live on this host: interface present, address inside one of its subnets.
-    pub async fn check(&self, address: &str, interface: &str) -> Result<(), String> {
+    pub async fn check(&self, address: &str, interface: &str) -> Result<(), TakeoverError> {
         check_address(&self.tk, address, interface).await
     }
 
-    fn guard(&self) -> Result<&GuardHandle, String> {
+    fn guard(&self) -> Result<&GuardHandle, GuardError> {
         self.guard
             .get_or_init(GuardHandle::spawn)
             .as_ref()
@@ -49,69 +61,64 @@ impl NetlinkBackend {
 }
 
 /// Interface present in this namespace, address inside one of its subnets.
-async fn check_address(tk: &Takeover, address: &str, interface: &str) -> Result<(), String> {
-    let vip = VipAddr::parse(address, interface).map_err(|e| e.to_string())?;
-    tk.check(&vip).await.map_err(|e| e.to_string())
+async fn check_address(tk: &Takeover, address: &str, interface: &str) -> Result<(), TakeoverError> {
+    let vip = VipAddr::parse(address, interface)?;
+    tk.check(&vip).await
 }
 
 impl VipBackend for NetlinkBackend {
-    fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         let tk = self.tk.clone();
         Box::pin(async move {
             crate::takeover::check_capabilities()
-                .map_err(|e| format!("this node cannot hold VIPs: {e}"))?;
-            check_address(&tk, &vip.address, &vip.interface).await
+                .map_err(|e| HoldError::Host(format!("this node cannot hold VIPs: {e}")))?;
+            Ok(check_address(&tk, &vip.address, &vip.interface).await?)
         })
     }
 
-    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         let tk = self.tk.clone();
         let guard_ok = self.guard().map(|_| ());
         Box::pin(async move {
             guard_ok?;
-            let addr = VipAddr::parse(&vip.address, &vip.interface).map_err(|e| e.to_string())?;
-            crate::takeover::check_capabilities().map_err(|e| e.to_string())?;
-            if !tk.present(&addr).await.map_err(|e| e.to_string())? {
-                if let Some(mac) = tk
-                    .probe(&addr, PROBES, PROBE_INTERVAL, PROBE_WAIT)
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
+            let addr = VipAddr::parse(&vip.address, &vip.interface)?;
+            crate::takeover::check_capabilities()?;
+            if !tk.present(&addr).await? {
+                if let Some(mac) = tk.probe(&addr, PROBES, PROBE_INTERVAL, PROBE_WAIT).await? {
                     let mac = mac
                         .iter()
                         .map(|b| format!("{b:02x}"))
                         .collect::<Vec<_>>()
                         .join(":");
-                    return Err(format!(
+                    return Err(HoldError::Host(format!(
                         "refusing VIP {} ({}): host {mac} already answers for it on {}",
                         vip.name, vip.address, vip.interface
-                    ));
+                    )));
                 }
-                tk.add(&addr).await.map_err(|e| e.to_string())?;
+                tk.add(&addr).await?;
             }
-            tk.announce(&addr).map_err(|e| e.to_string())
+            Ok(tk.announce(&addr)?)
         })
     }
 
-    fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn announce(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         let tk = self.tk.clone();
         Box::pin(async move {
-            let addr = VipAddr::parse(&vip.address, &vip.interface).map_err(|e| e.to_string())?;
-            tk.announce(&addr).map_err(|e| e.to_string())
+            let addr = VipAddr::parse(&vip.address, &vip.interface)?;
+            Ok(tk.announce(&addr)?)
         })
     }
 
-    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), String>> {
+    fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         let tk = self.tk.clone();
         if let Some(Ok(g)) = self.guard.get() {
             let _ = g.drop_vip(&vip.name);
         }
         Box::pin(async move {
-            let addr = VipAddr::parse(&vip.address, &vip.interface).map_err(|e| e.to_string())?;
-            tk.remove(&addr).await.map_err(|e| e.to_string())
+            let addr = VipAddr::parse(&vip.address, &vip.interface)?;
+            Ok(tk.remove(&addr).await?)
         })
     }
-
     fn announce_schedule(&self) -> Vec<Duration> {
         crate::takeover::announce_schedule()
             .iter()

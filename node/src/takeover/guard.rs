@@ -75,8 +75,39 @@ pub enum GuardCommand {
     },
 }
 
+/// Why a guard protocol line was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GuardLineError {
+    /// The deadline is not a number of nanoseconds.
+    #[error("bad deadline {0:?}")]
+    Deadline(String),
+    /// The process group is not a number above 1.
+    #[error("bad process group {0:?}")]
+    ProcessGroup(String),
+    /// Not a command of the protocol.
+    #[error("unknown guard command {0:?}")]
+    Unknown(String),
+}
+
+/// Why the guard could not be started or told something.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GuardError {
+    /// The daemon's own executable could not be found.
+    #[error("locate spaced for the fence guard: {0}")]
+    Locate(String),
+    /// The child could not be started.
+    #[error("start the fence guard: {0}")]
+    Start(String),
+    /// The child has no stdin pipe.
+    #[error("fence guard has no stdin")]
+    NoStdin,
+    /// Writing to it failed (it died).
+    #[error("fence guard: {0}")]
+    Write(String),
+}
+
 /// Parses one line of the guard protocol.
-pub fn parse_line(line: &str) -> Result<GuardCommand, String> {
+pub fn parse_line(line: &str) -> Result<GuardCommand, GuardLineError> {
     let f: Vec<&str> = line.split_whitespace().collect();
     match f.as_slice() {
         ["hold", name, address, interface, deadline] => Ok(GuardCommand::Hold {
@@ -88,7 +119,7 @@ pub fn parse_line(line: &str) -> Result<GuardCommand, String> {
             },
             deadline_ns: deadline
                 .parse()
-                .map_err(|_| format!("bad deadline {deadline:?}"))?,
+                .map_err(|_| GuardLineError::Deadline(deadline.to_string()))?,
         }),
         ["hold-group", name, pgid, deadline] => Ok(GuardCommand::HoldGroup {
             name: name.to_string(),
@@ -96,15 +127,15 @@ pub fn parse_line(line: &str) -> Result<GuardCommand, String> {
                 .parse()
                 .ok()
                 .filter(|p: &i32| *p > 1)
-                .ok_or_else(|| format!("bad process group {pgid:?}"))?,
+                .ok_or_else(|| GuardLineError::ProcessGroup(pgid.to_string()))?,
             deadline_ns: deadline
                 .parse()
-                .map_err(|_| format!("bad deadline {deadline:?}"))?,
+                .map_err(|_| GuardLineError::Deadline(deadline.to_string()))?,
         }),
         ["drop", name] => Ok(GuardCommand::Drop {
             name: name.to_string(),
         }),
-        _ => Err(format!("unknown guard command {line:?}")),
+        _ => Err(GuardLineError::Unknown(line.to_string())),
     }
 }
 
@@ -118,32 +149,31 @@ pub struct GuardHandle {
 
 impl GuardHandle {
     /// Starts `<this executable> guard`.
-    pub fn spawn() -> Result<Self, String> {
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("locate spaced for the fence guard: {e}"))?;
+    pub fn spawn() -> Result<Self, GuardError> {
+        let exe = std::env::current_exe().map_err(|e| GuardError::Locate(e.to_string()))?;
         let mut child = Command::new(exe)
             .arg("guard")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|e| format!("start the fence guard: {e}"))?;
-        let stdin = child.stdin.take().ok_or("fence guard has no stdin")?;
+            .map_err(|e| GuardError::Start(e.to_string()))?;
+        let stdin = child.stdin.take().ok_or(GuardError::NoStdin)?;
         Ok(GuardHandle {
             child: Mutex::new(child),
             stdin: Mutex::new(stdin),
         })
     }
 
-    fn send(&self, line: &str) -> Result<(), String> {
+    fn send(&self, line: &str) -> Result<(), GuardError> {
         let mut w = crate::lock(&self.stdin);
         writeln!(w, "{line}")
             .and_then(|_| w.flush())
-            .map_err(|e| format!("fence guard: {e}"))
+            .map_err(|e| GuardError::Write(e.to_string()))
     }
 
     /// The guard removes `vip` at `until` unless told a later deadline.
-    pub fn hold(&self, vip: &VipSpec, until: Instant) -> Result<(), String> {
+    pub fn hold(&self, vip: &VipSpec, until: Instant) -> Result<(), GuardError> {
         self.send(&format!(
             "hold {} {} {} {}",
             vip.name,
@@ -154,7 +184,7 @@ impl GuardHandle {
     }
 
     /// The guard SIGKILLs process group `pgid` at `until` unless told a later deadline.
-    pub fn hold_group(&self, name: &str, pgid: i32, until: Instant) -> Result<(), String> {
+    pub fn hold_group(&self, name: &str, pgid: i32, until: Instant) -> Result<(), GuardError> {
         self.send(&format!(
             "hold-group {name} {pgid} {}",
             instant_to_ns(until)
@@ -163,12 +193,12 @@ impl GuardHandle {
 
     /// The guard SIGKILLs process group `pgid` only when spaced goes (its stdin closes): for
     /// services with no lease, whose forked children would otherwise outlive a SIGKILLed spaced.
-    pub fn hold_group_while_spaced_lives(&self, name: &str, pgid: i32) -> Result<(), String> {
+    pub fn hold_group_while_spaced_lives(&self, name: &str, pgid: i32) -> Result<(), GuardError> {
         self.send(&format!("hold-group {name} {pgid} {}", u64::MAX))
     }
 
     /// The parent removed `name` itself.
-    pub fn drop_vip(&self, name: &str) -> Result<(), String> {
+    pub fn drop_vip(&self, name: &str) -> Result<(), GuardError> {
         self.send(&format!("drop {name}"))
     }
 }
@@ -183,10 +213,8 @@ impl Drop for GuardHandle {
 }
 
 /// `spaced guard`: runs until stdin closes, then removes what it still holds and exits.
-pub async fn run_guard() -> Result<(), String> {
-    let tk = crate::takeover::Takeover::new()
-        .await
-        .map_err(|e| e.to_string())?;
+pub async fn run_guard() -> Result<(), crate::takeover::TakeoverError> {
+    let tk = crate::takeover::Takeover::new().await?;
     let mut held: BTreeMap<String, (Guarded, u64)> = BTreeMap::new();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {

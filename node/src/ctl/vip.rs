@@ -1,0 +1,107 @@
+//! `spacectl vip`: list, add and move virtual IPs.
+
+use super::*;
+
+/// `spacectl vip ...`
+#[derive(Debug, Subcommand)]
+pub enum VipCmd {
+    /// Create a VIP; the leader places it on an eligible node.
+    Add {
+        /// Unique name (e.g. `cluster`, `db`).
+        #[arg(long)]
+        name: String,
+        /// Address with prefix, e.g. `10.0.0.100/24` or `fd00::100/64`.
+        #[arg(long)]
+        address: String,
+        /// Interface the owner adds it to.
+        #[arg(long)]
+        interface: String,
+        /// Eligible roles, comma-separated (e.g. `ha`, or `db`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+    },
+    /// VIPs with owner, epoch and lease.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a VIP to another node: the owner releases first, then the target takes it.
+    Move {
+        /// VIP name.
+        name: String,
+        /// Target node (name or id).
+        #[arg(long)]
+        to: String,
+    },
+}
+
+/// `spacectl vip ...`
+pub(super) async fn run(cli: &Cli, action: &VipCmd) -> Result<(), CtlError> {
+    match action {
+        VipCmd::Add {
+            name,
+            address,
+            interface,
+            roles,
+        } => {
+            spaced_fabric::check_name("VIP name", name).map_err(|e| usage(e.to_string()))?;
+            spaced_fabric::check_vip_address(address).map_err(|e| usage(e.to_string()))?;
+            let v = AdminRequest::VipAdd {
+                name: name.clone(),
+                address: address.clone(),
+                interface: interface.clone(),
+                roles: roles.clone(),
+            };
+            match mutate(&cli, v).await? {
+                AdminReply::VipAdded { cannot, unchecked } => {
+                    println!("VIP {name} ({address} on {interface}) added");
+                    for (node, why) in cannot {
+                        eprintln!(
+                            "spacectl: warning: node {node} cannot hold it ({why}); it is not placed there"
+                        );
+                    }
+                    for (node, why) in unchecked {
+                        eprintln!(
+                            "spacectl: warning: node {node} was not checked ({why}); if it is granted the VIP and cannot hold it, it gives it back"
+                        );
+                    }
+                    Ok(())
+                }
+                other => Err(odd(other)),
+            }
+        }
+        VipCmd::Move { name, to } => {
+            match mutate(
+                &cli,
+                AdminRequest::VipMove {
+                    name: name.clone(),
+                    to: to.clone(),
+                },
+            )
+            .await?
+            {
+                AdminReply::Moved(epoch) => {
+                    println!("VIP {name} moved to {to} (epoch {epoch})");
+                    Ok(())
+                }
+                other => Err(odd(other)),
+            }
+        }
+        VipCmd::List { json } => {
+            let mut c = connect(&cli).await?;
+            // The leader knows the lease times; status already prefers it.
+            let vips = c.status().await?.vips;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(vips.iter().map(vip_json).collect())
+                );
+            } else {
+                print!("{}", render_vips(&vips));
+            }
+            c.close().await;
+            Ok(())
+        }
+    }
+}
