@@ -1,10 +1,13 @@
-//! How a VIP moves on a host: addresses over netlink with conflict probes and announcements as
-//! raw frames ([`netlink`]), the agent's backend on top of it ([`backend`]), and the fence
-//! guard child process that removes addresses when the daemon dies ([`guard`]). Knows nothing
-//! of Raft; uses only the placement agent's `VipBackend` contract.
+//! How a VIP moves on a host: addresses over netlink ([`netlink`]), the raw frames that probe
+//! for a conflict and announce the move ([`frames`], pure; [`probe`], their socket side), the
+//! agent's backend on top of them ([`backend`]), and the fence guard child process that
+//! removes addresses when the daemon dies ([`guard`]). Knows nothing of Raft; uses only the
+//! placement agent's `VipBackend` contract.
 
 pub mod backend;
+pub mod frames;
 pub mod guard;
 pub mod netlink;
+pub mod probe;
 
 pub use netlink::*;
