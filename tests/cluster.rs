@@ -436,6 +436,78 @@ async fn foreign_ca_and_lying_peers_are_refused() -> Result<()> {
     Ok(())
 }
 
+/// A certificate the cluster CA issued to a node that is not a member (never added, or
+/// removed) can ask who a node is, and nothing else: its votes and entries of a higher term are
+/// refused before Raft sees them, so it can neither depose the leader nor replace the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_is_not_a_member_cannot_vote_or_lead() -> Result<()> {
+    let mut c = Cluster::start(3, timings()).await?;
+    let leader = c.wait_leader(T).await?;
+    let target = (1..=3).find(|id| *id != leader).context("a follower")?;
+    let addr = c.nodes[&target].listen_addr();
+    let member = Member {
+        name: format!("n{target}"),
+        addr: addr.to_string(),
+    };
+    let pki_dir = c.pki_dir();
+    let (ep, cfg) = client(&pki_dir, &pki_dir, "n4", ALPN_RAFT)?;
+    let stranger = QuicNetwork::new(4, ep.clone(), cfg);
+    let before = c.nodes[&target].raft().metrics().borrow_watched().vote;
+    let mut vote = before;
+    vote.leader_id.node_id = 4;
+    vote.leader_id.term += 10;
+    let req = openraft::raft::VoteRequest::<spaced_raft::TypeConfig>::new(vote, None);
+    let err = stranger
+        .call(target, &member, RaftRpc::Vote(req), Duration::from_secs(3))
+        .await
+        .expect_err("a stranger's vote was taken")
+        .to_string();
+    assert!(err.contains("not a member"), "{err}");
+    let mut lead = vote;
+    lead.committed = true;
+    let append = openraft::raft::AppendEntriesRequest::<spaced_raft::TypeConfig> {
+        vote: lead,
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    let err = stranger
+        .call(
+            target,
+            &member,
+            RaftRpc::Append(append),
+            Duration::from_secs(3),
+        )
+        .await
+        .expect_err("a stranger's entries were taken")
+        .to_string();
+    assert!(err.contains("not a member"), "{err}");
+    let err = stranger
+        .call(target, &member, RaftRpc::Leaving, Duration::from_secs(3))
+        .await
+        .expect_err("a stranger's node RPC was served")
+        .to_string();
+    assert!(err.contains("not a member"), "{err}");
+    // Nothing changed: same term, same leader.
+    let after = c.nodes[&target].raft().metrics().borrow_watched().vote;
+    assert_eq!(
+        after.leader_id.term, before.leader_id.term,
+        "the term was raised"
+    );
+    assert_eq!(c.wait_leader(T).await?, leader);
+    // Asking who a node is stays open (the leader asks a node before it adds it).
+    match stranger
+        .call(target, &member, RaftRpc::Describe, Duration::from_secs(3))
+        .await
+    {
+        Ok(RaftReply::Describe(d)) => assert_eq!(d.id, target),
+        other => bail!("describe: {other:?}"),
+    }
+    ep.close(0u32.into(), b"done");
+    c.stop_all().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_garbage_frames_close_only_that_stream() -> Result<()> {
     let mut c = Cluster::start(3, timings()).await?;
@@ -665,6 +737,71 @@ async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()>
     );
     let s = admin.status().await?;
     assert_eq!(s.nodes.iter().filter(|n| n.voter).count(), 4, "{s:?}");
+    c.stop_all().await;
+    Ok(())
+}
+
+/// An admin certificate cannot move a placement's owner, nor the membership, with raw
+/// commands: a `Write` of a grant or release would give a VIP to a second node while the first
+/// still holds it. Only `vip move` (the owner fences first) moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_cannot_grant_or_release_a_placement_with_raw_commands() -> Result<()> {
+    let mut c = Cluster::empty(3, timings())?;
+    let port = spaced_tests::free_tcp_port();
+    for id in 1..=3 {
+        let mut cfg = spaced_tests::node_config(c.dir.path(), &c.pki_dir(), id, timings());
+        cfg.takeover = spaced_node::ops::config::TakeoverMode::Loopback;
+        cfg.vips = vec![spaced_node::ops::config::VipSection {
+            name: "cluster".into(),
+            address: "127.0.0.100/8".into(),
+            interface: "lo".into(),
+            roles: vec!["ha".into()],
+            port: Some(port),
+        }];
+        c.configs.insert(id, cfg);
+    }
+    c.start_node(1, true).await?;
+    c.wait_for(T, "node 1 registered", |c| {
+        c.fabric_of(1).is_some_and(|f| f.nodes.contains_key(&1))
+    })
+    .await?;
+    for id in 2..=3 {
+        c.start_node(id, false).await?;
+        c.add_node(id).await?;
+    }
+    let held = |c: &Cluster| {
+        c.fabric_of(1)
+            .and_then(|f| f.placements.get("cluster").map(|p| (p.owner, p.epoch)))
+    };
+    c.wait_for(T, "the VIP placed", |c| {
+        held(c).is_some_and(|(o, _)| o.is_some())
+    })
+    .await?;
+    let (owner, epoch) = held(&c).context("the VIP")?;
+    let owner = owner.context("owner")?;
+    let other = (1..=3).find(|id| *id != owner).context("another node")?;
+    let mut admin = c.admin(1).await?;
+    for cmd in [
+        Command::GrantPlacement {
+            name: "cluster".into(),
+            to: other,
+            expected_epoch: epoch,
+        },
+        Command::ReleasePlacement {
+            name: "cluster".into(),
+            epoch,
+        },
+        Command::RemoveNode { id: other },
+    ] {
+        match admin.call_leader(&AdminRequest::Write(cmd.clone())).await? {
+            AdminReply::Failed(e) => assert!(e.contains("not an admin operation"), "{e}"),
+            reply => bail!("{cmd} through the admin API: {reply:?}"),
+        }
+    }
+    c.wait_converged(T).await?;
+    assert_eq!(held(&c), Some((Some(owner), epoch)), "the VIP moved");
+    assert!(c.fabric_of(1).is_some_and(|f| f.nodes.contains_key(&other)));
+    admin.close().await;
     c.stop_all().await;
     Ok(())
 }

@@ -139,10 +139,21 @@ impl ClusterState {
         self.membership().membership().voter_ids().any(|v| v == id)
     }
 
-    /// The voter sets a quorum decision needs a majority of: one, or two during a
-    /// joint-consensus membership change.
+    /// The voter sets a lease decision needs a majority of: those of the committed membership
+    /// and those of the effective one (the newest this node has appended), when they differ:
+    /// one set when settled, two or three while a membership change is under way. An owner
+    /// that counts its renewal confirmed, and a leader that counts a lease silent, each by a
+    /// majority of every set it knows, are safe whichever of the two is behind the other
+    /// (see [`lease_configs`]).
     pub fn voter_configs(&self) -> Vec<BTreeSet<NodeId>> {
-        self.membership().membership().get_joint_config().clone()
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        lease_configs(
+            m.committed_membership_config
+                .membership()
+                .get_joint_config(),
+            m.membership_config.membership().get_joint_config(),
+        )
     }
 
     /// The current voters and how to reach them.
@@ -261,6 +272,20 @@ impl ClusterState {
     }
 }
 
+/// The voter sets of the committed and of the effective membership, each set once, in order.
+pub fn lease_configs(
+    committed: &[BTreeSet<NodeId>],
+    effective: &[BTreeSet<NodeId>],
+) -> Vec<BTreeSet<NodeId>> {
+    let mut sets: Vec<BTreeSet<NodeId>> = Vec::new();
+    for c in committed.iter().chain(effective) {
+        if !sets.contains(c) {
+            sets.push(c.clone());
+        }
+    }
+    sets
+}
+
 /// Since when this node leads, kept by [`LeaderTenure::track`] from Raft's server state. The
 /// planners use it: a new leader knows little of its peers' liveness at first.
 #[derive(Default)]
@@ -318,4 +343,44 @@ pub enum OpError {
     /// Committing a change to the fabric failed or was refused.
     #[error(transparent)]
     Propose(#[from] ProposeError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn lease_quorums_cover_the_committed_and_the_effective_membership() {
+        let old = set(&[1, 2, 3]);
+        let new = set(&[3, 4, 5]);
+        // Settled: one set.
+        assert_eq!(
+            lease_configs(&[old.clone()], &[old.clone()]),
+            vec![old.clone()]
+        );
+        // The joint config appended, not committed: the owner also needs the new set,
+        // although its committed view has only the old one.
+        assert_eq!(
+            lease_configs(&[old.clone()], &[old.clone(), new.clone()]),
+            vec![old.clone(), new.clone()]
+        );
+        // The final config appended while the joint one is the committed one.
+        assert_eq!(
+            lease_configs(&[old.clone(), new.clone()], &[new.clone()]),
+            vec![old.clone(), new.clone()]
+        );
+        // A node that appended the new config but whose commit lags at the old one counts
+        // both: a majority of the old set alone would let removed voters extend a lease.
+        let configs = lease_configs(&[old.clone()], &[new.clone()]);
+        assert_eq!(configs, vec![old, new]);
+        let removed_only = set(&[1, 2]);
+        assert!(!crate::placement::lease::joint_majority(
+            &configs,
+            &removed_only
+        ));
+    }
 }

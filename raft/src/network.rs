@@ -1,6 +1,6 @@
 //! Raft RPCs over QUIC: one connection per peer, one bidirectional stream per RPC, bincode frames.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::io::Cursor;
 use std::net::SocketAddr;
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::codec;
-use crate::frame::{self, MAX_FRAME};
+use crate::frame::{self, FrameBudget, MAX_FRAME, STRANGER_FRAME};
 use crate::pki::NODE_DOMAIN;
 use crate::store::Snapshot;
 use crate::types::{Member, NodeId, Raft, Response, SnapshotMeta, TypeConfig, Vote};
@@ -30,8 +30,13 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a
 
 /// Snapshot bytes travel in chunks of this size, each its own frame.
 const SNAPSHOT_CHUNK: usize = 4 << 20;
-/// Upper bound on a received snapshot, against a peer announcing absurd sizes.
-const MAX_SNAPSHOT: u64 = 4 << 30;
+/// Upper bound on a received snapshot, against a peer announcing absurd sizes (a fabric of
+/// 100,000 devices snapshots to about 10 MB).
+const MAX_SNAPSHOT: u64 = 1 << 30;
+
+/// What the requests a node is receiving may hold in memory at once, from all its peers
+/// together (see [`FrameBudget`]).
+pub const RAFT_FRAME_BUDGET: usize = 256 << 20;
 /// How long dialing a peer may take before it counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -534,6 +539,85 @@ pub struct RaftService {
     pub local: NodeDescription,
     /// Handlers for lease renewals, proposals and releases.
     pub hooks: Option<Arc<dyn NodeHooks>>,
+    /// Memory the requests being received may hold, shared by every connection.
+    pub budget: FrameBudget,
+}
+
+/// Why a node RPC was refused before it was looked at.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The request carries another node's vote than the sender claims to be.
+    #[error("request claims node {from} but carries the vote of node {vote_of}")]
+    VoteOfOther {
+        /// The claimed sender.
+        from: NodeId,
+        /// The node the vote names.
+        vote_of: NodeId,
+    },
+    /// The certificate names another node than the member the request claims to come from.
+    #[error("certificate names {cert:?} but request claims node {from} which is {member:?}")]
+    NotThatNode {
+        /// The name in the certificate.
+        cert: String,
+        /// The claimed sender.
+        from: NodeId,
+        /// That member's name.
+        member: String,
+    },
+    /// The sender is not a member of this node's cluster.
+    #[error("node {from} ({cert:?}) is not a member of this cluster")]
+    NotMember {
+        /// The claimed sender.
+        from: NodeId,
+        /// The name in its certificate.
+        cert: String,
+    },
+}
+
+/// The admission rule for every node RPC, given this node's membership (`members`: id and
+/// name, voters and learners; empty on a node that has not joined a cluster yet):
+///
+/// - a request whose vote names another node than the claimed sender is refused;
+/// - a member must present the certificate of its own name;
+/// - a sender that is not a member may only ask `Describe` (id, name and roles, which the
+///   leader asks a node before it adds it), except on a node that has not joined yet, which
+///   takes log entries and a snapshot from whoever adds it (the join itself).
+///
+/// So a certificate the CA issued to a node that is not (or no longer) a member can neither
+/// vote, nor raise a term, nor replace the log or the fabric. A follower that missed the
+/// change that added the current leader refuses that leader until another leader it knows
+/// takes over (it cannot tell it from an impostor); the others carry on without it.
+pub fn admit(
+    rpc: &RaftRpc,
+    from: NodeId,
+    cert: &str,
+    members: &BTreeMap<NodeId, &str>,
+) -> Result<(), Refusal> {
+    if let Some(v) = voter_of(rpc)
+        && v != from
+    {
+        return Err(Refusal::VoteOfOther { from, vote_of: v });
+    }
+    match members.get(&from) {
+        Some(name) if *name == cert => Ok(()),
+        Some(name) => Err(Refusal::NotThatNode {
+            cert: cert.to_string(),
+            from,
+            member: name.to_string(),
+        }),
+        None => {
+            let joining =
+                members.is_empty() && matches!(rpc, RaftRpc::Append(_) | RaftRpc::Snapshot { .. });
+            if joining || matches!(rpc, RaftRpc::Describe) {
+                Ok(())
+            } else {
+                Err(Refusal::NotMember {
+                    from,
+                    cert: cert.to_string(),
+                })
+            }
+        }
+    }
 }
 
 /// The node id a request's vote names, which must equal the claimed sender.
@@ -604,31 +688,32 @@ impl RaftService {
             .is_some()
     }
 
-    /// Checks that the claimed sender is the node the certificate names.
-    fn check_sender(&self, req: &RaftRequest, peer_name: &str) -> Result<(), String> {
-        if let Some(v) = voter_of(&req.rpc)
-            && v != req.from
-        {
-            return Err(format!(
-                "request claims node {} but carries the vote of node {v}",
-                req.from
-            ));
-        }
+    /// The largest request a peer with this certificate may send: a frame from a node that is
+    /// not a member is refused beyond what asking `Describe` needs, before it is read (a node
+    /// that has not joined yet takes the full size, for the join's entries).
+    fn frame_limit(&self, peer_name: &str) -> usize {
         let metrics = self.raft.metrics();
-        let known = metrics
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .get_node(&req.from)
-            .cloned();
-        match known {
-            Some(m) if m.name != peer_name => Err(format!(
-                "certificate names {peer_name:?} but request claims node {} which is {:?}",
-                req.from, m.name
-            )),
-            // Unknown ids pass: a lagging follower may not know a new leader's membership yet.
-            _ => Ok(()),
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        let mut nodes = membership.nodes().peekable();
+        let joining = nodes.peek().is_none();
+        if joining || nodes.any(|(_, n)| n.name == peer_name) {
+            MAX_FRAME
+        } else {
+            STRANGER_FRAME
         }
+    }
+
+    /// Whether the sender may make this request: see [`admit`].
+    fn check_sender(&self, req: &RaftRequest, peer_name: &str) -> Result<(), Refusal> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        let members: BTreeMap<NodeId, &str> = membership
+            .nodes()
+            .map(|(id, n)| (*id, n.name.as_str()))
+            .collect();
+        admit(&req.rpc, req.from, peer_name, &members)
     }
 
     async fn serve_stream(
@@ -637,8 +722,9 @@ impl RaftService {
         mut recv: quinn::RecvStream,
         peer_name: &str,
     ) -> Result<(), String> {
-        let bytes = match frame::read_frame(&mut recv, MAX_FRAME).await {
-            Ok(Some(b)) => b,
+        let limit = self.frame_limit(peer_name);
+        let frame = match frame::read_frame_within(&mut recv, limit, &self.budget).await {
+            Ok(Some(f)) => f,
             Ok(None) => return Ok(()),
             Err(e) => {
                 let _ = recv.stop(1u32.into());
@@ -646,7 +732,7 @@ impl RaftService {
                 return Err(e.to_string());
             }
         };
-        let req: RaftRequest = match codec::decode(&bytes) {
+        let req: RaftRequest = match codec::decode(&frame.bytes) {
             Ok(r) => r,
             Err(e) => {
                 let _ = recv.stop(1u32.into());
@@ -655,6 +741,7 @@ impl RaftService {
             }
         };
         if let Err(e) = self.check_sender(&req, peer_name) {
+            let e = e.to_string();
             let reply: WireReply = Err(e.clone());
             if let Ok(b) = codec::encode(&reply) {
                 let _ = frame::write_frame(&mut send, &b).await;
@@ -750,5 +837,104 @@ impl RaftService {
             .map_err(|e| e.to_string())?;
         send.finish().map_err(|e| e.to_string())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vote_req(of: NodeId) -> RaftRpc {
+        let vote = Vote::new(7, of);
+        RaftRpc::Vote(VoteRequest::new(vote, None))
+    }
+
+    fn append(of: NodeId) -> RaftRpc {
+        RaftRpc::Append(AppendEntriesRequest {
+            vote: Vote::new_committed(7, of),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        })
+    }
+
+    #[test]
+    fn only_members_may_vote_append_or_ask_node_rpcs() {
+        let members: BTreeMap<NodeId, &str> = [(1, "n1"), (2, "n2"), (3, "n3")].into();
+        let none: BTreeMap<NodeId, &str> = BTreeMap::new();
+        type Case = (&'static str, RaftRpc, NodeId, &'static str, bool, bool);
+        // (what, request, claimed sender, certificate, receiver has joined, admitted)
+        let cases: Vec<Case> = vec![
+            ("a member votes", vote_req(2), 2, "n2", true, true),
+            ("a member leads", append(3), 3, "n3", true, true),
+            (
+                "a member renews",
+                RaftRpc::Renew(Vec::new()),
+                2,
+                "n2",
+                true,
+                true,
+            ),
+            ("a stranger votes", vote_req(4), 4, "n4", true, false),
+            ("a stranger appends", append(4), 4, "n4", true, false),
+            (
+                "a stranger renews",
+                RaftRpc::Renew(Vec::new()),
+                4,
+                "n4",
+                true,
+                false,
+            ),
+            (
+                "a stranger proposes",
+                RaftRpc::Leaving,
+                4,
+                "n4",
+                true,
+                false,
+            ),
+            (
+                "a stranger asks who we are",
+                RaftRpc::Describe,
+                4,
+                "n4",
+                true,
+                true,
+            ),
+            (
+                "a member's id with another cert",
+                vote_req(2),
+                2,
+                "n4",
+                true,
+                false,
+            ),
+            ("another member's vote", vote_req(3), 2, "n2", true, false),
+            (
+                "the join: entries to a new node",
+                append(1),
+                1,
+                "n1",
+                false,
+                true,
+            ),
+            ("a vote to a new node", vote_req(1), 1, "n1", false, false),
+            (
+                "a node RPC to a new node",
+                RaftRpc::Leaving,
+                1,
+                "n1",
+                false,
+                false,
+            ),
+        ];
+        for (what, rpc, from, cert, joined, admitted) in cases {
+            let m = if joined { &members } else { &none };
+            assert_eq!(admit(&rpc, from, cert, m).is_ok(), admitted, "{what}");
+        }
+        assert!(matches!(
+            admit(&vote_req(4), 4, "n4", &members),
+            Err(Refusal::NotMember { from: 4, .. })
+        ));
     }
 }

@@ -9,6 +9,7 @@ use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use spaced_fabric::Command;
 use spaced_raft::NodeId;
+use spaced_raft::frame::{FrameBudget, read_frame_within};
 use spaced_raft::network::{RaftReply, RaftRpc};
 
 use super::{AdminReply, AdminRequest, DeviceRow, MAX_ADMIN_FRAME, NodeStatus, StatusReport};
@@ -35,7 +36,13 @@ pub struct AdminServer {
     pub(super) lb: Option<Arc<LbService>>,
     /// The devices' `lost_after` (the leader waits that long before moving any after election).
     pub(super) device_lost_after: Duration,
+    /// Memory the admin requests being received may hold at once, from every admin together.
+    pub(super) budget: FrameBudget,
 }
+
+/// What the admin requests a node is receiving may hold in memory at once (a 10,000-device
+/// import is about 1 MB).
+const ADMIN_FRAME_BUDGET: usize = 128 << 20;
 
 /// Why an admin request could not be carried out here.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +70,7 @@ impl AdminServer {
             supervisor,
             lb,
             device_lost_after,
+            budget: FrameBudget::new(ADMIN_FRAME_BUDGET),
         })
     }
 
@@ -185,7 +193,10 @@ impl AdminServer {
                     .collect()
             })),
             AdminRequest::VipList => AdminReply::Vips(self.placements.vip_rows()),
-            AdminRequest::Write(cmd) => self.write(cmd).await,
+            AdminRequest::Write(cmd) => match admin_may_write(&cmd) {
+                Ok(()) => self.write(cmd).await,
+                Err(why) => AdminReply::Failed(why),
+            },
             AdminRequest::LbStatus => AdminReply::Lb(super::LbReport {
                 node: self.cluster.name.clone(),
                 vip: self.lb.as_ref().map(|lb| lb.vip().to_string()),
@@ -355,6 +366,39 @@ impl AdminServer {
     }
 }
 
+/// Whether an admin may propose `cmd` as it is. Ownership and membership change only through
+/// the operations that keep their invariants: a placement moves by `vip move` (the owner
+/// fences first) or when its lease lapses, never by a raw grant or release, which could give
+/// a VIP to a second node while the first still holds it; nodes join and leave by `node add`
+/// and `node remove`; devices move by the leader's planner and `device rebalance`; nodes report
+/// their own devices and management IP. `Err` says what to use instead.
+pub fn admin_may_write(cmd: &Command) -> Result<(), String> {
+    let instead = match cmd {
+        Command::AddDevices { .. }
+        | Command::RemoveDevice { .. }
+        | Command::PutService { .. }
+        | Command::RemoveService { .. }
+        | Command::SetAdminState { .. }
+        | Command::SetRoles { .. }
+        | Command::AddPlacement { .. }
+        | Command::RemovePlacement { .. } => return Ok(()),
+        Command::GrantPlacement { .. }
+        | Command::ReleasePlacement { .. }
+        | Command::RefusePlacement { .. } => {
+            "`vip move` (the owner fences before another node is granted it)"
+        }
+        Command::RegisterNode { .. } | Command::RemoveNode { .. } => "`node add` / `node remove`",
+        Command::AssignDevices { .. } => "`device rebalance` or `node drain`",
+        Command::ReportDeviceStatus { .. } | Command::SetMgmtIp { .. } => {
+            "nothing: each node reports this itself"
+        }
+    };
+    Err(format!(
+        "{cmd} is not an admin operation: placements, membership and device owners change only \
+         through operations that keep their invariants; use {instead}"
+    ))
+}
+
 /// Decodes an admin request from the wire (from spacectl, or forwarded by a node).
 fn decode_admin_request(bytes: &[u8]) -> Result<AdminRequest, AdminError> {
     Ok(spaced_raft::codec::decode(bytes)?)
@@ -391,8 +435,9 @@ pub async fn serve_admin(server: Arc<AdminServer>, conn: quinn::Connection, admi
         let server = server.clone();
         let admin = admin.clone();
         tokio::spawn(async move {
-            let bytes = match spaced_raft::frame::read_frame(&mut recv, MAX_ADMIN_FRAME).await {
-                Ok(Some(b)) => b,
+            let frame = read_frame_within(&mut recv, MAX_ADMIN_FRAME, &server.budget).await;
+            let bytes = match frame {
+                Ok(Some(f)) => f,
                 Ok(None) => return,
                 Err(e) => {
                     tracing::warn!(%admin, error = %e, "admin stream refused");
@@ -400,7 +445,7 @@ pub async fn serve_admin(server: Arc<AdminServer>, conn: quinn::Connection, admi
                     return;
                 }
             };
-            let reply = match decode_admin_request(&bytes) {
+            let reply = match decode_admin_request(&bytes.bytes) {
                 Ok(req) => {
                     tracing::debug!(%admin, ?req, "admin request");
                     match server.handle(req).await {
@@ -408,7 +453,9 @@ pub async fn serve_admin(server: Arc<AdminServer>, conn: quinn::Connection, admi
                             leader: Some(leader),
                             addr,
                         } if leader != server.cluster.id => {
-                            server.forward_admin(leader, addr, &admin, bytes).await
+                            server
+                                .forward_admin(leader, addr, &admin, bytes.bytes.clone())
+                                .await
                         }
                         reply => reply,
                     }
@@ -420,5 +467,59 @@ pub async fn serve_admin(server: Arc<AdminServer>, conn: quinn::Connection, admi
             }
             let _ = send.finish();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spaced_fabric::AdminState;
+
+    #[test]
+    fn admins_cannot_move_owners_or_membership_with_raw_commands() {
+        let refused = [
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 2,
+                expected_epoch: 1,
+            },
+            Command::ReleasePlacement {
+                name: "cluster".into(),
+                epoch: 1,
+            },
+            Command::RefusePlacement {
+                name: "cluster".into(),
+                node: 1,
+                epoch: 1,
+                reason: String::new(),
+                at: 0,
+            },
+            Command::RemoveNode { id: 2 },
+            Command::AssignDevices {
+                assignments: Vec::new(),
+                at: 0,
+            },
+            Command::SetMgmtIp {
+                id: 1,
+                mgmt_ip: None,
+            },
+        ];
+        for cmd in refused {
+            let why = admin_may_write(&cmd).expect_err("a raw command was allowed");
+            assert!(why.contains("not an admin operation"), "{why}");
+        }
+        let allowed = [
+            Command::RemoveDevice { id: "d1".into() },
+            Command::SetAdminState {
+                id: 1,
+                state: AdminState::Draining,
+            },
+            Command::RemoveService {
+                name: "poller".into(),
+            },
+        ];
+        for cmd in allowed {
+            assert_eq!(admin_may_write(&cmd), Ok(()), "{cmd}");
+        }
     }
 }

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use spaced_fabric::{Command, Millis};
-use spaced_raft::network::{BoxFuture, NodeDescription, NodeHooks, RaftService};
+use spaced_raft::frame::FrameBudget;
+use spaced_raft::network::{BoxFuture, NodeDescription, NodeHooks, RAFT_FRAME_BUDGET, RaftService};
 use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, Identity};
 use spaced_raft::{NodeId, Response};
 use tokio::sync::watch;
@@ -29,6 +30,7 @@ pub(super) async fn accept_loop(
 ) {
     let svc = RaftService {
         hooks: Some(hooks),
+        budget: FrameBudget::new(RAFT_FRAME_BUDGET),
         raft: cluster.raft.clone(),
         local: NodeDescription {
             id: cluster.id,

@@ -22,6 +22,9 @@ pub const MIN_GAP: Duration = Duration::from_millis(1);
 /// nothing falls due sooner (a safety net).
 pub const MAX_GAP: Duration = Duration::from_millis(100);
 
+/// How soon a removal that failed is tried again.
+const FENCE_RETRY: Duration = Duration::from_millis(50);
+
 /// A VIP as the agent hands it to a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VipSpec {
@@ -60,6 +63,11 @@ pub enum HoldError {
 
 /// How a host takes a VIP up and down (netlink + ARP, or a loopback stand-in).
 pub trait VipBackend: Send + Sync + 'static {
+    /// Everything before the VIP may come up that takes time: a conflict probe, say. The agent
+    /// checks that the lease still holds after it and before [`acquire`](Self::acquire).
+    fn prepare(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+        Box::pin(async { Ok(()) })
+    }
     /// Bring the VIP up and announce it once.
     fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>>;
     /// Announce it again (gratuitous ARP / NA); a no-op where meaningless.
@@ -234,6 +242,13 @@ pub struct Agent {
     /// Wakes the agent loop early when something it sleeps on changed outside it: a renewal
     /// was confirmed (a first confirmation lets a VIP come up), a placement was fenced on request.
     poke: tokio::sync::Notify,
+    /// VIPs whose removal failed (netlink refused or timed out): tried again every pass until
+    /// they are gone. Meanwhile the guard, still holding them, removes them at the lease end.
+    unfenced: Mutex<BTreeMap<String, VipSpec>>,
+    /// Held while the host is changed: a pass's takeovers and a fence on request never
+    /// interleave, so a VIP released for a move cannot come up again behind the release from
+    /// a takeover that was already under way.
+    host: tokio::sync::Mutex<()>,
 }
 
 /// What one reconcile pass decided, for the caller to carry out.
@@ -290,6 +305,8 @@ impl Agent {
             refresh: Mutex::new(None),
             changes: tokio::sync::watch::Sender::new(()),
             poke: tokio::sync::Notify::new(),
+            unfenced: Mutex::default(),
+            host: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -303,6 +320,9 @@ impl Agent {
     /// (a pass takes down whatever has no lease), so nothing falls due until the fabric
     /// grants this node something.
     pub fn next_due(&self, now: Instant) -> Option<Instant> {
+        if !crate::lock(&self.unfenced).is_empty() {
+            return Some(now + FENCE_RETRY);
+        }
         let leases = crate::lock(&self.leases).next_due(now);
         let schedule = self.backend.announce_schedule();
         let refresh = *crate::lock(&self.refresh);
@@ -363,6 +383,15 @@ impl Agent {
                 step.fence.push(a.vip);
             }
         }
+        // A removal that failed before is tried again, unless the VIP is ours again.
+        let mut unfenced = crate::lock(&self.unfenced);
+        unfenced.retain(|name, _| !active.contains_key(name));
+        for vip in unfenced.values() {
+            if !step.fence.iter().any(|f| f.name == vip.name) {
+                step.fence.push(vip.clone());
+            }
+        }
+        drop(unfenced);
         let schedule = self.backend.announce_schedule();
         let refresh = *crate::lock(&self.refresh);
         for a in active.values_mut() {
@@ -414,14 +443,20 @@ impl Agent {
     /// be taken (already fenced and held down here) with the error, for the caller to give back
     /// with a refusal.
     pub async fn execute(&self, step: &Step) -> Vec<(Held, String)> {
+        let _host = self.host.lock().await;
         let mut failed = Vec::new();
         for vip in &step.fence {
             match self.backend.release(vip.clone()).await {
                 Ok(()) => {
-                    tracing::warn!(vip = %vip.name, address = %vip.address, "lease lost: VIP removed (self-fenced)")
+                    if crate::lock(&self.unfenced).remove(&vip.name).is_some() {
+                        tracing::warn!(vip = %vip.name, address = %vip.address, "VIP removed on a later try (self-fenced)")
+                    } else {
+                        tracing::warn!(vip = %vip.name, address = %vip.address, "lease lost: VIP removed (self-fenced)")
+                    }
                 }
                 Err(e) => {
-                    tracing::error!(vip = %vip.name, error = %e, "could not remove VIP while fencing")
+                    tracing::error!(vip = %vip.name, error = %e, "could not remove VIP while fencing; trying again");
+                    crate::lock(&self.unfenced).insert(vip.name.clone(), vip.clone());
                 }
             }
         }
@@ -429,7 +464,29 @@ impl Agent {
             self.changed();
         }
         for (epoch, vip) in &step.acquire {
-            match self.backend.acquire(vip.clone()).await {
+            // The probe takes time: the lease may have run out, or the placement been released
+            // or fenced, meanwhile. Decided before it, the takeover is decided again after it.
+            let prepared = match self.backend.prepare(vip.clone()).await {
+                Ok(()) if self.still_holds(&vip.name, *epoch, Instant::now()) => Ok(()),
+                Ok(()) => {
+                    tracing::info!(vip = %vip.name, epoch, "lease ended or placement released during the takeover; not taken");
+                    self.forget_active(&vip.name, *epoch);
+                    continue;
+                }
+                Err(e) => Err(e),
+            };
+            let acquired = match prepared {
+                Ok(()) => {
+                    // The guard learns the lease end before the address exists: a daemon
+                    // killed between the two leaves nothing it does not know to remove.
+                    let now = Instant::now();
+                    let until = now + crate::lock(&self.leases).remaining(&vip.name, now);
+                    self.backend.hold_until(vip, until);
+                    self.backend.acquire(vip.clone()).await
+                }
+                Err(e) => Err(e),
+            };
+            match acquired {
                 Ok(()) => {
                     tracing::info!(vip = %vip.name, address = %vip.address, epoch, "VIP taken over")
                 }
@@ -437,7 +494,7 @@ impl Agent {
                     // Stop renewing it: the leader sees the lease lapse and grants it elsewhere,
                     // rather than leaving the VIP with a node that cannot serve it.
                     tracing::error!(vip = %vip.name, epoch, error = %e, "could not take over VIP; giving it back");
-                    if let Err(e) = self.fence_and_hold(&vip.name, *epoch).await {
+                    if let Err(e) = self.fence_and_hold_locked(&vip.name, *epoch).await {
                         tracing::error!(vip = %vip.name, error = %e, "could not clean up after a failed takeover");
                     }
                     failed.push(((vip.name.clone(), *epoch), e.to_string()));
@@ -464,8 +521,34 @@ impl Agent {
         self.poke.notify_one();
     }
 
+    /// Whether `name` at `epoch` is still to be up here at `now`: planned up, not released on
+    /// request, its lease valid.
+    fn still_holds(&self, name: &str, epoch: u64, now: Instant) -> bool {
+        let held = (name.to_string(), epoch);
+        crate::lock(&self.active)
+            .get(name)
+            .is_some_and(|a| a.epoch == epoch)
+            && !crate::lock(&self.released).contains(&held)
+            && crate::lock(&self.leases).valid(now).contains(&held)
+    }
+
+    /// Drops a takeover that did not happen from the VIPs planned up here.
+    fn forget_active(&self, name: &str, epoch: u64) {
+        let mut active = crate::lock(&self.active);
+        if active.get(name).is_some_and(|a| a.epoch == epoch) {
+            active.remove(name);
+        }
+    }
+
     /// Fences `name` at `epoch` now and keeps it down at that epoch (graceful move or stop).
+    /// Waits for a takeover under way to finish first, so it cannot bring the VIP back after.
     pub async fn fence_and_hold(&self, name: &str, epoch: u64) -> Result<(), HoldError> {
+        let _host = self.host.lock().await;
+        self.fence_and_hold_locked(name, epoch).await
+    }
+
+    /// [`fence_and_hold`](Self::fence_and_hold) with the host lock already held.
+    async fn fence_and_hold_locked(&self, name: &str, epoch: u64) -> Result<(), HoldError> {
         crate::lock(&self.released).insert((name.to_string(), epoch));
         let a = crate::lock(&self.active).remove(name);
         if let Some(a) = a {
@@ -716,6 +799,178 @@ mod tests {
         changes.borrow_and_update();
         agent.fence_and_hold("cluster", 3).await.unwrap();
         assert!(changes.has_changed().unwrap(), "not told of the release");
+    }
+
+    /// Takes its time to bring a VIP up (a conflict probe, a slow netlink answer).
+    #[derive(Default)]
+    struct Slow {
+        calls: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl VipBackend for Slow {
+        fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+            let call = format!("up {}", vip.name);
+            let calls = self.calls.clone();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                calls.lock().unwrap().push(call);
+                Ok(())
+            })
+        }
+        fn announce(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("down {}", vip.name));
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// `vip move` fences the owner while its takeover of the VIP may still be under way: the
+    /// release must come after the takeover, or the VIP comes up behind it and stays up while
+    /// another node is granted it.
+    #[tokio::test]
+    async fn a_release_during_a_takeover_leaves_the_vip_down() {
+        let t0 = Instant::now();
+        let backend = Arc::new(Slow::default());
+        let agent = Arc::new(Agent::new(1, cfg(), backend.clone()));
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        let r = agent.plan_step(&owned, t0).renewal.unwrap();
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        let step = agent.plan_step(&owned, t0);
+        let taking = {
+            let agent = agent.clone();
+            tokio::spawn(async move { agent.execute(&step).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        agent.fence_and_hold("cluster", 2).await.unwrap();
+        taking.await.unwrap();
+        let calls = backend.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls.last().map(String::as_str),
+            Some("down cluster"),
+            "{calls:?}"
+        );
+        assert!(agent.active_names().is_empty());
+    }
+
+    /// A lease that runs out while the takeover probes is not acted on after the probe.
+    #[tokio::test]
+    async fn a_lease_that_ends_during_the_probe_is_not_taken() {
+        struct SlowProbe(Mutex<Vec<String>>);
+        impl VipBackend for SlowProbe {
+            fn prepare(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+                Box::pin(async {
+                    tokio::time::sleep(Duration::from_millis(120)).await;
+                    Ok(())
+                })
+            }
+            fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+                self.0.lock().unwrap().push(format!("up {}", vip.name));
+                Box::pin(async { Ok(()) })
+            }
+            fn announce(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+                Box::pin(async { Ok(()) })
+            }
+            fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+                self.0.lock().unwrap().push(format!("down {}", vip.name));
+                Box::pin(async { Ok(()) })
+            }
+        }
+        let backend = Arc::new(SlowProbe(Mutex::default()));
+        let lease = LeaseConfig {
+            duration: Duration::from_millis(100),
+            renew_every: Duration::from_millis(25),
+            ..Default::default()
+        };
+        let agent = Agent::new(1, lease, backend.clone());
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        let t0 = Instant::now();
+        let r = agent.plan_step(&owned, t0).renewal.unwrap();
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        let step = agent.plan_step(&owned, Instant::now());
+        assert_eq!(step.acquire.len(), 1);
+        let failed = agent.execute(&step).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(
+            backend.0.lock().unwrap().is_empty(),
+            "taken after the lease ended"
+        );
+        assert!(agent.active_names().is_empty());
+    }
+
+    /// Removing an address fails a few times (netlink busy, say) before it works.
+    struct Stubborn {
+        failures_left: Mutex<u32>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl VipBackend for Stubborn {
+        fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+            self.calls.lock().unwrap().push(format!("up {}", vip.name));
+            Box::pin(async { Ok(()) })
+        }
+        fn announce(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+            let mut left = self.failures_left.lock().unwrap();
+            let result = if *left > 0 {
+                *left -= 1;
+                self.calls
+                    .lock()
+                    .unwrap()
+                    .push(format!("down {} failed", vip.name));
+                Err(HoldError::Host("netlink timed out".into()))
+            } else {
+                self.calls
+                    .lock()
+                    .unwrap()
+                    .push(format!("down {}", vip.name));
+                Ok(())
+            };
+            Box::pin(async move { result })
+        }
+    }
+
+    /// A self-fence that fails is tried again on every pass until the address is gone.
+    #[tokio::test]
+    async fn a_failed_self_fence_is_tried_again_until_it_works() {
+        let t0 = Instant::now();
+        let backend = Arc::new(Stubborn {
+            failures_left: Mutex::new(2),
+            calls: Mutex::default(),
+        });
+        let agent = Agent::new(1, cfg(), backend.clone());
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        let r = agent.plan_step(&owned, t0).renewal.unwrap();
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        agent.execute(&agent.plan_step(&owned, t0)).await;
+        // The lease runs out: fenced, and the removal fails.
+        let mut at = t0 + Duration::from_millis(300);
+        agent.execute(&agent.plan_step(&owned, at)).await;
+        assert!(
+            agent.next_due(at).is_some(),
+            "nothing due while the VIP may be up"
+        );
+        for _ in 0..3 {
+            at += FENCE_RETRY;
+            agent.execute(&agent.plan_step(&owned, at)).await;
+        }
+        assert_eq!(
+            *backend.calls.lock().unwrap(),
+            vec![
+                "up cluster".to_string(),
+                "down cluster failed".to_string(),
+                "down cluster failed".to_string(),
+                "down cluster".to_string(),
+            ]
+        );
+        // Gone now: not tried again, and nothing left to do.
+        assert!(agent.plan_step(&[], at + FENCE_RETRY).fence.is_empty());
     }
 
     /// A backend that cannot bring VIPs up (no capability, say).

@@ -184,7 +184,8 @@ impl Placements {
                     Ok(Outcome::Epoch(epoch)) => {
                         if let Command::GrantPlacement { name, to, .. } = &cmd {
                             // The grant counts as hearing from the new owner: a full span to start renewing.
-                            lock(&self.witness).renewed((name.clone(), epoch, *to), Instant::now());
+                            let _ = lock(&self.witness)
+                                .renewed((name.clone(), epoch, *to), Instant::now());
                             tracing::info!(placement = %name, to, epoch, "placement granted");
                         } else {
                             tracing::warn!(command = %desc, epoch, "placement taken back: no eligible live node");

@@ -196,6 +196,11 @@ pub struct Witness {
     started: Instant,
     /// Last renewal received, or first time asked about a lease never heard of.
     heard: BTreeMap<LeaseKey, Instant>,
+    /// Leases this witness has reported silent for a full span: it never confirms them again.
+    /// Its report may be the one that completed a majority and let the leader reassign the
+    /// placement; a confirmation after it (a late renewal, or one it receives before it has
+    /// applied the new grant) could complete another majority for the old owner.
+    condemned: BTreeSet<LeaseKey>,
 }
 
 impl Witness {
@@ -204,13 +209,29 @@ impl Witness {
         Witness {
             started: now,
             heard: BTreeMap::new(),
+            condemned: BTreeSet::new(),
         }
     }
 
-    /// A renewal for `key` arrived at `now`.
-    pub fn renewed(&mut self, key: LeaseKey, now: Instant) {
+    /// A renewal for `key` arrived at `now`. Returns whether it was recorded (and may be
+    /// confirmed): not for a lease this witness has reported silent.
+    pub fn renewed(&mut self, key: LeaseKey, now: Instant) -> bool {
+        if self.condemned.contains(&key) {
+            return false;
+        }
         let t = self.heard.entry(key).or_insert(now);
         *t = (*t).max(now);
+        true
+    }
+
+    /// Like [`silence`](Self::silence), as a report that counts towards reassigning the
+    /// placement: a lease silent for longer than `span` is condemned, never confirmed again.
+    pub fn report_silence(&mut self, key: &LeaseKey, now: Instant, span: Duration) -> Duration {
+        let silent = self.silence(key, now);
+        if silent > span {
+            self.condemned.insert(key.clone());
+        }
+        silent
     }
 
     /// How long this witness has heard nothing for `key`. A lease never heard of counts from
@@ -224,6 +245,7 @@ impl Witness {
     /// Forgets leases of other epochs of the same placements (bounded memory).
     pub fn retain(&mut self, live: impl Fn(&LeaseKey) -> bool) {
         self.heard.retain(|k, _| live(k));
+        self.condemned.retain(|k| live(k));
     }
 }
 
@@ -489,5 +511,39 @@ mod tests {
             owner_end_real < t,
             "owner holds until {owner_end_real:?}, majority silent at {t:?}"
         );
+    }
+
+    #[test]
+    fn a_lease_reported_silent_is_never_confirmed_again() {
+        let t0 = Instant::now();
+        let span = Duration::from_millis(350);
+        let key: LeaseKey = ("vip".into(), 3, 2);
+        let mut w = Witness::new(t0);
+        assert!(w.renewed(key.clone(), ms(t0, 0)));
+        // Asked at 300 ms: not silent for a span yet, so nothing is condemned.
+        assert_eq!(w.report_silence(&key, ms(t0, 300), span), ms_d(300));
+        assert!(w.renewed(key.clone(), ms(t0, 310)));
+        // Asked at 700 ms: silent for 390 ms, reported, and from then on condemned.
+        assert_eq!(w.report_silence(&key, ms(t0, 700), span), ms_d(390));
+        assert!(
+            !w.renewed(key.clone(), ms(t0, 710)),
+            "a late renewal was confirmed"
+        );
+        assert_eq!(
+            w.silence(&key, ms(t0, 720)),
+            ms_d(410),
+            "a late renewal reset the silence"
+        );
+        // The same owner at the next epoch (a new grant) is a new lease.
+        assert!(w.renewed(("vip".into(), 4, 2), ms(t0, 720)));
+        // A display query does not condemn.
+        let other: LeaseKey = ("db".into(), 1, 3);
+        assert!(w.renewed(other.clone(), ms(t0, 0)));
+        assert!(w.silence(&other, ms(t0, 5_000)) > span);
+        assert!(w.renewed(other, ms(t0, 5_001)));
+    }
+
+    fn ms_d(n: u64) -> Duration {
+        Duration::from_millis(n)
     }
 }

@@ -250,7 +250,12 @@ impl Placements {
     /// A voter confirms only what its own applied fabric grants `from` at that epoch: a node
     /// acting on an old grant (restarted and still replaying its log, or back from a partition)
     /// gets no lease for a placement that has since moved on.
+    /// A node that is no longer a voter in its own view (removed, its log ending with the
+    /// change) confirms nothing: the leader no longer asks it whether the owner went silent.
     pub fn record_renewal(&self, from: NodeId, held: Vec<Held>) -> Vec<Held> {
+        if !self.cluster.is_voter(self.cluster.id) {
+            return Vec::new();
+        }
         let now = Instant::now();
         let current: Vec<Held> = self.cluster.view.read(|f| {
             held.into_iter()
@@ -262,14 +267,25 @@ impl Placements {
                 .collect()
         });
         let mut w = lock(&self.witness);
-        for (name, epoch) in &current {
-            w.renewed((name.clone(), *epoch, from), now);
-        }
         current
+            .into_iter()
+            .filter(|(name, epoch)| w.renewed((name.clone(), *epoch, from), now))
+            .collect()
     }
 
-    /// Silence per lease as this node's witness sees it.
+    /// Silence per lease as this node's witness reports it to the leader (or, on the leader,
+    /// counts it itself): a lease reported silent for a full span is never confirmed again.
     pub fn local_silence(&self, keys: &[LeaseKey]) -> Vec<Duration> {
+        let now = Instant::now();
+        let span = self.lease.reassign_after();
+        let mut w = lock(&self.witness);
+        keys.iter()
+            .map(|k| w.report_silence(k, now, span))
+            .collect()
+    }
+
+    /// Silence per lease as this node's witness sees it, for display: reports nothing.
+    pub fn shown_silence(&self, keys: &[LeaseKey]) -> Vec<Duration> {
         let now = Instant::now();
         let mut w = lock(&self.witness);
         keys.iter().map(|k| w.silence(k, now)).collect()

@@ -109,7 +109,7 @@ impl Placements {
         let silences: BTreeMap<String, Duration> = known
             .iter()
             .map(|k| k.0.clone())
-            .zip(self.local_silence(&known))
+            .zip(self.shown_silence(&known))
             .collect();
         let now = now_millis();
         inner.view.read(|f| {

@@ -269,6 +269,13 @@ impl VipBackend for PlacementBackend {
         }
     }
 
+    fn prepare(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+        match vip.service {
+            None => self.vips.prepare(vip),
+            Some(_) => Box::pin(async { Ok(()) }),
+        }
+    }
+
     fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         match vip.service {
             None => self.vips.acquire(vip),

@@ -16,13 +16,33 @@ use crate::takeover::{Takeover, TakeoverError, VipAddr};
 const PROBES: u32 = 1;
 const PROBE_INTERVAL: Duration = Duration::from_millis(5);
 const PROBE_WAIT: Duration = Duration::from_millis(20);
+/// How long a netlink request may go unanswered before it counts as failed (the kernel answers
+/// in well under a millisecond; a stuck answer must not stall a self-fence).
+const NETLINK_WITHIN: Duration = Duration::from_secs(1);
+
+/// Runs a netlink request within `limit`.
+async fn within<T>(
+    limit: Duration,
+    action: &'static str,
+    addr: &VipAddr,
+    request: impl std::future::Future<Output = Result<T, TakeoverError>>,
+) -> Result<T, TakeoverError> {
+    tokio::time::timeout(limit, request)
+        .await
+        .map_err(|_| TakeoverError::Netlink {
+            action,
+            address: addr.address.to_string(),
+            interface: addr.interface.clone(),
+            detail: format!("no answer within {limit:?}"),
+        })?
+}
 
 /// Netlink/raw-frame backend, shared by the agent's tasks.
 pub struct NetlinkBackend {
     /// netlink + raw sockets in this process's namespace.
     tk: Arc<Takeover>,
     /// Started on the first VIP this node takes.
-    guard: OnceLock<Result<GuardHandle, GuardError>>,
+    guard: Arc<OnceLock<Result<GuardHandle, GuardError>>>,
 }
 
 impl From<TakeoverError> for HoldError {
@@ -43,7 +63,7 @@ impl NetlinkBackend {
         let tk = Takeover::new().await?;
         Ok(NetlinkBackend {
             tk: Arc::new(tk),
-            guard: OnceLock::new(),
+            guard: Arc::new(OnceLock::new()),
         })
     }
 
@@ -76,26 +96,40 @@ impl VipBackend for NetlinkBackend {
         })
     }
 
-    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+    /// Guard started, address parsed, capabilities, then (unless the address is already up
+    /// here) one ARP probe or DAD solicitation: another host answering for it is a refusal.
+    fn prepare(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         let tk = self.tk.clone();
         let guard_ok = self.guard().map(|_| ());
         Box::pin(async move {
             guard_ok?;
             let addr = VipAddr::parse(&vip.address, &vip.interface)?;
             crate::takeover::check_capabilities()?;
-            if !tk.present(&addr).await? {
-                if let Some(mac) = tk.probe(&addr, PROBES, PROBE_INTERVAL, PROBE_WAIT).await? {
-                    let mac = mac
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":");
-                    return Err(HoldError::Host(format!(
-                        "refusing VIP {} ({}): host {mac} already answers for it on {}",
-                        vip.name, vip.address, vip.interface
-                    )));
-                }
-                tk.add(&addr).await?;
+            if within(NETLINK_WITHIN, "look up address", &addr, tk.present(&addr)).await? {
+                return Ok(());
+            }
+            if let Some(mac) = tk.probe(&addr, PROBES, PROBE_INTERVAL, PROBE_WAIT).await? {
+                let mac = mac
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":");
+                return Err(HoldError::Host(format!(
+                    "refusing VIP {} ({}): host {mac} already answers for it on {}",
+                    vip.name, vip.address, vip.interface
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    /// Adds the address (if it is not up already) and announces it once.
+    fn acquire(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+        let tk = self.tk.clone();
+        Box::pin(async move {
+            let addr = VipAddr::parse(&vip.address, &vip.interface)?;
+            if !within(NETLINK_WITHIN, "look up address", &addr, tk.present(&addr)).await? {
+                within(NETLINK_WITHIN, "add address", &addr, tk.add(&addr)).await?;
             }
             Ok(tk.announce(&addr)?)
         })
@@ -109,14 +143,19 @@ impl VipBackend for NetlinkBackend {
         })
     }
 
+    /// Removes the address first and only then lets the guard forget it: if the removal fails
+    /// (or netlink does not answer), the guard still removes the address at the lease end,
+    /// and the agent tries again on its next pass.
     fn release(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         let tk = self.tk.clone();
-        if let Some(Ok(g)) = self.guard.get() {
-            let _ = g.drop_vip(&vip.name);
-        }
+        let guard = self.guard.clone();
         Box::pin(async move {
             let addr = VipAddr::parse(&vip.address, &vip.interface)?;
-            Ok(tk.remove(&addr).await?)
+            within(NETLINK_WITHIN, "remove address", &addr, tk.remove(&addr)).await?;
+            if let Some(Ok(g)) = guard.get() {
+                let _ = g.drop_vip(&vip.name);
+            }
+            Ok(())
         })
     }
     fn announce_schedule(&self) -> Vec<Duration> {
