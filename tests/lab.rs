@@ -628,6 +628,39 @@ impl LabProcess {
             .with_context(|| format!("sending {sig} to pid {} in {}", self.pid, self.ns))
     }
 
+    /// Sends `sig` to the process's whole group: the process and every child it started (the
+    /// fence guard among them), as `systemctl kill` or a frozen cgroup treats a unit.
+    pub fn signal_group(&self, sig: Signal) -> Result<()> {
+        let mut state = lock(&self.state);
+        if let Some(status) = state.poll().context("checking the process")? {
+            bail!(
+                "pid {} in {} already exited ({status}); not sending {sig} to its group",
+                self.pid,
+                self.ns
+            );
+        }
+        killpg(Pid::from_raw(self.pid as i32), sig)
+            .with_context(|| format!("sending {sig} to process group {} in {}", self.pid, self.ns))
+    }
+
+    /// The pids of the process's children (its fence guard, say).
+    pub fn children(&self) -> Vec<u32> {
+        // Each thread's children are listed under that thread: a child started from a
+        // worker thread is not the main thread's.
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return Vec::new();
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|c| {
+                c.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    }
+
     /// Waits up to `timeout` for the process to exit: Some(status) if it did, None if still running.
     pub fn wait(&self, timeout: Duration) -> Result<Option<ExitStatus>> {
         let deadline = Instant::now() + timeout;

@@ -94,8 +94,13 @@ pub struct Node {
 }
 
 /// The VIP agent's backend for the configured takeover mode; checks the config's VIPs
-/// against the host (interface present, address inside its subnet, capabilities) first.
-async fn vip_backend(cfg: &NodeConfig) -> Result<Arc<dyn VipBackend>, StartError> {
+/// against the host (interface present, address inside its subnet, capabilities) first, and
+/// removes what a predecessor killed with its guard left up of any VIP (this node holds none
+/// yet).
+async fn vip_backend(
+    cfg: &NodeConfig,
+    fabric_vips: &[(String, String, String)],
+) -> Result<Arc<dyn VipBackend>, StartError> {
     Ok(match cfg.takeover {
         TakeoverMode::Loopback => {
             let ports = cfg
@@ -119,6 +124,29 @@ async fn vip_backend(cfg: &NodeConfig) -> Result<Arc<dyn VipBackend>, StartError
                     .check(&v.address, &v.interface)
                     .await
                     .map_err(|e| StartError::input(cfg, &format!("vip[{i}]"), e))?;
+                // This node holds nothing yet: an address of a VIP up here now was left by a
+                // predecessor killed with its guard, and must not answer for whoever holds it.
+                match backend.remove_leftover(&v.address, &v.interface).await {
+                    Ok(true) => {
+                        tracing::warn!(vip = %v.name, address = %v.address, interface = %v.interface, "removed the VIP's address left over from a previous run")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        return Err(StartError::system(format!(
+                            "cannot remove the leftover address of VIP {} ({}): {e}",
+                            v.name, v.address
+                        )));
+                    }
+                }
+            }
+            for (name, address, interface) in fabric_vips {
+                if cfg.vips.iter().any(|v| &v.name == name) {
+                    continue;
+                }
+                // Not this node's to check: an interface it lacks holds nothing to remove.
+                if let Ok(true) = backend.remove_leftover(address, interface).await {
+                    tracing::warn!(vip = %name, %address, %interface, "removed the VIP's address left over from a previous run");
+                }
             }
             Arc::new(backend)
         }
@@ -268,7 +296,19 @@ impl Node {
             margin: Duration::from_millis(cfg.lease.margin_ms),
             drift: cfg.lease.drift,
         };
-        let takeover = vip_backend(&cfg).await?;
+        // VIPs added at run time are in the fabric, not the config: their leftovers go too.
+        let fabric_vips: Vec<(String, String, String)> = cluster.view.read(|f| {
+            f.placements
+                .iter()
+                .filter_map(|(name, p)| match &p.kind {
+                    spaced_fabric::PlacementKind::Vip { address, interface } => {
+                        Some((name.clone(), address.clone(), interface.clone()))
+                    }
+                    spaced_fabric::PlacementKind::Singleton { .. } => None,
+                })
+                .collect()
+        });
+        let takeover = vip_backend(&cfg, &fabric_vips).await?;
         let supervisor = Supervisor::start_with_recorder(
             SupervisorConfig::new(&cfg.data_dir.join("service-logs")),
             recorder,

@@ -12,7 +12,7 @@ use crate::placement::Placements;
 use crate::placement::agent::{HoldError, VipBackend, VipSpec};
 use crate::placement::lease::Held;
 use crate::services::supervisor::{DesiredService, ServiceState, ServiceStatus, Supervisor};
-use crate::takeover::guard::GuardError;
+use crate::takeover::guard::{GuardCell, GuardError};
 
 /// How often the desired set is recomputed and running singletons are re-guarded (a held
 /// placement also triggers a pass at once).
@@ -126,35 +126,24 @@ pub struct PlacementBackend {
     /// Wakes the services loop when a singleton is acquired, so it starts without waiting a pass.
     wake: Arc<tokio::sync::Notify>,
     /// The fence guard that SIGKILLs a singleton's group at its lease end even if spaced is
-    /// stopped or killed; started on first use, only when running as the `spaced` binary (a
-    /// test process cannot be re-executed as `guard`).
-    guard: Arc<std::sync::OnceLock<Option<crate::takeover::guard::GuardHandle>>>,
+    /// stopped or killed, and every service's group when spaced dies; started on first use
+    /// (and again if it dies), only when running as the `spaced` binary (a test process cannot
+    /// be re-executed as `guard`).
+    guard: Option<Arc<GuardCell>>,
+    /// The guard generation the services' process groups were last registered with.
+    services_guarded_by: std::sync::Mutex<u64>,
 }
 
 impl PlacementBackend {
-    fn guard(&self) -> Option<&crate::takeover::guard::GuardHandle> {
-        self.guard
-            .get_or_init(|| {
-                let is_spaced = std::env::current_exe()
-                    .ok()
-                    .and_then(|p| p.file_name().map(|n| n == "spaced"))
-                    .unwrap_or(false);
-                if !is_spaced {
-                    tracing::debug!("not running as spaced: singletons have no fence guard");
-                    return None;
-                }
-                match crate::takeover::guard::GuardHandle::spawn() {
-                    Ok(g) => {
-                        tracing::info!("fence guard started for singletons");
-                        Some(g)
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "no fence guard for singletons");
-                        None
-                    }
-                }
-            })
-            .as_ref()
+    /// A live guard, if this process has one.
+    fn guard(&self) -> Option<Arc<crate::takeover::guard::GuardHandle>> {
+        match self.guard.as_ref()?.get() {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::error!(error = %e, "no fence guard for singletons and services");
+                None
+            }
+        }
     }
 
     /// Registers the process groups of the singletons running here with the guard right away
@@ -199,6 +188,14 @@ impl PlacementBackend {
             return;
         }
         let Some(guard) = self.guard() else { return };
+        // A new guard (the last one died) knows nothing: register everything again.
+        let generation = self.guard.as_ref().map_or(0, |c| c.generation());
+        let mut guarded_by = crate::lock(&self.services_guarded_by);
+        if *guarded_by != generation {
+            registered.clear();
+            *guarded_by = generation;
+        }
+        drop(guarded_by);
         let mut failure = None;
         let mut note = |sent: Result<(), GuardError>| {
             if let Err(e) = sent {
@@ -225,7 +222,7 @@ impl PlacementBackend {
 
     /// Tells the guard the singleton is no longer held here.
     fn unguard(&self, name: &str) {
-        if let Some(Some(g)) = self.guard.get()
+        if let Some(g) = self.guard.as_ref().and_then(|c| c.started())
             && let Err(e) = g.drop_vip(name)
         {
             tracing::error!(singleton = %name, error = %e, "fence guard unreachable");
@@ -240,11 +237,19 @@ impl PlacementBackend {
         supervisor: Supervisor,
         wake: Arc<tokio::sync::Notify>,
     ) -> Self {
+        let is_spaced = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n == "spaced"))
+            .unwrap_or(false);
+        if !is_spaced {
+            tracing::debug!("not running as spaced: singletons and services have no fence guard");
+        }
         PlacementBackend {
             vips,
             supervisor,
             wake,
-            guard: Arc::default(),
+            guard: is_spaced.then(|| Arc::new(GuardCell::new("singletons and services"))),
+            services_guarded_by: std::sync::Mutex::new(0),
         }
     }
 }
@@ -323,7 +328,7 @@ impl VipBackend for PlacementBackend {
                 let name = vip.name.clone();
                 Box::pin(async move {
                     // The guard must not fire at the old deadline during a long graceful stop.
-                    if let Some(Some(g)) = guard.get() {
+                    if let Some(g) = guard.as_ref().and_then(|c| c.started()) {
                         let _ = g.drop_vip(&name);
                     }
                     // Stop gracefully and fence in one step, so no desired set revives it
@@ -338,6 +343,13 @@ impl VipBackend for PlacementBackend {
 
     fn announce_schedule(&self) -> Vec<Duration> {
         self.vips.announce_schedule()
+    }
+
+    fn extend(&self, vip: VipSpec, until: Instant) -> BoxFuture<'static, Result<(), HoldError>> {
+        match vip.service {
+            None => self.vips.extend(vip, until),
+            Some(_) => Box::pin(async { Ok(()) }),
+        }
     }
 
     fn hold_until(&self, vip: &VipSpec, until: Instant) {

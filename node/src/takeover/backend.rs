@@ -1,13 +1,13 @@
 //! The real VIP backend: netlink address + gratuitous ARP / NA, an RFC 5227 probe before
 //! claiming, and a fence guard process that takes the address down if `spaced` dies or stalls.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use spaced_raft::network::BoxFuture;
 
 use crate::placement::agent::{HoldError, VipBackend, VipSpec};
-use crate::takeover::guard::{GuardError, GuardHandle};
+use crate::takeover::guard::{GuardCell, GuardError};
 use crate::takeover::{Takeover, TakeoverError, VipAddr};
 
 /// Probe before claiming: one ARP probe, then 20 ms of listening (RFC 5227's seconds-long
@@ -16,6 +16,13 @@ use crate::takeover::{Takeover, TakeoverError, VipAddr};
 const PROBES: u32 = 1;
 const PROBE_INTERVAL: Duration = Duration::from_millis(5);
 const PROBE_WAIT: Duration = Duration::from_millis(20);
+/// The lifetime a VIP's address is added with, restarted at every lease extension (every
+/// confirmed renewal, 75 ms by default): the kernel deletes the address by itself about a
+/// second after the last one, so it cannot outlive a daemon and guard killed together (a
+/// cgroup's SIGKILL), or frozen together, by more than that. The lease and the guard remove
+/// it much sooner in every other case; a new owner's probe waits for it otherwise.
+pub const ADDRESS_LIFETIME: Duration = Duration::from_secs(1);
+
 /// How long a netlink request may go unanswered before it counts as failed (the kernel answers
 /// in well under a millisecond; a stuck answer must not stall a self-fence).
 const NETLINK_WITHIN: Duration = Duration::from_secs(1);
@@ -42,7 +49,7 @@ pub struct NetlinkBackend {
     /// netlink + raw sockets in this process's namespace.
     tk: Arc<Takeover>,
     /// Started on the first VIP this node takes.
-    guard: Arc<OnceLock<Result<GuardHandle, GuardError>>>,
+    guard: Arc<GuardCell>,
 }
 
 impl From<TakeoverError> for HoldError {
@@ -63,7 +70,7 @@ impl NetlinkBackend {
         let tk = Takeover::new().await?;
         Ok(NetlinkBackend {
             tk: Arc::new(tk),
-            guard: Arc::new(OnceLock::new()),
+            guard: Arc::new(GuardCell::new("VIPs")),
         })
     }
 
@@ -72,11 +79,33 @@ impl NetlinkBackend {
         check_address(&self.tk, address, interface).await
     }
 
-    fn guard(&self) -> Result<&GuardHandle, GuardError> {
-        self.guard
-            .get_or_init(GuardHandle::spawn)
-            .as_ref()
-            .map_err(|e| e.clone())
+    /// Removes the address of a VIP this node does not hold, if it is up here: called at
+    /// start-up, before this node holds any lease, for what a killed predecessor left behind.
+    /// Returns whether there was one.
+    pub async fn remove_leftover(
+        &self,
+        address: &str,
+        interface: &str,
+    ) -> Result<bool, TakeoverError> {
+        let addr = VipAddr::parse(address, interface)?;
+        if !within(
+            NETLINK_WITHIN,
+            "look up address",
+            &addr,
+            self.tk.present(&addr),
+        )
+        .await?
+        {
+            return Ok(false);
+        }
+        within(
+            NETLINK_WITHIN,
+            "remove address",
+            &addr,
+            self.tk.remove(&addr),
+        )
+        .await?;
+        Ok(true)
     }
 }
 
@@ -100,7 +129,7 @@ impl VipBackend for NetlinkBackend {
     /// here) one ARP probe or DAD solicitation: another host answering for it is a refusal.
     fn prepare(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         let tk = self.tk.clone();
-        let guard_ok = self.guard().map(|_| ());
+        let guard_ok = self.guard.get().map(|_| ());
         Box::pin(async move {
             guard_ok?;
             let addr = VipAddr::parse(&vip.address, &vip.interface)?;
@@ -128,9 +157,13 @@ impl VipBackend for NetlinkBackend {
         let tk = self.tk.clone();
         Box::pin(async move {
             let addr = VipAddr::parse(&vip.address, &vip.interface)?;
-            if !within(NETLINK_WITHIN, "look up address", &addr, tk.present(&addr)).await? {
-                within(NETLINK_WITHIN, "add address", &addr, tk.add(&addr)).await?;
-            }
+            within(
+                NETLINK_WITHIN,
+                "add address",
+                &addr,
+                tk.add_for(&addr, Some(ADDRESS_LIFETIME)),
+            )
+            .await?;
             Ok(tk.announce(&addr)?)
         })
     }
@@ -152,12 +185,28 @@ impl VipBackend for NetlinkBackend {
         Box::pin(async move {
             let addr = VipAddr::parse(&vip.address, &vip.interface)?;
             within(NETLINK_WITHIN, "remove address", &addr, tk.remove(&addr)).await?;
-            if let Some(Ok(g)) = guard.get() {
+            if let Some(g) = guard.started() {
                 let _ = g.drop_vip(&vip.name);
             }
             Ok(())
         })
     }
+    /// Restarts the kernel's countdown on the address (see [`ADDRESS_LIFETIME`]).
+    fn extend(&self, vip: VipSpec, _until: Instant) -> BoxFuture<'static, Result<(), HoldError>> {
+        let tk = self.tk.clone();
+        Box::pin(async move {
+            let addr = VipAddr::parse(&vip.address, &vip.interface)?;
+            within(
+                NETLINK_WITHIN,
+                "refresh address lifetime",
+                &addr,
+                tk.refresh(&addr, ADDRESS_LIFETIME),
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
     fn announce_schedule(&self) -> Vec<Duration> {
         crate::takeover::announce_schedule()
             .iter()
@@ -167,9 +216,7 @@ impl VipBackend for NetlinkBackend {
     }
 
     fn hold_until(&self, vip: &VipSpec, until: Instant) {
-        if let Ok(g) = self.guard()
-            && let Err(e) = g.hold(vip, until)
-        {
+        if let Err(e) = self.guard.send(|g| g.hold(vip, until)) {
             tracing::error!(vip = %vip.name, error = %e, "fence guard unreachable");
         }
     }

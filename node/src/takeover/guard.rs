@@ -203,6 +203,79 @@ impl GuardHandle {
     }
 }
 
+impl GuardHandle {
+    /// Whether the guard process is still running.
+    pub fn alive(&self) -> bool {
+        matches!(crate::lock(&self.child).try_wait(), Ok(None))
+    }
+}
+
+/// The fence guard as its users hold it: started on first use, and started again when it is
+/// found dead (killed on its own, say), with the loss logged as an error, so every later hold
+/// reaches a live guard. [`generation`](Self::generation) changes with every start: a user
+/// that registered something with an earlier guard registers it again.
+pub struct GuardCell {
+    /// What this guard fences, for the log ("VIPs", "services").
+    what: &'static str,
+    /// The guard started last.
+    current: Mutex<Option<std::sync::Arc<GuardHandle>>>,
+    /// Guards started so far.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl GuardCell {
+    /// No guard yet; the first use starts one.
+    pub fn new(what: &'static str) -> Self {
+        GuardCell {
+            what,
+            current: Mutex::new(None),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// A live guard: the current one, or a new one if there is none or it died.
+    pub fn get(&self) -> Result<std::sync::Arc<GuardHandle>, GuardError> {
+        let mut current = crate::lock(&self.current);
+        if let Some(g) = current.as_ref() {
+            if g.alive() {
+                return Ok(g.clone());
+            }
+            tracing::error!(
+                fences = self.what,
+                "the fence guard died; starting a new one"
+            );
+        }
+        let g = std::sync::Arc::new(GuardHandle::spawn()?);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(fences = self.what, "fence guard started");
+        *current = Some(g.clone());
+        Ok(g)
+    }
+
+    /// The guard started last, if any, without starting one (it may have died).
+    pub fn started(&self) -> Option<std::sync::Arc<GuardHandle>> {
+        crate::lock(&self.current).clone()
+    }
+
+    /// How many guards were started so far.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Tells a live guard something; if the guard died under the call, tells a new one.
+    pub fn send(
+        &self,
+        op: impl Fn(&GuardHandle) -> Result<(), GuardError>,
+    ) -> Result<(), GuardError> {
+        let g = self.get()?;
+        match op(&g) {
+            Err(_) if !g.alive() => op(&*self.get()?),
+            sent => sent,
+        }
+    }
+}
+
 impl Drop for GuardHandle {
     fn drop(&mut self) {
         let mut c = crate::lock(&self.child);
