@@ -523,6 +523,13 @@ impl Agent {
         failed
     }
 
+    /// The host was suspended (see `SuspendWatch`): every lease ends now; the next pass
+    /// fences whatever is up, and nothing comes back before a renewal sent from now on.
+    pub fn suspended(&self, now: Instant) {
+        crate::lock(&self.leases).expire_all(now);
+        self.poke.notify_one();
+    }
+
     /// The leader answered `renewal` with `confirmed`.
     pub fn confirmed(&self, renewal: &Renewal, confirmed: &[Held]) {
         crate::lock(&self.leases).confirmed(renewal, confirmed);

@@ -66,6 +66,9 @@ pub struct OwnerLeases {
     held: BTreeMap<String, (u64, Option<Instant>)>,
     /// When the last renewal was sent, to pace them.
     last_sent: Option<Instant>,
+    /// Confirmations of renewals sent before this are void: the host was suspended after it,
+    /// and a lease counted on this clock (which stood still meanwhile) would seem to run on.
+    void_before: Option<Instant>,
 }
 
 impl OwnerLeases {
@@ -75,6 +78,7 @@ impl OwnerLeases {
             cfg,
             held: BTreeMap::new(),
             last_sent: None,
+            void_before: None,
         }
     }
 
@@ -149,6 +153,9 @@ impl OwnerLeases {
     /// The leader confirmed `confirmed` for a renewal sent at `renewal.sent_at`: their leases
     /// now end at `sent_at + L` (never earlier than before).
     pub fn confirmed(&mut self, renewal: &Renewal, confirmed: &[Held]) {
+        if self.void_before.is_some_and(|t| renewal.sent_at < t) {
+            return;
+        }
         let until = renewal.sent_at + self.cfg.duration;
         for (name, epoch) in confirmed {
             if let Some((e, end)) = self.held.get_mut(name)
@@ -157,6 +164,17 @@ impl OwnerLeases {
                 *end = Some(end.map_or(until, |old| old.max(until)));
             }
         }
+    }
+
+    /// The host was suspended (or this process stopped) while its monotonic clock stood still:
+    /// every lease ends now, and no renewal sent before `now` can bring one back. Each
+    /// placement still granted here must be confirmed again before it comes back up.
+    pub fn expire_all(&mut self, now: Instant) {
+        for (_, until) in self.held.values_mut() {
+            *until = None;
+        }
+        self.void_before = Some(now);
+        self.last_sent = None;
     }
 
     /// Placements this node may act on now (lease confirmed and not run out).
@@ -183,6 +201,32 @@ impl OwnerLeases {
             .iter()
             .map(|(n, (e, _))| (n.clone(), *e))
             .collect()
+    }
+}
+
+/// Detects a suspended host: CLOCK_MONOTONIC, which leases are counted on, stops while the host
+/// (or VM) is suspended; CLOCK_BOOTTIME goes on. When the second advanced more than the first
+/// between two looks, every lease may have run out meanwhile on every other node's clock.
+#[derive(Debug, Default)]
+pub struct SuspendWatch {
+    /// The last look: (monotonic, boottime).
+    last: Option<(Instant, Duration)>,
+}
+
+/// How much more CLOCK_BOOTTIME may advance than CLOCK_MONOTONIC before it counts as a
+/// suspension (the two are read one after the other, microseconds apart).
+pub const SUSPEND_SLACK: Duration = Duration::from_millis(10);
+
+impl SuspendWatch {
+    /// Takes a look at both clocks; returns how long the host was suspended, if it was since
+    /// the last look.
+    pub fn look(&mut self, monotonic: Instant, boottime: Duration) -> Option<Duration> {
+        let last = self.last.replace((monotonic, boottime));
+        let (m0, b0) = last?;
+        let lost = boottime
+            .saturating_sub(b0)
+            .saturating_sub(monotonic.saturating_duration_since(m0));
+        (lost > SUSPEND_SLACK).then_some(lost)
     }
 }
 
@@ -545,5 +589,42 @@ mod tests {
 
     fn ms_d(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_suspended_host_drops_every_lease_and_ignores_renewals_sent_before() {
+        let t0 = Instant::now();
+        let mut book = OwnerLeases::new(LeaseConfig::default());
+        book.sync(&[("vip".into(), 1)]);
+        let r = book.renewal_due(t0).unwrap();
+        book.confirmed(&r, &[("vip".into(), 1)]);
+        let before = book.renewal_due(ms(t0, 80)).unwrap();
+        assert_eq!(book.valid(ms(t0, 100)).len(), 1);
+        // The host sleeps 10 s; its monotonic clock says 100 ms passed, boot time says 10.1 s.
+        let mut watch = SuspendWatch::default();
+        assert_eq!(watch.look(t0, Duration::from_secs(1_000)), None);
+        assert_eq!(
+            watch.look(ms(t0, 50), Duration::from_millis(1_000_050)),
+            None
+        );
+        let lost = watch.look(ms(t0, 100), Duration::from_millis(1_010_100));
+        assert_eq!(lost, Some(Duration::from_secs(10)));
+        book.expire_all(ms(t0, 100));
+        assert!(
+            book.valid(ms(t0, 100)).is_empty(),
+            "a lease survived the suspension"
+        );
+        // The renewal sent before the suspension is answered late: it counts for nothing.
+        book.confirmed(&before, &[("vip".into(), 1)]);
+        assert!(
+            book.valid(ms(t0, 101)).is_empty(),
+            "a stale confirmation revived the lease"
+        );
+        // A renewal sent after it does.
+        let after = book
+            .renewal_due(ms(t0, 101))
+            .expect("a renewal is due at once");
+        book.confirmed(&after, &[("vip".into(), 1)]);
+        assert_eq!(book.valid(ms(t0, 102)).len(), 1);
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::Placements;
 use super::agent::{MAX_GAP, MIN_GAP, owned_vips};
-use super::lease::{Held, LeaseKey, joint_majority};
+use super::lease::{Held, LeaseKey, SuspendWatch, joint_majority};
 use crate::{lock, now_millis};
 
 /// An agent with nothing granted and nothing up waits for a fabric change, but looks at least
@@ -21,6 +21,12 @@ use crate::{lock, now_millis};
 const AGENT_IDLE_LOOK: Duration = Duration::from_secs(1);
 /// How often the agent forgets witnessed leases of placements that moved on.
 const WITNESS_PRUNE_EVERY: Duration = Duration::from_secs(5);
+
+/// CLOCK_BOOTTIME now, which goes on while the host is suspended.
+fn boottime() -> Option<Duration> {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    Some(Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32))
+}
 
 /// Why a renewal did not reach a quorum.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +107,7 @@ impl Placements {
         let mut pruned = Instant::now();
         let mut next = tokio::time::Instant::now();
         let mut last_pass: Option<Instant> = None;
+        let mut suspend = SuspendWatch::default();
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(next) => {}
@@ -112,6 +119,13 @@ impl Placements {
                 tokio::time::sleep(MIN_GAP - gap).await;
             }
             last_pass = Some(Instant::now());
+            if let Some(lost) = boottime().and_then(|b| suspend.look(Instant::now(), b)) {
+                tracing::error!(
+                    suspended_ms = lost.as_millis() as u64,
+                    "the host was suspended: every lease may have run out meanwhile; fencing all"
+                );
+                agent.suspended(Instant::now());
+            }
             // Seen before reading: a grant applied from now on wakes the wait above.
             fabric_changed.borrow_and_update();
             let owned = cluster.view.read(|f| owned_vips(f, cluster.id));

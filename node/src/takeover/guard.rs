@@ -5,8 +5,8 @@
 //! `spaced guard`, a small child process reading commands on its stdin:
 //!
 //! ```text
-//! hold <name> <address/prefix> <interface> <deadline, CLOCK_MONOTONIC ns>
-//! hold-group <name> <process group id> <deadline, CLOCK_MONOTONIC ns>
+//! hold <name> <address/prefix> <interface> <deadline, CLOCK_BOOTTIME ns>
+//! hold-group <name> <process group id> <deadline, CLOCK_BOOTTIME ns>
 //! drop <name>
 //! ```
 //!
@@ -28,9 +28,14 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::placement::agent::VipSpec;
 
-/// CLOCK_MONOTONIC now, in ns: the same clock in every process of the host.
-pub fn monotonic_ns() -> u64 {
-    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+/// The longest the guard sleeps while it holds anything (see `run_guard`).
+const GUARD_LOOK: Duration = Duration::from_millis(50);
+
+/// CLOCK_BOOTTIME now, in ns: the same clock in every process of the host, and one that goes
+/// on while the host is suspended (CLOCK_MONOTONIC stops), so a deadline that passed during a
+/// suspension is seen as passed at the first look after it.
+pub fn boottime_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
         Ok(ts) => (ts.tv_sec() as u64)
             .saturating_mul(1_000_000_000)
             .saturating_add(ts.tv_nsec() as u64),
@@ -38,10 +43,10 @@ pub fn monotonic_ns() -> u64 {
     }
 }
 
-/// An `Instant` as CLOCK_MONOTONIC ns (std's `Instant` is CLOCK_MONOTONIC on Linux).
+/// An `Instant` (CLOCK_MONOTONIC on Linux) as CLOCK_BOOTTIME ns, counted from now.
 pub fn instant_to_ns(t: Instant) -> u64 {
     let now_i = Instant::now();
-    let now_ns = monotonic_ns();
+    let now_ns = boottime_ns();
     if t >= now_i {
         now_ns + (t - now_i).as_nanos() as u64
     } else {
@@ -56,7 +61,7 @@ pub enum GuardCommand {
     Hold {
         /// The VIP.
         vip: VipSpec,
-        /// CLOCK_MONOTONIC ns.
+        /// CLOCK_BOOTTIME ns.
         deadline_ns: u64,
     },
     /// SIGKILL process group `pgid` at `deadline_ns` (a singleton service).
@@ -65,7 +70,7 @@ pub enum GuardCommand {
         name: String,
         /// The service's process group.
         pgid: i32,
-        /// CLOCK_MONOTONIC ns.
+        /// CLOCK_BOOTTIME ns.
         deadline_ns: u64,
     },
     /// Forget `name` (the parent removed it).
@@ -292,7 +297,10 @@ pub async fn run_guard() -> Result<(), crate::takeover::TakeoverError> {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
         let next_deadline = held.values().map(|(_, d)| *d).min();
-        let wait = next_deadline.map(|d| Duration::from_nanos(d.saturating_sub(monotonic_ns())));
+        // Timers count CLOCK_MONOTONIC, which stops while the host is suspended: waking at
+        // least every GUARD_LOOK makes a deadline passed during a suspension seen at once.
+        let wait = next_deadline
+            .map(|d| Duration::from_nanos(d.saturating_sub(boottime_ns())).min(GUARD_LOOK));
         let line = match wait {
             Some(w) => tokio::time::timeout(w, lines.next_line()).await.ok(),
             None => Some(lines.next_line().await),
@@ -300,7 +308,7 @@ pub async fn run_guard() -> Result<(), crate::takeover::TakeoverError> {
         match line {
             // Deadline passed: fence whatever is due.
             None => {
-                let now = monotonic_ns();
+                let now = boottime_ns();
                 let due: Vec<String> = held
                     .iter()
                     .filter(|(_, (_, d))| *d <= now)
@@ -432,7 +440,7 @@ mod tests {
     fn instants_map_onto_the_monotonic_clock() {
         let now = Instant::now();
         let a = instant_to_ns(now + Duration::from_millis(300));
-        let b = monotonic_ns();
+        let b = boottime_ns();
         assert!(a > b + 250_000_000 && a < b + 350_000_000, "{a} vs {b}");
     }
 }
