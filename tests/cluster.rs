@@ -508,6 +508,65 @@ async fn a_certificate_that_is_not_a_member_cannot_vote_or_lead() -> Result<()> 
     Ok(())
 }
 
+/// Every node of a cluster must count leases alike: an owner with longer leases than the
+/// leader's silence assumes could keep a VIP after it was granted elsewhere. `node add`
+/// refuses a node with other `[lease]` settings, and a voter refuses renewals and silence
+/// questions carrying other terms than its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_other_lease_terms_is_refused() -> Result<()> {
+    let mut c = Cluster::start(3, timings()).await?;
+    let mut cfg = spaced_tests::node_config(c.dir.path(), &c.pki_dir(), 4, timings());
+    cfg.lease.duration_ms = 600;
+    c.configs.insert(4, cfg);
+    c.start_node(4, false).await?;
+    let err = c
+        .add_node(4)
+        .await
+        .expect_err("a node with longer leases was added")
+        .to_string();
+    assert!(err.contains("counts leases with lease 600 ms"), "{err}");
+    c.stop_node(4).await;
+    let leader = c.wait_leader(T).await?;
+    let s = c.admin(leader).await?.status().await?;
+    assert_eq!(s.nodes.len(), 3, "{s:?}");
+
+    // A member's renewal with other terms (as a node started with other settings would send).
+    let target = (1..=3).find(|id| *id != 2).context("a node")?;
+    let member = Member {
+        name: format!("n{target}"),
+        addr: c.nodes[&target].listen_addr().to_string(),
+    };
+    let pki_dir = c.pki_dir();
+    let (ep, cfg) = client(&pki_dir, &pki_dir, "n2", ALPN_RAFT)?;
+    let n2 = QuicNetwork::new(2, ep.clone(), cfg);
+    let terms = spaced_raft::network::LeaseTerms {
+        duration_ms: 600,
+        renew_every_ms: 75,
+        margin_ms: 50,
+        drift_ppm: 10_000,
+    };
+    for rpc in [
+        RaftRpc::Renew {
+            held: Vec::new(),
+            terms,
+        },
+        RaftRpc::Silence {
+            keys: Vec::new(),
+            terms,
+        },
+    ] {
+        let err = n2
+            .call(target, &member, rpc, Duration::from_secs(3))
+            .await
+            .expect_err("other lease terms were answered")
+            .to_string();
+        assert!(err.contains("lease terms differ"), "{err}");
+    }
+    ep.close(0u32.into(), b"done");
+    c.stop_all().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_garbage_frames_close_only_that_stream() -> Result<()> {
     let mut c = Cluster::start(3, timings()).await?;

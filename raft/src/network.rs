@@ -52,6 +52,33 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// The lease arithmetic a node counts with: every node of a cluster must count with the same
+/// (an owner whose leases ran longer than the leader's silence assumes could hold a VIP
+/// after it was granted elsewhere). Renewals and silence questions carry the sender's, and a
+/// voter answers only a sender whose terms equal its own; `node add` refuses a node whose
+/// terms differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LeaseTerms {
+    /// The lease, ms.
+    pub duration_ms: u64,
+    /// Renewals, ms apart (it shapes only the owner's pace, but a cluster uses one value).
+    pub renew_every_ms: u64,
+    /// The reaction margin, ms.
+    pub margin_ms: u64,
+    /// The clock drift bound, in parts per million.
+    pub drift_ppm: u64,
+}
+
+impl std::fmt::Display for LeaseTerms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "lease {} ms, renewals every {} ms, margin {} ms, drift {} ppm",
+            self.duration_ms, self.renew_every_ms, self.margin_ms, self.drift_ppm
+        )
+    }
+}
+
 /// What a node says about itself when asked (used by `node add` to check the target).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDescription {
@@ -61,6 +88,8 @@ pub struct NodeDescription {
     pub name: String,
     /// Roles from its config.
     pub roles: BTreeSet<String>,
+    /// The lease terms it counts with.
+    pub lease: LeaseTerms,
 }
 
 /// One Raft RPC.
@@ -86,9 +115,19 @@ pub enum RaftRpc {
     /// Ask the node who it is.
     Describe,
     /// Owner → every voter: renew the leases on these placements at these epochs.
-    Renew(Vec<(String, u64)>),
+    Renew {
+        /// Placements and epochs.
+        held: Vec<(String, u64)>,
+        /// The owner's lease terms.
+        terms: LeaseTerms,
+    },
     /// Leader → voter: how long (ms) since you heard from each (placement, epoch, owner)?
-    Silence(Vec<(String, u64, NodeId)>),
+    Silence {
+        /// The leases asked about.
+        keys: Vec<(String, u64, NodeId)>,
+        /// The leader's lease terms.
+        terms: LeaseTerms,
+    },
     /// Node → leader: propose a fabric command (agents releasing placements, for example).
     Propose(Command),
     /// Node → leader: I am shutting down; grant me nothing for a while.
@@ -163,11 +202,14 @@ pub trait NodeHooks: Send + Sync + 'static {
         &self,
         from: NodeId,
         held: Vec<(String, u64)>,
+        terms: LeaseTerms,
     ) -> BoxFuture<'static, Result<Vec<(String, u64)>, String>>;
     /// `Silence` from the leader: this voter's silence per lease, in ms.
     fn silence(
         &self,
+        from: NodeId,
         keys: Vec<(String, u64, NodeId)>,
+        terms: LeaseTerms,
     ) -> BoxFuture<'static, Result<Vec<u64>, String>>;
     /// `Propose` from `from`: commit `cmd` (this node must lead).
     fn propose(&self, from: NodeId, cmd: Command) -> BoxFuture<'static, Result<Response, String>>;
@@ -628,8 +670,8 @@ fn voter_of(rpc: &RaftRpc) -> Option<NodeId> {
         RaftRpc::Snapshot { vote, .. } => Some(vote.leader_id.node_id),
         RaftRpc::TransferLeader(r) => Some(r.from_leader().leader_id.node_id),
         RaftRpc::Describe
-        | RaftRpc::Renew(_)
-        | RaftRpc::Silence(_)
+        | RaftRpc::Renew { .. }
+        | RaftRpc::Silence { .. }
         | RaftRpc::Propose(_)
         | RaftRpc::Leaving
         | RaftRpc::Release { .. }
@@ -775,13 +817,15 @@ impl RaftService {
                 .map(RaftReply::TransferLeader)
                 .map_err(|e| e.to_string()),
             RaftRpc::Describe => Ok(RaftReply::Describe(self.local.clone())),
-            RaftRpc::Renew(held) => {
+            RaftRpc::Renew { held, terms } => {
                 let h = self.hooks_for(req.from)?;
-                h.renew(req.from, held).await.map(RaftReply::Renewed)
+                h.renew(req.from, held, terms).await.map(RaftReply::Renewed)
             }
-            RaftRpc::Silence(keys) => {
+            RaftRpc::Silence { keys, terms } => {
                 let h = self.hooks_for(req.from)?;
-                h.silence(keys).await.map(RaftReply::Silences)
+                h.silence(req.from, keys, terms)
+                    .await
+                    .map(RaftReply::Silences)
             }
             RaftRpc::Propose(cmd) => {
                 let h = self.hooks_for(req.from)?;
@@ -858,6 +902,18 @@ mod tests {
         })
     }
 
+    fn renew() -> RaftRpc {
+        RaftRpc::Renew {
+            held: Vec::new(),
+            terms: LeaseTerms {
+                duration_ms: 300,
+                renew_every_ms: 75,
+                margin_ms: 50,
+                drift_ppm: 10_000,
+            },
+        }
+    }
+
     #[test]
     fn only_members_may_vote_append_or_ask_node_rpcs() {
         let members: BTreeMap<NodeId, &str> = [(1, "n1"), (2, "n2"), (3, "n3")].into();
@@ -867,24 +923,10 @@ mod tests {
         let cases: Vec<Case> = vec![
             ("a member votes", vote_req(2), 2, "n2", true, true),
             ("a member leads", append(3), 3, "n3", true, true),
-            (
-                "a member renews",
-                RaftRpc::Renew(Vec::new()),
-                2,
-                "n2",
-                true,
-                true,
-            ),
+            ("a member renews", renew(), 2, "n2", true, true),
             ("a stranger votes", vote_req(4), 4, "n4", true, false),
             ("a stranger appends", append(4), 4, "n4", true, false),
-            (
-                "a stranger renews",
-                RaftRpc::Renew(Vec::new()),
-                4,
-                "n4",
-                true,
-                false,
-            ),
+            ("a stranger renews", renew(), 4, "n4", true, false),
             (
                 "a stranger proposes",
                 RaftRpc::Leaving,

@@ -41,12 +41,13 @@ const KEY_FORMAT: &[u8] = b"format";
 /// ([`crate::pki::ALPN_RAFT`]), since log entries and snapshots travel in this encoding. 2:
 /// placements record the nodes that refused them (dirs written before formats were recorded
 /// have no marker). 3: the `SetMgmtIp` command, appended to the commands (format 2 data reads
-/// unchanged, so a format 2 dir is upgraded in place: see [`UPGRADES_FROM`]).
-pub const DATA_FORMAT: u32 = 3;
+/// unchanged, so a format 2 dir is upgraded in place: see [`UPGRADES_FROM`]). 4: the node
+/// RPCs carry the sender's lease terms (the stored data is format 3's, upgraded in place).
+pub const DATA_FORMAT: u32 = 4;
 
 /// Formats whose data this build reads as it is (only additions since): a dir of one of them is
 /// re-marked with [`DATA_FORMAT`] when opened, after which older builds refuse it by name.
-pub const UPGRADES_FROM: &[u32] = &[2];
+pub const UPGRADES_FROM: &[u32] = &[2, 3];
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -69,6 +69,14 @@ impl AdminServer {
                 desc.id, desc.name
             )));
         }
+        let mine = self.placements.lease.terms();
+        if desc.lease != mine {
+            return Err(OpError::Refused(format!(
+                "node {name} counts leases with {}, this cluster with {mine}: it could hold a \
+                 VIP longer than the others assume; give it the same [lease] settings",
+                desc.lease
+            )));
+        }
         let roles = roles.unwrap_or(desc.roles);
         self.cluster
             .raft

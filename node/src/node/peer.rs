@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use spaced_fabric::{Command, Millis};
 use spaced_raft::frame::FrameBudget;
-use spaced_raft::network::{BoxFuture, NodeDescription, NodeHooks, RAFT_FRAME_BUDGET, RaftService};
+use spaced_raft::network::{
+    BoxFuture, LeaseTerms, NodeDescription, NodeHooks, RAFT_FRAME_BUDGET, RaftService,
+};
 use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, Identity};
 use spaced_raft::{NodeId, Response};
 use tokio::sync::watch;
@@ -28,6 +30,7 @@ pub(super) async fn accept_loop(
     admin: Arc<AdminServer>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let lease = hooks.placements.lease.terms();
     let svc = RaftService {
         hooks: Some(hooks),
         budget: FrameBudget::new(RAFT_FRAME_BUDGET),
@@ -36,6 +39,7 @@ pub(super) async fn accept_loop(
             id: cluster.id,
             name: cluster.name.clone(),
             roles: cluster.roles.clone(),
+            lease,
         },
     };
     // Connection tasks die with the loop (dropping a JoinSet aborts its tasks), so a stopped
@@ -99,11 +103,35 @@ pub(super) struct Hooks {
     placements: Arc<Placements>,
     /// Admin requests other nodes forward.
     admin: Arc<AdminServer>,
+    /// Peers and terms a lease-terms mismatch was logged for (once each).
+    mismatches: std::sync::Mutex<std::collections::BTreeSet<(NodeId, LeaseTerms)>>,
 }
 
 impl Hooks {
     pub(super) fn new(placements: Arc<Placements>, admin: Arc<AdminServer>) -> Self {
-        Hooks { placements, admin }
+        Hooks {
+            placements,
+            admin,
+            mismatches: std::sync::Mutex::default(),
+        }
+    }
+
+    /// A voter answers lease RPCs only from a node counting with its own lease terms: an owner
+    /// with longer leases than the leader's silence assumes could keep a VIP that was granted
+    /// elsewhere. A mismatch is logged as an error once per peer and terms.
+    fn same_terms(&self, from: NodeId, terms: LeaseTerms, what: &str) -> Result<(), String> {
+        let mine = self.placements.lease.terms();
+        if terms == mine {
+            return Ok(());
+        }
+        let why = format!(
+            "lease terms differ: node {from} counts with {terms}, this node with {mine}; \
+             every node of a cluster needs the same [lease] settings"
+        );
+        if crate::lock(&self.mismatches).insert((from, terms)) {
+            tracing::error!(peer = from, "{what} refused: {why}");
+        }
+        Err(why)
     }
 }
 
@@ -112,19 +140,28 @@ impl NodeHooks for Hooks {
         &self,
         from: NodeId,
         held: Vec<Held>,
+        terms: LeaseTerms,
     ) -> BoxFuture<'static, Result<Vec<Held>, String>> {
-        let recorded = self.placements.record_renewal(from, held);
-        Box::pin(async move { Ok(recorded) })
+        let answer = self
+            .same_terms(from, terms, "renewal")
+            .map(|()| self.placements.record_renewal(from, held));
+        Box::pin(async move { answer })
     }
 
-    fn silence(&self, keys: Vec<LeaseKey>) -> BoxFuture<'static, Result<Vec<u64>, String>> {
-        let ms = self
-            .placements
-            .local_silence(&keys)
-            .into_iter()
-            .map(|d| d.as_millis() as u64)
-            .collect();
-        Box::pin(async move { Ok(ms) })
+    fn silence(
+        &self,
+        from: NodeId,
+        keys: Vec<LeaseKey>,
+        terms: LeaseTerms,
+    ) -> BoxFuture<'static, Result<Vec<u64>, String>> {
+        let answer = self.same_terms(from, terms, "silence question").map(|()| {
+            self.placements
+                .local_silence(&keys)
+                .into_iter()
+                .map(|d| d.as_millis() as u64)
+                .collect()
+        });
+        Box::pin(async move { answer })
     }
 
     fn propose(

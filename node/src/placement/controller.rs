@@ -116,7 +116,10 @@ impl Placements {
                 if v == cluster.id {
                     return Some((v, placements.local_silence(&suspects)));
                 }
-                let rpc = RaftRpc::Silence(suspects);
+                let rpc = RaftRpc::Silence {
+                    keys: suspects,
+                    terms: placements.lease.terms(),
+                };
                 match cluster
                     .call(v, &member?, rpc, Duration::from_millis(100))
                     .await

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use spaced_raft::NodeId;
+use spaced_raft::network::LeaseTerms;
 
 /// Lease timing, from the `[lease]` config section.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +43,16 @@ impl LeaseConfig {
     /// How long the leader waits without a renewal before the lease has certainly run out.
     pub fn reassign_after(&self) -> Duration {
         self.duration.mul_f64(1.0 + self.drift.max(0.0)) + self.margin
+    }
+
+    /// These timings as the terms nodes compare (see [`LeaseTerms`]).
+    pub fn terms(&self) -> LeaseTerms {
+        LeaseTerms {
+            duration_ms: self.duration.as_millis() as u64,
+            renew_every_ms: self.renew_every.as_millis() as u64,
+            margin_ms: self.margin.as_millis() as u64,
+            drift_ppm: (self.drift.max(0.0) * 1_000_000.0).round() as u64,
+        }
     }
 }
 

@@ -227,7 +227,11 @@ impl Placements {
                 let Some(member) = member else {
                     return (v, Err("voter not in membership".to_string()));
                 };
-                let reply = match cluster.call(v, &member, RaftRpc::Renew(held), ttl).await {
+                let rpc = RaftRpc::Renew {
+                    held,
+                    terms: placements.lease.terms(),
+                };
+                let reply = match cluster.call(v, &member, rpc, ttl).await {
                     Ok(RaftReply::Renewed(c)) => Ok(c),
                     Ok(other) => Err(format!("unexpected reply {other:?}")),
                     Err(e) => Err(e.to_string()),
