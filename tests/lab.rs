@@ -552,15 +552,14 @@ impl Drop for Lab {
                 eprintln!("lab {}: cleanup: {e:#}", self.id);
             }
         }
+        // Kept after a panic, or always with SPACED_LAB_KEEP=1 (a test that returns an error
+        // does not panic until the harness sees the error, after the lab is gone).
+        let keep = std::env::var_os("SPACED_LAB_KEEP").is_some_and(|v| v == "1");
         if let Some(dir) = self.dir.take()
-            && std::thread::panicking()
+            && (std::thread::panicking() || keep)
         {
             let path = dir.keep();
-            eprintln!(
-                "lab {}: test panicked; logs kept in {}",
-                self.id,
-                path.display()
-            );
+            eprintln!("lab {}: logs kept in {}", self.id, path.display());
         }
     }
 }
