@@ -468,10 +468,24 @@ async fn device_initiated_devices_are_claimed_by_the_node_they_connect_to() -> R
     assert_eq!(answer, format!("OK n{first}"));
     wait_owned_up(&c, leader, "di-1", first).await?;
 
-    // It calls another node: the claim moves, and the first node closes its connection.
+    // It calls another node: at once, that is refused (the device port is not authenticated:
+    // a device just up somewhere is not taken from it for 2 s, so a claim war cannot churn);
+    // then the claim moves, and the first node closes its connection.
     let second = (1..=3)
         .find(|n| *n != first && *n != assigned)
         .context("a third node")?;
+    let (_refused, answer) = device_hello(port(second)?, "di-1").await?;
+    assert!(
+        answer.starts_with(&format!(
+            "ERR device \"di-1\" came up on node {first} less than 2 s ago"
+        )),
+        "{answer}"
+    );
+    assert_eq!(
+        c.fabric_of(leader).context("fabric")?.devices["di-1"].owner,
+        Some(first)
+    );
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     let (_conn2, answer) = device_hello(port(second)?, "di-1").await?;
     assert_eq!(answer, format!("OK n{second}"));
     wait_owned_up(&c, leader, "di-1", second).await?;
@@ -498,6 +512,26 @@ async fn device_initiated_devices_are_claimed_by_the_node_they_connect_to() -> R
     let f = c.fabric_of(leader).context("fabric")?;
     assert_eq!(f.devices["di-1"].owner, Some(second));
     assert!(!f.devices.contains_key("nope"));
+
+    // Hellos in flight are bounded per source: 16 silent connections from here hold their
+    // places, and the next one is turned away at once.
+    let mut silent = Vec::new();
+    for _ in 0..spaced_node::devices::gate::HELLOS_PER_SOURCE {
+        silent.push(TcpStream::connect(port(first)?).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut r = BufReader::new(TcpStream::connect(port(first)?).await?);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line))
+        .await
+        .context("an extra hello was not turned away at once")??;
+    assert!(line.starts_with("ERR busy"), "{line}");
+    // A place freed is taken again.
+    drop(silent.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_r, answer) = device_hello(port(first)?, "nope").await?;
+    assert!(answer.starts_with("ERR unknown device"), "{answer}");
+    drop(silent);
     admin.close().await;
     c.stop_all().await;
     Ok(())

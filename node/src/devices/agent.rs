@@ -35,6 +35,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::cluster::Cluster;
+use crate::devices::gate::{HelloGate, may_take_over};
 use crate::lock;
 use crate::now_millis;
 use crate::ops::config::DevicesSection;
@@ -169,6 +170,20 @@ pub struct DeviceAgent {
     pending: std::sync::Mutex<BTreeMap<String, DeviceStatus>>,
     /// Limits connect attempts in flight.
     connecting: Semaphore,
+    /// Hellos being read on the device port, in all and per source.
+    hellos: std::sync::Mutex<HelloGate>,
+}
+
+/// A hello admitted by the gate; its place is given back when it is dropped.
+struct HelloTicket {
+    agent: Arc<DeviceAgent>,
+    source: std::net::IpAddr,
+}
+
+impl Drop for HelloTicket {
+    fn drop(&mut self) {
+        lock(&self.agent.hellos).done(self.source);
+    }
 }
 
 impl DeviceAgent {
@@ -185,6 +200,7 @@ impl DeviceAgent {
             stopped: AtomicBool::new(false),
             pending: std::sync::Mutex::default(),
             connecting: Semaphore::new(CONNECTING_AT_ONCE),
+            hellos: std::sync::Mutex::default(),
         })
     }
 
@@ -473,6 +489,19 @@ pub enum ClaimError {
         /// The state machine's reason.
         error: CommandError,
     },
+    /// The device came up on another node too recently to be taken from it (see
+    /// [`crate::devices::gate`]).
+    #[error(
+        "device {device:?} came up on node {node} less than 2 s ago; try again in {wait_ms} ms"
+    )]
+    TooSoon {
+        /// The device.
+        device: String,
+        /// The node it is up on.
+        node: NodeId,
+        /// How long to wait.
+        wait_ms: u64,
+    },
     /// The claim did not reach the leader.
     #[error("device {device:?} cannot be claimed now: {error}")]
     NotDelivered {
@@ -521,15 +550,29 @@ async fn claim(inner: &Cluster, id: &str) -> Result<String, ClaimError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (owner, mode, addr) = inner
+        let (owner, mode, addr, up_since) = inner
             .view
-            .read(|f| f.devices.get(id).map(|d| (d.owner, d.mode, d.addr.clone())))
+            .read(|f| {
+                f.devices.get(id).map(|d| {
+                    let up_since = (d.status == DeviceStatus::Up).then_some(d.since);
+                    (d.owner, d.mode, d.addr.clone(), up_since)
+                })
+            })
             .ok_or_else(|| ClaimError::Unknown(id.to_string()))?;
         if mode != DeviceMode::DeviceInitiated {
             return Err(ClaimError::NotDeviceInitiated(id.to_string()));
         }
         if owner == Some(me) {
             return Ok(addr);
+        }
+        if let Some(node) = owner
+            && let Err(wait_ms) = may_take_over(up_since, now_millis())
+        {
+            return Err(ClaimError::TooSoon {
+                device: id.to_string(),
+                node,
+                wait_ms,
+            });
         }
         let cmd = Command::AssignDevices {
             assignments: vec![DeviceAssignment {
@@ -584,7 +627,13 @@ async fn claim(inner: &Cluster, id: &str) -> Result<String, ClaimError> {
 }
 
 /// Serves one device-initiated connection: hello, claim, then hand it to the agent.
-async fn greet(inner: Cluster, agent: Arc<DeviceAgent>, mut stream: TcpStream, peer: SocketAddr) {
+async fn greet(
+    inner: Cluster,
+    agent: Arc<DeviceAgent>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ticket: HelloTicket,
+) {
     let hello = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .unwrap_or_else(|_| {
@@ -592,6 +641,7 @@ async fn greet(inner: Cluster, agent: Arc<DeviceAgent>, mut stream: TcpStream, p
                 "no line within {HELLO_TIMEOUT:?}"
             )))
         });
+    drop(ticket);
     let claimed = match hello {
         Ok(id) => claim(&inner, &id).await.map(|addr| (id, addr)),
         Err(e) => Err(e),
@@ -636,8 +686,26 @@ async fn accept_devices(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                greeting.spawn(greet(inner.clone(), agent.clone(), stream, peer));
+            Ok((mut stream, peer)) => {
+                let admitted = lock(&agent.hellos).admit(peer.ip());
+                match admitted {
+                    Ok(()) => {
+                        let ticket = HelloTicket {
+                            agent: agent.clone(),
+                            source: peer.ip(),
+                        };
+                        greeting.spawn(greet(inner.clone(), agent.clone(), stream, peer, ticket));
+                    }
+                    Err(refused) => {
+                        tracing::debug!(%peer, %refused, "device connection turned away");
+                        greeting.spawn(async move {
+                            let _ = stream
+                                .write_all(format!("ERR {refused}\n").as_bytes())
+                                .await;
+                            let _ = stream.shutdown().await;
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // Out of descriptors, say: pause instead of spinning.
