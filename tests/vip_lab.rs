@@ -644,6 +644,121 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
     Ok(())
 }
 
+/// A tmpfs of a few MiB mounted for a test, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: PathBuf, size: &str) -> Result<SmallDisk> {
+        std::fs::create_dir_all(&at)?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .output()?;
+        if !out.status.success() {
+            bail!("mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(SmallDisk(at))
+    }
+
+    /// Fills the disk up with a file, leaving nothing free.
+    fn fill(&self) -> Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler"))?;
+        let chunk = vec![0u8; 64 << 10];
+        loop {
+            if let Err(e) = f.write_all(&chunk).and_then(|()| f.flush()) {
+                if e.raw_os_error() == Some(28) {
+                    return Ok(());
+                }
+                return Err(e.into());
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+/// A node whose store cannot write any more (its disk is full) stops Raft; it must not keep
+/// its VIP, answering renewals from a fabric it can no longer follow (issue 16): it fences,
+/// says why, and another node takes the VIP over.
+#[test]
+fn a_node_whose_disk_fills_up_gives_its_vip_up() -> Result<()> {
+    let _serial = one_lab();
+    let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
+    let disk = std::sync::Mutex::new(None::<SmallDisk>);
+    let Some(f) = Fabric::start_with(roles, |lab, cfg| {
+        if cfg.node_id == 2 {
+            let at = lab.dir().join("small-disk-n2");
+            match SmallDisk::mount(at.clone(), "16m") {
+                Ok(d) => {
+                    cfg.data_dir = at.join("data");
+                    *disk.lock().unwrap() = Some(d);
+                }
+                Err(e) => panic!("cannot mount a small disk for n2: {e:#}"),
+            }
+        }
+    })?
+    else {
+        return Ok(());
+    };
+    let disk = disk.lock().unwrap().take().context("n2's small disk")?;
+    let vip_ip = IpAddr::V4(f.lab.free_ip(9));
+    f.add_vip("cluster", vip_ip, 24, "ha")?;
+    let owner = wait_served(&f, "cluster", vip_ip, None)?;
+    if owner != 2 {
+        f.ctl(&f.endpoint(1), &["vip", "move", "cluster", "--to", "n2"])?;
+    }
+    f.wait(Duration::from_secs(20), "the VIP on n2", |f| {
+        Ok(f.served_by(vip_ip) == Some("n2".into()))
+    })?;
+    let watch = AddressWatch::start(
+        &f.lab,
+        &f.host_namespaces(),
+        vip_ip,
+        Duration::from_millis(1),
+    )?;
+    disk.fill()?;
+    // Log entries to write: every node appends them, n2 cannot.
+    let mut added = 0;
+    let t = Instant::now();
+    while f.served_by(vip_ip) == Some("n2".into()) && t.elapsed() < Duration::from_secs(30) {
+        let id = format!("d{added}");
+        let _ = f.ctl_output(
+            &f.endpoint(1),
+            &["device", "add", "--id", &id, "--addr", "192.0.2.1"],
+        );
+        added += 1;
+    }
+    f.wait(
+        Duration::from_secs(30),
+        "the VIP served by another node",
+        |f| Ok(f.served_by(vip_ip).is_some_and(|n| n != "n2")),
+    )?;
+    assert!(
+        !f.lab.addresses(&f.lab.host(2).ns)?.contains(&vip_ip),
+        "n2 still holds the VIP"
+    );
+    let report = watch.stop();
+    assert_eq!(
+        report.max_holders, 1,
+        "two hosts held the VIP at once: {:?}",
+        report.overlaps
+    );
+    let log = f.procs[1].as_ref().context("n2")?.read_log();
+    assert!(
+        log.contains("raft stopped: fencing"),
+        "n2 did not say why it fenced:\n{log}"
+    );
+    Ok(())
+}
+
 #[test]
 fn missing_capability_is_named_and_no_vip_is_claimed() -> Result<()> {
     let _serial = one_lab();

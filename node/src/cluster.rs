@@ -166,6 +166,15 @@ impl ClusterState {
             .collect()
     }
 
+    /// Why Raft stopped, if it did (a fatal storage error: a full or failing disk). A node
+    /// whose Raft stopped cannot follow the fabric: it fences everything and confirms nothing.
+    pub fn raft_failure(&self) -> Option<String> {
+        match &self.raft.metrics().borrow_watched().running_state {
+            Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
     /// The leader this node knows of, and its address.
     pub fn leader(&self) -> (Option<NodeId>, Option<String>) {
         let leader = self.raft.metrics().borrow_watched().current_leader;

@@ -225,7 +225,7 @@ impl DeviceAgent {
     }
 
     /// Closes every held connection and refuses new ones.
-    fn stop_all(&self) {
+    pub(crate) fn stop_all(&self) {
         let mut held = lock(&self.held);
         self.stopped.store(true, Ordering::SeqCst);
         for (_, h) in held.drain() {

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::SnapshotPolicy;
+use openraft::async_runtime::WatchReceiver;
 use spaced_fabric::Command;
 use spaced_raft::network::{QuicNetwork, transport_config};
 use spaced_raft::pki::{ALPN_RAFT, Identity, TlsMaterial, TlsPaths};
@@ -374,6 +375,12 @@ impl Node {
             stop(),
         )));
         tasks.push(tokio::spawn(observe::metrics_loop(cluster.clone(), stop())));
+        tasks.push(tokio::spawn(fence_on_raft_failure(
+            cluster.clone(),
+            placements.clone(),
+            devices.clone(),
+            stop(),
+        )));
         tasks.push(tokio::spawn(crate::services::desired::services_loop(
             placements.clone(),
             placement_backend,
@@ -502,6 +509,37 @@ impl Node {
         }
         let _ = self.cluster.raft.shutdown().await;
         self.endpoint.close(0u32.into(), b"crash");
+    }
+}
+
+/// Fences everything once Raft stops on a fatal error (a store that cannot write: a full or
+/// failing disk). Such a node no longer follows the fabric, so it must not keep VIPs,
+/// singletons or device connections it can no longer be told to give up; it says why, and
+/// `/healthz` reports it. It is not restarted: the operator frees the disk and restarts it.
+async fn fence_on_raft_failure(
+    cluster: Cluster,
+    placements: Arc<Placements>,
+    devices: Arc<DeviceAgent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut metrics = cluster.raft.metrics();
+    loop {
+        if let Some(why) = cluster.raft_failure() {
+            tracing::error!(error = %why, "raft stopped: fencing every VIP and singleton and closing every device connection");
+            let fenced = placements.agent().stop().await;
+            devices.stop_all();
+            tracing::error!(
+                fenced = fenced.len(),
+                "fenced after a raft failure; free the data dir's disk and restart this node"
+            );
+            return;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() {
+                return;
+            },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
     }
 }
 

@@ -271,7 +271,7 @@ impl Placements {
     /// A node that is no longer a voter in its own view (removed, its log ending with the
     /// change) confirms nothing: the leader no longer asks it whether the owner went silent.
     pub fn record_renewal(&self, from: NodeId, held: Vec<Held>) -> Vec<Held> {
-        if !self.cluster.is_voter(self.cluster.id) {
+        if !self.cluster.is_voter(self.cluster.id) || self.cluster.raft_failure().is_some() {
             return Vec::new();
         }
         let now = Instant::now();
