@@ -726,13 +726,12 @@ async fn a_node_listening_on_a_wildcard_address_is_known_by_its_advertised_one()
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()> {
-    // Lease renewals and the leader's silence checks need a majority of the old and of the new
-    // voter set while a membership change is joint: the owner, renewing all along, keeps its VIP.
-    let mut c = Cluster::empty(8, timings())?;
+/// A cluster whose first `configured` nodes declare the loopback VIP `cluster`
+/// (127.0.0.100, role `ha`); node 1 bootstraps and nodes 2..=`started` join.
+async fn loopback_vip_cluster(max: u64, configured: u64, started: u64) -> Result<Cluster> {
+    let mut c = Cluster::empty(max, timings())?;
     let port = spaced_tests::free_tcp_port();
-    for id in 1..=5 {
+    for id in 1..=configured {
         let mut cfg = spaced_tests::node_config(c.dir.path(), &c.pki_dir(), id, timings());
         cfg.takeover = spaced_node::ops::config::TakeoverMode::Loopback;
         cfg.vips = vec![spaced_node::ops::config::VipSection {
@@ -749,10 +748,24 @@ async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()>
         c.fabric_of(1).is_some_and(|f| f.nodes.contains_key(&1))
     })
     .await?;
-    for id in 2..=3 {
+    for id in 2..=started {
         c.start_node(id, false).await?;
         c.add_node(id).await?;
     }
+    Ok(c)
+}
+
+/// The owner and epoch of the VIP `cluster` in node 1's fabric.
+fn vip_held(c: &Cluster) -> Option<(Option<spaced_raft::NodeId>, u64)> {
+    c.fabric_of(1)
+        .and_then(|f| f.placements.get("cluster").map(|p| (p.owner, p.epoch)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()> {
+    // Lease renewals and the leader's silence checks need a majority of the old and of the new
+    // voter set while a membership change is joint: the owner, renewing all along, keeps its VIP.
+    let mut c = loopback_vip_cluster(8, 5, 3).await?;
     let mut admin = c.admin(1).await?;
     // At run time, a VIP none of them could hold (loopback takeover needs a configured port)
     // is refused up front, and nothing is added.
@@ -768,10 +781,7 @@ async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()>
         c.fabric_of(1)
             .is_some_and(|f| !f.placements.contains_key("other"))
     );
-    let held = |c: &Cluster| {
-        c.fabric_of(1)
-            .and_then(|f| f.placements.get("cluster").map(|p| (p.owner, p.epoch)))
-    };
+    let held = vip_held;
     c.wait_for(T, "the VIP placed", |c| {
         held(c).is_some_and(|(o, _)| o.is_some())
     })
@@ -805,33 +815,8 @@ async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()>
 /// still holds it. Only `vip move` (the owner fences first) moves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_cannot_grant_or_release_a_placement_with_raw_commands() -> Result<()> {
-    let mut c = Cluster::empty(3, timings())?;
-    let port = spaced_tests::free_tcp_port();
-    for id in 1..=3 {
-        let mut cfg = spaced_tests::node_config(c.dir.path(), &c.pki_dir(), id, timings());
-        cfg.takeover = spaced_node::ops::config::TakeoverMode::Loopback;
-        cfg.vips = vec![spaced_node::ops::config::VipSection {
-            name: "cluster".into(),
-            address: "127.0.0.100/8".into(),
-            interface: "lo".into(),
-            roles: vec!["ha".into()],
-            port: Some(port),
-        }];
-        c.configs.insert(id, cfg);
-    }
-    c.start_node(1, true).await?;
-    c.wait_for(T, "node 1 registered", |c| {
-        c.fabric_of(1).is_some_and(|f| f.nodes.contains_key(&1))
-    })
-    .await?;
-    for id in 2..=3 {
-        c.start_node(id, false).await?;
-        c.add_node(id).await?;
-    }
-    let held = |c: &Cluster| {
-        c.fabric_of(1)
-            .and_then(|f| f.placements.get("cluster").map(|p| (p.owner, p.epoch)))
-    };
+    let mut c = loopback_vip_cluster(3, 3, 3).await?;
+    let held = vip_held;
     c.wait_for(T, "the VIP placed", |c| {
         held(c).is_some_and(|(o, _)| o.is_some())
     })

@@ -250,8 +250,19 @@ fn vip(name: &str, ip: IpAddr, prefix: u8, roles: &[&str]) -> VipSection {
 
 /// Waits for the VIP to be placed and served; returns the owner's host index.
 fn wait_served(f: &Fabric, name: &str, ip: IpAddr, not: Option<usize>) -> Result<usize> {
+    wait_served_within(f, name, ip, not, Duration::from_secs(20))
+}
+
+/// [`wait_served`] with its own time limit.
+fn wait_served_within(
+    f: &Fabric,
+    name: &str,
+    ip: IpAddr,
+    not: Option<usize>,
+    within: Duration,
+) -> Result<usize> {
     let mut owner = 0;
-    f.wait(Duration::from_secs(20), "VIP placed and served", |f| {
+    f.wait(within, "VIP placed and served", |f| {
         let Some(o) = f.vip_owner(name, not) else {
             return Ok(false);
         };
@@ -541,17 +552,8 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
     };
     let vip_ip = IpAddr::V4(f.lab.free_ip(7));
     f.add_vip("cluster", vip_ip, 24, "ha")?;
-    let within = Duration::from_secs(30);
-    let served_elsewhere = |f: &Fabric, not: usize| -> Result<usize> {
-        let mut owner = 0;
-        f.wait(within, "VIP served by another host", |f| {
-            let Some(o) = f.vip_owner("cluster", Some(not)) else {
-                return Ok(false);
-            };
-            owner = o as usize;
-            Ok(owner != not && f.served_by(vip_ip) == Some(format!("n{o}")))
-        })?;
-        Ok(owner)
+    let served_elsewhere = |f: &Fabric, not: usize| {
+        wait_served_within(f, "cluster", vip_ip, Some(not), Duration::from_secs(30))
     };
     let watch = AddressWatch::start(
         &f.lab,

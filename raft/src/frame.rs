@@ -68,16 +68,9 @@ pub async fn read_frame_within<R: AsyncRead + Unpin>(
     max: usize,
     budget: &FrameBudget,
 ) -> Result<Option<BudgetedFrame>, FrameError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max {
-        return Err(FrameError::TooLarge { len, max });
-    }
+    let Some(len) = read_length(r, max).await? else {
+        return Ok(None);
+    };
     let held = budget.reserve(len).await?;
     let mut bytes = vec![0u8; len];
     r.read_exact(&mut bytes).await?;
@@ -100,11 +93,11 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads one frame of at most `max` bytes. `Ok(None)` means the stream ended cleanly before a frame.
-pub async fn read_frame<R: AsyncRead + Unpin>(
+/// Reads a frame's length and checks it against `max`. `Ok(None)`: the stream ended cleanly.
+async fn read_length<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
-) -> Result<Option<Vec<u8>>, FrameError> {
+) -> Result<Option<usize>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -115,6 +108,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
+    Ok(Some(len))
+}
+
+/// Reads one frame of at most `max` bytes. `Ok(None)` means the stream ended cleanly before a frame.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, FrameError> {
+    let Some(len) = read_length(r, max).await? else {
+        return Ok(None);
+    };
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
     Ok(Some(buf))
