@@ -793,6 +793,22 @@ fn services_run_where_scoped_restart_when_killed_and_a_singleton_moves_on_sigkil
         1,
         "{after:?}"
     );
+
+    // `service remove` of the held singleton: its owner stops it and releases it first (the
+    // fabric refuses to drop a held singleton), then it is gone, and runs nowhere.
+    lab.ctl_ok(&survivor, &["service", "remove", "poller"])?;
+    wait_until(
+        Duration::from_secs(10),
+        "the removed singleton stopped",
+        || Ok(!pid_alive(starts[2].2)),
+    )?;
+    let rows: Value =
+        serde_json::from_str(&lab.ctl_ok(&survivor, &["singleton", "list", "--json"])?)?;
+    assert_eq!(rows.as_array().map(Vec::len), Some(0), "{rows}");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = singleton_starts(&log);
+    assert_eq!(after.len(), 3, "started again: {after:?}");
+    assert!(after.iter().all(|s| !pid_alive(s.2)), "{after:?}");
     Ok(())
 }
 

@@ -92,10 +92,22 @@ impl Fabric {
                 why: format!("singleton placement {pname:?} runs it"),
             });
         }
-        if matches!(
-            self.placements.get(name),
-            Some(Placement { kind: PlacementKind::Singleton { service }, .. }) if service == name
-        ) {
+        if let Some(Placement {
+            kind: PlacementKind::Singleton { service },
+            owner,
+            ..
+        }) = self.placements.get(name)
+            && service == name
+        {
+            // Gone from the fabric, a held singleton would be granted afresh at once if the
+            // service came back, while its old owner may still run it until its lease ends.
+            if let Some(owner) = owner {
+                return Err(CommandError::InUse {
+                    what: "service".into(),
+                    key: name.clone(),
+                    why: format!("its singleton runs on node {owner}; release it first"),
+                });
+            }
             self.placements.remove(name);
         }
         self.services.remove(name);

@@ -610,6 +610,51 @@ mod tests {
         assert!(f.services.is_empty());
     }
 
+    /// A singleton's service cannot be removed while a node holds the singleton: its
+    /// placement would go, and a service declared again under that name would be granted at
+    /// once, while the old owner may still run it until its lease ends.
+    #[test]
+    fn a_held_singleton_is_released_before_its_service_is_removed() {
+        let mut f = base();
+        f.apply(&Command::PutService {
+            name: "poller".into(),
+            spec: ServiceSpec {
+                command: vec!["/bin/sleep".into(), "1000".into()],
+                scope: ServiceScope::Singleton,
+                health_check: None,
+                roles: roles(&["app"]),
+            },
+        })
+        .unwrap();
+        let epoch = f.placements["poller"].epoch;
+        let owner = *f.nodes.keys().next().unwrap();
+        f.apply(&Command::GrantPlacement {
+            name: "poller".into(),
+            to: owner,
+            expected_epoch: epoch,
+        })
+        .unwrap();
+        let before = f.clone();
+        let e = refused(
+            &mut f,
+            Command::RemoveService {
+                name: "poller".into(),
+            },
+        );
+        assert!(e.to_string().contains("release it first"), "{e}");
+        assert_eq!(f, before);
+        f.apply(&Command::ReleasePlacement {
+            name: "poller".into(),
+            epoch: epoch + 1,
+        })
+        .unwrap();
+        f.apply(&Command::RemoveService {
+            name: "poller".into(),
+        })
+        .unwrap();
+        assert!(!f.placements.contains_key("poller"));
+    }
+
     /// A pseudo-random command log (fixed seed) applied twice gives the same fabric, and the
     /// serialized fabric round-trips.
     #[test]

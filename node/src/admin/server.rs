@@ -193,6 +193,19 @@ impl AdminServer {
                     .collect()
             })),
             AdminRequest::VipList => AdminReply::Vips(self.placements.vip_rows()),
+            // A held singleton is released before its service goes: the leader's operation.
+            AdminRequest::Write(Command::RemoveService { name }) => {
+                if let Some(r) = self.not_leader() {
+                    return r;
+                }
+                match self.placements.remove_service(&name).await {
+                    Ok(()) => AdminReply::Applied(spaced_raft::Outcome::Done),
+                    Err(OpError::Propose(ProposeError::NotLeader(leader, addr))) => {
+                        AdminReply::NotLeader { leader, addr }
+                    }
+                    Err(e) => AdminReply::Failed(e.to_string()),
+                }
+            }
             AdminRequest::Write(cmd) => match admin_may_write(&cmd) {
                 Ok(()) => self.write(cmd).await,
                 Err(why) => AdminReply::Failed(why),

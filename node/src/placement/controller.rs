@@ -178,9 +178,13 @@ impl Placements {
             }
             let prefer = lock(&self.moves).clone();
             let expired = self.expired_leases().await;
-            let cmds = cluster
+            let withheld = lock(&self.withheld).clone();
+            let cmds: Vec<Command> = cluster
                 .view
-                .read(|f| plan(f, &live, cluster.id, &expired, &prefer, now_millis()));
+                .read(|f| plan(f, &live, cluster.id, &expired, &prefer, now_millis()))
+                .into_iter()
+                .filter(|c| !matches!(c, Command::GrantPlacement { name, .. } if withheld.contains(name)))
+                .collect();
             for cmd in cmds {
                 let desc = cmd.to_string();
                 match cluster.propose(cmd.clone()).await {

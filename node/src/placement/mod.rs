@@ -48,6 +48,9 @@ pub struct Placements {
     pub(crate) witness: Mutex<Witness>,
     /// Operator-requested targets of `vip move`, consulted by the planner.
     pub(crate) moves: Mutex<BTreeMap<String, NodeId>>,
+    /// Placements the planner must not grant while an operation releases them for good
+    /// (a singleton's service being removed).
+    pub(crate) withheld: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Placements {
@@ -65,6 +68,7 @@ impl Placements {
             backend,
             witness: Mutex::new(Witness::new(Instant::now())),
             moves: Mutex::default(),
+            withheld: Mutex::default(),
         })
     }
 

@@ -259,39 +259,7 @@ impl Placements {
         lock(&self.moves).insert(name.to_string(), to);
         let result = async {
             if let Some(o) = owner {
-                if o == inner.id {
-                    self.agent
-                        .fence_and_hold(name, epoch)
-                        .await
-                        .map_err(|e| OpError::Refused(e.to_string()))?;
-                } else {
-                    let member = inner
-                        .member(o)
-                        .ok_or_else(|| OpError::Refused(format!("owner {o} is not a member")))?;
-                    let rpc = RaftRpc::Release {
-                        name: name.to_string(),
-                        epoch,
-                    };
-                    match inner.call(o, &member, rpc, Duration::from_secs(2)).await {
-                        Ok(RaftReply::Released) => {}
-                        Ok(other) => {
-                            return Err(OpError::Peer(format!(
-                                "owner {o}: unexpected reply {other:?}"
-                            )));
-                        }
-                        Err(e) => {
-                            return Err(OpError::Peer(format!(
-                                "owner {o} did not release {name:?}: {e}"
-                            )));
-                        }
-                    }
-                }
-                inner
-                    .propose(Command::ReleasePlacement {
-                        name: name.to_string(),
-                        epoch,
-                    })
-                    .await?;
+                self.release_from(name, o, epoch).await?;
             }
             // The planner grants it to `to` (preferred) on its next pass; wait for that.
             let deadline = Instant::now() + Duration::from_secs(3);
@@ -314,6 +282,81 @@ impl Placements {
         }
         .await;
         lock(&self.moves).remove(name);
+        result
+    }
+
+    /// An operator's release of `name` held by `owner` at `epoch`: the owner fences (here or
+    /// through the `Release` RPC), then the release commits. Nothing is released if the owner
+    /// does not confirm that it fenced.
+    async fn release_from(&self, name: &str, owner: NodeId, epoch: u64) -> Result<(), OpError> {
+        let inner = &self.cluster;
+        if owner == inner.id {
+            self.agent
+                .fence_and_hold(name, epoch)
+                .await
+                .map_err(|e| OpError::Refused(e.to_string()))?;
+        } else {
+            let member = inner
+                .member(owner)
+                .ok_or_else(|| OpError::Refused(format!("owner {owner} is not a member")))?;
+            let rpc = RaftRpc::Release {
+                name: name.to_string(),
+                epoch,
+            };
+            match inner
+                .call(owner, &member, rpc, Duration::from_secs(2))
+                .await
+            {
+                Ok(RaftReply::Released) => {}
+                Ok(other) => {
+                    return Err(OpError::Peer(format!(
+                        "owner {owner}: unexpected reply {other:?}"
+                    )));
+                }
+                Err(e) => {
+                    return Err(OpError::Peer(format!(
+                        "owner {owner} did not release {name:?}: {e}"
+                    )));
+                }
+            }
+        }
+        inner
+            .propose(Command::ReleasePlacement {
+                name: name.to_string(),
+                epoch,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// `service remove` on the leader: a singleton held by a node is stopped there and
+    /// released first (the planner may not grant it meanwhile), so its service can go; the
+    /// fabric refuses to remove it while held.
+    pub async fn remove_service(&self, name: &str) -> Result<(), OpError> {
+        let held = self.cluster.view.read(|f| {
+            f.placements
+                .get(name)
+                .and_then(|p| match (&p.kind, p.owner) {
+                    (PlacementKind::Singleton { service }, Some(o)) if service == name => {
+                        Some((o, p.epoch))
+                    }
+                    _ => None,
+                })
+        });
+        lock(&self.withheld).insert(name.to_string());
+        let result = async {
+            if let Some((owner, epoch)) = held {
+                self.release_from(name, owner, epoch).await?;
+            }
+            self.cluster
+                .propose(Command::RemoveService {
+                    name: name.to_string(),
+                })
+                .await?;
+            Ok(())
+        }
+        .await;
+        lock(&self.withheld).remove(name);
         result
     }
 
