@@ -195,7 +195,9 @@ pub enum RaftReply {
     Admin(Vec<u8>),
 }
 
-/// Node-level handlers for the RPCs that are not Raft's own; provided by the daemon.
+/// Node-level handlers for the RPCs that are not Raft's own; provided by the daemon. Their
+/// errors are text (`Result<_, String>`): they cross the wire in [`WireReply`], where the
+/// caller only logs or relays them, and a typed error would tie both builds to one enum.
 pub trait NodeHooks: Send + Sync + 'static {
     /// `Renew` from `from` (a known member): record receipt, return what was recorded.
     fn renew(
@@ -228,7 +230,7 @@ pub trait NodeHooks: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Vec<u8>, String>>;
 }
 
-/// What goes back on the wire: a reply or the reason there is none.
+/// What goes back on the wire: a reply or the reason there is none (text, see [`NodeHooks`]).
 pub type WireReply = Result<RaftReply, String>;
 
 #[derive(Debug, thiserror::Error)]
@@ -708,6 +710,7 @@ impl RaftService {
     }
 
     /// The node-level handlers, for a sender that is a member (node RPCs come only from peers).
+    /// (Its refusal is a [`WireReply`]'s text.)
     fn hooks_for(&self, from: NodeId) -> Result<&Arc<dyn NodeHooks>, String> {
         let hooks = self
             .hooks
@@ -758,6 +761,7 @@ impl RaftService {
         admit(&req.rpc, req.from, peer_name, &members)
     }
 
+    /// Serves one request; the error is the text a refused or failed stream is logged with.
     async fn serve_stream(
         &self,
         mut send: quinn::SendStream,

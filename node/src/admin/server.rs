@@ -384,7 +384,8 @@ impl AdminServer {
 /// fences first) or when its lease lapses, never by a raw grant or release, which could give
 /// a VIP to a second node while the first still holds it; nodes join and leave by `node add`
 /// and `node remove`; devices move by the leader's planner and `device rebalance`; nodes report
-/// their own devices and management IP. `Err` says what to use instead.
+/// their own devices and management IP. `Err` says what to use instead, as the text of the
+/// `AdminReply::Failed` that carries it to `spacectl`.
 pub fn admin_may_write(cmd: &Command) -> Result<(), String> {
     let instead = match cmd {
         Command::AddDevices { .. }

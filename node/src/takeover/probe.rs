@@ -10,8 +10,14 @@ use std::time::{Duration, Instant};
 use pnet::datalink::DataLinkSender;
 use tracing::debug;
 
+use super::addr::{TakeoverError, VipAddr};
 use super::frames::{arp_claimant, na_claimant};
-use super::netlink::{RawChannel, TakeoverError, VipAddr};
+
+/// A raw AF_PACKET channel: its sender and receiver.
+pub(super) type RawChannel = (
+    Box<dyn DataLinkSender>,
+    Box<dyn pnet::datalink::DataLinkReceiver>,
+);
 
 /// Sends one frame, turning pnet's "buffer too small" None into an error.
 pub(super) fn send_frame(tx: &mut dyn DataLinkSender, frame: &[u8]) -> io::Result<()> {
