@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use spaced_fabric::{Command, Millis};
+use spaced_fabric::{Command, Fabric, Millis};
 use spaced_raft::frame::FrameBudget;
 use spaced_raft::network::{
     BoxFuture, LeaseTerms, NodeDescription, NodeHooks, RAFT_FRAME_BUDGET, RaftService,
@@ -166,11 +166,15 @@ impl NodeHooks for Hooks {
 
     fn propose(
         &self,
-        _from: NodeId,
+        from: NodeId,
         mut cmd: Command,
     ) -> BoxFuture<'static, Result<Response, String>> {
-        stamp_with_leader_clock(&mut cmd, now_millis());
         let cluster = self.placements.cluster.clone();
+        if let Err(why) = cluster.view.read(|f| node_may_propose(f, from, &cmd)) {
+            tracing::warn!(peer = from, command = %cmd, %why, "a node's proposal refused");
+            return Box::pin(async move { Err(why) });
+        }
+        stamp_with_leader_clock(&mut cmd, now_millis());
         Box::pin(async move { cluster.commit(cmd).await.map_err(|e| e.to_string()) })
     }
 
@@ -209,6 +213,37 @@ impl NodeHooks for Hooks {
     }
 }
 
+/// What a node may propose through the leader (RPC `Propose`): only what nodes do on their
+/// own behalf — give back or release what it holds, claim a device for itself, report its
+/// devices, record its management IP, register a VIP from its config. Anything else (a grant,
+/// membership, another node's devices) is the leader's or an admin's to do, so a member
+/// node's certificate carries no more power than its own work needs. `Err` is the refusal's
+/// text for the wire.
+pub(super) fn node_may_propose(fabric: &Fabric, from: NodeId, cmd: &Command) -> Result<(), String> {
+    let ok = match cmd {
+        Command::RefusePlacement { node, .. } => *node == from,
+        Command::ReleasePlacement { name, epoch } => fabric
+            .placements
+            .get(name)
+            .is_some_and(|p| p.owner == Some(from) && p.epoch == *epoch),
+        Command::AssignDevices { assignments, .. } => {
+            assignments.iter().all(|a| a.to == Some(from))
+        }
+        Command::ReportDeviceStatus { node, .. } => *node == from,
+        Command::SetMgmtIp { id, .. } => *id == from,
+        Command::AddPlacement { .. } => true,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "node {from} may not propose {cmd}: a node proposes only its own releases, claims, \
+             reports and settings"
+        ))
+    }
+}
+
 /// A refusal a peer sent to the leader carries the time the leader received it, not the
 /// peer's clock: the planner, on the leader, measures its hold and retry periods against its
 /// own clock, so a peer's clock skew must not stretch or cancel them.
@@ -243,5 +278,91 @@ mod tests {
         let mut cmd = other();
         stamp_with_leader_clock(&mut cmd, 1_400_000);
         assert_eq!(cmd, other());
+    }
+
+    #[test]
+    fn a_node_proposes_only_for_itself() {
+        use spaced_fabric::{DeviceAssignment, PlacementKind};
+        let mut f = Fabric::default();
+        for cmd in [
+            Command::RegisterNode {
+                id: 1,
+                name: "n1".into(),
+                raft_addr: "127.0.0.1:1".into(),
+                mgmt_ip: None,
+                roles: ["ha".to_string()].into(),
+                at: 0,
+            },
+            Command::RegisterNode {
+                id: 2,
+                name: "n2".into(),
+                raft_addr: "127.0.0.1:2".into(),
+                mgmt_ip: None,
+                roles: ["ha".to_string()].into(),
+                at: 0,
+            },
+            Command::AddPlacement {
+                name: "vip".into(),
+                kind: PlacementKind::Vip {
+                    address: "10.0.0.1/24".into(),
+                    interface: "eth0".into(),
+                },
+                eligible_roles: ["ha".to_string()].into(),
+            },
+            Command::GrantPlacement {
+                name: "vip".into(),
+                to: 2,
+                expected_epoch: 0,
+            },
+        ] {
+            f.apply(&cmd).unwrap();
+        }
+        let release = Command::ReleasePlacement {
+            name: "vip".into(),
+            epoch: 1,
+        };
+        let claim = |to| Command::AssignDevices {
+            assignments: vec![DeviceAssignment {
+                device: "d1".into(),
+                from: Some(1),
+                to: Some(to),
+            }],
+            at: 0,
+        };
+        let grant = Command::GrantPlacement {
+            name: "vip".into(),
+            to: 1,
+            expected_epoch: 1,
+        };
+        // (what, proposer, command, allowed)
+        let cases: Vec<(&str, NodeId, Command, bool)> = vec![
+            ("the owner releases", 2, release.clone(), true),
+            ("another node releases it", 1, release, false),
+            ("a claim for itself", 2, claim(2), true),
+            ("a claim for another node", 2, claim(1), false),
+            ("a grant", 1, grant, false),
+            ("a removal", 1, Command::RemoveNode { id: 2 }, false),
+            (
+                "its own IP",
+                1,
+                Command::SetMgmtIp {
+                    id: 1,
+                    mgmt_ip: None,
+                },
+                true,
+            ),
+            (
+                "another's IP",
+                1,
+                Command::SetMgmtIp {
+                    id: 2,
+                    mgmt_ip: None,
+                },
+                false,
+            ),
+        ];
+        for (what, from, cmd, allowed) in cases {
+            assert_eq!(node_may_propose(&f, from, &cmd).is_ok(), allowed, "{what}");
+        }
     }
 }
