@@ -539,10 +539,9 @@ fn sigstopped_owner_is_fenced_by_its_guard_and_ipv6_vip_moves() -> Result<()> {
 }
 
 /// The fence must not die with the daemon (issue 16): SIGKILL of the owner's whole process
-/// group (daemon and guard, as a cgroup kill does), SIGSTOP of the whole group (a frozen
-/// cgroup), and a guard killed on its own before the daemon. In each case the VIP is served
-/// again by another host, and at no sample do two hosts hold it: the kernel removes the
-/// address when its lifetime runs out, and a new owner's probe waits for that.
+/// group (the daemon and every child of its group), SIGSTOP of the whole group, and a guard
+/// killed on its own before the daemon. In each case the VIP is served again by another host,
+/// and at no sample do two hosts hold it: the guard, in a process group of its own, fences.
 #[test]
 fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
     let _serial = one_lab();
@@ -578,7 +577,7 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
             .signal_group(Signal::SIGKILL)?;
         let next = served_elsewhere(&f, owner)?;
         println!(
-            "daemon+guard SIGKILL: served by n{next} after {} ms",
+            "group SIGKILL: served by n{next} after {} ms",
             t.elapsed().as_millis()
         );
         assert!(

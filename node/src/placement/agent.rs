@@ -89,11 +89,6 @@ pub trait VipBackend: Send + Sync + 'static {
     /// The lease on `vip` now ends at `until`: a backend with an out-of-process guard passes it on,
     /// so the VIP goes down at that instant even if this process is stopped.
     fn hold_until(&self, _vip: &VipSpec, _until: Instant) {}
-    /// The lease on `vip`, which is up, now ends at `until`: a backend whose host removes the
-    /// VIP by itself unless told otherwise (a kernel address lifetime) is told here.
-    fn extend(&self, _vip: VipSpec, _until: Instant) -> BoxFuture<'static, Result<(), HoldError>> {
-        Box::pin(async { Ok(()) })
-    }
 }
 
 /// Stand-in for rootless demos: "holding" a VIP means answering TCP on `ip:port` with the node
@@ -508,9 +503,6 @@ impl Agent {
         }
         for (vip, until) in &step.extend {
             self.backend.hold_until(vip, *until);
-            if let Err(e) = self.backend.extend(vip.clone(), *until).await {
-                tracing::warn!(vip = %vip.name, error = %e, "could not extend the VIP's address lifetime");
-            }
         }
         if !step.acquire.is_empty() {
             self.changed();

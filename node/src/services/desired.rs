@@ -345,13 +345,6 @@ impl VipBackend for PlacementBackend {
         self.vips.announce_schedule()
     }
 
-    fn extend(&self, vip: VipSpec, until: Instant) -> BoxFuture<'static, Result<(), HoldError>> {
-        match vip.service {
-            None => self.vips.extend(vip, until),
-            Some(_) => Box::pin(async { Ok(()) }),
-        }
-    }
-
     fn hold_until(&self, vip: &VipSpec, until: Instant) {
         let Some(service) = &vip.service else {
             self.vips.hold_until(vip, until);

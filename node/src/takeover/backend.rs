@@ -16,13 +16,6 @@ use crate::takeover::{Takeover, TakeoverError, VipAddr};
 const PROBES: u32 = 1;
 const PROBE_INTERVAL: Duration = Duration::from_millis(5);
 const PROBE_WAIT: Duration = Duration::from_millis(20);
-/// The lifetime a VIP's address is added with, restarted at every lease extension (every
-/// confirmed renewal, 75 ms by default): the kernel deletes the address by itself about a
-/// second after the last one, so it cannot outlive a daemon and guard killed together (a
-/// cgroup's SIGKILL), or frozen together, by more than that. The lease and the guard remove
-/// it much sooner in every other case; a new owner's probe waits for it otherwise.
-pub const ADDRESS_LIFETIME: Duration = Duration::from_secs(1);
-
 /// How long a netlink request may go unanswered before it counts as failed (the kernel answers
 /// in well under a millisecond; a stuck answer must not stall a self-fence).
 const NETLINK_WITHIN: Duration = Duration::from_secs(1);
@@ -157,13 +150,7 @@ impl VipBackend for NetlinkBackend {
         let tk = self.tk.clone();
         Box::pin(async move {
             let addr = VipAddr::parse(&vip.address, &vip.interface)?;
-            within(
-                NETLINK_WITHIN,
-                "add address",
-                &addr,
-                tk.add_for(&addr, Some(ADDRESS_LIFETIME)),
-            )
-            .await?;
+            within(NETLINK_WITHIN, "add address", &addr, tk.add(&addr)).await?;
             Ok(tk.announce(&addr)?)
         })
     }
@@ -191,22 +178,6 @@ impl VipBackend for NetlinkBackend {
             Ok(())
         })
     }
-    /// Restarts the kernel's countdown on the address (see [`ADDRESS_LIFETIME`]).
-    fn extend(&self, vip: VipSpec, _until: Instant) -> BoxFuture<'static, Result<(), HoldError>> {
-        let tk = self.tk.clone();
-        Box::pin(async move {
-            let addr = VipAddr::parse(&vip.address, &vip.interface)?;
-            within(
-                NETLINK_WITHIN,
-                "refresh address lifetime",
-                &addr,
-                tk.refresh(&addr, ADDRESS_LIFETIME),
-            )
-            .await?;
-            Ok(())
-        })
-    }
-
     fn announce_schedule(&self) -> Vec<Duration> {
         crate::takeover::announce_schedule()
             .iter()

@@ -155,9 +155,15 @@ pub struct GuardHandle {
 impl GuardHandle {
     /// Starts `<this executable> guard`.
     pub fn spawn() -> Result<Self, GuardError> {
+        use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe().map_err(|e| GuardError::Locate(e.to_string()))?;
         let mut child = Command::new(exe)
             .arg("guard")
+            // A process group of its own: a signal to the daemon's whole group (a SIGKILL or
+            // SIGSTOP of `spaced` and its children at once) does not reach the guard, which
+            // then fences as it should (at once when the daemon died, at the lease end when
+            // it is stopped).
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -23,7 +23,7 @@ use futures::TryStreamExt;
 use pnet::datalink::{self, Channel, NetworkInterface};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, CacheInfo,
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
 use tracing::{debug, info, warn};
@@ -49,17 +49,6 @@ const EADDRNOTAVAIL: i32 = 99;
 const ENOENT: i32 = 2;
 /// errno ENXIO: sending on an ifindex that no longer exists.
 const ENXIO: i32 = 6;
-
-/// The kernel's lifetime of an address (valid and preferred alike), in whole seconds, at least 1.
-fn cache_info(lifetime: Duration) -> CacheInfo {
-    let secs = u32::try_from(lifetime.as_secs_f64().ceil() as u64)
-        .unwrap_or(u32::MAX - 1)
-        .clamp(1, u32::MAX - 1);
-    let mut info = CacheInfo::default();
-    info.ifa_valid = secs;
-    info.ifa_preferred = secs;
-    info
-}
 
 /// Reads CapEff from /proc/self/status; error names the missing one: "CAP_NET_ADMIN" (bit 12) or "CAP_NET_RAW" (bit 13).
 pub fn check_capabilities() -> Result<(), TakeoverError> {
@@ -353,18 +342,6 @@ impl Takeover {
     /// label is left to the kernel (the interface name) and a warning is logged. IPv6: added with
     /// IFA_F_NODAD so it is usable at once — the agent's own probe replaces DAD.
     pub async fn add(&self, vip: &VipAddr) -> Result<(), TakeoverError> {
-        self.add_for(vip, None).await
-    }
-
-    /// Like [`add`](Self::add), with a lifetime the kernel enforces: without a
-    /// [`refresh`](Self::refresh) the address is deleted by the kernel itself about `lifetime`
-    /// (whole seconds, at least one) after it was added or last refreshed, even if every
-    /// process that could remove it is dead or frozen.
-    pub async fn add_for(
-        &self,
-        vip: &VipAddr,
-        lifetime: Option<Duration>,
-    ) -> Result<(), TakeoverError> {
         let link = self.link(&vip.interface).await?;
         let addresses = self.addresses(vip, link.index, "list addresses").await?;
         if addresses
@@ -372,21 +349,12 @@ impl Takeover {
             .any(|m| message_address(m) == Some(vip.address))
         {
             debug!(vip = %vip.address, interface = %vip.interface, "VIP already present; add is a no-op");
-            if let Some(lifetime) = lifetime {
-                self.refresh(vip, lifetime).await?;
-            }
             return Ok(());
         }
         let mut request = self
             .handle
             .address()
             .add(link.index, vip.address, vip.prefix);
-        if let Some(lifetime) = lifetime {
-            request
-                .message_mut()
-                .attributes
-                .push(AddressAttribute::CacheInfo(cache_info(lifetime)));
-        }
         let mut label = None;
         match vip.address {
             IpAddr::V4(_) => {
@@ -421,33 +389,6 @@ impl Takeover {
         }
         info!(vip = %vip.address, prefix = vip.prefix, interface = %vip.interface, label = label.as_deref().unwrap_or(""), "VIP added");
         Ok(())
-    }
-
-    /// Restarts the kernel's countdown on an address added with a lifetime (see
-    /// [`add_for`](Self::add_for)). An address that is gone is not brought back.
-    pub async fn refresh(&self, vip: &VipAddr, lifetime: Duration) -> Result<(), TakeoverError> {
-        let link = self.link(&vip.interface).await?;
-        let present = self
-            .addresses(vip, link.index, "list addresses")
-            .await?
-            .iter()
-            .any(|m| message_address(m) == Some(vip.address));
-        if !present {
-            return Ok(());
-        }
-        let mut request = self
-            .handle
-            .address()
-            .add(link.index, vip.address, vip.prefix)
-            .replace();
-        request
-            .message_mut()
-            .attributes
-            .push(AddressAttribute::CacheInfo(cache_info(lifetime)));
-        request
-            .execute()
-            .await
-            .map_err(|e| self.netlink_error(vip, "refresh address lifetime", e))
     }
 
     /// Removes it (idempotent: absent = Ok). Every entry of that address on the interface goes,
