@@ -35,7 +35,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::cluster::Cluster;
-use crate::devices::gate::{HelloGate, may_take_over};
+use crate::devices::gate::{HeldElsewhere, HelloGate, device_held_elsewhere};
 use crate::lock;
 use crate::now_millis;
 use crate::ops::config::DevicesSection;
@@ -491,17 +491,8 @@ pub enum ClaimError {
     },
     /// The device came up on another node too recently to be taken from it (see
     /// [`crate::devices::gate`]).
-    #[error(
-        "device {device:?} came up on node {node} less than 2 s ago; try again in {wait_ms} ms"
-    )]
-    TooSoon {
-        /// The device.
-        device: String,
-        /// The node it is up on.
-        node: NodeId,
-        /// How long to wait.
-        wait_ms: u64,
-    },
+    #[error(transparent)]
+    TooSoon(#[from] HeldElsewhere),
     /// The claim did not reach the leader.
     #[error("device {device:?} cannot be claimed now: {error}")]
     NotDelivered {
@@ -550,14 +541,9 @@ async fn claim(inner: &Cluster, id: &str) -> Result<String, ClaimError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (owner, mode, addr, up_since) = inner
+        let (owner, mode, addr) = inner
             .view
-            .read(|f| {
-                f.devices.get(id).map(|d| {
-                    let up_since = (d.status == DeviceStatus::Up).then_some(d.since);
-                    (d.owner, d.mode, d.addr.clone(), up_since)
-                })
-            })
+            .read(|f| f.devices.get(id).map(|d| (d.owner, d.mode, d.addr.clone())))
             .ok_or_else(|| ClaimError::Unknown(id.to_string()))?;
         if mode != DeviceMode::DeviceInitiated {
             return Err(ClaimError::NotDeviceInitiated(id.to_string()));
@@ -565,15 +551,9 @@ async fn claim(inner: &Cluster, id: &str) -> Result<String, ClaimError> {
         if owner == Some(me) {
             return Ok(addr);
         }
-        if let Some(node) = owner
-            && let Err(wait_ms) = may_take_over(up_since, now_millis())
-        {
-            return Err(ClaimError::TooSoon {
-                device: id.to_string(),
-                node,
-                wait_ms,
-            });
-        }
+        inner
+            .view
+            .read(|f| device_held_elsewhere(f, id, me, now_millis()))?;
         let cmd = Command::AssignDevices {
             assignments: vec![DeviceAssignment {
                 device: id.to_string(),

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use spaced_fabric::{Command, Fabric, Millis};
+use spaced_fabric::{Command, CommandError, Fabric, Millis};
 use spaced_raft::frame::FrameBudget;
 use spaced_raft::network::{
     BoxFuture, LeaseTerms, NodeDescription, NodeHooks, RAFT_FRAME_BUDGET, RaftService,
@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::admin::server::{AdminServer, serve_admin};
 use crate::cluster::Cluster;
+use crate::devices::gate::claim_held_elsewhere;
 use crate::now_millis;
 use crate::placement::Placements;
 use crate::placement::lease::{Held, LeaseKey};
@@ -174,7 +175,22 @@ impl NodeHooks for Hooks {
             tracing::warn!(peer = from, command = %cmd, %why, "a node's proposal refused");
             return Box::pin(async move { Err(why) });
         }
-        stamp_with_leader_clock(&mut cmd, now_millis());
+        let now = now_millis();
+        // The claimer checked the hold on its own view, which may lag; the leader's is the
+        // freshest there is.
+        if let Err(held) = cluster
+            .view
+            .read(|f| claim_held_elsewhere(f, from, &cmd, now))
+        {
+            tracing::info!(peer = from, %held, "a node's device claim refused");
+            let refusal = CommandError::DeviceOwnerNotEligible {
+                device: held.device.clone(),
+                node: from,
+                why: held.to_string(),
+            };
+            return Box::pin(async move { Ok(Err(refusal)) });
+        }
+        stamp_with_leader_clock(&mut cmd, now);
         Box::pin(async move { cluster.commit(cmd).await.map_err(|e| e.to_string()) })
     }
 
