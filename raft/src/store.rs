@@ -42,12 +42,15 @@ const KEY_FORMAT: &[u8] = b"format";
 /// placements record the nodes that refused them (dirs written before formats were recorded
 /// have no marker). 3: the `SetMgmtIp` command, appended to the commands (format 2 data reads
 /// unchanged, so a format 2 dir is upgraded in place: see [`UPGRADES_FROM`]). 4: the node
-/// RPCs carry the sender's lease terms (the stored data is format 3's, upgraded in place).
-pub const DATA_FORMAT: u32 = 4;
+/// RPCs carry the sender's lease terms (the stored data is format 3's, upgraded in place). 5:
+/// a placement's first epoch is the index of the entry that created it, so epochs never repeat
+/// (the data reads unchanged, but an older build would apply the same entries to other epochs:
+/// the two must not share a cluster).
+pub const DATA_FORMAT: u32 = 5;
 
 /// Formats whose data this build reads as it is (only additions since): a dir of one of them is
 /// re-marked with [`DATA_FORMAT`] when opened, after which older builds refuse it by name.
-pub const UPGRADES_FROM: &[u32] = &[2, 3];
+pub const UPGRADES_FROM: &[u32] = &[2, 3, 4];
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -547,7 +550,7 @@ impl RaftStateMachine<TypeConfig> for FabricStore {
                 st.last_applied = Some(entry.log_id);
                 match &entry.payload {
                     EntryPayload::Blank => Ok(Outcome::Done),
-                    EntryPayload::Normal(cmd) => st.fabric.apply(cmd),
+                    EntryPayload::Normal(cmd) => st.fabric.apply_at(entry.log_id.index, cmd),
                     EntryPayload::Membership(m) => {
                         st.last_membership = StoredMembership::new(Some(entry.log_id), m.clone());
                         Ok(Outcome::Done)

@@ -11,8 +11,22 @@ use crate::command::{Command, CommandError, Outcome};
 use crate::model::Fabric;
 
 impl Fabric {
-    /// Validates `cmd` against the current state and applies it; on error nothing changed.
+    /// [`Fabric::apply_at`] as the first entry of a log (index 0): for tests and tools that
+    /// build a fabric by hand. The replicated state machine applies with the entry's index.
     pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, CommandError> {
+        self.apply_at(0, cmd)
+    }
+
+    /// Validates `cmd`, the log entry at `index`, against the current state and applies it; on
+    /// error nothing changed.
+    ///
+    /// The index makes fencing epochs unique for the life of the cluster: a placement created
+    /// by the entry at index `i` starts at epoch `i`, and each of its owner changes (one entry
+    /// each, so at an index past `i`) adds one, so every epoch it reaches is at most the index
+    /// of the entry that set it. A placement removed and added again (a later entry) thus
+    /// starts above every epoch the old one had, and a lease, renewal or guard of the old one
+    /// can never be taken for the new one.
+    pub fn apply_at(&mut self, index: u64, cmd: &Command) -> Result<Outcome, CommandError> {
         match cmd {
             Command::RegisterNode {
                 id,
@@ -30,7 +44,7 @@ impl Fabric {
                 name,
                 kind,
                 eligible_roles,
-            } => self.add_placement(name, kind, eligible_roles),
+            } => self.add_placement(name, kind, eligible_roles, index),
             Command::RemovePlacement { name } => self.remove_placement(name),
             Command::GrantPlacement {
                 name,
@@ -47,7 +61,7 @@ impl Fabric {
             } => self.refuse_placement(name, node, epoch, reason, at),
             Command::AddDevices { devices, at } => self.add_devices(devices, at),
             Command::RemoveDevice { id } => self.remove_device(id),
-            Command::PutService { name, spec } => self.put_service(name, spec),
+            Command::PutService { name, spec } => self.put_service(name, spec, index),
             Command::RemoveService { name } => self.remove_service(name),
             Command::AssignDevices { assignments, at } => self.assign_devices(assignments, *at),
             Command::ReportDeviceStatus { node, reports, at } => {

@@ -16,6 +16,7 @@ impl Fabric {
         name: &String,
         kind: &PlacementKind,
         eligible_roles: &BTreeSet<String>,
+        index: u64,
     ) -> Result<Outcome, CommandError> {
         check_name("placement name", name)?;
         if eligible_roles.is_empty() {
@@ -62,7 +63,8 @@ impl Fabric {
                 kind: kind.clone(),
                 eligible_roles: eligible_roles.clone(),
                 owner: None,
-                epoch: 0,
+                // Unique for the cluster's life: see `Fabric::apply_at`.
+                epoch: index,
                 refused: BTreeMap::new(),
             },
         );

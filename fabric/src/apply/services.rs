@@ -11,6 +11,7 @@ impl Fabric {
         &mut self,
         name: &String,
         spec: &ServiceSpec,
+        index: u64,
     ) -> Result<Outcome, CommandError> {
         check_name("service name", name)?;
         if spec.command.first().is_none_or(|p| p.is_empty()) {
@@ -65,7 +66,8 @@ impl Fabric {
                 },
                 eligible_roles: BTreeSet::new(),
                 owner: None,
-                epoch: 0,
+                // Unique for the cluster's life: see `Fabric::apply_at`.
+                epoch: index,
                 refused: BTreeMap::new(),
             });
             placement.eligible_roles = spec.roles.clone();

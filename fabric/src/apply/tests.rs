@@ -655,6 +655,77 @@ mod tests {
         assert!(!f.placements.contains_key("poller"));
     }
 
+    /// A placement removed and added again never repeats an epoch (a lease, renewal or guard
+    /// of the old one would otherwise pass for the new one): VIPs and singletons alike.
+    #[test]
+    fn epochs_never_repeat_across_remove_and_add_again() {
+        let mut f = Fabric::default();
+        let mut index = 0;
+        let mut apply = |f: &mut Fabric, c: Command| {
+            index += 1;
+            f.apply_at(index, &c)
+                .unwrap_or_else(|e| panic!("entry {index} {c:?}: {e}"))
+        };
+        apply(&mut f, register(1, "n1", &["ha", "app"]));
+        apply(&mut f, register(2, "n2", &["ha", "app"]));
+        let singleton = ServiceSpec {
+            command: vec!["/bin/sleep".into(), "1000".into()],
+            scope: ServiceScope::Singleton,
+            health_check: None,
+            roles: roles(&["app"]),
+        };
+        let mut seen = BTreeSet::new();
+        for round in 0..3 {
+            apply(&mut f, vip("cluster", "10.0.0.100/24", &["ha"]));
+            apply(
+                &mut f,
+                Command::PutService {
+                    name: "poller".into(),
+                    spec: singleton.clone(),
+                },
+            );
+            for name in ["cluster", "poller"] {
+                // Two owner changes and a release, as a failover and a stop would make.
+                for to in [1, 2] {
+                    let expected_epoch = f.placements[name].epoch;
+                    apply(
+                        &mut f,
+                        Command::GrantPlacement {
+                            name: name.into(),
+                            to,
+                            expected_epoch,
+                        },
+                    );
+                    let epoch = f.placements[name].epoch;
+                    assert!(
+                        seen.insert((name, epoch)),
+                        "round {round}: {name} granted at epoch {epoch} again"
+                    );
+                }
+                let epoch = f.placements[name].epoch;
+                apply(
+                    &mut f,
+                    Command::ReleasePlacement {
+                        name: name.into(),
+                        epoch,
+                    },
+                );
+            }
+            apply(
+                &mut f,
+                Command::RemovePlacement {
+                    name: "cluster".into(),
+                },
+            );
+            apply(
+                &mut f,
+                Command::RemoveService {
+                    name: "poller".into(),
+                },
+            );
+        }
+    }
+
     /// A pseudo-random command log (fixed seed) applied twice gives the same fabric, and the
     /// serialized fabric round-trips.
     #[test]
