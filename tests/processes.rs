@@ -138,6 +138,11 @@ impl Lab {
         )?;
         for id in 2..=3 {
             let addr = lab.procs[id - 1].addr.clone();
+            // A node not yet in the cluster answers `status` once it listens: on a loaded
+            // machine a debug build takes a while to get there, and `node add` dials it once.
+            wait_until(Duration::from_secs(20), &format!("n{id} listens"), || {
+                Ok(lab.status(&addr).is_ok())
+            })?;
             lab.ctl_ok(
                 &n1,
                 &[

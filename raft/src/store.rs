@@ -3,6 +3,10 @@
 //! The fabric itself lives in memory; it is made durable through snapshots plus the log. After a
 //! restart openraft re-applies the committed entries after the last snapshot, which is why the
 //! committed marker is saved.
+//!
+//! Log entries and the snapshot are stored in chunks ([`crate::chunked`]) so that sled never
+//! writes one to a blob file, which it does not fsync: every acknowledged byte is in sled's
+//! main file, which is fsynced before an acknowledgement.
 
 use std::fmt::Debug;
 use std::io;
@@ -21,6 +25,7 @@ use openraft::storage::{
 use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 
+use crate::chunked;
 use crate::codec;
 use crate::types::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, Vote};
 use spaced_fabric::{Fabric, Outcome};
@@ -43,14 +48,15 @@ const KEY_FORMAT: &[u8] = b"format";
 /// have no marker). 3: the `SetMgmtIp` command, appended to the commands (format 2 data reads
 /// unchanged, so a format 2 dir is upgraded in place: see [`UPGRADES_FROM`]). 4: the node
 /// RPCs carry the sender's lease terms (the stored data is format 3's, upgraded in place). 5:
-/// a placement's first epoch is the index of the entry that created it, so epochs never repeat
-/// (the data reads unchanged, but an older build would apply the same entries to other epochs:
-/// the two must not share a cluster).
+/// log entries and the snapshot are stored in chunks (see [`crate::chunked`]), and a
+/// placement's first epoch is the index of the entry that created it, so epochs never repeat
+/// (a log replayed by an older build gives other epochs: not upgradable in place).
 pub const DATA_FORMAT: u32 = 5;
 
 /// Formats whose data this build reads as it is (only additions since): a dir of one of them is
 /// re-marked with [`DATA_FORMAT`] when opened, after which older builds refuse it by name.
-pub const UPGRADES_FROM: &[u32] = &[2, 3, 4];
+/// None since format 5 (formats 2 to 4 were, up to format 4).
+pub const UPGRADES_FROM: &[u32] = &[];
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +84,16 @@ pub enum StoreError {
         found: Option<u32>,
         /// The format this build reads and writes.
         expected: u32,
+    },
+    /// A stored value's chunks cannot be read or do not make a value.
+    #[error("data dir {dir}: stored {what}: {source}")]
+    Chunks {
+        /// The data directory.
+        dir: String,
+        /// Which value.
+        what: &'static str,
+        /// What failed.
+        source: chunked::ReadError,
     },
     /// A stored value does not decode.
     #[error("data dir {dir}: stored {what} is corrupt: {source}")]
@@ -138,6 +154,20 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
             Err(e) => return Err(sled_err(e)),
         }
     };
+    // sled writes its `conf` file (segment size, version) when it creates a dir, without an
+    // fsync, and never syncs the dir: a power cut soon after would leave a dir it will not
+    // open. Sync both before anything is acknowledged.
+    for path in [dir.join("conf"), dir.to_path_buf()] {
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StoreError::Sled {
+                dir: dir_s.clone(),
+                source: sled::Error::Io(io::Error::new(
+                    e.kind(),
+                    format!("fsync {}: {e}", path.display()),
+                )),
+            })?;
+    }
     let log = db.open_tree("log").map_err(sled_err)?;
     let meta = db.open_tree("meta").map_err(sled_err)?;
     let sm = db.open_tree("sm").map_err(sled_err)?;
@@ -171,7 +201,12 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
     }
 
     let mut state = FabricState::default();
-    if let Some(bytes) = sm.get(KEY_SNAPSHOT).map_err(sled_err)? {
+    let snapshot = chunked::get(&sm, KEY_SNAPSHOT).map_err(|e| StoreError::Chunks {
+        dir: dir_s.clone(),
+        what: "snapshot",
+        source: e,
+    })?;
+    if let Some(bytes) = snapshot {
         let snap: StoredSnapshot = codec::decode(&bytes).map_err(|source| StoreError::Corrupt {
             dir: dir_s.clone(),
             what: "snapshot",
@@ -321,19 +356,25 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
         let floor = self.floor.load(Ordering::SeqCst);
-        let start = match range.start_bound() {
-            Bound::Included(i) => Bound::Included(index_key((*i).max(floor))),
-            Bound::Excluded(i) if *i < floor => Bound::Included(index_key(floor)),
-            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
-            Bound::Unbounded => Bound::Included(index_key(floor)),
+        // Keys are `index ++ chunk`: a range of indexes is the keys from the first index's
+        // prefix (inclusive) to the prefix of the index after the last (exclusive).
+        let first = match range.start_bound() {
+            Bound::Included(i) => Some(*i),
+            Bound::Excluded(i) => i.checked_add(1),
+            Bound::Unbounded => Some(0),
+        };
+        let Some(first) = first.map(|i| i.max(floor)) else {
+            return Ok(Vec::new());
         };
         let end = match range.end_bound() {
-            Bound::Included(i) => Bound::Included(index_key(*i)),
-            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
-            Bound::Unbounded => Bound::Unbounded,
+            Bound::Included(i) => i.checked_add(1),
+            Bound::Excluded(i) => Some(*i),
+            Bound::Unbounded => None,
         };
+        let start = Bound::Included(index_key(first));
+        let end = end.map_or(Bound::Unbounded, |e| Bound::Excluded(index_key(e)));
         let mut out = Vec::new();
-        for item in self.log.range::<[u8; 8], _>((start, end)) {
+        for item in chunked::Assemble::new(self.log.range::<[u8; 8], _>((start, end)), 8) {
             let (_, v) = item.map_err(|e| io_err("read log", e))?;
             out.push(codec::decode(&v).map_err(|e| io_err("decode log entry", e))?);
         }
@@ -352,7 +393,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged: Option<LogId> = self.get_meta(KEY_PURGED)?;
         let floor = self.floor.load(Ordering::SeqCst);
         let last = match self.log.last().map_err(|e| io_err("read log", e))? {
-            Some((k, v)) if k.as_ref() >= index_key(floor).as_slice() => {
+            Some((k, _)) if k.as_ref() >= index_key(floor).as_slice() && k.len() >= 8 => {
+                let v = chunked::get(&self.log, &k[..8])
+                    .map_err(|e| io_err("read log", e))?
+                    .ok_or_else(|| io_err("read log", "the last entry vanished"))?;
                 let e: Entry = codec::decode(&v).map_err(|e| io_err("decode log entry", e))?;
                 Some(e.log_id())
             }
@@ -394,7 +438,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = sled::Batch::default();
         for entry in entries {
             let bytes = codec::encode(&entry).map_err(|e| io_err("encode log entry", e))?;
-            batch.insert(&index_key(entry.index()), bytes);
+            let key = index_key(entry.index());
+            let old = chunked::count(&self.log, &key).map_err(|e| io_err("read log", e))?;
+            chunked::put(&mut batch, &key, &bytes, old);
         }
         self.log
             .apply_batch(batch)
@@ -499,8 +545,11 @@ impl FabricStore {
             data: data.to_vec(),
         };
         let bytes = codec::encode(&stored).map_err(|e| io_err("encode snapshot", e))?;
+        let old = chunked::count(&self.sm, KEY_SNAPSHOT).map_err(|e| io_err("read snapshot", e))?;
+        let mut batch = sled::Batch::default();
+        chunked::put(&mut batch, KEY_SNAPSHOT, &bytes, old);
         self.sm
-            .insert(KEY_SNAPSHOT, bytes)
+            .apply_batch(batch)
             .map_err(|e| io_err("write snapshot", e))?;
         flush_durably(&self.db, &self.db_file).await?;
         Ok(())
@@ -585,10 +634,8 @@ impl RaftStateMachine<TypeConfig> for FabricStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let Some(bytes) = self
-            .sm
-            .get(KEY_SNAPSHOT)
-            .map_err(|e| io_err("read snapshot", e))?
+        let Some(bytes) =
+            chunked::get(&self.sm, KEY_SNAPSHOT).map_err(|e| io_err("read snapshot", e))?
         else {
             return Ok(None);
         };
