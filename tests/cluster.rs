@@ -862,6 +862,115 @@ fn devices_named(c: &Cluster, id: u64, prefix: &str) -> Result<usize> {
         .count())
 }
 
+/// A member node's certificate carries no admin power: an admin request it forwards to the
+/// leader is carried out only with a valid admin's signature over exactly those bytes, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cannot_forge_alter_or_replay_a_forwarded_admin_request() -> Result<()> {
+    use spaced_node::admin::SignedRequest;
+    use spaced_raft::proof;
+    let mut c = Cluster::start(3, timings()).await?;
+    let leader = c.wait_leader(T).await?;
+    let follower = (1..=3).find(|id| *id != leader).context("a follower")?;
+    let pki_dir = c.pki_dir();
+    let load = |cert: &str| {
+        TlsMaterial::load(&TlsPaths {
+            ca: pki_dir.join("ca.pem"),
+            cert: pki_dir.join(format!("{cert}.pem")),
+            key: pki_dir.join(format!("{cert}.key")),
+        })
+    };
+    let node_tls = load(&format!("n{follower}"))?;
+    let admin_tls = load("admin-test")?;
+    // The follower's own certificate and connection, as a compromised member would use them.
+    let (ep, cfg) = client(&pki_dir, &pki_dir, &format!("n{follower}"), ALPN_RAFT)?;
+    let member_net = QuicNetwork::new(follower, ep, cfg);
+    let to_leader = Member {
+        name: format!("n{leader}"),
+        addr: c.nodes[&leader].listen_addr().to_string(),
+    };
+    let signed = |tls: &TlsMaterial, req: &AdminRequest| -> Result<SignedRequest> {
+        let request = spaced_raft::codec::encode(req)?;
+        let at_ms = spaced_node::now_millis();
+        let nonce = proof::nonce(tls)?;
+        let signature = proof::sign(tls, &proof::message(at_ms, nonce, &request))?;
+        Ok(SignedRequest {
+            request,
+            at_ms,
+            nonce,
+            signature,
+        })
+    };
+    let forward = |chain: Vec<Vec<u8>>, s: &SignedRequest| -> Result<RaftRpc> {
+        Ok(RaftRpc::Admin {
+            chain,
+            request: spaced_raft::codec::encode(s)?,
+        })
+    };
+    let remove = AdminRequest::RemoveNode(format!("n{leader}"));
+
+    // Signed by the node itself, with its own certificate: not an admin.
+    let forged = signed(&node_tls, &remove)?;
+    let err = member_net
+        .call(
+            leader,
+            &to_leader,
+            forward(node_tls.chain_der(), &forged)?,
+            T,
+        )
+        .await
+        .expect_err("a node's own signature passed for an admin's")
+        .to_string();
+    assert!(err.contains("is not an admin"), "{err}");
+    // Signed by the node, presented with an admin's certificate.
+    let err = member_net
+        .call(
+            leader,
+            &to_leader,
+            forward(admin_tls.chain_der(), &forged)?,
+            T,
+        )
+        .await
+        .expect_err("a signature by another key passed")
+        .to_string();
+    assert!(err.contains("signature does not match"), "{err}");
+    // A real admin's request, altered on the way.
+    let mut altered = signed(&admin_tls, &AdminRequest::AddDevices(devices("ok", 1)))?;
+    altered.request = spaced_raft::codec::encode(&remove)?;
+    let err = member_net
+        .call(
+            leader,
+            &to_leader,
+            forward(admin_tls.chain_der(), &altered)?,
+            T,
+        )
+        .await
+        .expect_err("an altered request passed")
+        .to_string();
+    assert!(err.contains("signature does not match"), "{err}");
+    // A real admin's request goes through once; sent again, it is a replay.
+    let genuine = signed(&admin_tls, &AdminRequest::AddDevices(devices("ok", 1)))?;
+    let rpc = || forward(admin_tls.chain_der(), &genuine);
+    match member_net.call(leader, &to_leader, rpc()?, T).await? {
+        RaftReply::Admin(reply) => match spaced_raft::codec::decode::<AdminReply>(&reply)? {
+            AdminReply::Applied(_) => {}
+            other => bail!("the genuine request: {other:?}"),
+        },
+        other => bail!("the genuine request: {other:?}"),
+    }
+    let err = member_net
+        .call(leader, &to_leader, rpc()?, T)
+        .await
+        .expect_err("a replayed request passed")
+        .to_string();
+    assert!(err.contains("a replay"), "{err}");
+    // Nothing of the forgeries happened: the leader still leads, one device was added.
+    c.wait_converged(T).await?;
+    assert_eq!(c.wait_leader(T).await?, leader);
+    assert_eq!(devices_named(&c, leader, "ok")?, 1);
+    c.stop_all().await;
+    Ok(())
+}
+
 /// A follower hands a request only the leader can carry out to the leader and returns the
 /// leader's answer, so spacectl may talk to any node; no redirect is needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

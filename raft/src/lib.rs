@@ -6,6 +6,7 @@ pub mod codec;
 pub mod frame;
 pub mod network;
 pub mod pki;
+pub mod proof;
 pub mod store;
 pub mod types;
 

@@ -150,9 +150,10 @@ pub enum RaftRpc {
     /// Node → leader: an admin request the node received and only the leader can carry out,
     /// forwarded so that `spacectl` may talk to any node.
     Admin {
-        /// The admin (certificate name) the node served, for the leader's log.
-        admin: String,
-        /// The encoded admin request; the daemon defines its format.
+        /// The admin's certificate chain as the node's TLS verified it (DER, leaf first): the
+        /// leader checks the request's signature against it.
+        chain: Vec<Vec<u8>>,
+        /// The signed admin request as the admin sent it; the daemon defines its format.
         request: Vec<u8>,
     },
 }
@@ -221,11 +222,12 @@ pub trait NodeHooks: Send + Sync + 'static {
     fn release(&self, name: String, epoch: u64) -> BoxFuture<'static, Result<(), String>>;
     /// `CheckVip`: `None` when this node could hold the VIP, else why not.
     fn check_vip(&self, address: String, interface: String) -> BoxFuture<'static, Option<String>>;
-    /// `Admin` from `from`: carry out an admin request it forwarded; the encoded reply.
+    /// `Admin` from `from`: carry out an admin request it forwarded, once the admin's proof
+    /// over it checks out against `chain`; the encoded reply.
     fn admin(
         &self,
         from: NodeId,
-        admin: String,
+        chain: Vec<Vec<u8>>,
         request: Vec<u8>,
     ) -> BoxFuture<'static, Result<Vec<u8>, String>>;
 }
@@ -847,9 +849,9 @@ impl RaftService {
                 let h = self.hooks_for(req.from)?;
                 Ok(RaftReply::VipChecked(h.check_vip(address, interface).await))
             }
-            RaftRpc::Admin { admin, request } => {
+            RaftRpc::Admin { chain, request } => {
                 let h = self.hooks_for(req.from)?;
-                h.admin(req.from, admin, request)
+                h.admin(req.from, chain, request)
                     .await
                     .map(RaftReply::Admin)
             }

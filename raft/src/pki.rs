@@ -35,7 +35,7 @@ pub const ALPN_RAFT: &[u8] = b"spaced-raft/5";
 /// ALPN for admin CLI traffic, distinguishing it from Raft on the same port. Bump its version
 /// whenever the encoding of the admin requests or replies changes, so a `spacectl` of another
 /// build is refused at the handshake instead of misreading replies.
-pub const ALPN_ADMIN: &[u8] = b"spaced-admin/4";
+pub const ALPN_ADMIN: &[u8] = b"spaced-admin/5";
 
 /// QUIC's code for the TLS alert `no_application_protocol` (RFC 9001 §4.8: 0x100 + alert 120):
 /// the two ends share no ALPN.
@@ -491,15 +491,15 @@ pub struct TlsPaths {
 /// Loaded and checked key material of this process.
 pub struct TlsMaterial {
     /// Trust anchors: peers must chain to one of these.
-    roots: Arc<RootCertStore>,
+    pub(crate) roots: Arc<RootCertStore>,
     /// Our certificate chain, leaf first, as presented to peers.
-    chain: Vec<CertificateDer<'static>>,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
     /// Our private key, matching `chain[0]`.
-    key: PrivateKeyDer<'static>,
+    pub(crate) key: PrivateKeyDer<'static>,
     /// Who we are according to our own certificate.
     identity: Identity,
     /// The crypto provider used for everything (always ring, never the process default).
-    provider: Arc<CryptoProvider>,
+    pub(crate) provider: Arc<CryptoProvider>,
 }
 
 impl Clone for TlsMaterial {
@@ -596,6 +596,11 @@ impl TlsMaterial {
         &self.identity
     }
 
+    /// Our certificate chain as DER, leaf first (as peers see it).
+    pub fn chain_der(&self) -> Vec<Vec<u8>> {
+        self.chain.iter().map(|c| c.as_ref().to_vec()).collect()
+    }
+
     /// QUIC server config: requires a client certificate chained to the CA and carrying a
     /// spaced identity (rustls WebPkiClientVerifier plus a SAN check), ALPN =
     /// [ALPN_RAFT, ALPN_ADMIN], transport = the given config.
@@ -685,6 +690,16 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, PkiError> {
         .map_err(|_| PkiError::NoPeerCertificate)?;
     let leaf = certs.first().ok_or(PkiError::NoPeerCertificate)?;
     identity_of(leaf, "peer certificate")
+}
+
+/// The verified certificate chain of the peer of an established quinn connection, leaf
+/// first, as DER (what a node hands the leader with an admin request it forwards).
+pub fn peer_chain(conn: &quinn::Connection) -> Result<Vec<Vec<u8>>, PkiError> {
+    let any = conn.peer_identity().ok_or(PkiError::NoPeerCertificate)?;
+    let certs = any
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| PkiError::NoPeerCertificate)?;
+    Ok(certs.iter().map(|c| c.as_ref().to_vec()).collect())
 }
 
 /// Identity from a DER cert (used by peer_identity, the verifiers and in tests).

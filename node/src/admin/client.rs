@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use spaced_raft::network::resolve;
 use spaced_raft::pki::{self, ALPN_ADMIN, NODE_DOMAIN, TlsMaterial, TlsPaths};
-use spaced_raft::{codec, frame};
+use spaced_raft::{codec, frame, proof};
 
-use crate::admin::{AdminReply, AdminRequest, MAX_ADMIN_FRAME};
+use crate::admin::{AdminReply, AdminRequest, MAX_ADMIN_FRAME, SignedRequest};
 
 /// How long dialing a node may take before the endpoint counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -106,6 +106,8 @@ pub struct AdminClient {
     target: String,
     /// Open connection to `target`.
     conn: quinn::Connection,
+    /// The admin's certificate and key, to sign each request.
+    tls: TlsMaterial,
 }
 
 async fn dial(
@@ -158,7 +160,25 @@ impl AdminClient {
             config,
             target: target.to_string(),
             conn,
+            tls: creds.material.clone(),
         })
+    }
+
+    /// `req` encoded and signed with the admin's key (see [`spaced_raft::proof`]).
+    fn sign(&self, req: &AdminRequest) -> Result<Vec<u8>, ClientError> {
+        let failed = |e: &dyn std::fmt::Display| ClientError::Failed(e.to_string());
+        let request = codec::encode(req).map_err(|e| failed(&e))?;
+        let at_ms = crate::now_millis();
+        let nonce = proof::nonce(&self.tls).map_err(|e| failed(&e))?;
+        let signature = proof::sign(&self.tls, &proof::message(at_ms, nonce, &request))
+            .map_err(|e| failed(&e))?;
+        codec::encode(&SignedRequest {
+            request,
+            at_ms,
+            nonce,
+            signature,
+        })
+        .map_err(|e| failed(&e))
     }
 
     /// The endpoint currently talked to.
@@ -179,7 +199,7 @@ impl AdminClient {
                 .open_bi()
                 .await
                 .map_err(|e| broken(e.to_string()))?;
-            let bytes = codec::encode(req).map_err(|e| ClientError::Failed(e.to_string()))?;
+            let bytes = self.sign(req)?;
             frame::write_frame(&mut send, &bytes)
                 .await
                 .map_err(|e| broken(e.to_string()))?;

@@ -1,4 +1,8 @@
-//! The admin protocol (ALPN `spaced-admin/4`, [`spaced_raft::pki::ALPN_ADMIN`]): requests from `spacectl`, replies from a node.
+//! The admin protocol (ALPN `spaced-admin/5`, [`spaced_raft::pki::ALPN_ADMIN`]): requests from `spacectl`, replies from a node.
+//!
+//! Each request travels as a [`SignedRequest`]: the encoded [`AdminRequest`] with the admin's
+//! signature over it (see [`spaced_raft::proof`]), so that a node forwarding it to the leader
+//! can neither forge nor alter it.
 
 use std::collections::BTreeSet;
 
@@ -8,6 +12,19 @@ use spaced_raft::{Command, NodeId, Outcome};
 
 /// Largest admin frame (a device list of 100k devices fits comfortably).
 pub const MAX_ADMIN_FRAME: usize = 64 << 20;
+
+/// What `spacectl` sends on a stream: an encoded [`AdminRequest`] and the admin's proof.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignedRequest {
+    /// The encoded request, exactly as signed.
+    pub request: Vec<u8>,
+    /// The admin's clock when it signed (Unix ms).
+    pub at_ms: u64,
+    /// A random number, never used twice.
+    pub nonce: u64,
+    /// The admin certificate's key over [`spaced_raft::proof::message`] of the above.
+    pub signature: spaced_raft::proof::Signature,
+}
 
 /// One admin call.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -12,7 +12,12 @@ use spaced_raft::NodeId;
 use spaced_raft::frame::{FrameBudget, read_frame_within};
 use spaced_raft::network::{RaftReply, RaftRpc};
 
-use super::{AdminReply, AdminRequest, DeviceRow, MAX_ADMIN_FRAME, NodeStatus, StatusReport};
+use spaced_raft::pki::TlsMaterial;
+use spaced_raft::proof::{self, ProofError, ReplayGuard};
+
+use super::{
+    AdminReply, AdminRequest, DeviceRow, MAX_ADMIN_FRAME, NodeStatus, SignedRequest, StatusReport,
+};
 use crate::cluster::{Cluster, OpError, ProposeError};
 use crate::lb::service::LbService;
 use crate::now_millis;
@@ -38,6 +43,35 @@ pub struct AdminServer {
     pub(super) device_lost_after: Duration,
     /// Memory the admin requests being received may hold at once, from every admin together.
     pub(super) budget: FrameBudget,
+    /// Checks admins' signatures on requests (also those other nodes forward).
+    pub(super) proofs: Proofs,
+}
+
+/// This node's check of admin request proofs: its TLS material (the CA) and the nonces seen.
+pub struct Proofs {
+    tls: TlsMaterial,
+    seen: std::sync::Mutex<ReplayGuard>,
+}
+
+impl Proofs {
+    /// Checks `signed` against the admin certificate `chain` (leaf first, DER): chain under
+    /// the CA with an admin identity, signature, time and nonce. Returns the admin's name and
+    /// the request.
+    pub fn check(
+        &self,
+        chain: &[Vec<u8>],
+        signed: &SignedRequest,
+    ) -> Result<(String, AdminRequest), AdminError> {
+        let msg = proof::message(signed.at_ms, signed.nonce, &signed.request);
+        let admin = proof::verify(&self.tls, chain, &msg, &signed.signature)?;
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).admit(
+            &admin,
+            signed.at_ms,
+            signed.nonce,
+            now_millis(),
+        )?;
+        Ok((admin, decode_admin_request(&signed.request)?))
+    }
 }
 
 /// What the admin requests a node is receiving may hold in memory at once (a 10,000-device
@@ -53,6 +87,9 @@ pub enum AdminError {
     /// The reply could not be encoded.
     #[error("cannot encode the admin reply")]
     Unencodable,
+    /// The admin's proof was refused.
+    #[error("admin request refused: {0}")]
+    Proof(#[from] ProofError),
 }
 
 impl AdminServer {
@@ -63,6 +100,7 @@ impl AdminServer {
         supervisor: Supervisor,
         lb: Option<Arc<LbService>>,
         device_lost_after: Duration,
+        tls: TlsMaterial,
     ) -> Arc<Self> {
         Arc::new(AdminServer {
             cluster,
@@ -71,11 +109,17 @@ impl AdminServer {
             lb,
             device_lost_after,
             budget: FrameBudget::new(ADMIN_FRAME_BUDGET),
+            proofs: Proofs {
+                tls,
+                seen: Default::default(),
+            },
         })
     }
 
-    /// Hands an admin request that only the leader can carry out (`request`, as it came from
-    /// spacectl) to the leader and returns its reply, so spacectl may talk to any node. The
+    /// Hands an admin request that only the leader can carry out (`request`, the
+    /// [`SignedRequest`] as it came from spacectl, and the admin's certificate `chain`) to the
+    /// leader and returns its reply, so spacectl may talk to any node. The leader checks the
+    /// admin's proof itself: this node's word carries no admin power. The
     /// leader carries it out or, if it no longer leads, says where the leader is; it does not
     /// forward again. If the leader cannot be reached, spacectl gets the leader's address
     /// (`addr`) to try itself. If this node learns of another leader meanwhile (the one asked
@@ -86,8 +130,9 @@ impl AdminServer {
         &self,
         leader: NodeId,
         addr: Option<String>,
-        admin: &str,
+        chain: Vec<Vec<u8>>,
         request: Vec<u8>,
+        req: AdminRequest,
     ) -> AdminReply {
         let not_leader = |addr| AdminReply::NotLeader {
             leader: Some(leader),
@@ -96,10 +141,7 @@ impl AdminServer {
         let Some(member) = self.cluster.member(leader) else {
             return not_leader(addr);
         };
-        let rpc = RaftRpc::Admin {
-            admin: admin.to_string(),
-            request: request.clone(),
-        };
+        let rpc = RaftRpc::Admin { chain, request };
         let call = self
             .cluster
             .call(leader, &member, rpc, ADMIN_FORWARD_TIMEOUT);
@@ -117,10 +159,7 @@ impl AdminServer {
                 if let Some(elsewhere) = self.not_leader() {
                     return elsewhere;
                 }
-                return match decode_admin_request(&request) {
-                    Ok(req) => self.handle(req).await,
-                    Err(e) => AdminReply::Failed(e.to_string()),
-                };
+                return self.handle(req).await;
             }
         };
         match answer {
@@ -137,14 +176,18 @@ impl AdminServer {
     }
 
     /// An admin request another node forwarded (see [`forward_admin`](Self::forward_admin)):
-    /// carried out here, not forwarded again; the encoded reply.
+    /// carried out here once the admin's proof checks out, not forwarded again; the encoded
+    /// reply.
     pub async fn serve_forwarded_admin(
         &self,
         from: NodeId,
-        admin: String,
+        chain: Vec<Vec<u8>>,
         request: Vec<u8>,
     ) -> Result<Vec<u8>, AdminError> {
-        let req = decode_admin_request(&request)?;
+        let signed: SignedRequest = spaced_raft::codec::decode(&request)?;
+        let (admin, req) = self.proofs.check(&chain, &signed).inspect_err(|e| {
+            tracing::warn!(from, error = %e, "an admin request forwarded by a node refused");
+        })?;
         tracing::debug!(from, %admin, ?req, "admin request forwarded by a node");
         let reply = self.handle(req).await;
         encode_admin_reply(&reply).ok_or(AdminError::Unencodable)
@@ -441,6 +484,13 @@ pub fn encode_admin_reply(reply: &AdminReply) -> Option<Vec<u8>> {
 
 /// Serves one `spacectl` connection (admin certificate `admin`): one request per stream.
 pub async fn serve_admin(server: Arc<AdminServer>, conn: quinn::Connection, admin: String) {
+    let chain = match spaced_raft::pki::peer_chain(&conn) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%admin, error = %e, "admin connection without a certificate chain");
+            return;
+        }
+    };
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -448,6 +498,7 @@ pub async fn serve_admin(server: Arc<AdminServer>, conn: quinn::Connection, admi
         };
         let server = server.clone();
         let admin = admin.clone();
+        let chain = chain.clone();
         tokio::spawn(async move {
             let frame = read_frame_within(&mut recv, MAX_ADMIN_FRAME, &server.budget).await;
             let bytes = match frame {
@@ -459,22 +510,28 @@ pub async fn serve_admin(server: Arc<AdminServer>, conn: quinn::Connection, admi
                     return;
                 }
             };
-            let reply = match decode_admin_request(&bytes.bytes) {
-                Ok(req) => {
+            let checked = spaced_raft::codec::decode::<SignedRequest>(&bytes.bytes)
+                .map_err(AdminError::from)
+                .and_then(|signed| server.proofs.check(&chain, &signed));
+            let reply = match checked {
+                Ok((_, req)) => {
                     tracing::debug!(%admin, ?req, "admin request");
-                    match server.handle(req).await {
+                    match server.handle(req.clone()).await {
                         AdminReply::NotLeader {
                             leader: Some(leader),
                             addr,
                         } if leader != server.cluster.id => {
                             server
-                                .forward_admin(leader, addr, &admin, bytes.bytes.clone())
+                                .forward_admin(leader, addr, chain, bytes.bytes.clone(), req)
                                 .await
                         }
                         reply => reply,
                     }
                 }
-                Err(e) => AdminReply::Failed(e.to_string()),
+                Err(e) => {
+                    tracing::warn!(%admin, error = %e, "admin request refused");
+                    AdminReply::Failed(e.to_string())
+                }
             };
             if let Some(b) = encode_admin_reply(&reply) {
                 let _ = spaced_raft::frame::write_frame(&mut send, &b).await;

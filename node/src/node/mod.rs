@@ -337,6 +337,7 @@ impl Node {
             supervisor.clone(),
             lb.clone(),
             device_lost_after,
+            tls.clone(),
         );
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -216,13 +216,13 @@ impl NodeHooks for Hooks {
     fn admin(
         &self,
         from: NodeId,
-        admin: String,
+        chain: Vec<Vec<u8>>,
         request: Vec<u8>,
     ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
         let server = self.admin.clone();
         Box::pin(async move {
             server
-                .serve_forwarded_admin(from, admin, request)
+                .serve_forwarded_admin(from, chain, request)
                 .await
                 .map_err(|e| e.to_string())
         })
