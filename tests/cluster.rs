@@ -862,6 +862,108 @@ fn devices_named(c: &Cluster, id: u64, prefix: &str) -> Result<usize> {
         .count())
 }
 
+/// A revoked certificate is refused everywhere: an admin's open connection at its next
+/// request, its new connections at the handshake; a removed node's certificate, which `node
+/// remove` revokes, cannot even dial a member again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused_everywhere() -> Result<()> {
+    use spaced_node::admin::client::AdminClient;
+    use spaced_node::admin::client::AdminCredentials;
+    let mut c = Cluster::start(3, timings()).await?;
+    let leader = c.wait_leader(T).await?;
+    c.wait_converged(T).await?;
+    let pki_dir = c.pki_dir();
+    // A second admin ("zed" sorts after the test's own "test", which stays the default).
+    pki::issue(&pki_dir, "zed", true)?;
+    let zed = AdminCredentials::load(&pki_dir, Some("zed"))?;
+    let follower = (1..=3).find(|id| *id != leader).context("a follower")?;
+    let follower_addr = c.nodes[&follower].advertise_addr().to_string();
+    let mut zed_conn = AdminClient::connect(&follower_addr, &zed).await?;
+    assert!(matches!(
+        zed_conn.call(&AdminRequest::ListRevoked).await?,
+        AdminReply::Revoked(rows) if rows.is_empty()
+    ));
+
+    let (zed_serial, zed_identity) = pki::describe_cert_file(&pki_dir.join("admin-zed.pem"))?;
+    assert_eq!(zed_identity.to_string(), "admin zed");
+    let mut admin = c.admin(leader).await?;
+    match admin
+        .call_leader(&AdminRequest::Write(Command::RevokeCertificate {
+            serial: zed_serial.clone(),
+            identity: zed_identity.to_string(),
+            reason: "laptop lost".into(),
+            at: spaced_node::now_millis(),
+        }))
+        .await?
+    {
+        AdminReply::Applied(_) => {}
+        other => bail!("revoke: {other:?}"),
+    }
+    c.wait_for(T, "every node knows of the revocation", |c| {
+        c.nodes.keys().all(|id| {
+            c.fabric_of(*id)
+                .is_some_and(|f| f.revoked.contains_key(&zed_serial))
+        })
+    })
+    .await?;
+    // The open connection: its next request is refused.
+    let refused = zed_conn.call(&AdminRequest::ListRevoked).await;
+    match refused {
+        Ok(AdminReply::Failed(e)) => assert!(e.contains("revoked"), "{e}"),
+        Err(_) => {}
+        Ok(other) => bail!("a revoked admin was answered: {other:?}"),
+    }
+    // A new connection: refused in the handshake (TLS 1.3 lets the client finish its side
+    // first, so the refusal may arrive with the first request).
+    if let Ok(mut again) = AdminClient::connect(&follower_addr, &zed).await {
+        let answer = again.call(&AdminRequest::ListRevoked).await;
+        assert!(answer.is_err(), "a revoked admin was served: {answer:?}");
+    }
+
+    // `node remove` revokes the removed node's certificate.
+    let removed = (1..=3)
+        .find(|id| *id != leader && *id != follower)
+        .context("a third node")?;
+    let (removed_serial, _) = pki::describe_cert_file(&pki_dir.join(format!("n{removed}.pem")))?;
+    match admin
+        .call_leader(&AdminRequest::RemoveNode(format!("n{removed}")))
+        .await?
+    {
+        AdminReply::NodeRemoved { revoked } => {
+            assert_eq!(revoked.as_deref(), Some(removed_serial.as_str()))
+        }
+        other => bail!("remove: {other:?}"),
+    }
+    match admin.call_leader(&AdminRequest::ListRevoked).await? {
+        AdminReply::Revoked(rows) => {
+            let serials: Vec<&str> = rows.iter().map(|(s, _)| s.as_str()).collect();
+            assert!(serials.contains(&removed_serial.as_str()), "{rows:?}");
+            assert!(serials.contains(&zed_serial.as_str()), "{rows:?}");
+        }
+        other => bail!("list: {other:?}"),
+    }
+    c.wait_for(T, "the follower knows of the node's revocation", |c| {
+        c.fabric_of(follower)
+            .is_some_and(|f| f.revoked.contains_key(&removed_serial))
+    })
+    .await?;
+    // Its certificate cannot even ask who a member is (which any certificate of the CA may).
+    let (ep, cfg) = client(&pki_dir, &pki_dir, &format!("n{removed}"), ALPN_RAFT)?;
+    let ghost = QuicNetwork::new(removed, ep, cfg);
+    let to_follower = Member {
+        name: format!("n{follower}"),
+        addr: follower_addr.clone(),
+    };
+    let err = ghost
+        .call(follower, &to_follower, RaftRpc::Describe, T)
+        .await
+        .expect_err("a removed node's revoked certificate was served");
+    eprintln!("removed node refused: {err}");
+    admin.close().await;
+    c.stop_all().await;
+    Ok(())
+}
+
 /// A member node's certificate carries no admin power: an admin request it forwards to the
 /// leader is carried out only with a valid admin's signature over exactly those bytes, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,6 +148,18 @@ pub enum Command {
         /// The new address; `None` clears it.
         mgmt_ip: Option<IpAddr>,
     },
+    /// Revoke a certificate by serial: every node refuses it from then on. Revoking one
+    /// already revoked changes nothing.
+    RevokeCertificate {
+        /// Serial number: the number in lowercase hex, without leading zeros.
+        serial: String,
+        /// The identity it carries (`node n3`, `admin ops`).
+        identity: String,
+        /// Why.
+        reason: String,
+        /// Proposer's clock.
+        at: Millis,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -189,6 +201,9 @@ impl std::fmt::Display for Command {
                 Some(ip) => write!(f, "set-mgmt-ip {id} {ip}"),
                 None => write!(f, "set-mgmt-ip {id} none"),
             },
+            Command::RevokeCertificate {
+                serial, identity, ..
+            } => write!(f, "revoke-certificate {serial} ({identity})"),
         }
     }
 }

@@ -241,7 +241,24 @@ pub struct Fabric {
     pub devices: BTreeMap<String, Device>,
     /// Supervised services by name.
     pub services: BTreeMap<String, ServiceSpec>,
+    /// Revoked certificates by serial number (the number in lowercase hex, no leading zeros): refused
+    /// by every node for Raft, node RPCs and admin requests.
+    pub revoked: BTreeMap<String, Revocation>,
 }
+
+/// A revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The identity it carried (`node n3`, `admin ops`), for operators.
+    pub identity: String,
+    /// Why, as the operator gave it.
+    pub reason: String,
+    /// When (proposer's clock).
+    pub at: Millis,
+}
+
+/// Longest revocation reason kept.
+pub const MAX_REVOCATION_REASON: usize = 300;
 
 impl Fabric {
     /// Number of devices each node owns (nodes without devices included, as 0).

@@ -269,6 +269,16 @@ impl ClusterState {
         }
     }
 
+    /// The serial of the certificate `peer` presents (dialing it if needed), within `ttl`.
+    pub async fn peer_serial(
+        &self,
+        peer: NodeId,
+        member: &Member,
+        ttl: Duration,
+    ) -> Option<String> {
+        self.network.peer_serial(peer, member, ttl).await
+    }
+
     /// One RPC to a peer, within `ttl` (dialing included).
     pub async fn call(
         &self,

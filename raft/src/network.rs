@@ -246,6 +246,22 @@ fn network(msg: String) -> RPCError<TypeConfig> {
     RPCError::Network(NetworkError::new(&Msg(msg)))
 }
 
+/// QUIC application close code for a connection whose peer's certificate was revoked.
+pub const REVOKED_CLOSE: u32 = 0x5e_01;
+
+/// Whether the peer of `conn` presented a certificate that `revoked` holds.
+fn peer_revoked(conn: &quinn::Connection, revoked: &crate::pki::Revoked) -> bool {
+    !revoked.is_empty() && peer_serial(conn).is_some_and(|s| revoked.contains(&s))
+}
+
+/// The serial of the certificate the peer of `conn` presented.
+fn peer_serial(conn: &quinn::Connection) -> Option<String> {
+    crate::pki::peer_chain(conn)
+        .ok()
+        .and_then(|chain| chain.into_iter().next())
+        .and_then(|leaf| crate::pki::serial_of(&leaf).ok())
+}
+
 /// One peer's cached connection; its own lock so a slow dial blocks only that peer.
 type PeerSlot = Arc<Mutex<Option<quinn::Connection>>>;
 
@@ -260,6 +276,9 @@ pub struct QuicNetwork {
     client_config: quinn::ClientConfig,
     /// Live connections by peer.
     conns: Arc<Mutex<HashMap<NodeId, PeerSlot>>>,
+    /// Revoked certificates: a cached connection to a peer whose certificate was revoked
+    /// since is closed instead of used (a new one fails in the handshake).
+    revoked: crate::pki::Revoked,
 }
 
 impl QuicNetwork {
@@ -274,7 +293,15 @@ impl QuicNetwork {
             endpoint,
             client_config,
             conns: Arc::default(),
+            revoked: Default::default(),
         }
+    }
+
+    /// The same dialer, refusing to reuse connections to peers whose certificates `revoked`
+    /// holds (share the set the client config's verifier uses).
+    pub fn with_revoked(mut self, revoked: crate::pki::Revoked) -> Self {
+        self.revoked = revoked;
+        self
     }
 
     async fn connection(
@@ -288,7 +315,10 @@ impl QuicNetwork {
         if let Some(c) = slot.as_ref()
             && c.close_reason().is_none()
         {
-            return Ok(c.clone());
+            if !peer_revoked(c, &self.revoked) {
+                return Ok(c.clone());
+            }
+            c.close(REVOKED_CLOSE.into(), b"certificate revoked");
         }
         *slot = None;
         let dial = |why: String| RpcError::Dial {
@@ -315,6 +345,21 @@ impl QuicNetwork {
             })?;
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// The serial of the certificate `target` presented on the connection to it (dialing it
+    /// if there is none), within `ttl`; `None` if it cannot be reached.
+    pub async fn peer_serial(
+        &self,
+        target: NodeId,
+        member: &Member,
+        ttl: Duration,
+    ) -> Option<String> {
+        let conn = tokio::time::timeout(ttl, self.connection(target, member))
+            .await
+            .ok()?
+            .ok()?;
+        peer_serial(&conn)
     }
 
     /// Sends one request on a new stream and reads the reply, all within `ttl`, dialing
@@ -587,6 +632,9 @@ pub struct RaftService {
     pub hooks: Option<Arc<dyn NodeHooks>>,
     /// Memory the requests being received may hold, shared by every connection.
     pub budget: FrameBudget,
+    /// Revoked certificates: a connection whose peer's certificate is revoked is closed at
+    /// its next request.
+    pub revoked: crate::pki::Revoked,
 }
 
 /// Why a node RPC was refused before it was looked at.
@@ -688,6 +736,7 @@ impl RaftService {
     /// Serves every stream of one accepted connection whose certificate names node `peer_name`.
     pub async fn serve_connection(self, conn: quinn::Connection, peer_name: String) {
         let remote = conn.remote_address();
+        let serial = peer_serial(&conn);
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -696,6 +745,11 @@ impl RaftService {
                     return;
                 }
             };
+            if serial.as_ref().is_some_and(|s| self.revoked.contains(s)) {
+                tracing::warn!(peer = %peer_name, %remote, "closing a connection: the peer's certificate is revoked");
+                conn.close(REVOKED_CLOSE.into(), b"certificate revoked");
+                return;
+            }
             let svc = self.clone();
             let peer = peer_name.clone();
             tokio::spawn(async move {

@@ -488,6 +488,77 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
+/// The serials of revoked certificates (the number in lowercase hex, as the fabric keeps
+/// them), shared by this process's verifiers and connection loops. Cloning shares it.
+#[derive(Clone, Default, Debug)]
+pub struct Revoked(Arc<std::sync::RwLock<std::collections::BTreeSet<String>>>);
+
+impl Revoked {
+    /// Whether the certificate `der` is revoked (one that does not parse is not ours to judge:
+    /// the verifiers refuse it anyway).
+    pub fn is_revoked(&self, der: &[u8]) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        match serial_of(der) {
+            Ok(serial) => self.contains(&serial),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether no certificate is revoked (the common case, checked without parsing anything).
+    pub fn is_empty(&self) -> bool {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// Whether `serial` is revoked.
+    pub fn contains(&self, serial: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(serial)
+    }
+
+    /// Replaces the set (from the fabric); `true` if it changed.
+    pub fn replace(&self, serials: std::collections::BTreeSet<String>) -> bool {
+        let mut set = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if *set == serials {
+            return false;
+        }
+        *set = serials;
+        true
+    }
+}
+
+/// A certificate's serial number as the fabric keeps it: the number in lowercase hex,
+/// without leading zeros.
+pub fn serial_of(der: &[u8]) -> Result<String, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::BadCertificate {
+            what: "certificate".into(),
+            detail: e.to_string(),
+        })?;
+    Ok(cert.tbs_certificate.serial.to_str_radix(16))
+}
+
+/// The serial and identity of the first certificate in the PEM file `path` (for `spacectl pki
+/// revoke`).
+pub fn describe_cert_file(path: &Path) -> Result<(String, Identity), PkiError> {
+    let certs = read_certs(path)?;
+    let leaf = certs.first().ok_or_else(|| PkiError::NoCertificate {
+        path: path.to_path_buf(),
+    })?;
+    let what = path.display().to_string();
+    let serial = serial_of(leaf).map_err(|e| match e {
+        PkiError::BadCertificate { detail, .. } => PkiError::BadCertificate {
+            what: what.clone(),
+            detail,
+        },
+        other => other,
+    })?;
+    Ok((serial, identity_of(leaf, &what)?))
+}
+
 /// Loaded and checked key material of this process.
 pub struct TlsMaterial {
     /// Trust anchors: peers must chain to one of these.
@@ -500,6 +571,8 @@ pub struct TlsMaterial {
     identity: Identity,
     /// The crypto provider used for everything (always ring, never the process default).
     pub(crate) provider: Arc<CryptoProvider>,
+    /// Certificates refused although the CA signed them.
+    pub(crate) revoked: Revoked,
 }
 
 impl Clone for TlsMaterial {
@@ -510,6 +583,7 @@ impl Clone for TlsMaterial {
             key: self.key.clone_key(),
             identity: self.identity.clone(),
             provider: self.provider.clone(),
+            revoked: self.revoked.clone(),
         }
     }
 }
@@ -588,12 +662,19 @@ impl TlsMaterial {
             key,
             identity,
             provider,
+            revoked: Revoked::default(),
         })
     }
 
     /// Who this process is, so it can tell peers and logs.
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// The revoked serials this material's verifiers refuse; the node keeps it in step with
+    /// the fabric.
+    pub fn revoked(&self) -> &Revoked {
+        &self.revoked
     }
 
     /// Our certificate chain as DER, leaf first (as peers see it).
@@ -615,7 +696,10 @@ impl TlsMaterial {
                     what: "client",
                     source,
                 })?;
-        let verifier = Arc::new(SpacedClientVerifier { inner });
+        let verifier = Arc::new(SpacedClientVerifier {
+            inner,
+            revoked: self.revoked.clone(),
+        });
         let mut tls = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| PkiError::Tls {
@@ -655,7 +739,10 @@ impl TlsMaterial {
                     what: "server",
                     source,
                 })?;
-        let verifier = Arc::new(NodeServerVerifier { inner });
+        let verifier = Arc::new(NodeServerVerifier {
+            inner,
+            revoked: self.revoked.clone(),
+        });
         let mut tls = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| PkiError::Tls {
@@ -763,6 +850,8 @@ fn strip_domain<'a>(dns: &'a str, domain: &str) -> Option<&'a str> {
 struct NodeServerVerifier {
     /// Does the real work: chain to the CA, validity, serverAuth EKU, hostname, signatures.
     inner: Arc<WebPkiServerVerifier>,
+    /// Serials refused although the CA signed them.
+    revoked: Revoked,
 }
 
 impl ServerCertVerifier for NodeServerVerifier {
@@ -774,6 +863,10 @@ impl ServerCertVerifier for NodeServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.revoked.is_revoked(end_entity) {
+            tracing::warn!("refusing a server whose certificate is revoked");
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
         let identity = identity_of(end_entity, "server certificate").map_err(|e| {
             tracing::debug!(error = %e, "rejecting server certificate");
             rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
@@ -863,6 +956,8 @@ impl ServerCertVerifier for NodeServerVerifier {
 struct SpacedClientVerifier {
     /// Does the real work: chain to the CA, validity, clientAuth EKU, signatures.
     inner: Arc<dyn ClientCertVerifier>,
+    /// Serials refused although the CA signed them.
+    revoked: Revoked,
 }
 
 impl ClientCertVerifier for SpacedClientVerifier {
@@ -887,6 +982,10 @@ impl ClientCertVerifier for SpacedClientVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
+        if self.revoked.is_revoked(end_entity) {
+            tracing::warn!("refusing a client whose certificate is revoked");
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
         identity_of(end_entity, "client certificate").map_err(|e| {
             tracing::debug!(error = %e, "rejecting client certificate");
             rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)

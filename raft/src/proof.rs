@@ -50,6 +50,9 @@ pub enum ProofError {
     /// The certificate does not chain to the cluster CA (or has expired).
     #[error("the certificate is not valid under the cluster CA: {0}")]
     NotUnderCa(String),
+    /// The certificate was revoked.
+    #[error("the certificate is revoked")]
+    Revoked,
     /// The certificate is valid but not an admin's.
     #[error("{0} is not an admin: only admin certificates may sign admin requests")]
     NotAdmin(Identity),
@@ -145,6 +148,9 @@ pub fn verify(
     verifier
         .verify_client_cert(&leaf, &intermediates, UnixTime::now())
         .map_err(|e| ProofError::NotUnderCa(e.to_string()))?;
+    if tls.revoked.is_revoked(&leaf) {
+        return Err(ProofError::Revoked);
+    }
     let name = match identity_of_cert(&leaf)? {
         Identity::Admin(name) => name,
         other => return Err(ProofError::NotAdmin(other)),

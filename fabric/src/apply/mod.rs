@@ -40,6 +40,12 @@ impl Fabric {
             Command::SetRoles { id, roles } => self.set_roles(id, roles),
             Command::SetAdminState { id, state } => self.set_admin_state(id, state),
             Command::SetMgmtIp { id, mgmt_ip } => self.set_mgmt_ip(id, mgmt_ip),
+            Command::RevokeCertificate {
+                serial,
+                identity,
+                reason,
+                at,
+            } => self.revoke_certificate(serial, identity, reason, *at),
             Command::AddPlacement {
                 name,
                 kind,

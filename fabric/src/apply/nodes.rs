@@ -1,14 +1,65 @@
-//! Commands on nodes: register, remove, roles, admin state, management IP.
+//! Commands on nodes: register, remove, roles, admin state, management IP; certificate
+//! revocation.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use crate::NodeId;
 use crate::command::{CommandError, Outcome};
-use crate::model::{AdminState, DeviceStatus, Fabric, Millis, NodeRecord};
+use crate::model::{
+    AdminState, DeviceStatus, Fabric, MAX_REVOCATION_REASON, Millis, NodeRecord, Revocation,
+};
 use crate::validate::{check_mgmt_ip, check_name, exists, invalid, not_found};
 
 impl Fabric {
+    pub(super) fn revoke_certificate(
+        &mut self,
+        serial: &str,
+        identity: &str,
+        reason: &str,
+        at: Millis,
+    ) -> Result<Outcome, CommandError> {
+        let hex = serial
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if serial.is_empty() || serial.len() > 40 || !hex {
+            return Err(invalid(
+                "certificate serial",
+                serial,
+                "must be 1 to 40 lowercase hex digits",
+            ));
+        }
+        if serial.len() > 1 && serial.starts_with('0') {
+            return Err(invalid(
+                "certificate serial",
+                serial,
+                "must not start with 0 (the number in hex, without padding)",
+            ));
+        }
+        if identity.is_empty() || identity.len() > 80 {
+            return Err(invalid(
+                "certificate identity",
+                identity,
+                "must be 1 to 80 characters",
+            ));
+        }
+        if reason.len() > MAX_REVOCATION_REASON {
+            return Err(invalid(
+                "revocation reason",
+                &reason[..reason.floor_char_boundary(40)],
+                &format!("longer than {MAX_REVOCATION_REASON} bytes"),
+            ));
+        }
+        self.revoked
+            .entry(serial.to_string())
+            .or_insert_with(|| Revocation {
+                identity: identity.to_string(),
+                reason: reason.to_string(),
+                at,
+            });
+        Ok(Outcome::Done)
+    }
+
     pub(super) fn register_node(
         &mut self,
         id: &NodeId,

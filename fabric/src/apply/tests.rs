@@ -655,6 +655,35 @@ mod tests {
         assert!(!f.placements.contains_key("poller"));
     }
 
+    #[test]
+    fn certificates_are_revoked_by_serial_once_and_checked() {
+        let mut f = base();
+        let revoke = |serial: &str, reason: &str| Command::RevokeCertificate {
+            serial: serial.into(),
+            identity: "node n3".into(),
+            reason: reason.into(),
+            at: 5,
+        };
+        f.apply(&revoke("1f3a", "removed")).unwrap();
+        assert_eq!(f.revoked["1f3a"].identity, "node n3");
+        // Again: nothing changes (the first reason and time stay).
+        f.apply(&revoke("1f3a", "again")).unwrap();
+        assert_eq!(f.revoked["1f3a"].reason, "removed");
+        for (serial, reason, why) in [
+            ("", "x", "1 to 40 lowercase hex"),
+            ("1F3A", "x", "1 to 40 lowercase hex"),
+            ("xyz", "x", "1 to 40 lowercase hex"),
+            (&"a".repeat(41), "x", "1 to 40 lowercase hex"),
+            ("01f3a", "x", "must not start with 0"),
+            ("2b", &"r".repeat(301), "longer than 300"),
+        ] {
+            let e = refused(&mut f, revoke(serial, reason));
+            assert!(e.to_string().contains(why), "{serial}: {e}");
+        }
+        f.apply(&revoke("0", "serial zero")).unwrap();
+        assert_eq!(f.revoked.len(), 2);
+    }
+
     /// A placement removed and added again never repeats an epoch (a lease, renewal or guard
     /// of the old one would otherwise pass for the new one): VIPs and singletons alike.
     #[test]

@@ -112,8 +112,21 @@ impl AdminServer {
         Ok(true)
     }
 
-    pub(super) async fn remove_node(&self, who: &str) -> Result<(), OpError> {
+    /// Removes a node from the membership and the fabric, and revokes the certificate it
+    /// presents (read from this node's connection to it, dialed if need be, before it leaves),
+    /// so that it cannot come back with it: `Ok` carries the revoked serial, `None` when the
+    /// node could not be reached to read it (then `spacectl pki revoke` its certificate file).
+    pub(super) async fn remove_node(&self, who: &str) -> Result<Option<String>, OpError> {
         let id = self.resolve_node(who)?;
+        let member = self.cluster.member(id);
+        let serial = match &member {
+            Some(m) if id != self.cluster.id => {
+                self.cluster
+                    .peer_serial(id, m, Duration::from_secs(2))
+                    .await
+            }
+            _ => None,
+        };
         let is_voter = self.cluster.is_voter(id);
         if is_voter {
             self.cluster
@@ -134,7 +147,26 @@ impl AdminServer {
                 "node {id} left the cluster but its fabric record stays: {e}"
             )));
         }
-        Ok(())
+        let Some(serial) = serial else {
+            tracing::warn!(
+                node = id,
+                "removed node's certificate not revoked: it could not be reached to read it"
+            );
+            return Ok(None);
+        };
+        let name = member.map(|m| m.name).unwrap_or_else(|| id.to_string());
+        let revoke = Command::RevokeCertificate {
+            serial: serial.clone(),
+            identity: format!("node {name}"),
+            reason: "node removed".into(),
+            at: crate::now_millis(),
+        };
+        match self.cluster.propose(revoke).await {
+            Ok(_) => Ok(Some(serial)),
+            Err(e) => Err(OpError::Refused(format!(
+                "node {id} left the cluster but its certificate (serial {serial}) is not revoked:                  {e}; revoke it with `spacectl pki revoke`"
+            ))),
+        }
     }
 
     pub(super) async fn transfer_leader(&self, who: &str) -> Result<(), OpError> {

@@ -52,6 +52,8 @@ pub enum AdminRequest {
     TransferLeader(String),
     /// All devices as this node has applied them.
     ListDevices,
+    /// The revoked certificates, as this node has applied them.
+    ListRevoked,
     /// Create a VIP placement (leader only).
     VipAdd {
         /// Placement name.
@@ -338,6 +340,14 @@ pub enum AdminReply {
     },
     /// Done, nothing to report.
     Done,
+    /// The revoked certificates by serial.
+    Revoked(Vec<(String, spaced_fabric::Revocation)>),
+    /// A node was removed; `revoked` is the serial of its certificate, now revoked, or `None`
+    /// when the node could not be reached to read it.
+    NodeRemoved {
+        /// The revoked serial.
+        revoked: Option<String>,
+    },
     /// Answer to `ListDevices`.
     Devices(Vec<DeviceRow>),
     /// Answer to `VipList`.

@@ -219,6 +219,12 @@ impl AdminServer {
     async fn handle(&self, req: AdminRequest) -> AdminReply {
         match req {
             AdminRequest::Status => AdminReply::Status(self.status()),
+            AdminRequest::ListRevoked => AdminReply::Revoked(self.cluster.view.read(|f| {
+                f.revoked
+                    .iter()
+                    .map(|(s, r)| (s.clone(), r.clone()))
+                    .collect()
+            })),
             AdminRequest::ListDevices => AdminReply::Devices(self.cluster.view.read(|f| {
                 f.devices
                     .iter()
@@ -315,10 +321,9 @@ impl AdminServer {
             } => AdminReply::NodeAdded {
                 voter: self.add_node(id, name, addr, roles).await?,
             },
-            AdminRequest::RemoveNode(who) => {
-                self.remove_node(&who).await?;
-                AdminReply::Done
-            }
+            AdminRequest::RemoveNode(who) => AdminReply::NodeRemoved {
+                revoked: self.remove_node(&who).await?,
+            },
             AdminRequest::TransferLeader(who) => {
                 self.transfer_leader(&who).await?;
                 AdminReply::Done
@@ -438,7 +443,8 @@ pub fn admin_may_write(cmd: &Command) -> Result<(), String> {
         | Command::SetAdminState { .. }
         | Command::SetRoles { .. }
         | Command::AddPlacement { .. }
-        | Command::RemovePlacement { .. } => return Ok(()),
+        | Command::RemovePlacement { .. }
+        | Command::RevokeCertificate { .. } => return Ok(()),
         Command::GrantPlacement { .. }
         | Command::ReleasePlacement { .. }
         | Command::RefusePlacement { .. } => {

@@ -177,7 +177,7 @@ fn odd(reply: AdminReply) -> CtlError {
 /// Runs one spacectl command, printing its output; returns the error to report.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match &cli.command {
-        Cmd::Pki { action } => pki::run(action).await,
+        Cmd::Pki { action } => pki::run(&cli, action).await,
         Cmd::Status { json } => node::status(&cli, json).await,
         Cmd::Node { action } => node::run(&cli, action).await,
         Cmd::Leader { action } => node::leader(&cli, action).await,

@@ -139,8 +139,16 @@ pub(super) async fn run(cli: &Cli, action: &NodeCmd) -> Result<(), CtlError> {
         }
         NodeCmd::Remove { node } => {
             match mutate(&cli, AdminRequest::RemoveNode(node.clone())).await? {
-                AdminReply::Done => {
-                    println!("node {node} removed");
+                AdminReply::NodeRemoved {
+                    revoked: Some(serial),
+                } => {
+                    println!("node {node} removed; its certificate (serial {serial}) is revoked");
+                    Ok(())
+                }
+                AdminReply::NodeRemoved { revoked: None } => {
+                    println!(
+                        "node {node} removed; its certificate is NOT revoked (the node could not                          be reached to read it): run `spacectl pki revoke <its .pem>`"
+                    );
                     Ok(())
                 }
                 other => Err(odd(other)),

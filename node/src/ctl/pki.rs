@@ -23,10 +23,21 @@ pub enum PkiCmd {
         #[arg(long)]
         admin: bool,
     },
+    /// Revoke a certificate (node or admin) by its file: every node refuses it from then on,
+    /// also on connections already open. `node remove` revokes the removed node's own.
+    Revoke {
+        /// The certificate file (PEM).
+        cert: PathBuf,
+        /// Why, kept with the revocation.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List the revoked certificates.
+    Revoked,
 }
 
 /// `spacectl pki ...`
-pub(super) async fn run(action: &PkiCmd) -> Result<(), CtlError> {
+pub(super) async fn run(cli: &Cli, action: &PkiCmd) -> Result<(), CtlError> {
     match action {
         PkiCmd::Init { dir } => {
             spaced_raft::pki::init_ca(dir).map_err(|e| failed(e.to_string()))?;
@@ -43,6 +54,51 @@ pub(super) async fn run(action: &PkiCmd) -> Result<(), CtlError> {
                 files.key.display()
             );
             Ok(())
+        }
+        PkiCmd::Revoke { cert, reason } => {
+            let (serial, identity) =
+                spaced_raft::pki::describe_cert_file(cert).map_err(|e| usage(e.to_string()))?;
+            let cmd = spaced_fabric::Command::RevokeCertificate {
+                serial: serial.clone(),
+                identity: identity.to_string(),
+                reason: reason.clone(),
+                at: crate::now_millis(),
+            };
+            match mutate(cli, AdminRequest::Write(cmd)).await? {
+                AdminReply::Applied(_) => {
+                    println!("revoked the certificate of {identity} (serial {serial})");
+                    Ok(())
+                }
+                other => Err(odd(other)),
+            }
+        }
+        PkiCmd::Revoked => {
+            let mut c = connect(cli).await?;
+            let reply = c.call(&AdminRequest::ListRevoked).await;
+            c.close().await;
+            match reply? {
+                AdminReply::Revoked(rows) => {
+                    let now = crate::now_millis();
+                    let rows: Vec<Vec<String>> = rows
+                        .into_iter()
+                        .map(|(serial, r)| {
+                            vec![
+                                serial,
+                                r.identity,
+                                format!("{} ago", render::age(now, r.at)),
+                                r.reason,
+                            ]
+                        })
+                        .collect();
+                    print!(
+                        "{}",
+                        render::table(&["SERIAL", "IDENTITY", "REVOKED", "REASON"], &rows)
+                    );
+                    Ok(())
+                }
+                AdminReply::Failed(e) => Err(failed(e)),
+                other => Err(odd(other)),
+            }
         }
     }
 }

@@ -211,7 +211,9 @@ impl Node {
         let listen = endpoint.local_addr().map_err(StartError::system)?;
         let advertise = cfg.advertise.unwrap_or(listen);
 
-        let network = QuicNetwork::new(cfg.node_id, endpoint.clone(), client_cfg);
+        let revoked = tls.revoked().clone();
+        let network = QuicNetwork::new(cfg.node_id, endpoint.clone(), client_cfg)
+            .with_revoked(revoked.clone());
         let raft_config = openraft::Config {
             cluster_name: "spaced".into(),
             heartbeat_interval: cfg.raft.heartbeat_interval_ms,
@@ -373,6 +375,12 @@ impl Node {
             cluster.clone(),
             hooks,
             admin,
+            revoked.clone(),
+            stop(),
+        )));
+        tasks.push(tokio::spawn(peer::follow_revocations(
+            cluster.clone(),
+            revoked,
             stop(),
         )));
         tasks.push(tokio::spawn(observe::metrics_loop(cluster.clone(), stop())));

@@ -11,7 +11,7 @@ use spaced_raft::frame::FrameBudget;
 use spaced_raft::network::{
     BoxFuture, LeaseTerms, NodeDescription, NodeHooks, RAFT_FRAME_BUDGET, RaftService,
 };
-use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, Identity};
+use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, Identity, Revoked};
 use spaced_raft::{NodeId, Response};
 use tokio::sync::watch;
 
@@ -29,10 +29,12 @@ pub(super) async fn accept_loop(
     cluster: Cluster,
     hooks: Arc<Hooks>,
     admin: Arc<AdminServer>,
+    revoked: Revoked,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let lease = hooks.placements.lease.terms();
     let svc = RaftService {
+        revoked,
         hooks: Some(hooks),
         budget: FrameBudget::new(RAFT_FRAME_BUDGET),
         raft: cluster.raft.clone(),
@@ -226,6 +228,32 @@ impl NodeHooks for Hooks {
                 .await
                 .map_err(|e| e.to_string())
         })
+    }
+}
+
+/// Keeps `revoked` (which this node's TLS verifiers and connection loops consult) equal to
+/// the fabric's revoked serials, until shutdown.
+pub(super) async fn follow_revocations(
+    cluster: Cluster,
+    revoked: Revoked,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = cluster.view.changes();
+    loop {
+        let serials = cluster.view.read(|f| {
+            f.revoked
+                .keys()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+        });
+        let count = serials.len();
+        if revoked.replace(serials) {
+            tracing::info!(revoked = count, "revoked certificates updated");
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
     }
 }
 
