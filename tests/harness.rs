@@ -64,6 +64,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) ->
         advertise: None,
         mgmt_ip: None,
         metrics: None,
+        log_level: None,
         roles: vec!["ha".into(), "app".into()],
         tls: TlsSection {
             ca: pki_dir.join("ca.pem"),

@@ -242,6 +242,79 @@ fn sigkill_of_the_leader_loses_no_committed_command() -> Result<()> {
     Ok(())
 }
 
+/// SIGHUP reloads the config (log level, certificate; keys that need a restart named) and
+/// never stops the node, also when the config no longer loads. (SIGHUP's default action
+/// would kill it, and its guard would then drop its VIPs.)
+#[test]
+fn sighup_reloads_the_config_and_never_stops_the_node() -> Result<()> {
+    let mut lab = Lab::start3()?;
+    let n1 = lab.procs[0].addr.clone();
+    let config = lab.procs[0].config.clone();
+    let log = config.with_extension("log");
+    let original = std::fs::read_to_string(&config)?;
+    let log_has =
+        |needle: &str| -> Result<bool> { Ok(std::fs::read_to_string(&log)?.contains(needle)) };
+    // A top-level key goes before the first table; `garp_refresh_s` needs a restart.
+    let garp = original
+        .lines()
+        .find(|l| l.starts_with("garp_refresh_s"))
+        .context("the config names garp_refresh_s")?;
+    let reloaded = format!(
+        "log_level = \"debug\"\n{}",
+        original.replace(garp, "garp_refresh_s = 7")
+    );
+    assert_ne!(garp, "garp_refresh_s = 7");
+    std::fs::write(&config, reloaded)?;
+    lab.procs[0].signal(nix::sys::signal::Signal::SIGHUP)?;
+    wait_until(Duration::from_secs(10), "the reload is logged", || {
+        log_has("reload: log level applied")
+    })
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    assert!(log_has(
+        "reload: tls: certificate and key reloaded (node n1, serial "
+    )?);
+    assert!(log_has(
+        "reload: takeover: changed; takes effect when spaced restarts"
+    )?);
+    // The node is alive and serves; debug lines now appear.
+    let child = lab.procs[0].child.as_mut().context("n1")?;
+    assert!(child.try_wait()?.is_none(), "SIGHUP stopped the node");
+    assert_eq!(
+        lab.status(&n1)?["nodes"].as_array().map(|n| n.len()),
+        Some(3)
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "debug lines after the reload",
+        || log_has(" DEBUG "),
+    )?;
+
+    // A config that no longer loads: refused, nothing changes, the node carries on.
+    std::fs::write(&config, "node_id = \"one\"\n")?;
+    lab.procs[0].signal(nix::sys::signal::Signal::SIGHUP)?;
+    wait_until(Duration::from_secs(10), "the refusal is logged", || {
+        log_has("reload refused: the config does not load")
+    })?;
+    let child = lab.procs[0].child.as_mut().context("n1")?;
+    assert!(
+        child.try_wait()?.is_none(),
+        "a bad config on SIGHUP stopped the node"
+    );
+    lab.ctl_ok(
+        &n1,
+        &[
+            "device",
+            "add",
+            "--id",
+            "after-hup",
+            "--addr",
+            "127.9.0.1:1",
+        ],
+    )?;
+    std::fs::write(&config, original)?;
+    Ok(())
+}
+
 #[test]
 fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     let lab = Lab::start3()?;

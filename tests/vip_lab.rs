@@ -68,6 +68,7 @@ impl Fabric {
                 advertise: None,
                 mgmt_ip: None,
                 metrics: None,
+                log_level: None,
                 roles: r.iter().map(|s| s.to_string()).collect(),
                 tls: TlsSection {
                     ca: f.pki.join("ca.pem"),

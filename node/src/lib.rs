@@ -17,6 +17,27 @@
 //!   the applied fabric, commit/propose, membership and liveness.
 //! * [`ctl`] — `spacectl`, one file per command group; [`demo`] — `spaced demo`.
 
+/// This build: package version, git commit and build date (`0.1.0 (3f2a9c1d0b7e, built
+/// 2026-12-02)`), as `--version` and `spacectl status` show it.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("SPACED_GIT_COMMIT"),
+    ", built ",
+    env!("SPACED_BUILD_DATE"),
+    ")"
+);
+
+/// [`VERSION`] with the data format and protocol versions, for `--version`.
+pub fn long_version() -> String {
+    format!(
+        "{VERSION}\ndata format {}; protocols {} and {}",
+        spaced_raft::store::DATA_FORMAT,
+        String::from_utf8_lossy(spaced_raft::pki::ALPN_RAFT),
+        String::from_utf8_lossy(spaced_raft::pki::ALPN_ADMIN),
+    )
+}
+
 pub mod admin;
 pub mod cluster;
 pub mod ctl;

@@ -297,3 +297,157 @@ fn spaced_lb_keeps_its_connections_within_the_open_files_limit() {
     assert_eq!(errors, 0, "log:\n{log}");
     assert!(log.contains("--max-conns lowered"), "log:\n{log}");
 }
+
+/// `spaced check`: every start-time check without starting; exit 0, or 2 with the message
+/// `run` would give.
+#[test]
+fn spaced_check_says_what_run_would_without_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    for args in [
+        vec!["pki", "init", "--dir"],
+        vec!["pki", "issue", "--name", "n1", "--dir"],
+        vec!["pki", "issue", "--name", "n2", "--dir"],
+    ] {
+        let out = spacectl().args(&args).arg(&pki).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = |cert: &str, listen: &str| {
+        format!(
+            "node_id = 1\nname = \"n1\"\ndata_dir = \"data\"\nlisten = \"{listen}\"\n\
+             takeover = \"loopback\"\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{cert}.pem\"\n\
+             key = \"pki/{cert}.key\"\n"
+        )
+    };
+    let path = dir.path().join("n1.toml");
+    let check = || {
+        spaced()
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    std::fs::write(&path, config("n1", &format!("127.0.0.1:{port}"))).unwrap();
+    let out = check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("ok  tls: node n1 under the CA"), "{stdout}");
+    assert!(stdout.contains("will be created"), "{stdout}");
+    assert!(stdout.contains("config OK"), "{stdout}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "check created the data dir"
+    );
+
+    // Another node's certificate: the message `run` gives, exit 2.
+    std::fs::write(&path, config("n2", &format!("127.0.0.1:{port}"))).unwrap();
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        err.contains("tls.cert") && err.contains("not node \"n1\""),
+        "{err}"
+    );
+
+    // The QUIC port is taken.
+    let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = busy.local_addr().unwrap().to_string();
+    std::fs::write(&path, config("n1", &taken)).unwrap();
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        err.contains("listen") && err.contains("cannot bind UDP"),
+        "{err}"
+    );
+
+    // A bad log filter in the config is a config error.
+    std::fs::write(
+        &path,
+        format!(
+            "log_level = \"info,=[\"\n{}",
+            config("n1", &format!("127.0.0.1:{port}"))
+        ),
+    )
+    .unwrap();
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(err.contains("log_level"), "{err}");
+
+    // The good config runs; with `--log-format json` every log line is one JSON object.
+    std::fs::write(&path, config("n1", &format!("127.0.0.1:{port}"))).unwrap();
+    let child = spaced()
+        .args(["--log-format", "json", "run", "--bootstrap", "--config"])
+        .arg(&path)
+        .env_remove("SPACED_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(lines.len() >= 2, "{err}");
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+    assert!(
+        err.contains("spaced starting") && err.contains("shutting down"),
+        "{err}"
+    );
+}
+
+#[test]
+fn version_names_commit_build_date_and_formats_and_log_flags_are_checked() {
+    let out = spaced().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("spaced {} (", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    assert!(text.contains(", built 20"), "{text}");
+    assert!(text.contains("data format 5"), "{text}");
+    assert!(text.contains("spaced-admin/5"), "{text}");
+    let out = spacectl().arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(", built 20"));
+
+    // An unknown log format, and a log filter that does not parse: exit 2, named.
+    let out = spaced()
+        .args(["--log-format", "xml", "check", "--config", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("xml"));
+    let out = spaced()
+        .args([
+            "--log-level",
+            "info,=[",
+            "lb",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--log-level"),
+        "{out:?}"
+    );
+}

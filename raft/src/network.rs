@@ -272,8 +272,9 @@ pub struct QuicNetwork {
     self_id: NodeId,
     /// Local QUIC endpoint (the same one that serves).
     endpoint: quinn::Endpoint,
-    /// TLS + transport settings for Raft connections (ALPN [`crate::pki::ALPN_RAFT`]).
-    client_config: quinn::ClientConfig,
+    /// TLS + transport settings for Raft connections (ALPN [`crate::pki::ALPN_RAFT`]);
+    /// replaced when the node's certificate is reloaded.
+    client_config: Arc<std::sync::RwLock<quinn::ClientConfig>>,
     /// Live connections by peer.
     conns: Arc<Mutex<HashMap<NodeId, PeerSlot>>>,
     /// Revoked certificates: a cached connection to a peer whose certificate was revoked
@@ -291,10 +292,27 @@ impl QuicNetwork {
         QuicNetwork {
             self_id,
             endpoint,
-            client_config,
+            client_config: Arc::new(std::sync::RwLock::new(client_config)),
             conns: Arc::default(),
             revoked: Default::default(),
         }
+    }
+
+    /// The config new connections are dialed with.
+    fn client_config(&self) -> quinn::ClientConfig {
+        self.client_config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Dials new connections with `config` from now on (a reloaded certificate); connections
+    /// already open keep theirs.
+    pub fn set_client_config(&self, config: quinn::ClientConfig) {
+        *self
+            .client_config
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = config;
     }
 
     /// The same dialer, refusing to reuse connections to peers whose certificates `revoked`
@@ -332,7 +350,7 @@ impl QuicNetwork {
         let server_name = format!("{}.{}", member.name, NODE_DOMAIN);
         let connecting = self
             .endpoint
-            .connect_with(self.client_config.clone(), addr, &server_name)
+            .connect_with(self.client_config(), addr, &server_name)
             .map_err(|e| dial(e.to_string()))?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await

@@ -671,6 +671,21 @@ impl TlsMaterial {
         &self.identity
     }
 
+    /// This material refusing the serials of `revoked` (share a running node's set with
+    /// material loaded again).
+    pub fn with_revoked(mut self, revoked: Revoked) -> Self {
+        self.revoked = revoked;
+        self
+    }
+
+    /// The serial of our own certificate.
+    pub fn serial(&self) -> Result<String, PkiError> {
+        match self.chain.first() {
+            Some(leaf) => serial_of(leaf),
+            None => Err(PkiError::NoPeerCertificate),
+        }
+    }
+
     /// The revoked serials this material's verifiers refuse; the node keeps it in step with
     /// the fabric.
     pub fn revoked(&self) -> &Revoked {
@@ -1497,7 +1512,10 @@ mod tests {
             WebPkiServerVerifier::builder_with_provider(m.roots.clone(), m.provider.clone())
                 .build()
                 .unwrap();
-        let v = NodeServerVerifier { inner };
+        let v = NodeServerVerifier {
+            inner,
+            revoked: Revoked::default(),
+        };
         let name = |s: &str| ServerName::try_from(s.to_string()).unwrap();
         let n1 = read_der(&tmp.path().join("n1.pem"));
         let ops = read_der(&tmp.path().join("admin-ops.pem"));

@@ -3,15 +3,40 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use spaced_node::node::Node;
 use spaced_node::ops::config::NodeConfig;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, reload};
 
 #[derive(Debug, Parser)]
-#[command(name = "spaced", version, about = "spaced fabric daemon")]
+#[command(name = "spaced", about = "spaced fabric daemon")]
 struct Cli {
+    /// Log line format: `text` (coloured only on a terminal) or `json` (one object per
+    /// line, for journald or a log shipper).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "SPACED_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    /// Log filter (`info`, `debug`, `warn,spaced_node::placement=debug`); overrides
+    /// `SPACED_LOG` and the config's `log_level`.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -24,6 +49,14 @@ enum Cmd {
         /// Initialise a one-node cluster (only on an empty data dir).
         #[arg(long)]
         bootstrap: bool,
+    },
+    /// Check a node's config and host as `run` would (keys, certificate, data dir, ports,
+    /// VIP interfaces, subnets and capabilities), without starting: exit 0 if it would
+    /// start, 2 with the same message as `run` if not.
+    Check {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Run only the TCP load balancer, with backends from flags.
     Lb(spaced_node::lb::standalone::LbArgs),
@@ -38,13 +71,71 @@ enum Cmd {
     },
 }
 
-fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SPACED_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Changes the log filter of a running process (on SIGHUP, from the config's `log_level`).
+type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// Where the log filter came from, which decides whether a reload may change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FilterSource {
+    /// `--log-level` or `SPACED_LOG`: fixed for the process.
+    Operator,
+    /// The config's `log_level`, or the default: a reload applies the config's.
+    Config,
+}
+
+/// Installs the logger: the filter from `--log-level`, else `SPACED_LOG`, else `config`
+/// (the config's `log_level`), else `default`. `Err` names a bad filter.
+fn init_tracing(
+    cli: &Cli,
+    config: Option<&str>,
+    default: &str,
+) -> Result<(LogHandle, FilterSource), String> {
+    let (text, source, what) = if let Some(l) = &cli.log_level {
+        (l.clone(), FilterSource::Operator, "--log-level")
+    } else if let Ok(l) = std::env::var("SPACED_LOG") {
+        (l, FilterSource::Operator, "SPACED_LOG")
+    } else if let Some(l) = config {
+        (l.to_string(), FilterSource::Config, "log_level")
+    } else {
+        (
+            default.to_string(),
+            FilterSource::Config,
+            "the default filter",
+        )
+    };
+    let filter = EnvFilter::try_new(&text).map_err(|e| format!("{what} {text:?}: {e}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = match cli.log_format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
+    Ok((handle, source))
+}
+
+/// `init_tracing`, or the exit code after saying why not.
+fn init_tracing_or_exit(
+    cli: &Cli,
+    config: Option<&str>,
+    default: &str,
+) -> Result<(LogHandle, FilterSource), ExitCode> {
+    init_tracing(cli, config, default).map_err(|e| {
+        eprintln!("spaced: bad log filter: {e}");
+        ExitCode::from(2)
+    })
 }
 
 /// Task polls between two looks at the sockets (tokio's default is 61). A
@@ -65,26 +156,52 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
+const RUN_DEFAULT_FILTER: &str = "info,openraft=warn";
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
+    let version: &'static str = Box::leak(spaced_node::long_version().into_boxed_str());
+    let matches = Cli::command()
+        .version(spaced_node::VERSION)
+        .long_version(version)
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match &cli.command {
         Cmd::Run { config, bootstrap } => {
-            init_tracing("info,openraft=warn");
-            let cfg = match NodeConfig::load(&config) {
+            let cfg = match NodeConfig::load(config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("spaced: {e}");
                     return ExitCode::from(2);
                 }
             };
+            let (log, source) =
+                match init_tracing_or_exit(&cli, cfg.log_level.as_deref(), RUN_DEFAULT_FILTER) {
+                    Ok(l) => l,
+                    Err(c) => return c,
+                };
+            tracing::info!(version = spaced_node::VERSION, "spaced starting");
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(c) => return c,
             };
+            let bootstrap = *bootstrap;
+            let path = config.clone();
             rt.block_on(async move {
-                // Listen for SIGTERM before starting: one that arrives during start-up then
-                // stops the node cleanly instead of killing the process.
+                // Listen for SIGTERM and SIGHUP before starting: one that arrives during
+                // start-up then stops the node cleanly (or is taken as a reload) instead of
+                // killing the process.
                 let stop = stop_signal();
+                let mut hangup =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                        Ok(h) => h,
+                        Err(e) => {
+                            eprintln!("spaced: cannot listen for SIGHUP: {e}");
+                            return ExitCode::from(1);
+                        }
+                    };
                 let node = match Node::start(cfg, bootstrap).await {
                     Ok(n) => n,
                     Err(e) => {
@@ -92,14 +209,52 @@ fn main() -> ExitCode {
                         return ExitCode::from(if e.bad_input() { 2 } else { 1 });
                     }
                 };
-                stop.await;
+                tokio::pin!(stop);
+                loop {
+                    tokio::select! {
+                        _ = &mut stop => break,
+                        _ = hangup.recv() => reload(&node, &path, &log, source),
+                    }
+                }
                 tracing::info!("shutting down");
                 node.shutdown().await;
                 ExitCode::SUCCESS
             })
         }
+        Cmd::Check { config } => {
+            let cfg = match NodeConfig::load(config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("spaced: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Err(c) = init_tracing_or_exit(&cli, cfg.log_level.as_deref(), "warn") {
+                return c;
+            }
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(c) => return c,
+            };
+            match rt.block_on(spaced_node::node::check(&cfg)) {
+                Ok(done) => {
+                    for line in done {
+                        println!("ok  {line}");
+                    }
+                    println!("{}: config OK", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("spaced: {e}");
+                    ExitCode::from(if e.bad_input() { 2 } else { 1 })
+                }
+            }
+        }
         Cmd::Lb(args) => {
-            init_tracing("info");
+            if let Err(c) = init_tracing_or_exit(&cli, None, "info") {
+                return c;
+            }
+            let args = args.clone();
             if let Err(e) = args.validate() {
                 eprintln!("spaced lb: {e}");
                 return ExitCode::from(2);
@@ -132,7 +287,9 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Guard => {
-            init_tracing("info");
+            if let Err(c) = init_tracing_or_exit(&cli, None, "info") {
+                return c;
+            }
             // Signals meant for spaced (a terminal's ^C reaches the whole group) must not stop
             // the guard before its parent: it ends when its stdin closes.
             // SAFETY: setting SIG_IGN installs no handler code; done before any thread starts.
@@ -165,7 +322,10 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Demo { keep } => {
-            init_tracing("warn,openraft=error");
+            let keep = *keep;
+            if let Err(c) = init_tracing_or_exit(&cli, None, "warn,openraft=error") {
+                return c;
+            }
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(c) => return c,
@@ -177,6 +337,42 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// SIGHUP: reads the config file again and applies what can change while running (the log
+/// level, the certificate); names each changed key that needs a restart. A config that does
+/// not load is logged and changes nothing: SIGHUP never stops the node.
+fn reload(node: &Node, path: &std::path::Path, log: &LogHandle, source: FilterSource) {
+    tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
+    let cfg = match NodeConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: the config does not load; nothing changed");
+            return;
+        }
+    };
+    if source == FilterSource::Config {
+        let text = cfg.log_level.as_deref().unwrap_or(RUN_DEFAULT_FILTER);
+        match EnvFilter::try_new(text) {
+            Ok(f) => match log.reload(f) {
+                Ok(()) => tracing::info!(filter = text, "reload: log level applied"),
+                Err(e) => tracing::warn!(error = %e, "reload: log level not applied"),
+            },
+            Err(e) => tracing::warn!(error = %e, "reload: log level not applied"),
+        }
+    } else {
+        tracing::info!("reload: log level kept (set by --log-level or SPACED_LOG)");
+    }
+    match node.reload(&cfg) {
+        Ok(report) => {
+            for line in report {
+                tracing::info!("reload: {line}");
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload: not applied; the node keeps running as it was")
         }
     }
 }

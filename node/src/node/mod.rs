@@ -74,6 +74,10 @@ impl StartError {
 
 /// A running node.
 pub struct Node {
+    /// The config it started with (a reload compares against it).
+    config: NodeConfig,
+    /// The revoked serials its verifiers refuse (kept when certificates are reloaded).
+    revoked: spaced_raft::pki::Revoked,
     /// The cluster handle the subsystems share.
     cluster: Cluster,
     /// Placements: handed over first on shutdown.
@@ -115,16 +119,8 @@ async fn vip_backend(
             let backend = crate::takeover::backend::NetlinkBackend::new()
                 .await
                 .map_err(|e| StartError::system(format!("takeover: {e}")))?;
-            if !cfg.vips.is_empty() {
-                crate::takeover::check_capabilities().map_err(|e| {
-                    StartError::input(cfg, "vip", format!("this node cannot hold VIPs: {e}"))
-                })?;
-            }
-            for (i, v) in cfg.vips.iter().enumerate() {
-                backend
-                    .check(&v.address, &v.interface)
-                    .await
-                    .map_err(|e| StartError::input(cfg, &format!("vip[{i}]"), e))?;
+            check_vips(cfg, &backend).await?;
+            for v in &cfg.vips {
                 // This node holds nothing yet: an address of a VIP up here now was left by a
                 // predecessor killed with its guard, and must not answer for whoever holds it.
                 match backend.remove_leftover(&v.address, &v.interface).await {
@@ -154,26 +150,125 @@ async fn vip_backend(
     })
 }
 
+/// The config's VIPs checked against the host: capabilities, then each VIP's interface and
+/// subnet.
+async fn check_vips(
+    cfg: &NodeConfig,
+    backend: &crate::takeover::backend::NetlinkBackend,
+) -> Result<(), StartError> {
+    if !cfg.vips.is_empty() {
+        crate::takeover::check_capabilities().map_err(|e| {
+            StartError::input(cfg, "vip", format!("this node cannot hold VIPs: {e}"))
+        })?;
+    }
+    for (i, v) in cfg.vips.iter().enumerate() {
+        backend
+            .check(&v.address, &v.interface)
+            .await
+            .map_err(|e| StartError::input(cfg, &format!("vip[{i}]"), e))?;
+    }
+    Ok(())
+}
+
+/// The node's key material, checked to be for this node's name.
+fn load_tls(cfg: &NodeConfig) -> Result<TlsMaterial, StartError> {
+    let tls = TlsMaterial::load(&TlsPaths {
+        ca: cfg.tls.ca.clone(),
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+    })
+    .map_err(|e| StartError::input(cfg, "tls", e))?;
+    match tls.identity() {
+        Identity::Node(n) if *n == cfg.name => Ok(tls),
+        other => Err(StartError::input(
+            cfg,
+            "tls.cert",
+            format!("certificate is for {other:?}, not node {:?}", cfg.name),
+        )),
+    }
+}
+
+/// Every check `spaced run` makes of its config and host before it changes anything, without
+/// starting (`spaced check`): keys and certificate, data dir (and its data format, unless a
+/// running node holds it), the QUIC and metrics ports, and each VIP's interface, subnet and
+/// the capabilities to hold it. `Ok` lists what was checked, one line each; `Err` is the
+/// first problem, as `spaced run` would report it.
+pub async fn check(cfg: &NodeConfig) -> Result<Vec<String>, StartError> {
+    let mut done = Vec::new();
+    let tls = load_tls(cfg)?;
+    done.push(format!(
+        "tls: {} under the CA in {}",
+        tls.identity(),
+        cfg.tls.ca.display()
+    ));
+    let dir = &cfg.data_dir;
+    if dir.join("db").exists() {
+        match store::open(dir) {
+            Ok(_) => done.push(format!(
+                "data_dir: {} holds data format {}",
+                dir.display(),
+                store::DATA_FORMAT
+            )),
+            Err(store::StoreError::Locked { .. }) => done.push(format!(
+                "data_dir: {} is in use by a running spaced (not checked further)",
+                dir.display()
+            )),
+            Err(e) => return Err(StartError::input(cfg, "data_dir", e)),
+        }
+    } else {
+        let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(dir);
+        nix::unistd::access(existing, nix::unistd::AccessFlags::W_OK).map_err(|e| {
+            StartError::input(
+                cfg,
+                "data_dir",
+                format!(
+                    "{}: cannot create it: {} is not writable: {e}",
+                    dir.display(),
+                    existing.display()
+                ),
+            )
+        })?;
+        done.push(format!("data_dir: {} will be created", dir.display()));
+    }
+    std::net::UdpSocket::bind(cfg.listen).map_err(|e| {
+        StartError::input(
+            cfg,
+            "listen",
+            format!("cannot bind UDP {}: {e}", cfg.listen),
+        )
+    })?;
+    done.push(format!("listen: UDP {} is free", cfg.listen));
+    if let Some(m) = cfg.metrics {
+        std::net::TcpListener::bind(m)
+            .map_err(|e| StartError::input(cfg, "metrics", format!("cannot bind TCP {m}: {e}")))?;
+        done.push(format!("metrics: TCP {m} is free"));
+    }
+    match cfg.takeover {
+        TakeoverMode::Netlink if !cfg.vips.is_empty() => {
+            let backend = crate::takeover::backend::NetlinkBackend::new()
+                .await
+                .map_err(|e| StartError::system(format!("takeover: {e}")))?;
+            check_vips(cfg, &backend).await?;
+            for v in &cfg.vips {
+                done.push(format!(
+                    "vip {}: {} can be held on {}",
+                    v.name, v.address, v.interface
+                ));
+            }
+        }
+        _ => done.push(format!(
+            "vips: {} (no host check in this takeover mode)",
+            cfg.vips.len()
+        )),
+    }
+    Ok(done)
+}
+
 impl Node {
     /// Starts a node from its config. With `bootstrap`, initialises a one-node cluster on an empty data dir.
     pub async fn start(cfg: NodeConfig, bootstrap: bool) -> Result<Node, StartError> {
         let roles: BTreeSet<String> = cfg.roles.iter().cloned().collect();
-        let tls = TlsMaterial::load(&TlsPaths {
-            ca: cfg.tls.ca.clone(),
-            cert: cfg.tls.cert.clone(),
-            key: cfg.tls.key.clone(),
-        })
-        .map_err(|e| StartError::input(&cfg, "tls", e))?;
-        match tls.identity() {
-            Identity::Node(n) if *n == cfg.name => {}
-            other => {
-                return Err(StartError::input(
-                    &cfg,
-                    "tls.cert",
-                    format!("certificate is for {other:?}, not node {:?}", cfg.name),
-                ));
-            }
-        }
+        let tls = load_tls(&cfg)?;
 
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
             StartError::input(&cfg, "data_dir", format!("{}: {e}", cfg.data_dir.display()))
@@ -428,6 +523,8 @@ impl Node {
         }
         tracing::info!(node = cfg.node_id, name = %cfg.name, %listen, bootstrap, "node started");
         Ok(Node {
+            config: cfg,
+            revoked: tls.revoked().clone(),
             cluster,
             placements,
             supervisor,
@@ -438,6 +535,57 @@ impl Node {
             tasks,
             lb_task,
         })
+    }
+
+    /// Applies what can change while running from `cfg` (the config file read again, on
+    /// SIGHUP): the node's certificate and key (rotation: new connections use them, open
+    /// ones keep theirs). Every other key takes effect at the next start. Returns one line
+    /// per change: what was applied, and each key that changed but needs a restart. The log
+    /// level is the binary's to apply (`log_level`).
+    pub fn reload(&self, cfg: &NodeConfig) -> Result<Vec<String>, StartError> {
+        let mut report = Vec::new();
+        let tls = load_tls(cfg)?.with_revoked(self.revoked.clone());
+        let transport = transport_config();
+        let server = tls
+            .server_config(transport.clone())
+            .map_err(StartError::system)?;
+        let client = tls
+            .client_config(ALPN_RAFT, transport)
+            .map_err(StartError::system)?;
+        self.endpoint.set_server_config(Some(server));
+        self.cluster.network.set_client_config(client);
+        report.push(format!(
+            "tls: certificate and key reloaded ({}, serial {})",
+            tls.identity(),
+            tls.serial().unwrap_or_else(|e| e.to_string())
+        ));
+        let old = &self.config;
+        let restart_keys: [(&str, bool); 15] = [
+            ("node_id", old.node_id != cfg.node_id),
+            ("name", old.name != cfg.name),
+            ("data_dir", old.data_dir != cfg.data_dir),
+            ("listen", old.listen != cfg.listen),
+            ("advertise", old.advertise != cfg.advertise),
+            ("mgmt_ip", old.mgmt_ip != cfg.mgmt_ip),
+            ("metrics", old.metrics != cfg.metrics),
+            ("roles", old.roles != cfg.roles),
+            ("tls.ca", old.tls.ca != cfg.tls.ca),
+            ("raft", old.raft != cfg.raft),
+            ("lease", old.lease != cfg.lease),
+            (
+                "takeover",
+                old.takeover != cfg.takeover || old.garp_refresh_s != cfg.garp_refresh_s,
+            ),
+            ("vip", old.vips != cfg.vips),
+            ("lb", old.lb != cfg.lb),
+            ("devices", old.devices != cfg.devices),
+        ];
+        for (key, changed) in restart_keys {
+            if changed {
+                report.push(format!("{key}: changed; takes effect when spaced restarts"));
+            }
+        }
+        Ok(report)
     }
 
     /// The Raft handle (tests and the demo watch its metrics).

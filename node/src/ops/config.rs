@@ -32,6 +32,10 @@ pub struct NodeConfig {
     /// HTTP address for /metrics and /healthz; `None` disables the HTTP server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
+    /// Log filter (`info`, `debug`, `info,spaced_node::placement=debug`, ...); applied at
+    /// start and again on SIGHUP. `--log-level` and `SPACED_LOG` take precedence at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
     /// Roles this node is willing to host (e.g. "ha", "app"), used for placement.
     #[serde(default)]
     pub roles: Vec<String>,
@@ -459,6 +463,11 @@ impl NodeConfig {
         };
         if self.node_id == 0 {
             return Err(err("node_id", "must be greater than 0".into()));
+        }
+        if let Some(level) = &self.log_level
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
+        {
+            return Err(err("log_level", format!("not a log filter: {e}")));
         }
         if let Some(problem) = name_problem(&self.name) {
             return Err(err("name", problem));
