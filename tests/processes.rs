@@ -340,7 +340,26 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
         serde_json::json!(["app"]),
         "roles come from the node's own config"
     );
+    // Every node records the build it runs.
+    wait_until(
+        Duration::from_secs(10),
+        "every node's version in status",
+        || {
+            let s = lab.status(&n2)?;
+            Ok(s["nodes"].as_array().is_some_and(|nodes| {
+                nodes.iter().all(|n| {
+                    n["version"].as_str().is_some_and(|v| {
+                        v.starts_with(env!("CARGO_PKG_VERSION")) && v.ends_with("; data format 5")
+                    })
+                })
+            }))
+        },
+    )?;
     let table = lab.ctl_ok(&n2, &["status"])?;
+    assert!(
+        table.contains("VERSION") && table.contains(" f5"),
+        "{table}"
+    );
     assert!(
         table
             .lines()

@@ -148,6 +148,14 @@ pub enum Command {
         /// The new address; `None` clears it.
         mgmt_ip: Option<IpAddr>,
     },
+    /// Record the build a node runs (its version and data format, as text), for `status`.
+    /// A node proposes it at every start.
+    SetVersion {
+        /// Raft node id.
+        id: NodeId,
+        /// The build, as the node describes it (at most 200 bytes).
+        version: String,
+    },
     /// Revoke a certificate by serial: every node refuses it from then on. Revoking one
     /// already revoked changes nothing.
     RevokeCertificate {
@@ -204,6 +212,7 @@ impl std::fmt::Display for Command {
             Command::RevokeCertificate {
                 serial, identity, ..
             } => write!(f, "revoke-certificate {serial} ({identity})"),
+            Command::SetVersion { id, version } => write!(f, "set-version {id} {version}"),
         }
     }
 }

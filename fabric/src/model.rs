@@ -42,6 +42,9 @@ pub struct NodeRecord {
     pub admin_state: AdminState,
     /// When the node was registered (proposer's clock).
     pub joined_at: Millis,
+    /// The build it runs (version, commit, data format), as it last recorded it; empty until
+    /// it has.
+    pub version: String,
 }
 
 impl NodeRecord {

@@ -40,6 +40,7 @@ impl Fabric {
             Command::SetRoles { id, roles } => self.set_roles(id, roles),
             Command::SetAdminState { id, state } => self.set_admin_state(id, state),
             Command::SetMgmtIp { id, mgmt_ip } => self.set_mgmt_ip(id, mgmt_ip),
+            Command::SetVersion { id, version } => self.set_version(id, version),
             Command::RevokeCertificate {
                 serial,
                 identity,

@@ -12,6 +12,26 @@ use crate::model::{
 use crate::validate::{check_mgmt_ip, check_name, exists, invalid, not_found};
 
 impl Fabric {
+    pub(super) fn set_version(
+        &mut self,
+        id: &NodeId,
+        version: &str,
+    ) -> Result<Outcome, CommandError> {
+        if version.is_empty() || version.len() > 200 || version.chars().any(char::is_control) {
+            return Err(invalid(
+                "node version",
+                &version[..version.floor_char_boundary(40)],
+                "must be 1 to 200 printable characters",
+            ));
+        }
+        let node = self
+            .nodes
+            .get_mut(id)
+            .ok_or_else(|| not_found("node", id))?;
+        node.version = version.to_string();
+        Ok(Outcome::Done)
+    }
+
     pub(super) fn revoke_certificate(
         &mut self,
         serial: &str,
@@ -92,6 +112,7 @@ impl Fabric {
                 roles: roles.clone(),
                 admin_state: AdminState::Active,
                 joined_at: *at,
+                version: String::new(),
             },
         );
         Ok(Outcome::Done)

@@ -656,6 +656,26 @@ mod tests {
     }
 
     #[test]
+    fn a_node_records_its_version() {
+        let mut f = base();
+        let set = |id, v: &str| Command::SetVersion {
+            id,
+            version: v.into(),
+        };
+        f.apply(&set(1, "0.1.0 (abc, built 2026-12-02); data format 5"))
+            .unwrap();
+        assert!(f.nodes[&1].version.ends_with("data format 5"));
+        for (id, v, why) in [
+            (1, "", "1 to 200 printable"),
+            (1, "bad\nline", "1 to 200 printable"),
+            (9, "0.1.0", "no node"),
+        ] {
+            let e = refused(&mut f, set(id, v));
+            assert!(e.to_string().contains(why), "{v:?}: {e}");
+        }
+    }
+
+    #[test]
     fn certificates_are_revoked_by_serial_once_and_checked() {
         let mut f = base();
         let revoke = |serial: &str, reason: &str| Command::RevokeCertificate {

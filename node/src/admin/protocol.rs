@@ -284,6 +284,8 @@ pub struct NodeStatus {
     pub admin_state: Option<AdminState>,
     /// Devices it owns.
     pub devices: u64,
+    /// The build it runs, as it recorded it in the fabric (`None` until it has).
+    pub version: Option<String>,
 }
 
 /// The cluster as one node sees it.

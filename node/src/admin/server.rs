@@ -409,6 +409,7 @@ impl AdminServer {
                     last_contact_ms,
                     admin_state: rec.map(|r| r.admin_state),
                     devices: counts.get(id).copied().unwrap_or(0),
+                    version: rec.map(|r| r.version.clone()).filter(|v| !v.is_empty()),
                 }
             })
             .collect();
@@ -452,9 +453,9 @@ pub fn admin_may_write(cmd: &Command) -> Result<(), String> {
         }
         Command::RegisterNode { .. } | Command::RemoveNode { .. } => "`node add` / `node remove`",
         Command::AssignDevices { .. } => "`device rebalance` or `node drain`",
-        Command::ReportDeviceStatus { .. } | Command::SetMgmtIp { .. } => {
-            "nothing: each node reports this itself"
-        }
+        Command::ReportDeviceStatus { .. }
+        | Command::SetMgmtIp { .. }
+        | Command::SetVersion { .. } => "nothing: each node reports this itself",
     };
     Err(format!(
         "{cmd} is not an admin operation: placements, membership and device owners change only \

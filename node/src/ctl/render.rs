@@ -77,6 +77,10 @@ pub fn render_status(s: &StatusReport) -> String {
                     .map(|ms| format!("{ms} ms"))
                     .unwrap_or_else(|| "-".into()),
                 n.devices.to_string(),
+                n.version
+                    .as_deref()
+                    .map(short_version)
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -89,6 +93,7 @@ pub fn render_status(s: &StatusReport) -> String {
             "RAFT",
             "LAST CONTACT",
             "DEVICES",
+            "VERSION",
         ],
         &rows,
     ));
@@ -97,6 +102,18 @@ pub fn render_status(s: &StatusReport) -> String {
         out.push_str(&render_vips(&s.vips));
     }
     out
+}
+
+/// A node's recorded build for a table cell: `0.1.0 (3f2a9c1d0b7e, built 2026-12-02); data
+/// format 5` as `0.1.0 3f2a9c1d0b7e f5`; anything else as it is.
+pub fn short_version(v: &str) -> String {
+    let parsed = (|| {
+        let (version, rest) = v.split_once(" (")?;
+        let (commit, rest) = rest.split_once(", built ")?;
+        let (_, format) = rest.split_once("; data format ")?;
+        Some(format!("{version} {commit} f{format}"))
+    })();
+    parsed.unwrap_or_else(|| v.to_string())
 }
 
 pub(crate) fn vip_json(v: &crate::admin::VipRow) -> serde_json::Value {
@@ -192,6 +209,7 @@ pub fn status_json(s: &StatusReport) -> serde_json::Value {
             "last_contact_ms": n.last_contact_ms,
             "admin_state": n.admin_state.map(admin_state_name),
             "devices": n.devices,
+            "version": n.version,
         })).collect::<Vec<_>>(),
     })
 }
@@ -263,4 +281,18 @@ pub fn render_rebalance(r: &RebalanceReport) -> String {
         .collect();
     out.push_str(&table(&["ID", "NAME", "DEVICES"], &rows));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_version_is_shortened_for_the_table() {
+        assert_eq!(
+            short_version("0.1.0 (3f2a9c1d0b7e, built 2026-12-02); data format 5"),
+            "0.1.0 3f2a9c1d0b7e f5"
+        );
+        assert_eq!(short_version("something else"), "something else");
+    }
 }

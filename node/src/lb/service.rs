@@ -406,6 +406,7 @@ mod tests {
             roles: roles.iter().map(|r| r.to_string()).collect(),
             admin_state: state,
             joined_at: 0,
+            version: String::new(),
         }
     }
 

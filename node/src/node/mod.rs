@@ -464,6 +464,10 @@ impl Node {
             cfg.mgmt_ip,
             stop(),
         )));
+        tasks.push(tokio::spawn(registration::record_version(
+            cluster.clone(),
+            stop(),
+        )));
         let hooks = Arc::new(peer::Hooks::new(placements.clone(), admin.clone()));
         tasks.push(tokio::spawn(peer::accept_loop(
             endpoint.clone(),

@@ -274,7 +274,7 @@ pub(super) fn node_may_propose(fabric: &Fabric, from: NodeId, cmd: &Command) -> 
             assignments.iter().all(|a| a.to == Some(from))
         }
         Command::ReportDeviceStatus { node, .. } => *node == from,
-        Command::SetMgmtIp { id, .. } => *id == from,
+        Command::SetMgmtIp { id, .. } | Command::SetVersion { id, .. } => *id == from,
         Command::AddPlacement { .. } => true,
         _ => false,
     };

@@ -1,10 +1,10 @@
 //! The node's own record in the fabric: the bootstrap node registers itself, and every node
-//! records the management IP of its config.
+//! records the management IP of its config and the version of its build.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use spaced_fabric::Command;
+use spaced_fabric::{Command, NodeRecord};
 use tokio::sync::watch;
 
 use crate::cluster::Cluster;
@@ -47,45 +47,83 @@ pub(super) async fn register_self(inner: Cluster) {
 pub(super) async fn record_mgmt_ip(
     inner: Cluster,
     want: Option<IpAddr>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let id = inner.id;
+    record_own(
+        inner,
+        "management IP",
+        move |n| n.mgmt_ip == want,
+        move || Command::SetMgmtIp { id, mgmt_ip: want },
+        shutdown,
+    )
+    .await
+}
+
+/// Records this build's version ([`crate::VERSION`] and the data format) in the fabric, as
+/// [`record_mgmt_ip`] does the management IP, so `spacectl status` shows every node's.
+pub(super) async fn record_version(inner: Cluster, shutdown: watch::Receiver<bool>) {
+    let id = inner.id;
+    let version = format!(
+        "{}; data format {}",
+        crate::VERSION,
+        spaced_raft::store::DATA_FORMAT
+    );
+    let want = version.clone();
+    record_own(
+        inner,
+        "version",
+        move |n| n.version == want,
+        move || Command::SetVersion {
+            id,
+            version: version.clone(),
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// Proposes `cmd()` until this node's fabric record satisfies `recorded` (once it is
+/// registered, at start or when it joins later); stops when it does, when the fabric refuses
+/// (logged), or at shutdown.
+async fn record_own(
+    inner: Cluster,
+    what: &'static str,
+    recorded: impl Fn(&NodeRecord) -> bool,
+    cmd: impl Fn() -> Command,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut fabric_changed = inner.view.changes();
     loop {
         fabric_changed.borrow_and_update();
-        let recorded = inner
+        let state = inner
             .view
-            .read(|f| f.nodes.get(&inner.id).map(|n| n.mgmt_ip));
-        match recorded {
-            Some(ip) if ip == want => return,
-            Some(_) => {
-                let cmd = Command::SetMgmtIp {
-                    id: inner.id,
-                    mgmt_ip: want,
-                };
-                match inner.propose_anywhere(cmd).await {
-                    Ok(Ok(_)) => {
-                        tracing::info!(mgmt_ip = ?want, "management IP recorded in the fabric");
-                        return;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(mgmt_ip = ?want, error = %e, "management IP refused by the fabric");
-                        return;
-                    }
-                    // No leader yet, or it did not answer: try again shortly.
-                    Err(_) => {}
+            .read(|f| f.nodes.get(&inner.id).map(|n| recorded(n)));
+        match state {
+            Some(true) => return,
+            Some(false) => match inner.propose_anywhere(cmd()).await {
+                Ok(Ok(_)) => {
+                    tracing::info!("{what} recorded in the fabric");
+                    return;
                 }
-            }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "{what} refused by the fabric");
+                    return;
+                }
+                // No leader yet, or it did not answer: try again shortly.
+                Err(_) => {}
+            },
             // Not registered yet: wait for the fabric to change.
             None => {}
         }
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
-            changed = fabric_changed.changed(), if recorded.is_none() => {
+            changed = fabric_changed.changed(), if state.is_none() => {
                 if changed.is_err() {
                     return;
                 }
             }
-            () = tokio::time::sleep(Duration::from_millis(100)), if recorded.is_some() => {}
+            () = tokio::time::sleep(Duration::from_millis(100)), if state.is_some() => {}
         }
     }
 }
