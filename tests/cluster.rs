@@ -765,6 +765,107 @@ fn vip_held(c: &Cluster) -> Option<(Option<spaced_raft::NodeId>, u64)> {
         .and_then(|f| f.placements.get("cluster").map(|p| (p.owner, p.epoch)))
 }
 
+/// Day-2 commands: `vip remove` of a held VIP (its owner stops holding it first), `node
+/// set-roles`, `device remove` of several ids with one unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_vip_is_removed_roles_set_and_devices_removed() -> Result<()> {
+    let mut c = loopback_vip_cluster(3, 3, 3).await?;
+    let mut admin = c.admin(1).await?;
+    c.wait_for(T, "the VIP placed", |c| {
+        vip_held(c).is_some_and(|(o, _)| o.is_some())
+    })
+    .await?;
+    let port = c.configs[&1].vips[0].port.context("port")?;
+    let responder = std::net::SocketAddr::from(([127, 0, 0, 100], port));
+    assert!(
+        tokio::net::TcpStream::connect(responder).await.is_ok(),
+        "the owner answers on the VIP"
+    );
+    match admin
+        .call_leader(&AdminRequest::VipRemove("cluster".into()))
+        .await?
+    {
+        AdminReply::Done => {}
+        other => bail!("vip remove: {other:?}"),
+    }
+    c.wait_for(T, "the VIP gone from every fabric", |c| {
+        (1..=3).all(|id| {
+            c.fabric_of(id)
+                .is_some_and(|f| !f.placements.contains_key("cluster"))
+        })
+    })
+    .await?;
+    let deadline = tokio::time::Instant::now() + T;
+    while tokio::net::TcpStream::connect(responder).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "something still answers on the removed VIP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match admin
+        .call_leader(&AdminRequest::VipRemove("cluster".into()))
+        .await?
+    {
+        AdminReply::Failed(e) => assert!(e.contains("no VIP \"cluster\""), "{e}"),
+        other => bail!("a second vip remove: {other:?}"),
+    }
+
+    let roles = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    match admin
+        .call_leader(&AdminRequest::SetRoles {
+            node: "n2".into(),
+            roles: roles(&["db", "app"]),
+        })
+        .await?
+    {
+        AdminReply::Done => {}
+        other => bail!("set roles: {other:?}"),
+    }
+    c.wait_converged(T).await?;
+    assert_eq!(
+        c.fabric_of(1).context("fabric")?.nodes[&2].roles,
+        roles(&["db", "app"])
+    );
+    match admin
+        .call_leader(&AdminRequest::SetRoles {
+            node: "n2".into(),
+            roles: roles(&["bad role"]),
+        })
+        .await?
+    {
+        AdminReply::Failed(e) => assert!(e.contains("bad role"), "{e}"),
+        other => bail!("a bad role: {other:?}"),
+    }
+
+    match admin
+        .call_leader(&AdminRequest::AddDevices(devices("rm", 3)))
+        .await?
+    {
+        AdminReply::Applied(_) => {}
+        other => bail!("add: {other:?}"),
+    }
+    match admin
+        .call_leader(&AdminRequest::RemoveDevices(vec![
+            "rm-0".into(),
+            "ghost".into(),
+            "rm-2".into(),
+        ]))
+        .await?
+    {
+        AdminReply::DevicesRemoved { removed, missing } => {
+            assert_eq!(removed, 2);
+            assert_eq!(missing, vec!["ghost".to_string()]);
+        }
+        other => bail!("remove devices: {other:?}"),
+    }
+    c.wait_converged(T).await?;
+    assert_eq!(devices_named(&c, 1, "rm")?, 1);
+    admin.close().await;
+    c.stop_all().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_vip_stays_put_while_voters_are_added_and_removed() -> Result<()> {
     // Lease renewals and the leader's silence checks need a majority of the old and of the new

@@ -405,6 +405,35 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     assert_eq!(device_count(&lab, &n2)?, 5000);
     let list: Value = serde_json::from_str(&lab.ctl_ok(&n2, &["device", "list", "--json"])?)?;
     assert_eq!(list[1]["mode"], "device-initiated", "{}", list[1]);
+    // Day 2: remove devices by id and from a file (the import's own CSV, first column).
+    let first_ids: Vec<String> = (0..3)
+        .map(|i| list[i]["id"].as_str().map(str::to_string))
+        .collect::<Option<_>>()
+        .context("device ids")?;
+    let out = lab.ctl_ok(&n2, &["device", "remove", &first_ids[0], &first_ids[1]])?;
+    assert!(out.contains("removed 2 device(s)"), "{out}");
+    assert_eq!(device_count(&lab, &n2)?, 4998);
+    let out = lab.ctl(&n2, &["device", "remove", "ghost-device"])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ghost-device"));
+    // The file names the two removed above: the rest go, those two are reported, exit 1.
+    let out = lab.ctl(
+        &n2,
+        &["device", "remove", "--file", good.to_str().context("path")?],
+    )?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 4998 device(s)"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&first_ids[0]));
+    assert_eq!(device_count(&lab, &n2)?, 0);
+    // And set a node's roles.
+    let out = lab.ctl_ok(&n2, &["node", "set-roles", "n3", "app,db"])?;
+    assert!(out.contains("node n3 now has roles [app,db]"), "{out}");
+    let roles_of_n3 = lab.status(&n2)?["nodes"].as_array().and_then(|n| {
+        n.iter()
+            .find(|n| n["name"] == "n3")
+            .map(|n| n["roles"].clone())
+    });
+    assert_eq!(roles_of_n3, Some(serde_json::json!(["app", "db"])));
 
     // Leader transfer by name.
     let s = lab.status(&n2)?;

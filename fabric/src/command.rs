@@ -148,6 +148,12 @@ pub enum Command {
         /// The new address; `None` clears it.
         mgmt_ip: Option<IpAddr>,
     },
+    /// Remove devices by id, at most [`MAX_DEVICES_PER_COMMAND`]: those that exist go, those
+    /// that do not are named in the outcome (removing is idempotent).
+    RemoveDevices {
+        /// Device ids, each at most once.
+        ids: Vec<String>,
+    },
     /// Record the build a node runs (its version and data format, as text), for `status`.
     /// A node proposes it at every start.
     SetVersion {
@@ -213,6 +219,7 @@ impl std::fmt::Display for Command {
                 serial, identity, ..
             } => write!(f, "revoke-certificate {serial} ({identity})"),
             Command::SetVersion { id, version } => write!(f, "set-version {id} {version}"),
+            Command::RemoveDevices { ids } => write!(f, "remove-devices x{}", ids.len()),
         }
     }
 }
@@ -228,6 +235,13 @@ pub enum Outcome {
     DevicesAdded(u64),
     /// This many devices changed owner.
     DevicesAssigned(u64),
+    /// Devices removed, and the ids asked for that did not exist.
+    DevicesRemoved {
+        /// How many went.
+        removed: u64,
+        /// Ids not found.
+        missing: Vec<String>,
+    },
     /// A status report was applied.
     DevicesReported {
         /// Devices whose status changed (unchanged ones keep their `since`).

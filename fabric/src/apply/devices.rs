@@ -57,6 +57,26 @@ impl Fabric {
         Ok(Outcome::Done)
     }
 
+    pub(super) fn remove_devices(&mut self, ids: &[String]) -> Result<Outcome, CommandError> {
+        check_device_batch("device id list", ids.len())?;
+        let mut seen = BTreeSet::new();
+        for id in ids {
+            if !seen.insert(id.as_str()) {
+                return Err(invalid("device id list", id, "device listed twice"));
+            }
+        }
+        let mut removed = 0;
+        let mut missing = Vec::new();
+        for id in ids {
+            if self.devices.remove(id).is_some() {
+                removed += 1;
+            } else {
+                missing.push(id.clone());
+            }
+        }
+        Ok(Outcome::DevicesRemoved { removed, missing })
+    }
+
     pub(super) fn assign_devices(
         &mut self,
         assignments: &[DeviceAssignment],

@@ -68,6 +68,7 @@ impl Fabric {
             } => self.refuse_placement(name, node, epoch, reason, at),
             Command::AddDevices { devices, at } => self.add_devices(devices, at),
             Command::RemoveDevice { id } => self.remove_device(id),
+            Command::RemoveDevices { ids } => self.remove_devices(ids),
             Command::PutService { name, spec } => self.put_service(name, spec, index),
             Command::RemoveService { name } => self.remove_service(name),
             Command::AssignDevices { assignments, at } => self.assign_devices(assignments, *at),

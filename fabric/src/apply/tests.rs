@@ -656,6 +656,49 @@ mod tests {
     }
 
     #[test]
+    fn devices_are_removed_in_batches_and_missing_ones_named() {
+        let mut f = base();
+        f.apply(&Command::AddDevices {
+            devices: vec![
+                dev("a", "192.0.2.1"),
+                dev("b", "192.0.2.2"),
+                dev("c", "192.0.2.3"),
+            ],
+            at: 1,
+        })
+        .unwrap();
+        let out = f
+            .apply(&Command::RemoveDevices {
+                ids: vec!["a".into(), "zz".into(), "c".into()],
+            })
+            .unwrap();
+        assert_eq!(
+            out,
+            Outcome::DevicesRemoved {
+                removed: 2,
+                missing: vec!["zz".into()]
+            }
+        );
+        assert_eq!(f.devices.keys().collect::<Vec<_>>(), vec!["b"]);
+        let e = refused(
+            &mut f,
+            Command::RemoveDevices {
+                ids: vec!["b".into(), "b".into()],
+            },
+        );
+        assert!(e.to_string().contains("listed twice"), "{e}");
+        let e = refused(
+            &mut f,
+            Command::RemoveDevices {
+                ids: (0..=MAX_DEVICES_PER_COMMAND)
+                    .map(|i| format!("d{i}"))
+                    .collect(),
+            },
+        );
+        assert!(e.to_string().contains("device id list"), "{e}");
+    }
+
+    #[test]
     fn a_node_records_its_version() {
         let mut f = base();
         let set = |id, v: &str| Command::SetVersion {

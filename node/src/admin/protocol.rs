@@ -93,6 +93,18 @@ pub enum AdminRequest {
     },
     /// This node's load balancer: its listeners, whether each accepts, its backends.
     LbStatus,
+    /// Remove a VIP; its owner fences and releases it first (leader only).
+    VipRemove(String),
+    /// Set a node's roles (leader only).
+    SetRoles {
+        /// Node id or name.
+        node: String,
+        /// The new roles.
+        roles: BTreeSet<String>,
+    },
+    /// Remove devices by id, in as few commands as the batch limit allows (leader only); the
+    /// reply names the ids that did not exist.
+    RemoveDevices(Vec<String>),
 }
 
 /// One node's load balancer, for `lb status` (answered by every node, from its own state).
@@ -342,6 +354,13 @@ pub enum AdminReply {
     },
     /// Done, nothing to report.
     Done,
+    /// How many devices were removed, and the ids that did not exist.
+    DevicesRemoved {
+        /// How many went.
+        removed: u64,
+        /// Ids not found.
+        missing: Vec<String>,
+    },
     /// The revoked certificates by serial.
     Revoked(Vec<(String, spaced_fabric::Revocation)>),
     /// A node was removed; `revoked` is the serial of its certificate, now revoked, or `None`

@@ -344,6 +344,44 @@ impl AdminServer {
                 let to = self.resolve_node(&to)?;
                 AdminReply::Moved(self.placements.vip_move(&name, to).await?)
             }
+            AdminRequest::VipRemove(name) => {
+                self.placements.vip_remove(&name).await?;
+                AdminReply::Done
+            }
+            AdminRequest::SetRoles { node, roles } => {
+                let id = self.resolve_node(&node)?;
+                self.cluster
+                    .propose(Command::SetRoles { id, roles })
+                    .await?;
+                AdminReply::Done
+            }
+            AdminRequest::RemoveDevices(ids) => {
+                // Each id once, in batches of what one command may carry.
+                let mut seen = std::collections::HashSet::new();
+                let ids: Vec<String> = ids.into_iter().filter(|i| seen.insert(i.clone())).collect();
+                let mut removed = 0;
+                let mut missing = Vec::new();
+                for batch in ids.chunks(spaced_fabric::MAX_DEVICES_PER_COMMAND) {
+                    let cmd = Command::RemoveDevices {
+                        ids: batch.to_vec(),
+                    };
+                    match self.cluster.propose(cmd).await? {
+                        spaced_raft::Outcome::DevicesRemoved {
+                            removed: r,
+                            missing: m,
+                        } => {
+                            removed += r;
+                            missing.extend(m);
+                        }
+                        other => {
+                            return Err(OpError::Refused(format!(
+                                "device removal answered {other:?}"
+                            )));
+                        }
+                    }
+                }
+                AdminReply::DevicesRemoved { removed, missing }
+            }
             AdminRequest::DeviceRebalance { max_moves } => AdminReply::Rebalanced(
                 crate::devices::leader::rebalance(&self.cluster, self.device_lost_after, max_moves)
                     .await?,
@@ -439,6 +477,7 @@ pub fn admin_may_write(cmd: &Command) -> Result<(), String> {
     let instead = match cmd {
         Command::AddDevices { .. }
         | Command::RemoveDevice { .. }
+        | Command::RemoveDevices { .. }
         | Command::PutService { .. }
         | Command::RemoveService { .. }
         | Command::SetAdminState { .. }

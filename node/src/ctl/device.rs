@@ -31,6 +31,15 @@ pub enum DeviceCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove devices by id (their connections close), and/or those listed in a file (one id
+    /// per line, or the CSV of `import`: its first column).
+    Remove {
+        /// Device ids.
+        ids: Vec<String>,
+        /// A file of ids.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
     /// Even out the devices of the live `app` nodes with the fewest moves.
     Rebalance {
         /// Move at most this many devices.
@@ -117,6 +126,16 @@ pub fn parse_import(text: &str) -> Result<Vec<(usize, NewDevice)>, Vec<LineError
     }
 }
 
+/// The device ids of a file: the first column of each line, skipping blank lines, `#`
+/// comments and an `id,...` header.
+fn ids_of_file(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split(',').next().unwrap_or("").trim())
+        .filter(|id| !id.is_empty() && !id.starts_with('#') && *id != "id")
+        .map(str::to_string)
+        .collect()
+}
+
 /// `spacectl device ...`
 pub(super) async fn run(cli: &Cli, action: &DeviceCmd) -> Result<(), CtlError> {
     match action {
@@ -153,6 +172,31 @@ pub(super) async fn run(cli: &Cli, action: &DeviceCmd) -> Result<(), CtlError> {
             }
             c.close().await;
             Ok(())
+        }
+        DeviceCmd::Remove { ids, file } => {
+            let mut all = ids.clone();
+            if let Some(path) = file {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+                all.extend(ids_of_file(&text));
+            }
+            if all.is_empty() {
+                return Err(usage("device remove: give device ids or --file"));
+            }
+            match mutate(&cli, AdminRequest::RemoveDevices(all)).await? {
+                AdminReply::DevicesRemoved { removed, missing } => {
+                    println!("removed {removed} device(s)");
+                    for id in &missing {
+                        eprintln!("not removed: no device {id:?}");
+                    }
+                    if missing.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(failed(format!("{} device(s) not found", missing.len())))
+                    }
+                }
+                other => Err(odd(other)),
+            }
         }
         DeviceCmd::Rebalance { max_moves, json } => {
             let req = AdminRequest::DeviceRebalance {

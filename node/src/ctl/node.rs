@@ -43,6 +43,14 @@ pub enum NodeCmd {
         /// Name or id.
         node: String,
     },
+    /// Set a node's roles (replacing them). Placements it holds stay until they move.
+    SetRoles {
+        /// Name or id.
+        node: String,
+        /// Roles, comma-separated (empty: none).
+        #[arg(value_delimiter = ',')]
+        roles: Vec<String>,
+    },
 }
 
 /// `spacectl leader ...`
@@ -156,6 +164,25 @@ pub(super) async fn run(cli: &Cli, action: &NodeCmd) -> Result<(), CtlError> {
         }
         NodeCmd::Drain { node } => set_admin_state(&cli, node, AdminState::Draining).await,
         NodeCmd::Activate { node } => set_admin_state(&cli, node, AdminState::Active).await,
+        NodeCmd::SetRoles { node, roles } => {
+            let roles: BTreeSet<String> = roles
+                .iter()
+                .map(|r| r.trim().to_string())
+                .filter(|r| !r.is_empty())
+                .collect();
+            let req = AdminRequest::SetRoles {
+                node: node.clone(),
+                roles: roles.clone(),
+            };
+            match mutate(&cli, req).await? {
+                AdminReply::Done => {
+                    let list: Vec<&str> = roles.iter().map(String::as_str).collect();
+                    println!("node {node} now has roles [{}]", list.join(","));
+                    Ok(())
+                }
+                other => Err(odd(other)),
+            }
+        }
     }
 }
 

@@ -26,6 +26,12 @@ pub enum VipCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a VIP: its owner removes the address and releases it first. (A VIP declared
+    /// in a node's config comes back when that node starts: remove it there too.)
+    Remove {
+        /// VIP name.
+        name: String,
+    },
     /// Move a VIP to another node: the owner releases first, then the target takes it.
     Move {
         /// VIP name.
@@ -71,6 +77,14 @@ pub(super) async fn run(cli: &Cli, action: &VipCmd) -> Result<(), CtlError> {
                 other => Err(odd(other)),
             }
         }
+        VipCmd::Remove { name } => match mutate(&cli, AdminRequest::VipRemove(name.clone())).await?
+        {
+            AdminReply::Done => {
+                println!("VIP {name} removed");
+                Ok(())
+            }
+            other => Err(odd(other)),
+        },
         VipCmd::Move { name, to } => {
             match mutate(
                 &cli,

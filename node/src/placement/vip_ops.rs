@@ -343,16 +343,45 @@ impl Placements {
                     _ => None,
                 })
         });
+        let remove = Command::RemoveService {
+            name: name.to_string(),
+        };
+        self.release_then(name, held, remove).await
+    }
+
+    /// `vip remove` on the leader: the owner, if any, fences the address and releases it
+    /// first (the planner may not grant it meanwhile), then the VIP goes; the fabric refuses
+    /// to remove a held placement.
+    pub async fn vip_remove(&self, name: &str) -> Result<(), OpError> {
+        let held = self.cluster.view.read(|f| match f.placements.get(name) {
+            None => Err(OpError::Refused(format!("no VIP {name:?}"))),
+            Some(p) => match &p.kind {
+                PlacementKind::Vip { .. } => Ok(p.owner.map(|o| (o, p.epoch))),
+                PlacementKind::Singleton { .. } => Err(OpError::Refused(format!(
+                    "{name:?} is a singleton service: use `service remove`"
+                ))),
+            },
+        })?;
+        let remove = Command::RemovePlacement {
+            name: name.to_string(),
+        };
+        self.release_then(name, held, remove).await
+    }
+
+    /// Withholds placement `name` from the planner, has its owner (`held`: owner and epoch)
+    /// fence and release it, then proposes `remove`.
+    async fn release_then(
+        &self,
+        name: &str,
+        held: Option<(NodeId, u64)>,
+        remove: Command,
+    ) -> Result<(), OpError> {
         lock(&self.withheld).insert(name.to_string());
         let result = async {
             if let Some((owner, epoch)) = held {
                 self.release_from(name, owner, epoch).await?;
             }
-            self.cluster
-                .propose(Command::RemoveService {
-                    name: name.to_string(),
-                })
-                .await?;
+            self.cluster.propose(remove).await?;
             Ok(())
         }
         .await;
