@@ -28,6 +28,17 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
+/// Parses the command line of a binary whose `--version` is [`VERSION`] (`-V`) and
+/// [`long_version`] (`--version`); exits on a usage error as clap does.
+pub fn parse_args<C: clap::Parser>() -> C {
+    let long: &'static str = Box::leak(long_version().into_boxed_str());
+    let matches = C::command()
+        .version(VERSION)
+        .long_version(long)
+        .get_matches();
+    C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 /// [`VERSION`] with the data format and protocol versions, for `--version`.
 pub fn long_version() -> String {
     format!(

@@ -2,19 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches};
 use spaced_node::ctl::{Cli, run};
 
 fn main() -> ExitCode {
-    let version: &'static str = Box::leak(spaced_node::long_version().into_boxed_str());
-    let matches = Cli::command()
-        .version(spaced_node::VERSION)
-        .long_version(version)
-        .get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(c) => c,
-        Err(e) => e.exit(),
-    };
+    let cli: Cli = spaced_node::parse_args();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SPACED_LOG")

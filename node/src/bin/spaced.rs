@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use std::io::IsTerminal;
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use spaced_node::node::Node;
 use spaced_node::ops::config::NodeConfig;
 use tracing_subscriber::layer::SubscriberExt;
@@ -159,15 +159,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 const RUN_DEFAULT_FILTER: &str = "info,openraft=warn";
 
 fn main() -> ExitCode {
-    let version: &'static str = Box::leak(spaced_node::long_version().into_boxed_str());
-    let matches = Cli::command()
-        .version(spaced_node::VERSION)
-        .long_version(version)
-        .get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(c) => c,
-        Err(e) => e.exit(),
-    };
+    let cli: Cli = spaced_node::parse_args();
     match &cli.command {
         Cmd::Run { config, bootstrap } => {
             let cfg = match NodeConfig::load(config) {

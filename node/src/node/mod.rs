@@ -170,6 +170,20 @@ async fn check_vips(
     Ok(())
 }
 
+/// The QUIC server config (Raft and admin) and the Raft client config of `tls`.
+fn quic_configs(
+    tls: &TlsMaterial,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), StartError> {
+    let transport = transport_config();
+    let server = tls
+        .server_config(transport.clone())
+        .map_err(StartError::system)?;
+    let client = tls
+        .client_config(ALPN_RAFT, transport)
+        .map_err(StartError::system)?;
+    Ok((server, client))
+}
+
 /// The node's key material, checked to be for this node's name.
 fn load_tls(cfg: &NodeConfig) -> Result<TlsMaterial, StartError> {
     let tls = TlsMaterial::load(&TlsPaths {
@@ -289,13 +303,7 @@ impl Node {
         }
         let view = sm_store.view();
 
-        let transport = transport_config();
-        let server_cfg = tls
-            .server_config(transport.clone())
-            .map_err(StartError::system)?;
-        let client_cfg = tls
-            .client_config(ALPN_RAFT, transport)
-            .map_err(StartError::system)?;
+        let (server_cfg, client_cfg) = quic_configs(&tls)?;
         let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|e| {
             StartError::input(
                 &cfg,
@@ -549,13 +557,7 @@ impl Node {
     pub fn reload(&self, cfg: &NodeConfig) -> Result<Vec<String>, StartError> {
         let mut report = Vec::new();
         let tls = load_tls(cfg)?.with_revoked(self.revoked.clone());
-        let transport = transport_config();
-        let server = tls
-            .server_config(transport.clone())
-            .map_err(StartError::system)?;
-        let client = tls
-            .client_config(ALPN_RAFT, transport)
-            .map_err(StartError::system)?;
+        let (server, client) = quic_configs(&tls)?;
         self.endpoint.set_server_config(Some(server));
         self.cluster.network.set_client_config(client);
         report.push(format!(
