@@ -468,6 +468,11 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
         "spaced_raft_term",
         "spaced_raft_leader_id",
         "spaced_raft_last_applied",
+        "spaced_raft_apply_lag_entries",
+        "spaced_leader_changes_total",
+        "spaced_build_info{",
+        "spaced_cert_expiry_seconds",
+        "spaced_revoked_certificates ",
     ] {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
     }

@@ -678,6 +678,13 @@ impl TlsMaterial {
         self
     }
 
+    /// When our own certificate expires (Unix seconds).
+    pub fn not_after(&self) -> Option<i64> {
+        let leaf = self.chain.first()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+        Some(cert.validity().not_after.timestamp())
+    }
+
     /// The serial of our own certificate.
     pub fn serial(&self) -> Result<String, PkiError> {
         match self.chain.first() {

@@ -170,6 +170,11 @@ async fn check_vips(
     Ok(())
 }
 
+/// Unix seconds now.
+fn now_unix() -> i64 {
+    (crate::now_millis() / 1000) as i64
+}
+
 /// The QUIC server config (Raft and admin) and the Raft client config of `tls`.
 fn quic_configs(
     tls: &TlsMaterial,
@@ -490,7 +495,14 @@ impl Node {
             revoked,
             stop(),
         )));
-        tasks.push(tokio::spawn(observe::metrics_loop(cluster.clone(), stop())));
+        if let Some(not_after) = tls.not_after() {
+            cluster.metrics.cert_expires(not_after, now_unix());
+        }
+        tasks.push(tokio::spawn(observe::metrics_loop(
+            cluster.clone(),
+            placements.agent().clone(),
+            stop(),
+        )));
         tasks.push(tokio::spawn(fence_on_raft_failure(
             cluster.clone(),
             placements.clone(),
@@ -560,6 +572,9 @@ impl Node {
         let (server, client) = quic_configs(&tls)?;
         self.endpoint.set_server_config(Some(server));
         self.cluster.network.set_client_config(client);
+        if let Some(not_after) = tls.not_after() {
+            self.cluster.metrics.cert_expires(not_after, now_unix());
+        }
         report.push(format!(
             "tls: certificate and key reloaded ({}, serial {})",
             tls.identity(),

@@ -10,11 +10,19 @@ use openraft::async_runtime::WatchReceiver;
 use spaced_raft::NodeId;
 use tokio::sync::watch;
 
+use spaced_fabric::PlacementKind;
+
 use crate::cluster::Cluster;
 use crate::lb::service::LbService;
+use crate::ops::metrics::FabricFigures;
+use crate::placement::agent::Agent;
 
-/// Refreshes the Raft gauges until shutdown.
-pub(super) async fn metrics_loop(inner: Cluster, mut shutdown: watch::Receiver<bool>) {
+/// Refreshes the gauges until shutdown: Raft's, and what the fabric and the VIP agent say.
+pub(super) async fn metrics_loop(
+    inner: Cluster,
+    agent: Arc<Agent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -44,6 +52,38 @@ pub(super) async fn metrics_loop(inner: Cluster, mut shutdown: watch::Receiver<b
             m.state == ServerState::Leader,
             contacts,
         );
+        inner.metrics.update_raft(
+            m.current_leader,
+            m.last_log_index,
+            m.last_applied.map(|l| l.index()),
+        );
+        let figures = inner.view.read(|f| FabricFigures {
+            vips: f
+                .placements
+                .iter()
+                .filter(|(_, p)| matches!(p.kind, PlacementKind::Vip { .. }))
+                .map(|(name, p)| (name.clone(), p.owner, p.epoch))
+                .collect(),
+            devices: f.devices.values().fold(BTreeMap::new(), |mut acc, d| {
+                let owner = d
+                    .owner
+                    .and_then(|o| f.nodes.get(&o).map(|n| n.name.clone()))
+                    .unwrap_or_else(|| "none".into());
+                *acc.entry((owner, d.status.to_string())).or_insert(0) += 1;
+                acc
+            }),
+            revoked: f.revoked.len(),
+        });
+        let now = std::time::Instant::now();
+        let held: Vec<(String, Duration)> = agent
+            .active_names()
+            .into_iter()
+            .map(|n| {
+                let left = agent.lease_remaining(&n, now);
+                (n, left)
+            })
+            .collect();
+        inner.metrics.update_fabric(inner.id, figures, &held);
     }
 }
 

@@ -1,4 +1,7 @@
-//! Per-node Prometheus metrics: Raft term, leader, last applied, commit latency, peers' last contact.
+//! Per-node Prometheus metrics: Raft term, leader, leader changes, last applied and apply lag,
+//! commit latency, peers' last contact; per VIP its owner, epoch, whether this node holds it
+//! and owner changes; devices by owner and state; revoked certificates; the build and the
+//! node certificate's expiry.
 //!
 //! Each node owns its recorder (no process-global one), so several nodes in one process — as in
 //! the in-process tests — keep separate figures.
@@ -39,6 +42,41 @@ pub struct NodeMetrics {
     commit_latency: Histogram,
     /// Seconds since the leader last heard from each peer, by peer name.
     peers: Mutex<BTreeMap<String, Gauge>>,
+    /// Entries appended here but not applied yet.
+    apply_lag: Gauge,
+    /// Times this node saw the leader change (to another node, or to none).
+    leader_changes: metrics::Counter,
+    /// The leader last seen, to count changes.
+    last_leader: Mutex<Option<Option<u64>>>,
+    /// Per VIP: owner id, epoch, held here, owner changes; and the owner last seen.
+    vips: Mutex<BTreeMap<String, VipGauges>>,
+    /// Devices by (owner name, status).
+    devices: Mutex<BTreeMap<(String, String), Gauge>>,
+    /// Revoked certificates in the fabric.
+    revoked: Gauge,
+    /// Seconds until this node's certificate expires.
+    cert_expiry: Gauge,
+}
+
+/// One VIP's gauges.
+struct VipGauges {
+    owner: Gauge,
+    epoch: Gauge,
+    held: Gauge,
+    lease: Gauge,
+    changes: metrics::Counter,
+    last_owner: Option<u64>,
+}
+
+/// What the fabric says, for [`NodeMetrics::update_fabric`]: per VIP (name, owner, epoch),
+/// device counts by (owner name, status), revoked certificates.
+pub struct FabricFigures {
+    /// `(name, owner, epoch)` of each VIP.
+    pub vips: Vec<(String, Option<u64>, u64)>,
+    /// Devices by (owner name or `none`, status).
+    pub devices: BTreeMap<(String, String), u64>,
+    /// Revoked certificates.
+    pub revoked: usize,
 }
 
 impl Default for NodeMetrics {
@@ -84,7 +122,74 @@ impl NodeMetrics {
             Some(metrics::Unit::Seconds),
             "Seconds since the leader last heard from each peer (leader only).".into(),
         );
+        let apply_lag = gauge(
+            "spaced_raft_apply_lag_entries",
+            "Log entries appended on this node but not applied yet.",
+        );
+        recorder.describe_counter(
+            "spaced_leader_changes_total".into(),
+            None,
+            "Times this node saw the leader change.".into(),
+        );
+        let leader_changes = recorder.register_counter(
+            &Key::from_static_name("spaced_leader_changes_total"),
+            &meta(),
+        );
+        for (name, help) in [
+            ("spaced_vip_owner", "Node id owning each VIP; 0 when none."),
+            ("spaced_vip_epoch", "Fencing epoch of each VIP."),
+            (
+                "spaced_vip_held",
+                "1 if this node holds the VIP's lease and address.",
+            ),
+            (
+                "spaced_vip_lease_remaining_seconds",
+                "Time left on this node's lease of the VIP (0 when not held here).",
+            ),
+            ("spaced_devices", "Devices by owner node and state."),
+        ] {
+            recorder.describe_gauge(name.into(), None, help.into());
+        }
+        recorder.describe_counter(
+            "spaced_vip_owner_changes_total".into(),
+            None,
+            "Owner changes of each VIP this node has seen applied.".into(),
+        );
+        let revoked = gauge(
+            "spaced_revoked_certificates",
+            "Certificates revoked in the fabric.",
+        );
+        let cert_expiry = gauge(
+            "spaced_cert_expiry_seconds",
+            "Seconds until this node's certificate expires.",
+        );
+        recorder.describe_gauge(
+            "spaced_build_info".into(),
+            None,
+            "This build: version, git commit and data format as labels; always 1.".into(),
+        );
+        recorder
+            .register_gauge(
+                &Key::from_parts(
+                    "spaced_build_info",
+                    vec![
+                        Label::new("version", env!("CARGO_PKG_VERSION")),
+                        Label::new("commit", env!("SPACED_GIT_COMMIT")),
+                        Label::new("built", env!("SPACED_BUILD_DATE")),
+                        Label::new("data_format", spaced_raft::store::DATA_FORMAT.to_string()),
+                    ],
+                ),
+                &meta(),
+            )
+            .set(1.0);
         NodeMetrics {
+            apply_lag,
+            leader_changes,
+            last_leader: Mutex::default(),
+            vips: Mutex::default(),
+            devices: Mutex::default(),
+            revoked,
+            cert_expiry,
             recorder: std::sync::Arc::new(recorder),
             handle,
             term,
@@ -134,6 +239,101 @@ impl NodeMetrics {
         }
     }
 
+    /// Counts a leader change if `leader` differs from the one seen last, and records the
+    /// apply lag (`last_log` appended, `last_applied` applied).
+    pub fn update_raft(
+        &self,
+        leader: Option<u64>,
+        last_log: Option<u64>,
+        last_applied: Option<u64>,
+    ) {
+        let mut last = crate::lock(&self.last_leader);
+        if last.is_some_and(|l| l != leader) {
+            self.leader_changes.increment(1);
+        }
+        *last = Some(leader);
+        let lag = last_log
+            .unwrap_or(0)
+            .saturating_sub(last_applied.unwrap_or(0));
+        self.apply_lag.set(lag as f64);
+    }
+
+    /// Records what the applied fabric says; `me` is this node's id, `held` the VIPs it holds
+    /// with the time left on each lease.
+    pub fn update_fabric(&self, me: u64, figures: FabricFigures, held: &[(String, Duration)]) {
+        let mut vips = crate::lock(&self.vips);
+        let labelled = |name: &'static str, label: &str, value: &str| {
+            Key::from_parts(name, vec![Label::new(label.to_string(), value.to_string())])
+        };
+        let present: std::collections::BTreeSet<&str> =
+            figures.vips.iter().map(|(n, _, _)| n.as_str()).collect();
+        for (name, owner, epoch) in &figures.vips {
+            let g = vips.entry(name.clone()).or_insert_with(|| VipGauges {
+                owner: self
+                    .recorder
+                    .register_gauge(&labelled("spaced_vip_owner", "vip", name), &meta()),
+                epoch: self
+                    .recorder
+                    .register_gauge(&labelled("spaced_vip_epoch", "vip", name), &meta()),
+                held: self
+                    .recorder
+                    .register_gauge(&labelled("spaced_vip_held", "vip", name), &meta()),
+                lease: self.recorder.register_gauge(
+                    &labelled("spaced_vip_lease_remaining_seconds", "vip", name),
+                    &meta(),
+                ),
+                changes: self.recorder.register_counter(
+                    &labelled("spaced_vip_owner_changes_total", "vip", name),
+                    &meta(),
+                ),
+                last_owner: *owner,
+            });
+            if g.last_owner != *owner {
+                g.changes.increment(1);
+                g.last_owner = *owner;
+            }
+            g.owner.set(owner.unwrap_or(0) as f64);
+            g.epoch.set(*epoch as f64);
+            let lease = held
+                .iter()
+                .find(|(h, _)| h == name)
+                .filter(|_| *owner == Some(me))
+                .map(|(_, left)| *left);
+            g.held.set(if lease.is_some() { 1.0 } else { 0.0 });
+            g.lease.set(lease.map(|l| l.as_secs_f64()).unwrap_or(0.0));
+        }
+        // A VIP removed since: no owner, not held.
+        for (name, g) in vips.iter_mut() {
+            if !present.contains(name.as_str()) {
+                g.owner.set(0.0);
+                g.held.set(0.0);
+                g.lease.set(0.0);
+            }
+        }
+        let mut devices = crate::lock(&self.devices);
+        for g in devices.values() {
+            g.set(0.0);
+        }
+        for ((owner, status), n) in figures.devices {
+            let g = devices
+                .entry((owner.clone(), status.clone()))
+                .or_insert_with(|| {
+                    let key = Key::from_parts(
+                        "spaced_devices",
+                        vec![Label::new("owner", owner), Label::new("status", status)],
+                    );
+                    self.recorder.register_gauge(&key, &meta())
+                });
+            g.set(n as f64);
+        }
+        self.revoked.set(figures.revoked as f64);
+    }
+
+    /// Records when this node's certificate expires (Unix seconds), against `now` (Unix seconds).
+    pub fn cert_expires(&self, not_after: i64, now: i64) {
+        self.cert_expiry.set((not_after - now) as f64);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         self.handle.render()
@@ -159,6 +359,50 @@ mod tests {
         );
         assert!(
             text.contains("spaced_commit_latency_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn renders_vips_devices_leader_changes_and_build() {
+        let m = NodeMetrics::new();
+        let figures = |owner, epoch| FabricFigures {
+            vips: vec![("cluster".into(), owner, epoch)],
+            devices: [(("n1".to_string(), "up".to_string()), 7)].into(),
+            revoked: 2,
+        };
+        let held = vec![("cluster".to_string(), Duration::from_millis(250))];
+        m.update_fabric(1, figures(Some(1), 12), &held);
+        m.update_fabric(1, figures(Some(2), 13), &[]);
+        m.update_raft(Some(1), Some(10), Some(10));
+        m.update_raft(Some(1), Some(12), Some(10));
+        m.update_raft(None, Some(12), Some(12));
+        m.update_raft(Some(3), Some(12), Some(12));
+        m.cert_expires(1_000_500, 1_000_000);
+        let text = m.render();
+        for line in [
+            "spaced_vip_owner{vip=\"cluster\"} 2",
+            "spaced_vip_epoch{vip=\"cluster\"} 13",
+            "spaced_vip_held{vip=\"cluster\"} 0",
+            "spaced_vip_owner_changes_total{vip=\"cluster\"} 1",
+            "spaced_devices{owner=\"n1\",status=\"up\"} 7",
+            "spaced_revoked_certificates 2",
+            "spaced_leader_changes_total 2",
+            "spaced_raft_apply_lag_entries 0",
+            "spaced_cert_expiry_seconds 500",
+            "data_format=\"5\"",
+        ] {
+            assert!(text.contains(line), "no {line} in:\n{text}");
+        }
+        // While held here: held 1 and the lease left.
+        m.update_fabric(1, figures(Some(1), 14), &held);
+        let text = m.render();
+        assert!(
+            text.contains("spaced_vip_held{vip=\"cluster\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("spaced_vip_lease_remaining_seconds{vip=\"cluster\"} 0.25"),
             "{text}"
         );
     }
