@@ -242,6 +242,118 @@ fn sigkill_of_the_leader_loses_no_committed_command() -> Result<()> {
     Ok(())
 }
 
+/// Headless Chromium on `url`: the DOM after the page's scripts ran (`--dump-dom`), or with
+/// `screenshot`, a PNG written there. `None` when Chromium is not installed (outside CI).
+fn chromium(url: &str, screenshot: Option<&Path>) -> Result<Option<String>> {
+    let Some(bin) = ["chromium", "chromium-browser"].into_iter().find(|b| {
+        Command::new(b)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        anyhow::ensure!(!ci, "chromium is missing: .ci/run installs it");
+        return Ok(None);
+    };
+    let profile = tempfile::tempdir()?;
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--virtual-time-budget=5000",
+        "--window-size=1100,900",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()));
+    match screenshot {
+        Some(p) => cmd.arg(format!("--screenshot={}", p.display())),
+        None => cmd.arg("--dump-dom"),
+    };
+    let out = cmd.arg(url).stdin(Stdio::null()).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// The status page, rendered by a real browser from a running 3-node cluster: the nodes, the
+/// leader and devices by state; after the leader is SIGKILLed, a survivor's page names the new
+/// leader and the events list the change. A screenshot is kept in the test's target dir.
+#[test]
+fn the_status_page_shows_the_cluster_and_a_failover_in_a_browser() -> Result<()> {
+    let mut lab = Lab::start3()?;
+    let n1 = lab.procs[0].addr.clone();
+    for i in 0..3 {
+        lab.ctl_ok(
+            &n1,
+            &[
+                "device",
+                "add",
+                "--id",
+                &format!("page-{i}"),
+                "--addr",
+                "127.9.0.1:1",
+            ],
+        )?;
+    }
+    let s = lab.status(&n1)?;
+    let leader = s["leader"].as_u64().context("leader")? as usize;
+    let survivor = (1..=3).find(|i| *i != leader).context("survivor")?;
+    let cfg = spaced_node::ops::config::NodeConfig::load(&lab.procs[survivor - 1].config)?;
+    let page = format!("http://{}/", cfg.metrics.context("metrics")?);
+    let Some(dom) = chromium(&page, None)? else {
+        eprintln!("skipped: chromium is not installed");
+        return Ok(());
+    };
+    for needle in ["n1", "n2", "n3", "leader", "Virtual IPs", "Recent events"] {
+        assert!(dom.contains(needle), "the page lacks {needle:?}:\n{dom}");
+    }
+    assert!(
+        dom.contains(&format!("leader n{leader} ·")),
+        "the page does not name the leader n{leader}:\n{dom}"
+    );
+
+    lab.procs[leader - 1].signal(nix::sys::signal::Signal::SIGKILL)?;
+    lab.procs[leader - 1].wait(Duration::from_secs(5))?;
+    let survivor_addr = lab.procs[survivor - 1].addr.clone();
+    wait_until(Duration::from_secs(20), "a new leader", || {
+        Ok(lab
+            .status(&survivor_addr)
+            .is_ok_and(|s| s["leader"].as_u64().is_some_and(|l| l as usize != leader)))
+    })?;
+    let new_leader = lab.status(&survivor_addr)?["leader"]
+        .as_u64()
+        .context("leader")?;
+    // The events are what this node saw in its half-second looks.
+    std::thread::sleep(Duration::from_secs(1));
+    let dom = chromium(&page, None)?.context("chromium")?;
+    assert!(
+        dom.contains(&format!("leader n{new_leader} ·")),
+        "the page does not name the new leader n{new_leader}:\n{dom}"
+    );
+    assert!(
+        dom.contains(&format!("n{new_leader} leads")),
+        "the events do not show the leader change:\n{dom}"
+    );
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    chromium(&page, Some(&shot))?;
+    let png = std::fs::read(&shot)?;
+    assert!(
+        png.starts_with(b"\x89PNG"),
+        "no screenshot at {}",
+        shot.display()
+    );
+    eprintln!("screenshot: {}", shot.display());
+    Ok(())
+}
+
 /// SIGHUP reloads the config (log level, certificate; keys that need a restart named) and
 /// never stops the node, also when the config no longer loads. (SIGHUP's default action
 /// would kill it, and its guard would then drop its VIPs.)

@@ -414,7 +414,8 @@ impl AdminServer {
         }
     }
 
-    fn status(&self) -> StatusReport {
+    /// The cluster as this node sees it (with the leader's last contacts when it leads).
+    pub fn status(&self) -> StatusReport {
         let m = self.cluster.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let contacts = self.cluster.contacts();

@@ -18,7 +18,7 @@ mod device;
 mod lb;
 mod node;
 mod pki;
-mod render;
+pub(crate) mod render;
 mod service;
 mod vip;
 

@@ -453,10 +453,15 @@ impl Node {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
+        let events = Arc::new(crate::ops::events::Events::default());
         if let Some(addr) = cfg.metrics {
             let mut rx = shutdown_rx.clone();
-            let state: Arc<dyn crate::ops::http::HttpState> =
-                Arc::new(observe::HttpView::new(cluster.clone(), lb.clone()));
+            let state: Arc<dyn crate::ops::http::HttpState> = Arc::new(observe::HttpView::new(
+                cluster.clone(),
+                lb.clone(),
+                admin.clone(),
+                events.clone(),
+            ));
             let (_, h) = crate::ops::http::serve(addr, state, async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
@@ -501,6 +506,7 @@ impl Node {
         tasks.push(tokio::spawn(observe::metrics_loop(
             cluster.clone(),
             placements.agent().clone(),
+            events.clone(),
             stop(),
         )));
         tasks.push(tokio::spawn(fence_on_raft_failure(

@@ -12,8 +12,10 @@ use tokio::sync::watch;
 
 use spaced_fabric::PlacementKind;
 
+use crate::admin::server::AdminServer;
 use crate::cluster::Cluster;
 use crate::lb::service::LbService;
+use crate::ops::events::Events;
 use crate::ops::metrics::FabricFigures;
 use crate::placement::agent::Agent;
 
@@ -21,6 +23,7 @@ use crate::placement::agent::Agent;
 pub(super) async fn metrics_loop(
     inner: Cluster,
     agent: Arc<Agent>,
+    events: Arc<Events>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -57,6 +60,23 @@ pub(super) async fn metrics_loop(
             m.last_log_index,
             m.last_applied.map(|l| l.index()),
         );
+        let (owners, leader_name) = inner.view.read(|f| {
+            let name = |id: Option<u64>| id.and_then(|o| f.nodes.get(&o).map(|n| n.name.clone()));
+            let owners: BTreeMap<String, Option<String>> = f
+                .placements
+                .iter()
+                .map(|(n, p)| (n.clone(), name(p.owner)))
+                .collect();
+            (owners, name(m.current_leader))
+        });
+        let revoked = inner.view.read(|f| f.revoked.len());
+        events.observe(
+            crate::now_millis(),
+            m.current_leader,
+            leader_name,
+            owners,
+            revoked,
+        );
         let figures = inner.view.read(|f| FabricFigures {
             vips: f
                 .placements
@@ -91,11 +111,23 @@ pub(super) async fn metrics_loop(
 pub(super) struct HttpView {
     cluster: Cluster,
     lb: Option<Arc<LbService>>,
+    admin: Arc<AdminServer>,
+    events: Arc<Events>,
 }
 
 impl HttpView {
-    pub(super) fn new(cluster: Cluster, lb: Option<Arc<LbService>>) -> Self {
-        HttpView { cluster, lb }
+    pub(super) fn new(
+        cluster: Cluster,
+        lb: Option<Arc<LbService>>,
+        admin: Arc<AdminServer>,
+        events: Arc<Events>,
+    ) -> Self {
+        HttpView {
+            cluster,
+            lb,
+            admin,
+            events,
+        }
     }
 }
 
@@ -106,6 +138,53 @@ impl crate::ops::http::HttpState for HttpView {
             lb.render(&mut text);
         }
         text
+    }
+
+    fn status_json(&self) -> Option<String> {
+        let mut v = crate::ctl::render::status_json(&self.admin.status());
+        let (singletons, devices) = self.cluster.view.read(|f| {
+            let name = |id: Option<u64>| id.and_then(|o| f.nodes.get(&o).map(|n| n.name.clone()));
+            let singletons: Vec<serde_json::Value> = f
+                .placements
+                .iter()
+                .filter(|(_, p)| matches!(p.kind, PlacementKind::Singleton { .. }))
+                .map(|(n, p)| {
+                    serde_json::json!({"name": n, "owner": p.owner,
+                        "owner_name": name(p.owner), "epoch": p.epoch})
+                })
+                .collect();
+            let mut devices: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+            for d in f.devices.values() {
+                let owner = name(d.owner).unwrap_or_else(|| "none".into());
+                *devices
+                    .entry(owner)
+                    .or_default()
+                    .entry(d.status.to_string())
+                    .or_default() += 1;
+            }
+            (singletons, devices)
+        });
+        let lb: Vec<serde_json::Value> = self
+            .lb
+            .as_ref()
+            .map(|lb| lb.report())
+            .unwrap_or_default()
+            .iter()
+            .map(|l| {
+                serde_json::json!({"listen": l.listen, "accepting": l.accepting,
+                    "active": l.active, "backends": l.backends.len(),
+                    "backends_up": l.backends.iter().filter(|b| b.up).count()})
+            })
+            .collect();
+        v["singletons"] = serde_json::Value::Array(singletons);
+        v["devices_by_node"] = serde_json::json!(devices);
+        v["lb"] = serde_json::Value::Array(lb);
+        v["version"] = serde_json::json!(crate::VERSION);
+        Some(v.to_string())
+    }
+
+    fn events_json(&self) -> Option<String> {
+        serde_json::to_string(&self.events.list()).ok()
     }
 
     fn health(&self) -> (bool, String) {

@@ -1,4 +1,6 @@
-//! A tiny HTTP/1.1 server answering GET /metrics and GET /healthz, one request per connection.
+//! A tiny HTTP/1.1 server, one request per connection: GET /metrics, /healthz, the status
+//! page `/` (compiled into the binary) and the JSON it polls, `/api/status` and
+//! `/api/events`. Read-only; nothing secret is shown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,7 +26,19 @@ pub trait HttpState: Send + Sync + 'static {
     fn metrics_text(&self) -> String;
     /// (healthy, one-line reason) for /healthz.
     fn health(&self) -> (bool, String);
+    /// The cluster as this node sees it, as JSON (`/api/status`); `None` (the default): this
+    /// process has no cluster (standalone `spaced lb`), so no status page either.
+    fn status_json(&self) -> Option<String> {
+        None
+    }
+    /// Recent events, as a JSON array (`/api/events`).
+    fn events_json(&self) -> Option<String> {
+        None
+    }
 }
+
+/// The status page: one self-contained HTML file (styles and script inline).
+const STATUS_PAGE: &str = include_str!("status.html");
 
 /// Binds (error names the address and reason, e.g. in use) and returns the bound listener's
 /// address plus a future that serves until `shutdown` resolves.
@@ -224,7 +238,8 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
 
 fn route(method: &str, target: &str, state: &dyn HttpState) -> Response {
     let path = target.split(['?', '#']).next().unwrap_or(target);
-    if path != "/metrics" && path != "/healthz" {
+    let known = ["/metrics", "/healthz", "/", "/api/status", "/api/events"];
+    if !known.contains(&path) {
         return Response::text(404, "not found\n");
     }
     if method != "GET" {
@@ -232,7 +247,31 @@ fn route(method: &str, target: &str, state: &dyn HttpState) -> Response {
         r.extra_headers.push("Allow: GET");
         return r;
     }
-    if path == "/metrics" {
+    let json = |body: String| Response {
+        status: 200,
+        content_type: "application/json",
+        extra_headers: vec!["Cache-Control: no-store"],
+        body,
+    };
+    let page = |body: Option<String>| match body {
+        Some(b) => json(b),
+        None => Response::text(404, "no cluster here\n"),
+    };
+    if path == "/" {
+        match state.status_json() {
+            Some(_) => Response {
+                status: 200,
+                content_type: "text/html; charset=utf-8",
+                extra_headers: vec!["Cache-Control: no-store"],
+                body: STATUS_PAGE.to_string(),
+            },
+            None => Response::text(404, "no cluster here: /metrics and /healthz only\n"),
+        }
+    } else if path == "/api/status" {
+        page(state.status_json())
+    } else if path == "/api/events" {
+        page(state.events_json())
+    } else if path == "/metrics" {
         Response {
             status: 200,
             content_type: "text/plain; version=0.0.4",
@@ -272,6 +311,12 @@ mod tests {
                     "no leader".into()
                 },
             )
+        }
+        fn status_json(&self) -> Option<String> {
+            Some(r#"{"leader":1}"#.into())
+        }
+        fn events_json(&self) -> Option<String> {
+            Some("[]".into())
         }
     }
 
@@ -327,6 +372,23 @@ mod tests {
         // query strings are ignored
         let resp = exchange(addr, &get("/metrics?x=1")).await;
         assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+    }
+
+    #[tokio::test]
+    async fn the_status_page_and_its_json_are_served() {
+        let (addr, _s, _tx, _h) = start(true).await;
+        let resp = exchange(addr, &get("/")).await;
+        assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+        assert!(resp.contains("Content-Type: text/html; charset=utf-8\r\n"));
+        assert!(resp.contains("/api/status") && resp.contains("<title>spaced"));
+        let resp = exchange(addr, &get("/api/status")).await;
+        assert!(
+            resp.contains("Content-Type: application/json\r\n"),
+            "{resp}"
+        );
+        assert!(resp.ends_with("\r\n\r\n{\"leader\":1}"), "{resp}");
+        let resp = exchange(addr, &get("/api/events")).await;
+        assert!(resp.ends_with("\r\n\r\n[]"), "{resp}");
     }
 
     #[tokio::test]

@@ -2,5 +2,6 @@
 //! endpoint for `/metrics` and `/healthz` ([`http`]) and the Prometheus metrics ([`metrics`]).
 
 pub mod config;
+pub mod events;
 pub mod http;
 pub mod metrics;
