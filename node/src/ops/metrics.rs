@@ -406,4 +406,59 @@ mod tests {
             "{text}"
         );
     }
+
+    /// The Grafana dashboard and the Prometheus alert rules in `contrib/` name only metrics a
+    /// node exports (as rendered once every family has a value).
+    #[test]
+    fn the_dashboard_and_alerts_use_exported_metrics() {
+        let m = NodeMetrics::new();
+        m.update(3, Some(1), Some(9), true, vec![("n2".into(), Some(0.1))]);
+        m.update_raft(Some(1), Some(9), Some(9));
+        m.commit_latency(Duration::from_millis(2));
+        m.cert_expires(2_000, 1_000);
+        m.update_fabric(
+            1,
+            FabricFigures {
+                vips: vec![("cluster".into(), Some(1), 4)],
+                devices: [(("n1".to_string(), "down".to_string()), 1)].into(),
+                revoked: 0,
+            },
+            &[("cluster".into(), Duration::from_millis(100))],
+        );
+        let exported: std::collections::BTreeSet<String> = m
+            .render()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_string)
+            .collect();
+        let dashboard = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../contrib/grafana-dashboard.json"
+        ));
+        let alerts = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../contrib/prometheus-alerts.yml"
+        ));
+        let parsed: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard JSON");
+        assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 10));
+        let mut used = std::collections::BTreeSet::new();
+        for text in [dashboard, alerts] {
+            let mut rest = text;
+            while let Some(at) = rest.find("spaced_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                used.insert(name);
+            }
+        }
+        assert!(used.len() >= 12, "{used:?}");
+        let unknown: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "contrib/ names metrics spaced does not export: {unknown:?}\nexported: {exported:?}"
+        );
+    }
 }
