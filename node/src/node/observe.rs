@@ -104,6 +104,9 @@ pub(super) async fn metrics_loop(
             })
             .collect();
         inner.metrics.update_fabric(inner.id, figures, &held);
+        if let Some((running, starts)) = agent.guard_state() {
+            inner.metrics.guard(running, starts);
+        }
     }
 }
 

@@ -56,6 +56,10 @@ pub struct NodeMetrics {
     revoked: Gauge,
     /// Seconds until this node's certificate expires.
     cert_expiry: Gauge,
+    /// 1 while the VIP fence guard runs, 0 when it has died and not been restarted yet.
+    guard_up: Gauge,
+    /// VIP fence guards started (a rise past 1 is a restart after a guard died).
+    guard_starts: Gauge,
 }
 
 /// One VIP's gauges.
@@ -163,6 +167,14 @@ impl NodeMetrics {
             "spaced_cert_expiry_seconds",
             "Seconds until this node's certificate expires.",
         );
+        let guard_up = gauge(
+            "spaced_fence_guard_up",
+            "1 while the VIP fence guard runs; 0 when it died (it is restarted at the next hold).",
+        );
+        let guard_starts = gauge(
+            "spaced_fence_guard_starts",
+            "VIP fence guards started by this daemon; more than 1 means one died.",
+        );
         recorder.describe_gauge(
             "spaced_build_info".into(),
             None,
@@ -190,6 +202,8 @@ impl NodeMetrics {
             devices: Mutex::default(),
             revoked,
             cert_expiry,
+            guard_up,
+            guard_starts,
             recorder: std::sync::Arc::new(recorder),
             handle,
             term,
@@ -329,6 +343,14 @@ impl NodeMetrics {
         self.revoked.set(figures.revoked as f64);
     }
 
+    /// Records the VIP fence guard's state: running (`None`: not started yet, shown as up: there
+    /// is nothing to fence) and how many were started.
+    pub fn guard(&self, running: Option<bool>, starts: u64) {
+        self.guard_up
+            .set(if running.unwrap_or(true) { 1.0 } else { 0.0 });
+        self.guard_starts.set(starts as f64);
+    }
+
     /// Records when this node's certificate expires (Unix seconds), against `now` (Unix seconds).
     pub fn cert_expires(&self, not_after: i64, now: i64) {
         self.cert_expiry.set((not_after - now) as f64);
@@ -379,6 +401,7 @@ mod tests {
         m.update_raft(None, Some(12), Some(12));
         m.update_raft(Some(3), Some(12), Some(12));
         m.cert_expires(1_000_500, 1_000_000);
+        m.guard(Some(false), 2);
         let text = m.render();
         for line in [
             "spaced_vip_owner{vip=\"cluster\"} 2",
@@ -390,6 +413,8 @@ mod tests {
             "spaced_leader_changes_total 2",
             "spaced_raft_apply_lag_entries 0",
             "spaced_cert_expiry_seconds 500",
+            "spaced_fence_guard_up 0",
+            "spaced_fence_guard_starts 2",
             "data_format=\"5\"",
         ] {
             assert!(text.contains(line), "no {line} in:\n{text}");
@@ -416,6 +441,7 @@ mod tests {
         m.update_raft(Some(1), Some(9), Some(9));
         m.commit_latency(Duration::from_millis(2));
         m.cert_expires(2_000, 1_000);
+        m.guard(Some(true), 1);
         m.update_fabric(
             1,
             FabricFigures {

@@ -89,6 +89,11 @@ pub trait VipBackend: Send + Sync + 'static {
     /// The lease on `vip` now ends at `until`: a backend with an out-of-process guard passes it on,
     /// so the VIP goes down at that instant even if this process is stopped.
     fn hold_until(&self, _vip: &VipSpec, _until: Instant) {}
+    /// The out-of-process guard's state for metrics (see
+    /// [`crate::takeover::guard::GuardCell::state`]); `None`: this backend has none.
+    fn guard_state(&self) -> Option<(Option<bool>, u64)> {
+        None
+    }
 }
 
 /// Stand-in for rootless demos: "holding" a VIP means answering TCP on `ip:port` with the node
@@ -584,6 +589,12 @@ impl Agent {
     /// Time left on a placement's lease here.
     pub fn lease_remaining(&self, name: &str, now: Instant) -> Duration {
         crate::lock(&self.leases).remaining(name, now)
+    }
+
+    /// The VIP fence guard's state: running (`None`: none started yet) and how many were
+    /// started; `None` without an out-of-process guard (loopback).
+    pub fn guard_state(&self) -> Option<(Option<bool>, u64)> {
+        self.backend.guard_state()
     }
 
     /// VIP names up on this host.

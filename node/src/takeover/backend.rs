@@ -109,6 +109,10 @@ async fn check_address(tk: &Takeover, address: &str, interface: &str) -> Result<
 }
 
 impl VipBackend for NetlinkBackend {
+    fn guard_state(&self) -> Option<(Option<bool>, u64)> {
+        Some(self.guard.state())
+    }
+
     fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         let tk = self.tk.clone();
         Box::pin(async move {

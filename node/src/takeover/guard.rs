@@ -274,6 +274,12 @@ impl GuardCell {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// For metrics: whether the guard started last is running (`None`: none started yet),
+    /// and how many were started.
+    pub fn state(&self) -> (Option<bool>, u64) {
+        (self.started().map(|g| g.alive()), self.generation())
+    }
+
     /// Tells a live guard something; if the guard died under the call, tells a new one.
     pub fn send(
         &self,
