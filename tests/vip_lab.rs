@@ -568,99 +568,113 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(1);
-    let mut owner = wait_served(&f, "cluster", vip_ip, None)?;
-    for round in 1..=rounds {
-        println!("round {round}/{rounds}");
-        // 1. SIGKILL of daemon and guard together.
-        let t = Instant::now();
-        f.procs[owner - 1]
-            .as_ref()
-            .context("owner")?
-            .signal_group(Signal::SIGKILL)?;
-        let next = served_elsewhere(&f, owner)?;
-        println!(
-            "group SIGKILL: served by n{next} after {} ms",
-            t.elapsed().as_millis()
-        );
-        assert!(
-            !f.lab.addresses(&f.lab.host(owner).ns)?.contains(&vip_ip),
-            "the killed host still holds the VIP"
-        );
-        f.procs[owner - 1] = Some(f.spawn(owner, false)?);
+    // The rounds run in a closure so that the address report is printed also when a round
+    // fails (a VIP not served again in time says nothing of overlaps by itself).
+    let mut run = || -> Result<()> {
+        let mut owner = wait_served(&f, "cluster", vip_ip, None)?;
+        for round in 1..=rounds {
+            println!("round {round}/{rounds}");
+            // 1. SIGKILL of daemon and guard together.
+            let t = Instant::now();
+            f.procs[owner - 1]
+                .as_ref()
+                .context("owner")?
+                .signal_group(Signal::SIGKILL)?;
+            let next = served_elsewhere(&f, owner)?;
+            println!(
+                "group SIGKILL: served by n{next} after {} ms",
+                t.elapsed().as_millis()
+            );
+            assert!(
+                !f.lab.addresses(&f.lab.host(owner).ns)?.contains(&vip_ip),
+                "the killed host still holds the VIP"
+            );
+            f.procs[owner - 1] = Some(f.spawn(owner, false)?);
 
-        // 2. SIGSTOP of the whole group, then SIGCONT.
-        let frozen = next;
-        let p = f.procs[frozen - 1].as_ref().context("owner")?;
-        let t = Instant::now();
-        p.signal_group(Signal::SIGSTOP)?;
-        let next = served_elsewhere(&f, frozen)?;
-        println!(
-            "group SIGSTOP: served by n{next} after {} ms",
-            t.elapsed().as_millis()
-        );
-        assert!(
-            !f.lab.addresses(&f.lab.host(frozen).ns)?.contains(&vip_ip),
-            "the frozen host still holds the VIP"
-        );
-        p.signal_group(Signal::SIGCONT)?;
-        std::thread::sleep(Duration::from_secs(2));
-        assert_eq!(
-            f.vip_owner("cluster", None),
-            Some(next as u64),
-            "the VIP moved back"
-        );
+            // 2. SIGSTOP of the whole group, then SIGCONT.
+            let frozen = next;
+            let p = f.procs[frozen - 1].as_ref().context("owner")?;
+            let t = Instant::now();
+            p.signal_group(Signal::SIGSTOP)?;
+            let next = served_elsewhere(&f, frozen)?;
+            println!(
+                "group SIGSTOP: served by n{next} after {} ms",
+                t.elapsed().as_millis()
+            );
+            assert!(
+                !f.lab.addresses(&f.lab.host(frozen).ns)?.contains(&vip_ip),
+                "the frozen host still holds the VIP"
+            );
+            p.signal_group(Signal::SIGCONT)?;
+            std::thread::sleep(Duration::from_secs(2));
+            assert_eq!(
+                f.vip_owner("cluster", None),
+                Some(next as u64),
+                "the VIP moved back"
+            );
 
-        // 3. The guard alone dies: the daemon starts a new one, which fences the VIP when the
-        //    daemon is SIGKILLed next (it sees its stdin close and removes the address).
-        let victim = next;
-        let p = f.procs[victim - 1].as_ref().context("owner")?;
-        let guards = p.children();
-        assert!(!guards.is_empty(), "the owner has no fence guard");
-        let started = |p: &LabProcess| p.read_log().matches("fence guard started").count();
-        let before = started(p);
-        for g in &guards {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(*g as i32), Signal::SIGKILL)?;
+            // 3. The guard alone dies: the daemon starts a new one, which fences the VIP when the
+            //    daemon is SIGKILLed next (it sees its stdin close and removes the address).
+            let victim = next;
+            let p = f.procs[victim - 1].as_ref().context("owner")?;
+            let guards = p.children();
+            assert!(!guards.is_empty(), "the owner has no fence guard");
+            let started = |p: &LabProcess| p.read_log().matches("fence guard started").count();
+            let before = started(p);
+            for g in &guards {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*g as i32), Signal::SIGKILL)?;
+            }
+            f.wait(Duration::from_secs(5), "a new fence guard", |_| {
+                Ok(started(p) > before && p.children().iter().any(|c| !guards.contains(c)))
+            })?;
+            // The new guard is told the lease at the next renewal (every 75 ms): a daemon that
+            // dies before that leaves an address no guard knows of (a double fault, not tested).
+            std::thread::sleep(Duration::from_millis(300));
+            let t = Instant::now();
+            p.signal(Signal::SIGKILL)?;
+            let next = served_elsewhere(&f, victim)?;
+            println!(
+                "guard, then daemon SIGKILL: served by n{next} after {} ms",
+                t.elapsed().as_millis()
+            );
+            f.procs[victim - 1] = Some(f.spawn(victim, false)?);
+            std::thread::sleep(Duration::from_secs(2));
+
+            // 4. A partition of the owner, healed the moment the majority has given the VIP to
+            //    another node: the old owner is back just as the new one takes over. It must
+            //    have fenced by then and must not put the address up again.
+            let cut = next;
+            f.lab.partition(f.lab.host(cut))?;
+            let t = Instant::now();
+            f.wait(
+                Duration::from_secs(30),
+                "the majority reassigns the VIP",
+                |f| {
+                    Ok(f.vip_owner("cluster", Some(cut))
+                        .is_some_and(|o| o as usize != cut))
+                },
+            )?;
+            f.lab.heal(f.lab.host(cut))?;
+            let next = served_elsewhere(&f, cut)?;
+            println!(
+                "partition healed at reassignment (after {} ms): served by n{next}",
+                t.elapsed().as_millis()
+            );
+            owner = next;
+            std::thread::sleep(Duration::from_secs(2));
         }
-        f.wait(Duration::from_secs(5), "a new fence guard", |_| {
-            Ok(started(p) > before && p.children().iter().any(|c| !guards.contains(c)))
-        })?;
-        // The new guard is told the lease at the next renewal (every 75 ms): a daemon that
-        // dies before that leaves an address no guard knows of (a double fault, not tested).
-        std::thread::sleep(Duration::from_millis(300));
-        let t = Instant::now();
-        p.signal(Signal::SIGKILL)?;
-        let next = served_elsewhere(&f, victim)?;
-        println!(
-            "guard, then daemon SIGKILL: served by n{next} after {} ms",
-            t.elapsed().as_millis()
-        );
-        f.procs[victim - 1] = Some(f.spawn(victim, false)?);
-        std::thread::sleep(Duration::from_secs(2));
-
-        // 4. A partition of the owner, healed the moment the majority has given the VIP to
-        //    another node: the old owner is back just as the new one takes over. It must
-        //    have fenced by then and must not put the address up again.
-        let cut = next;
-        f.lab.partition(f.lab.host(cut))?;
-        let t = Instant::now();
-        f.wait(
-            Duration::from_secs(30),
-            "the majority reassigns the VIP",
-            |f| {
-                Ok(f.vip_owner("cluster", Some(cut))
-                    .is_some_and(|o| o as usize != cut))
-            },
-        )?;
-        f.lab.heal(f.lab.host(cut))?;
-        let next = served_elsewhere(&f, cut)?;
-        println!(
-            "partition healed at reassignment (after {} ms): served by n{next}",
-            t.elapsed().as_millis()
-        );
-        owner = next;
-        std::thread::sleep(Duration::from_secs(2));
-    }
+        Ok(())
+    };
+    let outcome = run();
     let report = watch.stop();
+    println!(
+        "address watch: {} samples, at most {} holder(s), {} overlap(s), {} owner transitions",
+        report.samples,
+        report.max_holders,
+        report.overlaps.len(),
+        report.holders_over_time.len()
+    );
+    outcome?;
     assert_eq!(
         report.max_holders, 1,
         "two hosts held the VIP at once: {:?}",
