@@ -96,6 +96,10 @@ pub struct Lab {
     processes: Mutex<Vec<Arc<Mutex<ProcState>>>>,
     stop: Arc<AtomicBool>,
     servers: Mutex<Vec<JoinHandle<()>>>,
+    /// `<cgroup2 mount>/slab-<id>`: every spawned process runs in a cgroup of its own below
+    /// it (like a service manager's unit), which the faults kill or freeze whole. `None` on a
+    /// host without cgroup v2.
+    cgroup: Option<PathBuf>,
 }
 
 impl Lab {
@@ -135,10 +139,17 @@ impl Lab {
             processes: Mutex::new(Vec::new()),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Mutex::new(Vec::new()),
+            cgroup: None,
         };
         // On error `lab` is dropped here, which deletes whatever namespaces were created.
         lab.build()
             .with_context(|| format!("building network lab {}", lab.id))?;
+        if let Some(mount) = cgroup2_mount() {
+            let dir = mount.join(format!("{NS_PREFIX}{}", lab.id));
+            std::fs::create_dir(&dir)
+                .with_context(|| format!("creating the lab's cgroup {}", dir.display()))?;
+            lab.cgroup = Some(dir);
+        }
         Ok(lab)
     }
 
@@ -318,12 +329,46 @@ impl Lab {
         let log = File::create(&log_path)
             .with_context(|| format!("creating log file {}", log_path.display()))?;
         let log2 = log.try_clone().context("duplicating the log file handle")?;
-        let mut cmd = self.command_in(ns, program);
-        cmd.args(args)
+        // `ip netns exec` mounts a fresh /sys, without the cgroup2 filesystem a host has at
+        // /sys/fs/cgroup: mount it again there (in the exec's own mount namespace) so that the
+        // process sees the cgroups as on a host of its own.
+        let mut cmd = self.command_in(ns, "sh");
+        cmd.arg("-c")
+            .arg("mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null; exec \"$0\" \"$@\"")
+            .arg(program)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log2)
             .stderr(log)
             .process_group(0);
+        // A cgroup of its own, entered by the child itself before exec (writing "0" to
+        // cgroup.procs moves the writer), so that everything it starts begins there too.
+        let cgroup = match &self.cgroup {
+            Some(lab_cg) => {
+                let n = lock(&self.processes).len();
+                let dir = lab_cg.join(format!("p{n}-{}", log_name.replace('.', "_")));
+                std::fs::create_dir(&dir)
+                    .with_context(|| format!("creating cgroup {}", dir.display()))?;
+                let procs = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))
+                    .with_context(|| format!("opening {}/cgroup.procs", dir.display()))?;
+                Some((dir, procs))
+            }
+            None => None,
+        };
+        if let Some((_, procs)) = &cgroup {
+            let fd = procs.as_raw_fd();
+            // SAFETY: the closure only calls write(2) on an fd the parent keeps open until
+            // spawn returns; nothing is allocated between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                    nix::unistd::write(fd, b"0").map_err(std::io::Error::from)?;
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().with_context(|| {
             format!(
                 "spawning `{} {}` in namespace {ns}",
@@ -342,6 +387,7 @@ impl Lab {
             ns: ns.to_string(),
             log: log_path,
             state,
+            cgroup: cgroup.map(|(dir, _)| dir),
         })
     }
 
@@ -547,6 +593,11 @@ impl Drop for Lab {
         for state in lock(&self.processes).drain(..) {
             lock(&state).kill_and_reap();
         }
+        if let Some(cg) = &self.cgroup
+            && let Err(e) = remove_cgroup(cg)
+        {
+            eprintln!("lab {}: cleanup: {e:#}", self.id);
+        }
         for ns in self.created.iter().rev() {
             if let Err(e) = ip(&format!("netns del {ns}")) {
                 eprintln!("lab {}: cleanup: {e:#}", self.id);
@@ -571,6 +622,8 @@ pub struct LabProcess {
     ns: String,
     log: PathBuf,
     state: Arc<Mutex<ProcState>>,
+    /// The cgroup it was started in (see `Lab::spawn_in`).
+    cgroup: Option<PathBuf>,
 }
 
 /// The child plus its exit status once reaped (so we never signal a pid that may be reused).
@@ -602,7 +655,44 @@ impl ProcState {
 }
 
 impl LabProcess {
-    /// The process id (it is `exec`ed by `ip netns exec`, so this is the program itself).
+    /// SIGKILLs every process of its cgroup at once (`cgroup.kill`: what `systemctl kill -s
+    /// KILL` or a stop timeout does to a unit), and reaps the process.
+    pub fn cgroup_kill(&self) -> Result<()> {
+        let dir = self.cgroup_dir()?;
+        std::fs::write(dir.join("cgroup.kill"), "1")
+            .with_context(|| format!("writing {}/cgroup.kill", dir.display()))?;
+        lock(&self.state).kill_and_reap();
+        Ok(())
+    }
+
+    /// Freezes (`true`) or thaws its whole cgroup (`cgroup.freeze`, as `systemctl freeze`),
+    /// and waits until the kernel reports it done.
+    pub fn cgroup_freeze(&self, frozen: bool) -> Result<()> {
+        let dir = self.cgroup_dir()?;
+        std::fs::write(dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })
+            .with_context(|| format!("writing {}/cgroup.freeze", dir.display()))?;
+        let want = format!("frozen {}", u8::from(frozen));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let events = std::fs::read_to_string(dir.join("cgroup.events"))
+                .with_context(|| format!("reading {}/cgroup.events", dir.display()))?;
+            if events.lines().any(|l| l == want) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("cgroup {} did not report `{want}`", dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn cgroup_dir(&self) -> Result<&Path> {
+        self.cgroup
+            .as_deref()
+            .context("this host has no cgroup v2 hierarchy: the lab cannot kill or freeze a cgroup")
+    }
+
+    /// The process id (`ip netns exec` and the `sh` in `spawn_in` both `exec`, so this is the program itself).
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -1078,6 +1168,47 @@ fn answer(mut stream: TcpStream, reply: &[u8]) {
     while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
 }
 
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// Kills whatever still runs in cgroup `dir` and below, then removes it and its children.
+fn remove_cgroup(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    std::fs::write(dir.join("cgroup.kill"), "1")
+        .with_context(|| format!("writing {}/cgroup.kill", dir.display()))?;
+    let children: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    // The kill is asynchronous: a cgroup can be removed once its last process is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for d in children.iter().chain(std::iter::once(&dir.to_path_buf())) {
+        loop {
+            match std::fs::remove_dir(d) {
+                Ok(()) => break,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).with_context(|| format!("removing cgroup {}", d.display()));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Deletes namespaces left by labs of test processes that no longer exist (killed runs).
 fn reap_stale_labs() {
     let Ok(list) = ip("netns list") else { return };
@@ -1096,6 +1227,27 @@ fn reap_stale_labs() {
             match ip(&format!("netns del {name}")) {
                 Ok(_) => eprintln!("lab: removed stale namespace {name} (pid {pid} is gone)"),
                 Err(e) => eprintln!("lab: removing stale namespace {name}: {e:#}"),
+            }
+        }
+    }
+    // And their cgroups (`slab-<pid>-<n>`).
+    let Some(mount) = cgroup2_mount() else { return };
+    let Ok(entries) = std::fs::read_dir(&mount) else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(NS_PREFIX)
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| u32::from_str_radix(p, 16).ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            match remove_cgroup(&e.path()) {
+                Ok(()) => eprintln!("lab: removed stale cgroup {name} (pid {pid} is gone)"),
+                Err(e) => eprintln!("lab: removing stale cgroup {name}: {e:#}"),
             }
         }
     }

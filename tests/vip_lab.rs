@@ -80,6 +80,7 @@ impl Fabric {
                 takeover: TakeoverMode::Netlink,
                 vips: Vec::new(),
                 garp_refresh_s: 0,
+                fence_cgroup: None,
                 lb: None,
                 devices: Default::default(),
                 source: dir.join(format!("{name}.toml")),
@@ -541,8 +542,9 @@ fn sigstopped_owner_is_fenced_by_its_guard_and_ipv6_vip_moves() -> Result<()> {
 
 /// The fence must not die with the daemon (issue 16): SIGKILL of the owner's whole process
 /// group (the daemon and every child of its group), SIGSTOP of the whole group, a guard
-/// killed on its own before the daemon, and a partition of the owner healed the moment the
-/// majority reassigns the VIP. In each case the VIP is served again by another host, and at
+/// killed on its own before the daemon, a partition of the owner healed the moment the
+/// majority reassigns the VIP, SIGKILL of the owner's whole cgroup and a freeze of it. In
+/// each case the VIP is served again by another host, and at
 /// no sample (every millisecond) do two hosts hold it.
 #[test]
 fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
@@ -563,7 +565,7 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
         Duration::from_millis(1),
     )?;
 
-    // SPACED_FENCE_ROUNDS repeats the four faults (the issue's acceptance run: 200).
+    // SPACED_FENCE_ROUNDS repeats the six faults (the issue's acceptance run: 200).
     let rounds: usize = std::env::var("SPACED_FENCE_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
@@ -660,8 +662,50 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
                 "partition healed at reassignment (after {} ms): served by n{next}",
                 t.elapsed().as_millis()
             );
-            owner = next;
             std::thread::sleep(Duration::from_secs(2));
+
+            // 5. SIGKILL of the owner's whole cgroup (`systemctl kill -s KILL`, a stop
+            //    timeout): the guard, moved to a cgroup of its own, survives and fences.
+            let victim = next;
+            let t = Instant::now();
+            f.procs[victim - 1]
+                .as_ref()
+                .context("owner")?
+                .cgroup_kill()?;
+            let next = served_elsewhere(&f, victim)?;
+            println!(
+                "cgroup SIGKILL: served by n{next} after {} ms",
+                t.elapsed().as_millis()
+            );
+            assert!(
+                !f.lab.addresses(&f.lab.host(victim).ns)?.contains(&vip_ip),
+                "the host whose cgroup was killed still holds the VIP"
+            );
+            f.procs[victim - 1] = Some(f.spawn(victim, false)?);
+            std::thread::sleep(Duration::from_secs(2));
+
+            // 6. The owner's cgroup frozen (`systemctl freeze`), then thawed.
+            let frozen = next;
+            let p = f.procs[frozen - 1].as_ref().context("owner")?;
+            let t = Instant::now();
+            p.cgroup_freeze(true)?;
+            let next = served_elsewhere(&f, frozen)?;
+            println!(
+                "cgroup freeze: served by n{next} after {} ms",
+                t.elapsed().as_millis()
+            );
+            assert!(
+                !f.lab.addresses(&f.lab.host(frozen).ns)?.contains(&vip_ip),
+                "the frozen host still holds the VIP"
+            );
+            p.cgroup_freeze(false)?;
+            std::thread::sleep(Duration::from_secs(2));
+            assert_eq!(
+                f.vip_owner("cluster", None),
+                Some(next as u64),
+                "the VIP moved back"
+            );
+            owner = next;
         }
         Ok(())
     };

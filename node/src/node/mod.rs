@@ -116,7 +116,7 @@ async fn vip_backend(
             Arc::new(LoopbackBackend::new(cfg.name.clone(), ports))
         }
         TakeoverMode::Netlink => {
-            let backend = crate::takeover::backend::NetlinkBackend::new()
+            let backend = crate::takeover::backend::NetlinkBackend::new(cfg.fence_cgroup())
                 .await
                 .map_err(|e| StartError::system(format!("takeover: {e}")))?;
             check_vips(cfg, &backend).await?;
@@ -264,7 +264,7 @@ pub async fn check(cfg: &NodeConfig) -> Result<Vec<String>, StartError> {
     }
     match cfg.takeover {
         TakeoverMode::Netlink if !cfg.vips.is_empty() => {
-            let backend = crate::takeover::backend::NetlinkBackend::new()
+            let backend = crate::takeover::backend::NetlinkBackend::new(cfg.fence_cgroup())
                 .await
                 .map_err(|e| StartError::system(format!("takeover: {e}")))?;
             check_vips(cfg, &backend).await?;
@@ -430,6 +430,7 @@ impl Node {
             takeover,
             supervisor.clone(),
             services_wake.clone(),
+            cfg.fence_cgroup(),
         ));
         let agent = Agent::new(cfg.node_id, lease.clone(), placement_backend.clone());
         agent
@@ -587,7 +588,7 @@ impl Node {
             tls.serial().unwrap_or_else(|e| e.to_string())
         ));
         let old = &self.config;
-        let restart_keys: [(&str, bool); 15] = [
+        let restart_keys: [(&str, bool); 16] = [
             ("node_id", old.node_id != cfg.node_id),
             ("name", old.name != cfg.name),
             ("data_dir", old.data_dir != cfg.data_dir),
@@ -603,6 +604,7 @@ impl Node {
                 "takeover",
                 old.takeover != cfg.takeover || old.garp_refresh_s != cfg.garp_refresh_s,
             ),
+            ("fence_cgroup", old.fence_cgroup != cfg.fence_cgroup),
             ("vip", old.vips != cfg.vips),
             ("lb", old.lb != cfg.lb),
             ("devices", old.devices != cfg.devices),

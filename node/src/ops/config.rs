@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::takeover::cgroup::FenceCgroup;
+
 /// A node's full configuration, as loaded from its TOML file.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +56,12 @@ pub struct NodeConfig {
     /// Re-announce held VIPs (gratuitous ARP / NA) this often after the initial burst; 0 = never.
     #[serde(default)]
     pub garp_refresh_s: u64,
+    /// The cgroup v2 (a path under the cgroup2 mount) the fence guards are moved into, out of
+    /// the daemon's own, so that killing or freezing the daemon's cgroup (`systemctl kill`, a
+    /// stop timeout) does not take the fence with it. Unset: `spaced-fence`; `none`: the
+    /// guards stay in the daemon's cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_cgroup: Option<String>,
     /// VIPs this node declares; registered in the fabric at start-up if missing.
     #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
     pub vips: Vec<VipSection>,
@@ -454,6 +462,15 @@ impl NodeConfig {
             .unwrap_or_else(|e| format!("# failed to serialize configuration: {e}\n"))
     }
 
+    /// Where the fence guards go (`fence_cgroup`); an invalid value was refused at load, and
+    /// reads as the default here.
+    pub fn fence_cgroup(&self) -> FenceCgroup {
+        self.fence_cgroup
+            .as_deref()
+            .and_then(|v| FenceCgroup::parse(v).ok())
+            .unwrap_or_default()
+    }
+
     /// Semantic checks that serde cannot express.
     fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &str, problem: String| ConfigError::Key {
@@ -471,6 +488,11 @@ impl NodeConfig {
         }
         if let Some(problem) = name_problem(&self.name) {
             return Err(err("name", problem));
+        }
+        if let Some(v) = &self.fence_cgroup
+            && let Err(e) = FenceCgroup::parse(v)
+        {
+            return Err(err("fence_cgroup", e.to_string()));
         }
         let mut seen = HashSet::new();
         for (i, role) in self.roles.iter().enumerate() {
@@ -1183,6 +1205,21 @@ key = "n.key"
         }
         let msg = err_of(&format!("mgmt_ip = \"eth0\"\n{MINIMAL}"));
         assert!(msg.contains("mgmt_ip"), "{msg}");
+    }
+
+    #[test]
+    fn the_fence_cgroup_defaults_parses_and_bad_values_are_named() {
+        let c = NodeConfig::parse_str(MINIMAL, src()).unwrap();
+        assert_eq!(c.fence_cgroup(), FenceCgroup::Under("spaced-fence".into()));
+        let c =
+            NodeConfig::parse_str(&format!("fence_cgroup = \"none\"\n{MINIMAL}"), src()).unwrap();
+        assert_eq!(c.fence_cgroup(), FenceCgroup::Off);
+        assert_eq!(NodeConfig::parse_str(&c.to_toml(), src()).unwrap(), c);
+        let msg = err_of(&format!("fence_cgroup = \"../x\"\n{MINIMAL}"));
+        assert!(
+            msg.contains("key `fence_cgroup`: \"../x\" is not a cgroup path"),
+            "{msg}"
+        );
     }
 
     #[test]

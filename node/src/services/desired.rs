@@ -231,11 +231,13 @@ impl PlacementBackend {
 }
 
 impl PlacementBackend {
-    /// Routes VIPs to `vips` and singletons to `supervisor`.
+    /// Routes VIPs to `vips` and singletons to `supervisor`; the services' fence guard is
+    /// moved into `fence`.
     pub fn new(
         vips: Arc<dyn VipBackend>,
         supervisor: Supervisor,
         wake: Arc<tokio::sync::Notify>,
+        fence: crate::takeover::cgroup::FenceCgroup,
     ) -> Self {
         let is_spaced = std::env::current_exe()
             .ok()
@@ -248,7 +250,7 @@ impl PlacementBackend {
             vips,
             supervisor,
             wake,
-            guard: is_spaced.then(|| Arc::new(GuardCell::new("singletons and services"))),
+            guard: is_spaced.then(|| Arc::new(GuardCell::new("singletons and services", fence))),
             services_guarded_by: std::sync::Mutex::new(0),
         }
     }

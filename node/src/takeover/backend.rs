@@ -58,12 +58,12 @@ impl From<GuardError> for HoldError {
 }
 
 impl NetlinkBackend {
-    /// Opens netlink.
-    pub async fn new() -> Result<Self, TakeoverError> {
+    /// Opens netlink; the fence guard, once started, is moved into `fence`.
+    pub async fn new(fence: crate::takeover::cgroup::FenceCgroup) -> Result<Self, TakeoverError> {
         let tk = Takeover::new().await?;
         Ok(NetlinkBackend {
             tk: Arc::new(tk),
-            guard: Arc::new(GuardCell::new("VIPs")),
+            guard: Arc::new(GuardCell::new("VIPs", fence)),
         })
     }
 

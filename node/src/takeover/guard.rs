@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 
 use crate::placement::agent::VipSpec;
+use crate::takeover::cgroup::{FenceCgroup, Placed};
 
 /// The longest the guard sleeps while it holds anything (see `run_guard`).
 const GUARD_LOOK: Duration = Duration::from_millis(50);
@@ -153,8 +154,10 @@ pub struct GuardHandle {
 }
 
 impl GuardHandle {
-    /// Starts `<this executable> guard`.
-    pub fn spawn() -> Result<Self, GuardError> {
+    /// Starts `<this executable> guard` and moves it into the fence cgroup (see
+    /// [`crate::takeover::cgroup`]); a failed move is logged, not fatal: the guard still
+    /// outlives a signal to the daemon's process group.
+    pub fn spawn(fence: &FenceCgroup) -> Result<Self, GuardError> {
         use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe().map_err(|e| GuardError::Locate(e.to_string()))?;
         let mut child = Command::new(exe)
@@ -170,6 +173,21 @@ impl GuardHandle {
             .spawn()
             .map_err(|e| GuardError::Start(e.to_string()))?;
         let stdin = child.stdin.take().ok_or(GuardError::NoStdin)?;
+        // Until the move the guard shares the daemon's cgroup; it holds nothing before its
+        // first command, which comes after this.
+        match crate::takeover::cgroup::move_out(fence, child.id()) {
+            Ok(Placed::Moved(dir)) => {
+                tracing::info!(cgroup = %dir.display(), "fence guard runs in a cgroup of its own")
+            }
+            Ok(Placed::Stays(why)) => {
+                tracing::debug!(why, "fence guard stays in the daemon's cgroup")
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "fence guard stays in the daemon's cgroup: killing or freezing that cgroup \
+                 (systemctl kill, a stop timeout) takes the fence down with the daemon"
+            ),
+        }
         Ok(GuardHandle {
             child: Mutex::new(child),
             stdin: Mutex::new(stdin),
@@ -232,13 +250,16 @@ pub struct GuardCell {
     current: Mutex<Option<std::sync::Arc<GuardHandle>>>,
     /// Guards started so far.
     generation: std::sync::atomic::AtomicU64,
+    /// Where each new guard is moved.
+    fence: FenceCgroup,
 }
 
 impl GuardCell {
     /// No guard yet; the first use starts one.
-    pub fn new(what: &'static str) -> Self {
+    pub fn new(what: &'static str, fence: FenceCgroup) -> Self {
         GuardCell {
             what,
+            fence,
             current: Mutex::new(None),
             generation: std::sync::atomic::AtomicU64::new(0),
         }
@@ -256,7 +277,7 @@ impl GuardCell {
                 "the fence guard died; starting a new one"
             );
         }
-        let g = std::sync::Arc::new(GuardHandle::spawn()?);
+        let g = std::sync::Arc::new(GuardHandle::spawn(&self.fence)?);
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(fences = self.what, "fence guard started");

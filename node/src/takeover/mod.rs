@@ -1,11 +1,13 @@
 //! How a VIP moves on a host: addresses over netlink ([`netlink`], with [`addr`]), the raw frames that probe
 //! for a conflict and announce the move ([`frames`], pure; [`probe`], their socket side), the
 //! agent's backend on top of them ([`backend`]), and the fence guard child process that
-//! removes addresses when the daemon dies ([`guard`]). Knows nothing of Raft; uses only the
+//! removes addresses when the daemon dies ([`guard`]), kept out of the daemon's cgroup
+//! ([`cgroup`]). Knows nothing of Raft; uses only the
 //! placement agent's `VipBackend` contract.
 
 pub mod addr;
 pub mod backend;
+pub mod cgroup;
 pub mod frames;
 pub mod guard;
 pub mod netlink;
