@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use spaced_node::demo::write_node_config;
+use spaced_node::demo::{node_config, write_config, write_node_config};
 use spaced_tests::{binary, make_pki, refusers, spacectl_stdout, wait_until};
 
 /// A `spaced run` child that is killed when dropped, so a failing test leaves nothing behind.
@@ -107,6 +107,11 @@ impl Lab {
 
     /// Starts n1 (bootstrap) .. n3 and joins n2, n3 with `spacectl node add`.
     fn start3() -> Result<Lab> {
+        Lab::start3_with(|_| {})
+    }
+
+    /// As [`start3`](Self::start3), each node's config changed by `tweak` first.
+    fn start3_with(tweak: impl Fn(&mut spaced_node::ops::config::NodeConfig)) -> Result<Lab> {
         let dir = tempfile::Builder::new().prefix("spaced-proc-").tempdir()?;
         make_pki(&dir.path().join("pki"), 3)?;
         let mut lab = Lab {
@@ -115,7 +120,9 @@ impl Lab {
         };
         for id in 1..=3u64 {
             let roles: &[&str] = if id == 3 { &["app"] } else { &["ha", "app"] };
-            let (config, listen) = write_node_config(lab.dir.path(), &lab.pki(), id, roles)?;
+            let mut cfg = node_config(lab.dir.path(), &lab.pki(), id, roles)?;
+            tweak(&mut cfg);
+            let (config, listen) = (write_config(&cfg)?, cfg.listen);
             lab.procs.push(Proc::start(
                 lab.dir.path(),
                 &config,
@@ -1319,5 +1326,247 @@ fn spacectl_devices_connect_drain_rebalance_and_survive_sigkill() -> Result<()> 
     drop(lab);
     drop(farm);
     rt.shutdown_background();
+    Ok(())
+}
+
+/// Backup and restore (issue 20): `spacectl snapshot save` on a running cluster, `inspect`,
+/// then every node killed and every data dir wiped; `spaced restore` seeds n1 from the file,
+/// n1 starts without `--bootstrap` and leads a new cluster, n2 and n3 join with empty dirs,
+/// and the VIP, the services, the singleton (running again, under a later epoch) and the
+/// devices (assigned again) are all back. Bad files and a used data dir are refused.
+#[test]
+fn a_snapshot_restores_a_wiped_cluster_with_its_vips_services_and_devices() -> Result<()> {
+    // Loopback takeover (no address on the host): the VIP is declared in n2's config only,
+    // with its responder's port; n1 cannot hold it.
+    let vip_port = spaced_tests::free_tcp_port();
+    let mut lab = Lab::start3_with(|cfg| {
+        cfg.takeover = spaced_node::ops::config::TakeoverMode::Loopback;
+        if cfg.node_id == 2 {
+            cfg.vips = vec![spaced_node::ops::config::VipSection {
+                name: "office".into(),
+                address: "127.0.0.77/8".into(),
+                interface: "lo".into(),
+                roles: vec!["ha".into()],
+                port: Some(vip_port),
+            }];
+        }
+    })?;
+    let n1 = lab.procs[0].addr.clone();
+    let out = lab.dir.path().join("svc");
+    std::fs::create_dir_all(&out)?;
+    let log = out.join("keeper.log");
+    let keeper = format!(
+        "echo \"$SPACED_NODE $SPACED_EPOCH $$\" >> {}; exec sleep 1000",
+        log.display()
+    );
+    lab.ctl_ok(
+        &n1,
+        &[
+            "service",
+            "add",
+            "keeper",
+            "--scope",
+            "singleton",
+            "--roles",
+            "app",
+            "--",
+            "/bin/sh",
+            "-c",
+            &keeper,
+        ],
+    )?;
+    lab.ctl_ok(
+        &n1,
+        &[
+            "service",
+            "add",
+            "idle",
+            "--scope",
+            "every-node",
+            "--",
+            "sleep",
+            "1000",
+        ],
+    )?;
+    wait_until(Duration::from_secs(20), "n2 holds the VIP", || {
+        let vips: Value = serde_json::from_str(&lab.ctl_ok(&n1, &["vip", "list", "--json"])?)?;
+        Ok(vips
+            .as_array()
+            .is_some_and(|a| a.iter().any(|v| v["name"] == "office" && v["owner"] == 2)))
+    })?;
+    let mut csv = String::new();
+    for i in 0..500 {
+        csv.push_str(&format!(
+            "r-{i},{}\n",
+            spaced_tests::unreachable_device_addr(i)
+        ));
+    }
+    let devices = lab.dir.path().join("devices.csv");
+    std::fs::write(&devices, csv)?;
+    lab.ctl_ok(
+        &n1,
+        &["device", "import", devices.to_str().context("path")?],
+    )?;
+    wait_until(Duration::from_secs(20), "the singleton running", || {
+        Ok(singleton_starts(&log).len() == 1)
+    })?;
+    let (_, epoch_before, _) = singleton_starts(&log)[0].clone();
+
+    // Save from a follower: the request goes to the leader.
+    let snap = lab.dir.path().join("fabric.snap");
+    let saved = lab.ctl_ok(
+        &lab.procs[1].addr.clone(),
+        &["snapshot", "save", snap.to_str().context("path")?],
+    )?;
+    assert!(saved.contains("saved snapshot at index"), "{saved}");
+    assert!(saved.contains("500 devices"), "{saved}");
+    let inspected: Value = serde_json::from_str(&lab.ctl_ok(
+        &n1,
+        &[
+            "snapshot",
+            "inspect",
+            "--json",
+            snap.to_str().context("path")?,
+        ],
+    )?)?;
+    assert_eq!(inspected["devices"], 500, "{inspected}");
+    assert_eq!(
+        inspected["services"],
+        serde_json::json!(["idle", "keeper"]),
+        "{inspected}"
+    );
+    assert_eq!(inspected["vips"][0]["name"], "office", "{inspected}");
+    assert_eq!(
+        inspected["members"].as_array().map(Vec::len),
+        Some(3),
+        "{inspected}"
+    );
+
+    // A damaged copy is refused by `inspect` and by `restore`, naming the file (exit 2).
+    let mut bytes = std::fs::read(&snap)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    let bad = lab.dir.path().join("damaged.snap");
+    std::fs::write(&bad, &bytes)?;
+    let o = lab.ctl(&n1, &["snapshot", "inspect", bad.to_str().context("path")?])?;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("checksum"),
+        "{o:?}"
+    );
+
+    // Everything goes: processes and data.
+    for p in lab.procs.iter_mut() {
+        p.signal(nix::sys::signal::Signal::SIGKILL)?;
+        p.wait(Duration::from_secs(5))?;
+    }
+    for id in 1..=3 {
+        std::fs::remove_dir_all(lab.dir.path().join(format!("data-n{id}")))?;
+    }
+    let restore = |file: &Path| -> Result<Output> {
+        Ok(Command::new(binary("spaced")?)
+            .args(["restore", "--config"])
+            .arg(&lab.procs[0].config)
+            .arg("--snapshot")
+            .arg(file)
+            .stdin(Stdio::null())
+            .output()?)
+    };
+    let o = restore(&bad)?;
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("damaged.snap"),
+        "{o:?}"
+    );
+    assert!(
+        !lab.dir.path().join("data-n1").join("db").exists(),
+        "a refused restore wrote nothing"
+    );
+    let o = restore(&snap)?;
+    assert!(o.status.success(), "{o:?}");
+    // Only into an empty data dir.
+    let o = restore(&snap)?;
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already holds Raft state"),
+        "{o:?}"
+    );
+
+    // n1 leads a cluster of one, without --bootstrap: the VIP is there before n2 (whose
+    // config declares it) has started, so it came from the snapshot.
+    let dir = lab.dir.path().to_path_buf();
+    let (config, addr) = (lab.procs[0].config.clone(), lab.procs[0].addr.clone());
+    lab.procs[0] = Proc::start(&dir, &config, &addr, false)?;
+    wait_until(Duration::from_secs(20), "restored n1 leads", || {
+        Ok(lab.status(&n1).is_ok_and(|s| s["leader"] == 1))
+    })?;
+    let vips: Value = serde_json::from_str(&lab.ctl_ok(&n1, &["vip", "list", "--json"])?)?;
+    assert!(
+        vips.as_array().is_some_and(|a| a
+            .iter()
+            .any(|v| v["name"] == "office" && v["owner"].is_null())),
+        "{vips}"
+    );
+    // n2 and n3 join it with empty data dirs.
+    for i in 1..3 {
+        let (config, addr) = (lab.procs[i].config.clone(), lab.procs[i].addr.clone());
+        lab.procs[i] = Proc::start(&dir, &config, &addr, false)?;
+    }
+    for id in 2..=3usize {
+        let addr = lab.procs[id - 1].addr.clone();
+        wait_until(Duration::from_secs(20), &format!("n{id} listens"), || {
+            Ok(lab.status(&addr).is_ok())
+        })?;
+        lab.ctl_ok(
+            &n1,
+            &[
+                "node",
+                "add",
+                "--id",
+                &id.to_string(),
+                "--name",
+                &format!("n{id}"),
+                "--addr",
+                &addr,
+            ],
+        )?;
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the singleton running again",
+        || Ok(singleton_starts(&log).len() == 2 && pid_alive(singleton_starts(&log)[1].2)),
+    )?;
+    let (_, epoch_after, _) = singleton_starts(&log)[1].clone();
+    assert!(
+        epoch_after > epoch_before,
+        "epochs go on after a restore: {epoch_before} then {epoch_after}"
+    );
+    assert_eq!(device_count(&lab, &n1)?, 500);
+    wait_until(
+        Duration::from_secs(30),
+        "every device assigned again",
+        || {
+            let v: Value = serde_json::from_str(&lab.ctl_ok(&n1, &["device", "list", "--json"])?)?;
+            Ok(v.as_array()
+                .is_some_and(|a| a.iter().all(|d| !d["owner"].is_null())))
+        },
+    )?;
+    let services: Value = serde_json::from_str(&lab.ctl_ok(&n1, &["service", "list", "--json"])?)?;
+    let names: Vec<&str> = services["services"]
+        .as_array()
+        .context("services")?
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["idle", "keeper"], "{services}");
+    wait_until(Duration::from_secs(30), "the VIP held again", || {
+        let vips: Value = serde_json::from_str(&lab.ctl_ok(&n1, &["vip", "list", "--json"])?)?;
+        Ok(vips.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|v| v["name"] == "office" && !v["owner"].is_null())
+        }))
+    })?;
+    let s = lab.status(&n1)?;
+    assert_eq!(s["nodes"].as_array().map(Vec::len), Some(3), "{s}");
     Ok(())
 }

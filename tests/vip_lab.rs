@@ -558,177 +558,176 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
     let served_elsewhere = |f: &Fabric, not: usize| {
         wait_served_within(f, "cluster", vip_ip, Some(not), Duration::from_secs(30))
     };
-    let watch = AddressWatch::start(
-        &f.lab,
-        &f.host_namespaces(),
-        vip_ip,
-        Duration::from_millis(1),
-    )?;
-
     // SPACED_FENCE_ROUNDS repeats the six faults (the acceptance run: 200).
     let rounds: usize = std::env::var("SPACED_FENCE_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(1);
-    // The rounds run in a closure so that the address report is printed also when a round
-    // fails (a VIP not served again in time says nothing of overlaps by itself).
-    let mut run = || -> Result<()> {
-        let mut owner = wait_served(&f, "cluster", vip_ip, None)?;
-        for round in 1..=rounds {
-            println!("round {round}/{rounds}");
-            // 1. SIGKILL of daemon and guard together.
-            let t = Instant::now();
-            f.procs[owner - 1]
-                .as_ref()
-                .context("owner")?
-                .signal_group(Signal::SIGKILL)?;
-            let next = served_elsewhere(&f, owner)?;
-            println!(
-                "group SIGKILL: served by n{next} after {} ms",
-                t.elapsed().as_millis()
-            );
-            assert!(
-                !f.lab.addresses(&f.lab.host(owner).ns)?.contains(&vip_ip),
-                "the killed host still holds the VIP"
-            );
-            f.procs[owner - 1] = Some(f.spawn(owner, false)?);
+    // One round of the six faults, from the VIP's owner; returns the owner at the end.
+    let one_round = |f: &mut Fabric, owner: usize| -> Result<usize> {
+        // 1. SIGKILL of daemon and guard together.
+        let t = Instant::now();
+        f.procs[owner - 1]
+            .as_ref()
+            .context("owner")?
+            .signal_group(Signal::SIGKILL)?;
+        let next = served_elsewhere(&f, owner)?;
+        println!(
+            "group SIGKILL: served by n{next} after {} ms",
+            t.elapsed().as_millis()
+        );
+        assert!(
+            !f.lab.addresses(&f.lab.host(owner).ns)?.contains(&vip_ip),
+            "the killed host still holds the VIP"
+        );
+        f.procs[owner - 1] = Some(f.spawn(owner, false)?);
 
-            // 2. SIGSTOP of the whole group, then SIGCONT.
-            let frozen = next;
-            let p = f.procs[frozen - 1].as_ref().context("owner")?;
-            let t = Instant::now();
-            p.signal_group(Signal::SIGSTOP)?;
-            let next = served_elsewhere(&f, frozen)?;
-            println!(
-                "group SIGSTOP: served by n{next} after {} ms",
-                t.elapsed().as_millis()
-            );
-            assert!(
-                !f.lab.addresses(&f.lab.host(frozen).ns)?.contains(&vip_ip),
-                "the frozen host still holds the VIP"
-            );
-            p.signal_group(Signal::SIGCONT)?;
-            std::thread::sleep(Duration::from_secs(2));
-            assert_eq!(
-                f.vip_owner("cluster", None),
-                Some(next as u64),
-                "the VIP moved back"
-            );
+        // 2. SIGSTOP of the whole group, then SIGCONT.
+        let frozen = next;
+        let p = f.procs[frozen - 1].as_ref().context("owner")?;
+        let t = Instant::now();
+        p.signal_group(Signal::SIGSTOP)?;
+        let next = served_elsewhere(&f, frozen)?;
+        println!(
+            "group SIGSTOP: served by n{next} after {} ms",
+            t.elapsed().as_millis()
+        );
+        assert!(
+            !f.lab.addresses(&f.lab.host(frozen).ns)?.contains(&vip_ip),
+            "the frozen host still holds the VIP"
+        );
+        p.signal_group(Signal::SIGCONT)?;
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            f.vip_owner("cluster", None),
+            Some(next as u64),
+            "the VIP moved back"
+        );
 
-            // 3. The guard alone dies: the daemon starts a new one, which fences the VIP when the
-            //    daemon is SIGKILLed next (it sees its stdin close and removes the address).
-            let victim = next;
-            let p = f.procs[victim - 1].as_ref().context("owner")?;
-            let guards = p.children();
-            assert!(!guards.is_empty(), "the owner has no fence guard");
-            let started = |p: &LabProcess| p.read_log().matches("fence guard started").count();
-            let before = started(p);
-            for g in &guards {
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*g as i32), Signal::SIGKILL)?;
-            }
-            f.wait(Duration::from_secs(5), "a new fence guard", |_| {
-                Ok(started(p) > before && p.children().iter().any(|c| !guards.contains(c)))
-            })?;
-            // The new guard is told the lease at the next renewal (every 75 ms): a daemon that
-            // dies before that leaves an address no guard knows of (a double fault, not tested).
-            std::thread::sleep(Duration::from_millis(300));
-            let t = Instant::now();
-            p.signal(Signal::SIGKILL)?;
-            let next = served_elsewhere(&f, victim)?;
-            println!(
-                "guard, then daemon SIGKILL: served by n{next} after {} ms",
-                t.elapsed().as_millis()
-            );
-            f.procs[victim - 1] = Some(f.spawn(victim, false)?);
-            std::thread::sleep(Duration::from_secs(2));
-
-            // 4. A partition of the owner, healed the moment the majority has given the VIP to
-            //    another node: the old owner is back just as the new one takes over. It must
-            //    have fenced by then and must not put the address up again.
-            let cut = next;
-            f.lab.partition(f.lab.host(cut))?;
-            let t = Instant::now();
-            f.wait(
-                Duration::from_secs(30),
-                "the majority reassigns the VIP",
-                |f| {
-                    Ok(f.vip_owner("cluster", Some(cut))
-                        .is_some_and(|o| o as usize != cut))
-                },
-            )?;
-            f.lab.heal(f.lab.host(cut))?;
-            let next = served_elsewhere(&f, cut)?;
-            println!(
-                "partition healed at reassignment (after {} ms): served by n{next}",
-                t.elapsed().as_millis()
-            );
-            std::thread::sleep(Duration::from_secs(2));
-
-            // 5. SIGKILL of the owner's whole cgroup (`systemctl kill -s KILL`, a stop
-            //    timeout): the guard, moved to a cgroup of its own, survives and fences.
-            let victim = next;
-            let t = Instant::now();
-            f.procs[victim - 1]
-                .as_ref()
-                .context("owner")?
-                .cgroup_kill()?;
-            let next = served_elsewhere(&f, victim)?;
-            println!(
-                "cgroup SIGKILL: served by n{next} after {} ms",
-                t.elapsed().as_millis()
-            );
-            assert!(
-                !f.lab.addresses(&f.lab.host(victim).ns)?.contains(&vip_ip),
-                "the host whose cgroup was killed still holds the VIP"
-            );
-            f.procs[victim - 1] = Some(f.spawn(victim, false)?);
-            std::thread::sleep(Duration::from_secs(2));
-
-            // 6. The owner's cgroup frozen (`systemctl freeze`), then thawed.
-            let frozen = next;
-            let p = f.procs[frozen - 1].as_ref().context("owner")?;
-            let t = Instant::now();
-            p.cgroup_freeze(true)?;
-            let next = served_elsewhere(&f, frozen)?;
-            println!(
-                "cgroup freeze: served by n{next} after {} ms",
-                t.elapsed().as_millis()
-            );
-            assert!(
-                !f.lab.addresses(&f.lab.host(frozen).ns)?.contains(&vip_ip),
-                "the frozen host still holds the VIP"
-            );
-            p.cgroup_freeze(false)?;
-            std::thread::sleep(Duration::from_secs(2));
-            assert_eq!(
-                f.vip_owner("cluster", None),
-                Some(next as u64),
-                "the VIP moved back"
-            );
-            owner = next;
+        // 3. The guard alone dies: the daemon starts a new one, which fences the VIP when the
+        //    daemon is SIGKILLed next (it sees its stdin close and removes the address).
+        let victim = next;
+        let p = f.procs[victim - 1].as_ref().context("owner")?;
+        let guards = p.children();
+        assert!(!guards.is_empty(), "the owner has no fence guard");
+        let started = |p: &LabProcess| p.read_log().matches("fence guard started").count();
+        let before = started(p);
+        for g in &guards {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(*g as i32), Signal::SIGKILL)?;
         }
-        Ok(())
+        f.wait(Duration::from_secs(5), "a new fence guard", |_| {
+            Ok(started(p) > before && p.children().iter().any(|c| !guards.contains(c)))
+        })?;
+        // The new guard is told the lease at the next renewal (every 75 ms): a daemon that
+        // dies before that leaves an address no guard knows of (a double fault, not tested).
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        p.signal(Signal::SIGKILL)?;
+        let next = served_elsewhere(&f, victim)?;
+        println!(
+            "guard, then daemon SIGKILL: served by n{next} after {} ms",
+            t.elapsed().as_millis()
+        );
+        f.procs[victim - 1] = Some(f.spawn(victim, false)?);
+        std::thread::sleep(Duration::from_secs(2));
+
+        // 4. A partition of the owner, healed the moment the majority has given the VIP to
+        //    another node: the old owner is back just as the new one takes over. It must
+        //    have fenced by then and must not put the address up again.
+        let cut = next;
+        f.lab.partition(f.lab.host(cut))?;
+        let t = Instant::now();
+        f.wait(
+            Duration::from_secs(30),
+            "the majority reassigns the VIP",
+            |f| {
+                Ok(f.vip_owner("cluster", Some(cut))
+                    .is_some_and(|o| o as usize != cut))
+            },
+        )?;
+        f.lab.heal(f.lab.host(cut))?;
+        let next = served_elsewhere(&f, cut)?;
+        println!(
+            "partition healed at reassignment (after {} ms): served by n{next}",
+            t.elapsed().as_millis()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+
+        // 5. SIGKILL of the owner's whole cgroup (`systemctl kill -s KILL`, a stop
+        //    timeout): the guard, moved to a cgroup of its own, survives and fences.
+        let victim = next;
+        let t = Instant::now();
+        f.procs[victim - 1]
+            .as_ref()
+            .context("owner")?
+            .cgroup_kill()?;
+        let next = served_elsewhere(&f, victim)?;
+        println!(
+            "cgroup SIGKILL: served by n{next} after {} ms",
+            t.elapsed().as_millis()
+        );
+        assert!(
+            !f.lab.addresses(&f.lab.host(victim).ns)?.contains(&vip_ip),
+            "the host whose cgroup was killed still holds the VIP"
+        );
+        f.procs[victim - 1] = Some(f.spawn(victim, false)?);
+        std::thread::sleep(Duration::from_secs(2));
+
+        // 6. The owner's cgroup frozen (`systemctl freeze`), then thawed.
+        let frozen = next;
+        let p = f.procs[frozen - 1].as_ref().context("owner")?;
+        let t = Instant::now();
+        p.cgroup_freeze(true)?;
+        let next = served_elsewhere(&f, frozen)?;
+        println!(
+            "cgroup freeze: served by n{next} after {} ms",
+            t.elapsed().as_millis()
+        );
+        assert!(
+            !f.lab.addresses(&f.lab.host(frozen).ns)?.contains(&vip_ip),
+            "the frozen host still holds the VIP"
+        );
+        p.cgroup_freeze(false)?;
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            f.vip_owner("cluster", None),
+            Some(next as u64),
+            "the VIP moved back"
+        );
+        Ok(next)
     };
-    let outcome = run();
-    let report = watch.stop();
-    println!(
-        "address watch: {} samples, at most {} holder(s), {} overlap(s), {} owner transitions",
-        report.samples,
-        report.max_holders,
-        report.overlaps.len(),
-        report.holders_over_time.len()
-    );
-    outcome?;
-    assert_eq!(
-        report.max_holders, 1,
-        "two hosts held the VIP at once: {:?}",
-        report.overlaps
-    );
-    assert!(
-        report.samples > 1_000,
-        "too few samples: {}",
-        report.samples
-    );
+    // Each round has its address watch, whose report is printed also when the round fails
+    // (a VIP not served again in time says nothing of overlaps by itself), so that a long run
+    // stopped early still has a verdict for every round it finished.
+    let mut owner = wait_served(&f, "cluster", vip_ip, None)?;
+    let mut samples = 0;
+    for round in 1..=rounds {
+        println!("round {round}/{rounds}");
+        let watch = AddressWatch::start(
+            &f.lab,
+            &f.host_namespaces(),
+            vip_ip,
+            Duration::from_millis(1),
+        )?;
+        let outcome = one_round(&mut f, owner);
+        let report = watch.stop();
+        println!(
+            "round {round} address watch: {} samples, at most {} holder(s), {} overlap(s), {} owner transitions",
+            report.samples,
+            report.max_holders,
+            report.overlaps.len(),
+            report.holders_over_time.len()
+        );
+        owner = outcome?;
+        assert_eq!(
+            report.max_holders, 1,
+            "round {round}: two hosts held the VIP at once: {:?}",
+            report.overlaps
+        );
+        samples += report.samples;
+    }
+    println!("address watch: {samples} samples in {rounds} round(s), never two holders");
+    assert!(samples > 1_000, "too few samples: {samples}");
     Ok(())
 }
 

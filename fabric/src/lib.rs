@@ -7,10 +7,12 @@
 //! * [`validate`] — shape checks for names, ids and addresses.
 //! * `apply` — [`Fabric::apply`], one file per command group.
 //! * [`plan`] — the leader's planners: placements to grant or take back, devices to assign.
+//! * [`restore`] — a backup's fabric as the first state of a new cluster.
 
 pub mod command;
 pub mod model;
 pub mod plan;
+pub mod restore;
 pub mod validate;
 
 mod apply;

@@ -1,6 +1,7 @@
 //! spaced's Raft: the openraft type configuration over the `Fabric` (crate `spaced-fabric`), sled
 //! storage, the QUIC transport with mutual TLS, and the PKI.
 
+pub mod backup;
 pub mod chunked;
 pub mod codec;
 pub mod frame;

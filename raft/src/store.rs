@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunked;
 use crate::codec;
-use crate::types::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, Vote};
+use crate::types::{
+    Entry, LogId, Member, NodeId, SnapshotMeta, StoredMembership, TypeConfig, Vote,
+};
 use spaced_fabric::{Fabric, Outcome};
 
 /// Snapshot as openraft sees it.
@@ -250,6 +252,72 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
         changes: Arc::new(tokio::sync::watch::Sender::new(())),
     };
     Ok((log_store, sm_store))
+}
+
+/// Why [`seed`] refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    /// The data dir could not be opened.
+    #[error(transparent)]
+    Open(#[from] StoreError),
+    /// The data dir is in use already: a restore starts a new cluster from an empty one.
+    #[error("data dir {0} already holds Raft state: restore into an empty data dir")]
+    NotEmpty(String),
+    /// Writing failed.
+    #[error("data dir {dir}: write the restored state: {source}")]
+    Write {
+        /// The data directory.
+        dir: String,
+        /// What failed.
+        source: io::Error,
+    },
+}
+
+/// Seeds an empty data dir with a backup's fabric as if it had been received as a Raft
+/// snapshot at `last`: a cluster whose only voter is `me` (`member`), with its log purged up to
+/// `last` and a vote of `last`'s term, so that the node, started without `--bootstrap`, elects
+/// itself and its log goes on after `last` (indexes and fencing epochs never go back). The
+/// other nodes join it as new ones.
+pub async fn seed(
+    dir: &Path,
+    fabric: Fabric,
+    last: LogId,
+    me: NodeId,
+    member: Member,
+) -> Result<(), SeedError> {
+    let dir_s = dir.display().to_string();
+    let (mut log, sm) = open(dir)?;
+    let write = |source| SeedError::Write {
+        dir: dir_s.clone(),
+        source,
+    };
+    let has_snapshot =
+        chunked::count(&sm.sm, KEY_SNAPSHOT).map_err(|e| write(io_err("read snapshot", e)))? > 0;
+    if !is_empty(&log).map_err(write)? || has_snapshot {
+        return Err(SeedError::NotEmpty(dir_s));
+    }
+    let membership = openraft::Membership::new(
+        vec![std::collections::BTreeSet::from([me])],
+        std::collections::BTreeMap::from([(me, member)]),
+    )
+    .map_err(|e| write(io_err("membership", e)))?;
+    let last_membership = StoredMembership::new(Some(last), membership);
+    let state = FabricState {
+        last_applied: Some(last),
+        last_membership: last_membership.clone(),
+        fabric,
+    };
+    let data = codec::encode(&state).map_err(|e| write(io_err("encode the fabric", e)))?;
+    let meta = SnapshotMeta {
+        last_log_id: Some(last),
+        last_membership,
+    };
+    sm.persist_snapshot(&meta, &data).await.map_err(write)?;
+    log.put_meta(KEY_PURGED, &last).map_err(write)?;
+    log.put_meta(KEY_COMMITTED, &Some(last)).map_err(write)?;
+    let term = last.committed_leader_id().term;
+    log.save_vote(&Vote::new(term, me)).await.map_err(write)?;
+    Ok(())
 }
 
 /// sled reports a held file lock as an `Other` IO error carrying the OS `WouldBlock`.
@@ -517,6 +585,17 @@ impl FabricView {
     /// now on; what changed is for the reader to look up.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<()> {
         self.changes.subscribe()
+    }
+
+    /// The applied fabric with the log id it was applied up to and the membership then, read
+    /// at one instant (for a backup).
+    pub fn backup(&self) -> (Option<LogId>, StoredMembership, Fabric) {
+        let guard = self.state.read().unwrap_or_else(|p| p.into_inner());
+        (
+            guard.last_applied,
+            guard.last_membership.clone(),
+            guard.fabric.clone(),
+        )
     }
 
     /// Index of the last applied log entry.

@@ -105,6 +105,9 @@ pub enum AdminRequest {
     /// Remove devices by id, in as few commands as the batch limit allows (leader only); the
     /// reply names the ids that did not exist.
     RemoveDevices(Vec<String>),
+    /// A consistent backup of the fabric, taken on the leader after a read barrier (leader
+    /// only): the bytes of a snapshot file ([`spaced_raft::backup`]).
+    Snapshot,
 }
 
 /// One node's load balancer, for `lb status` (answered by every node, from its own state).
@@ -411,4 +414,6 @@ pub enum AdminReply {
     },
     /// Answer to `LbStatus`.
     Lb(LbReport),
+    /// Answer to `Snapshot`: the file's bytes.
+    Snapshot(Vec<u8>),
 }

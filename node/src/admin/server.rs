@@ -397,12 +397,49 @@ impl AdminServer {
                     devices,
                 }
             }
+            AdminRequest::Snapshot => AdminReply::Snapshot(self.backup().await?),
             other => {
                 return Err(OpError::Refused(format!(
                     "not a leader operation: {other:?}"
                 )));
             }
         })
+    }
+
+    /// A backup file of the fabric: after a read barrier (this node still leads, and has
+    /// applied everything committed before the request), the applied fabric, its last log id
+    /// and the membership, read at one instant.
+    async fn backup(&self) -> Result<Vec<u8>, OpError> {
+        self.cluster
+            .raft
+            .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+            .await
+            .map_err(|e| OpError::Refused(format!("no consistent read for the snapshot: {e}")))?;
+        let (last, membership, fabric) = self.cluster.view.backup();
+        let last_applied =
+            last.ok_or_else(|| OpError::Refused("nothing has been applied yet".into()))?;
+        let m = membership.membership();
+        let members = m
+            .nodes()
+            .map(|(id, n)| (*id, n.clone(), m.voter_ids().any(|v| v == *id)))
+            .collect();
+        let body = spaced_raft::backup::BackupBody {
+            last_applied,
+            members,
+            taken_at: now_millis(),
+            taken_by: self.cluster.name.clone(),
+            fabric,
+        };
+        let bytes = body.encode().map_err(|e| OpError::Refused(e.to_string()))?;
+        // The reply travels in one frame, with room for its envelope.
+        let limit = spaced_raft::frame::MAX_FRAME - 4096;
+        if bytes.len() > limit {
+            return Err(OpError::Refused(format!(
+                "the snapshot is {} bytes, over the {limit} bytes one admin reply may carry",
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
     }
 
     async fn write(&self, cmd: Command) -> AdminReply {

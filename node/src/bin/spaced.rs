@@ -58,6 +58,18 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Seed this node's empty data dir from a snapshot (`spacectl snapshot save`): started
+    /// afterwards without `--bootstrap`, it leads a new one-node cluster holding the
+    /// snapshot's VIPs, singletons, services, devices and revocations, which the other nodes
+    /// join with empty data dirs (`spacectl node add`).
+    Restore {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// The snapshot file.
+        #[arg(long)]
+        snapshot: PathBuf,
+    },
     /// Run only the TCP load balancer, with backends from flags.
     Lb(spaced_node::lb::standalone::LbArgs),
     /// Internal: the fence guard child of `spaced run` (removes VIPs if spaced dies or stalls).
@@ -234,6 +246,32 @@ fn main() -> ExitCode {
                         println!("ok  {line}");
                     }
                     println!("{}: config OK", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("spaced: {e}");
+                    ExitCode::from(if e.bad_input() { 2 } else { 1 })
+                }
+            }
+        }
+        Cmd::Restore { config, snapshot } => {
+            let cfg = match NodeConfig::load(config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("spaced: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Err(c) = init_tracing_or_exit(&cli, cfg.log_level.as_deref(), "warn") {
+                return c;
+            }
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(c) => return c,
+            };
+            match rt.block_on(spaced_node::node::restore(&cfg, snapshot)) {
+                Ok(done) => {
+                    println!("{done}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -1,7 +1,8 @@
 //! `spacectl`: one file per command group, as commands with tables or JSON.
 //!
 //! [`pki`], [`node`] (status, membership, leadership), [`vip`], [`device`], [`service`]
-//! (services and singletons), [`lb`]; [`render`] draws the tables and JSON.
+//! (services and singletons), [`lb`], [`snapshot`] (backups); [`render`] draws the tables and
+//! JSON.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::IsTerminal;
@@ -20,6 +21,7 @@ mod node;
 mod pki;
 pub(crate) mod render;
 mod service;
+mod snapshot;
 mod vip;
 
 pub use device::*;
@@ -28,6 +30,7 @@ pub use node::*;
 pub use pki::*;
 pub use render::*;
 pub use service::*;
+pub use snapshot::*;
 pub use vip::*;
 
 /// spacectl — administer a spaced fabric.
@@ -111,6 +114,12 @@ pub enum Cmd {
         #[command(subcommand)]
         action: LbCmd,
     },
+    /// Backups of the fabric (`spaced restore` seeds a new cluster from one).
+    Snapshot {
+        /// Snapshot action.
+        #[command(subcommand)]
+        action: SnapshotCmd,
+    },
 }
 
 /// A failure: message and exit code (2 usage, 1 operation).
@@ -186,6 +195,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Cmd::Service { action } => service::run(&cli, action).await,
         Cmd::Singleton { action } => service::singleton(&cli, action).await,
         Cmd::Lb { action } => lb::run(&cli, action).await,
+        Cmd::Snapshot { action } => snapshot::run(&cli, action).await,
     }
 }
 

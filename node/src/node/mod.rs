@@ -11,6 +11,9 @@
 mod observe;
 mod peer;
 mod registration;
+mod restore;
+
+pub use restore::{RestoreError, restore};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
