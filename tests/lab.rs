@@ -326,6 +326,16 @@ impl Lab {
         log_name: &str,
     ) -> Result<LabProcess> {
         let log_path = self.dir().join(log_name);
+        // A process started again under the same name: its predecessor's log is kept as
+        // `<name>.1`, `<name>.2`, ... (the newest has the highest number).
+        if log_path.exists() {
+            let kept = (1..)
+                .map(|n| self.dir().join(format!("{log_name}.{n}")))
+                .find(|p| !p.exists())
+                .context("numbering an old log")?;
+            std::fs::rename(&log_path, &kept)
+                .with_context(|| format!("keeping the old log {}", log_path.display()))?;
+        }
         let log = File::create(&log_path)
             .with_context(|| format!("creating log file {}", log_path.display()))?;
         let log2 = log.try_clone().context("duplicating the log file handle")?;

@@ -540,6 +540,19 @@ fn sigstopped_owner_is_fenced_by_its_guard_and_ipv6_vip_moves() -> Result<()> {
     Ok(())
 }
 
+/// The killed owner's fence guard reported its fence to the leader (issue 19): released
+/// through the leader, or refused there because the lease-based failover came first (which a
+/// loaded machine may do); both lines mean the report reached the leader.
+fn guard_reported(f: &Fabric, host: usize) -> Result<()> {
+    let p = f.procs[host - 1].as_ref().context("the killed node")?;
+    f.wait(Duration::from_secs(5), "the fence guard's report", |_| {
+        let log = p.read_log();
+        Ok(log.contains("fence guard released the placement it fenced")
+            || log.contains("fence guard's release refused"))
+    })
+    .with_context(|| format!("n{host}'s log:\n{}", p.read_log()))
+}
+
 /// The fence must not die with the daemon (issue 16): SIGKILL of the owner's whole process
 /// group (the daemon and every child of its group), SIGSTOP of the whole group, a guard
 /// killed on its own before the daemon, a partition of the owner healed the moment the
@@ -580,6 +593,7 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
             !f.lab.addresses(&f.lab.host(owner).ns)?.contains(&vip_ip),
             "the killed host still holds the VIP"
         );
+        guard_reported(f, owner)?;
         f.procs[owner - 1] = Some(f.spawn(owner, false)?);
 
         // 2. SIGSTOP of the whole group, then SIGCONT.
@@ -670,6 +684,7 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
             !f.lab.addresses(&f.lab.host(victim).ns)?.contains(&vip_ip),
             "the host whose cgroup was killed still holds the VIP"
         );
+        guard_reported(f, victim)?;
         f.procs[victim - 1] = Some(f.spawn(victim, false)?);
         std::thread::sleep(Duration::from_secs(2));
 

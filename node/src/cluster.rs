@@ -20,6 +20,23 @@ use tokio::sync::watch;
 use crate::lock;
 use crate::ops::metrics::NodeMetrics;
 
+/// Whether a node that said it is leaving `since` ago is still to get no new work, given how
+/// long ago the leader last heard from it (`contact`): until [`LEAVING_FOR`] has passed, unless
+/// it was heard from again more than [`BACK_AFTER`] after it said so, which means it started
+/// again (a crashed node whose fence guard reported its fence, restarted by its supervisor,
+/// or a node stopped and started). A node still answering for a moment while it stops is
+/// heard from within [`BACK_AFTER`] of its word.
+fn still_leaving(since: Duration, contact: Option<Duration>) -> bool {
+    if since >= LEAVING_FOR {
+        return false;
+    }
+    let heard_again = contact.is_some_and(|c| since > BACK_AFTER && c < since - BACK_AFTER);
+    !heard_again
+}
+
+/// See [`still_leaving`].
+const BACK_AFTER: Duration = Duration::from_secs(2);
+
 /// A node that said it is stopping is given no new work for this long (it is exiting).
 const LEAVING_FOR: Duration = Duration::from_secs(10);
 
@@ -210,8 +227,12 @@ impl ClusterState {
     /// On the leader: the nodes work may go to now: heard from within `within` and not leaving.
     pub fn live_set(&self, within: Duration) -> BTreeSet<NodeId> {
         let mut live = self.live_nodes(within);
+        let contacts = self.contacts();
         let mut leaving = lock(&self.leaving);
-        leaving.retain(|_, since| since.elapsed() < LEAVING_FOR);
+        leaving.retain(|node, since| {
+            let contact = contacts.get(node).copied().flatten();
+            still_leaving(since.elapsed(), contact)
+        });
         live.retain(|n| !leaving.contains_key(n));
         live
     }
@@ -367,6 +388,23 @@ pub enum OpError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leaving_node_is_back_once_heard_from_well_after_it_left() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // Said so 1 s ago, heard from just now: still stopping.
+        assert!(still_leaving(s(1), Some(ms(10))));
+        // Said so 5 s ago, silent since: gone.
+        assert!(still_leaving(s(5), Some(s(5))));
+        assert!(still_leaving(s(5), None));
+        // Said so 5 s ago, heard from 1 s ago (4 s after): started again.
+        assert!(!still_leaving(s(5), Some(s(1))));
+        // Heard from 1.5 s after it said so: within the grace, still stopping.
+        assert!(still_leaving(s(5), Some(ms(3_500))));
+        // The mark runs out whatever happens.
+        assert!(!still_leaving(LEAVING_FOR, None));
+    }
 
     fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
         ids.iter().copied().collect()

@@ -192,6 +192,31 @@ fn quic_configs(
     Ok((server, client))
 }
 
+/// What the fence guards need to report their fence when spaced dies: this node's id and key
+/// files, and the members as Raft has them now.
+fn guard_reporting(cfg: &NodeConfig, cluster: &Cluster) -> crate::takeover::guard::Reporting {
+    let c = cluster.clone();
+    crate::takeover::guard::Reporting {
+        identity: crate::takeover::report::Identity {
+            node: cfg.node_id,
+            ca: cfg.tls.ca.clone(),
+            cert: cfg.tls.cert.clone(),
+            key: cfg.tls.key.clone(),
+        },
+        members: Arc::new(move || {
+            c.membership()
+                .membership()
+                .nodes()
+                .map(|(id, m)| crate::takeover::report::Peer {
+                    id: *id,
+                    name: m.name.clone(),
+                    addr: m.addr.clone(),
+                })
+                .collect()
+        }),
+    }
+}
+
 /// The node's key material, checked to be for this node's name.
 fn load_tls(cfg: &NodeConfig) -> Result<TlsMaterial, StartError> {
     let tls = TlsMaterial::load(&TlsPaths {
@@ -435,6 +460,7 @@ impl Node {
             services_wake.clone(),
             cfg.fence_cgroup(),
         ));
+        placement_backend.set_guard_reporting(guard_reporting(&cfg, &cluster));
         let agent = Agent::new(cfg.node_id, lease.clone(), placement_backend.clone());
         agent
             .set_refresh((cfg.garp_refresh_s > 0).then(|| Duration::from_secs(cfg.garp_refresh_s)));

@@ -86,9 +86,13 @@ pub trait VipBackend: Send + Sync + 'static {
     fn announce_schedule(&self) -> Vec<Duration> {
         Vec::new()
     }
-    /// The lease on `vip` now ends at `until`: a backend with an out-of-process guard passes it on,
-    /// so the VIP goes down at that instant even if this process is stopped.
-    fn hold_until(&self, _vip: &VipSpec, _until: Instant) {}
+    /// The lease on `vip` (held at `epoch`) now ends at `until`: a backend with an
+    /// out-of-process guard passes it on, so the VIP goes down at that instant even if this
+    /// process is stopped (and, told the epoch, the guard can report the fence).
+    fn hold_until(&self, _vip: &VipSpec, _epoch: u64, _until: Instant) {}
+    /// From now on the out-of-process guard (if any) is told who this node is and the
+    /// cluster's members, so that it reports its fence when spaced dies.
+    fn set_guard_reporting(&self, _reporting: crate::takeover::guard::Reporting) {}
     /// The out-of-process guard's state for metrics (see
     /// [`crate::takeover::guard::GuardCell::state`]); `None`: this backend has none.
     fn guard_state(&self) -> Option<(Option<bool>, u64)> {
@@ -268,7 +272,7 @@ pub struct Step {
     /// VIPs to announce again.
     pub announce: Vec<VipSpec>,
     /// New lease ends of VIPs that are up.
-    pub extend: Vec<(VipSpec, Instant)>,
+    pub extend: Vec<(VipSpec, u64, Instant)>,
 }
 
 /// This node's placements in the fabric, VIPs and singletons: (name, epoch) and their specs.
@@ -438,7 +442,7 @@ impl Agent {
                 && a.guarded_until != Some(*end)
             {
                 a.guarded_until = Some(*end);
-                step.extend.push((a.vip.clone(), *end));
+                step.extend.push((a.vip.clone(), a.epoch, *end));
             }
         }
         step
@@ -486,7 +490,7 @@ impl Agent {
                     // killed between the two leaves nothing it does not know to remove.
                     let now = Instant::now();
                     let until = now + crate::lock(&self.leases).remaining(&vip.name, now);
-                    self.backend.hold_until(vip, until);
+                    self.backend.hold_until(vip, *epoch, until);
                     self.backend.acquire(vip.clone()).await
                 }
                 Err(e) => Err(e),
@@ -506,8 +510,8 @@ impl Agent {
                 }
             }
         }
-        for (vip, until) in &step.extend {
-            self.backend.hold_until(vip, *until);
+        for (vip, epoch, until) in &step.extend {
+            self.backend.hold_until(vip, *epoch, *until);
         }
         if !step.acquire.is_empty() {
             self.changed();
@@ -589,6 +593,11 @@ impl Agent {
     /// Time left on a placement's lease here.
     pub fn lease_remaining(&self, name: &str, now: Instant) -> Duration {
         crate::lock(&self.leases).remaining(name, now)
+    }
+
+    /// The epoch this node holds `name` at, if it holds it.
+    pub fn held_epoch(&self, name: &str) -> Option<u64> {
+        crate::lock(&self.leases).epoch(name)
     }
 
     /// The VIP fence guard's state: running (`None`: none started yet) and how many were

@@ -197,6 +197,11 @@ impl OwnerLeases {
             .collect()
     }
 
+    /// The epoch `name` is held at here, if it is.
+    pub fn epoch(&self, name: &str) -> Option<u64> {
+        self.held.get(name).map(|(epoch, _)| *epoch)
+    }
+
     /// Time left on a placement's lease (zero if none).
     pub fn remaining(&self, name: &str, now: Instant) -> Duration {
         self.held

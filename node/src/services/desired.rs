@@ -162,8 +162,11 @@ impl PlacementBackend {
             if remaining.is_zero() {
                 continue;
             }
+            let Some(epoch) = agent.held_epoch(placement) else {
+                continue;
+            };
             let Some(guard) = self.guard() else { return };
-            if let Err(e) = guard.hold_group(placement, pgid, Instant::now() + remaining) {
+            if let Err(e) = guard.hold_group(placement, pgid, epoch, Instant::now() + remaining) {
                 tracing::error!(singleton = %placement, error = %e, "fence guard unreachable");
             }
         }
@@ -347,16 +350,23 @@ impl VipBackend for PlacementBackend {
         self.vips.announce_schedule()
     }
 
-    fn hold_until(&self, vip: &VipSpec, until: Instant) {
+    fn set_guard_reporting(&self, reporting: crate::takeover::guard::Reporting) {
+        if let Some(g) = &self.guard {
+            g.set_reporting(reporting.clone());
+        }
+        self.vips.set_guard_reporting(reporting);
+    }
+
+    fn hold_until(&self, vip: &VipSpec, epoch: u64, until: Instant) {
         let Some(service) = &vip.service else {
-            self.vips.hold_until(vip, until);
+            self.vips.hold_until(vip, epoch, until);
             return;
         };
         let pid = process_group(&self.supervisor.status(), service);
         let Some(guard) = self.guard() else { return };
         tracing::debug!(singleton = %vip.name, ?pid, "singleton guarded until the lease end");
         let sent = match pid {
-            Some(pgid) => guard.hold_group(&vip.name, pgid, until),
+            Some(pgid) => guard.hold_group(&vip.name, pgid, epoch, until),
             None => guard.drop_vip(&vip.name),
         };
         if let Err(e) = sent {

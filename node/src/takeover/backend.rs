@@ -190,8 +190,12 @@ impl VipBackend for NetlinkBackend {
             .collect()
     }
 
-    fn hold_until(&self, vip: &VipSpec, until: Instant) {
-        if let Err(e) = self.guard.send(|g| g.hold(vip, until)) {
+    fn set_guard_reporting(&self, reporting: crate::takeover::guard::Reporting) {
+        self.guard.set_reporting(reporting);
+    }
+
+    fn hold_until(&self, vip: &VipSpec, epoch: u64, until: Instant) {
+        if let Err(e) = self.guard.send(|g| g.hold(vip, epoch, until)) {
             tracing::error!(vip = %vip.name, error = %e, "fence guard unreachable");
         }
     }

@@ -5,10 +5,18 @@
 //! `spaced guard`, a small child process reading commands on its stdin:
 //!
 //! ```text
-//! hold <name> <address/prefix> <interface> <deadline, CLOCK_BOOTTIME ns>
-//! hold-group <name> <process group id> <deadline, CLOCK_BOOTTIME ns>
+//! hold <name> <address/prefix> <interface> <deadline, CLOCK_BOOTTIME ns> [<epoch>]
+//! hold-group <name> <process group id> <deadline, CLOCK_BOOTTIME ns> [<epoch>]
 //! drop <name>
+//! identity<TAB><node id><TAB><CA file><TAB><certificate file><TAB><key file>
+//! members <id>=<name>@<host:port> ...
 //! ```
+//!
+//! When spaced dies (not when it closes the guard itself), the guard fences at once and then
+//! reports each placement it fenced at a known epoch to the cluster, as the node itself would
+//! on a graceful stop: a `ReleasePlacement` proposed through the leader with the node's own
+//! certificate ([`crate::takeover::report`]), so that another node takes over without
+//! waiting out the lease.
 //!
 //! It removes a held VIP when its deadline (the lease end) passes without an extension, and
 //! every held VIP at once when its stdin closes — which happens when the parent dies, however.
@@ -31,6 +39,12 @@ use crate::takeover::cgroup::{FenceCgroup, Placed};
 
 /// The longest the guard sleeps while it holds anything (see `run_guard`).
 const GUARD_LOOK: Duration = Duration::from_millis(50);
+
+/// How long a guard whose daemon died tries to report its fence (the leases end well before).
+const REPORT_WITHIN: Duration = Duration::from_secs(3);
+
+/// How long the guard waits, after its stdin ended, to be re-parented (the daemon's death).
+const REPARENT_WITHIN: Duration = Duration::from_millis(200);
 
 /// CLOCK_BOOTTIME now, in ns: the same clock in every process of the host, and one that goes
 /// on while the host is suspended (CLOCK_MONOTONIC stops), so a deadline that passed during a
@@ -64,6 +78,8 @@ pub enum GuardCommand {
         vip: VipSpec,
         /// CLOCK_BOOTTIME ns.
         deadline_ns: u64,
+        /// The epoch it is held at, when known (reported after a fence).
+        epoch: Option<u64>,
     },
     /// SIGKILL process group `pgid` at `deadline_ns` (a singleton service).
     HoldGroup {
@@ -73,7 +89,13 @@ pub enum GuardCommand {
         pgid: i32,
         /// CLOCK_BOOTTIME ns.
         deadline_ns: u64,
+        /// The epoch it is held at, when known.
+        epoch: Option<u64>,
     },
+    /// Who to report as, and with which key material.
+    Identity(crate::takeover::report::Identity),
+    /// The cluster's members to report to (replaces the list).
+    Members(Vec<crate::takeover::report::Peer>),
     /// Forget `name` (the parent removed it).
     Drop {
         /// VIP name.
@@ -90,6 +112,12 @@ pub enum GuardLineError {
     /// The process group is not a number above 1.
     #[error("bad process group {0:?}")]
     ProcessGroup(String),
+    /// The epoch is not a number.
+    #[error("bad epoch {0:?}")]
+    Epoch(String),
+    /// An `identity` or `members` line that does not parse.
+    #[error("bad {0} line: {1}")]
+    Report(&'static str, String),
     /// Not a command of the protocol.
     #[error("unknown guard command {0:?}")]
     Unknown(String),
@@ -114,30 +142,51 @@ pub enum GuardError {
 
 /// Parses one line of the guard protocol.
 pub fn parse_line(line: &str) -> Result<GuardCommand, GuardLineError> {
+    if let Some(rest) = line.strip_prefix("identity\t") {
+        return crate::takeover::report::Identity::parse(rest)
+            .map(GuardCommand::Identity)
+            .map_err(|e| GuardLineError::Report("identity", e));
+    }
     let f: Vec<&str> = line.split_whitespace().collect();
+    let deadline = |d: &str| {
+        d.parse()
+            .map_err(|_| GuardLineError::Deadline(d.to_string()))
+    };
+    let epoch = |e: Option<&&str>| {
+        e.map(|e| e.parse().map_err(|_| GuardLineError::Epoch(e.to_string())))
+            .transpose()
+    };
     match f.as_slice() {
-        ["hold", name, address, interface, deadline] => Ok(GuardCommand::Hold {
-            vip: VipSpec {
+        ["hold", name, address, interface, d, rest @ ..] if rest.len() <= 1 => {
+            Ok(GuardCommand::Hold {
+                vip: VipSpec {
+                    name: name.to_string(),
+                    address: address.to_string(),
+                    interface: interface.to_string(),
+                    service: None,
+                },
+                deadline_ns: deadline(d)?,
+                epoch: epoch(rest.first())?,
+            })
+        }
+        ["hold-group", name, pgid, d, rest @ ..] if rest.len() <= 1 => {
+            Ok(GuardCommand::HoldGroup {
                 name: name.to_string(),
-                address: address.to_string(),
-                interface: interface.to_string(),
-                service: None,
-            },
-            deadline_ns: deadline
-                .parse()
-                .map_err(|_| GuardLineError::Deadline(deadline.to_string()))?,
-        }),
-        ["hold-group", name, pgid, deadline] => Ok(GuardCommand::HoldGroup {
-            name: name.to_string(),
-            pgid: pgid
-                .parse()
-                .ok()
-                .filter(|p: &i32| *p > 1)
-                .ok_or_else(|| GuardLineError::ProcessGroup(pgid.to_string()))?,
-            deadline_ns: deadline
-                .parse()
-                .map_err(|_| GuardLineError::Deadline(deadline.to_string()))?,
-        }),
+                pgid: pgid
+                    .parse()
+                    .ok()
+                    .filter(|p: &i32| *p > 1)
+                    .ok_or_else(|| GuardLineError::ProcessGroup(pgid.to_string()))?,
+                deadline_ns: deadline(d)?,
+                epoch: epoch(rest.first())?,
+            })
+        }
+        ["members", peers @ ..] => peers
+            .iter()
+            .map(|p| crate::takeover::report::Peer::parse(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map(GuardCommand::Members)
+            .map_err(|e| GuardLineError::Report("members", e)),
         ["drop", name] => Ok(GuardCommand::Drop {
             name: name.to_string(),
         }),
@@ -201,10 +250,10 @@ impl GuardHandle {
             .map_err(|e| GuardError::Write(e.to_string()))
     }
 
-    /// The guard removes `vip` at `until` unless told a later deadline.
-    pub fn hold(&self, vip: &VipSpec, until: Instant) -> Result<(), GuardError> {
+    /// The guard removes `vip` (held at `epoch`) at `until` unless told a later deadline.
+    pub fn hold(&self, vip: &VipSpec, epoch: u64, until: Instant) -> Result<(), GuardError> {
         self.send(&format!(
-            "hold {} {} {} {}",
+            "hold {} {} {} {} {epoch}",
             vip.name,
             vip.address,
             vip.interface,
@@ -212,12 +261,24 @@ impl GuardHandle {
         ))
     }
 
-    /// The guard SIGKILLs process group `pgid` at `until` unless told a later deadline.
-    pub fn hold_group(&self, name: &str, pgid: i32, until: Instant) -> Result<(), GuardError> {
+    /// The guard SIGKILLs process group `pgid` (a singleton held at `epoch`) at `until` unless
+    /// told a later deadline.
+    pub fn hold_group(
+        &self,
+        name: &str,
+        pgid: i32,
+        epoch: u64,
+        until: Instant,
+    ) -> Result<(), GuardError> {
         self.send(&format!(
-            "hold-group {name} {pgid} {}",
+            "hold-group {name} {pgid} {} {epoch}",
             instant_to_ns(until)
         ))
+    }
+
+    /// Sends a protocol line as it is (`identity`, `members`).
+    fn send_line(&self, line: &str) -> Result<(), GuardError> {
+        self.send(line)
     }
 
     /// The guard SIGKILLs process group `pgid` only when spaced goes (its stdin closes): for
@@ -252,6 +313,19 @@ pub struct GuardCell {
     generation: std::sync::atomic::AtomicU64,
     /// Where each new guard is moved.
     fence: FenceCgroup,
+    /// Who the guard reports its fence as, and to whom; `None` until the node sets it.
+    reporting: Mutex<Option<Reporting>>,
+    /// The `members` line the current guard was told last, with that guard's generation.
+    members_told: Mutex<(u64, String)>,
+}
+
+/// What a guard needs to report its fence to the cluster (see [`crate::takeover::report`]).
+#[derive(Clone)]
+pub struct Reporting {
+    /// This node and its key material.
+    pub identity: crate::takeover::report::Identity,
+    /// The cluster's members now (read at every renewal; told to the guard when they change).
+    pub members: std::sync::Arc<dyn Fn() -> Vec<crate::takeover::report::Peer> + Send + Sync>,
 }
 
 impl GuardCell {
@@ -260,6 +334,8 @@ impl GuardCell {
         GuardCell {
             what,
             fence,
+            reporting: Mutex::new(None),
+            members_told: Mutex::new((0, String::new())),
             current: Mutex::new(None),
             generation: std::sync::atomic::AtomicU64::new(0),
         }
@@ -281,8 +357,41 @@ impl GuardCell {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(fences = self.what, "fence guard started");
+        if let Some(r) = crate::lock(&self.reporting).as_ref() {
+            g.send_line(&r.identity.line())?;
+        }
         *current = Some(g.clone());
         Ok(g)
+    }
+
+    /// From now on every guard is told who this node is and the cluster's members, so that
+    /// it can report its fence when spaced dies.
+    pub fn set_reporting(&self, reporting: Reporting) {
+        if let Some(g) = self.started().filter(|g| g.alive())
+            && let Err(e) = g.send_line(&reporting.identity.line())
+        {
+            tracing::warn!(fences = self.what, error = %e, "fence guard unreachable");
+        }
+        *crate::lock(&self.reporting) = Some(reporting);
+    }
+
+    /// Tells `g` the members if they changed since it was told last.
+    fn tell_members(&self, g: &GuardHandle) -> Result<(), GuardError> {
+        let Some(members) = crate::lock(&self.reporting)
+            .as_ref()
+            .map(|r| r.members.clone())
+        else {
+            return Ok(());
+        };
+        let line = crate::takeover::report::members_line(&members());
+        let generation = self.generation();
+        let mut told = crate::lock(&self.members_told);
+        if told.0 == generation && told.1 == line {
+            return Ok(());
+        }
+        g.send_line(&line)?;
+        *told = (generation, line);
+        Ok(())
     }
 
     /// The guard started last, if any, without starting one (it may have died).
@@ -307,8 +416,13 @@ impl GuardCell {
         op: impl Fn(&GuardHandle) -> Result<(), GuardError>,
     ) -> Result<(), GuardError> {
         let g = self.get()?;
-        match op(&g) {
-            Err(_) if !g.alive() => op(&*self.get()?),
+        let sent = self.tell_members(&g).and_then(|()| op(&g));
+        match sent {
+            Err(_) if !g.alive() => {
+                let g = self.get()?;
+                self.tell_members(&g)?;
+                op(&g)
+            }
             sent => sent,
         }
     }
@@ -326,10 +440,15 @@ impl Drop for GuardHandle {
 /// `spaced guard`: runs until stdin closes, then removes what it still holds and exits.
 pub async fn run_guard() -> Result<(), crate::takeover::TakeoverError> {
     let tk = crate::takeover::Takeover::new().await?;
-    let mut held: BTreeMap<String, (Guarded, u64)> = BTreeMap::new();
+    // Re-parented once the daemon is gone: how a closed stdin from a dead daemon is told from
+    // one a living daemon closed.
+    let parent = nix::unistd::getppid();
+    let mut identity: Option<crate::takeover::report::Identity> = None;
+    let mut members: Vec<crate::takeover::report::Peer> = Vec::new();
+    let mut held: BTreeMap<String, (Guarded, u64, Option<u64>)> = BTreeMap::new();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
-        let next_deadline = held.values().map(|(_, d)| *d).min();
+        let next_deadline = held.values().map(|(_, d, _)| *d).min();
         // Timers count CLOCK_MONOTONIC, which stops while the host is suspended: waking at
         // least every GUARD_LOOK makes a deadline passed during a suspension seen at once.
         let wait = next_deadline
@@ -344,11 +463,11 @@ pub async fn run_guard() -> Result<(), crate::takeover::TakeoverError> {
                 let now = boottime_ns();
                 let due: Vec<String> = held
                     .iter()
-                    .filter(|(_, (_, d))| *d <= now)
+                    .filter(|(_, (_, d, _))| *d <= now)
                     .map(|(n, _)| n.clone())
                     .collect();
                 for name in due {
-                    if let Some((what, _)) = held.remove(&name) {
+                    if let Some((what, _, _)) = held.remove(&name) {
                         fence(
                             &tk,
                             &name,
@@ -360,16 +479,23 @@ pub async fn run_guard() -> Result<(), crate::takeover::TakeoverError> {
                 }
             }
             Some(Ok(Some(l))) => match parse_line(&l) {
-                Ok(GuardCommand::Hold { vip, deadline_ns }) => {
-                    held.insert(vip.name.clone(), (Guarded::Vip(vip), deadline_ns));
+                Ok(GuardCommand::Hold {
+                    vip,
+                    deadline_ns,
+                    epoch,
+                }) => {
+                    held.insert(vip.name.clone(), (Guarded::Vip(vip), deadline_ns, epoch));
                 }
                 Ok(GuardCommand::HoldGroup {
                     name,
                     pgid,
                     deadline_ns,
+                    epoch,
                 }) => {
-                    held.insert(name, (Guarded::Group(pgid), deadline_ns));
+                    held.insert(name, (Guarded::Group(pgid), deadline_ns, epoch));
                 }
+                Ok(GuardCommand::Identity(i)) => identity = Some(i),
+                Ok(GuardCommand::Members(m)) => members = m,
                 Ok(GuardCommand::Drop { name }) => {
                     held.remove(&name);
                 }
@@ -377,8 +503,42 @@ pub async fn run_guard() -> Result<(), crate::takeover::TakeoverError> {
             },
             // EOF or read error: the parent is gone.
             Some(Ok(None)) | Some(Err(_)) => {
-                for (name, (what, _)) in std::mem::take(&mut held) {
-                    fence(&tk, &name, &what, "spaced exited").await;
+                let mut fenced = Vec::new();
+                for (name, (what, _, epoch)) in std::mem::take(&mut held) {
+                    if fence(&tk, &name, &what, "spaced exited").await
+                        && let Some(epoch) = epoch
+                    {
+                        fenced.push((name, epoch));
+                    }
+                }
+                // The daemon's files close before it is reaped: the guard is re-parented a
+                // moment after it read the end of its stdin.
+                let waited = Instant::now();
+                while nix::unistd::getppid() == parent && waited.elapsed() < REPARENT_WITHIN {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                if nix::unistd::getppid() == parent {
+                    // The daemon lives and closed the guard itself: it releases on its own.
+                    tracing::info!("fence guard closed by a living spaced; nothing to report");
+                    return Ok(());
+                }
+                if fenced.is_empty() {
+                    return Ok(());
+                }
+                match &identity {
+                    None => tracing::warn!(
+                        "fence guard was not told who this node is; its fence is not reported and the leases run out"
+                    ),
+                    Some(_) if members.is_empty() => tracing::warn!(
+                        "fence guard was not told the members; its fence is not reported and the leases run out"
+                    ),
+                    Some(_) => {
+                        tracing::info!(fenced = ?fenced, "fence guard reports its fence to the cluster")
+                    }
+                }
+                if let Some(me) = &identity {
+                    crate::takeover::report::report_fenced(me, &members, &fenced, REPORT_WITHIN)
+                        .await;
                 }
                 return Ok(());
             }
@@ -394,7 +554,8 @@ enum Guarded {
     Group(i32),
 }
 
-async fn fence(tk: &crate::takeover::Takeover, name: &str, what: &Guarded, why: &str) {
+/// Takes `what` down; whether it is down now (what the guard may then report).
+async fn fence(tk: &crate::takeover::Takeover, name: &str, what: &Guarded, why: &str) -> bool {
     match what {
         Guarded::Vip(vip) => remove(tk, vip, why).await,
         Guarded::Group(pgid) => {
@@ -403,28 +564,35 @@ async fn fence(tk: &crate::takeover::Takeover, name: &str, what: &Guarded, why: 
                 nix::sys::signal::Signal::SIGKILL,
             ) {
                 Ok(()) => {
-                    tracing::warn!(group = %name, pgid, why, "fence guard killed a service's processes")
+                    tracing::warn!(group = %name, pgid, why, "fence guard killed a service's processes");
+                    true
                 }
-                Err(nix::errno::Errno::ESRCH) => {}
+                Err(nix::errno::Errno::ESRCH) => true,
                 Err(e) => {
-                    tracing::error!(group = %name, pgid, error = %e, "fence guard could not kill a service's processes")
+                    tracing::error!(group = %name, pgid, error = %e, "fence guard could not kill a service's processes");
+                    false
                 }
             }
         }
     }
 }
 
-async fn remove(tk: &crate::takeover::Takeover, vip: &VipSpec, why: &str) {
+async fn remove(tk: &crate::takeover::Takeover, vip: &VipSpec, why: &str) -> bool {
     match crate::takeover::VipAddr::parse(&vip.address, &vip.interface) {
         Ok(addr) => match tk.remove(&addr).await {
             Ok(()) => {
-                tracing::warn!(vip = %vip.name, address = %vip.address, why, "fence guard removed VIP")
+                tracing::warn!(vip = %vip.name, address = %vip.address, why, "fence guard removed VIP");
+                true
             }
             Err(e) => {
-                tracing::error!(vip = %vip.name, error = %e, "fence guard could not remove VIP")
+                tracing::error!(vip = %vip.name, error = %e, "fence guard could not remove VIP");
+                false
             }
         },
-        Err(e) => tracing::error!(vip = %vip.name, error = %e, "fence guard: bad VIP"),
+        Err(e) => {
+            tracing::error!(vip = %vip.name, error = %e, "fence guard: bad VIP");
+            false
+        }
     }
 }
 
@@ -443,17 +611,42 @@ mod tests {
                     interface: "eth0".into(),
                     service: None,
                 },
-                deadline_ns: 123
+                deadline_ns: 123,
+                epoch: None,
             })
         );
+        assert!(matches!(
+            parse_line("hold cluster 10.0.0.100/24 eth0 123 7"),
+            Ok(GuardCommand::Hold { epoch: Some(7), .. })
+        ));
+        assert!(parse_line("hold cluster 10.0.0.100/24 eth0 123 x").is_err());
+        assert!(parse_line("hold cluster 10.0.0.100/24 eth0 123 7 8").is_err());
         assert_eq!(
             parse_line("hold-group poller 4242 99"),
             Ok(GuardCommand::HoldGroup {
                 name: "poller".into(),
                 pgid: 4242,
-                deadline_ns: 99
+                deadline_ns: 99,
+                epoch: None,
             })
         );
+        assert!(matches!(
+            parse_line("hold-group poller 4242 99 12"),
+            Ok(GuardCommand::HoldGroup {
+                epoch: Some(12),
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_line("members 1=n1@10.0.0.1:7000 2=n2@10.0.0.2:7000"),
+            Ok(GuardCommand::Members(m)) if m.len() == 2
+        ));
+        assert!(parse_line("members n1").is_err());
+        assert!(matches!(
+            parse_line("identity\t3\t/a/ca.pem\t/a/n3.pem\t/a/n3.key"),
+            Ok(GuardCommand::Identity(i)) if i.node == 3
+        ));
+        assert!(parse_line("identity\tthree\t/a\t/b\t/c").is_err());
         assert!(
             parse_line("hold-group poller 1 99").is_err(),
             "never init's group"

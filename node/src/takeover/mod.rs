@@ -12,5 +12,6 @@ pub mod frames;
 pub mod guard;
 pub mod netlink;
 pub mod probe;
+pub mod report;
 
 pub use netlink::*;
