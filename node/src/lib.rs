@@ -39,6 +39,36 @@ pub fn parse_args<C: clap::Parser>() -> C {
     C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
+/// The shells `completion` writes a script for.
+pub use clap_complete::Shell;
+
+/// `C`'s command with this build's version, as `--version` and the man page show it.
+fn command_of<C: clap::CommandFactory>() -> clap::Command {
+    C::command().version(VERSION)
+}
+
+/// Writes the `shell` completion script for `C` (`spaced`, `spacectl`) to `out`. Rendered
+/// in memory first: the generator panics on a failed write (a closed pipe), this returns it.
+pub fn write_completion<C: clap::CommandFactory>(
+    shell: Shell,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    let mut cmd = command_of::<C>();
+    let name = cmd.get_name().to_string();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    out.write_all(&script)?;
+    out.flush()
+}
+
+/// Writes `C`'s man page (roff, section 1) to `out`.
+pub fn write_man<C: clap::CommandFactory>(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command_of::<C>()).render(&mut page)?;
+    out.write_all(&page)?;
+    out.flush()
+}
+
 /// [`VERSION`] with the data format and protocol versions, for `--version`.
 pub fn long_version() -> String {
     format!(

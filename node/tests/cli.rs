@@ -451,3 +451,40 @@ fn version_names_commit_build_date_and_formats_and_log_flags_are_checked() {
         "{out:?}"
     );
 }
+
+#[test]
+fn completions_and_man_pages_cover_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = spacectl().args(["completion", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for cmd in ["snapshot", "vip", "device", "pki", "completion"] {
+            assert!(script.contains(cmd), "{shell} script lacks {cmd}");
+        }
+        let out = spaced().args(["completion", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for cmd in ["run", "check", "restore", "demo"] {
+            assert!(script.contains(cmd), "spaced {shell} script lacks {cmd}");
+        }
+    }
+    let out = spacectl().args(["completion", "tcsh"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tcsh"));
+
+    for (bin, name, sub) in [
+        (spaced(), "spaced", "restore"),
+        (spacectl(), "spacectl", "snapshot"),
+    ] {
+        let out = { bin }.arg("man").output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let page = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            page.contains(&format!(".TH {name} 1")),
+            "{}",
+            &page[..page.len().min(300)]
+        );
+        assert!(page.contains(env!("CARGO_PKG_VERSION")));
+        assert!(page.contains(sub), "{name}(1) does not list {sub}");
+    }
+}

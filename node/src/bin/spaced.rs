@@ -70,6 +70,13 @@ enum Cmd {
         #[arg(long)]
         snapshot: PathBuf,
     },
+    /// Print a shell completion script (`source <(spaced completion bash)`).
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: spaced_node::Shell,
+    },
+    /// Print the man page (roff): `spaced man > spaced.1`.
+    Man,
     /// Run only the TCP load balancer, with backends from flags.
     Lb(spaced_node::lb::standalone::LbArgs),
     /// Internal: the fence guard child of `spaced run` (removes VIPs if spaced dies or stalls).
@@ -280,6 +287,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Completion { shell } => {
+            match spaced_node::write_completion::<Cli>(*shell, &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("spaced: write the completion script: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Man => match spaced_node::write_man::<Cli>(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("spaced: write the man page: {e}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::Lb(args) => {
             if let Err(c) = init_tracing_or_exit(&cli, None, "info") {
                 return c;

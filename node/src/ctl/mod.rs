@@ -120,6 +120,13 @@ pub enum Cmd {
         #[command(subcommand)]
         action: SnapshotCmd,
     },
+    /// Print a shell completion script (`source <(spacectl completion bash)`).
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: crate::Shell,
+    },
+    /// Print the man page (roff): `spacectl man > spacectl.1`.
+    Man,
 }
 
 /// A failure: message and exit code (2 usage, 1 operation).
@@ -196,6 +203,10 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Cmd::Singleton { action } => service::singleton(&cli, action).await,
         Cmd::Lb { action } => lb::run(&cli, action).await,
         Cmd::Snapshot { action } => snapshot::run(&cli, action).await,
+        Cmd::Completion { shell } => crate::write_completion::<Cli>(*shell, &mut std::io::stdout())
+            .map_err(|e| failed(format!("write the completion script: {e}"))),
+        Cmd::Man => crate::write_man::<Cli>(&mut std::io::stdout())
+            .map_err(|e| failed(format!("write the man page: {e}"))),
     }
 }
 
