@@ -1570,3 +1570,100 @@ fn a_snapshot_restores_a_wiped_cluster_with_its_vips_services_and_devices() -> R
     assert_eq!(s["nodes"].as_array().map(Vec::len), Some(3), "{s}");
     Ok(())
 }
+
+/// The service manager's notify protocol (issue 20), with a datagram socket standing in for
+/// systemd's: a bootstrapped node says READY=1 with its status once it leads and has applied
+/// its log, pings WATCHDOG=1 at half of WATCHDOG_USEC, says RELOADING=1 then READY=1 around a
+/// SIGHUP and STOPPING=1 on SIGTERM; a node no cluster has added is ready at once, saying so.
+#[test]
+fn spaced_speaks_the_systemd_notify_protocol() -> Result<()> {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::Builder::new()
+        .prefix("spaced-notify-")
+        .tempdir()?;
+    let pki = dir.path().join("pki");
+    make_pki(&pki, 2)?;
+    let socket_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path)?;
+    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    // Every datagram received until `until` says `done` of what came so far.
+    let recv_until = |within: Duration, done: &dyn Fn(&[String]) -> bool| -> Result<Vec<String>> {
+        let deadline = Instant::now() + within;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while Instant::now() < deadline {
+            if let Ok(n) = socket.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                if done(&got) {
+                    return Ok(got);
+                }
+            }
+        }
+        bail!("not seen within {within:?}; got {got:?}")
+    };
+    let start = |id: u64, bootstrap: bool| -> Result<Proc> {
+        let (config, listen) = write_node_config(dir.path(), &pki, id, &["ha"])?;
+        let log = std::fs::File::create(config.with_extension("log"))?;
+        let mut cmd = Command::new(binary("spaced")?);
+        cmd.arg("run").arg("--config").arg(&config);
+        if bootstrap {
+            cmd.arg("--bootstrap");
+        }
+        let child = cmd
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "200000")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        Ok(Proc {
+            child: Some(child),
+            config,
+            addr: listen.to_string(),
+        })
+    };
+    let mut n1 = start(1, true)?;
+    let got = recv_until(Duration::from_secs(30), &|g| {
+        g.iter().any(|m| m.starts_with("READY=1\nSTATUS="))
+    })?;
+    let ready = got
+        .iter()
+        .find(|m| m.starts_with("READY=1"))
+        .context("ready")?;
+    assert!(
+        ready.contains("member of a cluster led by node 1"),
+        "{ready}"
+    );
+    // Half of 200 ms: a handful of pings in a second.
+    let got = recv_until(Duration::from_secs(2), &|g| {
+        g.iter().filter(|m| *m == "WATCHDOG=1").count() >= 4
+    })?;
+    assert!(got.iter().all(|m| m == "WATCHDOG=1"), "{got:?}");
+    n1.signal(nix::sys::signal::Signal::SIGHUP)?;
+    let got = recv_until(Duration::from_secs(5), &|g| {
+        g.iter()
+            .position(|m| m == "RELOADING=1")
+            .is_some_and(|i| g[i..].iter().any(|m| m == "READY=1"))
+    })?;
+    assert!(got.contains(&"RELOADING=1".to_string()), "{got:?}");
+
+    // A node nobody added: ready at once, waiting.
+    let mut n2 = start(2, false)?;
+    let got = recv_until(Duration::from_secs(30), &|g| {
+        g.iter().any(|m| m.contains("waiting to be added"))
+    })?;
+    assert!(
+        got.iter()
+            .any(|m| m.starts_with("READY=1\nSTATUS=waiting to be added")),
+        "{got:?}"
+    );
+    n2.signal(nix::sys::signal::Signal::SIGKILL)?;
+    n2.wait(Duration::from_secs(5))?;
+
+    n1.signal(nix::sys::signal::Signal::SIGTERM)?;
+    recv_until(Duration::from_secs(10), &|g| {
+        g.iter().any(|m| m.starts_with("STOPPING=1"))
+    })?;
+    assert!(n1.wait(Duration::from_secs(20))?.success());
+    Ok(())
+}

@@ -488,3 +488,52 @@ fn completions_and_man_pages_cover_every_command() {
         assert!(page.contains(sub), "{name}(1) does not list {sub}");
     }
 }
+
+/// The shipped systemd unit (`contrib/systemd/spaced.service`) passes `systemd-analyze
+/// verify` with nothing to say: its directives parse, its commands exist (the binaries under
+/// test stand in for /usr/bin/spaced) and its `man:` links resolve to the generated pages.
+#[test]
+fn the_systemd_unit_verifies_cleanly() {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(!ci, "systemd-analyze is missing; .ci/run installs systemd");
+        println!("skipped: systemd-analyze is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let man1 = dir.path().join("man1");
+    std::fs::create_dir(&man1).unwrap();
+    for (mut bin, page) in [(spaced(), "spaced.1"), (spacectl(), "spacectl.1")] {
+        let out = bin.arg("man").output().unwrap();
+        assert!(out.status.success());
+        std::fs::write(man1.join(page), out.stdout).unwrap();
+    }
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../contrib/systemd/spaced.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
+    let path = dir.path().join("spaced.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/bin/spaced", env!("CARGO_BIN_EXE_spaced")),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .env("MANPATH", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

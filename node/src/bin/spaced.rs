@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use std::io::IsTerminal;
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use spaced_node::node::Node;
 use spaced_node::ops::config::NodeConfig;
@@ -220,14 +222,39 @@ fn main() -> ExitCode {
                         return ExitCode::from(if e.bad_input() { 2 } else { 1 });
                     }
                 };
+                // systemd's Type=notify: ready once the node is (see `Node::ready`), watchdog
+                // pings from this loop while Raft runs, stopping and reloading said.
+                let notifier = spaced_node::ops::sdnotify::Notifier::from_env();
+                let watchdog = spaced_node::ops::sdnotify::watchdog_every();
+                let mut ping = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
                 tokio::pin!(stop);
-                loop {
-                    tokio::select! {
-                        _ = &mut stop => break,
-                        _ = hangup.recv() => reload(&node, &path, &log, source),
+                {
+                    let ready = node.ready();
+                    tokio::pin!(ready);
+                    let mut readied = false;
+                    loop {
+                        tokio::select! {
+                            _ = &mut stop => break,
+                            _ = hangup.recv() => {
+                                notifier.notify("RELOADING=1");
+                                reload(&node, &path, &log, source);
+                                notifier.notify("READY=1");
+                            }
+                            status = &mut ready, if !readied => {
+                                readied = true;
+                                tracing::info!(%status, "ready");
+                                notifier.notify(&format!("READY=1\nSTATUS={status}"));
+                            }
+                            _ = ping.tick(), if watchdog.is_some() => {
+                                if node.raft_running() {
+                                    notifier.notify("WATCHDOG=1");
+                                }
+                            }
+                        }
                     }
                 }
                 tracing::info!("shutting down");
+                notifier.notify("STOPPING=1\nSTATUS=handing over and stopping");
                 node.shutdown().await;
                 ExitCode::SUCCESS
             })

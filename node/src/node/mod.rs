@@ -99,6 +99,8 @@ pub struct Node {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The balancer's task, awaited (not aborted) on shutdown so open connections drain.
     lb_task: Option<tokio::task::JoinHandle<()>>,
+    /// Started with `--bootstrap`: a member as soon as Raft has applied its initialisation.
+    bootstrapped: bool,
 }
 
 /// The VIP agent's backend for the configured takeover mode; checks the config's VIPs
@@ -594,6 +596,7 @@ impl Node {
             shutdown_tx,
             tasks,
             lb_task,
+            bootstrapped: bootstrap,
         })
     }
 
@@ -644,6 +647,45 @@ impl Node {
             }
         }
         Ok(report)
+    }
+
+    /// Resolves once the node is ready to be counted on, with a status line for the service
+    /// manager: a member that knows its cluster's leader and has applied the log it had when it
+    /// learned of it; or, at once, a node no cluster has added yet (it waits for `node add`).
+    pub async fn ready(&self) -> String {
+        let mut caught_up_to: Option<u64> = None;
+        loop {
+            let m = self.cluster.raft.metrics().borrow_watched().clone();
+            let member = m
+                .membership_config
+                .membership()
+                .get_node(&self.cluster.id)
+                .is_some();
+            if !member && !self.bootstrapped {
+                return "waiting to be added to a cluster (spacectl node add)".into();
+            }
+            if member && let Some(leader) = m.current_leader {
+                let target = *caught_up_to.get_or_insert(m.last_log_index.unwrap_or(0));
+                let applied = m.last_applied.map(|l| l.index()).unwrap_or(0);
+                if applied >= target {
+                    return format!(
+                        "member of a cluster led by node {leader}, applied up to {applied}"
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether Raft still runs (it stops for good on a storage failure): what the service
+    /// manager's watchdog is fed on.
+    pub fn raft_running(&self) -> bool {
+        self.cluster
+            .raft
+            .metrics()
+            .borrow_watched()
+            .running_state
+            .is_ok()
     }
 
     /// The Raft handle (tests and the demo watch its metrics).

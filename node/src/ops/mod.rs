@@ -1,7 +1,9 @@
 //! What operators touch around the daemon: its configuration file ([`config`]), the HTTP
-//! endpoint for `/metrics` and `/healthz` ([`http`]) and the Prometheus metrics ([`metrics`]).
+//! endpoint for `/metrics` and `/healthz` ([`http`]), the Prometheus metrics ([`metrics`]) and
+//! the service manager's notify protocol ([`sdnotify`]).
 
 pub mod config;
 pub mod events;
 pub mod http;
 pub mod metrics;
+pub mod sdnotify;
