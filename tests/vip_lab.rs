@@ -334,6 +334,44 @@ fn vip_fails_over_on_sigkill_and_the_client_follows_the_gratuitous_arp() -> Resu
     Ok(())
 }
 
+/// A VIP's address left up on a host by a run killed together with its guard (or by a host
+/// that crashed between adding and fencing) is removed when the node starts again, before it
+/// holds anything, and the node says so (issue 16); the owner keeps the VIP.
+#[test]
+fn a_restarted_node_removes_a_vip_address_left_on_its_host() -> Result<()> {
+    let _serial = one_lab();
+    let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
+    let Some(mut f) = Fabric::start(roles)? else {
+        return Ok(());
+    };
+    let vip_ip = IpAddr::V4(f.lab.free_ip(9));
+    // Added at run time: known from the fabric, not from any config.
+    f.add_vip("cluster", vip_ip, 24, "ha")?;
+    let owner = wait_served(&f, "cluster", vip_ip, None)?;
+    let other = (1..=3).find(|h| *h != owner).context("another host")?;
+    f.procs[other - 1].take().context("node")?.kill();
+    let ns = f.lab.host(other).ns.clone();
+    f.lab.run_in(
+        &ns,
+        &["ip", "addr", "add", &format!("{vip_ip}/24"), "dev", "eth0"],
+    )?;
+    assert!(f.lab.addresses(&ns)?.contains(&vip_ip));
+    f.procs[other - 1] = Some(f.spawn(other, false)?);
+    f.wait(
+        Duration::from_secs(20),
+        "the leftover address removed",
+        |f| Ok(!f.lab.addresses(&f.lab.host(other).ns)?.contains(&vip_ip)),
+    )?;
+    let log = f.procs[other - 1].as_ref().context("node")?.read_log();
+    assert!(
+        log.contains("removed the VIP's address left over from a previous run"),
+        "{log}"
+    );
+    assert_eq!(f.vip_owner("cluster", None), Some(owner as u64));
+    assert!(f.lab.addresses(&f.lab.host(owner).ns)?.contains(&vip_ip));
+    Ok(())
+}
+
 #[test]
 fn partitioned_owner_drops_the_vip_and_the_majority_takes_over_without_overlap() -> Result<()> {
     let _serial = one_lab();
