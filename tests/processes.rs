@@ -144,27 +144,33 @@ impl Lab {
             },
         )?;
         for id in 2..=3 {
-            let addr = lab.procs[id - 1].addr.clone();
-            // A node not yet in the cluster answers `status` once it listens: on a loaded
-            // machine a debug build takes a while to get there, and `node add` dials it once.
-            wait_until(Duration::from_secs(20), &format!("n{id} listens"), || {
-                Ok(lab.status(&addr).is_ok())
-            })?;
-            lab.ctl_ok(
-                &n1,
-                &[
-                    "node",
-                    "add",
-                    "--id",
-                    &id.to_string(),
-                    "--name",
-                    &format!("n{id}"),
-                    "--addr",
-                    &addr,
-                ],
-            )?;
+            lab.join(&n1, id)?;
         }
         Ok(lab)
+    }
+
+    /// Adds node `id` (started, not yet a member) to the cluster through `endpoint`.
+    fn join(&self, endpoint: &str, id: usize) -> Result<()> {
+        let addr = self.procs[id - 1].addr.clone();
+        // A node not yet in the cluster answers `status` once it listens: on a loaded
+        // machine a debug build takes a while to get there, and `node add` dials it once.
+        wait_until(Duration::from_secs(20), &format!("n{id} listens"), || {
+            Ok(self.status(&addr).is_ok())
+        })?;
+        self.ctl_ok(
+            endpoint,
+            &[
+                "node",
+                "add",
+                "--id",
+                &id.to_string(),
+                "--name",
+                &format!("n{id}"),
+                "--addr",
+                &addr,
+            ],
+        )?;
+        Ok(())
     }
 }
 
@@ -1512,24 +1518,8 @@ fn a_snapshot_restores_a_wiped_cluster_with_its_vips_services_and_devices() -> R
         let (config, addr) = (lab.procs[i].config.clone(), lab.procs[i].addr.clone());
         lab.procs[i] = Proc::start(&dir, &config, &addr, false)?;
     }
-    for id in 2..=3usize {
-        let addr = lab.procs[id - 1].addr.clone();
-        wait_until(Duration::from_secs(20), &format!("n{id} listens"), || {
-            Ok(lab.status(&addr).is_ok())
-        })?;
-        lab.ctl_ok(
-            &n1,
-            &[
-                "node",
-                "add",
-                "--id",
-                &id.to_string(),
-                "--name",
-                &format!("n{id}"),
-                "--addr",
-                &addr,
-            ],
-        )?;
+    for id in 2..=3 {
+        lab.join(&n1, id)?;
     }
     wait_until(
         Duration::from_secs(30),

@@ -92,6 +92,20 @@ enum Cmd {
     },
 }
 
+/// What a one-shot command on a node's config (`check`, `restore`) starts with: the config
+/// (exit 2 if it does not load), logging at `warn` unless told otherwise, and a runtime.
+fn one_shot(
+    cli: &Cli,
+    config: &std::path::Path,
+) -> Result<(NodeConfig, tokio::runtime::Runtime), ExitCode> {
+    let cfg = NodeConfig::load(config).map_err(|e| {
+        eprintln!("spaced: {e}");
+        ExitCode::from(2)
+    })?;
+    init_tracing_or_exit(cli, cfg.log_level.as_deref(), "warn")?;
+    Ok((cfg, runtime()?))
+}
+
 /// Changes the log filter of a running process (on SIGHUP, from the config's `log_level`).
 type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
@@ -260,18 +274,8 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Check { config } => {
-            let cfg = match NodeConfig::load(config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("spaced: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            if let Err(c) = init_tracing_or_exit(&cli, cfg.log_level.as_deref(), "warn") {
-                return c;
-            }
-            let rt = match runtime() {
-                Ok(rt) => rt,
+            let (cfg, rt) = match one_shot(&cli, config) {
+                Ok(loaded) => loaded,
                 Err(c) => return c,
             };
             match rt.block_on(spaced_node::node::check(&cfg)) {
@@ -289,18 +293,8 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Restore { config, snapshot } => {
-            let cfg = match NodeConfig::load(config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("spaced: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            if let Err(c) = init_tracing_or_exit(&cli, cfg.log_level.as_deref(), "warn") {
-                return c;
-            }
-            let rt = match runtime() {
-                Ok(rt) => rt,
+            let (cfg, rt) = match one_shot(&cli, config) {
+                Ok(loaded) => loaded,
                 Err(c) => return c,
             };
             match rt.block_on(spaced_node::node::restore(&cfg, snapshot)) {
