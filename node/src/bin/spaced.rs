@@ -387,7 +387,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match rt.block_on(spaced_node::takeover::guard::run_guard()) {
+            match rt.block_on(spaced_node::takeover::guard::run_guard(
+                spaced_node::node::report_fenced,
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("spaced guard: {e}");

@@ -8,10 +8,13 @@
 //! * [`registration`] — the node's own record in the fabric (bootstrap, management IP).
 //! * [`observe`] — `/metrics` and `/healthz`.
 
+mod guard_report;
 mod observe;
 mod peer;
 mod registration;
 mod restore;
+
+pub use guard_report::report_fenced;
 
 pub use restore::{RestoreError, restore};
 
@@ -39,6 +42,7 @@ use crate::placement::agent::{Agent, LoopbackBackend, VipBackend};
 use crate::placement::lease::LeaseConfig;
 use crate::services::desired::PlacementBackend;
 use crate::services::supervisor::{Supervisor, SupervisorConfig};
+use crate::takeover::guard::GuardCell;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -107,10 +111,11 @@ pub struct Node {
 /// against the host (interface present, address inside its subnet, capabilities) first, and
 /// removes what a predecessor killed with its guard left up of any VIP (this node holds none
 /// yet).
+/// Also returns the backend's fence guard, when it has one.
 async fn vip_backend(
     cfg: &NodeConfig,
     fabric_vips: &[(String, String, String)],
-) -> Result<Arc<dyn VipBackend>, StartError> {
+) -> Result<(Arc<dyn VipBackend>, Option<Arc<GuardCell>>), StartError> {
     Ok(match cfg.takeover {
         TakeoverMode::Loopback => {
             let ports = cfg
@@ -118,7 +123,10 @@ async fn vip_backend(
                 .iter()
                 .filter_map(|v| v.port.map(|p| (v.name.clone(), p)))
                 .collect();
-            Arc::new(LoopbackBackend::new(cfg.name.clone(), ports))
+            (
+                Arc::new(LoopbackBackend::new(cfg.name.clone(), ports)),
+                None,
+            )
         }
         TakeoverMode::Netlink => {
             let backend = crate::takeover::backend::NetlinkBackend::new(cfg.fence_cgroup())
@@ -150,7 +158,8 @@ async fn vip_backend(
                     tracing::warn!(vip = %name, %address, %interface, "removed the VIP's address left over from a previous run");
                 }
             }
-            Arc::new(backend)
+            let guard = backend.guard_cell();
+            (Arc::new(backend), Some(guard))
         }
     })
 }
@@ -449,7 +458,7 @@ impl Node {
                 })
                 .collect()
         });
-        let takeover = vip_backend(&cfg, &fabric_vips).await?;
+        let (takeover, vip_guard) = vip_backend(&cfg, &fabric_vips).await?;
         let supervisor = Supervisor::start_with_recorder(
             SupervisorConfig::new(&cfg.data_dir.join("service-logs")),
             recorder,
@@ -462,7 +471,14 @@ impl Node {
             services_wake.clone(),
             cfg.fence_cgroup(),
         ));
-        placement_backend.set_guard_reporting(guard_reporting(&cfg, &cluster));
+        // Both fence guards report their fence as this node when spaced dies.
+        let reporting = guard_reporting(&cfg, &cluster);
+        for cell in vip_guard
+            .iter()
+            .chain(placement_backend.guard_cell().iter())
+        {
+            cell.set_reporting(reporting.clone());
+        }
         let agent = Agent::new(cfg.node_id, lease.clone(), placement_backend.clone());
         agent
             .set_refresh((cfg.garp_refresh_s > 0).then(|| Duration::from_secs(cfg.garp_refresh_s)));

@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::takeover::cgroup::FenceCgroup;
-
 /// A node's full configuration, as loaded from its TOML file.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +72,66 @@ pub struct NodeConfig {
     /// The file this configuration came from (not part of the TOML text).
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// The default `fence_cgroup`.
+pub const DEFAULT_FENCE_CGROUP: &str = "spaced-fence";
+
+/// Where the fence guards go (`fence_cgroup`, see `crate::takeover::cgroup`): a cgroup v2
+/// path below the cgroup2 mount, or nowhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceCgroup {
+    /// Leave the guard in the daemon's cgroup.
+    Off,
+    /// This path relative to the cgroup2 mount (no leading `/`, no `.` or `..`).
+    Under(String),
+}
+
+impl Default for FenceCgroup {
+    fn default() -> Self {
+        FenceCgroup::Under(DEFAULT_FENCE_CGROUP.to_string())
+    }
+}
+
+/// A `fence_cgroup` value that is not a usable cgroup path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is not a cgroup path: {why}")]
+pub struct FenceCgroupError {
+    /// The value.
+    pub value: String,
+    /// What is wrong with it.
+    pub why: &'static str,
+}
+
+impl FenceCgroup {
+    /// Parses the config value: `none`, or a relative path of plain names.
+    pub fn parse(value: &str) -> Result<Self, FenceCgroupError> {
+        let bad = |why| {
+            Err(FenceCgroupError {
+                value: value.to_string(),
+                why,
+            })
+        };
+        if value == "none" {
+            return Ok(FenceCgroup::Off);
+        }
+        let path = value.trim_start_matches('/');
+        if path.is_empty() {
+            return bad("the root cgroup is not a cgroup of its own; give a name or `none`");
+        }
+        for part in path.split('/') {
+            if part.is_empty() || part == "." || part == ".." {
+                return bad("empty, `.` and `..` parts are not allowed");
+            }
+            if part.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return bad("names may not hold spaces or control characters");
+            }
+            if part.starts_with("cgroup.") {
+                return bad("a `cgroup.` name is a control file");
+            }
+        }
+        Ok(FenceCgroup::Under(path.to_string()))
+    }
 }
 
 /// `[lb]`: a TCP balancer that listens on a VIP's ports and is active on the VIP's owner.
@@ -1205,6 +1263,23 @@ key = "n.key"
         }
         let msg = err_of(&format!("mgmt_ip = \"eth0\"\n{MINIMAL}"));
         assert!(msg.contains("mgmt_ip"), "{msg}");
+    }
+
+    #[test]
+    fn the_config_value_is_a_plain_relative_path_or_none() {
+        assert_eq!(FenceCgroup::parse("none"), Ok(FenceCgroup::Off));
+        assert_eq!(
+            FenceCgroup::parse("/spaced-fence"),
+            Ok(FenceCgroup::Under("spaced-fence".into()))
+        );
+        assert_eq!(
+            FenceCgroup::parse("system.slice/spaced-fence.scope"),
+            Ok(FenceCgroup::Under("system.slice/spaced-fence.scope".into()))
+        );
+        for bad in ["", "/", "a//b", "../x", "a/./b", "a b", "cgroup.procs"] {
+            let e = FenceCgroup::parse(bad).expect_err(bad);
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+        }
     }
 
     #[test]

@@ -90,9 +90,6 @@ pub trait VipBackend: Send + Sync + 'static {
     /// out-of-process guard passes it on, so the VIP goes down at that instant even if this
     /// process is stopped (and, told the epoch, the guard can report the fence).
     fn hold_until(&self, _vip: &VipSpec, _epoch: u64, _until: Instant) {}
-    /// From now on the out-of-process guard (if any) is told who this node is and the
-    /// cluster's members, so that it reports its fence when spaced dies.
-    fn set_guard_reporting(&self, _reporting: crate::takeover::guard::Reporting) {}
     /// The out-of-process guard's state for metrics (see
     /// [`crate::takeover::guard::GuardCell::state`]); `None`: this backend has none.
     fn guard_state(&self) -> Option<(Option<bool>, u64)> {

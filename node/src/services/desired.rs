@@ -234,13 +234,19 @@ impl PlacementBackend {
 }
 
 impl PlacementBackend {
+    /// The fence guard of the singletons and services, when there is one (the root tells it
+    /// how to report its fence).
+    pub fn guard_cell(&self) -> Option<Arc<GuardCell>> {
+        self.guard.clone()
+    }
+
     /// Routes VIPs to `vips` and singletons to `supervisor`; the services' fence guard is
     /// moved into `fence`.
     pub fn new(
         vips: Arc<dyn VipBackend>,
         supervisor: Supervisor,
         wake: Arc<tokio::sync::Notify>,
-        fence: crate::takeover::cgroup::FenceCgroup,
+        fence: crate::ops::config::FenceCgroup,
     ) -> Self {
         let is_spaced = std::env::current_exe()
             .ok()
@@ -348,13 +354,6 @@ impl VipBackend for PlacementBackend {
 
     fn announce_schedule(&self) -> Vec<Duration> {
         self.vips.announce_schedule()
-    }
-
-    fn set_guard_reporting(&self, reporting: crate::takeover::guard::Reporting) {
-        if let Some(g) = &self.guard {
-            g.set_reporting(reporting.clone());
-        }
-        self.vips.set_guard_reporting(reporting);
     }
 
     fn hold_until(&self, vip: &VipSpec, epoch: u64, until: Instant) {

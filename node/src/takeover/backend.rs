@@ -59,12 +59,17 @@ impl From<GuardError> for HoldError {
 
 impl NetlinkBackend {
     /// Opens netlink; the fence guard, once started, is moved into `fence`.
-    pub async fn new(fence: crate::takeover::cgroup::FenceCgroup) -> Result<Self, TakeoverError> {
+    pub async fn new(fence: crate::ops::config::FenceCgroup) -> Result<Self, TakeoverError> {
         let tk = Takeover::new().await?;
         Ok(NetlinkBackend {
             tk: Arc::new(tk),
             guard: Arc::new(GuardCell::new("VIPs", fence)),
         })
+    }
+
+    /// The fence guard of this backend's VIPs (the root tells it how to report its fence).
+    pub fn guard_cell(&self) -> Arc<GuardCell> {
+        self.guard.clone()
     }
 
     /// The VIP can live on this host: interface present, address inside one of its subnets.
@@ -188,10 +193,6 @@ impl VipBackend for NetlinkBackend {
             .copied()
             .filter(|d| !d.is_zero())
             .collect()
-    }
-
-    fn set_guard_reporting(&self, reporting: crate::takeover::guard::Reporting) {
-        self.guard.set_reporting(reporting);
     }
 
     fn hold_until(&self, vip: &VipSpec, epoch: u64, until: Instant) {

@@ -13,30 +13,11 @@
 
 use std::path::{Path, PathBuf};
 
-/// The default `fence_cgroup`.
-pub const DEFAULT_FENCE_CGROUP: &str = "spaced-fence";
+use crate::ops::config::FenceCgroup;
 
-/// Where the guard goes: a cgroup v2 path below the mount, or nowhere.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FenceCgroup {
-    /// Leave the guard in the daemon's cgroup.
-    Off,
-    /// This path relative to the cgroup2 mount (no leading `/`, no `.` or `..`).
-    Under(String),
-}
-
-impl Default for FenceCgroup {
-    fn default() -> Self {
-        FenceCgroup::Under(DEFAULT_FENCE_CGROUP.to_string())
-    }
-}
-
-/// Why a `fence_cgroup` value or a move of the guard was refused.
+/// Why the guard could not be moved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CgroupError {
-    /// The config value is not a usable path.
-    #[error("{0:?} is not a cgroup path: {1}")]
-    BadPath(String, &'static str),
     /// The daemon itself runs inside the fence cgroup, so moving the guard there changes nothing.
     #[error("the daemon's own cgroup {own} is inside the fence cgroup {fence}")]
     Inside {
@@ -60,32 +41,6 @@ pub enum CgroupError {
         /// The system's error.
         error: String,
     },
-}
-
-impl FenceCgroup {
-    /// Parses the config value: `none`, or a relative path of plain names.
-    pub fn parse(value: &str) -> Result<Self, CgroupError> {
-        let bad = |why| Err(CgroupError::BadPath(value.to_string(), why));
-        if value == "none" {
-            return Ok(FenceCgroup::Off);
-        }
-        let path = value.trim_start_matches('/');
-        if path.is_empty() {
-            return bad("the root cgroup is not a cgroup of its own; give a name or `none`");
-        }
-        for part in path.split('/') {
-            if part.is_empty() || part == "." || part == ".." {
-                return bad("empty, `.` and `..` parts are not allowed");
-            }
-            if part.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                return bad("names may not hold spaces or control characters");
-            }
-            if part.starts_with("cgroup.") {
-                return bad("a `cgroup.` name is a control file");
-            }
-        }
-        Ok(FenceCgroup::Under(path.to_string()))
-    }
 }
 
 /// What became of one move.
@@ -197,23 +152,6 @@ pub fn holds(dir: &Path, pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_config_value_is_a_plain_relative_path_or_none() {
-        assert_eq!(FenceCgroup::parse("none"), Ok(FenceCgroup::Off));
-        assert_eq!(
-            FenceCgroup::parse("/spaced-fence"),
-            Ok(FenceCgroup::Under("spaced-fence".into()))
-        );
-        assert_eq!(
-            FenceCgroup::parse("system.slice/spaced-fence.scope"),
-            Ok(FenceCgroup::Under("system.slice/spaced-fence.scope".into()))
-        );
-        for bad in ["", "/", "a//b", "../x", "a/./b", "a b", "cgroup.procs"] {
-            let e = FenceCgroup::parse(bad).expect_err(bad);
-            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
-        }
-    }
 
     #[test]
     fn the_guard_moves_unless_the_daemon_is_in_the_root_or_the_fence_cgroup() {

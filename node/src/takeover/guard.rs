@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncBufReadExt;
 
+use crate::ops::config::FenceCgroup;
 use crate::placement::agent::VipSpec;
-use crate::takeover::cgroup::{FenceCgroup, Placed};
+use crate::takeover::cgroup::Placed;
 
 /// The longest the guard sleeps while it holds anything (see `run_guard`).
 const GUARD_LOOK: Duration = Duration::from_millis(50);
@@ -117,7 +118,7 @@ pub enum GuardLineError {
     Epoch(String),
     /// An `identity` or `members` line that does not parse.
     #[error("bad {0} line: {1}")]
-    Report(&'static str, String),
+    Report(&'static str, crate::takeover::report::ReportLineError),
     /// Not a command of the protocol.
     #[error("unknown guard command {0:?}")]
     Unknown(String),
@@ -438,7 +439,11 @@ impl Drop for GuardHandle {
 }
 
 /// `spaced guard`: runs until stdin closes, then removes what it still holds and exits.
-pub async fn run_guard() -> Result<(), crate::takeover::TakeoverError> {
+/// `reporter` sends the report of what it fenced when spaced died (see
+/// [`crate::takeover::report`]).
+pub async fn run_guard(
+    reporter: crate::takeover::report::Reporter,
+) -> Result<(), crate::takeover::TakeoverError> {
     let tk = crate::takeover::Takeover::new().await?;
     // Re-parented once the daemon is gone: how a closed stdin from a dead daemon is told from
     // one a living daemon closed.
@@ -536,9 +541,8 @@ pub async fn run_guard() -> Result<(), crate::takeover::TakeoverError> {
                         tracing::info!(fenced = ?fenced, "fence guard reports its fence to the cluster")
                     }
                 }
-                if let Some(me) = &identity {
-                    crate::takeover::report::report_fenced(me, &members, &fenced, REPORT_WITHIN)
-                        .await;
+                if let Some(me) = identity {
+                    reporter(me, members, fenced, REPORT_WITHIN).await;
                 }
                 return Ok(());
             }

@@ -2,8 +2,9 @@
 //! for a conflict and announce the move ([`frames`], pure; [`probe`], their socket side), the
 //! agent's backend on top of them ([`backend`]), and the fence guard child process that
 //! removes addresses when the daemon dies ([`guard`]), kept out of the daemon's cgroup
-//! ([`cgroup`]). Knows nothing of Raft; uses only the
-//! placement agent's `VipBackend` contract.
+//! ([`cgroup`]) and reporting its fence through a sender the root gives it ([`report`]).
+//! Knows nothing of Raft (a `BoxFuture` alias aside); uses the placement agent's `VipBackend`
+//! contract and the config's `FenceCgroup`.
 
 pub mod addr;
 pub mod backend;

@@ -1,6 +1,9 @@
-//! The fence guard's report to the cluster after spaced died: "this node has fenced these
-//! placements at these epochs", so that the leader grants them elsewhere at once instead of
-//! waiting out the lease (which is what a graceful stop does too).
+//! What the fence guard needs to report its fence to the cluster after spaced died ("this
+//! node has fenced these placements at these epochs", so that the leader grants them
+//! elsewhere at once instead of waiting out the lease, as after a graceful stop): who it is
+//! ([`Identity`]), whom to tell ([`Peer`]), and the [`Reporter`] that sends it, which the
+//! binary supplies from the root (`crate::node::report_fenced`), since it speaks Raft's
+//! node RPCs.
 //!
 //! The guard speaks as its node: a QUIC connection with the node's own certificate, the node
 //! RPCs `Leaving` (grant this node nothing for a while) to every member, then `Propose
@@ -14,11 +17,23 @@
 //! is a daemon on this host, and a new one starts holding nothing.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use spaced_raft::network::{QuicNetwork, RaftReply, RaftRpc};
-use spaced_raft::pki::{ALPN_RAFT, TlsMaterial, TlsPaths};
-use spaced_raft::{Command, Member};
+use futures::future::BoxFuture;
+
+/// Why an `identity` or `members` line was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportLineError {
+    /// `identity` needs the id and three files.
+    #[error("expected 4 tab-separated fields, got {0}")]
+    Fields(usize),
+    /// Not a node id.
+    #[error("bad node id {0:?}")]
+    NodeId(String),
+    /// A member not written `<id>=<name>@<addr>`.
+    #[error("{0:?} is not <id>=<name>@<addr>")]
+    Peer(String),
+}
 
 /// Who the guard reports as: the node's id and key material.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,18 +61,17 @@ impl Identity {
     }
 
     /// Parses what follows `identity<TAB>`.
-    pub fn parse(rest: &str) -> Result<Self, String> {
+    pub fn parse(rest: &str) -> Result<Self, ReportLineError> {
         match rest.split('\t').collect::<Vec<_>>().as_slice() {
             [id, ca, cert, key] => Ok(Identity {
-                node: id.parse().map_err(|_| format!("bad node id {id:?}"))?,
+                node: id
+                    .parse()
+                    .map_err(|_| ReportLineError::NodeId(id.to_string()))?,
                 ca: PathBuf::from(ca),
                 cert: PathBuf::from(cert),
                 key: PathBuf::from(key),
             }),
-            other => Err(format!(
-                "expected 4 tab-separated fields, got {}",
-                other.len()
-            )),
+            other => Err(ReportLineError::Fields(other.len())),
         }
     }
 }
@@ -75,15 +89,14 @@ pub struct Peer {
 
 impl Peer {
     /// Parses `<id>=<name>@<host:port>`.
-    pub fn parse(token: &str) -> Result<Self, String> {
-        let (id, rest) = token
-            .split_once('=')
-            .ok_or_else(|| format!("{token:?} is not <id>=<name>@<addr>"))?;
-        let (name, addr) = rest
-            .split_once('@')
-            .ok_or_else(|| format!("{token:?} is not <id>=<name>@<addr>"))?;
+    pub fn parse(token: &str) -> Result<Self, ReportLineError> {
+        let shape = || ReportLineError::Peer(token.to_string());
+        let (id, rest) = token.split_once('=').ok_or_else(shape)?;
+        let (name, addr) = rest.split_once('@').ok_or_else(shape)?;
         Ok(Peer {
-            id: id.parse().map_err(|_| format!("bad node id {id:?}"))?,
+            id: id
+                .parse()
+                .map_err(|_| ReportLineError::NodeId(id.to_string()))?,
             name: name.to_string(),
             addr: addr.to_string(),
         })
@@ -99,106 +112,11 @@ pub fn members_line(peers: &[Peer]) -> String {
     line
 }
 
-/// Reports `fenced` (placement, epoch) through whichever member leads, trying until `within`
-/// has passed; logs what became of each. Best effort: what is not reported is granted
-/// elsewhere when its lease runs out, as without a guard report.
-pub async fn report_fenced(
-    me: &Identity,
-    peers: &[Peer],
-    fenced: &[(String, u64)],
-    within: Duration,
-) {
-    let deadline = Instant::now() + within;
-    let peers: Vec<&Peer> = peers.iter().filter(|p| p.id != me.node).collect();
-    if peers.is_empty() || fenced.is_empty() {
-        return;
-    }
-    let net = match dialer(me, &peers) {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::error!(error = %e, "fence guard cannot report its fence; the leases will run out");
-            return;
-        }
-    };
-    let member = |p: &Peer| Member {
-        name: p.name.clone(),
-        addr: p.addr.clone(),
-    };
-    // Grant this node nothing for a while: told to every member, so the leader hears it
-    // whoever it is (best effort, at once and in parallel).
-    let leaving = peers.iter().map(|p| {
-        let net = net.clone();
-        let m = member(p);
-        async move {
-            let _ = net
-                .call(p.id, &m, RaftRpc::Leaving, Duration::from_millis(300))
-                .await;
-        }
-    });
-    futures::future::join_all(leaving).await;
-    for (name, epoch) in fenced {
-        let cmd = Command::ReleasePlacement {
-            name: name.clone(),
-            epoch: *epoch,
-        };
-        let mut done = false;
-        while !done && Instant::now() < deadline {
-            for p in &peers {
-                let reply = net
-                    .call(
-                        p.id,
-                        &member(p),
-                        RaftRpc::Propose(cmd.clone()),
-                        Duration::from_millis(400),
-                    )
-                    .await;
-                match reply {
-                    Ok(RaftReply::Proposed(Ok(_))) => {
-                        tracing::warn!(placement = %name, epoch, through = %p.name, "fence guard released the placement it fenced");
-                        done = true;
-                    }
-                    Ok(RaftReply::Proposed(Err(e))) => {
-                        tracing::info!(placement = %name, epoch, error = %e, "fence guard's release refused: the placement moved on already");
-                        done = true;
-                    }
-                    Ok(other) => tracing::debug!(peer = %p.name, ?other, "odd reply to a release"),
-                    // Not the leader, or not reachable: try the next.
-                    Err(e) => tracing::debug!(peer = %p.name, error = %e, "release not taken"),
-                }
-                if done {
-                    break;
-                }
-            }
-            if !done {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        if !done {
-            tracing::warn!(placement = %name, epoch, "fence guard could not report its release; the lease will run out");
-        }
-    }
-}
-
-/// A dialer with the node's certificate, on an endpoint of the peers' address family.
-fn dialer(me: &Identity, peers: &[&Peer]) -> Result<QuicNetwork, String> {
-    let tls = TlsMaterial::load(&TlsPaths {
-        ca: me.ca.clone(),
-        cert: me.cert.clone(),
-        key: me.key.clone(),
-    })
-    .map_err(|e| e.to_string())?;
-    let client = tls
-        .client_config(ALPN_RAFT, spaced_raft::network::transport_config())
-        .map_err(|e| e.to_string())?;
-    let v6 = peers.iter().any(|p| p.addr.starts_with('['));
-    let bind: std::net::SocketAddr = if v6 {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("bind {bind}: {e}"))?;
-    Ok(QuicNetwork::new(me.node, endpoint, client))
-}
+/// How the guard reports what it fenced, given to [`crate::takeover::guard::run_guard`] by the
+/// binary: this node, the members, the (placement, epoch) pairs fenced, and how long to try.
+/// The implementation speaks Raft's node RPCs, which this module does not know
+/// (`crate::node::report_fenced`).
+pub type Reporter = fn(Identity, Vec<Peer>, Vec<(String, u64)>, Duration) -> BoxFuture<'static, ()>;
 
 #[cfg(test)]
 mod tests {
