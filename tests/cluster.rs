@@ -621,6 +621,51 @@ async fn oversized_and_garbage_frames_close_only_that_stream() -> Result<()> {
     let reply: spaced_raft::network::WireReply = spaced_raft::codec::decode(&reply)?;
     assert!(matches!(reply, Ok(RaftReply::Describe(_))), "{reply:?}");
 
+    // A member announcing a snapshot over the cap is refused before a byte of it is read.
+    let (ep2, cfg2) = client(&pki_dir, &pki_dir, "n2", ALPN_RAFT)?;
+    let member = ep2
+        .connect_with(cfg2, addr, &format!("n1.{NODE_DOMAIN}"))?
+        .await?;
+    let (mut s, mut r) = member.open_bi().await?;
+    let req = spaced_raft::network::RaftRequest {
+        from: 2,
+        rpc: RaftRpc::Snapshot {
+            vote: openraft::Vote::new(1, 2),
+            meta: Default::default(),
+            len: 1 << 40,
+        },
+    };
+    spaced_raft::frame::write_frame(&mut s, &spaced_raft::codec::encode(&req)?).await?;
+    // The stream is closed without a reply (the refusal is the node's log line); no byte of
+    // the announced terabyte was awaited, so it closes at once.
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        spaced_raft::frame::read_frame(&mut r, 1 << 20),
+    )
+    .await
+    .context("a huge snapshot left the stream hanging")?;
+    assert!(
+        got.is_err() || got.as_ref().is_ok_and(|f| f.is_none()),
+        "a huge snapshot got a reply: {got:?}"
+    );
+
+    // At most 1024 streams open at once per connection (the refused snapshot's may still
+    // count): opening more waits for one to close, instead of costing the node memory.
+    let mut open = Vec::new();
+    while open.len() < 1100 {
+        match tokio::time::timeout(Duration::from_millis(500), member.open_bi()).await {
+            Ok(stream) => open.push(stream?),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        (1000..=1024).contains(&open.len()),
+        "{} streams opened at once",
+        open.len()
+    );
+    drop(open);
+    member.close(0u32.into(), b"done");
+
     // Garbage on the admin protocol gets an error reply, not a crash.
     let mut admin = c.admin(1).await?;
     assert!(admin.status().await.is_ok());

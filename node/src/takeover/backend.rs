@@ -201,3 +201,32 @@ impl VipBackend for NetlinkBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A netlink request that never answers (a wedged kernel socket, a stopped netlink task)
+    /// must not hold the agent's fence up: it fails after its limit, naming the address, and
+    /// the agent tries the fence again on its next pass.
+    #[tokio::test]
+    async fn a_netlink_call_that_never_answers_fails_after_its_limit() {
+        let addr = VipAddr::parse("10.0.0.100/24", "eth0").unwrap();
+        let never = std::future::pending::<Result<(), TakeoverError>>();
+        // The outer limit only keeps a broken `within` from hanging the test run.
+        let err = tokio::time::timeout(
+            Duration::from_secs(30),
+            within(Duration::from_millis(100), "remove address", &addr, never),
+        )
+        .await
+        .expect("within never returned")
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("remove address")
+                && text.contains("10.0.0.100")
+                && text.contains("no answer"),
+            "{text}"
+        );
+    }
+}
