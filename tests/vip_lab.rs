@@ -372,6 +372,52 @@ fn a_restarted_node_removes_a_vip_address_left_on_its_host() -> Result<()> {
     Ok(())
 }
 
+/// When a VIP's address stays up on a host whose daemon and guard were killed together (here:
+/// the guard kept in the daemon's cgroup, `fence_cgroup = "none"`, and that cgroup killed), the
+/// other nodes refuse the VIP, never holding it twice, and their refusal says which node of the
+/// cluster still answers for it (issue 16).
+#[test]
+fn a_vip_held_by_a_dead_node_is_refused_naming_that_node() -> Result<()> {
+    let _serial = one_lab();
+    let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
+    let Some(f) = Fabric::start_with(roles, |_, cfg| {
+        cfg.fence_cgroup = Some("none".into());
+    })?
+    else {
+        return Ok(());
+    };
+    let vip_ip = IpAddr::V4(f.lab.free_ip(11));
+    f.add_vip("cluster", vip_ip, 24, "ha")?;
+    let owner = wait_served(&f, "cluster", vip_ip, None)?;
+    f.procs[owner - 1]
+        .as_ref()
+        .context("owner")?
+        .cgroup_kill()?;
+    assert!(f.lab.addresses(&f.lab.host(owner).ns)?.contains(&vip_ip));
+    let name = format!("n{owner}");
+    f.wait(
+        Duration::from_secs(30),
+        "a refusal naming the dead node",
+        |f| {
+            Ok(f.vip_entry("cluster").is_some_and(|v| {
+                v["refused"].as_array().is_some_and(|r| {
+                    r.iter().any(|r| {
+                        r["reason"]
+                            .as_str()
+                            .is_some_and(|t| t.contains(&format!("is node {name} of this cluster")))
+                    })
+                })
+            }))
+        },
+    )
+    .with_context(|| format!("{:?}", f.vip_entry("cluster")))?;
+    // Nobody else put the address up meanwhile.
+    for h in (1..=3).filter(|h| *h != owner) {
+        assert!(!f.lab.addresses(&f.lab.host(h).ns)?.contains(&vip_ip));
+    }
+    Ok(())
+}
+
 #[test]
 fn partitioned_owner_drops_the_vip_and_the_majority_takes_over_without_overlap() -> Result<()> {
     let _serial = one_lab();

@@ -59,6 +59,66 @@ pub enum HoldError {
     /// The singleton's service could not be started or stopped.
     #[error("{0}")]
     Service(String),
+    /// Another host answered the conflict probe for the VIP's address.
+    #[error(
+        "refusing VIP {vip} ({address}): host {mac}{} already answers for it on {interface}",
+        at_list(holders)
+    )]
+    Conflict {
+        /// The VIP.
+        vip: String,
+        /// Its address.
+        address: String,
+        /// The interface probed.
+        interface: String,
+        /// The answering host's MAC.
+        mac: String,
+        /// The IPs this host's neighbour table has for that MAC (the answering host's own
+        /// addresses, when this host has talked to it), to tell which node it is.
+        holders: Vec<std::net::IpAddr>,
+    },
+}
+
+/// ` (at 10.0.0.2, fd00::2)`, or nothing.
+fn at_list(ips: &[std::net::IpAddr]) -> String {
+    if ips.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
+    format!(" (at {})", list.join(", "))
+}
+
+impl HoldError {
+    /// The refusal's text as the fabric keeps it: for a conflict, also which node of the
+    /// cluster the answering host is, when one of its addresses is a node's (a node whose
+    /// daemon is gone, or stopped, with the address still up: its guard did not fence).
+    pub fn explain(&self, fabric: &spaced_fabric::Fabric) -> String {
+        let HoldError::Conflict { holders, .. } = self else {
+            return self.to_string();
+        };
+        let nodes: Vec<String> = fabric
+            .nodes
+            .values()
+            .filter(|n| {
+                let raft_ip = n
+                    .raft_addr
+                    .parse::<std::net::SocketAddr>()
+                    .ok()
+                    .map(|a| a.ip());
+                holders
+                    .iter()
+                    .any(|h| Some(*h) == raft_ip || Some(*h) == n.mgmt_ip)
+            })
+            .map(|n| n.name.clone())
+            .collect();
+        match nodes.as_slice() {
+            [] => self.to_string(),
+            names => format!(
+                "{self}: that host is node {} of this cluster, which no longer holds the VIP (its daemon is gone or stopped with the address still up); restart or repair it",
+                names.join(", ")
+            ),
+        }
+    }
 }
 
 /// How a host takes a VIP up and down (netlink + ARP, or a loopback stand-in).
@@ -448,7 +508,7 @@ impl Agent {
     /// Carries out the host side of a step (fences first). Returns the placements that could not
     /// be taken (already fenced and held down here) with the error, for the caller to give back
     /// with a refusal.
-    pub async fn execute(&self, step: &Step) -> Vec<(Held, String)> {
+    pub async fn execute(&self, step: &Step) -> Vec<(Held, HoldError)> {
         let _host = self.host.lock().await;
         let mut failed = Vec::new();
         for vip in &step.fence {
@@ -503,7 +563,7 @@ impl Agent {
                     if let Err(e) = self.fence_and_hold_locked(&vip.name, *epoch).await {
                         tracing::error!(vip = %vip.name, error = %e, "could not clean up after a failed takeover");
                     }
-                    failed.push(((vip.name.clone(), *epoch), e.to_string()));
+                    failed.push(((vip.name.clone(), *epoch), e));
                 }
             }
         }
@@ -620,6 +680,44 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_conflict_names_the_cluster_node_that_still_answers() {
+        let mut fabric = spaced_fabric::Fabric::default();
+        fabric.nodes.insert(
+            2,
+            spaced_fabric::NodeRecord {
+                name: "n2".into(),
+                raft_addr: "10.0.0.2:7000".into(),
+                mgmt_ip: None,
+                roles: Default::default(),
+                admin_state: spaced_fabric::AdminState::Active,
+                joined_at: 0,
+                version: String::new(),
+            },
+        );
+        let conflict = |holders: Vec<std::net::IpAddr>| HoldError::Conflict {
+            vip: "cluster".into(),
+            address: "10.0.0.100/24".into(),
+            interface: "eth0".into(),
+            mac: "02:00:00:00:00:02".into(),
+            holders,
+        };
+        let named = conflict(vec!["10.0.0.2".parse().unwrap()]).explain(&fabric);
+        assert!(
+            named.contains("host 02:00:00:00:00:02 (at 10.0.0.2)"),
+            "{named}"
+        );
+        assert!(named.contains("is node n2 of this cluster"), "{named}");
+        let stranger = conflict(vec!["10.0.0.9".parse().unwrap()]).explain(&fabric);
+        assert!(!stranger.contains("node"), "{stranger}");
+        let unknown = conflict(vec![]).explain(&fabric);
+        assert!(
+            unknown.ends_with("already answers for it on eth0"),
+            "{unknown}"
+        );
+        assert_eq!(HoldError::Host("x".into()).explain(&fabric), "x");
+    }
 
     /// Records calls; no host effects.
     #[derive(Default)]

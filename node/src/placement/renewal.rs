@@ -154,7 +154,8 @@ impl Placements {
                     renewing.store(false, Ordering::SeqCst);
                 });
             }
-            for (held, reason) in agent.execute(&step).await {
+            for (held, error) in agent.execute(&step).await {
+                let reason = self.cluster.view.read(|f| error.explain(f));
                 self.give_back(held, reason);
             }
             // Sleep until the next thing falls due. With nothing granted here and nothing up,

@@ -140,15 +140,27 @@ impl VipBackend for NetlinkBackend {
                 return Ok(());
             }
             if let Some(mac) = tk.probe(&addr, PROBES, PROBE_INTERVAL, PROBE_WAIT).await? {
+                // Which host that is, as far as this host's neighbour table knows it.
+                let holders = within(
+                    NETLINK_WITHIN,
+                    "list neighbours",
+                    &addr,
+                    tk.neighbours_with_mac(&mac),
+                )
+                .await
+                .unwrap_or_default();
                 let mac = mac
                     .iter()
                     .map(|b| format!("{b:02x}"))
                     .collect::<Vec<_>>()
                     .join(":");
-                return Err(HoldError::Host(format!(
-                    "refusing VIP {} ({}): host {mac} already answers for it on {}",
-                    vip.name, vip.address, vip.interface
-                )));
+                return Err(HoldError::Conflict {
+                    vip: vip.name.clone(),
+                    address: vip.address.clone(),
+                    interface: vip.interface.clone(),
+                    mac,
+                    holders,
+                });
             }
             Ok(())
         })

@@ -432,6 +432,45 @@ impl Takeover {
         Ok(())
     }
 
+    /// The IP addresses this host's neighbour table maps to `mac` (the host that answered a
+    /// conflict probe): its own addresses, when this host has talked to it.
+    pub async fn neighbours_with_mac(
+        &self,
+        mac: &[u8],
+    ) -> Result<Vec<std::net::IpAddr>, TakeoverError> {
+        use futures::TryStreamExt;
+        use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+        let mut found = Vec::new();
+        let mut dump = self.handle.neighbours().get().execute();
+        while let Some(msg) = dump.try_next().await.map_err(|e| TakeoverError::Netlink {
+            action: "list neighbours",
+            address: String::new(),
+            interface: String::new(),
+            detail: e.to_string(),
+        })? {
+            let same = msg.attributes.iter().any(
+                |a| matches!(a, NeighbourAttribute::LinkLayerAddress(l) if l.as_slice() == mac),
+            );
+            if !same {
+                continue;
+            }
+            for a in &msg.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                        found.push(std::net::IpAddr::V4(*ip))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                        found.push(std::net::IpAddr::V6(*ip))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+
     /// Whether the address is on the interface now (any prefix length).
     pub async fn present(&self, vip: &VipAddr) -> Result<bool, TakeoverError> {
         let link = self.link(&vip.interface).await?;
