@@ -822,10 +822,16 @@ async fn a_held_vip_is_removed_roles_set_and_devices_removed() -> Result<()> {
     .await?;
     let port = c.configs[&1].vips[0].port.context("port")?;
     let responder = std::net::SocketAddr::from(([127, 0, 0, 100], port));
-    assert!(
-        tokio::net::TcpStream::connect(responder).await.is_ok(),
-        "the owner answers on the VIP"
-    );
+    // Placed in the fabric comes first; the owner answers once its lease is confirmed and it
+    // has taken the VIP up (a moment later on a loaded machine).
+    let deadline = tokio::time::Instant::now() + T;
+    while tokio::net::TcpStream::connect(responder).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the owner never answered on the VIP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     match admin
         .call_leader(&AdminRequest::VipRemove("cluster".into()))
         .await?
