@@ -670,8 +670,9 @@ impl Node {
     /// learned of it; or, at once, a node no cluster has added yet (it waits for `node add`).
     pub async fn ready(&self) -> String {
         let mut caught_up_to: Option<u64> = None;
+        let mut metrics = self.cluster.raft.metrics();
         loop {
-            let m = self.cluster.raft.metrics().borrow_watched().clone();
+            let m = metrics.borrow_watched().clone();
             let member = m
                 .membership_config
                 .membership()
@@ -689,7 +690,10 @@ impl Node {
                     );
                 }
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Looked at again when Raft's metrics change; a Raft that stopped is never ready.
+            if metrics.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 

@@ -11,7 +11,7 @@
 //! `spaced-fence`; `none` leaves it where it is). On a host without cgroup v2, or with the
 //! daemon in the root cgroup, there is nothing to escape and nothing is moved.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::ops::config::FenceCgroup;
 
@@ -105,6 +105,12 @@ fn placement(own: &str, fence: &str) -> Result<bool, CgroupError> {
     Ok(true)
 }
 
+/// Where this process sees the cgroup2 filesystem mounted, if anywhere (also for the test
+/// lab, which puts its processes in cgroups of their own).
+pub fn mounted_cgroup2() -> Option<PathBuf> {
+    cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)
+}
+
 /// The cgroup2 mount point in a `/proc/self/mountinfo` text.
 fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
@@ -141,12 +147,6 @@ fn unescape(field: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Whether `dir` is the cgroup `pid` runs in (for tests and the log).
-pub fn holds(dir: &Path, pid: u32) -> bool {
-    std::fs::read_to_string(dir.join("cgroup.procs"))
-        .is_ok_and(|t| t.lines().any(|l| l.trim() == pid.to_string()))
 }
 
 #[cfg(test)]

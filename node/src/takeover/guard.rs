@@ -277,11 +277,6 @@ impl GuardHandle {
         ))
     }
 
-    /// Sends a protocol line as it is (`identity`, `members`).
-    fn send_line(&self, line: &str) -> Result<(), GuardError> {
-        self.send(line)
-    }
-
     /// The guard SIGKILLs process group `pgid` only when spaced goes (its stdin closes): for
     /// services with no lease, whose forked children would otherwise outlive a SIGKILLed spaced.
     pub fn hold_group_while_spaced_lives(&self, name: &str, pgid: i32) -> Result<(), GuardError> {
@@ -359,7 +354,7 @@ impl GuardCell {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(fences = self.what, "fence guard started");
         if let Some(r) = crate::lock(&self.reporting).as_ref() {
-            g.send_line(&r.identity.line())?;
+            g.send(&r.identity.line())?;
         }
         *current = Some(g.clone());
         Ok(g)
@@ -369,7 +364,7 @@ impl GuardCell {
     /// it can report its fence when spaced dies.
     pub fn set_reporting(&self, reporting: Reporting) {
         if let Some(g) = self.started().filter(|g| g.alive())
-            && let Err(e) = g.send_line(&reporting.identity.line())
+            && let Err(e) = g.send(&reporting.identity.line())
         {
             tracing::warn!(fences = self.what, error = %e, "fence guard unreachable");
         }
@@ -390,7 +385,7 @@ impl GuardCell {
         if told.0 == generation && told.1 == line {
             return Ok(());
         }
-        g.send_line(&line)?;
+        g.send(&line)?;
         *told = (generation, line);
         Ok(())
     }
