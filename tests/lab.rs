@@ -144,7 +144,7 @@ impl Lab {
         // On error `lab` is dropped here, which deletes whatever namespaces were created.
         lab.build()
             .with_context(|| format!("building network lab {}", lab.id))?;
-        if let Some(mount) = cgroup2_mount() {
+        if let Some(mount) = spaced_node::takeover::cgroup::mounted_cgroup2() {
             let dir = mount.join(format!("{NS_PREFIX}{}", lab.id));
             std::fs::create_dir(&dir)
                 .with_context(|| format!("creating the lab's cgroup {}", dir.display()))?;
@@ -1178,18 +1178,6 @@ fn answer(mut stream: TcpStream, reply: &[u8]) {
     while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
 }
 
-/// The cgroup2 mount point, from /proc/self/mountinfo.
-fn cgroup2_mount() -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        left.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
-
 /// Kills whatever still runs in cgroup `dir` and below, then removes it and its children.
 fn remove_cgroup(dir: &Path) -> Result<()> {
     if !dir.exists() {
@@ -1219,6 +1207,12 @@ fn remove_cgroup(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The test process a lab's namespace or cgroup (`slab-<pid in hex>-…`) belongs to.
+fn lab_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(NS_PREFIX)?;
+    u32::from_str_radix(rest.split('-').next()?, 16).ok()
+}
+
 /// Deletes namespaces left by labs of test processes that no longer exist (killed runs).
 fn reap_stale_labs() {
     let Ok(list) = ip("netns list") else { return };
@@ -1226,11 +1220,7 @@ fn reap_stale_labs() {
         let Some(rest) = name.strip_prefix(NS_PREFIX) else {
             continue;
         };
-        let Some(pid) = rest
-            .split('-')
-            .next()
-            .and_then(|p| u32::from_str_radix(p, 16).ok())
-        else {
+        let Some(pid) = lab_pid(name) else {
             continue;
         };
         if rest.split('-').count() == 3 && !Path::new(&format!("/proc/{pid}")).exists() {
@@ -1241,17 +1231,15 @@ fn reap_stale_labs() {
         }
     }
     // And their cgroups (`slab-<pid>-<n>`).
-    let Some(mount) = cgroup2_mount() else { return };
+    let Some(mount) = spaced_node::takeover::cgroup::mounted_cgroup2() else {
+        return;
+    };
     let Ok(entries) = std::fs::read_dir(&mount) else {
         return;
     };
     for e in entries.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(NS_PREFIX)
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| u32::from_str_radix(p, 16).ok())
-        else {
+        let Some(pid) = lab_pid(&name) else {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {

@@ -624,6 +624,48 @@ fn sigstopped_owner_is_fenced_by_its_guard_and_ipv6_vip_moves() -> Result<()> {
     Ok(())
 }
 
+/// Applies `fault` to the VIP owner's process, waits until another host serves the VIP, says
+/// how long that took, and checks that the owner's host no longer holds the address; returns
+/// the new owner.
+fn fault_moves_vip(
+    f: &Fabric,
+    owner: usize,
+    vip_ip: IpAddr,
+    label: &str,
+    fault: impl FnOnce(&LabProcess) -> Result<()>,
+) -> Result<usize> {
+    let t = Instant::now();
+    fault(f.procs[owner - 1].as_ref().context("owner")?)?;
+    let next = wait_served_within(f, "cluster", vip_ip, Some(owner), Duration::from_secs(30))?;
+    println!(
+        "{label}: served by n{next} after {} ms",
+        t.elapsed().as_millis()
+    );
+    assert!(
+        !f.lab.addresses(&f.lab.host(owner).ns)?.contains(&vip_ip),
+        "{label}: the old owner's host still holds the VIP"
+    );
+    Ok(next)
+}
+
+/// Lets the stopped or frozen `old` owner run again and checks, two seconds on, that the VIP
+/// stayed with `new`.
+fn stays_after_resuming(
+    f: &Fabric,
+    old: usize,
+    new: usize,
+    resume: impl FnOnce(&LabProcess) -> Result<()>,
+) -> Result<()> {
+    resume(f.procs[old - 1].as_ref().context("old owner")?)?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        f.vip_owner("cluster", None),
+        Some(new as u64),
+        "the VIP moved back"
+    );
+    Ok(())
+}
+
 /// The killed owner's fence guard reported its fence to the leader (issue 19): released
 /// through the leader, or refused there because the lease-based failover came first (which a
 /// loaded machine may do); both lines mean the report reached the leader.
@@ -663,44 +705,18 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
     // One round of the six faults, from the VIP's owner; returns the owner at the end.
     let one_round = |f: &mut Fabric, owner: usize| -> Result<usize> {
         // 1. SIGKILL of daemon and guard together.
-        let t = Instant::now();
-        f.procs[owner - 1]
-            .as_ref()
-            .context("owner")?
-            .signal_group(Signal::SIGKILL)?;
-        let next = served_elsewhere(&f, owner)?;
-        println!(
-            "group SIGKILL: served by n{next} after {} ms",
-            t.elapsed().as_millis()
-        );
-        assert!(
-            !f.lab.addresses(&f.lab.host(owner).ns)?.contains(&vip_ip),
-            "the killed host still holds the VIP"
-        );
+        let next = fault_moves_vip(f, owner, vip_ip, "group SIGKILL", |p| {
+            p.signal_group(Signal::SIGKILL)
+        })?;
         guard_reported(f, owner)?;
         f.procs[owner - 1] = Some(f.spawn(owner, false)?);
 
         // 2. SIGSTOP of the whole group, then SIGCONT.
         let frozen = next;
-        let p = f.procs[frozen - 1].as_ref().context("owner")?;
-        let t = Instant::now();
-        p.signal_group(Signal::SIGSTOP)?;
-        let next = served_elsewhere(&f, frozen)?;
-        println!(
-            "group SIGSTOP: served by n{next} after {} ms",
-            t.elapsed().as_millis()
-        );
-        assert!(
-            !f.lab.addresses(&f.lab.host(frozen).ns)?.contains(&vip_ip),
-            "the frozen host still holds the VIP"
-        );
-        p.signal_group(Signal::SIGCONT)?;
-        std::thread::sleep(Duration::from_secs(2));
-        assert_eq!(
-            f.vip_owner("cluster", None),
-            Some(next as u64),
-            "the VIP moved back"
-        );
+        let next = fault_moves_vip(f, frozen, vip_ip, "group SIGSTOP", |p| {
+            p.signal_group(Signal::SIGSTOP)
+        })?;
+        stays_after_resuming(f, frozen, next, |p| p.signal_group(Signal::SIGCONT))?;
 
         // 3. The guard alone dies: the daemon starts a new one, which fences the VIP when the
         //    daemon is SIGKILLed next (it sees its stdin close and removes the address).
@@ -754,45 +770,17 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
         // 5. SIGKILL of the owner's whole cgroup (`systemctl kill -s KILL`, a stop
         //    timeout): the guard, moved to a cgroup of its own, survives and fences.
         let victim = next;
-        let t = Instant::now();
-        f.procs[victim - 1]
-            .as_ref()
-            .context("owner")?
-            .cgroup_kill()?;
-        let next = served_elsewhere(&f, victim)?;
-        println!(
-            "cgroup SIGKILL: served by n{next} after {} ms",
-            t.elapsed().as_millis()
-        );
-        assert!(
-            !f.lab.addresses(&f.lab.host(victim).ns)?.contains(&vip_ip),
-            "the host whose cgroup was killed still holds the VIP"
-        );
+        let next = fault_moves_vip(f, victim, vip_ip, "cgroup SIGKILL", |p| p.cgroup_kill())?;
         guard_reported(f, victim)?;
         f.procs[victim - 1] = Some(f.spawn(victim, false)?);
         std::thread::sleep(Duration::from_secs(2));
 
         // 6. The owner's cgroup frozen (`systemctl freeze`), then thawed.
         let frozen = next;
-        let p = f.procs[frozen - 1].as_ref().context("owner")?;
-        let t = Instant::now();
-        p.cgroup_freeze(true)?;
-        let next = served_elsewhere(&f, frozen)?;
-        println!(
-            "cgroup freeze: served by n{next} after {} ms",
-            t.elapsed().as_millis()
-        );
-        assert!(
-            !f.lab.addresses(&f.lab.host(frozen).ns)?.contains(&vip_ip),
-            "the frozen host still holds the VIP"
-        );
-        p.cgroup_freeze(false)?;
-        std::thread::sleep(Duration::from_secs(2));
-        assert_eq!(
-            f.vip_owner("cluster", None),
-            Some(next as u64),
-            "the VIP moved back"
-        );
+        let next = fault_moves_vip(f, frozen, vip_ip, "cgroup freeze", |p| {
+            p.cgroup_freeze(true)
+        })?;
+        stays_after_resuming(f, frozen, next, |p| p.cgroup_freeze(false))?;
         Ok(next)
     };
     // Each round has its address watch, whose report is printed also when the round fails
