@@ -27,8 +27,13 @@ pub type NodeAnswers = (Vec<(String, String)>, Vec<(String, String)>);
 
 impl Placements {
     /// Registers the config's VIPs in the fabric (once; the first node to declare a name wins).
+    /// While it cannot propose yet (no leader, not yet a member) a node looks again at every
+    /// apply: a VIP that shows up meanwhile (another node registered it) is registered, and if
+    /// an admin removes it afterwards it stays removed until this node's next start.
     pub async fn register_config_vips(self: Arc<Self>, vips: Vec<VipSection>) {
         let inner = &self.cluster;
+        // Subscribed before the first look, so that every apply after it wakes the retry wait.
+        let mut changes = inner.view.changes();
         for v in vips {
             let cmd = Command::AddPlacement {
                 name: v.name.clone(),
@@ -56,7 +61,15 @@ impl Placements {
                         tracing::error!(vip = %v.name, error = %e, "VIP from config refused by the fabric");
                         break;
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    // Not proposable yet (no leader, not yet a member): look again at the
+                    // next apply, which may bring the VIP from another node, or in 100 ms.
+                    Err(_) => {
+                        let wait = Duration::from_millis(100);
+                        if let Ok(Err(_)) = tokio::time::timeout(wait, changes.changed()).await {
+                            // The store is gone (the node stops): no busy loop meanwhile.
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
                 }
             }
         }
