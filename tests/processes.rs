@@ -474,7 +474,7 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
             Ok(s["nodes"].as_array().is_some_and(|nodes| {
                 nodes.iter().all(|n| {
                     n["version"].as_str().is_some_and(|v| {
-                        v.starts_with(env!("CARGO_PKG_VERSION")) && v.ends_with("; data format 5")
+                        v.starts_with(env!("CARGO_PKG_VERSION")) && v.ends_with("; data format 6")
                     })
                 })
             }))

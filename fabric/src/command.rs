@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::NodeId;
 use crate::model::{
-    AdminState, DeviceAssignment, DeviceReport, Millis, NewDevice, PlacementKind, ServiceSpec,
+    AdminState, DeviceAssignment, DeviceReport, Millis, MirrorPosition, NewDevice, PlacementKind,
+    ServiceSpec, SiteRole,
 };
 
 /// A change to the fabric, proposed through Raft.
@@ -174,6 +175,42 @@ pub enum Command {
         /// Proposer's clock.
         at: Millis,
     },
+    /// Change this site's disaster-recovery role. The epoch never goes down, and a standby
+    /// becomes active only with a higher one (see [`crate::Site::epoch`]).
+    SetSiteRole {
+        /// The new role.
+        role: SiteRole,
+        /// The site epoch that goes with it.
+        epoch: u64,
+        /// Proposer's clock.
+        at: Millis,
+    },
+    /// On a standby site: site-neutral changes taken from the active peer (only `AddDevices`,
+    /// `RemoveDevices`, `PutService` and `RemoveService`), each applied on its own, and the
+    /// peer's position they bring this site to (none on all but the last of a batch).
+    Mirror {
+        /// The changes, at most [`MAX_MIRROR_CHANGES`] commands.
+        changes: Vec<Command>,
+        /// Where the peer stood once these are applied.
+        position: Option<MirrorPosition>,
+    },
+}
+
+/// Most commands one `Mirror` may carry.
+pub const MAX_MIRROR_CHANGES: usize = 1_000;
+
+impl Command {
+    /// Whether a standby site may take this command from its peer (in a `Mirror`): the
+    /// site-neutral data, never nodes, placements or owners.
+    pub fn is_mirrorable(&self) -> bool {
+        matches!(
+            self,
+            Command::AddDevices { .. }
+                | Command::RemoveDevices { .. }
+                | Command::PutService { .. }
+                | Command::RemoveService { .. }
+        )
+    }
 }
 
 impl std::fmt::Display for Command {
@@ -220,6 +257,13 @@ impl std::fmt::Display for Command {
             } => write!(f, "revoke-certificate {serial} ({identity})"),
             Command::SetVersion { id, version } => write!(f, "set-version {id} {version}"),
             Command::RemoveDevices { ids } => write!(f, "remove-devices x{}", ids.len()),
+            Command::SetSiteRole { role, epoch, .. } => {
+                write!(f, "set-site-role {role} epoch {epoch}")
+            }
+            Command::Mirror { changes, position } => match position {
+                Some(p) => write!(f, "mirror x{} up to {} {}", changes.len(), p.site, p.index),
+                None => write!(f, "mirror x{}", changes.len()),
+            },
         }
     }
 }
@@ -248,6 +292,13 @@ pub enum Outcome {
         changed: u64,
         /// Reports skipped because the reporter does not hold the device (any more).
         stale: u64,
+    },
+    /// Mirrored changes applied: how many, and why the others were refused.
+    Mirrored {
+        /// Changes applied.
+        applied: u64,
+        /// Each refused change and why (the site mirrors the rest).
+        refused: Vec<String>,
     },
 }
 
@@ -330,6 +381,9 @@ pub enum CommandError {
         /// Actual owner.
         current: Option<NodeId>,
     },
+    /// Not what a site in its disaster-recovery role may do.
+    #[error("{0}")]
+    SiteRole(String),
 }
 
 pub(crate) fn holder(owner: &Option<NodeId>) -> String {

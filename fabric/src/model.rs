@@ -247,6 +247,71 @@ pub struct Fabric {
     /// Revoked certificates by serial number (the number in lowercase hex, no leading zeros): refused
     /// by every node for Raft, node RPCs and admin requests.
     pub revoked: BTreeMap<String, Revocation>,
+    /// This site's disaster-recovery role, its site epoch and how far it mirrors its peer.
+    pub site: Site,
+}
+
+/// A site's part in disaster recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum SiteRole {
+    /// No peer site: the site runs its workload and mirrors nothing.
+    #[default]
+    Standalone,
+    /// Runs the workload; a standby site mirrors it.
+    Active,
+    /// Runs no workload (no placements granted, no devices assigned, no services) and takes
+    /// the site-neutral data (devices, services) only from its active peer.
+    Standby,
+}
+
+impl std::fmt::Display for SiteRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SiteRole::Standalone => "standalone",
+            SiteRole::Active => "active",
+            SiteRole::Standby => "standby",
+        })
+    }
+}
+
+impl std::str::FromStr for SiteRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "standalone" => Ok(SiteRole::Standalone),
+            "active" => Ok(SiteRole::Active),
+            "standby" => Ok(SiteRole::Standby),
+            other => Err(format!(
+                "unknown site role {other:?} (expected active, standby or standalone)"
+            )),
+        }
+    }
+}
+
+/// The disaster-recovery state of a site, replicated inside the site like everything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Site {
+    /// Active, standby or standalone.
+    pub role: SiteRole,
+    /// The site epoch: raised by every promotion to active, and adopted from an active peer
+    /// whose epoch is higher by a site that demotes. Of two sites that both claim to be active,
+    /// the one with the lower epoch is wrong and demotes as soon as it hears of the other.
+    pub epoch: u64,
+    /// When the role last changed (proposer's clock).
+    pub since: Millis,
+    /// On a standby: the peer's position this site has mirrored up to.
+    pub mirror: Option<MirrorPosition>,
+}
+
+/// How far a standby site has mirrored its active peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorPosition {
+    /// The peer site's name.
+    pub site: String,
+    /// The last log index the peer had applied when it sent what is mirrored.
+    pub index: u64,
+    /// The peer's clock when it sent it.
+    pub sent_at: Millis,
 }
 
 /// A revoked certificate.

@@ -31,11 +31,11 @@ pub const ADMIN_DOMAIN: &str = "admin.spaced";
 /// the data format ([`crate::store::DATA_FORMAT`]): log entries and snapshots travel in the
 /// encoding the store keeps, so nodes of different formats must not talk. A node of another
 /// format fails the handshake ([`explain_connection_error`]) instead of misreading the log.
-pub const ALPN_RAFT: &[u8] = b"spaced-raft/5";
+pub const ALPN_RAFT: &[u8] = b"spaced-raft/6";
 /// ALPN for admin CLI traffic, distinguishing it from Raft on the same port. Bump its version
 /// whenever the encoding of the admin requests or replies changes, so a `spacectl` of another
 /// build is refused at the handshake instead of misreading replies.
-pub const ALPN_ADMIN: &[u8] = b"spaced-admin/5";
+pub const ALPN_ADMIN: &[u8] = b"spaced-admin/6";
 
 /// QUIC's code for the TLS alert `no_application_protocol` (RFC 9001 §4.8: 0x100 + alert 120):
 /// the two ends share no ALPN.
@@ -1667,7 +1667,7 @@ mod tests {
             .expect_err("an old protocol version was accepted");
         assert!(is_protocol_mismatch(&err), "{err:?}");
         let said = explain_connection_error(&err, ALPN_RAFT);
-        assert!(said.contains("does not speak spaced-raft/5"), "{said}");
+        assert!(said.contains("does not speak spaced-raft/6"), "{said}");
         assert!(said.contains("another spaced build"), "{said}");
         let server_err = first.await.unwrap().expect_err("the server accepted it");
         assert!(is_protocol_mismatch(&server_err), "{server_err:?}");

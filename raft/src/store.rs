@@ -53,12 +53,15 @@ const KEY_FORMAT: &[u8] = b"format";
 /// log entries and the snapshot are stored in chunks (see [`crate::chunked`]), and a
 /// placement's first epoch is the index of the entry that created it, so epochs never repeat
 /// (a log replayed by an older build gives other epochs: not upgradable in place).
-pub const DATA_FORMAT: u32 = 5;
+/// 6: the fabric records the site's disaster-recovery role, epoch and mirror position, with
+/// the `SetSiteRole` and `Mirror` commands (a format 5 dir is upgraded in place: its snapshot,
+/// if any, is read as a standalone site's and stored again in format 6).
+pub const DATA_FORMAT: u32 = 6;
 
-/// Formats whose data this build reads as it is (only additions since): a dir of one of them is
-/// re-marked with [`DATA_FORMAT`] when opened, after which older builds refuse it by name.
-/// None since format 5 (formats 2 to 4 were, up to format 4).
-pub const UPGRADES_FROM: &[u32] = &[];
+/// Formats whose data this build reads (only additions since, and a snapshot it converts):
+/// a dir of one of them is re-marked with [`DATA_FORMAT`] when opened, after which older
+/// builds refuse it by name. Format 5 (formats 2 to 4 were, up to format 4).
+pub const UPGRADES_FROM: &[u32] = &[5];
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +133,64 @@ struct FabricState {
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
     fabric: Fabric,
+}
+
+/// A snapshot's data in this format, or in format 5's (a fabric without its site, read as a
+/// standalone site): the state, and whether it was the old format.
+fn decode_state(data: &[u8]) -> Result<(FabricState, bool), codec::CodecError> {
+    match codec::decode::<FabricState>(data) {
+        Ok(state) => Ok((state, false)),
+        Err(e) => match codec::decode::<v5::FabricState>(data) {
+            Ok(old) => Ok((old.into(), true)),
+            Err(_) => Err(e),
+        },
+    }
+}
+
+/// Format 5's snapshot data, read when a format 5 dir is upgraded in place.
+mod v5 {
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+    use spaced_fabric::{Device, NodeRecord, Placement, Revocation, ServiceSpec};
+
+    use super::{LogId, StoredMembership};
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub(super) struct FabricState {
+        pub(super) last_applied: Option<LogId>,
+        pub(super) last_membership: StoredMembership,
+        pub(super) fabric: Fabric,
+    }
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub(super) struct Fabric {
+        pub(super) nodes: BTreeMap<crate::NodeId, NodeRecord>,
+        pub(super) placements: BTreeMap<String, Placement>,
+        pub(super) devices: BTreeMap<String, Device>,
+        pub(super) services: BTreeMap<String, ServiceSpec>,
+        pub(super) revoked: BTreeMap<String, Revocation>,
+    }
+
+    impl From<FabricState> for super::FabricState {
+        fn from(old: FabricState) -> Self {
+            let f = old.fabric;
+            super::FabricState {
+                last_applied: old.last_applied,
+                last_membership: old.last_membership,
+                fabric: spaced_fabric::Fabric {
+                    nodes: f.nodes,
+                    placements: f.placements,
+                    devices: f.devices,
+                    services: f.services,
+                    revoked: f.revoked,
+                    site: Default::default(),
+                },
+            }
+        }
+    }
 }
 
 /// Opens (or creates) the sled database in `dir` and returns the two halves openraft needs.
@@ -214,11 +275,35 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
             what: "snapshot",
             source,
         })?;
-        state = codec::decode(&snap.data).map_err(|source| StoreError::Corrupt {
+        let (decoded, old) = decode_state(&snap.data).map_err(|source| StoreError::Corrupt {
             dir: dir_s.clone(),
             what: "snapshot data",
             source,
         })?;
+        state = decoded;
+        if old {
+            // Stored again in this format, so that a follower sent it can read it.
+            let data = codec::encode(&state).map_err(|source| StoreError::Corrupt {
+                dir: dir_s.clone(),
+                what: "snapshot data",
+                source,
+            })?;
+            let stored = StoredSnapshot {
+                meta: snap.meta,
+                data,
+            };
+            let bytes = codec::encode(&stored).map_err(|source| StoreError::Corrupt {
+                dir: dir_s.clone(),
+                what: "snapshot",
+                source,
+            })?;
+            let count = chunked::count(&sm, KEY_SNAPSHOT).map_err(sled_err)?;
+            let mut batch = sled::Batch::default();
+            chunked::put(&mut batch, KEY_SNAPSHOT, &bytes, count);
+            sm.apply_batch(batch).map_err(sled_err)?;
+            db.flush().map_err(sled_err)?;
+            tracing::info!(dir = %dir_s, "snapshot stored again in data format {DATA_FORMAT}");
+        }
     }
     let db_file = std::fs::File::open(dir.join("db")).map_err(|e| StoreError::Sled {
         dir: dir_s.clone(),
@@ -817,6 +902,67 @@ mod tests {
             drop(open(dir.path()).expect("an upgradable format opens"));
             assert_eq!(format(), DATA_FORMAT);
         }
+    }
+
+    /// A format 5 dir's snapshot (a fabric without its site) is read as a standalone site's
+    /// and stored again in this format, so that followers sent it can read it.
+    #[tokio::test]
+    async fn a_format_5_snapshot_is_read_and_stored_again() {
+        use openraft::storage::RaftSnapshotBuilder;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_log, mut sm) = open(dir.path()).unwrap();
+            let built = sm.build_snapshot().await.unwrap();
+            let mut node_fabric = Fabric::default();
+            node_fabric
+                .apply(&spaced_fabric::Command::RegisterNode {
+                    id: 1,
+                    name: "n1".into(),
+                    raft_addr: "127.0.0.1:7000".into(),
+                    mgmt_ip: None,
+                    roles: ["ha".to_string()].into(),
+                    at: 0,
+                })
+                .unwrap();
+            let old = v5::FabricState {
+                last_applied: None,
+                last_membership: StoredMembership::default(),
+                fabric: v5::Fabric {
+                    nodes: node_fabric.nodes.clone(),
+                    placements: Default::default(),
+                    devices: Default::default(),
+                    services: Default::default(),
+                    revoked: Default::default(),
+                },
+            };
+            let data = codec::encode(&old).unwrap();
+            assert!(
+                codec::decode::<FabricState>(&data).is_err(),
+                "format 5 data must not read as this format's"
+            );
+            let stored = codec::encode(&StoredSnapshot {
+                meta: built.meta,
+                data,
+            })
+            .unwrap();
+            let count = chunked::count(&sm.sm, KEY_SNAPSHOT).unwrap();
+            let mut batch = sled::Batch::default();
+            chunked::put(&mut batch, KEY_SNAPSHOT, &stored, count);
+            sm.sm.apply_batch(batch).unwrap();
+            let meta = sm.db.open_tree("meta").unwrap();
+            meta.insert(KEY_FORMAT, &5u32.to_be_bytes()).unwrap();
+            sm.db.flush().unwrap();
+        }
+        let (_log, sm) = open(dir.path()).expect("a format 5 dir opens");
+        sm.view().read(|f| {
+            assert_eq!(f.nodes[&1].name, "n1");
+            assert_eq!(f.site, spaced_fabric::Site::default());
+        });
+        let bytes = chunked::get(&sm.sm, KEY_SNAPSHOT).unwrap().unwrap();
+        let stored: StoredSnapshot = codec::decode(&bytes).unwrap();
+        let (state, old) = decode_state(&stored.data).unwrap();
+        assert!(!old, "the snapshot was not stored again in this format");
+        assert_eq!(state.fabric.nodes[&1].name, "n1");
     }
 
     /// Readers waiting on the view are told once applied entries are visible in it.

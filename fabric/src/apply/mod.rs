@@ -6,6 +6,7 @@ mod devices;
 mod nodes;
 mod placements;
 mod services;
+mod site;
 
 use crate::command::{Command, CommandError, Outcome};
 use crate::model::Fabric;
@@ -27,6 +28,13 @@ impl Fabric {
     /// starts above every epoch the old one had, and a lease, renewal or guard of the old one
     /// can never be taken for the new one.
     pub fn apply_at(&mut self, index: u64, cmd: &Command) -> Result<Outcome, CommandError> {
+        self.site_allows(cmd)?;
+        self.apply_allowed(index, cmd)
+    }
+
+    /// [`Fabric::apply_at`] past the site's role check (a standby applies mirrored changes
+    /// through it).
+    fn apply_allowed(&mut self, index: u64, cmd: &Command) -> Result<Outcome, CommandError> {
         match cmd {
             Command::RegisterNode {
                 id,
@@ -75,6 +83,8 @@ impl Fabric {
             Command::ReportDeviceStatus { node, reports, at } => {
                 self.report_device_status(*node, reports, *at)
             }
+            Command::SetSiteRole { role, epoch, at } => self.set_site_role(*role, *epoch, *at),
+            Command::Mirror { changes, position } => self.mirror(index, changes, position),
         }
     }
 }

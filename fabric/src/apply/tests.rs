@@ -877,6 +877,178 @@ mod tests {
         assert_eq!(a, back);
     }
 
+    fn site_role(role: SiteRole, epoch: u64) -> Command {
+        Command::SetSiteRole { role, epoch, at: 5 }
+    }
+
+    fn service(cmd: &str, scope: ServiceScope, r: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            command: vec![cmd.into()],
+            scope,
+            health_check: None,
+            roles: roles(r),
+        }
+    }
+
+    #[test]
+    fn site_epochs_never_go_down_and_a_standby_is_promoted_only_above_its_epoch() {
+        let mut f = base();
+        assert_eq!(f.site.role, SiteRole::Standalone);
+        f.apply(&site_role(SiteRole::Active, 1)).unwrap();
+        assert_eq!(
+            (f.site.role, f.site.epoch, f.site.since),
+            (SiteRole::Active, 1, 5)
+        );
+        // Demoting adopts the peer's higher epoch; a lower one is refused.
+        assert!(matches!(
+            refused(&mut f, site_role(SiteRole::Standby, 0)),
+            CommandError::SiteRole(_)
+        ));
+        f.apply(&site_role(SiteRole::Standby, 2)).unwrap();
+        // Promotion needs an epoch above the standby's own.
+        let e = refused(&mut f, site_role(SiteRole::Active, 2));
+        assert!(e.to_string().contains("above its 2"), "{e}");
+        f.apply(&site_role(SiteRole::Active, 3)).unwrap();
+        assert_eq!((f.site.role, f.site.epoch), (SiteRole::Active, 3));
+    }
+
+    #[test]
+    fn a_standby_site_grants_nothing_and_takes_devices_and_services_only_mirrored() {
+        let mut f = base();
+        f.apply(&Command::AddDevices {
+            devices: vec![dev("d1", "10.1.0.1")],
+            at: 1,
+        })
+        .unwrap();
+        f.apply(&Command::AssignDevices {
+            assignments: vec![DeviceAssignment {
+                device: "d1".into(),
+                from: None,
+                to: Some(1),
+            }],
+            at: 2,
+        })
+        .unwrap();
+        f.apply(&site_role(SiteRole::Standby, 1)).unwrap();
+        for c in [
+            Command::GrantPlacement {
+                name: "cluster".into(),
+                to: 1,
+                expected_epoch: f.placements["cluster"].epoch,
+            },
+            Command::AddDevices {
+                devices: vec![dev("d2", "10.1.0.2")],
+                at: 3,
+            },
+            Command::RemoveDevices {
+                ids: vec!["d1".into()],
+            },
+            Command::PutService {
+                name: "web".into(),
+                spec: service("/bin/web", ServiceScope::EveryNode, &[]),
+            },
+            Command::AssignDevices {
+                assignments: vec![DeviceAssignment {
+                    device: "d1".into(),
+                    from: Some(1),
+                    to: Some(2),
+                }],
+                at: 3,
+            },
+        ] {
+            let e = refused(&mut f, c.clone());
+            assert!(
+                matches!(e, CommandError::SiteRole(_)),
+                "{c}: {e} should be a site refusal"
+            );
+        }
+        // Letting a device go is allowed: a standby holds no connections.
+        f.apply(&Command::AssignDevices {
+            assignments: vec![DeviceAssignment {
+                device: "d1".into(),
+                from: Some(1),
+                to: None,
+            }],
+            at: 3,
+        })
+        .unwrap();
+        // Mirrored changes apply; a refused one is named and the rest still apply.
+        let position = |index| {
+            Some(MirrorPosition {
+                site: "east".into(),
+                index,
+                sent_at: 9,
+            })
+        };
+        let out = f
+            .apply(&Command::Mirror {
+                changes: vec![
+                    Command::AddDevices {
+                        devices: vec![dev("d2", "10.1.0.2")],
+                        at: 3,
+                    },
+                    Command::PutService {
+                        name: "web".into(),
+                        spec: service("/bin/web", ServiceScope::Vip("ghost".into()), &[]),
+                    },
+                    Command::PutService {
+                        name: "poller".into(),
+                        spec: service("/bin/poller", ServiceScope::Singleton, &["app"]),
+                    },
+                ],
+                position: position(40),
+            })
+            .unwrap();
+        let Outcome::Mirrored {
+            applied,
+            refused: why,
+        } = out
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(applied, 2);
+        assert_eq!(why.len(), 1);
+        assert!(why[0].contains("put-service web"), "{why:?}");
+        assert!(f.devices.contains_key("d2") && f.services.contains_key("poller"));
+        assert!(
+            f.placements.contains_key("poller"),
+            "the singleton's placement comes with it"
+        );
+        assert_eq!(f.site.mirror, position(40).clone());
+        // Positions never go back; only mirrorable commands are carried.
+        let e = refused(
+            &mut f,
+            Command::Mirror {
+                changes: vec![],
+                position: position(39),
+            },
+        );
+        assert!(e.to_string().contains("behind"), "{e}");
+        let e = refused(
+            &mut f,
+            Command::Mirror {
+                changes: vec![register(3, "n3", &["ha"])],
+                position: None,
+            },
+        );
+        assert!(e.to_string().contains("only devices and services"), "{e}");
+        // An active site mirrors nothing.
+        f.apply(&site_role(SiteRole::Active, 2)).unwrap();
+        assert!(matches!(
+            refused(
+                &mut f,
+                Command::Mirror {
+                    changes: vec![],
+                    position: position(41),
+                }
+            ),
+            CommandError::SiteRole(_)
+        ));
+        // Demoted again, it follows its peer afresh.
+        f.apply(&site_role(SiteRole::Standby, 3)).unwrap();
+        assert_eq!(f.site.mirror, None);
+    }
+
     #[test]
     fn name_and_address_checks() {
         assert!(check_name("n", "a").is_ok());

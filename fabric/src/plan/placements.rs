@@ -91,8 +91,11 @@ pub fn plan(
     now: Millis,
 ) -> Vec<Command> {
     let mut out = Vec::new();
+    let standby = fabric.site.role == crate::SiteRole::Standby;
     for (name, p) in &fabric.placements {
         match p.owner {
+            // A standby site grants nothing (its state machine would refuse it).
+            None if standby => {}
             None => {
                 // An operator's `vip move` target wins while it is live and eligible.
                 let preferred = prefer
@@ -113,7 +116,12 @@ pub fn plan(
                 if !expired.contains(name) {
                     continue;
                 }
-                match choose(fabric, p, live, leader, Some(owner), now) {
+                let next = if standby {
+                    None
+                } else {
+                    choose(fabric, p, live, leader, Some(owner), now)
+                };
+                match next {
                     Some(to) => out.push(Command::GrantPlacement {
                         name: name.clone(),
                         to,
@@ -143,6 +151,21 @@ pub fn plan_devices(
     at: Millis,
     batch: usize,
 ) -> Vec<Command> {
+    if fabric.site.role == crate::SiteRole::Standby {
+        // A standby site holds no device connections: every assigned device is let go.
+        let release = fabric
+            .devices
+            .iter()
+            .filter_map(|(id, d)| {
+                d.owner.map(|o| crate::DeviceAssignment {
+                    device: id.clone(),
+                    from: Some(o),
+                    to: None,
+                })
+            })
+            .collect();
+        return assign::assign_commands(release, batch, at);
+    }
     assign::assign_commands(assign::reassign_lost(fabric, live), batch, at)
 }
 
@@ -302,6 +325,28 @@ mod tests {
                 "case: {what}"
             );
         }
+    }
+
+    #[test]
+    fn a_standby_site_grants_nothing_and_takes_back_expired_placements() {
+        let mut f = fabric(
+            &[(1, &["ha"]), (2, &["ha"])],
+            &[
+                ("cluster", &["ha"], None, 0),
+                ("db", &["ha"], Some(1), 4),
+                ("web", &["ha"], Some(2), 6),
+            ],
+        );
+        f.site.role = crate::SiteRole::Standby;
+        let expired: BTreeSet<String> = ["db".to_string()].into();
+        assert_eq!(
+            plan(&f, &live(&[1, 2]), 1, &expired, &BTreeMap::new(), 0),
+            vec![Command::ReleasePlacement {
+                name: "db".into(),
+                epoch: 4
+            }],
+            "no grant of the free VIP, no move of the expired one, the live owner keeps its own"
+        );
     }
 
     #[test]
@@ -505,6 +550,27 @@ mod device_tests {
 
     fn live(ids: &[NodeId]) -> BTreeSet<NodeId> {
         ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_standby_site_lets_every_device_go() {
+        let mut f = fabric(3, 2_500);
+        for c in plan_devices(&f, &live(&[1, 2, 3]), 5, 1_000) {
+            f.apply(&c).unwrap();
+        }
+        f.apply(&Command::SetSiteRole {
+            role: crate::SiteRole::Standby,
+            epoch: 1,
+            at: 6,
+        })
+        .unwrap();
+        let cmds = plan_devices(&f, &live(&[1, 2, 3]), 7, 1_000);
+        assert_eq!(cmds.len(), 3, "2,500 releases in commands of 1,000");
+        for c in &cmds {
+            f.apply(c).unwrap();
+        }
+        assert!(f.devices.values().all(|d| d.owner.is_none()));
+        assert_eq!(plan_devices(&f, &live(&[1, 2, 3]), 8, 1_000), vec![]);
     }
 
     /// Registration, node loss and a stale plan, driven through the state machine the way the

@@ -1,4 +1,4 @@
-//! The admin protocol (ALPN `spaced-admin/5`, [`spaced_raft::pki::ALPN_ADMIN`]): requests from `spacectl`, replies from a node.
+//! The admin protocol (ALPN `spaced-admin/6`, [`spaced_raft::pki::ALPN_ADMIN`]): requests from `spacectl`, replies from a node.
 //!
 //! Each request travels as a [`SignedRequest`]: the encoded [`AdminRequest`] with the admin's
 //! signature over it (see [`spaced_raft::proof`]), so that a node forwarding it to the leader

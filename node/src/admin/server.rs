@@ -533,6 +533,10 @@ pub fn admin_may_write(cmd: &Command) -> Result<(), String> {
         Command::ReportDeviceStatus { .. }
         | Command::SetMgmtIp { .. }
         | Command::SetVersion { .. } => "nothing: each node reports this itself",
+        Command::SetSiteRole { .. } => {
+            "`dr failover` / `dr demote` (they pick the site epoch and check the peer)"
+        }
+        Command::Mirror { .. } => "nothing: a standby site's leader mirrors its peer itself",
     };
     Err(format!(
         "{cmd} is not an admin operation: placements, membership and device owners change only \

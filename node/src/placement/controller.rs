@@ -176,6 +176,7 @@ impl Placements {
                     tracing::warn!(to, error = %e, "leadership transfer failed");
                 }
             }
+            self.let_go_on_standby();
             let prefer = lock(&self.moves).clone();
             let expired = self.expired_leases().await;
             let withheld = lock(&self.withheld).clone();
@@ -204,6 +205,41 @@ impl Placements {
                     }
                 }
             }
+        }
+    }
+
+    /// On a standby site's leader: asks the owner of every held placement to fence it and
+    /// let it go (as `vip move` does), one request per placement and epoch at a time, so a
+    /// demoted site drops its VIPs and singletons at once instead of when their leases end.
+    /// An owner that cannot be reached keeps its lease until a silent majority ends it; the
+    /// planner then takes the placement back (a standby grants nothing).
+    fn let_go_on_standby(self: &Arc<Self>) {
+        let held: Vec<(String, NodeId, u64)> = self.cluster.view.read(|f| {
+            if f.site.role != spaced_fabric::SiteRole::Standby {
+                return Vec::new();
+            }
+            f.placements
+                .iter()
+                .filter_map(|(name, p)| p.owner.map(|o| (name.clone(), o, p.epoch)))
+                .collect()
+        });
+        for (name, owner, epoch) in held {
+            if !lock(&self.demoting).insert((name.clone(), epoch)) {
+                continue;
+            }
+            let placements = self.clone();
+            tokio::spawn(async move {
+                match placements.release_from(&name, owner, epoch).await {
+                    Ok(()) => {
+                        tracing::info!(placement = %name, owner, epoch, "standby site: placement let go")
+                    }
+                    Err(e) => {
+                        tracing::warn!(placement = %name, owner, epoch, error = %e, "standby site: the owner did not let go; asking again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                lock(&placements.demoting).remove(&(name, epoch));
+            });
         }
     }
 

@@ -51,6 +51,9 @@ pub struct Placements {
     /// Placements the planner must not grant while an operation releases them for good
     /// (a singleton's service being removed).
     pub(crate) withheld: Mutex<std::collections::BTreeSet<String>>,
+    /// On a standby site's leader: the placements (name, epoch) whose owner is being asked to
+    /// let go.
+    pub(crate) demoting: Mutex<std::collections::BTreeSet<(String, u64)>>,
 }
 
 impl Placements {
@@ -69,6 +72,7 @@ impl Placements {
             witness: Mutex::new(Witness::new(Instant::now())),
             moves: Mutex::default(),
             withheld: Mutex::default(),
+            demoting: Mutex::default(),
         })
     }
 

@@ -301,7 +301,12 @@ impl Placements {
     /// An operator's release of `name` held by `owner` at `epoch`: the owner fences (here or
     /// through the `Release` RPC), then the release commits. Nothing is released if the owner
     /// does not confirm that it fenced.
-    async fn release_from(&self, name: &str, owner: NodeId, epoch: u64) -> Result<(), OpError> {
+    pub(super) async fn release_from(
+        &self,
+        name: &str,
+        owner: NodeId,
+        epoch: u64,
+    ) -> Result<(), OpError> {
         let inner = &self.cluster;
         if owner == inner.id {
             self.agent

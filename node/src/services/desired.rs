@@ -83,6 +83,10 @@ pub fn desired_services(
         .filter_map(|(name, spec)| {
             let (placement, epoch) = match &spec.scope {
                 ServiceScope::EveryNode => {
+                    // A standby site runs no workload (its VIPs and singletons are not granted).
+                    if fabric.site.role == spaced_fabric::SiteRole::Standby {
+                        return None;
+                    }
                     if !spec.roles.is_empty() && spec.roles.is_disjoint(roles) {
                         return None;
                     }
@@ -579,5 +583,17 @@ mod tests {
         assert_eq!(env("poller")["SPACED_EPOCH"], "4");
         assert_eq!(env("poller")["SPACED_NODE"], "n1");
         assert_eq!(env("httpd")["SPACED_EPOCH"], "0");
+    }
+
+    #[test]
+    fn a_standby_site_runs_no_every_node_service() {
+        let mut f = fabric();
+        f.site.role = spaced_fabric::SiteRole::Standby;
+        let none = BTreeMap::new();
+        assert!(
+            desired_services(&f, "n2", &roles(&["app"]), &none)
+                .services
+                .is_empty()
+        );
     }
 }
