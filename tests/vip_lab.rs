@@ -83,6 +83,7 @@ impl Fabric {
                 fence_cgroup: None,
                 lb: None,
                 devices: Default::default(),
+                dr: None,
                 source: dir.join(format!("{name}.toml")),
             };
             adjust(&f.lab, &mut cfg);

@@ -121,6 +121,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: u64, roles: &[&str]) -> Resul
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..DevicesSection::default()
         },
+        dr: None,
         source: dir.join(format!("{name}.toml")),
     })
 }

@@ -704,12 +704,39 @@ impl TlsMaterial {
         self.chain.iter().map(|c| c.as_ref().to_vec()).collect()
     }
 
+    /// This process's certificate and key, trusting only the CA certificate(s) in `ca` (a
+    /// peer site's, for the disaster-recovery link): its verifiers accept that CA's nodes and
+    /// nobody else, and refuse no serial (the peer site revokes its own).
+    pub fn trusting(&self, ca: &Path) -> Result<TlsMaterial, PkiError> {
+        let mut roots = RootCertStore::empty();
+        for cert in read_certs(ca)? {
+            roots.add(cert).map_err(|source| PkiError::BadCa {
+                path: ca.to_path_buf(),
+                source,
+            })?;
+        }
+        Ok(TlsMaterial {
+            roots: Arc::new(roots),
+            revoked: Revoked::default(),
+            ..self.clone()
+        })
+    }
+
     /// QUIC server config: requires a client certificate chained to the CA and carrying a
     /// spaced identity (rustls WebPkiClientVerifier plus a SAN check), ALPN =
     /// [ALPN_RAFT, ALPN_ADMIN], transport = the given config.
     pub fn server_config(
         &self,
         transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ServerConfig, PkiError> {
+        self.server_config_for(transport, &[ALPN_RAFT, ALPN_ADMIN])
+    }
+
+    /// [`server_config`](Self::server_config) speaking the protocols `alpns`.
+    pub fn server_config_for(
+        &self,
+        transport: Arc<quinn::TransportConfig>,
+        alpns: &[&[u8]],
     ) -> Result<quinn::ServerConfig, PkiError> {
         let inner =
             WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
@@ -734,7 +761,7 @@ impl TlsMaterial {
                 what: "server",
                 source,
             })?;
-        tls.alpn_protocols = vec![ALPN_RAFT.to_vec(), ALPN_ADMIN.to_vec()];
+        tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|source| {
             PkiError::Quic {
                 what: "server",

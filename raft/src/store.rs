@@ -666,6 +666,13 @@ impl FabricView {
         f(&guard.fabric)
     }
 
+    /// Runs `f` on the applied fabric and the index of the last entry applied to it (0
+    /// before any), read at one instant.
+    pub fn read_indexed<R>(&self, f: impl FnOnce(u64, &Fabric) -> R) -> R {
+        let guard = self.state.read().unwrap_or_else(|p| p.into_inner());
+        f(guard.last_applied.map_or(0, |l| l.index()), &guard.fabric)
+    }
+
     /// A receiver that is told each time entries were applied or a snapshot installed, from
     /// now on; what changed is for the reader to look up.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<()> {

@@ -1,4 +1,26 @@
-//! Cross-site replication, the DR watchdog and arbitration (DESIGN §9).
+//! Disaster recovery between two sites (DESIGN §9): each site is its own fabric; a standby
+//! site mirrors the active site's site-neutral data (devices, services) over a QUIC link of
+//! its own, and takes over when told to.
 //!
-//! Not built yet: a later issue fills this crate. It exists so the workspace
-//! has its final shape.
+//! * [`config`] — the `[dr]` section of a node's config.
+//! * [`projection`] — the site-neutral part of a fabric, differences between two of them, and
+//!   the `Mirror` commands that bring a standby to its peer's.
+//! * [`decide`] — what a site does on hearing its peer (pure).
+//! * [`protocol`] — the link's requests and replies.
+//! * [`link`] — the link: a QUIC endpoint that trusts only the peer site's CA.
+//! * [`watchdog`] — the loop on each site's leader: pull, mirror, demote, and the status
+//!   `spacectl dr status` shows.
+//!
+//! Safety: the fabric of each site carries a site epoch that only rises; a standby is promoted
+//! only with an epoch above every one it has seen, and an active site that hears of an
+//! active peer with a higher epoch demotes itself (see [`decide`]).
+
+pub mod config;
+pub mod decide;
+pub mod link;
+pub mod projection;
+pub mod protocol;
+pub mod watchdog;
+
+pub use config::DrSection;
+pub use watchdog::{DrStatus, SiteHandle, Watchdog};

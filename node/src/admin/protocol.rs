@@ -108,6 +108,24 @@ pub enum AdminRequest {
     /// A consistent backup of the fabric, taken on the leader after a read barrier (leader
     /// only): the bytes of a snapshot file ([`spaced_raft::backup`]).
     Snapshot,
+    /// Disaster recovery, on this site's leader (leader only).
+    Dr(DrAction),
+}
+
+/// What `spacectl dr` asks of the site's leader.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum DrAction {
+    /// The site's DR state and its link to the peer.
+    Status,
+    /// Make this standby site active (refused while the active peer answers, unless `force`).
+    Failover {
+        /// Promote even though the active peer answers (it demotes when it hears of it).
+        force: bool,
+    },
+    /// Have the active peer demote itself, mirror everything, then become active.
+    Switchover,
+    /// Make this active site standby.
+    Demote,
 }
 
 /// One node's load balancer, for `lb status` (answered by every node, from its own state).
@@ -416,4 +434,11 @@ pub enum AdminReply {
     Lb(LbReport),
     /// Answer to `Snapshot`: the file's bytes.
     Snapshot(Vec<u8>),
+    /// Answer to `Dr(Status)`.
+    DrStatus(spaced_replication::DrStatus),
+    /// Answer to `Dr(Failover)` and `Dr(Switchover)`: the site is active at this epoch.
+    DrActive {
+        /// The site epoch it was promoted with.
+        epoch: u64,
+    },
 }

@@ -45,6 +45,8 @@ pub struct AdminServer {
     pub(super) budget: FrameBudget,
     /// Checks admins' signatures on requests (also those other nodes forward).
     pub(super) proofs: Proofs,
+    /// The DR watchdog, on a node with a `[dr]` section.
+    pub(super) dr: Option<Arc<spaced_replication::Watchdog>>,
 }
 
 /// This node's check of admin request proofs: its TLS material (the CA) and the nonces seen.
@@ -101,6 +103,7 @@ impl AdminServer {
         lb: Option<Arc<LbService>>,
         device_lost_after: Duration,
         tls: TlsMaterial,
+        dr: Option<Arc<spaced_replication::Watchdog>>,
     ) -> Arc<Self> {
         Arc::new(AdminServer {
             cluster,
@@ -113,6 +116,7 @@ impl AdminServer {
                 tls,
                 seen: Default::default(),
             },
+            dr,
         })
     }
 
@@ -398,6 +402,28 @@ impl AdminServer {
                 }
             }
             AdminRequest::Snapshot => AdminReply::Snapshot(self.backup().await?),
+            AdminRequest::Dr(action) => {
+                let dr = self.dr.as_ref().ok_or_else(|| {
+                    OpError::Refused(
+                        "this site has no disaster recovery: its nodes' configs have no [dr] \
+                         section"
+                            .into(),
+                    )
+                })?;
+                match action {
+                    super::DrAction::Status => AdminReply::DrStatus(dr.status()),
+                    super::DrAction::Failover { force } => AdminReply::DrActive {
+                        epoch: dr.failover(force).await.map_err(OpError::Refused)?,
+                    },
+                    super::DrAction::Switchover => AdminReply::DrActive {
+                        epoch: dr.switchover().await.map_err(OpError::Refused)?,
+                    },
+                    super::DrAction::Demote => {
+                        dr.demote().await.map_err(OpError::Refused)?;
+                        AdminReply::Done
+                    }
+                }
+            }
             other => {
                 return Err(OpError::Refused(format!(
                     "not a leader operation: {other:?}"

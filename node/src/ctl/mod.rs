@@ -1,8 +1,8 @@
 //! `spacectl`: one file per command group, as commands with tables or JSON.
 //!
 //! [`pki`], [`node`] (status, membership, leadership), [`vip`], [`device`], [`service`]
-//! (services and singletons), [`lb`], [`snapshot`] (backups); [`render`] draws the tables and
-//! JSON.
+//! (services and singletons), [`lb`], [`snapshot`] (backups), [`dr`] (disaster recovery);
+//! [`render`] draws the tables and JSON.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::IsTerminal;
@@ -16,6 +16,7 @@ use crate::admin::client::{AdminClient, AdminCredentials, ClientError, unexpecte
 use crate::admin::{AdminReply, AdminRequest, DeviceRow, RebalanceReport, StatusReport};
 
 mod device;
+mod dr;
 mod lb;
 mod node;
 mod pki;
@@ -25,6 +26,7 @@ mod snapshot;
 mod vip;
 
 pub use device::*;
+pub use dr::*;
 pub use lb::*;
 pub use node::*;
 pub use pki::*;
@@ -120,6 +122,12 @@ pub enum Cmd {
         #[command(subcommand)]
         action: SnapshotCmd,
     },
+    /// Disaster recovery between two sites: status, failover, switchover, demote.
+    Dr {
+        /// DR action.
+        #[command(subcommand)]
+        action: DrCmd,
+    },
     /// Print a shell completion script (`source <(spacectl completion bash)`).
     Completion {
         /// bash, zsh, fish, elvish or powershell.
@@ -203,6 +211,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Cmd::Singleton { action } => service::singleton(&cli, action).await,
         Cmd::Lb { action } => lb::run(&cli, action).await,
         Cmd::Snapshot { action } => snapshot::run(&cli, action).await,
+        Cmd::Dr { action } => dr::run(&cli, action).await,
         Cmd::Completion { shell } => crate::write_completion::<Cli>(*shell, &mut std::io::stdout())
             .map_err(|e| failed(format!("write the completion script: {e}"))),
         Cmd::Man => crate::write_man::<Cli>(&mut std::io::stdout())

@@ -8,6 +8,7 @@
 //! * [`registration`] — the node's own record in the fabric (bootstrap, management IP).
 //! * [`observe`] — `/metrics` and `/healthz`.
 
+mod dr;
 mod guard_report;
 mod observe;
 mod peer;
@@ -489,6 +490,10 @@ impl Node {
             placement_backend.clone(),
         );
         let device_lost_after = devices.settings().lost_after;
+        let watchdog = match &cfg.dr {
+            Some(section) => Some(dr::watchdog(&cfg, section, &tls, &cluster)?),
+            None => None,
+        };
         let admin = AdminServer::new(
             cluster.clone(),
             placements.clone(),
@@ -496,6 +501,7 @@ impl Node {
             lb.clone(),
             device_lost_after,
             tls.clone(),
+            watchdog.clone(),
         );
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -525,6 +531,9 @@ impl Node {
         tasks.push(tokio::spawn(
             placements.clone().register_config_vips(cfg.vips.clone()),
         ));
+        if let Some(w) = watchdog {
+            tasks.push(tokio::spawn(w.run(stop())));
+        }
         tasks.push(tokio::spawn(registration::record_mgmt_ip(
             cluster.clone(),
             cfg.mgmt_ip,

@@ -276,6 +276,11 @@ pub(super) fn node_may_propose(fabric: &Fabric, from: NodeId, cmd: &Command) -> 
         Command::ReportDeviceStatus { node, .. } => *node == from,
         Command::SetMgmtIp { id, .. } | Command::SetVersion { id, .. } => *id == from,
         Command::AddPlacement { .. } => true,
+        // A site may always step down (a switchover's hand-over, served by any node); it
+        // never steps up this way: promotion is an admin's, on the leader.
+        Command::SetSiteRole { role, epoch, .. } => {
+            *role == spaced_fabric::SiteRole::Standby && *epoch == fabric.site.epoch
+        }
         _ => false,
     };
     if ok {
@@ -378,6 +383,7 @@ mod tests {
             to: 1,
             expected_epoch: 1,
         };
+        let site = |role, epoch| Command::SetSiteRole { role, epoch, at: 0 };
         // (what, proposer, command, allowed)
         let cases: Vec<(&str, NodeId, Command, bool)> = vec![
             ("the owner releases", 2, release.clone(), true),
@@ -401,6 +407,33 @@ mod tests {
                 Command::SetMgmtIp {
                     id: 2,
                     mgmt_ip: None,
+                },
+                false,
+            ),
+            (
+                "the site steps down at its epoch",
+                1,
+                site(spaced_fabric::SiteRole::Standby, 0),
+                true,
+            ),
+            (
+                "the site steps down raising its epoch",
+                1,
+                site(spaced_fabric::SiteRole::Standby, u64::MAX),
+                false,
+            ),
+            (
+                "the site steps up",
+                1,
+                site(spaced_fabric::SiteRole::Active, 1),
+                false,
+            ),
+            (
+                "a mirror",
+                1,
+                Command::Mirror {
+                    changes: vec![],
+                    position: None,
                 },
                 false,
             ),

@@ -69,6 +69,10 @@ pub struct NodeConfig {
     /// The device agent (DESIGN §8): keepalive, down detection and the device-initiated port.
     #[serde(default)]
     pub devices: DevicesSection,
+    /// Disaster recovery (DESIGN §9): this site, its peer site and the link between them;
+    /// absent = a standalone site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dr: Option<spaced_replication::DrSection>,
     /// The file this configuration came from (not part of the TOML text).
     #[serde(skip)]
     pub source: PathBuf,
@@ -504,6 +508,9 @@ impl NodeConfig {
         cfg.tls.ca = resolve(base, &cfg.tls.ca);
         cfg.tls.cert = resolve(base, &cfg.tls.cert);
         cfg.tls.key = resolve(base, &cfg.tls.key);
+        if let Some(dr) = &mut cfg.dr {
+            dr.peer_ca = resolve(base, &dr.peer_ca);
+        }
         Ok(cfg)
     }
 
@@ -538,6 +545,11 @@ impl NodeConfig {
         };
         if self.node_id == 0 {
             return Err(err("node_id", "must be greater than 0".into()));
+        }
+        if let Some(dr) = &self.dr
+            && let Err((key, problem)) = dr.validate()
+        {
+            return Err(err(&key, problem));
         }
         if let Some(level) = &self.log_level
             && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
@@ -930,6 +942,13 @@ election_timeout_min_ms = 300
 election_timeout_max_ms = 600
 snapshot_after_logs = 500
 logs_kept_after_snapshot = 20
+[dr]
+site = "east"
+role = "active"
+listen = "0.0.0.0:7443"
+peer_site = "west"
+peers = ["10.2.0.1:7443", "west-2.example:7443"]
+peer_ca = "pki/west-ca.pem"
 "#;
 
     const MINIMAL: &str = r#"
@@ -994,6 +1013,30 @@ key = "n.key"
         assert_eq!(c.raft.heartbeat_interval_ms, 50);
         assert_eq!(c.raft.logs_kept_after_snapshot, 20);
         assert_eq!(c.source, src());
+        let dr = c.dr.expect("[dr]");
+        assert_eq!(dr.peer_ca, PathBuf::from("/etc/spaced/pki/west-ca.pem"));
+        assert_eq!(dr.heartbeat_interval_ms, 1_000);
+        assert_eq!(dr.peers.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_dr_section_names_its_key() {
+        let dr = |extra: &str| {
+            format!(
+                "{MINIMAL}[dr]\nsite = \"east\"\nrole = \"active\"\nlisten = \"0.0.0.0:7443\"\n\
+                 peer_site = \"west\"\npeer_ca = \"w.pem\"\n{extra}\n"
+            )
+        };
+        let msg = err_of(&dr("peers = []"));
+        assert!(msg.contains("key `dr.peers`"), "{msg}");
+        let msg = err_of(&dr("peers = [\"10.2.0.1\"]"));
+        assert!(
+            msg.contains("key `dr.peers[0]`") && msg.contains("host:port"),
+            "{msg}"
+        );
+        let msg = err_of(&dr("peers = [\"10.2.0.1:7443\"]\nrole2 = 1"));
+        assert!(msg.contains("role2"), "{msg}");
+        assert!(NodeConfig::parse_str(&dr("peers = [\"10.2.0.1:7443\"]"), src()).is_ok());
     }
 
     #[test]

@@ -1,0 +1,178 @@
+//! `[dr]` in a node's config: this site, its peer, and the link between them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use spaced_fabric::SiteRole;
+
+/// The default port of the disaster-recovery link.
+pub const DR_PORT: u16 = 7443;
+
+/// `[dr]`: present on every node of both sites of a disaster-recovery pair.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrSection {
+    /// This site's name (`east`); the peer knows it by it.
+    pub site: String,
+    /// The role this site starts in: `active` or `standby`. Used once, while the fabric says
+    /// the site is standalone; afterwards the fabric's role (changed by failover, switchover
+    /// and demotion) is the truth.
+    pub role: String,
+    /// Where this node serves the link (UDP, QUIC), e.g. `0.0.0.0:7443`.
+    pub listen: SocketAddr,
+    /// The peer site's name.
+    pub peer_site: String,
+    /// The link addresses of the peer site's nodes; any of them answers.
+    pub peers: Vec<String>,
+    /// The peer site's CA certificate: the only one the link trusts.
+    pub peer_ca: PathBuf,
+    /// How often the leader contacts the peer when nothing is to be mirrored, in ms (the
+    /// model's `heartbeat.interval` is 30 s).
+    #[serde(default = "default_interval")]
+    pub heartbeat_interval_ms: u64,
+    /// How long one contact may take, in ms (`heartbeat.timeout`, model 5 s).
+    #[serde(default = "default_timeout")]
+    pub heartbeat_timeout_ms: u64,
+    /// Failed contacts in a row after which the peer counts as lost (`heartbeat.retries`).
+    #[serde(default = "default_retries")]
+    pub heartbeat_retries: u32,
+}
+
+fn default_interval() -> u64 {
+    1_000
+}
+fn default_timeout() -> u64 {
+    1_000
+}
+fn default_retries() -> u32 {
+    3
+}
+
+impl DrSection {
+    /// The starting role, checked.
+    pub fn start_role(&self) -> Result<SiteRole, String> {
+        match self.role.parse::<SiteRole>()? {
+            SiteRole::Standalone => Err(
+                "a site with a [dr] section is active or standby (remove [dr] for a standalone \
+                 site)"
+                    .into(),
+            ),
+            r => Ok(r),
+        }
+    }
+
+    /// Checks what serde cannot: `(key, problem)` of the first thing wrong.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let name = |key: &str, v: &str| {
+            spaced_fabric::check_name(key, v).map_err(|e| (format!("dr.{key}"), e.to_string()))
+        };
+        name("site", &self.site)?;
+        name("peer_site", &self.peer_site)?;
+        if self.site == self.peer_site {
+            return Err((
+                "dr.peer_site".into(),
+                format!("is this site's own name {:?}", self.site),
+            ));
+        }
+        self.start_role().map_err(|e| ("dr.role".into(), e))?;
+        if self.peers.is_empty() {
+            return Err((
+                "dr.peers".into(),
+                "must name at least one node of the peer site (host:port)".into(),
+            ));
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            let ok = p
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0));
+            if !ok {
+                return Err((format!("dr.peers[{i}]"), format!("{p:?} is not host:port")));
+            }
+        }
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_timeout_ms == 0 {
+            return Err((
+                "dr.heartbeat_interval_ms".into(),
+                "heartbeat interval and timeout must be above 0".into(),
+            ));
+        }
+        if self.heartbeat_retries == 0 {
+            return Err(("dr.heartbeat_retries".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section() -> DrSection {
+        DrSection {
+            site: "east".into(),
+            role: "active".into(),
+            listen: "0.0.0.0:7443".parse().unwrap(),
+            peer_site: "west".into(),
+            peers: vec!["10.2.0.1:7443".into()],
+            peer_ca: "west-ca.pem".into(),
+            heartbeat_interval_ms: 1_000,
+            heartbeat_timeout_ms: 1_000,
+            heartbeat_retries: 3,
+        }
+    }
+
+    #[test]
+    fn bad_sections_name_the_key() {
+        assert_eq!(section().validate(), Ok(()));
+        let key = |s: DrSection| s.validate().unwrap_err().0;
+        assert_eq!(
+            key(DrSection {
+                peer_site: "east".into(),
+                ..section()
+            }),
+            "dr.peer_site"
+        );
+        assert_eq!(
+            key(DrSection {
+                role: "standalone".into(),
+                ..section()
+            }),
+            "dr.role"
+        );
+        assert_eq!(
+            key(DrSection {
+                role: "primary".into(),
+                ..section()
+            }),
+            "dr.role"
+        );
+        assert_eq!(
+            key(DrSection {
+                peers: vec![],
+                ..section()
+            }),
+            "dr.peers"
+        );
+        assert_eq!(
+            key(DrSection {
+                peers: vec!["10.2.0.1:7443".into(), "10.2.0.2".into()],
+                ..section()
+            }),
+            "dr.peers[1]"
+        );
+        assert_eq!(
+            key(DrSection {
+                site: "East Site".into(),
+                ..section()
+            }),
+            "dr.site"
+        );
+        assert_eq!(
+            key(DrSection {
+                heartbeat_retries: 0,
+                ..section()
+            }),
+            "dr.heartbeat_retries"
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! The disaster-recovery link: a QUIC endpoint on its own port whose TLS trusts only the peer
+//! site's CA, so a peer site's certificate opens this link and nothing else (not Raft, not
+//! admin). One request and one reply per stream, in spaced's frames.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use spaced_raft::frame::{MAX_FRAME, read_frame, write_frame};
+use spaced_raft::pki::{NODE_DOMAIN, TlsMaterial};
+use spaced_raft::{codec, network};
+
+use crate::protocol::{ALPN_DR, DrReply, DrRequest, MAX_REQUEST};
+
+/// QUIC settings of the link: a lost peer site is noticed within a few seconds.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        3_000,
+    ))));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
+    Arc::new(t)
+}
+
+/// What serves the peer's requests (the node's watchdog).
+pub trait Serve: Send + Sync + 'static {
+    /// The reply to `request`.
+    fn serve(
+        self: Arc<Self>,
+        request: DrRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = DrReply> + Send>>;
+}
+
+/// This node's end of the link: it serves the peer site and dials it.
+pub struct Link {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    connections: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+}
+
+impl Link {
+    /// Binds `listen` with `material` (this node's certificate, trusting the peer site's CA:
+    /// see [`TlsMaterial::trusting`]).
+    pub fn bind(listen: SocketAddr, material: &TlsMaterial) -> Result<Arc<Link>, String> {
+        let server = material
+            .server_config_for(transport(), &[ALPN_DR])
+            .map_err(|e| format!("DR link TLS: {e}"))?;
+        let client = material
+            .client_config(ALPN_DR, transport())
+            .map_err(|e| format!("DR link TLS: {e}"))?;
+        let endpoint = quinn::Endpoint::server(server, listen)
+            .map_err(|e| format!("DR link: bind {listen}: {e}"))?;
+        Ok(Arc::new(Link {
+            endpoint,
+            client,
+            connections: Mutex::default(),
+        }))
+    }
+
+    /// The address the link listens on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Serves the peer site until the endpoint closes.
+    pub async fn serve<S: Serve>(self: Arc<Self>, service: Arc<S>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "DR link: handshake failed");
+                        return;
+                    }
+                };
+                let peer = spaced_raft::pki::peer_identity(&conn)
+                    .map(|i| i.to_string())
+                    .unwrap_or_else(|_| "?".into());
+                tracing::debug!(%peer, remote = %conn.remote_address(), "DR link: peer connected");
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let service = service.clone();
+                    tokio::spawn(async move {
+                        let reply = match read_frame(&mut recv, MAX_REQUEST).await {
+                            Ok(Some(bytes)) => match codec::decode::<DrRequest>(&bytes) {
+                                Ok(req) => service.serve(req).await,
+                                Err(e) => DrReply::Refused(format!("bad request: {e}")),
+                            },
+                            Ok(None) => return,
+                            Err(e) => DrReply::Refused(format!("bad request: {e}")),
+                        };
+                        let bytes = match codec::encode(&reply) {
+                            Ok(b) if b.len() <= MAX_FRAME => b,
+                            Ok(b) => codec::encode(&DrReply::Refused(format!(
+                                "reply of {} bytes exceeds the frame limit",
+                                b.len()
+                            )))
+                            .unwrap_or_default(),
+                            Err(e) => {
+                                tracing::error!(error = %e, "DR link: reply does not encode");
+                                return;
+                            }
+                        };
+                        if write_frame(&mut send, &bytes).await.is_ok() {
+                            let _ = send.finish();
+                            // Wait for the peer to read it before the stream goes.
+                            let _ = send.stopped().await;
+                        }
+                    });
+                }
+            });
+        }
+    }
+
+    /// One request to the peer node at `addr`, within `timeout` (dialing included).
+    pub async fn call(
+        &self,
+        addr: &str,
+        request: &DrRequest,
+        timeout: Duration,
+    ) -> Result<DrReply, String> {
+        tokio::time::timeout(timeout, self.call_inner(addr, request))
+            .await
+            .map_err(|_| format!("{addr}: no answer within {timeout:?}"))?
+    }
+
+    async fn call_inner(&self, addr: &str, request: &DrRequest) -> Result<DrReply, String> {
+        let to = network::resolve(addr).await.map_err(|e| e.to_string())?;
+        let conn = self.connection(to).await?;
+        let result = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let bytes = codec::encode(request).map_err(|e| e.to_string())?;
+            write_frame(&mut send, &bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            let reply = read_frame(&mut recv, MAX_FRAME)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("the stream ended before a reply")?;
+            codec::decode::<DrReply>(&reply).map_err(|e| e.to_string())
+        }
+        .await;
+        if result.is_err() {
+            self.connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&to);
+        }
+        result.map_err(|e| format!("{addr}: {e}"))
+    }
+
+    async fn connection(&self, to: SocketAddr) -> Result<quinn::Connection, String> {
+        if let Some(c) = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&to)
+            .filter(|c| c.close_reason().is_none())
+        {
+            return Ok(c.clone());
+        }
+        let conn = self
+            .endpoint
+            .connect_with(self.client.clone(), to, NODE_DOMAIN)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| spaced_raft::pki::explain_connection_error(&e, ALPN_DR))?;
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(to, conn.clone());
+        Ok(conn)
+    }
+
+    /// Closes the endpoint (the serve loop ends).
+    pub fn close(&self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"stopping");
+    }
+}

@@ -1,0 +1,75 @@
+//! The link between two sites: one request, one reply, per QUIC stream.
+
+use serde::{Deserialize, Serialize};
+use spaced_fabric::Millis;
+
+use crate::decide::SiteState;
+use crate::projection::{Delta, Projection};
+
+/// ALPN of the disaster-recovery link (its own port, its own trust: the peer site's CA).
+pub const ALPN_DR: &[u8] = b"spaced-dr/1";
+
+/// Largest request a node reads from a peer site.
+pub const MAX_REQUEST: usize = 64 << 10;
+
+/// What a site's leader asks a node of its peer site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DrRequest {
+    /// Who the asker is, and what it has of the peer's data.
+    Pull {
+        /// The asking site.
+        from: SiteState,
+        /// Whether it mirrors (a standby) or only listens (an active site's heartbeat).
+        mirror: bool,
+        /// The peer index of the projection it holds, for a reply by difference.
+        have: Option<u64>,
+        /// How long the peer may wait for something new before it answers (long poll).
+        wait_ms: u64,
+    },
+    /// Switchover: the asking standby site asks the active peer to demote itself, so that it
+    /// can take over once it has mirrored everything.
+    HandOver {
+        /// The asking site.
+        from: SiteState,
+    },
+}
+
+/// What changed since the asker's projection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Changes {
+    /// Not asked for (the asker does not mirror).
+    NotAsked,
+    /// Nothing since `have`.
+    Unchanged,
+    /// The whole projection.
+    Full(Projection),
+    /// The difference from the asker's projection (at `have`).
+    Delta(Delta),
+}
+
+/// A node's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DrReply {
+    /// The answering site's state and data.
+    State {
+        /// The answering site.
+        site: SiteState,
+        /// The last log index the answering node has applied.
+        index: u64,
+        /// Its clock.
+        sent_at: Millis,
+        /// The data.
+        changes: Changes,
+    },
+    /// The answering site is standby now (it demoted itself for a switchover, or was
+    /// already): the asker takes over once it has mirrored up to `index`, with an epoch above
+    /// `epoch`.
+    HandedOver {
+        /// The demoted site's epoch.
+        epoch: u64,
+        /// The log index after which its data no longer changes.
+        index: u64,
+    },
+    /// Refused, and why.
+    Refused(String),
+}

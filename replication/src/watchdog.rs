@@ -1,0 +1,656 @@
+//! The DR watchdog: on each site's leader, it contacts the peer site every heartbeat (a
+//! standby long-polls it), mirrors the peer's data onto a standby, demotes an active site
+//! that hears of a higher active peer, and carries out `dr failover`, `dr switchover` and
+//! `dr demote`. Every node serves the peer's requests from its own applied fabric.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use spaced_fabric::{Command, Fabric, Millis, MirrorPosition, Outcome, SiteRole};
+use tokio::sync::watch;
+
+use crate::config::DrSection;
+use crate::decide::{SiteState, Verdict, on_peer, promotion_epoch};
+use crate::link::{Link, Serve};
+use crate::projection::{Projection, diff, mirror_commands};
+use crate::protocol::{Changes, DrReply, DrRequest};
+
+/// A boxed future, for the handle's proposals.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Longest a standby's long poll waits at the peer for something new.
+const LONG_POLL: Duration = Duration::from_secs(2);
+/// How often a standby records its position when nothing else changed.
+const POSITION_EVERY: Duration = Duration::from_secs(5);
+/// How long a switchover waits for the standby to have mirrored everything.
+const SWITCHOVER_WITHIN: Duration = Duration::from_secs(30);
+
+/// What the watchdog needs of its node.
+pub trait SiteHandle: Send + Sync + 'static {
+    /// Runs `f` on the applied fabric and the index of the last entry applied to it.
+    fn read_fabric(&self, f: &mut dyn FnMut(u64, &Fabric));
+    /// Told after every apply.
+    fn changes(&self) -> watch::Receiver<()>;
+    /// Whether this node leads its site.
+    fn is_leader(&self) -> bool;
+    /// Commits `cmd` through the site's leader (from any node).
+    fn propose(&self, cmd: Command) -> BoxFuture<Result<Outcome, String>>;
+    /// The wall clock, in ms since the Unix epoch.
+    fn now_millis(&self) -> Millis;
+}
+
+fn read<R>(h: &dyn SiteHandle, f: impl FnOnce(u64, &Fabric) -> R) -> R {
+    let mut f = Some(f);
+    let mut out = None;
+    h.read_fabric(&mut |index, fabric| {
+        if let Some(f) = f.take() {
+            out = Some(f(index, fabric));
+        }
+    });
+    out.expect("read_fabric calls its closure once")
+}
+
+/// What `spacectl dr status` shows (from the site's leader).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrStatus {
+    /// This site.
+    pub site: String,
+    /// Its role.
+    pub role: SiteRole,
+    /// Its site epoch.
+    pub epoch: u64,
+    /// When the role last changed (ms since the Unix epoch).
+    pub since: Millis,
+    /// The peer site.
+    pub peer_site: String,
+    /// Whether the peer answered within its heartbeat retries.
+    pub peer_reachable: bool,
+    /// How long ago the peer last answered, in ms.
+    pub last_contact_ms: Option<u64>,
+    /// The peer's role and epoch when it last answered.
+    pub peer_role: Option<SiteRole>,
+    /// The peer's epoch.
+    pub peer_epoch: Option<u64>,
+    /// The peer's last applied index when it last answered.
+    pub peer_index: Option<u64>,
+    /// On a standby: the peer index mirrored.
+    pub mirrored_index: Option<u64>,
+    /// On a standby: entries of the peer not yet mirrored (`None`: unknown, the link is down).
+    pub lag_entries: Option<u64>,
+    /// On a standby: how long it has been behind its peer, in ms (0 in step; `None`: unknown).
+    pub lag_ms: Option<u64>,
+    /// Failed contacts in a row.
+    pub failures_in_row: u32,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// Mirrored changes this site refused, with why (e.g. a service bound to a VIP this site
+    /// does not have).
+    pub not_mirrored: Vec<String>,
+}
+
+#[derive(Default)]
+struct State {
+    /// A standby leader's copy of the peer's projection and the peer index it is at.
+    remote: Option<(u64, Projection)>,
+    /// The peer index this site has mirrored completely.
+    mirrored: Option<u64>,
+    last_contact: Option<Instant>,
+    failures: u32,
+    last_error: Option<String>,
+    peer: Option<SiteState>,
+    peer_index: Option<u64>,
+    /// The highest epoch the peer has been seen with.
+    peer_epoch_seen: Option<u64>,
+    behind_since: Option<Instant>,
+    not_mirrored: Vec<String>,
+    next_peer: usize,
+    position_at: Option<Instant>,
+    warned_no_active: bool,
+    /// Contacts in a row that found both sites standby.
+    no_active: u32,
+    /// A switchover is under way: mirror the peer although it is standby now.
+    switching: bool,
+}
+
+/// The watchdog of one node.
+pub struct Watchdog {
+    cfg: DrSection,
+    handle: Arc<dyn SiteHandle>,
+    link: Arc<Link>,
+    state: Mutex<State>,
+    /// The last projection this node sent the peer, by index: a later pull from that index is
+    /// answered with the difference.
+    sent: Mutex<Option<(u64, Projection)>>,
+}
+
+impl Watchdog {
+    /// A watchdog for this node's site, talking over `link`.
+    pub fn new(cfg: DrSection, handle: Arc<dyn SiteHandle>, link: Arc<Link>) -> Arc<Self> {
+        Arc::new(Watchdog {
+            cfg,
+            handle,
+            link,
+            state: Mutex::default(),
+            sent: Mutex::default(),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.cfg.heartbeat_interval_ms)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.heartbeat_timeout_ms)
+    }
+
+    /// This site as its fabric says.
+    fn me(&self) -> SiteState {
+        let site = self.cfg.site.clone();
+        read(&*self.handle, |_, f| SiteState {
+            site,
+            role: f.site.role,
+            epoch: f.site.epoch,
+        })
+    }
+
+    /// Serves the link and runs the leader's loop until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        /// Closes the link and stops serving when the loop ends, returns or is aborted (the
+        /// serving tasks hold the node: they must not outlive it).
+        struct Serving(tokio::task::JoinHandle<()>, Arc<Link>);
+        impl Drop for Serving {
+            fn drop(&mut self) {
+                self.1.close();
+                self.0.abort();
+            }
+        }
+        let _serving = Serving(
+            tokio::spawn(self.link.clone().serve(self.clone())),
+            self.link.clone(),
+        );
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let pause = if self.handle.is_leader() {
+                self.leader_step().await
+            } else {
+                *self.state() = State::default();
+                Duration::from_millis(200)
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    }
+
+    /// One round on the leader; returns how long to wait before the next.
+    async fn leader_step(&self) -> Duration {
+        let me = self.me();
+        if me.role == SiteRole::Standalone {
+            self.take_start_role().await;
+            return Duration::from_millis(100);
+        }
+        let mirror = me.role == SiteRole::Standby;
+        let (have, addr) = {
+            let st = self.state();
+            let addr = self.cfg.peers[st.next_peer % self.cfg.peers.len()].clone();
+            (st.remote.as_ref().map(|(i, _)| *i), addr)
+        };
+        let wait = if mirror { LONG_POLL } else { Duration::ZERO };
+        let request = DrRequest::Pull {
+            from: me.clone(),
+            mirror,
+            have,
+            wait_ms: wait.as_millis() as u64,
+        };
+        match self.link.call(&addr, &request, self.timeout() + wait).await {
+            Ok(DrReply::State {
+                site,
+                index,
+                sent_at,
+                changes,
+            }) => {
+                self.heard(&me, site, index, sent_at, changes).await;
+                if mirror {
+                    Duration::ZERO
+                } else {
+                    self.interval()
+                }
+            }
+            Ok(DrReply::Refused(why)) => self.failed(format!("{addr} refused: {why}")),
+            Ok(other) => self.failed(format!("{addr}: unexpected reply {other:?}")),
+            Err(e) => self.failed(e),
+        }
+    }
+
+    fn failed(&self, why: String) -> Duration {
+        let mut st = self.state();
+        st.failures += 1;
+        st.next_peer += 1;
+        if st.failures == self.cfg.heartbeat_retries {
+            tracing::warn!(peer = %self.cfg.peer_site, error = %why, "DR: peer site lost");
+        } else {
+            tracing::debug!(peer = %self.cfg.peer_site, error = %why, "DR: peer did not answer");
+        }
+        st.last_error = Some(why);
+        // The stream is down: what it had is of no use for differences any more.
+        st.remote = None;
+        st.behind_since = None;
+        self.interval()
+    }
+
+    /// The configured starting role, once, while the fabric says standalone.
+    async fn take_start_role(&self) {
+        let Ok(role) = self.cfg.start_role() else {
+            return;
+        };
+        let epoch = if role == SiteRole::Active { 1 } else { 0 };
+        let cmd = Command::SetSiteRole {
+            role,
+            epoch,
+            at: self.handle.now_millis(),
+        };
+        match self.handle.propose(cmd).await {
+            Ok(_) => {
+                tracing::info!(site = %self.cfg.site, %role, epoch, "DR: site role taken from the config")
+            }
+            Err(e) => tracing::warn!(error = %e, "DR: could not record the site's starting role"),
+        }
+    }
+
+    async fn heard(
+        &self,
+        me: &SiteState,
+        peer: SiteState,
+        index: u64,
+        sent_at: Millis,
+        changes: Changes,
+    ) {
+        {
+            let mut st = self.state();
+            if st.failures >= self.cfg.heartbeat_retries {
+                tracing::info!(peer = %peer.site, "DR: peer site reachable again");
+            }
+            st.failures = 0;
+            st.last_error = None;
+            st.last_contact = Some(Instant::now());
+            st.peer_index = Some(index);
+            st.peer_epoch_seen = Some(st.peer_epoch_seen.unwrap_or(0).max(peer.epoch));
+            st.peer = Some(peer.clone());
+            if peer.role != SiteRole::Standby || me.role != SiteRole::Standby {
+                st.warned_no_active = false;
+                st.no_active = 0;
+            }
+        }
+        if peer.site != self.cfg.peer_site {
+            self.failed(format!(
+                "the peer says it is site {:?}, not {:?}",
+                peer.site, self.cfg.peer_site
+            ));
+            return;
+        }
+        match on_peer(me, &peer) {
+            Verdict::Demote { epoch } => {
+                tracing::warn!(peer = %peer.site, peer_epoch = peer.epoch, epoch = me.epoch, "DR: the peer site is active with a higher claim: this site becomes standby");
+                let cmd = Command::SetSiteRole {
+                    role: SiteRole::Standby,
+                    epoch,
+                    at: self.handle.now_millis(),
+                };
+                if let Err(e) = self.handle.propose(cmd).await {
+                    tracing::error!(error = %e, "DR: could not demote this site");
+                }
+            }
+            Verdict::Mirror => self.mirror(&peer, index, sent_at, changes).await,
+            // The peer stepped down for this site's switchover: its data is the last word.
+            Verdict::NoActiveSite if self.state().switching => {
+                self.mirror(&peer, index, sent_at, changes).await
+            }
+            Verdict::NoActiveSite => {
+                let mut st = self.state();
+                st.no_active += 1;
+                // Not in passing (a switchover's moment between the two roles).
+                if !st.warned_no_active && st.no_active > self.cfg.heartbeat_retries {
+                    st.warned_no_active = true;
+                    tracing::warn!(peer = %peer.site, "DR: both sites are standby: no site runs the workload (`spacectl dr failover` on one of them)");
+                }
+            }
+            Verdict::Nothing => {}
+        }
+    }
+
+    async fn mirror(&self, peer: &SiteState, index: u64, sent_at: Millis, changes: Changes) {
+        let remote = {
+            let mut st = self.state();
+            let have = st.remote.take();
+            let next = match (changes, have) {
+                (Changes::Full(p), _) => Some((index, p)),
+                (Changes::Delta(d), Some((_, mut p))) => {
+                    p.apply(&d);
+                    Some((index, p))
+                }
+                (Changes::Unchanged, Some((_, p))) => Some((index, p)),
+                (Changes::NotAsked, have) => have,
+                // A difference or "unchanged" without a base: ask again for everything.
+                (_, None) => None,
+            };
+            st.remote = next.clone();
+            next
+        };
+        let Some((index, remote)) = remote else {
+            return;
+        };
+        let (own, recorded) = read(&*self.handle, |_, f| {
+            (Projection::of(f), f.site.mirror.as_ref().map(|m| m.index))
+        });
+        let differs = own != remote;
+        {
+            let mut st = self.state();
+            if differs {
+                st.behind_since.get_or_insert_with(Instant::now);
+            }
+            let stale = st.position_at.is_none_or(|t| t.elapsed() > POSITION_EVERY);
+            let record = differs || (stale && recorded != Some(index));
+            if !record {
+                st.mirrored = Some(index);
+                st.behind_since = None;
+                return;
+            }
+        }
+        let position = MirrorPosition {
+            site: peer.site.clone(),
+            index,
+            sent_at,
+        };
+        let cmds = mirror_commands(&own, &remote, position, self.handle.now_millis());
+        let mut refused = Vec::new();
+        for cmd in cmds {
+            match self.handle.propose(cmd).await {
+                Ok(Outcome::Mirrored { refused: r, .. }) => refused.extend(r),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "DR: mirroring refused");
+                    self.state().remote = None;
+                    return;
+                }
+            }
+        }
+        let mut st = self.state();
+        if !refused.is_empty() && refused != st.not_mirrored {
+            tracing::warn!(count = refused.len(), first = %refused[0], "DR: some of the peer's changes cannot be mirrored here");
+        }
+        st.not_mirrored = refused;
+        st.position_at = Some(Instant::now());
+        st.mirrored = Some(index);
+        st.behind_since = None;
+        if differs {
+            let d = diff(&own, &remote);
+            tracing::debug!(changes = d.len(), index, "DR: mirrored");
+        }
+    }
+
+    /// What `spacectl dr status` shows.
+    pub fn status(&self) -> DrStatus {
+        let (role, epoch, since, recorded) = read(&*self.handle, |_, f| {
+            (
+                f.site.role,
+                f.site.epoch,
+                f.site.since,
+                f.site.mirror.as_ref().map(|m| m.index),
+            )
+        });
+        let st = self.state();
+        let reachable = self.peer_reachable(&st);
+        let standby = role == SiteRole::Standby;
+        let mirrored = st.mirrored.or(recorded);
+        DrStatus {
+            site: self.cfg.site.clone(),
+            role,
+            epoch,
+            since,
+            peer_site: self.cfg.peer_site.clone(),
+            peer_reachable: reachable,
+            last_contact_ms: st.last_contact.map(|t| t.elapsed().as_millis() as u64),
+            peer_role: st.peer.as_ref().map(|p| p.role),
+            peer_epoch: st.peer.as_ref().map(|p| p.epoch),
+            peer_index: st.peer_index,
+            mirrored_index: mirrored.filter(|_| standby),
+            lag_entries: match (standby && reachable, st.peer_index, mirrored) {
+                (true, Some(p), Some(m)) => Some(p.saturating_sub(m)),
+                _ => None,
+            },
+            lag_ms: (standby && reachable && mirrored.is_some()).then(|| {
+                st.behind_since
+                    .map_or(0, |t| t.elapsed().as_millis() as u64)
+            }),
+            failures_in_row: st.failures,
+            last_error: st.last_error.clone(),
+            not_mirrored: st.not_mirrored.clone(),
+        }
+    }
+
+    fn peer_reachable(&self, st: &State) -> bool {
+        let window = (self.interval() + self.timeout() + LONG_POLL) * self.cfg.heartbeat_retries;
+        st.failures < self.cfg.heartbeat_retries
+            && st.last_contact.is_some_and(|t| t.elapsed() < window)
+    }
+
+    /// `dr failover` on a standby's leader: this site becomes active with an epoch above
+    /// every one seen. Refused while the active peer answers, unless `force` (then the peer
+    /// demotes when it hears of this site).
+    pub async fn failover(&self, force: bool) -> Result<u64, String> {
+        let me = self.me();
+        if me.role != SiteRole::Standby {
+            return Err(format!("site {} is {}, not standby", me.site, me.role));
+        }
+        let seen = {
+            let st = self.state();
+            if !force
+                && self.peer_reachable(&st)
+                && st.peer.as_ref().is_some_and(|p| p.role == SiteRole::Active)
+            {
+                return Err(format!(
+                    "the active site {} answered {} ms ago: use `dr switchover` to move the \
+                     active role without losing writes, or `dr failover --force`",
+                    self.cfg.peer_site,
+                    st.last_contact.map_or(0, |t| t.elapsed().as_millis())
+                ));
+            }
+            st.peer_epoch_seen
+        };
+        let epoch = promotion_epoch(me.epoch, seen);
+        self.promote(epoch).await
+    }
+
+    async fn promote(&self, epoch: u64) -> Result<u64, String> {
+        let cmd = Command::SetSiteRole {
+            role: SiteRole::Active,
+            epoch,
+            at: self.handle.now_millis(),
+        };
+        self.handle.propose(cmd).await.map_err(|e| e.to_string())?;
+        tracing::warn!(site = %self.cfg.site, epoch, "DR: this site is active");
+        Ok(epoch)
+    }
+
+    /// `dr switchover` on a standby's leader: the active peer demotes itself, this site
+    /// mirrors everything it had, then becomes active. Nothing acknowledged is lost.
+    pub async fn switchover(&self) -> Result<u64, String> {
+        let me = self.me();
+        if me.role != SiteRole::Standby {
+            return Err(format!(
+                "site {} is {}: run `dr switchover` on the standby site",
+                me.site, me.role
+            ));
+        }
+        self.state().switching = true;
+        let result = self.switch_over(&me).await;
+        self.state().switching = false;
+        result
+    }
+
+    async fn switch_over(&self, me: &SiteState) -> Result<u64, String> {
+        let mut last = String::from("no peer address");
+        let mut handed = None;
+        for addr in &self.cfg.peers {
+            let req = DrRequest::HandOver { from: me.clone() };
+            match self.link.call(addr, &req, self.timeout()).await {
+                Ok(DrReply::HandedOver { epoch, index }) => {
+                    handed = Some((epoch, index));
+                    break;
+                }
+                Ok(DrReply::Refused(why)) => last = format!("{addr} refused: {why}"),
+                Ok(other) => last = format!("{addr}: unexpected reply {other:?}"),
+                Err(e) => last = e,
+            }
+        }
+        let (epoch, index) =
+            handed.ok_or_else(|| format!("the peer site did not hand over: {last}"))?;
+        let deadline = Instant::now() + SWITCHOVER_WITHIN;
+        loop {
+            let caught_up = self.state().mirrored.is_some_and(|m| m >= index);
+            if caught_up {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the peer site is standby now, but this site did not mirror up to its \
+                     index {index} within {SWITCHOVER_WITHIN:?}: both sites are standby; \
+                     `dr failover` when the link is back"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.promote(promotion_epoch(me.epoch, Some(epoch))).await
+    }
+
+    /// `dr demote` on an active site's leader: this site becomes standby (keeping its epoch).
+    pub async fn demote(&self) -> Result<(), String> {
+        let me = self.me();
+        if me.role != SiteRole::Active {
+            return Err(format!("site {} is {}, not active", me.site, me.role));
+        }
+        let cmd = Command::SetSiteRole {
+            role: SiteRole::Standby,
+            epoch: me.epoch,
+            at: self.handle.now_millis(),
+        };
+        self.handle.propose(cmd).await.map(|_| ())
+    }
+
+    async fn answer(self: Arc<Self>, request: DrRequest) -> DrReply {
+        match request {
+            DrRequest::Pull {
+                from,
+                mirror,
+                have,
+                wait_ms,
+            } => {
+                if from.site != self.cfg.peer_site {
+                    return DrReply::Refused(format!(
+                        "this is site {}; its peer is {}, not {}",
+                        self.cfg.site, self.cfg.peer_site, from.site
+                    ));
+                }
+                let mut changes = self.handle.changes();
+                changes.borrow_and_update();
+                let index_now = read(&*self.handle, |i, _| i);
+                if mirror && have == Some(index_now) && wait_ms > 0 {
+                    let wait = Duration::from_millis(wait_ms).min(LONG_POLL);
+                    let _ = tokio::time::timeout(wait, changes.changed()).await;
+                }
+                let site = self.cfg.site.clone();
+                let (me, index, projection) = read(&*self.handle, |i, f| {
+                    let me = SiteState {
+                        site,
+                        role: f.site.role,
+                        epoch: f.site.epoch,
+                    };
+                    (me, i, mirror.then(|| Projection::of(f)))
+                });
+                let changes = match projection {
+                    None => Changes::NotAsked,
+                    Some(p) => {
+                        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+                        let c = match (&*sent, have) {
+                            (Some((at, old)), Some(h)) if *at == h => {
+                                let d = diff(old, &p);
+                                if d.is_empty() {
+                                    Changes::Unchanged
+                                } else {
+                                    Changes::Delta(d)
+                                }
+                            }
+                            _ => Changes::Full(p.clone()),
+                        };
+                        *sent = Some((index, p));
+                        c
+                    }
+                };
+                DrReply::State {
+                    site: me,
+                    index,
+                    sent_at: self.handle.now_millis(),
+                    changes,
+                }
+            }
+            DrRequest::HandOver { from } => {
+                if from.site != self.cfg.peer_site || from.role != SiteRole::Standby {
+                    return DrReply::Refused(format!(
+                        "only the standby site {} may ask this site to hand over",
+                        self.cfg.peer_site
+                    ));
+                }
+                let me = self.me();
+                if me.role == SiteRole::Active {
+                    let cmd = Command::SetSiteRole {
+                        role: SiteRole::Standby,
+                        epoch: me.epoch,
+                        at: self.handle.now_millis(),
+                    };
+                    if let Err(e) = self.handle.propose(cmd).await {
+                        return DrReply::Refused(format!("could not demote: {e}"));
+                    }
+                    tracing::warn!(to = %from.site, "DR: switchover: this site is standby now");
+                }
+                // The index must be at least the demotion's, so that the peer waits for every
+                // write committed before it: wait until this node has applied it.
+                let mut changes = self.handle.changes();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                loop {
+                    changes.borrow_and_update();
+                    let (role, epoch, index) =
+                        read(&*self.handle, |i, f| (f.site.role, f.site.epoch, i));
+                    if role == SiteRole::Standby {
+                        return DrReply::HandedOver { epoch, index };
+                    }
+                    if !matches!(
+                        tokio::time::timeout_at(deadline, changes.changed()).await,
+                        Ok(Ok(()))
+                    ) {
+                        return DrReply::Refused(
+                            "this node has not applied the demotion yet; ask again".into(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Serve for Watchdog {
+    fn serve(self: Arc<Self>, request: DrRequest) -> BoxFuture<DrReply> {
+        Box::pin(self.answer(request))
+    }
+}

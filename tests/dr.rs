@@ -1,0 +1,290 @@
+//! Disaster recovery between two in-process sites on 127.0.0.1, each its own cluster with its
+//! own CA: the standby mirrors the active site's devices and services and runs nothing;
+//! writes on it are refused; a switchover moves the active role without losing a write; a
+//! failover promotes a standby whose peer is gone; the returning old active site hears the
+//! higher epoch, demotes itself and mirrors.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use spaced_fabric::{ServiceScope, ServiceSpec, SiteRole};
+use spaced_node::admin::client::AdminClient;
+use spaced_node::admin::{AdminReply, AdminRequest, DrAction};
+use spaced_node::ops::config::{RaftTimings, TakeoverMode, VipSection};
+use spaced_replication::DrSection;
+use spaced_tests::{Cluster, devices, free_tcp_port, free_udp_port, node_config};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Two one-node sites: `east` (starts active, VIP 127.0.0.100) and `west` (starts standby,
+/// VIP 127.0.0.101), each trusting the other's CA on its DR link.
+fn two_sites() -> Result<(Cluster, Cluster)> {
+    let mut east = Cluster::empty(2, RaftTimings::default())?;
+    let mut west = Cluster::empty(2, RaftTimings::default())?;
+    // Ports are found free and let go: the DR ports must differ from each other and from
+    // the nodes' own (picked when their configs are made, below).
+    let mut taken = std::collections::BTreeSet::new();
+    let mut port_apart = |taken: &mut std::collections::BTreeSet<u16>| loop {
+        let p = free_udp_port();
+        if taken.insert(p) {
+            return p;
+        }
+    };
+    let (east_dr, west_dr) = (port_apart(&mut taken), port_apart(&mut taken));
+    let port = free_tcp_port();
+    let (east_ca, west_ca) = (east.pki_dir().join("ca.pem"), west.pki_dir().join("ca.pem"));
+    for (c, site, peer, role, listen, peer_port, peer_ca, vip) in [
+        (
+            &mut east,
+            "east",
+            "west",
+            "active",
+            east_dr,
+            west_dr,
+            west_ca,
+            "127.0.0.100/8",
+        ),
+        (
+            &mut west,
+            "west",
+            "east",
+            "standby",
+            west_dr,
+            east_dr,
+            east_ca,
+            "127.0.0.101/8",
+        ),
+    ] {
+        let mut cfg = node_config(c.dir.path(), &c.pki_dir(), 1, RaftTimings::default());
+        while !taken.insert(cfg.listen.port()) {
+            cfg.listen.set_port(port_apart(&mut taken));
+        }
+        cfg.takeover = TakeoverMode::Loopback;
+        cfg.vips = vec![VipSection {
+            name: "cluster".into(),
+            address: vip.into(),
+            interface: "lo".into(),
+            roles: vec!["ha".into()],
+            port: Some(port),
+        }];
+        cfg.dr = Some(DrSection {
+            site: site.into(),
+            role: role.into(),
+            listen: format!("127.0.0.1:{listen}").parse()?,
+            peer_site: peer.into(),
+            peers: vec![format!("127.0.0.1:{peer_port}")],
+            peer_ca,
+            heartbeat_interval_ms: 200,
+            heartbeat_timeout_ms: 500,
+            heartbeat_retries: 2,
+        });
+        c.configs.insert(1, cfg);
+    }
+    Ok((east, west))
+}
+
+/// Bootstraps a site's node; a listen port taken since it was found free (ports are found
+/// free and let go) is replaced by another.
+async fn start_site(c: &mut Cluster) -> Result<()> {
+    for _ in 0..5 {
+        match c.start_node(1, true).await {
+            Err(e) if e.to_string().contains("key `listen`") => {
+                let cfg = c.configs.get_mut(&1).context("config")?;
+                cfg.listen.set_port(free_udp_port());
+            }
+            other => return other,
+        }
+    }
+    bail!("no free UDP port for the node")
+}
+
+fn role(c: &Cluster) -> Option<(SiteRole, u64)> {
+    c.fabric_of(1).map(|f| (f.site.role, f.site.epoch))
+}
+
+fn owner(c: &Cluster, placement: &str) -> Option<u64> {
+    c.fabric_of(1)
+        .and_then(|f| f.placements.get(placement).and_then(|p| p.owner))
+}
+
+async fn dr(admin: &mut AdminClient, action: DrAction) -> Result<AdminReply> {
+    Ok(admin.call_leader(&AdminRequest::Dr(action)).await?)
+}
+
+async fn status(admin: &mut AdminClient) -> Result<spaced_replication::DrStatus> {
+    match dr(admin, DrAction::Status).await? {
+        AdminReply::DrStatus(s) => Ok(s),
+        other => bail!("dr status: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_mirrors_runs_nothing_switches_over_fails_over_and_the_old_site_follows()
+-> Result<()> {
+    let (mut east, mut west) = two_sites()?;
+    start_site(&mut east).await?;
+    start_site(&mut west).await?;
+    east.wait_for(T, "east active at epoch 1", |c| {
+        role(c) == Some((SiteRole::Active, 1))
+    })
+    .await?;
+    west.wait_for(T, "west standby", |c| {
+        role(c) == Some((SiteRole::Standby, 0))
+    })
+    .await?;
+    let mut ea = east.admin(1).await?;
+    let mut wa = west.admin(1).await?;
+
+    // Work written on the active site: devices and a singleton.
+    match ea
+        .call_leader(&AdminRequest::AddDevices(devices("dev", 40)))
+        .await?
+    {
+        AdminReply::Applied(_) => {}
+        other => bail!("add devices: {other:?}"),
+    }
+    let poller = ServiceSpec {
+        command: vec!["sleep".into(), "300".into()],
+        scope: ServiceScope::Singleton,
+        health_check: None,
+        roles: ["app".to_string()].into(),
+    };
+    match ea
+        .call_leader(&AdminRequest::Write(spaced_fabric::Command::PutService {
+            name: "poller".into(),
+            spec: poller.clone(),
+        }))
+        .await?
+    {
+        AdminReply::Applied(_) => {}
+        other => bail!("put service: {other:?}"),
+    }
+    east.wait_for(T, "east runs its VIP and singleton", |c| {
+        owner(c, "cluster") == Some(1) && owner(c, "poller") == Some(1)
+    })
+    .await?;
+
+    // The standby mirrors it, and runs none of it.
+    west.wait_for(T, "west mirrored east", |c| {
+        c.fabric_of(1).is_some_and(|f| {
+            f.devices.len() == 40
+                && f.services.get("poller") == Some(&poller)
+                && f.placements.contains_key("poller")
+                && f.site.mirror.as_ref().is_some_and(|m| m.site == "east")
+        })
+    })
+    .await?;
+    let f = west.fabric_of(1).expect("west runs");
+    assert!(
+        f.devices.values().all(|d| d.owner.is_none()),
+        "a standby holds no device"
+    );
+    assert_eq!(owner(&west, "cluster"), None, "a standby holds no VIP");
+    assert_eq!(owner(&west, "poller"), None, "a standby runs no singleton");
+    let s = status(&mut wa).await?;
+    assert_eq!(
+        (s.role, s.peer_role),
+        (SiteRole::Standby, Some(SiteRole::Active))
+    );
+    assert!(s.peer_reachable, "{s:?}");
+    assert!(
+        s.lag_entries.is_some() && s.mirrored_index.is_some(),
+        "{s:?}"
+    );
+
+    // Writes go to the active site only.
+    match wa
+        .call_leader(&AdminRequest::AddDevices(devices("west", 1)))
+        .await?
+    {
+        AdminReply::Failed(e) => assert!(e.contains("standby"), "{e}"),
+        other => bail!("a write on the standby: {other:?}"),
+    }
+    // A failover while the active site answers is refused: that is a switchover.
+    match dr(&mut wa, DrAction::Failover { force: false }).await? {
+        AdminReply::Failed(e) => assert!(e.contains("switchover"), "{e}"),
+        other => bail!("failover with the peer up: {other:?}"),
+    }
+
+    // Switchover: east steps down, west mirrors everything, then west is active above it.
+    match ea
+        .call_leader(&AdminRequest::AddDevices(devices("late", 5)))
+        .await?
+    {
+        AdminReply::Applied(_) => {}
+        other => bail!("add devices: {other:?}"),
+    }
+    match dr(&mut wa, DrAction::Switchover).await? {
+        AdminReply::DrActive { epoch } => assert_eq!(epoch, 2),
+        other => bail!("switchover: {other:?}"),
+    }
+    assert_eq!(
+        west.fabric_of(1).map(|f| f.devices.len()),
+        Some(45),
+        "a write acknowledged before the switchover is on the new active site"
+    );
+    east.wait_for(T, "east standby, its VIP and singleton let go", |c| {
+        role(c) == Some((SiteRole::Standby, 1))
+            && owner(c, "cluster").is_none()
+            && owner(c, "poller").is_none()
+    })
+    .await?;
+    west.wait_for(T, "west runs the VIP and the singleton", |c| {
+        owner(c, "cluster") == Some(1) && owner(c, "poller") == Some(1)
+    })
+    .await?;
+    // The old active site now mirrors the new one.
+    match wa
+        .call_leader(&AdminRequest::AddDevices(devices("new", 3)))
+        .await?
+    {
+        AdminReply::Applied(_) => {}
+        other => bail!("add devices on west: {other:?}"),
+    }
+    east.wait_for(T, "east mirrors west", |c| {
+        c.fabric_of(1).is_some_and(|f| f.devices.len() == 48)
+    })
+    .await?;
+
+    // West is lost; east fails over once it has stopped hearing from it.
+    wa.close().await;
+    west.stop_node(1).await;
+    let deadline = tokio::time::Instant::now() + T;
+    let epoch = loop {
+        match dr(&mut ea, DrAction::Failover { force: false }).await? {
+            AdminReply::DrActive { epoch } => break epoch,
+            AdminReply::Failed(e) if e.contains("answered") => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "west never counted as lost: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => bail!("failover: {other:?}"),
+        }
+    };
+    assert_eq!(epoch, 3, "above every epoch seen (west's 2)");
+    east.wait_for(T, "east runs the VIP again", |c| {
+        owner(c, "cluster") == Some(1)
+    })
+    .await?;
+
+    // West returns: it hears east active at a higher epoch and demotes itself; no failback.
+    // In one process the stopped node's tasks may hold its port a moment longer.
+    let deadline = tokio::time::Instant::now() + T;
+    while let Err(e) = west.start_node(1, false).await {
+        if tokio::time::Instant::now() > deadline {
+            return Err(e.context("restart west on its port"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    west.wait_for(T, "west demoted to standby at east's epoch", |c| {
+        role(c) == Some((SiteRole::Standby, 3)) && owner(c, "cluster").is_none()
+    })
+    .await?;
+    assert_eq!(role(&east), Some((SiteRole::Active, 3)));
+    ea.close().await;
+    east.stop_all().await;
+    west.stop_all().await;
+    Ok(())
+}
