@@ -415,10 +415,11 @@ mod tests {
             "spaced_cert_expiry_seconds 500",
             "spaced_fence_guard_up 0",
             "spaced_fence_guard_starts 2",
-            "data_format=\"5\"",
         ] {
             assert!(text.contains(line), "no {line} in:\n{text}");
         }
+        let format = format!("data_format=\"{}\"", spaced_raft::store::DATA_FORMAT);
+        assert!(text.contains(&format), "no {format} in:\n{text}");
         // While held here: held 1 and the lease left.
         m.update_fabric(1, figures(Some(1), 14), &held);
         let text = m.render();
