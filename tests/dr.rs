@@ -19,6 +19,12 @@ const T: Duration = Duration::from_secs(30);
 /// Two one-node sites: `east` (starts active, VIP 127.0.0.100) and `west` (starts standby,
 /// VIP 127.0.0.101), each trusting the other's CA on its DR link.
 fn two_sites() -> Result<(Cluster, Cluster)> {
+    two_sites_with(&[], false)
+}
+
+/// [`two_sites`] with these witnesses (lease 3 s), and, with `cut`, a west whose link to
+/// east goes nowhere (the inter-site link is down from the start; both reach the witnesses).
+fn two_sites_with(witnesses: &[String], cut: bool) -> Result<(Cluster, Cluster)> {
     let mut east = Cluster::empty(2, RaftTimings::default())?;
     let mut west = Cluster::empty(2, RaftTimings::default())?;
     // Ports are found free and let go: the DR ports must differ from each other and from
@@ -72,11 +78,19 @@ fn two_sites() -> Result<(Cluster, Cluster)> {
             role: role.into(),
             listen: format!("127.0.0.1:{listen}").parse()?,
             peer_site: peer.into(),
-            peers: vec![format!("127.0.0.1:{peer_port}")],
+            peers: vec![if cut && site == "west" {
+                // A port nothing answers on.
+                format!("127.0.0.1:{}", port_apart(&mut taken))
+            } else {
+                format!("127.0.0.1:{peer_port}")
+            }],
             peer_ca,
             heartbeat_interval_ms: 200,
             heartbeat_timeout_ms: 500,
             heartbeat_retries: 2,
+            witnesses: witnesses.to_vec(),
+            witness_lease_ms: 3_000,
+            automatic_failover: true,
         });
         c.configs.insert(1, cfg);
     }
@@ -285,6 +299,105 @@ async fn a_standby_mirrors_runs_nothing_switches_over_fails_over_and_the_old_sit
     assert_eq!(role(&east), Some((SiteRole::Active, 3)));
     ea.close().await;
     east.stop_all().await;
+    west.stop_all().await;
+    Ok(())
+}
+
+/// A `spaced witness` process with a certificate of east's CA, trusting both sites' CAs;
+/// killed when dropped.
+struct WitnessProcess(std::process::Child);
+
+impl Drop for WitnessProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn witness(east: &Cluster, west: &Cluster, port: u16) -> Result<WitnessProcess> {
+    let files = spaced_raft::pki::issue(&east.pki_dir(), "w1", false)?;
+    let child = std::process::Command::new(spaced_tests::binary("spaced")?)
+        .args([
+            "witness",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--cert",
+        ])
+        .arg(&files.cert)
+        .arg("--key")
+        .arg(&files.key)
+        .arg("--ca")
+        .arg(east.pki_dir().join("ca.pem"))
+        .arg("--ca")
+        .arg(west.pki_dir().join("ca.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(east.dir.path().join("witness.log"))?)
+        .spawn()?;
+    Ok(WitnessProcess(child))
+}
+
+/// With a witness: while the active site renews its role there, a standby that cannot reach
+/// it does not take over; once the active site is gone and its lease has run out at the
+/// witness, the standby takes over by itself; an active site that loses the witness demotes
+/// itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_witness_a_standby_takes_over_only_from_a_site_that_is_gone() -> Result<()> {
+    let port = free_udp_port();
+    let (mut east, mut west) = two_sites_with(&[format!("127.0.0.1:{port}")], true)?;
+    let w = witness(&east, &west, port)?;
+    start_site(&mut east).await?;
+    start_site(&mut west).await?;
+    east.wait_for(T, "east active", |c| role(c) == Some((SiteRole::Active, 1)))
+        .await?;
+    let mut wa = west.admin(1).await?;
+    let mut ea = east.admin(1).await?;
+    // West cannot reach east, and says so; east holds the role at the witness.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let s = status(&mut wa).await?;
+        if !s.peer_reachable && s.failures_in_row >= 2 && s.witnesses_granting.is_some() {
+            assert_eq!(s.witnesses_granting, Some((0, 1)), "{s:?}");
+            assert!(s.automatic_failover);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "west never lost east: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two leases long: the link is down, both reach the witness: nothing happens.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        role(&west),
+        Some((SiteRole::Standby, 0)),
+        "west took over from a live east"
+    );
+    assert_eq!(role(&east), Some((SiteRole::Active, 1)));
+    assert_eq!(status(&mut ea).await?.witnesses_granting, Some((1, 1)));
+    // A manual failover is refused by the witness too (unless forced).
+    match dr(&mut wa, DrAction::Failover { force: false }).await? {
+        AdminReply::Failed(e) => assert!(e.contains("witnesses grant"), "{e}"),
+        other => bail!("failover against the witness: {other:?}"),
+    }
+
+    // East is gone: once its lease runs out at the witness, west takes over by itself.
+    ea.close().await;
+    east.crash_node(1).await;
+    west.wait_for(T, "west active by automatic failover", |c| {
+        role(c) == Some((SiteRole::Active, 2))
+    })
+    .await?;
+    west.wait_for(T, "west holds its VIP", |c| owner(c, "cluster") == Some(1))
+        .await?;
+
+    // The witness is gone: west cannot renew and demotes itself within half a lease.
+    drop(w);
+    west.wait_for(T, "west demoted itself", |c| {
+        role(c) == Some((SiteRole::Standby, 2)) && owner(c, "cluster").is_none()
+    })
+    .await?;
+    wa.close().await;
     west.stop_all().await;
     Ok(())
 }

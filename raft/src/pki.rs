@@ -708,12 +708,20 @@ impl TlsMaterial {
     /// peer site's, for the disaster-recovery link): its verifiers accept that CA's nodes and
     /// nobody else, and refuse no serial (the peer site revokes its own).
     pub fn trusting(&self, ca: &Path) -> Result<TlsMaterial, PkiError> {
+        self.trusting_all(&[ca])
+    }
+
+    /// [`trusting`](Self::trusting) the CA certificates of every file in `cas` (a DR
+    /// witness, which both sites of a pair reach).
+    pub fn trusting_all(&self, cas: &[&Path]) -> Result<TlsMaterial, PkiError> {
         let mut roots = RootCertStore::empty();
-        for cert in read_certs(ca)? {
-            roots.add(cert).map_err(|source| PkiError::BadCa {
-                path: ca.to_path_buf(),
-                source,
-            })?;
+        for ca in cas {
+            for cert in read_certs(ca)? {
+                roots.add(cert).map_err(|source| PkiError::BadCa {
+                    path: ca.to_path_buf(),
+                    source,
+                })?;
+            }
         }
         Ok(TlsMaterial {
             roots: Arc::new(roots),

@@ -37,6 +37,25 @@ pub struct DrSection {
     /// Failed contacts in a row after which the peer counts as lost (`heartbeat.retries`).
     #[serde(default = "default_retries")]
     pub heartbeat_retries: u32,
+    /// `spaced witness` addresses (host:port) both sites reach. With witnesses, the active
+    /// site holds its role as a lease at a majority of them and a standby whose peer is lost
+    /// takes over by itself once that lease has run out; without, failover is manual.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub witnesses: Vec<String>,
+    /// How long a witness keeps the active role for the site that last renewed it, in ms.
+    /// The active site demotes itself when it has not renewed at a majority for half of it.
+    #[serde(default = "default_witness_lease")]
+    pub witness_lease_ms: u64,
+    /// Whether a standby takes over by itself (needs witnesses).
+    #[serde(default = "default_true")]
+    pub automatic_failover: bool,
+}
+
+fn default_witness_lease() -> u64 {
+    10_000
+}
+fn default_true() -> bool {
+    true
 }
 
 fn default_interval() -> u64 {
@@ -47,6 +66,11 @@ fn default_timeout() -> u64 {
 }
 fn default_retries() -> u32 {
     3
+}
+
+fn host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0))
 }
 
 impl DrSection {
@@ -83,10 +107,7 @@ impl DrSection {
             ));
         }
         for (i, p) in self.peers.iter().enumerate() {
-            let ok = p
-                .rsplit_once(':')
-                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0));
-            if !ok {
+            if !host_port(p) {
                 return Err((format!("dr.peers[{i}]"), format!("{p:?} is not host:port")));
             }
         }
@@ -94,6 +115,25 @@ impl DrSection {
             return Err((
                 "dr.heartbeat_interval_ms".into(),
                 "heartbeat interval and timeout must be above 0".into(),
+            ));
+        }
+        for (i, w) in self.witnesses.iter().enumerate() {
+            if !host_port(w) {
+                return Err((
+                    format!("dr.witnesses[{i}]"),
+                    format!("{w:?} is not host:port"),
+                ));
+            }
+        }
+        let floor = 4 * (self.heartbeat_interval_ms + self.heartbeat_timeout_ms);
+        if !self.witnesses.is_empty() && self.witness_lease_ms < floor {
+            return Err((
+                "dr.witness_lease_ms".into(),
+                format!(
+                    "{} ms is too short: at least 4 × (heartbeat interval + timeout) = {floor} \
+                     ms, so that renewals can fail a few times before the site demotes",
+                    self.witness_lease_ms
+                ),
             ));
         }
         if self.heartbeat_retries == 0 {
@@ -118,6 +158,9 @@ mod tests {
             heartbeat_interval_ms: 1_000,
             heartbeat_timeout_ms: 1_000,
             heartbeat_retries: 3,
+            witnesses: vec![],
+            witness_lease_ms: 10_000,
+            automatic_failover: true,
         }
     }
 
@@ -173,6 +216,21 @@ mod tests {
                 ..section()
             }),
             "dr.heartbeat_retries"
+        );
+        assert_eq!(
+            key(DrSection {
+                witnesses: vec!["w1".into()],
+                ..section()
+            }),
+            "dr.witnesses[0]"
+        );
+        assert_eq!(
+            key(DrSection {
+                witnesses: vec!["10.3.0.1:7444".into()],
+                witness_lease_ms: 5_000,
+                ..section()
+            }),
+            "dr.witness_lease_ms"
         );
     }
 }

@@ -8,8 +8,9 @@
 //! * [`decide`] — what a site does on hearing its peer (pure).
 //! * [`protocol`] — the link's requests and replies.
 //! * [`link`] — the link: a QUIC endpoint that trusts only the peer site's CA.
-//! * [`watchdog`] — the loop on each site's leader: pull, mirror, demote, and the status
-//!   `spacectl dr status` shows.
+//! * [`watchdog`] — the loop on each site's leader: pull, mirror, demote, hold the active
+//!   role at the witnesses or claim it, and the status `spacectl dr status` shows.
+//! * [`witness`] — `spaced witness`: the tickets both sites' leaders hold or claim.
 //!
 //! Safety: the fabric of each site carries a site epoch that only rises; a standby is promoted
 //! only with an epoch above every one it has seen, and an active site that hears of an
@@ -21,6 +22,7 @@ pub mod link;
 pub mod projection;
 pub mod protocol;
 pub mod watchdog;
+pub mod witness;
 
 pub use config::DrSection;
 pub use watchdog::{DrStatus, SiteHandle, Watchdog};

@@ -32,6 +32,8 @@ pub enum DrRequest {
         /// The asking site.
         from: SiteState,
     },
+    /// To a witness: hold the pair's ticket (the active role) for a while.
+    Hold(crate::witness::Hold),
 }
 
 /// What changed since the asker's projection.
@@ -70,6 +72,8 @@ pub enum DrReply {
         /// The log index after which its data no longer changes.
         index: u64,
     },
+    /// A witness's answer to `Hold`.
+    Hold(crate::witness::HoldAnswer),
     /// Refused, and why.
     Refused(String),
 }

@@ -89,6 +89,12 @@ pub struct DrStatus {
     /// Mirrored changes this site refused, with why (e.g. a service bound to a VIP this site
     /// does not have).
     pub not_mirrored: Vec<String>,
+    /// Whether this site takes over by itself (automatic failover on, witnesses configured).
+    pub automatic_failover: bool,
+    /// The witnesses that granted this site's last hold or claim, of how many.
+    pub witnesses_granting: Option<(usize, usize)>,
+    /// What a witness said when it did not grant.
+    pub witness_note: Option<String>,
 }
 
 #[derive(Default)]
@@ -113,6 +119,16 @@ struct State {
     no_active: u32,
     /// A switchover is under way: mirror the peer although it is standby now.
     switching: bool,
+    /// When this node started leading (the witness deadline of a new leader counts from it).
+    leading_since: Option<Instant>,
+    /// On an active site: when the last round that a majority of witnesses granted was sent.
+    held_at: Option<Instant>,
+    /// The witnesses that granted the last round, of how many.
+    witnesses_granting: Option<(usize, usize)>,
+    /// What the witnesses said when they did not grant.
+    witness_note: Option<String>,
+    /// The highest epoch a witness has said it granted.
+    witness_epoch_seen: Option<u64>,
 }
 
 /// The watchdog of one node.
@@ -120,6 +136,8 @@ pub struct Watchdog {
     cfg: DrSection,
     handle: Arc<dyn SiteHandle>,
     link: Arc<Link>,
+    /// The link to the witnesses (trusting both sites' CAs), if there are any.
+    witness_link: Option<Arc<Link>>,
     state: Mutex<State>,
     /// The last projection this node sent the peer, by index: a later pull from that index is
     /// answered with the difference.
@@ -128,11 +146,17 @@ pub struct Watchdog {
 
 impl Watchdog {
     /// A watchdog for this node's site, talking over `link`.
-    pub fn new(cfg: DrSection, handle: Arc<dyn SiteHandle>, link: Arc<Link>) -> Arc<Self> {
+    pub fn new(
+        cfg: DrSection,
+        handle: Arc<dyn SiteHandle>,
+        link: Arc<Link>,
+        witness_link: Option<Arc<Link>>,
+    ) -> Arc<Self> {
         Arc::new(Watchdog {
             cfg,
             handle,
             link,
+            witness_link,
             state: Mutex::default(),
             sent: Mutex::default(),
         })
@@ -201,13 +225,28 @@ impl Watchdog {
             self.take_start_role().await;
             return Duration::from_millis(100);
         }
+        self.state().leading_since.get_or_insert_with(Instant::now);
+        if self.witness_link.is_some() {
+            match me.role {
+                SiteRole::Active => self.hold_active_role(&me).await,
+                SiteRole::Standby => self.take_over_if_lost(&me).await,
+                SiteRole::Standalone => {}
+            }
+        }
+        let me = self.me();
         let mirror = me.role == SiteRole::Standby;
         let (have, addr) = {
             let st = self.state();
             let addr = self.cfg.peers[st.next_peer % self.cfg.peers.len()].clone();
             (st.remote.as_ref().map(|(i, _)| *i), addr)
         };
-        let wait = if mirror { LONG_POLL } else { Duration::ZERO };
+        // Long polls only over a link that works: a peer in doubt is asked plainly, so that a
+        // lost one counts as lost after `retries` timeouts, not long polls.
+        let wait = if mirror && self.state().failures == 0 {
+            LONG_POLL
+        } else {
+            Duration::ZERO
+        };
         let request = DrRequest::Pull {
             from: me.clone(),
             mirror,
@@ -400,6 +439,122 @@ impl Watchdog {
         }
     }
 
+    /// Asks every witness to hold the pair's ticket for this site at `epoch`; returns how
+    /// many granted, what the others said, and whether one said the peer site holds it or
+    /// holds a higher epoch (this site was overtaken).
+    async fn hold_at_witnesses(&self, epoch: u64) -> (usize, Vec<String>, bool) {
+        let Some(link) = &self.witness_link else {
+            return (0, Vec::new(), false);
+        };
+        let hold = crate::witness::Hold {
+            pair: crate::witness::pair_of(&self.cfg.site, &self.cfg.peer_site),
+            site: self.cfg.site.clone(),
+            epoch,
+            lease_ms: self.cfg.witness_lease_ms,
+        };
+        let asks = self.cfg.witnesses.iter().map(|w| {
+            let req = DrRequest::Hold(hold.clone());
+            async move { (w, link.call(w, &req, self.timeout()).await) }
+        });
+        let mut granted = 0;
+        let mut notes = Vec::new();
+        let mut overtaken = false;
+        for (w, answer) in futures::future::join_all(asks).await {
+            match answer {
+                Ok(DrReply::Hold(crate::witness::HoldAnswer::Granted)) => granted += 1,
+                Ok(DrReply::Hold(crate::witness::HoldAnswer::Refused {
+                    why,
+                    remaining_ms,
+                    epoch: granted_before,
+                    holder,
+                })) => {
+                    overtaken |= granted_before > epoch
+                        || holder.as_deref().is_some_and(|h| h != self.cfg.site);
+                    let epoch = granted_before;
+                    let mut st = self.state();
+                    st.witness_epoch_seen = Some(st.witness_epoch_seen.unwrap_or(0).max(epoch));
+                    drop(st);
+                    notes.push(format!("{w}: {why} ({remaining_ms} ms left)"))
+                }
+                Ok(other) => notes.push(format!("{w}: unexpected reply {other:?}")),
+                Err(e) => notes.push(e),
+            }
+        }
+        (granted, notes, overtaken)
+    }
+
+    fn majority(&self) -> usize {
+        self.cfg.witnesses.len() / 2 + 1
+    }
+
+    /// On an active site's leader: renew the active role at the witnesses; demote this site
+    /// when a majority has not renewed it for half a lease (it would run out at them, and the
+    /// standby take over, half a lease later), or at once when another site holds it.
+    async fn hold_active_role(&self, me: &SiteState) {
+        let sent = Instant::now();
+        let (granted, notes, overtaken) = self.hold_at_witnesses(me.epoch).await;
+        let total = self.cfg.witnesses.len();
+        let deadline = {
+            let mut st = self.state();
+            st.witnesses_granting = Some((granted, total));
+            st.witness_note = notes.first().cloned();
+            if granted >= self.majority() {
+                st.held_at = Some(sent);
+                return;
+            }
+            // A new leader knows no renewal of its predecessor's: it counts from when it
+            // started leading.
+            let from = st.held_at.or(st.leading_since).unwrap_or(sent);
+            from + Duration::from_millis(self.cfg.witness_lease_ms / 2)
+        };
+        if overtaken || Instant::now() >= deadline {
+            let why = if overtaken {
+                "the peer site holds the active role at the witnesses"
+            } else {
+                "this site could not renew the active role at a majority of the witnesses"
+            };
+            tracing::warn!(granted, of = total, notes = ?notes, "DR: {why}: this site becomes standby");
+            let cmd = Command::SetSiteRole {
+                role: SiteRole::Standby,
+                epoch: me.epoch,
+                at: self.handle.now_millis(),
+            };
+            if let Err(e) = self.handle.propose(cmd).await {
+                tracing::error!(error = %e, "DR: could not demote this site");
+            }
+        }
+    }
+
+    /// On a standby's leader with automatic failover: once the peer is lost, claim the active
+    /// role at the witnesses (they grant it only when the peer's lease has run out there) and
+    /// become active with it.
+    async fn take_over_if_lost(&self, me: &SiteState) {
+        let seen = {
+            let st = self.state();
+            if !self.cfg.automatic_failover || st.failures < self.cfg.heartbeat_retries {
+                return;
+            }
+            st.peer_epoch_seen.max(st.witness_epoch_seen)
+        };
+        let epoch = promotion_epoch(me.epoch, seen);
+        let (granted, notes, _) = self.hold_at_witnesses(epoch).await;
+        {
+            let mut st = self.state();
+            st.witnesses_granting = Some((granted, self.cfg.witnesses.len()));
+            st.witness_note = notes.first().cloned();
+        }
+        if granted < self.majority() {
+            tracing::debug!(granted, notes = ?notes, "DR: peer lost, the witnesses do not grant the active role (yet)");
+            return;
+        }
+        tracing::warn!(peer = %self.cfg.peer_site, granted, epoch, "DR: the peer site is lost and the witnesses grant the active role: automatic failover");
+        if let Err(e) = self.promote(epoch).await {
+            tracing::error!(error = %e, "DR: automatic failover could not promote this site");
+        } else {
+            self.state().held_at = Some(Instant::now());
+        }
+    }
+
     /// What `spacectl dr status` shows.
     pub fn status(&self) -> DrStatus {
         let (role, epoch, since, recorded) = read(&*self.handle, |_, f| {
@@ -437,6 +592,9 @@ impl Watchdog {
             failures_in_row: st.failures,
             last_error: st.last_error.clone(),
             not_mirrored: st.not_mirrored.clone(),
+            automatic_failover: self.cfg.automatic_failover && !self.cfg.witnesses.is_empty(),
+            witnesses_granting: st.witnesses_granting,
+            witness_note: st.witness_note.clone(),
         }
     }
 
@@ -467,9 +625,20 @@ impl Watchdog {
                     st.last_contact.map_or(0, |t| t.elapsed().as_millis())
                 ));
             }
-            st.peer_epoch_seen
+            st.peer_epoch_seen.max(st.witness_epoch_seen)
         };
         let epoch = promotion_epoch(me.epoch, seen);
+        if self.witness_link.is_some() && !force {
+            let (granted, notes, _) = self.hold_at_witnesses(epoch).await;
+            if granted < self.majority() {
+                return Err(format!(
+                    "{granted} of {} witnesses grant this site the active role (a majority \
+                     is needed): {}; `dr failover --force` overrides them",
+                    self.cfg.witnesses.len(),
+                    notes.join("; ")
+                ));
+            }
+        }
         self.promote(epoch).await
     }
 
@@ -481,6 +650,8 @@ impl Watchdog {
         };
         self.handle.propose(cmd).await.map_err(|e| e.to_string())?;
         tracing::warn!(site = %self.cfg.site, epoch, "DR: this site is active");
+        // Its witness deadline counts from now (it renews at the next round).
+        self.state().held_at = Some(Instant::now());
         Ok(epoch)
     }
 
@@ -605,6 +776,7 @@ impl Watchdog {
                     changes,
                 }
             }
+            DrRequest::Hold(_) => DrReply::Refused("this is a site, not a witness".into()),
             DrRequest::HandOver { from } => {
                 if from.site != self.cfg.peer_site || from.role != SiteRole::Standby {
                     return DrReply::Refused(format!(

@@ -81,6 +81,22 @@ enum Cmd {
     Man,
     /// Run only the TCP load balancer, with backends from flags.
     Lb(spaced_node::lb::standalone::LbArgs),
+    /// Run a disaster-recovery witness: both sites of a pair reach it, the active site
+    /// holds its role there as a lease, a standby that lost its peer claims it.
+    Witness {
+        /// UDP address to serve on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The witness's certificate (issued by either site's CA: `spacectl pki issue`).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its key.
+        #[arg(long)]
+        key: PathBuf,
+        /// A site's CA certificate; give both sites' (the first must have issued `--cert`).
+        #[arg(long, required = true)]
+        ca: Vec<PathBuf>,
+    },
     /// Internal: the fence guard child of `spaced run` (removes VIPs if spaced dies or stalls).
     #[command(hide = true)]
     Guard,
@@ -305,6 +321,42 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("spaced: {e}");
                     ExitCode::from(if e.bad_input() { 2 } else { 1 })
+                }
+            }
+        }
+        Cmd::Witness {
+            listen,
+            cert,
+            key,
+            ca,
+        } => {
+            if let Err(c) = init_tracing_or_exit(&cli, None, "info") {
+                return c;
+            }
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(c) => return c,
+            };
+            let paths = spaced_raft::pki::TlsPaths {
+                ca: ca[0].clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            let cas: Vec<&std::path::Path> = ca.iter().map(|p| p.as_path()).collect();
+            let material = match spaced_raft::pki::TlsMaterial::load(&paths)
+                .and_then(|m| m.trusting_all(&cas))
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("spaced witness: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match rt.block_on(spaced_replication::witness::run(*listen, &material)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("spaced witness: {e}");
+                    ExitCode::from(2)
                 }
             }
         }

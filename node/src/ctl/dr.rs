@@ -137,6 +137,28 @@ pub fn dr_status_table(s: &DrStatus, now_ms: u64) -> String {
         vec!["peer".into(), peer],
         vec!["link".into(), link],
     ];
+    rows.push(vec![
+        "witnesses".into(),
+        match s.witnesses_granting {
+            Some((granted, of)) => format!(
+                "{granted} of {of} grant this site the active role{}",
+                s.witness_note
+                    .as_ref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
+            ),
+            None if s.automatic_failover => "not asked yet".into(),
+            None => "none".into(),
+        },
+    ]);
+    rows.push(vec![
+        "automatic failover".into(),
+        if s.automatic_failover {
+            "on".into()
+        } else {
+            "off (no witnesses, or automatic_failover = false)".into()
+        },
+    ]);
     if s.role == spaced_fabric::SiteRole::Standby {
         rows.push(vec![
             "mirrored".into(),
@@ -180,6 +202,78 @@ pub fn dr_status_json(s: &DrStatus) -> String {
         "failures_in_row": s.failures_in_row,
         "last_error": s.last_error,
         "not_mirrored": s.not_mirrored,
+        "automatic_failover": s.automatic_failover,
+        "witnesses_granting": s.witnesses_granting.map(|(g, of)| json!({"granted": g, "of": of})),
+        "witness_note": s.witness_note,
     }))
     .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use spaced_fabric::SiteRole;
+
+    use super::*;
+
+    fn standby() -> DrStatus {
+        DrStatus {
+            site: "west".into(),
+            role: SiteRole::Standby,
+            epoch: 1,
+            since: 1_000,
+            peer_site: "east".into(),
+            peer_reachable: true,
+            last_contact_ms: Some(40),
+            peer_role: Some(SiteRole::Active),
+            peer_epoch: Some(1),
+            peer_index: Some(120),
+            mirrored_index: Some(118),
+            lag_entries: Some(2),
+            lag_ms: Some(35),
+            failures_in_row: 0,
+            last_error: None,
+            not_mirrored: vec!["put-service web: no VIP \"web\"".into()],
+            automatic_failover: true,
+            witnesses_granting: Some((0, 3)),
+            witness_note: Some("w1: site east holds it (8000 ms left)".into()),
+        }
+    }
+
+    #[test]
+    fn status_shows_the_link_the_lag_and_unknown_when_down() {
+        let text = dr_status_table(&standby(), 61_000);
+        for want in [
+            "standby",
+            "east (active, epoch 1)",
+            "up, last answer 40 ms ago",
+            "peer index 118 of 120",
+            "2 entries, 35 ms",
+            "0 of 3 grant this site the active role (w1: site east holds it",
+            "not mirrored: put-service web",
+            "1m0s ago",
+        ] {
+            assert!(text.contains(want), "no {want:?} in:\n{text}");
+        }
+        let down = DrStatus {
+            peer_reachable: false,
+            failures_in_row: 4,
+            last_error: Some("10.1.0.1:7443: no answer within 1s".into()),
+            lag_entries: None,
+            lag_ms: None,
+            ..standby()
+        };
+        let text = dr_status_table(&down, 61_000);
+        assert!(
+            text.contains("DOWN (4 failed in a row: 10.1.0.1:7443"),
+            "{text}"
+        );
+        assert!(text.contains("unknown (the link is down)"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&dr_status_json(&down)).unwrap();
+        assert_eq!(
+            json["lag_ms"],
+            serde_json::Value::Null,
+            "unknown is null, never 0"
+        );
+        assert_eq!(json["witnesses_granting"]["of"], 3);
+    }
 }

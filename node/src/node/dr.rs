@@ -58,9 +58,20 @@ pub(super) fn watchdog(
         .map_err(|e| StartError::input(cfg, "dr.peer_ca", e.to_string()))?;
     let link =
         Link::bind(dr.listen, &material).map_err(|e| StartError::input(cfg, "dr.listen", e))?;
+    // Witnesses carry a certificate of either site's CA.
+    let witness_link = if dr.witnesses.is_empty() {
+        None
+    } else {
+        let both = tls
+            .trusting_all(&[cfg.tls.ca.as_path(), dr.peer_ca.as_path()])
+            .map_err(|e| StartError::input(cfg, "dr.peer_ca", e.to_string()))?;
+        let any_port = std::net::SocketAddr::new(dr.listen.ip(), 0);
+        Some(Link::bind(any_port, &both).map_err(|e| StartError::input(cfg, "dr.witnesses", e))?)
+    };
     Ok(Watchdog::new(
         dr.clone(),
         Arc::new(Site(cluster.clone())),
         link,
+        witness_link,
     ))
 }
