@@ -531,8 +531,8 @@ impl Node {
         tasks.push(tokio::spawn(
             placements.clone().register_config_vips(cfg.vips.clone()),
         ));
-        if let Some(w) = watchdog {
-            tasks.push(tokio::spawn(w.run(stop())));
+        if let Some(w) = &watchdog {
+            tasks.push(tokio::spawn(w.clone().run(stop())));
         }
         tasks.push(tokio::spawn(registration::record_mgmt_ip(
             cluster.clone(),
@@ -564,6 +564,7 @@ impl Node {
             cluster.clone(),
             placements.agent().clone(),
             events.clone(),
+            watchdog.clone(),
             stop(),
         )));
         tasks.push(tokio::spawn(fence_on_raft_failure(

@@ -24,6 +24,7 @@ pub(super) async fn metrics_loop(
     inner: Cluster,
     agent: Arc<Agent>,
     events: Arc<Events>,
+    dr: Option<Arc<spaced_replication::Watchdog>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -33,6 +34,11 @@ pub(super) async fn metrics_loop(
             _ = shutdown.wait_for(|s| *s) => return,
         }
         let m = inner.raft.metrics().borrow_watched().clone();
+        if let Some(dr) = &dr {
+            inner
+                .metrics
+                .dr(&dr.status(), m.state == ServerState::Leader);
+        }
         let names: BTreeMap<NodeId, String> = m
             .membership_config
             .membership()

@@ -1,7 +1,7 @@
 //! Per-node Prometheus metrics: Raft term, leader, leader changes, last applied and apply lag,
 //! commit latency, peers' last contact; per VIP its owner, epoch, whether this node holds it
 //! and owner changes; devices by owner and state; revoked certificates; the build and the
-//! node certificate's expiry.
+//! node certificate's expiry; the disaster-recovery role, epoch, link, lag and witnesses.
 //!
 //! Each node owns its recorder (no process-global one), so several nodes in one process — as in
 //! the in-process tests — keep separate figures.
@@ -60,6 +60,18 @@ pub struct NodeMetrics {
     guard_up: Gauge,
     /// VIP fence guards started (a rise past 1 is a restart after a guard died).
     guard_starts: Gauge,
+    /// Disaster recovery, on a node with `[dr]`: registered at the first report.
+    dr: Mutex<Option<DrGauges>>,
+}
+
+/// The DR gauges of one site.
+struct DrGauges {
+    roles: Vec<(spaced_fabric::SiteRole, Gauge)>,
+    epoch: Gauge,
+    reachable: Gauge,
+    lag_entries: Gauge,
+    lag_seconds: Gauge,
+    witnesses: Gauge,
 }
 
 /// One VIP's gauges.
@@ -194,7 +206,33 @@ impl NodeMetrics {
                 &meta(),
             )
             .set(1.0);
+        for (name, help) in [
+            (
+                "spaced_dr_role",
+                "1 for this site's disaster-recovery role, 0 for the others.",
+            ),
+            ("spaced_dr_site_epoch", "This site's DR epoch."),
+            (
+                "spaced_dr_peer_reachable",
+                "1 if the peer site answered within its heartbeat retries (the leader's view; NaN on other nodes).",
+            ),
+            (
+                "spaced_dr_lag_entries",
+                "On a standby's leader: peer log entries not mirrored yet; NaN when unknown (the link is down, or not the leader).",
+            ),
+            (
+                "spaced_dr_lag_seconds",
+                "On a standby's leader: how long it has been behind its peer; NaN when unknown.",
+            ),
+            (
+                "spaced_dr_witnesses_granting",
+                "Witnesses that granted this site's last hold or claim of the active role; NaN when not asked.",
+            ),
+        ] {
+            recorder.describe_gauge(name.into(), None, help.into());
+        }
         NodeMetrics {
+            dr: Mutex::default(),
             apply_lag,
             leader_changes,
             last_leader: Mutex::default(),
@@ -351,6 +389,62 @@ impl NodeMetrics {
         self.guard_starts.set(starts as f64);
     }
 
+    /// Records the DR state: the site's role and epoch (from the fabric, on every node), and
+    /// the link, lag and witnesses as the leader sees them (`leader`: this node leads; on
+    /// other nodes those read NaN, unknown here, rather than a misleading 0).
+    pub fn dr(&self, s: &spaced_replication::DrStatus, leader: bool) {
+        use spaced_fabric::SiteRole;
+        let mut dr = self.dr.lock().unwrap_or_else(|p| p.into_inner());
+        let g = dr.get_or_insert_with(|| {
+            let labels = |extra: Vec<Label>| {
+                let mut l = vec![
+                    Label::new("site", s.site.clone()),
+                    Label::new("peer_site", s.peer_site.clone()),
+                ];
+                l.extend(extra);
+                l
+            };
+            let gauge = |name: &'static str, extra: Vec<Label>| {
+                self.recorder
+                    .register_gauge(&Key::from_parts(name, labels(extra)), &meta())
+            };
+            DrGauges {
+                roles: [SiteRole::Active, SiteRole::Standby, SiteRole::Standalone]
+                    .into_iter()
+                    .map(|r| {
+                        (
+                            r,
+                            gauge("spaced_dr_role", vec![Label::new("role", r.to_string())]),
+                        )
+                    })
+                    .collect(),
+                epoch: gauge("spaced_dr_site_epoch", vec![]),
+                reachable: gauge("spaced_dr_peer_reachable", vec![]),
+                lag_entries: gauge("spaced_dr_lag_entries", vec![]),
+                lag_seconds: gauge("spaced_dr_lag_seconds", vec![]),
+                witnesses: gauge("spaced_dr_witnesses_granting", vec![]),
+            }
+        });
+        for (role, gauge) in &g.roles {
+            gauge.set(if *role == s.role { 1.0 } else { 0.0 });
+        }
+        g.epoch.set(s.epoch as f64);
+        let known = |v: Option<f64>| {
+            if leader {
+                v.unwrap_or(f64::NAN)
+            } else {
+                f64::NAN
+            }
+        };
+        g.reachable
+            .set(known(Some(if s.peer_reachable { 1.0 } else { 0.0 })));
+        g.lag_entries.set(known(s.lag_entries.map(|e| e as f64)));
+        g.lag_seconds
+            .set(known(s.lag_ms.map(|ms| ms as f64 / 1000.0)));
+        g.witnesses
+            .set(known(s.witnesses_granting.map(|(n, _)| n as f64)));
+    }
+
     /// Records when this node's certificate expires (Unix seconds), against `now` (Unix seconds).
     pub fn cert_expires(&self, not_after: i64, now: i64) {
         self.cert_expiry.set((not_after - now) as f64);
@@ -419,6 +513,47 @@ mod tests {
             assert!(text.contains(line), "no {line} in:\n{text}");
         }
         let format = format!("data_format=\"{}\"", spaced_raft::store::DATA_FORMAT);
+        let mut status = spaced_replication::DrStatus {
+            site: "west".into(),
+            role: spaced_fabric::SiteRole::Standby,
+            epoch: 2,
+            since: 0,
+            peer_site: "east".into(),
+            peer_reachable: true,
+            last_contact_ms: Some(10),
+            peer_role: None,
+            peer_epoch: None,
+            peer_index: Some(10),
+            mirrored_index: Some(7),
+            lag_entries: Some(3),
+            lag_ms: Some(250),
+            failures_in_row: 0,
+            last_error: None,
+            not_mirrored: vec![],
+            automatic_failover: false,
+            witnesses_granting: None,
+            witness_note: None,
+        };
+        m.dr(&status, true);
+        let text = m.render();
+        for line in [
+            "spaced_dr_role{site=\"west\",peer_site=\"east\",role=\"standby\"} 1",
+            "spaced_dr_role{site=\"west\",peer_site=\"east\",role=\"active\"} 0",
+            "spaced_dr_site_epoch{site=\"west\",peer_site=\"east\"} 2",
+            "spaced_dr_lag_entries{site=\"west\",peer_site=\"east\"} 3",
+            "spaced_dr_lag_seconds{site=\"west\",peer_site=\"east\"} 0.25",
+            "spaced_dr_witnesses_granting{site=\"west\",peer_site=\"east\"} NaN",
+        ] {
+            assert!(text.contains(line), "no {line} in:\n{text}");
+        }
+        // The link down: the lag is unknown, not 0.
+        status.lag_entries = None;
+        status.lag_ms = None;
+        m.dr(&status, true);
+        assert!(
+            m.render()
+                .contains("spaced_dr_lag_seconds{site=\"west\",peer_site=\"east\"} NaN")
+        );
         assert!(text.contains(&format), "no {format} in:\n{text}");
         // While held here: held 1 and the lease left.
         m.update_fabric(1, figures(Some(1), 14), &held);
