@@ -749,6 +749,32 @@ fn a_balancer_that_cannot_bind_says_so_and_binds_once_the_port_is_free() -> Resu
 }
 
 #[test]
+fn the_dr_demo_fails_over_by_itself_and_the_old_site_comes_back_standby() -> Result<()> {
+    let out = Command::new(binary("spaced")?)
+        .args(["demo", "--dr"])
+        .stdin(Stdio::null())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo --dr failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "west mirrored them in",
+        "runs none of it (VIP owner on west: none)",
+        "a write on west is refused: this site is a standby",
+        "the VIP answers on east: e1",
+        "west became active by itself",
+        "site epoch 2), and its VIP 127.0.0.101 answers: w1",
+        "stayed standby and mirrors it: east: standby at site epoch 2",
+    ] {
+        assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
+    }
+    Ok(())
+}
+
+#[test]
 fn demo_runs_to_completion() -> Result<()> {
     let out = Command::new(binary("spaced")?)
         .arg("demo")

@@ -23,16 +23,16 @@ use crate::ops::config::{
 pub const DEMO_DEVICES: usize = 1000;
 
 /// A child `spaced` process that is killed if the demo fails half-way.
-struct NodeProcess {
-    id: u64,
-    name: String,
-    listen: SocketAddr,
-    config: PathBuf,
-    child: Option<Child>,
+pub(crate) struct NodeProcess {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) listen: SocketAddr,
+    pub(crate) config: PathBuf,
+    pub(crate) child: Option<Child>,
 }
 
 impl NodeProcess {
-    fn kill(&mut self, signal: nix::sys::signal::Signal) -> Result<()> {
+    pub(crate) fn kill(&mut self, signal: nix::sys::signal::Signal) -> Result<()> {
         if let Some(child) = &self.child {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             nix::sys::signal::kill(pid, signal)
@@ -42,7 +42,7 @@ impl NodeProcess {
     }
 
     /// SIGTERM, then SIGKILL after 5 s.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -133,7 +133,7 @@ pub fn write_config(cfg: &NodeConfig) -> Result<PathBuf> {
     Ok(cfg.source.clone())
 }
 
-fn spawn_node(exe: &Path, dir: &Path, config: &Path, bootstrap: bool) -> Result<Child> {
+pub(crate) fn spawn_node(exe: &Path, dir: &Path, config: &Path, bootstrap: bool) -> Result<Child> {
     let log = std::fs::File::create(dir.join(format!(
         "{}.log",
         config.file_stem().and_then(|s| s.to_str()).unwrap_or("node")
@@ -228,7 +228,7 @@ async fn wait_vip_owner(admin: &mut AdminClient, within: Duration) -> Result<u64
 }
 
 /// Connects to the VIP and returns the name its holder answers with.
-async fn vip_answer(addr: SocketAddr) -> Option<String> {
+pub(crate) async fn vip_answer(addr: SocketAddr) -> Option<String> {
     use tokio::io::AsyncReadExt;
     let mut s = tokio::time::timeout(
         Duration::from_millis(200),
@@ -246,7 +246,7 @@ async fn vip_answer(addr: SocketAddr) -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
-async fn connect_retry(
+pub(crate) async fn connect_retry(
     addr: &str,
     creds: &AdminCredentials,
     within: Duration,
@@ -317,7 +317,7 @@ async fn restart_and_rejoin(
 
 /// Stand-in devices: a loopback listener that accepts every connection and holds it open until
 /// the other side closes it. Returns its address.
-async fn simulate_devices() -> Result<SocketAddr> {
+pub(crate) async fn simulate_devices() -> Result<SocketAddr> {
     // A deep accept queue: a thousand "devices" share it, and a dropped SYN costs a 1 s retry.
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;

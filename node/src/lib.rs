@@ -83,6 +83,7 @@ pub mod admin;
 pub mod cluster;
 pub mod ctl;
 pub mod demo;
+pub mod demo_dr;
 pub mod devices;
 pub mod lb;
 pub mod node;

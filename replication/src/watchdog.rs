@@ -514,9 +514,11 @@ impl Watchdog {
                 "this site could not renew the active role at a majority of the witnesses"
             };
             tracing::warn!(granted, of = total, notes = ?notes, "DR: {why}: this site becomes standby");
+            // Overtaken, it adopts the epoch the witnesses granted the peer.
+            let epoch = me.epoch.max(self.state().witness_epoch_seen.unwrap_or(0));
             let cmd = Command::SetSiteRole {
                 role: SiteRole::Standby,
-                epoch: me.epoch,
+                epoch,
                 at: self.handle.now_millis(),
             };
             if let Err(e) = self.handle.propose(cmd).await {

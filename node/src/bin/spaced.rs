@@ -105,6 +105,10 @@ enum Cmd {
         /// Keep the temp dir (configs, PKI, data, logs) afterwards.
         #[arg(long)]
         keep: bool,
+        /// Show disaster recovery instead: two sites and a witness, the active site killed,
+        /// the standby taking over by itself, the old site coming back standby.
+        #[arg(long)]
+        dr: bool,
     },
 }
 
@@ -449,8 +453,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Demo { keep } => {
-            let keep = *keep;
+        Cmd::Demo { keep, dr } => {
+            let (keep, dr) = (*keep, *dr);
             if let Err(c) = init_tracing_or_exit(&cli, None, "warn,openraft=error") {
                 return c;
             }
@@ -458,7 +462,14 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(c) => return c,
             };
-            match rt.block_on(spaced_node::demo::run(keep)) {
+            let demo = async move {
+                if dr {
+                    spaced_node::demo_dr::run(keep).await
+                } else {
+                    spaced_node::demo::run(keep).await
+                }
+            };
+            match rt.block_on(demo) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("spaced demo: {e:#}");
