@@ -474,7 +474,11 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
             Ok(s["nodes"].as_array().is_some_and(|nodes| {
                 nodes.iter().all(|n| {
                     n["version"].as_str().is_some_and(|v| {
-                        v.starts_with(env!("CARGO_PKG_VERSION")) && v.ends_with("; data format 6")
+                        v.starts_with(env!("CARGO_PKG_VERSION"))
+                            && v.ends_with(&format!(
+                                "; data format {}",
+                                spaced_raft::store::DATA_FORMAT
+                            ))
                     })
                 })
             }))
@@ -482,7 +486,8 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     )?;
     let table = lab.ctl_ok(&n2, &["status"])?;
     assert!(
-        table.contains("VERSION") && table.contains(" f5"),
+        table.contains("VERSION")
+            && table.contains(&format!(" f{}", spaced_raft::store::DATA_FORMAT)),
         "{table}"
     );
     assert!(
