@@ -91,6 +91,7 @@ fn two_sites_with(witnesses: &[String], cut: bool) -> Result<(Cluster, Cluster)>
             witnesses: witnesses.to_vec(),
             witness_lease_ms: 3_000,
             automatic_failover: true,
+            isolation_wait_ms: 0,
         });
         c.configs.insert(1, cfg);
     }
@@ -344,6 +345,10 @@ fn witness(east: &Cluster, west: &Cluster, port: u16) -> Result<WitnessProcess> 
 async fn with_a_witness_a_standby_takes_over_only_from_a_site_that_is_gone() -> Result<()> {
     let port = free_udp_port();
     let (mut east, mut west) = two_sites_with(&[format!("127.0.0.1:{port}")], true)?;
+    // West, once active, will lose the witness: it then waits before taking over again.
+    if let Some(dr) = west.configs.get_mut(&1).and_then(|c| c.dr.as_mut()) {
+        dr.isolation_wait_ms = 600_000;
+    }
     let w = witness(&east, &west, port)?;
     start_site(&mut east).await?;
     start_site(&mut west).await?;
@@ -393,10 +398,27 @@ async fn with_a_witness_a_standby_takes_over_only_from_a_site_that_is_gone() -> 
 
     // The witness is gone: west cannot renew and demotes itself within half a lease.
     drop(w);
-    west.wait_for(T, "west demoted itself", |c| {
-        role(c) == Some((SiteRole::Standby, 2)) && owner(c, "cluster").is_none()
-    })
+    west.wait_for(
+        T,
+        "west demoted itself, its automatic failover off for the wait",
+        |c| {
+            role(c) == Some((SiteRole::Standby, 2))
+                && owner(c, "cluster").is_none()
+                && c.fabric_of(1)
+                    .is_some_and(|f| f.site.automatic_failover_off_until.is_some())
+        },
+    )
     .await?;
+    let s = status(&mut wa).await?;
+    assert!(
+        !s.automatic_failover && s.automatic_failover_off_until.is_some(),
+        "{s:?}"
+    );
+    // An operator turns it back on.
+    match dr(&mut wa, DrAction::AutomaticFailover { off_for_ms: None }).await? {
+        AdminReply::DrStatus(s) => assert!(s.automatic_failover, "{s:?}"),
+        other => bail!("automatic-failover --enable: {other:?}"),
+    }
     wa.close().await;
     west.stop_all().await;
     Ok(())

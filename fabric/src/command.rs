@@ -194,6 +194,12 @@ pub enum Command {
         /// Where the peer stood once these are applied.
         position: Option<MirrorPosition>,
     },
+    /// Turn this site's automatic failover off until a time (`u64::MAX`: until turned on
+    /// again), or on (`None`).
+    SetAutoFailover {
+        /// Off until then (ms since the Unix epoch), or on.
+        off_until: Option<Millis>,
+    },
 }
 
 /// Most commands one `Mirror` may carry.
@@ -260,6 +266,11 @@ impl std::fmt::Display for Command {
             Command::SetSiteRole { role, epoch, .. } => {
                 write!(f, "set-site-role {role} epoch {epoch}")
             }
+            Command::SetAutoFailover { off_until } => match off_until {
+                None => write!(f, "set-auto-failover on"),
+                Some(u64::MAX) => write!(f, "set-auto-failover off"),
+                Some(t) => write!(f, "set-auto-failover off until {t}"),
+            },
             Command::Mirror { changes, position } => match position {
                 Some(p) => write!(f, "mirror x{} up to {} {}", changes.len(), p.site, p.index),
                 None => write!(f, "mirror x{}", changes.len()),

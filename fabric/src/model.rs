@@ -301,6 +301,9 @@ pub struct Site {
     pub since: Millis,
     /// On a standby: the peer's position this site has mirrored up to.
     pub mirror: Option<MirrorPosition>,
+    /// Automatic failover is off until then (ms since the Unix epoch; `u64::MAX`: until an
+    /// operator turns it on); `None`: on (as far as the site's config allows).
+    pub automatic_failover_off_until: Option<Millis>,
 }
 
 /// How far a standby site has mirrored its active peer.

@@ -172,6 +172,7 @@ async fn run_in(dir: &Path) -> Result<()> {
             witnesses: vec![witness_addr.clone()],
             witness_lease_ms: 3_000,
             automatic_failover: true,
+            isolation_wait_ms: 0,
         });
         let config = write_config(&cfg)?;
         let child = spawn_node(&exe, site_dir, &config, true)?;

@@ -49,6 +49,15 @@ pub struct DrSection {
     /// Whether a standby takes over by itself (needs witnesses).
     #[serde(default = "default_true")]
     pub automatic_failover: bool,
+    /// After an active site demoted itself for want of witnesses, how long it does not take
+    /// the active role back by itself, in ms (the model's `failureDetection.waitDuration`,
+    /// 8 h); 0: no wait.
+    #[serde(default = "default_isolation_wait")]
+    pub isolation_wait_ms: u64,
+}
+
+fn default_isolation_wait() -> u64 {
+    8 * 3_600_000
 }
 
 fn default_witness_lease() -> u64 {
@@ -161,6 +170,7 @@ mod tests {
             witnesses: vec![],
             witness_lease_ms: 10_000,
             automatic_failover: true,
+            isolation_wait_ms: 0,
         }
     }
 

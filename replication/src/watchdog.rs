@@ -91,6 +91,9 @@ pub struct DrStatus {
     pub not_mirrored: Vec<String>,
     /// Whether this site takes over by itself (automatic failover on, witnesses configured).
     pub automatic_failover: bool,
+    /// Automatic failover is off until then (ms since the Unix epoch; `u64::MAX`: until
+    /// turned on), by an operator or after this site lost the witnesses.
+    pub automatic_failover_off_until: Option<Millis>,
     /// The witnesses that granted this site's last hold or claim, of how many.
     pub witnesses_granting: Option<(usize, usize)>,
     /// What a witness said when it did not grant.
@@ -523,6 +526,25 @@ impl Watchdog {
             };
             if let Err(e) = self.handle.propose(cmd).await {
                 tracing::error!(error = %e, "DR: could not demote this site");
+                return;
+            }
+            if !overtaken && self.cfg.isolation_wait_ms > 0 {
+                // The model's wait rule: a site that lost the witnesses does not take the
+                // active role back by itself for a while, even once they are back.
+                let until = self
+                    .handle
+                    .now_millis()
+                    .saturating_add(self.cfg.isolation_wait_ms);
+                tracing::warn!(
+                    wait_ms = self.cfg.isolation_wait_ms,
+                    "DR: automatic failover is off for this site for the isolation wait (`spacectl dr automatic-failover --enable` ends it)"
+                );
+                let cmd = Command::SetAutoFailover {
+                    off_until: Some(until),
+                };
+                if let Err(e) = self.handle.propose(cmd).await {
+                    tracing::error!(error = %e, "DR: could not turn automatic failover off");
+                }
             }
         }
     }
@@ -533,7 +555,7 @@ impl Watchdog {
     async fn take_over_if_lost(&self, me: &SiteState) {
         let seen = {
             let st = self.state();
-            if !self.cfg.automatic_failover || st.failures < self.cfg.heartbeat_retries {
+            if !self.automatic_failover_on() || st.failures < self.cfg.heartbeat_retries {
                 return;
             }
             st.peer_epoch_seen.max(st.witness_epoch_seen)
@@ -555,6 +577,20 @@ impl Watchdog {
         } else {
             self.state().held_at = Some(Instant::now());
         }
+    }
+
+    /// When the fabric says automatic failover is off until, if it is off now.
+    fn automatic_failover_off_until(&self) -> Option<Millis> {
+        let now = self.handle.now_millis();
+        read(&*self.handle, |_, f| f.site.automatic_failover_off_until).filter(|t| *t > now)
+    }
+
+    /// Whether this site takes over by itself now: witnesses configured, the config allows
+    /// it, and no operator (or an isolation) turned it off.
+    fn automatic_failover_on(&self) -> bool {
+        self.cfg.automatic_failover
+            && !self.cfg.witnesses.is_empty()
+            && self.automatic_failover_off_until().is_none()
     }
 
     /// What `spacectl dr status` shows.
@@ -594,7 +630,8 @@ impl Watchdog {
             failures_in_row: st.failures,
             last_error: st.last_error.clone(),
             not_mirrored: st.not_mirrored.clone(),
-            automatic_failover: self.cfg.automatic_failover && !self.cfg.witnesses.is_empty(),
+            automatic_failover: self.automatic_failover_on(),
+            automatic_failover_off_until: self.automatic_failover_off_until(),
             witnesses_granting: st.witnesses_granting,
             witness_note: st.witness_note.clone(),
         }

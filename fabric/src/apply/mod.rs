@@ -85,6 +85,10 @@ impl Fabric {
             }
             Command::SetSiteRole { role, epoch, at } => self.set_site_role(*role, *epoch, *at),
             Command::Mirror { changes, position } => self.mirror(index, changes, position),
+            Command::SetAutoFailover { off_until } => {
+                self.site.automatic_failover_off_until = *off_until;
+                Ok(Outcome::Done)
+            }
         }
     }
 }

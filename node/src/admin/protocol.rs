@@ -126,6 +126,12 @@ pub enum DrAction {
     Switchover,
     /// Make this active site standby.
     Demote,
+    /// Turn automatic failover off for a while (`Some(ms)`; `Some(0)`: until turned on) or
+    /// on (`None`).
+    AutomaticFailover {
+        /// How long it stays off, in ms.
+        off_for_ms: Option<u64>,
+    },
 }
 
 /// One node's load balancer, for `lb status` (answered by every node, from its own state).

@@ -422,6 +422,16 @@ impl AdminServer {
                         dr.demote().await.map_err(OpError::Refused)?;
                         AdminReply::Done
                     }
+                    super::DrAction::AutomaticFailover { off_for_ms } => {
+                        let off_until = off_for_ms.map(|ms| match ms {
+                            0 => u64::MAX,
+                            ms => now_millis().saturating_add(ms),
+                        });
+                        self.cluster
+                            .propose(Command::SetAutoFailover { off_until })
+                            .await?;
+                        AdminReply::DrStatus(dr.status())
+                    }
                 }
             }
             other => {
@@ -563,6 +573,7 @@ pub fn admin_may_write(cmd: &Command) -> Result<(), String> {
             "`dr failover` / `dr demote` (they pick the site epoch and check the peer)"
         }
         Command::Mirror { .. } => "nothing: a standby site's leader mirrors its peer itself",
+        Command::SetAutoFailover { .. } => "`dr automatic-failover`",
     };
     Err(format!(
         "{cmd} is not an admin operation: placements, membership and device owners change only \

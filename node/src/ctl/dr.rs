@@ -39,6 +39,41 @@ pub enum DrCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Turn this site's automatic failover off (for a while, or until turned on) or on.
+    AutomaticFailover {
+        /// Turn it on again.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Turn it off for DURATION (`90s`, `30m`, `8h`, `2d`; `0`: until `--enable`).
+        #[arg(long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "0")]
+        disable: Option<String>,
+    },
+}
+
+/// `90s`, `30m`, `8h`, `2d` or a number of seconds, as ms; `0` stays 0.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 90s, 30m, 8h, 2d, or 0)"))?;
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (ms, s, m, h or d)"
+            ));
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 /// `spacectl dr ...`
@@ -67,6 +102,27 @@ pub(super) async fn run(cli: &Cli, action: &DrCmd) -> Result<(), CtlError> {
             DrAction::Switchover,
         ),
         DrCmd::Demote { yes } => ("make this site standby", *yes, DrAction::Demote),
+        DrCmd::AutomaticFailover { enable, disable } => {
+            let off_for_ms = match (enable, disable) {
+                (true, None) => None,
+                (false, Some(d)) => Some(parse_duration_ms(d).map_err(usage)?),
+                _ => return Err(usage("say --enable or --disable [DURATION]")),
+            };
+            let status = match mutate(
+                cli,
+                AdminRequest::Dr(DrAction::AutomaticFailover { off_for_ms }),
+            )
+            .await?
+            {
+                AdminReply::DrStatus(s) => s,
+                other => return Err(odd(other)),
+            };
+            println!(
+                "automatic failover: {}",
+                auto_failover(&status, crate::now_millis())
+            );
+            return Ok(());
+        }
     };
     if !yes {
         confirm(what)?;
@@ -151,14 +207,7 @@ pub fn dr_status_table(s: &DrStatus, now_ms: u64) -> String {
             None => "none".into(),
         },
     ]);
-    rows.push(vec![
-        "automatic failover".into(),
-        if s.automatic_failover {
-            "on".into()
-        } else {
-            "off (no witnesses, or automatic_failover = false)".into()
-        },
-    ]);
+    rows.push(vec!["automatic failover".into(), auto_failover(s, now_ms)]);
     if s.role == spaced_fabric::SiteRole::Standby {
         rows.push(vec![
             "mirrored".into(),
@@ -183,6 +232,19 @@ pub fn dr_status_table(s: &DrStatus, now_ms: u64) -> String {
     out
 }
 
+/// Whether the site takes over by itself, and if not, why and until when.
+fn auto_failover(s: &DrStatus, now_ms: u64) -> String {
+    match s.automatic_failover_off_until {
+        Some(u64::MAX) => "off until `dr automatic-failover --enable`".into(),
+        Some(t) => format!(
+            "off for {} more (`dr automatic-failover --enable` ends it)",
+            render::age(t, now_ms)
+        ),
+        None if s.automatic_failover => "on".into(),
+        None => "off (no witnesses, or automatic_failover = false in [dr])".into(),
+    }
+}
+
 /// `dr status --json`.
 pub fn dr_status_json(s: &DrStatus) -> String {
     serde_json::to_string_pretty(&json!({
@@ -203,6 +265,7 @@ pub fn dr_status_json(s: &DrStatus) -> String {
         "last_error": s.last_error,
         "not_mirrored": s.not_mirrored,
         "automatic_failover": s.automatic_failover,
+        "automatic_failover_off_until_ms": s.automatic_failover_off_until,
         "witnesses_granting": s.witnesses_granting.map(|(g, of)| json!({"granted": g, "of": of})),
         "witness_note": s.witness_note,
     }))
@@ -234,6 +297,7 @@ mod tests {
             last_error: None,
             not_mirrored: vec!["put-service web: no VIP \"web\"".into()],
             automatic_failover: true,
+            automatic_failover_off_until: None,
             witnesses_granting: Some((0, 3)),
             witness_note: Some("w1: site east holds it (8000 ms left)".into()),
         }
@@ -275,5 +339,28 @@ mod tests {
             "unknown is null, never 0"
         );
         assert_eq!(json["witnesses_granting"]["of"], 3);
+        let off = DrStatus {
+            automatic_failover: false,
+            automatic_failover_off_until: Some(61_000 + 2 * 3_600_000),
+            ..standby()
+        };
+        assert!(
+            dr_status_table(&off, 61_000).contains("off for 2h0m more"),
+            "{}",
+            dr_status_table(&off, 61_000)
+        );
+    }
+
+    #[test]
+    fn durations_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_duration_ms("0"), Ok(0));
+        assert_eq!(parse_duration_ms("90s"), Ok(90_000));
+        assert_eq!(parse_duration_ms("30m"), Ok(1_800_000));
+        assert_eq!(parse_duration_ms("8h"), Ok(28_800_000));
+        assert_eq!(parse_duration_ms("2d"), Ok(172_800_000));
+        assert_eq!(parse_duration_ms("45"), Ok(45_000));
+        assert!(parse_duration_ms("8 hours").is_err());
+        assert!(parse_duration_ms("h").is_err());
+        assert!(parse_duration_ms("99999999999999999999d").is_err());
     }
 }

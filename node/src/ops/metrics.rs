@@ -531,6 +531,7 @@ mod tests {
             last_error: None,
             not_mirrored: vec![],
             automatic_failover: false,
+            automatic_failover_off_until: None,
             witnesses_granting: None,
             witness_note: None,
         };
