@@ -92,6 +92,8 @@ fn two_sites_with(witnesses: &[String], cut: bool) -> Result<(Cluster, Cluster)>
             witness_lease_ms: 3_000,
             automatic_failover: true,
             isolation_wait_ms: 0,
+            failure_detection_script: None,
+            script_timeout_ms: 10_000,
         });
         c.configs.insert(1, cfg);
     }
@@ -420,6 +422,63 @@ async fn with_a_witness_a_standby_takes_over_only_from_a_site_that_is_gone() -> 
         other => bail!("automatic-failover --enable: {other:?}"),
     }
     wa.close().await;
+    west.stop_all().await;
+    Ok(())
+}
+
+/// A failure-detection script replaces the built-in decision once the peer is lost: its bad
+/// output is named and changes nothing; its `beActive` promotes the standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_detection_script_decides_once_the_peer_is_lost() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let (mut east, mut west) = two_sites_with(&[], true)?;
+    // The script prints whatever the test put in `verdict`, after reading its input.
+    let verdict = west.dir.path().join("verdict");
+    std::fs::write(&verdict, "not json")?;
+    let script = west.dir.path().join("decide.sh");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\ncat > /dev/null\ncat {}\n", verdict.display()),
+    )?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    if let Some(dr) = west.configs.get_mut(&1).and_then(|c| c.dr.as_mut()) {
+        dr.failure_detection_script = Some(script);
+    }
+    start_site(&mut east).await?;
+    start_site(&mut west).await?;
+    let mut wa = west.admin(1).await?;
+    // West cannot reach east: the script runs, and its garbage changes nothing.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let s = status(&mut wa).await?;
+        if let Some(note) = &s.script_note {
+            assert!(note.contains("not the expected JSON"), "{note}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the script never ran: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(role(&west), Some((SiteRole::Standby, 0)));
+    std::fs::write(
+        &verdict,
+        r#"{"state":"standby","action":"beActive","description":"east is gone"}"#,
+    )?;
+    west.wait_for(T, "west active on the script's word", |c| {
+        role(c) == Some((SiteRole::Active, 1))
+    })
+    .await?;
+    let s = status(&mut wa).await?;
+    assert!(
+        s.script_note
+            .as_deref()
+            .is_some_and(|n| n.contains("east is gone") && n.contains("became active")),
+        "{s:?}"
+    );
+    wa.close().await;
+    east.stop_all().await;
     west.stop_all().await;
     Ok(())
 }

@@ -173,6 +173,8 @@ async fn run_in(dir: &Path) -> Result<()> {
             witness_lease_ms: 3_000,
             automatic_failover: true,
             isolation_wait_ms: 0,
+            failure_detection_script: None,
+            script_timeout_ms: 10_000,
         });
         let config = write_config(&cfg)?;
         let child = spawn_node(&exe, site_dir, &config, true)?;

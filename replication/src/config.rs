@@ -54,6 +54,19 @@ pub struct DrSection {
     /// 8 h); 0: no wait.
     #[serde(default = "default_isolation_wait")]
     pub isolation_wait_ms: u64,
+    /// A program that replaces the built-in decision once the peer is lost (the model's
+    /// custom failure detection): it reads `dr status` as JSON on stdin and prints
+    /// `{"state": ..., "action": "beActive"|"beStandby"|"nothing"|"wait", "description": ...,
+    /// "payload": {"waitTime": "30s"}}`. Relative to the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_detection_script: Option<PathBuf>,
+    /// How long the script may run, in ms; past it, it is killed and its verdict is "nothing".
+    #[serde(default = "default_script_timeout")]
+    pub script_timeout_ms: u64,
+}
+
+fn default_script_timeout() -> u64 {
+    10_000
 }
 
 fn default_isolation_wait() -> u64 {
@@ -145,11 +158,40 @@ impl DrSection {
                 ),
             ));
         }
+        if self.script_timeout_ms == 0 {
+            return Err(("dr.script_timeout_ms".into(), "must be above 0".into()));
+        }
         if self.heartbeat_retries == 0 {
             return Err(("dr.heartbeat_retries".into(), "must be at least 1".into()));
         }
         Ok(())
     }
+}
+
+/// `90s`, `30m`, `8h`, `2d`, `250ms` or a number of seconds, as ms; `0` stays 0.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 90s, 30m, 8h, 2d, or 0)"))?;
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (ms, s, m, h or d)"
+            ));
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 #[cfg(test)]
@@ -171,6 +213,8 @@ mod tests {
             witness_lease_ms: 10_000,
             automatic_failover: true,
             isolation_wait_ms: 0,
+            failure_detection_script: None,
+            script_timeout_ms: 10_000,
         }
     }
 

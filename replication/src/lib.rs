@@ -11,6 +11,7 @@
 //! * [`watchdog`] — the loop on each site's leader: pull, mirror, demote, hold the active
 //!   role at the witnesses or claim it, and the status `spacectl dr status` shows.
 //! * [`witness`] — `spaced witness`: the tickets both sites' leaders hold or claim.
+//! * [`script`] — the custom failure-detection script that may replace the built-in decision.
 //!
 //! Safety: the fabric of each site carries a site epoch that only rises; a standby is promoted
 //! only with an epoch above every one it has seen, and an active site that hears of an
@@ -21,6 +22,7 @@ pub mod decide;
 pub mod link;
 pub mod projection;
 pub mod protocol;
+pub mod script;
 pub mod watchdog;
 pub mod witness;
 

@@ -98,6 +98,8 @@ pub struct DrStatus {
     pub witnesses_granting: Option<(usize, usize)>,
     /// What a witness said when it did not grant.
     pub witness_note: Option<String>,
+    /// The failure-detection script's last verdict, or why it failed.
+    pub script_note: Option<String>,
 }
 
 #[derive(Default)]
@@ -132,6 +134,10 @@ struct State {
     witness_note: Option<String>,
     /// The highest epoch a witness has said it granted.
     witness_epoch_seen: Option<u64>,
+    /// The failure-detection script asked to wait until then.
+    script_wait_until: Option<Instant>,
+    /// The script's last verdict or failure.
+    script_note: Option<String>,
 }
 
 /// The watchdog of one node.
@@ -229,7 +235,12 @@ impl Watchdog {
             return Duration::from_millis(100);
         }
         self.state().leading_since.get_or_insert_with(Instant::now);
-        if self.witness_link.is_some() {
+        if self.cfg.failure_detection_script.is_some() {
+            self.ask_script(&me).await;
+            if me.role == SiteRole::Active && self.witness_link.is_some() {
+                self.hold_active_role(&me).await;
+            }
+        } else if self.witness_link.is_some() {
             match me.role {
                 SiteRole::Active => self.hold_active_role(&me).await,
                 SiteRole::Standby => self.take_over_if_lost(&me).await,
@@ -579,6 +590,60 @@ impl Watchdog {
         }
     }
 
+    /// With a failure-detection script, once the peer is lost: runs it and carries out its
+    /// verdict (instead of the built-in automatic failover). `beActive` is a `dr failover`
+    /// without `--force` (the witnesses, if any, must agree); bad output counts as nothing.
+    async fn ask_script(&self, me: &SiteState) {
+        let Some(script) = &self.cfg.failure_detection_script else {
+            return;
+        };
+        {
+            let st = self.state();
+            if st.failures < self.cfg.heartbeat_retries
+                || st.script_wait_until.is_some_and(|t| Instant::now() < t)
+                || !self.automatic_failover_allowed()
+            {
+                return;
+            }
+        }
+        let input = serde_json::to_string(&self.status()).unwrap_or_default();
+        let timeout = Duration::from_millis(self.cfg.script_timeout_ms);
+        let verdict = crate::script::run_script(script, &input, timeout).await;
+        let note = match verdict {
+            Err(e) => {
+                tracing::warn!(error = %e, "DR: the failure-detection script failed; doing nothing");
+                format!("failed: {e}")
+            }
+            Ok(v) => {
+                use crate::script::ScriptAction;
+                let done = match (&v.action, me.role) {
+                    (ScriptAction::BeActive, SiteRole::Standby) => match self.failover(false).await
+                    {
+                        Ok(epoch) => format!("became active at epoch {epoch}"),
+                        Err(e) => format!("could not become active: {e}"),
+                    },
+                    (ScriptAction::BeStandby, SiteRole::Active) => match self.demote().await {
+                        Ok(()) => "became standby".to_string(),
+                        Err(e) => format!("could not become standby: {e}"),
+                    },
+                    (ScriptAction::Wait(d), _) => {
+                        self.state().script_wait_until = Some(Instant::now() + *d);
+                        format!("waits {d:?}")
+                    }
+                    _ => "nothing to do".to_string(),
+                };
+                tracing::info!(action = ?v.action, description = %v.description, %done, "DR: the failure-detection script decided");
+                format!("{:?} ({}): {done}", v.action, v.description)
+            }
+        };
+        self.state().script_note = Some(note);
+    }
+
+    /// Whether config and fabric let this site take over by itself (witnesses or not).
+    fn automatic_failover_allowed(&self) -> bool {
+        self.cfg.automatic_failover && self.automatic_failover_off_until().is_none()
+    }
+
     /// When the fabric says automatic failover is off until, if it is off now.
     fn automatic_failover_off_until(&self) -> Option<Millis> {
         let now = self.handle.now_millis();
@@ -588,9 +653,8 @@ impl Watchdog {
     /// Whether this site takes over by itself now: witnesses configured, the config allows
     /// it, and no operator (or an isolation) turned it off.
     fn automatic_failover_on(&self) -> bool {
-        self.cfg.automatic_failover
-            && !self.cfg.witnesses.is_empty()
-            && self.automatic_failover_off_until().is_none()
+        self.automatic_failover_allowed()
+            && (!self.cfg.witnesses.is_empty() || self.cfg.failure_detection_script.is_some())
     }
 
     /// What `spacectl dr status` shows.
@@ -634,6 +698,7 @@ impl Watchdog {
             automatic_failover_off_until: self.automatic_failover_off_until(),
             witnesses_granting: st.witnesses_granting,
             witness_note: st.witness_note.clone(),
+            script_note: st.script_note.clone(),
         }
     }
 

@@ -50,31 +50,7 @@ pub enum DrCmd {
     },
 }
 
-/// `90s`, `30m`, `8h`, `2d` or a number of seconds, as ms; `0` stays 0.
-pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (e.g. 90s, 30m, 8h, 2d, or 0)"))?;
-    let scale = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (ms, s, m, h or d)"
-            ));
-        }
-    };
-    n.checked_mul(scale)
-        .ok_or_else(|| format!("{text:?} is too long"))
-}
+pub use spaced_replication::config::parse_duration_ms;
 
 /// `spacectl dr ...`
 pub(super) async fn run(cli: &Cli, action: &DrCmd) -> Result<(), CtlError> {
@@ -208,6 +184,9 @@ pub fn dr_status_table(s: &DrStatus, now_ms: u64) -> String {
         },
     ]);
     rows.push(vec!["automatic failover".into(), auto_failover(s, now_ms)]);
+    if let Some(note) = &s.script_note {
+        rows.push(vec!["failure-detection script".into(), note.clone()]);
+    }
     if s.role == spaced_fabric::SiteRole::Standby {
         rows.push(vec![
             "mirrored".into(),
@@ -268,6 +247,7 @@ pub fn dr_status_json(s: &DrStatus) -> String {
         "automatic_failover_off_until_ms": s.automatic_failover_off_until,
         "witnesses_granting": s.witnesses_granting.map(|(g, of)| json!({"granted": g, "of": of})),
         "witness_note": s.witness_note,
+        "script_note": s.script_note,
     }))
     .unwrap_or_default()
 }
@@ -300,6 +280,7 @@ mod tests {
             automatic_failover_off_until: None,
             witnesses_granting: Some((0, 3)),
             witness_note: Some("w1: site east holds it (8000 ms left)".into()),
+            script_note: None,
         }
     }
 

@@ -510,6 +510,9 @@ impl NodeConfig {
         cfg.tls.key = resolve(base, &cfg.tls.key);
         if let Some(dr) = &mut cfg.dr {
             dr.peer_ca = resolve(base, &dr.peer_ca);
+            if let Some(script) = &dr.failure_detection_script {
+                dr.failure_detection_script = Some(resolve(base, script));
+            }
         }
         Ok(cfg)
     }

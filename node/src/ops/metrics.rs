@@ -534,6 +534,7 @@ mod tests {
             automatic_failover_off_until: None,
             witnesses_granting: None,
             witness_note: None,
+            script_note: None,
         };
         m.dr(&status, true);
         let text = m.render();
