@@ -6,113 +6,27 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use spaced_fabric::{ServiceScope, ServiceSpec, SiteRole};
 use spaced_node::admin::client::AdminClient;
 use spaced_node::admin::{AdminReply, AdminRequest, DrAction};
-use spaced_node::ops::config::{RaftTimings, TakeoverMode, VipSection};
-use spaced_replication::DrSection;
-use spaced_tests::{Cluster, devices, free_tcp_port, free_udp_port, node_config};
+use spaced_tests::{Cluster, devices, free_udp_port};
 
 const T: Duration = Duration::from_secs(30);
 
-/// Two one-node sites: `east` (starts active, VIP 127.0.0.100) and `west` (starts standby,
-/// VIP 127.0.0.101), each trusting the other's CA on its DR link.
+/// Two one-node sites (see [`spaced_tests::dr_sites`]).
 fn two_sites() -> Result<(Cluster, Cluster)> {
     two_sites_with(&[], false)
 }
 
-/// [`two_sites`] with these witnesses (lease 3 s), and, with `cut`, a west whose link to
-/// east goes nowhere (the inter-site link is down from the start; both reach the witnesses).
+/// [`two_sites`] with these witnesses, and, with `cut`, a west whose link to east goes
+/// nowhere (the inter-site link is down from the start; both reach the witnesses).
 fn two_sites_with(witnesses: &[String], cut: bool) -> Result<(Cluster, Cluster)> {
-    let mut east = Cluster::empty(2, RaftTimings::default())?;
-    let mut west = Cluster::empty(2, RaftTimings::default())?;
-    // Ports are found free and let go: the DR ports must differ from each other and from
-    // the nodes' own (picked when their configs are made, below).
-    let mut taken = std::collections::BTreeSet::new();
-    let mut port_apart = |taken: &mut std::collections::BTreeSet<u16>| loop {
-        let p = free_udp_port();
-        if taken.insert(p) {
-            return p;
-        }
-    };
-    let (east_dr, west_dr) = (port_apart(&mut taken), port_apart(&mut taken));
-    let port = free_tcp_port();
-    let (east_ca, west_ca) = (east.pki_dir().join("ca.pem"), west.pki_dir().join("ca.pem"));
-    for (c, site, peer, role, listen, peer_port, peer_ca, vip) in [
-        (
-            &mut east,
-            "east",
-            "west",
-            "active",
-            east_dr,
-            west_dr,
-            west_ca,
-            "127.0.0.100/8",
-        ),
-        (
-            &mut west,
-            "west",
-            "east",
-            "standby",
-            west_dr,
-            east_dr,
-            east_ca,
-            "127.0.0.101/8",
-        ),
-    ] {
-        let mut cfg = node_config(c.dir.path(), &c.pki_dir(), 1, RaftTimings::default());
-        while !taken.insert(cfg.listen.port()) {
-            cfg.listen.set_port(port_apart(&mut taken));
-        }
-        cfg.takeover = TakeoverMode::Loopback;
-        cfg.vips = vec![VipSection {
-            name: "cluster".into(),
-            address: vip.into(),
-            interface: "lo".into(),
-            roles: vec!["ha".into()],
-            port: Some(port),
-        }];
-        cfg.dr = Some(DrSection {
-            site: site.into(),
-            role: role.into(),
-            listen: format!("127.0.0.1:{listen}").parse()?,
-            peer_site: peer.into(),
-            peers: vec![if cut && site == "west" {
-                // A port nothing answers on.
-                format!("127.0.0.1:{}", port_apart(&mut taken))
-            } else {
-                format!("127.0.0.1:{peer_port}")
-            }],
-            peer_ca,
-            heartbeat_interval_ms: 200,
-            heartbeat_timeout_ms: 500,
-            heartbeat_retries: 2,
-            witnesses: witnesses.to_vec(),
-            witness_lease_ms: 3_000,
-            automatic_failover: true,
-            isolation_wait_ms: 0,
-            failure_detection_script: None,
-            script_timeout_ms: 10_000,
-        });
-        c.configs.insert(1, cfg);
+    let mut sites = spaced_tests::dr_sites(witnesses)?;
+    if cut && let Some(dr) = sites.west.configs.get_mut(&1).and_then(|c| c.dr.as_mut()) {
+        dr.peers = vec![format!("127.0.0.1:{}", sites.spare_port)];
     }
-    Ok((east, west))
-}
-
-/// Bootstraps a site's node; a listen port taken since it was found free (ports are found
-/// free and let go) is replaced by another.
-async fn start_site(c: &mut Cluster) -> Result<()> {
-    for _ in 0..5 {
-        match c.start_node(1, true).await {
-            Err(e) if e.to_string().contains("key `listen`") => {
-                let cfg = c.configs.get_mut(&1).context("config")?;
-                cfg.listen.set_port(free_udp_port());
-            }
-            other => return other,
-        }
-    }
-    bail!("no free UDP port for the node")
+    Ok((sites.east, sites.west))
 }
 
 fn role(c: &Cluster) -> Option<(SiteRole, u64)> {
@@ -139,8 +53,8 @@ async fn status(admin: &mut AdminClient) -> Result<spaced_replication::DrStatus>
 async fn a_standby_mirrors_runs_nothing_switches_over_fails_over_and_the_old_site_follows()
 -> Result<()> {
     let (mut east, mut west) = two_sites()?;
-    start_site(&mut east).await?;
-    start_site(&mut west).await?;
+    spaced_tests::start_site(&mut east).await?;
+    spaced_tests::start_site(&mut west).await?;
     east.wait_for(T, "east active at epoch 1", |c| {
         role(c) == Some((SiteRole::Active, 1))
     })
@@ -352,8 +266,8 @@ async fn with_a_witness_a_standby_takes_over_only_from_a_site_that_is_gone() -> 
         dr.isolation_wait_ms = 600_000;
     }
     let w = witness(&east, &west, port)?;
-    start_site(&mut east).await?;
-    start_site(&mut west).await?;
+    spaced_tests::start_site(&mut east).await?;
+    spaced_tests::start_site(&mut west).await?;
     east.wait_for(T, "east active", |c| role(c) == Some((SiteRole::Active, 1)))
         .await?;
     let mut wa = west.admin(1).await?;
@@ -444,8 +358,8 @@ async fn a_failure_detection_script_decides_once_the_peer_is_lost() -> Result<()
     if let Some(dr) = west.configs.get_mut(&1).and_then(|c| c.dr.as_mut()) {
         dr.failure_detection_script = Some(script);
     }
-    start_site(&mut east).await?;
-    start_site(&mut west).await?;
+    spaced_tests::start_site(&mut east).await?;
+    spaced_tests::start_site(&mut west).await?;
     let mut wa = west.admin(1).await?;
     // West cannot reach east: the script runs, and its garbage changes nothing.
     let deadline = tokio::time::Instant::now() + T;

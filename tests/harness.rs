@@ -408,3 +408,116 @@ pub fn binary(name: &str) -> Result<PathBuf> {
 }
 pub mod device_farm;
 pub mod lab;
+
+/// Two one-node sites of a disaster-recovery pair, each its own in-process cluster with its
+/// own CA (nothing started): `east` (starts active, loopback VIP 127.0.0.100) and `west`
+/// (starts standby, VIP 127.0.0.101, same port), each `[dr]` pointing at the other's DR port
+/// and trusting its CA, with a 200 ms heartbeat, 500 ms timeout, 2 retries, these witnesses
+/// and a 3 s witness lease.
+pub struct DrSites {
+    /// The site that starts active.
+    pub east: Cluster,
+    /// The site that starts standby.
+    pub west: Cluster,
+    /// East's DR port.
+    pub east_dr: u16,
+    /// West's DR port.
+    pub west_dr: u16,
+    /// A UDP port none of them uses (for a link that goes nowhere).
+    pub spare_port: u16,
+}
+
+/// See [`DrSites`].
+pub fn dr_sites(witnesses: &[String]) -> Result<DrSites> {
+    use spaced_node::ops::config::{TakeoverMode, VipSection};
+    let mut east = Cluster::empty(2, RaftTimings::default())?;
+    let mut west = Cluster::empty(2, RaftTimings::default())?;
+    // Ports are found free and let go: the DR ports must differ from each other and from
+    // the nodes' own (picked when their configs are made, below).
+    let mut taken = std::collections::BTreeSet::new();
+    let port_apart = |taken: &mut std::collections::BTreeSet<u16>| loop {
+        let p = free_udp_port();
+        if taken.insert(p) {
+            return p;
+        }
+    };
+    let (east_dr, west_dr) = (port_apart(&mut taken), port_apart(&mut taken));
+    let spare_port = port_apart(&mut taken);
+    let port = free_tcp_port();
+    let (east_ca, west_ca) = (east.pki_dir().join("ca.pem"), west.pki_dir().join("ca.pem"));
+    for (c, site, peer, role, listen, peer_port, peer_ca, vip) in [
+        (
+            &mut east,
+            "east",
+            "west",
+            "active",
+            east_dr,
+            west_dr,
+            west_ca,
+            "127.0.0.100/8",
+        ),
+        (
+            &mut west,
+            "west",
+            "east",
+            "standby",
+            west_dr,
+            east_dr,
+            east_ca,
+            "127.0.0.101/8",
+        ),
+    ] {
+        let mut cfg = node_config(c.dir.path(), &c.pki_dir(), 1, RaftTimings::default());
+        while !taken.insert(cfg.listen.port()) {
+            cfg.listen.set_port(port_apart(&mut taken));
+        }
+        cfg.takeover = TakeoverMode::Loopback;
+        cfg.vips = vec![VipSection {
+            name: "cluster".into(),
+            address: vip.into(),
+            interface: "lo".into(),
+            roles: vec!["ha".into()],
+            port: Some(port),
+        }];
+        cfg.dr = Some(spaced_replication::DrSection {
+            site: site.into(),
+            role: role.into(),
+            listen: format!("127.0.0.1:{listen}").parse()?,
+            peer_site: peer.into(),
+            peers: vec![format!("127.0.0.1:{peer_port}")],
+            peer_ca,
+            heartbeat_interval_ms: 200,
+            heartbeat_timeout_ms: 500,
+            heartbeat_retries: 2,
+            witnesses: witnesses.to_vec(),
+            witness_lease_ms: 3_000,
+            automatic_failover: true,
+            isolation_wait_ms: 0,
+            failure_detection_script: None,
+            script_timeout_ms: 10_000,
+        });
+        c.configs.insert(1, cfg);
+    }
+    Ok(DrSites {
+        east,
+        west,
+        east_dr,
+        west_dr,
+        spare_port,
+    })
+}
+
+/// Bootstraps a one-node site; a listen port taken since it was found free (ports are found
+/// free and let go) is replaced by another.
+pub async fn start_site(c: &mut Cluster) -> Result<()> {
+    for _ in 0..5 {
+        match c.start_node(1, true).await {
+            Err(e) if e.to_string().contains("key `listen`") => {
+                let cfg = c.configs.get_mut(&1).context("config")?;
+                cfg.listen.set_port(free_udp_port());
+            }
+            other => return other,
+        }
+    }
+    bail!("no free UDP port for the node")
+}
