@@ -375,16 +375,30 @@ async fn wait_devices_up(
 
 /// Runs the demo; `keep` leaves the temp dir (configs, PKI, data, logs) in place.
 pub async fn run(keep: bool) -> Result<()> {
+    in_temp_dir(
+        "spaced-demo-",
+        keep,
+        |dir| async move { run_in(&dir).await },
+    )
+    .await
+}
+
+/// Runs a demo in a fresh temp dir, removed afterwards unless `keep` (then its path is
+/// printed).
+pub(crate) async fn in_temp_dir<F, Fut>(prefix: &str, keep: bool, demo: F) -> Result<()>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     let tmp = tempfile::Builder::new()
-        .prefix("spaced-demo-")
+        .prefix(prefix)
         .tempdir()
         .context("create temp dir")?;
-    let dir = tmp.path().to_path_buf();
-    let result = run_in(&dir).await;
+    let result = demo(tmp.path().to_path_buf()).await;
     if keep {
         let kept = tmp.keep();
         println!(
-            "\nkept {} (configs, PKI, data dirs, node logs)",
+            "\nkept {} (configs, PKIs, data dirs, node logs)",
             kept.display()
         );
     }

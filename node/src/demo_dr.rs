@@ -41,17 +41,12 @@ impl Drop for WitnessProcess {
 
 /// Runs the DR demo in a temp dir (kept with `keep`).
 pub async fn run(keep: bool) -> Result<()> {
-    let tmp = tempfile::Builder::new()
-        .prefix("spaced-demo-dr-")
-        .tempdir()
-        .context("create temp dir")?;
-    let dir = tmp.path().to_path_buf();
-    let result = run_in(&dir).await;
-    if keep {
-        let kept = tmp.keep();
-        println!("\nkept {} (configs, PKIs, data dirs, logs)", kept.display());
-    }
-    result
+    crate::demo::in_temp_dir(
+        "spaced-demo-dr-",
+        keep,
+        |dir| async move { run_in(&dir).await },
+    )
+    .await
 }
 
 async fn dr(admin: &mut AdminClient, action: DrAction) -> Result<AdminReply> {

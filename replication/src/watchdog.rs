@@ -106,6 +106,8 @@ pub struct DrStatus {
 struct State {
     /// A standby leader's copy of the peer's projection and the peer index it is at.
     remote: Option<(u64, Projection)>,
+    /// Whose projection that is, and the peer's clock when it sent it.
+    remote_from: Option<(String, Millis)>,
     /// The peer index this site has mirrored completely.
     mirrored: Option<u64>,
     last_contact: Option<Instant>,
@@ -151,6 +153,8 @@ pub struct Watchdog {
     /// The last projection this node sent the peer, by index: a later pull from that index is
     /// answered with the difference.
     sent: Mutex<Option<(u64, Projection)>>,
+    /// Wakes the mirroring task when a pull brought something.
+    mirror_wake: tokio::sync::Notify,
 }
 
 impl Watchdog {
@@ -168,6 +172,7 @@ impl Watchdog {
             witness_link,
             state: Mutex::default(),
             sent: Mutex::default(),
+            mirror_wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -197,15 +202,20 @@ impl Watchdog {
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         /// Closes the link and stops serving when the loop ends, returns or is aborted (the
         /// serving tasks hold the node: they must not outlive it).
-        struct Serving(tokio::task::JoinHandle<()>, Arc<Link>);
+        struct Serving(Vec<tokio::task::JoinHandle<()>>, Arc<Link>);
         impl Drop for Serving {
             fn drop(&mut self) {
                 self.1.close();
-                self.0.abort();
+                for task in &self.0 {
+                    task.abort();
+                }
             }
         }
         let _serving = Serving(
-            tokio::spawn(self.link.clone().serve(self.clone())),
+            vec![
+                tokio::spawn(self.link.clone().serve(self.clone())),
+                tokio::spawn(self.clone().mirror_worker()),
+            ],
             self.link.clone(),
         );
         loop {
@@ -303,6 +313,16 @@ impl Watchdog {
         self.interval()
     }
 
+    /// Proposes this site's demotion to standby at `epoch`.
+    async fn step_down(&self, epoch: u64) -> Result<(), String> {
+        let cmd = Command::SetSiteRole {
+            role: SiteRole::Standby,
+            epoch,
+            at: self.handle.now_millis(),
+        };
+        self.handle.propose(cmd).await.map(|_| ())
+    }
+
     /// The configured starting role, once, while the fabric says standalone.
     async fn take_start_role(&self) {
         let Ok(role) = self.cfg.start_role() else {
@@ -356,19 +376,14 @@ impl Watchdog {
         match on_peer(me, &peer) {
             Verdict::Demote { epoch } => {
                 tracing::warn!(peer = %peer.site, peer_epoch = peer.epoch, epoch = me.epoch, "DR: the peer site is active with a higher claim: this site becomes standby");
-                let cmd = Command::SetSiteRole {
-                    role: SiteRole::Standby,
-                    epoch,
-                    at: self.handle.now_millis(),
-                };
-                if let Err(e) = self.handle.propose(cmd).await {
+                if let Err(e) = self.step_down(epoch).await {
                     tracing::error!(error = %e, "DR: could not demote this site");
                 }
             }
-            Verdict::Mirror => self.mirror(&peer, index, sent_at, changes).await,
+            Verdict::Mirror => self.accept(&peer, index, sent_at, changes),
             // The peer stepped down for this site's switchover: its data is the last word.
             Verdict::NoActiveSite if self.state().switching => {
-                self.mirror(&peer, index, sent_at, changes).await
+                self.accept(&peer, index, sent_at, changes)
             }
             Verdict::NoActiveSite => {
                 let mut st = self.state();
@@ -383,36 +398,75 @@ impl Watchdog {
         }
     }
 
-    async fn mirror(&self, peer: &SiteState, index: u64, sent_at: Millis, changes: Changes) {
-        let remote = {
-            let mut st = self.state();
-            let have = st.remote.take();
-            let next = match (changes, have) {
-                (Changes::Full(p), _) => Some((index, p)),
-                (Changes::Delta(d), Some((_, mut p))) => {
-                    p.apply(&d);
-                    Some((index, p))
+    /// Takes a reply's data into this site's copy of the peer's projection and wakes the
+    /// mirroring task; the next pull goes out at once, while that task commits.
+    fn accept(&self, peer: &SiteState, index: u64, sent_at: Millis, changes: Changes) {
+        let mut st = self.state();
+        let have = st.remote.take();
+        st.remote = match (changes, have) {
+            (Changes::Full(p), _) => Some((index, p)),
+            (Changes::Delta(d), Some((_, mut p))) => {
+                p.apply(&d);
+                Some((index, p))
+            }
+            (Changes::Unchanged, Some((_, p))) => Some((index, p)),
+            (Changes::NotAsked, have) => have,
+            // A difference or "unchanged" without a base: ask again for everything.
+            (_, None) => None,
+        };
+        if st.remote.is_some() {
+            st.remote_from = Some((peer.site.clone(), sent_at));
+            if st.mirrored.is_none_or(|m| m < index) {
+                st.behind_since.get_or_insert_with(Instant::now);
+            }
+            drop(st);
+            self.mirror_wake.notify_one();
+        }
+    }
+
+    /// Commits, on the leader, what the pulls brought: each time it is woken, until this
+    /// site's fabric matches the latest copy of the peer's projection.
+    async fn mirror_worker(self: Arc<Self>) {
+        loop {
+            self.mirror_wake.notified().await;
+            loop {
+                let latest = {
+                    let st = self.state();
+                    match (&st.remote, &st.remote_from) {
+                        (Some((index, p)), Some((site, sent_at))) => {
+                            Some((*index, p.clone(), site.clone(), *sent_at))
+                        }
+                        _ => None,
+                    }
+                };
+                let Some((index, remote, site, sent_at)) = latest else {
+                    break;
+                };
+                if !self.handle.is_leader() {
+                    break;
                 }
-                (Changes::Unchanged, Some((_, p))) => Some((index, p)),
-                (Changes::NotAsked, have) => have,
-                // A difference or "unchanged" without a base: ask again for everything.
-                (_, None) => None,
-            };
-            st.remote = next.clone();
-            next
-        };
-        let Some((index, remote)) = remote else {
-            return;
-        };
+                self.catch_up(index, &remote, site, sent_at).await;
+                let newer = self
+                    .state()
+                    .remote
+                    .as_ref()
+                    .is_some_and(|(i, _)| *i > index);
+                if !newer {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Proposes the `Mirror` commands that bring this site's fabric to `remote` (the peer's
+    /// projection at `index`), and records the position.
+    async fn catch_up(&self, index: u64, remote: &Projection, site: String, sent_at: Millis) {
         let (own, recorded) = read(&*self.handle, |_, f| {
             (Projection::of(f), f.site.mirror.as_ref().map(|m| m.index))
         });
-        let differs = own != remote;
+        let differs = own != *remote;
         {
             let mut st = self.state();
-            if differs {
-                st.behind_since.get_or_insert_with(Instant::now);
-            }
             let stale = st.position_at.is_none_or(|t| t.elapsed() > POSITION_EVERY);
             let record = differs || (stale && recorded != Some(index));
             if !record {
@@ -422,11 +476,11 @@ impl Watchdog {
             }
         }
         let position = MirrorPosition {
-            site: peer.site.clone(),
+            site,
             index,
             sent_at,
         };
-        let cmds = mirror_commands(&own, &remote, position, self.handle.now_millis());
+        let cmds = mirror_commands(&own, remote, position, self.handle.now_millis());
         let mut refused = Vec::new();
         for cmd in cmds {
             match self.handle.propose(cmd).await {
@@ -446,9 +500,11 @@ impl Watchdog {
         st.not_mirrored = refused;
         st.position_at = Some(Instant::now());
         st.mirrored = Some(index);
-        st.behind_since = None;
+        if st.remote.as_ref().is_none_or(|(i, _)| *i <= index) {
+            st.behind_since = None;
+        }
         if differs {
-            let d = diff(&own, &remote);
+            let d = diff(&own, remote);
             tracing::debug!(changes = d.len(), index, "DR: mirrored");
         }
     }
@@ -530,12 +586,7 @@ impl Watchdog {
             tracing::warn!(granted, of = total, notes = ?notes, "DR: {why}: this site becomes standby");
             // Overtaken, it adopts the epoch the witnesses granted the peer.
             let epoch = me.epoch.max(self.state().witness_epoch_seen.unwrap_or(0));
-            let cmd = Command::SetSiteRole {
-                role: SiteRole::Standby,
-                epoch,
-                at: self.handle.now_millis(),
-            };
-            if let Err(e) = self.handle.propose(cmd).await {
+            if let Err(e) = self.step_down(epoch).await {
                 tracing::error!(error = %e, "DR: could not demote this site");
                 return;
             }
@@ -816,12 +867,7 @@ impl Watchdog {
         if me.role != SiteRole::Active {
             return Err(format!("site {} is {}, not active", me.site, me.role));
         }
-        let cmd = Command::SetSiteRole {
-            role: SiteRole::Standby,
-            epoch: me.epoch,
-            at: self.handle.now_millis(),
-        };
-        self.handle.propose(cmd).await.map(|_| ())
+        self.step_down(me.epoch).await
     }
 
     async fn answer(self: Arc<Self>, request: DrRequest) -> DrReply {
@@ -890,12 +936,7 @@ impl Watchdog {
                 }
                 let me = self.me();
                 if me.role == SiteRole::Active {
-                    let cmd = Command::SetSiteRole {
-                        role: SiteRole::Standby,
-                        epoch: me.epoch,
-                        at: self.handle.now_millis(),
-                    };
-                    if let Err(e) = self.handle.propose(cmd).await {
+                    if let Err(e) = self.step_down(me.epoch).await {
                         return DrReply::Refused(format!("could not demote: {e}"));
                     }
                     tracing::warn!(to = %from.site, "DR: switchover: this site is standby now");
