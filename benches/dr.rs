@@ -43,8 +43,10 @@ async fn relay(listen: Arc<UdpSocket>, upstream: SocketAddr, delay: Duration) {
     let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     loop {
+        // An ICMP "port unreachable" from a peer that is down surfaces as an error here: the
+        // relay goes on, as a router would.
         let Ok((n, from)) = listen.recv_from(&mut buf).await else {
-            return;
+            continue;
         };
         let up = match clients.get(&from) {
             Some(s) => s.clone(),
@@ -58,7 +60,10 @@ async fn relay(listen: Arc<UdpSocket>, upstream: SocketAddr, delay: Duration) {
                 let (back, listen) = (s.clone(), listen.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65_536];
-                    while let Ok((n, _)) = back.recv_from(&mut buf).await {
+                    loop {
+                        let Ok((n, _)) = back.recv_from(&mut buf).await else {
+                            continue;
+                        };
                         let (packet, listen) = (buf[..n].to_vec(), listen.clone());
                         tokio::spawn(async move {
                             tokio::time::sleep(delay).await;
