@@ -121,14 +121,38 @@ impl Link {
         request: &DrRequest,
         timeout: Duration,
     ) -> Result<DrReply, String> {
-        tokio::time::timeout(timeout, self.call_inner(addr, request))
-            .await
-            .map_err(|_| format!("{addr}: no answer within {timeout:?}"))?
+        self.call_within(addr, request, timeout, timeout).await
     }
 
-    async fn call_inner(&self, addr: &str, request: &DrRequest) -> Result<DrReply, String> {
+    /// One request to the peer node at `addr`: dialing within `connect` (a peer that is down
+    /// counts as not answering that soon), the whole exchange within `reply` (a whole
+    /// projection over a long link takes some round trips; the connection's keep-alive
+    /// notices a peer that dies meanwhile within seconds).
+    pub async fn call_within(
+        &self,
+        addr: &str,
+        request: &DrRequest,
+        connect: Duration,
+        reply: Duration,
+    ) -> Result<DrReply, String> {
+        let start = tokio::time::Instant::now();
         let to = network::resolve(addr).await.map_err(|e| e.to_string())?;
-        let conn = self.connection(to).await?;
+        let conn = tokio::time::timeout(connect, self.connection(to))
+            .await
+            .map_err(|_| format!("{addr}: no answer within {connect:?}"))??;
+        let left = reply.saturating_sub(start.elapsed());
+        tokio::time::timeout(left, self.exchange(addr, to, conn, request))
+            .await
+            .map_err(|_| format!("{addr}: no reply within {reply:?}"))?
+    }
+
+    async fn exchange(
+        &self,
+        addr: &str,
+        to: SocketAddr,
+        conn: quinn::Connection,
+        request: &DrRequest,
+    ) -> Result<DrReply, String> {
         let result = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
             let bytes = codec::encode(request).map_err(|e| e.to_string())?;

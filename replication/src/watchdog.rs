@@ -25,6 +25,9 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 const LONG_POLL: Duration = Duration::from_secs(2);
 /// How often a standby records its position when nothing else changed.
 const POSITION_EVERY: Duration = Duration::from_secs(5);
+/// How long a pull that brings a whole projection may take (tens of thousands of devices
+/// over a link with tens of ms of delay need some round trips to grow the window).
+const FULL_TRANSFER: Duration = Duration::from_secs(30);
 /// How long a switchover waits for the standby to have mirrored everything.
 const SWITCHOVER_WITHIN: Duration = Duration::from_secs(30);
 
@@ -277,7 +280,17 @@ impl Watchdog {
             have,
             wait_ms: wait.as_millis() as u64,
         };
-        match self.link.call(&addr, &request, self.timeout() + wait).await {
+        // A pull without a base brings the whole projection: room for its transfer.
+        let reply = if mirror && have.is_none() {
+            FULL_TRANSFER
+        } else {
+            self.timeout() + wait
+        };
+        match self
+            .link
+            .call_within(&addr, &request, self.timeout(), reply)
+            .await
+        {
             Ok(DrReply::State {
                 site,
                 index,
