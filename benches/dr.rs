@@ -188,7 +188,9 @@ async fn main() -> Result<()> {
         &sites.west.pki_dir().join("ca.pem"),
     ])?;
     tokio::spawn(async move {
-        if let Err(e) = spaced_replication::witness::run(witness_addr, &material).await {
+        if let Err(e) =
+            spaced_replication::witness::run(witness_addr, &material, Duration::ZERO).await
+        {
             eprintln!("witness: {e}");
         }
     });

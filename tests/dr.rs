@@ -247,6 +247,8 @@ fn witness(east: &Cluster, west: &Cluster, port: u16) -> Result<WitnessProcess> 
         .arg(east.pki_dir().join("ca.pem"))
         .arg("--ca")
         .arg(west.pki_dir().join("ca.pem"))
+        // Started before any lease was granted: no grace needed.
+        .args(["--grace-ms", "0"])
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(east.dir.path().join("witness.log"))?)
         .spawn()?;

@@ -130,6 +130,8 @@ async fn run_in(dir: &Path) -> Result<()> {
             .arg(plans[0].7.join("ca.pem"))
             .arg("--ca")
             .arg(plans[1].7.join("ca.pem"))
+            // Started before any site asked: no lease to outwait.
+            .args(["--grace-ms", "0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("witness.log"))?)

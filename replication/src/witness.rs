@@ -74,12 +74,34 @@ pub struct Tickets {
     held: HashMap<(String, String), Ticket>,
     /// The highest epoch granted per pair: a lower one is a site that was overtaken.
     epochs: HashMap<(String, String), u64>,
+    /// A witness that (re)started grants nothing before then: it has forgotten the leases it
+    /// granted before, and one may still run.
+    quiet_until: Option<Instant>,
 }
 
 impl Tickets {
+    /// The tickets of a witness started at `now` that grants nothing for `grace` (at least the
+    /// longest lease the sites ask for).
+    pub fn starting(now: Instant, grace: Duration) -> Self {
+        Tickets {
+            quiet_until: Some(now + grace),
+            ..Tickets::default()
+        }
+    }
+
     /// Grants `h` if the pair's ticket is free, ran out, or is the asker's own; never to an
-    /// epoch below one granted before.
+    /// epoch below one granted before; nothing during the grace after a start.
     pub fn hold(&mut self, h: &Hold, now: Instant) -> HoldAnswer {
+        if let Some(until) = self.quiet_until.filter(|u| now < *u) {
+            return HoldAnswer::Refused {
+                holder: None,
+                epoch: 0,
+                remaining_ms: (until - now).as_millis() as u64,
+                why: "this witness started lately and grants nothing until the leases it may \
+                      have granted before have run out"
+                    .into(),
+            };
+        }
         if h.site != h.pair.0 && h.site != h.pair.1 {
             return HoldAnswer::Refused {
                 holder: None,
@@ -160,12 +182,17 @@ impl Serve for Witness {
 }
 
 /// Binds a witness on `listen` with `material` (its certificate, trusting both sites' CAs)
-/// and serves until the process ends.
-pub async fn run(listen: SocketAddr, material: &TlsMaterial) -> Result<(), String> {
+/// and serves until the process ends, granting nothing for the first `grace` (set it to at
+/// least the sites' `witness_lease_ms`: a restarted witness has forgotten what it granted).
+pub async fn run(
+    listen: SocketAddr,
+    material: &TlsMaterial,
+    grace: Duration,
+) -> Result<(), String> {
     let link = Link::bind(listen, material)?;
-    tracing::info!(listen = %link.local_addr().map(|a| a.to_string()).unwrap_or_default(), "witness serving");
+    tracing::info!(listen = %link.local_addr().map(|a| a.to_string()).unwrap_or_default(), grace_ms = grace.as_millis() as u64, "witness serving");
     link.serve(Arc::new(Witness {
-        tickets: Mutex::default(),
+        tickets: Mutex::new(Tickets::starting(Instant::now(), grace)),
     }))
     .await;
     Ok(())
@@ -233,5 +260,28 @@ mod tests {
             HoldAnswer::Refused { .. }
         ));
         assert_eq!(pair_of("west", "east"), pair_of("east", "west"));
+    }
+
+    #[test]
+    fn a_restarted_witness_grants_nothing_while_an_old_lease_may_run() {
+        // East held the ticket at this witness, which then restarted and forgot it: west's
+        // claim must wait until east's lease (10 s) has surely run out.
+        let t0 = Instant::now();
+        let mut t = Tickets::starting(t0, Duration::from_secs(10));
+        match t.hold(&hold("west", 2, 10_000), t0 + Duration::from_secs(3)) {
+            HoldAnswer::Refused {
+                holder,
+                remaining_ms,
+                ..
+            } => {
+                assert_eq!(holder, None);
+                assert_eq!(remaining_ms, 7_000);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            t.hold(&hold("west", 2, 10_000), t0 + Duration::from_secs(10)),
+            HoldAnswer::Granted
+        );
     }
 }

@@ -96,6 +96,10 @@ enum Cmd {
         /// A site's CA certificate; give both sites' (the first must have issued `--cert`).
         #[arg(long, required = true)]
         ca: Vec<PathBuf>,
+        /// After starting, grant nothing for this long (ms): at least the sites'
+        /// `witness_lease_ms`, since a restarted witness has forgotten the leases it granted.
+        #[arg(long, default_value_t = 10_000)]
+        grace_ms: u64,
     },
     /// Internal: the fence guard child of `spaced run` (removes VIPs if spaced dies or stalls).
     #[command(hide = true)]
@@ -333,6 +337,7 @@ fn main() -> ExitCode {
             cert,
             key,
             ca,
+            grace_ms,
         } => {
             if let Err(c) = init_tracing_or_exit(&cli, None, "info") {
                 return c;
@@ -356,7 +361,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match rt.block_on(spaced_replication::witness::run(*listen, &material)) {
+            let grace = std::time::Duration::from_millis(*grace_ms);
+            match rt.block_on(spaced_replication::witness::run(*listen, &material, grace)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("spaced witness: {e}");
