@@ -646,7 +646,7 @@ impl Node {
             tls.serial().unwrap_or_else(|e| e.to_string())
         ));
         let old = &self.config;
-        let restart_keys: [(&str, bool); 16] = [
+        let restart_keys: [(&str, bool); 17] = [
             ("node_id", old.node_id != cfg.node_id),
             ("name", old.name != cfg.name),
             ("data_dir", old.data_dir != cfg.data_dir),
@@ -666,6 +666,7 @@ impl Node {
             ("vip", old.vips != cfg.vips),
             ("lb", old.lb != cfg.lb),
             ("devices", old.devices != cfg.devices),
+            ("dr", old.dr != cfg.dr),
         ];
         for (key, changed) in restart_keys {
             if changed {
