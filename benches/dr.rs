@@ -17,7 +17,7 @@
 //!
 //! Run: `cargo bench -p spaced-benches --bench dr`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -119,7 +119,7 @@ async fn write_load(
                     };
                     match admin.call(&AdminRequest::AddDevices(vec![device])).await {
                         Ok(AdminReply::Applied(_)) => {
-                            acked.lock().unwrap().insert(seq, Instant::now());
+                            lock(&acked).insert(seq, Instant::now());
                         }
                         _ => break,
                     }
@@ -136,6 +136,41 @@ async fn write_load(
         }
     }
     back
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A write load running on a site: what it had acknowledged, and how to stop it.
+struct Load {
+    acked: Arc<Mutex<BTreeMap<u64, Instant>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<AdminClient>>,
+}
+
+impl Load {
+    /// Starts writing devices `prefix-NNNNNNNN` to `site` at `rate` per second over 4
+    /// admin connections.
+    async fn start(site: &Cluster, prefix: &'static str, rate: u64) -> Result<Load> {
+        let acked = Arc::new(Mutex::new(BTreeMap::new()));
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(write_load(
+            admins(site, 4).await?,
+            prefix,
+            rate,
+            acked.clone(),
+            stop_rx,
+        ));
+        Ok(Load { acked, stop, task })
+    }
+
+    /// Stops the writers and waits for them; returns every write acknowledged.
+    async fn finish(self) -> BTreeMap<u64, Instant> {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        lock(&self.acked).clone()
+    }
 }
 
 fn role(c: &Cluster) -> Option<SiteRole> {
@@ -235,35 +270,25 @@ async fn main() -> Result<()> {
     );
 
     // Lag.
-    let acked = Arc::new(Mutex::new(BTreeMap::new()));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn(write_load(
-        admins(&east, 4).await?,
-        "lag",
-        rate,
-        acked.clone(),
-        stop_rx,
-    ));
+    let load = Load::start(&east, "lag", rate).await?;
     let mut lags = Vec::new();
-    let mut seen: BTreeMap<u64, ()> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
     let until = Instant::now() + Duration::from_secs(lag_s);
     let mut view = west.nodes[&1].fabric().changes();
-    while Instant::now() < until || lags.len() < acked.lock().unwrap().len() {
+    while Instant::now() < until || lags.len() < lock(&load.acked).len() {
         let _ = tokio::time::timeout(Duration::from_millis(5), view.changed()).await;
         if Instant::now() >= until {
-            let _ = stop_tx.send(true);
+            let _ = load.stop.send(true);
         }
-        let pending: Vec<(u64, Instant)> = acked
-            .lock()
-            .unwrap()
+        let pending: Vec<(u64, Instant)> = lock(&load.acked)
             .iter()
-            .filter(|(s, _)| !seen.contains_key(s))
+            .filter(|(s, _)| !seen.contains(*s))
             .map(|(s, t)| (*s, *t))
             .collect();
         let now = Instant::now();
         for (s, at) in pending {
             if has_device(&west, &format!("lag-{s:08}")) {
-                seen.insert(s, ());
+                seen.insert(s);
                 lags.push(now.saturating_duration_since(at));
             }
         }
@@ -271,7 +296,7 @@ async fn main() -> Result<()> {
             bail!("west did not mirror every write within 30 s of the load's end");
         }
     }
-    let writers = load.await?;
+    load.finish().await;
     lags.sort();
     println!(
         "lag over {} writes: p50 {}, p99 {}, max {}",
@@ -280,24 +305,14 @@ async fn main() -> Result<()> {
         ms(quantile(&lags, 0.99)),
         ms(*lags.last().unwrap_or(&Duration::ZERO))
     );
-    drop(writers);
 
     // RPO and RTO: east crashed under load.
-    let acked = Arc::new(Mutex::new(BTreeMap::new()));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn(write_load(
-        admins(&east, 4).await?,
-        "rpo",
-        rate,
-        acked.clone(),
-        stop_rx,
-    ));
+    let load = Load::start(&east, "rpo", rate).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     admin.close().await;
     let crashed = Instant::now();
     east.crash_node(1).await;
-    let _ = stop_tx.send(true);
-    let _ = load.await;
+    let acked = load.finish().await;
     wait(Duration::from_secs(60), "west active", || {
         role(&west) == Some(SiteRole::Active)
     })
@@ -322,7 +337,6 @@ async fn main() -> Result<()> {
     })
     .await?;
     let devices_held = crashed.elapsed();
-    let acked = acked.lock().unwrap().clone();
     let missing: Vec<(u64, Instant)> = acked
         .iter()
         .filter(|(s, _)| !has_device(&west, &format!("rpo-{s:08}")))
@@ -349,19 +363,9 @@ async fn main() -> Result<()> {
     );
 
     // Catch-up of the returning old site.
-    let acked = Arc::new(Mutex::new(BTreeMap::new()));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn(write_load(
-        admins(&west, 4).await?,
-        "away",
-        rate,
-        acked.clone(),
-        stop_rx,
-    ));
+    let load = Load::start(&west, "away", rate).await?;
     tokio::time::sleep(Duration::from_secs(away_s)).await;
-    let _ = stop_tx.send(true);
-    let _ = load.await;
-    let written = acked.lock().unwrap().len();
+    let written = load.finish().await.len();
     let total = west.nodes[&1].fabric().read(|f| f.devices.len());
     let restarted = Instant::now();
     let deadline = restarted + Duration::from_secs(60);

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use spaced_fabric::{Command, Fabric, Millis, MirrorPosition, Outcome, SiteRole};
+use spaced_fabric::{Command, Millis, MirrorPosition, Outcome, SiteRole};
+use spaced_raft::store::FabricView;
 use tokio::sync::watch;
 
 use crate::config::DrSection;
@@ -31,29 +32,14 @@ const FULL_TRANSFER: Duration = Duration::from_secs(30);
 /// How long a switchover waits for the standby to have mirrored everything.
 const SWITCHOVER_WITHIN: Duration = Duration::from_secs(30);
 
-/// What the watchdog needs of its node.
+/// What the watchdog needs of its node besides its applied fabric.
 pub trait SiteHandle: Send + Sync + 'static {
-    /// Runs `f` on the applied fabric and the index of the last entry applied to it.
-    fn read_fabric(&self, f: &mut dyn FnMut(u64, &Fabric));
-    /// Told after every apply.
-    fn changes(&self) -> watch::Receiver<()>;
     /// Whether this node leads its site.
     fn is_leader(&self) -> bool;
     /// Commits `cmd` through the site's leader (from any node).
     fn propose(&self, cmd: Command) -> BoxFuture<Result<Outcome, String>>;
     /// The wall clock, in ms since the Unix epoch.
     fn now_millis(&self) -> Millis;
-}
-
-fn read<R>(h: &dyn SiteHandle, f: impl FnOnce(u64, &Fabric) -> R) -> R {
-    let mut f = Some(f);
-    let mut out = None;
-    h.read_fabric(&mut |index, fabric| {
-        if let Some(f) = f.take() {
-            out = Some(f(index, fabric));
-        }
-    });
-    out.expect("read_fabric calls its closure once")
 }
 
 /// What `spacectl dr status` shows (from the site's leader).
@@ -148,6 +134,8 @@ struct State {
 /// The watchdog of one node.
 pub struct Watchdog {
     cfg: DrSection,
+    /// This node's applied fabric.
+    view: FabricView,
     handle: Arc<dyn SiteHandle>,
     link: Arc<Link>,
     /// The link to the witnesses (trusting both sites' CAs), if there are any.
@@ -164,12 +152,14 @@ impl Watchdog {
     /// A watchdog for this node's site, talking over `link`.
     pub fn new(
         cfg: DrSection,
+        view: FabricView,
         handle: Arc<dyn SiteHandle>,
         link: Arc<Link>,
         witness_link: Option<Arc<Link>>,
     ) -> Arc<Self> {
         Arc::new(Watchdog {
             cfg,
+            view,
             handle,
             link,
             witness_link,
@@ -194,7 +184,7 @@ impl Watchdog {
     /// This site as its fabric says.
     fn me(&self) -> SiteState {
         let site = self.cfg.site.clone();
-        read(&*self.handle, |_, f| SiteState {
+        self.view.read_indexed(|_, f| SiteState {
             site,
             role: f.site.role,
             epoch: f.site.epoch,
@@ -474,9 +464,9 @@ impl Watchdog {
     /// Proposes the `Mirror` commands that bring this site's fabric to `remote` (the peer's
     /// projection at `index`), and records the position.
     async fn catch_up(&self, index: u64, remote: &Projection, site: String, sent_at: Millis) {
-        let (own, recorded) = read(&*self.handle, |_, f| {
-            (Projection::of(f), f.site.mirror.as_ref().map(|m| m.index))
-        });
+        let (own, recorded) = self
+            .view
+            .read_indexed(|_, f| (Projection::of(f), f.site.mirror.as_ref().map(|m| m.index)));
         let differs = own != *remote;
         {
             let mut st = self.state();
@@ -494,6 +484,7 @@ impl Watchdog {
             sent_at,
         };
         let cmds = mirror_commands(&own, remote, position, self.handle.now_millis());
+        let proposed = cmds.len();
         let mut refused = Vec::new();
         for cmd in cmds {
             match self.handle.propose(cmd).await {
@@ -516,10 +507,7 @@ impl Watchdog {
         if st.remote.as_ref().is_none_or(|(i, _)| *i <= index) {
             st.behind_since = None;
         }
-        if differs {
-            let d = diff(&own, remote);
-            tracing::debug!(changes = d.len(), index, "DR: mirrored");
-        }
+        tracing::debug!(commands = proposed, index, "DR: mirrored");
     }
 
     /// Asks every witness to hold the pair's ticket for this site at `epoch`; returns how
@@ -711,7 +699,9 @@ impl Watchdog {
     /// When the fabric says automatic failover is off until, if it is off now.
     fn automatic_failover_off_until(&self) -> Option<Millis> {
         let now = self.handle.now_millis();
-        read(&*self.handle, |_, f| f.site.automatic_failover_off_until).filter(|t| *t > now)
+        self.view
+            .read_indexed(|_, f| f.site.automatic_failover_off_until)
+            .filter(|t| *t > now)
     }
 
     /// Whether this site takes over by itself now: witnesses configured, the config allows
@@ -723,7 +713,7 @@ impl Watchdog {
 
     /// What `spacectl dr status` shows.
     pub fn status(&self) -> DrStatus {
-        let (role, epoch, since, recorded) = read(&*self.handle, |_, f| {
+        let (role, epoch, since, recorded) = self.view.read_indexed(|_, f| {
             (
                 f.site.role,
                 f.site.epoch,
@@ -897,15 +887,15 @@ impl Watchdog {
                         self.cfg.site, self.cfg.peer_site, from.site
                     ));
                 }
-                let mut changes = self.handle.changes();
+                let mut changes = self.view.changes();
                 changes.borrow_and_update();
-                let index_now = read(&*self.handle, |i, _| i);
+                let index_now = self.view.read_indexed(|i, _| i);
                 if mirror && have == Some(index_now) && wait_ms > 0 {
                     let wait = Duration::from_millis(wait_ms).min(LONG_POLL);
                     let _ = tokio::time::timeout(wait, changes.changed()).await;
                 }
                 let site = self.cfg.site.clone();
-                let (me, index, projection) = read(&*self.handle, |i, f| {
+                let (me, index, projection) = self.view.read_indexed(|i, f| {
                     let me = SiteState {
                         site,
                         role: f.site.role,
@@ -956,12 +946,13 @@ impl Watchdog {
                 }
                 // The index must be at least the demotion's, so that the peer waits for every
                 // write committed before it: wait until this node has applied it.
-                let mut changes = self.handle.changes();
+                let mut changes = self.view.changes();
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
                 loop {
                     changes.borrow_and_update();
-                    let (role, epoch, index) =
-                        read(&*self.handle, |i, f| (f.site.role, f.site.epoch, i));
+                    let (role, epoch, index) = self
+                        .view
+                        .read_indexed(|i, f| (f.site.role, f.site.epoch, i));
                     if role == SiteRole::Standby {
                         return DrReply::HandedOver { epoch, index };
                     }

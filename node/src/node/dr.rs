@@ -1,15 +1,14 @@
-//! The DR watchdog's view of this node: its applied fabric, its leadership and proposals
+//! The DR watchdog's hold on this node: its applied fabric, its leadership and proposals
 //! through the leader; and the link, bound with this node's certificate trusting only the
 //! peer site's CA.
 
 use std::sync::Arc;
 
-use spaced_fabric::{Command, Fabric, Millis, Outcome};
+use spaced_fabric::{Command, Millis, Outcome};
 use spaced_raft::pki::TlsMaterial;
 use spaced_replication::link::Link;
 use spaced_replication::watchdog::BoxFuture;
 use spaced_replication::{DrSection, SiteHandle, Watchdog};
-use tokio::sync::watch;
 
 use super::StartError;
 use crate::cluster::Cluster;
@@ -18,14 +17,6 @@ use crate::ops::config::NodeConfig;
 struct Site(Cluster);
 
 impl SiteHandle for Site {
-    fn read_fabric(&self, f: &mut dyn FnMut(u64, &Fabric)) {
-        self.0.view.read_indexed(|index, fabric| f(index, fabric))
-    }
-
-    fn changes(&self) -> watch::Receiver<()> {
-        self.0.view.changes()
-    }
-
     fn is_leader(&self) -> bool {
         self.0.raft.is_leader()
     }
@@ -70,6 +61,7 @@ pub(super) fn watchdog(
     };
     Ok(Watchdog::new(
         dr.clone(),
+        cluster.view.clone(),
         Arc::new(Site(cluster.clone())),
         link,
         witness_link,
