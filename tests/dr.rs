@@ -342,6 +342,53 @@ async fn with_a_witness_a_standby_takes_over_only_from_a_site_that_is_gone() -> 
     Ok(())
 }
 
+/// With a witness, a switchover moves the active role there too: the active site hands over,
+/// gives its ticket back once its workload leases ran out, and the standby claims it; the new
+/// active site then holds it (it is not overtaken by its peer's old ticket), runs the VIP,
+/// and the old one stays standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_witness_a_switchover_moves_the_ticket_and_the_new_active_site_keeps_it()
+-> Result<()> {
+    let port = free_udp_port();
+    let (mut east, mut west) = two_sites_with(&[format!("127.0.0.1:{port}")], false)?;
+    let _w = witness(&east, &west, port)?;
+    spaced_tests::start_site(&mut east).await?;
+    spaced_tests::start_site(&mut west).await?;
+    east.wait_for(T, "east active and holding its VIP", |c| {
+        role(c) == Some((SiteRole::Active, 1)) && owner(c, "cluster") == Some(1)
+    })
+    .await?;
+    let mut wa = west.admin(1).await?;
+    let mut ea = east.admin(1).await?;
+    let deadline = tokio::time::Instant::now() + T;
+    while !status(&mut wa).await?.peer_reachable {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "west never reached east"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match dr(&mut wa, DrAction::Switchover).await? {
+        AdminReply::DrActive { epoch } => assert_eq!(epoch, 2),
+        other => bail!("switchover: {other:?}"),
+    }
+    west.wait_for(T, "west holds its VIP", |c| owner(c, "cluster") == Some(1))
+        .await?;
+    // Two witness leases later west still holds the role (it renews its own ticket) and
+    // east is standby without its VIP.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(role(&west), Some((SiteRole::Active, 2)));
+    assert_eq!(owner(&west, "cluster"), Some(1));
+    assert_eq!(role(&east).map(|r| r.0), Some(SiteRole::Standby));
+    assert_eq!(owner(&east, "cluster"), None);
+    assert_eq!(status(&mut wa).await?.witnesses_granting, Some((1, 1)));
+    wa.close().await;
+    ea.close().await;
+    east.stop_all().await;
+    west.stop_all().await;
+    Ok(())
+}
+
 /// A failure-detection script replaces the built-in decision once the peer is lost: its bad
 /// output is named and changes nothing; its `beActive` promotes the standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -147,6 +147,9 @@ pub enum RaftRpc {
         /// Interface.
         interface: String,
     },
+    /// Node → leader: how long does this site surely hold the active role at the DR
+    /// witnesses? (The asker counts the answer from when it asked.)
+    SiteHold,
     /// Node → leader: an admin request the node received and only the leader can carry out,
     /// forwarded so that `spacectl` may talk to any node.
     Admin {
@@ -194,6 +197,9 @@ pub enum RaftReply {
     VipChecked(Option<String>),
     /// Reply to `Admin`: the encoded admin reply.
     Admin(Vec<u8>),
+    /// Reply to `SiteHold`: the site epoch and the ms the hold surely lasts, if this node
+    /// leads an active site and holds the role at the witnesses.
+    SiteHold(Option<(u64, u64)>),
 }
 
 /// Node-level handlers for the RPCs that are not Raft's own; provided by the daemon. Their
@@ -222,6 +228,8 @@ pub trait NodeHooks: Send + Sync + 'static {
     fn release(&self, name: String, epoch: u64) -> BoxFuture<'static, Result<(), String>>;
     /// `CheckVip`: `None` when this node could hold the VIP, else why not.
     fn check_vip(&self, address: String, interface: String) -> BoxFuture<'static, Option<String>>;
+    /// `SiteHold` from a member: (site epoch, ms) the site surely holds the active role.
+    fn site_hold(&self) -> Option<(u64, u64)>;
     /// `Admin` from `from`: carry out an admin request it forwarded, once the admin's proof
     /// over it checks out against `chain`; the encoded reply.
     fn admin(
@@ -746,6 +754,7 @@ fn voter_of(rpc: &RaftRpc) -> Option<NodeId> {
         | RaftRpc::Leaving
         | RaftRpc::Release { .. }
         | RaftRpc::CheckVip { .. }
+        | RaftRpc::SiteHold
         | RaftRpc::Admin { .. } => None,
     }
 }
@@ -921,6 +930,7 @@ impl RaftService {
                 let h = self.hooks_for(req.from)?;
                 Ok(RaftReply::VipChecked(h.check_vip(address, interface).await))
             }
+            RaftRpc::SiteHold => Ok(RaftReply::SiteHold(self.hooks_for(req.from)?.site_hold())),
             RaftRpc::Admin { chain, request } => {
                 let h = self.hooks_for(req.from)?;
                 h.admin(req.from, chain, request)

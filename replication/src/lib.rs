@@ -12,6 +12,8 @@
 //!   role at the witnesses or claim it, and the status `spacectl dr status` shows.
 //! * [`witness`] — `spaced witness`: the tickets both sites' leaders hold or claim.
 //! * [`script`] — the custom failure-detection script that may replace the built-in decision.
+//! * [`site_lease`] — whether a node may confirm its site's workload leases (the active role
+//!   held at the witnesses, learned from the leader by round trip).
 //!
 //! Safety: the fabric of each site carries a site epoch that only rises; a standby is promoted
 //! only with an epoch above every one it has seen, and an active site that hears of an
@@ -23,6 +25,7 @@ pub mod link;
 pub mod projection;
 pub mod protocol;
 pub mod script;
+pub mod site_lease;
 pub mod watchdog;
 pub mod witness;
 

@@ -29,6 +29,9 @@ const POSITION_EVERY: Duration = Duration::from_secs(5);
 /// How long a pull that brings a whole projection may take (tens of thousands of devices
 /// over a link with tens of ms of delay need some round trips to grow the window).
 const FULL_TRANSFER: Duration = Duration::from_secs(30);
+/// How long the active site may take to demote itself for a switchover and let its workload
+/// leases run out.
+const HAND_OVER_WITHIN: Duration = Duration::from_secs(10);
 /// How long a switchover waits for the standby to have mirrored everything.
 const SWITCHOVER_WITHIN: Duration = Duration::from_secs(30);
 
@@ -40,6 +43,9 @@ pub trait SiteHandle: Send + Sync + 'static {
     fn propose(&self, cmd: Command) -> BoxFuture<Result<Outcome, String>>;
     /// The wall clock, in ms since the Unix epoch.
     fn now_millis(&self) -> Millis;
+    /// How long after its site stopped confirming them the workload leases of its nodes have
+    /// surely run out (the placement lease with drift and margin).
+    fn workload_lease(&self) -> Duration;
 }
 
 /// What `spacectl dr status` shows (from the site's leader).
@@ -554,6 +560,52 @@ impl Watchdog {
         (granted, notes, overtaken)
     }
 
+    /// After a hand-over: once this site's workload leases have surely run out (its nodes
+    /// confirm none on a standby), gives the active role back at the witnesses, so that the
+    /// peer's claim need not wait out the lease. Best effort: a witness that does not hear
+    /// it lets the lease run out instead.
+    async fn release_at_witnesses(&self, epoch: u64) {
+        let Some(link) = &self.witness_link else {
+            return;
+        };
+        tokio::time::sleep(self.handle.workload_lease()).await;
+        let release = crate::witness::Hold {
+            pair: crate::witness::pair_of(&self.cfg.site, &self.cfg.peer_site),
+            site: self.cfg.site.clone(),
+            epoch,
+            lease_ms: 0,
+        };
+        let asks = self.cfg.witnesses.iter().map(|w| {
+            let req = DrRequest::Hold(release.clone());
+            async move { (w, link.call(w, &req, self.timeout()).await) }
+        });
+        for (w, answer) in futures::future::join_all(asks).await {
+            if !matches!(
+                answer,
+                Ok(DrReply::Hold(crate::witness::HoldAnswer::Granted))
+            ) {
+                tracing::info!(witness = %w, answer = ?answer, "DR: a witness did not take the active role back; its lease runs out instead");
+            }
+        }
+    }
+
+    /// On an active site's leader with witnesses: the site epoch and how long this site
+    /// surely holds the active role (half a witness lease from when the last granted round
+    /// was sent, as the demotion deadline counts). `None` elsewhere, and on a new leader until
+    /// its first round is granted: the nodes keep what they learned from its predecessor.
+    pub fn site_hold(&self) -> Option<(u64, Duration)> {
+        if self.witness_link.is_none() || !self.handle.is_leader() {
+            return None;
+        }
+        let me = self.me();
+        if me.role != SiteRole::Active {
+            return None;
+        }
+        let held_at = self.state().held_at?;
+        let until = held_at + Duration::from_millis(self.cfg.witness_lease_ms / 2);
+        Some((me.epoch, until.saturating_duration_since(Instant::now())))
+    }
+
     fn majority(&self) -> usize {
         self.cfg.witnesses.len() / 2 + 1
     }
@@ -624,6 +676,7 @@ impl Watchdog {
             st.peer_epoch_seen.max(st.witness_epoch_seen)
         };
         let epoch = promotion_epoch(me.epoch, seen);
+        let sent = Instant::now();
         let (granted, notes, _) = self.hold_at_witnesses(epoch).await;
         {
             let mut st = self.state();
@@ -635,10 +688,8 @@ impl Watchdog {
             return;
         }
         tracing::warn!(peer = %self.cfg.peer_site, granted, epoch, "DR: the peer site is lost and the witnesses grant the active role: automatic failover");
-        if let Err(e) = self.promote(epoch).await {
+        if let Err(e) = self.promote(epoch, sent).await {
             tracing::error!(error = %e, "DR: automatic failover could not promote this site");
-        } else {
-            self.state().held_at = Some(Instant::now());
         }
     }
 
@@ -786,6 +837,8 @@ impl Watchdog {
             st.peer_epoch_seen.max(st.witness_epoch_seen)
         };
         let epoch = promotion_epoch(me.epoch, seen);
+        // Forced, the operator's word stands in for the witnesses' for one hold's time.
+        let sent = Instant::now();
         if self.witness_link.is_some() && !force {
             let (granted, notes, _) = self.hold_at_witnesses(epoch).await;
             if granted < self.majority() {
@@ -797,10 +850,12 @@ impl Watchdog {
                 ));
             }
         }
-        self.promote(epoch).await
+        self.promote(epoch, sent).await
     }
 
-    async fn promote(&self, epoch: u64) -> Result<u64, String> {
+    /// Makes this site active at `epoch`, its hold at the witnesses counting from `held_at`
+    /// (when the claim they granted was sent).
+    async fn promote(&self, epoch: u64, held_at: Instant) -> Result<u64, String> {
         let cmd = Command::SetSiteRole {
             role: SiteRole::Active,
             epoch,
@@ -808,8 +863,8 @@ impl Watchdog {
         };
         self.handle.propose(cmd).await.map_err(|e| e.to_string())?;
         tracing::warn!(site = %self.cfg.site, epoch, "DR: this site is active");
-        // Its witness deadline counts from now (it renews at the next round).
-        self.state().held_at = Some(Instant::now());
+        // It renews at the next round.
+        self.state().held_at = Some(held_at);
         Ok(epoch)
     }
 
@@ -834,7 +889,13 @@ impl Watchdog {
         let mut handed = None;
         for addr in &self.cfg.peers {
             let req = DrRequest::HandOver { from: me.clone() };
-            match self.link.call(addr, &req, self.timeout()).await {
+            // The peer answers once it has demoted and its workload leases ran out.
+            let reply = self.timeout() + HAND_OVER_WITHIN;
+            match self
+                .link
+                .call_within(addr, &req, self.timeout(), reply)
+                .await
+            {
                 Ok(DrReply::HandedOver { epoch, index }) => {
                     handed = Some((epoch, index));
                     break;
@@ -861,7 +922,35 @@ impl Watchdog {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.promote(promotion_epoch(me.epoch, Some(epoch))).await
+        let epoch = promotion_epoch(me.epoch, Some(epoch));
+        let held_at = self.claim_for_switchover(epoch).await?;
+        self.promote(epoch, held_at).await
+    }
+
+    /// With witnesses: claims the active role at `epoch` until a majority grants it (the peer
+    /// gave it back, or its lease ran out); when the granted claim was sent. Without: now.
+    async fn claim_for_switchover(&self, epoch: u64) -> Result<Instant, String> {
+        if self.witness_link.is_none() {
+            return Ok(Instant::now());
+        }
+        let deadline =
+            Instant::now() + Duration::from_millis(self.cfg.witness_lease_ms) + 2 * self.timeout();
+        loop {
+            let sent = Instant::now();
+            let (granted, notes, _) = self.hold_at_witnesses(epoch).await;
+            if granted >= self.majority() {
+                return Ok(sent);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the peer site is standby now, but {granted} of {} witnesses grant this \
+                     site the active role: {}; both sites are standby: `dr failover` once they do",
+                    self.cfg.witnesses.len(),
+                    notes.join("; ")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// `dr demote` on an active site's leader: this site becomes standby (keeping its epoch).
@@ -954,6 +1043,7 @@ impl Watchdog {
                         .view
                         .read_indexed(|i, f| (f.site.role, f.site.epoch, i));
                     if role == SiteRole::Standby {
+                        self.release_at_witnesses(epoch).await;
                         return DrReply::HandedOver { epoch, index };
                     }
                     if !matches!(

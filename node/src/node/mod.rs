@@ -31,6 +31,7 @@ use spaced_raft::network::{QuicNetwork, transport_config};
 use spaced_raft::pki::{ALPN_RAFT, Identity, TlsMaterial, TlsPaths};
 use spaced_raft::store::{self, FabricView};
 use spaced_raft::{Member, NodeId, Outcome, Raft};
+use spaced_replication::site_lease::SiteGate;
 use tokio::sync::watch;
 
 use crate::admin::server::AdminServer;
@@ -483,15 +484,26 @@ impl Node {
         let agent = Agent::new(cfg.node_id, lease.clone(), placement_backend.clone());
         agent
             .set_refresh((cfg.garp_refresh_s > 0).then(|| Duration::from_secs(cfg.garp_refresh_s)));
+        let site_gate = Arc::new(match &cfg.dr {
+            Some(section) => SiteGate::new(!section.witnesses.is_empty()),
+            None => SiteGate::open(),
+        });
         let placements = Placements::new(
             cluster.clone(),
             lease,
             Arc::new(agent),
             placement_backend.clone(),
+            site_gate.clone(),
         );
         let device_lost_after = devices.settings().lost_after;
         let watchdog = match &cfg.dr {
-            Some(section) => Some(dr::watchdog(&cfg, section, &tls, &cluster)?),
+            Some(section) => Some(dr::watchdog(
+                &cfg,
+                section,
+                &tls,
+                &cluster,
+                placements.lease.reassign_after(),
+            )?),
             None => None,
         };
         let admin = AdminServer::new(
@@ -533,6 +545,14 @@ impl Node {
         ));
         if let Some(w) = &watchdog {
             tasks.push(tokio::spawn(w.clone().run(stop())));
+            if site_gate.has_witnesses() {
+                tasks.push(tokio::spawn(dr::follow_site_hold(
+                    cluster.clone(),
+                    w.clone(),
+                    site_gate.clone(),
+                    stop(),
+                )));
+            }
         }
         tasks.push(tokio::spawn(registration::record_mgmt_ip(
             cluster.clone(),
@@ -543,7 +563,11 @@ impl Node {
             cluster.clone(),
             stop(),
         )));
-        let hooks = Arc::new(peer::Hooks::new(placements.clone(), admin.clone()));
+        let hooks = Arc::new(peer::Hooks::new(
+            placements.clone(),
+            admin.clone(),
+            watchdog.clone(),
+        ));
         tasks.push(tokio::spawn(peer::accept_loop(
             endpoint.clone(),
             cluster.clone(),

@@ -108,13 +108,20 @@ pub(super) struct Hooks {
     admin: Arc<AdminServer>,
     /// Peers and terms a lease-terms mismatch was logged for (once each).
     mismatches: std::sync::Mutex<std::collections::BTreeSet<(NodeId, LeaseTerms)>>,
+    /// The DR watchdog, which answers how long the site holds the active role.
+    watchdog: Option<Arc<spaced_replication::Watchdog>>,
 }
 
 impl Hooks {
-    pub(super) fn new(placements: Arc<Placements>, admin: Arc<AdminServer>) -> Self {
+    pub(super) fn new(
+        placements: Arc<Placements>,
+        admin: Arc<AdminServer>,
+        watchdog: Option<Arc<spaced_replication::Watchdog>>,
+    ) -> Self {
         Hooks {
             placements,
             admin,
+            watchdog,
             mismatches: std::sync::Mutex::default(),
         }
     }
@@ -209,6 +216,11 @@ impl NodeHooks for Hooks {
                 .await
                 .map_err(|e| e.to_string())
         })
+    }
+
+    fn site_hold(&self) -> Option<(u64, u64)> {
+        let (epoch, left) = self.watchdog.as_ref()?.site_hold()?;
+        Some((epoch, left.as_millis() as u64))
     }
 
     fn check_vip(&self, address: String, interface: String) -> BoxFuture<'static, Option<String>> {

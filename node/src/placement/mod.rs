@@ -54,6 +54,8 @@ pub struct Placements {
     /// On a standby site's leader: the placements (name, epoch) whose owner is being asked to
     /// let go.
     pub(crate) demoting: Mutex<std::collections::BTreeSet<(String, u64)>>,
+    /// Whether the site's role lets this node confirm workload leases (DR).
+    pub(crate) site: Arc<spaced_replication::site_lease::SiteGate>,
 }
 
 impl Placements {
@@ -63,8 +65,10 @@ impl Placements {
         lease: LeaseConfig,
         agent: Arc<Agent>,
         backend: Arc<dyn VipBackend>,
+        site: Arc<spaced_replication::site_lease::SiteGate>,
     ) -> Arc<Self> {
         Arc::new(Placements {
+            site,
             cluster,
             lease,
             agent,

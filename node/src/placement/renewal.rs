@@ -271,12 +271,19 @@ impl Placements {
     /// gets no lease for a placement that has since moved on.
     /// A node that is no longer a voter in its own view (removed, its log ending with the
     /// change) confirms nothing: the leader no longer asks it whether the owner went silent.
+    /// Nor does a node of a standby site, or of an active site whose hold on the active role
+    /// at the DR witnesses it cannot vouch for beyond the lease it would grant (see
+    /// [`spaced_replication::site_lease`]).
     pub fn record_renewal(&self, from: NodeId, held: Vec<Held>) -> Vec<Held> {
         if !self.cluster.is_voter(self.cluster.id) || self.cluster.raft_failure().is_some() {
             return Vec::new();
         }
         let now = Instant::now();
+        let span = self.lease.reassign_after();
         let current: Vec<Held> = self.cluster.view.read(|f| {
+            if !self.site.may_confirm(f.site.role, f.site.epoch, span) {
+                return Vec::new();
+            }
             held.into_iter()
                 .filter(|(name, epoch)| {
                     f.placements
