@@ -359,7 +359,7 @@ async fn with_a_witness_a_switchover_moves_the_ticket_and_the_new_active_site_ke
     })
     .await?;
     let mut wa = west.admin(1).await?;
-    let mut ea = east.admin(1).await?;
+    let ea = east.admin(1).await?;
     let deadline = tokio::time::Instant::now() + T;
     while !status(&mut wa).await?.peer_reachable {
         assert!(

@@ -408,6 +408,7 @@ pub fn binary(name: &str) -> Result<PathBuf> {
 }
 pub mod device_farm;
 pub mod lab;
+pub mod sites;
 
 /// Two one-node sites of a disaster-recovery pair, each its own in-process cluster with its
 /// own CA (nothing started): `east` (starts active, loopback VIP 127.0.0.100) and `west`

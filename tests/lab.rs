@@ -625,6 +625,88 @@ impl Drop for Lab {
     }
 }
 
+/// A router namespace joining several labs (each its own bridge and /24): every lab gets a
+/// port on it at `.254` and its hosts a default route through it. Links between subnets are
+/// cut one way or both with blackhole rules in the router, as a WAN fault would.
+pub struct Router {
+    ns: String,
+    /// (subnet prefix "10.a.b", switch namespace) of each joined lab.
+    subnets: Vec<String>,
+    next_rule: AtomicU32,
+}
+
+impl Router {
+    /// Joins `labs` (each lab's hosts routed through the router; their clients too).
+    pub fn join(labs: &[&Lab]) -> Result<Router> {
+        let pid = std::process::id();
+        let counter = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut router = Router {
+            ns: format!("{NS_PREFIX}{pid:x}-{:x}-rt", counter % 0x1_0000),
+            subnets: Vec::new(),
+            next_rule: AtomicU32::new(100),
+        };
+        ip(&format!("netns add {}", router.ns))?;
+        let built = (|| -> Result<()> {
+            let rt = router.ns.clone();
+            sysctl(&rt, &["net.ipv4.ip_forward=1"])?;
+            ip(&format!("-n {rt} link set lo up"))?;
+            for (k, lab) in labs.iter().enumerate() {
+                let sw = lab.switch_ns();
+                let net = format!("10.{}.{}", lab.net4[0], lab.net4[1]);
+                ip(&format!(
+                    "-n {sw} link add rt{k} type veth peer name l{k} netns {rt}"
+                ))?;
+                ip(&format!("-n {sw} link set rt{k} master {}", lab.bridge))?;
+                ip(&format!("-n {sw} link set rt{k} up"))?;
+                ip(&format!("-n {rt} addr add {net}.254/24 dev l{k}"))?;
+                ip(&format!("-n {rt} link set l{k} up"))?;
+                for h in lab.hosts.iter().chain(std::iter::once(&lab.client)) {
+                    ip(&format!("-n {} route add default via {net}.254", h.ns))?;
+                }
+                router.subnets.push(net);
+            }
+            Ok(())
+        })();
+        built.with_context(|| format!("building router {}", router.ns))?;
+        Ok(router)
+    }
+
+    /// The router's namespace.
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
+    /// Drops every packet from `from` to `to` (addresses or `a.b.c.d/len` prefixes) that the
+    /// router forwards; returns the rule's handle for [`unblock`](Self::unblock).
+    pub fn block(&self, from: &str, to: &str) -> Result<u32> {
+        let prio = self.next_rule.fetch_add(1, Ordering::Relaxed);
+        ip(&format!(
+            "-n {} rule add from {from} to {to} blackhole priority {prio}",
+            self.ns
+        ))?;
+        Ok(prio)
+    }
+
+    /// Removes a rule [`block`](Self::block) added.
+    pub fn unblock(&self, rule: u32) -> Result<()> {
+        ip(&format!("-n {} rule del priority {rule}", self.ns))?;
+        Ok(())
+    }
+
+    /// The /24 of the `k`-th joined lab, as `10.a.b.0/24`.
+    pub fn subnet(&self, k: usize) -> String {
+        format!("{}.0/24", self.subnets[k])
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&format!("netns del {}", self.ns)) {
+            eprintln!("router {}: cleanup: {e:#}", self.ns);
+        }
+    }
+}
+
 /// A process started by `Lab::spawn_in`. Cloning gives another handle to the same process.
 #[derive(Clone)]
 pub struct LabProcess {
@@ -850,7 +932,19 @@ impl AddressWatch {
         ip_addr: IpAddr,
         period: Duration,
     ) -> Result<AddressWatch> {
+        let each: Vec<(String, IpAddr)> = namespaces.iter().map(|n| (n.clone(), ip_addr)).collect();
+        Self::start_each(lab, &each, period)
+    }
+
+    /// Like [`start`](Self::start), with an address of its own per namespace (a site's VIP on
+    /// each of its hosts, say): a namespace counts as a holder when it holds its address.
+    pub fn start_each(
+        lab: &Lab,
+        watched: &[(String, IpAddr)],
+        period: Duration,
+    ) -> Result<AddressWatch> {
         let _ = lab; // namespaces are opened by name; the lab must just outlive the watch's use
+        let namespaces: Vec<String> = watched.iter().map(|(n, _)| n.clone()).collect();
         if namespaces.is_empty() {
             bail!("AddressWatch needs at least one namespace");
         }
@@ -879,10 +973,10 @@ impl AddressWatch {
 
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
         let mut samplers = Vec::with_capacity(n);
-        for (i, (file, ns)) in files.into_iter().zip(namespaces).enumerate() {
+        for (i, (file, (ns, ip_addr))) in files.into_iter().zip(watched).enumerate() {
             let rounds2 = rounds.clone();
             let ready_tx = ready_tx.clone();
-            let ns = ns.clone();
+            let (ns, ip_addr) = (ns.clone(), *ip_addr);
             let spawned = std::thread::Builder::new()
                 .name(format!("lab-watch-{i}"))
                 .spawn(move || sampler(i, &file, &ns, ip_addr, &rounds2, ready_tx));
@@ -908,7 +1002,7 @@ impl AddressWatch {
 
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let names = namespaces.to_vec();
+        let names = namespaces;
         let (first_tx, first_rx) = mpsc::channel::<()>();
         let rounds2 = rounds.clone();
         let coordinator = std::thread::Builder::new()
@@ -1102,6 +1196,12 @@ fn netns_file(ns: &str) -> Result<File> {
 fn enter_netns(file: &File, ns: &str) -> Result<()> {
     setns(file, CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("setns into network namespace {ns}"))
+}
+
+/// Moves the calling thread into network namespace `ns` for good (a thread of its own, made
+/// for that: a prober or poller that lives inside a lab host).
+pub fn enter_namespace(ns: &str) -> Result<()> {
+    enter_netns(&netns_file(ns)?, ns)
 }
 
 /// Runs `f` on a scoped thread inside `ns`, leaving the caller's namespace untouched.

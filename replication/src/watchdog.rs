@@ -664,13 +664,16 @@ impl Watchdog {
         }
     }
 
-    /// On a standby's leader with automatic failover: once the peer is lost, claim the active
-    /// role at the witnesses (they grant it only when the peer's lease has run out there) and
-    /// become active with it.
+    /// On a standby's leader with automatic failover: once the peer is lost, or answers but
+    /// has been standby too for a few contacts (it demoted itself, having lost the witnesses),
+    /// claim the active role at the witnesses (they grant it only when the peer's lease has
+    /// run out there, and to one site of two claiming) and become active with it.
     async fn take_over_if_lost(&self, me: &SiteState) {
         let seen = {
             let st = self.state();
-            if !self.automatic_failover_on() || st.failures < self.cfg.heartbeat_retries {
+            let lost = st.failures >= self.cfg.heartbeat_retries;
+            let no_active = st.no_active > self.cfg.heartbeat_retries && !st.switching;
+            if !self.automatic_failover_on() || !(lost || no_active) {
                 return;
             }
             st.peer_epoch_seen.max(st.witness_epoch_seen)
@@ -687,7 +690,7 @@ impl Watchdog {
             tracing::debug!(granted, notes = ?notes, "DR: peer lost, the witnesses do not grant the active role (yet)");
             return;
         }
-        tracing::warn!(peer = %self.cfg.peer_site, granted, epoch, "DR: the peer site is lost and the witnesses grant the active role: automatic failover");
+        tracing::warn!(peer = %self.cfg.peer_site, granted, epoch, "DR: the peer site is lost or standby and the witnesses grant the active role: automatic failover");
         if let Err(e) = self.promote(epoch, sent).await {
             tracing::error!(error = %e, "DR: automatic failover could not promote this site");
         }
