@@ -389,6 +389,91 @@ async fn with_a_witness_a_switchover_moves_the_ticket_and_the_new_active_site_ke
     Ok(())
 }
 
+/// `[dr.backup]`: the active site backs its declared configuration files up (at once, and
+/// on `dr backup`) and ships them to the standby, which keeps them and, promoted, writes the
+/// newest back before its services start; a standby takes no backup itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_files_are_backed_up_shipped_and_restored_at_promotion() -> Result<()> {
+    let (mut east, mut west) = two_sites()?;
+    let conf = east.dir.path().join("app").join("app.conf");
+    std::fs::create_dir_all(conf.parent().expect("a directory"))?;
+    std::fs::write(&conf, "v1")?;
+    for site in [&mut east, &mut west] {
+        if let Some(dr) = site.configs.get_mut(&1).and_then(|c| c.dr.as_mut()) {
+            dr.backup.files = vec![conf.clone()];
+        }
+    }
+    spaced_tests::start_site(&mut east).await?;
+    spaced_tests::start_site(&mut west).await?;
+    let mut ea = east.admin(1).await?;
+    let mut wa = west.admin(1).await?;
+    // East takes a first backup as soon as it leads, and west receives it.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let s = status(&mut wa).await?;
+        if s.last_backup
+            .is_some_and(|(_, files, bytes)| (files, bytes) == (1, 2))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "west never received a backup: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match dr(&mut wa, DrAction::Backup).await? {
+        AdminReply::Failed(e) => assert!(e.contains("standby"), "{e}"),
+        other => bail!("a backup on the standby: {other:?}"),
+    }
+    // A changed file, backed up on demand, reaches west too.
+    std::fs::write(&conf, "v2 changed")?;
+    let taken = match dr(&mut ea, DrAction::Backup).await? {
+        AdminReply::DrBackup {
+            taken_at,
+            files: 1,
+            bytes: 10,
+        } => taken_at,
+        other => bail!("dr backup: {other:?}"),
+    };
+    let deadline = tokio::time::Instant::now() + T;
+    while status(&mut wa).await?.last_backup.map(|b| b.0) != Some(taken) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "west never received backup {taken}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // West's host lacks the file; east is lost and west fails over: the file is back.
+    std::fs::remove_dir_all(conf.parent().expect("a directory"))?;
+    ea.close().await;
+    east.crash_node(1).await;
+    let deadline = tokio::time::Instant::now() + T;
+    while status(&mut wa).await?.peer_reachable {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "west never lost east"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match dr(&mut wa, DrAction::Failover { force: false }).await? {
+        AdminReply::DrActive { epoch } => assert_eq!(epoch, 2),
+        other => bail!("failover: {other:?}"),
+    }
+    let deadline = tokio::time::Instant::now() + T;
+    while std::fs::read_to_string(&conf).ok().as_deref() != Some("v2 changed") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} not restored",
+            conf.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wa.close().await;
+    west.stop_all().await;
+    Ok(())
+}
+
 /// A failure-detection script replaces the built-in decision once the peer is lost: its bad
 /// output is named and changes nothing; its `beActive` promotes the standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -496,6 +496,7 @@ pub fn dr_sites(witnesses: &[String]) -> Result<DrSites> {
             isolation_wait_ms: 0,
             failure_detection_script: None,
             script_timeout_ms: 10_000,
+            backup: Default::default(),
         });
         c.configs.insert(1, cfg);
     }

@@ -234,6 +234,7 @@ impl Sites {
                     isolation_wait_ms: 0,
                     failure_detection_script: None,
                     script_timeout_ms: 10_000,
+                    backup: Default::default(),
                 }),
                 source: dir.join(format!("{name}.toml")),
             };

@@ -172,6 +172,7 @@ async fn run_in(dir: &Path) -> Result<()> {
             isolation_wait_ms: 0,
             failure_detection_script: None,
             script_timeout_ms: 10_000,
+            backup: Default::default(),
         });
         let config = write_config(&cfg)?;
         let child = spawn_node(&exe, site_dir, &config, true)?;

@@ -63,6 +63,10 @@ pub struct DrSection {
     /// How long the script may run, in ms; past it, it is killed and its verdict is "nothing".
     #[serde(default = "default_script_timeout")]
     pub script_timeout_ms: u64,
+    /// Backups of declared configuration files, shipped to the standby and restored there at
+    /// promotion (`[dr.backup]`).
+    #[serde(default)]
+    pub backup: crate::backup::BackupSection,
 }
 
 fn default_script_timeout() -> u64 {
@@ -164,7 +168,7 @@ impl DrSection {
         if self.heartbeat_retries == 0 {
             return Err(("dr.heartbeat_retries".into(), "must be at least 1".into()));
         }
-        Ok(())
+        self.backup.validate()
     }
 }
 
@@ -215,6 +219,7 @@ mod tests {
             isolation_wait_ms: 0,
             failure_detection_script: None,
             script_timeout_ms: 10_000,
+            backup: Default::default(),
         }
     }
 

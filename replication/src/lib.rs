@@ -3,6 +3,8 @@
 //! its own, and takes over when told to.
 //!
 //! * [`config`] — the `[dr]` section of a node's config.
+//! * [`backup`] — backups of declared configuration files, shipped to the standby and
+//!   restored at promotion.
 //! * [`projection`] — the site-neutral part of a fabric, differences between two of them, and
 //!   the `Mirror` commands that bring a standby to its peer's.
 //! * [`decide`] — what a site does on hearing its peer (pure).
@@ -19,6 +21,7 @@
 //! only with an epoch above every one it has seen, and an active site that hears of an
 //! active peer with a higher epoch demotes itself (see [`decide`]).
 
+pub mod backup;
 pub mod config;
 pub mod decide;
 pub mod link;

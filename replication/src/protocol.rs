@@ -9,8 +9,9 @@ use crate::projection::{Delta, Projection};
 /// ALPN of the disaster-recovery link (its own port, its own trust: the peer site's CA).
 pub const ALPN_DR: &[u8] = b"spaced-dr/1";
 
-/// Largest request a node reads from a peer site.
-pub const MAX_REQUEST: usize = 64 << 10;
+/// Largest request a node reads from a peer site (a backup of configuration files, at most
+/// [`crate::backup::MAX_BACKUP`] of them, is the largest).
+pub const MAX_REQUEST: usize = (crate::backup::MAX_BACKUP as usize) + (1 << 20);
 
 /// What a site's leader asks a node of its peer site.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +35,9 @@ pub enum DrRequest {
     },
     /// To a witness: hold the pair's ticket (the active role) for a while.
     Hold(crate::witness::Hold),
+    /// The active site's leader to each node of the standby: keep this backup of the
+    /// declared configuration files.
+    KeepBackup(crate::backup::Backup),
 }
 
 /// What changed since the asker's projection.
@@ -74,6 +78,8 @@ pub enum DrReply {
     },
     /// A witness's answer to `Hold`.
     Hold(crate::witness::HoldAnswer),
+    /// The backup is kept.
+    Kept,
     /// Refused, and why.
     Refused(String),
 }

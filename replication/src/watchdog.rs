@@ -13,6 +13,7 @@ use spaced_fabric::{Command, Millis, MirrorPosition, Outcome, SiteRole};
 use spaced_raft::store::FabricView;
 use tokio::sync::watch;
 
+use crate::backup::{Backup, BackupStore, Kind};
 use crate::config::DrSection;
 use crate::decide::{SiteState, Verdict, on_peer, promotion_epoch};
 use crate::link::{Link, Serve};
@@ -95,6 +96,11 @@ pub struct DrStatus {
     pub witness_note: Option<String>,
     /// The failure-detection script's last verdict, or why it failed.
     pub script_note: Option<String>,
+    /// The newest backup of the declared configuration files this node has (taken here on an
+    /// active site, received on a standby): when it was taken, its files and bytes.
+    pub last_backup: Option<(Millis, usize, u64)>,
+    /// The last backup problem (a file that cannot be read, a standby node not reached).
+    pub backup_note: Option<String>,
 }
 
 #[derive(Default)]
@@ -135,6 +141,10 @@ struct State {
     script_wait_until: Option<Instant>,
     /// The script's last verdict or failure.
     script_note: Option<String>,
+    /// On an active site's leader: the newest backup each standby node keeps (by address).
+    shipped: std::collections::BTreeMap<String, Millis>,
+    /// The last backup problem.
+    backup_note: Option<String>,
 }
 
 /// The watchdog of one node.
@@ -152,6 +162,8 @@ pub struct Watchdog {
     sent: Mutex<Option<(u64, Projection)>>,
     /// Wakes the mirroring task when a pull brought something.
     mirror_wake: tokio::sync::Notify,
+    /// This node's backups of the declared configuration files.
+    backups: Arc<BackupStore>,
 }
 
 impl Watchdog {
@@ -162,8 +174,10 @@ impl Watchdog {
         handle: Arc<dyn SiteHandle>,
         link: Arc<Link>,
         witness_link: Option<Arc<Link>>,
+        backups: Arc<BackupStore>,
     ) -> Arc<Self> {
         Arc::new(Watchdog {
+            backups,
             cfg,
             view,
             handle,
@@ -257,6 +271,9 @@ impl Watchdog {
             }
         }
         let me = self.me();
+        if me.role == SiteRole::Active && !self.cfg.backup.files.is_empty() {
+            self.back_up_and_ship().await;
+        }
         let mirror = me.role == SiteRole::Standby;
         let (have, addr) = {
             let st = self.state();
@@ -560,6 +577,81 @@ impl Watchdog {
         (granted, notes, overtaken)
     }
 
+    /// On an active site's leader: takes a backup when one is due (or when this node has
+    /// none: a new leader), then ships the newest to every standby node that lacks it.
+    async fn back_up_and_ship(&self) {
+        let now = self.handle.now_millis();
+        let newest = self.backups.list(Kind::Own).last().copied();
+        if (newest.is_none() || self.cfg.backup.due(newest, now))
+            && let Err(e) = self.back_up_now()
+        {
+            tracing::warn!(error = %e, "DR: configuration files not backed up");
+        }
+        let backup = match self.backups.newest(Kind::Own) {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                self.state().backup_note = Some(e);
+                return;
+            }
+        };
+        for addr in &self.cfg.peers {
+            if self.state().shipped.get(addr) == Some(&backup.taken_at) {
+                continue;
+            }
+            let req = DrRequest::KeepBackup(backup.clone());
+            match self.link.call(addr, &req, self.timeout()).await {
+                Ok(DrReply::Kept) => {
+                    tracing::info!(peer = %addr, taken_at = backup.taken_at, "DR: configuration backup shipped");
+                    self.state().shipped.insert(addr.clone(), backup.taken_at);
+                }
+                Ok(other) => {
+                    self.state().backup_note =
+                        Some(format!("{addr} did not keep the backup: {other:?}"))
+                }
+                Err(e) => {
+                    self.state().backup_note = Some(format!("{addr} did not keep the backup: {e}"))
+                }
+            }
+        }
+    }
+
+    /// Backs the declared configuration files up now (`spacectl dr backup`, on the active
+    /// site's leader); it is shipped to the standby at the next heartbeat.
+    pub fn back_up_now(&self) -> Result<(Millis, usize, u64), String> {
+        let me = self.me();
+        if me.role != SiteRole::Active {
+            return Err(format!(
+                "site {} is {}: the active site backs up, a standby keeps what it receives",
+                me.site, me.role
+            ));
+        }
+        if self.cfg.backup.files.is_empty() {
+            return Err("[dr.backup] declares no files".into());
+        }
+        let taken = Backup::take(
+            &self.cfg.site,
+            &self.cfg.backup.files,
+            self.handle.now_millis(),
+        )
+        .and_then(|b| self.backups.keep(Kind::Own, &b).map(|()| b));
+        match taken {
+            Ok(b) => {
+                self.state().backup_note = None;
+                tracing::info!(
+                    files = b.files.len(),
+                    bytes = b.size(),
+                    "DR: configuration files backed up"
+                );
+                Ok((b.taken_at, b.files.len(), b.size()))
+            }
+            Err(e) => {
+                self.state().backup_note = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
     /// After a hand-over: once this site's workload leases have surely run out (its nodes
     /// confirm none on a standby), gives the active role back at the witnesses, so that the
     /// peer's claim need not wait out the lease. Best effort: a witness that does not hear
@@ -807,6 +899,10 @@ impl Watchdog {
             witnesses_granting: st.witnesses_granting,
             witness_note: st.witness_note.clone(),
             script_note: st.script_note.clone(),
+            last_backup: self
+                .backups
+                .summary(if standby { Kind::Peer } else { Kind::Own }),
+            backup_note: st.backup_note.clone(),
         }
     }
 
@@ -1022,6 +1118,22 @@ impl Watchdog {
                 }
             }
             DrRequest::Hold(_) => DrReply::Refused("this is a site, not a witness".into()),
+            DrRequest::KeepBackup(backup) => {
+                let me = self.me();
+                if me.role != SiteRole::Standby || backup.site != self.cfg.peer_site {
+                    return DrReply::Refused(format!(
+                        "site {} is {}: only a standby keeps its peer {}'s backups",
+                        me.site, me.role, self.cfg.peer_site
+                    ));
+                }
+                match self.backups.keep(Kind::Peer, &backup) {
+                    Ok(()) => DrReply::Kept,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "DR: the peer's configuration backup not kept");
+                        DrReply::Refused(format!("not kept: {e}"))
+                    }
+                }
+            }
             DrRequest::HandOver { from } => {
                 if from.site != self.cfg.peer_site || from.role != SiteRole::Standby {
                     return DrReply::Refused(format!(

@@ -132,6 +132,9 @@ pub enum DrAction {
         /// How long it stays off, in ms.
         off_for_ms: Option<u64>,
     },
+    /// Back the declared configuration files up now (active site); the standby receives the
+    /// backup at the next heartbeat.
+    Backup,
 }
 
 /// One node's load balancer, for `lb status` (answered by every node, from its own state).
@@ -442,6 +445,15 @@ pub enum AdminReply {
     Snapshot(Vec<u8>),
     /// Answer to `Dr(Status)`.
     DrStatus(spaced_replication::DrStatus),
+    /// Answer to `Dr(Backup)`: when it was taken, its files and bytes.
+    DrBackup {
+        /// When (ms since the Unix epoch).
+        taken_at: u64,
+        /// Files in it.
+        files: usize,
+        /// Their bytes.
+        bytes: u64,
+    },
     /// Answer to `Dr(Failover)` and `Dr(Switchover)`: the site is active at this epoch.
     DrActive {
         /// The site epoch it was promoted with.

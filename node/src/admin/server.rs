@@ -422,6 +422,15 @@ impl AdminServer {
                         dr.demote().await.map_err(OpError::Refused)?;
                         AdminReply::Done
                     }
+                    super::DrAction::Backup => {
+                        let (taken_at, files, bytes) =
+                            dr.back_up_now().map_err(OpError::Refused)?;
+                        AdminReply::DrBackup {
+                            taken_at,
+                            files,
+                            bytes,
+                        }
+                    }
                     super::DrAction::AutomaticFailover { off_for_ms } => {
                         let off_until = off_for_ms.map(|ms| match ms {
                             0 => u64::MAX,

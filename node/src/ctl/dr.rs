@@ -39,6 +39,9 @@ pub enum DrCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Back the files of `[dr.backup]` up now on this active site; the standby site receives
+    /// the backup at the next heartbeat and restores it when it is promoted.
+    Backup,
     /// Turn this site's automatic failover off (for a while, or until turned on) or on.
     AutomaticFailover {
         /// Turn it on again.
@@ -78,6 +81,19 @@ pub(super) async fn run(cli: &Cli, action: &DrCmd) -> Result<(), CtlError> {
             DrAction::Switchover,
         ),
         DrCmd::Demote { yes } => ("make this site standby", *yes, DrAction::Demote),
+        DrCmd::Backup => {
+            match mutate(cli, AdminRequest::Dr(DrAction::Backup)).await? {
+                AdminReply::DrBackup {
+                    taken_at,
+                    files,
+                    bytes,
+                } => println!(
+                    "backed up {files} files ({bytes} bytes) as backup {taken_at} (ms since the Unix epoch); the standby receives it at the next heartbeat"
+                ),
+                other => return Err(odd(other)),
+            }
+            return Ok(());
+        }
         DrCmd::AutomaticFailover { enable, disable } => {
             let off_for_ms = match (enable, disable) {
                 (true, None) => None,
@@ -187,6 +203,26 @@ pub fn dr_status_table(s: &DrStatus, now_ms: u64) -> String {
     if let Some(note) = &s.script_note {
         rows.push(vec!["failure-detection script".into(), note.clone()]);
     }
+    if s.last_backup.is_some() || s.backup_note.is_some() {
+        let newest = match s.last_backup {
+            Some((at, files, bytes)) => format!(
+                "{} ago, {files} files, {bytes} bytes ({})",
+                render::age(now_ms, at),
+                if s.role == spaced_fabric::SiteRole::Standby {
+                    "received from the peer, restored at promotion"
+                } else {
+                    "taken here"
+                }
+            ),
+            None => "none".into(),
+        };
+        let note = s
+            .backup_note
+            .as_ref()
+            .map(|n| format!("; {n}"))
+            .unwrap_or_default();
+        rows.push(vec!["config backup".into(), format!("{newest}{note}")]);
+    }
     if s.role == spaced_fabric::SiteRole::Standby {
         rows.push(vec![
             "mirrored".into(),
@@ -248,6 +284,8 @@ pub fn dr_status_json(s: &DrStatus) -> String {
         "witnesses_granting": s.witnesses_granting.map(|(g, of)| json!({"granted": g, "of": of})),
         "witness_note": s.witness_note,
         "script_note": s.script_note,
+        "last_backup": s.last_backup.map(|(at, files, bytes)| json!({"taken_at_ms": at, "files": files, "bytes": bytes})),
+        "backup_note": s.backup_note,
     }))
     .unwrap_or_default()
 }
@@ -281,6 +319,8 @@ mod tests {
             witnesses_granting: Some((0, 3)),
             witness_note: Some("w1: site east holds it (8000 ms left)".into()),
             script_note: None,
+            last_backup: Some((1_000, 2, 300)),
+            backup_note: None,
         }
     }
 
@@ -296,6 +336,7 @@ mod tests {
             "0 of 3 grant this site the active role (w1: site east holds it",
             "not mirrored: put-service web",
             "1m0s ago",
+            "2 files, 300 bytes (received from the peer, restored at promotion)",
         ] {
             assert!(text.contains(want), "no {want:?} in:\n{text}");
         }

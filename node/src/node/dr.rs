@@ -55,6 +55,7 @@ pub(super) fn watchdog(
     tls: &TlsMaterial,
     cluster: &Cluster,
     workload_lease: Duration,
+    backups: Arc<spaced_replication::backup::BackupStore>,
 ) -> Result<Arc<Watchdog>, StartError> {
     let material = tls
         .trusting(&dr.peer_ca)
@@ -77,6 +78,7 @@ pub(super) fn watchdog(
         Arc::new(Site(cluster.clone(), workload_lease)),
         link,
         witness_link,
+        backups,
     ))
 }
 

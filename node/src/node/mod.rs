@@ -31,6 +31,7 @@ use spaced_raft::network::{QuicNetwork, transport_config};
 use spaced_raft::pki::{ALPN_RAFT, Identity, TlsMaterial, TlsPaths};
 use spaced_raft::store::{self, FabricView};
 use spaced_raft::{Member, NodeId, Outcome, Raft};
+use spaced_replication::backup::BackupStore;
 use spaced_replication::site_lease::SiteGate;
 use tokio::sync::watch;
 
@@ -496,15 +497,22 @@ impl Node {
             site_gate.clone(),
         );
         let device_lost_after = devices.settings().lost_after;
-        let watchdog = match &cfg.dr {
-            Some(section) => Some(dr::watchdog(
+        let backups = cfg.dr.as_ref().map(|d| {
+            Arc::new(BackupStore::new(
+                cfg.data_dir.join("dr-backups"),
+                d.backup.max_count,
+            ))
+        });
+        let watchdog = match (&cfg.dr, &backups) {
+            (Some(section), Some(backups)) => Some(dr::watchdog(
                 &cfg,
                 section,
                 &tls,
                 &cluster,
                 placements.lease.reassign_after(),
+                backups.clone(),
             )?),
-            None => None,
+            _ => None,
         };
         let admin = AdminServer::new(
             cluster.clone(),
@@ -602,6 +610,7 @@ impl Node {
             placement_backend,
             supervisor.clone(),
             services_wake,
+            backups,
             stop(),
         )));
         tasks.push(tokio::spawn(crate::devices::agent::run(

@@ -535,6 +535,8 @@ mod tests {
             witnesses_granting: None,
             witness_note: None,
             script_note: None,
+            last_backup: None,
+            backup_note: None,
         };
         m.dr(&status, true);
         let text = m.render();

@@ -119,6 +119,36 @@ pub fn desired_services(
     }
 }
 
+/// On a site just promoted (DR), writes the configuration files of the newest backup received
+/// from the peer back before any service of the new tenure starts (once per site epoch; a
+/// failed restore is logged and tried again at the next pass).
+fn restore_before_workload(
+    cluster: &crate::cluster::Cluster,
+    store: &spaced_replication::backup::BackupStore,
+    seen: &mut Option<u64>,
+) {
+    let (role, epoch) = cluster.view.read(|f| (f.site.role, f.site.epoch));
+    if role != spaced_fabric::SiteRole::Active || *seen == Some(epoch) {
+        return;
+    }
+    match store.on_active(epoch) {
+        None => *seen = Some(epoch),
+        Some(Ok(b)) => {
+            *seen = Some(epoch);
+            tracing::warn!(
+                files = b.files.len(),
+                from = %b.site,
+                taken_at = b.taken_at,
+                epoch,
+                "DR: this site is active: configuration files restored from the peer's newest backup"
+            );
+        }
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "DR: configuration files not restored; trying again")
+        }
+    }
+}
+
 /// The agent's backend for all placements: VIPs go to the takeover backend, singletons to the
 /// supervisor. Losing a singleton's lease kills its process group at once (the fence); a
 /// graceful release (move, shutdown) stops it with SIGTERM and the grace period.
@@ -385,9 +415,12 @@ pub async fn services_loop(
     backend: Arc<PlacementBackend>,
     supervisor: Supervisor,
     wake: Arc<tokio::sync::Notify>,
+    backups: Option<Arc<spaced_replication::backup::BackupStore>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last: Option<Vec<DesiredService>> = None;
+    // The site epoch whose configuration restore (DR) has been looked at.
+    let mut restore_seen = None;
     let mut guarded = BTreeMap::new();
     let mut giving_up = BTreeSet::new();
     loop {
@@ -400,8 +433,11 @@ pub async fn services_loop(
             () = supervisor.started() => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
-        let held = placements.agent().active_epochs();
         let cluster = &placements.cluster;
+        if let Some(store) = &backups {
+            restore_before_workload(cluster, store, &mut restore_seen);
+        }
+        let held = placements.agent().active_epochs();
         let Desired {
             services: desired,
             singletons,
