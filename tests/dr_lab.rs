@@ -1,7 +1,9 @@
 //! Disaster recovery in the network lab: two 3-node sites of real `spaced` processes on
 //! their own subnets, joined by a router, and three witnesses (see `spaced_tests::sites`).
 //! A site whose leader stalls while it is cut off from the witnesses loses its VIP before the
-//! standby takes over; then randomized inter-site fault schedules (`SPACED_DR_SCHEDULES`,
+//! standby takes over; a whole site stalled and resumed does not take its VIP up again; the
+//! model's scenarios (standby lost, automatic failover off, both sites without witnesses)
+//! end as it says; then randomized inter-site fault schedules (`SPACED_DR_SCHEDULES`,
 //! default 6; seed printed, `SPACED_CHAOS_SEED` replays) never leave two sites active, on
 //! the sites' own epochs and on the VIPs. `cargo bench -p spaced-tests --bench dr-chaos`
 //! runs hundreds.
@@ -97,6 +99,92 @@ fn a_stalled_site_never_overlaps_the_standby_and_random_inter_site_faults_keep_o
     if !report.overlaps.is_empty() || !s.vip_holders(1)?.is_empty() {
         bail!(
             "two hosts held a VIP at once after west resumed: {:?} (logs in {})",
+            report.overlaps,
+            s.dir().display()
+        );
+    }
+
+    // The model's other scenarios, one by one.
+    let watch = s.watch_vips(Duration::from_millis(2))?;
+    let lease = Duration::from_millis(SitesSettings::default().witness_lease_ms);
+    // The standby is lost: nothing happens; the active site keeps its VIP where it was.
+    let holder = s.vip_holders(0)?;
+    let stopped = s.apply(&Fault::StopSite { site: 1 })?;
+    std::thread::sleep(2 * lease);
+    assert_eq!(
+        s.vip_holders(0)?,
+        holder,
+        "east's VIP moved while west was lost"
+    );
+    assert!(
+        s.latest(0)
+            .is_some_and(|r| (r.role, r.epoch) == (SiteRole::Active, 3))
+    );
+    s.heal(stopped)?;
+    // Automatic failover off on the standby: the active site lost, nothing happens; an
+    // operator's failover works once the witnesses let the old lease go.
+    let west = s.endpoint(1, 0);
+    s.ctl(1, &west, &["dr", "automatic-failover", "--disable"])?;
+    let stopped = s.apply(&Fault::StopSite { site: 0 })?;
+    std::thread::sleep(3 * lease);
+    assert!(
+        s.latest(1).is_some_and(|r| r.role == SiteRole::Standby),
+        "west took over with automatic failover off"
+    );
+    s.failover(1)?;
+    s.wait(
+        Duration::from_secs(20),
+        "west active at epoch 4 holding its VIP",
+        |s| {
+            Ok(s.latest(1)
+                .is_some_and(|r| (r.role, r.epoch) == (SiteRole::Active, 4))
+                && s.vip_holders(1)?.len() == 1)
+        },
+    )?;
+    s.heal(stopped)?;
+    s.wait(Duration::from_secs(30), "east standby again", |s| {
+        Ok(s.latest(0).is_some_and(|r| {
+            r.role == SiteRole::Standby && r.at.elapsed() < Duration::from_millis(500)
+        }))
+    })?;
+    s.ctl(1, &west, &["dr", "automatic-failover", "--enable"])?;
+    // Both sites lose the witnesses: west demotes itself and east cannot claim: both are
+    // standby and no VIP is held, until the witnesses are back and one site claims.
+    let mut cut = s.apply(&Fault::Witnesses {
+        site: 0,
+        which: vec![0, 1, 2],
+        both_ways: true,
+    })?;
+    cut = cut.and(s.apply(&Fault::Witnesses {
+        site: 1,
+        which: vec![0, 1, 2],
+        both_ways: true,
+    })?);
+    s.wait(Duration::from_secs(20), "west standby", |s| {
+        Ok(s.latest(1).is_some_and(|r| r.role == SiteRole::Standby))
+    })?;
+    std::thread::sleep(2 * lease);
+    assert!(
+        s.latest(0).is_some_and(|r| r.role == SiteRole::Standby)
+            && s.latest(1).is_some_and(|r| r.role == SiteRole::Standby),
+        "a site took the active role without the witnesses"
+    );
+    assert!(s.vip_holders(0)?.is_empty() && s.vip_holders(1)?.is_empty());
+    s.heal(cut)?;
+    s.wait(
+        Duration::from_secs(30),
+        "one site active again with its VIP",
+        |s| {
+            let active: Vec<usize> = (0..2)
+                .filter(|k| s.latest(*k).is_some_and(|r| r.role == SiteRole::Active))
+                .collect();
+            Ok(active.len() == 1 && s.vip_holders(active[0])?.len() == 1)
+        },
+    )?;
+    let report = watch.stop();
+    if !report.overlaps.is_empty() {
+        bail!(
+            "two hosts held a VIP at once: {:?} (logs in {})",
             report.overlaps,
             s.dir().display()
         );
