@@ -60,18 +60,10 @@ fn a_stalled_site_never_overlaps_the_standby_and_random_inter_site_faults_keep_o
     assert!(s.vip_holders(0)?.is_empty(), "east still holds its VIP");
     s.heal(cut.and(stopped))?;
     // East comes back, hears of west's higher epoch, and stays standby without its VIP.
-    s.wait(Duration::from_secs(30), "east standby again", |s| {
-        Ok(s.latest(0).is_some_and(|r| r.role == SiteRole::Standby))
-    })?;
+    standby_again(&s, 0)?;
     std::thread::sleep(Duration::from_secs(2));
-    let report = watch.stop();
-    if !report.overlaps.is_empty() || !s.vip_holders(0)?.is_empty() {
-        bail!(
-            "two hosts held a VIP at once: {:?} (logs in {})",
-            report.overlaps,
-            s.dir().display()
-        );
-    }
+    assert!(s.vip_holders(0)?.is_empty(), "east took its VIP up again");
+    no_overlap(&s, watch, "the stalled leader")?;
 
     // Every daemon of west stalls for two witness leases (their fence guards run on and drop
     // west's VIP at its lease's end), east takes over, and west resumes: its nodes must not
@@ -89,20 +81,10 @@ fn a_stalled_site_never_overlaps_the_standby_and_random_inter_site_faults_keep_o
         },
     )?;
     s.heal(stopped)?;
-    s.wait(Duration::from_secs(30), "west standby again", |s| {
-        Ok(s.latest(1).is_some_and(|r| {
-            r.role == SiteRole::Standby && r.at.elapsed() < Duration::from_millis(500)
-        }))
-    })?;
+    standby_again(&s, 1)?;
     std::thread::sleep(Duration::from_secs(2));
-    let report = watch.stop();
-    if !report.overlaps.is_empty() || !s.vip_holders(1)?.is_empty() {
-        bail!(
-            "two hosts held a VIP at once after west resumed: {:?} (logs in {})",
-            report.overlaps,
-            s.dir().display()
-        );
-    }
+    assert!(s.vip_holders(1)?.is_empty(), "west took its VIP up again");
+    no_overlap(&s, watch, "the stalled site")?;
 
     // The model's other scenarios, one by one.
     let watch = s.watch_vips(Duration::from_millis(2))?;
@@ -142,11 +124,7 @@ fn a_stalled_site_never_overlaps_the_standby_and_random_inter_site_faults_keep_o
         },
     )?;
     s.heal(stopped)?;
-    s.wait(Duration::from_secs(30), "east standby again", |s| {
-        Ok(s.latest(0).is_some_and(|r| {
-            r.role == SiteRole::Standby && r.at.elapsed() < Duration::from_millis(500)
-        }))
-    })?;
+    standby_again(&s, 0)?;
     s.ctl(1, &west, &["dr", "automatic-failover", "--enable"])?;
     // Both sites lose the witnesses: west demotes itself and east cannot claim: both are
     // standby and no VIP is held, until the witnesses are back and one site claims.
@@ -181,14 +159,7 @@ fn a_stalled_site_never_overlaps_the_standby_and_random_inter_site_faults_keep_o
             Ok(active.len() == 1 && s.vip_holders(active[0])?.len() == 1)
         },
     )?;
-    let report = watch.stop();
-    if !report.overlaps.is_empty() {
-        bail!(
-            "two hosts held a VIP at once: {:?} (logs in {})",
-            report.overlaps,
-            s.dir().display()
-        );
-    }
+    no_overlap(&s, watch, "the model's scenarios")?;
 
     let schedules = match std::env::var("SPACED_DR_SCHEDULES") {
         Ok(n) => n.parse()?,
@@ -198,4 +169,26 @@ fn a_stalled_site_never_overlaps_the_standby_and_random_inter_site_faults_keep_o
     println!("seed {seed} (SPACED_CHAOS_SEED={seed} replays it)");
     let campaign = sites::campaign(&s, seed, schedules)?;
     sites::check(&s, &campaign, seed)
+}
+
+/// Fails if the watch saw two hosts hold a VIP at once.
+fn no_overlap(s: &Sites, watch: spaced_tests::lab::AddressWatch, during: &str) -> Result<()> {
+    let report = watch.stop();
+    if !report.overlaps.is_empty() {
+        bail!(
+            "two hosts held a VIP at once during {during}: {:?} (logs in {})",
+            report.overlaps,
+            s.dir().display()
+        );
+    }
+    Ok(())
+}
+
+/// Waits until site `k`'s leader, asked afresh, says it is standby.
+fn standby_again(s: &Sites, k: usize) -> Result<()> {
+    s.wait(Duration::from_secs(30), "the site standby again", |s| {
+        Ok(s.latest(k).is_some_and(|r| {
+            r.role == SiteRole::Standby && r.at.elapsed() < Duration::from_millis(500)
+        }))
+    })
 }

@@ -28,9 +28,7 @@ use nix::sys::signal::Signal;
 use spaced_fabric::SiteRole;
 use spaced_node::admin::client::{AdminClient, AdminCredentials};
 use spaced_node::admin::{AdminReply, AdminRequest, DrAction};
-use spaced_node::ops::config::{
-    LeaseTimings, NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection,
-};
+use spaced_node::ops::config::{RaftTimings, TakeoverMode, VipSection};
 use spaced_replication::DrSection;
 
 use crate::lab::{AddressWatch, Lab, LabProcess, Router, WatchReport, enter_namespace};
@@ -182,62 +180,41 @@ impl Sites {
         let mut configs = Vec::new();
         for (i, host) in lab.hosts().iter().enumerate() {
             let id = i as u64 + 1;
-            let name = format!("n{id}");
             let dir = lab.dir().to_path_buf();
-            let cfg = NodeConfig {
-                node_id: id,
-                name: name.clone(),
-                data_dir: dir.join(format!("data-{name}")),
-                listen: SocketAddr::new(IpAddr::V4(host.ip), NODE_PORT),
-                advertise: None,
-                mgmt_ip: None,
-                metrics: None,
-                log_level: None,
-                roles: vec!["ha".into(), "app".into()],
-                tls: TlsSection {
-                    ca: pki.join("ca.pem"),
-                    cert: pki.join(format!("{name}.pem")),
-                    key: pki.join(format!("{name}.key")),
-                },
-                raft: RaftTimings::default(),
-                lease: LeaseTimings::default(),
-                takeover: TakeoverMode::Netlink,
-                vips: vec![VipSection {
-                    name: "front".into(),
-                    address: format!("{}/24", self.vips[k]),
-                    interface: "eth0".into(),
-                    roles: vec!["ha".into()],
-                    port: None,
-                }],
-                garp_refresh_s: 0,
-                fence_cgroup: None,
-                lb: None,
-                devices: Default::default(),
-                dr: Some(DrSection {
-                    site: SITES[k].into(),
-                    role: if k == 0 { "active" } else { "standby" }.into(),
-                    listen: SocketAddr::new(IpAddr::V4(host.ip), DR_PORT),
-                    peer_site: SITES[1 - k].into(),
-                    peers: peer
-                        .hosts()
-                        .iter()
-                        .map(|h| format!("{}:{DR_PORT}", h.ip))
-                        .collect(),
-                    peer_ca: self.pki[1 - k].join("ca.pem"),
-                    heartbeat_interval_ms: 200,
-                    heartbeat_timeout_ms: 300,
-                    heartbeat_retries: 3,
-                    witnesses: witnesses.to_vec(),
-                    witness_lease_ms: self.settings.witness_lease_ms,
-                    automatic_failover: true,
-                    // Every schedule starts afresh: no site sits out a wait after one.
-                    isolation_wait_ms: 0,
-                    failure_detection_script: None,
-                    script_timeout_ms: 10_000,
-                    backup: Default::default(),
-                }),
-                source: dir.join(format!("{name}.toml")),
-            };
+            let mut cfg = crate::node_config(&dir, pki, id, RaftTimings::default());
+            cfg.listen = SocketAddr::new(IpAddr::V4(host.ip), NODE_PORT);
+            cfg.takeover = TakeoverMode::Netlink;
+            cfg.devices = Default::default();
+            cfg.vips = vec![VipSection {
+                name: "front".into(),
+                address: format!("{}/24", self.vips[k]),
+                interface: "eth0".into(),
+                roles: vec!["ha".into()],
+                port: None,
+            }];
+            cfg.dr = Some(DrSection {
+                site: SITES[k].into(),
+                role: if k == 0 { "active" } else { "standby" }.into(),
+                listen: SocketAddr::new(IpAddr::V4(host.ip), DR_PORT),
+                peer_site: SITES[1 - k].into(),
+                peers: peer
+                    .hosts()
+                    .iter()
+                    .map(|h| format!("{}:{DR_PORT}", h.ip))
+                    .collect(),
+                peer_ca: self.pki[1 - k].join("ca.pem"),
+                heartbeat_interval_ms: 200,
+                heartbeat_timeout_ms: 300,
+                heartbeat_retries: 3,
+                witnesses: witnesses.to_vec(),
+                witness_lease_ms: self.settings.witness_lease_ms,
+                automatic_failover: true,
+                // Every schedule starts afresh: no site sits out a wait after one.
+                isolation_wait_ms: 0,
+                failure_detection_script: None,
+                script_timeout_ms: 10_000,
+                backup: Default::default(),
+            });
             std::fs::write(&cfg.source, cfg.to_toml())?;
             configs.push(cfg.source.clone());
         }
