@@ -232,7 +232,26 @@ impl Drop for WitnessProcess {
 }
 
 fn witness(east: &Cluster, west: &Cluster, port: u16) -> Result<WitnessProcess> {
-    let files = spaced_raft::pki::issue(&east.pki_dir(), "w1", false)?;
+    // Started before any lease was granted: no grace needed.
+    witness_with(east, west, port, &["--grace-ms", "0"])
+}
+
+/// A witness with these extra arguments (its certificate issued once, reused on restarts).
+fn witness_with(
+    east: &Cluster,
+    west: &Cluster,
+    port: u16,
+    args: &[&str],
+) -> Result<WitnessProcess> {
+    let cert = east.pki_dir().join("w1.pem");
+    let files = if cert.exists() {
+        spaced_raft::pki::IssuedFiles {
+            cert,
+            key: east.pki_dir().join("w1.key"),
+        }
+    } else {
+        spaced_raft::pki::issue(&east.pki_dir(), "w1", false)?
+    };
     let child = std::process::Command::new(spaced_tests::binary("spaced")?)
         .args([
             "witness",
@@ -247,10 +266,14 @@ fn witness(east: &Cluster, west: &Cluster, port: u16) -> Result<WitnessProcess> 
         .arg(east.pki_dir().join("ca.pem"))
         .arg("--ca")
         .arg(west.pki_dir().join("ca.pem"))
-        // Started before any lease was granted: no grace needed.
-        .args(["--grace-ms", "0"])
+        .args(args)
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(east.dir.path().join("witness.log"))?)
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(east.dir.path().join("witness.log"))?,
+        )
         .spawn()?;
     Ok(WitnessProcess(child))
 }
@@ -474,8 +497,60 @@ async fn configuration_files_are_backed_up_shipped_and_restored_at_promotion() -
     Ok(())
 }
 
+/// A witness with `--state` restarted on the same boot goes on from its saved tickets: the
+/// active site renews at once and stays active, although the witness's grace (60 s) would
+/// otherwise have it refuse everything for longer than half a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_restarted_with_its_state_keeps_the_active_site_active() -> Result<()> {
+    let port = free_udp_port();
+    let (mut east, mut west) = two_sites_with(&[format!("127.0.0.1:{port}")], false)?;
+    let state = east.dir.path().join("witness-state.json");
+    let state_arg = state.to_str().expect("UTF-8 path").to_string();
+    let args = ["--grace-ms", "60000", "--state", state_arg.as_str()];
+    // The first start has no state yet: no lease to outwait.
+    let w = witness_with(
+        &east,
+        &west,
+        port,
+        &["--grace-ms", "0", "--state", &state_arg],
+    )?;
+    spaced_tests::start_site(&mut east).await?;
+    spaced_tests::start_site(&mut west).await?;
+    east.wait_for(T, "east active holding its VIP", |c| {
+        role(c) == Some((SiteRole::Active, 1)) && owner(c, "cluster") == Some(1)
+    })
+    .await?;
+    let mut ea = east.admin(1).await?;
+    let deadline = tokio::time::Instant::now() + T;
+    while status(&mut ea).await?.witnesses_granting != Some((1, 1)) || !state.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the witness never granted east"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(w);
+    let _w = witness_with(&east, &west, port, &args)?;
+    // Two witness leases (3 s each): east renews at the restarted witness all along.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let log = || std::fs::read_to_string(east.dir.path().join("witness.log")).unwrap_or_default();
+    assert_eq!(
+        role(&east),
+        Some((SiteRole::Active, 1)),
+        "east demoted itself; the witness said:\n{}",
+        log()
+    );
+    assert_eq!(owner(&east, "cluster"), Some(1));
+    assert_eq!(status(&mut ea).await?.witnesses_granting, Some((1, 1)));
+    ea.close().await;
+    east.stop_all().await;
+    west.stop_all().await;
+    Ok(())
+}
+
 /// A failure-detection script replaces the built-in decision once the peer is lost: its bad
-/// output is named and changes nothing; its `beActive` promotes the standby.
+/// output is named and changes nothing; its `beActive` promotes the standby, its `beStandby`
+/// demotes the active site, and its `wait` holds later verdicts back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_detection_script_decides_once_the_peer_is_lost() -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -524,6 +599,53 @@ async fn a_failure_detection_script_decides_once_the_peer_is_lost() -> Result<()
             .as_deref()
             .is_some_and(|n| n.contains("east is gone") && n.contains("became active")),
         "{s:?}"
+    );
+    // `beStandby` demotes the active site.
+    std::fs::write(
+        &verdict,
+        r#"{"state":"active","action":"beStandby","description":"hand back"}"#,
+    )?;
+    west.wait_for(T, "west standby on the script's word", |c| {
+        role(c) == Some((SiteRole::Standby, 1))
+    })
+    .await?;
+    // `wait` holds every later verdict back for its time: a `beActive` written meanwhile is
+    // not carried out.
+    std::fs::write(
+        &verdict,
+        r#"{"state":"standby","action":"wait","description":"hold on","payload":{"waitTime":"60s"}}"#,
+    )?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let s = status(&mut wa).await?;
+        if s.script_note
+            .as_deref()
+            .is_some_and(|n| n.contains("waits 60s"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the wait never came: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(
+        &verdict,
+        r#"{"state":"standby","action":"beActive","description":"too soon"}"#,
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        role(&west),
+        Some((SiteRole::Standby, 1)),
+        "the wait was not kept"
+    );
+    assert!(
+        status(&mut wa)
+            .await?
+            .script_note
+            .is_some_and(|n| n.contains("waits 60s")),
+        "the script ran again during its wait"
     );
     wa.close().await;
     east.stop_all().await;

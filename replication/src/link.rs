@@ -141,9 +141,22 @@ impl Link {
             .await
             .map_err(|_| format!("{addr}: no answer within {connect:?}"))??;
         let left = reply.saturating_sub(start.elapsed());
-        tokio::time::timeout(left, self.exchange(addr, to, conn, request))
-            .await
-            .map_err(|_| format!("{addr}: no reply within {reply:?}"))?
+        match tokio::time::timeout(left, self.exchange(addr, to, conn, request)).await {
+            Ok(result) => result,
+            Err(_) => {
+                // A peer that restarted never answers on the old connection (nothing tells
+                // this side it is gone until the idle timeout): dial afresh next time.
+                self.forget(to);
+                Err(format!("{addr}: no reply within {reply:?}"))
+            }
+        }
+    }
+
+    fn forget(&self, to: SocketAddr) {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&to);
     }
 
     async fn exchange(
@@ -168,10 +181,7 @@ impl Link {
         }
         .await;
         if result.is_err() {
-            self.connections
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&to);
+            self.forget(to);
         }
         result.map_err(|e| format!("{addr}: {e}"))
     }

@@ -141,6 +141,12 @@ struct State {
     script_wait_until: Option<Instant>,
     /// The script's last verdict or failure.
     script_note: Option<String>,
+    /// When this standby's leader last claimed the active role at the witnesses (claims go
+    /// out at most once a heartbeat interval).
+    claimed_at: Option<Instant>,
+    /// When this leader handed the active role over to the peer (a switchover): for a while
+    /// it does not claim the role back when it finds both sites standby.
+    handed_over_at: Option<Instant>,
     /// On an active site's leader: the newest backup each standby node keeps (by address).
     shipped: std::collections::BTreeMap<String, Millis>,
     /// The last backup problem.
@@ -764,14 +770,24 @@ impl Watchdog {
         let seen = {
             let st = self.state();
             let lost = st.failures >= self.cfg.heartbeat_retries;
-            let no_active = st.no_active > self.cfg.heartbeat_retries && !st.switching;
-            if !self.automatic_failover_on() || !(lost || no_active) {
+            // A site that just handed over leaves the role to the peer's switchover.
+            let handed_over = st.handed_over_at.is_some_and(|t| {
+                t.elapsed()
+                    < HAND_OVER_WITHIN
+                        + SWITCHOVER_WITHIN
+                        + Duration::from_millis(self.cfg.witness_lease_ms)
+            });
+            let no_active =
+                st.no_active > self.cfg.heartbeat_retries && !st.switching && !handed_over;
+            let claimed_lately = st.claimed_at.is_some_and(|t| t.elapsed() < self.interval());
+            if !self.automatic_failover_on() || !(lost || no_active) || claimed_lately {
                 return;
             }
             st.peer_epoch_seen.max(st.witness_epoch_seen)
         };
         let epoch = promotion_epoch(me.epoch, seen);
         let sent = Instant::now();
+        self.state().claimed_at = Some(sent);
         let (granted, notes, _) = self.hold_at_witnesses(epoch).await;
         {
             let mut st = self.state();
@@ -1141,6 +1157,14 @@ impl Watchdog {
                         self.cfg.peer_site
                     ));
                 }
+                // The leader: it must know it handed over (see `take_over_if_lost`).
+                if !self.handle.is_leader() {
+                    return DrReply::Refused(format!(
+                        "this node does not lead site {}: ask another",
+                        self.cfg.site
+                    ));
+                }
+                self.state().handed_over_at = Some(Instant::now());
                 let me = self.me();
                 if me.role == SiteRole::Active {
                     if let Err(e) = self.step_down(me.epoch).await {

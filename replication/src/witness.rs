@@ -154,20 +154,159 @@ impl Tickets {
     }
 }
 
+/// What a witness keeps on disk (`--state`): its tickets, with their ends on CLOCK_BOOTTIME,
+/// and the highest epoch granted per pair, written (synced, renamed into place) on every
+/// grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedTickets {
+    /// The boot the ticket ends count on (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id: String,
+    /// (pair, site, epoch, end in CLOCK_BOOTTIME ns).
+    pub held: Vec<((String, String), String, u64, u64)>,
+    /// The highest epoch granted per pair.
+    pub epochs: Vec<((String, String), u64)>,
+}
+
+impl Tickets {
+    /// The tickets as they would be saved, at `now` = `now_boot` (CLOCK_BOOTTIME ns).
+    pub fn save(&self, boot_id: &str, now: Instant, now_boot: u64) -> SavedTickets {
+        let mut held: Vec<_> = self
+            .held
+            .iter()
+            .map(|(pair, t)| {
+                let left = t.until.saturating_duration_since(now).as_nanos() as u64;
+                (
+                    pair.clone(),
+                    t.site.clone(),
+                    t.epoch,
+                    now_boot.saturating_add(left),
+                )
+            })
+            .collect();
+        held.sort();
+        let mut epochs: Vec<_> = self.epochs.iter().map(|(p, e)| (p.clone(), *e)).collect();
+        epochs.sort();
+        SavedTickets {
+            boot_id: boot_id.to_string(),
+            held,
+            epochs,
+        }
+    }
+
+    /// The tickets of a witness (re)started at `now` (= `now_boot`) from what it saved. On the
+    /// same boot, the tickets go on where they were and nothing needs waiting out; after a
+    /// reboot (the ends are on another clock), the epochs are kept and nothing is granted for
+    /// `grace`, as without a saved state.
+    pub fn restored(
+        saved: &SavedTickets,
+        boot_id: &str,
+        now: Instant,
+        now_boot: u64,
+        grace: Duration,
+    ) -> Self {
+        let epochs = saved.epochs.iter().cloned().collect();
+        let same_boot = saved.boot_id == boot_id;
+        // After a reboot a ticket's end means nothing: it counts as run out, but who held it
+        // at which epoch still decides what the other site needs.
+        let held = saved
+            .held
+            .iter()
+            .map(|(pair, site, epoch, end)| {
+                let left = if same_boot {
+                    Duration::from_nanos(end.saturating_sub(now_boot))
+                } else {
+                    Duration::ZERO
+                };
+                let ticket = Ticket {
+                    site: site.clone(),
+                    epoch: *epoch,
+                    until: now + left,
+                };
+                (pair.clone(), ticket)
+            })
+            .collect();
+        Tickets {
+            held,
+            epochs,
+            quiet_until: (!same_boot).then(|| now + grace),
+        }
+    }
+}
+
+/// This boot's id.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// CLOCK_BOOTTIME in ns (goes on during a suspension, like the leases it bounds).
+fn boottime_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads a witness's saved tickets: `None` when the file does not exist; an error naming the
+/// file when it cannot be read or parsed.
+pub fn load_state(path: &std::path::Path) -> Result<Option<SavedTickets>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            format!(
+                "witness state {}: {e} (remove it to start afresh, with the grace)",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("witness state {}: {e}", path.display())),
+    }
+}
+
+fn write_state(path: &std::path::Path, saved: &SavedTickets) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(saved).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// A running witness.
 pub struct Witness {
     tickets: Mutex<Tickets>,
+    /// Where it saves its tickets, if anywhere.
+    state: Option<std::path::PathBuf>,
+    boot_id: String,
 }
 
 impl Serve for Witness {
     fn serve(self: Arc<Self>, request: DrRequest) -> BoxFuture<DrReply> {
         let reply = match request {
             DrRequest::Hold(h) => {
-                let answer = self
-                    .tickets
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .hold(&h, Instant::now());
+                let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                let mut answer = tickets.hold(&h, now);
+                // A grant counts once it is on disk: a witness restarted after answering must
+                // still know it.
+                if answer == HoldAnswer::Granted
+                    && let Some(path) = &self.state
+                {
+                    let saved = tickets.save(&self.boot_id, now, boottime_ns());
+                    if let Err(e) = write_state(path, &saved) {
+                        tracing::error!(state = %path.display(), error = %e, "witness state not saved: the grant is refused");
+                        answer = HoldAnswer::Refused {
+                            holder: None,
+                            epoch: 0,
+                            remaining_ms: 0,
+                            why: format!("this witness cannot save its state: {e}"),
+                        };
+                    }
+                }
+                drop(tickets);
                 if answer == HoldAnswer::Granted {
                     tracing::debug!(site = %h.site, epoch = h.epoch, "ticket held");
                 } else {
@@ -184,15 +323,38 @@ impl Serve for Witness {
 /// Binds a witness on `listen` with `material` (its certificate, trusting both sites' CAs)
 /// and serves until the process ends, granting nothing for the first `grace` (set it to at
 /// least the sites' `witness_lease_ms`: a restarted witness has forgotten what it granted).
+/// With `state`, it saves its tickets there on every grant and, restarted on the same boot,
+/// goes on from them without the grace.
 pub async fn run(
     listen: SocketAddr,
     material: &TlsMaterial,
     grace: Duration,
+    state: Option<std::path::PathBuf>,
 ) -> Result<(), String> {
+    let boot_id = boot_id();
+    let now = Instant::now();
+    let tickets = match state.as_deref().map(load_state).transpose()?.flatten() {
+        Some(saved) => {
+            let t = Tickets::restored(&saved, &boot_id, now, boottime_ns(), grace);
+            let same_boot = saved.boot_id == boot_id;
+            tracing::info!(
+                tickets = saved.held.len(),
+                same_boot,
+                "witness state restored"
+            );
+            t
+        }
+        None => Tickets::starting(now, grace),
+    };
+    let quiet = tickets
+        .quiet_until
+        .map_or(0, |u| u.saturating_duration_since(now).as_millis() as u64);
     let link = Link::bind(listen, material)?;
-    tracing::info!(listen = %link.local_addr().map(|a| a.to_string()).unwrap_or_default(), grace_ms = grace.as_millis() as u64, "witness serving");
+    tracing::info!(listen = %link.local_addr().map(|a| a.to_string()).unwrap_or_default(), grace_ms = quiet, "witness serving");
     link.serve(Arc::new(Witness {
-        tickets: Mutex::new(Tickets::starting(Instant::now(), grace)),
+        tickets: Mutex::new(tickets),
+        state,
+        boot_id,
     }))
     .await;
     Ok(())
@@ -201,6 +363,74 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn saved_tickets_go_on_after_a_restart_on_the_same_boot_and_only_epochs_after_a_reboot() {
+        let t0 = Instant::now();
+        let s = |n: u64| Duration::from_secs(n);
+        let mut t = Tickets::default();
+        assert_eq!(t.hold(&hold("east", 3, 10_000), t0), HoldAnswer::Granted);
+        // Saved at t0 + 2 s, when CLOCK_BOOTTIME read 1,000 s: 8 s left.
+        let saved = t.save("boot-a", t0 + s(2), 1_000_000_000_000);
+        let json = serde_json::to_string(&saved).unwrap();
+        assert_eq!(serde_json::from_str::<SavedTickets>(&json).unwrap(), saved);
+
+        // Restarted on the same boot 3 s later: 5 s left, no grace; west's claim waits.
+        let now = t0 + s(30);
+        let mut r = Tickets::restored(&saved, "boot-a", now, 1_003_000_000_000, s(60));
+        assert!(matches!(
+            r.hold(&hold("west", 4, 10_000), now + s(4)),
+            HoldAnswer::Refused {
+                remaining_ms: 1000,
+                ..
+            }
+        ));
+        assert_eq!(
+            r.hold(&hold("east", 3, 10_000), now + s(4)),
+            HoldAnswer::Granted
+        );
+        let mut r = Tickets::restored(&saved, "boot-a", now, 1_003_000_000_000, s(60));
+        assert_eq!(
+            r.hold(&hold("west", 4, 10_000), now + s(6)),
+            HoldAnswer::Granted
+        );
+        // Epochs are remembered: east's old epoch is refused now.
+        assert!(matches!(
+            r.hold(&hold("east", 3, 10_000), now + s(30)),
+            HoldAnswer::Refused { .. }
+        ));
+
+        // After a reboot the ends mean nothing: the grace, but the epochs stay.
+        let mut r = Tickets::restored(&saved, "boot-b", now, 5_000_000_000, s(10));
+        assert!(matches!(
+            r.hold(&hold("east", 3, 10_000), now + s(9)),
+            HoldAnswer::Refused { .. }
+        ));
+        assert!(
+            matches!(
+                r.hold(&hold("west", 3, 10_000), now + s(11)),
+                HoldAnswer::Refused { .. }
+            ),
+            "epoch 3 was granted before: west needs 4"
+        );
+        assert_eq!(
+            r.hold(&hold("west", 4, 10_000), now + s(11)),
+            HoldAnswer::Granted
+        );
+    }
+
+    #[test]
+    fn a_bad_state_file_is_named_and_a_missing_one_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("witness.json");
+        assert_eq!(load_state(&path), Ok(None));
+        std::fs::write(&path, "{not json").unwrap();
+        let e = load_state(&path).unwrap_err();
+        assert!(e.contains("witness.json"), "{e}");
+        let saved = Tickets::default().save("b", Instant::now(), 1);
+        write_state(&path, &saved).unwrap();
+        assert_eq!(load_state(&path), Ok(Some(saved)));
+    }
 
     fn hold(site: &str, epoch: u64, lease_ms: u64) -> Hold {
         Hold {

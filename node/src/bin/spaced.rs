@@ -100,6 +100,11 @@ enum Cmd {
         /// `witness_lease_ms`, since a restarted witness has forgotten the leases it granted.
         #[arg(long, default_value_t = 10_000)]
         grace_ms: u64,
+        /// Keep the tickets in this file (written on every grant): restarted on the same boot,
+        /// the witness goes on from them without the grace (after a reboot it keeps the epochs
+        /// and waits the grace).
+        #[arg(long, value_name = "FILE")]
+        state: Option<PathBuf>,
     },
     /// Internal: the fence guard child of `spaced run` (removes VIPs if spaced dies or stalls).
     #[command(hide = true)]
@@ -338,6 +343,7 @@ fn main() -> ExitCode {
             key,
             ca,
             grace_ms,
+            state,
         } => {
             if let Err(c) = init_tracing_or_exit(&cli, None, "info") {
                 return c;
@@ -362,7 +368,12 @@ fn main() -> ExitCode {
                 }
             };
             let grace = std::time::Duration::from_millis(*grace_ms);
-            match rt.block_on(spaced_replication::witness::run(*listen, &material, grace)) {
+            match rt.block_on(spaced_replication::witness::run(
+                *listen,
+                &material,
+                grace,
+                state.clone(),
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("spaced witness: {e}");
