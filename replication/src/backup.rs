@@ -223,6 +223,9 @@ impl Backup {
     }
 }
 
+/// A backup as `dr status` shows it: when it was taken, its files and bytes.
+pub type BackupSummary = (Millis, usize, u64);
+
 /// Which backups: those this site took, or those its peer sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -248,7 +251,7 @@ pub struct BackupStore {
     dir: PathBuf,
     keep: usize,
     /// The newest backup's (time, files, bytes) of each kind, once read.
-    summaries: std::sync::Mutex<[Option<Option<(Millis, usize, u64)>>; 2]>,
+    summaries: std::sync::Mutex<[Option<Option<BackupSummary>>; 2]>,
 }
 
 impl BackupStore {
@@ -263,7 +266,7 @@ impl BackupStore {
 
     /// The newest backup of a kind: when it was taken, its files and bytes (read once, then
     /// kept up to date by [`keep`](Self::keep)).
-    pub fn summary(&self, kind: Kind) -> Option<(Millis, usize, u64)> {
+    pub fn summary(&self, kind: Kind) -> Option<BackupSummary> {
         let mut cache = self.summaries.lock().unwrap_or_else(|p| p.into_inner());
         let slot = &mut cache[kind as usize];
         if slot.is_none() {
