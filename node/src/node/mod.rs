@@ -597,6 +597,7 @@ impl Node {
             placements.agent().clone(),
             events.clone(),
             watchdog.clone(),
+            site_gate.clone(),
             stop(),
         )));
         tasks.push(tokio::spawn(fence_on_raft_failure(

@@ -25,6 +25,7 @@ pub(super) async fn metrics_loop(
     agent: Arc<Agent>,
     events: Arc<Events>,
     dr: Option<Arc<spaced_replication::Watchdog>>,
+    site_gate: Arc<spaced_replication::site_lease::SiteGate>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -35,9 +36,17 @@ pub(super) async fn metrics_loop(
         }
         let m = inner.raft.metrics().borrow_watched().clone();
         if let Some(dr) = &dr {
-            inner
-                .metrics
-                .dr(&dr.status(), m.state == ServerState::Leader);
+            let status = dr.status();
+            let hold = (status.role == spaced_fabric::SiteRole::Active
+                && site_gate.has_witnesses())
+            .then(|| site_gate.remaining(status.epoch))
+            .flatten();
+            inner.metrics.dr(
+                &status,
+                m.state == ServerState::Leader,
+                hold,
+                crate::now_millis(),
+            );
         }
         let names: BTreeMap<NodeId, String> = m
             .membership_config

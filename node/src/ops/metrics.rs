@@ -72,6 +72,8 @@ struct DrGauges {
     lag_entries: Gauge,
     lag_seconds: Gauge,
     witnesses: Gauge,
+    site_hold: Gauge,
+    backup_age: Gauge,
 }
 
 /// One VIP's gauges.
@@ -227,6 +229,14 @@ impl NodeMetrics {
             (
                 "spaced_dr_witnesses_granting",
                 "Witnesses that granted this site's last hold or claim of the active role; NaN when not asked.",
+            ),
+            (
+                "spaced_dr_site_hold_seconds",
+                "On an active site with witnesses, every node: how long it may still confirm the site's VIP and singleton leases (its leader's last witness round, learned by round trip); NaN elsewhere.",
+            ),
+            (
+                "spaced_dr_backup_age_seconds",
+                "Age of the newest [dr.backup] backup this node has (taken on an active site, received on a standby); NaN when none.",
             ),
         ] {
             recorder.describe_gauge(name.into(), None, help.into());
@@ -392,7 +402,16 @@ impl NodeMetrics {
     /// Records the DR state: the site's role and epoch (from the fabric, on every node), and
     /// the link, lag and witnesses as the leader sees them (`leader`: this node leads; on
     /// other nodes those read NaN, unknown here, rather than a misleading 0).
-    pub fn dr(&self, s: &spaced_replication::DrStatus, leader: bool) {
+    /// `site_hold`: how long this node may still confirm its site's workload leases (an
+    /// active site with witnesses; `None` elsewhere). `now_ms`: the wall clock, for the
+    /// backup's age.
+    pub fn dr(
+        &self,
+        s: &spaced_replication::DrStatus,
+        leader: bool,
+        site_hold: Option<Duration>,
+        now_ms: u64,
+    ) {
         use spaced_fabric::SiteRole;
         let mut dr = self.dr.lock().unwrap_or_else(|p| p.into_inner());
         let g = dr.get_or_insert_with(|| {
@@ -423,6 +442,8 @@ impl NodeMetrics {
                 lag_entries: gauge("spaced_dr_lag_entries", vec![]),
                 lag_seconds: gauge("spaced_dr_lag_seconds", vec![]),
                 witnesses: gauge("spaced_dr_witnesses_granting", vec![]),
+                site_hold: gauge("spaced_dr_site_hold_seconds", vec![]),
+                backup_age: gauge("spaced_dr_backup_age_seconds", vec![]),
             }
         });
         for (role, gauge) in &g.roles {
@@ -443,6 +464,12 @@ impl NodeMetrics {
             .set(known(s.lag_ms.map(|ms| ms as f64 / 1000.0)));
         g.witnesses
             .set(known(s.witnesses_granting.map(|(n, _)| n as f64)));
+        g.site_hold
+            .set(site_hold.map_or(f64::NAN, |d| d.as_secs_f64()));
+        g.backup_age
+            .set(s.last_backup.map_or(f64::NAN, |(at, _, _)| {
+                now_ms.saturating_sub(at) as f64 / 1000.0
+            }));
     }
 
     /// Records when this node's certificate expires (Unix seconds), against `now` (Unix seconds).
@@ -538,7 +565,7 @@ mod tests {
             last_backup: None,
             backup_note: None,
         };
-        m.dr(&status, true);
+        m.dr(&status, true, None, 0);
         let text = m.render();
         for line in [
             "spaced_dr_role{site=\"west\",peer_site=\"east\",role=\"standby\"} 1",
@@ -553,7 +580,15 @@ mod tests {
         // The link down: the lag is unknown, not 0.
         status.lag_entries = None;
         status.lag_ms = None;
-        m.dr(&status, true);
+        status.last_backup = Some((10_000, 1, 5));
+        m.dr(&status, true, Some(Duration::from_millis(4_500)), 70_000);
+        let text = m.render();
+        for line in [
+            "spaced_dr_site_hold_seconds{site=\"west\",peer_site=\"east\"} 4.5",
+            "spaced_dr_backup_age_seconds{site=\"west\",peer_site=\"east\"} 60",
+        ] {
+            assert!(text.contains(line), "no {line} in:\n{text}");
+        }
         assert!(
             m.render()
                 .contains("spaced_dr_lag_seconds{site=\"west\",peer_site=\"east\"} NaN")
@@ -582,6 +617,36 @@ mod tests {
         m.commit_latency(Duration::from_millis(2));
         m.cert_expires(2_000, 1_000);
         m.guard(Some(true), 1);
+        m.dr(
+            &spaced_replication::DrStatus {
+                site: "east".into(),
+                role: spaced_fabric::SiteRole::Active,
+                epoch: 1,
+                since: 0,
+                peer_site: "west".into(),
+                peer_reachable: true,
+                last_contact_ms: None,
+                peer_role: None,
+                peer_epoch: None,
+                peer_index: None,
+                mirrored_index: None,
+                lag_entries: None,
+                lag_ms: None,
+                failures_in_row: 0,
+                last_error: None,
+                not_mirrored: vec![],
+                automatic_failover: true,
+                automatic_failover_off_until: None,
+                witnesses_granting: Some((1, 1)),
+                witness_note: None,
+                script_note: None,
+                last_backup: None,
+                backup_note: None,
+            },
+            true,
+            None,
+            0,
+        );
         m.update_fabric(
             1,
             FabricFigures {
