@@ -105,8 +105,11 @@ fn a_stalled_site_never_overlaps_the_standby_and_random_inter_site_faults_keep_o
     s.heal(stopped)?;
     // Automatic failover off on the standby: the active site lost, nothing happens; an
     // operator's failover works once the witnesses let the old lease go.
-    let west = s.endpoint(1, 0);
-    s.ctl(1, &west, &["dr", "automatic-failover", "--disable"])?;
+    s.admin(
+        1,
+        &["dr", "automatic-failover", "--disable"],
+        Duration::from_secs(20),
+    )?;
     let stopped = s.apply(&Fault::StopSite { site: 0 })?;
     std::thread::sleep(3 * lease);
     assert!(
@@ -125,7 +128,11 @@ fn a_stalled_site_never_overlaps_the_standby_and_random_inter_site_faults_keep_o
     )?;
     s.heal(stopped)?;
     standby_again(&s, 0)?;
-    s.ctl(1, &west, &["dr", "automatic-failover", "--enable"])?;
+    s.admin(
+        1,
+        &["dr", "automatic-failover", "--enable"],
+        Duration::from_secs(20),
+    )?;
     // Both sites lose the witnesses: west demotes itself and east cannot claim: both are
     // standby and no VIP is held, until the witnesses are back and one site claims.
     let mut cut = s.apply(&Fault::Witnesses {

@@ -318,14 +318,29 @@ impl Sites {
 
     /// Asks site `k` to fail over (an operator's `dr failover --yes`), through any node.
     pub fn failover(&self, k: usize) -> Result<String> {
-        let mut last = None;
-        for i in 0..self.settings.nodes {
-            match self.ctl(k, &self.endpoint(k, i), &["dr", "failover", "--yes"]) {
-                Ok(out) => return Ok(out),
-                Err(e) => last = Some(e),
+        self.admin(k, &["dr", "failover", "--yes"], Duration::from_secs(1))
+    }
+
+    /// Runs an administrative spacectl command against site `k` through any of its nodes,
+    /// again and again for up to `within`: right after a fault the site may have no leader
+    /// yet ("not the leader (leader: None)"), as an operator would find it. The last error
+    /// if none succeeded.
+    pub fn admin(&self, k: usize, args: &[&str], within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut last = None;
+            for i in 0..self.settings.nodes {
+                match self.ctl(k, &self.endpoint(k, i), args) {
+                    Ok(out) => return Ok(out),
+                    Err(e) => last = Some(e),
+                }
             }
+            if Instant::now() >= deadline {
+                let e = last.unwrap_or_else(|| anyhow::anyhow!("no node"));
+                return Err(e.context(format!("spacectl {} on site {k}", args.join(" "))));
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("no node")))
     }
 
     /// The hosts (0-based) of site `k` holding its VIP now.

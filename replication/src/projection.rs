@@ -86,6 +86,109 @@ impl Delta {
     }
 }
 
+/// The most bytes (by [`Projection::weight`]) one reply of a projection or difference
+/// carries; a larger projection goes in pages (a link frame holds 16 MiB).
+pub const PAGE_BYTES: usize = 4 << 20;
+
+/// Roughly how many bytes a device takes in a reply.
+fn device_weight(id: &str, addr: &str) -> usize {
+    id.len() + addr.len() + 8
+}
+
+/// One page of a projection too large for one reply: its devices in order of id, from just
+/// after the previous page's last; the first page carries every service too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    /// Whether this is the first page (a new transfer).
+    pub first: bool,
+    /// The devices and, on the first page, the services.
+    pub part: Projection,
+    /// Whether more pages follow.
+    pub more: bool,
+}
+
+impl Projection {
+    /// Roughly how many bytes it takes in a reply.
+    pub fn weight(&self) -> usize {
+        let services: usize = self
+            .services
+            .iter()
+            .map(|(name, spec)| {
+                name.len() + spec.command.iter().map(|c| c.len() + 8).sum::<usize>() + 64
+            })
+            .sum();
+        services
+            + self
+                .devices
+                .iter()
+                .map(|(id, (addr, _))| device_weight(id, addr))
+                .sum::<usize>()
+    }
+
+    /// The page after device `after` (`None`: the first page) of at most about `budget`
+    /// bytes (at least one device, if any is left).
+    pub fn page(&self, after: Option<&str>, budget: usize) -> Page {
+        use std::ops::Bound;
+        let (first, range) = match after {
+            None => (
+                true,
+                self.devices
+                    .range::<str, _>((Bound::Unbounded, Bound::Unbounded)),
+            ),
+            Some(id) => (
+                false,
+                self.devices
+                    .range::<str, _>((Bound::Excluded(id), Bound::Unbounded)),
+            ),
+        };
+        let mut part = Projection::default();
+        if first {
+            part.services = self.services.clone();
+        }
+        let mut used = part.weight();
+        let mut more = false;
+        for (id, v) in range {
+            let w = device_weight(id, &v.0);
+            if !part.devices.is_empty() && used + w > budget {
+                more = true;
+                break;
+            }
+            used += w;
+            part.devices.insert(id.clone(), v.clone());
+        }
+        Page { first, part, more }
+    }
+
+    /// Adds a page's devices and services (a transfer in progress).
+    pub fn extend(&mut self, page: Page) {
+        self.devices.extend(page.part.devices);
+        self.services.extend(page.part.services);
+    }
+}
+
+impl Delta {
+    /// Roughly how many bytes it takes in a reply.
+    pub fn weight(&self) -> usize {
+        self.devices_put
+            .iter()
+            .map(|(id, addr, _)| device_weight(id, addr))
+            .chain(self.devices_gone.iter().map(|id| id.len() + 8))
+            .sum::<usize>()
+            + self
+                .services_gone
+                .iter()
+                .map(|n| n.len() + 8)
+                .sum::<usize>()
+            + self
+                .services_put
+                .iter()
+                .map(|(name, spec)| {
+                    name.len() + spec.command.iter().map(|c| c.len() + 8).sum::<usize>() + 64
+                })
+                .sum::<usize>()
+    }
+}
+
 /// What turns `from` into `to`.
 pub fn diff(from: &Projection, to: &Projection) -> Delta {
     let mut d = Delta::default();
@@ -335,6 +438,43 @@ mod tests {
                 position: Some(position(21))
             }]
         );
+    }
+
+    #[test]
+    fn pages_in_order_make_up_the_projection_each_within_its_budget() {
+        let whole = Projection::of(&active(3_000));
+        let budget = 10_000;
+        assert!(whole.weight() > 5 * budget);
+        let first = whole.page(None, budget);
+        assert!(first.first && first.more);
+        assert_eq!(first.part.services, whole.services);
+        let mut got = Projection::default();
+        let mut page = first;
+        let mut pages = 1;
+        loop {
+            assert!(page.part.weight() <= budget, "page {pages} over its budget");
+            assert!(!page.part.devices.is_empty());
+            let last = page.part.devices.keys().next_back().cloned();
+            let more = page.more;
+            got.extend(page);
+            if !more {
+                break;
+            }
+            page = whole.page(last.as_deref(), budget);
+            assert!(!page.first && page.part.services.is_empty());
+            pages += 1;
+        }
+        assert_eq!(got, whole);
+        assert!(pages > 5);
+        // A projection within the budget is one page; a device larger than the budget still
+        // goes (alone).
+        let small = Projection::of(&active(3));
+        let one = small.page(None, budget);
+        assert!(!one.more);
+        assert_eq!(one.part, small);
+        let big = small.page(None, 1);
+        assert_eq!(big.part.devices.len(), 1);
+        assert!(big.more);
     }
 
     #[test]

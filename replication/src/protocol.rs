@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use spaced_fabric::Millis;
 
 use crate::decide::SiteState;
-use crate::projection::{Delta, Projection};
+use crate::projection::{Delta, Page, Projection};
 
 /// ALPN of the disaster-recovery link (its own port, its own trust: the peer site's CA).
 pub const ALPN_DR: &[u8] = b"spaced-dr/1";
@@ -38,6 +38,15 @@ pub enum DrRequest {
     /// The active site's leader to each node of the standby: keep this backup of the
     /// declared configuration files.
     KeepBackup(crate::backup::Backup),
+    /// The next page of a projection too large for one reply (a transfer under way).
+    PullPage {
+        /// The asking site.
+        from: SiteState,
+        /// The peer index of the projection being transferred.
+        index: u64,
+        /// The last device id of the previous page.
+        after: String,
+    },
 }
 
 /// What changed since the asker's projection.
@@ -51,6 +60,9 @@ pub enum Changes {
     Full(Projection),
     /// The difference from the asker's projection (at `have`).
     Delta(Delta),
+    /// One page of the whole projection, too large for one reply (at the reply's index; a
+    /// first page starts a new transfer).
+    Page(Page),
 }
 
 /// A node's answer.

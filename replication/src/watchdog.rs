@@ -17,7 +17,7 @@ use crate::backup::{Backup, BackupStore, Kind};
 use crate::config::DrSection;
 use crate::decide::{SiteState, Verdict, on_peer, promotion_epoch};
 use crate::link::{Link, Serve};
-use crate::projection::{Projection, diff, mirror_commands};
+use crate::projection::{PAGE_BYTES, Projection, diff, mirror_commands};
 use crate::protocol::{Changes, DrReply, DrRequest};
 
 /// A boxed future, for the handle's proposals.
@@ -107,6 +107,8 @@ pub struct DrStatus {
 struct State {
     /// A standby leader's copy of the peer's projection and the peer index it is at.
     remote: Option<(u64, Projection)>,
+    /// A projection coming in pages: the peer index it is at and the pages so far.
+    staging: Option<(u64, Projection)>,
     /// Whose projection that is, and the peer's clock when it sent it.
     remote_from: Option<(String, Millis)>,
     /// The peer index this site has mirrored completely.
@@ -281,10 +283,14 @@ impl Watchdog {
             self.back_up_and_ship().await;
         }
         let mirror = me.role == SiteRole::Standby;
-        let (have, addr) = {
+        let (have, addr, paging) = {
             let st = self.state();
             let addr = self.cfg.peers[st.next_peer % self.cfg.peers.len()].clone();
-            (st.remote.as_ref().map(|(i, _)| *i), addr)
+            let paging = st
+                .staging
+                .as_ref()
+                .and_then(|(i, p)| Some((*i, p.devices.keys().next_back()?.clone())));
+            (st.remote.as_ref().map(|(i, _)| *i), addr, paging)
         };
         // Long polls only over a link that works: a peer in doubt is asked plainly, so that a
         // lost one counts as lost after `retries` timeouts, not long polls.
@@ -293,11 +299,19 @@ impl Watchdog {
         } else {
             Duration::ZERO
         };
-        let request = DrRequest::Pull {
-            from: me.clone(),
-            mirror,
-            have,
-            wait_ms: wait.as_millis() as u64,
+        let request = match paging {
+            // The next page, from the node that sent the previous ones.
+            Some((index, after)) if mirror => DrRequest::PullPage {
+                from: me.clone(),
+                index,
+                after,
+            },
+            _ => DrRequest::Pull {
+                from: me.clone(),
+                mirror,
+                have,
+                wait_ms: wait.as_millis() as u64,
+            },
         };
         // A pull without a base brings the whole projection: room for its transfer.
         let reply = if mirror && have.is_none() {
@@ -341,6 +355,7 @@ impl Watchdog {
         st.last_error = Some(why);
         // The stream is down: what it had is of no use for differences any more.
         st.remote = None;
+        st.staging = None;
         st.behind_since = None;
         self.interval()
     }
@@ -437,6 +452,25 @@ impl Watchdog {
         let have = st.remote.take();
         st.remote = match (changes, have) {
             (Changes::Full(p), _) => Some((index, p)),
+            (Changes::Page(page), _) => {
+                if page.first {
+                    st.staging = Some((index, Projection::default()));
+                }
+                match st.staging.take() {
+                    Some((at, mut p)) if at == index => {
+                        let more = page.more;
+                        p.extend(page);
+                        if more {
+                            st.staging = Some((at, p));
+                            None
+                        } else {
+                            Some((at, p))
+                        }
+                    }
+                    // A page of another transfer: start again.
+                    _ => None,
+                }
+            }
             (Changes::Delta(d), Some((_, mut p))) => {
                 p.apply(&d);
                 Some((index, p))
@@ -1077,6 +1111,45 @@ impl Watchdog {
         self.step_down(me.epoch).await
     }
 
+    /// This node's state and, for a mirroring peer, its data: by difference from `have` if
+    /// that is what this node last sent, else whole, in pages when it is too large for one
+    /// reply.
+    fn state_reply(&self, mirror: bool, have: Option<u64>) -> DrReply {
+        let site = self.cfg.site.clone();
+        let (me, index, projection) = self.view.read_indexed(|i, f| {
+            let me = SiteState {
+                site,
+                role: f.site.role,
+                epoch: f.site.epoch,
+            };
+            (me, i, mirror.then(|| Projection::of(f)))
+        });
+        let changes = match projection {
+            None => Changes::NotAsked,
+            Some(p) => {
+                let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+                let delta = match (&*sent, have) {
+                    (Some((at, old)), Some(h)) if *at == h => Some(diff(old, &p)),
+                    _ => None,
+                };
+                let c = match delta {
+                    Some(d) if d.is_empty() => Changes::Unchanged,
+                    Some(d) if d.weight() <= PAGE_BYTES => Changes::Delta(d),
+                    _ if p.weight() <= PAGE_BYTES => Changes::Full(p.clone()),
+                    _ => Changes::Page(p.page(None, PAGE_BYTES)),
+                };
+                *sent = Some((index, p));
+                c
+            }
+        };
+        DrReply::State {
+            site: me,
+            index,
+            sent_at: self.handle.now_millis(),
+            changes,
+        }
+    }
+
     async fn answer(self: Arc<Self>, request: DrRequest) -> DrReply {
         match request {
             DrRequest::Pull {
@@ -1098,39 +1171,32 @@ impl Watchdog {
                     let wait = Duration::from_millis(wait_ms).min(LONG_POLL);
                     let _ = tokio::time::timeout(wait, changes.changed()).await;
                 }
-                let site = self.cfg.site.clone();
-                let (me, index, projection) = self.view.read_indexed(|i, f| {
-                    let me = SiteState {
-                        site,
-                        role: f.site.role,
-                        epoch: f.site.epoch,
-                    };
-                    (me, i, mirror.then(|| Projection::of(f)))
-                });
-                let changes = match projection {
-                    None => Changes::NotAsked,
-                    Some(p) => {
-                        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
-                        let c = match (&*sent, have) {
-                            (Some((at, old)), Some(h)) if *at == h => {
-                                let d = diff(old, &p);
-                                if d.is_empty() {
-                                    Changes::Unchanged
-                                } else {
-                                    Changes::Delta(d)
-                                }
-                            }
-                            _ => Changes::Full(p.clone()),
-                        };
-                        *sent = Some((index, p));
-                        c
+                self.state_reply(mirror, have)
+            }
+            DrRequest::PullPage { from, index, after } => {
+                if from.site != self.cfg.peer_site {
+                    return DrReply::Refused(format!(
+                        "this is site {}; its peer is {}, not {}",
+                        self.cfg.site, self.cfg.peer_site, from.site
+                    ));
+                }
+                let page = {
+                    let sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+                    match &*sent {
+                        Some((at, p)) if *at == index => Some(p.page(Some(&after), PAGE_BYTES)),
+                        _ => None,
                     }
                 };
-                DrReply::State {
-                    site: me,
-                    index,
-                    sent_at: self.handle.now_millis(),
-                    changes,
+                match page {
+                    Some(page) => DrReply::State {
+                        site: self.me(),
+                        index,
+                        sent_at: self.handle.now_millis(),
+                        changes: Changes::Page(page),
+                    },
+                    // This node no longer has that projection (another transfer began, or it
+                    // restarted): a new transfer from its current one.
+                    None => self.state_reply(true, None),
                 }
             }
             DrRequest::Hold(_) => DrReply::Refused("this is a site, not a witness".into()),
