@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use spaced_fabric::{ServiceScope, ServiceSpec, SiteRole};
+use spaced_fabric::{DeviceMode, NewDevice, ServiceScope, ServiceSpec, SiteRole};
 use spaced_node::admin::client::AdminClient;
 use spaced_node::admin::{AdminReply, AdminRequest, DrAction};
 use spaced_tests::{Cluster, devices, free_udp_port};
@@ -647,6 +647,70 @@ async fn a_failure_detection_script_decides_once_the_peer_is_lost() -> Result<()
             .is_some_and(|n| n.contains("waits 60s")),
         "the script ran again during its wait"
     );
+    wa.close().await;
+    east.stop_all().await;
+    west.stop_all().await;
+    Ok(())
+}
+
+/// A projection larger than a link frame (16 MiB) reaches a standby that starts empty, in
+/// pages from one snapshot, and the standby follows by difference afterwards. (Sent whole,
+/// the reply could not be framed and the standby never caught up.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_larger_than_a_frame_reaches_the_standby_in_pages() -> Result<()> {
+    let (mut east, mut west) = two_sites()?;
+    spaced_tests::start_site(&mut east).await?;
+    east.wait_for(T, "east active", |c| role(c) == Some((SiteRole::Active, 1)))
+        .await?;
+    let mut ea = east.admin(1).await?;
+    // 150,000 devices with long ids: about 20 MB on the wire. Device-initiated, so that east
+    // does not dial them.
+    const N: usize = 150_000;
+    let pad = "x".repeat(110);
+    for chunk in (0..N).collect::<Vec<_>>().chunks(5_000) {
+        let batch: Vec<NewDevice> = chunk
+            .iter()
+            .map(|i| NewDevice {
+                id: format!("big-{i:07}-{pad}"),
+                addr: format!("10.{}.{}.{}:830", i / 65_536, (i / 256) % 256, i % 256),
+                mode: DeviceMode::DeviceInitiated,
+            })
+            .collect();
+        match ea.call_leader(&AdminRequest::AddDevices(batch)).await? {
+            AdminReply::Applied(_) => {}
+            other => bail!("add devices: {other:?}"),
+        }
+    }
+    let weight = east
+        .fabric_of(1)
+        .map(|f| spaced_replication::projection::Projection::of(&f).weight())
+        .unwrap_or(0);
+    assert!(weight > 16 << 20, "the projection is only {weight} bytes");
+
+    spaced_tests::start_site(&mut west).await?;
+    west.wait_for(
+        Duration::from_secs(120),
+        "west mirrored every device",
+        |c| c.fabric_of(1).is_some_and(|f| f.devices.len() == N),
+    )
+    .await?;
+    // Then by difference: one more device arrives.
+    match ea
+        .call_leader(&AdminRequest::AddDevices(devices("after", 1)))
+        .await?
+    {
+        AdminReply::Applied(_) => {}
+        other => bail!("add devices: {other:?}"),
+    }
+    west.wait_for(T, "west mirrored the next device", |c| {
+        c.fabric_of(1)
+            .is_some_and(|f| f.devices.len() == N + 1 && f.devices.contains_key("after-0"))
+    })
+    .await?;
+    let mut wa = west.admin(1).await?;
+    let s = status(&mut wa).await?;
+    assert!(s.peer_reachable && s.not_mirrored.is_empty(), "{s:?}");
+    ea.close().await;
     wa.close().await;
     east.stop_all().await;
     west.stop_all().await;
