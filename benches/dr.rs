@@ -224,7 +224,7 @@ async fn main() -> Result<()> {
     ])?;
     tokio::spawn(async move {
         if let Err(e) =
-            spaced_replication::witness::run(witness_addr, &material, Duration::ZERO).await
+            spaced_replication::witness::run(witness_addr, &material, Duration::ZERO, None).await
         {
             eprintln!("witness: {e}");
         }
