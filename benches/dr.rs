@@ -38,9 +38,11 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 /// Relays datagrams arriving on `listen` to `upstream` and the answers back, each after
-/// `delay`: one upstream socket per client address.
+/// `delay`, in the order they came (as a delay line does: netem without jitter keeps the
+/// order too); one upstream socket per client address.
 async fn relay(listen: Arc<UdpSocket>, upstream: SocketAddr, delay: Duration) {
-    let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    let mut clients: HashMap<SocketAddr, tokio::sync::mpsc::UnboundedSender<Delayed>> =
+        HashMap::new();
     let mut buf = vec![0u8; 65_536];
     loop {
         // An ICMP "port unreachable" from a peer that is down surfaces as an error here: the
@@ -55,31 +57,47 @@ async fn relay(listen: Arc<UdpSocket>, upstream: SocketAddr, delay: Duration) {
                     continue;
                 };
                 let s = Arc::new(s);
-                clients.insert(from, s.clone());
+                let up = delay_line(s.clone(), upstream);
+                clients.insert(from, up.clone());
                 // Answers from upstream go back to this client, delayed too.
-                let (back, listen) = (s.clone(), listen.clone());
+                let back = delay_line(listen.clone(), from);
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65_536];
                     loop {
-                        let Ok((n, _)) = back.recv_from(&mut buf).await else {
+                        let Ok((n, _)) = s.recv_from(&mut buf).await else {
                             continue;
                         };
-                        let (packet, listen) = (buf[..n].to_vec(), listen.clone());
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            let _ = listen.send_to(&packet, from).await;
-                        });
+                        let due = tokio::time::Instant::now() + delay;
+                        if back.send((due, buf[..n].to_vec())).is_err() {
+                            return;
+                        }
                     }
                 });
-                s
+                up
             }
         };
-        let packet = buf[..n].to_vec();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = up.send_to(&packet, upstream).await;
-        });
+        let due = tokio::time::Instant::now() + delay;
+        let _ = up.send((due, buf[..n].to_vec()));
     }
+}
+
+/// A datagram and when it is due.
+type Delayed = (tokio::time::Instant, Vec<u8>);
+
+/// A task that sends each datagram given to it from `socket` to `to` when it is due, in
+/// order.
+fn delay_line(
+    socket: Arc<UdpSocket>,
+    to: SocketAddr,
+) -> tokio::sync::mpsc::UnboundedSender<Delayed> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Delayed>();
+    tokio::spawn(async move {
+        while let Some((due, packet)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            let _ = socket.send_to(&packet, to).await;
+        }
+    });
+    tx
 }
 
 async fn start_relay(upstream: SocketAddr, delay: Duration) -> Result<SocketAddr> {

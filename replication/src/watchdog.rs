@@ -546,8 +546,15 @@ impl Watchdog {
             index,
             sent_at,
         };
+        let started = Instant::now();
         let cmds = mirror_commands(&own, remote, position, self.handle.now_millis());
         let proposed = cmds.len();
+        tracing::debug!(
+            commands = proposed,
+            index,
+            planned_ms = started.elapsed().as_millis() as u64,
+            "DR: mirroring"
+        );
         let mut refused = Vec::new();
         for cmd in cmds {
             match self.handle.propose(cmd).await {
@@ -570,7 +577,12 @@ impl Watchdog {
         if st.remote.as_ref().is_none_or(|(i, _)| *i <= index) {
             st.behind_since = None;
         }
-        tracing::debug!(commands = proposed, index, "DR: mirrored");
+        tracing::debug!(
+            commands = proposed,
+            index,
+            took_ms = started.elapsed().as_millis() as u64,
+            "DR: mirrored"
+        );
     }
 
     /// Asks every witness to hold the pair's ticket for this site at `epoch`; returns how
