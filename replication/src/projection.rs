@@ -95,6 +95,11 @@ fn device_weight(id: &str, addr: &str) -> usize {
     id.len() + addr.len() + 8
 }
 
+/// Roughly how many bytes a service takes in a reply.
+fn service_weight(name: &str, spec: &ServiceSpec) -> usize {
+    name.len() + spec.command.iter().map(|c| c.len() + 8).sum::<usize>() + 64
+}
+
 /// One page of a projection too large for one reply: its devices in order of id, from just
 /// after the previous page's last; the first page carries every service too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,9 +118,7 @@ impl Projection {
         let services: usize = self
             .services
             .iter()
-            .map(|(name, spec)| {
-                name.len() + spec.command.iter().map(|c| c.len() + 8).sum::<usize>() + 64
-            })
+            .map(|(name, spec)| service_weight(name, spec))
             .sum();
         services
             + self
@@ -129,18 +132,9 @@ impl Projection {
     /// bytes (at least one device, if any is left).
     pub fn page(&self, after: Option<&str>, budget: usize) -> Page {
         use std::ops::Bound;
-        let (first, range) = match after {
-            None => (
-                true,
-                self.devices
-                    .range::<str, _>((Bound::Unbounded, Bound::Unbounded)),
-            ),
-            Some(id) => (
-                false,
-                self.devices
-                    .range::<str, _>((Bound::Excluded(id), Bound::Unbounded)),
-            ),
-        };
+        let first = after.is_none();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let range = self.devices.range::<str, _>((start, Bound::Unbounded));
         let mut part = Projection::default();
         if first {
             part.services = self.services.clone();
@@ -182,9 +176,7 @@ impl Delta {
             + self
                 .services_put
                 .iter()
-                .map(|(name, spec)| {
-                    name.len() + spec.command.iter().map(|c| c.len() + 8).sum::<usize>() + 64
-                })
+                .map(|(name, spec)| service_weight(name, spec))
                 .sum::<usize>()
     }
 }

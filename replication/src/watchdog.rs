@@ -1162,6 +1162,16 @@ impl Watchdog {
         }
     }
 
+    /// A refusal if `from` is not this site's peer.
+    fn not_from_peer(&self, from: &SiteState) -> Option<DrReply> {
+        (from.site != self.cfg.peer_site).then(|| {
+            DrReply::Refused(format!(
+                "this is site {}; its peer is {}, not {}",
+                self.cfg.site, self.cfg.peer_site, from.site
+            ))
+        })
+    }
+
     async fn answer(self: Arc<Self>, request: DrRequest) -> DrReply {
         match request {
             DrRequest::Pull {
@@ -1170,11 +1180,8 @@ impl Watchdog {
                 have,
                 wait_ms,
             } => {
-                if from.site != self.cfg.peer_site {
-                    return DrReply::Refused(format!(
-                        "this is site {}; its peer is {}, not {}",
-                        self.cfg.site, self.cfg.peer_site, from.site
-                    ));
+                if let Some(refused) = self.not_from_peer(&from) {
+                    return refused;
                 }
                 let mut changes = self.view.changes();
                 changes.borrow_and_update();
@@ -1186,11 +1193,8 @@ impl Watchdog {
                 self.state_reply(mirror, have)
             }
             DrRequest::PullPage { from, index, after } => {
-                if from.site != self.cfg.peer_site {
-                    return DrReply::Refused(format!(
-                        "this is site {}; its peer is {}, not {}",
-                        self.cfg.site, self.cfg.peer_site, from.site
-                    ));
+                if let Some(refused) = self.not_from_peer(&from) {
+                    return refused;
                 }
                 let page = {
                     let sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
