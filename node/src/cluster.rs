@@ -18,7 +18,6 @@ use spaced_raft::{Member, NodeId, Outcome, Raft, Response};
 use tokio::sync::watch;
 
 use crate::lock;
-use crate::ops::metrics::NodeMetrics;
 
 /// Whether a node that said it is leaving `since` ago is still to get no new work, given how
 /// long ago the leader last heard from it (`contact`): until [`LEAVING_FOR`] has passed, unless
@@ -90,8 +89,9 @@ pub struct ClusterState {
     pub view: FabricView,
     /// Dialer for node-to-node calls.
     pub network: QuicNetwork,
-    /// Prometheus metrics: commit latency is recorded here.
-    pub metrics: NodeMetrics,
+    /// Where the time from proposal to applied result is recorded (a Prometheus histogram
+    /// the root registered).
+    commit_latency: metrics::Histogram,
     /// Since when this node leads (`None`: it does not).
     pub tenure: LeaderTenure,
     /// On the leader: nodes that said they are stopping, and since when; the planners give
@@ -117,7 +117,7 @@ impl Cluster {
         raft: Raft,
         view: FabricView,
         network: QuicNetwork,
-        metrics: NodeMetrics,
+        commit_latency: metrics::Histogram,
     ) -> Self {
         Cluster {
             state: Arc::new(ClusterState {
@@ -128,7 +128,7 @@ impl Cluster {
                 raft,
                 view,
                 network,
-                metrics,
+                commit_latency,
                 tenure: LeaderTenure::default(),
                 leaving: Mutex::default(),
             }),
@@ -248,7 +248,7 @@ impl ClusterState {
         let started = Instant::now();
         match self.raft.client_write(cmd).await {
             Ok(resp) => {
-                self.metrics.commit_latency(started.elapsed());
+                self.commit_latency.record(started.elapsed().as_secs_f64());
                 Ok(resp.response().clone())
             }
             Err(e) => match e.forward_to_leader() {

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 use spaced_fabric::{AdminState, DeviceMode, DeviceStatus, NewDevice};
 use spaced_raft::{Command, NodeId, Outcome};
 
+pub use crate::devices::report::{NodeDevices, RebalanceReport};
+pub use crate::lb::report::{LbBackendRow, LbListenerRow, LbReport};
+pub use crate::placement::report::{RefusalRow, SingletonRow, VipRow};
+
 /// Largest admin frame (a device list of 100k devices fits comfortably).
 pub const MAX_ADMIN_FRAME: usize = 64 << 20;
 
@@ -137,86 +141,6 @@ pub enum DrAction {
     Backup,
 }
 
-/// One node's load balancer, for `lb status` (answered by every node, from its own state).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct LbReport {
-    /// The answering node.
-    pub node: String,
-    /// The VIP its `[lb]` section follows; `None`: the node has no `[lb]` section.
-    pub vip: Option<String>,
-    /// One entry per configured port.
-    pub listeners: Vec<LbListenerRow>,
-    /// Why the balancer cannot serve as configured right now (its VIP's address differs in
-    /// the fabric, a listener cannot be bound); empty when all is well.
-    pub problems: Vec<String>,
-}
-
-/// One balancer (one listening port) on one node.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct LbListenerRow {
-    /// `VIP:port`.
-    pub listen: String,
-    /// Accepting now (only on the VIP's owner; a node that lost it may still drain).
-    pub accepting: bool,
-    /// Connections open now.
-    pub active: u64,
-    /// Connections accepted since start.
-    pub total: u64,
-    /// Connections closed at accept because of `max_conns`.
-    pub refused: u64,
-    /// Connections closed because no backend could be reached.
-    pub no_backend: u64,
-    /// Relay failures other than a peer's reset.
-    pub relay_errors: u64,
-    /// Bytes client → backend (spliced and copied).
-    pub bytes_in: u64,
-    /// Bytes backend → client (spliced and copied).
-    pub bytes_out: u64,
-    /// The backends, in the balancer's order.
-    pub backends: Vec<LbBackendRow>,
-}
-
-/// One backend of one balancer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct LbBackendRow {
-    /// Its name (the node's name; the session route).
-    pub name: String,
-    /// `IP:port`.
-    pub addr: String,
-    /// Healthy: it gets new connections.
-    pub up: bool,
-    /// Connections open to it now.
-    pub active: u64,
-    /// Connections sent to it since it was added.
-    pub total: u64,
-    /// Failed connects.
-    pub connect_errors: u64,
-    /// Up/down changes.
-    pub transitions: u64,
-}
-
-/// Devices one node holds, for `device rebalance`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NodeDevices {
-    /// Raft id.
-    pub id: NodeId,
-    /// Name.
-    pub name: String,
-    /// Devices it owns after the operation.
-    pub devices: u64,
-}
-
-/// What `device rebalance` did.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RebalanceReport {
-    /// Moves the plan had.
-    pub planned: u64,
-    /// Moves committed (fewer than planned only if a concurrent change overtook the plan).
-    pub moved: u64,
-    /// Device counts of the eligible nodes afterwards.
-    pub nodes: Vec<NodeDevices>,
-}
-
 /// One node's answer to `service list`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ServicesReport {
@@ -226,83 +150,6 @@ pub struct ServicesReport {
     pub specs: std::collections::BTreeMap<String, spaced_fabric::ServiceSpec>,
     /// What this node's supervisor runs.
     pub running: Vec<crate::services::supervisor::ServiceStatus>,
-}
-
-/// One singleton placement for `singleton list`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SingletonRow {
-    /// Placement name.
-    pub name: String,
-    /// The service it runs.
-    pub service: String,
-    /// Eligible roles.
-    pub roles: Vec<String>,
-    /// Owner id.
-    pub owner: Option<NodeId>,
-    /// Owner name.
-    pub owner_name: Option<String>,
-    /// Fencing epoch (`SPACED_EPOCH` of the running instance).
-    pub epoch: u64,
-    /// Nodes that gave it back because they could not run it, and why.
-    pub refused: Vec<RefusalRow>,
-}
-
-/// A node that gave a placement back because it could not hold it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RefusalRow {
-    /// Node id.
-    pub node: NodeId,
-    /// Node name, while it is registered.
-    pub node_name: Option<String>,
-    /// What went wrong on it.
-    pub reason: String,
-    /// When, ms since the Unix epoch (the leader's clock when it received the refusal).
-    pub at: u64,
-    /// Whether the planner still passes the node over for it (see `controller::REFUSAL_HOLD_MS`).
-    pub holding: bool,
-}
-
-impl RefusalRow {
-    /// The refusals recorded on `p`, as of `now`.
-    pub fn of(
-        f: &spaced_fabric::Fabric,
-        p: &spaced_fabric::Placement,
-        now: u64,
-    ) -> Vec<RefusalRow> {
-        p.refused
-            .iter()
-            .map(|(node, r)| RefusalRow {
-                node: *node,
-                node_name: f.nodes.get(node).map(|n| n.name.clone()),
-                reason: r.reason.clone(),
-                at: r.at,
-                holding: spaced_fabric::plan::placements::refused_recently(p, *node, now),
-            })
-            .collect()
-    }
-}
-
-/// One VIP for `vip list` and `status`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VipRow {
-    /// Placement name.
-    pub name: String,
-    /// Address with prefix.
-    pub address: String,
-    /// Interface.
-    pub interface: String,
-    /// Eligible roles.
-    pub roles: Vec<String>,
-    /// Owner id.
-    pub owner: Option<NodeId>,
-    /// Owner name.
-    pub owner_name: Option<String>,
-    /// Fencing epoch.
-    pub epoch: u64,
-    /// On the leader: ms until it may reassign (the owner's lease ends before that).
-    pub lease_ms: Option<u64>,
-    /// Nodes that gave it back because they could not hold it, and why.
-    pub refused: Vec<RefusalRow>,
 }
 
 /// How a node describes one member in `Status`.

@@ -1,6 +1,7 @@
 //! `spacectl device`: list, add, import (CSV), rebalance.
 
-use super::*;
+use super::common::*;
+use super::render::*;
 
 /// Devices per `AddDevices` command during import: large enough for speed, small enough to keep Raft responsive.
 pub const IMPORT_BATCH: usize = 1000;
@@ -137,7 +138,7 @@ fn ids_of_file(text: &str) -> Vec<String> {
 }
 
 /// `spacectl device ...`
-pub(super) async fn run(cli: &Cli, action: &DeviceCmd) -> Result<(), CtlError> {
+pub(super) async fn run(cli: &Target, action: &DeviceCmd) -> Result<(), CtlError> {
     match action {
         DeviceCmd::Add { id, addr, mode } => {
             check_device_id(id).map_err(|e| usage(e.to_string()))?;
@@ -217,7 +218,7 @@ pub(super) async fn run(cli: &Cli, action: &DeviceCmd) -> Result<(), CtlError> {
     }
 }
 
-pub(crate) async fn import(cli: &Cli, file: &Path) -> Result<(), CtlError> {
+pub(crate) async fn import(cli: &Target, file: &Path) -> Result<(), CtlError> {
     let text =
         std::fs::read_to_string(file).map_err(|e| failed(format!("{}: {e}", file.display())))?;
     let devices = parse_import(&text).map_err(|errs| {

@@ -3,7 +3,8 @@
 
 use spaced_replication::DrStatus;
 
-use super::*;
+use super::common::*;
+use super::render;
 use crate::admin::DrAction;
 
 /// `spacectl dr ...`
@@ -56,7 +57,7 @@ pub enum DrCmd {
 pub use spaced_replication::config::parse_duration_ms;
 
 /// `spacectl dr ...`
-pub(super) async fn run(cli: &Cli, action: &DrCmd) -> Result<(), CtlError> {
+pub(super) async fn run(cli: &Target, action: &DrCmd) -> Result<(), CtlError> {
     let (what, yes, request) = match action {
         DrCmd::Status { json } => {
             let status = match mutate(cli, AdminRequest::Dr(DrAction::Status)).await? {

@@ -1,6 +1,7 @@
 //! `spacectl lb status`: every node's balancer, its listeners and backends.
 
-use super::*;
+use super::common::*;
+use super::render::*;
 
 /// `spacectl lb ...`
 #[derive(Debug, Subcommand)]
@@ -129,7 +130,7 @@ pub fn lb_status_text(reports: &[crate::admin::LbReport], silent: &[String]) -> 
 }
 
 /// `spacectl lb ...`
-pub(super) async fn run(cli: &Cli, action: &LbCmd) -> Result<(), CtlError> {
+pub(super) async fn run(cli: &Target, action: &LbCmd) -> Result<(), CtlError> {
     match action {
         LbCmd::Status { json } => {
             let (reports, silent) =

@@ -4,17 +4,7 @@
 //! (services and singletons), [`lb`], [`snapshot`] (backups), [`dr`] (disaster recovery);
 //! [`render`] draws the tables and JSON.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
-
-use clap::{Parser, Subcommand};
-use serde_json::json;
-use spaced_fabric::{AdminState, DeviceMode, NewDevice, check_device_addr, check_device_id};
-
-use crate::admin::client::{AdminClient, AdminCredentials, ClientError, unexpected};
-use crate::admin::{AdminReply, AdminRequest, DeviceRow, RebalanceReport, StatusReport};
-
+mod common;
 mod device;
 mod dr;
 mod lb;
@@ -25,6 +15,8 @@ mod service;
 mod snapshot;
 mod vip;
 
+use clap::{Parser, Subcommand};
+pub use common::{CtlError, Target};
 pub use device::*;
 pub use dr::*;
 pub use lb::*;
@@ -35,25 +27,15 @@ pub use service::*;
 pub use snapshot::*;
 pub use vip::*;
 
+use common::failed;
+
 /// spacectl — administer a spaced fabric.
 #[derive(Debug, Parser)]
 #[command(name = "spacectl", version, about = "Administer a spaced fabric")]
 pub struct Cli {
-    /// Node to talk to (`host:port` of its QUIC listener); any node works.
-    #[arg(long, global = true, env = "SPACED_ENDPOINT")]
-    pub endpoint: Option<String>,
-    /// Directory with `ca.pem` and an `admin-<name>.pem`/`.key` pair.
-    #[arg(long, global = true, env = "SPACED_PKI")]
-    pub pki: Option<PathBuf>,
-    /// Which admin certificate in the PKI directory to use (default: the only or first one).
-    /// (Not `--admin`: that is `pki issue`'s flag for an admin certificate.)
-    #[arg(
-        long = "admin-name",
-        id = "admin_name",
-        global = true,
-        env = "SPACED_ADMIN"
-    )]
-    pub admin: Option<String>,
+    /// The node to talk to and the admin certificate to use.
+    #[command(flatten)]
+    pub target: Target,
     /// What to do.
     #[command(subcommand)]
     pub command: Cmd,
@@ -137,81 +119,20 @@ pub enum Cmd {
     Man,
 }
 
-/// A failure: message and exit code (2 usage, 1 operation).
-#[derive(Debug)]
-pub struct CtlError {
-    /// One line for stderr.
-    pub message: String,
-    /// Process exit code.
-    pub code: i32,
-}
-
-impl From<ClientError> for CtlError {
-    fn from(e: ClientError) -> Self {
-        CtlError {
-            message: e.to_string(),
-            code: 1,
-        }
-    }
-}
-
-fn usage(msg: impl Into<String>) -> CtlError {
-    CtlError {
-        message: msg.into(),
-        code: 2,
-    }
-}
-
-fn failed(msg: impl Into<String>) -> CtlError {
-    CtlError {
-        message: msg.into(),
-        code: 1,
-    }
-}
-
-async fn connect(cli: &Cli) -> Result<AdminClient, CtlError> {
-    let endpoint = cli
-        .endpoint
-        .as_deref()
-        .ok_or_else(|| usage("--endpoint (or SPACED_ENDPOINT) is required"))?;
-    let pki = cli
-        .pki
-        .as_deref()
-        .ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
-    let creds = AdminCredentials::load(pki, cli.admin.as_deref())?;
-    Ok(AdminClient::connect(endpoint, &creds).await?)
-}
-
-/// Sends a leader-only request (following redirects) and returns the reply; `Failed` becomes an error.
-async fn mutate(cli: &Cli, req: AdminRequest) -> Result<AdminReply, CtlError> {
-    let mut c = connect(cli).await?;
-    let reply = c.call_leader(&req).await;
-    c.close().await;
-    match reply? {
-        AdminReply::Failed(e) => Err(failed(e)),
-        other => Ok(other),
-    }
-}
-
-/// A reply of the wrong kind for the request.
-fn odd(reply: AdminReply) -> CtlError {
-    failed(format!("unexpected reply from spaced: {reply:?}"))
-}
-
 /// Runs one spacectl command, printing its output; returns the error to report.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match &cli.command {
-        Cmd::Pki { action } => pki::run(&cli, action).await,
-        Cmd::Status { json } => node::status(&cli, json).await,
-        Cmd::Node { action } => node::run(&cli, action).await,
-        Cmd::Leader { action } => node::leader(&cli, action).await,
-        Cmd::Device { action } => device::run(&cli, action).await,
-        Cmd::Vip { action } => vip::run(&cli, action).await,
-        Cmd::Service { action } => service::run(&cli, action).await,
-        Cmd::Singleton { action } => service::singleton(&cli, action).await,
-        Cmd::Lb { action } => lb::run(&cli, action).await,
-        Cmd::Snapshot { action } => snapshot::run(&cli, action).await,
-        Cmd::Dr { action } => dr::run(&cli, action).await,
+        Cmd::Pki { action } => pki::run(&cli.target, action).await,
+        Cmd::Status { json } => node::status(&cli.target, json).await,
+        Cmd::Node { action } => node::run(&cli.target, action).await,
+        Cmd::Leader { action } => node::leader(&cli.target, action).await,
+        Cmd::Device { action } => device::run(&cli.target, action).await,
+        Cmd::Vip { action } => vip::run(&cli.target, action).await,
+        Cmd::Service { action } => service::run(&cli.target, action).await,
+        Cmd::Singleton { action } => service::singleton(&cli.target, action).await,
+        Cmd::Lb { action } => lb::run(&cli.target, action).await,
+        Cmd::Snapshot { action } => snapshot::run(&cli.target, action).await,
+        Cmd::Dr { action } => dr::run(&cli.target, action).await,
         Cmd::Completion { shell } => crate::write_completion::<Cli>(*shell, &mut std::io::stdout())
             .map_err(|e| failed(format!("write the completion script: {e}"))),
         Cmd::Man => crate::write_man::<Cli>(&mut std::io::stdout())
@@ -221,6 +142,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
 
 #[cfg(test)]
 mod tests {
+    use super::common::*;
     use super::*;
 
     #[test]

@@ -1,7 +1,8 @@
 //! `spacectl status`, `node` and `leader`: the members, membership changes, drain and
 //! activate, and leadership.
 
-use super::*;
+use super::common::*;
+use super::render::*;
 
 /// `spacectl node ...`
 #[derive(Debug, Subcommand)]
@@ -65,7 +66,7 @@ pub enum LeaderCmd {
 }
 
 /// `spacectl status`
-pub(super) async fn status(cli: &Cli, json: &bool) -> Result<(), CtlError> {
+pub(super) async fn status(cli: &Target, json: &bool) -> Result<(), CtlError> {
     let mut c = connect(&cli).await?;
     let s = c.status().await?;
     if *json {
@@ -78,7 +79,7 @@ pub(super) async fn status(cli: &Cli, json: &bool) -> Result<(), CtlError> {
 }
 
 /// `spacectl node ...`
-pub(super) async fn run(cli: &Cli, action: &NodeCmd) -> Result<(), CtlError> {
+pub(super) async fn run(cli: &Target, action: &NodeCmd) -> Result<(), CtlError> {
     match action {
         NodeCmd::List { json } => {
             let mut c = connect(&cli).await?;
@@ -187,7 +188,7 @@ pub(super) async fn run(cli: &Cli, action: &NodeCmd) -> Result<(), CtlError> {
 }
 
 /// `spacectl leader ...`
-pub(super) async fn leader(cli: &Cli, action: &LeaderCmd) -> Result<(), CtlError> {
+pub(super) async fn leader(cli: &Target, action: &LeaderCmd) -> Result<(), CtlError> {
     match action {
         LeaderCmd::Transfer { to } => {
             match mutate(&cli, AdminRequest::TransferLeader(to.clone())).await? {
@@ -202,7 +203,7 @@ pub(super) async fn leader(cli: &Cli, action: &LeaderCmd) -> Result<(), CtlError
 }
 
 pub(crate) async fn set_admin_state(
-    cli: &Cli,
+    cli: &Target,
     node: &str,
     state: AdminState,
 ) -> Result<(), CtlError> {

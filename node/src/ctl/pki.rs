@@ -1,6 +1,7 @@
 //! `spacectl pki`: the cluster CA and node and admin certificates.
 
-use super::*;
+use super::common::*;
+use super::render;
 
 /// `spacectl pki ...`
 #[derive(Debug, Subcommand)]
@@ -37,7 +38,7 @@ pub enum PkiCmd {
 }
 
 /// `spacectl pki ...`
-pub(super) async fn run(cli: &Cli, action: &PkiCmd) -> Result<(), CtlError> {
+pub(super) async fn run(cli: &Target, action: &PkiCmd) -> Result<(), CtlError> {
     match action {
         PkiCmd::Init { dir } => {
             spaced_raft::pki::init_ca(dir).map_err(|e| failed(e.to_string()))?;

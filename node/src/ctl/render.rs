@@ -1,6 +1,6 @@
 //! Tables and JSON for what nodes report: status, VIPs, devices, rebalances.
 
-use super::*;
+use super::common::*;
 
 /// Renders rows as an aligned table with a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {

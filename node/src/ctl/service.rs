@@ -1,7 +1,8 @@
 //! `spacectl service` and `singleton`: declare, list and remove supervised services and
 //! singletons, as every node runs them.
 
-use super::*;
+use super::common::*;
+use super::render::*;
 
 /// `spacectl service ...`
 #[derive(Debug, Subcommand)]
@@ -79,45 +80,9 @@ pub(crate) fn scope_text(scope: &spaced_fabric::ServiceScope) -> String {
     }
 }
 
-/// Asks every member at once for `request`, keeping the replies `pick` accepts (in membership
-/// order); nodes that do not answer (or answer something else) are named, not fatal.
-pub(crate) async fn ask_everywhere<T>(
-    cli: &Cli,
-    request: AdminRequest,
-    pick: fn(AdminReply) -> Option<T>,
-) -> Result<(Vec<T>, Vec<String>), CtlError> {
-    let mut c = connect(cli).await?;
-    let status = c.status().await?;
-    c.close().await;
-    let pki = cli
-        .pki
-        .as_deref()
-        .ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
-    let creds = AdminCredentials::load(pki, cli.admin.as_deref())?;
-    let answers = futures::future::join_all(status.nodes.iter().map(|n| {
-        let (creds, request) = (&creds, &request);
-        async move {
-            let mut c = AdminClient::connect(&n.addr, creds).await.ok()?;
-            let reply = c.call(request).await.ok();
-            c.close().await;
-            pick(reply?)
-        }
-    }))
-    .await;
-    let mut reports = Vec::new();
-    let mut silent = Vec::new();
-    for (n, answer) in status.nodes.iter().zip(answers) {
-        match answer {
-            Some(r) => reports.push(r),
-            None => silent.push(n.name.clone()),
-        }
-    }
-    Ok((reports, silent))
-}
-
 /// Asks every member for its services.
 pub(crate) async fn services_everywhere(
-    cli: &Cli,
+    cli: &Target,
 ) -> Result<(Vec<crate::admin::ServicesReport>, Vec<String>), CtlError> {
     ask_everywhere(cli, AdminRequest::ServiceStatus, |reply| match reply {
         AdminReply::Services(r) => Some(r),
@@ -127,7 +92,7 @@ pub(crate) async fn services_everywhere(
 }
 
 /// `spacectl service ...`
-pub(super) async fn run(cli: &Cli, action: &ServiceCmd) -> Result<(), CtlError> {
+pub(super) async fn run(cli: &Target, action: &ServiceCmd) -> Result<(), CtlError> {
     match action {
         ServiceCmd::Add {
             name,
@@ -265,7 +230,7 @@ pub(super) async fn run(cli: &Cli, action: &ServiceCmd) -> Result<(), CtlError> 
 }
 
 /// `spacectl singleton ...`
-pub(super) async fn singleton(cli: &Cli, action: &SingletonCmd) -> Result<(), CtlError> {
+pub(super) async fn singleton(cli: &Target, action: &SingletonCmd) -> Result<(), CtlError> {
     match action {
         SingletonCmd::List { json } => {
             let mut c = connect(&cli).await?;

@@ -3,7 +3,7 @@
 
 use spaced_raft::backup::{BackupBody, file_digest};
 
-use super::*;
+use super::common::*;
 
 /// `spacectl snapshot ...`
 #[derive(Debug, Subcommand)]
@@ -25,7 +25,7 @@ pub enum SnapshotCmd {
 }
 
 /// `spacectl snapshot ...`
-pub(super) async fn run(cli: &Cli, action: &SnapshotCmd) -> Result<(), CtlError> {
+pub(super) async fn run(cli: &Target, action: &SnapshotCmd) -> Result<(), CtlError> {
     match action {
         SnapshotCmd::Save { file } => {
             let bytes = match mutate(cli, AdminRequest::Snapshot).await? {

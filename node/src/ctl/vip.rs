@@ -1,6 +1,7 @@
 //! `spacectl vip`: list, add and move virtual IPs.
 
-use super::*;
+use super::common::*;
+use super::render::*;
 
 /// `spacectl vip ...`
 #[derive(Debug, Subcommand)]
@@ -43,7 +44,7 @@ pub enum VipCmd {
 }
 
 /// `spacectl vip ...`
-pub(super) async fn run(cli: &Cli, action: &VipCmd) -> Result<(), CtlError> {
+pub(super) async fn run(cli: &Target, action: &VipCmd) -> Result<(), CtlError> {
     match action {
         VipCmd::Add {
             name,

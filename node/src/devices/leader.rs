@@ -16,7 +16,7 @@ use spaced_fabric::{AdminState, Command};
 use spaced_raft::{NodeId, Outcome};
 use tokio::sync::watch;
 
-use crate::admin::{NodeDevices, RebalanceReport};
+use super::report::{NodeDevices, RebalanceReport};
 use crate::cluster::{Cluster, OpError, ProposeError};
 use crate::now_millis;
 use spaced_fabric::plan::placements::plan_devices;

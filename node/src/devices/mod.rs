@@ -6,3 +6,4 @@
 pub mod agent;
 pub mod gate;
 pub mod leader;
+pub mod report;

@@ -2,5 +2,6 @@
 //! node holds it, backends from the fabric ([`service`]); and `spaced lb`, the balancer alone
 //! with backends from flags ([`standalone`]).
 
+pub mod report;
 pub mod service;
 pub mod standalone;

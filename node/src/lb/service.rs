@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::admin::{LbBackendRow, LbListenerRow};
+use super::report::{LbBackendRow, LbListenerRow};
 use crate::ops::config::{LbPort, LbSection};
 use crate::placement::agent::Agent;
 use spaced_raft::store::FabricView;
@@ -84,7 +84,7 @@ impl LbService {
 
     /// What keeps the balancer from serving as configured (see [`LbReport::problems`]).
     ///
-    /// [`LbReport::problems`]: crate::admin::LbReport::problems
+    /// [`LbReport::problems`]: super::report::LbReport::problems
     pub fn problems(&self) -> Vec<String> {
         crate::lock(&self.problems).clone()
     }

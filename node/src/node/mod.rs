@@ -9,15 +9,19 @@
 //! * [`observe`] — `/metrics` and `/healthz`.
 
 mod dr;
+mod error;
 mod guard_report;
 mod observe;
 mod peer;
 mod registration;
 mod restore;
+mod tls;
 
 pub use guard_report::report_fenced;
 
+pub use error::StartError;
 pub use restore::{RestoreError, restore};
+use tls::{load_tls, quic_configs};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -27,8 +31,7 @@ use std::time::Duration;
 use openraft::SnapshotPolicy;
 use openraft::async_runtime::WatchReceiver;
 use spaced_fabric::Command;
-use spaced_raft::network::{QuicNetwork, transport_config};
-use spaced_raft::pki::{ALPN_RAFT, Identity, TlsMaterial, TlsPaths};
+use spaced_raft::network::QuicNetwork;
 use spaced_raft::store::{self, FabricView};
 use spaced_raft::{Member, NodeId, Outcome, Raft};
 use spaced_replication::backup::BackupStore;
@@ -47,41 +50,6 @@ use crate::services::desired::PlacementBackend;
 use crate::services::supervisor::{Supervisor, SupervisorConfig};
 use crate::takeover::guard::GuardCell;
 
-/// Why a node could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The operator's input is at fault (exit 2): config file, key and problem.
-    #[error("config {file}: key `{key}`: {problem}")]
-    Input {
-        /// The config file.
-        file: String,
-        /// The key at fault.
-        key: String,
-        /// What is wrong.
-        problem: String,
-    },
-    /// The system failed (exit 1): a socket, the store, Raft.
-    #[error("{0}")]
-    System(String),
-}
-
-impl StartError {
-    fn input(cfg: &NodeConfig, key: &str, problem: impl std::fmt::Display) -> Self {
-        StartError::Input {
-            file: cfg.source.display().to_string(),
-            key: key.to_string(),
-            problem: problem.to_string(),
-        }
-    }
-    fn system(problem: impl std::fmt::Display) -> Self {
-        StartError::System(problem.to_string())
-    }
-    /// Whether the operator's input is at fault (exit 2) rather than the system (exit 1).
-    pub fn bad_input(&self) -> bool {
-        matches!(self, StartError::Input { .. })
-    }
-}
-
 /// A running node.
 pub struct Node {
     /// The config it started with (a reload compares against it).
@@ -90,6 +58,8 @@ pub struct Node {
     revoked: spaced_raft::pki::Revoked,
     /// The cluster handle the subsystems share.
     cluster: Cluster,
+    /// The node's Prometheus metrics (the certificate's expiry is set again on a reload).
+    metrics: Arc<NodeMetrics>,
     /// Placements: handed over first on shutdown.
     placements: Arc<Placements>,
     /// The supervisor: every service stopped before the node goes.
@@ -192,20 +162,6 @@ fn now_unix() -> i64 {
     (crate::now_millis() / 1000) as i64
 }
 
-/// The QUIC server config (Raft and admin) and the Raft client config of `tls`.
-fn quic_configs(
-    tls: &TlsMaterial,
-) -> Result<(quinn::ServerConfig, quinn::ClientConfig), StartError> {
-    let transport = transport_config();
-    let server = tls
-        .server_config(transport.clone())
-        .map_err(StartError::system)?;
-    let client = tls
-        .client_config(ALPN_RAFT, transport)
-        .map_err(StartError::system)?;
-    Ok((server, client))
-}
-
 /// What the fence guards need to report their fence when spaced dies: this node's id and key
 /// files, and the members as Raft has them now.
 fn guard_reporting(cfg: &NodeConfig, cluster: &Cluster) -> crate::takeover::guard::Reporting {
@@ -228,24 +184,6 @@ fn guard_reporting(cfg: &NodeConfig, cluster: &Cluster) -> crate::takeover::guar
                 })
                 .collect()
         }),
-    }
-}
-
-/// The node's key material, checked to be for this node's name.
-fn load_tls(cfg: &NodeConfig) -> Result<TlsMaterial, StartError> {
-    let tls = TlsMaterial::load(&TlsPaths {
-        ca: cfg.tls.ca.clone(),
-        cert: cfg.tls.cert.clone(),
-        key: cfg.tls.key.clone(),
-    })
-    .map_err(|e| StartError::input(cfg, "tls", e))?;
-    match tls.identity() {
-        Identity::Node(n) if *n == cfg.name => Ok(tls),
-        other => Err(StartError::input(
-            cfg,
-            "tls.cert",
-            format!("certificate is for {other:?}, not node {:?}", cfg.name),
-        )),
     }
 }
 
@@ -388,7 +326,7 @@ impl Node {
         .await
         .map_err(|e| StartError::system(format!("raft: {e}")))?;
 
-        let metrics = NodeMetrics::new();
+        let metrics = Arc::new(NodeMetrics::new());
         let recorder = metrics.recorder();
         let fd_limit = match crate::raise_fd_limit() {
             Ok(limit) => Some(limit),
@@ -439,7 +377,7 @@ impl Node {
             raft.clone(),
             view,
             network,
-            metrics,
+            metrics.commit_latency_histogram(),
         );
 
         // Placements, services and the takeover backend, wired through the agent's backend.
@@ -532,6 +470,7 @@ impl Node {
             let mut rx = shutdown_rx.clone();
             let state: Arc<dyn crate::ops::http::HttpState> = Arc::new(observe::HttpView::new(
                 cluster.clone(),
+                metrics.clone(),
                 lb.clone(),
                 admin.clone(),
                 events.clone(),
@@ -590,10 +529,11 @@ impl Node {
             stop(),
         )));
         if let Some(not_after) = tls.not_after() {
-            cluster.metrics.cert_expires(not_after, now_unix());
+            metrics.cert_expires(not_after, now_unix());
         }
         tasks.push(tokio::spawn(observe::metrics_loop(
             cluster.clone(),
+            metrics.clone(),
             placements.agent().clone(),
             events.clone(),
             watchdog.clone(),
@@ -648,6 +588,7 @@ impl Node {
             config: cfg,
             revoked: tls.revoked().clone(),
             cluster,
+            metrics,
             placements,
             supervisor,
             devices,
@@ -672,7 +613,7 @@ impl Node {
         self.endpoint.set_server_config(Some(server));
         self.cluster.network.set_client_config(client);
         if let Some(not_after) = tls.not_after() {
-            self.cluster.metrics.cert_expires(not_after, now_unix());
+            self.metrics.cert_expires(not_after, now_unix());
         }
         report.push(format!(
             "tls: certificate and key reloaded ({}, serial {})",

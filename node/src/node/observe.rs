@@ -16,12 +16,13 @@ use crate::admin::server::AdminServer;
 use crate::cluster::Cluster;
 use crate::lb::service::LbService;
 use crate::ops::events::Events;
-use crate::ops::metrics::FabricFigures;
+use crate::ops::metrics::{FabricFigures, NodeMetrics};
 use crate::placement::agent::Agent;
 
 /// Refreshes the gauges until shutdown: Raft's, and what the fabric and the VIP agent say.
 pub(super) async fn metrics_loop(
     inner: Cluster,
+    metrics: Arc<NodeMetrics>,
     agent: Arc<Agent>,
     events: Arc<Events>,
     dr: Option<Arc<spaced_replication::Watchdog>>,
@@ -41,7 +42,7 @@ pub(super) async fn metrics_loop(
                 && site_gate.has_witnesses())
             .then(|| site_gate.remaining(status.epoch))
             .flatten();
-            inner.metrics.dr(
+            metrics.dr(
                 &status,
                 m.state == ServerState::Leader,
                 hold,
@@ -63,14 +64,14 @@ pub(super) async fn metrics_loop(
                 (name, t.map(|d| d.as_secs_f64()))
             })
             .collect();
-        inner.metrics.update(
+        metrics.update(
             m.current_term,
             m.current_leader,
             m.last_applied.map(|l| l.index()),
             m.state == ServerState::Leader,
             contacts,
         );
-        inner.metrics.update_raft(
+        metrics.update_raft(
             m.current_leader,
             m.last_log_index,
             m.last_applied.map(|l| l.index()),
@@ -118,9 +119,9 @@ pub(super) async fn metrics_loop(
                 (n, left)
             })
             .collect();
-        inner.metrics.update_fabric(inner.id, figures, &held);
+        metrics.update_fabric(inner.id, figures, &held);
         if let Some((running, starts)) = agent.guard_state() {
-            inner.metrics.guard(running, starts);
+            metrics.guard(running, starts);
         }
     }
 }
@@ -128,6 +129,7 @@ pub(super) async fn metrics_loop(
 /// Adapts the node to the HTTP server's view.
 pub(super) struct HttpView {
     cluster: Cluster,
+    metrics: Arc<NodeMetrics>,
     lb: Option<Arc<LbService>>,
     admin: Arc<AdminServer>,
     events: Arc<Events>,
@@ -136,12 +138,14 @@ pub(super) struct HttpView {
 impl HttpView {
     pub(super) fn new(
         cluster: Cluster,
+        metrics: Arc<NodeMetrics>,
         lb: Option<Arc<LbService>>,
         admin: Arc<AdminServer>,
         events: Arc<Events>,
     ) -> Self {
         HttpView {
             cluster,
+            metrics,
             lb,
             admin,
             events,
@@ -151,7 +155,7 @@ impl HttpView {
 
 impl crate::ops::http::HttpState for HttpView {
     fn metrics_text(&self) -> String {
-        let mut text = self.cluster.metrics.render();
+        let mut text = self.metrics.render();
         if let Some(lb) = &self.lb {
             lb.render(&mut text);
         }

@@ -10,7 +10,8 @@ use spaced_raft::Member;
 use spaced_raft::backup::BackupBody;
 use spaced_raft::store::{self, SeedError};
 
-use super::{StartError, load_tls};
+use super::error::StartError;
+use super::tls::load_tls;
 use crate::ops::config::NodeConfig;
 
 /// Why a restore was refused or failed.

@@ -273,6 +273,11 @@ impl NodeMetrics {
         self.commit_latency.record(d.as_secs_f64());
     }
 
+    /// The commit-latency histogram, for the `Cluster` handle that times its proposals.
+    pub fn commit_latency_histogram(&self) -> Histogram {
+        self.commit_latency.clone()
+    }
+
     /// Refreshes the Raft gauges from a metrics snapshot.
     pub fn update(
         &self,

@@ -18,6 +18,7 @@ pub mod agent;
 pub mod controller;
 pub mod lease;
 pub mod renewal;
+pub mod report;
 pub mod vip_ops;
 
 use std::collections::BTreeMap;

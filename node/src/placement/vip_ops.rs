@@ -12,8 +12,8 @@ use spaced_fabric::{Command, PlacementKind};
 use spaced_raft::NodeId;
 use spaced_raft::network::{BoxFuture, RaftReply, RaftRpc};
 
+use super::report::{RefusalRow, VipRow};
 use super::{LIVE_WITHIN, Placements};
-use crate::admin::{RefusalRow, VipRow};
 use crate::cluster::OpError;
 use crate::ops::config::VipSection;
 use crate::{lock, now_millis};

@@ -1,0 +1,133 @@
+//! What every spacectl command shares: the node to talk to and the admin certificate to use
+//! (the global flags), the error a command returns, the calls that connect and send, and the
+//! imports the command files use.
+
+pub(super) use std::collections::{BTreeMap, BTreeSet, HashSet};
+pub(super) use std::io::IsTerminal;
+pub(super) use std::path::{Path, PathBuf};
+
+pub(super) use clap::Subcommand;
+pub(super) use serde_json::json;
+pub(super) use spaced_fabric::{
+    AdminState, DeviceMode, NewDevice, check_device_addr, check_device_id,
+};
+
+pub(super) use crate::admin::client::{AdminClient, AdminCredentials, ClientError, unexpected};
+pub(super) use crate::admin::{AdminReply, AdminRequest, DeviceRow, RebalanceReport, StatusReport};
+
+/// The global flags: which node to talk to, as which admin.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// Node to talk to (`host:port` of its QUIC listener); any node works.
+    #[arg(long, global = true, env = "SPACED_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Directory with `ca.pem` and an `admin-<name>.pem`/`.key` pair.
+    #[arg(long, global = true, env = "SPACED_PKI")]
+    pub pki: Option<PathBuf>,
+    /// Which admin certificate in the PKI directory to use (default: the only or first one).
+    /// (Not `--admin`: that is `pki issue`'s flag for an admin certificate.)
+    #[arg(
+        long = "admin-name",
+        id = "admin_name",
+        global = true,
+        env = "SPACED_ADMIN"
+    )]
+    pub admin: Option<String>,
+}
+
+/// A failure: message and exit code (2 usage, 1 operation).
+#[derive(Debug)]
+pub struct CtlError {
+    /// One line for stderr.
+    pub message: String,
+    /// Process exit code.
+    pub code: i32,
+}
+
+impl From<ClientError> for CtlError {
+    fn from(e: ClientError) -> Self {
+        CtlError {
+            message: e.to_string(),
+            code: 1,
+        }
+    }
+}
+
+pub(super) fn usage(msg: impl Into<String>) -> CtlError {
+    CtlError {
+        message: msg.into(),
+        code: 2,
+    }
+}
+
+pub(super) fn failed(msg: impl Into<String>) -> CtlError {
+    CtlError {
+        message: msg.into(),
+        code: 1,
+    }
+}
+
+pub(super) async fn connect(cli: &Target) -> Result<AdminClient, CtlError> {
+    let endpoint = cli
+        .endpoint
+        .as_deref()
+        .ok_or_else(|| usage("--endpoint (or SPACED_ENDPOINT) is required"))?;
+    let pki = cli
+        .pki
+        .as_deref()
+        .ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
+    let creds = AdminCredentials::load(pki, cli.admin.as_deref())?;
+    Ok(AdminClient::connect(endpoint, &creds).await?)
+}
+
+/// Sends a leader-only request (following redirects) and returns the reply; `Failed` becomes an error.
+pub(super) async fn mutate(cli: &Target, req: AdminRequest) -> Result<AdminReply, CtlError> {
+    let mut c = connect(cli).await?;
+    let reply = c.call_leader(&req).await;
+    c.close().await;
+    match reply? {
+        AdminReply::Failed(e) => Err(failed(e)),
+        other => Ok(other),
+    }
+}
+
+/// A reply of the wrong kind for the request.
+pub(super) fn odd(reply: AdminReply) -> CtlError {
+    failed(format!("unexpected reply from spaced: {reply:?}"))
+}
+
+/// Asks every member at once for `request`, keeping the replies `pick` accepts (in membership
+/// order); nodes that do not answer (or answer something else) are named, not fatal.
+pub(crate) async fn ask_everywhere<T>(
+    cli: &Target,
+    request: AdminRequest,
+    pick: fn(AdminReply) -> Option<T>,
+) -> Result<(Vec<T>, Vec<String>), CtlError> {
+    let mut c = connect(cli).await?;
+    let status = c.status().await?;
+    c.close().await;
+    let pki = cli
+        .pki
+        .as_deref()
+        .ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
+    let creds = AdminCredentials::load(pki, cli.admin.as_deref())?;
+    let answers = futures::future::join_all(status.nodes.iter().map(|n| {
+        let (creds, request) = (&creds, &request);
+        async move {
+            let mut c = AdminClient::connect(&n.addr, creds).await.ok()?;
+            let reply = c.call(request).await.ok();
+            c.close().await;
+            pick(reply?)
+        }
+    }))
+    .await;
+    let mut reports = Vec::new();
+    let mut silent = Vec::new();
+    for (n, answer) in status.nodes.iter().zip(answers) {
+        match answer {
+            Some(r) => reports.push(r),
+            None => silent.push(n.name.clone()),
+        }
+    }
+    Ok((reports, silent))
+}
