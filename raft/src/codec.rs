@@ -34,3 +34,9 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     }
     Ok(value)
 }
+
+/// Decodes one value from the start of `bytes` and says how many bytes it took (the fuzz
+/// targets read a sequence of commands this way).
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
+    Ok(bincode::serde::decode_from_slice(bytes, config())?)
+}

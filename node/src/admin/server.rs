@@ -261,7 +261,7 @@ impl AdminServer {
             }
             AdminRequest::Write(cmd) => match admin_may_write(&cmd) {
                 Ok(()) => self.write(cmd).await,
-                Err(why) => AdminReply::Failed(why),
+                Err(why) => AdminReply::Failed(why.to_string()),
             },
             AdminRequest::LbStatus => AdminReply::Lb(super::LbReport {
                 node: self.cluster.name.clone(),
@@ -556,7 +556,7 @@ impl AdminServer {
 /// and `node remove`; devices move by the leader's planner and `device rebalance`; nodes report
 /// their own devices and management IP. `Err` says what to use instead, as the text of the
 /// `AdminReply::Failed` that carries it to `spacectl`.
-pub fn admin_may_write(cmd: &Command) -> Result<(), String> {
+pub fn admin_may_write(cmd: &Command) -> Result<(), NotAnAdminWrite> {
     let instead = match cmd {
         Command::AddDevices { .. }
         | Command::RemoveDevice { .. }
@@ -584,10 +584,23 @@ pub fn admin_may_write(cmd: &Command) -> Result<(), String> {
         Command::Mirror { .. } => "nothing: a standby site's leader mirrors its peer itself",
         Command::SetAutoFailover { .. } => "`dr automatic-failover`",
     };
-    Err(format!(
-        "{cmd} is not an admin operation: placements, membership and device owners change only \
-         through operations that keep their invariants; use {instead}"
-    ))
+    Err(NotAnAdminWrite {
+        command: cmd.to_string(),
+        instead,
+    })
+}
+
+/// A raw command an admin may not write, and the operation to use instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{command} is not an admin operation: placements, membership and device owners change only \
+     through operations that keep their invariants; use {instead}"
+)]
+pub struct NotAnAdminWrite {
+    /// The command, as it prints.
+    pub command: String,
+    /// The operation that does it while keeping the invariants.
+    pub instead: &'static str,
 }
 
 /// Decodes an admin request from the wire (from spacectl, or forwarded by a node).
@@ -710,7 +723,9 @@ mod tests {
             },
         ];
         for cmd in refused {
-            let why = admin_may_write(&cmd).expect_err("a raw command was allowed");
+            let why = admin_may_write(&cmd)
+                .expect_err("a raw command was allowed")
+                .to_string();
             assert!(why.contains("not an admin operation"), "{why}");
         }
         let allowed = [

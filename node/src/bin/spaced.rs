@@ -153,7 +153,7 @@ fn init_tracing(
     cli: &Cli,
     config: Option<&str>,
     default: &str,
-) -> Result<(LogHandle, FilterSource), String> {
+) -> Result<(LogHandle, FilterSource), BadFilter> {
     let (text, source, what) = if let Some(l) = &cli.log_level {
         (l.clone(), FilterSource::Operator, "--log-level")
     } else if let Ok(l) = std::env::var("SPACED_LOG") {
@@ -167,7 +167,11 @@ fn init_tracing(
             "the default filter",
         )
     };
-    let filter = EnvFilter::try_new(&text).map_err(|e| format!("{what} {text:?}: {e}"))?;
+    let filter = EnvFilter::try_new(&text).map_err(|source| BadFilter {
+        from: what,
+        text: text.clone(),
+        source,
+    })?;
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match cli.log_format {
@@ -188,6 +192,15 @@ fn init_tracing(
             .try_init(),
     };
     Ok((handle, source))
+}
+
+/// A log filter that does not parse: where it came from, its text, and the parser's word.
+#[derive(Debug, thiserror::Error)]
+#[error("{from} {text:?}: {source}")]
+struct BadFilter {
+    from: &'static str,
+    text: String,
+    source: tracing_subscriber::filter::ParseError,
 }
 
 /// `init_tracing`, or the exit code after saying why not.

@@ -503,8 +503,11 @@ pub enum ClaimError {
     },
 }
 
-/// Reads the hello line: the device id, then `\n` (a `\r` before it is allowed).
-async fn read_hello(stream: &mut TcpStream) -> Result<String, ClaimError> {
+/// Reads the hello line: the device id, then `\n` (a `\r` before it is allowed). Public for
+/// the fuzz targets (`fuzz/`), which feed it bytes.
+pub async fn read_hello<R: tokio::io::AsyncRead + Unpin>(
+    stream: &mut R,
+) -> Result<String, ClaimError> {
     let mut line = Vec::with_capacity(64);
     let mut buf = [0u8; MAX_HELLO];
     loop {

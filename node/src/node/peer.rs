@@ -182,7 +182,7 @@ impl NodeHooks for Hooks {
         let cluster = self.placements.cluster.clone();
         if let Err(why) = cluster.view.read(|f| node_may_propose(f, from, &cmd)) {
             tracing::warn!(peer = from, command = %cmd, %why, "a node's proposal refused");
-            return Box::pin(async move { Err(why) });
+            return Box::pin(async move { Err(why.to_string()) });
         }
         let now = now_millis();
         // The claimer checked the hold on its own view, which may lag; the leader's is the
@@ -273,9 +273,13 @@ pub(super) async fn follow_revocations(
 /// own behalf — give back or release what it holds, claim a device for itself, report its
 /// devices, record its management IP, register a VIP from its config. Anything else (a grant,
 /// membership, another node's devices) is the leader's or an admin's to do, so a member
-/// node's certificate carries no more power than its own work needs. `Err` is the refusal's
-/// text for the wire.
-pub(super) fn node_may_propose(fabric: &Fabric, from: NodeId, cmd: &Command) -> Result<(), String> {
+/// node's certificate carries no more power than its own work needs. `Err` is the refusal,
+/// sent to the node as text.
+pub(super) fn node_may_propose(
+    fabric: &Fabric,
+    from: NodeId,
+    cmd: &Command,
+) -> Result<(), NotANodeProposal> {
     let ok = match cmd {
         Command::RefusePlacement { node, .. } => *node == from,
         Command::ReleasePlacement { name, epoch } => fabric
@@ -298,11 +302,22 @@ pub(super) fn node_may_propose(fabric: &Fabric, from: NodeId, cmd: &Command) -> 
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "node {from} may not propose {cmd}: a node proposes only its own releases, claims, \
-             reports and settings"
-        ))
+        Err(NotANodeProposal {
+            node: from,
+            command: cmd.to_string(),
+        })
     }
+}
+
+/// A command a node may not propose through the leader.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "node {node} may not propose {command}: a node proposes only its own releases, claims, \
+     reports and settings"
+)]
+pub(super) struct NotANodeProposal {
+    node: NodeId,
+    command: String,
 }
 
 /// A refusal a peer sent to the leader carries the time the leader received it, not the

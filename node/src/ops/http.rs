@@ -154,9 +154,15 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// Outcome of reading the request head.
-enum Head {
+#[derive(Debug)]
+pub enum Head {
     /// A complete, well-formed request head.
-    Request { method: String, path: String },
+    Request {
+        /// The method, as sent.
+        method: String,
+        /// The request target, as sent.
+        path: String,
+    },
     /// Unparseable or too large; answer 400 with this reason.
     Bad(&'static str),
     /// The peer closed before sending a full head; nothing to answer.
@@ -199,8 +205,9 @@ async fn handle_connection(mut stream: TcpStream, state: &dyn HttpState) -> std:
     Ok(())
 }
 
-/// Reads until a complete request head is parsed, the limit is hit or the peer closes.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
+/// Reads until a complete request head is parsed, the limit is hit or the peer closes. Public
+/// for the fuzz targets (`fuzz/`), which feed it bytes.
+pub async fn read_head<R: tokio::io::AsyncRead + Unpin>(stream: &mut R) -> std::io::Result<Head> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     loop {
