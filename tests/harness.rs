@@ -406,6 +406,7 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     }
     Ok(path)
 }
+pub mod chaos;
 pub mod device_farm;
 pub mod lab;
 pub mod sites;

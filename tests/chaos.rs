@@ -1,0 +1,802 @@
+//! A fault campaign against one cluster of real `spaced` processes in the network lab (root):
+//! a nemesis throws seeded random faults at the nodes while a client writes unique devices
+//! through the admin API and every host's hold on the VIP is sampled every 2 ms; then the
+//! checkers read the history. `cargo bench -p spaced-tests --bench chaos` runs it (see
+//! docs/testing.md); `tests/chaos_lab.rs` runs a few faults of it in CI.
+//!
+//! The checkers: no acknowledged write is missing from any node once the run has healed, no
+//! device is read back that was never written, never two hosts holding the VIP in one
+//! sample, the VIP held by one host and writes acknowledged again within a bound after every
+//! heal, and no owner change in the quiet time between faults (a flap).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use spaced_fabric::{DeviceMode, NewDevice};
+use spaced_node::admin::client::{AdminClient, AdminCredentials};
+use spaced_node::admin::{AdminReply, AdminRequest};
+use spaced_node::ops::config::{RaftTimings, TakeoverMode, VipSection};
+
+use crate::lab::{AddressWatch, Lab, LabProcess, WatchReport, enter_namespace};
+use crate::sites::Rng;
+use crate::{binary, make_pki, unreachable_device_addr};
+
+const NODE_PORT: u16 = 7000;
+/// How long after a heal the VIP must be held by one host and a write acknowledged again.
+const RECOVERY_BOUND: Duration = Duration::from_secs(30);
+/// The quiet time after each recovery, in which the VIP must not move (no fault is active).
+const QUIET: Duration = Duration::from_millis(1500);
+
+/// The campaign's knobs.
+#[derive(Debug, Clone)]
+pub struct ChaosSettings {
+    /// Nodes (3 or 5).
+    pub nodes: usize,
+    /// The client writes one device this often.
+    pub write_every: Duration,
+}
+
+impl Default for ChaosSettings {
+    fn default() -> Self {
+        ChaosSettings {
+            nodes: 3,
+            write_every: Duration::from_millis(40),
+        }
+    }
+}
+
+/// Who a fault hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The Raft leader, as the nodes say.
+    Leader,
+    /// The VIP's holder, as the hosts' addresses say.
+    Owner,
+    /// Any node.
+    Any,
+}
+
+/// One fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL of the daemon (its fence guard lives on); restarted at the heal.
+    Kill(Target),
+    /// SIGKILL of the daemon's whole process group (the guard too); restarted at the heal.
+    KillGroup(Target),
+    /// SIGSTOP of the daemon's process group; SIGCONT at the heal.
+    Stop(Target),
+    /// The host's own eth0 down; up at the heal.
+    LinkDown(Target),
+    /// The host cut off at the switch (both ways); reconnected at the heal.
+    Partition(Target),
+    /// Every node but one cut off: no majority anywhere until the heal.
+    PartitionMajority,
+    /// SIGTERM (a graceful stop), then a restart at the heal.
+    Restart(Target),
+    /// `spacectl leader transfer` to another voter.
+    TransferLeader,
+}
+
+impl Fault {
+    /// Its kind, for the summary.
+    pub fn kind(&self) -> String {
+        let t = |t: &Target| match t {
+            Target::Leader => "leader",
+            Target::Owner => "VIP owner",
+            Target::Any => "a node",
+        };
+        match self {
+            Fault::Kill(x) => format!("SIGKILL daemon of {}", t(x)),
+            Fault::KillGroup(x) => format!("SIGKILL process group of {}", t(x)),
+            Fault::Stop(x) => format!("SIGSTOP process group of {}", t(x)),
+            Fault::LinkDown(x) => format!("link down on {}", t(x)),
+            Fault::Partition(x) => format!("partition of {} (minority)", t(x)),
+            Fault::PartitionMajority => "partition of all but one (majority)".into(),
+            Fault::Restart(x) => format!("restart (SIGTERM) of {}", t(x)),
+            Fault::TransferLeader => "leader transfer".into(),
+        }
+    }
+
+    /// A random fault.
+    pub fn random(rng: &mut Rng) -> Fault {
+        let target = match rng.below(3) {
+            0 => Target::Leader,
+            1 => Target::Owner,
+            _ => Target::Any,
+        };
+        match rng.below(8) {
+            0 => Fault::Kill(target),
+            1 => Fault::KillGroup(target),
+            2 => Fault::Stop(target),
+            3 => Fault::LinkDown(target),
+            4 => Fault::Partition(target),
+            5 => Fault::PartitionMajority,
+            6 => Fault::Restart(target),
+            _ => Fault::TransferLeader,
+        }
+    }
+}
+
+/// One write the client made and what it heard.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// The device id (unique per write).
+    pub id: String,
+    /// When it was sent, since the campaign's start.
+    pub sent: Duration,
+    /// How long until the answer (or the time-out).
+    pub took: Duration,
+    /// What came back.
+    pub result: WriteResult,
+}
+
+/// What a write heard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteResult {
+    /// Acknowledged: committed and applied.
+    Acked,
+    /// Refused with this reason (it may or may not have been applied).
+    Refused(String),
+    /// No answer in time (it may or may not have been applied).
+    TimedOut,
+}
+
+/// A running cluster in the lab and its client.
+pub struct Chaos {
+    lab: Lab,
+    pki: PathBuf,
+    configs: Vec<PathBuf>,
+    procs: Vec<LabProcess>,
+    vip: Ipv4Addr,
+    settings: ChaosSettings,
+    start: Instant,
+    writes: Arc<Mutex<Vec<Write>>>,
+    stop: Arc<AtomicBool>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Chaos {
+    /// Builds the lab, starts the nodes with a VIP, joins them and starts the client's
+    /// writes. `None`: no root and not CI (printed).
+    pub fn start(settings: ChaosSettings) -> Result<Option<Chaos>> {
+        let Some(lab) = crate::lab::lab_or_skip(settings.nodes)? else {
+            return Ok(None);
+        };
+        let pki = lab.dir().join("pki");
+        make_pki(&pki, settings.nodes as u64)?;
+        let vip = lab.free_ip(1);
+        let mut configs = Vec::new();
+        for (i, host) in lab.hosts().iter().enumerate() {
+            let mut cfg = crate::node_config(lab.dir(), &pki, i as u64 + 1, RaftTimings::default());
+            cfg.listen = SocketAddr::new(IpAddr::V4(host.ip), NODE_PORT);
+            cfg.takeover = TakeoverMode::Netlink;
+            cfg.roles = vec!["ha".into(), "app".into()];
+            cfg.vips = vec![VipSection {
+                name: "front".into(),
+                address: format!("{vip}/24"),
+                interface: "eth0".into(),
+                roles: vec!["ha".into()],
+                port: None,
+            }];
+            std::fs::write(&cfg.source, cfg.to_toml())?;
+            configs.push(cfg.source.clone());
+        }
+        let mut chaos = Chaos {
+            lab,
+            pki,
+            configs,
+            procs: Vec::new(),
+            vip,
+            settings,
+            start: Instant::now(),
+            writes: Arc::default(),
+            stop: Arc::default(),
+            writer: None,
+        };
+        for i in 0..chaos.settings.nodes {
+            let p = chaos.spawn(i, i == 0)?;
+            chaos.procs.push(p);
+        }
+        let first = chaos.endpoint(0);
+        crate::wait_until(Duration::from_secs(30), "n1 leads", || {
+            Ok(chaos.leader().is_some_and(|l| l == 0))
+        })?;
+        for i in 1..chaos.settings.nodes {
+            let id = (i + 1).to_string();
+            let addr = chaos.endpoint(i);
+            let name = format!("n{id}");
+            chaos.ctl(
+                &first,
+                &["node", "add", "--id", &id, "--name", &name, "--addr", &addr],
+            )?;
+        }
+        crate::wait_until(Duration::from_secs(30), "the VIP held by one host", || {
+            Ok(chaos.vip_holders()?.len() == 1)
+        })?;
+        chaos.start_writer()?;
+        Ok(Some(chaos))
+    }
+
+    fn spawn(&self, i: usize, bootstrap: bool) -> Result<LabProcess> {
+        let config = self.configs[i].to_str().context("config path")?.to_string();
+        let mut args = vec!["run", "--config", config.as_str()];
+        if bootstrap {
+            args.push("--bootstrap");
+        }
+        let host = &self.lab.hosts()[i];
+        self.lab
+            .spawn_in(&host.ns, &binary("spaced")?, &args, &format!("n{}", i + 1))
+    }
+
+    /// `host:port` of node `i` (0-based).
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("{}:{NODE_PORT}", self.lab.hosts()[i].ip)
+    }
+
+    /// Runs spacectl against `endpoint` from the client namespace.
+    pub fn ctl(&self, endpoint: &str, args: &[&str]) -> Result<String> {
+        let mut cmd = self
+            .lab
+            .command_in(&self.lab.client().ns, binary("spacectl")?);
+        cmd.env("SPACED_ENDPOINT", endpoint)
+            .env("SPACED_PKI", &self.pki);
+        crate::spacectl_stdout(cmd, args)
+    }
+
+    /// The leader (0-based) that a node answering `status` names.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.settings.nodes).find_map(|i| {
+            let s = self.ctl(&self.endpoint(i), &["status", "--json"]).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&s).ok()?;
+            v["leader"].as_u64().map(|l| l as usize - 1)
+        })
+    }
+
+    /// The hosts (0-based) holding the VIP now.
+    pub fn vip_holders(&self) -> Result<Vec<usize>> {
+        let mut holders = Vec::new();
+        for (i, h) in self.lab.hosts().iter().enumerate() {
+            if self.lab.addresses(&h.ns)?.contains(&IpAddr::V4(self.vip)) {
+                holders.push(i);
+            }
+        }
+        Ok(holders)
+    }
+
+    /// The lab directory (logs, configs).
+    pub fn dir(&self) -> &std::path::Path {
+        self.lab.dir()
+    }
+
+    /// Starts the client: from the client namespace, one `AddDevices` of a fresh id every
+    /// `write_every`, to the nodes in turn (following a redirect to the leader).
+    fn start_writer(&mut self) -> Result<()> {
+        let ns = self.lab.client().ns.clone();
+        let endpoints: Vec<String> = (0..self.settings.nodes).map(|i| self.endpoint(i)).collect();
+        let creds = AdminCredentials::load(&self.pki, None)?;
+        let (writes, stop, every, start) = (
+            self.writes.clone(),
+            self.stop.clone(),
+            self.settings.write_every,
+            self.start,
+        );
+        let handle = std::thread::Builder::new()
+            .name("chaos-writer".into())
+            .spawn(move || {
+                if let Err(e) = enter_namespace(&ns) {
+                    eprintln!("chaos writer: {e:#}");
+                    return;
+                }
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        eprintln!("chaos writer: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(write_loop(endpoints, creds, writes, stop, every, start));
+            })
+            .context("spawning the writer")?;
+        self.writer = Some(handle);
+        Ok(())
+    }
+
+    /// Stops the client and returns every write it made.
+    fn stop_writer(&mut self) -> Vec<Write> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        lock(&self.writes).clone()
+    }
+
+    fn pick(&self, target: Target, rng: &mut Rng) -> Result<usize> {
+        Ok(match target {
+            Target::Leader => self.leader().context("no leader to hit")?,
+            Target::Owner => *self.vip_holders()?.first().context("no VIP owner to hit")?,
+            Target::Any => rng.below(self.settings.nodes as u64) as usize,
+        })
+    }
+
+    /// Applies `fault`; returns what undoes it and the node it hit.
+    fn apply(&mut self, fault: &Fault, rng: &mut Rng) -> Result<(Heal, Option<usize>)> {
+        let mut heal = Heal::default();
+        let hit = match fault {
+            Fault::Kill(t) | Fault::KillGroup(t) | Fault::Restart(t) => {
+                let i = self.pick(*t, rng)?;
+                let p = &self.procs[i];
+                match fault {
+                    Fault::Kill(_) => p.signal(Signal::SIGKILL)?,
+                    Fault::KillGroup(_) => p.signal_group(Signal::SIGKILL)?,
+                    _ => {
+                        p.signal(Signal::SIGTERM)?;
+                        p.wait(Duration::from_secs(10))?;
+                    }
+                }
+                heal.respawn.push(i);
+                Some(i)
+            }
+            Fault::Stop(t) => {
+                let i = self.pick(*t, rng)?;
+                self.procs[i].signal_group(Signal::SIGSTOP)?;
+                heal.resume.push(i);
+                Some(i)
+            }
+            Fault::LinkDown(t) => {
+                let i = self.pick(*t, rng)?;
+                self.lab.host_eth_down(&self.lab.hosts()[i].clone())?;
+                heal.links.push(i);
+                Some(i)
+            }
+            Fault::Partition(t) => {
+                let i = self.pick(*t, rng)?;
+                self.lab.partition(&self.lab.hosts()[i].clone())?;
+                heal.partitioned.push(i);
+                Some(i)
+            }
+            Fault::PartitionMajority => {
+                let keep = rng.below(self.settings.nodes as u64) as usize;
+                for i in (0..self.settings.nodes).filter(|i| *i != keep) {
+                    self.lab.partition(&self.lab.hosts()[i].clone())?;
+                    heal.partitioned.push(i);
+                }
+                None
+            }
+            Fault::TransferLeader => {
+                let leader = self.leader().context("no leader to transfer from")?;
+                let to = (leader + 1 + rng.below(self.settings.nodes as u64 - 1) as usize)
+                    % self.settings.nodes;
+                let name = format!("n{}", to + 1);
+                self.ctl(
+                    &self.endpoint(leader),
+                    &["leader", "transfer", "--to", &name],
+                )?;
+                Some(to)
+            }
+        };
+        Ok((heal, hit))
+    }
+
+    /// Undoes a fault.
+    fn heal(&mut self, heal: Heal) -> Result<()> {
+        for i in heal.partitioned {
+            self.lab.heal(&self.lab.hosts()[i].clone())?;
+        }
+        for i in heal.links {
+            self.lab.host_eth_up(&self.lab.hosts()[i].clone())?;
+        }
+        for i in heal.resume {
+            self.procs[i].signal_group(Signal::SIGCONT)?;
+        }
+        for i in heal.respawn {
+            // Reaps what is left of the old process first.
+            let _ = self.procs[i].kill();
+            self.procs[i] = self.spawn(i, false)?;
+        }
+        Ok(())
+    }
+
+    /// Every acknowledged-or-not device id each node holds now.
+    fn devices_on(&self, i: usize) -> Result<BTreeSet<String>> {
+        let out = self.ctl(&self.endpoint(i), &["device", "list", "--json"])?;
+        let rows: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(rows
+            .as_array()
+            .context("device list is not an array")?
+            .iter()
+            .filter_map(|r| r["id"].as_str().map(str::to_string))
+            .collect())
+    }
+}
+
+impl Drop for Chaos {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        // SIGCONT whatever a failed fault left stopped, so that the lab's kill reaps it.
+        for p in &self.procs {
+            let _ = p.signal_group(Signal::SIGCONT);
+        }
+    }
+}
+
+/// What undoes a fault.
+#[derive(Debug, Default)]
+struct Heal {
+    respawn: Vec<usize>,
+    resume: Vec<usize>,
+    links: Vec<usize>,
+    partitioned: Vec<usize>,
+}
+
+async fn write_loop(
+    endpoints: Vec<String>,
+    creds: AdminCredentials,
+    writes: Arc<Mutex<Vec<Write>>>,
+    stop: Arc<AtomicBool>,
+    every: Duration,
+    start: Instant,
+) {
+    let mut seq = 0usize;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let creds = Arc::new(creds);
+    let mut running = tokio::task::JoinSet::new();
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        // Writes go out on schedule, each on its own: one that waits on a dead node does not
+        // hold back the others (the history is about the cluster, not one client's queue).
+        let id = format!("c{seq}");
+        let endpoint = endpoints[seq % endpoints.len()].clone();
+        let device = NewDevice {
+            id: id.clone(),
+            addr: unreachable_device_addr(seq),
+            mode: DeviceMode::SpaceInitiated,
+        };
+        seq += 1;
+        let (creds, writes) = (creds.clone(), writes.clone());
+        running.spawn(async move {
+            let sent = Instant::now();
+            let call = async {
+                let mut c = AdminClient::connect(&endpoint, &creds)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let reply = c.call_leader(&AdminRequest::AddDevices(vec![device])).await;
+                c.close().await;
+                reply.map_err(|e| e.to_string())
+            };
+            let result = match tokio::time::timeout(Duration::from_secs(3), call).await {
+                Ok(Ok(AdminReply::Applied(_))) => WriteResult::Acked,
+                Ok(Ok(other)) => WriteResult::Refused(format!("{other:?}")),
+                Ok(Err(e)) => WriteResult::Refused(e),
+                Err(_) => WriteResult::TimedOut,
+            };
+            lock(&writes).push(Write {
+                id,
+                sent: sent.duration_since(start),
+                took: sent.elapsed(),
+                result,
+            });
+        });
+        while running.try_join_next().is_some() {}
+    }
+    while running.join_next().await.is_some() {}
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How one fault went.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The fault.
+    pub fault: Fault,
+    /// The node it hit (0-based), where it hit one.
+    pub hit: Option<usize>,
+    /// When it began and when it was healed, since the campaign's start.
+    pub began: Duration,
+    /// Healed.
+    pub healed: Duration,
+    /// From the heal until the VIP was held by one host and a write sent after the heal was
+    /// acknowledged; `None`: not within the bound.
+    pub recovered_in: Option<Duration>,
+    /// The quiet window after the recovery (the VIP must not move in it).
+    pub quiet: (Duration, Duration),
+}
+
+/// What a campaign found.
+#[derive(Debug, Default)]
+pub struct Campaign {
+    /// Every fault's outcome.
+    pub outcomes: Vec<Outcome>,
+    /// Every write.
+    pub writes: Vec<Write>,
+    /// What the VIP watch saw (its times on the campaign's clock).
+    pub watch: WatchReport,
+    /// Acknowledged writes some node does not hold at the end: (node, ids).
+    pub lost: Vec<(usize, Vec<String>)>,
+    /// Devices a node holds that the client never wrote.
+    pub phantoms: Vec<String>,
+    /// Owner changes in quiet windows: (when, holders before, holders after).
+    pub flaps: Vec<(Duration, Vec<String>, Vec<String>)>,
+    /// Failed faults (could not be applied; the run stopped there).
+    pub aborted: Option<String>,
+}
+
+/// Runs `faults` random faults from `seed`, each held for 0.3–3 s, and checks the history.
+pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign> {
+    let mut rng = Rng::new(seed);
+    let namespaces = chaos.lab.host_namespaces();
+    // The watch times its samples from its own start: this puts them on the campaign's clock.
+    let watch_offset = chaos.start.elapsed();
+    let watch = AddressWatch::start(
+        &chaos.lab,
+        &namespaces,
+        IpAddr::V4(chaos.vip),
+        Duration::from_millis(2),
+    )?;
+    let mut outcomes = Vec::new();
+    let mut aborted = None;
+    for n in 0..faults {
+        let fault = Fault::random(&mut rng);
+        let hold = Duration::from_millis(300 + rng.below(2700));
+        let began = chaos.start.elapsed();
+        let (heal, hit) = match chaos.apply(&fault, &mut rng) {
+            Ok(h) => h,
+            Err(e) => {
+                aborted = Some(format!("fault {n} ({}): {e:#}", fault.kind()));
+                break;
+            }
+        };
+        println!(
+            "fault {n}: {}{} for {} ms",
+            fault.kind(),
+            hit.map_or(String::new(), |i| format!(" (n{})", i + 1)),
+            hold.as_millis()
+        );
+        std::thread::sleep(hold);
+        chaos.heal(heal)?;
+        let healed = chaos.start.elapsed();
+        let recovered_in = recover(chaos, healed);
+        let quiet_from = chaos.start.elapsed();
+        std::thread::sleep(QUIET);
+        let quiet = (quiet_from, chaos.start.elapsed());
+        println!(
+            "  recovered {} after the heal",
+            recovered_in.map_or("never".into(), |d| format!("{} ms", d.as_millis()))
+        );
+        let failed = recovered_in.is_none();
+        outcomes.push(Outcome {
+            fault,
+            hit,
+            began,
+            healed,
+            recovered_in,
+            quiet,
+        });
+        if failed {
+            break;
+        }
+    }
+    let writes = chaos.stop_writer();
+    let mut watch = watch.stop();
+    for (at, _) in watch
+        .overlaps
+        .iter_mut()
+        .chain(watch.holders_over_time.iter_mut())
+    {
+        *at += watch_offset;
+    }
+    // Every node must hold every acknowledged write once it has caught up.
+    let acked: BTreeSet<String> = writes
+        .iter()
+        .filter(|w| w.result == WriteResult::Acked)
+        .map(|w| w.id.clone())
+        .collect();
+    let written: BTreeSet<String> = writes.iter().map(|w| w.id.clone()).collect();
+    let mut lost = Vec::new();
+    let mut phantoms = BTreeSet::new();
+    for i in 0..chaos.settings.nodes {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let held = loop {
+            let held = chaos.devices_on(i).unwrap_or_default();
+            if acked.is_subset(&held) || Instant::now() > deadline {
+                break held;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let missing: Vec<String> = acked.difference(&held).cloned().collect();
+        if !missing.is_empty() {
+            lost.push((i, missing));
+        }
+        phantoms.extend(held.difference(&written).cloned());
+    }
+    let flaps = watch
+        .holders_over_time
+        .windows(2)
+        .filter(|w| {
+            let at = w[1].0;
+            outcomes.iter().any(|o| o.quiet.0 < at && at <= o.quiet.1)
+        })
+        .map(|w| (w[1].0, w[0].1.clone(), w[1].1.clone()))
+        .collect();
+    Ok(Campaign {
+        outcomes,
+        writes,
+        watch,
+        lost,
+        phantoms: phantoms.into_iter().collect(),
+        flaps,
+        aborted,
+    })
+}
+
+/// Waits until the VIP is held by exactly one host and a write sent after `healed` was
+/// acknowledged; how long that took after the heal.
+fn recover(chaos: &Chaos, healed: Duration) -> Option<Duration> {
+    let deadline = chaos.start + healed + RECOVERY_BOUND;
+    while Instant::now() < deadline {
+        let one_holder = chaos.vip_holders().is_ok_and(|h| h.len() == 1);
+        let written = lock(&chaos.writes)
+            .iter()
+            .any(|w| w.sent >= healed && w.result == WriteResult::Acked);
+        if one_holder && written {
+            return Some(chaos.start.elapsed().saturating_sub(healed));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+impl Campaign {
+    /// Every violation found, described (empty: the run kept every promise).
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(a) = &self.aborted {
+            v.push(format!("the campaign stopped: {a}"));
+        }
+        let during = |at: Duration| {
+            self.outcomes
+                .iter()
+                .rev()
+                .find(|o| o.began <= at)
+                .map_or("before the first fault".into(), |o| o.fault.kind())
+        };
+        for (at, holders) in &self.watch.overlaps {
+            v.push(format!(
+                "at {at:?} {} held the VIP at once, during: {}",
+                holders.join(" and "),
+                during(*at)
+            ));
+        }
+        for (node, ids) in &self.lost {
+            v.push(format!(
+                "n{} lacks {} acknowledged write(s), e.g. {:?}",
+                node + 1,
+                ids.len(),
+                &ids[..ids.len().min(5)]
+            ));
+        }
+        if !self.phantoms.is_empty() {
+            v.push(format!(
+                "devices read back that were never written: {:?}",
+                self.phantoms
+            ));
+        }
+        for (at, from, to) in &self.flaps {
+            v.push(format!(
+                "at {at:?} the VIP moved from {from:?} to {to:?} with no fault active (after: {})",
+                during(*at)
+            ));
+        }
+        for (i, o) in self.outcomes.iter().enumerate() {
+            if o.recovered_in.is_none() {
+                v.push(format!(
+                    "fault {i} ({}) was not recovered from within {RECOVERY_BOUND:?}",
+                    o.fault.kind()
+                ));
+            }
+        }
+        v
+    }
+
+    /// The longest time without an acknowledged write that overlaps each outcome, from the
+    /// fault until its recovery.
+    fn write_gaps(&self) -> Vec<Duration> {
+        let acks: Vec<Duration> = self
+            .writes
+            .iter()
+            .filter(|w| w.result == WriteResult::Acked)
+            .map(|w| w.sent + w.took)
+            .collect();
+        self.outcomes
+            .iter()
+            .map(|o| {
+                let end = o.healed + o.recovered_in.unwrap_or(RECOVERY_BOUND);
+                let mut last = acks
+                    .iter()
+                    .rev()
+                    .find(|a| **a <= o.began)
+                    .copied()
+                    .unwrap_or(o.began);
+                let mut gap = Duration::ZERO;
+                for a in acks.iter().filter(|a| **a > o.began && **a <= end) {
+                    gap = gap.max(*a - last);
+                    last = *a;
+                }
+                gap.max(end.saturating_sub(last))
+            })
+            .collect()
+    }
+
+    /// The summary table.
+    pub fn summary(&self, seed: u64) -> String {
+        let gaps = self.write_gaps();
+        let mut kinds: BTreeMap<String, (usize, Duration, Duration)> = BTreeMap::new();
+        for (o, gap) in self.outcomes.iter().zip(&gaps) {
+            let e = kinds.entry(o.fault.kind()).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(o.recovered_in.unwrap_or(RECOVERY_BOUND));
+            e.2 = e.2.max(*gap);
+        }
+        let count =
+            |r: fn(&WriteResult) -> bool| self.writes.iter().filter(|w| r(&w.result)).count();
+        let acked = count(|r| *r == WriteResult::Acked);
+        let refused = count(|r| matches!(r, WriteResult::Refused(_)));
+        let timed_out = count(|r| *r == WriteResult::TimedOut);
+        let lost: usize = self
+            .lost
+            .iter()
+            .map(|(_, ids)| ids.len())
+            .max()
+            .unwrap_or(0);
+        let mut out = format!("seed {seed}: {} faults\n", self.outcomes.len());
+        out += "| fault | count | longest recovery after the heal | longest time without an acknowledged write |\n|---|---|---|---|\n";
+        for (k, (n, rec, gap)) in &kinds {
+            out += &format!(
+                "| {k} | {n} | {} ms | {} ms |\n",
+                rec.as_millis(),
+                gap.as_millis()
+            );
+        }
+        out += &format!(
+            "\nwrites: {} sent, {acked} acknowledged, {refused} refused, {timed_out} timed out; \
+             acknowledged writes lost: {lost}; never-written devices read back: {}\n\
+             VIP samples: {} rounds every 2 ms, {} with two holders; flaps: {}\n",
+            self.writes.len(),
+            self.phantoms.len(),
+            self.watch.samples,
+            self.watch.overlap_samples,
+            self.flaps.len(),
+        );
+        out
+    }
+}
+
+/// Fails with the violations, if any, printing the summary either way.
+pub fn check(chaos: &Chaos, campaign: &Campaign, seed: u64) -> Result<()> {
+    println!("{}", campaign.summary(seed));
+    let v = campaign.violations();
+    if !v.is_empty() {
+        bail!(
+            "{} violation(s) (replay with --seed {seed}; logs in {}):\n{}",
+            v.len(),
+            chaos.dir().display(),
+            v.join("\n")
+        );
+    }
+    Ok(())
+}
