@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
-use spaced_fabric::{DeviceMode, NewDevice};
+use spaced_fabric::{Command, DeviceMode, NewDevice};
 use spaced_node::admin::client::{AdminClient, AdminCredentials};
 use spaced_node::admin::{AdminReply, AdminRequest};
 use spaced_node::ops::config::{RaftTimings, TakeoverMode, VipSection};
 
-use crate::lab::{AddressWatch, Lab, LabProcess, WatchReport, enter_namespace};
+use crate::lab::{AddressWatch, Lab, LabProcess, WatchReport, spawn_async_in};
 use crate::sites::Rng;
 use crate::{binary, make_pki, unreachable_device_addr};
 
@@ -41,6 +41,9 @@ pub struct ChaosSettings {
     pub nodes: usize,
     /// The client writes one device this often.
     pub write_every: Duration,
+    /// Keep the client's devices to this many: each write past it also removes the device
+    /// written that many writes before (a steady load for a soak). `None`: they pile up.
+    pub churn: Option<usize>,
 }
 
 impl Default for ChaosSettings {
@@ -48,6 +51,7 @@ impl Default for ChaosSettings {
         ChaosSettings {
             nodes: 3,
             write_every: Duration::from_millis(40),
+            churn: None,
         }
     }
 }
@@ -270,6 +274,16 @@ impl Chaos {
         Ok(holders)
     }
 
+    /// Samples every host's hold on the VIP every 2 ms.
+    fn watch_vip(&self) -> Result<AddressWatch> {
+        AddressWatch::start(
+            &self.lab,
+            &self.lab.host_namespaces(),
+            IpAddr::V4(self.vip),
+            Duration::from_millis(2),
+        )
+    }
+
     /// The lab directory (logs, configs).
     pub fn dir(&self) -> &std::path::Path {
         self.lab.dir()
@@ -281,32 +295,16 @@ impl Chaos {
         let ns = self.lab.client().ns.clone();
         let endpoints: Vec<String> = (0..self.settings.nodes).map(|i| self.endpoint(i)).collect();
         let creds = AdminCredentials::load(&self.pki, None)?;
-        let (writes, stop, every, start) = (
+        let (writes, stop, every, churn, start) = (
             self.writes.clone(),
             self.stop.clone(),
             self.settings.write_every,
+            self.settings.churn,
             self.start,
         );
-        let handle = std::thread::Builder::new()
-            .name("chaos-writer".into())
-            .spawn(move || {
-                if let Err(e) = enter_namespace(&ns) {
-                    eprintln!("chaos writer: {e:#}");
-                    return;
-                }
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        eprintln!("chaos writer: {e}");
-                        return;
-                    }
-                };
-                rt.block_on(write_loop(endpoints, creds, writes, stop, every, start));
-            })
-            .context("spawning the writer")?;
+        let handle = spawn_async_in(&ns, "chaos-writer", move || {
+            write_loop(endpoints, creds, writes, stop, every, churn, start)
+        })?;
         self.writer = Some(handle);
         Ok(())
     }
@@ -320,12 +318,27 @@ impl Chaos {
         lock(&self.writes).clone()
     }
 
+    /// The node `target` names now; a leader or owner not known within 5 s (a cluster still
+    /// settling from the last fault) gives way to a random node, said in the log.
     fn pick(&self, target: Target, rng: &mut Rng) -> Result<usize> {
-        Ok(match target {
-            Target::Leader => self.leader().context("no leader to hit")?,
-            Target::Owner => *self.vip_holders()?.first().context("no VIP owner to hit")?,
-            Target::Any => rng.below(self.settings.nodes as u64) as usize,
-        })
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let found = match target {
+                Target::Leader => self.leader(),
+                Target::Owner => self.vip_holders()?.first().copied(),
+                Target::Any => None,
+            };
+            if let Some(i) = found {
+                return Ok(i);
+            }
+            if target == Target::Any || Instant::now() > deadline {
+                if target != Target::Any {
+                    println!("  no {target:?} known within 5 s: hitting a random node");
+                }
+                return Ok(rng.below(self.settings.nodes as u64) as usize);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Applies `fault`; returns what undoes it and the node it hit.
@@ -447,6 +460,7 @@ async fn write_loop(
     writes: Arc<Mutex<Vec<Write>>>,
     stop: Arc<AtomicBool>,
     every: Duration,
+    churn: Option<usize>,
     start: Instant,
 ) {
     let mut seq = 0usize;
@@ -465,6 +479,9 @@ async fn write_loop(
             addr: unreachable_device_addr(seq),
             mode: DeviceMode::SpaceInitiated,
         };
+        let expired = churn
+            .and_then(|w| seq.checked_sub(w))
+            .map(|old| format!("c{old}"));
         seq += 1;
         let (creds, writes) = (creds.clone(), writes.clone());
         running.spawn(async move {
@@ -474,6 +491,11 @@ async fn write_loop(
                     .await
                     .map_err(|e| e.to_string())?;
                 let reply = c.call_leader(&AdminRequest::AddDevices(vec![device])).await;
+                if let (Some(old), Ok(AdminReply::Applied(_))) = (expired, &reply) {
+                    // The churn's removal is load, not history: its result is not checked.
+                    let remove = Command::RemoveDevice { id: old };
+                    let _ = c.call_leader(&AdminRequest::Write(remove)).await;
+                }
                 c.close().await;
                 reply.map_err(|e| e.to_string())
             };
@@ -539,15 +561,9 @@ pub struct Campaign {
 /// Runs `faults` random faults from `seed`, each held for 0.3–3 s, and checks the history.
 pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign> {
     let mut rng = Rng::new(seed);
-    let namespaces = chaos.lab.host_namespaces();
     // The watch times its samples from its own start: this puts them on the campaign's clock.
     let watch_offset = chaos.start.elapsed();
-    let watch = AddressWatch::start(
-        &chaos.lab,
-        &namespaces,
-        IpAddr::V4(chaos.vip),
-        Duration::from_millis(2),
-    )?;
+    let watch = chaos.watch_vip()?;
     let mut outcomes = Vec::new();
     let mut aborted = None;
     for n in 0..faults {
@@ -799,4 +815,161 @@ pub fn check(chaos: &Chaos, campaign: &Campaign, seed: u64) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One sample of a soak: each node's resident memory and open descriptors.
+#[derive(Debug, Clone)]
+pub struct SoakSample {
+    /// Since the soak began.
+    pub at: Duration,
+    /// Resident set per node, KiB (`VmRSS`); 0 if it could not be read.
+    pub rss_kib: Vec<u64>,
+    /// Open file descriptors per node.
+    pub fds: Vec<usize>,
+}
+
+/// What a soak saw.
+#[derive(Debug)]
+pub struct Soak {
+    /// How long it ran.
+    pub duration: Duration,
+    /// Memory and descriptors over time.
+    pub samples: Vec<SoakSample>,
+    /// The client's writes.
+    pub writes: Vec<Write>,
+    /// The VIP watch (its times from its own start).
+    pub watch: WatchReport,
+    /// The CPU stress that ran beside it, as started; `None`: none.
+    pub stress: Option<String>,
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Keeps the cluster under the client's steady load (start it with `churn`) and, with
+/// `stress`, every core busy with `stress-ng --cpu`, for `duration`, no faults; samples every
+/// node's memory and descriptors every `every`. The VIP must not move.
+pub fn soak(chaos: &mut Chaos, duration: Duration, every: Duration, stress: bool) -> Result<Soak> {
+    let watch = chaos.watch_vip()?;
+    let mut stressor = None;
+    let mut stress_line = None;
+    if stress {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let args = [
+            "--cpu".to_string(),
+            cpus.to_string(),
+            "--timeout".into(),
+            format!("{}s", duration.as_secs() + 5),
+            "--quiet".into(),
+        ];
+        let child = std::process::Command::new("stress-ng")
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting stress-ng (apt-get install stress-ng)")?;
+        stress_line = Some(format!("stress-ng {}", args.join(" ")));
+        stressor = Some(child);
+    }
+    let began = Instant::now();
+    let mut samples = Vec::new();
+    while began.elapsed() < duration {
+        samples.push(SoakSample {
+            at: began.elapsed(),
+            rss_kib: chaos.procs.iter().map(|p| rss_kib(p.pid())).collect(),
+            fds: chaos.procs.iter().map(|p| open_fds(p.pid())).collect(),
+        });
+        std::thread::sleep(every.min(duration.saturating_sub(began.elapsed())));
+    }
+    samples.push(SoakSample {
+        at: began.elapsed(),
+        rss_kib: chaos.procs.iter().map(|p| rss_kib(p.pid())).collect(),
+        fds: chaos.procs.iter().map(|p| open_fds(p.pid())).collect(),
+    });
+    if let Some(mut s) = stressor {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    let writes = chaos.stop_writer();
+    Ok(Soak {
+        duration: began.elapsed(),
+        samples,
+        writes,
+        watch: watch.stop(),
+        stress: stress_line,
+    })
+}
+
+impl Soak {
+    /// Owner changes of the VIP during the soak (none is right: there was no fault).
+    pub fn spurious_moves(&self) -> usize {
+        self.watch.holders_over_time.len().saturating_sub(1)
+    }
+
+    /// The summary: memory and descriptors at the start, the highest and at the end per node,
+    /// write latencies, VIP moves.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "soak of {} s{}\n| node | RSS first / max / last (MiB) | fds first / max / last |\n|---|---|---|\n",
+            self.duration.as_secs(),
+            self.stress
+                .as_ref()
+                .map_or(String::new(), |s| format!(", beside `{s}`"))
+        );
+        let nodes = self.samples.first().map_or(0, |s| s.rss_kib.len());
+        for i in 0..nodes {
+            let rss: Vec<f64> = self
+                .samples
+                .iter()
+                .map(|s| s.rss_kib[i] as f64 / 1024.0)
+                .collect();
+            let fds: Vec<usize> = self.samples.iter().map(|s| s.fds[i]).collect();
+            let max = rss.iter().cloned().fold(0.0, f64::max);
+            out += &format!(
+                "| n{} | {:.1} / {:.1} / {:.1} | {} / {} / {} |\n",
+                i + 1,
+                rss[0],
+                max,
+                rss[rss.len() - 1],
+                fds[0],
+                fds.iter().max().copied().unwrap_or(0),
+                fds[fds.len() - 1]
+            );
+        }
+        let mut took: Vec<u128> = self
+            .writes
+            .iter()
+            .filter(|w| w.result == WriteResult::Acked)
+            .map(|w| w.took.as_micros())
+            .collect();
+        took.sort_unstable();
+        let pct = |p: f64| {
+            took.get(((took.len().max(1) - 1) as f64 * p).round() as usize)
+                .map_or("-".into(), |us| format!("{:.1} ms", *us as f64 / 1000.0))
+        };
+        let acked = took.len();
+        out += &format!(
+            "\nwrites: {} sent, {acked} acknowledged; acknowledged in (connect, write, close): p50 {}, p99 {}, max {}\n\
+             VIP: {} samples, {} with two holders, {} owner changes (spurious: no fault ran)\n",
+            self.writes.len(),
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+            self.watch.samples,
+            self.watch.overlap_samples,
+            self.spurious_moves(),
+        );
+        out
+    }
 }

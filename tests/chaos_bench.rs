@@ -2,6 +2,10 @@
 //! [--write-every-ms MS]`: seeded random faults against one cluster of real `spaced` processes
 //! in the network lab (root) while a client writes, then the checkers and a summary table
 //! (see `spaced_tests::chaos`). Exits 1 on a violation, printing the seed that replays it.
+//!
+//! `... --bench chaos -- --soak SECONDS [--no-stress]`: the soak instead: no faults, 1,000
+//! devices and a steady churn of writes, every core busy with stress-ng, each node's memory
+//! and descriptors sampled every 10 s; exits 1 if the VIP moved or two hosts held it.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -22,6 +26,8 @@ fn main() -> ExitCode {
 fn run() -> Result<()> {
     let mut settings = ChaosSettings::default();
     let mut faults = 100;
+    let mut soak_s = None;
+    let mut stress = true;
     let mut seed = spaced_tests::sites::seed_from_env()?;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -31,6 +37,8 @@ fn run() -> Result<()> {
         };
         match a.as_str() {
             "--faults" => faults = value("a count")? as usize,
+            "--soak" => soak_s = Some(value("seconds")?),
+            "--no-stress" => stress = false,
             "--seed" => seed = value("a number")?,
             "--nodes" => settings.nodes = value("a count")? as usize,
             "--write-every-ms" => {
@@ -46,6 +54,22 @@ fn run() -> Result<()> {
     }
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the network lab needs root");
+    }
+    if let Some(secs) = soak_s {
+        settings.churn = Some(1000);
+        println!("soak {secs} s, {settings:?}");
+        let mut c = Chaos::start(settings)?.context("the lab could not be built")?;
+        let s = chaos::soak(
+            &mut c,
+            Duration::from_secs(secs),
+            Duration::from_secs(10),
+            stress,
+        )?;
+        println!("{}", s.summary());
+        if s.spurious_moves() > 0 || s.watch.overlap_samples > 0 {
+            bail!("the VIP moved {} time(s) with no fault", s.spurious_moves());
+        }
+        return Ok(());
     }
     println!("seed {seed}, {faults} faults, {settings:?}");
     let mut c = Chaos::start(settings)?.context("the lab could not be built")?;

@@ -3,11 +3,17 @@
 //! working: no acknowledged write lost, never two VIP holders, recovery after every heal, no
 //! flap. `SPACED_CHAOS_FAULTS` and `SPACED_CHAOS_SEED` change the run.
 
+use std::time::Duration;
+
 use anyhow::Result;
 use spaced_tests::chaos::{self, Chaos, ChaosSettings};
 
+/// One lab at a time: two 3-node clusters on a 2-core machine would measure the scheduler.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_short_fault_campaign_keeps_every_promise() -> Result<()> {
+    let _one = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
     let faults: usize = std::env::var("SPACED_CHAOS_FAULTS")
         .ok()
         .and_then(|f| f.parse().ok())
@@ -27,4 +33,38 @@ fn a_short_fault_campaign_keeps_every_promise() -> Result<()> {
         "the client's writes were acknowledged"
     );
     chaos::check(&c, &campaign, seed)
+}
+
+#[test]
+fn a_short_soak_samples_every_node_and_keeps_the_vip_in_place() -> Result<()> {
+    let _one = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let settings = ChaosSettings {
+        churn: Some(100),
+        ..ChaosSettings::default()
+    };
+    let Some(mut c) = Chaos::start(settings)? else {
+        return Ok(());
+    };
+    let s = chaos::soak(
+        &mut c,
+        Duration::from_secs(15),
+        Duration::from_secs(3),
+        false,
+    )?;
+    println!("{}", s.summary());
+    assert!(s.samples.len() >= 5, "{} samples", s.samples.len());
+    for sample in &s.samples {
+        assert!(
+            sample.rss_kib.iter().all(|r| *r > 0) && sample.fds.iter().all(|f| *f > 0),
+            "every node's memory and descriptors were read: {sample:?}"
+        );
+    }
+    assert!(
+        s.writes
+            .iter()
+            .any(|w| w.result == chaos::WriteResult::Acked)
+    );
+    assert_eq!(s.spurious_moves(), 0, "the VIP moved with no fault");
+    assert_eq!(s.watch.overlap_samples, 0);
+    Ok(())
 }

@@ -1204,6 +1204,36 @@ pub fn enter_namespace(ns: &str) -> Result<()> {
     enter_netns(&netns_file(ns)?, ns)
 }
 
+/// Runs the future `work` makes on a thread of its own, named `name`, inside namespace `ns`,
+/// on a current-thread tokio runtime of its own (a client or poller living in a lab host).
+/// Failing to enter the namespace or build the runtime is printed and ends the thread.
+pub fn spawn_async_in<F>(
+    ns: &str,
+    name: &str,
+    work: impl FnOnce() -> F + Send + 'static,
+) -> Result<JoinHandle<()>>
+where
+    F: std::future::Future<Output = ()>,
+{
+    let (ns, who) = (ns.to_string(), name.to_string());
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            if let Err(e) = enter_namespace(&ns) {
+                eprintln!("{who}: {e:#}");
+                return;
+            }
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(work()),
+                Err(e) => eprintln!("{who}: {e}"),
+            }
+        })
+        .with_context(|| format!("spawning {name}"))
+}
+
 /// Runs `f` on a scoped thread inside `ns`, leaving the caller's namespace untouched.
 fn with_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     let file = netns_file(ns)?;

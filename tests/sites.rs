@@ -31,7 +31,7 @@ use spaced_node::admin::{AdminReply, AdminRequest, DrAction};
 use spaced_node::ops::config::{RaftTimings, TakeoverMode, VipSection};
 use spaced_replication::DrSection;
 
-use crate::lab::{AddressWatch, Lab, LabProcess, Router, WatchReport, enter_namespace};
+use crate::lab::{AddressWatch, Lab, LabProcess, Router, WatchReport};
 use crate::{binary, make_pki, spacectl_stdout};
 
 /// The two sites, in lab order: east starts active, west standby.
@@ -268,26 +268,10 @@ impl Sites {
         let creds = AdminCredentials::load(&self.pki[k], None)?;
         let roles = self.roles.clone();
         let stop = self.stop.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("dr-roles-{}", SITES[k]))
-            .spawn(move || {
-                if let Err(e) = enter_namespace(&ns) {
-                    eprintln!("role poller of {}: {e:#}", SITES[k]);
-                    return;
-                }
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        eprintln!("role poller of {}: {e}", SITES[k]);
-                        return;
-                    }
-                };
-                rt.block_on(poll_roles(k, endpoints, creds, roles, stop));
-            })
-            .context("spawning a role poller")?;
+        let handle =
+            crate::lab::spawn_async_in(&ns, &format!("dr-roles-{}", SITES[k]), move || {
+                poll_roles(k, endpoints, creds, roles, stop)
+            })?;
         self.pollers.push(handle);
         Ok(())
     }
