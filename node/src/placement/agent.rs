@@ -142,6 +142,11 @@ pub trait VipBackend: Send + Sync + 'static {
     fn check(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         Box::pin(async { Ok(()) })
     }
+    /// Whether the VIP's address is on the host now; `None`: this backend cannot tell (or the
+    /// look-up failed). The agent asks it of the VIPs it holds (see [`Agent::verify_up`]).
+    fn is_up(&self, _vip: VipSpec) -> BoxFuture<'static, Option<bool>> {
+        Box::pin(async { None })
+    }
     /// Offsets after acquiring at which to announce again.
     fn announce_schedule(&self) -> Vec<Duration> {
         Vec::new()
@@ -250,6 +255,10 @@ impl VipBackend for LoopbackBackend {
         Box::pin(async { Ok(()) })
     }
 }
+
+/// How long after taking a VIP up [`Agent::verify_up`] starts checking that its address is
+/// still there (an acquisition in flight is not mistaken for a loss).
+pub const VERIFY_AFTER: Duration = Duration::from_millis(200);
 
 /// A VIP this node currently serves.
 #[derive(Debug, Clone)]
@@ -606,6 +615,31 @@ impl Agent {
     }
 
     /// Drops a takeover that did not happen from the VIPs planned up here.
+    /// Checks that every VIP it holds, taken up at least [`VERIFY_AFTER`] before `now`, still
+    /// has its address on the host. One whose address went away behind its back is forgotten,
+    /// so the next step takes it up again while its lease holds: the fence guard removes an
+    /// address whose deadline passed before the renewal's extension reached it (a daemon
+    /// starved of CPU renews just in time for its own lease, too late for the guard's), and an
+    /// operator may remove one by hand; without this the node kept renewing a lease on a VIP
+    /// nobody served. Returns the names forgotten.
+    pub async fn verify_up(&self, now: Instant) -> Vec<String> {
+        let _host = self.host.lock().await;
+        let held: Vec<(String, u64, VipSpec)> = crate::lock(&self.active)
+            .iter()
+            .filter(|(_, a)| now.saturating_duration_since(a.since) >= VERIFY_AFTER)
+            .map(|(n, a)| (n.clone(), a.epoch, a.vip.clone()))
+            .collect();
+        let mut gone = Vec::new();
+        for (name, epoch, vip) in held {
+            if self.backend.is_up(vip.clone()).await == Some(false) {
+                tracing::warn!(vip = %name, address = %vip.address, epoch, "VIP address gone from the host while its lease holds (the fence guard or someone removed it): taking it up again");
+                self.forget_active(&name, epoch);
+                gone.push(name);
+            }
+        }
+        gone
+    }
+
     fn forget_active(&self, name: &str, epoch: u64) {
         let mut active = crate::lock(&self.active);
         if active.get(name).is_some_and(|a| a.epoch == epoch) {
@@ -786,6 +820,61 @@ mod tests {
         let s = agent.plan_step(&owned, t0 + Duration::from_millis(300));
         assert_eq!(s.fence, vec![spec("cluster")]);
         assert!(agent.active_names().is_empty());
+    }
+
+    /// Answers `is_up` from a switch the test flips.
+    struct Vanishing {
+        up: std::sync::atomic::AtomicBool,
+    }
+
+    impl VipBackend for Vanishing {
+        fn acquire(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+            self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        }
+        fn announce(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn release(&self, _vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
+            self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        }
+        fn is_up(&self, _vip: VipSpec) -> BoxFuture<'static, Option<bool>> {
+            let up = self.up.load(std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move { Some(up) })
+        }
+    }
+
+    /// Found by the fault campaign: the fence guard removed a VIP's address when a renewal
+    /// reached it late, the agent's own lease held on, and the node renewed a lease on a VIP
+    /// nobody served until the test ended. A held VIP whose address went away is taken up
+    /// again while its lease holds.
+    #[tokio::test]
+    async fn a_vip_whose_address_went_away_is_taken_up_again_while_its_lease_holds() {
+        let backend = Arc::new(Vanishing {
+            up: std::sync::atomic::AtomicBool::new(false),
+        });
+        let agent = Agent::new(1, cfg(), backend.clone());
+        let owned = vec![(("cluster".to_string(), 2), spec("cluster"))];
+        let t0 = Instant::now();
+        let r = agent.plan_step(&owned, t0).renewal.expect("renewal");
+        agent.confirmed(&r, &[("cluster".into(), 2)]);
+        let s = agent.plan_step(&owned, t0);
+        assert_eq!(s.acquire.len(), 1);
+        assert!(agent.execute(&s).await.is_empty());
+        assert!(backend.up.load(std::sync::atomic::Ordering::SeqCst));
+        // Just taken up: not looked at yet; later, with the address there, kept.
+        assert!(agent.verify_up(t0).await.is_empty());
+        let later = t0 + VERIFY_AFTER;
+        assert!(agent.verify_up(later).await.is_empty());
+        // The guard removes the address; the lease still holds.
+        backend.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(agent.verify_up(later).await, vec!["cluster".to_string()]);
+        let s = agent.plan_step(&owned, later);
+        assert_eq!(s.acquire.len(), 1, "taken up again");
+        assert!(s.fence.is_empty());
+        assert!(agent.execute(&s).await.is_empty());
+        assert!(backend.up.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     /// The agent loop sleeps until the fabric changes while nothing is due, so something must

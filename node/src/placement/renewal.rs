@@ -21,6 +21,9 @@ use crate::{lock, now_millis};
 const AGENT_IDLE_LOOK: Duration = Duration::from_secs(1);
 /// How often the agent forgets witnessed leases of placements that moved on.
 const WITNESS_PRUNE_EVERY: Duration = Duration::from_secs(5);
+/// How often the agent checks that the VIPs it holds still have their addresses
+/// ([`crate::placement::agent::Agent::verify_up`]): one netlink look-up per held VIP.
+const VERIFY_EVERY: Duration = Duration::from_millis(250);
 
 /// CLOCK_BOOTTIME now, which goes on while the host is suspended.
 fn boottime() -> Option<Duration> {
@@ -105,6 +108,7 @@ impl Placements {
         let renewing = Arc::new(AtomicBool::new(false));
         let mut fabric_changed = cluster.view.changes();
         let mut pruned = Instant::now();
+        let mut verified = Instant::now();
         let mut next = tokio::time::Instant::now();
         let mut last_pass: Option<Instant> = None;
         let mut suspend = SuspendWatch::default();
@@ -139,6 +143,10 @@ impl Placements {
                         .collect()
                 });
                 lock(&self.witness).retain(|(n, e, _)| current.get(n).is_some_and(|c| e >= c));
+            }
+            if verified.elapsed() >= VERIFY_EVERY {
+                verified = Instant::now();
+                agent.verify_up(verified).await;
             }
             let step = agent.plan_step(&owned, Instant::now());
             if let Some(renewal) = step.renewal.clone()

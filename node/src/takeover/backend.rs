@@ -118,6 +118,16 @@ impl VipBackend for NetlinkBackend {
         Some(self.guard.state())
     }
 
+    fn is_up(&self, vip: VipSpec) -> BoxFuture<'static, Option<bool>> {
+        let tk = self.tk.clone();
+        Box::pin(async move {
+            let addr = VipAddr::parse(&vip.address, &vip.interface).ok()?;
+            within(NETLINK_WITHIN, "look up address", &addr, tk.present(&addr))
+                .await
+                .ok()
+        })
+    }
+
     fn check(&self, vip: VipSpec) -> BoxFuture<'static, Result<(), HoldError>> {
         let tk = self.tk.clone();
         Box::pin(async move {
