@@ -129,6 +129,64 @@ fn day_index(d: &str) -> Option<usize> {
     DAYS.iter().position(|x| x.eq_ignore_ascii_case(d))
 }
 
+/// Why a backup could not be taken, kept, read back or restored; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// A file or directory could not be read, written or created.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file to back up is not a regular file.
+    #[error("{}: not a regular file", .path.display())]
+    NotAFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A file to back up is larger than [`MAX_FILE`].
+    #[error("{}: {len} bytes, above the {MAX_FILE} a backup takes", .path.display())]
+    FileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
+    /// The files together are larger than [`MAX_BACKUP`].
+    #[error("the files come to more than {MAX_BACKUP} bytes (at {})", .at.display())]
+    TooLarge {
+        /// The file at which the sum went over.
+        at: PathBuf,
+    },
+    /// A file to restore has no parent directory.
+    #[error("{}: no directory", .path.display())]
+    NoDirectory {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A backup does not encode.
+    #[error("encoding: {0}")]
+    Encode(#[source] spaced_raft::codec::CodecError),
+    /// A backup on disk does not decode.
+    #[error("{}: {source}", .path.display())]
+    Decode {
+        /// The backup's file.
+        path: PathBuf,
+        /// Why.
+        source: spaced_raft::codec::CodecError,
+    },
+}
+
+/// `|source| BackupError::Io { path, source }`, for `map_err`.
+fn io_at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// One file of a backup.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackedFile {
@@ -153,29 +211,25 @@ pub struct Backup {
 
 impl Backup {
     /// Reads `files` now: the error names the file and the problem.
-    pub fn take(site: &str, files: &[PathBuf], now: Millis) -> Result<Backup, String> {
+    pub fn take(site: &str, files: &[PathBuf], now: Millis) -> Result<Backup, BackupError> {
         use std::os::unix::fs::PermissionsExt;
         let mut taken = Vec::new();
         let mut total = 0;
         for path in files {
-            let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let meta = std::fs::metadata(path).map_err(io_at(path))?;
             if !meta.is_file() {
-                return Err(format!("{}: not a regular file", path.display()));
+                return Err(BackupError::NotAFile { path: path.clone() });
             }
             if meta.len() > MAX_FILE {
-                return Err(format!(
-                    "{}: {} bytes, above the {MAX_FILE} a backup takes",
-                    path.display(),
-                    meta.len()
-                ));
+                return Err(BackupError::FileTooLarge {
+                    path: path.clone(),
+                    len: meta.len(),
+                });
             }
-            let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let data = std::fs::read(path).map_err(io_at(path))?;
             total += data.len() as u64;
             if total > MAX_BACKUP {
-                return Err(format!(
-                    "the files come to more than {MAX_BACKUP} bytes (at {})",
-                    path.display()
-                ));
+                return Err(BackupError::TooLarge { at: path.clone() });
             }
             taken.push(BackedFile {
                 path: path.clone(),
@@ -192,14 +246,13 @@ impl Backup {
 
     /// Writes every file back to its path (each through a temporary file in its directory,
     /// synced, then renamed over it), creating missing directories.
-    pub fn restore(&self) -> Result<(), String> {
+    pub fn restore(&self) -> Result<(), BackupError> {
         use std::os::unix::fs::PermissionsExt;
         for f in &self.files {
-            let dir = f
-                .path
-                .parent()
-                .ok_or_else(|| format!("{}: no directory", f.path.display()))?;
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let dir = f.path.parent().ok_or_else(|| BackupError::NoDirectory {
+                path: f.path.clone(),
+            })?;
+            std::fs::create_dir_all(dir).map_err(io_at(dir))?;
             let name = f.path.file_name().map(|n| n.to_string_lossy().into_owned());
             let tmp = dir.join(format!(".{}.spaced-restore", name.unwrap_or_default()));
             let write = || -> std::io::Result<()> {
@@ -211,7 +264,7 @@ impl Backup {
             };
             if let Err(e) = write() {
                 let _ = std::fs::remove_file(&tmp);
-                return Err(format!("{}: {e}", f.path.display()));
+                return Err(io_at(&f.path)(e));
             }
         }
         Ok(())
@@ -301,12 +354,12 @@ impl BackupStore {
 
     /// Keeps `backup` as a backup of `kind` (synced, renamed into place), then drops the
     /// oldest beyond the count kept. Keeping one already kept changes nothing.
-    pub fn keep(&self, kind: Kind, backup: &Backup) -> Result<(), String> {
+    pub fn keep(&self, kind: Kind, backup: &Backup) -> Result<(), BackupError> {
         let dir = self.kind_dir(kind);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         let path = dir.join(format!("{}.backup", backup.taken_at));
         if !path.exists() {
-            let bytes = spaced_raft::codec::encode(backup).map_err(|e| format!("encoding: {e}"))?;
+            let bytes = spaced_raft::codec::encode(backup).map_err(BackupError::Encode)?;
             let tmp = dir.join(format!(".{}.tmp", backup.taken_at));
             let write = || -> std::io::Result<()> {
                 let mut f = std::fs::File::create(&tmp)?;
@@ -315,7 +368,7 @@ impl BackupStore {
                 std::fs::rename(&tmp, &path)?;
                 std::fs::File::open(&dir)?.sync_all()
             };
-            write().map_err(|e| format!("{}: {e}", path.display()))?;
+            write().map_err(io_at(&path))?;
         }
         let times = self.list(kind);
         for t in &times[..times.len().saturating_sub(self.keep)] {
@@ -327,15 +380,15 @@ impl BackupStore {
     }
 
     /// The newest backup of a kind, read back.
-    pub fn newest(&self, kind: Kind) -> Result<Option<Backup>, String> {
+    pub fn newest(&self, kind: Kind) -> Result<Option<Backup>, BackupError> {
         let Some(t) = self.list(kind).last().copied() else {
             return Ok(None);
         };
         let path = self.kind_dir(kind).join(format!("{t}.backup"));
-        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bytes = std::fs::read(&path).map_err(io_at(&path))?;
         spaced_raft::codec::decode(&bytes)
             .map(Some)
-            .map_err(|e| format!("{}: {e}", path.display()))
+            .map_err(|source| BackupError::Decode { path, source })
     }
 
     fn marker(&self) -> PathBuf {
@@ -356,7 +409,7 @@ impl BackupStore {
     /// Called whenever the node looks at its site's role: once per promotion to `epoch`,
     /// writes the newest backup received from the peer back to its files (unless it was
     /// restored before). `Some` says what happened, for the log.
-    pub fn on_active(&self, epoch: u64) -> Option<Result<Backup, String>> {
+    pub fn on_active(&self, epoch: u64) -> Option<Result<Backup, BackupError>> {
         let (done_epoch, done_backup) = self.restored();
         if done_epoch >= epoch {
             return None;
@@ -376,8 +429,9 @@ impl BackupStore {
         // A failed restore is tried again at the next look.
         if !matches!(outcome, Some(Err(_))) {
             let _ = std::fs::create_dir_all(&self.dir);
-            if let Err(e) = std::fs::write(self.marker(), format!("{epoch} {restored}\n")) {
-                return Some(Err(format!("{}: {e}", self.marker().display())));
+            let marker = self.marker();
+            if let Err(e) = std::fs::write(&marker, format!("{epoch} {restored}\n")) {
+                return Some(Err(io_at(&marker)(e)));
             }
         }
         outcome
@@ -443,7 +497,9 @@ mod tests {
         std::fs::create_dir_all(conf.parent().unwrap()).unwrap();
         std::fs::write(&conf, "v1").unwrap();
         std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let missing = Backup::take("east", &[tmp.path().join("nope")], 1).unwrap_err();
+        let missing = Backup::take("east", &[tmp.path().join("nope")], 1)
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("nope"), "{missing}");
 
         let store = BackupStore::new(tmp.path().join("backups"), 3);

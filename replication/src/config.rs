@@ -101,14 +101,11 @@ fn host_port(s: &str) -> bool {
 
 impl DrSection {
     /// The starting role, checked.
-    pub fn start_role(&self) -> Result<SiteRole, String> {
-        match self.role.parse::<SiteRole>()? {
-            SiteRole::Standalone => Err(
-                "a site with a [dr] section is active or standby (remove [dr] for a standalone \
-                 site)"
-                    .into(),
-            ),
-            r => Ok(r),
+    pub fn start_role(&self) -> Result<SiteRole, StartRoleError> {
+        match self.role.parse::<SiteRole>() {
+            Err(e) => Err(StartRoleError::Unknown(e)),
+            Ok(SiteRole::Standalone) => Err(StartRoleError::Standalone),
+            Ok(r) => Ok(r),
         }
     }
 
@@ -125,7 +122,8 @@ impl DrSection {
                 format!("is this site's own name {:?}", self.site),
             ));
         }
-        self.start_role().map_err(|e| ("dr.role".into(), e))?;
+        self.start_role()
+            .map_err(|e| ("dr.role".into(), e.to_string()))?;
         if self.peers.is_empty() {
             return Err((
                 "dr.peers".into(),
@@ -172,16 +170,52 @@ impl DrSection {
     }
 }
 
+/// Why `dr.role` is not a starting role.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartRoleError {
+    /// Not a site role at all. Text: `SiteRole`'s parser in spaced-fabric says why as a string.
+    #[error("{0}")]
+    Unknown(String),
+    /// `standalone`, which a site with a `[dr]` section is not.
+    #[error("a site with a [dr] section is active or standby (remove [dr] for a standalone site)")]
+    Standalone,
+}
+
+/// Why a text is not a duration (see [`parse_duration_ms`]); each names the text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// It does not start with a number.
+    #[error("{text:?} is not a duration (e.g. 90s, 30m, 8h, 2d, or 0)")]
+    NotANumber {
+        /// The text as given.
+        text: String,
+    },
+    /// Its unit is none of ms, s, m, h and d.
+    #[error("{text:?}: unknown unit {unit:?} (ms, s, m, h or d)")]
+    UnknownUnit {
+        /// The text as given.
+        text: String,
+        /// The unit it has.
+        unit: String,
+    },
+    /// It does not fit in a u64 of ms.
+    #[error("{text:?} is too long")]
+    TooLong {
+        /// The text as given.
+        text: String,
+    },
+}
+
 /// `90s`, `30m`, `8h`, `2d`, `250ms` or a number of seconds, as ms; `0` stays 0.
-pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+pub fn parse_duration_ms(text: &str) -> Result<u64, DurationError> {
     let t = text.trim();
     let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => t.split_at(i),
         None => (t, "s"),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (e.g. 90s, 30m, 8h, 2d, or 0)"))?;
+    let n: u64 = digits.parse().map_err(|_| DurationError::NotANumber {
+        text: text.to_string(),
+    })?;
     let scale = match unit {
         "ms" => 1,
         "s" => 1_000,
@@ -189,13 +223,15 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
         "h" => 3_600_000,
         "d" => 86_400_000,
         _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (ms, s, m, h or d)"
-            ));
+            return Err(DurationError::UnknownUnit {
+                text: text.to_string(),
+                unit: unit.to_string(),
+            });
         }
     };
-    n.checked_mul(scale)
-        .ok_or_else(|| format!("{text:?} is too long"))
+    n.checked_mul(scale).ok_or_else(|| DurationError::TooLong {
+        text: text.to_string(),
+    })
 }
 
 #[cfg(test)]

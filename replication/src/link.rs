@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use spaced_raft::frame::{MAX_FRAME, read_frame, write_frame};
+use spaced_raft::frame::{FrameError, MAX_FRAME, read_frame, write_frame};
 use spaced_raft::pki::{NODE_DOMAIN, TlsMaterial};
 use spaced_raft::{codec, network};
 
@@ -22,6 +22,88 @@ fn transport() -> Arc<quinn::TransportConfig> {
     ))));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
     Arc::new(t)
+}
+
+/// Why a link could not be bound, or a request got no reply. Timeouts and failures on an
+/// established connection name the peer as given (`addr`); a failed resolution names it
+/// itself; a failed dial or connection says only what went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// This node's TLS material does not make a QUIC configuration.
+    #[error("DR link TLS: {0}")]
+    Tls(#[source] spaced_raft::pki::PkiError),
+    /// The listening address could not be bound.
+    #[error("DR link: bind {listen}: {source}")]
+    Bind {
+        /// The address.
+        listen: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The peer's address does not resolve.
+    #[error(transparent)]
+    Resolve(#[from] network::ResolveError),
+    /// The peer could not be dialed (a bad address, the endpoint closed).
+    #[error("{0}")]
+    Dial(#[source] quinn::ConnectError),
+    /// The connection to the peer failed (a protocol mismatch says so, see
+    /// [`spaced_raft::pki::explain_connection_error`]).
+    #[error("{}", spaced_raft::pki::explain_connection_error(.0, ALPN_DR))]
+    Connect(#[source] quinn::ConnectionError),
+    /// The peer did not answer the dial in time.
+    #[error("{addr}: no answer within {within:?}")]
+    ConnectTimeout {
+        /// The peer.
+        addr: String,
+        /// The time it had.
+        within: Duration,
+    },
+    /// The peer did not reply in time (the connection is dropped: dialed afresh next time).
+    #[error("{addr}: no reply within {within:?}")]
+    ReplyTimeout {
+        /// The peer.
+        addr: String,
+        /// The time it had.
+        within: Duration,
+    },
+    /// No stream could be opened on the connection.
+    #[error("{addr}: {source}")]
+    Stream {
+        /// The peer.
+        addr: String,
+        /// Why.
+        source: quinn::ConnectionError,
+    },
+    /// The request does not encode, or the reply does not decode.
+    #[error("{addr}: {source}")]
+    Codec {
+        /// The peer.
+        addr: String,
+        /// Why.
+        source: codec::CodecError,
+    },
+    /// The request could not be sent.
+    #[error("{addr}: {source}")]
+    Send {
+        /// The peer.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The reply could not be read.
+    #[error("{addr}: {source}")]
+    Receive {
+        /// The peer.
+        addr: String,
+        /// Why.
+        source: FrameError,
+    },
+    /// The stream ended without a reply.
+    #[error("{addr}: the stream ended before a reply")]
+    NoReply {
+        /// The peer.
+        addr: String,
+    },
 }
 
 /// What serves the peer's requests (the node's watchdog).
@@ -43,15 +125,15 @@ pub struct Link {
 impl Link {
     /// Binds `listen` with `material` (this node's certificate, trusting the peer site's CA:
     /// see [`TlsMaterial::trusting`]).
-    pub fn bind(listen: SocketAddr, material: &TlsMaterial) -> Result<Arc<Link>, String> {
+    pub fn bind(listen: SocketAddr, material: &TlsMaterial) -> Result<Arc<Link>, LinkError> {
         let server = material
             .server_config_for(transport(), &[ALPN_DR])
-            .map_err(|e| format!("DR link TLS: {e}"))?;
+            .map_err(LinkError::Tls)?;
         let client = material
             .client_config(ALPN_DR, transport())
-            .map_err(|e| format!("DR link TLS: {e}"))?;
+            .map_err(LinkError::Tls)?;
         let endpoint = quinn::Endpoint::server(server, listen)
-            .map_err(|e| format!("DR link: bind {listen}: {e}"))?;
+            .map_err(|source| LinkError::Bind { listen, source })?;
         Ok(Arc::new(Link {
             endpoint,
             client,
@@ -120,7 +202,7 @@ impl Link {
         addr: &str,
         request: &DrRequest,
         timeout: Duration,
-    ) -> Result<DrReply, String> {
+    ) -> Result<DrReply, LinkError> {
         self.call_within(addr, request, timeout, timeout).await
     }
 
@@ -134,12 +216,15 @@ impl Link {
         request: &DrRequest,
         connect: Duration,
         reply: Duration,
-    ) -> Result<DrReply, String> {
+    ) -> Result<DrReply, LinkError> {
         let start = tokio::time::Instant::now();
-        let to = network::resolve(addr).await.map_err(|e| e.to_string())?;
+        let to = network::resolve(addr).await?;
         let conn = tokio::time::timeout(connect, self.connection(to))
             .await
-            .map_err(|_| format!("{addr}: no answer within {connect:?}"))??;
+            .map_err(|_| LinkError::ConnectTimeout {
+                addr: addr.to_string(),
+                within: connect,
+            })??;
         let left = reply.saturating_sub(start.elapsed());
         match tokio::time::timeout(left, self.exchange(addr, to, conn, request)).await {
             Ok(result) => result,
@@ -147,7 +232,10 @@ impl Link {
                 // A peer that restarted never answers on the old connection (nothing tells
                 // this side it is gone until the idle timeout): dial afresh next time.
                 self.forget(to);
-                Err(format!("{addr}: no reply within {reply:?}"))
+                Err(LinkError::ReplyTimeout {
+                    addr: addr.to_string(),
+                    within: reply,
+                })
             }
         }
     }
@@ -165,28 +253,45 @@ impl Link {
         to: SocketAddr,
         conn: quinn::Connection,
         request: &DrRequest,
-    ) -> Result<DrReply, String> {
+    ) -> Result<DrReply, LinkError> {
+        let addr = || addr.to_string();
         let result = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            let bytes = codec::encode(request).map_err(|e| e.to_string())?;
+            let (mut send, mut recv) =
+                conn.open_bi().await.map_err(|source| LinkError::Stream {
+                    addr: addr(),
+                    source,
+                })?;
+            let bytes = codec::encode(request).map_err(|source| LinkError::Codec {
+                addr: addr(),
+                source,
+            })?;
             write_frame(&mut send, &bytes)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|source| LinkError::Send {
+                    addr: addr(),
+                    source,
+                })?;
             let _ = send.finish();
             let reply = read_frame(&mut recv, MAX_FRAME)
                 .await
-                .map_err(|e| e.to_string())?
-                .ok_or("the stream ended before a reply")?;
-            codec::decode::<DrReply>(&reply).map_err(|e| e.to_string())
+                .map_err(|source| LinkError::Receive {
+                    addr: addr(),
+                    source,
+                })?
+                .ok_or_else(|| LinkError::NoReply { addr: addr() })?;
+            codec::decode::<DrReply>(&reply).map_err(|source| LinkError::Codec {
+                addr: addr(),
+                source,
+            })
         }
         .await;
         if result.is_err() {
             self.forget(to);
         }
-        result.map_err(|e| format!("{addr}: {e}"))
+        result
     }
 
-    async fn connection(&self, to: SocketAddr) -> Result<quinn::Connection, String> {
+    async fn connection(&self, to: SocketAddr) -> Result<quinn::Connection, LinkError> {
         if let Some(c) = self
             .connections
             .lock()
@@ -199,9 +304,9 @@ impl Link {
         let conn = self
             .endpoint
             .connect_with(self.client.clone(), to, NODE_DOMAIN)
-            .map_err(|e| e.to_string())?
+            .map_err(LinkError::Dial)?
             .await
-            .map_err(|e| spaced_raft::pki::explain_connection_error(&e, ALPN_DR))?;
+            .map_err(LinkError::Connect)?;
         self.connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())

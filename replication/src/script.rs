@@ -4,13 +4,13 @@
 //! "description": "...", "payload": {"waitTime": "30s", "details": {...}}}`. Bad output, a
 //! non-zero exit or a time-out is logged and counts as `nothing`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::parse_duration_ms;
+use crate::config::{DurationError, parse_duration_ms};
 
 /// What the script asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,10 +52,85 @@ struct Payload {
     wait_time: Option<serde_json::Value>,
 }
 
+/// Why the script's output is not a verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum VerdictError {
+    /// Not the JSON object expected.
+    #[error("its output is not the expected JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// `action` is none of those known.
+    #[error("unknown action {0:?} (beActive, beStandby, nothing or wait)")]
+    UnknownAction(String),
+    /// `wait` without `payload.waitTime`.
+    #[error("action \"wait\" without payload.waitTime")]
+    NoWaitTime,
+    /// `waitTime` as a string that is not a duration.
+    #[error(transparent)]
+    WaitTime(#[from] DurationError),
+    /// `waitTime` as a number that is not a whole number of seconds (or too large).
+    #[error("waitTime {0} is not a number of seconds")]
+    WaitSeconds(serde_json::Number),
+    /// `waitTime` as neither a string nor a number.
+    #[error("waitTime {0} is not a duration")]
+    WaitNotDuration(serde_json::Value),
+}
+
+/// Why running the script gave no verdict; each names the script.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    /// It could not be started.
+    #[error("{}: cannot start: {source}", .script.display())]
+    Start {
+        /// The script.
+        script: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Its output could not be read.
+    #[error("{}: read its output: {source}", .script.display())]
+    Read {
+        /// The script.
+        script: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Waiting for it to end failed.
+    #[error("{}: wait: {source}", .script.display())]
+    Wait {
+        /// The script.
+        script: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It exited with a failure.
+    #[error("{}: exited with {status}", .script.display())]
+    Exited {
+        /// The script.
+        script: PathBuf,
+        /// How it ended.
+        status: std::process::ExitStatus,
+    },
+    /// Its output is not a verdict.
+    #[error("{}: {source}", .script.display())]
+    Verdict {
+        /// The script.
+        script: PathBuf,
+        /// What is wrong with the output.
+        source: VerdictError,
+    },
+    /// It did not answer in time and was killed.
+    #[error("{}: no answer within {timeout:?} (killed)", .script.display())]
+    TimedOut {
+        /// The script.
+        script: PathBuf,
+        /// The time it had.
+        timeout: Duration,
+    },
+}
+
 /// Reads the script's standard output.
-pub fn parse_verdict(stdout: &str) -> Result<ScriptVerdict, String> {
-    let out: Output = serde_json::from_str(stdout.trim())
-        .map_err(|e| format!("its output is not the expected JSON: {e}"))?;
+pub fn parse_verdict(stdout: &str) -> Result<ScriptVerdict, VerdictError> {
+    let out: Output = serde_json::from_str(stdout.trim()).map_err(VerdictError::NotJson)?;
     let action = match out.action.as_str() {
         "beActive" => ScriptAction::BeActive,
         "beStandby" => ScriptAction::BeStandby,
@@ -66,17 +141,13 @@ pub fn parse_verdict(stdout: &str) -> Result<ScriptVerdict, String> {
                 Some(serde_json::Value::Number(n)) => n
                     .as_u64()
                     .and_then(|s| s.checked_mul(1_000))
-                    .ok_or_else(|| format!("waitTime {n} is not a number of seconds"))?,
-                Some(other) => return Err(format!("waitTime {other} is not a duration")),
-                None => return Err("action \"wait\" without payload.waitTime".into()),
+                    .ok_or(VerdictError::WaitSeconds(n))?,
+                Some(other) => return Err(VerdictError::WaitNotDuration(other)),
+                None => return Err(VerdictError::NoWaitTime),
             };
             ScriptAction::Wait(Duration::from_millis(wait))
         }
-        other => {
-            return Err(format!(
-                "unknown action {other:?} (beActive, beStandby, nothing or wait)"
-            ));
-        }
+        other => return Err(VerdictError::UnknownAction(other.to_string())),
     };
     Ok(ScriptVerdict {
         action,
@@ -89,15 +160,18 @@ pub async fn run_script(
     script: &Path,
     input: &str,
     timeout: Duration,
-) -> Result<ScriptVerdict, String> {
-    let name = script.display().to_string();
+) -> Result<ScriptVerdict, ScriptError> {
+    let path = || script.to_path_buf();
     let mut child = tokio::process::Command::new(script)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("{name}: cannot start: {e}"))?;
+        .map_err(|source| ScriptError::Start {
+            script: path(),
+            source,
+        })?;
     let mut stdin = child.stdin.take();
     let mut stdout = child.stdout.take();
     let run = async {
@@ -112,20 +186,32 @@ pub async fn run_script(
                 .take(64 << 10)
                 .read_to_string(&mut out)
                 .await
-                .map_err(|e| format!("{name}: read its output: {e}"))?;
+                .map_err(|source| ScriptError::Read {
+                    script: path(),
+                    source,
+                })?;
         }
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| format!("{name}: wait: {e}"))?;
+        let status = child.wait().await.map_err(|source| ScriptError::Wait {
+            script: path(),
+            source,
+        })?;
         if !status.success() {
-            return Err(format!("{name}: exited with {status}"));
+            return Err(ScriptError::Exited {
+                script: path(),
+                status,
+            });
         }
-        parse_verdict(&out).map_err(|e| format!("{name}: {e}"))
+        parse_verdict(&out).map_err(|source| ScriptError::Verdict {
+            script: path(),
+            source,
+        })
     };
     tokio::time::timeout(timeout, run)
         .await
-        .map_err(|_| format!("{name}: no answer within {timeout:?} (killed)"))?
+        .map_err(|_| ScriptError::TimedOut {
+            script: path(),
+            timeout,
+        })?
 }
 
 #[cfg(test)]
@@ -165,7 +251,7 @@ mod tests {
                 "not a duration",
             ),
         ] {
-            let e = parse_verdict(bad).unwrap_err();
+            let e = parse_verdict(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }
@@ -192,16 +278,19 @@ mod tests {
         let fail = write("fail.sh", "#!/bin/sh\nexit 3\n");
         let e = run_script(&fail, "{}", Duration::from_secs(5))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("exited with"), "{e}");
         let slow = write("slow.sh", "#!/bin/sh\nsleep 30\n");
         let e = run_script(&slow, "{}", Duration::from_millis(300))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no answer within"), "{e}");
         let e = run_script(&dir.path().join("missing"), "{}", Duration::from_secs(1))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot start"), "{e}");
     }
 }

@@ -13,7 +13,7 @@ use spaced_fabric::{Command, Millis, MirrorPosition, Outcome, SiteRole};
 use spaced_raft::store::FabricView;
 use tokio::sync::watch;
 
-use crate::backup::{Backup, BackupStore, Kind};
+use crate::backup::{Backup, BackupError, BackupStore, Kind};
 use crate::config::DrSection;
 use crate::decide::{SiteState, Verdict, on_peer, promotion_epoch};
 use crate::link::{Link, Serve};
@@ -41,12 +41,132 @@ pub trait SiteHandle: Send + Sync + 'static {
     /// Whether this node leads its site.
     fn is_leader(&self) -> bool;
     /// Commits `cmd` through the site's leader (from any node).
-    fn propose(&self, cmd: Command) -> BoxFuture<Result<Outcome, String>>;
+    fn propose(&self, cmd: Command) -> BoxFuture<Result<Outcome, ProposeError>>;
     /// The wall clock, in ms since the Unix epoch.
     fn now_millis(&self) -> Millis;
     /// How long after its site stopped confirming them the workload leases of its nodes have
     /// surely run out (the placement lease with drift and margin).
     fn workload_lease(&self) -> Duration;
+}
+
+/// Why a command the watchdog proposed was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// The site's fabric refused it.
+    #[error(transparent)]
+    Refused(#[from] spaced_fabric::CommandError),
+    /// No leader is known to commit it (an election, or a site without a quorum).
+    #[error("no leader known")]
+    NoLeader,
+    /// It did not reach a leader or was not committed (forwarding failed, Raft failed). Text:
+    /// the node's own error for it lives in spaced-node, which this crate cannot name.
+    #[error("{0}")]
+    NotCommitted(String),
+}
+
+/// Why an operator's `dr failover`, `dr switchover`, `dr demote` or `dr backup` was refused
+/// or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DrOpError {
+    /// `dr failover` on a site that is not standby.
+    #[error("site {site} is {role}, not standby")]
+    NotStandby {
+        /// This site.
+        site: String,
+        /// Its role.
+        role: SiteRole,
+    },
+    /// `dr switchover` on a site that is not standby.
+    #[error("site {site} is {role}: run `dr switchover` on the standby site")]
+    SwitchoverNotOnStandby {
+        /// This site.
+        site: String,
+        /// Its role.
+        role: SiteRole,
+    },
+    /// `dr demote` on a site that is not active.
+    #[error("site {site} is {role}, not active")]
+    NotActive {
+        /// This site.
+        site: String,
+        /// Its role.
+        role: SiteRole,
+    },
+    /// `dr backup` on a site that is not active.
+    #[error("site {site} is {role}: the active site backs up, a standby keeps what it receives")]
+    BackupNotOnActive {
+        /// This site.
+        site: String,
+        /// Its role.
+        role: SiteRole,
+    },
+    /// `dr failover` without `--force` while the active peer answers.
+    #[error(
+        "the active site {peer_site} answered {ago_ms} ms ago: use `dr switchover` to move the \
+         active role without losing writes, or `dr failover --force`"
+    )]
+    PeerActive {
+        /// The peer site.
+        peer_site: String,
+        /// How long ago it last answered, in ms.
+        ago_ms: u128,
+    },
+    /// `dr failover` without `--force`: no majority of the witnesses grants the active role.
+    #[error(
+        "{granted} of {total} witnesses grant this site the active role (a majority is \
+         needed): {}; `dr failover --force` overrides them",
+        .notes.join("; ")
+    )]
+    WitnessesRefuse {
+        /// How many granted.
+        granted: usize,
+        /// Of how many.
+        total: usize,
+        /// What the others said.
+        notes: Vec<String>,
+    },
+    /// `dr switchover`: no node of the peer site handed the active role over.
+    #[error("the peer site did not hand over: {last}")]
+    NoHandOver {
+        /// What the last peer node asked said. Text: a refusal it sent over the wire, an
+        /// unexpected reply or a [`LinkError`](crate::link::LinkError), whichever came last.
+        last: String,
+    },
+    /// `dr switchover`: the peer handed over, but this site did not mirror all it had in time.
+    #[error(
+        "the peer site is standby now, but this site did not mirror up to its index {index} \
+         within {within:?}: both sites are standby; `dr failover` when the link is back"
+    )]
+    NotMirrored {
+        /// The peer's index at its demotion.
+        index: u64,
+        /// The time it had.
+        within: Duration,
+    },
+    /// `dr switchover`: the peer handed over, but no majority of the witnesses grants this
+    /// site the active role.
+    #[error(
+        "the peer site is standby now, but {granted} of {total} witnesses grant this site the \
+         active role: {}; both sites are standby: `dr failover` once they do",
+        .notes.join("; ")
+    )]
+    NotClaimed {
+        /// How many granted.
+        granted: usize,
+        /// Of how many.
+        total: usize,
+        /// What the others said.
+        notes: Vec<String>,
+    },
+    /// `dr backup` with no files declared.
+    #[error("[dr.backup] declares no files")]
+    NoBackupFiles,
+    /// `dr backup`: the files could not be backed up.
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    /// The role change was not committed.
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
 }
 
 /// What `spacectl dr status` shows (from the site's leader).
@@ -339,7 +459,7 @@ impl Watchdog {
             }
             Ok(DrReply::Refused(why)) => self.failed(format!("{addr} refused: {why}")),
             Ok(other) => self.failed(format!("{addr}: unexpected reply {other:?}")),
-            Err(e) => self.failed(e),
+            Err(e) => self.failed(e.to_string()),
         }
     }
 
@@ -361,7 +481,7 @@ impl Watchdog {
     }
 
     /// Proposes this site's demotion to standby at `epoch`.
-    async fn step_down(&self, epoch: u64) -> Result<(), String> {
+    async fn step_down(&self, epoch: u64) -> Result<(), ProposeError> {
         let cmd = Command::SetSiteRole {
             role: SiteRole::Standby,
             epoch,
@@ -623,7 +743,7 @@ impl Watchdog {
                     notes.push(format!("{w}: {why} ({remaining_ms} ms left)"))
                 }
                 Ok(other) => notes.push(format!("{w}: unexpected reply {other:?}")),
-                Err(e) => notes.push(e),
+                Err(e) => notes.push(e.to_string()),
             }
         }
         (granted, notes, overtaken)
@@ -643,7 +763,7 @@ impl Watchdog {
             Ok(Some(b)) => b,
             Ok(None) => return,
             Err(e) => {
-                self.state().backup_note = Some(e);
+                self.state().backup_note = Some(e.to_string());
                 return;
             }
         };
@@ -670,16 +790,16 @@ impl Watchdog {
 
     /// Backs the declared configuration files up now (`spacectl dr backup`, on the active
     /// site's leader); it is shipped to the standby at the next heartbeat.
-    pub fn back_up_now(&self) -> Result<(Millis, usize, u64), String> {
+    pub fn back_up_now(&self) -> Result<(Millis, usize, u64), DrOpError> {
         let me = self.me();
         if me.role != SiteRole::Active {
-            return Err(format!(
-                "site {} is {}: the active site backs up, a standby keeps what it receives",
-                me.site, me.role
-            ));
+            return Err(DrOpError::BackupNotOnActive {
+                site: me.site,
+                role: me.role,
+            });
         }
         if self.cfg.backup.files.is_empty() {
-            return Err("[dr.backup] declares no files".into());
+            return Err(DrOpError::NoBackupFiles);
         }
         let taken = Backup::take(
             &self.cfg.site,
@@ -698,8 +818,8 @@ impl Watchdog {
                 Ok((b.taken_at, b.files.len(), b.size()))
             }
             Err(e) => {
-                self.state().backup_note = Some(e.clone());
-                Err(e)
+                self.state().backup_note = Some(e.to_string());
+                Err(e.into())
             }
         }
     }
@@ -977,10 +1097,13 @@ impl Watchdog {
     /// `dr failover` on a standby's leader: this site becomes active with an epoch above
     /// every one seen. Refused while the active peer answers, unless `force` (then the peer
     /// demotes when it hears of this site).
-    pub async fn failover(&self, force: bool) -> Result<u64, String> {
+    pub async fn failover(&self, force: bool) -> Result<u64, DrOpError> {
         let me = self.me();
         if me.role != SiteRole::Standby {
-            return Err(format!("site {} is {}, not standby", me.site, me.role));
+            return Err(DrOpError::NotStandby {
+                site: me.site,
+                role: me.role,
+            });
         }
         let seen = {
             let st = self.state();
@@ -988,12 +1111,10 @@ impl Watchdog {
                 && self.peer_reachable(&st)
                 && st.peer.as_ref().is_some_and(|p| p.role == SiteRole::Active)
             {
-                return Err(format!(
-                    "the active site {} answered {} ms ago: use `dr switchover` to move the \
-                     active role without losing writes, or `dr failover --force`",
-                    self.cfg.peer_site,
-                    st.last_contact.map_or(0, |t| t.elapsed().as_millis())
-                ));
+                return Err(DrOpError::PeerActive {
+                    peer_site: self.cfg.peer_site.clone(),
+                    ago_ms: st.last_contact.map_or(0, |t| t.elapsed().as_millis()),
+                });
             }
             st.peer_epoch_seen.max(st.witness_epoch_seen)
         };
@@ -1003,26 +1124,25 @@ impl Watchdog {
         if self.witness_link.is_some() && !force {
             let (granted, notes, _) = self.hold_at_witnesses(epoch).await;
             if granted < self.majority() {
-                return Err(format!(
-                    "{granted} of {} witnesses grant this site the active role (a majority \
-                     is needed): {}; `dr failover --force` overrides them",
-                    self.cfg.witnesses.len(),
-                    notes.join("; ")
-                ));
+                return Err(DrOpError::WitnessesRefuse {
+                    granted,
+                    total: self.cfg.witnesses.len(),
+                    notes,
+                });
             }
         }
-        self.promote(epoch, sent).await
+        Ok(self.promote(epoch, sent).await?)
     }
 
     /// Makes this site active at `epoch`, its hold at the witnesses counting from `held_at`
     /// (when the claim they granted was sent).
-    async fn promote(&self, epoch: u64, held_at: Instant) -> Result<u64, String> {
+    async fn promote(&self, epoch: u64, held_at: Instant) -> Result<u64, ProposeError> {
         let cmd = Command::SetSiteRole {
             role: SiteRole::Active,
             epoch,
             at: self.handle.now_millis(),
         };
-        self.handle.propose(cmd).await.map_err(|e| e.to_string())?;
+        self.handle.propose(cmd).await?;
         tracing::warn!(site = %self.cfg.site, epoch, "DR: this site is active");
         // It renews at the next round.
         self.state().held_at = Some(held_at);
@@ -1031,13 +1151,13 @@ impl Watchdog {
 
     /// `dr switchover` on a standby's leader: the active peer demotes itself, this site
     /// mirrors everything it had, then becomes active. Nothing acknowledged is lost.
-    pub async fn switchover(&self) -> Result<u64, String> {
+    pub async fn switchover(&self) -> Result<u64, DrOpError> {
         let me = self.me();
         if me.role != SiteRole::Standby {
-            return Err(format!(
-                "site {} is {}: run `dr switchover` on the standby site",
-                me.site, me.role
-            ));
+            return Err(DrOpError::SwitchoverNotOnStandby {
+                site: me.site,
+                role: me.role,
+            });
         }
         self.state().switching = true;
         let result = self.switch_over(&me).await;
@@ -1045,7 +1165,7 @@ impl Watchdog {
         result
     }
 
-    async fn switch_over(&self, me: &SiteState) -> Result<u64, String> {
+    async fn switch_over(&self, me: &SiteState) -> Result<u64, DrOpError> {
         let mut last = String::from("no peer address");
         let mut handed = None;
         for addr in &self.cfg.peers {
@@ -1063,11 +1183,10 @@ impl Watchdog {
                 }
                 Ok(DrReply::Refused(why)) => last = format!("{addr} refused: {why}"),
                 Ok(other) => last = format!("{addr}: unexpected reply {other:?}"),
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
         }
-        let (epoch, index) =
-            handed.ok_or_else(|| format!("the peer site did not hand over: {last}"))?;
+        let (epoch, index) = handed.ok_or(DrOpError::NoHandOver { last })?;
         let deadline = Instant::now() + SWITCHOVER_WITHIN;
         loop {
             let caught_up = self.state().mirrored.is_some_and(|m| m >= index);
@@ -1075,22 +1194,21 @@ impl Watchdog {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "the peer site is standby now, but this site did not mirror up to its \
-                     index {index} within {SWITCHOVER_WITHIN:?}: both sites are standby; \
-                     `dr failover` when the link is back"
-                ));
+                return Err(DrOpError::NotMirrored {
+                    index,
+                    within: SWITCHOVER_WITHIN,
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let epoch = promotion_epoch(me.epoch, Some(epoch));
         let held_at = self.claim_for_switchover(epoch).await?;
-        self.promote(epoch, held_at).await
+        Ok(self.promote(epoch, held_at).await?)
     }
 
     /// With witnesses: claims the active role at `epoch` until a majority grants it (the peer
     /// gave it back, or its lease ran out); when the granted claim was sent. Without: now.
-    async fn claim_for_switchover(&self, epoch: u64) -> Result<Instant, String> {
+    async fn claim_for_switchover(&self, epoch: u64) -> Result<Instant, DrOpError> {
         if self.witness_link.is_none() {
             return Ok(Instant::now());
         }
@@ -1103,24 +1221,26 @@ impl Watchdog {
                 return Ok(sent);
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "the peer site is standby now, but {granted} of {} witnesses grant this \
-                     site the active role: {}; both sites are standby: `dr failover` once they do",
-                    self.cfg.witnesses.len(),
-                    notes.join("; ")
-                ));
+                return Err(DrOpError::NotClaimed {
+                    granted,
+                    total: self.cfg.witnesses.len(),
+                    notes,
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// `dr demote` on an active site's leader: this site becomes standby (keeping its epoch).
-    pub async fn demote(&self) -> Result<(), String> {
+    pub async fn demote(&self) -> Result<(), DrOpError> {
         let me = self.me();
         if me.role != SiteRole::Active {
-            return Err(format!("site {} is {}, not active", me.site, me.role));
+            return Err(DrOpError::NotActive {
+                site: me.site,
+                role: me.role,
+            });
         }
-        self.step_down(me.epoch).await
+        Ok(self.step_down(me.epoch).await?)
     }
 
     /// This node's state and, for a mirroring peer, its data: by difference from `have` if

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use spaced_raft::pki::TlsMaterial;
 
-use crate::link::{Link, Serve};
+use crate::link::{Link, LinkError, Serve};
 use crate::protocol::{DrReply, DrRequest};
 use crate::watchdog::BoxFuture;
 
@@ -247,18 +247,55 @@ fn boottime_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// Why a witness's saved tickets could not be loaded; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum WitnessStateError {
+    /// The file exists but cannot be read.
+    #[error("witness state {}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file does not hold saved tickets.
+    #[error("witness state {}: {source} (remove it to start afresh, with the grace)", .path.display())]
+    Parse {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+/// Why a witness stopped before serving.
+#[derive(Debug, thiserror::Error)]
+pub enum WitnessError {
+    /// Its saved tickets could not be loaded.
+    #[error(transparent)]
+    State(#[from] WitnessStateError),
+    /// Its link could not be bound.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
 /// Reads a witness's saved tickets: `None` when the file does not exist; an error naming the
 /// file when it cannot be read or parsed.
-pub fn load_state(path: &std::path::Path) -> Result<Option<SavedTickets>, String> {
+pub fn load_state(path: &std::path::Path) -> Result<Option<SavedTickets>, WitnessStateError> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            format!(
-                "witness state {}: {e} (remove it to start afresh, with the grace)",
-                path.display()
-            )
-        }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| WitnessStateError::Parse {
+                    path: path.to_path_buf(),
+                    source,
+                })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("witness state {}: {e}", path.display())),
+        Err(source) => Err(WitnessStateError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -330,7 +367,7 @@ pub async fn run(
     material: &TlsMaterial,
     grace: Duration,
     state: Option<std::path::PathBuf>,
-) -> Result<(), String> {
+) -> Result<(), WitnessError> {
     let boot_id = boot_id();
     let now = Instant::now();
     let tickets = match state.as_deref().map(load_state).transpose()?.flatten() {
@@ -423,13 +460,13 @@ mod tests {
     fn a_bad_state_file_is_named_and_a_missing_one_is_none() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("witness.json");
-        assert_eq!(load_state(&path), Ok(None));
+        assert_eq!(load_state(&path).unwrap(), None);
         std::fs::write(&path, "{not json").unwrap();
-        let e = load_state(&path).unwrap_err();
+        let e = load_state(&path).unwrap_err().to_string();
         assert!(e.contains("witness.json"), "{e}");
         let saved = Tickets::default().save("b", Instant::now(), 1);
         write_state(&path, &saved).unwrap();
-        assert_eq!(load_state(&path), Ok(Some(saved)));
+        assert_eq!(load_state(&path).unwrap(), Some(saved));
     }
 
     fn hold(site: &str, epoch: u64, lease_ms: u64) -> Hold {

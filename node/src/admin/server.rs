@@ -410,21 +410,23 @@ impl AdminServer {
                             .into(),
                     )
                 })?;
+                // The operator reads why in words (`AdminReply::Failed` carries text).
+                let refused =
+                    |e: spaced_replication::watchdog::DrOpError| OpError::Refused(e.to_string());
                 match action {
                     super::DrAction::Status => AdminReply::DrStatus(dr.status()),
                     super::DrAction::Failover { force } => AdminReply::DrActive {
-                        epoch: dr.failover(force).await.map_err(OpError::Refused)?,
+                        epoch: dr.failover(force).await.map_err(refused)?,
                     },
                     super::DrAction::Switchover => AdminReply::DrActive {
-                        epoch: dr.switchover().await.map_err(OpError::Refused)?,
+                        epoch: dr.switchover().await.map_err(refused)?,
                     },
                     super::DrAction::Demote => {
-                        dr.demote().await.map_err(OpError::Refused)?;
+                        dr.demote().await.map_err(refused)?;
                         AdminReply::Done
                     }
                     super::DrAction::Backup => {
-                        let (taken_at, files, bytes) =
-                            dr.back_up_now().map_err(OpError::Refused)?;
+                        let (taken_at, files, bytes) = dr.back_up_now().map_err(refused)?;
                         AdminReply::DrBackup {
                             taken_at,
                             files,

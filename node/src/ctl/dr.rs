@@ -98,7 +98,7 @@ pub(super) async fn run(cli: &Target, action: &DrCmd) -> Result<(), CtlError> {
         DrCmd::AutomaticFailover { enable, disable } => {
             let off_for_ms = match (enable, disable) {
                 (true, None) => None,
-                (false, Some(d)) => Some(parse_duration_ms(d).map_err(usage)?),
+                (false, Some(d)) => Some(parse_duration_ms(d).map_err(|e| usage(e.to_string()))?),
                 _ => return Err(usage("say --enable or --disable [DURATION]")),
             };
             let status = match mutate(

@@ -10,7 +10,7 @@ use spaced_raft::network::{RaftReply, RaftRpc};
 use spaced_raft::pki::TlsMaterial;
 use spaced_replication::link::Link;
 use spaced_replication::site_lease::SiteGate;
-use spaced_replication::watchdog::BoxFuture;
+use spaced_replication::watchdog::{BoxFuture, ProposeError};
 use spaced_replication::{DrSection, SiteHandle, Watchdog};
 
 use super::StartError;
@@ -28,13 +28,16 @@ impl SiteHandle for Site {
         self.0.raft.is_leader()
     }
 
-    fn propose(&self, cmd: Command) -> BoxFuture<Result<Outcome, String>> {
+    fn propose(&self, cmd: Command) -> BoxFuture<Result<Outcome, ProposeError>> {
         let cluster = self.0.clone();
         Box::pin(async move {
             match cluster.propose_anywhere(cmd).await {
                 Ok(Ok(outcome)) => Ok(outcome),
-                Ok(Err(refused)) => Err(refused.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(Err(refused)) | Err(crate::cluster::ProposeError::Refused(refused)) => {
+                    Err(ProposeError::Refused(refused))
+                }
+                Err(crate::cluster::ProposeError::NoLeader) => Err(ProposeError::NoLeader),
+                Err(e) => Err(ProposeError::NotCommitted(e.to_string())),
             }
         })
     }
