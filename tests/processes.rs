@@ -606,10 +606,24 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     ] {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
     }
-    let leader_id = lab.status(&n2)?["leader"].as_u64().context("leader")?;
-    let leader_cfg =
-        spaced_node::ops::config::NodeConfig::load(&lab.procs[leader_id as usize - 1].config)?;
-    let body = http_get(leader_cfg.metrics.context("metrics")?, "/metrics")?;
+    // The leader's gauges are refreshed every half second, and leadership may just have moved
+    // (a leader holding a VIP hands leadership on): asked again until the leader's page shows
+    // its peers, or 10 s.
+    let mut body = String::new();
+    let leader_metrics = |lab: &Lab| -> Result<String> {
+        let leader_id = lab.status(&n2)?["leader"].as_u64().context("leader")?;
+        let leader_cfg =
+            spaced_node::ops::config::NodeConfig::load(&lab.procs[leader_id as usize - 1].config)?;
+        http_get(leader_cfg.metrics.context("metrics")?, "/metrics")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        body = leader_metrics(&lab)?;
+        if body.contains("spaced_peer_last_contact_seconds{peer=") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(
         body.contains("spaced_peer_last_contact_seconds{peer="),
         "leader /metrics lacks peer contact:\n{body}"
