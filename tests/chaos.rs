@@ -913,20 +913,17 @@ pub fn soak(chaos: &mut Chaos, duration: Duration, every: Duration, stress: bool
         stressor = Some(child);
     }
     let began = Instant::now();
-    let mut samples = Vec::new();
-    while began.elapsed() < duration {
-        samples.push(SoakSample {
-            at: began.elapsed(),
-            rss_kib: chaos.procs.iter().map(|p| rss_kib(p.pid())).collect(),
-            fds: chaos.procs.iter().map(|p| open_fds(p.pid())).collect(),
-        });
-        std::thread::sleep(every.min(duration.saturating_sub(began.elapsed())));
-    }
-    samples.push(SoakSample {
+    let sample = || SoakSample {
         at: began.elapsed(),
         rss_kib: chaos.procs.iter().map(|p| rss_kib(p.pid())).collect(),
         fds: chaos.procs.iter().map(|p| open_fds(p.pid())).collect(),
-    });
+    };
+    let mut samples = Vec::new();
+    while began.elapsed() < duration {
+        samples.push(sample());
+        std::thread::sleep(every.min(duration.saturating_sub(began.elapsed())));
+    }
+    samples.push(sample());
     if let Some(mut s) = stressor {
         let _ = s.kill();
         let _ = s.wait();

@@ -268,11 +268,6 @@ impl NodeMetrics {
         self.recorder.clone()
     }
 
-    /// Records one commit latency.
-    pub fn commit_latency(&self, d: Duration) {
-        self.commit_latency.record(d.as_secs_f64());
-    }
-
     /// The commit-latency histogram, for the `Cluster` handle that times its proposals.
     pub fn commit_latency_histogram(&self) -> Histogram {
         self.commit_latency.clone()
@@ -496,7 +491,7 @@ mod tests {
     fn renders_gauges_and_histogram() {
         let m = NodeMetrics::new();
         m.update(7, Some(2), Some(41), false, vec![("n3".into(), Some(0.25))]);
-        m.commit_latency(Duration::from_millis(3));
+        m.commit_latency_histogram().record(0.003);
         let text = m.render();
         assert!(text.contains("spaced_raft_term 7"), "{text}");
         assert!(text.contains("spaced_raft_leader_id 2"), "{text}");
@@ -619,7 +614,7 @@ mod tests {
         let m = NodeMetrics::new();
         m.update(3, Some(1), Some(9), true, vec![("n2".into(), Some(0.1))]);
         m.update_raft(Some(1), Some(9), Some(9));
-        m.commit_latency(Duration::from_millis(2));
+        m.commit_latency_histogram().record(0.002);
         m.cert_expires(2_000, 1_000);
         m.guard(Some(true), 1);
         m.dr(
