@@ -69,6 +69,13 @@ const CONTACT_MS: u64 = 500;
 /// spaced: healthy means also the same term, leader and VIP owner for this long.
 const SPACED_SETTLE: Duration = Duration::from_millis(700);
 
+/// spaced: extra configuration for every node (`FAILOVER_SPACED_CONFIG`, TOML: top-level keys
+/// first, then tables), put before the `[tls]` table of the bench's own config; e.g.
+/// `timing = "fast"` or `[lease]\nduration_ms = 200`.
+fn extra_config() -> String {
+    std::env::var("FAILOVER_SPACED_CONFIG").unwrap_or_default()
+}
+
 /// Set by SIGINT/SIGTERM/SIGHUP: stop after the current step and clean up.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -441,7 +448,7 @@ impl Spaced {
                  listen = \"{ip}:7000\"\n\
                  roles = [\"ha\"]\n\
                  takeover = \"netlink\"\n\
-                 \n\
+                 {extra}\n\
                  [tls]\n\
                  ca = \"{pki}/ca.pem\"\n\
                  cert = \"{pki}/{name}.pem\"\n\
@@ -449,6 +456,7 @@ impl Spaced {
                 data = dir.join(format!("data-{name}")).display(),
                 ip = host.ip,
                 pki = s.pki.display(),
+                extra = extra_config(),
             );
             // Fail here, not in four spawned daemons, if the text is not what spaced accepts.
             NodeConfig::parse_str(&toml, &source)

@@ -66,6 +66,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) ->
         metrics: None,
         log_level: None,
         roles: vec!["ha".into(), "app".into()],
+        timing: Default::default(),
         tls: TlsSection {
             ca: pki_dir.join("ca.pem"),
             cert: pki_dir.join(format!("{name}.pem")),

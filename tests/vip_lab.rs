@@ -70,6 +70,7 @@ impl Fabric {
                 metrics: None,
                 log_level: None,
                 roles: r.iter().map(|s| s.to_string()).collect(),
+                timing: Default::default(),
                 tls: TlsSection {
                     ca: f.pki.join("ca.pem"),
                     cert: f.pki.join(format!("{name}.pem")),

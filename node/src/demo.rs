@@ -104,6 +104,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: u64, roles: &[&str]) -> Resul
         metrics: Some(format!("127.0.0.1:{}", free_tcp_port()?).parse()?),
         log_level: None,
         roles: roles.iter().map(|r| r.to_string()).collect(),
+        timing: Default::default(),
         tls: TlsSection {
             ca: pki_dir.join("ca.pem"),
             cert: pki_dir.join(format!("{name}.pem")),

@@ -39,6 +39,10 @@ pub struct NodeConfig {
     /// Roles this node is willing to host (e.g. "ha", "app"), used for placement.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// The named set of Raft and lease timings the `[raft]` and `[lease]` keys not given here
+    /// default to (`fast`, `default`, `wan`; see [`TimingProfile`]).
+    #[serde(default, skip_serializing_if = "TimingProfile::is_default")]
+    pub timing: TimingProfile,
     /// Certificate material for mutual TLS between nodes and with the admin CLI.
     pub tls: TlsSection,
     /// Raft timing and log-compaction knobs.
@@ -369,12 +373,76 @@ pub struct RaftTimings {
 
 impl Default for RaftTimings {
     fn default() -> Self {
-        Self {
-            heartbeat_interval_ms: 50,
-            election_timeout_min_ms: 200,
-            election_timeout_max_ms: 400,
+        TimingProfile::Default.raft()
+    }
+}
+
+/// A named set of Raft and lease timings (`timing = "..."`). The trade-off is failover time
+/// against tolerance of stalls: a node whose daemon cannot run for about a lease (CPU
+/// starvation, a VM paused, a long GC-like stall of the host) loses its VIPs and singletons,
+/// and a leader silent for about an election timeout loses its leadership.
+///
+/// | profile | Raft heartbeat, election | lease, renewals, margin | host loss | leader loss |
+/// |---|---|---|---|---|
+/// | `fast` | 15 ms, 60–120 ms | 100, 20, 25 ms | about 0.15 s | about 0.2 s |
+/// | `default` | 25 ms, 100–200 ms | 150, 30, 40 ms | about 0.2 s | about 0.3 s |
+/// | `wan` | 150 ms, 1,000–2,000 ms | 1,500, 300, 250 ms | about 2 s | about 3 s |
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TimingProfile {
+    /// One LAN, idle or lightly loaded hosts: the shortest failover.
+    Fast,
+    /// One LAN or one data centre, hosts under ordinary load.
+    #[default]
+    Default,
+    /// Nodes across a WAN or on hosts that stall (oversubscribed VMs): slow but steady.
+    Wan,
+}
+
+impl TimingProfile {
+    /// Whether this is the default profile (not written out by `to_toml`).
+    pub fn is_default(&self) -> bool {
+        *self == TimingProfile::Default
+    }
+
+    /// The name written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            TimingProfile::Fast => "fast",
+            TimingProfile::Default => "default",
+            TimingProfile::Wan => "wan",
+        }
+    }
+
+    /// The profile's Raft timings (the log-compaction knobs are the same in every profile).
+    pub fn raft(self) -> RaftTimings {
+        let (heartbeat_interval_ms, election_timeout_min_ms, election_timeout_max_ms) = match self
+        {
+            TimingProfile::Fast => (15, 60, 120),
+            TimingProfile::Default => (25, 100, 200),
+            TimingProfile::Wan => (150, 1_000, 2_000),
+        };
+        RaftTimings {
+            heartbeat_interval_ms,
+            election_timeout_min_ms,
+            election_timeout_max_ms,
             snapshot_after_logs: 10_000,
             logs_kept_after_snapshot: 1_000,
+        }
+    }
+
+    /// The profile's lease timings (the drift bound is the same in every profile).
+    pub fn lease(self) -> LeaseTimings {
+        let (duration_ms, renew_every_ms, margin_ms) = match self {
+            TimingProfile::Fast => (100, 20, 25),
+            TimingProfile::Default => (150, 30, 40),
+            TimingProfile::Wan => (1_500, 300, 250),
+        };
+        LeaseTimings {
+            duration_ms,
+            renew_every_ms,
+            margin_ms,
+            drift: 0.01,
         }
     }
 }
@@ -395,12 +463,7 @@ pub struct LeaseTimings {
 
 impl Default for LeaseTimings {
     fn default() -> Self {
-        Self {
-            duration_ms: 300,
-            renew_every_ms: 75,
-            margin_ms: 50,
-            drift: 0.01,
-        }
+        TimingProfile::Default.lease()
     }
 }
 
@@ -502,6 +565,7 @@ impl NodeConfig {
         let mut cfg: NodeConfig =
             serde_path_to_error::deserialize(de).map_err(|e| deser_error(e, text, source))?;
         cfg.source = source.to_path_buf();
+        cfg.apply_timing_profile(text)?;
         let base = source.parent().unwrap_or_else(|| Path::new(""));
         cfg.validate()?;
         cfg.data_dir = resolve(base, &cfg.data_dir);
@@ -515,6 +579,36 @@ impl NodeConfig {
             }
         }
         Ok(cfg)
+    }
+
+    /// Gives the `[raft]` and `[lease]` keys that `text` does not set the values of the
+    /// `timing` profile (serde filled them with the default profile's).
+    fn apply_timing_profile(&mut self, text: &str) -> Result<(), ConfigError> {
+        if self.timing.is_default() {
+            return Ok(());
+        }
+        let problem = |what: String| ConfigError::Document {
+            file: self.source.clone(),
+            problem: format!("timing profile `{}`: {what}", self.timing.name()),
+        };
+        // The text parsed already; this second reading only tells which keys it sets.
+        let doc: toml::Table = toml::from_str(text).map_err(|e| problem(e.to_string()))?;
+        let overlay = |table: &str, profile: Result<toml::Table, toml::ser::Error>| {
+            let mut merged = profile.map_err(|e| problem(format!("[{table}]: {e}")))?;
+            if let Some(given) = doc.get(table).and_then(|t| t.as_table()) {
+                merged.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            Ok::<_, ConfigError>(merged)
+        };
+        let raft = overlay("raft", toml::Table::try_from(self.timing.raft()))?;
+        let lease = overlay("lease", toml::Table::try_from(self.timing.lease()))?;
+        self.raft = raft
+            .try_into()
+            .map_err(|e| problem(format!("[raft]: {e}")))?;
+        self.lease = lease
+            .try_into()
+            .map_err(|e| problem(format!("[lease]: {e}")))?;
+        Ok(())
     }
 
     /// Serialize back to TOML (used by a demo that writes config files for child processes).
@@ -1060,17 +1154,57 @@ key = "n.key"
         assert_eq!(
             RaftTimings::default(),
             RaftTimings {
-                heartbeat_interval_ms: 50,
-                election_timeout_min_ms: 200,
-                election_timeout_max_ms: 400,
+                heartbeat_interval_ms: 25,
+                election_timeout_min_ms: 100,
+                election_timeout_max_ms: 200,
                 snapshot_after_logs: 10000,
                 logs_kept_after_snapshot: 1000,
             }
         );
+        assert_eq!(c.lease, TimingProfile::Default.lease());
+        assert_eq!((c.lease.duration_ms, c.lease.renew_every_ms), (150, 30));
         // A partial [raft] table keeps the defaults for the keys it omits.
         let c = NodeConfig::parse_str(&with_raft("snapshot_after_logs = 5"), src()).unwrap();
         assert_eq!(c.raft.snapshot_after_logs, 5);
-        assert_eq!(c.raft.heartbeat_interval_ms, 50);
+        assert_eq!(c.raft.heartbeat_interval_ms, 25);
+    }
+
+    #[test]
+    fn a_timing_profile_sets_the_keys_not_given() {
+        let with = |top: &str, tables: &str| {
+            let (head, rest) = MINIMAL.split_once("[tls]").unwrap();
+            format!("{head}{top}\n[tls]{rest}{tables}")
+        };
+        for profile in [TimingProfile::Fast, TimingProfile::Default, TimingProfile::Wan] {
+            let text = with(&format!("timing = \"{}\"", profile.name()), "");
+            let c = NodeConfig::parse_str(&text, src()).unwrap();
+            assert_eq!(c.timing, profile);
+            assert_eq!(c.raft, profile.raft(), "{}", profile.name());
+            assert_eq!(c.lease, profile.lease(), "{}", profile.name());
+            // Every profile passes the checks the keys are held to.
+            c.validate().unwrap();
+        }
+        // Keys given win over the profile's; the others are the profile's, not the default's.
+        let text = with(
+            "timing = \"wan\"",
+            "[lease]\nduration_ms = 900\n[raft]\nsnapshot_after_logs = 7\n",
+        );
+        let c = NodeConfig::parse_str(&text, src()).unwrap();
+        assert_eq!(c.lease.duration_ms, 900);
+        assert_eq!(c.lease.renew_every_ms, TimingProfile::Wan.lease().renew_every_ms);
+        assert_eq!(c.raft.snapshot_after_logs, 7);
+        assert_eq!(c.raft.election_timeout_max_ms, 2_000);
+        // What to_toml writes reads back the same.
+        let back = NodeConfig::parse_str(&c.to_toml(), src()).unwrap();
+        assert_eq!((back.timing, &back.raft, &back.lease), (c.timing, &c.raft, &c.lease));
+        // A given key that does not fit the profile's others is named.
+        let msg = err_of(&with("timing = \"fast\"", "[raft]\nheartbeat_interval_ms = 70\n"));
+        assert!(
+            msg.contains("key `raft.heartbeat_interval_ms`: must be less than"),
+            "{msg}"
+        );
+        let msg = err_of(&with("timing = \"quick\"", ""));
+        assert!(msg.contains("timing") && msg.contains("quick"), "{msg}");
     }
 
     #[test]
@@ -1188,9 +1322,9 @@ key = "n.key"
                 "greater than 0",
             ),
             (
-                "lost_after_ms = 150",
+                "lost_after_ms = 90",
                 "devices.lost_after_ms",
-                "at least 4 × raft.heartbeat_interval_ms (150 < 200)",
+                "at least 4 × raft.heartbeat_interval_ms (90 < 100)",
             ),
             ("keepalive = 5", "devices.keepalive", "unknown key"),
         ] {

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
 use spaced_fabric::Command;
 use spaced_fabric::plan::placements::plan;
@@ -19,6 +20,8 @@ use crate::{lock, now_millis};
 
 /// How often the leader plans.
 const PLAN_EVERY: Duration = Duration::from_millis(10);
+/// The shortest time between two passes of the planner.
+const PLAN_GAP: Duration = Duration::from_millis(2);
 /// A leader that holds placements hands leadership away at most this often.
 const STEP_ASIDE_EVERY: Duration = Duration::from_secs(5);
 /// ... and only after it has led this long (the cluster is settled).
@@ -131,8 +134,21 @@ impl Placements {
                 }
             }
         });
-        let answers = futures::future::join_all(asks).await.into_iter().flatten();
-        silent_placements(&self.lease, &configs, suspects, answers.collect())
+        // Answers are counted as they come: once they already make every suspect silent by a
+        // quorum, the voters still to answer cannot change that (a voter that does not answer
+        // counts as not silent), so the leader does not wait out the time limit of a call to
+        // the lost host itself, which is a voter too.
+        let mut pending: futures::stream::FuturesUnordered<_> = asks.collect();
+        let mut answers = Vec::new();
+        let mut silent = BTreeSet::new();
+        while let Some(answer) = pending.next().await {
+            answers.extend(answer);
+            silent = silent_placements(&self.lease, &configs, suspects.clone(), answers.clone());
+            if silent.len() == suspects.len() {
+                break;
+            }
+        }
+        silent
     }
 
     /// On the leader: plan and propose grants and take-backs.
@@ -144,13 +160,23 @@ impl Placements {
         // Changes with the server state (leader, follower, candidate), the vote and membership,
         // not with every heartbeat: a follower sleeps on it instead of ticking.
         let mut server = cluster.raft.server_metrics();
+        // A leader also plans as soon as the fabric changes (a release committed by a graceful
+        // stop or a guard's report is granted elsewhere at once, not at the next tick), but at
+        // most once per PLAN_GAP however fast commits come.
+        let mut fabric_changed = cluster.view.changes();
+        let mut last_plan: Option<Instant> = None;
         loop {
             let was_leading = server.borrow_watched().state.is_leader();
             let raft_gone = tokio::select! {
                 _ = tick.tick(), if was_leading => false,
+                Ok(()) = fabric_changed.changed(), if was_leading => false,
                 changed = server.changed(), if !was_leading => changed.is_err(),
                 _ = shutdown.wait_for(|s| *s) => return,
             };
+            if let Some(gap) = last_plan.map(|t| t.elapsed()).filter(|gap| *gap < PLAN_GAP) {
+                tokio::time::sleep(PLAN_GAP - gap).await;
+            }
+            last_plan = Some(Instant::now());
             if raft_gone {
                 // Raft has shut down: tick (and find no leadership) until shutdown.
                 tick.tick().await;

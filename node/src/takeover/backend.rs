@@ -10,12 +10,14 @@ use crate::placement::agent::{HoldError, VipBackend, VipSpec};
 use crate::takeover::guard::{GuardCell, GuardError};
 use crate::takeover::{Takeover, TakeoverError, VipAddr};
 
-/// Probe before claiming: one ARP probe, then 20 ms of listening (RFC 5227's seconds-long
+/// Probe before claiming: one ARP probe, then 5 ms of listening (RFC 5227's seconds-long
 /// timing is for address autoconfiguration, not for a failover path; a conflicting host on the
-/// same LAN answers within a millisecond or two).
+/// same LAN answers within a millisecond, and the probe is for a foreign host holding the
+/// address, not a safety mechanism between nodes: the leases are). Every millisecond here is
+/// one more of every failover.
 const PROBES: u32 = 1;
 const PROBE_INTERVAL: Duration = Duration::from_millis(5);
-const PROBE_WAIT: Duration = Duration::from_millis(20);
+const PROBE_WAIT: Duration = Duration::from_millis(5);
 /// How long a netlink request may go unanswered before it counts as failed (the kernel answers
 /// in well under a millisecond; a stuck answer must not stall a self-fence).
 const NETLINK_WITHIN: Duration = Duration::from_secs(1);
