@@ -463,6 +463,7 @@ fn main() -> ExitCode {
                     nix::sys::signal::SigHandler::SigIgn,
                 );
             }
+            spaced_node::takeover::guard::run_in_real_time();
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -180,6 +180,16 @@ impl PlacementBackend {
         }
     }
 
+    /// Tells the guard something through its cell, which first tells a guard the members it
+    /// must report its fence to (without them a guard whose daemon died fences but cannot say
+    /// so, and the singleton waits out its lease) and starts a new guard if the last one died.
+    fn tell_guard(
+        &self,
+        op: impl Fn(&crate::takeover::guard::GuardHandle) -> Result<(), GuardError>,
+    ) -> Option<Result<(), GuardError>> {
+        Some(self.guard.as_ref()?.send(op))
+    }
+
     /// Registers the process groups of the singletons running here with the guard right away
     /// (rather than at the next renewal), each until the end of its lease here.
     pub(crate) fn guard_running(
@@ -199,8 +209,11 @@ impl PlacementBackend {
             let Some(epoch) = agent.held_epoch(placement) else {
                 continue;
             };
-            let Some(guard) = self.guard() else { return };
-            if let Err(e) = guard.hold_group(placement, pgid, epoch, Instant::now() + remaining) {
+            let until = Instant::now() + remaining;
+            let Some(sent) = self.tell_guard(|g| g.hold_group(placement, pgid, epoch, until)) else {
+                return;
+            };
+            if let Err(e) = sent {
                 tracing::error!(singleton = %placement, error = %e, "fence guard unreachable");
             }
         }
@@ -224,7 +237,9 @@ impl PlacementBackend {
         if running.is_empty() && registered.is_empty() {
             return;
         }
-        let Some(guard) = self.guard() else { return };
+        if self.guard().is_none() {
+            return;
+        }
         // A new guard (the last one died) knows nothing: register everything again.
         let generation = self.guard.as_ref().map_or(0, |c| c.generation());
         let mut guarded_by = crate::lock(&self.services_guarded_by);
@@ -242,13 +257,18 @@ impl PlacementBackend {
         registered.retain(|service, _| {
             let keep = running.contains_key(service.as_str());
             if !keep {
-                note(guard.drop_vip(&format!("service/{service}")));
+                let name = format!("service/{service}");
+                note(self.tell_guard(|g| g.drop_vip(&name)).unwrap_or(Ok(())));
             }
             keep
         });
         for (service, pgid) in running {
             if registered.get(service) != Some(&pgid) {
-                note(guard.hold_group_while_spaced_lives(&format!("service/{service}"), pgid));
+                let name = format!("service/{service}");
+                note(
+                    self.tell_guard(|g| g.hold_group_while_spaced_lives(&name, pgid))
+                        .unwrap_or(Ok(())),
+                );
                 registered.insert(service.to_string(), pgid);
             }
         }
@@ -396,11 +416,12 @@ impl VipBackend for PlacementBackend {
             return;
         };
         let pid = process_group(&self.supervisor.status(), service);
-        let Some(guard) = self.guard() else { return };
         tracing::debug!(singleton = %vip.name, ?pid, "singleton guarded until the lease end");
-        let sent = match pid {
-            Some(pgid) => guard.hold_group(&vip.name, pgid, epoch, until),
-            None => guard.drop_vip(&vip.name),
+        let Some(sent) = self.tell_guard(|g| match pid {
+            Some(pgid) => g.hold_group(&vip.name, pgid, epoch, until),
+            None => g.drop_vip(&vip.name),
+        }) else {
+            return;
         };
         if let Err(e) = sent {
             tracing::error!(singleton = %vip.name, error = %e, "fence guard unreachable");

@@ -38,6 +38,37 @@ use crate::ops::config::FenceCgroup;
 use crate::placement::agent::VipSpec;
 use crate::takeover::cgroup::Placed;
 
+/// The guard's real-time priority (SCHED_RR, 1-99): above every ordinary process, below the
+/// kernel's own real-time threads (50 and up).
+const GUARD_RT_PRIORITY: i32 = 10;
+
+/// Puts the calling thread (the guard's, before its runtime starts) on real-time scheduling,
+/// so that CPU starvation of the host cannot make it late on a lease end: the margin of the
+/// lease arithmetic (`lease.margin_ms`) must cover how late the fence comes, and a guard that
+/// mostly sleeps costs nothing at this priority. Threads and processes it starts later do not
+/// inherit it (SCHED_RESET_ON_FORK). Without the privilege (CAP_SYS_NICE or RLIMIT_RTPRIO)
+/// the guard runs at the ordinary priority, said on stderr (the daemon's log).
+pub fn run_in_real_time() {
+    let param = nix::libc::sched_param {
+        sched_priority: GUARD_RT_PRIORITY,
+    };
+    // SAFETY: sched_setscheduler reads `param` and changes only this thread's policy.
+    let rc = unsafe {
+        nix::libc::sched_setscheduler(
+            0,
+            nix::libc::SCHED_RR | nix::libc::SCHED_RESET_ON_FORK,
+            &param,
+        )
+    };
+    if rc != 0 {
+        eprintln!(
+            "spaced guard: runs without real-time priority ({}): under CPU starvation its fence \
+             may come later than the lease margin allows",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// The longest the guard sleeps while it holds anything (see `run_guard`).
 const GUARD_LOOK: Duration = Duration::from_millis(50);
 
