@@ -95,40 +95,45 @@ impl Writer {
             handle: None,
         };
         let (acks, ids, stop) = (w.acks.clone(), w.ids.clone(), w.stop.clone());
-        let handle = spaced_tests::lab::spawn_async_in(&lab.client().ns, "failover-writer", move || async move {
-            let mut tick = tokio::time::interval(WRITE_EVERY);
-            let mut running = tokio::task::JoinSet::new();
-            let mut seq = 0usize;
-            while !stop.load(Ordering::SeqCst) {
-                tick.tick().await;
-                let id = format!("fo{round}-{seq}");
-                let device = spaced_fabric::NewDevice {
-                    id: id.clone(),
-                    addr: spaced_tests::unreachable_device_addr(seq),
-                    mode: spaced_fabric::DeviceMode::SpaceInitiated,
-                };
-                let endpoint = endpoints[seq % endpoints.len()].clone();
-                seq += 1;
-                lock(&ids).push(id);
-                let (creds, acks) = (creds.clone(), acks.clone());
-                running.spawn(async move {
-                    let sent = Instant::now();
-                    let call = async {
-                        let mut c = AdminClient::connect(&endpoint, &creds).await.ok()?;
-                        let reply = c.call_leader(&AdminRequest::AddDevices(vec![device])).await;
-                        c.close().await;
-                        reply.ok()
+        let handle = spaced_tests::lab::spawn_async_in(
+            &lab.client().ns,
+            "failover-writer",
+            move || async move {
+                let mut tick = tokio::time::interval(WRITE_EVERY);
+                let mut running = tokio::task::JoinSet::new();
+                let mut seq = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    tick.tick().await;
+                    let id = format!("fo{round}-{seq}");
+                    let device = spaced_fabric::NewDevice {
+                        id: id.clone(),
+                        addr: spaced_tests::unreachable_device_addr(seq),
+                        mode: spaced_fabric::DeviceMode::SpaceInitiated,
                     };
-                    if let Ok(Some(AdminReply::Applied(_))) =
-                        tokio::time::timeout(Duration::from_secs(2), call).await
-                    {
-                        lock(&acks).push((sent, Instant::now()));
-                    }
-                });
-                while running.try_join_next().is_some() {}
-            }
-            while running.join_next().await.is_some() {}
-        })?;
+                    let endpoint = endpoints[seq % endpoints.len()].clone();
+                    seq += 1;
+                    lock(&ids).push(id);
+                    let (creds, acks) = (creds.clone(), acks.clone());
+                    running.spawn(async move {
+                        let sent = Instant::now();
+                        let call = async {
+                            let mut c = AdminClient::connect(&endpoint, &creds).await.ok()?;
+                            let reply =
+                                c.call_leader(&AdminRequest::AddDevices(vec![device])).await;
+                            c.close().await;
+                            reply.ok()
+                        };
+                        if let Ok(Some(AdminReply::Applied(_))) =
+                            tokio::time::timeout(Duration::from_secs(2), call).await
+                        {
+                            lock(&acks).push((sent, Instant::now()));
+                        }
+                    });
+                    while running.try_join_next().is_some() {}
+                }
+                while running.join_next().await.is_some() {}
+            },
+        )?;
         Ok(Writer {
             handle: Some(handle),
             ..w
@@ -629,8 +634,17 @@ impl Spaced {
             lab,
             &h1,
             &[
-                "service", "add", SINGLETON, "--scope", "singleton", "--roles", "ha", "--", "sh",
-                "-c", &program,
+                "service",
+                "add",
+                SINGLETON,
+                "--scope",
+                "singleton",
+                "--roles",
+                "ha",
+                "--",
+                "sh",
+                "-c",
+                &program,
             ],
             Duration::from_secs(10),
         )?;
@@ -691,7 +705,10 @@ impl Spaced {
         self.writes_made += 1;
         let writer = Writer::start(lab, &self.pki, survivors, self.writes_made)?;
         let ready = Instant::now() + Duration::from_secs(5);
-        while writer.acked_since(Instant::now() - Duration::from_secs(60)).is_none() {
+        while writer
+            .acked_since(Instant::now() - Duration::from_secs(60))
+            .is_none()
+        {
             if Instant::now() > ready {
                 bail!("no write acknowledged within 5 s before the fault");
             }
@@ -713,8 +730,12 @@ impl Spaced {
         self.remove_devices(lab, &ids)?;
         let ms = acked.map(|at| at.duration_since(t0).as_secs_f64() * 1000.0);
         match ms {
-            Some(ms) => eprintln!("{tag} spaced leader: n{leader} killed, writes again after {ms:.1} ms"),
-            None => eprintln!("{tag} spaced leader: n{leader} killed, NO WRITE within {RECOVER_WITHIN:?}"),
+            Some(ms) => {
+                eprintln!("{tag} spaced leader: n{leader} killed, writes again after {ms:.1} ms")
+            }
+            None => eprintln!(
+                "{tag} spaced leader: n{leader} killed, NO WRITE within {RECOVER_WITHIN:?}"
+            ),
         }
         Ok(Round {
             ms,
@@ -731,7 +752,9 @@ impl Spaced {
             let mut args = vec!["device", "remove"];
             args.extend(chunk.iter().map(String::as_str));
             self.ctl(lab, &self.endpoint(lab, 1), &args, Duration::from_secs(10))
-                .or_else(|_| self.ctl(lab, &self.endpoint(lab, 2), &args, Duration::from_secs(10)))?;
+                .or_else(|_| {
+                    self.ctl(lab, &self.endpoint(lab, 2), &args, Duration::from_secs(10))
+                })?;
         }
         Ok(())
     }
@@ -770,7 +793,9 @@ impl Spaced {
                 "{tag} spaced singleton: h{owner} killed, runs on h{} after {ms:.1} ms",
                 now_owner.map_or("?".into(), |h| h.to_string())
             ),
-            None => eprintln!("{tag} spaced singleton: h{owner} killed, NOT RUNNING within {RECOVER_WITHIN:?}"),
+            None => eprintln!(
+                "{tag} spaced singleton: h{owner} killed, NOT RUNNING within {RECOVER_WITHIN:?}"
+            ),
         }
         Ok(Round {
             ms,
@@ -793,10 +818,7 @@ impl Spaced {
             );
             let owner = text.ok().and_then(|t| {
                 let v: Value = serde_json::from_str(&t).ok()?;
-                v.as_array()?
-                    .iter()
-                    .find(|s| s["name"] == SINGLETON)?["owner"]
-                    .as_u64()
+                v.as_array()?.iter().find(|s| s["name"] == SINGLETON)?["owner"].as_u64()
             });
             if let Some(o) = owner {
                 return Ok(o as usize);
@@ -1509,15 +1531,26 @@ fn report(
             };
             let verdict = |ok: bool| if ok && failed == 0 { "met" } else { "NOT met" };
             let median = |limit: f64| {
-                format!("median ≤ {limit} ms: {} ({} ms)", verdict(s.median <= limit), ms(s.median))
+                format!(
+                    "median ≤ {limit} ms: {} ({} ms)",
+                    verdict(s.median <= limit),
+                    ms(s.median)
+                )
             };
             let max = |limit: f64| {
-                format!("max ≤ {limit} ms: {} ({} ms)", verdict(s.max <= limit), ms(s.max))
+                format!(
+                    "max ≤ {limit} ms: {} ({} ms)",
+                    verdict(s.max <= limit),
+                    ms(s.max)
+                )
             };
             let line = match fault {
                 Fault::Link => {
                     let mut l = format!("{}; {}", median(250.0), max(400.0));
-                    if let Some(k) = ka100.and_then(|k| results.get(&(k, *fault))).and_then(|r| stats(r)) {
+                    if let Some(k) = ka100
+                        .and_then(|k| results.get(&(k, *fault)))
+                        .and_then(|r| stats(r))
+                    {
                         let ratio = s.median / k.median;
                         let _ = write!(
                             l,

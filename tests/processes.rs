@@ -1063,14 +1063,18 @@ fn services_run_where_scoped_restart_when_killed_and_a_singleton_moves_on_sigkil
     // The killed node's fence guard killed the singleton and said so to the cluster, as the
     // node (a guard never told the members fenced but could not report it: issue 19).
     let killed_log = lab.procs[owner_idx].config.with_extension("log");
-    wait_until(Duration::from_secs(5), "the singleton's fence reported", || {
-        let text = std::fs::read_to_string(&killed_log).unwrap_or_default();
-        Ok(text.lines().any(|l| {
-            (l.contains("fence guard released the placement it fenced")
-                || l.contains("fence guard's release refused"))
-                && l.contains("placement=poller ")
-        }))
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "the singleton's fence reported",
+        || {
+            let text = std::fs::read_to_string(&killed_log).unwrap_or_default();
+            Ok(text.lines().any(|l| {
+                (l.contains("fence guard released the placement it fenced")
+                    || l.contains("fence guard's release refused"))
+                    && l.contains("placement=poller ")
+            }))
+        },
+    )
     .with_context(|| {
         format!(
             "{}:\n{}",

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::maglev::{Maglev, hash_ip};
@@ -97,6 +97,8 @@ pub struct Backend {
     total: AtomicU64,
     /// Failed connection attempts from the data path (each one was redispatched).
     connect_errors: AtomicU64,
+    /// Failed connection attempts from the data path since the last one that succeeded.
+    error_streak: AtomicU32,
     /// Health-check transitions (up→down and down→up), for metrics.
     transitions: AtomicU64,
     /// Set once the backend left the configured set, so its health checker stops.
@@ -114,6 +116,7 @@ impl Backend {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
+            error_streak: AtomicU32::new(0),
             transitions: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             checkers: AtomicU64::new(0),
@@ -165,8 +168,17 @@ impl Backend {
         !self.is_retired() && self.checkers.load(Ordering::Relaxed) == me
     }
 
-    pub(crate) fn count_connect_error(&self) {
+    /// Counts a failed connect on live traffic; returns how many failed in a row now.
+    pub(crate) fn count_connect_error(&self) -> u32 {
         self.connect_errors.fetch_add(1, Ordering::Relaxed);
+        self.error_streak.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A connect on live traffic succeeded: the streak of failures ends.
+    pub(crate) fn count_connected(&self) {
+        if self.error_streak.load(Ordering::Relaxed) != 0 {
+            self.error_streak.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Marks one connection as using this backend until the guard drops,

@@ -34,6 +34,10 @@ pub struct HealthConfig {
     pub fall: u32,
     /// A probe's connect must finish within this.
     pub timeout: Duration,
+    /// Passive health (HAProxy's `observe layer4` with `error-limit` and `on-error
+    /// mark-down`): this many connects in a row that fail on live traffic (refused, reset or
+    /// timed out) take a backend down at once, until `rise` probes bring it up again; 0 = off.
+    pub error_limit: u32,
 }
 
 impl HealthConfig {
@@ -44,6 +48,7 @@ impl HealthConfig {
             rise,
             fall,
             timeout: interval.min(Duration::from_secs(2)),
+            error_limit: 1,
         }
     }
 }
@@ -357,14 +362,27 @@ impl Balancer {
             )
             .await
             {
-                Ok(Ok(stream)) => break (backend, stream, claim),
+                Ok(Ok(stream)) => {
+                    backend.count_connected();
+                    break (backend, stream, claim);
+                }
                 outcome => {
                     let error = match outcome {
                         Ok(Err(e)) => e.to_string(),
                         _ => format!("no answer within {:?}", self.config.connect_timeout),
                     };
                     tracing::debug!(lb = %self.label, backend = %backend.name(), %error, "backend connect failed");
-                    backend.count_connect_error();
+                    let streak = backend.count_connect_error();
+                    if let Some(h) = &self.config.health
+                        && h.error_limit > 0
+                        && streak >= h.error_limit
+                        && backend.is_up()
+                    {
+                        // Taken down before its next probe; the checker sees the change and
+                        // wants `rise` good probes before it is up again.
+                        self.backends.set_up(&backend, false);
+                        tracing::warn!(lb = %self.label, backend = %backend.name(), addr = %backend.spec.addr, failed = streak, %error, "backend down: connects failed on live traffic");
+                    }
                     self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                     tried.push(backend);
                     if tried.len() > self.config.retries as usize {
@@ -537,6 +555,10 @@ async fn check_backend(balancer: Weak<Balancer>, backend: Arc<Backend>, health: 
         let Some(balancer) = balancer.upgrade() else {
             return;
         };
+        // Live traffic may have taken it down meanwhile (passive health): count from there.
+        if counter.up != backend.is_up() {
+            counter = HealthCounter::new(backend.is_up());
+        }
         if let Some(up) = counter.observe(ok, health.rise, health.fall) {
             balancer.backends.set_up(&backend, up);
             if up {

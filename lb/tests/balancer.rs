@@ -123,6 +123,7 @@ fn quick_health() -> Option<HealthConfig> {
         rise: 2,
         fall: 2,
         timeout: Duration::from_millis(200),
+        error_limit: 1,
     })
 }
 
@@ -485,6 +486,70 @@ async fn failed_connects_are_redispatched_and_dead_backends_get_nothing() {
         seen.insert(greeting(addr, b"").await);
     }
     assert!(seen.contains("n2"), "{seen:?}");
+}
+
+/// Passive health (HAProxy's `observe layer4`): a backend whose port refuses connections is
+/// taken down by the first connect that fails on live traffic, long before its next probe (the
+/// interval here is 30 s), so it costs one redispatched connect instead of one per turn; with
+/// `error_limit = 0` every turn tries it again. Its probes bring it back once it answers.
+#[tokio::test]
+async fn live_traffic_takes_a_dead_backend_down_before_its_next_probe() {
+    for (limit, expected_errors) in [(1u32, 1u64), (0, 10)] {
+        let backends = three(false).await;
+        backends[1].kill();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let config = LbConfig {
+            health: Some(HealthConfig {
+                interval: Duration::from_secs(30),
+                rise: 1,
+                fall: 3,
+                timeout: Duration::from_millis(200),
+                error_limit: limit,
+            }),
+            ..LbConfig::default()
+        };
+        let (lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+        let n2 = lb.backends().snapshot()[1].clone();
+        let mut seen = std::collections::BTreeMap::<String, u32>::new();
+        for _ in 0..30 {
+            *seen.entry(greeting(addr, b"").await).or_default() += 1;
+        }
+        assert!(!seen.contains_key("n2"), "{seen:?}");
+        assert_eq!(seen.values().sum::<u32>(), 30, "{seen:?}");
+        // Off, the dead backend is tried on each of its turns (a third of the connections, and
+        // more: a redispatch takes a turn too).
+        let tried = n2.connect_errors();
+        assert!(
+            if limit == 0 {
+                tried >= expected_errors
+            } else {
+                tried == expected_errors
+            },
+            "error_limit {limit}: {tried} connects tried on the dead backend"
+        );
+        assert_eq!(n2.is_up(), limit == 0, "error_limit {limit}");
+        if limit > 0 {
+            // Both survivors share the load evenly once it is down.
+            assert!(seen.values().all(|n| *n >= 14), "{seen:?}");
+        }
+    }
+    // Taken down by traffic, brought back by its probes once it answers again.
+    let mut backends = three(false).await;
+    backends[1].kill();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let config = LbConfig {
+        health: quick_health(),
+        ..LbConfig::default()
+    };
+    let (lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+    let n2 = lb.backends().snapshot()[1].clone();
+    for _ in 0..3 {
+        assert_ne!(greeting(addr, b"").await, "n2");
+    }
+    assert!(!n2.is_up());
+    let listener = TcpListener::bind(backends[1].spec.addr).await.unwrap();
+    backends[1] = TestBackend::serve("n2", listener, false);
+    wait_for("n2 to be marked up again", || n2.is_up()).await;
 }
 
 /// A backend that does not answer at all (the kernel drops its SYNs) is given

@@ -237,9 +237,50 @@ impl ClusterState {
         live
     }
 
-    /// Records that `node` is stopping: the planners give it nothing new for a while.
+    /// Records that `node` is stopping: the planners give it nothing new for a while. When
+    /// `node` is the leader this node follows (its fence guard says its daemon died), the
+    /// followers also stop waiting for it: see [`Cluster::replace_departed_leader`].
     pub fn leaving(&self, node: NodeId) {
         lock(&self.leaving).insert(node, Instant::now());
+        self.replace_departed_leader(node);
+    }
+
+    /// The leader `node` is gone: rather than let its leader lease run out on every follower
+    /// and then wait an election timeout (together up to twice `election_timeout_max`), every
+    /// follower that hears it drops the lease of `node`'s term, and the lowest-numbered other
+    /// voter stands for election at once, as if `node` had handed leadership over. Raft's own
+    /// rules still decide the election (a voter grants only a candidate whose log is as
+    /// current as its own), so a wrong word costs at most an election, never a commit; and
+    /// only a member can say it (`Leaving` is a node RPC, checked against the membership).
+    fn replace_departed_leader(&self, node: NodeId) {
+        if node == self.id {
+            return;
+        }
+        let m = self.raft.metrics().borrow_watched().clone();
+        if m.current_leader != Some(node) {
+            return;
+        }
+        let Some(to) = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != node)
+            .min()
+        else {
+            return;
+        };
+        tracing::info!(
+            leader = node,
+            candidate = to,
+            "the leader's daemon died (its fence guard says): electing a new leader at once"
+        );
+        let request = openraft::raft::TransferLeaderRequest::new(m.vote, to, None);
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            if let Err(e) = raft.handle_transfer_leader(request).await {
+                tracing::warn!(error = %e, "the election after the leader's death did not start");
+            }
+        });
     }
 
     /// Commits `cmd` through this node (it must lead) and returns its applied result, refused

@@ -61,6 +61,10 @@ pub struct LbArgs {
     /// Failed checks that take a backend down.
     #[arg(long, default_value_t = 3)]
     pub fall: u32,
+    /// Connects in a row that fail on live traffic and take a backend down before its next
+    /// check (passive health, HAProxy's `observe layer4`); 0 = only the checks decide.
+    #[arg(long, default_value_t = 1)]
+    pub error_limit: u32,
     /// Trust every backend: no health checks.
     #[arg(long)]
     pub no_health: bool,
@@ -162,8 +166,9 @@ impl LbArgs {
             peek_timeout: Duration::from_millis(self.peek_timeout_ms),
             proxy_protocol: self.proxy_protocol,
             pipe_size: self.pipe_size,
-            health: (!self.no_health).then(|| {
-                HealthConfig::every(
+            health: (!self.no_health).then(|| HealthConfig {
+                error_limit: self.error_limit,
+                ..HealthConfig::every(
                     Duration::from_millis(self.health_interval_ms),
                     self.rise,
                     self.fall,

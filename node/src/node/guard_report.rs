@@ -27,7 +27,7 @@ pub fn report_fenced(
 async fn report(me: &Identity, peers: &[Peer], fenced: &[(String, u64)], within: Duration) {
     let deadline = Instant::now() + within;
     let peers: Vec<&Peer> = peers.iter().filter(|p| p.id != me.node).collect();
-    if peers.is_empty() || fenced.is_empty() {
+    if peers.is_empty() {
         return;
     }
     let net = match dialer(me, &peers) {
@@ -53,6 +53,8 @@ async fn report(me: &Identity, peers: &[Peer], fenced: &[(String, u64)], within:
         }
     });
     futures::future::join_all(leaving).await;
+    // Nothing fenced: the word that the daemon died was the report (the followers of a dead
+    // leader elect another at once).
     for (name, epoch) in fenced {
         let cmd = Command::ReleasePlacement {
             name: name.clone(),

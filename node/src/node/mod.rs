@@ -164,6 +164,23 @@ fn now_unix() -> i64 {
 
 /// What the fence guards need to report their fence when spaced dies: this node's id and key
 /// files, and the members as Raft has them now.
+/// Every second, tells the fence guards the members again if they changed (a guard that
+/// holds nothing is told nothing otherwise, and could not say its daemon died).
+async fn refresh_guard_members(
+    guards: Vec<Arc<crate::takeover::guard::GuardCell>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        for g in &guards {
+            g.refresh_members();
+        }
+    }
+}
+
 fn guard_reporting(cfg: &NodeConfig, cluster: &Cluster) -> crate::takeover::guard::Reporting {
     let c = cluster.clone();
     crate::takeover::guard::Reporting {
@@ -489,6 +506,12 @@ impl Node {
         }
 
         let stop = || shutdown_rx.clone();
+        let guards: Vec<_> = vip_guard
+            .iter()
+            .chain(placement_backend.guard_cell().iter())
+            .cloned()
+            .collect();
+        tasks.push(tokio::spawn(refresh_guard_members(guards, stop())));
         tasks.push(tokio::spawn(LeaderTenure::track(cluster.clone(), stop())));
         tasks.push(tokio::spawn(placements.clone().agent_loop(stop())));
         tasks.push(tokio::spawn(placements.clone().controller_loop(stop())));

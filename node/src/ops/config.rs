@@ -183,6 +183,10 @@ pub struct LbSection {
     /// Failed checks that take a backend down.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// Connects in a row that fail on live traffic and take a backend down before its next
+    /// check (passive health); 0 = only the checks decide.
+    #[serde(default = "default_error_limit")]
+    pub error_limit: u32,
     /// After losing the VIP, open connections get this long before they are cut.
     #[serde(default = "default_drain_grace_s")]
     pub drain_grace_s: u64,
@@ -228,6 +232,9 @@ fn default_rise() -> u32 {
 fn default_fall() -> u32 {
     3
 }
+fn default_error_limit() -> u32 {
+    1
+}
 fn default_drain_grace_s() -> u64 {
     10
 }
@@ -250,6 +257,7 @@ impl LbSection {
             health_interval_ms: default_health_interval_ms(),
             rise: default_rise(),
             fall: default_fall(),
+            error_limit: default_error_limit(),
             drain_grace_s: default_drain_grace_s(),
         }
     }
@@ -266,8 +274,9 @@ impl LbSection {
             idle_timeout: Duration::from_secs(self.idle_timeout_s),
             peek_timeout: Duration::from_millis(self.peek_timeout_ms),
             proxy_protocol: self.proxy_protocol,
-            health: (self.health_interval_ms > 0).then(|| {
-                spaced_lb::balancer::HealthConfig::every(
+            health: (self.health_interval_ms > 0).then(|| spaced_lb::balancer::HealthConfig {
+                error_limit: self.error_limit,
+                ..spaced_lb::balancer::HealthConfig::every(
                     Duration::from_millis(self.health_interval_ms),
                     self.rise,
                     self.fall,
@@ -416,8 +425,7 @@ impl TimingProfile {
 
     /// The profile's Raft timings (the log-compaction knobs are the same in every profile).
     pub fn raft(self) -> RaftTimings {
-        let (heartbeat_interval_ms, election_timeout_min_ms, election_timeout_max_ms) = match self
-        {
+        let (heartbeat_interval_ms, election_timeout_min_ms, election_timeout_max_ms) = match self {
             TimingProfile::Fast => (15, 60, 120),
             TimingProfile::Default => (25, 100, 200),
             TimingProfile::Wan => (150, 1_000, 2_000),
@@ -1175,7 +1183,11 @@ key = "n.key"
             let (head, rest) = MINIMAL.split_once("[tls]").unwrap();
             format!("{head}{top}\n[tls]{rest}{tables}")
         };
-        for profile in [TimingProfile::Fast, TimingProfile::Default, TimingProfile::Wan] {
+        for profile in [
+            TimingProfile::Fast,
+            TimingProfile::Default,
+            TimingProfile::Wan,
+        ] {
             let text = with(&format!("timing = \"{}\"", profile.name()), "");
             let c = NodeConfig::parse_str(&text, src()).unwrap();
             assert_eq!(c.timing, profile);
@@ -1191,14 +1203,23 @@ key = "n.key"
         );
         let c = NodeConfig::parse_str(&text, src()).unwrap();
         assert_eq!(c.lease.duration_ms, 900);
-        assert_eq!(c.lease.renew_every_ms, TimingProfile::Wan.lease().renew_every_ms);
+        assert_eq!(
+            c.lease.renew_every_ms,
+            TimingProfile::Wan.lease().renew_every_ms
+        );
         assert_eq!(c.raft.snapshot_after_logs, 7);
         assert_eq!(c.raft.election_timeout_max_ms, 2_000);
         // What to_toml writes reads back the same.
         let back = NodeConfig::parse_str(&c.to_toml(), src()).unwrap();
-        assert_eq!((back.timing, &back.raft, &back.lease), (c.timing, &c.raft, &c.lease));
+        assert_eq!(
+            (back.timing, &back.raft, &back.lease),
+            (c.timing, &c.raft, &c.lease)
+        );
         // A given key that does not fit the profile's others is named.
-        let msg = err_of(&with("timing = \"fast\"", "[raft]\nheartbeat_interval_ms = 70\n"));
+        let msg = err_of(&with(
+            "timing = \"fast\"",
+            "[raft]\nheartbeat_interval_ms = 70\n",
+        ));
         assert!(
             msg.contains("key `raft.heartbeat_interval_ms`: must be less than"),
             "{msg}"

@@ -210,7 +210,8 @@ impl PlacementBackend {
                 continue;
             };
             let until = Instant::now() + remaining;
-            let Some(sent) = self.tell_guard(|g| g.hold_group(placement, pgid, epoch, until)) else {
+            let Some(sent) = self.tell_guard(|g| g.hold_group(placement, pgid, epoch, until))
+            else {
                 return;
             };
             if let Err(e) = sent {

@@ -388,7 +388,20 @@ impl GuardCell {
             g.send(&r.identity.line())?;
         }
         *current = Some(g.clone());
+        drop(current);
+        self.tell_members(&g)?;
         Ok(g)
+    }
+
+    /// Tells the running guard the members again if they changed, whether or not it holds
+    /// anything: a guard holding nothing still tells the members when its daemon dies (which,
+    /// from a leader, saves the followers an election timeout). Called every second.
+    pub fn refresh_members(&self) {
+        if let Some(g) = self.started().filter(|g| g.alive())
+            && let Err(e) = self.tell_members(&g)
+        {
+            tracing::warn!(fences = self.what, error = %e, "fence guard unreachable");
+        }
     }
 
     /// From now on every guard is told who this node is and the cluster's members, so that
@@ -553,9 +566,8 @@ pub async fn run_guard(
                     tracing::info!("fence guard closed by a living spaced; nothing to report");
                     return Ok(());
                 }
-                if fenced.is_empty() {
-                    return Ok(());
-                }
+                // Reported even when nothing was fenced: the members learn at once that this
+                // node's daemon died (a follower of a dead leader then elects another at once).
                 match &identity {
                     None => tracing::warn!(
                         "fence guard was not told who this node is; its fence is not reported and the leases run out"
@@ -564,7 +576,7 @@ pub async fn run_guard(
                         "fence guard was not told the members; its fence is not reported and the leases run out"
                     ),
                     Some(_) => {
-                        tracing::info!(fenced = ?fenced, "fence guard reports its fence to the cluster")
+                        tracing::info!(fenced = ?fenced, "fence guard reports its fence (and its daemon's death) to the cluster")
                     }
                 }
                 if let Some(me) = identity {
