@@ -498,6 +498,42 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
         "{table}"
     );
 
+    // endpoint health / status, like etcdctl's: every member from one endpoint.
+    let health = lab.ctl_ok(&n2, &["endpoint", "health", "--cluster"])?;
+    assert_eq!(
+        health.lines().filter(|l| l.contains(" is healthy: took = ")).count(),
+        3,
+        "{health}"
+    );
+    let rows: Value =
+        serde_json::from_str(&lab.ctl_ok(&n2, &["endpoint", "status", "--cluster", "--json"])?)?;
+    let rows = rows.as_array().context("endpoint status rows")?;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(
+        rows.iter().filter(|r| r["is_leader"] == true).count(),
+        1,
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r["term"] == rows[0]["term"] && r["applied_index"].as_u64().is_some()),
+        "{rows:?}"
+    );
+    let table = lab.ctl_ok(&n2, &["endpoint", "status"])?;
+    assert!(table.starts_with("ENDPOINT") && table.lines().count() == 2, "{table}");
+    // A node that does not answer: named, exit 1, the others still reported.
+    let out = lab.ctl(
+        &format!("{n2},127.0.0.1:1"),
+        &["endpoint", "health"],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("{n2} is healthy"))
+            && text.contains("127.0.0.1:1 is unhealthy"),
+        "{text}"
+    );
+
     // Import: one bad line → nothing imported, exit 1, line numbers named.
     let bad = lab.dir.path().join("bad.csv");
     std::fs::write(&bad, "id,addr\nb1,10.0.0.1\nb2,not a host\nb3\n")?;

@@ -7,6 +7,7 @@
 mod common;
 mod device;
 mod dr;
+mod endpoint;
 mod lb;
 mod node;
 mod pki;
@@ -19,6 +20,7 @@ use clap::{Parser, Subcommand};
 pub use common::{CtlError, Target};
 pub use device::*;
 pub use dr::*;
+pub use endpoint::*;
 pub use lb::*;
 pub use node::*;
 pub use pki::*;
@@ -55,6 +57,13 @@ pub enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Each node's health and what it says of itself, like etcdctl's `endpoint` (`--endpoint`
+    /// may name several nodes, comma-separated).
+    Endpoint {
+        /// Endpoint action.
+        #[command(subcommand)]
+        action: EndpointCmd,
     },
     /// Cluster membership.
     Node {
@@ -124,6 +133,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match &cli.command {
         Cmd::Pki { action } => pki::run(&cli.target, action).await,
         Cmd::Status { json } => node::status(&cli.target, json).await,
+        Cmd::Endpoint { action } => endpoint::run(&cli.target, action).await,
         Cmd::Node { action } => node::run(&cli.target, action).await,
         Cmd::Leader { action } => node::leader(&cli.target, action).await,
         Cmd::Device { action } => device::run(&cli.target, action).await,
