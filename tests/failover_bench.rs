@@ -275,6 +275,19 @@ struct Round {
     owner_led: Option<bool>,
 }
 
+impl Round {
+    /// A round measured by the system itself, not on the VIP (nothing about VIP holders).
+    fn measured_elsewhere(ms: Option<f64>) -> Round {
+        Round {
+            ms,
+            old_held: false,
+            moved_again: false,
+            second_outage_ms: None,
+            owner_led: None,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The prober
 // ---------------------------------------------------------------------------------------------
@@ -737,13 +750,7 @@ impl Spaced {
                 "{tag} spaced leader: n{leader} killed, NO WRITE within {RECOVER_WITHIN:?}"
             ),
         }
-        Ok(Round {
-            ms,
-            old_held: false,
-            moved_again: false,
-            second_outage_ms: None,
-            owner_led: None,
-        })
+        Ok(Round::measured_elsewhere(ms))
     }
 
     /// The devices a writer added go again (one write), so rounds do not pile them up.
@@ -797,13 +804,7 @@ impl Spaced {
                 "{tag} spaced singleton: h{owner} killed, NOT RUNNING within {RECOVER_WITHIN:?}"
             ),
         }
-        Ok(Round {
-            ms,
-            old_held: false,
-            moved_again: false,
-            second_outage_ms: None,
-            owner_led: None,
-        })
+        Ok(Round::measured_elsewhere(ms))
     }
 
     /// The node the fabric grants the bench's singleton to.

@@ -501,7 +501,10 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     // endpoint health / status, like etcdctl's: every member from one endpoint.
     let health = lab.ctl_ok(&n2, &["endpoint", "health", "--cluster"])?;
     assert_eq!(
-        health.lines().filter(|l| l.contains(" is healthy: took = ")).count(),
+        health
+            .lines()
+            .filter(|l| l.contains(" is healthy: took = "))
+            .count(),
         3,
         "{health}"
     );
@@ -520,17 +523,16 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
         "{rows:?}"
     );
     let table = lab.ctl_ok(&n2, &["endpoint", "status"])?;
-    assert!(table.starts_with("ENDPOINT") && table.lines().count() == 2, "{table}");
+    assert!(
+        table.starts_with("ENDPOINT") && table.lines().count() == 2,
+        "{table}"
+    );
     // A node that does not answer: named, exit 1, the others still reported.
-    let out = lab.ctl(
-        &format!("{n2},127.0.0.1:1"),
-        &["endpoint", "health"],
-    )?;
+    let out = lab.ctl(&format!("{n2},127.0.0.1:1"), &["endpoint", "health"])?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
-        text.contains(&format!("{n2} is healthy"))
-            && text.contains("127.0.0.1:1 is unhealthy"),
+        text.contains(&format!("{n2} is healthy")) && text.contains("127.0.0.1:1 is unhealthy"),
         "{text}"
     );
 

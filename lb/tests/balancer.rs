@@ -450,17 +450,29 @@ async fn half_close_from_the_client_still_gets_the_answer() {
     );
 }
 
-#[tokio::test]
-async fn failed_connects_are_redispatched_and_dead_backends_get_nothing() {
-    let mut backends = three(false).await;
-    // n2's port refuses connections.
+/// Three backends of which n2's port refuses connections, behind a balancer with `health`.
+async fn n2_dead(
+    health: Option<HealthConfig>,
+) -> (
+    Vec<TestBackend>,
+    Arc<Balancer>,
+    SocketAddr,
+    oneshot::Sender<()>,
+) {
+    let backends = three(false).await;
     backends[1].kill();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let config = LbConfig {
-        health: quick_health(),
+        health,
         ..LbConfig::default()
     };
-    let (lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+    let (lb, addr, stop, _) = start(config, &specs(&backends)).await;
+    (backends, lb, addr, stop)
+}
+
+#[tokio::test]
+async fn failed_connects_are_redispatched_and_dead_backends_get_nothing() {
+    let (mut backends, lb, addr, _stop) = n2_dead(quick_health()).await;
     // Before the checker notices, connects to n2 fail over to another backend.
     for _ in 0..9 {
         assert_ne!(greeting(addr, b"").await, "n2");
@@ -495,20 +507,14 @@ async fn failed_connects_are_redispatched_and_dead_backends_get_nothing() {
 #[tokio::test]
 async fn live_traffic_takes_a_dead_backend_down_before_its_next_probe() {
     for (limit, expected_errors) in [(1u32, 1u64), (0, 10)] {
-        let backends = three(false).await;
-        backends[1].kill();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let config = LbConfig {
-            health: Some(HealthConfig {
-                interval: Duration::from_secs(30),
-                rise: 1,
-                fall: 3,
-                timeout: Duration::from_millis(200),
-                error_limit: limit,
-            }),
-            ..LbConfig::default()
-        };
-        let (lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+        let (_backends, lb, addr, _stop) = n2_dead(Some(HealthConfig {
+            interval: Duration::from_secs(30),
+            rise: 1,
+            fall: 3,
+            timeout: Duration::from_millis(200),
+            error_limit: limit,
+        }))
+        .await;
         let n2 = lb.backends().snapshot()[1].clone();
         let mut seen = std::collections::BTreeMap::<String, u32>::new();
         for _ in 0..30 {
@@ -534,14 +540,7 @@ async fn live_traffic_takes_a_dead_backend_down_before_its_next_probe() {
         }
     }
     // Taken down by traffic, brought back by its probes once it answers again.
-    let mut backends = three(false).await;
-    backends[1].kill();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let config = LbConfig {
-        health: quick_health(),
-        ..LbConfig::default()
-    };
-    let (lb, addr, _stop, _) = start(config, &specs(&backends)).await;
+    let (mut backends, lb, addr, _stop) = n2_dead(quick_health()).await;
     let n2 = lb.backends().snapshot()[1].clone();
     for _ in 0..3 {
         assert_ne!(greeting(addr, b"").await, "n2");

@@ -154,11 +154,7 @@ fn health(answers: &[Answer], json: bool) -> Result<(), CtlError> {
         for a in answers {
             match a.problem() {
                 None => println!("{} is healthy: took = {}", a.endpoint, ms(a.took)),
-                Some(p) => println!(
-                    "{} is unhealthy: took = {}: {p}",
-                    a.endpoint,
-                    ms(a.took)
-                ),
+                Some(p) => println!("{} is unhealthy: took = {}: {p}", a.endpoint, ms(a.took)),
             }
         }
     }
