@@ -233,7 +233,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-const RUN_DEFAULT_FILTER: &str = "info,openraft=warn";
+const RUN_DEFAULT_FILTER: &str = "info,openraft=warn,openraft::core::heartbeat=error";
 
 fn main() -> ExitCode {
     let cli: Cli = spaced_node::parse_args();
