@@ -536,6 +536,31 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
         "{text}"
     );
 
+    // --watch: the view again every 0.2 s until SIGTERM (a line with the time between views
+    // when stdout is not a terminal); a watch of 0 s is a usage error.
+    for what in [&["status"][..], &["vip", "list"], &["device", "list"]] {
+        let mut child = lab
+            .spacectl(&n2)?
+            .args(what)
+            .args(["--watch", "0.2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(1500));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{what:?}: {}", out.status);
+        let views = text.lines().filter(|l| l.starts_with("--- ")).count();
+        assert!(views >= 3, "{what:?}: {views} views:\n{text}");
+    }
+    let out = lab.ctl(&n2, &["status", "--watch", "0"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--watch"));
+
     // Import: one bad line → nothing imported, exit 1, line numbers named.
     let bad = lab.dir.path().join("bad.csv");
     std::fs::write(&bad, "id,addr\nb1,10.0.0.1\nb2,not a host\nb3\n")?;

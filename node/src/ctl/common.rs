@@ -91,6 +91,70 @@ pub(super) async fn mutate(cli: &Target, req: AdminRequest) -> Result<AdminReply
     }
 }
 
+/// `--watch [SECONDS]`: without it, prints `view` once. With it, prints it again every
+/// `SECONDS` until interrupted (Ctrl-C, SIGTERM), as `watch` or `crm_mon` do: on a terminal
+/// the screen is cleared before each view; otherwise a line with the time separates them. A
+/// view that fails is shown as its error and tried again at the next turn.
+pub(super) async fn watching<F, Fut>(every: Option<f64>, mut view: F) -> Result<(), CtlError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<String, CtlError>>,
+{
+    let Some(secs) = every else {
+        print!("{}", view().await?);
+        return Ok(());
+    };
+    if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+        return Err(usage(format!(
+            "--watch {secs}: must be a number of seconds above 0 (at most a day)"
+        )));
+    }
+    let every = std::time::Duration::from_secs_f64(secs);
+    let terminal = std::io::stdout().is_terminal();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| failed(format!("cannot listen for SIGTERM: {e}")))?;
+    loop {
+        let shown = match view().await {
+            Ok(text) => text,
+            Err(e) => format!(
+                "{}
+",
+                e.message
+            ),
+        };
+        let stamp = clock_utc(std::time::SystemTime::now());
+        if terminal {
+            // Clear the screen, cursor home.
+            print!("\x1b[2J\x1b[H");
+            println!("every {secs}s, {stamp} (Ctrl-C ends)\n");
+        } else {
+            println!("--- {stamp}");
+        }
+        print!("{shown}");
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+        }
+    }
+}
+
+/// The time of day of `t` in UTC, `HH:MM:SS UTC` (a watch's header).
+fn clock_utc(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        % 86_400;
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 /// A reply of the wrong kind for the request.
 pub(super) fn odd(reply: AdminReply) -> CtlError {
     failed(format!("unexpected reply from spaced: {reply:?}"))

@@ -31,6 +31,9 @@ pub enum DeviceCmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Show it again every SECONDS (default 2) until interrupted, like `watch`.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
     },
     /// Remove devices by id (their connections close), and/or those listed in a file (one id
     /// per line, or the CSV of `import`: its first column).
@@ -157,22 +160,26 @@ pub(super) async fn run(cli: &Target, action: &DeviceCmd) -> Result<(), CtlError
             }
         }
         DeviceCmd::Import { file } => import(&cli, file).await,
-        DeviceCmd::List { json } => {
-            let mut c = connect(&cli).await?;
-            let devices = match c.call(&AdminRequest::ListDevices).await? {
-                AdminReply::Devices(d) => d,
-                other => return Err(unexpected(c.target(), &other).into()),
-            };
-            if *json {
-                println!(
-                    "{}",
-                    serde_json::Value::Array(devices.iter().map(device_json).collect())
-                );
-            } else {
-                print!("{}", render_devices(&devices, crate::now_millis()));
-            }
-            c.close().await;
-            Ok(())
+        DeviceCmd::List { json, watch } => {
+            watching(*watch, || async {
+                let mut c = connect(cli).await?;
+                let reply = c.call(&AdminRequest::ListDevices).await;
+                let target = c.target().to_string();
+                c.close().await;
+                let devices = match reply? {
+                    AdminReply::Devices(d) => d,
+                    other => return Err(unexpected(&target, &other).into()),
+                };
+                Ok(if *json {
+                    format!(
+                        "{}\n",
+                        serde_json::Value::Array(devices.iter().map(device_json).collect())
+                    )
+                } else {
+                    render_devices(&devices, crate::now_millis())
+                })
+            })
+            .await
         }
         DeviceCmd::Remove { ids, file } => {
             let mut all = ids.clone();

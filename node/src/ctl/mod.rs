@@ -57,6 +57,9 @@ pub enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Show it again every SECONDS (default 2) until interrupted, like `watch`.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
     },
     /// Each node's health and what it says of itself, like etcdctl's `endpoint` (`--endpoint`
     /// may name several nodes, comma-separated).
@@ -132,7 +135,7 @@ pub enum Cmd {
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match &cli.command {
         Cmd::Pki { action } => pki::run(&cli.target, action).await,
-        Cmd::Status { json } => node::status(&cli.target, json).await,
+        Cmd::Status { json, watch } => node::status(&cli.target, json, *watch).await,
         Cmd::Endpoint { action } => endpoint::run(&cli.target, action).await,
         Cmd::Node { action } => node::run(&cli.target, action).await,
         Cmd::Leader { action } => node::leader(&cli.target, action).await,

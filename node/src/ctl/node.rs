@@ -66,16 +66,19 @@ pub enum LeaderCmd {
 }
 
 /// `spacectl status`
-pub(super) async fn status(cli: &Target, json: &bool) -> Result<(), CtlError> {
-    let mut c = connect(&cli).await?;
-    let s = c.status().await?;
-    if *json {
-        println!("{}", status_json(&s));
-    } else {
-        print!("{}", render_status(&s));
-    }
-    c.close().await;
-    Ok(())
+pub(super) async fn status(cli: &Target, json: &bool, watch: Option<f64>) -> Result<(), CtlError> {
+    watching(watch, || async {
+        let mut c = connect(cli).await?;
+        let s = c.status().await;
+        c.close().await;
+        let s = s?;
+        Ok(if *json {
+            format!("{}\n", status_json(&s))
+        } else {
+            render_status(&s)
+        })
+    })
+    .await
 }
 
 /// `spacectl node ...`

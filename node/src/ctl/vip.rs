@@ -26,6 +26,9 @@ pub enum VipCmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Show it again every SECONDS (default 2) until interrupted, like `watch`.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
     },
     /// Remove a VIP: its owner removes the address and releases it first. (A VIP declared
     /// in a node's config comes back when that node starts: remove it there too.)
@@ -103,20 +106,23 @@ pub(super) async fn run(cli: &Target, action: &VipCmd) -> Result<(), CtlError> {
                 other => Err(odd(other)),
             }
         }
-        VipCmd::List { json } => {
-            let mut c = connect(&cli).await?;
-            // The leader knows the lease times; status already prefers it.
-            let vips = c.status().await?.vips;
-            if *json {
-                println!(
-                    "{}",
-                    serde_json::Value::Array(vips.iter().map(vip_json).collect())
-                );
-            } else {
-                print!("{}", render_vips(&vips));
-            }
-            c.close().await;
-            Ok(())
+        VipCmd::List { json, watch } => {
+            watching(*watch, || async {
+                let mut c = connect(cli).await?;
+                // The leader knows the lease times; status already prefers it.
+                let vips = c.status().await;
+                c.close().await;
+                let vips = vips?.vips;
+                Ok(if *json {
+                    format!(
+                        "{}\n",
+                        serde_json::Value::Array(vips.iter().map(vip_json).collect())
+                    )
+                } else {
+                    render_vips(&vips)
+                })
+            })
+            .await
         }
     }
 }
