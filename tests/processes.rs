@@ -618,6 +618,40 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed 4998 device(s)"));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&first_ids[0]));
     assert_eq!(device_count(&lab, &n2)?, 0);
+    // A script pipes its batch into one call (`-` is standard input), both ways.
+    let piped = |args: &[&str], input: &str| -> Result<Output> {
+        use std::io::Write as _;
+        let mut child = lab
+            .spacectl(&n2)?
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(input.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    };
+    let batch: String = (0..300)
+        .map(|i| format!("pipe-{i},10.9.{}.{}\n", i / 256, i % 256))
+        .collect();
+    let out = piped(&["device", "import", "-"], &batch)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(device_count(&lab, &n2)?, 300);
+    let out = piped(&["device", "remove", "--file", "-"], &batch)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(device_count(&lab, &n2)?, 0);
     // And set a node's roles.
     let out = lab.ctl_ok(&n2, &["node", "set-roles", "n3", "app,db"])?;
     assert!(out.contains("node n3 now has roles [app,db]"), "{out}");

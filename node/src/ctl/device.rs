@@ -184,8 +184,7 @@ pub(super) async fn run(cli: &Target, action: &DeviceCmd) -> Result<(), CtlError
         DeviceCmd::Remove { ids, file } => {
             let mut all = ids.clone();
             if let Some(path) = file {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+                let text = read_input(path).map_err(|e| usage(e.message))?;
                 all.extend(ids_of_file(&text));
             }
             if all.is_empty() {
@@ -225,9 +224,20 @@ pub(super) async fn run(cli: &Target, action: &DeviceCmd) -> Result<(), CtlError
     }
 }
 
+/// The text of `file`, or of standard input when it is `-` (a script can pipe thousands of
+/// ids into one call instead of making one call each).
+fn read_input(file: &Path) -> Result<String, CtlError> {
+    if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| failed(format!("standard input: {e}")))?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(file).map_err(|e| failed(format!("{}: {e}", file.display())))
+}
+
 pub(crate) async fn import(cli: &Target, file: &Path) -> Result<(), CtlError> {
-    let text =
-        std::fs::read_to_string(file).map_err(|e| failed(format!("{}: {e}", file.display())))?;
+    let text = read_input(file)?;
     let devices = parse_import(&text).map_err(|errs| {
         let shown: Vec<String> = errs
             .iter()
