@@ -221,6 +221,12 @@ impl Placements {
                             let _ = lock(&self.witness)
                                 .renewed((name.clone(), epoch, *to), Instant::now());
                             tracing::info!(placement = %name, to, epoch, "placement granted");
+                            // Tell the followers the commit now rather than at the next
+                            // heartbeat: the new owner acts on the grant once it has applied
+                            // it, and the voters confirm its lease only once they have.
+                            if let Err(e) = cluster.raft.trigger().heartbeat().await {
+                                tracing::debug!(error = %e, "heartbeat after a grant not sent");
+                            }
                         } else {
                             tracing::warn!(command = %desc, epoch, "placement taken back: no eligible live node");
                         }
