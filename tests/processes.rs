@@ -539,7 +539,7 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     // --watch: the view again every 0.2 s until SIGTERM (a line with the time between views
     // when stdout is not a terminal); a watch of 0 s is a usage error.
     for what in [&["status"][..], &["vip", "list"], &["device", "list"]] {
-        let mut child = lab
+        let child = lab
             .spacectl(&n2)?
             .args(what)
             .args(["--watch", "0.2"])
