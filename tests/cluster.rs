@@ -46,8 +46,17 @@ async fn remove_and_stop(
     Ok(())
 }
 
+/// The Raft timings before the faster default profile (heartbeat 50 ms, elections
+/// 200–400 ms): in-process clusters of a debug build, many tests at once on two cores,
+/// elect again under the faster ones now and then, and these tests are not about election
+/// times (the lab tests and the benches run the defaults with real processes).
 fn timings() -> RaftTimings {
-    RaftTimings::default()
+    RaftTimings {
+        heartbeat_interval_ms: 50,
+        election_timeout_min_ms: 200,
+        election_timeout_max_ms: 400,
+        ..RaftTimings::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,6 +575,55 @@ async fn a_node_with_other_lease_terms_is_refused() -> Result<()> {
             .to_string();
         assert!(err.contains("lease terms differ"), "{err}");
     }
+    ep.close(0u32.into(), b"done");
+    c.stop_all().await;
+    Ok(())
+}
+
+/// A follower judges no node's proposal with its own fabric, which may lag the leader's (a
+/// fence guard's release refused by a follower that had only just restarted left the
+/// placement to wait out its lease): it says who leads, so the proposer asks the leader,
+/// which judges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_leaves_a_nodes_proposal_to_the_leader() -> Result<()> {
+    let mut c = Cluster::start(3, timings()).await?;
+    let leader = c.wait_leader(T).await?;
+    let follower = (1..=3).find(|id| *id != leader).context("a follower")?;
+    let me = (1..=3)
+        .find(|id| *id != leader && *id != follower)
+        .context("a third node")?;
+    let member = |id: u64| Member {
+        name: format!("n{id}"),
+        addr: c.nodes[&id].listen_addr().to_string(),
+    };
+    let pki_dir = c.pki_dir();
+    let (ep, cfg) = client(&pki_dir, &pki_dir, &format!("n{me}"), ALPN_RAFT)?;
+    let net = QuicNetwork::new(me, ep.clone(), cfg);
+    // A release of a placement this node does not hold: not a node's to propose.
+    let cmd = Command::ReleasePlacement {
+        name: "nothing".into(),
+        epoch: 1,
+    };
+    let to_follower = net
+        .call(
+            follower,
+            &member(follower),
+            RaftRpc::Propose(cmd.clone()),
+            Duration::from_secs(3),
+        )
+        .await;
+    let err = format!("{to_follower:?}");
+    assert!(err.contains("not the leader"), "{err}");
+    let to_leader = net
+        .call(
+            leader,
+            &member(leader),
+            RaftRpc::Propose(cmd),
+            Duration::from_secs(3),
+        )
+        .await;
+    let err = format!("{to_leader:?}");
+    assert!(err.contains("proposes only its own"), "{err}");
     ep.close(0u32.into(), b"done");
     c.stop_all().await;
     Ok(())

@@ -180,6 +180,14 @@ impl NodeHooks for Hooks {
         mut cmd: Command,
     ) -> BoxFuture<'static, Result<Response, String>> {
         let cluster = self.placements.cluster.clone();
+        if !cluster.raft.is_leader() {
+            // A follower's fabric may lag the leader's (a node that has just restarted): it
+            // judges nothing and says who leads, so the proposer asks the leader, which does.
+            // Nothing is committed here either way.
+            let (leader, addr) = cluster.leader();
+            let why = crate::cluster::ProposeError::NotLeader(leader, addr).to_string();
+            return Box::pin(async move { Err(why) });
+        }
         if let Err(why) = cluster.view.read(|f| node_may_propose(f, from, &cmd)) {
             tracing::warn!(peer = from, command = %cmd, %why, "a node's proposal refused");
             return Box::pin(async move { Err(why.to_string()) });
