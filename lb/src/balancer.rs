@@ -40,6 +40,10 @@ pub struct HealthConfig {
     pub error_limit: u32,
 }
 
+/// The default [`HealthConfig::error_limit`]: the first connect that fails on live traffic
+/// takes a backend down.
+pub const DEFAULT_ERROR_LIMIT: u32 = 1;
+
 impl HealthConfig {
     /// Checks every `interval` with the given rise/fall; a probe may take the interval, at most 2 s.
     pub fn every(interval: Duration, rise: u32, fall: u32) -> Self {
@@ -48,7 +52,7 @@ impl HealthConfig {
             rise,
             fall,
             timeout: interval.min(Duration::from_secs(2)),
-            error_limit: 1,
+            error_limit: DEFAULT_ERROR_LIMIT,
         }
     }
 }

@@ -72,12 +72,17 @@ pub(super) async fn connect(cli: &Target) -> Result<AdminClient, CtlError> {
         .endpoint
         .as_deref()
         .ok_or_else(|| usage("--endpoint (or SPACED_ENDPOINT) is required"))?;
+    let creds = credentials(cli)?;
+    Ok(AdminClient::connect(endpoint, &creds).await?)
+}
+
+/// The admin certificate `--pki`/`--admin-name` name.
+pub(super) fn credentials(cli: &Target) -> Result<AdminCredentials, CtlError> {
     let pki = cli
         .pki
         .as_deref()
         .ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
-    let creds = AdminCredentials::load(pki, cli.admin.as_deref())?;
-    Ok(AdminClient::connect(endpoint, &creds).await?)
+    Ok(AdminCredentials::load(pki, cli.admin.as_deref())?)
 }
 
 /// Sends a leader-only request (following redirects) and returns the reply; `Failed` becomes an error.
@@ -116,11 +121,7 @@ where
     loop {
         let shown = match view().await {
             Ok(text) => text,
-            Err(e) => format!(
-                "{}
-",
-                e.message
-            ),
+            Err(e) => format!("{}\n", e.message),
         };
         let stamp = clock_utc(std::time::SystemTime::now());
         if terminal {
@@ -170,11 +171,7 @@ pub(crate) async fn ask_everywhere<T>(
     let mut c = connect(cli).await?;
     let status = c.status().await?;
     c.close().await;
-    let pki = cli
-        .pki
-        .as_deref()
-        .ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
-    let creds = AdminCredentials::load(pki, cli.admin.as_deref())?;
+    let creds = credentials(cli)?;
     let answers = futures::future::join_all(status.nodes.iter().map(|n| {
         let (creds, request) = (&creds, &request);
         async move {

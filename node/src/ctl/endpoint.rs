@@ -78,11 +78,7 @@ async fn ask(cli: &Target, cluster: bool) -> Result<Vec<Answer>, CtlError> {
     if given.is_empty() {
         return Err(usage("--endpoint names no node"));
     }
-    let pki = cli
-        .pki
-        .as_deref()
-        .ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
-    let creds = AdminCredentials::load(pki, cli.admin.as_deref())?;
+    let creds = credentials(cli)?;
     let mut endpoints = given.clone();
     if cluster {
         let mut members = None;

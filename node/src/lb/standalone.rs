@@ -63,7 +63,7 @@ pub struct LbArgs {
     pub fall: u32,
     /// Connects in a row that fail on live traffic and take a backend down before its next
     /// check (passive health, HAProxy's `observe layer4`); 0 = only the checks decide.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = spaced_lb::balancer::DEFAULT_ERROR_LIMIT)]
     pub error_limit: u32,
     /// Trust every backend: no health checks.
     #[arg(long)]

@@ -233,7 +233,7 @@ fn default_fall() -> u32 {
     3
 }
 fn default_error_limit() -> u32 {
-    1
+    spaced_lb::balancer::DEFAULT_ERROR_LIMIT
 }
 fn default_drain_grace_s() -> u64 {
     10

@@ -173,10 +173,7 @@ impl Placements {
                 changed = server.changed(), if !was_leading => changed.is_err(),
                 _ = shutdown.wait_for(|s| *s) => return,
             };
-            if let Some(gap) = last_plan.map(|t| t.elapsed()).filter(|gap| *gap < PLAN_GAP) {
-                tokio::time::sleep(PLAN_GAP - gap).await;
-            }
-            last_plan = Some(Instant::now());
+            super::pace(&mut last_plan, PLAN_GAP).await;
             if raft_gone {
                 // Raft has shut down: tick (and find no leadership) until shutdown.
                 tick.tick().await;

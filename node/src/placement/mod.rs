@@ -34,6 +34,15 @@ use lease::{LeaseConfig, Witness};
 /// A peer counts as live for placement while the leader heard from it this recently.
 pub const LIVE_WITHIN: Duration = Duration::from_millis(1000);
 
+/// Waits until at least `gap` has passed since the pass before (`last`), then records this one:
+/// a loop woken by every change runs at most once per `gap` however fast changes come.
+pub(crate) async fn pace(last: &mut Option<Instant>, gap: Duration) {
+    if let Some(since) = last.map(|t| t.elapsed()).filter(|since| *since < gap) {
+        tokio::time::sleep(gap - since).await;
+    }
+    *last = Some(Instant::now());
+}
+
 /// The placement subsystem of one node: its VIP agent, its witness of others' renewals and,
 /// when it leads, the operator's pending moves. Shared as `Arc<Placements>`.
 pub struct Placements {

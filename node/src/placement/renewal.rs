@@ -119,10 +119,7 @@ impl Placements {
                 () = agent.poked() => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
-            if let Some(gap) = last_pass.map(|t| t.elapsed()).filter(|gap| *gap < MIN_GAP) {
-                tokio::time::sleep(MIN_GAP - gap).await;
-            }
-            last_pass = Some(Instant::now());
+            super::pace(&mut last_pass, MIN_GAP).await;
             if let Some(lost) = boottime().and_then(|b| suspend.look(Instant::now(), b)) {
                 tracing::error!(
                     suspended_ms = lost.as_millis() as u64,
