@@ -12,8 +12,38 @@ use spaced_raft::network::{RaftReply, RaftRpc};
 use spaced_raft::{Member, NodeId};
 
 use super::server::AdminServer;
-use crate::cluster::OpError;
+use crate::cluster::{OpError, ProposeError};
 use crate::now_millis;
+
+/// A membership change Raft did not carry out: when this node no longer leads (it lost an
+/// election while the change waited, say), the leader it knows of (or none), so that the
+/// admin's client asks again there or waits out the election; else `what` failed.
+fn membership_error<E>(e: E, what: impl FnOnce() -> String) -> OpError
+where
+    E: std::fmt::Display + ForwardsToLeader,
+{
+    match e.leader() {
+        Some((leader, addr)) => OpError::Propose(ProposeError::NotLeader(leader, addr)),
+        None => OpError::Raft(format!("{}: {e}", what())),
+    }
+}
+
+/// An openraft error that may say "not the leader, ask that one".
+trait ForwardsToLeader {
+    /// `Some` when this node does not lead: the leader's id and address, if known.
+    fn leader(&self) -> Option<(Option<NodeId>, Option<String>)>;
+}
+
+impl<E> ForwardsToLeader for openraft::error::RaftError<spaced_raft::TypeConfig, E>
+where
+    E: openraft::TryAsRef<openraft::error::ForwardToLeader<spaced_raft::TypeConfig>>
+        + std::error::Error,
+{
+    fn leader(&self) -> Option<(Option<NodeId>, Option<String>)> {
+        self.forward_to_leader()
+            .map(|f| (f.leader_id, f.leader_node.as_ref().map(|n| n.addr.clone())))
+    }
+}
 
 /// Most voters the fabric keeps; further nodes stay learners (as etcd advises, 5 tolerates 2 failures).
 pub const MAX_VOTERS: usize = 5;
@@ -82,7 +112,7 @@ impl AdminServer {
             .raft
             .add_learner(id, member, true)
             .await
-            .map_err(|e| OpError::Raft(format!("add learner {id}: {e}")))?;
+            .map_err(|e| membership_error(e, || format!("add learner {id}")))?;
         let register = Command::RegisterNode {
             id,
             name,
@@ -133,13 +163,13 @@ impl AdminServer {
                 .raft
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
                 .await
-                .map_err(|e| OpError::Raft(format!("remove voter {id}: {e}")))?;
+                .map_err(|e| membership_error(e, || format!("remove voter {id}")))?;
         }
         self.cluster
             .raft
             .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
             .await
-            .map_err(|e| OpError::Raft(format!("remove node {id}: {e}")))?;
+            .map_err(|e| membership_error(e, || format!("remove node {id}")))?;
         let known = self.cluster.view.read(|f| f.nodes.contains_key(&id));
         if known && let Err(e) = self.cluster.propose(Command::RemoveNode { id }).await {
             // Membership already excludes it; the fabric record is cleaned on the next try.
@@ -164,7 +194,8 @@ impl AdminServer {
         match self.cluster.propose(revoke).await {
             Ok(_) => Ok(Some(serial)),
             Err(e) => Err(OpError::Refused(format!(
-                "node {id} left the cluster but its certificate (serial {serial}) is not revoked:                  {e}; revoke it with `spacectl pki revoke`"
+                "node {id} left the cluster but its certificate (serial {serial}) is not revoked: \
+                 {e}; revoke it with `spacectl pki revoke`"
             ))),
         }
     }
@@ -200,6 +231,51 @@ impl AdminServer {
                     )));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::error::{ClientWriteError, ForwardReason, ForwardToLeader, RaftError};
+    use spaced_raft::TypeConfig;
+
+    type WriteError = RaftError<TypeConfig, ClientWriteError<TypeConfig>>;
+
+    #[test]
+    fn a_membership_change_refused_for_want_of_the_lead_names_the_leader_to_ask() {
+        // A leader whose quorum lease ran out (a loaded host) knows no leader: the client
+        // is to wait and ask again, not to give up.
+        let lapsed: WriteError = RaftError::APIError(ClientWriteError::ForwardToLeader(
+            ForwardToLeader::empty().with_reason(ForwardReason::LeaseExpired),
+        ));
+        assert!(matches!(
+            membership_error(lapsed, || "remove voter 3".into()),
+            OpError::Propose(ProposeError::NotLeader(None, None))
+        ));
+        let elsewhere: WriteError =
+            RaftError::APIError(ClientWriteError::ForwardToLeader(ForwardToLeader::new(
+                2,
+                Member {
+                    name: "n2".into(),
+                    addr: "10.0.0.2:7000".into(),
+                },
+            )));
+        match membership_error(elsewhere, || "remove voter 3".into()) {
+            OpError::Propose(ProposeError::NotLeader(Some(2), Some(addr))) => {
+                assert_eq!(addr, "10.0.0.2:7000")
+            }
+            other => panic!("expected a redirect to node 2, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_membership_change_refused_for_another_reason_says_what_failed() {
+        let fatal: WriteError = RaftError::Fatal(openraft::error::Fatal::Stopped);
+        match membership_error(fatal, || "remove voter 3".into()) {
+            OpError::Raft(text) => assert!(text.starts_with("remove voter 3: "), "{text}"),
+            other => panic!("expected a Raft error, got {other:?}"),
         }
     }
 }

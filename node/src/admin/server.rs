@@ -307,9 +307,22 @@ impl AdminServer {
                 if let Some(r) = self.not_leader() {
                     return r;
                 }
-                self.leader_op(leader_only)
-                    .await
-                    .unwrap_or_else(|e| AdminReply::Failed(e.to_string()))
+                let membership = matches!(
+                    leader_only,
+                    AdminRequest::AddNode { .. }
+                        | AdminRequest::RemoveNode(_)
+                        | AdminRequest::TransferLeader(_)
+                );
+                match self.leader_op(leader_only).await {
+                    Ok(reply) => reply,
+                    // This node lost the lead while Raft changed the membership: the client
+                    // asks the new leader (removal and transfer repeat harmlessly; a repeated
+                    // `node add` finds the node a member and says so).
+                    Err(OpError::Propose(ProposeError::NotLeader(leader, addr))) if membership => {
+                        AdminReply::NotLeader { leader, addr }
+                    }
+                    Err(e) => AdminReply::Failed(e.to_string()),
+                }
             }
         }
     }
