@@ -115,8 +115,6 @@ struct LinkInfo {
     mac: [u8; 6],
 }
 
-/// Sending and receiving halves of one AF_PACKET socket bound to an interface.
-
 /// Identity (device, inode) of a thread's network namespace, to catch calls from the wrong namespace.
 type NetnsId = (u64, u64);
 
