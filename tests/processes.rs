@@ -652,6 +652,60 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(device_count(&lab, &n2)?, 0);
+    // `check perf`: writes through the leader at the smallest load shape, each committed
+    // (the leader's applied index moves past them all); judged like etcdctl (the verdict
+    // depends on this machine's speed, so only its form is checked). Bad flags: exit 2.
+    let applied = |lab: &Lab| -> Result<u64> {
+        let rows: Value = serde_json::from_str(
+            &lab.ctl_ok(&n2, &["endpoint", "status", "--cluster", "--json"])?,
+        )?;
+        rows.as_array()
+            .and_then(|r| r.iter().find(|r| r["is_leader"] == true))
+            .and_then(|r| r["applied_index"].as_u64())
+            .context("the leader's applied index")
+    };
+    let before = applied(&lab)?;
+    let out = lab.ctl(
+        &n2,
+        &["check", "perf", "--load", "s", "--duration", "2", "--json"],
+    )?;
+    let perf: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("check perf --json: {out:?}"))?;
+    let acknowledged = perf["acknowledged"].as_u64().context("acknowledged")?;
+    assert!(acknowledged >= 50, "{perf}");
+    assert_eq!(perf["failed"], 0, "{perf}");
+    assert_eq!(out.status.success(), perf["pass"] == true, "{perf}");
+    assert!(applied(&lab)? >= before + acknowledged, "{perf}");
+    let out = lab.ctl(&n2, &["check", "perf", "--load", "s", "--duration", "1"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Throughput") && text.contains("Slowest request") && text.contains("Stddev"),
+        "{text}"
+    );
+    let out = lab.ctl(&n2, &["check", "perf", "--load", "xxl"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown load shape"));
+    let disk = tempfile::tempdir()?;
+    let out = lab.ctl(
+        &n2,
+        &[
+            "check",
+            "datadir",
+            "--count",
+            "20",
+            "--dir",
+            &disk.path().display().to_string(),
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("20 writes of 2300 bytes"), "{out:?}");
+    assert_eq!(out.status.success(), text.ends_with("PASS\n"), "{text}");
+    assert_eq!(
+        std::fs::read_dir(disk.path())?.count(),
+        0,
+        "the test file stays"
+    );
+
     // And set a node's roles.
     let out = lab.ctl_ok(&n2, &["node", "set-roles", "n3", "app,db"])?;
     assert!(out.contains("node n3 now has roles [app,db]"), "{out}");

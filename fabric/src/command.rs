@@ -200,7 +200,17 @@ pub enum Command {
         /// Off until then (ms since the Unix epoch), or on.
         off_until: Option<Millis>,
     },
+    /// A write that changes nothing: logged, replicated and made durable like any other
+    /// entry, then applied as a no-op. `spacectl check perf` measures the commit path with it
+    /// (the fabric has no free key space to fill, as etcd's check does).
+    Probe {
+        /// Payload (at most [`MAX_PROBE_BYTES`]), to give the entry a size.
+        bytes: Vec<u8>,
+    },
 }
+
+/// Largest payload a [`Command::Probe`] may carry.
+pub const MAX_PROBE_BYTES: usize = 64 * 1024;
 
 /// Most commands one `Mirror` may carry.
 pub const MAX_MIRROR_CHANGES: usize = 1_000;
@@ -271,6 +281,7 @@ impl std::fmt::Display for Command {
                 Some(u64::MAX) => write!(f, "set-auto-failover off"),
                 Some(t) => write!(f, "set-auto-failover off until {t}"),
             },
+            Command::Probe { bytes } => write!(f, "probe of {} bytes", bytes.len()),
             Command::Mirror { changes, position } => match position {
                 Some(p) => write!(f, "mirror x{} up to {} {}", changes.len(), p.site, p.index),
                 None => write!(f, "mirror x{}", changes.len()),

@@ -17,7 +17,7 @@ pub mod validate;
 
 mod apply;
 
-pub use command::{Command, CommandError, Outcome};
+pub use command::{Command, CommandError, MAX_PROBE_BYTES, Outcome};
 pub use model::*;
 pub use validate::*;
 

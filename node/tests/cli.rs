@@ -317,11 +317,16 @@ fn spaced_check_says_what_run_would_without_starting() {
         .local_addr()
         .unwrap()
         .port();
+    // The device listener on a free port too, not the default one another node may hold.
+    let devices = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let config = |cert: &str, listen: &str| {
         format!(
             "node_id = 1\nname = \"n1\"\ndata_dir = \"data\"\nlisten = \"{listen}\"\n\
              takeover = \"loopback\"\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{cert}.pem\"\n\
-             key = \"pki/{cert}.key\"\n"
+             key = \"pki/{cert}.key\"\n[devices]\nlisten = \"{devices}\"\n"
         )
     };
     let path = dir.path().join("n1.toml");

@@ -89,6 +89,14 @@ impl Fabric {
                 self.site.automatic_failover_off_until = *off_until;
                 Ok(Outcome::Done)
             }
+            Command::Probe { bytes } if bytes.len() > crate::MAX_PROBE_BYTES => {
+                Err(CommandError::Invalid {
+                    what: "probe".into(),
+                    value: format!("{} bytes", bytes.len()),
+                    why: format!("at most {} bytes", crate::MAX_PROBE_BYTES),
+                })
+            }
+            Command::Probe { .. } => Ok(Outcome::Done),
         }
     }
 }

@@ -1060,6 +1060,24 @@ mod tests {
         assert!(check_device_addr("host_1").is_err());
         assert!(check_device_addr(":22").is_err());
     }
+
+    #[test]
+    fn a_probe_changes_nothing_and_one_too_large_is_refused() {
+        let mut f = base();
+        let before = f.clone();
+        let probe = Command::Probe {
+            bytes: vec![7; crate::MAX_PROBE_BYTES],
+        };
+        assert_eq!(f.apply_at(42, &probe), Ok(Outcome::Done));
+        assert_eq!(f, before);
+        let big = Command::Probe {
+            bytes: vec![7; crate::MAX_PROBE_BYTES + 1],
+        };
+        assert!(matches!(
+            refused(&mut f, big),
+            CommandError::Invalid { what, .. } if what == "probe"
+        ));
+    }
 }
 
 #[cfg(test)]

@@ -164,62 +164,24 @@ impl AdminClient {
         })
     }
 
-    /// `req` encoded and signed with the admin's key (see [`spaced_raft::proof`]).
-    fn sign(&self, req: &AdminRequest) -> Result<Vec<u8>, ClientError> {
-        let failed = |e: &dyn std::fmt::Display| ClientError::Failed(e.to_string());
-        let request = codec::encode(req).map_err(|e| failed(&e))?;
-        let at_ms = crate::now_millis();
-        let nonce = proof::nonce(&self.tls).map_err(|e| failed(&e))?;
-        let signature = proof::sign(&self.tls, &proof::message(at_ms, nonce, &request))
-            .map_err(|e| failed(&e))?;
-        codec::encode(&SignedRequest {
-            request,
-            at_ms,
-            nonce,
-            signature,
-        })
-        .map_err(|e| failed(&e))
-    }
-
     /// The endpoint currently talked to.
     pub fn target(&self) -> &str {
         &self.target
     }
 
+    /// A handle on the current connection that many tasks may call through at once (each
+    /// call its own stream), as `spacectl check perf` does.
+    pub fn caller(&self) -> Caller {
+        Caller {
+            conn: self.conn.clone(),
+            tls: self.tls.clone(),
+            target: self.target.clone(),
+        }
+    }
+
     /// One request to the current node, no redirects.
     pub async fn call(&mut self, req: &AdminRequest) -> Result<AdminReply, ClientError> {
-        let target = self.target.clone();
-        let broken = |problem: String| ClientError::Unreachable {
-            endpoint: target.clone(),
-            problem,
-        };
-        let fut = async {
-            let (mut send, mut recv) = self
-                .conn
-                .open_bi()
-                .await
-                .map_err(|e| broken(e.to_string()))?;
-            let bytes = self.sign(req)?;
-            frame::write_frame(&mut send, &bytes)
-                .await
-                .map_err(|e| broken(e.to_string()))?;
-            send.finish().map_err(|e| broken(e.to_string()))?;
-            let reply = frame::read_frame(&mut recv, MAX_ADMIN_FRAME)
-                .await
-                .map_err(|e| broken(e.to_string()))?
-                .ok_or_else(|| broken("connection closed without a reply".into()))?;
-            codec::decode::<AdminReply>(&reply).map_err(|e| ClientError::Protocol {
-                endpoint: target.clone(),
-                problem: e.to_string(),
-            })
-        };
-        match tokio::time::timeout(CALL_TIMEOUT, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(ClientError::Unreachable {
-                endpoint: self.target.clone(),
-                problem: format!("no reply within {} s", CALL_TIMEOUT.as_secs()),
-            }),
-        }
+        self.caller().call(req).await
     }
 
     /// Re-points the client at another node.
@@ -304,6 +266,69 @@ impl AdminClient {
         // was most of every spacectl call. A few milliseconds let the endpoint's driver send
         // it; a server that misses it drops the connection at its idle timeout (1 s).
         let _ = tokio::time::timeout(CLOSE_FLUSH, self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Calls on one connection; cloning shares it.
+#[derive(Clone)]
+pub struct Caller {
+    conn: quinn::Connection,
+    tls: TlsMaterial,
+    target: String,
+}
+
+impl Caller {
+    /// `req` encoded and signed with the admin's key (see [`spaced_raft::proof`]).
+    fn sign(&self, req: &AdminRequest) -> Result<Vec<u8>, ClientError> {
+        let failed = |e: &dyn std::fmt::Display| ClientError::Failed(e.to_string());
+        let request = codec::encode(req).map_err(|e| failed(&e))?;
+        let at_ms = crate::now_millis();
+        let nonce = proof::nonce(&self.tls).map_err(|e| failed(&e))?;
+        let signature = proof::sign(&self.tls, &proof::message(at_ms, nonce, &request))
+            .map_err(|e| failed(&e))?;
+        codec::encode(&SignedRequest {
+            request,
+            at_ms,
+            nonce,
+            signature,
+        })
+        .map_err(|e| failed(&e))
+    }
+
+    /// One request on its own stream, no redirects.
+    pub async fn call(&self, req: &AdminRequest) -> Result<AdminReply, ClientError> {
+        let target = &self.target;
+        let broken = |problem: String| ClientError::Unreachable {
+            endpoint: target.clone(),
+            problem,
+        };
+        let fut = async {
+            let (mut send, mut recv) = self
+                .conn
+                .open_bi()
+                .await
+                .map_err(|e| broken(e.to_string()))?;
+            let bytes = self.sign(req)?;
+            frame::write_frame(&mut send, &bytes)
+                .await
+                .map_err(|e| broken(e.to_string()))?;
+            send.finish().map_err(|e| broken(e.to_string()))?;
+            let reply = frame::read_frame(&mut recv, MAX_ADMIN_FRAME)
+                .await
+                .map_err(|e| broken(e.to_string()))?
+                .ok_or_else(|| broken("connection closed without a reply".into()))?;
+            codec::decode::<AdminReply>(&reply).map_err(|e| ClientError::Protocol {
+                endpoint: target.clone(),
+                problem: e.to_string(),
+            })
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Unreachable {
+                endpoint: target.clone(),
+                problem: format!("no reply within {} s", CALL_TIMEOUT.as_secs()),
+            }),
+        }
     }
 }
 

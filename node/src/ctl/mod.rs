@@ -4,6 +4,7 @@
 //! (services and singletons), [`lb`], [`snapshot`] (backups), [`dr`] (disaster recovery);
 //! [`render`] draws the tables and JSON.
 
+mod check;
 mod common;
 mod device;
 mod dr;
@@ -16,6 +17,7 @@ mod service;
 mod snapshot;
 mod vip;
 
+pub use check::*;
 use clap::{Parser, Subcommand};
 pub use common::{CtlError, Target};
 pub use device::*;
@@ -73,6 +75,13 @@ pub enum Cmd {
         /// Membership action.
         #[command(subcommand)]
         action: NodeCmd,
+    },
+    /// Performance checks, like etcdctl's: the cluster's writes per second and latency at a
+    /// load shape (`check perf`), the data disk's fdatasync latency (`check datadir`).
+    Check {
+        /// Check to run.
+        #[command(subcommand)]
+        action: CheckCmd,
     },
     /// Leadership.
     Leader {
@@ -138,6 +147,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Cmd::Status { json, watch } => node::status(&cli.target, json, *watch).await,
         Cmd::Endpoint { action } => endpoint::run(&cli.target, action).await,
         Cmd::Node { action } => node::run(&cli.target, action).await,
+        Cmd::Check { action } => check::run(&cli.target, action).await,
         Cmd::Leader { action } => node::leader(&cli.target, action).await,
         Cmd::Device { action } => device::run(&cli.target, action).await,
         Cmd::Vip { action } => vip::run(&cli.target, action).await,
