@@ -871,6 +871,8 @@ pub struct Soak {
     pub watch: WatchReport,
     /// The CPU stress that ran beside it, as started; `None`: none.
     pub stress: Option<String>,
+    /// What `spacectl check perf --json` reported of the commit load beside it, if one ran.
+    pub load: Option<String>,
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -891,8 +893,34 @@ fn open_fds(pid: u32) -> usize {
 /// Keeps the cluster under the client's steady load (start it with `churn`) and, with
 /// `stress`, every core busy with `stress-ng --cpu`, for `duration`, no faults; samples every
 /// node's memory and descriptors every `every`. The VIP must not move.
-pub fn soak(chaos: &mut Chaos, duration: Duration, every: Duration, stress: bool) -> Result<Soak> {
+pub fn soak(
+    chaos: &mut Chaos,
+    duration: Duration,
+    every: Duration,
+    stress: bool,
+    load_rate: Option<u32>,
+) -> Result<Soak> {
     let watch = chaos.watch_vip()?;
+    // Commits at a steady rate beside the writer: `spacectl check perf` from the client's
+    // namespace, straight to the leader, for the whole soak.
+    let load = match load_rate {
+        None => None,
+        Some(rate) => {
+            let mut cmd = chaos
+                .lab
+                .command_in(&chaos.lab.client().ns, crate::binary("spacectl")?);
+            cmd.args(["--endpoint", &chaos.endpoint(0), "--pki"])
+                .arg(&chaos.pki)
+                .args(["check", "perf", "--load", "l", "--rate", &rate.to_string()])
+                // One client per 20 writes a second (etcdctl's `l`: 8,000/s by 500 clients).
+                .args(["--clients", &(rate / 20).clamp(1, 500).to_string()])
+                .args(["--duration", &duration.as_secs().to_string(), "--json"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            Some(cmd.spawn().context("starting spacectl check perf")?)
+        }
+    };
     let mut stressor = None;
     let mut stress_line = None;
     if stress {
@@ -928,6 +956,22 @@ pub fn soak(chaos: &mut Chaos, duration: Duration, every: Duration, stress: bool
         let _ = s.kill();
         let _ = s.wait();
     }
+    let load = match load {
+        None => None,
+        Some(child) => {
+            let out = child.wait_with_output()?;
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            Some(if text.is_empty() {
+                format!(
+                    "spacectl check perf printed nothing ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )
+            } else {
+                text
+            })
+        }
+    };
     let writes = chaos.stop_writer();
     Ok(Soak {
         duration: began.elapsed(),
@@ -935,6 +979,7 @@ pub fn soak(chaos: &mut Chaos, duration: Duration, every: Duration, stress: bool
         writes,
         watch: watch.stop(),
         stress: stress_line,
+        load,
     })
 }
 
@@ -997,6 +1042,9 @@ impl Soak {
             self.watch.overlap_samples,
             self.spurious_moves(),
         );
+        if let Some(load) = &self.load {
+            out += &format!("commit load (spacectl check perf --json): {load}\n");
+        }
         out
     }
 }

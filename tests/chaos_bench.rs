@@ -6,6 +6,8 @@
 //! `... --bench chaos -- --soak SECONDS [--no-stress]`: the soak instead: no faults, 1,000
 //! devices and a steady churn of writes, every core busy with stress-ng, each node's memory
 //! and descriptors sampled every 10 s; exits 1 if the VIP moved or two hosts held it.
+//! `--load-rate N` adds N commits a second beside it (`spacectl check perf --rate N` from the
+//! client's namespace, straight to the leader), reported at the end.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -28,6 +30,7 @@ fn run() -> Result<()> {
     let mut faults = 100;
     let mut soak_s = None;
     let mut stress = true;
+    let mut load_rate = None;
     let mut seed = spaced_tests::sites::seed_from_env()?;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -39,6 +42,7 @@ fn run() -> Result<()> {
             "--faults" => faults = value("a count")? as usize,
             "--soak" => soak_s = Some(value("seconds")?),
             "--no-stress" => stress = false,
+            "--load-rate" => load_rate = Some(value("writes a second")? as u32),
             "--seed" => seed = value("a number")?,
             "--nodes" => settings.nodes = value("a count")? as usize,
             "--write-every-ms" => {
@@ -64,6 +68,7 @@ fn run() -> Result<()> {
             Duration::from_secs(secs),
             Duration::from_secs(10),
             stress,
+            load_rate,
         )?;
         println!("{}", s.summary());
         if s.spurious_moves() > 0 || s.watch.overlap_samples > 0 {

@@ -51,8 +51,13 @@ fn a_short_soak_samples_every_node_and_keeps_the_vip_in_place() -> Result<()> {
         Duration::from_secs(15),
         Duration::from_secs(3),
         false,
+        Some(200),
     )?;
     println!("{}", s.summary());
+    // The commit load beside it ran and was answered.
+    let load: serde_json::Value = serde_json::from_str(s.load.as_deref().unwrap_or_default())
+        .map_err(|e| anyhow::anyhow!("check perf's report {:?}: {e}", s.load))?;
+    assert!(load["acknowledged"].as_u64() > Some(0), "{load}");
     assert!(s.samples.len() >= 5, "{} samples", s.samples.len());
     for sample in &s.samples {
         assert!(

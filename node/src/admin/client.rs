@@ -278,6 +278,11 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The node this calls.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
     /// `req` encoded and signed with the admin's key (see [`spaced_raft::proof`]).
     fn sign(&self, req: &AdminRequest) -> Result<Vec<u8>, ClientError> {
         let failed = |e: &dyn std::fmt::Display| ClientError::Failed(e.to_string());

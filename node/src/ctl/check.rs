@@ -32,6 +32,12 @@ pub enum CheckCmd {
         /// How long to offer the load, in seconds (etcdctl: 60).
         #[arg(long, default_value_t = 60.0)]
         duration: f64,
+        /// Writes offered per second instead of the load shape's (the verdict judges against it).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Concurrent clients instead of the load shape's.
+        #[arg(long)]
+        clients: Option<u32>,
         /// Print JSON instead of the verdict lines.
         #[arg(long)]
         json: bool,
@@ -56,8 +62,32 @@ pub(super) async fn run(cli: &Target, action: &CheckCmd) -> Result<(), CtlError>
         CheckCmd::Perf {
             load,
             duration,
+            rate,
+            clients,
             json,
-        } => perf(cli, load, *duration, *json).await,
+        } => {
+            let mut shape = load_shape(load).ok_or_else(|| {
+                usage(format!(
+                    "--load {load:?}: unknown load shape (s, m, l, xl; or small, medium, large, \
+                     xLarge)"
+                ))
+            })?;
+            if let Some(rate) = rate {
+                if !(1..=1_000_000).contains(rate) {
+                    return Err(usage(format!(
+                        "--rate {rate}: 1 to 1,000,000 writes a second"
+                    )));
+                }
+                shape.rate = *rate;
+            }
+            if let Some(clients) = clients {
+                if !(1..=10_000).contains(clients) {
+                    return Err(usage(format!("--clients {clients}: 1 to 10,000")));
+                }
+                shape.clients = *clients;
+            }
+            perf(cli, shape, *duration, *json).await
+        }
         CheckCmd::Datadir { dir, count, json } => datadir(dir, *count, *json).await,
     }
 }
@@ -208,12 +238,7 @@ pub fn judge(load: &Load, r: &PerfResult) -> Verdict {
     }
 }
 
-async fn perf(cli: &Target, load: &str, duration: f64, json: bool) -> Result<(), CtlError> {
-    let shape = load_shape(load).ok_or_else(|| {
-        usage(format!(
-            "--load {load:?}: unknown load shape (s, m, l, xl; or small, medium, large, xLarge)"
-        ))
-    })?;
+async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<(), CtlError> {
     if !(duration.is_finite() && (0.1..=86_400.0).contains(&duration)) {
         return Err(usage(format!(
             "--duration {duration}: must be seconds from 0.1 to 86400"
@@ -241,18 +266,27 @@ async fn perf(cli: &Target, load: &str, duration: f64, json: bool) -> Result<(),
     let connections = shape
         .clients
         .div_ceil(CLIENTS_PER_CONNECTION)
-        .clamp(1, MAX_CONNECTIONS);
-    let mut clients = vec![first];
-    for _ in 1..connections {
-        clients.push(AdminClient::connect(&leader, &creds).await?);
-    }
-    let callers: Vec<Caller> = clients.iter().map(|c| c.caller()).collect();
+        .clamp(1, MAX_CONNECTIONS) as usize;
+    let pool = Arc::new(Pool {
+        creds: Arc::new(creds),
+        connections,
+        current: tokio::sync::RwLock::new(Current {
+            target: leader.clone(),
+            callers: Vec::new(),
+        }),
+        opened: std::sync::Mutex::new(Vec::new()),
+        leader_changes: AtomicU64::new(0),
+        following: tokio::sync::Mutex::new(()),
+    });
+    pool.open(&leader, Some(first)).await?;
     let bar = progress(duration, json);
-    let result = offer(&callers, shape, Duration::from_secs_f64(duration), &bar).await;
+    let result = offer(pool.clone(), shape, Duration::from_secs_f64(duration), &bar).await;
     bar.finish_and_clear();
-    for c in clients {
+    let opened = std::mem::take(&mut *pool.opened.lock().unwrap_or_else(|p| p.into_inner()));
+    for c in opened {
         c.close().await;
     }
+    let leader_changes = pool.leader_changes.load(Ordering::Relaxed);
     let v = judge(&shape, &result);
     if json {
         println!(
@@ -262,6 +296,7 @@ async fn perf(cli: &Target, load: &str, duration: f64, json: bool) -> Result<(),
                 "offered_per_s": shape.rate,
                 "clients": shape.clients,
                 "leader": leader,
+                "leader_changes": leader_changes,
                 "seconds": result.elapsed.as_secs_f64(),
                 "acknowledged": v.acknowledged,
                 "failed": v.failed,
@@ -288,6 +323,11 @@ async fn perf(cli: &Target, load: &str, duration: f64, json: bool) -> Result<(),
             v.p50 * 1e3,
             v.p99 * 1e3
         );
+        if leader_changes > 0 {
+            println!(
+                "the leader changed {leader_changes} time(s) during the run; the writes followed it"
+            );
+        }
         for line in &v.lines {
             println!("{line}");
         }
@@ -296,6 +336,68 @@ async fn perf(cli: &Target, load: &str, duration: f64, json: bool) -> Result<(),
         Ok(())
     } else {
         Err(failed("check perf: FAIL"))
+    }
+}
+
+/// The connections to the leader the workers write through, opened again at a new leader.
+struct Pool {
+    creds: Arc<AdminCredentials>,
+    /// How many connections to open to a leader.
+    connections: usize,
+    current: tokio::sync::RwLock<Current>,
+    /// Every connection opened, to close at the end.
+    opened: std::sync::Mutex<Vec<AdminClient>>,
+    leader_changes: AtomicU64,
+    /// Held by the worker that opens connections to a new leader.
+    following: tokio::sync::Mutex<()>,
+}
+
+/// The node written to and the connections to it.
+struct Current {
+    target: String,
+    callers: Vec<Caller>,
+}
+
+impl Pool {
+    /// Opens the connections to `target` (`first` one of them, if open already) and makes
+    /// them the ones written through.
+    async fn open(&self, target: &str, first: Option<AdminClient>) -> Result<(), ClientError> {
+        let mut clients: Vec<AdminClient> = first.into_iter().collect();
+        while clients.len() < self.connections {
+            clients.push(AdminClient::connect(target, &self.creds).await?);
+        }
+        let callers = clients.iter().map(|c| c.caller()).collect();
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(clients);
+        *self.current.write().await = Current {
+            target: target.to_string(),
+            callers,
+        };
+        Ok(())
+    }
+
+    /// The caller for worker `i`.
+    async fn caller(&self, i: usize) -> Caller {
+        let c = self.current.read().await;
+        c.callers[i % c.callers.len()].clone()
+    }
+
+    /// A write to `from` was answered "not the leader, `leader` is": write there from now on
+    /// (once, whichever worker heard it first).
+    async fn follow(&self, from: &str, leader: &str) {
+        if self.current.read().await.target != from || from == leader {
+            return;
+        }
+        // Held while connecting, so that only one worker opens the new connections.
+        let _one = self.following.lock().await;
+        if self.current.read().await.target != from {
+            return;
+        }
+        if self.open(leader, None).await.is_ok() {
+            self.leader_changes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -315,7 +417,7 @@ fn progress(duration: f64, json: bool) -> indicatif::ProgressBar {
 /// permits at the rate (at most `load.clients` waiting, as etcdctl's queue of that size),
 /// and `load.clients` tasks each take one, write, and record the time it took.
 async fn offer(
-    callers: &[Caller],
+    pool: Arc<Pool>,
     load: Load,
     duration: Duration,
     bar: &indicatif::ProgressBar,
@@ -349,7 +451,7 @@ async fn offer(
     };
     let mut workers = Vec::with_capacity(load.clients as usize);
     for i in 0..load.clients as usize {
-        let caller = callers[i % callers.len()].clone();
+        let pool = pool.clone();
         let permits = permits.clone();
         let answered_last = answered_last.clone();
         workers.push(tokio::spawn(async move {
@@ -360,16 +462,22 @@ async fn offer(
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
             while let Ok(permit) = permits.acquire().await {
                 permit.forget();
+                let caller = pool.caller(i).await;
                 let t = Instant::now();
                 let outcome = caller.call(&write).await;
                 let took = t.elapsed().as_secs_f64();
                 answered_last.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 match outcome {
                     Ok(AdminReply::Applied(_)) => latencies.push(took),
-                    Ok(AdminReply::NotLeader { leader, .. }) => {
+                    Ok(AdminReply::NotLeader { leader, addr }) => {
                         *errors
                             .entry(format!("not the leader any more (leader: {leader:?})"))
-                            .or_default() += 1
+                            .or_default() += 1;
+                        match addr {
+                            Some(addr) => pool.follow(caller.target(), &addr).await,
+                            // An election: give it a moment.
+                            None => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
                     }
                     Ok(other) => *errors.entry(format!("{other:?}")).or_default() += 1,
                     Err(e) => *errors.entry(e.to_string()).or_default() += 1,
