@@ -205,6 +205,7 @@ pub enum Command {
     /// (the fabric has no free key space to fill, as etcd's check does).
     Probe {
         /// Payload (at most [`MAX_PROBE_BYTES`]), to give the entry a size.
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
 }

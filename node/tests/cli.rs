@@ -542,3 +542,25 @@ fn the_systemd_unit_verifies_cleanly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Output piped into a reader that goes away (`spacectl ... | head -1`): spacectl ends as
+/// other tools do (SIGPIPE), not with a panic's backtrace and exit 101.
+#[test]
+fn spacectl_ends_quietly_when_its_reader_goes() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = spacectl()
+        .args(["man"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(nix::libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}

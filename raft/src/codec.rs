@@ -40,3 +40,51 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
     Ok(bincode::serde::decode_from_slice(bytes, config())?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes as a sequence of `u8`, the way fields were declared before they were marked
+    /// `serde_bytes` (decoded a byte at a time, most of a busy leader's time).
+    #[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
+    struct AsSeq {
+        v: Vec<u8>,
+        after: u64,
+    }
+
+    /// The same fields as bytes.
+    #[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
+    struct AsBytes {
+        #[serde(with = "serde_bytes")]
+        v: Vec<u8>,
+        after: u64,
+    }
+
+    #[test]
+    fn bytes_fields_keep_the_encoding_of_byte_sequences() {
+        // So data dirs and peers that wrote the old declaration still decode, both ways.
+        for len in [0usize, 1, 250, 251, 1280, 70_000] {
+            let v: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let seq = encode(&AsSeq {
+                v: v.clone(),
+                after: 9,
+            })
+            .unwrap();
+            let bytes = encode(&AsBytes {
+                v: v.clone(),
+                after: 9,
+            })
+            .unwrap();
+            assert_eq!(seq, bytes, "length {len}");
+            assert_eq!(
+                decode::<AsBytes>(&seq).unwrap(),
+                AsBytes {
+                    v: v.clone(),
+                    after: 9
+                }
+            );
+            assert_eq!(decode::<AsSeq>(&bytes).unwrap(), AsSeq { v, after: 9 });
+        }
+    }
+}

@@ -157,6 +157,7 @@ pub enum RaftRpc {
         /// leader checks the request's signature against it.
         chain: Vec<Vec<u8>>,
         /// The signed admin request as the admin sent it; the daemon defines its format.
+        #[serde(with = "serde_bytes")]
         request: Vec<u8>,
     },
 }
@@ -196,7 +197,7 @@ pub enum RaftReply {
     /// Reply to `CheckVip`: `None` when the node could hold the VIP, else why not.
     VipChecked(Option<String>),
     /// Reply to `Admin`: the encoded admin reply.
-    Admin(Vec<u8>),
+    Admin(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Reply to `SiteHold`: the site epoch and the ms the hold surely lasts, if this node
     /// leads an active site and holds the role at the witnesses.
     SiteHold(Option<(u64, u64)>),

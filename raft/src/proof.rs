@@ -89,6 +89,7 @@ pub struct Signature {
     /// `SignatureScheme` as its TLS code point.
     pub scheme: u16,
     /// The signature bytes.
+    #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
 }
 

@@ -21,6 +21,7 @@ pub const MAX_ADMIN_FRAME: usize = 64 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SignedRequest {
     /// The encoded request, exactly as signed.
+    #[serde(with = "serde_bytes")]
     pub request: Vec<u8>,
     /// The admin's clock when it signed (Unix ms).
     pub at_ms: u64,

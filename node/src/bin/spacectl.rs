@@ -5,6 +5,15 @@ use std::process::ExitCode;
 use spaced_node::ctl::{Cli, run};
 
 fn main() -> ExitCode {
+    // Output piped into `head` and the like: end quietly when the reader goes, as other
+    // command-line tools do, instead of panicking on the next write.
+    // SAFETY: at the start of main, before any thread exists; SIG_DFL takes no handler.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let cli: Cli = spaced_node::parse_args();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
