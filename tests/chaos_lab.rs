@@ -51,7 +51,8 @@ fn a_short_soak_samples_every_node_and_keeps_the_vip_in_place() -> Result<()> {
         Duration::from_secs(15),
         Duration::from_secs(3),
         false,
-        Some(200),
+        // Light: the lab runs debug builds, whose leader a heavier load can starve of CPU.
+        Some(50),
     )?;
     println!("{}", s.summary());
     // The commit load beside it ran and was answered.
