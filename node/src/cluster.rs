@@ -67,6 +67,20 @@ pub enum ProposeError {
     Refused(#[from] spaced_fabric::CommandError),
 }
 
+/// `NotLeader` with the leader openraft names (if any) when `e` says this node does not lead
+/// (it never did, lost an election, or its quorum lease ran out); `None` for other errors.
+pub(crate) fn not_leader<E>(
+    e: &openraft::error::RaftError<spaced_raft::TypeConfig, E>,
+) -> Option<ProposeError>
+where
+    E: openraft::TryAsRef<openraft::error::ForwardToLeader<spaced_raft::TypeConfig>>
+        + std::error::Error,
+{
+    e.forward_to_leader().map(|f| {
+        ProposeError::NotLeader(f.leader_id, f.leader_node.as_ref().map(|n| n.addr.clone()))
+    })
+}
+
 /// The cluster as one node sees it. Cloning shares it.
 #[derive(Clone)]
 pub struct Cluster {
@@ -292,13 +306,7 @@ impl ClusterState {
                 self.commit_latency.record(started.elapsed().as_secs_f64());
                 Ok(resp.response().clone())
             }
-            Err(e) => match e.forward_to_leader() {
-                Some(fwd) => Err(ProposeError::NotLeader(
-                    fwd.leader_id,
-                    fwd.leader_node.as_ref().map(|n| n.addr.clone()),
-                )),
-                None => Err(ProposeError::Raft(e.to_string())),
-            },
+            Err(e) => Err(not_leader(&e).unwrap_or_else(|| ProposeError::Raft(e.to_string()))),
         }
     }
 

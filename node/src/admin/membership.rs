@@ -12,36 +12,23 @@ use spaced_raft::network::{RaftReply, RaftRpc};
 use spaced_raft::{Member, NodeId};
 
 use super::server::AdminServer;
-use crate::cluster::{OpError, ProposeError};
+use crate::cluster::OpError;
 use crate::now_millis;
 
 /// A membership change Raft did not carry out: when this node no longer leads (it lost an
 /// election while the change waited, say), the leader it knows of (or none), so that the
 /// admin's client asks again there or waits out the election; else `what` failed.
-fn membership_error<E>(e: E, what: impl FnOnce() -> String) -> OpError
-where
-    E: std::fmt::Display + ForwardsToLeader,
-{
-    match e.leader() {
-        Some((leader, addr)) => OpError::Propose(ProposeError::NotLeader(leader, addr)),
-        None => OpError::Raft(format!("{}: {e}", what())),
-    }
-}
-
-/// An openraft error that may say "not the leader, ask that one".
-trait ForwardsToLeader {
-    /// `Some` when this node does not lead: the leader's id and address, if known.
-    fn leader(&self) -> Option<(Option<NodeId>, Option<String>)>;
-}
-
-impl<E> ForwardsToLeader for openraft::error::RaftError<spaced_raft::TypeConfig, E>
+fn membership_error<E>(
+    e: openraft::error::RaftError<spaced_raft::TypeConfig, E>,
+    what: impl FnOnce() -> String,
+) -> OpError
 where
     E: openraft::TryAsRef<openraft::error::ForwardToLeader<spaced_raft::TypeConfig>>
         + std::error::Error,
 {
-    fn leader(&self) -> Option<(Option<NodeId>, Option<String>)> {
-        self.forward_to_leader()
-            .map(|f| (f.leader_id, f.leader_node.as_ref().map(|n| n.addr.clone())))
+    match crate::cluster::not_leader(&e) {
+        Some(redirect) => OpError::Propose(redirect),
+        None => OpError::Raft(format!("{}: {e}", what())),
     }
 }
 
@@ -238,6 +225,7 @@ impl AdminServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::ProposeError;
     use openraft::error::{ClientWriteError, ForwardReason, ForwardToLeader, RaftError};
     use spaced_raft::TypeConfig;
 

@@ -272,10 +272,7 @@ impl AdminServer {
                 }
                 match self.placements.remove_service(&name).await {
                     Ok(()) => AdminReply::Applied(spaced_raft::Outcome::Done),
-                    Err(OpError::Propose(ProposeError::NotLeader(leader, addr))) => {
-                        AdminReply::NotLeader { leader, addr }
-                    }
-                    Err(e) => AdminReply::Failed(e.to_string()),
+                    Err(e) => redirect_or_failed(e),
                 }
             }
             AdminRequest::Write(cmd) => match admin_may_write(&cmd) {
@@ -337,9 +334,7 @@ impl AdminServer {
                     // This node lost the lead while Raft changed the membership: the client
                     // asks the new leader (removal and transfer repeat harmlessly; a repeated
                     // `node add` finds the node a member and says so).
-                    Err(OpError::Propose(ProposeError::NotLeader(leader, addr))) if membership => {
-                        AdminReply::NotLeader { leader, addr }
-                    }
+                    Err(e) if membership => redirect_or_failed(e),
                     Err(e) => AdminReply::Failed(e.to_string()),
                 }
             }
@@ -636,6 +631,17 @@ pub struct NotAnAdminWrite {
     pub command: String,
     /// The operation that does it while keeping the invariants.
     pub instead: &'static str,
+}
+
+/// The reply to an operation that failed: "not the leader" (the client asks again there, or
+/// waits out an election) when this node lost the lead on the way, else the failure.
+fn redirect_or_failed(e: OpError) -> AdminReply {
+    match e {
+        OpError::Propose(ProposeError::NotLeader(leader, addr)) => {
+            AdminReply::NotLeader { leader, addr }
+        }
+        e => AdminReply::Failed(e.to_string()),
+    }
 }
 
 /// Decodes an admin request from the wire (from spacectl, or forwarded by a node).

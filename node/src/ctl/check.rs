@@ -146,7 +146,7 @@ pub struct Verdict {
     pub slowest: f64,
     /// Standard deviation of the latencies, s.
     pub stddev: f64,
-    /// Mean, median and 99th percentile, s.
+    /// Mean, s.
     pub mean: f64,
     /// Median, s.
     pub p50: f64,
@@ -162,6 +162,14 @@ pub struct Verdict {
     pub pass: bool,
 }
 
+/// The `p` quantile (0 to 1, nearest rank) of ascending `sorted`; 0 when it is empty.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
 /// Judges a run at `load` as etcdctl does.
 pub fn judge(load: &Load, r: &PerfResult) -> Verdict {
     let n = r.latencies.len();
@@ -169,13 +177,6 @@ pub fn judge(load: &Load, r: &PerfResult) -> Verdict {
     let throughput = n as f64 / secs;
     let mut sorted = r.latencies.clone();
     sorted.sort_by(f64::total_cmp);
-    let pct = |p: f64| -> f64 {
-        if sorted.is_empty() {
-            return 0.0;
-        }
-        let i = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
-        sorted[i]
-    };
     let mean = if n == 0 {
         0.0
     } else {
@@ -229,8 +230,8 @@ pub fn judge(load: &Load, r: &PerfResult) -> Verdict {
         slowest,
         stddev,
         mean,
-        p50: pct(0.5),
-        p99: pct(0.99),
+        p50: percentile(&sorted, 0.5),
+        p99: percentile(&sorted, 0.99),
         acknowledged: n as u64,
         failed,
         lines,
@@ -510,11 +511,9 @@ async fn datadir(dir: &Path, count: u32, json: bool) -> Result<(), CtlError> {
     let timings = tokio::task::spawn_blocking(move || sync_timings(&dir, count))
         .await
         .map_err(|e| failed(format!("check datadir: {e}")))??;
-    let mut sorted = timings.clone();
+    let mut sorted = timings;
     sorted.sort_by(f64::total_cmp);
-    let pct =
-        |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
-    let (p50, p99, max) = (pct(0.5), pct(0.99), pct(1.0));
+    let [p50, p99, max] = [0.5, 0.99, 1.0].map(|p| percentile(&sorted, p));
     let pass = p99 < 0.010;
     if json {
         println!(
