@@ -471,7 +471,9 @@ pub fn dr_sites(witnesses: &[String]) -> Result<DrSites> {
         ),
     ] {
         let mut cfg = node_config(c.dir.path(), &c.pki_dir(), 1, RaftTimings::default());
-        while !taken.insert(cfg.listen.port()) {
+        // A clash gets another port, which `port_apart` has marked taken already (checking
+        // it again in a `while` found it taken and spun for ever: a hang seen in CI).
+        if !taken.insert(cfg.listen.port()) {
             cfg.listen.set_port(port_apart(&mut taken));
         }
         cfg.takeover = TakeoverMode::Loopback;
