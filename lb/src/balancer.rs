@@ -5,7 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use nix::sys::socket::{
@@ -141,6 +141,39 @@ impl LbConfig {
 /// need not be on this host yet (`IP_FREEBIND`): a VIP's listener is bound
 /// before takeover adds the address, so gaining the VIP needs no rebind.
 pub fn bind_listener(addr: SocketAddr, freebind: bool, backlog: i32) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std_listener(addr, freebind, backlog, false)?)
+}
+
+/// `count` listening sockets on one `addr` (see [`bind_listener`]), one per accept loop. With
+/// more than one they share the port through `SO_REUSEPORT`: the kernel spreads new
+/// connections over them, so each loop (each on a thread or core of its own) accepts its share
+/// without a shared queue, as HAProxy's `nbthread` listeners do. Made before any runtime
+/// exists, so they are std sockets (non-blocking); each runtime converts its own. With port 0
+/// they all share the port the kernel gives the first. All or none: if one fails, those
+/// already bound are closed.
+pub fn bind_listeners(
+    addr: SocketAddr,
+    freebind: bool,
+    backlog: i32,
+    count: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let count = count.max(1);
+    let first = bind_std_listener(addr, freebind, backlog, count > 1)?;
+    // Port 0: the others take the port the kernel gave the first.
+    let addr = SocketAddr::new(addr.ip(), first.local_addr()?.port());
+    let mut all = vec![first];
+    for _ in 1..count {
+        all.push(bind_std_listener(addr, freebind, backlog, true)?);
+    }
+    Ok(all)
+}
+
+fn bind_std_listener(
+    addr: SocketAddr,
+    freebind: bool,
+    backlog: i32,
+    reuseport: bool,
+) -> io::Result<std::net::TcpListener> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
@@ -159,13 +192,16 @@ pub fn bind_listener(addr: SocketAddr, freebind: bool, backlog: i32) -> io::Resu
     )
     .map_err(|e| context("socket", e))?;
     setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| context("SO_REUSEADDR", e))?;
+    if reuseport {
+        setsockopt(&fd, sockopt::ReusePort, &true).map_err(|e| context("SO_REUSEPORT", e))?;
+    }
     if freebind {
         setsockopt(&fd, sockopt::IpFreebind, &true).map_err(|e| context("IP_FREEBIND", e))?;
     }
     bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(|e| context("bind", e))?;
     let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
     listen(&fd, backlog).map_err(|e| context("listen", e))?;
-    TcpListener::from_std(std::net::TcpListener::from(fd))
+    Ok(std::net::TcpListener::from(fd))
 }
 
 /// One listener's balancer: its configuration, backends, counters and pipes.
@@ -173,18 +209,19 @@ pub fn bind_listener(addr: SocketAddr, freebind: bool, backlog: i32) -> io::Resu
 pub struct Balancer {
     /// Label in logs and metrics (the listen address).
     label: String,
-    /// Behaviour.
-    config: LbConfig,
+    /// Behaviour: read once per connection, replaced whole by [`Balancer::reconfigure`].
+    config: RwLock<Arc<LbConfig>>,
     /// Current backends and their health.
     backends: Backends,
     /// Counters.
     stats: LbStats,
     /// Relay pipes, reused across connections.
     pool: PipePool,
-    /// Whether `serve` is accepting right now (metrics, status); a draining
-    /// `serve` watches it to spare its connections while the balancer
-    /// serves again (the VIP came back within the grace).
-    accepting: watch::Sender<bool>,
+    /// How many `serve` loops are accepting right now (one per listener; metrics and status
+    /// show whether any is). A draining `serve` watches it to spare its connections while the
+    /// balancer serves again (the VIP came back within the grace), and starts its grace when
+    /// the last loop stops. Subscribers are told only when it changes between 0 and more.
+    accepting: watch::Sender<usize>,
 }
 
 impl Balancer {
@@ -193,11 +230,11 @@ impl Balancer {
         let pool = PipePool::new(1024, config.pipe_size);
         Arc::new(Balancer {
             label: label.into(),
-            config,
+            config: RwLock::new(Arc::new(config)),
             backends: Backends::new(),
             stats: LbStats::default(),
             pool,
-            accepting: watch::Sender::new(false),
+            accepting: watch::Sender::new(0),
         })
     }
 
@@ -206,9 +243,46 @@ impl Balancer {
         &self.label
     }
 
-    /// Its configuration.
-    pub fn config(&self) -> &LbConfig {
-        &self.config
+    /// Its configuration now.
+    pub fn config(&self) -> Arc<LbConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces its configuration while it runs (a reload): connections accepted from now on
+    /// follow `config`; open ones keep relaying and keep the settings they started with (the
+    /// backend they chose, their idle timeout). A changed health check restarts the checks of
+    /// every backend with the new settings (each keeps its up or down state); `pipe_size` applies
+    /// to pipes made from now on (pooled pipes keep theirs). Needs a tokio runtime when the
+    /// health check changes.
+    pub fn reconfigure(self: &Arc<Self>, config: LbConfig) {
+        let health = config.health;
+        let old = std::mem::replace(
+            &mut *self
+                .config
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            Arc::new(config),
+        );
+        if old.health != health {
+            match health {
+                Some(h) => {
+                    for backend in self.backends.snapshot().iter().cloned() {
+                        tokio::spawn(check_backend(Arc::downgrade(self), backend, h));
+                    }
+                }
+                None => {
+                    // Without checks every backend is trusted; retire the running checkers.
+                    for backend in self.backends.snapshot().iter().cloned() {
+                        backend.start_checker();
+                        self.backends.set_up(&backend, true);
+                    }
+                }
+            }
+        }
+        tracing::info!(lb = %self.label, "balancer settings replaced; open connections kept");
     }
 
     /// Its backends.
@@ -223,7 +297,17 @@ impl Balancer {
 
     /// Whether it is accepting connections now.
     pub fn is_accepting(&self) -> bool {
-        *self.accepting.borrow()
+        *self.accepting.borrow() > 0
+    }
+
+    /// One more (`true`) or one fewer accepting loop; subscribers hear of it only when the
+    /// balancer as a whole starts or stops accepting.
+    fn count_serving(&self, starts: bool) {
+        self.accepting.send_if_modified(|n| {
+            let was = *n > 0;
+            *n = if starts { *n + 1 } else { n.saturating_sub(1) };
+            was != (*n > 0)
+        });
     }
 
     /// The figures to render for `/metrics`.
@@ -243,7 +327,7 @@ impl Balancer {
         for backend in &added {
             tracing::info!(lb = %self.label, backend = %backend.name(), addr = %backend.spec.addr, "backend added");
         }
-        if let Some(health) = self.config.health {
+        if let Some(health) = self.config().health {
             for backend in added {
                 tokio::spawn(check_backend(Arc::downgrade(self), backend, health));
             }
@@ -252,22 +336,28 @@ impl Balancer {
 
     /// Accepts and relays connections until `stop` completes, then drains:
     /// the listener is closed at once (no new connections) and open
-    /// connections get `drain_grace` to finish before they are cut.
+    /// connections get `drain_grace` to finish before they are cut. Several
+    /// `serve` loops may run at once on listeners sharing a port
+    /// ([`bind_listeners`]), each on a runtime or thread of its own; they share
+    /// the backends, counters and settings.
     pub async fn serve(self: &Arc<Self>, listener: TcpListener, stop: impl Future<Output = ()>) {
         // Latency over batching: the relay forwards what arrives as it arrives. Accepted sockets
         // inherit TCP_NODELAY from the listener, which saves a system call per connection.
         let client_nodelay = setsockopt(&listener, sockopt::TcpNoDelay, &true).is_ok();
         let mut conns = JoinSet::new();
-        self.accepting.send_replace(true);
-        tracing::info!(lb = %self.label, policy = %self.config.policy, "balancer accepting");
+        self.count_serving(true);
+        tracing::info!(lb = %self.label, policy = %self.config().policy, "balancer accepting");
         tokio::pin!(stop);
         // Registering a timer that expires before every other one wakes
         // tokio's driver through its eventfd: a write and an extra epoll
         // round for each connection's connect timeout. A tick due sooner
         // than any connect timeout keeps the driver's next wake-up close, so
         // those registrations need no wake-up.
-        let mut keep_timer_near =
-            tokio::time::interval((self.config.connect_timeout / 2).max(Duration::from_millis(10)));
+        // (Set from the connect timeout at start; a reload that shortens it costs an eventfd
+        // write per connection until the next start, nothing more.)
+        let mut keep_timer_near = tokio::time::interval(
+            (self.config().connect_timeout / 2).max(Duration::from_millis(10)),
+        );
         keep_timer_near.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -277,7 +367,8 @@ impl Balancer {
                 _ = keep_timer_near.tick() => {}
                 accepted = listener.accept() => match accepted {
                     Ok((client, peer)) => {
-                        if self.stats.active.load(Ordering::Relaxed) >= self.config.max_conns {
+                        let config = self.config();
+                        if self.stats.active.load(Ordering::Relaxed) >= config.max_conns {
                             self.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
                             drop(client);
                             continue;
@@ -285,7 +376,7 @@ impl Balancer {
                         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                         let open = OpenConn::new(self.clone());
                         conns.spawn(async move {
-                            open.0.handle(client, peer, client_nodelay).await;
+                            open.0.handle(&config, client, peer, client_nodelay).await;
                             drop(open);
                         });
                     }
@@ -297,7 +388,7 @@ impl Balancer {
                 },
             }
         }
-        self.accepting.send_replace(false);
+        self.count_serving(false);
         drop(listener);
         self.drain(conns).await;
     }
@@ -309,19 +400,20 @@ impl Balancer {
     /// stops again, when a new grace starts.
     async fn drain(&self, mut conns: JoinSet<()>) {
         let mut accepting = self.accepting.subscribe();
-        let mut deadline = Instant::now() + self.config.drain_grace;
+        let grace = || self.config().drain_grace;
+        let mut deadline = Instant::now() + grace();
         // Cannot close while `self` holds the sender; if it did, drain as if not serving.
         let mut watching = true;
-        tracing::info!(lb = %self.label, open = conns.len(), grace = ?self.config.drain_grace, "balancer draining");
+        tracing::info!(lb = %self.label, open = conns.len(), grace = ?grace(), "balancer draining");
         while !conns.is_empty() {
-            let serving_again = watching && *accepting.borrow_and_update();
+            let serving_again = watching && *accepting.borrow_and_update() > 0;
             tokio::select! {
                 _ = conns.join_next() => {}
                 changed = accepting.changed(), if watching => {
                     watching = changed.is_ok();
                     if serving_again {
                         // Stopped once more: a new grace from now.
-                        deadline = Instant::now() + self.config.drain_grace;
+                        deadline = Instant::now() + grace();
                     } else if watching {
                         tracing::info!(lb = %self.label, open = conns.len(), "accepting again; drained connections are kept");
                     }
@@ -339,20 +431,27 @@ impl Balancer {
         }
     }
 
-    /// One client connection: choose, connect (with redispatch), relay. `client_nodelay`: the
-    /// client socket has TCP_NODELAY already (inherited from the listener).
-    async fn handle(&self, client: TcpStream, peer: SocketAddr, client_nodelay: bool) {
+    /// One client connection: choose, connect (with redispatch), relay, with the settings
+    /// `config` in force when it was accepted. `client_nodelay`: the client socket has
+    /// TCP_NODELAY already (inherited from the listener).
+    async fn handle(
+        &self,
+        config: &LbConfig,
+        client: TcpStream,
+        peer: SocketAddr,
+        client_nodelay: bool,
+    ) {
         // Client bytes the peek had to consume; they go to the backend first.
         let mut consumed = Vec::new();
-        let route = match self.config.policy {
-            Policy::Sticky => self.peek_route(&client, &mut consumed).await,
+        let route = match config.policy {
+            Policy::Sticky => self.peek_route(config, &client, &mut consumed).await,
             _ => None,
         };
         let mut tried: Vec<Arc<Backend>> = Vec::new();
         let (backend, upstream, claim) = loop {
             let Some(backend) =
                 self.backends
-                    .choose(self.config.policy, route.as_deref(), peer.ip(), &tried)
+                    .choose(config.policy, route.as_deref(), peer.ip(), &tried)
             else {
                 self.stats.no_backend.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(lb = %self.label, %peer, tried = tried.len(), "no backend available; closing");
@@ -361,7 +460,7 @@ impl Balancer {
             // Counted from now (not once connected), so leastconn spreads a burst.
             let claim = backend.claim();
             match timeout(
-                self.config.connect_timeout,
+                config.connect_timeout,
                 TcpStream::connect(backend.spec.addr),
             )
             .await
@@ -373,11 +472,11 @@ impl Balancer {
                 outcome => {
                     let error = match outcome {
                         Ok(Err(e)) => e.to_string(),
-                        _ => format!("no answer within {:?}", self.config.connect_timeout),
+                        _ => format!("no answer within {:?}", config.connect_timeout),
                     };
                     tracing::debug!(lb = %self.label, backend = %backend.name(), %error, "backend connect failed");
                     let streak = backend.count_connect_error();
-                    if let Some(h) = &self.config.health
+                    if let Some(h) = &config.health
                         && h.error_limit > 0
                         && streak >= h.error_limit
                         && backend.is_up()
@@ -389,7 +488,7 @@ impl Balancer {
                     }
                     self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                     tried.push(backend);
-                    if tried.len() > self.config.retries as usize {
+                    if tried.len() > config.retries as usize {
                         self.stats.no_backend.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
@@ -406,7 +505,7 @@ impl Balancer {
         let _ = upstream.set_nodelay(true);
         let mut upstream = upstream;
         let mut first = Vec::new();
-        if self.config.proxy_protocol {
+        if config.proxy_protocol {
             let local = client.local_addr().unwrap_or(peer);
             first = crate::proxy_v2::encode(peer, local);
         }
@@ -426,7 +525,7 @@ impl Balancer {
             client,
             upstream,
             &self.pool,
-            self.config.idle_timeout,
+            config.idle_timeout,
             &self.stats.spliced,
             &self.stats.copied,
         )
@@ -456,9 +555,14 @@ impl Balancer {
     /// be waiting for an answer), and the relay, which trusts readiness,
     /// would never read them; so in that case they are consumed here into
     /// `consumed`, which the caller must send to the backend first.
-    async fn peek_route(&self, client: &TcpStream, consumed: &mut Vec<u8>) -> Option<String> {
-        let deadline = Instant::now() + self.config.peek_timeout;
-        let mut buf = vec![0u8; self.config.peek_bytes.max(1)];
+    async fn peek_route(
+        &self,
+        config: &LbConfig,
+        client: &TcpStream,
+        consumed: &mut Vec<u8>,
+    ) -> Option<String> {
+        let deadline = Instant::now() + config.peek_timeout;
+        let mut buf = vec![0u8; config.peek_bytes.max(1)];
         let mut seen = 0usize;
         let fd = client.as_fd();
         // Readiness was cleared with `seen` bytes queued and no edge since.

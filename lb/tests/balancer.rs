@@ -224,6 +224,20 @@ async fn leastconn_spreads_a_burst() {
 }
 
 /// Opens `n` connections concurrently; each returns its greeting and stream.
+/// Sends 16 KiB (different for each `i` and `round`) and checks that all of it comes back.
+async fn exchange(i: usize, round: u32, s: &mut BufReader<TcpStream>) {
+    let payload: Vec<u8> = (0..16 * 1024u32)
+        .map(|j| (i as u32 * 7 + j * 13 + round) as u8)
+        .collect();
+    s.get_mut().write_all(&payload).await.unwrap();
+    let mut back = vec![0u8; payload.len()];
+    timeout(STEP, s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, payload, "connection {i}, round {round}");
+}
+
 async fn connect_at_once(addr: SocketAddr, n: usize) -> Vec<(String, BufReader<TcpStream>)> {
     let tasks: Vec<_> = (0..n)
         .map(|_| tokio::spawn(async move { connect(addr, b"").await }))
@@ -762,4 +776,124 @@ async fn proxy_protocol_v2_tells_the_backend_who_the_client_is() {
     .await
     .unwrap();
     assert_eq!(stats.spliced.backend_to_client.load(Ordering::Relaxed), 0);
+}
+
+/// A reload (`reconfigure`) while 100 connections are open: every one of them keeps relaying,
+/// byte for byte, and connections accepted afterwards follow the new settings.
+#[tokio::test]
+async fn reconfigure_keeps_100_open_connections_and_new_ones_follow_it() {
+    let backends = three(false).await;
+    // No health checks at first: the reload starts them.
+    let unchecked = LbConfig {
+        health: None,
+        ..LbConfig::default()
+    };
+    let (lb, addr, _stop, _) = start(unchecked, &specs(&backends)).await;
+    let mut open = connect_at_once(addr, 100).await;
+    for (i, (_, s)) in open.iter_mut().enumerate() {
+        exchange(i, 0, s).await;
+    }
+    // Round-robin spreads new connections over the three before the reload.
+    let before: std::collections::BTreeSet<String> = {
+        let mut names = std::collections::BTreeSet::new();
+        for _ in 0..6 {
+            names.insert(greeting(addr, b"").await);
+        }
+        names
+    };
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    lb.reconfigure(LbConfig {
+        policy: Policy::Source,
+        health: quick_health(),
+        ..LbConfig::default()
+    });
+    assert_eq!(lb.config().policy, Policy::Source);
+    for (i, (_, s)) in open.iter_mut().enumerate() {
+        exchange(i, 1, s).await;
+    }
+    // Source affinity: every new connection from 127.0.0.1 lands on one backend.
+    let mut after = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        after.insert(greeting(addr, b"").await);
+    }
+    assert_eq!(after.len(), 1, "{after:?}");
+    // The new health checks run: a dead backend is taken down by them.
+    let victim = backends
+        .iter()
+        .find(|b| !after.contains(&b.spec.name))
+        .unwrap();
+    victim.kill();
+    wait_for("the new checks take the killed backend down", || {
+        lb.backends()
+            .snapshot()
+            .iter()
+            .any(|b| b.name() == victim.spec.name && !b.is_up())
+    })
+    .await;
+    for (i, (_, s)) in open.iter_mut().enumerate() {
+        exchange(i, 2, s).await;
+    }
+    assert_eq!(lb.stats().accepted.load(Ordering::Relaxed), 112);
+    assert_eq!(lb.stats().relay_errors.load(Ordering::Relaxed), 0);
+}
+
+/// Two accept loops on one port (`bind_listeners`, SO_REUSEPORT): both serve, the balancer
+/// accepts until the last one stops, and the first one's connections live on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_loops_share_a_port_until_the_last_one_stops() {
+    let backends = three(false).await;
+    let listeners = spaced_lb::balancer::bind_listeners(
+        "127.0.0.1:0".parse().unwrap(),
+        false,
+        1024,
+        2,
+    )
+    .unwrap();
+    let addr = listeners[0].local_addr().unwrap();
+    assert_eq!(listeners[1].local_addr().unwrap(), addr);
+    let balancer = Balancer::new(addr.to_string(), LbConfig::default());
+    balancer.set_backends(&specs(&backends));
+    let mut loops = Vec::new();
+    for listener in listeners {
+        let (tx, rx) = oneshot::channel::<()>();
+        let b = balancer.clone();
+        let task = tokio::spawn(async move {
+            b.serve(TcpListener::from_std(listener).unwrap(), async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        loops.push((tx, task));
+    }
+    wait_for("accepting", || balancer.is_accepting()).await;
+    let mut early = connect_at_once(addr, 40).await;
+    let (first_stop, first_task) = loops.remove(0);
+    first_stop.send(()).unwrap();
+    // The first loop's listener closes; the other takes every new connection.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(balancer.is_accepting());
+    for _ in 0..20 {
+        let name = greeting(addr, b"").await;
+        assert!(backends.iter().any(|b| b.spec.name == name), "{name}");
+    }
+    // Connections the first loop accepted are kept while the balancer still accepts.
+    for (i, (_, s)) in early.iter_mut().enumerate() {
+        let msg = format!("still here {i}");
+        s.get_mut().write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        timeout(STEP, s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    assert!(!first_task.is_finished(), "the first loop cut its connections");
+    let (last_stop, last_task) = loops.remove(0);
+    last_stop.send(()).unwrap();
+    wait_for("not accepting", || !balancer.is_accepting()).await;
+    assert!(TcpStream::connect(addr).await.is_err());
+    drop(early);
+    timeout(STEP, first_task).await.unwrap().unwrap();
+    timeout(STEP, last_task).await.unwrap().unwrap();
 }

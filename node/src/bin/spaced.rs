@@ -215,16 +215,9 @@ fn init_tracing_or_exit(
     })
 }
 
-/// Task polls between two looks at the sockets (tokio's default is 61). A
-/// balancer's tasks are short (one splice or copy each), so looking more
-/// often takes new events sooner: measured with `spaced lb --threads 1`
-/// (wrk, `Connection: close`, 6 interleaved rounds): 9,632 connections/s at
-/// 16 against 9,421 at 61, and no loss on iperf3 streams.
-const EVENT_INTERVAL: u32 = 16;
-
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
-        .event_interval(EVENT_INTERVAL)
+        .event_interval(spaced_node::lb::standalone::EVENT_INTERVAL)
         .enable_all()
         .build()
         .map_err(|e| {
@@ -419,18 +412,7 @@ fn main() -> ExitCode {
                 eprintln!("spaced lb: {e}");
                 return ExitCode::from(2);
             }
-            let built = if args.threads == 1 {
-                tokio::runtime::Builder::new_current_thread()
-                    .event_interval(EVENT_INTERVAL)
-                    .enable_all()
-                    .build()
-            } else {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(args.threads)
-                    .event_interval(EVENT_INTERVAL)
-                    .enable_all()
-                    .build()
-            };
+            let built = spaced_node::lb::standalone::thread_runtime();
             let rt = match built {
                 Ok(rt) => rt,
                 Err(e) => {

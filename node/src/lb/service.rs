@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use spaced_fabric::{AdminState, Fabric, PlacementKind, vip_ip};
 use spaced_lb::backend::BackendSpec;
-use spaced_lb::balancer::{Balancer, bind_listener, conns_within_fd_limit};
+use spaced_lb::balancer::{Balancer, bind_listeners, conns_within_fd_limit};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::report::{LbBackendRow, LbListenerRow};
@@ -31,17 +31,27 @@ const BACKLOG: i32 = 4096;
 
 /// The node's balancers, one per configured port, all following one VIP.
 pub struct LbService {
-    /// The `[lb]` section.
-    section: LbSection,
+    /// The VIP the balancers follow (a reload cannot change it).
+    vip: String,
     /// The VIP's address (from the node's `[[vip]]` entry).
     vip_ip: IpAddr,
     /// Bind with `IP_FREEBIND` ahead of takeover (netlink mode); in loopback
     /// mode every node shares 127/8, so a listener is bound only while active.
     prebind: bool,
-    /// One balancer per port, in `section.ports` order.
-    balancers: Vec<(LbPort, Arc<Balancer>)>,
+    /// The node's open-files limit, which caps each port's `max_conns`.
+    fd_limit: Option<u64>,
+    /// The section in force and its balancers; a reload replaces both.
+    ports: std::sync::RwLock<Ports>,
+    /// Bumped by every reload, so `run` looks at once.
+    reloaded: watch::Sender<u64>,
     /// What keeps it from serving as configured, as of the last pass (for `lb status`).
     problems: std::sync::Mutex<Vec<String>>,
+}
+
+/// The `[lb]` section in force and one balancer per port, in `section.ports` order.
+struct Ports {
+    section: LbSection,
+    balancers: Vec<(LbPort, Arc<Balancer>)>,
 }
 
 impl LbService {
@@ -55,16 +65,7 @@ impl LbService {
         prebind: bool,
         fd_limit: Option<u64>,
     ) -> Arc<Self> {
-        let mut config = section.balancer_config();
-        if let Some(limit) = fd_limit {
-            let ports = section.ports.len().max(1) as u64;
-            let fit = (conns_within_fd_limit(limit, limit / 2) / ports).max(1);
-            config.cap_max_conns(
-                fit,
-                "lb.max_conns",
-                &format!("each port's share of half the open-files limit ({limit})"),
-            );
-        }
+        let config = capped_config(section, fd_limit);
         let balancers = section
             .ports
             .iter()
@@ -74,12 +75,95 @@ impl LbService {
             })
             .collect();
         Arc::new(LbService {
-            section: section.clone(),
+            vip: section.vip.clone(),
             vip_ip,
             prebind,
-            balancers,
+            fd_limit,
+            ports: std::sync::RwLock::new(Ports {
+                section: section.clone(),
+                balancers,
+            }),
+            reloaded: watch::Sender::new(0),
             problems: std::sync::Mutex::default(),
         })
+    }
+
+    fn ports(&self) -> std::sync::RwLockReadGuard<'_, Ports> {
+        self.ports
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies a changed `[lb]` section while running (SIGHUP), without dropping a connection:
+    /// a port kept keeps its balancer (its open connections, counters and backends' health)
+    /// and takes the new settings for the connections it accepts from now on; a new port gets
+    /// a balancer that listens once this node holds the VIP; a removed port stops accepting
+    /// and its connections drain (`drain_grace_s`). The backends follow `backend_role` and the
+    /// ports' `backend` at once. `threads` applies when a port's listeners are next bound (the
+    /// VIP moves here again, or a new port). Returns one line per change; a changed `vip` is
+    /// refused (it needs a restart) and nothing is applied.
+    pub fn reconfigure(&self, section: &LbSection) -> Result<Vec<String>, String> {
+        if section.vip != self.vip {
+            return Err(format!(
+                "lb.vip: changed from {:?} to {:?}; the balancer keeps following {:?} until spaced restarts (nothing else in [lb] was applied)",
+                self.vip, section.vip, self.vip
+            ));
+        }
+        let config = capped_config(section, self.fd_limit);
+        let mut lines = Vec::new();
+        {
+            let mut ports = self
+                .ports
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if ports.section == *section {
+                return Ok(lines);
+            }
+            let changed = changed_keys(&ports.section, section);
+            let mut balancers = Vec::new();
+            for port in &section.ports {
+                let kept = ports
+                    .balancers
+                    .iter()
+                    .find(|(p, _)| p.listen == port.listen)
+                    .map(|(_, b)| b.clone());
+                let balancer = match kept {
+                    Some(b) => {
+                        b.reconfigure(config.clone());
+                        b
+                    }
+                    None => {
+                        lines.push(format!("lb: port {} added", port.listen));
+                        let label = SocketAddr::new(self.vip_ip, port.listen).to_string();
+                        Balancer::new(label, config.clone())
+                    }
+                };
+                balancers.push((*port, balancer));
+            }
+            for (old, _) in &ports.balancers {
+                if !section.ports.iter().any(|p| p.listen == old.listen) {
+                    lines.push(format!(
+                        "lb: port {} removed; its open connections drain",
+                        old.listen
+                    ));
+                }
+            }
+            if !changed.is_empty() {
+                lines.insert(
+                    0,
+                    format!(
+                        "lb: applied ({}); open connections kept",
+                        changed.join(", ")
+                    ),
+                );
+            }
+            *ports = Ports {
+                section: section.clone(),
+                balancers,
+            };
+        }
+        self.reloaded.send_modify(|n| *n += 1);
+        Ok(lines)
     }
 
     /// What keeps the balancer from serving as configured (see [`LbReport::problems`]).
@@ -94,19 +178,24 @@ impl LbService {
     }
 
     /// The balancers, for metrics and status.
-    pub fn balancers(&self) -> impl Iterator<Item = &Arc<Balancer>> {
-        self.balancers.iter().map(|(_, b)| b)
+    pub fn balancers(&self) -> Vec<Arc<Balancer>> {
+        self.ports()
+            .balancers
+            .iter()
+            .map(|(_, b)| b.clone())
+            .collect()
     }
 
     /// The VIP the balancers follow.
     pub fn vip(&self) -> &str {
-        &self.section.vip
+        &self.vip
     }
 
     /// Each port's state and counters, for `spacectl lb status`.
     pub fn report(&self) -> Vec<LbListenerRow> {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         self.balancers()
+            .iter()
             .map(|b| {
                 let s = b.stats();
                 LbListenerRow {
@@ -142,9 +231,39 @@ impl LbService {
 
     /// Prometheus text for all ports.
     pub fn render(&self, out: &mut String) {
-        let rendered: Vec<_> = self.balancers().map(|b| b.rendered()).collect();
+        let balancers = self.balancers();
+        let rendered: Vec<_> = balancers.iter().map(|b| b.rendered()).collect();
         spaced_lb::stats::render_prometheus(&rendered, out);
     }
+}
+
+/// The balancer settings of `section`, `max_conns` lowered to each port's share of half the
+/// open-files limit.
+fn capped_config(section: &LbSection, fd_limit: Option<u64>) -> spaced_lb::balancer::LbConfig {
+    let mut config = section.balancer_config();
+    if let Some(limit) = fd_limit {
+        let ports = section.ports.len().max(1) as u64;
+        let fit = (conns_within_fd_limit(limit, limit / 2) / ports).max(1);
+        config.cap_max_conns(
+            fit,
+            "lb.max_conns",
+            &format!("each port's share of half the open-files limit ({limit})"),
+        );
+    }
+    config
+}
+
+/// The `[lb]` keys whose values differ, as `key` (`ports` for any change of the port list).
+fn changed_keys(old: &LbSection, new: &LbSection) -> Vec<String> {
+    let table = |s: &LbSection| match toml::Value::try_from(s) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::map::Map::new(),
+    };
+    let (old, new) = (table(old), table(new));
+    new.iter()
+        .filter(|(k, v)| old.get(k.as_str()) != Some(v))
+        .map(|(k, _)| format!("lb.{k}"))
+        .collect()
 }
 
 /// The backends the fabric names for `port`: active nodes with the backend
@@ -246,30 +365,39 @@ impl BindFailures {
 
 /// One port's listener state.
 enum PortState {
-    /// Not holding the VIP; maybe a listener bound ahead of takeover.
-    Standby(Option<TcpListener>),
-    /// Accepting; the sender stops `serve`, which then drains in the background.
-    Active(oneshot::Sender<()>),
+    /// Not holding the VIP; maybe listeners bound ahead of takeover (one per thread).
+    Standby(Option<Vec<std::net::TcpListener>>),
+    /// Accepting; the sender stops every `serve` loop of the port, which then drain in the
+    /// background.
+    Active(watch::Sender<bool>),
 }
 
-/// Follows VIP ownership and the fabric until shutdown, then drains.
+impl PortState {
+    /// Stops accepting (listeners closed); an active port's connections drain.
+    fn stop(self) {
+        if let PortState::Active(stop) = self {
+            let _ = stop.send(true);
+        }
+    }
+}
+
+/// Follows VIP ownership, the fabric and reloads until shutdown, then drains.
 pub async fn run(
     view: FabricView,
     vips: Arc<Agent>,
     service: Arc<LbService>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut states: Vec<PortState> = service
-        .balancers
-        .iter()
-        .map(|_| PortState::Standby(None))
-        .collect();
+    // By listen port: the balancer the state belongs to and the state.
+    let mut states: BTreeMap<u16, (Arc<Balancer>, PortState)> = BTreeMap::new();
     let mut draining: Vec<JoinHandle<()>> = Vec::new();
     let mut last_backends: Option<Vec<Vec<BackendSpec>>> = None;
     let mut binds = BindFailures::default();
     let mut last_check = VipCheck::Missing;
     let mut vips_changed = vips.changes();
     let mut fabric_changed = view.changes();
+    let mut reloaded = service.reloaded.subscribe();
+    let vip = service.vip.clone();
     // The first pass runs at once.
     let mut wait = Duration::ZERO;
     loop {
@@ -277,98 +405,127 @@ pub async fn run(
             () = tokio::time::sleep(wait) => {}
             Ok(()) = vips_changed.changed() => {}
             Ok(()) = fabric_changed.changed() => {}
+            Ok(()) = reloaded.changed() => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
-        // Mark both as seen: this pass reads the current state of each.
+        // Mark each as seen: this pass reads the current state of all.
         vips_changed.borrow_and_update();
         fabric_changed.borrow_and_update();
+        reloaded.borrow_and_update();
         draining.retain(|h| !h.is_finished());
 
-        let backends: Vec<Vec<BackendSpec>> = view.read(|f| {
-            service
-                .balancers
+        let (section, ports) = {
+            let p = service.ports();
+            (p.section.clone(), p.balancers.clone())
+        };
+        // Ports a reload removed (or gave a new balancer) stop; their connections drain.
+        states.retain(|listen, (balancer, state)| {
+            let kept = ports
                 .iter()
-                .map(|(port, _)| fabric_backends(f, &service.section.backend_role, port.backend))
+                .any(|(p, b)| p.listen == *listen && Arc::ptr_eq(b, balancer));
+            if !kept {
+                std::mem::replace(state, PortState::Standby(None)).stop();
+                binds.clear(*listen);
+                tracing::info!(%vip, port = listen, "balancer port removed by a reload");
+            }
+            kept
+        });
+        for (port, balancer) in &ports {
+            states
+                .entry(port.listen)
+                .or_insert_with(|| (balancer.clone(), PortState::Standby(None)));
+        }
+
+        let backends: Vec<Vec<BackendSpec>> = view.read(|f| {
+            ports
+                .iter()
+                .map(|(port, _)| fabric_backends(f, &section.backend_role, port.backend))
                 .collect()
         });
         if last_backends.as_ref() != Some(&backends) {
-            for ((_, balancer), specs) in service.balancers.iter().zip(&backends) {
+            for ((_, balancer), specs) in ports.iter().zip(&backends) {
                 balancer.set_backends(specs);
             }
             last_backends = Some(backends);
         }
 
-        let check = view.read(|f| check_vip(f, &service.section.vip, service.vip_ip));
+        let check = view.read(|f| check_vip(f, &vip, service.vip_ip));
         if check != last_check {
             match &check {
                 VipCheck::Missing => {
-                    tracing::info!(vip = %service.section.vip, "the fabric has no VIP of this name yet; the balancer waits")
+                    tracing::info!(%vip, "the fabric has no VIP of this name yet; the balancer waits")
                 }
                 VipCheck::Differs(problem) => {
-                    tracing::error!(vip = %service.section.vip, "{problem}; the balancer does not serve until they agree")
+                    tracing::error!(%vip, "{problem}; the balancer does not serve until they agree")
                 }
                 VipCheck::Agrees if last_check != VipCheck::Missing => {
-                    tracing::info!(vip = %service.section.vip, addr = %service.vip_ip, "the fabric's VIP agrees with this node's config again")
+                    tracing::info!(%vip, addr = %service.vip_ip, "the fabric's VIP agrees with this node's config again")
                 }
                 VipCheck::Agrees => {}
             }
             last_check = check.clone();
         }
-        let holding = check == VipCheck::Agrees
-            && vips
-                .active_names()
-                .iter()
-                .any(|n| n == &service.section.vip);
-        for ((port, balancer), state) in service.balancers.iter().zip(states.iter_mut()) {
-            let addr = SocketAddr::new(service.vip_ip, port.listen);
+        let holding =
+            check == VipCheck::Agrees && vips.active_names().iter().any(|n| n == &vip);
+        let threads = section.threads.max(1);
+        for (listen, (balancer, state)) in states.iter_mut() {
+            let addr = SocketAddr::new(service.vip_ip, *listen);
             match (holding, &mut *state) {
                 (true, PortState::Standby(bound)) => {
-                    let listener = match bound.take() {
+                    let listeners = match bound.take() {
                         Some(l) => Ok(l),
-                        None => bind_listener(addr, service.prebind, BACKLOG),
+                        None => bind_listeners(addr, service.prebind, BACKLOG, threads),
                     };
-                    match listener {
-                        Ok(listener) => {
-                            binds.clear(port.listen);
-                            let (stop_tx, stop_rx) = oneshot::channel();
-                            let balancer = balancer.clone();
-                            draining.push(tokio::spawn(async move {
-                                balancer
-                                    .serve(listener, async move {
-                                        let _ = stop_rx.await;
-                                    })
-                                    .await;
-                            }));
-                            tracing::info!(vip = %service.section.vip, %addr, "balancer active");
+                    match listeners {
+                        Ok(listeners) => {
+                            binds.clear(*listen);
+                            let (stop_tx, stop_rx) = watch::channel(false);
+                            for listener in listeners {
+                                let balancer = balancer.clone();
+                                let mut stop = stop_rx.clone();
+                                draining.push(tokio::spawn(async move {
+                                    match TcpListener::from_std(listener) {
+                                        Ok(listener) => {
+                                            balancer
+                                                .serve(listener, async move {
+                                                    let _ = stop.wait_for(|s| *s).await;
+                                                })
+                                                .await
+                                        }
+                                        Err(error) => {
+                                            tracing::error!(lb = %balancer.label(), %error, "cannot register a balancer listener")
+                                        }
+                                    }
+                                }));
+                            }
+                            tracing::info!(%vip, %addr, threads, "balancer active");
                             *state = PortState::Active(stop_tx);
                         }
-                        Err(error) => binds.failed(addr, &service.section.vip, true, &error),
+                        Err(error) => binds.failed(addr, &vip, true, &error),
                     }
                 }
                 (false, PortState::Active(_)) => {
-                    if let PortState::Active(stop) =
-                        std::mem::replace(state, PortState::Standby(None))
-                    {
-                        let _ = stop.send(());
-                    }
-                    tracing::info!(vip = %service.section.vip, %addr, "VIP lost; balancer draining");
+                    std::mem::replace(state, PortState::Standby(None)).stop();
+                    tracing::info!(%vip, %addr, "VIP lost; balancer draining");
                 }
                 (false, PortState::Standby(bound)) if bound.is_none() && service.prebind => {
                     // The previous listener may still be closing: then the next tries succeed.
-                    match bind_listener(addr, true, BACKLOG) {
-                        Ok(listener) => {
-                            *bound = Some(listener);
-                            binds.clear(port.listen);
+                    match bind_listeners(addr, true, BACKLOG, threads) {
+                        Ok(listeners) => {
+                            *bound = Some(listeners);
+                            binds.clear(*listen);
                         }
-                        Err(error) => binds.failed(addr, &service.section.vip, false, &error),
+                        Err(error) => binds.failed(addr, &vip, false, &error),
                     }
                 }
-                (false, PortState::Standby(_)) => binds.clear(port.listen),
+                (false, PortState::Standby(_)) => binds.clear(*listen),
                 _ => {}
             }
         }
-        let pending =
-            service.prebind && states.iter().any(|s| matches!(s, PortState::Standby(None)));
+        let pending = service.prebind
+            && states
+                .values()
+                .any(|(_, s)| matches!(s, PortState::Standby(None)));
         wait = binds.next_wait(pending);
         let mut problems: Vec<String> = Vec::new();
         if let VipCheck::Differs(why) = &check {
@@ -377,10 +534,8 @@ pub async fn run(
         problems.extend(binds.describe(service.vip_ip));
         service.set_problems(problems);
     }
-    for state in states {
-        if let PortState::Active(stop) = state {
-            let _ = stop.send(());
-        }
+    for (_, (_, state)) in states {
+        state.stop();
     }
     for handle in draining {
         let _ = handle.await;

@@ -6,8 +6,24 @@ use std::time::Duration;
 
 use spaced_lb::backend::{BackendSpec, Policy};
 use spaced_lb::balancer::{
-    Balancer, FDS_PER_CONN, HealthConfig, LbConfig, bind_listener, conns_within_fd_limit,
+    Balancer, FDS_PER_CONN, HealthConfig, LbConfig, bind_listeners, conns_within_fd_limit,
 };
+use tokio::net::TcpListener;
+
+/// Task polls between two looks at the sockets (tokio's default is 61). A
+/// balancer's tasks are short (one splice or copy each), so looking more
+/// often takes new events sooner: measured with `spaced lb --threads 1`
+/// (wrk, `Connection: close`, 6 interleaved rounds): 9,632 connections/s at
+/// 16 against 9,421 at 61, and no loss on iperf3 streams.
+pub const EVENT_INTERVAL: u32 = 16;
+
+/// A single-threaded runtime as each of the balancer's threads runs one.
+pub fn thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .event_interval(EVENT_INTERVAL)
+        .enable_all()
+        .build()
+}
 
 /// Open files kept back from connections for the listener, `/metrics`, logs
 /// and the runtime (one more per backend, for its health checks).
@@ -25,7 +41,9 @@ pub struct LbArgs {
     /// Balancing policy: rr, leastconn, sticky (JSESSIONID route, else rr) or source (Maglev).
     #[arg(long, default_value = "rr")]
     pub policy: Policy,
-    /// Worker threads (1 = a single-threaded event loop, like one HAProxy thread).
+    /// Threads, each with its own event loop and its own listening socket on the port
+    /// (SO_REUSEPORT: the kernel spreads new connections over them), like HAProxy's
+    /// `nbthread`; 1 = a single event loop, like one HAProxy thread.
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
     /// Connections open at once; the excess is refused at accept.
@@ -121,6 +139,14 @@ pub enum LbRunError {
     /// The metrics endpoint could not be bound.
     #[error("{0}")]
     Metrics(std::io::Error),
+    /// A balancer thread or its runtime could not be started.
+    #[error("cannot start balancer thread {thread}: {error}")]
+    Thread {
+        /// Which (1 is the second; 0 is the main thread).
+        thread: usize,
+        /// Why.
+        error: std::io::Error,
+    },
 }
 
 impl LbArgs {
@@ -179,12 +205,15 @@ impl LbArgs {
     }
 }
 
-/// Serves until `stop` completes, then drains. Errors name what failed (bind, metrics).
+/// Serves until `stop` completes, then drains. Errors name what failed (bind, metrics, a
+/// thread). Runs on a single-threaded runtime (health checks, metrics and the first listener's
+/// loop); `--threads N` adds N-1 threads, each with a runtime and a listener of its own.
 pub async fn run(
     args: LbArgs,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), LbRunError> {
-    let listener = bind_listener(args.listen, args.freebind, 4096).map_err(LbRunError::Bind)?;
+    let listeners = bind_listeners(args.listen, args.freebind, 4096, args.threads)
+        .map_err(LbRunError::Bind)?;
     let mut config = args.config();
     match crate::raise_fd_limit() {
         Ok(limit) => {
@@ -204,19 +233,65 @@ pub async fn run(
     let balancer = Balancer::new(args.listen.to_string(), config);
     balancer.set_backends(&args.backends);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     if let Some(addr) = args.metrics {
-        let mut rx = stop_rx.clone();
         let state: Arc<dyn crate::ops::http::HttpState> = Arc::new(LbHttp(balancer.clone()));
-        crate::ops::http::serve(addr, state, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        })
-        .await
-        .map_err(LbRunError::Metrics)?;
+        crate::ops::http::serve(addr, state, stopped(stop_rx.clone()))
+            .await
+            .map_err(LbRunError::Metrics)?;
+    }
+    let mut listeners = listeners.into_iter();
+    let first = listeners
+        .next()
+        .map(TcpListener::from_std)
+        .transpose()
+        .map_err(|error| LbRunError::Thread { thread: 0, error })?
+        .ok_or(LbRunError::Thread {
+            thread: 0,
+            error: std::io::Error::other("no listener"),
+        })?;
+    let mut threads = Vec::new();
+    for (i, listener) in listeners.enumerate() {
+        let thread = i + 1;
+        let balancer = balancer.clone();
+        let stop = stopped(stop_rx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("lb-{thread}"))
+            .spawn(move || -> std::io::Result<()> {
+                thread_runtime()?.block_on(async move {
+                    balancer.serve(TcpListener::from_std(listener)?, stop).await;
+                    Ok(())
+                })
+            });
+        match spawned {
+            Ok(handle) => threads.push((thread, handle)),
+            Err(error) => {
+                let _ = stop_tx.send(true);
+                return Err(LbRunError::Thread { thread, error });
+            }
+        }
     }
     tracing::info!(listen = %args.listen, backends = args.backends.len(), policy = %args.policy, threads = args.threads, "spaced lb started");
-    balancer.serve(listener, stop).await;
-    let _ = stop_tx.send(true);
-    Ok(())
+    // Every loop stops accepting at once; each then drains its own connections.
+    let stop_all = async move {
+        stop.await;
+        let _ = stop_tx.send(true);
+    };
+    balancer.serve(first, stop_all).await;
+    let mut failed = None;
+    for (thread, handle) in threads {
+        let joined = tokio::task::spawn_blocking(move || handle.join()).await;
+        let error = match joined {
+            Ok(Ok(Ok(()))) => continue,
+            Ok(Ok(Err(error))) => error,
+            _ => std::io::Error::other("the thread panicked"),
+        };
+        tracing::error!(thread, %error, "balancer thread failed");
+        failed.get_or_insert(LbRunError::Thread { thread, error });
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 /// `/metrics` and `/healthz` of the standalone balancer.

@@ -76,6 +76,8 @@ pub struct Node {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The balancer's task, awaited (not aborted) on shutdown so open connections drain.
     lb_task: Option<tokio::task::JoinHandle<()>>,
+    /// The balancer service, which a reload reconfigures.
+    lb: Option<Arc<crate::lb::service::LbService>>,
     /// Started with `--bootstrap`: a member as soon as Raft has applied its initialisation.
     bootstrapped: bool,
 }
@@ -592,6 +594,7 @@ impl Node {
             device_lost_after,
             stop(),
         )));
+        let lb_service = lb.clone();
         let lb_task = lb.map(|service| {
             tokio::spawn(crate::lb::service::run(
                 cluster.view.clone(),
@@ -625,13 +628,17 @@ impl Node {
             shutdown_tx,
             tasks,
             lb_task,
+            lb: lb_service,
             bootstrapped: bootstrap,
         })
     }
 
     /// Applies what can change while running from `cfg` (the config file read again, on
     /// SIGHUP): the node's certificate and key (rotation: new connections use them, open
-    /// ones keep theirs). Every other key takes effect at the next start. Returns one line
+    /// ones keep theirs) and the balancer's `[lb]` section (open connections kept; see
+    /// [`LbService::reconfigure`]). Every other key takes effect at the next start.
+    ///
+    /// [`LbService::reconfigure`]: crate::lb::service::LbService::reconfigure Returns one line
     /// per change: what was applied, and each key that changed but needs a restart. The log
     /// level is the binary's to apply (`log_level`).
     pub fn reload(&self, cfg: &NodeConfig) -> Result<Vec<String>, StartError> {
@@ -649,7 +656,17 @@ impl Node {
             tls.serial().unwrap_or_else(|e| e.to_string())
         ));
         let old = &self.config;
-        let restart_keys: [(&str, bool); 17] = [
+        match (&self.lb, &cfg.lb) {
+            (Some(service), Some(section)) => match service.reconfigure(section) {
+                Ok(lines) => report.extend(lines),
+                Err(line) => report.push(line),
+            },
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => report.push(
+                "lb: section added or removed; takes effect when spaced restarts".into(),
+            ),
+        }
+        let restart_keys: [(&str, bool); 16] = [
             ("node_id", old.node_id != cfg.node_id),
             ("name", old.name != cfg.name),
             ("data_dir", old.data_dir != cfg.data_dir),
@@ -667,7 +684,6 @@ impl Node {
             ),
             ("fence_cgroup", old.fence_cgroup != cfg.fence_cgroup),
             ("vip", old.vips != cfg.vips),
-            ("lb", old.lb != cfg.lb),
             ("devices", old.devices != cfg.devices),
             ("dr", old.dr != cfg.dr),
         ];

@@ -190,6 +190,10 @@ pub struct LbSection {
     /// After losing the VIP, open connections get this long before they are cut.
     #[serde(default = "default_drain_grace_s")]
     pub drain_grace_s: u64,
+    /// Accept loops per port, each on a listening socket of its own (SO_REUSEPORT), spread
+    /// over the daemon's runtime threads.
+    #[serde(default = "default_lb_threads")]
+    pub threads: usize,
 }
 
 /// One `[[lb.ports]]` entry.
@@ -238,6 +242,12 @@ fn default_error_limit() -> u32 {
 fn default_drain_grace_s() -> u64 {
     10
 }
+fn default_lb_threads() -> usize {
+    1
+}
+
+/// The most accept loops `lb.threads` may ask for per port.
+pub const MAX_LB_THREADS: usize = 64;
 
 impl LbSection {
     /// A section for `vip` and `ports` with every other key at its default, as a config file
@@ -259,6 +269,7 @@ impl LbSection {
             fall: default_fall(),
             error_limit: default_error_limit(),
             drain_grace_s: default_drain_grace_s(),
+            threads: default_lb_threads(),
         }
     }
 
@@ -801,6 +812,12 @@ impl NodeConfig {
                 if value == 0 {
                     return Err(err(key, "must be greater than 0".into()));
                 }
+            }
+            if lb.threads == 0 || lb.threads > MAX_LB_THREADS {
+                return Err(err(
+                    "lb.threads",
+                    format!("must be from 1 to {MAX_LB_THREADS}, not {}", lb.threads),
+                ));
             }
             if lb.health_interval_ms > 0 && (lb.rise == 0 || lb.fall == 0) {
                 return Err(err(
