@@ -918,6 +918,172 @@ fn a_balancer_that_cannot_bind_says_so_and_binds_once_the_port_is_free() -> Resu
     Ok(())
 }
 
+/// An echo server on 127.0.0.1 (a thread per connection); its port.
+fn echo_server() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = conn;
+                let Ok(mut w) = r.try_clone() else { return };
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// How many TCP sockets on this host listen on `port` (`/proc/net/tcp`, state 0A).
+fn listening_sockets(port: u16) -> Result<usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    let local = format!(":{port:04X}");
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&local) && f[3] == "0A"
+        })
+        .count())
+}
+
+/// Sends 4 KiB (different for each `i` and `round`) and checks every byte comes back.
+fn echo_round(s: &mut std::net::TcpStream, i: usize, round: u32) -> Result<()> {
+    use std::io::{Read, Write};
+    let payload: Vec<u8> = (0..4096u32)
+        .map(|j| (i as u32 * 11 + j * 7 + round) as u8)
+        .collect();
+    s.write_all(&payload)?;
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back)
+        .with_context(|| format!("connection {i}, round {round}"))?;
+    anyhow::ensure!(
+        back == payload,
+        "connection {i}, round {round}: bytes differ"
+    );
+    Ok(())
+}
+
+/// `[lb]` changed and SIGHUP: 100 connections held open across the reload keep every byte, a
+/// port added starts listening, new connections follow the new settings, and a port removed
+/// stops accepting while its open connections still relay (they drain).
+#[test]
+fn sighup_applies_lb_changes_without_dropping_open_connections() -> Result<()> {
+    use spaced_node::ops::config::{LbPort, LbSection, TakeoverMode, VipSection};
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path().join("pki");
+    make_pki(&pki, 1)?;
+    // 127.0.0.102: a VIP of its own, apart from the other tests'.
+    let vip = "127.0.0.102";
+    let backend = echo_server()?;
+    let (p1, p2) = (
+        spaced_node::demo::free_tcp_port()?,
+        spaced_node::demo::free_tcp_port()?,
+    );
+    let mut cfg = spaced_node::demo::node_config(dir.path(), &pki, 1, &["ha", "app"])?;
+    cfg.takeover = TakeoverMode::Loopback;
+    cfg.vips = vec![VipSection {
+        name: "cluster".into(),
+        address: format!("{vip}/8"),
+        interface: "lo".into(),
+        roles: vec!["ha".into()],
+        port: Some(spaced_node::demo::free_tcp_port()?),
+    }];
+    let port = |listen| LbPort { listen, backend };
+    cfg.lb = Some(LbSection::new("cluster", vec![port(p1)]));
+    let config = spaced_node::demo::write_config(&cfg)?;
+    let log = config.with_extension("log");
+    let endpoint = cfg.listen.to_string();
+    let mut node = Proc::start(dir.path(), &config, &endpoint, true)?;
+    let lab = Lab {
+        dir,
+        procs: Vec::new(),
+    };
+    let lb_status = || -> Result<Value> {
+        Ok(serde_json::from_str(
+            &lab.ctl_ok(&endpoint, &["lb", "status", "--json"])?,
+        )?)
+    };
+    let listener = |s: &Value, p: u16| -> Value {
+        s["nodes"][0]["listeners"]
+            .as_array()
+            .and_then(|l| {
+                l.iter()
+                    .find(|l| l["listen"] == format!("{vip}:{p}"))
+                    .cloned()
+            })
+            .unwrap_or(Value::Null)
+    };
+    wait_until(Duration::from_secs(30), "the balancer accepts", || {
+        Ok(lb_status().is_ok_and(|s| listener(&s, p1)["accepting"] == true))
+    })?;
+    let mut open = Vec::new();
+    for i in 0..100 {
+        let mut s = std::net::TcpStream::connect((vip, p1))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        echo_round(&mut s, i, 0)?;
+        open.push(s);
+    }
+
+    // A second port and other settings.
+    let mut section = LbSection::new("cluster", vec![port(p1), port(p2)]);
+    section.policy = "leastconn".into();
+    section.connect_timeout_ms = 2000;
+    section.threads = 2;
+    cfg.lb = Some(section);
+    spaced_node::demo::write_config(&cfg)?;
+    node.signal(nix::sys::signal::Signal::SIGHUP)?;
+    let log_has =
+        |needle: &str| -> Result<bool> { Ok(std::fs::read_to_string(&log)?.contains(needle)) };
+    wait_until(Duration::from_secs(10), "the lb reload is logged", || {
+        log_has(&format!("reload: lb: port {p2} added"))
+    })
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    assert!(log_has(
+        "reload: lb: applied (lb.connect_timeout_ms, lb.policy, lb.ports, lb.threads); open connections kept"
+    )?);
+    wait_until(Duration::from_secs(10), "the added port accepts", || {
+        Ok(lb_status().is_ok_and(|s| listener(&s, p2)["accepting"] == true))
+    })?;
+    for (i, s) in open.iter_mut().enumerate() {
+        echo_round(s, i, 1)?;
+    }
+    let mut on_p2 = std::net::TcpStream::connect((vip, p2))?;
+    on_p2.set_read_timeout(Some(Duration::from_secs(10)))?;
+    echo_round(&mut on_p2, 100, 1)?;
+    // lb.threads = 2: the new port has two listening sockets (SO_REUSEPORT), the kept one one.
+    assert_eq!(listening_sockets(p2)?, 2);
+    assert_eq!(listening_sockets(p1)?, 1);
+
+    // The first port removed: it stops accepting, its 100 connections still relay.
+    cfg.lb = Some(LbSection::new("cluster", vec![port(p2)]));
+    spaced_node::demo::write_config(&cfg)?;
+    node.signal(nix::sys::signal::Signal::SIGHUP)?;
+    wait_until(
+        Duration::from_secs(10),
+        "the port removal is logged",
+        || {
+            log_has(&format!(
+                "reload: lb: port {p1} removed; its open connections drain"
+            ))
+        },
+    )?;
+    wait_until(Duration::from_secs(10), "the removed port refuses", || {
+        Ok(std::net::TcpStream::connect((vip, p1)).is_err())
+    })?;
+    for (i, s) in open.iter_mut().enumerate() {
+        echo_round(s, i, 2)?;
+    }
+    echo_round(&mut on_p2, 100, 2)?;
+    let s = lb_status()?;
+    assert_eq!(listener(&s, p1), Value::Null, "{s}");
+    assert_eq!(listener(&s, p2)["relay_errors"], 0, "{s}");
+    let child = node.child.as_mut().context("n1")?;
+    assert!(child.try_wait()?.is_none(), "SIGHUP stopped the node");
+    Ok(())
+}
+
 #[test]
 fn the_dr_demo_fails_over_by_itself_and_the_old_site_comes_back_standby() -> Result<()> {
     let out = Command::new(binary("spaced")?)

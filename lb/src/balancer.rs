@@ -275,9 +275,9 @@ impl Balancer {
                 }
                 None => {
                     // Without checks every backend is trusted; retire the running checkers.
-                    for backend in self.backends.snapshot().iter().cloned() {
+                    for backend in self.backends.snapshot().iter() {
                         backend.start_checker();
-                        self.backends.set_up(&backend, true);
+                        self.backends.set_up(backend, true);
                     }
                 }
             }

@@ -843,13 +843,9 @@ async fn reconfigure_keeps_100_open_connections_and_new_ones_follow_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_loops_share_a_port_until_the_last_one_stops() {
     let backends = three(false).await;
-    let listeners = spaced_lb::balancer::bind_listeners(
-        "127.0.0.1:0".parse().unwrap(),
-        false,
-        1024,
-        2,
-    )
-    .unwrap();
+    let listeners =
+        spaced_lb::balancer::bind_listeners("127.0.0.1:0".parse().unwrap(), false, 1024, 2)
+            .unwrap();
     let addr = listeners[0].local_addr().unwrap();
     assert_eq!(listeners[1].local_addr().unwrap(), addr);
     let balancer = Balancer::new(addr.to_string(), LbConfig::default());
@@ -888,7 +884,10 @@ async fn accept_loops_share_a_port_until_the_last_one_stops() {
             .unwrap();
         assert_eq!(back, msg.as_bytes());
     }
-    assert!(!first_task.is_finished(), "the first loop cut its connections");
+    assert!(
+        !first_task.is_finished(),
+        "the first loop cut its connections"
+    );
     let (last_stop, last_task) = loops.remove(0);
     last_stop.send(()).unwrap();
     wait_for("not accepting", || !balancer.is_accepting()).await;

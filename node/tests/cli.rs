@@ -564,3 +564,166 @@ fn spacectl_ends_quietly_when_its_reader_goes() {
         out.status
     );
 }
+
+/// A keep-alive HTTP/1.1 backend answering every request with `<name> <n>` (the n-th request
+/// on its connection); counts the connections it accepted.
+fn http_backend(
+    name: &'static str,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = conns.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                for n in 1.. {
+                    // Read one request head (no bodies in this test).
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match r.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    let body = format!("{name} {n}\n");
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n",
+                        body.len()
+                    );
+                    if w.write_all(head.as_bytes()).is_err()
+                        || w.write_all(body.as_bytes()).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// JSESSIONID stickiness with a real client: curl sends several requests on one kept-alive
+/// connection through `spaced lb --policy sticky --threads 2`; the first request's cookie
+/// routes the connection (`.n2` → n2, `.n1` → n1) and every later request on it goes where
+/// the first went, as the balancer routes connections, not requests. Without a cookie,
+/// round-robin.
+#[test]
+fn spaced_lb_routes_curl_keep_alive_requests_by_jsessionid() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "curl is missing (CI installs it)"
+        );
+        eprintln!("skipped: curl is not installed");
+        return;
+    }
+    let (b1, c1) = http_backend("n1");
+    let (b2, c2) = http_backend("n2");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = spaced()
+        .args([
+            "lb",
+            "--listen",
+            &listen,
+            "--policy",
+            "sticky",
+            "--threads",
+            "2",
+        ])
+        .args([
+            "--backend",
+            &format!("n1={b1}"),
+            "--backend",
+            &format!("n2={b2}"),
+        ])
+        .env("SPACED_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spaced lb did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let curl = |args: &[&str]| -> (String, String) {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-v", "--max-time", "10"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let urls: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|p| format!("http://{listen}/{p}"))
+        .collect();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    for (cookie, name) in [
+        ("JSESSIONID=0A1B2C.n2", "n2"),
+        ("JSESSIONID=9F8E7D.n1", "n1"),
+    ] {
+        let mut args = vec!["--cookie", cookie];
+        args.extend(&urls);
+        let (body, verbose) = curl(&args);
+        assert_eq!(
+            body,
+            format!("{name} 1\n{name} 2\n{name} 3\n{name} 4\n"),
+            "{verbose}"
+        );
+        assert_eq!(
+            verbose.matches("Re-using existing connection").count(),
+            3,
+            "{verbose}"
+        );
+    }
+    // A later request on the connection with another cookie: the connection stays where its
+    // first request sent it.
+    let first = format!("http://{listen}/first");
+    let second = format!("http://{listen}/second");
+    let (body, _) = curl(&[
+        "--cookie",
+        "JSESSIONID=0A1B2C.n2",
+        &first,
+        "--next",
+        "--cookie",
+        "JSESSIONID=9F8E7D.n1",
+        &second,
+    ]);
+    assert_eq!(body, "n2 1\nn2 2\n");
+    // No cookie: round-robin over the connections.
+    let mut names = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let (body, _) = curl(&[&first]);
+        names.insert(body.split(' ').next().unwrap_or_default().to_string());
+    }
+    assert_eq!(names.len(), 2, "{names:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+    // Each backend saw connections (requests and health checks).
+    assert!(c1.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(c2.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}

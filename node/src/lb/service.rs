@@ -465,8 +465,7 @@ pub async fn run(
             }
             last_check = check.clone();
         }
-        let holding =
-            check == VipCheck::Agrees && vips.active_names().iter().any(|n| n == &vip);
+        let holding = check == VipCheck::Agrees && vips.active_names().iter().any(|n| n == &vip);
         let threads = section.threads.max(1);
         for (listen, (balancer, state)) in states.iter_mut() {
             let addr = SocketAddr::new(service.vip_ip, *listen);

@@ -212,8 +212,8 @@ pub async fn run(
     args: LbArgs,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), LbRunError> {
-    let listeners = bind_listeners(args.listen, args.freebind, 4096, args.threads)
-        .map_err(LbRunError::Bind)?;
+    let listeners =
+        bind_listeners(args.listen, args.freebind, 4096, args.threads).map_err(LbRunError::Bind)?;
     let mut config = args.config();
     match crate::raise_fd_limit() {
         Ok(limit) => {

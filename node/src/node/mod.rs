@@ -662,9 +662,8 @@ impl Node {
                 Err(line) => report.push(line),
             },
             (None, None) => {}
-            (Some(_), None) | (None, Some(_)) => report.push(
-                "lb: section added or removed; takes effect when spaced restarts".into(),
-            ),
+            (Some(_), None) | (None, Some(_)) => report
+                .push("lb: section added or removed; takes effect when spaced restarts".into()),
         }
         let restart_keys: [(&str, bool); 16] = [
             ("node_id", old.node_id != cfg.node_id),
