@@ -440,6 +440,192 @@ fn sighup_reloads_the_config_and_never_stops_the_node() -> Result<()> {
     Ok(())
 }
 
+/// `--dry-run` says what a mutation would change and changes nothing (devices, roles,
+/// services, VIPs, leadership); `-o yaml` prints the data the tables show as YAML.
+#[test]
+fn dry_run_changes_nothing_and_yaml_output() -> Result<()> {
+    let lab = Lab::start3()?;
+    let n2 = lab.procs[1].addr.clone();
+    let dry = |args: &[&str]| -> Result<String> {
+        let mut all = vec!["--dry-run"];
+        all.extend_from_slice(args);
+        let out = lab.ctl_ok(&n2, &all)?;
+        anyhow::ensure!(
+            out.ends_with("dry run: nothing was changed\n"),
+            "{args:?}: {out}"
+        );
+        Ok(out)
+    };
+    let devices = || -> Result<Vec<Value>> {
+        let v: Value = serde_json::from_str(&lab.ctl_ok(&n2, &["device", "list", "--json"])?)?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    };
+
+    let out = dry(&["device", "add", "--id", "dry-1", "--addr", "127.9.0.1:1"])?;
+    assert!(
+        out.contains("would add 1 device(s): dry-1 (127.9.0.1:1)"),
+        "{out}"
+    );
+    assert!(devices()?.is_empty(), "a dry run added a device");
+    lab.ctl_ok(
+        &n2,
+        &["device", "add", "--id", "dry-1", "--addr", "127.9.0.1:1"],
+    )?;
+    let out = dry(&["device", "remove", "dry-1", "dry-9"])?;
+    assert!(out.contains("would remove 1 device(s)"), "{out}");
+    assert!(out.contains("not registered: dry-9"), "{out}");
+    assert_eq!(devices()?.len(), 1, "a dry run removed a device");
+    let csv = lab.dir.path().join("more.csv");
+    std::fs::write(&csv, "dry-1,127.9.0.1:1\ndry-2,127.9.0.2:1\n")?;
+    // The import refuses ids already there before it would send anything.
+    let out = lab.ctl(
+        &n2,
+        &["--dry-run", "device", "import", &csv.display().to_string()],
+    )?;
+    assert!(!out.status.success());
+    std::fs::write(&csv, "dry-2,127.9.0.2:1\ndry-3,127.9.0.3:1\n")?;
+    let out = dry(&["device", "import", &csv.display().to_string()])?;
+    assert!(
+        out.contains("would add 2 device(s): dry-2 (127.9.0.2:1), dry-3"),
+        "{out}"
+    );
+    assert_eq!(devices()?.len(), 1);
+
+    let out = dry(&["node", "set-roles", "n3", "db,app"])?;
+    assert!(out.contains("roles of n3: app -> app,db"), "{out}");
+    let n3 = lab.status(&n2)?["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["name"] == "n3").cloned())
+        .context("n3")?;
+    assert_eq!(n3["roles"], serde_json::json!(["app"]));
+
+    let out = dry(&[
+        "service",
+        "add",
+        "web",
+        "--scope",
+        "every-node",
+        "--",
+        "sleep",
+        "100",
+    ])?;
+    assert!(
+        out.contains("would declare service web (every-node"),
+        "{out}"
+    );
+    let services: Value = serde_json::from_str(&lab.ctl_ok(&n2, &["service", "list", "--json"])?)?;
+    assert_eq!(services["services"], serde_json::json!([]), "{services}");
+
+    let out = dry(&[
+        "vip",
+        "add",
+        "--name",
+        "dry-vip",
+        "--address",
+        "127.0.0.103/8",
+        "--interface",
+        "lo",
+        "--roles",
+        "ha",
+    ])?;
+    assert!(
+        out.contains(
+            "would add VIP dry-vip (127.0.0.103/8 on lo, roles ha); nodes that may hold it: n1, n2"
+        ),
+        "{out}"
+    );
+    assert!(
+        lab.status(&n2)?["vips"]
+            .as_array()
+            .is_some_and(|v| v.iter().all(|v| v["name"] != "dry-vip"))
+    );
+
+    let leader = lab.status(&n2)?["leader"].as_u64().context("leader")?;
+    let other = if leader == 3 { "n2" } else { "n3" };
+    let out = dry(&["leader", "transfer", "--to", other])?;
+    assert!(
+        out.contains(&format!(
+            "would hand the leadership from n{leader} to {other}"
+        )),
+        "{out}"
+    );
+    assert_eq!(lab.status(&n2)?["leader"].as_u64(), Some(leader));
+
+    // A read is not a mutation: --dry-run changes nothing about it.
+    assert!(
+        lab.ctl_ok(&n2, &["--dry-run", "device", "list"])?
+            .contains("dry-1")
+    );
+
+    // -o yaml: the JSON's fields as YAML.
+    let yaml = lab.ctl_ok(&n2, &["-o", "yaml", "device", "list"])?;
+    assert!(
+        yaml.starts_with("- addr: 127.9.0.1:1\n  id: dry-1\n  mode: space-initiated\n"),
+        "{yaml}"
+    );
+    let yaml = lab.ctl_ok(&n2, &["status", "-o", "yaml"])?;
+    assert!(yaml.contains(&format!("leader: {leader}\n")), "{yaml}");
+    assert!(yaml.contains("nodes:\n- addr: "), "{yaml}");
+    let json = lab.ctl_ok(&n2, &["-o", "json", "device", "list"])?;
+    assert!(serde_json::from_str::<Value>(&json)?.is_array(), "{json}");
+    // A YAML parser reads back what --json says (PyYAML; CI installs python3-yaml): the
+    // status (nested maps and lists, the version string) and the device list.
+    for args in [["status", ""], ["device", "list"]] {
+        let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+        let yaml = lab.ctl_ok(&n2, &[&["-o", "yaml"], &args[..]].concat())?;
+        let json: Value =
+            serde_json::from_str(&lab.ctl_ok(&n2, &[&args[..], &["--json"]].concat())?)?;
+        let mut python = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, json, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(python.stdin.as_mut().context("stdin")?, yaml.as_bytes())?;
+        let parsed = python.wait_with_output()?;
+        if !parsed.status.success() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "PyYAML cannot read spacectl's YAML: {}",
+                String::from_utf8_lossy(&parsed.stderr)
+            );
+            eprintln!("skipped the YAML read-back: no python3 with PyYAML");
+            break;
+        }
+        let back: Value = serde_json::from_slice(&parsed.stdout)?;
+        // Fields that move between the two reads.
+        fn strip(v: &mut Value) {
+            match v {
+                Value::Object(o) => {
+                    for k in [
+                        "last_contact_ms",
+                        "last_applied",
+                        "lease_ms",
+                        "since",
+                        "state",
+                        "term",
+                    ] {
+                        o.remove(k);
+                    }
+                    o.values_mut().for_each(strip);
+                }
+                Value::Array(a) => a.iter_mut().for_each(strip),
+                _ => {}
+            }
+        }
+        let (mut back, mut json) = (back, json);
+        strip(&mut back);
+        strip(&mut json);
+        assert_eq!(back, json, "{args:?}:\n{yaml}");
+    }
+    let bad = lab.ctl(&n2, &["-o", "xml", "status"])?;
+    assert_eq!(bad.status.code(), Some(2));
+    Ok(())
+}
+
 #[test]
 fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     let lab = Lab::start3()?;

@@ -35,6 +35,11 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // A --dry-run's plan.
+        Err(e) if e.code == 0 => {
+            println!("{}", e.message);
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("spacectl: {}", e.message);
             ExitCode::from(e.code as u8)

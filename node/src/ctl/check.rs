@@ -289,27 +289,30 @@ async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<()
     }
     let leader_changes = pool.leader_changes.load(Ordering::Relaxed);
     let v = judge(&shape, &result);
-    if json {
+    if structured(json) {
         println!(
             "{}",
-            json!({
-                "load": shape.name,
-                "offered_per_s": shape.rate,
-                "clients": shape.clients,
-                "leader": leader,
-                "leader_changes": leader_changes,
-                "seconds": result.elapsed.as_secs_f64(),
-                "acknowledged": v.acknowledged,
-                "failed": v.failed,
-                "errors": result.errors,
-                "writes_per_s": v.throughput,
-                "slowest_s": v.slowest,
-                "stddev_s": v.stddev,
-                "mean_s": v.mean,
-                "p50_s": v.p50,
-                "p99_s": v.p99,
-                "pass": v.pass,
-            })
+            emit(
+                json,
+                &json!({
+                    "load": shape.name,
+                    "offered_per_s": shape.rate,
+                    "clients": shape.clients,
+                    "leader": leader,
+                    "leader_changes": leader_changes,
+                    "seconds": result.elapsed.as_secs_f64(),
+                    "acknowledged": v.acknowledged,
+                    "failed": v.failed,
+                    "errors": result.errors,
+                    "writes_per_s": v.throughput,
+                    "slowest_s": v.slowest,
+                    "stddev_s": v.stddev,
+                    "mean_s": v.mean,
+                    "p50_s": v.p50,
+                    "p99_s": v.p99,
+                    "pass": v.pass,
+                })
+            )
         );
     } else {
         println!(
@@ -404,7 +407,7 @@ impl Pool {
 
 /// A seconds bar on a terminal (nothing otherwise, or with JSON).
 fn progress(duration: f64, json: bool) -> indicatif::ProgressBar {
-    if json || !std::io::stderr().is_terminal() {
+    if structured(json) || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(duration.ceil() as u64);
@@ -515,16 +518,19 @@ async fn datadir(dir: &Path, count: u32, json: bool) -> Result<(), CtlError> {
     sorted.sort_by(f64::total_cmp);
     let [p50, p99, max] = [0.5, 0.99, 1.0].map(|p| percentile(&sorted, p));
     let pass = p99 < 0.010;
-    if json {
+    if structured(json) {
         println!(
             "{}",
-            json!({
-                "writes": count,
-                "fdatasync_p50_ms": p50 * 1e3,
-                "fdatasync_p99_ms": p99 * 1e3,
-                "fdatasync_max_ms": max * 1e3,
-                "pass": pass,
-            })
+            emit(
+                json,
+                &json!({
+                    "writes": count,
+                    "fdatasync_p50_ms": p50 * 1e3,
+                    "fdatasync_p99_ms": p99 * 1e3,
+                    "fdatasync_max_ms": max * 1e3,
+                    "pass": pass,
+                })
+            )
         );
     } else {
         println!(

@@ -33,9 +33,52 @@ pub struct Target {
         env = "SPACED_ADMIN"
     )]
     pub admin: Option<String>,
+    /// Mutations: print what would change (read from the cluster now) and change nothing.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+    /// Output of the commands that print data: `table`, `json` or `yaml` (`--json` is `-o json`).
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
-/// A failure: message and exit code (2 usage, 1 operation).
+/// How commands print what they read (etcdctl's `-w`, kubectl's `-o`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Tables and lines for people.
+    #[default]
+    Table,
+    /// One JSON document.
+    Json,
+    /// One YAML document (the JSON's fields, block style).
+    Yaml,
+}
+
+/// The `-o` of this run, set once at start.
+static OUTPUT: std::sync::OnceLock<Output> = std::sync::OnceLock::new();
+
+/// Records the run's `-o` (the first call wins).
+pub fn set_output(output: Output) {
+    let _ = OUTPUT.set(output);
+}
+
+/// Whether a command prints data rather than a table: its `--json`, or `-o json|yaml`.
+pub(super) fn structured(json_flag: bool) -> bool {
+    json_flag || OUTPUT.get().is_some_and(|o| *o != Output::Table)
+}
+
+/// `value` printed as `-o` asks (JSON for a command's `--json`), without a final newline.
+pub(super) fn emit(json_flag: bool, value: &serde_json::Value) -> String {
+    if !json_flag && OUTPUT.get() == Some(&Output::Yaml) {
+        let mut text = super::render::yaml(value);
+        text.pop();
+        text
+    } else {
+        value.to_string()
+    }
+}
+
+/// A failure: message and exit code (2 usage, 1 operation); code 0 is the plan of a
+/// `--dry-run`, printed on stdout.
 #[derive(Debug)]
 pub struct CtlError {
     /// One line for stderr.
@@ -87,12 +130,27 @@ pub(super) fn credentials(cli: &Target) -> Result<AdminCredentials, CtlError> {
 
 /// Sends a leader-only request (following redirects) and returns the reply; `Failed` becomes an error.
 pub(super) async fn mutate(cli: &Target, req: AdminRequest) -> Result<AdminReply, CtlError> {
+    if cli.dry_run {
+        dry_run(cli, req.clone()).await?;
+    }
     let mut c = connect(cli).await?;
     let reply = c.call_leader(&req).await;
     c.close().await;
     match reply? {
         AdminReply::Failed(e) => Err(failed(e)),
         other => Ok(other),
+    }
+}
+
+/// With `--dry-run`, a mutation ends here: the plan is the "error" with exit code 0, which
+/// `spacectl` prints on stdout. A request that changes nothing goes on (`Ok`).
+pub(super) async fn dry_run(cli: &Target, req: AdminRequest) -> Result<(), CtlError> {
+    match super::dryrun::plan(cli, &req).await? {
+        Some(plan) => Err(CtlError {
+            message: plan,
+            code: 0,
+        }),
+        None => Ok(()),
     }
 }
 

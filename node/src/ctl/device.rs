@@ -170,10 +170,13 @@ pub(super) async fn run(cli: &Target, action: &DeviceCmd) -> Result<(), CtlError
                     AdminReply::Devices(d) => d,
                     other => return Err(unexpected(&target, &other).into()),
                 };
-                Ok(if *json {
+                Ok(if structured(*json) {
                     format!(
                         "{}\n",
-                        serde_json::Value::Array(devices.iter().map(device_json).collect())
+                        emit(
+                            *json,
+                            &serde_json::Value::Array(devices.iter().map(device_json).collect())
+                        )
                     )
                 } else {
                     render_devices(&devices, crate::now_millis())
@@ -211,8 +214,8 @@ pub(super) async fn run(cli: &Target, action: &DeviceCmd) -> Result<(), CtlError
             };
             match mutate(&cli, req).await? {
                 AdminReply::Rebalanced(r) => {
-                    if *json {
-                        println!("{}", rebalance_json(&r));
+                    if structured(*json) {
+                        println!("{}", emit(*json, &rebalance_json(&r)));
                     } else {
                         print!("{}", render_rebalance(&r));
                     }
@@ -277,6 +280,11 @@ pub(crate) async fn import(cli: &Target, file: &Path) -> Result<(), CtlError> {
             file.display(),
             dups.join("; ")
         )));
+    }
+    if cli.dry_run {
+        c.close().await;
+        let all = devices.iter().map(|(_, d)| d.clone()).collect();
+        return dry_run(cli, AdminRequest::AddDevices(all)).await;
     }
     let total = devices.len();
     let bar = if std::io::stderr().is_terminal() {

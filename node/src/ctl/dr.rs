@@ -64,8 +64,12 @@ pub(super) async fn run(cli: &Target, action: &DrCmd) -> Result<(), CtlError> {
                 AdminReply::DrStatus(s) => s,
                 other => return Err(odd(other)),
             };
-            if *json {
-                println!("{}", dr_status_json(&status));
+            if structured(*json) {
+                let text = dr_status_json(&status);
+                match serde_json::from_str::<serde_json::Value>(&text) {
+                    Ok(v) if !*json => println!("{}", emit(false, &v)),
+                    _ => println!("{text}"),
+                }
             } else {
                 print!("{}", dr_status_table(&status, crate::now_millis()));
             }

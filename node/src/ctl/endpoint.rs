@@ -133,7 +133,7 @@ fn ms(d: Duration) -> String {
 
 fn health(answers: &[Answer], json: bool) -> Result<(), CtlError> {
     let unhealthy = answers.iter().filter(|a| a.problem().is_some()).count();
-    if json {
+    if structured(json) {
         let rows: Vec<_> = answers
             .iter()
             .map(|a| {
@@ -145,7 +145,7 @@ fn health(answers: &[Answer], json: bool) -> Result<(), CtlError> {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(rows));
+        println!("{}", emit(json, &serde_json::Value::Array(rows)));
     } else {
         for a in answers {
             match a.problem() {
@@ -186,8 +186,8 @@ fn row(a: &Answer) -> serde_json::Value {
 
 fn status(answers: &[Answer], json: bool) -> Result<(), CtlError> {
     let rows: Vec<serde_json::Value> = answers.iter().map(row).collect();
-    if json {
-        println!("{}", serde_json::Value::Array(rows));
+    if structured(json) {
+        println!("{}", emit(json, &serde_json::Value::Array(rows)));
     } else {
         print!("{}", status_table(&rows));
     }

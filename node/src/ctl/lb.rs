@@ -139,8 +139,11 @@ pub(super) async fn run(cli: &Target, action: &LbCmd) -> Result<(), CtlError> {
                     _ => None,
                 })
                 .await?;
-            if *json {
-                println!("{}", json!({"nodes": reports, "unreachable": silent}));
+            if structured(*json) {
+                println!(
+                    "{}",
+                    emit(*json, &json!({"nodes": reports, "unreachable": silent}))
+                );
             } else {
                 print!("{}", lb_status_text(&reports, &silent));
             }

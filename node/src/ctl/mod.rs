@@ -8,6 +8,7 @@ mod check;
 mod common;
 mod device;
 mod dr;
+mod dryrun;
 mod endpoint;
 mod lb;
 mod node;
@@ -19,7 +20,7 @@ mod vip;
 
 pub use check::*;
 use clap::{Parser, Subcommand};
-pub use common::{CtlError, Target};
+pub use common::{CtlError, Output, Target};
 pub use device::*;
 pub use dr::*;
 pub use endpoint::*;
@@ -142,6 +143,7 @@ pub enum Cmd {
 
 /// Runs one spacectl command, printing its output; returns the error to report.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
+    common::set_output(cli.target.output);
     match &cli.command {
         Cmd::Pki { action } => pki::run(&cli.target, action).await,
         Cmd::Status { json, watch } => node::status(&cli.target, json, *watch).await,

@@ -72,8 +72,8 @@ pub(super) async fn status(cli: &Target, json: &bool, watch: Option<f64>) -> Res
         let s = c.status().await;
         c.close().await;
         let s = s?;
-        Ok(if *json {
-            format!("{}\n", status_json(&s))
+        Ok(if structured(*json) {
+            format!("{}\n", emit(*json, &status_json(&s)))
         } else {
             render_status(&s)
         })
@@ -87,8 +87,8 @@ pub(super) async fn run(cli: &Target, action: &NodeCmd) -> Result<(), CtlError> 
         NodeCmd::List { json } => {
             let mut c = connect(&cli).await?;
             let s = c.status().await?;
-            if *json {
-                println!("{}", status_json(&s)["nodes"]);
+            if structured(*json) {
+                println!("{}", emit(*json, &status_json(&s)["nodes"]));
             } else {
                 let rows: Vec<Vec<String>> = s
                     .nodes

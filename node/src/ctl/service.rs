@@ -148,7 +148,7 @@ pub(super) async fn run(cli: &Target, action: &ServiceCmd) -> Result<(), CtlErro
         ServiceCmd::List { json } => {
             let (reports, silent) = services_everywhere(&cli).await?;
             let specs = reports.first().map(|r| r.specs.clone()).unwrap_or_default();
-            if *json {
+            if structured(*json) {
                 let services: Vec<serde_json::Value> = specs
                     .iter()
                     .map(|(name, spec)| {
@@ -165,7 +165,10 @@ pub(super) async fn run(cli: &Target, action: &ServiceCmd) -> Result<(), CtlErro
                                "roles": spec.roles, "health_check": spec.health_check, "instances": on})
                     })
                     .collect();
-                println!("{}", json!({"services": services, "unreachable": silent}));
+                println!(
+                    "{}",
+                    emit(*json, &json!({"services": services, "unreachable": silent}))
+                );
             } else {
                 let mut rows = Vec::new();
                 for (name, spec) in &specs {
@@ -239,8 +242,11 @@ pub(super) async fn singleton(cli: &Target, action: &SingletonCmd) -> Result<(),
                 other => return Err(unexpected(c.target(), &other).into()),
             };
             c.close().await;
-            if *json {
-                println!("{}", serde_json::to_value(&rows).unwrap_or_default());
+            if structured(*json) {
+                println!(
+                    "{}",
+                    emit(*json, &serde_json::to_value(&rows).unwrap_or_default())
+                );
             } else {
                 let table_rows: Vec<Vec<String>> = rows
                     .iter()

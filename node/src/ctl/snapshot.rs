@@ -54,8 +54,8 @@ pub(super) async fn run(cli: &Target, action: &SnapshotCmd) -> Result<(), CtlErr
                 .map_err(|e| usage(format!("snapshot file {}: {e}", file.display())))?;
             let body = BackupBody::decode(&bytes)
                 .map_err(|e| usage(format!("snapshot file {}: {e}", file.display())))?;
-            if *json {
-                println!("{}", inspect_json(&body, &bytes));
+            if structured(*json) {
+                println!("{}", emit(*json, &inspect_json(&body, &bytes)));
             } else {
                 print!("{}", inspect_table(&body, &bytes));
             }

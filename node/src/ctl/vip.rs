@@ -113,10 +113,13 @@ pub(super) async fn run(cli: &Target, action: &VipCmd) -> Result<(), CtlError> {
                 let vips = c.status().await;
                 c.close().await;
                 let vips = vips?.vips;
-                Ok(if *json {
+                Ok(if structured(*json) {
                     format!(
                         "{}\n",
-                        serde_json::Value::Array(vips.iter().map(vip_json).collect())
+                        emit(
+                            *json,
+                            &serde_json::Value::Array(vips.iter().map(vip_json).collect())
+                        )
                     )
                 } else {
                     render_vips(&vips)
