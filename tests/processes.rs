@@ -1026,46 +1026,73 @@ fn port_in_use_and_bootstrap_on_used_dir_exit_2() -> Result<()> {
     Ok(())
 }
 
+/// One node (roles `ha`, `app`) with a loopback-mode VIP "cluster" at `vip` and an `[lb]` on
+/// `ports` (backends: this node, at 127.0.0.1).
+struct LbNode {
+    lab: Lab,
+    cfg: spaced_node::ops::config::NodeConfig,
+    node: Proc,
+    endpoint: String,
+}
+
+impl LbNode {
+    fn start(vip: &str, ports: Vec<spaced_node::ops::config::LbPort>) -> Result<LbNode> {
+        use spaced_node::ops::config::{LbSection, TakeoverMode, VipSection};
+        let dir = tempfile::tempdir()?;
+        let pki = dir.path().join("pki");
+        make_pki(&pki, 1)?;
+        let mut cfg = spaced_node::demo::node_config(dir.path(), &pki, 1, &["ha", "app"])?;
+        cfg.takeover = TakeoverMode::Loopback;
+        cfg.vips = vec![VipSection {
+            name: "cluster".into(),
+            address: format!("{vip}/8"),
+            interface: "lo".into(),
+            roles: vec!["ha".into()],
+            port: Some(spaced_node::demo::free_tcp_port()?),
+        }];
+        cfg.lb = Some(LbSection::new("cluster", ports));
+        let config = spaced_node::demo::write_config(&cfg)?;
+        let endpoint = cfg.listen.to_string();
+        let node = Proc::start(dir.path(), &config, &endpoint, true)?;
+        Ok(LbNode {
+            lab: Lab {
+                dir,
+                procs: Vec::new(),
+            },
+            cfg,
+            node,
+            endpoint,
+        })
+    }
+
+    fn lb_status(&self) -> Result<Value> {
+        Ok(serde_json::from_str(
+            &self
+                .lab
+                .ctl_ok(&self.endpoint, &["lb", "status", "--json"])?,
+        )?)
+    }
+}
+
 /// A balancer whose port on the VIP is taken says so in `lb status` (and does not accept), then
 /// binds by itself once the port is free: bind failures are retried (with backoff) and shown.
 #[test]
 fn a_balancer_that_cannot_bind_says_so_and_binds_once_the_port_is_free() -> Result<()> {
-    use spaced_node::ops::config::{LbPort, LbSection, TakeoverMode, VipSection};
-    let dir = tempfile::tempdir()?;
-    let pki = dir.path().join("pki");
-    make_pki(&pki, 1)?;
+    use spaced_node::ops::config::LbPort;
     // 127.0.0.101: a VIP of its own, apart from the demo's (tests run side by side).
     let vip = "127.0.0.101";
     let hold = std::net::TcpListener::bind((vip, 0))?;
     let port = hold.local_addr()?.port();
-    let mut cfg = spaced_node::demo::node_config(dir.path(), &pki, 1, &["ha", "app"])?;
-    cfg.takeover = TakeoverMode::Loopback;
-    cfg.vips = vec![VipSection {
-        name: "cluster".into(),
-        address: format!("{vip}/8"),
-        interface: "lo".into(),
-        roles: vec!["ha".into()],
-        port: Some(spaced_node::demo::free_tcp_port()?),
-    }];
-    cfg.lb = Some(LbSection::new(
-        "cluster",
+    let backend = spaced_node::demo::free_tcp_port()?;
+    let node = LbNode::start(
+        vip,
         vec![LbPort {
             listen: port,
-            backend: spaced_node::demo::free_tcp_port()?,
+            backend,
         }],
-    ));
-    let config = spaced_node::demo::write_config(&cfg)?;
-    let endpoint = cfg.listen.to_string();
-    let _node = Proc::start(dir.path(), &config, &endpoint, true)?;
-    let lab = Lab {
-        dir,
-        procs: Vec::new(),
-    };
-    let lb_status = || -> Result<Value> {
-        Ok(serde_json::from_str(
-            &lab.ctl_ok(&endpoint, &["lb", "status", "--json"])?,
-        )?)
-    };
+    )?;
+    let (lab, endpoint) = (&node.lab, &node.endpoint);
+    let lb_status = || node.lb_status();
     let listen = format!("{vip}:{port}");
     wait_until(
         Duration::from_secs(30),
@@ -1156,10 +1183,7 @@ fn echo_round(s: &mut std::net::TcpStream, i: usize, round: u32) -> Result<()> {
 /// stops accepting while its open connections still relay (they drain).
 #[test]
 fn sighup_applies_lb_changes_without_dropping_open_connections() -> Result<()> {
-    use spaced_node::ops::config::{LbPort, LbSection, TakeoverMode, VipSection};
-    let dir = tempfile::tempdir()?;
-    let pki = dir.path().join("pki");
-    make_pki(&pki, 1)?;
+    use spaced_node::ops::config::{LbPort, LbSection};
     // 127.0.0.102: a VIP of its own, apart from the other tests'.
     let vip = "127.0.0.102";
     let backend = echo_server()?;
@@ -1167,30 +1191,9 @@ fn sighup_applies_lb_changes_without_dropping_open_connections() -> Result<()> {
         spaced_node::demo::free_tcp_port()?,
         spaced_node::demo::free_tcp_port()?,
     );
-    let mut cfg = spaced_node::demo::node_config(dir.path(), &pki, 1, &["ha", "app"])?;
-    cfg.takeover = TakeoverMode::Loopback;
-    cfg.vips = vec![VipSection {
-        name: "cluster".into(),
-        address: format!("{vip}/8"),
-        interface: "lo".into(),
-        roles: vec!["ha".into()],
-        port: Some(spaced_node::demo::free_tcp_port()?),
-    }];
     let port = |listen| LbPort { listen, backend };
-    cfg.lb = Some(LbSection::new("cluster", vec![port(p1)]));
-    let config = spaced_node::demo::write_config(&cfg)?;
-    let log = config.with_extension("log");
-    let endpoint = cfg.listen.to_string();
-    let mut node = Proc::start(dir.path(), &config, &endpoint, true)?;
-    let lab = Lab {
-        dir,
-        procs: Vec::new(),
-    };
-    let lb_status = || -> Result<Value> {
-        Ok(serde_json::from_str(
-            &lab.ctl_ok(&endpoint, &["lb", "status", "--json"])?,
-        )?)
-    };
+    let mut lb = LbNode::start(vip, vec![port(p1)])?;
+    let log = lb.cfg.source.with_extension("log");
     let listener = |s: &Value, p: u16| -> Value {
         s["nodes"][0]["listeners"]
             .as_array()
@@ -1202,7 +1205,9 @@ fn sighup_applies_lb_changes_without_dropping_open_connections() -> Result<()> {
             .unwrap_or(Value::Null)
     };
     wait_until(Duration::from_secs(30), "the balancer accepts", || {
-        Ok(lb_status().is_ok_and(|s| listener(&s, p1)["accepting"] == true))
+        Ok(lb
+            .lb_status()
+            .is_ok_and(|s| listener(&s, p1)["accepting"] == true))
     })?;
     let mut open = Vec::new();
     for i in 0..100 {
@@ -1217,9 +1222,9 @@ fn sighup_applies_lb_changes_without_dropping_open_connections() -> Result<()> {
     section.policy = "leastconn".into();
     section.connect_timeout_ms = 2000;
     section.threads = 2;
-    cfg.lb = Some(section);
-    spaced_node::demo::write_config(&cfg)?;
-    node.signal(nix::sys::signal::Signal::SIGHUP)?;
+    lb.cfg.lb = Some(section);
+    spaced_node::demo::write_config(&lb.cfg)?;
+    lb.node.signal(nix::sys::signal::Signal::SIGHUP)?;
     let log_has =
         |needle: &str| -> Result<bool> { Ok(std::fs::read_to_string(&log)?.contains(needle)) };
     wait_until(Duration::from_secs(10), "the lb reload is logged", || {
@@ -1230,7 +1235,9 @@ fn sighup_applies_lb_changes_without_dropping_open_connections() -> Result<()> {
         "reload: lb: applied (lb.connect_timeout_ms, lb.policy, lb.ports, lb.threads); open connections kept"
     )?);
     wait_until(Duration::from_secs(10), "the added port accepts", || {
-        Ok(lb_status().is_ok_and(|s| listener(&s, p2)["accepting"] == true))
+        Ok(lb
+            .lb_status()
+            .is_ok_and(|s| listener(&s, p2)["accepting"] == true))
     })?;
     for (i, s) in open.iter_mut().enumerate() {
         echo_round(s, i, 1)?;
@@ -1243,9 +1250,9 @@ fn sighup_applies_lb_changes_without_dropping_open_connections() -> Result<()> {
     assert_eq!(listening_sockets(p1)?, 1);
 
     // The first port removed: it stops accepting, its 100 connections still relay.
-    cfg.lb = Some(LbSection::new("cluster", vec![port(p2)]));
-    spaced_node::demo::write_config(&cfg)?;
-    node.signal(nix::sys::signal::Signal::SIGHUP)?;
+    lb.cfg.lb = Some(LbSection::new("cluster", vec![port(p2)]));
+    spaced_node::demo::write_config(&lb.cfg)?;
+    lb.node.signal(nix::sys::signal::Signal::SIGHUP)?;
     wait_until(
         Duration::from_secs(10),
         "the port removal is logged",
@@ -1262,10 +1269,10 @@ fn sighup_applies_lb_changes_without_dropping_open_connections() -> Result<()> {
         echo_round(s, i, 2)?;
     }
     echo_round(&mut on_p2, 100, 2)?;
-    let s = lb_status()?;
+    let s = lb.lb_status()?;
     assert_eq!(listener(&s, p1), Value::Null, "{s}");
     assert_eq!(listener(&s, p2)["relay_errors"], 0, "{s}");
-    let child = node.child.as_mut().context("n1")?;
+    let child = lb.node.child.as_mut().context("n1")?;
     assert!(child.try_wait()?.is_none(), "SIGHUP stopped the node");
     Ok(())
 }

@@ -15,39 +15,25 @@ impl Now {
     async fn read(cli: &Target, devices: bool, services: bool) -> Result<Now, CtlError> {
         let mut c = connect(cli).await?;
         let status = c.status().await;
-        let device_rows = if devices {
-            match c.call(&AdminRequest::ListDevices).await {
-                Ok(AdminReply::Devices(d)) => Some(d),
-                Ok(other) => {
-                    let target = c.target().to_string();
-                    c.close().await;
-                    return Err(unexpected(&target, &other).into());
+        let mut device_rows = None;
+        let mut specs = None;
+        let mut asked = Ok(());
+        if devices {
+            asked = ask(&mut c, AdminRequest::ListDevices).await.map(|r| {
+                if let AdminReply::Devices(d) = r {
+                    device_rows = Some(d);
                 }
-                Err(e) => {
-                    c.close().await;
-                    return Err(e.into());
+            });
+        }
+        if services && asked.is_ok() {
+            asked = ask(&mut c, AdminRequest::ServiceStatus).await.map(|r| {
+                if let AdminReply::Services(r) = r {
+                    specs = Some(r.specs);
                 }
-            }
-        } else {
-            None
-        };
-        let specs = if services {
-            match c.call(&AdminRequest::ServiceStatus).await {
-                Ok(AdminReply::Services(r)) => Some(r.specs),
-                Ok(other) => {
-                    let target = c.target().to_string();
-                    c.close().await;
-                    return Err(unexpected(&target, &other).into());
-                }
-                Err(e) => {
-                    c.close().await;
-                    return Err(e.into());
-                }
-            }
-        } else {
-            None
-        };
+            });
+        }
         c.close().await;
+        asked?;
         Ok(Now {
             status: status?,
             devices: device_rows,
@@ -73,6 +59,17 @@ impl Now {
                 .map_or_else(|| format!("node {id}"), |n| n.name.clone()),
             None => "no node".into(),
         }
+    }
+}
+
+/// `request`'s reply, if it is of the kind a read of it gives (`Devices` for `ListDevices`,
+/// `Services` for `ServiceStatus`); another reply is an error naming the node.
+async fn ask(c: &mut AdminClient, request: AdminRequest) -> Result<AdminReply, CtlError> {
+    let reply = c.call(&request).await?;
+    match (&request, &reply) {
+        (AdminRequest::ListDevices, AdminReply::Devices(_))
+        | (AdminRequest::ServiceStatus, AdminReply::Services(_)) => Ok(reply),
+        _ => Err(unexpected(c.target(), &reply).into()),
     }
 }
 

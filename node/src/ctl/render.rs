@@ -352,45 +352,45 @@ fn yaml_node(value: &serde_json::Value, indent: usize, out: &mut String) {
                 out.push_str(&pad);
                 out.push_str(&yaml_string(k));
                 out.push(':');
-                match yaml_scalar(v) {
-                    Some(s) => {
-                        out.push(' ');
-                        out.push_str(&s);
-                        out.push('\n');
-                    }
-                    None => {
-                        out.push('\n');
-                        // A list under a key sits at the key's indent, as kubectl prints it.
-                        let inner = if v.is_array() { indent } else { indent + 2 };
-                        yaml_node(v, inner, out);
-                    }
-                }
+                // A list under a key sits at the key's indent, as kubectl prints it.
+                let inner = if v.is_array() { indent } else { indent + 2 };
+                yaml_child(v, inner, out, false);
             }
         }
         Value::Array(a) if !a.is_empty() => {
             for v in a {
                 out.push_str(&pad);
                 out.push('-');
-                match yaml_scalar(v) {
-                    Some(s) => {
-                        out.push(' ');
-                        out.push_str(&s);
-                        out.push('\n');
-                    }
-                    None => {
-                        // The item's first line follows the dash; the rest align under it.
-                        let mut item = String::new();
-                        yaml_node(v, indent + 2, &mut item);
-                        out.push(' ');
-                        out.push_str(item.trim_start_matches(' '));
-                    }
-                }
+                yaml_child(v, indent + 2, out, true);
             }
         }
         scalar => {
             out.push_str(&pad);
             out.push_str(&yaml_scalar(scalar).unwrap_or_default());
             out.push('\n');
+        }
+    }
+}
+
+/// What follows a key's colon or an item's dash: a scalar on the same line, else the nested
+/// block at `indent`, on the next line (a key's) or starting on the same line (an item's:
+/// its first line follows the dash, the rest align under it).
+fn yaml_child(v: &serde_json::Value, indent: usize, out: &mut String, item: bool) {
+    match yaml_scalar(v) {
+        Some(s) => {
+            out.push(' ');
+            out.push_str(&s);
+            out.push('\n');
+        }
+        None if item => {
+            let mut block = String::new();
+            yaml_node(v, indent, &mut block);
+            out.push(' ');
+            out.push_str(block.trim_start_matches(' '));
+        }
+        None => {
+            out.push('\n');
+            yaml_node(v, indent, out);
         }
     }
 }
