@@ -1110,7 +1110,7 @@ fn a_balancer_that_cannot_bind_says_so_and_binds_once_the_port_is_free() -> Resu
     )?;
     let s = lb_status()?;
     assert_eq!(s["nodes"][0]["listeners"][0]["accepting"], false, "{s}");
-    let text = lab.ctl_ok(&endpoint, &["lb", "status"])?;
+    let text = lab.ctl_ok(endpoint, &["lb", "status"])?;
     assert!(
         text.contains(&format!("problem on n1: cannot bind {listen}")),
         "{text}"
