@@ -69,7 +69,7 @@ pub(super) fn structured(json_flag: bool) -> bool {
 /// `value` printed as `-o` asks (JSON for a command's `--json`), without a final newline.
 pub(super) fn emit(json_flag: bool, value: &serde_json::Value) -> String {
     if !json_flag && OUTPUT.get() == Some(&Output::Yaml) {
-        let mut text = super::render::yaml(value);
+        let mut text = super::yaml::yaml(value);
         text.pop();
         text
     } else {
@@ -126,32 +126,6 @@ pub(super) fn credentials(cli: &Target) -> Result<AdminCredentials, CtlError> {
         .as_deref()
         .ok_or_else(|| usage("--pki (or SPACED_PKI) is required"))?;
     Ok(AdminCredentials::load(pki, cli.admin.as_deref())?)
-}
-
-/// Sends a leader-only request (following redirects) and returns the reply; `Failed` becomes an error.
-pub(super) async fn mutate(cli: &Target, req: AdminRequest) -> Result<AdminReply, CtlError> {
-    if cli.dry_run {
-        dry_run(cli, req.clone()).await?;
-    }
-    let mut c = connect(cli).await?;
-    let reply = c.call_leader(&req).await;
-    c.close().await;
-    match reply? {
-        AdminReply::Failed(e) => Err(failed(e)),
-        other => Ok(other),
-    }
-}
-
-/// With `--dry-run`, a mutation ends here: the plan is the "error" with exit code 0, which
-/// `spacectl` prints on stdout. A request that changes nothing goes on (`Ok`).
-pub(super) async fn dry_run(cli: &Target, req: AdminRequest) -> Result<(), CtlError> {
-    match super::dryrun::plan(cli, &req).await? {
-        Some(plan) => Err(CtlError {
-            message: plan,
-            code: 0,
-        }),
-        None => Ok(()),
-    }
 }
 
 /// `--watch [SECONDS]`: without it, prints `view` once. With it, prints it again every

@@ -1,6 +1,7 @@
 //! `spacectl device`: list, add, import (CSV), rebalance.
 
 use super::common::*;
+use super::mutate::{dry_run, mutate};
 use super::render::*;
 
 /// Devices per `AddDevices` command during import: large enough for speed, small enough to keep Raft responsive.

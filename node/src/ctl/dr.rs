@@ -4,6 +4,7 @@
 use spaced_replication::DrStatus;
 
 use super::common::*;
+use super::mutate::mutate;
 use super::render;
 use crate::admin::DrAction;
 

@@ -2,7 +2,7 @@
 //! sent to the leader. The leader may still refuse the real one, or find the cluster changed.
 
 use super::common::*;
-use super::service::scope_text;
+use super::render::scope_text;
 
 /// What the cluster holds now, as far as a plan needs it.
 struct Now {

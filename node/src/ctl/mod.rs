@@ -11,12 +11,14 @@ mod dr;
 mod dryrun;
 mod endpoint;
 mod lb;
+mod mutate;
 mod node;
 mod pki;
 pub(crate) mod render;
 mod service;
 mod snapshot;
 mod vip;
+mod yaml;
 
 pub use check::*;
 use clap::{Parser, Subcommand};

@@ -2,6 +2,7 @@
 //! activate, and leadership.
 
 use super::common::*;
+use super::mutate::mutate;
 use super::render::*;
 
 /// `spacectl node ...`

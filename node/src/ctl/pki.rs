@@ -1,6 +1,7 @@
 //! `spacectl pki`: the cluster CA and node and admin certificates.
 
 use super::common::*;
+use super::mutate::mutate;
 use super::render;
 
 /// `spacectl pki ...`

@@ -2,6 +2,7 @@
 //! singletons, as every node runs them.
 
 use super::common::*;
+use super::mutate::mutate;
 use super::render::*;
 
 /// `spacectl service ...`
@@ -68,15 +69,6 @@ pub(crate) fn parse_scope(scope: &str) -> Result<spaced_fabric::ServiceScope, Ct
                 "--scope: {other:?} is not every-node, vip:<name> or singleton"
             ))),
         },
-    }
-}
-
-pub(crate) fn scope_text(scope: &spaced_fabric::ServiceScope) -> String {
-    use spaced_fabric::ServiceScope;
-    match scope {
-        ServiceScope::EveryNode => "every-node".into(),
-        ServiceScope::Vip(v) => format!("vip:{v}"),
-        ServiceScope::Singleton => "singleton".into(),
     }
 }
 

@@ -4,6 +4,7 @@
 use spaced_raft::backup::{BackupBody, file_digest};
 
 use super::common::*;
+use super::mutate::mutate;
 
 /// `spacectl snapshot ...`
 #[derive(Debug, Subcommand)]

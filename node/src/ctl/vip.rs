@@ -1,6 +1,7 @@
 //! `spacectl vip`: list, add and move virtual IPs.
 
 use super::common::*;
+use super::mutate::mutate;
 use super::render::*;
 
 /// `spacectl vip ...`
