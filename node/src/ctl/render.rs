@@ -283,6 +283,15 @@ pub fn render_rebalance(r: &RebalanceReport) -> String {
     out
 }
 
+pub(crate) fn scope_text(scope: &spaced_fabric::ServiceScope) -> String {
+    use spaced_fabric::ServiceScope;
+    match scope {
+        ServiceScope::EveryNode => "every-node".into(),
+        ServiceScope::Vip(v) => format!("vip:{v}"),
+        ServiceScope::Singleton => "singleton".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,14 +303,5 @@ mod tests {
             "0.1.0 3f2a9c1d0b7e f5"
         );
         assert_eq!(short_version("something else"), "something else");
-    }
-}
-
-pub(crate) fn scope_text(scope: &spaced_fabric::ServiceScope) -> String {
-    use spaced_fabric::ServiceScope;
-    match scope {
-        ServiceScope::EveryNode => "every-node".into(),
-        ServiceScope::Vip(v) => format!("vip:{v}"),
-        ServiceScope::Singleton => "singleton".into(),
     }
 }
