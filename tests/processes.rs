@@ -859,7 +859,10 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
         .with_context(|| format!("check perf --json: {out:?}"))?;
     let acknowledged = perf["acknowledged"].as_u64().context("acknowledged")?;
     assert!(acknowledged >= 50, "{perf}");
+    // A write refused by a leader whose lease lapsed on a loaded machine is sent again (CI saw
+    // 4 of 299 refused so once); only one refused for 2 s would count here.
     assert_eq!(perf["failed"], 0, "{perf}");
+    assert!(perf["retried"].is_u64(), "{perf}");
     assert_eq!(out.status.success(), perf["pass"] == true, "{perf}");
     assert!(applied(&lab)? >= before + acknowledged, "{perf}");
     let out = lab.ctl(&n2, &["check", "perf", "--load", "s", "--duration", "1"])?;

@@ -133,6 +133,9 @@ pub struct PerfResult {
     pub latencies: Vec<f64>,
     /// Failed writes by error.
     pub errors: BTreeMap<String, u64>,
+    /// Refusals ("not the leader": a leader that stepped down or let its lease lapse) after
+    /// which the write was sent again and then acknowledged or failed for another reason.
+    pub retried: u64,
     /// From the first write offered to the last answered.
     pub elapsed: Duration,
 }
@@ -304,6 +307,7 @@ async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<()
                     "acknowledged": v.acknowledged,
                     "failed": v.failed,
                     "errors": result.errors,
+                    "retried": result.retried,
                     "writes_per_s": v.throughput,
                     "slowest_s": v.slowest,
                     "stddev_s": v.stddev,
@@ -330,6 +334,12 @@ async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<()
         if leader_changes > 0 {
             println!(
                 "the leader changed {leader_changes} time(s) during the run; the writes followed it"
+            );
+        }
+        if result.retried > 0 {
+            println!(
+                "{} time(s) a write was refused (not the leader) and sent again",
+                result.retried
             );
         }
         for line in &v.lines {
@@ -405,6 +415,10 @@ impl Pool {
     }
 }
 
+/// How long a write refused with "not the leader" is sent again before it counts as failed
+/// (spacectl's mutations wait out an election for up to 10 s; a benchmark gives up sooner).
+const RETRY_FOR: Duration = Duration::from_secs(2);
+
 /// A seconds bar on a terminal (nothing otherwise, or with JSON).
 fn progress(duration: f64, json: bool) -> indicatif::ProgressBar {
     if structured(json) || !std::io::stderr().is_terminal() {
@@ -464,37 +478,52 @@ async fn offer(
             });
             let mut latencies = Vec::new();
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut retried = 0u64;
             while let Ok(permit) = permits.acquire().await {
                 permit.forget();
-                let caller = pool.caller(i).await;
+                // A refused write was not carried out: like any client (and spacectl's own
+                // mutations), send it again, to the new leader if one is named, for up to
+                // RETRY_FOR. Its time counts from the first attempt.
                 let t = Instant::now();
-                let outcome = caller.call(&write).await;
+                let outcome = loop {
+                    let caller = pool.caller(i).await;
+                    match caller.call(&write).await {
+                        Ok(AdminReply::NotLeader { addr, .. }) if t.elapsed() < RETRY_FOR => {
+                            retried += 1;
+                            match addr {
+                                Some(addr) => pool.follow(caller.target(), &addr).await,
+                                // An election or a lapsed lease: give it a moment.
+                                None => tokio::time::sleep(Duration::from_millis(10)).await,
+                            }
+                        }
+                        other => break other,
+                    }
+                };
                 let took = t.elapsed().as_secs_f64();
                 answered_last.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 match outcome {
                     Ok(AdminReply::Applied(_)) => latencies.push(took),
-                    Ok(AdminReply::NotLeader { leader, addr }) => {
+                    Ok(AdminReply::NotLeader { leader, .. }) => {
                         *errors
-                            .entry(format!("not the leader any more (leader: {leader:?})"))
+                            .entry(format!(
+                                "not the leader (leader: {leader:?}) for {} s of retries",
+                                RETRY_FOR.as_secs()
+                            ))
                             .or_default() += 1;
-                        match addr {
-                            Some(addr) => pool.follow(caller.target(), &addr).await,
-                            // An election: give it a moment.
-                            None => tokio::time::sleep(Duration::from_millis(10)).await,
-                        }
                     }
                     Ok(other) => *errors.entry(format!("{other:?}")).or_default() += 1,
                     Err(e) => *errors.entry(e.to_string()).or_default() += 1,
                 }
             }
-            (latencies, errors)
+            (latencies, errors, retried)
         }));
     }
     let _ = pacer.await;
     let mut result = PerfResult::default();
     for w in workers {
-        if let Ok((latencies, errors)) = w.await {
+        if let Ok((latencies, errors, retried)) = w.await {
             result.latencies.extend(latencies);
+            result.retried += retried;
             for (e, n) in errors {
                 *result.errors.entry(e).or_default() += n;
             }
