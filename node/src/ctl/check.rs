@@ -647,6 +647,7 @@ mod tests {
         let fast = PerfResult {
             latencies: vec![0.002; 1_500],
             errors: BTreeMap::new(),
+            retried: 0,
             elapsed: Duration::from_secs(10),
         };
         let v = judge(&s, &fast);
@@ -656,6 +657,7 @@ mod tests {
         let mut slow = PerfResult {
             latencies: vec![0.002; 1_000],
             errors: BTreeMap::from([("boom".to_string(), 2)]),
+            retried: 0,
             elapsed: Duration::from_secs(10),
         };
         slow.latencies.push(0.75);
