@@ -65,12 +65,10 @@ pub(super) async fn run(cli: &Target, action: &DrCmd) -> Result<(), CtlError> {
                 AdminReply::DrStatus(s) => s,
                 other => return Err(odd(other)),
             };
-            if structured(*json) {
-                let text = dr_status_json(&status);
-                match serde_json::from_str::<serde_json::Value>(&text) {
-                    Ok(v) if !*json => println!("{}", emit(false, &v)),
-                    _ => println!("{text}"),
-                }
+            if *json {
+                println!("{}", dr_status_json(&status));
+            } else if structured(false) {
+                println!("{}", emit(false, &dr_status_value(&status)));
             } else {
                 print!("{}", dr_status_table(&status, crate::now_millis()));
             }
@@ -268,7 +266,12 @@ fn auto_failover(s: &DrStatus, now_ms: u64) -> String {
 
 /// `dr status --json`.
 pub fn dr_status_json(s: &DrStatus) -> String {
-    serde_json::to_string_pretty(&json!({
+    serde_json::to_string_pretty(&dr_status_value(s)).unwrap_or_default()
+}
+
+/// The fields of `dr status --json` (and `-o yaml`).
+fn dr_status_value(s: &DrStatus) -> serde_json::Value {
+    json!({
         "site": s.site,
         "role": s.role.to_string(),
         "epoch": s.epoch,
@@ -292,8 +295,7 @@ pub fn dr_status_json(s: &DrStatus) -> String {
         "script_note": s.script_note,
         "last_backup": s.last_backup.map(|(at, files, bytes)| json!({"taken_at_ms": at, "files": files, "bytes": bytes})),
         "backup_note": s.backup_note,
-    }))
-    .unwrap_or_default()
+    })
 }
 
 #[cfg(test)]
