@@ -708,6 +708,11 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
             .all(|r| r["term"] == rows[0]["term"] && r["applied_index"].as_u64().is_some()),
         "{rows:?}"
     );
+    // Each node's data dir, as it measures it: a store that holds the log is not empty.
+    assert!(
+        rows.iter().all(|r| r["db_bytes"].as_u64().is_some_and(|b| b > 0)),
+        "{rows:?}"
+    );
     let table = lab.ctl_ok(&n2, &["endpoint", "status"])?;
     assert!(
         table.starts_with("ENDPOINT") && table.lines().count() == 2,

@@ -427,7 +427,7 @@ fn version_names_commit_build_date_and_formats_and_log_flags_are_checked() {
     );
     assert!(text.contains(", built 20"), "{text}");
     assert!(text.contains("data format 6"), "{text}");
-    assert!(text.contains("spaced-admin/6"), "{text}");
+    assert!(text.contains("spaced-admin/7"), "{text}");
     let out = spacectl().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(", built 20"));
 

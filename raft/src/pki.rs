@@ -35,7 +35,7 @@ pub const ALPN_RAFT: &[u8] = b"spaced-raft/6";
 /// ALPN for admin CLI traffic, distinguishing it from Raft on the same port. Bump its version
 /// whenever the encoding of the admin requests or replies changes, so a `spacectl` of another
 /// build is refused at the handshake instead of misreading replies.
-pub const ALPN_ADMIN: &[u8] = b"spaced-admin/6";
+pub const ALPN_ADMIN: &[u8] = b"spaced-admin/7";
 
 /// QUIC's code for the TLS alert `no_application_protocol` (RFC 9001 §4.8: 0x100 + alert 120):
 /// the two ends share no ALPN.

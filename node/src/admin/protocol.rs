@@ -1,4 +1,4 @@
-//! The admin protocol (ALPN `spaced-admin/6`, [`spaced_raft::pki::ALPN_ADMIN`]): requests from `spacectl`, replies from a node.
+//! The admin protocol (ALPN `spaced-admin/7`, [`spaced_raft::pki::ALPN_ADMIN`]): requests from `spacectl`, replies from a node.
 //!
 //! Each request travels as a [`SignedRequest`]: the encoded [`AdminRequest`] with the admin's
 //! signature over it (see [`spaced_raft::proof`]), so that a node forwarding it to the leader
@@ -197,6 +197,8 @@ pub struct StatusReport {
     pub devices: u64,
     /// VIPs.
     pub vips: Vec<VipRow>,
+    /// Bytes the reporting node's data dir holds (log, fabric, snapshots), if it could be read.
+    pub db_bytes: Option<u64>,
 }
 
 /// One device row for `device list`.

@@ -47,6 +47,8 @@ pub struct AdminServer {
     pub(super) proofs: Proofs,
     /// The DR watchdog, on a node with a `[dr]` section.
     pub(super) dr: Option<Arc<spaced_replication::Watchdog>>,
+    /// The node's data dir, whose size `status` reports.
+    pub(super) data_dir: std::path::PathBuf,
 }
 
 /// This node's check of admin request proofs: its TLS material (the CA) and the nonces seen.
@@ -123,6 +125,7 @@ impl AdminServer {
         device_lost_after: Duration,
         tls: TlsMaterial,
         dr: Option<Arc<spaced_replication::Watchdog>>,
+        data_dir: std::path::PathBuf,
     ) -> Arc<Self> {
         Arc::new(AdminServer {
             cluster,
@@ -136,6 +139,7 @@ impl AdminServer {
                 seen: Default::default(),
             },
             dr,
+            data_dir,
         })
     }
 
@@ -574,6 +578,7 @@ impl AdminServer {
             nodes,
             devices,
             vips: self.placements.vip_rows(),
+            db_bytes: dir_bytes(&self.data_dir).ok(),
         }
     }
 }
@@ -729,10 +734,41 @@ pub async fn serve_admin(server: Arc<AdminServer>, conn: quinn::Connection, admi
     }
 }
 
+/// The bytes the files under `dir` hold (its subdirectories too), as `du --apparent-size`
+/// counts them: the size of a node's data dir for `endpoint status`. Files that vanish while
+/// it looks (sled replaces its snapshot files) are skipped.
+pub fn dir_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let Ok(entry) = entry else { continue };
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else {
+                total = total.saturating_add(meta.len());
+            }
+        }
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use spaced_fabric::AdminState;
+
+    #[test]
+    fn a_data_dirs_size_counts_the_files_of_its_subdirectories() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db"), vec![0u8; 1000]).unwrap();
+        std::fs::create_dir_all(dir.path().join("blobs/a")).unwrap();
+        std::fs::write(dir.path().join("blobs/a/1"), vec![0u8; 234]).unwrap();
+        std::fs::write(dir.path().join("blobs/2"), b"").unwrap();
+        assert_eq!(dir_bytes(dir.path()).unwrap(), 1234);
+        assert!(dir_bytes(&dir.path().join("none")).is_err());
+    }
 
     #[test]
     fn admins_cannot_move_owners_or_membership_with_raw_commands() {

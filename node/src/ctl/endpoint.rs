@@ -178,6 +178,7 @@ fn row(a: &Answer) -> serde_json::Value {
         "leader": r.leader,
         "term": r.term,
         "applied_index": r.last_applied,
+        "db_bytes": r.db_bytes,
         "voter": me.map(|n| n.voter),
         "took_ms": a.took.as_secs_f64() * 1000.0,
         "error": a.problem(),
@@ -222,16 +223,36 @@ fn status_table(rows: &[serde_json::Value]) -> String {
                 leader,
                 text(&r["term"]),
                 text(&r["applied_index"]),
+                r["db_bytes"].as_u64().map_or("-".to_string(), size),
                 text(&r["error"]),
             ]
         })
         .collect();
     super::render::table(
         &[
-            "ENDPOINT", "ID", "NAME", "VERSION", "LEADER", "TERM", "APPLIED", "ERROR",
+            "ENDPOINT", "ID", "NAME", "VERSION", "LEADER", "TERM", "APPLIED", "DB SIZE", "ERROR",
         ],
         &cells,
     )
+}
+
+/// A size as etcdctl prints its DB SIZE: `836 B`, `20 kB`, `1.2 MB` (powers of 1,000).
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
+    if bytes < 1000 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if v < 10.0 {
+        format!("{v:.1} {}", UNITS[unit])
+    } else {
+        format!("{v:.0} {}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]
@@ -246,6 +267,7 @@ mod tests {
             leader_addr: None,
             term: 4,
             last_applied: Some(17),
+            db_bytes: Some(1_234_567),
             nodes: Vec::new(),
             devices: 0,
             vips: Vec::new(),
@@ -267,9 +289,19 @@ mod tests {
         let table = status_table(&[row(&a(Ok(report(Some(1))))), row(&a(Err("gone".into())))]);
         assert_eq!(
             table,
-            "ENDPOINT       ID  NAME  VERSION  LEADER  TERM  APPLIED  ERROR\n\
-             10.0.0.2:7000  2   -     -        no (1)  4     17       -\n\
-             10.0.0.2:7000  -   -     -        -       -     -        gone\n"
+            "ENDPOINT       ID  NAME  VERSION  LEADER  TERM  APPLIED  DB SIZE  ERROR\n\
+             10.0.0.2:7000  2   -     -        no (1)  4     17       1.2 MB   -\n\
+             10.0.0.2:7000  -   -     -        -       -     -        -        gone\n"
         );
+    }
+
+    #[test]
+    fn sizes_read_as_etcdctl_prints_them() {
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(999), "999 B");
+        assert_eq!(size(1000), "1.0 kB");
+        assert_eq!(size(20_480), "20 kB");
+        assert_eq!(size(1_234_567), "1.2 MB");
+        assert_eq!(size(u64::MAX), "18446744 TB");
     }
 }

@@ -484,6 +484,7 @@ impl Node {
             device_lost_after,
             tls.clone(),
             watchdog.clone(),
+            cfg.data_dir.clone(),
         );
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
