@@ -626,6 +626,100 @@ fn dry_run_changes_nothing_and_yaml_output() -> Result<()> {
     Ok(())
 }
 
+/// `device set` and `service set` (issue 20): a dry run says what would change and changes
+/// nothing; the real one changes only the fields named; unknown names and empty changes are
+/// refused with the name, exit 1 or 2.
+#[test]
+fn device_and_service_set_change_only_what_they_name() -> Result<()> {
+    let lab = Lab::start3()?;
+    let n2 = lab.procs[1].addr.clone();
+    let device = |id: &str| -> Result<Value> {
+        let v: Value = serde_json::from_str(&lab.ctl_ok(&n2, &["device", "list", "--json"])?)?;
+        v.as_array()
+            .and_then(|a| a.iter().find(|d| d["id"] == id).cloned())
+            .with_context(|| format!("device {id}: {v}"))
+    };
+    lab.ctl_ok(&n2, &["device", "add", "--id", "set-1", "--addr", "127.9.0.1:1"])?;
+    let out = lab.ctl_ok(&n2, &["--dry-run", "device", "set", "set-1", "--addr", "127.9.0.9:2"])?;
+    assert!(
+        out.contains("would change device set-1: 127.9.0.1:1 SpaceInitiated -> 127.9.0.9:2 SpaceInitiated"),
+        "{out}"
+    );
+    assert_eq!(device("set-1")?["addr"], "127.9.0.1:1");
+    lab.ctl_ok(&n2, &["device", "set", "set-1", "--addr", "127.9.0.9:2"])?;
+    let d = device("set-1")?;
+    assert_eq!((&d["addr"], &d["mode"]), (&serde_json::json!("127.9.0.9:2"), &serde_json::json!("space-initiated")), "{d}");
+    lab.ctl_ok(&n2, &["device", "set", "set-1", "--mode", "device-initiated"])?;
+    let d = device("set-1")?;
+    assert_eq!((&d["addr"], &d["mode"]), (&serde_json::json!("127.9.0.9:2"), &serde_json::json!("device-initiated")), "{d}");
+    for (args, code, why) in [
+        (vec!["device", "set", "nope", "--addr", "127.9.0.3:1"], 1, "no device \"nope\""),
+        (vec!["device", "set", "set-1"], 2, "say what changes"),
+        (vec!["device", "set", "set-1", "--addr", "bad addr"], 2, "bad addr"),
+    ] {
+        let out = lab.ctl(&n2, &args)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+
+    let spec = || -> Result<Value> {
+        let v: Value = serde_json::from_str(&lab.ctl_ok(&n2, &["service", "list", "--json"])?)?;
+        v["services"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == "web").cloned())
+            .with_context(|| format!("service web: {v}"))
+    };
+    lab.ctl_ok(
+        &n2,
+        &["service", "add", "web", "--scope", "every-node", "--roles", "app", "--", "sleep", "100"],
+    )?;
+    let out = lab.ctl_ok(
+        &n2,
+        &["--dry-run", "service", "set", "web", "--health-check", "true", "--", "sleep", "200"],
+    )?;
+    assert!(
+        out.contains("would change service web (every-node"),
+        "{out}"
+    );
+    assert!(
+        out.contains("command \"sleep 100\" -> \"sleep 200\"")
+            && out.contains("health check none -> \"true\""),
+        "{out}"
+    );
+    assert_eq!(spec()?["command"], serde_json::json!(["sleep", "100"]));
+    lab.ctl_ok(&n2, &["service", "set", "web", "--health-check", "true"])?;
+    let s = spec()?;
+    assert_eq!(
+        (&s["command"], &s["health_check"], &s["roles"]),
+        (&serde_json::json!(["sleep", "100"]), &serde_json::json!(["true"]), &serde_json::json!(["app"])),
+        "{s}"
+    );
+    lab.ctl_ok(&n2, &["service", "set", "web", "--roles", "app,db", "--", "sleep", "200"])?;
+    let s = spec()?;
+    assert_eq!(
+        (&s["command"], &s["health_check"], &s["roles"]),
+        (&serde_json::json!(["sleep", "200"]), &serde_json::json!(["true"]), &serde_json::json!(["app", "db"])),
+        "{s}"
+    );
+    let out = lab.ctl_ok(&n2, &["service", "set", "web", "--no-health-check"])?;
+    assert!(out.contains("service web changed"), "{out}");
+    assert_eq!(spec()?["health_check"], Value::Null);
+    let out = lab.ctl_ok(&n2, &["service", "set", "web", "--no-health-check"])?;
+    assert!(out.contains("unchanged"), "{out}");
+    let out = lab.ctl(&n2, &["service", "set", "nope", "--no-health-check"])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no service \"nope\""));
+
+    // vip set: a VIP that does not exist is named in the plan and refused.
+    let out = lab.ctl_ok(&n2, &["--dry-run", "vip", "set", "side", "--roles", "app"])?;
+    assert!(out.contains("no VIP side: the leader would refuse it"), "{out}");
+    let out = lab.ctl(&n2, &["vip", "set", "side", "--roles", "app"])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VIP \"side\""));
+    Ok(())
+}
+
 #[test]
 fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     let lab = Lab::start3()?;

@@ -1187,6 +1187,128 @@ fn vip_add_is_checked_on_the_nodes_and_a_node_that_cannot_hold_it_gives_it_back(
 const LB_PORT: u16 = 80;
 const APP_PORT: u16 = 8081;
 
+/// `vip set` (issue 20): a roles-only change the owner survives keeps the address up where
+/// it is; a new address is removed from the owner before any host adds the new one, and never
+/// two hosts hold either; the clients follow. Refusals (a bad address, roles nobody has) change
+/// nothing and release nothing.
+#[test]
+fn vip_set_changes_roles_in_place_and_moves_a_new_address_without_overlap() -> Result<()> {
+    let _serial = one_lab();
+    let Some(f) = Fabric::start(&[&["ha"], &["ha", "db"], &["ha", "db"]])? else {
+        return Ok(());
+    };
+    let h1 = f.endpoint(1);
+    let prefix = f.lab.subnet_prefix();
+    let (old_ip, new_ip) = (IpAddr::V4(f.lab.free_ip(0)), IpAddr::V4(f.lab.free_ip(1)));
+    f.ctl(
+        &h1,
+        &[
+            "vip",
+            "add",
+            "--name",
+            "cluster",
+            "--address",
+            &format!("{old_ip}/{prefix}"),
+            "--interface",
+            "eth0",
+            "--roles",
+            "ha",
+        ],
+    )?;
+    let owner = wait_served(&f, "cluster", old_ip, None)?;
+    let epoch = f.vip_entry("cluster").context("cluster VIP")?["epoch"].clone();
+
+    // Roles only, the owner keeps one of them: nothing moves, the address never goes down.
+    let watch_old = AddressWatch::start(
+        &f.lab,
+        &f.host_namespaces(),
+        old_ip,
+        Duration::from_millis(2),
+    )?;
+    let roles = "ha,db";
+    let out = f.ctl(&h1, &["vip", "set", "cluster", "--roles", roles])?;
+    assert!(out.contains("VIP cluster changed"), "{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    let report = watch_old.stop();
+    let v = f.vip_entry("cluster").context("cluster VIP")?;
+    assert_eq!(v["roles"], serde_json::json!(["db", "ha"]), "{v}");
+    assert_eq!((v["owner"].as_u64(), &v["epoch"]), (Some(owner as u64), &epoch), "{v}");
+    assert!(
+        report
+            .holders_over_time
+            .iter()
+            .all(|(_, h)| h.len() == 1),
+        "the address went down or moved on a roles-only change: {:?}",
+        report.holders_over_time
+    );
+
+    // Refused before anything is released: another VIP's address shape, roles nobody has.
+    for (args, why) in [
+        (vec!["--address", "10.0.0.300/24"], "10.0.0.300"),
+        (vec!["--roles", "nobody"], "no node has any of the roles"),
+    ] {
+        let mut all = vec!["vip", "set", "cluster"];
+        all.extend(args);
+        let out = f.ctl_output(&h1, &all)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{all:?}: {err}");
+        assert_eq!(f.vip_owner("cluster", None), Some(owner as u64), "{all:?} released it");
+    }
+
+    // A new address: the owner removes the old one first; at no sample do two hosts hold
+    // either address, and the new one is served. (The watch of the new address starts first,
+    // so its clock runs ahead of the other's: the order check below errs towards passing by a
+    // sampling round, never towards failing.)
+    let watch_new = AddressWatch::start(
+        &f.lab,
+        &f.host_namespaces(),
+        new_ip,
+        Duration::from_millis(2),
+    )?;
+    let watch_old = AddressWatch::start(
+        &f.lab,
+        &f.host_namespaces(),
+        old_ip,
+        Duration::from_millis(2),
+    )?;
+    let out = f.ctl(
+        &h1,
+        &["vip", "set", "cluster", "--address", &format!("{new_ip}/{prefix}")],
+    )?;
+    assert!(out.contains("VIP cluster changed"), "{out}");
+    let new_owner = wait_served(&f, "cluster", new_ip, None)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (old, new) = (watch_old.stop(), watch_new.stop());
+    assert_eq!(old.max_holders, 1, "{:?}", old.overlaps);
+    assert_eq!(new.max_holders, 1, "{:?}", new.overlaps);
+    let last_old = old.holders_over_time.last().context("old address samples")?;
+    assert!(last_old.1.is_empty(), "the old address is still up: {last_old:?}");
+    let first_new = new
+        .holders_over_time
+        .iter()
+        .find(|(_, h)| !h.is_empty())
+        .context("the new address was never up")?;
+    assert!(
+        old.holders_over_time
+            .iter()
+            .filter(|(_, h)| h.is_empty())
+            .any(|(t, _)| *t <= first_new.0),
+        "the new address came up before the old one went: old {:?}, new {:?}",
+        old.holders_over_time,
+        new.holders_over_time
+    );
+    for ns in f.host_namespaces() {
+        assert!(!f.lab.addresses(&ns)?.contains(&old_ip), "{ns} kept the old address");
+    }
+    let v = f.vip_entry("cluster").context("cluster VIP")?;
+    assert_eq!(v["address"], format!("{new_ip}/{prefix}"), "{v}");
+    assert_eq!(v["owner"].as_u64(), Some(new_owner as u64), "{v}");
+    // Nothing to change says so.
+    let out = f.ctl(&h1, &["vip", "set", "cluster", "--roles", roles])?;
+    assert!(out.contains("unchanged"), "{out}");
+    Ok(())
+}
+
 #[test]
 fn balancer_on_the_vip_spreads_over_app_nodes_and_follows_the_vip() -> Result<()> {
     let _serial = one_lab();

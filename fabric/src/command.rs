@@ -208,7 +208,36 @@ pub enum Command {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// Change a VIP's address, interface or eligible roles (`vip set`). A new address or
+    /// interface needs the VIP unowned (the owner fences and releases it first, so no host
+    /// ever holds the old address under the new spec); a held VIP's roles change only while
+    /// its owner keeps one of them. Its epoch stays; its refusals are forgotten (they were
+    /// about the old spec).
+    /// Data format [`SET_COMMANDS_FORMAT`]: refused until every node runs it.
+    SetPlacement {
+        /// Placement name.
+        name: String,
+        /// The new VIP (a singleton's placement follows its service, and is refused here).
+        kind: PlacementKind,
+        /// Roles eligible to hold it; must not be empty.
+        eligible_roles: BTreeSet<String>,
+    },
+    /// Change a registered device's address or mode (`device set`). Its owner keeps it and
+    /// connects anew: the device is `Connecting` from `at`. Data format
+    /// [`SET_COMMANDS_FORMAT`]: refused until every node runs it.
+    SetDevice {
+        /// The device (by id) with its new address and mode.
+        device: NewDevice,
+        /// Proposer's clock.
+        at: Millis,
+    },
 }
+
+/// The data format that brought [`Command::SetPlacement`] and [`Command::SetDevice`]. A build
+/// of an older format cannot decode them, so the fabric refuses both while any node's recorded
+/// version (its `SetVersion`, which ends in `data format N`) names an older format or none:
+/// during a rolling upgrade they wait until the last node runs the new build.
+pub const SET_COMMANDS_FORMAT: u32 = 7;
 
 /// Largest payload a [`Command::Probe`] may carry.
 pub const MAX_PROBE_BYTES: usize = 64 * 1024;
@@ -283,6 +312,8 @@ impl std::fmt::Display for Command {
                 Some(t) => write!(f, "set-auto-failover off until {t}"),
             },
             Command::Probe { bytes } => write!(f, "probe of {} bytes", bytes.len()),
+            Command::SetPlacement { name, .. } => write!(f, "set-placement {name}"),
+            Command::SetDevice { device, .. } => write!(f, "set-device {}", device.id),
             Command::Mirror { changes, position } => match position {
                 Some(p) => write!(f, "mirror x{} up to {} {}", changes.len(), p.site, p.index),
                 None => write!(f, "mirror x{}", changes.len()),

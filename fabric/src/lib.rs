@@ -17,7 +17,9 @@ pub mod validate;
 
 mod apply;
 
-pub use command::{Command, CommandError, MAX_PROBE_BYTES, Outcome};
+pub use apply::recorded_format;
+
+pub use command::{Command, CommandError, MAX_PROBE_BYTES, Outcome, SET_COMMANDS_FORMAT};
 pub use model::*;
 pub use validate::*;
 

@@ -300,6 +300,11 @@ impl ClusterState {
     /// Commits `cmd` through this node (it must lead) and returns its applied result, refused
     /// commands included; records the commit latency.
     pub async fn commit(&self, cmd: Command) -> Result<Response, ProposeError> {
+        // Refused before it is logged: the entry would reach nodes of an older data format,
+        // which cannot decode it (the fabric refuses it too, in the same words).
+        if let Err(e) = self.view.read(|f| f.format_allows(&cmd)) {
+            return Ok(Err(e));
+        }
         let started = Instant::now();
         match self.raft.client_write(cmd).await {
             Ok(resp) => {

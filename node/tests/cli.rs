@@ -426,7 +426,11 @@ fn version_names_commit_build_date_and_formats_and_log_flags_are_checked() {
         "{text}"
     );
     assert!(text.contains(", built 20"), "{text}");
-    assert!(text.contains("data format 6"), "{text}");
+    assert!(
+        text.contains("data format 7 (format 6 dirs and backups read too)")
+            && text.contains("spaced-raft/7, spaced-raft/6 (to nodes of format 6"),
+        "{text}"
+    );
     assert!(text.contains("spaced-admin/7"), "{text}");
     let out = spacectl().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(", built 20"));

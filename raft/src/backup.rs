@@ -117,7 +117,8 @@ impl BackupBody {
         let mut format = [0u8; 4];
         format.copy_from_slice(&bytes[16..20]);
         let found = u32::from_be_bytes(format);
-        if found != DATA_FORMAT {
+        // The previous format's backups read the same (format 7 only added commands).
+        if found != DATA_FORMAT && found != crate::store::PREVIOUS_FORMAT {
             return Err(BackupError::Format {
                 found,
                 expected: DATA_FORMAT,
@@ -184,6 +185,17 @@ mod tests {
         let b = body();
         let bytes = b.encode().unwrap();
         assert_eq!(&bytes[..16], MAGIC);
+        assert_eq!(BackupBody::decode(&bytes).unwrap(), b);
+    }
+
+    #[test]
+    fn a_backup_of_the_previous_format_reads_back() {
+        let b = body();
+        let mut bytes = b.encode().unwrap();
+        bytes.truncate(bytes.len() - DIGEST);
+        bytes[16..20].copy_from_slice(&crate::store::PREVIOUS_FORMAT.to_be_bytes());
+        let digest = sha256(&bytes);
+        bytes.extend_from_slice(&digest);
         assert_eq!(BackupBody::decode(&bytes).unwrap(), b);
     }
 

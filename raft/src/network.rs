@@ -257,6 +257,9 @@ fn network(msg: String) -> RPCError<TypeConfig> {
 
 /// QUIC application close code for a connection whose peer's certificate was revoked.
 pub const REVOKED_CLOSE: u32 = 0x5e_01;
+/// The QUIC close code for a peer refused because it speaks only the previous data format's
+/// protocol after the cluster moved on (see [`QuicNetwork::refuse_previous`]).
+pub const PREVIOUS_FORMAT_CLOSE: u32 = 0x5e_02;
 
 /// Whether the peer of `conn` presented a certificate that `revoked` holds.
 fn peer_revoked(conn: &quinn::Connection, revoked: &crate::pki::Revoked) -> bool {
@@ -289,6 +292,9 @@ pub struct QuicNetwork {
     /// Revoked certificates: a cached connection to a peer whose certificate was revoked
     /// since is closed instead of used (a new one fails in the handshake).
     revoked: crate::pki::Revoked,
+    /// Whether a peer that speaks only the previous format's protocol is refused (every
+    /// node of the cluster has recorded this build's format: see [`Self::refuse_previous`]).
+    refuse_previous: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl QuicNetwork {
@@ -304,7 +310,24 @@ impl QuicNetwork {
             client_config: Arc::new(std::sync::RwLock::new(client_config)),
             conns: Arc::default(),
             revoked: Default::default(),
+            refuse_previous: Arc::default(),
         }
+    }
+
+    /// From now on (`yes`), a peer that negotiates only [`crate::pki::ALPN_RAFT_PREVIOUS`] is
+    /// refused when dialed: once every node has recorded this build's format, commands the
+    /// previous build cannot decode may be in the log (the node flips this as its fabric
+    /// says). Connections already open are closed on their next use.
+    pub fn refuse_previous(&self, yes: bool) {
+        self.refuse_previous
+            .store(yes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether `conn` speaks only the previous format's protocol while that is refused.
+    fn refused_as_previous(&self, conn: &quinn::Connection) -> bool {
+        self.refuse_previous
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && negotiated(conn).as_deref() == Some(crate::pki::ALPN_RAFT_PREVIOUS)
     }
 
     /// The config new connections are dialed with.
@@ -342,10 +365,13 @@ impl QuicNetwork {
         if let Some(c) = slot.as_ref()
             && c.close_reason().is_none()
         {
-            if !peer_revoked(c, &self.revoked) {
+            if peer_revoked(c, &self.revoked) {
+                c.close(REVOKED_CLOSE.into(), b"certificate revoked");
+            } else if self.refused_as_previous(c) {
+                c.close(PREVIOUS_FORMAT_CLOSE.into(), b"previous data format");
+            } else {
                 return Ok(c.clone());
             }
-            c.close(REVOKED_CLOSE.into(), b"certificate revoked");
         }
         *slot = None;
         let dial = |why: String| RpcError::Dial {
@@ -370,6 +396,16 @@ impl QuicNetwork {
                     crate::pki::ALPN_RAFT,
                 ))
             })?;
+        if self.refused_as_previous(&conn) {
+            conn.close(PREVIOUS_FORMAT_CLOSE.into(), b"previous data format");
+            return Err(dial(format!(
+                "it speaks only {} (data format {}), and every node of this cluster has \
+                 recorded data format {}: upgrade it to this build",
+                String::from_utf8_lossy(crate::pki::ALPN_RAFT_PREVIOUS),
+                crate::store::PREVIOUS_FORMAT,
+                crate::store::DATA_FORMAT
+            )));
+        }
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -412,6 +448,13 @@ impl QuicNetwork {
         .await
         .map_err(|_| RpcError::Timeout { node: target, ttl })?
     }
+}
+
+/// The protocol (ALPN) `conn` negotiated.
+pub fn negotiated(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
 }
 
 /// Why a host:port could not be resolved.

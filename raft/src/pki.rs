@@ -31,7 +31,16 @@ pub const ADMIN_DOMAIN: &str = "admin.spaced";
 /// the data format ([`crate::store::DATA_FORMAT`]): log entries and snapshots travel in the
 /// encoding the store keeps, so nodes of different formats must not talk. A node of another
 /// format fails the handshake ([`explain_connection_error`]) instead of misreading the log.
-pub const ALPN_RAFT: &[u8] = b"spaced-raft/6";
+pub const ALPN_RAFT: &[u8] = b"spaced-raft/7";
+/// The Raft protocol of the previous data format ([`crate::store::PREVIOUS_FORMAT`]), which
+/// this build also speaks, so a cluster is upgraded one node at a time: format 7 only adds
+/// commands, which the fabric refuses until every node runs format 7 (see
+/// `spaced_fabric::SET_COMMANDS_FORMAT`), so what travels meanwhile reads the same in both.
+/// Once every node has recorded format 7, a peer on this protocol is refused (see
+/// [`crate::network::QuicNetwork::refuse_previous`]): it could not decode the log any more.
+pub const ALPN_RAFT_PREVIOUS: &[u8] = b"spaced-raft/6";
+/// The Raft protocols a node offers when it dials, newest first.
+pub const ALPNS_RAFT: &[&[u8]] = &[ALPN_RAFT, ALPN_RAFT_PREVIOUS];
 /// ALPN for admin CLI traffic, distinguishing it from Raft on the same port. Bump its version
 /// whenever the encoding of the admin requests or replies changes, so a `spacectl` of another
 /// build is refused at the handshake instead of misreading replies.
@@ -732,12 +741,12 @@ impl TlsMaterial {
 
     /// QUIC server config: requires a client certificate chained to the CA and carrying a
     /// spaced identity (rustls WebPkiClientVerifier plus a SAN check), ALPN =
-    /// [ALPN_RAFT, ALPN_ADMIN], transport = the given config.
+    /// [ALPN_RAFT, ALPN_RAFT_PREVIOUS, ALPN_ADMIN], transport = the given config.
     pub fn server_config(
         &self,
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ServerConfig, PkiError> {
-        self.server_config_for(transport, &[ALPN_RAFT, ALPN_ADMIN])
+        self.server_config_for(transport, &[ALPN_RAFT, ALPN_RAFT_PREVIOUS, ALPN_ADMIN])
     }
 
     /// [`server_config`](Self::server_config) speaking the protocols `alpns`.
@@ -789,6 +798,15 @@ impl TlsMaterial {
         alpn: &[u8],
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ClientConfig, PkiError> {
+        self.client_config_for(&[alpn], transport)
+    }
+
+    /// [`client_config`](Self::client_config) offering the protocols `alpns`, preferred first.
+    pub fn client_config_for(
+        &self,
+        alpns: &[&[u8]],
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ClientConfig, PkiError> {
         let inner =
             WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
                 .build()
@@ -813,7 +831,7 @@ impl TlsMaterial {
                 what: "client",
                 source,
             })?;
-        tls.alpn_protocols = vec![alpn.to_vec()];
+        tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|source| {
             PkiError::Quic {
                 what: "client",

@@ -56,12 +56,20 @@ const KEY_FORMAT: &[u8] = b"format";
 /// 6: the fabric records the site's disaster-recovery role, epoch and mirror position, with
 /// the `SetSiteRole` and `Mirror` commands (a format 5 dir is upgraded in place: its snapshot,
 /// if any, is read as a standalone site's and stored again in format 6).
-pub const DATA_FORMAT: u32 = 6;
+/// 7: the `SetPlacement` and `SetDevice` commands, appended (a format 6 dir reads unchanged and
+/// is upgraded in place; a format 7 node speaks format 6's protocol to nodes not yet upgraded:
+/// see [`PREVIOUS_FORMAT`]).
+pub const DATA_FORMAT: u32 = 7;
+
+/// The format before [`DATA_FORMAT`], whose nodes this build still talks to
+/// ([`crate::pki::ALPN_RAFT_PREVIOUS`]) and whose backups it restores: its log entries,
+/// snapshots and messages read the same in both, so a cluster is upgraded one node at a time.
+pub const PREVIOUS_FORMAT: u32 = 6;
 
 /// Formats whose data this build reads (only additions since, and a snapshot it converts):
 /// a dir of one of them is re-marked with [`DATA_FORMAT`] when opened, after which older
-/// builds refuse it by name. Format 5 (formats 2 to 4 were, up to format 4).
-pub const UPGRADES_FROM: &[u32] = &[5];
+/// builds refuse it by name. Formats 5 and 6 (formats 2 to 4 were, up to format 4).
+pub const UPGRADES_FROM: &[u32] = &[5, PREVIOUS_FORMAT];
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -50,6 +50,25 @@ impl Fabric {
         Ok(Outcome::DevicesAdded(devices.len() as u64))
     }
 
+    /// `device set`: a new address or mode; the owner keeps the device and connects anew.
+    pub(super) fn set_device(&mut self, new: &NewDevice, at: &Millis) -> Result<Outcome, CommandError> {
+        check_device_addr(&new.addr)?;
+        let d = self
+            .devices
+            .get_mut(&new.id)
+            .ok_or_else(|| not_found("device", &new.id))?;
+        if d.addr == new.addr && d.mode == new.mode {
+            return Ok(Outcome::Done);
+        }
+        d.addr = new.addr.clone();
+        d.mode = new.mode;
+        if d.owner.is_some() {
+            d.status = DeviceStatus::Connecting;
+            d.since = *at;
+        }
+        Ok(Outcome::Done)
+    }
+
     pub(super) fn remove_device(&mut self, id: &String) -> Result<Outcome, CommandError> {
         self.devices
             .remove(id)

@@ -8,6 +8,8 @@ mod placements;
 mod services;
 mod site;
 
+pub use nodes::recorded_format;
+
 use crate::command::{Command, CommandError, Outcome};
 use crate::model::Fabric;
 
@@ -35,6 +37,7 @@ impl Fabric {
     /// [`Fabric::apply_at`] past the site's role check (a standby applies mirrored changes
     /// through it).
     fn apply_allowed(&mut self, index: u64, cmd: &Command) -> Result<Outcome, CommandError> {
+        self.format_allows(cmd)?;
         match cmd {
             Command::RegisterNode {
                 id,
@@ -97,6 +100,12 @@ impl Fabric {
                 })
             }
             Command::Probe { .. } => Ok(Outcome::Done),
+            Command::SetPlacement {
+                name,
+                kind,
+                eligible_roles,
+            } => self.set_placement(name, kind, eligible_roles),
+            Command::SetDevice { device, at } => self.set_device(device, at),
         }
     }
 }

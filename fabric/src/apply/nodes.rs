@@ -5,13 +5,60 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use crate::NodeId;
-use crate::command::{CommandError, Outcome};
+use crate::command::{Command, CommandError, Outcome, SET_COMMANDS_FORMAT};
 use crate::model::{
     AdminState, DeviceStatus, Fabric, MAX_REVOCATION_REASON, Millis, NodeRecord, Revocation,
 };
 use crate::validate::{check_mgmt_ip, check_name, exists, invalid, not_found};
 
+/// The data format a node's recorded version names (it ends in `data format N`), if any.
+pub fn recorded_format(version: &str) -> Option<u32> {
+    let (_, after) = version.rsplit_once("data format ")?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 impl Fabric {
+    /// The nodes (id, name, recorded format) that do not yet run data format `format`: their
+    /// recorded version names an older one, or none (not recorded yet).
+    pub fn nodes_below_format(&self, format: u32) -> Vec<(NodeId, String, Option<u32>)> {
+        self.nodes
+            .iter()
+            .map(|(id, n)| (*id, n.name.clone(), recorded_format(&n.version)))
+            .filter(|(_, _, f)| f.is_none_or(|f| f < format))
+            .collect()
+    }
+
+    /// Commands that an older build cannot decode wait until every node runs the format that
+    /// brought them (during a rolling upgrade, until the last node is upgraded). The leader
+    /// asks this before it proposes such a command: the log entry itself would reach the
+    /// nodes that cannot decode it.
+    pub fn format_allows(&self, cmd: &Command) -> Result<(), CommandError> {
+        if !matches!(cmd, Command::SetPlacement { .. } | Command::SetDevice { .. }) {
+            return Ok(());
+        }
+        let behind = self.nodes_below_format(SET_COMMANDS_FORMAT);
+        if behind.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = behind
+            .iter()
+            .map(|(id, name, f)| match f {
+                Some(f) => format!("{name} (node {id}) runs data format {f}"),
+                None => format!("{name} (node {id}) has recorded no version yet"),
+            })
+            .collect();
+        Err(invalid(
+            "data format",
+            &SET_COMMANDS_FORMAT.to_string(),
+            &format!(
+                "{cmd} needs every node on data format {SET_COMMANDS_FORMAT} or later (finish \
+                 the rolling upgrade first): {}",
+                names.join(", ")
+            ),
+        ))
+    }
+
     pub(super) fn set_version(
         &mut self,
         id: &NodeId,

@@ -19,44 +19,10 @@ impl Fabric {
         index: u64,
     ) -> Result<Outcome, CommandError> {
         check_name("placement name", name)?;
-        if eligible_roles.is_empty() {
-            return Err(invalid(
-                "eligible roles",
-                "",
-                "at least one role is required",
-            ));
-        }
-        eligible_roles
-            .iter()
-            .try_for_each(|r| check_name("role", r))?;
         if self.placements.contains_key(name) {
             return Err(exists("placement", name));
         }
-        match kind {
-            PlacementKind::Vip { address, interface } => {
-                check_vip_address(address)?;
-                if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
-                    return Err(invalid(
-                        "interface",
-                        interface,
-                        "not a Linux interface name",
-                    ));
-                }
-                let ip = vip_ip(address);
-                let taken = self.placements.iter().find(|(_, p)| match &p.kind {
-                    PlacementKind::Vip { address: other, .. } => vip_ip(other) == ip,
-                    _ => false,
-                });
-                if let Some((other, _)) = taken {
-                    return Err(CommandError::InUse {
-                        what: "VIP address".into(),
-                        key: address.clone(),
-                        why: format!("placement {other:?} has it"),
-                    });
-                }
-            }
-            PlacementKind::Singleton { service } => check_name("service name", service)?,
-        }
+        self.check_placement_spec(name, kind, eligible_roles)?;
         self.placements.insert(
             name.clone(),
             Placement {
@@ -69,6 +35,106 @@ impl Fabric {
             },
         );
         Ok(Outcome::Done)
+    }
+
+    /// `vip set`: a new spec for a VIP, checked as `add_placement` checks one; only its roles
+    /// change while it is held (and only if its owner keeps one).
+    pub(super) fn set_placement(
+        &mut self,
+        name: &String,
+        kind: &PlacementKind,
+        eligible_roles: &BTreeSet<String>,
+    ) -> Result<Outcome, CommandError> {
+        let p = self
+            .placements
+            .get(name)
+            .ok_or_else(|| not_found("placement", name))?;
+        if !matches!(p.kind, PlacementKind::Vip { .. }) || !matches!(kind, PlacementKind::Vip { .. })
+        {
+            return Err(invalid(
+                "placement",
+                name,
+                "only a VIP's spec is set this way (a singleton follows its service)",
+            ));
+        }
+        // A held VIP keeps its address and interface; its roles may change while its owner
+        // keeps one of them. Anything else needs the owner to fence and release it first.
+        if let Some(owner) = p.owner {
+            let why = if p.kind != *kind {
+                Some(format!("held by node {owner}; release it first"))
+            } else if self
+                .nodes
+                .get(&owner)
+                .is_none_or(|n| n.roles.is_disjoint(eligible_roles))
+            {
+                Some(format!(
+                    "held by node {owner}, which has none of the roles {eligible_roles:?}; \
+                     release it first"
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(CommandError::InUse {
+                    what: "placement".into(),
+                    key: name.clone(),
+                    why,
+                });
+            }
+        }
+        self.check_placement_spec(name, kind, eligible_roles)?;
+        if let Some(p) = self.placements.get_mut(name) {
+            p.kind = kind.clone();
+            p.eligible_roles = eligible_roles.clone();
+            p.refused.clear();
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// The checks a placement's spec passes: roles, and a VIP's address (unique among the
+    /// other placements) and interface.
+    fn check_placement_spec(
+        &self,
+        name: &str,
+        kind: &PlacementKind,
+        eligible_roles: &BTreeSet<String>,
+    ) -> Result<(), CommandError> {
+        if eligible_roles.is_empty() {
+            return Err(invalid(
+                "eligible roles",
+                "",
+                "at least one role is required",
+            ));
+        }
+        eligible_roles
+            .iter()
+            .try_for_each(|r| check_name("role", r))?;
+        match kind {
+            PlacementKind::Vip { address, interface } => {
+                check_vip_address(address)?;
+                if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
+                    return Err(invalid(
+                        "interface",
+                        interface,
+                        "not a Linux interface name",
+                    ));
+                }
+                let ip = vip_ip(address);
+                let taken = self.placements.iter().find(|(other, p)| match &p.kind {
+                    PlacementKind::Vip { address: a, .. } => other.as_str() != name && vip_ip(a) == ip,
+                    _ => false,
+                });
+                if let Some((other, _)) = taken {
+                    return Err(CommandError::InUse {
+                        what: "VIP address".into(),
+                        key: address.clone(),
+                        why: format!("placement {other:?} has it"),
+                    });
+                }
+            }
+            PlacementKind::Singleton { service } => check_name("service name", service)?,
+        }
+        Ok(())
     }
 
     pub(super) fn remove_placement(&mut self, name: &String) -> Result<Outcome, CommandError> {

@@ -22,10 +22,14 @@ impl Fabric {
             {
                 Some("this site is a standby: it assigns devices to no node".to_string())
             }
-            c if c.is_mirrorable() || matches!(c, Command::RemoveDevice { .. }) => Some(format!(
+            c if c.is_mirrorable()
+                || matches!(c, Command::RemoveDevice { .. } | Command::SetDevice { .. }) =>
+            {
+                Some(format!(
                 "this site is a standby: devices and services are written on the active site \
                  and mirrored here ({c})"
-            )),
+                ))
+            }
             _ => None,
         };
         match refused {

@@ -698,6 +698,189 @@ mod tests {
         assert!(e.to_string().contains("device id list"), "{e}");
     }
 
+    /// `base()` with both nodes on data format `format`.
+    fn on_format(format: u32) -> Fabric {
+        let mut f = base();
+        for id in [1, 2] {
+            f.apply(&Command::SetVersion {
+                id,
+                version: format!("0.1.0 (abc); data format {format}"),
+            })
+            .unwrap();
+        }
+        f
+    }
+
+    fn set_vip(name: &str, addr: &str, r: &[&str]) -> Command {
+        Command::SetPlacement {
+            name: name.into(),
+            kind: PlacementKind::Vip {
+                address: addr.into(),
+                interface: "eth1".into(),
+            },
+            eligible_roles: roles(r),
+        }
+    }
+
+    #[test]
+    fn set_commands_wait_until_every_node_runs_the_format_that_brought_them() {
+        assert_eq!(recorded_format("0.1.0 (abc); data format 6"), Some(6));
+        assert_eq!(recorded_format("0.1.0; data format 12 (x)"), Some(12));
+        assert_eq!(recorded_format("0.1.0"), None);
+        assert_eq!(recorded_format(""), None);
+        let set_device = Command::SetDevice {
+            device: dev("d1", "10.9.0.1:830"),
+            at: 5,
+        };
+        // No version recorded yet, then one node still on format 6: refused, naming it.
+        let mut f = base();
+        f.apply(&Command::AddDevices {
+            devices: vec![dev("d1", "10.9.0.1")],
+            at: 1,
+        })
+        .unwrap();
+        let e = refused(&mut f, set_vip("cluster", "10.0.0.110/24", &["ha"]));
+        assert!(e.to_string().contains("n1 (node 1) has recorded no version yet"), "{e}");
+        for (id, format) in [(1, SET_COMMANDS_FORMAT), (2, SET_COMMANDS_FORMAT - 1)] {
+            f.apply(&Command::SetVersion {
+                id,
+                version: format!("0.1.0 (abc); data format {format}"),
+            })
+            .unwrap();
+        }
+        for c in [set_vip("cluster", "10.0.0.110/24", &["ha"]), set_device.clone()] {
+            let e = refused(&mut f, c);
+            assert!(
+                e.to_string().contains("n2 (node 2) runs data format 6")
+                    && !e.to_string().contains("n1"),
+                "{e}"
+            );
+        }
+        // The last node upgraded: both apply.
+        f.apply(&Command::SetVersion {
+            id: 2,
+            version: format!("0.1.0 (def); data format {SET_COMMANDS_FORMAT}"),
+        })
+        .unwrap();
+        f.apply(&set_vip("cluster", "10.0.0.110/24", &["ha"])).unwrap();
+        f.apply(&set_device).unwrap();
+        assert_eq!(f.devices["d1"].addr, "10.9.0.1:830");
+    }
+
+    #[test]
+    fn a_vips_spec_is_set_only_while_nobody_holds_it() {
+        let mut f = on_format(SET_COMMANDS_FORMAT);
+        f.apply(&Command::GrantPlacement {
+            name: "cluster".into(),
+            to: 1,
+            expected_epoch: f.placements["cluster"].epoch,
+        })
+        .unwrap();
+        let e = refused(&mut f, set_vip("cluster", "10.0.0.110/24", &["ha", "db"]));
+        assert!(e.to_string().contains("held by node 1; release"), "{e}");
+        // Held: the roles change while the owner keeps one, not otherwise.
+        let same = |r: &[&str]| Command::SetPlacement {
+            name: "cluster".into(),
+            kind: f.placements["cluster"].kind.clone(),
+            eligible_roles: roles(r),
+        };
+        let (app, db) = (same(&["app"]), same(&["db"]));
+        f.apply(&app).unwrap();
+        assert_eq!(f.placements["cluster"].eligible_roles, roles(&["app"]));
+        let e = refused(&mut f, db);
+        assert!(e.to_string().contains("none of the roles"), "{e}");
+        let epoch = f.placements["cluster"].epoch;
+        f.apply(&Command::RefusePlacement {
+            name: "cluster".into(),
+            node: 1,
+            epoch,
+            reason: "no eth1".into(),
+            at: 3,
+        })
+        .unwrap();
+        assert!(!f.placements["cluster"].refused.is_empty());
+        let epoch = f.placements["cluster"].epoch;
+        f.apply(&set_vip("cluster", "10.0.0.110/24", &["ha", "db"]))
+            .unwrap();
+        let p = &f.placements["cluster"];
+        assert_eq!(
+            p.kind,
+            PlacementKind::Vip {
+                address: "10.0.0.110/24".into(),
+                interface: "eth1".into()
+            }
+        );
+        assert_eq!(p.eligible_roles, roles(&["ha", "db"]));
+        assert_eq!(p.epoch, epoch, "the epoch stays: no owner changed");
+        assert!(p.refused.is_empty(), "refusals of the old spec are forgotten");
+        // Its own address again is fine; another VIP's, a bad one, no roles, a singleton or
+        // an unknown name are refused and change nothing.
+        f.apply(&set_vip("cluster", "10.0.0.110/24", &["ha"])).unwrap();
+        for (c, why) in [
+            (set_vip("cluster", "10.0.0.101/24", &["ha"]), "placement \"db\" has it"),
+            (set_vip("cluster", "10.0.0.300/24", &["ha"]), "10.0.0.300"),
+            (set_vip("cluster", "10.0.0.111/24", &[]), "at least one role"),
+            (set_vip("nope", "10.0.0.111/24", &["ha"]), "nope"),
+            (
+                Command::SetPlacement {
+                    name: "cluster".into(),
+                    kind: PlacementKind::Singleton {
+                        service: "x".into(),
+                    },
+                    eligible_roles: roles(&["ha"]),
+                },
+                "only a VIP",
+            ),
+        ] {
+            let e = refused(&mut f, c);
+            assert!(e.to_string().contains(why), "{why}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_devices_new_address_is_reconnected_by_its_owner() {
+        let mut f = on_format(SET_COMMANDS_FORMAT);
+        f.apply(&Command::AddDevices {
+            devices: vec![dev("d1", "10.9.0.1"), dev("d2", "10.9.0.2")],
+            at: 1,
+        })
+        .unwrap();
+        f.apply(&Command::AssignDevices {
+            assignments: vec![DeviceAssignment {
+                device: "d1".into(),
+                from: None,
+                to: Some(1),
+            }],
+            at: 2,
+        })
+        .unwrap();
+        let set = |id: &str, addr: &str, mode| Command::SetDevice {
+            device: NewDevice {
+                id: id.into(),
+                addr: addr.into(),
+                mode,
+            },
+            at: 9,
+        };
+        f.apply(&set("d1", "10.9.0.9:830", DeviceMode::SpaceInitiated))
+            .unwrap();
+        let d = &f.devices["d1"];
+        assert_eq!((d.addr.as_str(), d.owner), ("10.9.0.9:830", Some(1)));
+        assert_eq!((d.status, d.since), (DeviceStatus::Connecting, 9));
+        // Unowned: the address changes, the state stays.
+        f.apply(&set("d2", "10.9.0.2", DeviceMode::DeviceInitiated))
+            .unwrap();
+        assert_eq!(f.devices["d2"].mode, DeviceMode::DeviceInitiated);
+        assert_eq!(f.devices["d2"].status, DeviceStatus::Unassigned);
+        for (c, why) in [
+            (set("d9", "10.9.0.3", DeviceMode::SpaceInitiated), "d9"),
+            (set("d1", "", DeviceMode::SpaceInitiated), "address"),
+        ] {
+            let e = refused(&mut f, c);
+            assert!(e.to_string().contains(why), "{why}: {e}");
+        }
+    }
+
     #[test]
     fn a_node_records_its_version() {
         let mut f = base();

@@ -3,6 +3,11 @@
 //! Each request travels as a [`SignedRequest`]: the encoded [`AdminRequest`] with the admin's
 //! signature over it (see [`spaced_raft::proof`]), so that a node forwarding it to the leader
 //! can neither forge nor alter it.
+//!
+//! A forwarded request and its reply travel between nodes inside the Raft protocol
+//! (`RaftRpc::Admin`), where a node of the previous data format may be at the other end during
+//! a rolling upgrade: new requests and replies are appended to [`AdminRequest`] and
+//! [`AdminReply`], never inserted, so the ones both builds know read the same in both.
 
 use std::collections::BTreeSet;
 
@@ -115,6 +120,40 @@ pub enum AdminRequest {
     Snapshot,
     /// Disaster recovery, on this site's leader (leader only).
     Dr(DrAction),
+    /// Change a VIP's address, interface or roles; `None` keeps it (leader only). The owner
+    /// fences and releases it first unless only the roles change and it keeps one.
+    VipSet {
+        /// VIP name.
+        name: String,
+        /// New address with prefix.
+        address: Option<String>,
+        /// New interface.
+        interface: Option<String>,
+        /// New eligible roles.
+        roles: Option<Vec<String>>,
+    },
+    /// Change a device's address or mode; `None` keeps it (leader only). Its owner keeps it
+    /// and connects anew.
+    DeviceSet {
+        /// Device id.
+        id: String,
+        /// New `host` or `host:port`.
+        addr: Option<String>,
+        /// New mode.
+        mode: Option<spaced_fabric::DeviceMode>,
+    },
+    /// Change a service's spec; `None` keeps a field (leader only). Every node running it
+    /// restarts it with the new spec.
+    ServiceSet {
+        /// Service name.
+        name: String,
+        /// New program and arguments.
+        command: Option<Vec<String>>,
+        /// New roles.
+        roles: Option<BTreeSet<String>>,
+        /// New health check (`Some(None)`: none any more).
+        health_check: Option<Option<Vec<String>>>,
+    },
 }
 
 /// What `spacectl dr` asks of the site's leader.
@@ -308,5 +347,15 @@ pub enum AdminReply {
     DrActive {
         /// The site epoch it was promoted with.
         epoch: u64,
+    },
+    /// A `vip set` changed the VIP (`changed`), or found nothing to change. Some eligible
+    /// nodes may not be able to hold it, as for [`AdminReply::VipAdded`].
+    VipChanged {
+        /// Whether anything changed.
+        changed: bool,
+        /// Nodes (name, reason) that said they cannot hold it.
+        cannot: Vec<(String, String)>,
+        /// Nodes (name, why) that were not asked or did not answer.
+        unchecked: Vec<(String, String)>,
     },
 }

@@ -383,6 +383,75 @@ impl AdminServer {
                 self.placements.vip_remove(&name).await?;
                 AdminReply::Done
             }
+            AdminRequest::VipSet {
+                name,
+                address,
+                interface,
+                roles,
+            } => match self
+                .placements
+                .vip_set(&name, address, interface, roles)
+                .await?
+            {
+                Some((cannot, unchecked)) => AdminReply::VipChanged {
+                    changed: true,
+                    cannot,
+                    unchecked,
+                },
+                None => AdminReply::VipChanged {
+                    changed: false,
+                    cannot: Vec::new(),
+                    unchecked: Vec::new(),
+                },
+            },
+            AdminRequest::DeviceSet { id, addr, mode } => {
+                let device = self.cluster.view.read(|f| {
+                    f.devices
+                        .get(&id)
+                        .map(|d| spaced_fabric::NewDevice {
+                            id: id.clone(),
+                            addr: addr.clone().unwrap_or_else(|| d.addr.clone()),
+                            mode: mode.unwrap_or(d.mode),
+                        })
+                        .ok_or_else(|| OpError::Refused(format!("no device {id:?}")))
+                })?;
+                AdminReply::Applied(
+                    self.cluster
+                        .propose(Command::SetDevice {
+                            device,
+                            at: now_millis(),
+                        })
+                        .await?,
+                )
+            }
+            AdminRequest::ServiceSet {
+                name,
+                command,
+                roles,
+                health_check,
+            } => {
+                let spec = self.cluster.view.read(|f| {
+                    f.services
+                        .get(&name)
+                        .cloned()
+                        .ok_or_else(|| OpError::Refused(format!("no service {name:?}")))
+                })?;
+                let new = spaced_fabric::ServiceSpec {
+                    command: command.unwrap_or_else(|| spec.command.clone()),
+                    roles: roles.unwrap_or_else(|| spec.roles.clone()),
+                    health_check: health_check.unwrap_or_else(|| spec.health_check.clone()),
+                    scope: spec.scope.clone(),
+                };
+                if new == spec {
+                    AdminReply::Done
+                } else {
+                    AdminReply::Applied(
+                        self.cluster
+                            .propose(Command::PutService { name, spec: new })
+                            .await?,
+                    )
+                }
+            }
             AdminRequest::SetRoles { node, roles } => {
                 let id = self.resolve_node(&node)?;
                 self.cluster
@@ -602,7 +671,11 @@ pub fn admin_may_write(cmd: &Command) -> Result<(), NotAnAdminWrite> {
         | Command::AddPlacement { .. }
         | Command::RemovePlacement { .. }
         | Command::RevokeCertificate { .. }
+        | Command::SetDevice { .. }
         | Command::Probe { .. } => return Ok(()),
+        Command::SetPlacement { .. } => {
+            "`vip set` (the owner fences and releases the VIP before its spec changes)"
+        }
         Command::GrantPlacement { .. }
         | Command::ReleasePlacement { .. }
         | Command::RefusePlacement { .. } => {

@@ -1,4 +1,4 @@
-//! `spacectl device`: list, add, import (CSV), rebalance.
+//! `spacectl device`: list, add, import (CSV), change, remove, rebalance.
 
 use super::common::*;
 use super::mutate::{dry_run, mutate};
@@ -44,6 +44,17 @@ pub enum DeviceCmd {
         /// A file of ids.
         #[arg(long)]
         file: Option<PathBuf>,
+    },
+    /// Change a device's address or mode: its owner keeps it and connects anew.
+    Set {
+        /// Device id.
+        id: String,
+        /// New `host` or `host:port`.
+        #[arg(long)]
+        addr: Option<String>,
+        /// New mode: space-initiated or device-initiated.
+        #[arg(long)]
+        mode: Option<DeviceMode>,
     },
     /// Even out the devices of the live `app` nodes with the fewest moves.
     Rebalance {
@@ -205,6 +216,26 @@ pub(super) async fn run(cli: &Target, action: &DeviceCmd) -> Result<(), CtlError
                     } else {
                         Err(failed(format!("{} device(s) not found", missing.len())))
                     }
+                }
+                other => Err(odd(other)),
+            }
+        }
+        DeviceCmd::Set { id, addr, mode } => {
+            if addr.is_none() && mode.is_none() {
+                return Err(usage("device set: say what changes (--addr, --mode)"));
+            }
+            if let Some(a) = addr {
+                spaced_fabric::check_device_addr(a).map_err(|e| usage(e.to_string()))?;
+            }
+            let req = AdminRequest::DeviceSet {
+                id: id.clone(),
+                addr: addr.clone(),
+                mode: *mode,
+            };
+            match mutate(cli, req).await? {
+                AdminReply::Applied(_) => {
+                    println!("device {id} changed");
+                    Ok(())
                 }
                 other => Err(odd(other)),
             }

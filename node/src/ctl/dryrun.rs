@@ -380,6 +380,88 @@ pub(super) async fn plan(cli: &Target, request: &AdminRequest) -> Result<Option<
                 None => vec![format!("no service {name}: nothing would change")],
             }
         }
+        AdminRequest::VipSet {
+            name,
+            address,
+            interface,
+            roles,
+        } => {
+            let now = Now::read(cli, false, false).await?;
+            match now.status.vips.iter().find(|v| &v.name == name) {
+                None => vec![format!("no VIP {name}: the leader would refuse it")],
+                Some(v) => vip_set_plan(&now, v, address, interface, roles),
+            }
+        }
+        AdminRequest::DeviceSet { id, addr, mode } => {
+            let now = Now::read(cli, true, false).await?;
+            match now.devices.iter().flatten().find(|d| &d.id == id) {
+                None => vec![format!("no device {id}: the leader would refuse it")],
+                Some(d) => {
+                    let addr = addr.clone().unwrap_or_else(|| d.addr.clone());
+                    let mode = mode.unwrap_or(d.mode);
+                    if addr == d.addr && mode == d.mode {
+                        vec![format!("device {id} already is so: nothing would change")]
+                    } else {
+                        vec![format!(
+                            "would change device {id}: {} {:?} -> {addr} {mode:?}; {}",
+                            d.addr,
+                            d.mode,
+                            match d.owner {
+                                Some(o) => format!("{} would connect anew", now.node_name(Some(o))),
+                                None => "no node holds it".into(),
+                            }
+                        )]
+                    }
+                }
+            }
+        }
+        AdminRequest::ServiceSet {
+            name,
+            command,
+            roles,
+            health_check,
+        } => {
+            let now = Now::read(cli, false, true).await?;
+            match now.services.as_ref().and_then(|s| s.get(name)) {
+                None => vec![format!("no service {name}: the leader would refuse it")],
+                Some(spec) => {
+                    let mut changes = Vec::new();
+                    if let Some(c) = command.as_ref().filter(|c| **c != spec.command) {
+                        changes.push(format!(
+                            "command {:?} -> {:?}",
+                            spec.command.join(" "),
+                            c.join(" ")
+                        ));
+                    }
+                    if let Some(r) = roles.as_ref().filter(|r| **r != spec.roles) {
+                        changes.push(format!(
+                            "roles {} -> {}",
+                            roles_text(&spec.roles),
+                            roles_text(r)
+                        ));
+                    }
+                    if let Some(h) = health_check.as_ref().filter(|h| **h != spec.health_check) {
+                        let text = |h: &Option<Vec<String>>| {
+                            h.as_ref().map_or("none".to_string(), |h| format!("{:?}", h.join(" ")))
+                        };
+                        changes.push(format!(
+                            "health check {} -> {}",
+                            text(&spec.health_check),
+                            text(h)
+                        ));
+                    }
+                    if changes.is_empty() {
+                        vec![format!("service {name} already is so: nothing would change")]
+                    } else {
+                        vec![format!(
+                            "would change service {name} ({}): {}; every instance restarts with it",
+                            scope_text(&spec.scope),
+                            changes.join(", ")
+                        )]
+                    }
+                }
+            }
+        }
         AdminRequest::Write(cmd) => vec![format!("would commit {cmd:?}")],
         AdminRequest::Dr(crate::admin::DrAction::Status) => return Ok(None),
         AdminRequest::Dr(action) => {
@@ -392,4 +474,50 @@ pub(super) async fn plan(cli: &Target, request: &AdminRequest) -> Result<Option<
     let mut text = lines.join("\n");
     text.push_str("\ndry run: nothing was changed");
     Ok(Some(text))
+}
+
+/// What `vip set` would do to VIP `v`: the change, and whether its owner lets it go first.
+fn vip_set_plan(
+    now: &Now,
+    v: &crate::admin::VipRow,
+    address: &Option<String>,
+    interface: &Option<String>,
+    roles: &Option<Vec<String>>,
+) -> Vec<String> {
+    let old_roles: std::collections::BTreeSet<String> = v.roles.iter().cloned().collect();
+    let address = address.clone().unwrap_or_else(|| v.address.clone());
+    let interface = interface.clone().unwrap_or_else(|| v.interface.clone());
+    let new_roles: std::collections::BTreeSet<String> = match roles {
+        Some(r) => r.iter().cloned().collect(),
+        None => old_roles.clone(),
+    };
+    if address == v.address && interface == v.interface && new_roles == old_roles {
+        return vec![format!("VIP {} already is so: nothing would change", v.name)];
+    }
+    let owner_keeps = v.owner.is_some_and(|o| {
+        now.status
+            .nodes
+            .iter()
+            .find(|n| n.id == o)
+            .is_some_and(|n| n.roles.iter().any(|r| new_roles.contains(r)))
+    });
+    let how = if v.owner.is_none() {
+        "nobody holds it; the leader places it with the new spec".to_string()
+    } else if address == v.address && interface == v.interface && owner_keeps {
+        format!("{} keeps it: changed in place", now.node_name(v.owner))
+    } else {
+        format!(
+            "{} would remove {} and release it first, then the leader places it again",
+            now.node_name(v.owner),
+            v.address
+        )
+    };
+    vec![format!(
+        "would change VIP {}: {} on {} (roles {}) -> {address} on {interface} (roles {}); {how}",
+        v.name,
+        v.address,
+        v.interface,
+        roles_text(&old_roles),
+        roles_text(&new_roles),
+    )]
 }

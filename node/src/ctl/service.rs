@@ -25,6 +25,25 @@ pub enum ServiceCmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Change a service's program, roles or health check (its scope stays: remove and add
+    /// it to change that). Every node running it restarts it with the new spec; a singleton's
+    /// new roles apply to its next placement (the owner keeps it).
+    Set {
+        /// Service name.
+        name: String,
+        /// every-node: only nodes with one of these roles; singleton: the eligible roles.
+        #[arg(long, value_delimiter = ',')]
+        roles: Option<Vec<String>>,
+        /// New health-check command, split on spaces; exit 0 = healthy.
+        #[arg(long, conflicts_with = "no_health_check")]
+        health_check: Option<String>,
+        /// Drop the health check.
+        #[arg(long)]
+        no_health_check: bool,
+        /// The new program and its arguments.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Remove a service (a singleton's placement goes with it).
     Remove {
         /// Service name.
@@ -122,6 +141,54 @@ pub(super) async fn run(cli: &Target, action: &ServiceCmd) -> Result<(), CtlErro
             match mutate(&cli, AdminRequest::Write(cmd)).await? {
                 AdminReply::Applied(_) => {
                     println!("service {name} declared");
+                    Ok(())
+                }
+                other => Err(odd(other)),
+            }
+        }
+        ServiceCmd::Set {
+            name,
+            roles,
+            health_check,
+            no_health_check,
+            command,
+        } => {
+            let health_check = match (health_check, no_health_check) {
+                (_, true) => Some(None),
+                (Some(h), false) => {
+                    let h: Vec<String> = h.split_whitespace().map(str::to_string).collect();
+                    if h.is_empty() {
+                        return Err(usage("--health-check: empty command"));
+                    }
+                    Some(Some(h))
+                }
+                (None, false) => None,
+            };
+            let roles = roles.as_ref().map(|r| {
+                r.iter()
+                    .map(|r| r.trim().to_string())
+                    .filter(|r| !r.is_empty())
+                    .collect::<BTreeSet<String>>()
+            });
+            let command = (!command.is_empty()).then(|| command.clone());
+            if roles.is_none() && health_check.is_none() && command.is_none() {
+                return Err(usage(
+                    "service set: say what changes (--roles, --health-check, --no-health-check, -- PROGRAM ARGS...)",
+                ));
+            }
+            let req = AdminRequest::ServiceSet {
+                name: name.clone(),
+                command,
+                roles,
+                health_check,
+            };
+            match mutate(cli, req).await? {
+                AdminReply::Applied(_) => {
+                    println!("service {name} changed");
+                    Ok(())
+                }
+                AdminReply::Done => {
+                    println!("service {name} unchanged: it already is so");
                     Ok(())
                 }
                 other => Err(odd(other)),

@@ -1,4 +1,4 @@
-//! `spacectl vip`: list, add and move virtual IPs.
+//! `spacectl vip`: list, add, change, move and remove virtual IPs.
 
 use super::common::*;
 use super::mutate::mutate;
@@ -44,6 +44,23 @@ pub enum VipCmd {
         /// Target node (name or id).
         #[arg(long)]
         to: String,
+    },
+    /// Change a VIP's address, interface or roles. A new address or interface: the owner
+    /// removes the old address and releases the VIP first, then the leader places it again.
+    /// Only the roles, with the owner keeping one: changed in place. (A VIP declared in a
+    /// node's config is declared again when that node starts: change it there too.)
+    Set {
+        /// VIP name.
+        name: String,
+        /// New address with prefix.
+        #[arg(long)]
+        address: Option<String>,
+        /// New interface.
+        #[arg(long)]
+        interface: Option<String>,
+        /// New eligible roles, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        roles: Option<Vec<String>>,
     },
 }
 
@@ -102,6 +119,61 @@ pub(super) async fn run(cli: &Target, action: &VipCmd) -> Result<(), CtlError> {
             {
                 AdminReply::Moved(epoch) => {
                     println!("VIP {name} moved to {to} (epoch {epoch})");
+                    Ok(())
+                }
+                other => Err(odd(other)),
+            }
+        }
+        VipCmd::Set {
+            name,
+            address,
+            interface,
+            roles,
+        } => {
+            if address.is_none() && interface.is_none() && roles.is_none() {
+                return Err(usage(
+                    "vip set: say what changes (--address, --interface, --roles)",
+                ));
+            }
+            if let Some(a) = address {
+                spaced_fabric::check_vip_address(a).map_err(|e| usage(e.to_string()))?;
+            }
+            let roles = roles.as_ref().map(|r| {
+                r.iter()
+                    .map(|r| r.trim().to_string())
+                    .filter(|r| !r.is_empty())
+                    .collect::<Vec<_>>()
+            });
+            if roles.as_ref().is_some_and(Vec::is_empty) {
+                return Err(usage("--roles: at least one role"));
+            }
+            let req = AdminRequest::VipSet {
+                name: name.clone(),
+                address: address.clone(),
+                interface: interface.clone(),
+                roles,
+            };
+            match mutate(cli, req).await? {
+                AdminReply::VipChanged {
+                    changed,
+                    cannot,
+                    unchecked,
+                } => {
+                    if changed {
+                        println!("VIP {name} changed");
+                    } else {
+                        println!("VIP {name} unchanged: it already is so");
+                    }
+                    for (node, why) in cannot {
+                        eprintln!(
+                            "spacectl: warning: node {node} cannot hold it ({why}); it is not placed there"
+                        );
+                    }
+                    for (node, why) in unchecked {
+                        eprintln!(
+                            "spacectl: warning: node {node} was not checked ({why}); if it is granted the VIP and cannot hold it, it gives it back"
+                        );
+                    }
                     Ok(())
                 }
                 other => Err(odd(other)),

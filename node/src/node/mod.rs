@@ -541,6 +541,10 @@ impl Node {
             cluster.clone(),
             stop(),
         )));
+        tasks.push(tokio::spawn(registration::follow_format(
+            cluster.clone(),
+            stop(),
+        )));
         let hooks = Arc::new(peer::Hooks::new(
             placements.clone(),
             admin.clone(),

@@ -11,7 +11,7 @@ use spaced_raft::frame::FrameBudget;
 use spaced_raft::network::{
     BoxFuture, LeaseTerms, NodeDescription, NodeHooks, RAFT_FRAME_BUDGET, RaftService,
 };
-use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, Identity, Revoked};
+use spaced_raft::pki::{self, ALPN_ADMIN, ALPN_RAFT, ALPN_RAFT_PREVIOUS, Identity, Revoked};
 use spaced_raft::{NodeId, Response};
 use tokio::sync::watch;
 
@@ -21,6 +21,15 @@ use crate::devices::gate::claim_held_elsewhere;
 use crate::now_millis;
 use crate::placement::Placements;
 use crate::placement::lease::{Held, LeaseKey};
+
+/// Whether every node of `fabric` has recorded this build's data format: from then on, nodes
+/// of the previous one are refused (both ways: see `QuicNetwork::refuse_previous`).
+pub(super) fn every_node_upgraded(fabric: &spaced_fabric::Fabric) -> bool {
+    !fabric.nodes.is_empty()
+        && fabric
+            .nodes_below_format(spaced_raft::store::DATA_FORMAT)
+            .is_empty()
+}
 
 /// Accepts QUIC connections until shutdown: a node certificate with the Raft ALPN gets the
 /// Raft service (with `hooks`), an admin certificate with the admin ALPN the admin server.
@@ -56,6 +65,7 @@ pub(super) async fn accept_loop(
         };
         let svc = svc.clone();
         let admin = admin.clone();
+        let cluster = cluster.clone();
         conns.spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -76,10 +86,7 @@ pub(super) async fn accept_loop(
                     return;
                 }
             };
-            let alpn = conn
-                .handshake_data()
-                .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-                .and_then(|h| h.protocol);
+            let alpn = spaced_raft::network::negotiated(&conn);
             let identity = match pki::peer_identity(&conn) {
                 Ok(i) => i,
                 Err(e) => {
@@ -90,6 +97,26 @@ pub(super) async fn accept_loop(
             };
             match (alpn.as_deref(), identity) {
                 (Some(ALPN_RAFT), Identity::Node(name)) => svc.serve_connection(conn, name).await,
+                // A node of the previous data format, during a rolling upgrade; refused once
+                // every node has recorded this build's (the log may hold what it cannot read).
+                (Some(ALPN_RAFT_PREVIOUS), Identity::Node(name)) => {
+                    if cluster.view.read(every_node_upgraded) {
+                        tracing::warn!(
+                            %remote,
+                            node = %name,
+                            "refused connection: the node runs data format {} (it speaks only {}), and every node of this cluster has recorded data format {}: upgrade it to this build",
+                            spaced_raft::store::PREVIOUS_FORMAT,
+                            String::from_utf8_lossy(ALPN_RAFT_PREVIOUS),
+                            spaced_raft::store::DATA_FORMAT
+                        );
+                        conn.close(
+                            spaced_raft::network::PREVIOUS_FORMAT_CLOSE.into(),
+                            b"previous data format",
+                        );
+                    } else {
+                        svc.serve_connection(conn, name).await
+                    }
+                }
                 (Some(ALPN_ADMIN), Identity::Admin(name)) => serve_admin(admin, conn, name).await,
                 (alpn, identity) => {
                     tracing::warn!(%remote, ?identity, alpn = ?alpn.map(String::from_utf8_lossy), "refused connection: wrong certificate for protocol");

@@ -83,6 +83,35 @@ pub(super) async fn record_version(inner: Cluster, shutdown: watch::Receiver<boo
     .await
 }
 
+/// Once every node has recorded this build's data format (the last node of a rolling upgrade
+/// restarted on it), peers that speak only the previous format's protocol are refused when
+/// dialed, as the accept loop refuses them (`peer::every_node_upgraded`): the log may from then
+/// on hold commands they cannot decode. Logged once when it happens.
+pub(super) async fn follow_format(inner: Cluster, mut shutdown: watch::Receiver<bool>) {
+    let mut changes = inner.view.changes();
+    let mut refused = false;
+    loop {
+        changes.borrow_and_update();
+        let upgraded = inner.view.read(super::peer::every_node_upgraded);
+        if upgraded != refused {
+            inner.network.refuse_previous(upgraded);
+            if upgraded {
+                tracing::info!(
+                    format = spaced_raft::store::DATA_FORMAT,
+                    "every node runs data format {}: nodes of format {} are refused from now on",
+                    spaced_raft::store::DATA_FORMAT,
+                    spaced_raft::store::PREVIOUS_FORMAT
+                );
+            }
+            refused = upgraded;
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 /// Proposes `cmd()` until this node's fabric record satisfies `recorded` (once it is
 /// registered, at start or when it joins later); stops when it does, when the fabric refuses
 /// (logged), or at shutdown.

@@ -1,7 +1,7 @@
 //! The node's key material and the QUIC configs made from it.
 
 use spaced_raft::network::transport_config;
-use spaced_raft::pki::{ALPN_RAFT, Identity, TlsMaterial, TlsPaths};
+use spaced_raft::pki::{ALPNS_RAFT, Identity, TlsMaterial, TlsPaths};
 
 use super::error::StartError;
 use crate::ops::config::NodeConfig;
@@ -33,7 +33,7 @@ pub(super) fn quic_configs(
         .server_config(transport.clone())
         .map_err(StartError::system)?;
     let client = tls
-        .client_config(ALPN_RAFT, transport)
+        .client_config_for(ALPNS_RAFT, transport)
         .map_err(StartError::system)?;
     Ok((server, client))
 }

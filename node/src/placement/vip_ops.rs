@@ -164,8 +164,31 @@ impl Placements {
         interface: String,
         roles: Vec<String>,
     ) -> Result<NodeAnswers, OpError> {
-        let inner = &self.cluster;
         let roles: BTreeSet<String> = roles.into_iter().collect();
+        let answers = self
+            .check_candidates(&name, &address, &interface, &roles, "added")
+            .await?;
+        let cmd = Command::AddPlacement {
+            name,
+            kind: PlacementKind::Vip { address, interface },
+            eligible_roles: roles,
+        };
+        self.cluster.propose(cmd).await?;
+        Ok(answers)
+    }
+
+    /// Asks every live node with one of `roles` whether it could hold the VIP; refuses (the
+    /// VIP not `done`) when none can, naming each node's reason, else returns the nodes that
+    /// cannot and those not asked or that did not answer.
+    async fn check_candidates(
+        &self,
+        name: &str,
+        address: &str,
+        interface: &str,
+        roles: &BTreeSet<String>,
+        done: &str,
+    ) -> Result<NodeAnswers, OpError> {
+        let inner = &self.cluster;
         let candidates: Vec<(NodeId, String)> = inner.view.read(|f| {
             f.nodes
                 .iter()
@@ -180,7 +203,7 @@ impl Placements {
         }
         let live = &inner.live_set(LIVE_WITHIN);
         let answers = futures::future::join_all(candidates.iter().map(|(id, node)| {
-            let (address, interface) = (address.clone(), interface.clone());
+            let (address, interface) = (address.to_string(), interface.to_string());
             async move {
                 let answer = if live.contains(id) {
                     self.check_vip_on(*id, address, interface).await
@@ -208,18 +231,85 @@ impl Placements {
                 .map(|(node, why)| format!("{node}: {why}"))
                 .collect();
             return Err(OpError::Refused(format!(
-                "VIP {name:?} ({address} on {interface}) not added: no node with one of the roles \
-                 {roles:?} can hold it ({})",
+                "VIP {name:?} ({address} on {interface}) not {done}: no node with one of the \
+                 roles {roles:?} can hold it ({})",
                 all.join("; ")
             )));
         }
-        let cmd = Command::AddPlacement {
-            name,
-            kind: PlacementKind::Vip { address, interface },
-            eligible_roles: roles,
-        };
-        inner.propose(cmd).await?;
         Ok((cannot, unknown))
+    }
+
+    /// `vip set` on the leader: a new address, interface or roles for VIP `name` (`None`
+    /// keeps the current one). The nodes are asked as for `vip add`. Only the roles changing,
+    /// and the owner keeping one of them: changed in place, the address stays up. Otherwise
+    /// the owner fences the address and releases the VIP first (the planner may not grant it
+    /// meanwhile), then the spec changes and the planner places it again. Nothing is
+    /// released when the change would be refused. `Ok(None)`: nothing to change.
+    pub async fn vip_set(
+        &self,
+        name: &str,
+        address: Option<String>,
+        interface: Option<String>,
+        roles: Option<Vec<String>>,
+    ) -> Result<Option<NodeAnswers>, OpError> {
+        let inner = &self.cluster;
+        let (current, owner, epoch) = inner.view.read(|f| match f.placements.get(name) {
+            None => Err(OpError::Refused(format!("no VIP {name:?}"))),
+            Some(p) => match &p.kind {
+                PlacementKind::Vip { address, interface } => Ok((
+                    (address.clone(), interface.clone(), p.eligible_roles.clone()),
+                    p.owner,
+                    p.epoch,
+                )),
+                PlacementKind::Singleton { .. } => Err(OpError::Refused(format!(
+                    "{name:?} is a singleton service: its roles are the service's (`service set`)"
+                ))),
+            },
+        })?;
+        let address = address.unwrap_or_else(|| current.0.clone());
+        let interface = interface.unwrap_or_else(|| current.1.clone());
+        let roles: BTreeSet<String> = match roles {
+            Some(r) => r.into_iter().collect(),
+            None => current.2.clone(),
+        };
+        if (&address, &interface, &roles) == (&current.0, &current.1, &current.2) {
+            return Ok(None);
+        }
+        let cmd = Command::SetPlacement {
+            name: name.to_string(),
+            kind: PlacementKind::Vip {
+                address: address.clone(),
+                interface: interface.clone(),
+            },
+            eligible_roles: roles.clone(),
+        };
+        // Would the fabric take it once the VIP is free? Asked before anything is released.
+        inner
+            .view
+            .read(|f| {
+                let mut free = f.clone();
+                if let Some(p) = free.placements.get_mut(name) {
+                    p.owner = None;
+                }
+                free.apply(&cmd)
+            })
+            .map_err(|e| OpError::Refused(e.to_string()))?;
+        let answers = self
+            .check_candidates(name, &address, &interface, &roles, "changed")
+            .await?;
+        let in_place = (&address, &interface) == (&current.0, &current.1)
+            && owner.is_some_and(|o| {
+                inner
+                    .view
+                    .read(|f| f.nodes.get(&o).is_some_and(|n| !n.roles.is_disjoint(&roles)))
+            });
+        let held = if in_place {
+            None
+        } else {
+            owner.map(|o| (o, epoch))
+        };
+        self.release_then(name, held, cmd).await?;
+        Ok(Some(answers))
     }
 
     /// `vip move` on the leader: the owner fences and the release commits before the target is granted.
