@@ -175,18 +175,21 @@ impl Cluster {
         )?)
     }
 
-    /// Every node's address, for spacectl to try in turn.
-    fn all(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| n.addr.clone())
-            .collect::<Vec<_>>()
-            .join(",")
+    /// spacectl's output from the first node that answers (some are restarting).
+    fn ctl_any(&self, args: &[&str]) -> Result<String> {
+        let mut last = None;
+        for n in &self.nodes {
+            match self.ctl_ok(&n.addr, args) {
+                Ok(out) => return Ok(out),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no nodes")))
     }
 
     /// The data format each member's recorded version names, by name.
     fn formats(&self) -> Result<Vec<(String, Option<u32>)>> {
-        let s = self.status(&self.all())?;
+        let s: Value = serde_json::from_str(&self.ctl_any(&["status", "--json"])?)?;
         Ok(s["nodes"]
             .as_array()
             .context("nodes")?
@@ -201,9 +204,25 @@ impl Cluster {
             .collect())
     }
 
+    /// Waits until the three members have recorded format `want`; the error says what they
+    /// had recorded last.
+    fn wait_formats(&self, want: u32) -> Result<()> {
+        let mut seen = String::new();
+        wait_until(
+            Duration::from_secs(60),
+            &format!("three nodes on format {want}"),
+            || {
+                let f = self.formats();
+                seen = format!("{f:?}");
+                Ok(f.is_ok_and(|f| f.len() == 3 && f.iter().all(|(_, f)| *f == Some(want))))
+            },
+        )
+        .with_context(|| format!("last seen: {seen}"))
+    }
+
     fn device_ids(&self) -> Result<Vec<String>> {
         let v: Value =
-            serde_json::from_str(&self.ctl_ok(&self.all(), &["device", "list", "--json"])?)?;
+            serde_json::from_str(&self.ctl_any(&["device", "list", "--json"])?)?;
         Ok(v.as_array()
             .context("device list")?
             .iter()
@@ -250,9 +269,7 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
             &["node", "add", "--id", &id.to_string(), "--name", &format!("n{id}"), "--addr", &addr],
         )?;
     }
-    wait_until(Duration::from_secs(30), "three format 6 nodes", || {
-        Ok(c.formats().is_ok_and(|f| f.len() == 3 && f.iter().all(|(_, f)| *f == Some(6))))
-    })?;
+    c.wait_formats(6)?;
     c.ctl_ok(
         &n1,
         &["service", "add", "keep", "--scope", "every-node", "--", "sleep", "1000"],
@@ -271,7 +288,7 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
         let (stop, acked, all, pki) = (
             stop.clone(),
             acked.clone(),
-            c.all(),
+            c.nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>(),
             c.dir.path().join("pki"),
         );
         let ctl = binary("spacectl")?;
@@ -280,7 +297,7 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
             while !stop.load(Ordering::Relaxed) {
                 let id = format!("up-{i}");
                 let out = Command::new(&ctl)
-                    .env("SPACED_ENDPOINT", &all)
+                    .env("SPACED_ENDPOINT", &all[i % all.len()])
                     .env("SPACED_PKI", &pki)
                     .args(["device", "add", "--id", &id, "--addr", "127.8.1.1:1"])
                     .stdin(Stdio::null())
@@ -303,7 +320,11 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
         wait_until(Duration::from_secs(60), &format!("{name} upgraded"), || {
             Ok(c.formats().is_ok_and(|f| {
                 f.iter().any(|(n, f)| *n == name && *f == Some(7))
-            }) && c.status(&c.all()).is_ok_and(|s| s["leader"].as_u64().is_some()))
+            }) && c
+                .ctl_any(&["status", "--json"])
+                .is_ok_and(|s| {
+                    serde_json::from_str::<Value>(&s).is_ok_and(|v| v["leader"].as_u64().is_some())
+                }))
         })?;
         if k == 1 {
             // Two of three upgraded: with a new build leading, the commands format 7 brought
@@ -319,9 +340,7 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
             );
         }
     }
-    wait_until(Duration::from_secs(30), "every node on format 7", || {
-        Ok(c.formats().is_ok_and(|f| f.len() == 3 && f.iter().all(|(_, f)| *f == Some(7))))
-    })?;
+    c.wait_formats(7)?;
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
@@ -334,16 +353,14 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
         assert!(ids.contains(id), "{id} lost in the upgrade");
     }
     let services: Value =
-        serde_json::from_str(&c.ctl_ok(&c.all(), &["service", "list", "--json"])?)?;
+        serde_json::from_str(&c.ctl_any(&["service", "list", "--json"])?)?;
     assert_eq!(services["services"][0]["name"], "keep", "{services}");
 
     // Upgraded: the new commands apply.
     wait_until(Duration::from_secs(20), "device set applies", || {
-        Ok(c.ctl(&c.all(), &["device", "set", "old-0", "--addr", "127.8.9.9:2"])?
-            .status
-            .success())
+        Ok(c.ctl_any(&["device", "set", "old-0", "--addr", "127.8.9.9:2"]).is_ok())
     })?;
-    let v: Value = serde_json::from_str(&c.ctl_ok(&c.all(), &["device", "list", "--json"])?)?;
+    let v: Value = serde_json::from_str(&c.ctl_any(&["device", "list", "--json"])?)?;
     let d = v
         .as_array()
         .and_then(|a| a.iter().find(|d| d["id"] == "old-0"))
@@ -382,7 +399,7 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
         Ok(c.status(&addr4).is_ok())
     })?;
     let out = c.ctl(
-        &c.all(),
+        &c.nodes[1].addr,
         &["node", "add", "--id", "4", "--name", "n4", "--addr", &addr4],
     )?;
     let err = String::from_utf8_lossy(&out.stderr);

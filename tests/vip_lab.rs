@@ -1200,21 +1200,14 @@ fn vip_set_changes_roles_in_place_and_moves_a_new_address_without_overlap() -> R
     let h1 = f.endpoint(1);
     let prefix = f.lab.subnet_prefix();
     let (old_ip, new_ip) = (IpAddr::V4(f.lab.free_ip(0)), IpAddr::V4(f.lab.free_ip(1)));
-    f.ctl(
-        &h1,
-        &[
-            "vip",
-            "add",
-            "--name",
-            "cluster",
-            "--address",
-            &format!("{old_ip}/{prefix}"),
-            "--interface",
-            "eth0",
-            "--roles",
-            "ha",
-        ],
-    )?;
+    f.add_vip("cluster", old_ip, prefix, "ha")?;
+    for h in 1..=3 {
+        f.lab.serve_in(
+            &f.lab.host(h).ns,
+            SocketAddr::new(new_ip, SERVICE_PORT),
+            format!("n{h}").into_bytes(),
+        )?;
+    }
     let owner = wait_served(&f, "cluster", old_ip, None)?;
     let epoch = f.vip_entry("cluster").context("cluster VIP")?["epoch"].clone();
 
@@ -1303,6 +1296,14 @@ fn vip_set_changes_roles_in_place_and_moves_a_new_address_without_overlap() -> R
     let v = f.vip_entry("cluster").context("cluster VIP")?;
     assert_eq!(v["address"], format!("{new_ip}/{prefix}"), "{v}");
     assert_eq!(v["owner"].as_u64(), Some(new_owner as u64), "{v}");
+    assert!(
+        v["epoch"].as_u64() > epoch.as_u64(),
+        "the VIP was not released and granted again: {v}"
+    );
+    println!(
+        "old address {:?}\nnew address {:?}",
+        old.holders_over_time, new.holders_over_time
+    );
     // Nothing to change says so.
     let out = f.ctl(&h1, &["vip", "set", "cluster", "--roles", roles])?;
     assert!(out.contains("unchanged"), "{out}");

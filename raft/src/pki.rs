@@ -1698,7 +1698,40 @@ mod tests {
         assert_eq!(ALPN_RAFT, alpn.as_bytes());
     }
 
-    /// A build of another protocol version (here: the previous one) fails the handshake on
+    /// A node of the previous data format (it offers only its own protocol) is accepted and
+    /// speaks that one; a node of this build, offering both, speaks this build's.
+    #[tokio::test]
+    async fn the_previous_formats_protocol_is_spoken_to_a_node_that_offers_only_it() {
+        let tmp = cluster();
+        let (server_ep, addr) = server_endpoint(&material(tmp.path(), "n1"));
+        let _serving = tokio::spawn(async move {
+            while let Some(incoming) = server_ep.accept().await {
+                if let Ok(conn) = incoming.await {
+                    tokio::spawn(async move { conn.closed().await });
+                }
+            }
+        });
+        let n2 = material(tmp.path(), "n2");
+        let (_old, dialed) = handshake(&n2, ALPN_RAFT_PREVIOUS, addr, "n1.node.spaced").await;
+        let conn = dialed.expect("the handshake ends").expect("the old node is accepted");
+        assert_eq!(
+            crate::network::negotiated(&conn).as_deref(),
+            Some(ALPN_RAFT_PREVIOUS)
+        );
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = ep
+            .connect_with(
+                n2.client_config_for(ALPNS_RAFT, transport()).unwrap(),
+                addr,
+                "n1.node.spaced",
+            )
+            .unwrap()
+            .await
+            .expect("a node of this build is accepted");
+        assert_eq!(crate::network::negotiated(&conn).as_deref(), Some(ALPN_RAFT));
+    }
+
+    /// A build of another protocol version (here: an old one) fails the handshake on
     /// both ends, and both ends can tell that from other handshake failures.
     #[tokio::test]
     async fn another_protocol_version_is_refused_and_named() {
@@ -1720,7 +1753,7 @@ mod tests {
             .expect_err("an old protocol version was accepted");
         assert!(is_protocol_mismatch(&err), "{err:?}");
         let said = explain_connection_error(&err, ALPN_RAFT);
-        assert!(said.contains("does not speak spaced-raft/6"), "{said}");
+        assert!(said.contains("does not speak spaced-raft/7"), "{said}");
         assert!(said.contains("another spaced build"), "{said}");
         let server_err = first.await.unwrap().expect_err("the server accepted it");
         assert!(is_protocol_mismatch(&server_err), "{server_err:?}");
