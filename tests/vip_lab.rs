@@ -1187,6 +1187,41 @@ fn vip_add_is_checked_on_the_nodes_and_a_node_that_cannot_hold_it_gives_it_back(
 const LB_PORT: u16 = 80;
 const APP_PORT: u16 = 8081;
 
+/// A VIP's address removed from the owner's host behind its back (by hand here; by its fence
+/// guard when a starved daemon renewed too late for the guard's deadline, as the fault campaign
+/// found) is put back while the lease holds, or the VIP moves: it is served again, never by two.
+#[test]
+fn an_address_removed_behind_the_owners_back_is_served_again() -> Result<()> {
+    let _serial = one_lab();
+    let Some(f) = Fabric::start(&[&["ha"], &["ha"], &["ha"]])? else {
+        return Ok(());
+    };
+    let prefix = f.lab.subnet_prefix();
+    let ip = IpAddr::V4(f.lab.free_ip(0));
+    f.add_vip("cluster", ip, prefix, "ha")?;
+    let owner = wait_served(&f, "cluster", ip, None)?;
+    let watch = AddressWatch::start(&f.lab, &f.host_namespaces(), ip, Duration::from_millis(2))?;
+    for round in 0..3 {
+        let holder = f
+            .host_namespaces()
+            .into_iter()
+            .position(|ns| f.lab.addresses(&ns).is_ok_and(|a| a.contains(&ip)))
+            .context("nobody holds the VIP")?;
+        f.lab.run_in(
+            &f.lab.host(holder + 1).ns,
+            &["ip", "addr", "del", &format!("{ip}/{prefix}"), "dev", "eth0"],
+        )?;
+        let t = Instant::now();
+        wait_served_within(&f, "cluster", ip, None, Duration::from_secs(5))
+            .with_context(|| format!("round {round}: the VIP was not served again"))?;
+        println!("round {round}: served again after {} ms", t.elapsed().as_millis());
+    }
+    let report = watch.stop();
+    assert_eq!(report.max_holders, 1, "{:?}", report.overlaps);
+    let _ = owner;
+    Ok(())
+}
+
 /// `vip set` (issue 20): a roles-only change the owner survives keeps the address up where
 /// it is; a new address is removed from the owner before any host adds the new one, and never
 /// two hosts hold either; the clients follow. Refusals (a bad address, roles nobody has) change

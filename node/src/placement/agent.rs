@@ -121,7 +121,9 @@ impl HoldError {
     }
 }
 
-/// How a host takes a VIP up and down (netlink + ARP, or a loopback stand-in).
+/// How a host takes a VIP up and down (netlink + ARP, or a loopback stand-in). A backend that
+/// wraps another must forward every method, the defaulted ones too: a default answers "cannot
+/// tell" (`is_up`, `guard_state`), which turns the agent's checks off without a word.
 pub trait VipBackend: Send + Sync + 'static {
     /// Everything before the VIP may come up that takes time: a conflict probe, say. The agent
     /// checks that the lease still holds after it and before [`acquire`](Self::acquire).

@@ -411,6 +411,23 @@ impl VipBackend for PlacementBackend {
         self.vips.announce_schedule()
     }
 
+    /// A VIP's address, as the VIP backend finds it (a singleton's process is the
+    /// supervisor's to watch). Without this the agent could not tell an address removed
+    /// behind its back (its fence guard's deadline passed before a late renewal reached it) and
+    /// renewed a lease on a VIP nobody served, for as long as it lived (found by the fault
+    /// campaign).
+    fn is_up(&self, vip: VipSpec) -> BoxFuture<'static, Option<bool>> {
+        match vip.service {
+            None => self.vips.is_up(vip),
+            Some(_) => Box::pin(async { None }),
+        }
+    }
+
+    /// The VIPs' fence guard (the `spaced_guard_*` metrics).
+    fn guard_state(&self) -> Option<(Option<bool>, u64)> {
+        self.vips.guard_state()
+    }
+
     fn hold_until(&self, vip: &VipSpec, epoch: u64, until: Instant) {
         let Some(service) = &vip.service else {
             self.vips.hold_until(vip, epoch, until);
