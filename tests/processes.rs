@@ -436,7 +436,31 @@ fn sighup_reloads_the_config_and_never_stops_the_node() -> Result<()> {
             "127.9.0.1:1",
         ],
     )?;
-    std::fs::write(&config, original)?;
+
+    // `spacectl node reload` does the same on request (asked through another node, it goes
+    // to the one named), and says what it applied or why nothing.
+    let n2 = lab.procs[1].addr.clone();
+    let out = lab.ctl(&n2, &["node", "reload", "n1"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("n1: reload refused: the config does not load"),
+        "{err}"
+    );
+    std::fs::write(&config, &original)?;
+    let plan = lab.ctl_ok(&n2, &["--dry-run", "node", "reload", "n1"])?;
+    assert!(plan.contains("would have n1 ("), "{plan}");
+    let out = lab.ctl_ok(&n2, &["node", "reload", "n1"])?;
+    assert!(
+        out.starts_with("n1 reloaded its config:\n")
+            && out.contains("  log level applied (")
+            && out.contains("  tls: certificate and key reloaded (node n1, serial "),
+        "{out}"
+    );
+    assert!(log_has("spacectl node reload: reloading the config")?);
+    let out = lab.ctl(&n2, &["node", "reload", "n9"])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no member \"n9\""));
     Ok(())
 }
 

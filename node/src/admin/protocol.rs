@@ -154,6 +154,9 @@ pub enum AdminRequest {
         /// New health check (`Some(None)`: none any more).
         health_check: Option<Option<Vec<String>>>,
     },
+    /// Read this node's config file again and apply what can change while running, as
+    /// SIGHUP does (`spacectl node reload`); served by the node asked, never forwarded.
+    Reload,
 }
 
 /// What `spacectl dr` asks of the site's leader.
@@ -358,4 +361,6 @@ pub enum AdminReply {
         /// Nodes (name, why) that were not asked or did not answer.
         unchecked: Vec<(String, String)>,
     },
+    /// Answer to `Reload`: one line per change applied, and per key that needs a restart.
+    Reloaded(Vec<String>),
 }

@@ -49,7 +49,17 @@ pub struct AdminServer {
     pub(super) dr: Option<Arc<spaced_replication::Watchdog>>,
     /// The node's data dir, whose size `status` reports.
     pub(super) data_dir: std::path::PathBuf,
+    /// Where `Reload` requests go: the binary that runs the node reads the config file again
+    /// and answers (see [`crate::node::Node::reload_requests`]).
+    pub(super) reloads: tokio::sync::mpsc::Sender<ReloadAsk>,
 }
+
+/// A `Reload` request to the binary: it answers with the reload's report, or why nothing was
+/// applied.
+pub type ReloadAsk = tokio::sync::oneshot::Sender<Result<Vec<String>, String>>;
+
+/// How long a `Reload` waits for the binary to answer.
+const RELOAD_WITHIN: Duration = Duration::from_secs(10);
 
 /// This node's check of admin request proofs: its TLS material (the CA) and the nonces seen.
 pub struct Proofs {
@@ -126,6 +136,7 @@ impl AdminServer {
         tls: TlsMaterial,
         dr: Option<Arc<spaced_replication::Watchdog>>,
         data_dir: std::path::PathBuf,
+        reloads: tokio::sync::mpsc::Sender<ReloadAsk>,
     ) -> Arc<Self> {
         Arc::new(AdminServer {
             cluster,
@@ -140,7 +151,28 @@ impl AdminServer {
             },
             dr,
             data_dir,
+            reloads,
         })
+    }
+
+    /// `Reload`: hands the request to the binary and waits for its report.
+    async fn reload(&self) -> AdminReply {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.reloads.try_send(tx).is_err() {
+            return AdminReply::Failed(
+                "this node takes no reload requests now (one is under way, or it does not run \
+                 from the spaced binary)"
+                    .into(),
+            );
+        }
+        match tokio::time::timeout(RELOAD_WITHIN, rx).await {
+            Ok(Ok(Ok(lines))) => AdminReply::Reloaded(lines),
+            Ok(Ok(Err(e))) => AdminReply::Failed(e),
+            Ok(Err(_)) | Err(_) => AdminReply::Failed(format!(
+                "the node did not reload within {} s (it does not run from the spaced binary?)",
+                RELOAD_WITHIN.as_secs()
+            )),
+        }
     }
 
     /// Hands an admin request that only the leader can carry out (`request`, the
@@ -289,6 +321,7 @@ impl AdminServer {
                 listeners: self.lb.as_ref().map(|lb| lb.report()).unwrap_or_default(),
                 problems: self.lb.as_ref().map(|lb| lb.problems()).unwrap_or_default(),
             }),
+            AdminRequest::Reload => self.reload().await,
             AdminRequest::ServiceStatus => AdminReply::Services(super::ServicesReport {
                 node: self.cluster.name.clone(),
                 specs: self.cluster.view.read(|f| f.services.clone()),

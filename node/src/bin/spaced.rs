@@ -277,6 +277,7 @@ fn main() -> ExitCode {
                 let watchdog = spaced_node::ops::sdnotify::watchdog_every();
                 let mut ping = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
                 tokio::pin!(stop);
+                let mut reloads = node.reload_requests();
                 {
                     let ready = node.ready();
                     tokio::pin!(ready);
@@ -286,7 +287,14 @@ fn main() -> ExitCode {
                             _ = &mut stop => break,
                             _ = hangup.recv() => {
                                 notifier.notify("RELOADING=1");
-                                reload(&node, &path, &log, source);
+                                tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
+                                let _ = reload(&node, &path, &log, source);
+                                notifier.notify("READY=1");
+                            }
+                            Some(ask) = async { reloads.as_mut()?.recv().await }, if reloads.is_some() => {
+                                notifier.notify("RELOADING=1");
+                                tracing::info!(config = %path.display(), "spacectl node reload: reloading the config");
+                                let _ = ask.send(reload(&node, &path, &log, source));
                                 notifier.notify("READY=1");
                             }
                             status = &mut ready, if !readied => {
@@ -493,40 +501,50 @@ fn main() -> ExitCode {
     }
 }
 
-/// SIGHUP: reads the config file again and applies what can change while running (the log
-/// level, the certificate); names each changed key that needs a restart. A config that does
-/// not load is logged and changes nothing: SIGHUP never stops the node.
-fn reload(node: &Node, path: &std::path::Path, log: &LogHandle, source: FilterSource) {
-    tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
+/// SIGHUP and `spacectl node reload`: reads the config file again and applies what can change
+/// while running (the log level, the certificate, `[lb]`); names each changed key that needs a
+/// restart. Returns the report's lines (each also logged), or why nothing was applied: a config
+/// that does not load changes nothing, and a reload never stops the node.
+fn reload(
+    node: &Node,
+    path: &std::path::Path,
+    log: &LogHandle,
+    source: FilterSource,
+) -> Result<Vec<String>, String> {
     let cfg = match NodeConfig::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: the config does not load; nothing changed");
-            return;
+            return Err(format!(
+                "reload refused: the config does not load; nothing changed: {e}"
+            ));
         }
     };
+    let mut lines = Vec::new();
     if source == FilterSource::Config {
         let text = cfg.log_level.as_deref().unwrap_or(RUN_DEFAULT_FILTER);
-        match EnvFilter::try_new(text) {
-            Ok(f) => match log.reload(f) {
-                Ok(()) => tracing::info!(filter = text, "reload: log level applied"),
-                Err(e) => tracing::warn!(error = %e, "reload: log level not applied"),
-            },
-            Err(e) => tracing::warn!(error = %e, "reload: log level not applied"),
+        match EnvFilter::try_new(text).map_err(|e| e.to_string()).and_then(|f| {
+            log.reload(f).map_err(|e| e.to_string())
+        }) {
+            Ok(()) => lines.push(format!("log level applied ({text})")),
+            Err(e) => lines.push(format!("log level not applied: {e}")),
         }
     } else {
-        tracing::info!("reload: log level kept (set by --log-level or SPACED_LOG)");
+        lines.push("log level kept (set by --log-level or SPACED_LOG)".to_string());
     }
     match node.reload(&cfg) {
-        Ok(report) => {
-            for line in report {
-                tracing::info!("reload: {line}");
-            }
-        }
+        Ok(report) => lines.extend(report),
         Err(e) => {
-            tracing::error!(error = %e, "reload: not applied; the node keeps running as it was")
+            tracing::error!(error = %e, "reload: not applied; the node keeps running as it was");
+            return Err(format!(
+                "reload not applied; the node keeps running as it was: {e}"
+            ));
         }
     }
+    for line in &lines {
+        tracing::info!("reload: {line}");
+    }
+    Ok(lines)
 }
 
 async fn wait_for_signal() {

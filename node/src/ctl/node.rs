@@ -45,6 +45,13 @@ pub enum NodeCmd {
         /// Name or id.
         node: String,
     },
+    /// Have a node read its config file again and apply what can change while running, as
+    /// SIGHUP does (log level, certificates, `[lb]`); prints what it applied and each changed
+    /// key that needs a restart.
+    Reload {
+        /// Name or id.
+        node: String,
+    },
     /// Set a node's roles (replacing them). Placements it holds stay until they move.
     SetRoles {
         /// Name or id.
@@ -169,6 +176,40 @@ pub(super) async fn run(cli: &Target, action: &NodeCmd) -> Result<(), CtlError> 
         }
         NodeCmd::Drain { node } => set_admin_state(&cli, node, AdminState::Draining).await,
         NodeCmd::Activate { node } => set_admin_state(&cli, node, AdminState::Active).await,
+        NodeCmd::Reload { node } => {
+            let mut c = connect(cli).await?;
+            let status = c.status().await;
+            c.close().await;
+            let status = status?;
+            let member = status
+                .nodes
+                .iter()
+                .find(|n| n.name == *node || n.id.to_string() == *node)
+                .ok_or_else(|| failed(format!("no member {node:?}")))?;
+            if cli.dry_run {
+                return Err(CtlError {
+                    message: format!(
+                        "would have {} ({}) read its config file again and apply what can change while running\ndry run: nothing was changed",
+                        member.name, member.addr
+                    ),
+                    code: 0,
+                });
+            }
+            let mut c = AdminClient::connect(&member.addr, &credentials(cli)?).await?;
+            let reply = c.call(&AdminRequest::Reload).await;
+            c.close().await;
+            match reply? {
+                AdminReply::Reloaded(lines) => {
+                    println!("{} reloaded its config:", member.name);
+                    for l in lines {
+                        println!("  {l}");
+                    }
+                    Ok(())
+                }
+                AdminReply::Failed(e) => Err(failed(format!("{}: {e}", member.name))),
+                other => Err(odd(other)),
+            }
+        }
         NodeCmd::SetRoles { node, roles } => {
             let roles: BTreeSet<String> = roles
                 .iter()

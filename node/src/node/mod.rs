@@ -80,6 +80,8 @@ pub struct Node {
     lb: Option<Arc<crate::lb::service::LbService>>,
     /// Started with `--bootstrap`: a member as soon as Raft has applied its initialisation.
     bootstrapped: bool,
+    /// `spacectl node reload` requests, until the binary takes them.
+    reloads: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::admin::server::ReloadAsk>>>,
 }
 
 /// The VIP agent's backend for the configured takeover mode; checks the config's VIPs
@@ -476,6 +478,7 @@ impl Node {
             )?),
             _ => None,
         };
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
         let admin = AdminServer::new(
             cluster.clone(),
             placements.clone(),
@@ -485,6 +488,7 @@ impl Node {
             tls.clone(),
             watchdog.clone(),
             cfg.data_dir.clone(),
+            reload_tx,
         );
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -635,7 +639,16 @@ impl Node {
             lb_task,
             lb: lb_service,
             bootstrapped: bootstrap,
+            reloads: std::sync::Mutex::new(Some(reload_rx)),
         })
+    }
+
+    /// The `spacectl node reload` requests this node receives, once (the binary takes them
+    /// and answers each as it handles SIGHUP; nobody else reloads a config file).
+    pub fn reload_requests(
+        &self,
+    ) -> Option<tokio::sync::mpsc::Receiver<crate::admin::server::ReloadAsk>> {
+        crate::lock(&self.reloads).take()
     }
 
     /// Applies what can change while running from `cfg` (the config file read again, on
