@@ -86,16 +86,18 @@ pub(super) async fn record_version(inner: Cluster, shutdown: watch::Receiver<boo
 /// Once every node has recorded this build's data format (the last node of a rolling upgrade
 /// restarted on it), peers that speak only the previous format's protocol are refused when
 /// dialed, as the accept loop refuses them (`peer::every_node_upgraded`): the log may from then
-/// on hold commands they cannot decode. Logged once when it happens.
+/// on hold commands they cannot decode. Logged the first time.
 pub(super) async fn follow_format(inner: Cluster, mut shutdown: watch::Receiver<bool>) {
     let mut changes = inner.view.changes();
     let mut refused = false;
+    let mut said = false;
     loop {
         changes.borrow_and_update();
         let upgraded = inner.view.read(super::peer::every_node_upgraded);
         if upgraded != refused {
             inner.network.refuse_previous(upgraded);
-            if upgraded {
+            // Once: a node joining has recorded no version for a moment, which is no news.
+            if upgraded && !std::mem::replace(&mut said, true) {
                 tracing::info!(
                     format = spaced_raft::store::DATA_FORMAT,
                     "every node runs data format {}: nodes of format {} are refused from now on",
