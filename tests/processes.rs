@@ -384,20 +384,30 @@ fn sighup_reloads_the_config_and_never_stops_the_node() -> Result<()> {
         .lines()
         .find(|l| l.starts_with("garp_refresh_s"))
         .context("the config names garp_refresh_s")?;
+    // `roles` needs a restart: named, not applied.
+    let roles = original
+        .lines()
+        .find(|l| l.starts_with("roles"))
+        .context("the config names roles")?;
     let reloaded = format!(
         "log_level = \"debug\"\n{}",
-        original.replace(garp, "garp_refresh_s = 7")
+        original
+            .replace(garp, "garp_refresh_s = 7")
+            .replace(roles, "roles = [\"ha\", \"app\", \"db\"]")
     );
     assert_ne!(garp, "garp_refresh_s = 7");
     std::fs::write(&config, reloaded)?;
     lab.procs[0].signal(nix::sys::signal::Signal::SIGHUP)?;
-    // The log level is applied first, then the node's part (certificate, keys that need a
-    // restart) is logged a moment later: wait for the last line.
+    // The log level is applied first, then the node's part (certificate, announcements)
+    // is logged a moment later: wait for the last line.
     wait_until(Duration::from_secs(10), "the reload is logged", || {
-        log_has("reload: takeover: changed; takes effect when spaced restarts")
+        log_has("reload: garp_refresh_s: applied (held VIPs announced again every 7 s)")
     })
     .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
     assert!(log_has("reload: log level applied")?);
+    assert!(log_has(
+        "reload: roles: changed; takes effect when spaced restarts"
+    )?);
     assert!(log_has(
         "reload: tls: certificate and key reloaded (node n1, serial "
     )?);

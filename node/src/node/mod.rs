@@ -653,7 +653,8 @@ impl Node {
 
     /// Applies what can change while running from `cfg` (the config file read again, on
     /// SIGHUP): the node's certificate and key (rotation: new connections use them, open
-    /// ones keep theirs) and the balancer's `[lb]` section (open connections kept; see
+    /// ones keep theirs), the VIP announcements (`garp_refresh_s`) and the balancer's `[lb]`
+    /// section (open connections kept; see
     /// [`LbService::reconfigure`]). Every other key takes effect at the next start.
     ///
     /// [`LbService::reconfigure`]: crate::lb::service::LbService::reconfigure Returns one line
@@ -674,6 +675,17 @@ impl Node {
             tls.serial().unwrap_or_else(|e| e.to_string())
         ));
         let old = &self.config;
+        if old.garp_refresh_s != cfg.garp_refresh_s {
+            let every = (cfg.garp_refresh_s > 0).then(|| Duration::from_secs(cfg.garp_refresh_s));
+            self.placements.agent().set_refresh(every);
+            report.push(match every {
+                Some(e) => format!(
+                    "garp_refresh_s: applied (held VIPs announced again every {} s)",
+                    e.as_secs()
+                ),
+                None => "garp_refresh_s: applied (no announcements after the first burst)".into(),
+            });
+        }
         match (&self.lb, &cfg.lb) {
             (Some(service), Some(section)) => match service.reconfigure(section) {
                 Ok(lines) => report.extend(lines),
@@ -695,10 +707,7 @@ impl Node {
             ("tls.ca", old.tls.ca != cfg.tls.ca),
             ("raft", old.raft != cfg.raft),
             ("lease", old.lease != cfg.lease),
-            (
-                "takeover",
-                old.takeover != cfg.takeover || old.garp_refresh_s != cfg.garp_refresh_s,
-            ),
+            ("takeover", old.takeover != cfg.takeover),
             ("fence_cgroup", old.fence_cgroup != cfg.fence_cgroup),
             ("vip", old.vips != cfg.vips),
             ("devices", old.devices != cfg.devices),
