@@ -64,6 +64,18 @@ pub enum VipCmd {
     },
 }
 
+/// Warns of the eligible nodes that said they cannot hold a VIP, and of those not asked.
+fn warn_unplaceable(cannot: &[(String, String)], unchecked: &[(String, String)]) {
+    for (node, why) in cannot {
+        eprintln!("spacectl: warning: node {node} cannot hold it ({why}); it is not placed there");
+    }
+    for (node, why) in unchecked {
+        eprintln!(
+            "spacectl: warning: node {node} was not checked ({why}); if it is granted the VIP and cannot hold it, it gives it back"
+        );
+    }
+}
+
 /// `spacectl vip ...`
 pub(super) async fn run(cli: &Target, action: &VipCmd) -> Result<(), CtlError> {
     match action {
@@ -84,16 +96,7 @@ pub(super) async fn run(cli: &Target, action: &VipCmd) -> Result<(), CtlError> {
             match mutate(&cli, v).await? {
                 AdminReply::VipAdded { cannot, unchecked } => {
                     println!("VIP {name} ({address} on {interface}) added");
-                    for (node, why) in cannot {
-                        eprintln!(
-                            "spacectl: warning: node {node} cannot hold it ({why}); it is not placed there"
-                        );
-                    }
-                    for (node, why) in unchecked {
-                        eprintln!(
-                            "spacectl: warning: node {node} was not checked ({why}); if it is granted the VIP and cannot hold it, it gives it back"
-                        );
-                    }
+                    warn_unplaceable(&cannot, &unchecked);
                     Ok(())
                 }
                 other => Err(odd(other)),
@@ -164,16 +167,7 @@ pub(super) async fn run(cli: &Target, action: &VipCmd) -> Result<(), CtlError> {
                     } else {
                         println!("VIP {name} unchanged: it already is so");
                     }
-                    for (node, why) in cannot {
-                        eprintln!(
-                            "spacectl: warning: node {node} cannot hold it ({why}); it is not placed there"
-                        );
-                    }
-                    for (node, why) in unchecked {
-                        eprintln!(
-                            "spacectl: warning: node {node} was not checked ({why}); if it is granted the VIP and cannot hold it, it gives it back"
-                        );
-                    }
+                    warn_unplaceable(&cannot, &unchecked);
                     Ok(())
                 }
                 other => Err(odd(other)),
