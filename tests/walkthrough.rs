@@ -162,11 +162,16 @@ fn the_walkthrough_runs_as_written() -> Result<()> {
 
     // What the page says happens.
     ensure!(stdout.contains("spaced ") && stdout.contains("data format"), "{said}");
-    let voters = stdout
-        .lines()
-        .filter(|l| l.contains("10.77.0.") && l.contains("voter"))
-        .count();
-    ensure!(voters >= 3, "three voters in `status`: {said}");
+    // `status` after `node add`: n1 leads, n2 and n3 are voters.
+    for (node, raft) in [("n1", "leader"), ("n2", "voter"), ("n3", "voter")] {
+        ensure!(
+            stdout.lines().any(|l| {
+                let cells: Vec<&str> = l.split_whitespace().collect();
+                cells.len() > 4 && cells[1] == node && cells[4] == raft
+            }),
+            "{node} is not a {raft} in `status`: {said}"
+        );
+    }
     let on = stdout
         .lines()
         .find_map(|l| l.strip_prefix("the VIP is on "))
