@@ -673,23 +673,63 @@ fn device_and_service_set_change_only_what_they_name() -> Result<()> {
             .and_then(|a| a.iter().find(|d| d["id"] == id).cloned())
             .with_context(|| format!("device {id}: {v}"))
     };
-    lab.ctl_ok(&n2, &["device", "add", "--id", "set-1", "--addr", "127.9.0.1:1"])?;
-    let out = lab.ctl_ok(&n2, &["--dry-run", "device", "set", "set-1", "--addr", "127.9.0.9:2"])?;
+    lab.ctl_ok(
+        &n2,
+        &["device", "add", "--id", "set-1", "--addr", "127.9.0.1:1"],
+    )?;
+    let out = lab.ctl_ok(
+        &n2,
+        &[
+            "--dry-run",
+            "device",
+            "set",
+            "set-1",
+            "--addr",
+            "127.9.0.9:2",
+        ],
+    )?;
     assert!(
-        out.contains("would change device set-1: 127.9.0.1:1 SpaceInitiated -> 127.9.0.9:2 SpaceInitiated"),
+        out.contains(
+            "would change device set-1: 127.9.0.1:1 SpaceInitiated -> 127.9.0.9:2 SpaceInitiated"
+        ),
         "{out}"
     );
     assert_eq!(device("set-1")?["addr"], "127.9.0.1:1");
     lab.ctl_ok(&n2, &["device", "set", "set-1", "--addr", "127.9.0.9:2"])?;
     let d = device("set-1")?;
-    assert_eq!((&d["addr"], &d["mode"]), (&serde_json::json!("127.9.0.9:2"), &serde_json::json!("space-initiated")), "{d}");
-    lab.ctl_ok(&n2, &["device", "set", "set-1", "--mode", "device-initiated"])?;
+    assert_eq!(
+        (&d["addr"], &d["mode"]),
+        (
+            &serde_json::json!("127.9.0.9:2"),
+            &serde_json::json!("space-initiated")
+        ),
+        "{d}"
+    );
+    lab.ctl_ok(
+        &n2,
+        &["device", "set", "set-1", "--mode", "device-initiated"],
+    )?;
     let d = device("set-1")?;
-    assert_eq!((&d["addr"], &d["mode"]), (&serde_json::json!("127.9.0.9:2"), &serde_json::json!("device-initiated")), "{d}");
+    assert_eq!(
+        (&d["addr"], &d["mode"]),
+        (
+            &serde_json::json!("127.9.0.9:2"),
+            &serde_json::json!("device-initiated")
+        ),
+        "{d}"
+    );
     for (args, code, why) in [
-        (vec!["device", "set", "nope", "--addr", "127.9.0.3:1"], 1, "no device \"nope\""),
+        (
+            vec!["device", "set", "nope", "--addr", "127.9.0.3:1"],
+            1,
+            "no device \"nope\"",
+        ),
         (vec!["device", "set", "set-1"], 2, "say what changes"),
-        (vec!["device", "set", "set-1", "--addr", "bad addr"], 2, "bad addr"),
+        (
+            vec!["device", "set", "set-1", "--addr", "bad addr"],
+            2,
+            "bad addr",
+        ),
     ] {
         let out = lab.ctl(&n2, &args)?;
         let err = String::from_utf8_lossy(&out.stderr);
@@ -706,11 +746,32 @@ fn device_and_service_set_change_only_what_they_name() -> Result<()> {
     };
     lab.ctl_ok(
         &n2,
-        &["service", "add", "web", "--scope", "every-node", "--roles", "app", "--", "sleep", "100"],
+        &[
+            "service",
+            "add",
+            "web",
+            "--scope",
+            "every-node",
+            "--roles",
+            "app",
+            "--",
+            "sleep",
+            "100",
+        ],
     )?;
     let out = lab.ctl_ok(
         &n2,
-        &["--dry-run", "service", "set", "web", "--health-check", "true", "--", "sleep", "200"],
+        &[
+            "--dry-run",
+            "service",
+            "set",
+            "web",
+            "--health-check",
+            "true",
+            "--",
+            "sleep",
+            "200",
+        ],
     )?;
     assert!(
         out.contains("would change service web (every-node"),
@@ -726,14 +787,27 @@ fn device_and_service_set_change_only_what_they_name() -> Result<()> {
     let s = spec()?;
     assert_eq!(
         (&s["command"], &s["health_check"], &s["roles"]),
-        (&serde_json::json!(["sleep", "100"]), &serde_json::json!(["true"]), &serde_json::json!(["app"])),
+        (
+            &serde_json::json!(["sleep", "100"]),
+            &serde_json::json!(["true"]),
+            &serde_json::json!(["app"])
+        ),
         "{s}"
     );
-    lab.ctl_ok(&n2, &["service", "set", "web", "--roles", "app,db", "--", "sleep", "200"])?;
+    lab.ctl_ok(
+        &n2,
+        &[
+            "service", "set", "web", "--roles", "app,db", "--", "sleep", "200",
+        ],
+    )?;
     let s = spec()?;
     assert_eq!(
         (&s["command"], &s["health_check"], &s["roles"]),
-        (&serde_json::json!(["sleep", "200"]), &serde_json::json!(["true"]), &serde_json::json!(["app", "db"])),
+        (
+            &serde_json::json!(["sleep", "200"]),
+            &serde_json::json!(["true"]),
+            &serde_json::json!(["app", "db"])
+        ),
         "{s}"
     );
     let out = lab.ctl_ok(&n2, &["service", "set", "web", "--no-health-check"])?;
@@ -747,7 +821,10 @@ fn device_and_service_set_change_only_what_they_name() -> Result<()> {
 
     // vip set: a VIP that does not exist is named in the plan and refused.
     let out = lab.ctl_ok(&n2, &["--dry-run", "vip", "set", "side", "--roles", "app"])?;
-    assert!(out.contains("no VIP side: the leader would refuse it"), "{out}");
+    assert!(
+        out.contains("no VIP side: the leader would refuse it"),
+        "{out}"
+    );
     let out = lab.ctl(&n2, &["vip", "set", "side", "--roles", "app"])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no VIP \"side\""));
@@ -838,7 +915,8 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     );
     // Each node's data dir, as it measures it: a store that holds the log is not empty.
     assert!(
-        rows.iter().all(|r| r["db_bytes"].as_u64().is_some_and(|b| b > 0)),
+        rows.iter()
+            .all(|r| r["db_bytes"].as_u64().is_some_and(|b| b > 0)),
         "{rows:?}"
     );
     let table = lab.ctl_ok(&n2, &["endpoint", "status"])?;

@@ -70,7 +70,10 @@ fn old_build() -> Result<Option<PathBuf>> {
             bail!("tar could not unpack {FROM_COMMIT}");
         }
     }
-    println!("building spaced at {FROM_COMMIT} (data format 6) into {}", base.display());
+    println!(
+        "building spaced at {FROM_COMMIT} (data format 6) into {}",
+        base.display()
+    );
     let started = Instant::now();
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&src)
@@ -89,7 +92,10 @@ fn old_build() -> Result<Option<PathBuf>> {
     println!("built in {:.0} s", started.elapsed().as_secs_f64());
     let version = Command::new(&bin).arg("--version").output()?;
     let text = String::from_utf8_lossy(&version.stdout);
-    anyhow::ensure!(text.contains("data format 6;"), "the old build is not format 6: {text}");
+    anyhow::ensure!(
+        text.contains("data format 6;"),
+        "the old build is not format 6: {text}"
+    );
     Ok(Some(bin))
 }
 
@@ -104,7 +110,10 @@ impl Node {
     fn start(&mut self, exe: &Path, dir: &Path, bootstrap: bool, log: &str) -> Result<()> {
         let log = std::fs::File::create(dir.join(log))?;
         let mut cmd = Command::new(exe);
-        cmd.arg("run").arg("--config").arg(&self.config).current_dir(dir);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .current_dir(dir);
         if bootstrap {
             cmd.arg("--bootstrap");
         }
@@ -221,8 +230,7 @@ impl Cluster {
     }
 
     fn device_ids(&self) -> Result<Vec<String>> {
-        let v: Value =
-            serde_json::from_str(&self.ctl_any(&["device", "list", "--json"])?)?;
+        let v: Value = serde_json::from_str(&self.ctl_any(&["device", "list", "--json"])?)?;
         Ok(v.as_array()
             .context("device list")?
             .iter()
@@ -237,7 +245,9 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
         return Ok(());
     };
     let new = binary("spaced")?;
-    let dir = tempfile::Builder::new().prefix("spaced-upgrade-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("spaced-upgrade-")
+        .tempdir()?;
     make_pki(&dir.path().join("pki"), 4)?;
     let mut c = Cluster {
         dir,
@@ -266,18 +276,43 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
         })?;
         c.ctl_ok(
             &n1,
-            &["node", "add", "--id", &id.to_string(), "--name", &format!("n{id}"), "--addr", &addr],
+            &[
+                "node",
+                "add",
+                "--id",
+                &id.to_string(),
+                "--name",
+                &format!("n{id}"),
+                "--addr",
+                &addr,
+            ],
         )?;
     }
     c.wait_formats(6)?;
     c.ctl_ok(
         &n1,
-        &["service", "add", "keep", "--scope", "every-node", "--", "sleep", "1000"],
+        &[
+            "service",
+            "add",
+            "keep",
+            "--scope",
+            "every-node",
+            "--",
+            "sleep",
+            "1000",
+        ],
     )?;
     for i in 0..20 {
         c.ctl_ok(
             &n1,
-            &["device", "add", "--id", &format!("old-{i}"), "--addr", &format!("127.8.0.{i}:1")],
+            &[
+                "device",
+                "add",
+                "--id",
+                &format!("old-{i}"),
+                "--addr",
+                &format!("127.8.0.{i}:1"),
+            ],
         )?;
     }
 
@@ -318,11 +353,9 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
         c.nodes[i].start(&new, &dirp, false, &format!("n{}-new.log", i + 1))?;
         let name = format!("n{}", i + 1);
         wait_until(Duration::from_secs(60), &format!("{name} upgraded"), || {
-            Ok(c.formats().is_ok_and(|f| {
-                f.iter().any(|(n, f)| *n == name && *f == Some(7))
-            }) && c
-                .ctl_any(&["status", "--json"])
-                .is_ok_and(|s| {
+            Ok(c.formats()
+                .is_ok_and(|f| f.iter().any(|(n, f)| *n == name && *f == Some(7)))
+                && c.ctl_any(&["status", "--json"]).is_ok_and(|s| {
                     serde_json::from_str::<Value>(&s).is_ok_and(|v| v["leader"].as_u64().is_some())
                 }))
         })?;
@@ -333,7 +366,10 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
             c.ctl_ok(&n2, &["leader", "transfer", "--to", "n2"])?;
             let out = c.ctl(&n2, &["device", "set", "old-0", "--addr", "127.8.9.9:2"])?;
             let err = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success(), "device set applied before the upgrade ended");
+            assert!(
+                !out.status.success(),
+                "device set applied before the upgrade ended"
+            );
             assert!(
                 err.contains("n1 (node 1) runs data format 6") && err.contains("rolling upgrade"),
                 "{err}"
@@ -343,22 +379,32 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
     c.wait_formats(7)?;
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
-    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))?;
 
     // Nothing acknowledged is lost; what the old build wrote reads back on the new one.
     let ids = c.device_ids()?;
     let acked = acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    assert!(acked.len() >= 10, "the client's writes were acknowledged: {acked:?}");
-    for id in acked.iter().chain(&(0..20).map(|i| format!("old-{i}")).collect::<Vec<_>>()) {
+    assert!(
+        acked.len() >= 10,
+        "the client's writes were acknowledged: {acked:?}"
+    );
+    for id in acked
+        .iter()
+        .chain(&(0..20).map(|i| format!("old-{i}")).collect::<Vec<_>>())
+    {
         assert!(ids.contains(id), "{id} lost in the upgrade");
     }
-    let services: Value =
-        serde_json::from_str(&c.ctl_any(&["service", "list", "--json"])?)?;
+    let services: Value = serde_json::from_str(&c.ctl_any(&["service", "list", "--json"])?)?;
     assert_eq!(services["services"][0]["name"], "keep", "{services}");
 
     // Upgraded: the new commands apply.
     wait_until(Duration::from_secs(20), "device set applies", || {
-        Ok(c.ctl_any(&["device", "set", "old-0", "--addr", "127.8.9.9:2"]).is_ok())
+        Ok(
+            c.ctl_any(&["device", "set", "old-0", "--addr", "127.8.9.9:2"])
+                .is_ok(),
+        )
     })?;
     let v: Value = serde_json::from_str(&c.ctl_any(&["device", "list", "--json"])?)?;
     let d = v
@@ -375,11 +421,7 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
         child: None,
     };
     back.start(&old, &dirp, false, "n3-old-again.log")?;
-    let st = back
-        .child
-        .as_mut()
-        .context("old n3")?
-        .wait()?;
+    let st = back.child.as_mut().context("old n3")?.wait()?;
     back.child = None;
     let log = std::fs::read_to_string(dirp.join("n3-old-again.log"))?;
     assert_eq!(st.code(), Some(2), "{log}");
@@ -403,7 +445,10 @@ fn a_rolling_upgrade_across_a_data_format_change_keeps_the_cluster_and_its_data(
         &["node", "add", "--id", "4", "--name", "n4", "--addr", &addr4],
     )?;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "an old node joined an upgraded cluster");
+    assert!(
+        !out.status.success(),
+        "an old node joined an upgraded cluster"
+    );
     assert!(err.contains("data format"), "{err}");
     assert_eq!(c.formats()?.len(), 3, "n4 became a member");
     Ok(())

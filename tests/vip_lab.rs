@@ -1209,12 +1209,22 @@ fn an_address_removed_behind_the_owners_back_is_served_again() -> Result<()> {
             .context("nobody holds the VIP")?;
         f.lab.run_in(
             &f.lab.host(holder + 1).ns,
-            &["ip", "addr", "del", &format!("{ip}/{prefix}"), "dev", "eth0"],
+            &[
+                "ip",
+                "addr",
+                "del",
+                &format!("{ip}/{prefix}"),
+                "dev",
+                "eth0",
+            ],
         )?;
         let t = Instant::now();
         wait_served_within(&f, "cluster", ip, None, Duration::from_secs(5))
             .with_context(|| format!("round {round}: the VIP was not served again"))?;
-        println!("round {round}: served again after {} ms", t.elapsed().as_millis());
+        println!(
+            "round {round}: served again after {} ms",
+            t.elapsed().as_millis()
+        );
     }
     let report = watch.stop();
     assert_eq!(report.max_holders, 1, "{:?}", report.overlaps);
@@ -1260,12 +1270,13 @@ fn vip_set_changes_roles_in_place_and_moves_a_new_address_without_overlap() -> R
     let report = watch_old.stop();
     let v = f.vip_entry("cluster").context("cluster VIP")?;
     assert_eq!(v["roles"], serde_json::json!(["db", "ha"]), "{v}");
-    assert_eq!((v["owner"].as_u64(), &v["epoch"]), (Some(owner as u64), &epoch), "{v}");
+    assert_eq!(
+        (v["owner"].as_u64(), &v["epoch"]),
+        (Some(owner as u64), &epoch),
+        "{v}"
+    );
     assert!(
-        report
-            .holders_over_time
-            .iter()
-            .all(|(_, h)| h.len() == 1),
+        report.holders_over_time.iter().all(|(_, h)| h.len() == 1),
         "the address went down or moved on a roles-only change: {:?}",
         report.holders_over_time
     );
@@ -1280,7 +1291,11 @@ fn vip_set_changes_roles_in_place_and_moves_a_new_address_without_overlap() -> R
         let out = f.ctl_output(&h1, &all)?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(why), "{all:?}: {err}");
-        assert_eq!(f.vip_owner("cluster", None), Some(owner as u64), "{all:?} released it");
+        assert_eq!(
+            f.vip_owner("cluster", None),
+            Some(owner as u64),
+            "{all:?} released it"
+        );
     }
 
     // A new address: the owner removes the old one first; at no sample do two hosts hold
@@ -1301,7 +1316,13 @@ fn vip_set_changes_roles_in_place_and_moves_a_new_address_without_overlap() -> R
     )?;
     let out = f.ctl(
         &h1,
-        &["vip", "set", "cluster", "--address", &format!("{new_ip}/{prefix}")],
+        &[
+            "vip",
+            "set",
+            "cluster",
+            "--address",
+            &format!("{new_ip}/{prefix}"),
+        ],
     )?;
     assert!(out.contains("VIP cluster changed"), "{out}");
     let new_owner = wait_served(&f, "cluster", new_ip, None)?;
@@ -1309,8 +1330,14 @@ fn vip_set_changes_roles_in_place_and_moves_a_new_address_without_overlap() -> R
     let (old, new) = (watch_old.stop(), watch_new.stop());
     assert_eq!(old.max_holders, 1, "{:?}", old.overlaps);
     assert_eq!(new.max_holders, 1, "{:?}", new.overlaps);
-    let last_old = old.holders_over_time.last().context("old address samples")?;
-    assert!(last_old.1.is_empty(), "the old address is still up: {last_old:?}");
+    let last_old = old
+        .holders_over_time
+        .last()
+        .context("old address samples")?;
+    assert!(
+        last_old.1.is_empty(),
+        "the old address is still up: {last_old:?}"
+    );
     let first_new = new
         .holders_over_time
         .iter()
@@ -1326,7 +1353,10 @@ fn vip_set_changes_roles_in_place_and_moves_a_new_address_without_overlap() -> R
         new.holders_over_time
     );
     for ns in f.host_namespaces() {
-        assert!(!f.lab.addresses(&ns)?.contains(&old_ip), "{ns} kept the old address");
+        assert!(
+            !f.lab.addresses(&ns)?.contains(&old_ip),
+            "{ns} kept the old address"
+        );
     }
     let v = f.vip_entry("cluster").context("cluster VIP")?;
     assert_eq!(v["address"], format!("{new_ip}/{prefix}"), "{v}");

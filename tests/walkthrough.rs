@@ -106,7 +106,11 @@ fn the_walkthrough_runs_as_written() -> Result<()> {
         .to_path_buf();
     let page = std::fs::read_to_string(workspace.join("docs/walkthrough.md"))?;
     let blocks = shell_blocks(&page);
-    ensure!(blocks.len() >= 8, "the page has {} shell blocks", blocks.len());
+    ensure!(
+        blocks.len() >= 8,
+        "the page has {} shell blocks",
+        blocks.len()
+    );
     ensure!(
         blocks[0].trim() == "apt install ./spaced_*.deb",
         "the first block installs the package: {:?}",
@@ -154,14 +158,27 @@ fn the_walkthrough_runs_as_written() -> Result<()> {
         })
         .collect();
     let cleaned = Command::new("bash")
-        .args(["-c", &format!("export WALK={}\n{cleanup}", scratch.path().join("walk").display())])
+        .args([
+            "-c",
+            &format!(
+                "export WALK={}\n{cleanup}",
+                scratch.path().join("walk").display()
+            ),
+        ])
         .output()?;
     let said = format!("stdout:\n{stdout}\nstderr:\n{stderr}\n{logs}");
-    ensure!(run.status.success(), "the walkthrough failed ({}):\n{said}", run.status);
+    ensure!(
+        run.status.success(),
+        "the walkthrough failed ({}):\n{said}",
+        run.status
+    );
     ensure!(cleaned.status.success(), "the clean-up failed: {cleaned:?}");
 
     // What the page says happens.
-    ensure!(stdout.contains("spaced ") && stdout.contains("data format"), "{said}");
+    ensure!(
+        stdout.contains("spaced ") && stdout.contains("data format"),
+        "{said}"
+    );
     // `status` after `node add`: n1 leads, n2 and n3 are voters.
     for (node, raft) in [("n1", "leader"), ("n2", "voter"), ("n3", "voter")] {
         ensure!(
@@ -190,7 +207,9 @@ fn the_walkthrough_runs_as_written() -> Result<()> {
     let left = Command::new("ip").args(["netns", "list"]).output()?;
     let left = String::from_utf8_lossy(&left.stdout);
     ensure!(
-        !left.lines().any(|l| l.starts_with("spaced-n") || l.starts_with("spaced-sw")),
+        !left
+            .lines()
+            .any(|l| l.starts_with("spaced-n") || l.starts_with("spaced-sw")),
         "namespaces left: {left}"
     );
     Ok(())

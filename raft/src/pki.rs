@@ -1713,7 +1713,9 @@ mod tests {
         });
         let n2 = material(tmp.path(), "n2");
         let (_old, dialed) = handshake(&n2, ALPN_RAFT_PREVIOUS, addr, "n1.node.spaced").await;
-        let conn = dialed.expect("the handshake ends").expect("the old node is accepted");
+        let conn = dialed
+            .expect("the handshake ends")
+            .expect("the old node is accepted");
         assert_eq!(
             crate::network::negotiated(&conn).as_deref(),
             Some(ALPN_RAFT_PREVIOUS)
@@ -1728,7 +1730,10 @@ mod tests {
             .unwrap()
             .await
             .expect("a node of this build is accepted");
-        assert_eq!(crate::network::negotiated(&conn).as_deref(), Some(ALPN_RAFT));
+        assert_eq!(
+            crate::network::negotiated(&conn).as_deref(),
+            Some(ALPN_RAFT)
+        );
     }
 
     /// A build of another protocol version (here: an old one) fails the handshake on

@@ -51,7 +51,11 @@ impl Fabric {
     }
 
     /// `device set`: a new address or mode; the owner keeps the device and connects anew.
-    pub(super) fn set_device(&mut self, new: &NewDevice, at: &Millis) -> Result<Outcome, CommandError> {
+    pub(super) fn set_device(
+        &mut self,
+        new: &NewDevice,
+        at: &Millis,
+    ) -> Result<Outcome, CommandError> {
         check_device_addr(&new.addr)?;
         let d = self
             .devices

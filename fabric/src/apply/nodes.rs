@@ -34,7 +34,10 @@ impl Fabric {
     /// asks this before it proposes such a command: the log entry itself would reach the
     /// nodes that cannot decode it.
     pub fn format_allows(&self, cmd: &Command) -> Result<(), CommandError> {
-        if !matches!(cmd, Command::SetPlacement { .. } | Command::SetDevice { .. }) {
+        if !matches!(
+            cmd,
+            Command::SetPlacement { .. } | Command::SetDevice { .. }
+        ) {
             return Ok(());
         }
         let behind = self.nodes_below_format(SET_COMMANDS_FORMAT);

@@ -49,7 +49,8 @@ impl Fabric {
             .placements
             .get(name)
             .ok_or_else(|| not_found("placement", name))?;
-        if !matches!(p.kind, PlacementKind::Vip { .. }) || !matches!(kind, PlacementKind::Vip { .. })
+        if !matches!(p.kind, PlacementKind::Vip { .. })
+            || !matches!(kind, PlacementKind::Vip { .. })
         {
             return Err(invalid(
                 "placement",
@@ -121,7 +122,9 @@ impl Fabric {
                 }
                 let ip = vip_ip(address);
                 let taken = self.placements.iter().find(|(other, p)| match &p.kind {
-                    PlacementKind::Vip { address: a, .. } => other.as_str() != name && vip_ip(a) == ip,
+                    PlacementKind::Vip { address: a, .. } => {
+                        other.as_str() != name && vip_ip(a) == ip
+                    }
                     _ => false,
                 });
                 if let Some((other, _)) = taken {

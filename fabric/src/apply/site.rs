@@ -26,7 +26,7 @@ impl Fabric {
                 || matches!(c, Command::RemoveDevice { .. } | Command::SetDevice { .. }) =>
             {
                 Some(format!(
-                "this site is a standby: devices and services are written on the active site \
+                    "this site is a standby: devices and services are written on the active site \
                  and mirrored here ({c})"
                 ))
             }

@@ -740,7 +740,11 @@ mod tests {
         })
         .unwrap();
         let e = refused(&mut f, set_vip("cluster", "10.0.0.110/24", &["ha"]));
-        assert!(e.to_string().contains("n1 (node 1) has recorded no version yet"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("n1 (node 1) has recorded no version yet"),
+            "{e}"
+        );
         for (id, format) in [(1, SET_COMMANDS_FORMAT), (2, SET_COMMANDS_FORMAT - 1)] {
             f.apply(&Command::SetVersion {
                 id,
@@ -748,7 +752,10 @@ mod tests {
             })
             .unwrap();
         }
-        for c in [set_vip("cluster", "10.0.0.110/24", &["ha"]), set_device.clone()] {
+        for c in [
+            set_vip("cluster", "10.0.0.110/24", &["ha"]),
+            set_device.clone(),
+        ] {
             let e = refused(&mut f, c);
             assert!(
                 e.to_string().contains("n2 (node 2) runs data format 6")
@@ -762,7 +769,8 @@ mod tests {
             version: format!("0.1.0 (def); data format {SET_COMMANDS_FORMAT}"),
         })
         .unwrap();
-        f.apply(&set_vip("cluster", "10.0.0.110/24", &["ha"])).unwrap();
+        f.apply(&set_vip("cluster", "10.0.0.110/24", &["ha"]))
+            .unwrap();
         f.apply(&set_device).unwrap();
         assert_eq!(f.devices["d1"].addr, "10.9.0.1:830");
     }
@@ -812,14 +820,24 @@ mod tests {
         );
         assert_eq!(p.eligible_roles, roles(&["ha", "db"]));
         assert_eq!(p.epoch, epoch, "the epoch stays: no owner changed");
-        assert!(p.refused.is_empty(), "refusals of the old spec are forgotten");
+        assert!(
+            p.refused.is_empty(),
+            "refusals of the old spec are forgotten"
+        );
         // Its own address again is fine; another VIP's, a bad one, no roles, a singleton or
         // an unknown name are refused and change nothing.
-        f.apply(&set_vip("cluster", "10.0.0.110/24", &["ha"])).unwrap();
+        f.apply(&set_vip("cluster", "10.0.0.110/24", &["ha"]))
+            .unwrap();
         for (c, why) in [
-            (set_vip("cluster", "10.0.0.101/24", &["ha"]), "placement \"db\" has it"),
+            (
+                set_vip("cluster", "10.0.0.101/24", &["ha"]),
+                "placement \"db\" has it",
+            ),
             (set_vip("cluster", "10.0.0.300/24", &["ha"]), "10.0.0.300"),
-            (set_vip("cluster", "10.0.0.111/24", &[]), "at least one role"),
+            (
+                set_vip("cluster", "10.0.0.111/24", &[]),
+                "at least one role",
+            ),
             (set_vip("nope", "10.0.0.111/24", &["ha"]), "nope"),
             (
                 Command::SetPlacement {

@@ -523,9 +523,10 @@ fn reload(
     let mut lines = Vec::new();
     if source == FilterSource::Config {
         let text = cfg.log_level.as_deref().unwrap_or(RUN_DEFAULT_FILTER);
-        match EnvFilter::try_new(text).map_err(|e| e.to_string()).and_then(|f| {
-            log.reload(f).map_err(|e| e.to_string())
-        }) {
+        match EnvFilter::try_new(text)
+            .map_err(|e| e.to_string())
+            .and_then(|f| log.reload(f).map_err(|e| e.to_string()))
+        {
             Ok(()) => lines.push(format!("log level applied ({text})")),
             Err(e) => lines.push(format!("log level not applied: {e}")),
         }

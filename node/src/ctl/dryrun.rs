@@ -442,7 +442,8 @@ pub(super) async fn plan(cli: &Target, request: &AdminRequest) -> Result<Option<
                     }
                     if let Some(h) = health_check.as_ref().filter(|h| **h != spec.health_check) {
                         let text = |h: &Option<Vec<String>>| {
-                            h.as_ref().map_or("none".to_string(), |h| format!("{:?}", h.join(" ")))
+                            h.as_ref()
+                                .map_or("none".to_string(), |h| format!("{:?}", h.join(" ")))
                         };
                         changes.push(format!(
                             "health check {} -> {}",
@@ -451,7 +452,9 @@ pub(super) async fn plan(cli: &Target, request: &AdminRequest) -> Result<Option<
                         ));
                     }
                     if changes.is_empty() {
-                        vec![format!("service {name} already is so: nothing would change")]
+                        vec![format!(
+                            "service {name} already is so: nothing would change"
+                        )]
                     } else {
                         vec![format!(
                             "would change service {name} ({}): {}; every instance restarts with it",
@@ -492,7 +495,10 @@ fn vip_set_plan(
         None => old_roles.clone(),
     };
     if address == v.address && interface == v.interface && new_roles == old_roles {
-        return vec![format!("VIP {} already is so: nothing would change", v.name)];
+        return vec![format!(
+            "VIP {} already is so: nothing would change",
+            v.name
+        )];
     }
     let owner_keeps = v.owner.is_some_and(|o| {
         now.status

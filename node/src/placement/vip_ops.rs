@@ -299,9 +299,11 @@ impl Placements {
             .await?;
         let in_place = (&address, &interface) == (&current.0, &current.1)
             && owner.is_some_and(|o| {
-                inner
-                    .view
-                    .read(|f| f.nodes.get(&o).is_some_and(|n| !n.roles.is_disjoint(&roles)))
+                inner.view.read(|f| {
+                    f.nodes
+                        .get(&o)
+                        .is_some_and(|n| !n.roles.is_disjoint(&roles))
+                })
             });
         let held = if in_place {
             None
