@@ -389,6 +389,33 @@ pub fn refusers(row: &serde_json::Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// Builds the Debian package with `contrib/deb/build` (release binaries in
+/// `target/package`, a target dir of its own, since the `cargo test` that calls this holds the
+/// usual one) and returns the `.deb`'s path, the build's last line.
+pub fn build_package(workspace: &Path) -> Result<PathBuf> {
+    let out = std::process::Command::new(workspace.join("contrib/deb/build"))
+        .env("CARGO_TARGET_DIR", workspace.join("target/package"))
+        .current_dir(workspace)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("contrib/deb/build")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "contrib/deb/build: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let deb = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .context("the build printed nothing")?
+            .trim(),
+    );
+    anyhow::ensure!(deb.exists(), "no package at {}", deb.display());
+    Ok(deb)
+}
+
 /// Path of a workspace binary (`spaced`, `spacectl`). `cargo test --workspace` builds them
 /// (spaced-node has integration tests of its own, which makes cargo build its binaries).
 pub fn binary(name: &str) -> Result<PathBuf> {

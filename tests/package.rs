@@ -3,7 +3,7 @@
 //! installed with dpkg into an empty root, and checked there: the files and their modes, the
 //! binaries run, the unit verifies, the example config parses.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -52,18 +52,7 @@ fn the_debian_package_installs_into_a_clean_root() -> Result<()> {
         .parent()
         .context("workspace")?
         .to_path_buf();
-    let out = run(
-        Command::new(workspace.join("contrib/deb/build"))
-            .env("CARGO_TARGET_DIR", workspace.join("target/package"))
-            .current_dir(&workspace),
-        "contrib/deb/build",
-    )?;
-    let deb = PathBuf::from(
-        out.lines()
-            .last()
-            .context("the build printed nothing")?
-            .trim(),
-    );
+    let deb = spaced_tests::build_package(&workspace)?;
     ensure!(
         deb.extension().is_some_and(|e| e == "deb") && deb.exists(),
         "not a package: {}",

@@ -8,10 +8,10 @@
 //! Root and network namespaces are needed: under `CI=true` their absence fails the test,
 //! elsewhere it skips and says why.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 
 fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
@@ -52,30 +52,6 @@ impl Drop for Namespaces {
                 .status();
         }
     }
-}
-
-fn build_package(workspace: &Path) -> Result<PathBuf> {
-    let out = Command::new(workspace.join("contrib/deb/build"))
-        .env("CARGO_TARGET_DIR", workspace.join("target/package"))
-        .current_dir(workspace)
-        .stdin(Stdio::null())
-        .output()
-        .context("contrib/deb/build")?;
-    if !out.status.success() {
-        bail!(
-            "contrib/deb/build: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let deb = PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .context("the build printed nothing")?
-            .trim(),
-    );
-    ensure!(deb.exists(), "no package at {}", deb.display());
-    Ok(deb)
 }
 
 #[test]
@@ -119,7 +95,7 @@ fn the_walkthrough_runs_as_written() -> Result<()> {
     let cleanup = blocks.last().context("a clean-up block")?.clone();
     ensure!(cleanup.contains("ip netns del"), "{cleanup}");
 
-    let deb = build_package(&workspace)?;
+    let deb = spaced_tests::build_package(&workspace)?;
     let scratch = tempfile::Builder::new().prefix("spaced-walk-").tempdir()?;
     let root = scratch.path().join("root");
     let out = Command::new("dpkg-deb")
