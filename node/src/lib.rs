@@ -104,6 +104,53 @@ pub fn now_millis() -> u64 {
         .unwrap_or(0)
 }
 
+/// CLOCK_BOOTTIME, read between two reads of CLOCK_MONOTONIC (`Instant`): the pair leases
+/// and the fence guard convert between. Two clocks cannot be read at one instant; a thread
+/// preempted between the reads would see their offset off by the time it waited (tens of ms on
+/// a loaded host). The bracket bounds that error, and each user rounds it the safe way.
+#[derive(Debug, Clone, Copy)]
+pub struct ClockPair {
+    /// CLOCK_MONOTONIC just before `boottime` was read.
+    pub before: std::time::Instant,
+    /// CLOCK_BOOTTIME, which goes on while the host is suspended (CLOCK_MONOTONIC stops).
+    pub boottime: std::time::Duration,
+    /// CLOCK_MONOTONIC just after.
+    pub after: std::time::Instant,
+}
+
+/// A bracket this tight is taken at once; a wider one (the thread was preempted) is read again.
+const CLOCK_PAIR_TIGHT: std::time::Duration = std::time::Duration::from_micros(200);
+
+impl ClockPair {
+    /// Reads the pair, again (a few times at most) while the bracket is wider than 200 µs;
+    /// `None` if CLOCK_BOOTTIME cannot be read.
+    pub fn read() -> Option<ClockPair> {
+        let mut best: Option<ClockPair> = None;
+        for _ in 0..4 {
+            let before = std::time::Instant::now();
+            let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+            let after = std::time::Instant::now();
+            let pair = ClockPair {
+                before,
+                boottime: std::time::Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32),
+                after,
+            };
+            if best.is_none_or(|b| pair.width() < b.width()) {
+                best = Some(pair);
+            }
+            if pair.width() <= CLOCK_PAIR_TIGHT {
+                break;
+            }
+        }
+        best
+    }
+
+    /// How far apart the two monotonic reads were.
+    pub fn width(&self) -> std::time::Duration {
+        self.after.saturating_duration_since(self.before)
+    }
+}
+
 /// Locks a mutex, recovering from poisoning: the state behind spaced's mutexes stays
 /// consistent between statements, so a panicked holder leaves nothing half-written.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -369,10 +369,13 @@ pub async fn run(
     state: Option<std::path::PathBuf>,
 ) -> Result<(), WitnessError> {
     let boot_id = boot_id();
+    // Boot time first, the monotonic clock after: whatever passes between the two reads (a
+    // preemption) makes a restored ticket end later, never earlier than it did.
+    let now_boot = boottime_ns();
     let now = Instant::now();
     let tickets = match state.as_deref().map(load_state).transpose()?.flatten() {
         Some(saved) => {
-            let t = Tickets::restored(&saved, &boot_id, now, boottime_ns(), grace);
+            let t = Tickets::restored(&saved, &boot_id, now, now_boot, grace);
             let same_boot = saved.boot_id == boot_id;
             tracing::info!(
                 tickets = saved.held.len(),

@@ -25,12 +25,6 @@ const WITNESS_PRUNE_EVERY: Duration = Duration::from_secs(5);
 /// ([`crate::placement::agent::Agent::verify_up`]): one netlink look-up per held VIP.
 const VERIFY_EVERY: Duration = Duration::from_millis(250);
 
-/// CLOCK_BOOTTIME now, which goes on while the host is suspended.
-fn boottime() -> Option<Duration> {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
-    Some(Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32))
-}
-
 /// Why a renewal did not reach a quorum.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -120,7 +114,8 @@ impl Placements {
                 _ = shutdown.wait_for(|s| *s) => return,
             }
             super::pace(&mut last_pass, MIN_GAP).await;
-            if let Some(lost) = boottime().and_then(|b| suspend.look(Instant::now(), b)) {
+            let clocks = crate::ClockPair::read();
+            if let Some(lost) = clocks.and_then(|c| suspend.look(c.before, c.boottime, c.after)) {
                 tracing::error!(
                     suspended_ms = lost.as_millis() as u64,
                     "the host was suspended: every lease may have run out meanwhile; fencing all"

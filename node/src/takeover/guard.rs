@@ -90,14 +90,19 @@ pub fn boottime_ns() -> u64 {
     }
 }
 
-/// An `Instant` (CLOCK_MONOTONIC on Linux) as CLOCK_BOOTTIME ns, counted from now.
+/// An `Instant` (CLOCK_MONOTONIC on Linux) as CLOCK_BOOTTIME ns, counted from now. The clocks
+/// are read as a bracketed pair ([`crate::ClockPair`]) and the deadline taken from the later
+/// monotonic read: a thread preempted between the reads gets an earlier deadline (the guard
+/// fences sooner), never a later one (it would hold a VIP past the lease it stands for).
 pub fn instant_to_ns(t: Instant) -> u64 {
-    let now_i = Instant::now();
-    let now_ns = boottime_ns();
-    if t >= now_i {
-        now_ns + (t - now_i).as_nanos() as u64
+    let Some(pair) = crate::ClockPair::read() else {
+        return 0;
+    };
+    let now_ns = pair.boottime.as_nanos() as u64;
+    if t >= pair.after {
+        now_ns.saturating_add((t - pair.after).as_nanos() as u64)
     } else {
-        now_ns.saturating_sub((now_i - t).as_nanos() as u64)
+        now_ns.saturating_sub((pair.after - t).as_nanos() as u64)
     }
 }
 
