@@ -24,7 +24,10 @@ use spaced_node::admin::client::{AdminClient, AdminCredentials};
 use spaced_node::admin::{AdminReply, AdminRequest};
 use spaced_node::ops::config::{RaftTimings, TakeoverMode, VipSection};
 
-use crate::lab::{AddressWatch, Lab, LabProcess, WatchReport, spawn_async_in};
+use crate::lab::{
+    AddressWatch, Lab, LabProcess, Oneway, ProcessWatch, SmallDisk, WatchReport, hosts_running,
+    spawn_async_in,
+};
 use crate::sites::Rng;
 use crate::{binary, make_pki, unreachable_device_addr};
 
@@ -33,6 +36,12 @@ const NODE_PORT: u16 = 7000;
 const RECOVERY_BOUND: Duration = Duration::from_secs(30);
 /// The quiet time after each recovery, in which the VIP must not move (no fault is active).
 const QUIET: Duration = Duration::from_millis(1500);
+/// The singleton service every campaign runs, and the program it runs (its arguments are how
+/// the process watch finds it on the hosts).
+const SINGLETON: &str = "chaos-single";
+const SINGLETON_ARGV: [&str; 2] = ["sleep", "86401"];
+/// Each node's data dir is a tmpfs of this size (the full-disk fault fills it up).
+const DATA_DISK: &str = "256m";
 
 /// The campaign's knobs.
 #[derive(Debug, Clone)]
@@ -80,12 +89,23 @@ pub enum Fault {
     LinkDown(Target),
     /// The host cut off at the switch (both ways); reconnected at the heal.
     Partition(Target),
+    /// One direction of the host's link cut ([`Oneway`]); restored at the heal.
+    OneWay(Target, Oneway),
     /// Every node but one cut off: no majority anywhere until the heal.
     PartitionMajority,
     /// SIGTERM (a graceful stop), then a restart at the heal.
     Restart(Target),
     /// `spacectl leader transfer` to another voter.
     TransferLeader,
+    /// The wall clock (CLOCK_REALTIME, one for the whole machine: every node at once) set this
+    /// many seconds forward (or back, negative); set back by as much at the heal.
+    ClockJump(i64),
+    /// The node's data dir (a small tmpfs of its own) filled up; freed at the heal, and the
+    /// node restarted if its store had stopped (what its log asks the operator to do).
+    DiskFull(Target),
+    /// A node added to the cluster (a new id on the spare host) or the one added before
+    /// removed, while another fault holds.
+    Membership(Box<Fault>),
 }
 
 impl Fault {
@@ -102,27 +122,55 @@ impl Fault {
             Fault::Stop(x) => format!("SIGSTOP process group of {}", t(x)),
             Fault::LinkDown(x) => format!("link down on {}", t(x)),
             Fault::Partition(x) => format!("partition of {} (minority)", t(x)),
+            Fault::OneWay(x, Oneway::Mute) => {
+                format!("one-way partition of {}: it hears, cannot send", t(x))
+            }
+            Fault::OneWay(x, Oneway::Deaf) => {
+                format!("one-way partition of {}: it sends, cannot hear", t(x))
+            }
             Fault::PartitionMajority => "partition of all but one (majority)".into(),
             Fault::Restart(x) => format!("restart (SIGTERM) of {}", t(x)),
             Fault::TransferLeader => "leader transfer".into(),
+            Fault::ClockJump(s) if *s >= 0 => "wall clock jumps forward".into(),
+            Fault::ClockJump(_) => "wall clock jumps back".into(),
+            Fault::DiskFull(x) => format!("full disk on {}", t(x)),
+            Fault::Membership(_) => {
+                "membership change (node added or removed) during another fault".into()
+            }
         }
     }
 
     /// A random fault.
     pub fn random(rng: &mut Rng) -> Fault {
+        match rng.below(13) {
+            11 => Fault::Membership(Box::new(Fault::random_single(rng))),
+            12 => {
+                let secs = 5 + rng.below(116) as i64;
+                Fault::ClockJump(if rng.below(2) == 0 { secs } else { -secs })
+            }
+            _ => Fault::random_single(rng),
+        }
+    }
+
+    /// A random fault of one node or of the network, or a leader transfer: one that a
+    /// membership change can be made during.
+    fn random_single(rng: &mut Rng) -> Fault {
         let target = match rng.below(3) {
             0 => Target::Leader,
             1 => Target::Owner,
             _ => Target::Any,
         };
-        match rng.below(8) {
+        match rng.below(11) {
             0 => Fault::Kill(target),
             1 => Fault::KillGroup(target),
             2 => Fault::Stop(target),
             3 => Fault::LinkDown(target),
             4 => Fault::Partition(target),
-            5 => Fault::PartitionMajority,
-            6 => Fault::Restart(target),
+            5 => Fault::OneWay(target, Oneway::Mute),
+            6 => Fault::OneWay(target, Oneway::Deaf),
+            7 => Fault::PartitionMajority,
+            8 => Fault::Restart(target),
+            9 => Fault::DiskFull(target),
             _ => Fault::TransferLeader,
         }
     }
@@ -152,8 +200,36 @@ pub enum WriteResult {
     TimedOut,
 }
 
+/// Writes the config of node `id` on lab host `host` (0-based), with the campaign's VIP and
+/// its data in `data_dir`; returns the file.
+fn node_config(
+    lab: &Lab,
+    pki: &std::path::Path,
+    host: usize,
+    id: u64,
+    vip: Ipv4Addr,
+    data_dir: PathBuf,
+) -> Result<PathBuf> {
+    let mut cfg = crate::node_config(lab.dir(), pki, id, RaftTimings::default());
+    cfg.listen = SocketAddr::new(IpAddr::V4(lab.hosts()[host].ip), NODE_PORT);
+    cfg.takeover = TakeoverMode::Netlink;
+    cfg.roles = vec!["ha".into(), "app".into()];
+    cfg.data_dir = data_dir;
+    cfg.vips = vec![VipSection {
+        name: "front".into(),
+        address: format!("{vip}/24"),
+        interface: "eth0".into(),
+        roles: vec!["ha".into()],
+        port: None,
+    }];
+    std::fs::write(&cfg.source, cfg.to_toml())?;
+    Ok(cfg.source)
+}
+
 /// A running cluster in the lab and its client.
 pub struct Chaos {
+    /// The nodes' data dirs (first: unmounted before the lab goes).
+    disks: Vec<SmallDisk>,
     lab: Lab,
     pki: PathBuf,
     configs: Vec<PathBuf>,
@@ -164,35 +240,43 @@ pub struct Chaos {
     writes: Arc<Mutex<Vec<Write>>>,
     stop: Arc<AtomicBool>,
     writer: Option<JoinHandle<()>>,
+    /// The node the last membership change added on the spare host (the lab's last), while it
+    /// is there; the id a new one gets.
+    spare: Option<Spare>,
+    next_id: u64,
+    /// Seconds the wall clock was set forward (back, negative) and not yet set back.
+    clock_jumped: i64,
+}
+
+/// A node a membership change added on the spare host.
+struct Spare {
+    id: u64,
+    proc: LabProcess,
 }
 
 impl Chaos {
     /// Builds the lab, starts the nodes with a VIP, joins them and starts the client's
     /// writes. `None`: no root and not CI (printed).
     pub fn start(settings: ChaosSettings) -> Result<Option<Chaos>> {
-        let Some(lab) = crate::lab::lab_or_skip(settings.nodes)? else {
+        // One host more than the nodes: the spare, where membership changes add a node.
+        let Some(lab) = crate::lab::lab_or_skip(settings.nodes + 1)? else {
             return Ok(None);
         };
         let pki = lab.dir().join("pki");
         make_pki(&pki, settings.nodes as u64)?;
         let vip = lab.free_ip(1);
+        let nodes = settings.nodes;
         let mut configs = Vec::new();
-        for (i, host) in lab.hosts().iter().enumerate() {
-            let mut cfg = crate::node_config(lab.dir(), &pki, i as u64 + 1, RaftTimings::default());
-            cfg.listen = SocketAddr::new(IpAddr::V4(host.ip), NODE_PORT);
-            cfg.takeover = TakeoverMode::Netlink;
-            cfg.roles = vec!["ha".into(), "app".into()];
-            cfg.vips = vec![VipSection {
-                name: "front".into(),
-                address: format!("{vip}/24"),
-                interface: "eth0".into(),
-                roles: vec!["ha".into()],
-                port: None,
-            }];
-            std::fs::write(&cfg.source, cfg.to_toml())?;
-            configs.push(cfg.source.clone());
+        let mut disks = Vec::new();
+        for i in 0..settings.nodes {
+            let disk = SmallDisk::mount(lab.dir().join(format!("disk-n{}", i + 1)), DATA_DISK)
+                .context("a small disk for a node's data dir")?;
+            let cfg = node_config(&lab, &pki, i, i as u64 + 1, vip, disk.path().join("data"))?;
+            configs.push(cfg);
+            disks.push(disk);
         }
         let mut chaos = Chaos {
+            disks,
             lab,
             pki,
             configs,
@@ -203,6 +287,9 @@ impl Chaos {
             writes: Arc::default(),
             stop: Arc::default(),
             writer: None,
+            spare: None,
+            next_id: nodes as u64 + 1,
+            clock_jumped: 0,
         };
         for i in 0..chaos.settings.nodes {
             let p = chaos.spawn(i, i == 0)?;
@@ -224,19 +311,45 @@ impl Chaos {
         crate::wait_until(Duration::from_secs(30), "the VIP held by one host", || {
             Ok(chaos.vip_holders()?.len() == 1)
         })?;
+        let mut add = vec![
+            "service",
+            "add",
+            SINGLETON,
+            "--scope",
+            "singleton",
+            "--roles",
+        ];
+        add.extend(["app", "--"]);
+        add.extend(SINGLETON_ARGV);
+        chaos.ctl(&first, &add)?;
+        crate::wait_until(
+            Duration::from_secs(30),
+            "the singleton run by one host",
+            || Ok(chaos.singleton_hosts()?.len() == 1),
+        )?;
         chaos.start_writer()?;
         Ok(Some(chaos))
     }
 
     fn spawn(&self, i: usize, bootstrap: bool) -> Result<LabProcess> {
-        let config = self.configs[i].to_str().context("config path")?.to_string();
+        self.spawn_config(i, &self.configs[i], bootstrap, &format!("n{}", i + 1))
+    }
+
+    /// Starts `spaced run --config CONFIG` on lab host `host`, its log named `log`.
+    fn spawn_config(
+        &self,
+        host: usize,
+        config: &std::path::Path,
+        bootstrap: bool,
+        log: &str,
+    ) -> Result<LabProcess> {
+        let config = config.to_str().context("config path")?.to_string();
         let mut args = vec!["run", "--config", config.as_str()];
         if bootstrap {
             args.push("--bootstrap");
         }
-        let host = &self.lab.hosts()[i];
-        self.lab
-            .spawn_in(&host.ns, &binary("spaced")?, &args, &format!("n{}", i + 1))
+        let host = &self.lab.hosts()[host];
+        self.lab.spawn_in(&host.ns, &binary("spaced")?, &args, log)
     }
 
     /// `host:port` of node `i` (0-based).
@@ -272,6 +385,20 @@ impl Chaos {
             }
         }
         Ok(holders)
+    }
+
+    /// The hosts (by namespace) running the singleton's process now.
+    pub fn singleton_hosts(&self) -> Result<Vec<String>> {
+        hosts_running(&self.lab.host_namespaces(), &SINGLETON_ARGV)
+    }
+
+    /// Samples every host's singleton processes every 5 ms.
+    fn watch_singleton(&self) -> Result<ProcessWatch> {
+        ProcessWatch::start(
+            &self.lab.host_namespaces(),
+            &SINGLETON_ARGV,
+            Duration::from_millis(5),
+        )
     }
 
     /// Samples every host's hold on the VIP every 2 ms.
@@ -324,8 +451,12 @@ impl Chaos {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let found = match target {
-                Target::Leader => self.leader(),
-                Target::Owner => self.vip_holders()?.first().copied(),
+                Target::Leader => self.leader().filter(|i| *i < self.settings.nodes),
+                // The spare host's node is not one the faults hit.
+                Target::Owner => self
+                    .vip_holders()?
+                    .into_iter()
+                    .find(|i| *i < self.settings.nodes),
                 Target::Any => None,
             };
             if let Some(i) = found {
@@ -385,6 +516,30 @@ impl Chaos {
                 }
                 None
             }
+            Fault::OneWay(t, way) => {
+                let i = self.pick(*t, rng)?;
+                self.lab.cut_one_way(&self.lab.hosts()[i].clone(), *way)?;
+                heal.one_way.push((i, *way));
+                Some(i)
+            }
+            Fault::ClockJump(secs) => {
+                jump_wall_clock(*secs)?;
+                self.clock_jumped += secs;
+                heal.clock = *secs;
+                None
+            }
+            Fault::DiskFull(t) => {
+                let i = self.pick(*t, rng)?;
+                let stops = raft_stops(&self.procs[i]);
+                self.disks[i].fill()?;
+                heal.disks.push((i, stops));
+                Some(i)
+            }
+            Fault::Membership(during) => {
+                let (heal, hit) = self.apply(during, rng)?;
+                self.change_membership()?;
+                return Ok((heal, hit));
+            }
             Fault::TransferLeader => {
                 let leader = self.leader().context("no leader to transfer from")?;
                 let to = (leader + 1 + rng.below(self.settings.nodes as u64 - 1) as usize)
@@ -404,8 +559,113 @@ impl Chaos {
         Ok((heal, hit))
     }
 
+    /// Adds a node (a new id) on the spare host, or removes the one added before. A change the
+    /// cluster refuses or does not finish in time is said in the log, not a broken campaign;
+    /// whether the node is a member is read back from the cluster, not assumed.
+    fn change_membership(&mut self) -> Result<()> {
+        let endpoint = self
+            .leader()
+            .map_or_else(|| self.endpoint(0), |l| self.endpoint(l));
+        let spare_host = self.settings.nodes;
+        match self.spare.take() {
+            None => {
+                let id = self.next_id;
+                self.next_id += 1;
+                let name = format!("n{id}");
+                spaced_raft::pki::issue(&self.pki, &name, false)?;
+                let data = self.lab.dir().join(format!("data-{name}"));
+                let config = node_config(&self.lab, &self.pki, spare_host, id, self.vip, data)?;
+                let proc = self.spawn_config(spare_host, &config, false, &name)?;
+                let addr = format!("{}:{NODE_PORT}", self.lab.hosts()[spare_host].ip);
+                let id_s = id.to_string();
+                let args = [
+                    "node", "add", "--id", &id_s, "--name", &name, "--addr", &addr,
+                ];
+                match self.ctl(&endpoint, &args) {
+                    Ok(_) => println!("  {name} added on the spare host"),
+                    Err(e) => println!("  adding {name} not carried out: {e:#}"),
+                }
+                self.spare = Some(Spare { id, proc });
+            }
+            Some(spare) => {
+                let name = format!("n{}", spare.id);
+                let removed = match self.ctl(&endpoint, &["node", "remove", &spare.id.to_string()])
+                {
+                    Ok(_) => {
+                        println!("  {name} removed");
+                        true
+                    }
+                    Err(e) => {
+                        let member = self.member_ids().is_ok_and(|m| m.contains(&spare.id));
+                        println!(
+                            "  removing {name} not carried out ({}): {e:#}",
+                            if member {
+                                "still a member"
+                            } else {
+                                "not a member"
+                            }
+                        );
+                        !member
+                    }
+                };
+                if removed {
+                    spare.proc.signal(Signal::SIGTERM)?;
+                    if spare.proc.wait(Duration::from_secs(10))?.is_none() {
+                        let _ = spare.proc.kill();
+                    }
+                } else {
+                    self.spare = Some(spare);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The node ids the cluster lists as members now (asked of the original nodes in turn).
+    fn member_ids(&self) -> Result<BTreeSet<u64>> {
+        let mut last = None;
+        for i in 0..self.settings.nodes {
+            match self.ctl(&self.endpoint(i), &["node", "list", "--json"]) {
+                Ok(out) => {
+                    let rows: serde_json::Value = serde_json::from_str(&out)?;
+                    return Ok(rows
+                        .as_array()
+                        .context("node list is not an array")?
+                        .iter()
+                        .filter_map(|r| r["id"].as_u64())
+                        .collect());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no node to ask")))
+    }
+
     /// Undoes a fault.
     fn heal(&mut self, heal: Heal) -> Result<()> {
+        if heal.clock != 0 {
+            jump_wall_clock(-heal.clock)?;
+            self.clock_jumped -= heal.clock;
+        }
+        for (i, way) in heal.one_way {
+            self.lab.heal_one_way(&self.lab.hosts()[i].clone(), way)?;
+        }
+        for (i, stops) in heal.disks {
+            self.disks[i].free()?;
+            // A store that hit the full disk stopped Raft and fenced; the node says to free
+            // the disk and restart it, as an operator would.
+            if raft_stops(&self.procs[i]) > stops {
+                println!(
+                    "  n{}'s store stopped on the full disk: restarting it",
+                    i + 1
+                );
+                self.procs[i].signal(Signal::SIGTERM)?;
+                if self.procs[i].wait(Duration::from_secs(10))?.is_none() {
+                    let _ = self.procs[i].kill();
+                }
+                self.procs[i] = self.spawn(i, false)?;
+            }
+        }
         for i in heal.partitioned {
             self.lab.heal(&self.lab.hosts()[i].clone())?;
         }
@@ -446,6 +706,10 @@ impl Drop for Chaos {
         for p in &self.procs {
             let _ = p.signal_group(Signal::SIGCONT);
         }
+        // The wall clock is the machine's: never leave it off.
+        if self.clock_jumped != 0 {
+            let _ = jump_wall_clock(-self.clock_jumped);
+        }
     }
 }
 
@@ -456,6 +720,25 @@ struct Heal {
     resume: Vec<usize>,
     links: Vec<usize>,
     partitioned: Vec<usize>,
+    one_way: Vec<(usize, Oneway)>,
+    /// Seconds the wall clock was set forward (negative: back).
+    clock: i64,
+    /// Full disks: the node, and how often its log had said Raft stopped before.
+    disks: Vec<(usize, usize)>,
+}
+
+/// How often a node's log says its Raft stopped on a fatal (store) error.
+fn raft_stops(p: &LabProcess) -> usize {
+    p.read_log().matches("raft stopped: fencing").count()
+}
+
+/// Sets CLOCK_REALTIME `secs` seconds forward (back, negative): the machine's one wall clock.
+fn jump_wall_clock(secs: i64) -> Result<()> {
+    use nix::time::{ClockId, clock_gettime, clock_settime};
+    let now = clock_gettime(ClockId::CLOCK_REALTIME).context("reading the wall clock")?;
+    let to = nix::sys::time::TimeSpec::new(now.tv_sec() + secs, now.tv_nsec());
+    clock_settime(ClockId::CLOCK_REALTIME, to).context("setting the wall clock")?;
+    Ok(())
 }
 
 async fn write_loop(
@@ -562,6 +845,10 @@ pub struct Campaign {
     /// Outages in quiet windows that ended on the same host (the fence guard removed the
     /// address of a daemon starved of CPU, which took it up again): (when, how long).
     pub blips: Vec<(Duration, Duration)>,
+    /// What the singleton's process watch saw (its times on the campaign's clock).
+    pub singleton: WatchReport,
+    /// The singleton's owner changes in quiet windows, as `flaps` for the VIP.
+    pub singleton_flaps: Vec<(Duration, Vec<String>, Vec<String>)>,
     /// Failed faults (could not be applied; the run stopped there).
     pub aborted: Option<String>,
 }
@@ -572,6 +859,8 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
     // The watch times its samples from its own start: this puts them on the campaign's clock.
     let watch_offset = chaos.start.elapsed();
     let watch = chaos.watch_vip()?;
+    let singleton_offset = chaos.start.elapsed();
+    let singleton_watch = chaos.watch_singleton()?;
     let mut outcomes = Vec::new();
     let mut aborted = None;
     for n in 0..faults {
@@ -616,13 +905,24 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
         }
     }
     let writes = chaos.stop_writer();
-    let mut watch = watch.stop();
-    for (at, _) in watch
-        .overlaps
-        .iter_mut()
-        .chain(watch.holders_over_time.iter_mut())
+    let shift = |mut report: WatchReport, offset: Duration| {
+        for (at, _) in report
+            .overlaps
+            .iter_mut()
+            .chain(report.holders_over_time.iter_mut())
+        {
+            *at += offset;
+        }
+        report
+    };
+    let watch = shift(watch.stop(), watch_offset);
+    let singleton = shift(singleton_watch.stop(), singleton_offset);
+    // The nodes to check: the original ones, and the spare host's while it is a member.
+    let mut checked: Vec<usize> = (0..chaos.settings.nodes).collect();
+    if let Some(spare) = &chaos.spare
+        && chaos.member_ids().is_ok_and(|m| m.contains(&spare.id))
     {
-        *at += watch_offset;
+        checked.push(chaos.settings.nodes);
     }
     // Every node must hold every acknowledged write once it has caught up.
     let acked: BTreeSet<String> = writes
@@ -633,7 +933,7 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
     let written: BTreeSet<String> = writes.iter().map(|w| w.id.clone()).collect();
     let mut lost = Vec::new();
     let mut phantoms = BTreeSet::new();
-    for i in 0..chaos.settings.nodes {
+    for i in checked {
         let deadline = Instant::now() + Duration::from_secs(30);
         let held = loop {
             let held = chaos.devices_on(i).unwrap_or_default();
@@ -649,11 +949,37 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
         phantoms.extend(held.difference(&written).cloned());
     }
     let quiet = |at: Duration| outcomes.iter().any(|o| o.quiet.0 < at && at <= o.quiet.1);
+    let (flaps, blips) = flaps_and_blips(&watch.holders_over_time, quiet);
+    let (singleton_flaps, _) = flaps_and_blips(&singleton.holders_over_time, quiet);
+    Ok(Campaign {
+        outcomes,
+        writes,
+        watch,
+        lost,
+        phantoms: phantoms.into_iter().collect(),
+        flaps,
+        blips,
+        singleton,
+        singleton_flaps,
+        aborted,
+    })
+}
+
+/// Owner changes at a time `quiet` accepts (a flap: the holders came up other than the last
+/// ones seen), and outages at such times that ended on the same holders (when, how long).
+#[allow(clippy::type_complexity)]
+fn flaps_and_blips(
+    holders_over_time: &[(Duration, Vec<String>)],
+    quiet: impl Fn(Duration) -> bool,
+) -> (
+    Vec<(Duration, Vec<String>, Vec<String>)>,
+    Vec<(Duration, Duration)>,
+) {
     let mut flaps = Vec::new();
     let mut blips = Vec::new();
     let mut last_holders: Vec<String> = Vec::new();
     let mut emptied: Option<Duration> = None;
-    for w in watch.holders_over_time.windows(2) {
+    for w in holders_over_time.windows(2) {
         let (at, before, after) = (w[1].0, &w[0].1, &w[1].1);
         if !before.is_empty() {
             last_holders = before.clone();
@@ -671,24 +997,16 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
         }
         emptied = None;
     }
-    Ok(Campaign {
-        outcomes,
-        writes,
-        watch,
-        lost,
-        phantoms: phantoms.into_iter().collect(),
-        flaps,
-        blips,
-        aborted,
-    })
+    (flaps, blips)
 }
 
-/// Waits until the VIP is held by exactly one host and a write sent after `healed` was
-/// acknowledged; how long that took after the heal.
+/// Waits until the VIP is held by exactly one host, the singleton runs on exactly one, and a
+/// write sent after `healed` was acknowledged; how long that took after the heal.
 fn recover(chaos: &Chaos, healed: Duration) -> Option<Duration> {
     let deadline = chaos.start + healed + RECOVERY_BOUND;
     while Instant::now() < deadline {
-        let one_holder = chaos.vip_holders().is_ok_and(|h| h.len() == 1);
+        let one_holder = chaos.vip_holders().is_ok_and(|h| h.len() == 1)
+            && chaos.singleton_hosts().is_ok_and(|h| h.len() == 1);
         let written = lock(&chaos.writes)
             .iter()
             .any(|w| w.sent >= healed && w.result == WriteResult::Acked);
@@ -718,6 +1036,19 @@ impl Campaign {
             v.push(format!(
                 "at {at:?} {} held the VIP at once, during: {}",
                 holders.join(" and "),
+                during(*at)
+            ));
+        }
+        for (at, hosts) in &self.singleton.overlaps {
+            v.push(format!(
+                "at {at:?} {} ran the singleton at once, during: {}",
+                hosts.join(" and "),
+                during(*at)
+            ));
+        }
+        for (at, from, to) in &self.singleton_flaps {
+            v.push(format!(
+                "at {at:?} the singleton moved from {from:?} to {to:?} with no fault active (after: {})",
                 during(*at)
             ));
         }
@@ -815,7 +1146,8 @@ impl Campaign {
             "\nwrites: {} sent, {acked} acknowledged, {refused} refused, {timed_out} timed out; \
              acknowledged writes lost: {lost}; never-written devices read back: {}\n\
              VIP samples: {} rounds every 2 ms, {} with two holders; flaps (owner changes with no fault): {}; \
-             outages with no fault that ended on the same host: {} (longest {} ms)\n",
+             outages with no fault that ended on the same host: {} (longest {} ms)\n\
+             singleton samples: {} rounds every 5 ms, {} with two hosts running it; flaps: {}\n",
             self.writes.len(),
             self.phantoms.len(),
             self.watch.samples,
@@ -827,6 +1159,9 @@ impl Campaign {
                 .map(|(_, d)| d.as_millis())
                 .max()
                 .unwrap_or(0),
+            self.singleton.samples,
+            self.singleton.overlap_samples,
+            self.singleton_flaps.len(),
         );
         out
     }
@@ -837,6 +1172,7 @@ pub fn check(chaos: &Chaos, campaign: &Campaign, seed: u64) -> Result<()> {
     println!("{}", campaign.summary(seed));
     let v = campaign.violations();
     if !v.is_empty() {
+        chaos.lab.keep_logs();
         bail!(
             "{} violation(s) (replay with --seed {seed}; logs in {}):\n{}",
             v.len(),
@@ -869,6 +1205,8 @@ pub struct Soak {
     pub writes: Vec<Write>,
     /// The VIP watch (its times from its own start).
     pub watch: WatchReport,
+    /// The singleton's process watch (its times from its own start).
+    pub singleton: WatchReport,
     /// The CPU stress that ran beside it, as started; `None`: none.
     pub stress: Option<String>,
     /// What `spacectl check perf --json` reported of the commit load beside it, if one ran.
@@ -901,6 +1239,7 @@ pub fn soak(
     load_rate: Option<u32>,
 ) -> Result<Soak> {
     let watch = chaos.watch_vip()?;
+    let singleton = chaos.watch_singleton()?;
     // Commits at a steady rate beside the writer: `spacectl check perf` from the client's
     // namespace, straight to the leader, for the whole soak.
     let load = match load_rate {
@@ -978,6 +1317,7 @@ pub fn soak(
         samples,
         writes,
         watch: watch.stop(),
+        singleton: singleton.stop(),
         stress: stress_line,
         load,
     })
@@ -987,6 +1327,11 @@ impl Soak {
     /// Owner changes of the VIP during the soak (none is right: there was no fault).
     pub fn spurious_moves(&self) -> usize {
         self.watch.holders_over_time.len().saturating_sub(1)
+    }
+
+    /// Changes of the hosts running the singleton during the soak (none is right).
+    pub fn spurious_singleton_moves(&self) -> usize {
+        self.singleton.holders_over_time.len().saturating_sub(1)
     }
 
     /// The summary: memory and descriptors at the start, the highest and at the end per node,
@@ -1033,7 +1378,8 @@ impl Soak {
         let acked = took.len();
         out += &format!(
             "\nwrites: {} sent, {acked} acknowledged; acknowledged in (connect, write, close): p50 {}, p99 {}, max {}\n\
-             VIP: {} samples, {} with two holders, {} owner changes (spurious: no fault ran)\n",
+             VIP: {} samples, {} with two holders, {} owner changes (spurious: no fault ran)\n\
+             singleton: {} samples, {} with two hosts running it, {} changes (spurious)\n",
             self.writes.len(),
             pct(0.5),
             pct(0.99),
@@ -1041,6 +1387,9 @@ impl Soak {
             self.watch.samples,
             self.watch.overlap_samples,
             self.spurious_moves(),
+            self.singleton.samples,
+            self.singleton.overlap_samples,
+            self.spurious_singleton_moves(),
         );
         if let Some(load) = &self.load {
             out += &format!("commit load (spacectl check perf --json): {load}\n");

@@ -74,6 +74,12 @@ fn run() -> Result<()> {
         if s.spurious_moves() > 0 || s.watch.overlap_samples > 0 {
             bail!("the VIP moved {} time(s) with no fault", s.spurious_moves());
         }
+        if s.spurious_singleton_moves() > 0 || s.singleton.overlap_samples > 0 {
+            bail!(
+                "the singleton moved {} time(s) with no fault",
+                s.spurious_singleton_moves()
+            );
+        }
         return Ok(());
     }
     println!("seed {seed}, {faults} faults, {settings:?}");

@@ -73,5 +73,12 @@ fn a_short_soak_samples_every_node_and_keeps_the_vip_in_place() -> Result<()> {
     );
     assert_eq!(s.spurious_moves(), 0, "the VIP moved with no fault");
     assert_eq!(s.watch.overlap_samples, 0);
+    assert_eq!(
+        s.spurious_singleton_moves(),
+        0,
+        "the singleton moved with no fault"
+    );
+    assert_eq!(s.singleton.overlap_samples, 0);
+    assert!(s.singleton.samples > 0);
     Ok(())
 }

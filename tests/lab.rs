@@ -11,6 +11,7 @@
 //! Nothing is configured in the root namespace: the bridge lives in its own switch namespace and
 //! the veth pairs are created there with their peer moved straight into the host namespace.
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -93,6 +94,8 @@ pub struct Lab {
     /// Namespaces actually created so far, in creation order (drop deletes exactly these).
     created: Vec<String>,
     dir: Option<tempfile::TempDir>,
+    /// Keep `dir` when dropped ([`Lab::keep_logs`]).
+    keep: AtomicBool,
     processes: Mutex<Vec<Arc<Mutex<ProcState>>>>,
     stop: Arc<AtomicBool>,
     servers: Mutex<Vec<JoinHandle<()>>>,
@@ -136,6 +139,7 @@ impl Lab {
             net6,
             created: Vec::new(),
             dir: None,
+            keep: AtomicBool::new(false),
             processes: Mutex::new(Vec::new()),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Mutex::new(Vec::new()),
@@ -294,6 +298,12 @@ impl Lab {
         Ipv6Addr::new(0xfd00, self.net6, 0, 0, 0, 0, 1, k)
     }
 
+    /// Keeps the lab's directory (its logs) when it is dropped: for a test that found a
+    /// violation and returns it as an error rather than panicking.
+    pub fn keep_logs(&self) {
+        self.keep.store(true, Ordering::Relaxed);
+    }
+
     /// Directory for this lab's logs (process logs from `spawn_in`, configs tests want to write).
     /// It is kept (and its path printed) when the lab is dropped during a panic.
     pub fn dir(&self) -> &Path {
@@ -424,6 +434,37 @@ impl Lab {
         ))
         .with_context(|| format!("healing {}", host.name))?;
         Ok(())
+    }
+
+    /// Cuts one direction of the host's link, the other still works: `Oneway::Mute`, the
+    /// host hears everything and nothing it sends gets out; `Oneway::Deaf`, what it sends gets
+    /// out and nothing reaches it. This kernel has no netem and no tc actions (no `matchall
+    /// action drop`): a token bucket whose burst is smaller than any frame, on the egress of
+    /// the host's eth0 (mute) or of its switch port (deaf), drops every frame.
+    pub fn cut_one_way(&self, host: &Host, way: Oneway) -> Result<()> {
+        self.check_own(host)?;
+        let (ns, dev) = self.one_way_device(host, way);
+        tc(&format!(
+            "-n {ns} qdisc replace dev {dev} root tbf rate 8bit burst 64 limit 1"
+        ))
+        .with_context(|| format!("cutting {} one way ({way:?})", host.name))?;
+        Ok(())
+    }
+
+    /// Undoes `cut_one_way`.
+    pub fn heal_one_way(&self, host: &Host, way: Oneway) -> Result<()> {
+        self.check_own(host)?;
+        let (ns, dev) = self.one_way_device(host, way);
+        tc(&format!("-n {ns} qdisc del dev {dev} root"))
+            .with_context(|| format!("healing {}'s one-way cut ({way:?})", host.name))?;
+        Ok(())
+    }
+
+    fn one_way_device(&self, host: &Host, way: Oneway) -> (String, String) {
+        match way {
+            Oneway::Mute => (host.ns.clone(), ETH.to_string()),
+            Oneway::Deaf => (self.switch_ns.clone(), switch_port(host)),
+        }
     }
 
     /// Downs eth0 inside the host (the host itself sees its interface go away). Note: the kernel
@@ -615,7 +656,8 @@ impl Drop for Lab {
         }
         // Kept after a panic, or always with SPACED_LAB_KEEP=1 (a test that returns an error
         // does not panic until the harness sees the error, after the lab is gone).
-        let keep = std::env::var_os("SPACED_LAB_KEEP").is_some_and(|v| v == "1");
+        let keep = std::env::var_os("SPACED_LAB_KEEP").is_some_and(|v| v == "1")
+            || self.keep.load(Ordering::Relaxed);
         if let Some(dir) = self.dir.take()
             && (std::thread::panicking() || keep)
         {
@@ -1158,6 +1200,21 @@ fn ip(args: &str) -> Result<String> {
     run(cmd, &format!("`ip {args}`"))
 }
 
+fn tc(args: &str) -> Result<String> {
+    let mut cmd = Command::new("tc");
+    cmd.args(args.split_whitespace());
+    run(cmd, &format!("`tc {args}`"))
+}
+
+/// Which direction of a host's link [`Lab::cut_one_way`] cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Oneway {
+    /// Nothing the host sends gets out; it hears everything.
+    Mute,
+    /// Nothing reaches the host; what it sends gets out.
+    Deaf,
+}
+
 /// Sets sysctls inside a namespace (`ip netns exec <ns> sysctl -q -w k=v ...`).
 fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
     let mut cmd = Command::new("ip");
@@ -1411,4 +1468,198 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
 /// Locks a mutex, tolerating poisoning (a panicking test must still be able to clean up).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A tmpfs of a few MiB mounted for a test, unmounted when dropped.
+pub struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    pub fn mount(at: PathBuf, size: &str) -> Result<SmallDisk> {
+        std::fs::create_dir_all(&at)?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .output()?;
+        if !out.status.success() {
+            bail!("mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(SmallDisk(at))
+    }
+
+    /// Fills the disk up with a file, leaving nothing free.
+    pub fn fill(&self) -> Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler"))?;
+        let chunk = vec![0u8; 64 << 10];
+        loop {
+            if let Err(e) = f.write_all(&chunk).and_then(|()| f.flush()) {
+                if e.raw_os_error() == Some(28) {
+                    return Ok(());
+                }
+                return Err(e.into());
+            }
+        }
+    }
+}
+
+impl SmallDisk {
+    /// Removes the filler: the disk has room again.
+    pub fn free(&self) -> Result<()> {
+        match std::fs::remove_file(self.0.join("filler")) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+/// Which of `namespaces` run a live process whose arguments are exactly `argv` (a zombie does
+/// not count: it has run its last instruction). A process belongs to the network namespace it
+/// runs in, the host a lab process was started in.
+pub fn hosts_running(namespaces: &[String], argv: &[&str]) -> Result<Vec<String>> {
+    let inodes: Vec<(u64, &String)> = namespaces
+        .iter()
+        .map(|ns| {
+            use std::os::unix::fs::MetadataExt;
+            let path = Path::new(NETNS_DIR).join(ns);
+            std::fs::metadata(&path)
+                .map(|m| (m.ino(), ns))
+                .with_context(|| format!("network namespace {ns} ({})", path.display()))
+        })
+        .collect::<Result<_>>()?;
+    let wanted: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    let mut found = BTreeSet::new();
+    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        // A process may end between the reads: whatever cannot be read is not running.
+        if std::fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()
+            .as_deref()
+            != Some(&wanted[..])
+        {
+            continue;
+        }
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if zombie {
+            continue;
+        }
+        let Ok(link) = std::fs::read_link(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
+        let inode: Option<u64> = link
+            .to_str()
+            .and_then(|l| l.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok());
+        if let Some((_, ns)) = inodes.iter().find(|(i, _)| Some(*i) == inode) {
+            found.insert((*ns).clone());
+        }
+    }
+    Ok(found.into_iter().collect())
+}
+
+/// Samples [`hosts_running`] every `period` on a thread of its own, with the same report as
+/// [`AddressWatch`]: who ran the process over time, and every sample in which two did.
+pub struct ProcessWatch {
+    stop: Arc<AtomicBool>,
+    sampler: Option<JoinHandle<WatchReport>>,
+}
+
+impl ProcessWatch {
+    /// Starts sampling; returns after the first sample.
+    pub fn start(namespaces: &[String], argv: &[&str], period: Duration) -> Result<ProcessWatch> {
+        let namespaces = namespaces.to_vec();
+        let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+        hosts_running(
+            &namespaces,
+            &argv.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let sampler = std::thread::Builder::new()
+            .name("lab-process-watch".into())
+            .spawn(move || {
+                let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                let began = Instant::now();
+                let mut report = WatchReport::default();
+                let mut last: Option<Vec<String>> = None;
+                let mut overlapping: Option<Vec<String>> = None;
+                while !stop2.load(Ordering::Relaxed) {
+                    let at = began.elapsed();
+                    let holders = match hosts_running(&namespaces, &argv) {
+                        Ok(h) => h,
+                        Err(_) => {
+                            report.errors += 1;
+                            std::thread::sleep(period);
+                            continue;
+                        }
+                    };
+                    report.samples += 1;
+                    report.max_holders = report.max_holders.max(holders.len());
+                    if holders.len() >= 2 {
+                        report.overlap_samples += 1;
+                        if overlapping.as_ref() != Some(&holders) {
+                            report.overlaps.push((at, holders.clone()));
+                            overlapping = Some(holders.clone());
+                        }
+                    } else {
+                        overlapping = None;
+                    }
+                    if last.as_ref() != Some(&holders) {
+                        report.holders_over_time.push((at, holders.clone()));
+                        last = Some(holders);
+                    }
+                    std::thread::sleep(period);
+                }
+                report
+            })
+            .context("spawning a ProcessWatch thread")?;
+        Ok(ProcessWatch {
+            stop,
+            sampler: Some(sampler),
+        })
+    }
+
+    /// Stops sampling and returns what it saw.
+    pub fn stop(mut self) -> WatchReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sampler
+            .take()
+            .and_then(|s| s.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ProcessWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = self.sampler.take() {
+            let _ = s.join();
+        }
+    }
 }

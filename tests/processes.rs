@@ -255,6 +255,70 @@ fn sigkill_of_the_leader_loses_no_committed_command() -> Result<()> {
     Ok(())
 }
 
+/// Found by the fault campaign: n4 was added while n3 was down, and then led. n3, back, refused
+/// n4 as a stranger (it cannot tell a node added meanwhile from an impostor) and, with n4
+/// leading for good, never caught up. The leader, refused so, now hands leadership to a voter
+/// that joined before it, from which n3 learns of n4.
+#[test]
+fn a_node_that_missed_the_joining_of_the_leader_catches_up() -> Result<()> {
+    let mut lab = Lab::start3()?;
+    let n1 = lab.procs[0].addr.clone();
+    spaced_raft::pki::issue(&lab.pki(), "n4", false)?;
+    let cfg = node_config(lab.dir.path(), &lab.pki(), 4, &["app"])?;
+    let (config, listen) = (write_config(&cfg)?, cfg.listen.to_string());
+    lab.procs
+        .push(Proc::start(lab.dir.path(), &config, &listen, false)?);
+
+    // n3 stops; n4 joins meanwhile and takes the lead; a write commits without n3.
+    lab.procs[2].signal(nix::sys::signal::Signal::SIGTERM)?;
+    lab.procs[2].wait(Duration::from_secs(10))?;
+    lab.join(&n1, 4)?;
+    lab.ctl_ok(&n1, &["leader", "transfer", "--to", "n4"])?;
+    lab.ctl_ok(
+        &n1,
+        &[
+            "device",
+            "add",
+            "--id",
+            "while-down",
+            "--addr",
+            "127.8.0.1:1",
+        ],
+    )?;
+
+    // n3 comes back with its data dir, which knows nothing of n4.
+    let n3 = lab.procs[2].addr.clone();
+    let config3 = lab.procs[2].config.clone();
+    lab.procs[2] = Proc::start(lab.dir.path(), &config3, &n3, false)?;
+    lab.ctl_ok(
+        &n1,
+        &["device", "add", "--id", "after", "--addr", "127.8.0.2:1"],
+    )?;
+    wait_until(
+        Duration::from_secs(30),
+        "n3 applied both writes and knows n4",
+        || {
+            Ok(device_count(&lab, &n3).unwrap_or(0) == 2
+                && lab
+                    .status(&n3)
+                    .is_ok_and(|s| s["nodes"].as_array().is_some_and(|n| n.len() == 4)))
+        },
+    )?;
+    // Every node still answers to one leader, and writes go on.
+    lab.ctl_ok(
+        &n3,
+        &["device", "add", "--id", "last", "--addr", "127.8.0.3:1"],
+    )?;
+    let leader = lab.status(&n3)?["leader"].as_u64();
+    assert!(leader.is_some(), "n3 names no leader");
+    let n3_log = std::fs::read_to_string(config3.with_extension("log"))?;
+    println!(
+        "n3's log: {} refusals of a stranger",
+        n3_log.matches("is not a member of this cluster").count()
+    );
+    Ok(())
+}
+
 /// Headless Chromium on `url`: the DOM after the page's scripts ran (`--dump-dom`), or with
 /// `screenshot`, a PNG written there. `None` when Chromium is not installed (outside CI).
 fn chromium(url: &str, screenshot: Option<&Path>) -> Result<Option<String>> {

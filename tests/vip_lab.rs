@@ -11,7 +11,7 @@ use serde_json::Value;
 use spaced_node::ops::config::{
     LbPort, LbSection, LeaseTimings, NodeConfig, RaftTimings, TakeoverMode, TlsSection, VipSection,
 };
-use spaced_tests::lab::{AddressWatch, Lab, LabProcess, lab_or_skip};
+use spaced_tests::lab::{AddressWatch, Lab, LabProcess, SmallDisk, lab_or_skip};
 use spaced_tests::{binary, make_pki, refusers, spacectl_stdout, wait_until};
 
 /// Port of the stand-in service every host runs on the VIP (bound with IP_FREEBIND).
@@ -818,47 +818,6 @@ fn the_vip_survives_the_daemon_and_its_guard_dying_together() -> Result<()> {
     println!("address watch: {samples} samples in {rounds} round(s), never two holders");
     assert!(samples > 1_000, "too few samples: {samples}");
     Ok(())
-}
-
-/// A tmpfs of a few MiB mounted for a test, unmounted when dropped.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(at: PathBuf, size: &str) -> Result<SmallDisk> {
-        std::fs::create_dir_all(&at)?;
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&at)
-            .output()?;
-        if !out.status.success() {
-            bail!("mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(SmallDisk(at))
-    }
-
-    /// Fills the disk up with a file, leaving nothing free.
-    fn fill(&self) -> Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(self.0.join("filler"))?;
-        let chunk = vec![0u8; 64 << 10];
-        loop {
-            if let Err(e) = f.write_all(&chunk).and_then(|()| f.flush()) {
-                if e.raw_os_error() == Some(28) {
-                    return Ok(());
-                }
-                return Err(e.into());
-            }
-        }
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .output();
-    }
 }
 
 /// A node whose store cannot write any more (its disk is full) stops Raft; it must not keep

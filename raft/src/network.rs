@@ -295,6 +295,9 @@ pub struct QuicNetwork {
     /// Whether a peer that speaks only the previous format's protocol is refused (every
     /// node of the cluster has recorded this build's format: see [`Self::refuse_previous`]).
     refuse_previous: Arc<std::sync::atomic::AtomicBool>,
+    /// Peers that refused this node's Raft requests because it is not a member of the cluster
+    /// they know, and when they last did (see [`Self::refused_as_stranger_by`]).
+    strangers_to: Arc<std::sync::Mutex<HashMap<NodeId, std::time::Instant>>>,
 }
 
 impl QuicNetwork {
@@ -311,6 +314,7 @@ impl QuicNetwork {
             conns: Arc::default(),
             revoked: Default::default(),
             refuse_previous: Arc::default(),
+            strangers_to: Arc::default(),
         }
     }
 
@@ -321,6 +325,31 @@ impl QuicNetwork {
     pub fn refuse_previous(&self, yes: bool) {
         self.refuse_previous
             .store(yes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The peers that refused this node's Raft requests within `within` because this node is
+    /// not a member of the cluster they know. A follower that was down (or cut off) while this
+    /// node was added refuses it, and cannot learn better from it: only from a leader it knows
+    /// (see [`admit`]). A leader that hears this hands leadership to an older voter.
+    pub fn refused_as_stranger_by(&self, within: Duration) -> Vec<NodeId> {
+        let mut by = self.strangers_to.lock().unwrap_or_else(|p| p.into_inner());
+        by.retain(|_, at| at.elapsed() <= within.max(Duration::from_secs(60)));
+        by.iter()
+            .filter(|(_, at)| at.elapsed() <= within)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Notes `reply`'s refusal, if it is `peer` refusing this node as a stranger.
+    fn note_refusal(&self, peer: NodeId, reply: &Result<RaftReply, RpcError>) {
+        if let Err(RpcError::Refused(text)) = reply
+            && is_stranger_refusal(text, self.self_id)
+        {
+            self.strangers_to
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(peer, std::time::Instant::now());
+        }
     }
 
     /// Whether `conn` speaks only the previous format's protocol while that is refused.
@@ -595,7 +624,11 @@ impl PeerClient {
             from: self.net.self_id,
             rpc,
         };
-        match tokio::time::timeout(option.hard_ttl(), call_on(&conn, &req, &[])).await {
+        let reply = tokio::time::timeout(option.hard_ttl(), call_on(&conn, &req, &[])).await;
+        if let Ok(r) = &reply {
+            self.net.note_refusal(self.target, r);
+        }
+        match reply {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(network(format!("node {}: {e}", self.target))),
             Err(_) => Err(network(format!(
@@ -750,7 +783,8 @@ pub enum Refusal {
 /// So a certificate the CA issued to a node that is not (or no longer) a member can neither
 /// vote, nor raise a term, nor replace the log or the fabric. A follower that missed the
 /// change that added the current leader refuses that leader until another leader it knows
-/// takes over (it cannot tell it from an impostor); the others carry on without it.
+/// takes over (it cannot tell it from an impostor); the leader, told so (see
+/// [`QuicNetwork::refused_as_stranger_by`]), hands leadership to a voter that joined before it.
 pub fn admit(
     rpc: &RaftRpc,
     from: NodeId,
@@ -782,6 +816,19 @@ pub fn admit(
             }
         }
     }
+}
+
+/// Whether a refusal's text (it crosses the wire as text) is [`Refusal::NotMember`] of node
+/// `me`: the peer does not know `me` as a member.
+pub fn is_stranger_refusal(text: &str, me: NodeId) -> bool {
+    let probe = Refusal::NotMember {
+        from: me,
+        cert: String::new(),
+    }
+    .to_string();
+    // "node 4 (\"\") is not a member…": the parts before and after the certificate's name.
+    let (head, tail) = probe.split_once("\"\"").unwrap_or((probe.as_str(), ""));
+    text.starts_with(head) && text.ends_with(tail) && text.len() > head.len() + tail.len()
 }
 
 /// The node id a request's vote names, which must equal the claimed sender.
@@ -1110,5 +1157,27 @@ mod tests {
             admit(&vote_req(4), 4, "n4", &members),
             Err(Refusal::NotMember { from: 4, .. })
         ));
+    }
+
+    #[test]
+    fn a_refusal_as_stranger_is_told_from_other_refusals() {
+        let text = |r: Refusal| r.to_string();
+        let stranger = text(Refusal::NotMember {
+            from: 4,
+            cert: "n4".into(),
+        });
+        assert!(is_stranger_refusal(&stranger, 4));
+        assert!(
+            !is_stranger_refusal(&stranger, 14),
+            "another node's refusal"
+        );
+        assert!(!is_stranger_refusal(&stranger, 1));
+        let other = text(Refusal::NotThatNode {
+            cert: "n5".into(),
+            from: 4,
+            member: "n4".into(),
+        });
+        assert!(!is_stranger_refusal(&other, 4));
+        assert!(!is_stranger_refusal("node 4 is not a member", 4));
     }
 }

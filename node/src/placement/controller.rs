@@ -2,7 +2,7 @@
 //! voters heard nothing of, plans grants and take-backs (the pure planner of `spaced-fabric`)
 //! and proposes them; and it hands leadership away when it holds placements itself.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,7 +100,84 @@ pub fn step_aside_target(v: &StepAsideView) -> Option<NodeId> {
     })
 }
 
+/// How recent a voter's refusal of the leader as a stranger must be to act on it, and how
+/// often the leader hands leadership away for it.
+const STRANGER_WITHIN: Duration = Duration::from_secs(3);
+const STRANGER_HANDOFF_EVERY: Duration = Duration::from_secs(2);
+
+/// A leader that voters `refusers` refuse as a stranger (they missed the change that added it,
+/// and cannot learn it from a leader they do not know): the voter to hand leadership to, so
+/// that they catch up. Only a live, caught-up voter that is neither the leader nor a refuser,
+/// and that joined the fabric before the leader (one added after it is a stranger to them
+/// too); of those, the first to join (`joined`: node → when it was registered).
+pub fn stranger_handoff_target(
+    me: NodeId,
+    voters: &[NodeId],
+    refusers: &BTreeSet<NodeId>,
+    caught_up: &BTreeSet<NodeId>,
+    live: &BTreeSet<NodeId>,
+    joined: &BTreeMap<NodeId, u64>,
+) -> Option<NodeId> {
+    if !refusers.iter().any(|r| voters.contains(r)) {
+        return None;
+    }
+    let mine = joined.get(&me).copied().unwrap_or(u64::MAX);
+    voters
+        .iter()
+        .copied()
+        .filter(|n| *n != me && !refusers.contains(n) && live.contains(n) && caught_up.contains(n))
+        .filter_map(|n| joined.get(&n).map(|j| (*j, n)))
+        .filter(|(j, _)| *j < mine)
+        .min()
+        .map(|(_, n)| n)
+}
+
 impl Placements {
+    /// On the leader: a voter refuses it as a stranger: hands leadership to an older voter
+    /// (see [`stranger_handoff_target`]). Whether it tried.
+    async fn hand_off_to_a_known_leader(&self, live: &BTreeSet<NodeId>) -> bool {
+        let cluster = &self.cluster;
+        let refusers: BTreeSet<NodeId> = cluster
+            .network
+            .refused_as_stranger_by(STRANGER_WITHIN)
+            .into_iter()
+            .collect();
+        if refusers.is_empty() {
+            return false;
+        }
+        let (voters, caught_up) = {
+            let m = cluster.raft.metrics();
+            let m = m.borrow_watched();
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            let caught_up: BTreeSet<NodeId> = m
+                .replication
+                .clone()
+                .unwrap_or_default()
+                .iter()
+                .filter(|(_, l)| l.map(|l| l.index) == m.last_log_index)
+                .map(|(v, _)| *v)
+                .collect();
+            (voters, caught_up)
+        };
+        let joined: BTreeMap<NodeId, u64> = cluster
+            .view
+            .read(|f| f.nodes.iter().map(|(id, n)| (*id, n.joined_at)).collect());
+        let Some(to) =
+            stranger_handoff_target(cluster.id, &voters, &refusers, &caught_up, live, &joined)
+        else {
+            return false;
+        };
+        tracing::warn!(
+            to,
+            refused_by = ?refusers,
+            "voters that missed this node's joining refuse it as leader: handing leadership to a voter they know"
+        );
+        if let Err(e) = cluster.raft.trigger().transfer_leader(to).await {
+            tracing::warn!(to, error = %e, "leadership transfer failed");
+        }
+        true
+    }
+
     /// On the leader: the placements whose owner a majority of voters has not heard from for a
     /// full span. Asks the other voters only about leases its own witness finds silent.
     async fn expired_leases(self: &Arc<Self>) -> BTreeSet<String> {
@@ -157,6 +234,7 @@ impl Placements {
         let mut tick = tokio::time::interval(PLAN_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_step_aside: Option<Instant> = None;
+        let mut last_stranger_handoff: Option<Instant> = None;
         // Changes with the server state (leader, follower, candidate), the vote and membership,
         // not with every heartbeat: a follower sleeps on it instead of ticking.
         let mut server = cluster.raft.server_metrics();
@@ -184,6 +262,12 @@ impl Placements {
                 continue;
             }
             let live = cluster.live_set(LIVE_WITHIN);
+            if !last_stranger_handoff.is_some_and(|t| t.elapsed() < STRANGER_HANDOFF_EVERY)
+                && self.hand_off_to_a_known_leader(&live).await
+            {
+                last_stranger_handoff = Some(Instant::now());
+                continue;
+            }
             if !last_step_aside.is_some_and(|t| t.elapsed() < STEP_ASIDE_EVERY)
                 && let Some(to) = self
                     .step_aside_view(&live)
@@ -305,6 +389,52 @@ impl Placements {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fault campaign: n4 was added while n1 was down and then led; n1, back,
+    /// refused it as a stranger for good, and never caught up.
+    #[test]
+    fn a_leader_refused_as_a_stranger_hands_off_to_the_oldest_voter_it_can() {
+        let joined: BTreeMap<NodeId, u64> = [(1, 10), (2, 20), (3, 30), (4, 40), (5, 50)].into();
+        let voters = [1, 2, 3, 4];
+        let all = set(&[1, 2, 3, 4]);
+        // n4 leads; n1 refuses it: the oldest other voter, n2, is chosen.
+        assert_eq!(
+            stranger_handoff_target(4, &voters, &set(&[1]), &all, &all, &joined),
+            Some(2)
+        );
+        // Not to a voter that lags or is not live.
+        assert_eq!(
+            stranger_handoff_target(4, &voters, &set(&[1]), &set(&[1, 3, 4]), &all, &joined),
+            Some(3)
+        );
+        assert_eq!(
+            stranger_handoff_target(4, &voters, &set(&[1]), &all, &set(&[1, 4]), &joined),
+            None
+        );
+        // Not to a voter that joined after the leader: a stranger to the refuser too.
+        let voters5 = [1, 3, 4, 5];
+        assert_eq!(
+            stranger_handoff_target(
+                3,
+                &voters5,
+                &set(&[1]),
+                &set(&[1, 3, 4, 5]),
+                &set(&[1, 3, 4, 5]),
+                &joined
+            ),
+            None
+        );
+        // A refusal from a node that is not a voter (any more) changes nothing.
+        assert_eq!(
+            stranger_handoff_target(4, &voters, &set(&[7]), &all, &all, &joined),
+            None
+        );
+        // Nothing refused: nothing to do.
+        assert_eq!(
+            stranger_handoff_target(4, &voters, &set(&[]), &all, &all, &joined),
+            None
+        );
+    }
 
     fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
         ids.iter().copied().collect()
