@@ -387,6 +387,44 @@ impl Chaos {
         Ok(holders)
     }
 
+    /// What the hosts and the nodes say now: who holds the VIP and runs the singleton, the
+    /// last acknowledged write, and each member's leader, VIPs and singletons.
+    fn diagnosis(&self) -> String {
+        let last_ack = lock(&self.writes)
+            .iter()
+            .filter(|w| w.result == WriteResult::Acked)
+            .map(|w| w.sent + w.took)
+            .max();
+        let mut out = format!(
+            "VIP on hosts {:?}, singleton on {:?}, last write acknowledged at {:?} (now {:?})",
+            self.vip_holders().unwrap_or_default(),
+            self.singleton_hosts().unwrap_or_default(),
+            last_ack,
+            self.start.elapsed()
+        );
+        let hosts = self.settings.nodes + usize::from(self.spare.is_some());
+        for i in 0..hosts {
+            let e = self.endpoint(i);
+            let get = |args: &[&str]| -> String {
+                match self.ctl(&e, args) {
+                    Ok(o) => o.split_whitespace().collect::<Vec<_>>().join(" "),
+                    Err(err) => format!("<{err:#}>"),
+                }
+            };
+            let status = get(&["status", "--json"]);
+            let leader = serde_json::from_str::<serde_json::Value>(&status)
+                .map(|v| format!("leader {} term {}", v["leader"], v["term"]))
+                .unwrap_or(status);
+            out += &format!(
+                "\n    host {}: {leader}; vips {}; singletons {}",
+                i + 1,
+                get(&["vip", "list", "--json"]),
+                get(&["singleton", "list", "--json"])
+            );
+        }
+        out
+    }
+
     /// The hosts (by namespace) running the singleton's process now.
     pub fn singleton_hosts(&self) -> Result<Vec<String>> {
         hosts_running(&self.lab.host_namespaces(), &SINGLETON_ARGV)
@@ -883,7 +921,23 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
         std::thread::sleep(hold);
         chaos.heal(heal)?;
         let healed = chaos.start.elapsed();
-        let recovered_in = recover(chaos, healed);
+        let recovered_in = recover(chaos, healed, RECOVERY_BOUND);
+        if recovered_in.is_none() {
+            // For the record: what the cluster says, and whether it recovers at all later.
+            println!(
+                "  not recovered within {RECOVERY_BOUND:?}: {}",
+                chaos.diagnosis()
+            );
+            let late = recover(chaos, healed, RECOVERY_BOUND * 5);
+            println!(
+                "  {}; then: {}",
+                late.map_or("not recovered within 150 s either".into(), |d| format!(
+                    "recovered {} ms after the heal",
+                    d.as_millis()
+                )),
+                chaos.diagnosis()
+            );
+        }
         let quiet_from = chaos.start.elapsed();
         std::thread::sleep(QUIET);
         let quiet = (quiet_from, chaos.start.elapsed());
@@ -1002,8 +1056,8 @@ fn flaps_and_blips(
 
 /// Waits until the VIP is held by exactly one host, the singleton runs on exactly one, and a
 /// write sent after `healed` was acknowledged; how long that took after the heal.
-fn recover(chaos: &Chaos, healed: Duration) -> Option<Duration> {
-    let deadline = chaos.start + healed + RECOVERY_BOUND;
+fn recover(chaos: &Chaos, healed: Duration, bound: Duration) -> Option<Duration> {
+    let deadline = chaos.start + healed + bound;
     while Instant::now() < deadline {
         let one_holder = chaos.vip_holders().is_ok_and(|h| h.len() == 1)
             && chaos.singleton_hosts().is_ok_and(|h| h.len() == 1);

@@ -439,7 +439,7 @@ impl Agent {
             .filter(|h| !released.contains(h))
             .collect();
         let mut leases = crate::lock(&self.leases);
-        leases.sync(&owned_ids);
+        leases.sync(&owned_ids, now);
         let valid: BTreeSet<Held> = leases.valid(now).into_iter().collect();
         let ends: BTreeMap<String, Instant> = valid
             .iter()

@@ -80,7 +80,14 @@ pub struct OwnerLeases {
     /// Confirmations of renewals sent before this are void: the host was suspended after it,
     /// and a lease counted on this clock (which stood still meanwhile) would seem to run on.
     void_before: Option<Instant>,
+    /// Since when each placement with no confirmed lease (`None` in `held`) has had none: a
+    /// fresh grant, or one whose lease was voided by a suspension.
+    unconfirmed_since: BTreeMap<String, Instant>,
 }
+
+/// How many lease durations a placement may go without a valid lease before its owner stops
+/// renewing it: see [`OwnerLeases::abandoned`].
+const GIVE_UP_AFTER_LEASES: u32 = 2;
 
 impl OwnerLeases {
     /// No placements yet.
@@ -90,12 +97,13 @@ impl OwnerLeases {
             held: BTreeMap::new(),
             last_sent: None,
             void_before: None,
+            unconfirmed_since: BTreeMap::new(),
         }
     }
 
     /// Aligns with what the fabric says this node owns. Placements no longer owned (or owned at
     /// another epoch) are dropped and returned: the caller fences them at once.
-    pub fn sync(&mut self, owned: &[Held]) -> Vec<Held> {
+    pub fn sync(&mut self, owned: &[Held], now: Instant) -> Vec<Held> {
         let mut dropped = Vec::new();
         self.held.retain(|name, (epoch, _)| {
             let keep = owned.iter().any(|(n, e)| n == name && e == epoch);
@@ -104,28 +112,63 @@ impl OwnerLeases {
             }
             keep
         });
+        for (name, _) in &dropped {
+            self.unconfirmed_since.remove(name);
+        }
         for (name, epoch) in owned {
-            self.held.entry(name.clone()).or_insert((*epoch, None));
+            if !self.held.contains_key(name) {
+                self.held.insert(name.clone(), (*epoch, None));
+                self.unconfirmed_since.insert(name.clone(), now);
+            }
         }
         dropped
+    }
+
+    /// Whether the owner has stopped renewing `name`: its lease ran out (or never came) more
+    /// than two lease durations ago. Renewing it on would be worse than useless: voters that
+    /// reported it silent to a leader never confirm it again (see [`Witness`]), so if they are
+    /// not a majority, the owner's renewals, heard by the others, keep that leader from ever
+    /// seeing a silent majority, while they cannot win the lease back either: the placement
+    /// would stay with an owner that cannot hold it, unserved for good (the fault campaign
+    /// found this after a wall-clock jump and a link down, on a 4-voter cluster). Given up, it
+    /// goes silent everywhere and the leader grants it again, at a new epoch.
+    pub fn abandoned(&self, name: &str, now: Instant) -> bool {
+        let give_up = self.cfg.duration * GIVE_UP_AFTER_LEASES;
+        match self.held.get(name) {
+            Some((_, Some(until))) => now >= *until + give_up,
+            Some((_, None)) => self
+                .unconfirmed_since
+                .get(name)
+                .is_some_and(|since| now >= *since + give_up),
+            None => false,
+        }
+    }
+
+    /// The placements renewals are still sent for (not [`abandoned`](Self::abandoned)).
+    fn renewing(&self, now: Instant) -> Vec<(&String, &(u64, Option<Instant>))> {
+        self.held
+            .iter()
+            .filter(|(n, _)| !self.abandoned(n, now))
+            .collect()
     }
 
     /// A renewal to send now, if one is due: immediately when something is unconfirmed,
     /// otherwise every `renew_every`.
     pub fn renewal_due(&mut self, now: Instant) -> Option<Renewal> {
         let due = self
-            .next_renewal()
+            .next_renewal(now)
             .is_some_and(|at| at.is_none_or(|t| now >= t));
         if !due {
             return None;
         }
+        let placements: Vec<Held> = self
+            .renewing(now)
+            .into_iter()
+            .map(|(n, (e, _))| (n.clone(), *e))
+            .collect();
         self.last_sent = Some(now);
         Some(Renewal {
-            placements: self
-                .held
-                .iter()
-                .map(|(n, (e, _))| (n.clone(), *e))
-                .collect(),
+            placements,
             sent_at: now,
         })
     }
@@ -133,11 +176,12 @@ impl OwnerLeases {
     /// When the next renewal is due: `None` with nothing held, `Some(None)` at once (none sent
     /// yet), else `renew_every` after the last one, or a quarter of that while a grant is
     /// unconfirmed (retried at a bounded pace, not in a busy loop).
-    fn next_renewal(&self) -> Option<Option<Instant>> {
-        if self.held.is_empty() {
+    fn next_renewal(&self, now: Instant) -> Option<Option<Instant>> {
+        let renewing = self.renewing(now);
+        if renewing.is_empty() {
             return None;
         }
-        let unconfirmed = self.held.values().any(|(_, until)| until.is_none());
+        let unconfirmed = renewing.iter().any(|(_, (_, until))| until.is_none());
         Some(self.last_sent.map(|t| {
             t + if unconfirmed {
                 self.cfg.renew_every / 4
@@ -151,7 +195,7 @@ impl OwnerLeases {
     /// still ahead (whatever it covers must go down then), whichever comes first. `None` with
     /// nothing held.
     pub fn next_due(&self, now: Instant) -> Option<Instant> {
-        let renewal = self.next_renewal()?.unwrap_or(now);
+        let renewal = self.next_renewal(now)?.unwrap_or(now);
         let end = self
             .held
             .values()
@@ -181,8 +225,9 @@ impl OwnerLeases {
     /// every lease ends now, and no renewal sent before `now` can bring one back. Each
     /// placement still granted here must be confirmed again before it comes back up.
     pub fn expire_all(&mut self, now: Instant) {
-        for (_, until) in self.held.values_mut() {
+        for (name, (_, until)) in self.held.iter_mut() {
             *until = None;
+            self.unconfirmed_since.insert(name.clone(), now);
         }
         self.void_before = Some(now);
         self.last_sent = None;
@@ -374,7 +419,7 @@ mod tests {
     fn lease_runs_from_the_send_time_not_the_answer() {
         let t0 = Instant::now();
         let mut o = OwnerLeases::new(cfg());
-        assert!(o.sync(&[held("vip", 1)]).is_empty());
+        assert!(o.sync(&[held("vip", 1)], Instant::now()).is_empty());
         // Granted but unconfirmed: not valid yet.
         assert!(o.valid(t0).is_empty());
         let r = o.renewal_due(t0).expect("first renewal is due at once");
@@ -393,7 +438,7 @@ mod tests {
     fn renewals_are_paced_and_extend_the_lease() {
         let t0 = Instant::now();
         let mut o = OwnerLeases::new(cfg());
-        o.sync(&[held("vip", 3)]);
+        o.sync(&[held("vip", 3)], Instant::now());
         let r = o.renewal_due(t0).unwrap();
         o.confirmed(&r, &[held("vip", 3)]);
         assert!(o.renewal_due(ms(t0, 50)).is_none());
@@ -414,7 +459,7 @@ mod tests {
     fn confirmation_for_another_epoch_does_not_count() {
         let t0 = Instant::now();
         let mut o = OwnerLeases::new(cfg());
-        o.sync(&[held("vip", 2)]);
+        o.sync(&[held("vip", 2)], Instant::now());
         let r = o.renewal_due(t0).unwrap();
         o.confirmed(&r, &[held("vip", 1)]);
         assert!(o.valid(ms(t0, 1)).is_empty());
@@ -426,15 +471,15 @@ mod tests {
     fn losing_the_grant_fences_immediately() {
         let t0 = Instant::now();
         let mut o = OwnerLeases::new(cfg());
-        o.sync(&[held("vip", 1), held("db", 4)]);
+        o.sync(&[held("vip", 1), held("db", 4)], Instant::now());
         let r = o.renewal_due(t0).unwrap();
         o.confirmed(&r, &[held("vip", 1), held("db", 4)]);
         // The fabric moved `vip` on (epoch 2, another owner): drop it even though the lease runs.
-        let dropped = o.sync(&[held("db", 4)]);
+        let dropped = o.sync(&[held("db", 4)], Instant::now());
         assert_eq!(dropped, vec![held("vip", 1)]);
         assert_eq!(o.valid(ms(t0, 10)), vec![held("db", 4)]);
         // Re-granted at a new epoch: starts unconfirmed.
-        o.sync(&[held("db", 4), held("vip", 5)]);
+        o.sync(&[held("db", 4), held("vip", 5)], Instant::now());
         assert_eq!(o.valid(ms(t0, 10)), vec![held("db", 4)]);
     }
 
@@ -552,7 +597,7 @@ mod tests {
         let mut owner = OwnerLeases::new(c.clone());
         let mut voters: Vec<Witness> = (0..3).map(|_| Witness::new(t0)).collect();
         let key: LeaseKey = ("vip".into(), 1, 9);
-        owner.sync(&[held("vip", 1)]);
+        owner.sync(&[held("vip", 1)], Instant::now());
         let mut last_confirmed_send = t0;
         for step in 0..20u64 {
             let t = ms(t0, step * 100);
@@ -623,7 +668,7 @@ mod tests {
     fn a_suspended_host_drops_every_lease_and_ignores_renewals_sent_before() {
         let t0 = Instant::now();
         let mut book = OwnerLeases::new(LeaseConfig::default());
-        book.sync(&[("vip".into(), 1)]);
+        book.sync(&[("vip".into(), 1)], Instant::now());
         let r = book.renewal_due(t0).unwrap();
         book.confirmed(&r, &[("vip".into(), 1)]);
         let before = book.renewal_due(ms(t0, 80)).unwrap();
@@ -682,5 +727,59 @@ mod tests {
         // A real suspension of 2 s is still seen, less at most the widths of the brackets.
         let lost = watch.look(ms(t0, 400), Duration::from_millis(1_002_400), ms(t0, 405));
         assert_eq!(lost, Some(Duration::from_millis(1_995)));
+    }
+
+    /// Found by the fault campaign: an owner whose lease ran out went on renewing it for good.
+    /// Voters that had reported it silent refused it, the others (the owner among them) heard
+    /// it and never reported silence: neither a lease nor a reassignment could form.
+    #[test]
+    fn an_owner_stops_renewing_a_lease_it_lost_two_durations_ago() {
+        let cfg = LeaseConfig::default();
+        let l = cfg.duration;
+        let t0 = Instant::now();
+        let mut book = OwnerLeases::new(cfg);
+        book.sync(&[("vip".into(), 5), ("db".into(), 7)], Instant::now());
+        let r = book.renewal_due(t0).unwrap();
+        assert_eq!(r.placements.len(), 2);
+        book.confirmed(&r, &[("vip".into(), 5), ("db".into(), 7)]);
+        // From here only "db" is confirmed again: "vip"'s renewals go unanswered.
+        let mut at = t0;
+        let mut renewed_vip_after = None;
+        while at < t0 + l * 6 {
+            at += Duration::from_millis(25);
+            if let Some(r) = book.renewal_due(at) {
+                if r.placements.iter().any(|(n, _)| n == "vip") {
+                    renewed_vip_after = Some(at - t0);
+                }
+                book.confirmed(&r, &[("db".into(), 7)]);
+            }
+        }
+        let last = renewed_vip_after.expect("vip was renewed at first");
+        // Its lease ended at L; it was renewed until about 2 L after that, then no more.
+        assert!(
+            last >= l * 2 && last <= l * 3 + cfg_renew(),
+            "last renewal of vip at {last:?}"
+        );
+        assert!(book.abandoned("vip", at));
+        assert!(!book.abandoned("db", at));
+        assert!(book.valid(at).iter().all(|(n, _)| n != "vip"));
+        // Granted again (a new epoch), it is renewed again.
+        book.sync(&[("vip".into(), 6), ("db".into(), 7)], at);
+        let r = book
+            .renewal_due(at + cfg_renew() / 4)
+            .expect("a new grant is renewed at the unconfirmed pace");
+        assert!(r.placements.contains(&("vip".into(), 6)), "{r:?}");
+        // A grant never confirmed is given up as well.
+        let mut fresh = OwnerLeases::new(LeaseConfig::default());
+        let t1 = Instant::now();
+        fresh.sync(&[("x".into(), 1)], t1);
+        assert!(fresh.renewal_due(t1).is_some());
+        assert!(!fresh.abandoned("x", t1 + l));
+        assert!(fresh.abandoned("x", t1 + l * 3));
+        assert!(fresh.renewal_due(t1 + l * 3).is_none());
+    }
+
+    fn cfg_renew() -> Duration {
+        LeaseConfig::default().renew_every
     }
 }

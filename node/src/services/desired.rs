@@ -166,6 +166,11 @@ pub struct PlacementBackend {
     guard: Option<Arc<GuardCell>>,
     /// The guard generation the services' process groups were last registered with.
     services_guarded_by: std::sync::Mutex<u64>,
+    /// Counts singleton leases acquired (each lifts the supervisor's fence on the service).
+    /// A lease lost and won back at the same epoch between two passes of the services loop
+    /// leaves its desired set unchanged; this tells the loop to hand it to the supervisor
+    /// again all the same, since the fence had taken the service out of the supervisor's.
+    unfenced: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl PlacementBackend {
@@ -316,6 +321,7 @@ impl PlacementBackend {
             wake,
             guard: is_spaced.then(|| Arc::new(GuardCell::new("singletons and services", fence))),
             services_guarded_by: std::sync::Mutex::new(0),
+            unfenced: Arc::default(),
         }
     }
 }
@@ -353,8 +359,12 @@ impl VipBackend for PlacementBackend {
             Some(service) => {
                 let supervisor = self.supervisor.clone();
                 let wake = self.wake.clone();
+                let unfenced = self.unfenced.clone();
                 Box::pin(async move {
                     supervisor.unfence(&service).await;
+                    // Counted once the fence is lifted: a pass that sees the count hands the
+                    // supervisor a desired set it now accepts.
+                    unfenced.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     wake.notify_one();
                     tracing::info!(singleton = %vip.name, %service, "singleton lease held: starting");
                     Ok(())
@@ -458,6 +468,7 @@ pub async fn services_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last: Option<Vec<DesiredService>> = None;
+    let mut last_unfenced = 0;
     // The site epoch whose configuration restore (DR) has been looked at.
     let mut restore_seen = None;
     let mut guarded = BTreeMap::new();
@@ -476,6 +487,8 @@ pub async fn services_loop(
         if let Some(store) = &backups {
             restore_before_workload(cluster, store, &mut restore_seen);
         }
+        // Read before the desired set: an acquisition after this read is seen at the next pass.
+        let unfenced = backend.unfenced.load(std::sync::atomic::Ordering::SeqCst);
         let held = placements.agent().active_epochs();
         let Desired {
             services: desired,
@@ -483,7 +496,8 @@ pub async fn services_loop(
         } = cluster
             .view
             .read(|f| desired_services(f, &cluster.name, &cluster.roles, &held));
-        if last.as_ref() != Some(&desired) {
+        if last.as_ref() != Some(&desired) || unfenced != last_unfenced {
+            last_unfenced = unfenced;
             if let Err(e) = supervisor.set_desired(desired.clone()).await {
                 tracing::warn!(error = %e, "some services were not accepted by the supervisor");
             }
