@@ -319,6 +319,48 @@ fn a_node_that_missed_the_joining_of_the_leader_catches_up() -> Result<()> {
     Ok(())
 }
 
+/// Found by the fault campaign: a node added while a later-joined node (n3) leads replays the
+/// log from its start, whose membership then predates n3's joining; it refused n3's entries as
+/// a stranger's and never caught up. A node that votes in nothing now takes them.
+#[test]
+fn a_node_added_while_a_later_joiner_leads_catches_up() -> Result<()> {
+    let mut lab = Lab::start3()?;
+    let n1 = lab.procs[0].addr.clone();
+    lab.ctl_ok(&n1, &["leader", "transfer", "--to", "n3"])?;
+    lab.ctl_ok(
+        &n1,
+        &["device", "add", "--id", "before", "--addr", "127.8.0.1:1"],
+    )?;
+    spaced_raft::pki::issue(&lab.pki(), "n4", false)?;
+    let cfg = node_config(lab.dir.path(), &lab.pki(), 4, &["app"])?;
+    let (config, listen) = (write_config(&cfg)?, cfg.listen.to_string());
+    lab.procs
+        .push(Proc::start(lab.dir.path(), &config, &listen, false)?);
+    lab.join(&n1, 4)?;
+    wait_until(
+        Duration::from_secs(30),
+        "n4 applied the write and is a voter",
+        || {
+            Ok(device_count(&lab, &listen).unwrap_or(0) == 1
+                && lab.status(&listen).is_ok_and(|s| {
+                    s["nodes"]
+                        .as_array()
+                        .is_some_and(|n| n.iter().any(|n| n["id"] == 4 && n["voter"] == true))
+                }))
+        },
+    )?;
+    // n4 took n3's entries: n3 did not have to hand leadership to a node n4 knew (n3 holds no
+    // placement, so nothing else moves it).
+    let config3 = lab.procs[2].config.with_extension("log");
+    let n3_log = std::fs::read_to_string(&config3)?;
+    assert!(
+        !n3_log.contains("refuse it as leader"),
+        "n4 refused n3 as a stranger"
+    );
+    assert_eq!(lab.status(&n1)?["leader"], 3);
+    Ok(())
+}
+
 /// Headless Chromium on `url`: the DOM after the page's scripts ran (`--dump-dom`), or with
 /// `screenshot`, a PNG written there. `None` when Chromium is not installed (outside CI).
 fn chromium(url: &str, screenshot: Option<&Path>) -> Result<Option<String>> {

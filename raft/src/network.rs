@@ -777,8 +777,12 @@ pub enum Refusal {
 /// - a request whose vote names another node than the claimed sender is refused;
 /// - a member must present the certificate of its own name;
 /// - a sender that is not a member may only ask `Describe` (id, name and roles, which the
-///   leader asks a node before it adds it), except on a node that has not joined yet, which
-///   takes log entries and a snapshot from whoever adds it (the join itself).
+///   leader asks a node before it adds it), except on a node that is not a voter in its own
+///   membership (`learning`): one that has not joined yet, which takes log entries and a
+///   snapshot from whoever adds it (the join itself), or a learner catching up, whose
+///   membership is that of the log it has replayed so far and may predate the leader's
+///   joining. A node that votes in nothing decides nothing by what it takes: the leader that
+///   promotes it to voter first brings its log in line with its own.
 ///
 /// So a certificate the CA issued to a node that is not (or no longer) a member can neither
 /// vote, nor raise a term, nor replace the log or the fabric. A follower that missed the
@@ -790,6 +794,7 @@ pub fn admit(
     from: NodeId,
     cert: &str,
     members: &BTreeMap<NodeId, &str>,
+    learning: bool,
 ) -> Result<(), Refusal> {
     if let Some(v) = voter_of(rpc)
         && v != from
@@ -804,8 +809,7 @@ pub fn admit(
             member: name.to_string(),
         }),
         None => {
-            let joining =
-                members.is_empty() && matches!(rpc, RaftRpc::Append(_) | RaftRpc::Snapshot { .. });
+            let joining = learning && matches!(rpc, RaftRpc::Append(_) | RaftRpc::Snapshot { .. });
             if joining || matches!(rpc, RaftRpc::Describe) {
                 Ok(())
             } else {
@@ -909,14 +913,14 @@ impl RaftService {
 
     /// The largest request a peer with this certificate may send: a frame from a node that is
     /// not a member is refused beyond what asking `Describe` needs, before it is read (a node
-    /// that has not joined yet takes the full size, for the join's entries).
+    /// that votes in nothing, not yet joined or a learner catching up, takes the full size,
+    /// for the entries it is catching up on: see [`admit`]).
     fn frame_limit(&self, peer_name: &str) -> usize {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
         let membership = m.membership_config.membership();
-        let mut nodes = membership.nodes().peekable();
-        let joining = nodes.peek().is_none();
-        if joining || nodes.any(|(_, n)| n.name == peer_name) {
+        let learning = !membership.voter_ids().any(|v| v == self.local.id);
+        if learning || membership.nodes().any(|(_, n)| n.name == peer_name) {
             MAX_FRAME
         } else {
             STRANGER_FRAME
@@ -932,7 +936,8 @@ impl RaftService {
             .nodes()
             .map(|(id, n)| (*id, n.name.as_str()))
             .collect();
-        admit(&req.rpc, req.from, peer_name, &members)
+        let learning = !membership.voter_ids().any(|v| v == self.local.id);
+        admit(&req.rpc, req.from, peer_name, &members, learning)
     }
 
     /// Serves one request; the error is the text a refused or failed stream is logged with.
@@ -1151,12 +1156,26 @@ mod tests {
         ];
         for (what, rpc, from, cert, joined, admitted) in cases {
             let m = if joined { &members } else { &none };
-            assert_eq!(admit(&rpc, from, cert, m).is_ok(), admitted, "{what}");
+            assert_eq!(
+                admit(&rpc, from, cert, m, !joined).is_ok(),
+                admitted,
+                "{what}"
+            );
         }
         assert!(matches!(
-            admit(&vote_req(4), 4, "n4", &members),
+            admit(&vote_req(4), 4, "n4", &members, false),
             Err(Refusal::NotMember { from: 4, .. })
         ));
+        // Found by the fault campaign: a node just added as a learner replays the log from
+        // the start, whose membership then predates the leader's (n4's) joining. It takes
+        // the leader's entries and snapshot; a voter does not, and nobody takes a stranger's
+        // vote.
+        assert!(admit(&append(4), 4, "n4", &members, true).is_ok());
+        assert!(matches!(
+            admit(&append(4), 4, "n4", &members, false),
+            Err(Refusal::NotMember { from: 4, .. })
+        ));
+        assert!(admit(&vote_req(4), 4, "n4", &members, true).is_err());
     }
 
     #[test]
