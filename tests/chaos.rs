@@ -367,12 +367,18 @@ impl Chaos {
         crate::spacectl_stdout(cmd, args)
     }
 
-    /// The leader (0-based) that a node answering `status` names.
+    /// The lab host (0-based) of the leader that a node answering `status` names (a node the
+    /// membership changes added, whatever its id, is on the spare host).
     pub fn leader(&self) -> Option<usize> {
         (0..self.settings.nodes).find_map(|i| {
             let s = self.ctl(&self.endpoint(i), &["status", "--json"]).ok()?;
             let v: serde_json::Value = serde_json::from_str(&s).ok()?;
-            v["leader"].as_u64().map(|l| l as usize - 1)
+            let id = v["leader"].as_u64().filter(|l| *l > 0)? as usize;
+            Some(if id <= self.settings.nodes {
+                id - 1
+            } else {
+                self.settings.nodes
+            })
         })
     }
 
