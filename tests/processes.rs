@@ -361,6 +361,52 @@ fn a_node_added_while_a_later_joiner_leads_catches_up() -> Result<()> {
     Ok(())
 }
 
+/// `node add` of a node that is already a learner, with the same name and address, finishes
+/// its promotion to voter (an earlier `node add` whose promotion failed when leadership moved
+/// leaves it so; before, the same command was refused with "already a member"). Here the
+/// learner is the sixth node, kept a learner by the cap of five voters until one leaves.
+#[test]
+fn node_add_of_a_learner_finishes_its_promotion() -> Result<()> {
+    let mut lab = Lab::start3()?;
+    let n1 = lab.procs[0].addr.clone();
+    for id in 4..=6u64 {
+        spaced_raft::pki::issue(&lab.pki(), &format!("n{id}"), false)?;
+        let cfg = node_config(lab.dir.path(), &lab.pki(), id, &["app"])?;
+        let (config, listen) = (write_config(&cfg)?, cfg.listen.to_string());
+        lab.procs
+            .push(Proc::start(lab.dir.path(), &config, &listen, false)?);
+        lab.join(&n1, id as usize)?;
+    }
+    let voter = |lab: &Lab, id: u64| -> Result<bool> {
+        let s = lab.status(&n1)?;
+        Ok(s["nodes"]
+            .as_array()
+            .context("nodes")?
+            .iter()
+            .any(|n| n["id"] == id && n["voter"] == true))
+    };
+    assert!(!voter(&lab, 6)?, "the sixth node is a learner");
+    lab.ctl_ok(&n1, &["node", "remove", "5"])?;
+    let n6 = lab.procs[5].addr.clone();
+    let out = lab.ctl_ok(
+        &n1,
+        &["node", "add", "--id", "6", "--name", "n6", "--addr", &n6],
+    )?;
+    assert!(voter(&lab, 6)?, "n6 promoted: {out}");
+    // A voter, or another name or address for a member's id, is still refused.
+    let again = lab.ctl(
+        &n1,
+        &["node", "add", "--id", "6", "--name", "n6", "--addr", &n6],
+    )?;
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already a member"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    Ok(())
+}
+
 /// Headless Chromium on `url`: the DOM after the page's scripts ran (`--dump-dom`), or with
 /// `screenshot`, a PNG written there. `None` when Chromium is not installed (outside CI).
 fn chromium(url: &str, screenshot: Option<&Path>) -> Result<Option<String>> {

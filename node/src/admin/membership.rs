@@ -50,13 +50,23 @@ impl AdminServer {
             addr: addr.clone(),
         };
         let membership = self.cluster.membership();
-        if membership.membership().get_node(&id).is_some() {
-            return Err(OpError::Refused(format!("node {id} is already a member")));
-        }
+        // A learner that an earlier `node add` of the same node left so (leadership moved
+        // before it was registered or promoted): the same command finishes the join.
+        let learner = match membership.membership().get_node(&id) {
+            None => false,
+            Some(existing)
+                if existing.name == name
+                    && existing.addr == addr
+                    && !membership.membership().voter_ids().any(|v| v == id) =>
+            {
+                true
+            }
+            Some(_) => return Err(OpError::Refused(format!("node {id} is already a member"))),
+        };
         if let Some((other, _)) = membership
             .membership()
             .nodes()
-            .find(|(_, n)| n.name == name)
+            .find(|(other, n)| n.name == name && **other != id)
         {
             return Err(OpError::Refused(format!(
                 "name {name:?} is already used by node {other}"
@@ -95,11 +105,16 @@ impl AdminServer {
             )));
         }
         let roles = roles.unwrap_or(desc.roles);
-        self.cluster
-            .raft
-            .add_learner(id, member, true)
-            .await
-            .map_err(|e| membership_error(e, || format!("add learner {id}")))?;
+        if !learner {
+            self.cluster
+                .raft
+                .add_learner(id, member, true)
+                .await
+                .map_err(|e| membership_error(e, || format!("add learner {id}")))?;
+        }
+        if self.cluster.view.read(|f| f.nodes.contains_key(&id)) {
+            return self.promote(id).await;
+        }
         let register = Command::RegisterNode {
             id,
             name,
@@ -113,6 +128,11 @@ impl AdminServer {
                 "node {id} joined as learner but was not registered in the fabric: {e}"
             )));
         }
+        self.promote(id).await
+    }
+
+    /// Makes learner `id` a voter, unless the cluster has [`MAX_VOTERS`] already (then `false`).
+    async fn promote(&self, id: NodeId) -> Result<bool, OpError> {
         let voters = self.cluster.membership().membership().voter_ids().count();
         if voters >= MAX_VOTERS {
             return Ok(false);

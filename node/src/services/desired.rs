@@ -457,6 +457,22 @@ impl VipBackend for PlacementBackend {
     }
 }
 
+/// Whether `spec` may start now: a service bound to a placement (`SPACED_PLACEMENT` set) only
+/// while this node holds that placement at the service's epoch with a lease running.
+fn lease_lets_start(placements: &Placements, spec: &DesiredService) -> bool {
+    let Some(placement) = spec.env.get("SPACED_PLACEMENT").filter(|p| !p.is_empty()) else {
+        return true;
+    };
+    let epoch = spec
+        .env
+        .get("SPACED_EPOCH")
+        .and_then(|e| e.parse::<u64>().ok());
+    let agent = placements.agent();
+    epoch.is_some()
+        && agent.held_epoch(placement) == epoch
+        && !agent.lease_remaining(placement, Instant::now()).is_zero()
+}
+
 /// Keeps the supervisor's desired set equal to [`desired_services`] until shutdown, then stops
 /// every service.
 pub async fn services_loop(
@@ -467,6 +483,12 @@ pub async fn services_loop(
     backups: Option<Arc<spaced_replication::backup::BackupStore>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // A service bound to a placement (a singleton, or a VIP's service) starts, or restarts
+    // after a crash, only while this node holds that placement's lease at that epoch.
+    let gate_placements = placements.clone();
+    supervisor.set_start_gate(Arc::new(move |spec: &DesiredService| {
+        lease_lets_start(&gate_placements, spec)
+    }));
     let mut last: Option<Vec<DesiredService>> = None;
     let mut last_unfenced = 0;
     // The site epoch whose configuration restore (DR) has been looked at.

@@ -624,7 +624,15 @@ struct Shared {
     recorder: Option<Arc<dyn Recorder + Send + Sync>>,
     /// Signalled after every start, once `status()` shows the new pid.
     started: Notify,
+    /// Asked before every start and restart (see [`Supervisor::set_start_gate`]).
+    gate: std::sync::RwLock<Option<StartGate>>,
 }
+
+/// Whether a service may start now; see [`Supervisor::set_start_gate`].
+pub type StartGate = Arc<dyn Fn(&DesiredService) -> bool + Send + Sync>;
+
+/// How often a start the gate holds back is asked again.
+const GATE_LOOK: Duration = Duration::from_millis(20);
 
 impl Shared {
     fn update(&self, name: &str, f: impl FnOnce(&mut ServiceStatus)) {
@@ -685,6 +693,22 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
+    /// Sets what is asked before every start and restart of a service: while it says no, the
+    /// service waits (state `starting`), asked again every 20 ms, until it says yes or the
+    /// service is stopped. A singleton's process must not start without a valid lease: the
+    /// restart after a crash, too, comes from the service's own task, which knows nothing of
+    /// leases (the fence guard SIGKILLs a singleton whose daemon is frozen at the lease end;
+    /// the daemon, thawed, saw the exit and restarted it at the old epoch, while another node
+    /// already ran it at the next one: the fault campaign found this).
+    pub fn set_start_gate(&self, gate: StartGate) {
+        *self
+            .inner
+            .shared
+            .gate
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
     /// Starts a supervisor with no services, recording metrics in the global `metrics` recorder.
     /// Must be called inside a tokio runtime.
     pub fn start(cfg: SupervisorConfig) -> Result<Supervisor, StartError> {
@@ -716,6 +740,7 @@ impl Supervisor {
             statuses: Mutex::default(),
             recorder,
             started: Notify::new(),
+            gate: std::sync::RwLock::new(None),
         });
         shared.with_recorder(|| {
             metrics::describe_counter!(
@@ -986,6 +1011,33 @@ impl ServiceRun {
         self.shared.update(&self.spec.name, f);
     }
 
+    /// Whether the start gate lets this service start now.
+    fn gate_allows(&self) -> bool {
+        let gate = self
+            .shared
+            .gate
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        gate.is_none_or(|g| g(&self.spec))
+    }
+
+    /// Waits until the start gate lets this service start (`true`), or it is to stop.
+    async fn gate_open(&mut self) -> bool {
+        let mut said = false;
+        while !self.gate_allows() {
+            if !said {
+                info!(service = %self.name(), "start held back: no valid lease for it here");
+                said = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(GATE_LOOK) => {}
+                _ = stop_requested(&mut self.stop) => return false,
+            }
+        }
+        true
+    }
+
     async fn run(mut self) {
         let backoff = self.shared.cfg.backoff();
         let mut failures = 0u32;
@@ -996,6 +1048,11 @@ impl ServiceRun {
                 s.healthy = None;
                 s.backoff_ms = None;
             });
+            if !self.gate_open().await {
+                self.update(|s| s.enter(ServiceState::Stopped));
+                info!(service = %self.name(), "service stopped before it started");
+                return;
+            }
             let (failed_state, healthy_for) = match self.spawn_service().await {
                 Err(msg) => {
                     warn!(service = %self.name(), error = %msg, "service failed to start");
@@ -1838,6 +1895,55 @@ mod tests {
         let s = status_of(&sup, "stubborn").unwrap();
         assert_eq!(s.state, ServiceState::Stopped);
         assert_eq!(s.last_exit.as_deref(), Some("killed by SIGKILL"));
+    }
+
+    /// Found by the fault campaign: the fence guard SIGKILLed a singleton at its lease end
+    /// while its daemon was frozen; thawed, the supervisor restarted it after the backoff, with
+    /// no lease, while another node ran it. Starts and restarts now ask the gate.
+    #[tokio::test]
+    async fn the_start_gate_holds_back_starts_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = Supervisor::start(test_config(dir.path())).unwrap();
+        let open = Arc::new(AtomicBool::new(false));
+        let gate = open.clone();
+        sup.set_start_gate(Arc::new(move |_| gate.load(Ordering::SeqCst)));
+        sup.set_desired(vec![service("gated", "sleep 1000")])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            running_pid(&sup, "gated").is_none(),
+            "started through a shut gate"
+        );
+        assert_eq!(
+            status_of(&sup, "gated").unwrap().state,
+            ServiceState::Starting
+        );
+        open.store(true, Ordering::SeqCst);
+        let pid = eventually("started once the gate opened", LONG, || {
+            running_pid(&sup, "gated")
+        })
+        .await;
+        // The gate shuts; the process dies on its own: no restart.
+        open.store(false, Ordering::SeqCst);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(
+            running_pid(&sup, "gated").is_none(),
+            "restarted through a shut gate"
+        );
+        // Fenced while held back, it stays down once the gate opens.
+        let _ = sup.kill_now("gated").await;
+        open.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            running_pid(&sup, "gated").is_none(),
+            "a fenced service started"
+        );
     }
 
     #[tokio::test]
