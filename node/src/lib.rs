@@ -151,6 +151,11 @@ impl ClockPair {
     }
 }
 
+/// The log format the binary chose (`text` or `json`). The helper processes it starts (the
+/// fence guards) are told it, so that every line a daemon and its guards write to the same
+/// stderr has one format: a JSON log with a guard's text lines in it breaks whatever reads it.
+pub static LOG_FORMAT: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
 /// Locks a mutex, recovering from poisoning: the state behind spaced's mutexes stays
 /// consistent between statements, so a panicked holder leaves nothing half-written.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -174,6 +174,10 @@ fn init_tracing(
     })?;
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
+    let _ = spaced_node::LOG_FORMAT.set(match cli.log_format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    });
     let _ = match cli.log_format {
         LogFormat::Text => registry
             .with(

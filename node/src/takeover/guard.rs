@@ -246,7 +246,11 @@ impl GuardHandle {
     pub fn spawn(fence: &FenceCgroup) -> Result<Self, GuardError> {
         use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe().map_err(|e| GuardError::Locate(e.to_string()))?;
-        let mut child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        if let Some(format) = crate::LOG_FORMAT.get() {
+            cmd.env("SPACED_LOG_FORMAT", format);
+        }
+        let mut child = cmd
             .arg("guard")
             // A process group of its own: a signal to the daemon's whole group (a SIGKILL or
             // SIGSTOP of `spaced` and its children at once) does not reach the guard, which
