@@ -485,9 +485,14 @@ pub async fn services_loop(
 ) {
     // A service bound to a placement (a singleton, or a VIP's service) starts, or restarts
     // after a crash, only while this node holds that placement's lease at that epoch.
-    let gate_placements = placements.clone();
+    // Weak: the supervisor is reached from the placements (the agent's backend runs the
+    // singletons), and a strong handle here would keep the node (its sockets) alive after it
+    // stops. A node on its way out starts nothing.
+    let gate_placements = Arc::downgrade(&placements);
     supervisor.set_start_gate(Arc::new(move |spec: &DesiredService| {
-        lease_lets_start(&gate_placements, spec)
+        gate_placements
+            .upgrade()
+            .is_some_and(|p| lease_lets_start(&p, spec))
     }));
     let mut last: Option<Vec<DesiredService>> = None;
     let mut last_unfenced = 0;
