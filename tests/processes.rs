@@ -72,6 +72,16 @@ impl Drop for Proc {
 struct Lab {
     dir: tempfile::TempDir,
     procs: Vec<Proc>,
+    /// One lab at a time: a dozen clusters of debug builds at once on a 2-core machine kept a
+    /// node from answering within its start-up wait (and every lab picks free ports, which
+    /// the others may take first).
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
+
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_lab() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LAB.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Lab {
@@ -117,6 +127,7 @@ impl Lab {
         let mut lab = Lab {
             dir,
             procs: Vec::new(),
+            _one_at_a_time: one_lab(),
         };
         for id in 1..=3u64 {
             let roles: &[&str] = if id == 3 { &["app"] } else { &["ha", "app"] };
@@ -1424,6 +1435,7 @@ impl LbNode {
             lab: Lab {
                 dir,
                 procs: Vec::new(),
+                _one_at_a_time: one_lab(),
             },
             cfg,
             node,
