@@ -1531,16 +1531,25 @@ impl Drop for SmallDisk {
 /// not count: it has run its last instruction). A process belongs to the network namespace it
 /// runs in, the host a lab process was started in.
 pub fn hosts_running(namespaces: &[String], argv: &[&str]) -> Result<Vec<String>> {
-    let inodes: Vec<(u64, &String)> = namespaces
+    running_in(&netns_inodes(namespaces)?, argv)
+}
+
+/// Each network namespace's inode (what `/proc/PID/ns/net` names), with its name.
+fn netns_inodes(namespaces: &[String]) -> Result<Vec<(u64, String)>> {
+    namespaces
         .iter()
         .map(|ns| {
             use std::os::unix::fs::MetadataExt;
             let path = Path::new(NETNS_DIR).join(ns);
             std::fs::metadata(&path)
-                .map(|m| (m.ino(), ns))
+                .map(|m| (m.ino(), ns.clone()))
                 .with_context(|| format!("network namespace {ns} ({})", path.display()))
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+/// [`hosts_running`] over namespaces already looked up.
+fn running_in(inodes: &[(u64, String)], argv: &[&str]) -> Result<Vec<String>> {
     let wanted: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
     let mut found = BTreeSet::new();
     for entry in std::fs::read_dir("/proc").context("reading /proc")? {
@@ -1577,7 +1586,7 @@ pub fn hosts_running(namespaces: &[String], argv: &[&str]) -> Result<Vec<String>
             .to_str()
             .and_then(|l| l.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok());
         if let Some((_, ns)) = inodes.iter().find(|(i, _)| Some(*i) == inode) {
-            found.insert((*ns).clone());
+            found.insert(ns.clone());
         }
     }
     Ok(found.into_iter().collect())
@@ -1593,10 +1602,11 @@ pub struct ProcessWatch {
 impl ProcessWatch {
     /// Starts sampling; returns after the first sample.
     pub fn start(namespaces: &[String], argv: &[&str], period: Duration) -> Result<ProcessWatch> {
-        let namespaces = namespaces.to_vec();
+        // The namespaces are looked up once, not at every sample.
+        let inodes = netns_inodes(namespaces)?;
         let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
-        hosts_running(
-            &namespaces,
+        running_in(
+            &inodes,
             &argv.iter().map(String::as_str).collect::<Vec<_>>(),
         )?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -1611,7 +1621,7 @@ impl ProcessWatch {
                 let mut overlapping: Option<Vec<String>> = None;
                 while !stop2.load(Ordering::Relaxed) {
                     let at = began.elapsed();
-                    let holders = match hosts_running(&namespaces, &argv) {
+                    let holders = match running_in(&inodes, &argv) {
                         Ok(h) => h,
                         Err(_) => {
                             report.errors += 1;

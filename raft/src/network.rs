@@ -333,11 +333,8 @@ impl QuicNetwork {
     /// (see [`admit`]). A leader that hears this hands leadership to an older voter.
     pub fn refused_as_stranger_by(&self, within: Duration) -> Vec<NodeId> {
         let mut by = self.strangers_to.lock().unwrap_or_else(|p| p.into_inner());
-        by.retain(|_, at| at.elapsed() <= within.max(Duration::from_secs(60)));
-        by.iter()
-            .filter(|(_, at)| at.elapsed() <= within)
-            .map(|(n, _)| *n)
-            .collect()
+        by.retain(|_, at| at.elapsed() <= within);
+        by.keys().copied().collect()
     }
 
     /// Notes `reply`'s refusal, if it is `peer` refusing this node as a stranger.
@@ -919,12 +916,18 @@ impl RaftService {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
         let membership = m.membership_config.membership();
-        let learning = !membership.voter_ids().any(|v| v == self.local.id);
+        let learning = self.learning(membership);
         if learning || membership.nodes().any(|(_, n)| n.name == peer_name) {
             MAX_FRAME
         } else {
             STRANGER_FRAME
         }
+    }
+
+    /// Whether this node votes in nothing in `membership` (not yet joined, or a learner):
+    /// such a node takes entries from any certified sender (see [`admit`]).
+    fn learning(&self, membership: &openraft::Membership<NodeId, Member>) -> bool {
+        !membership.voter_ids().any(|v| v == self.local.id)
     }
 
     /// Whether the sender may make this request: see [`admit`].
@@ -936,7 +939,7 @@ impl RaftService {
             .nodes()
             .map(|(id, n)| (*id, n.name.as_str()))
             .collect();
-        let learning = !membership.voter_ids().any(|v| v == self.local.id);
+        let learning = self.learning(membership);
         admit(&req.rpc, req.from, peer_name, &members, learning)
     }
 

@@ -132,6 +132,16 @@ pub fn stranger_handoff_target(
         .map(|(_, n)| n)
 }
 
+/// On the leader: the followers whose log matches the leader's.
+fn caught_up(m: &openraft::RaftMetrics<spaced_raft::TypeConfig>) -> BTreeSet<NodeId> {
+    m.replication
+        .iter()
+        .flatten()
+        .filter(|(_, l)| l.map(|l| l.index) == m.last_log_index)
+        .map(|(v, _)| *v)
+        .collect()
+}
+
 impl Placements {
     /// On the leader: a voter refuses it as a stranger: hands leadership to an older voter
     /// (see [`stranger_handoff_target`]). Whether it tried.
@@ -149,15 +159,7 @@ impl Placements {
             let m = cluster.raft.metrics();
             let m = m.borrow_watched();
             let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-            let caught_up: BTreeSet<NodeId> = m
-                .replication
-                .clone()
-                .unwrap_or_default()
-                .iter()
-                .filter(|(_, l)| l.map(|l| l.index) == m.last_log_index)
-                .map(|(v, _)| *v)
-                .collect();
-            (voters, caught_up)
+            (voters, caught_up(&m))
         };
         let joined: BTreeMap<NodeId, u64> = cluster
             .view
@@ -368,7 +370,6 @@ impl Placements {
         let m = cluster.raft.metrics();
         let m = m.borrow_watched();
         let membership = m.membership_config.membership();
-        let replication = m.replication.clone().unwrap_or_default();
         Some(StepAsideView {
             me: cluster.id,
             leading_for: cluster.tenure.leading_for(),
@@ -376,11 +377,7 @@ impl Placements {
             voters: membership.voter_ids().collect(),
             stable: m.membership_config.log_id() == m.committed_membership_config.log_id()
                 && membership.get_joint_config().len() == 1,
-            caught_up: replication
-                .iter()
-                .filter(|(_, l)| l.map(|l| l.index) == m.last_log_index)
-                .map(|(v, _)| *v)
-                .collect(),
+            caught_up: caught_up(&m),
             live: live.clone(),
         })
     }
