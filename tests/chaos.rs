@@ -42,6 +42,10 @@ const SINGLETON: &str = "chaos-single";
 const SINGLETON_ARGV: [&str; 2] = ["sleep", "86401"];
 /// Each node's data dir is a tmpfs of this size (the full-disk fault fills it up).
 const DATA_DISK: &str = "256m";
+/// The reader asks for a linearizable read of every device this often (one at a time).
+const READ_EVERY: Duration = Duration::from_millis(100);
+/// A read or write with no answer within this is recorded as timed out.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The campaign's knobs.
 #[derive(Debug, Clone)]
@@ -50,8 +54,9 @@ pub struct ChaosSettings {
     pub nodes: usize,
     /// The client writes one device this often.
     pub write_every: Duration,
-    /// Keep the client's devices to this many: each write past it also removes the device
-    /// written that many writes before (a steady load for a soak). `None`: they pile up.
+    /// Keep the client's devices to this many: each add past it also removes the device
+    /// added that many adds before, if that add was acknowledged (a steady state for long runs;
+    /// the removals are history the checkers read). `None`: they pile up.
     pub churn: Option<usize>,
 }
 
@@ -60,7 +65,7 @@ impl Default for ChaosSettings {
         ChaosSettings {
             nodes: 3,
             write_every: Duration::from_millis(40),
-            churn: None,
+            churn: Some(1000),
         }
     }
 }
@@ -176,17 +181,39 @@ impl Fault {
     }
 }
 
+/// What a write did to its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Added it (each id is added once).
+    Add,
+    /// Removed it (the churn; only ids whose add was acknowledged).
+    Remove,
+}
+
 /// One write the client made and what it heard.
 #[derive(Debug, Clone)]
 pub struct Write {
-    /// The device id (unique per write).
+    /// The device id (unique per add).
     pub id: String,
+    /// Added or removed.
+    pub op: Op,
     /// When it was sent, since the campaign's start.
     pub sent: Duration,
     /// How long until the answer (or the time-out).
     pub took: Duration,
     /// What came back.
     pub result: WriteResult,
+}
+
+/// One linearizable read of every device (`ReadDevices`, through the leader) and what it saw.
+#[derive(Debug, Clone)]
+pub struct Read {
+    /// When it was sent, since the campaign's start.
+    pub sent: Duration,
+    /// How long until the answer (or the time-out).
+    pub took: Duration,
+    /// The client's device ids it saw, or why it failed.
+    pub seen: Result<BTreeSet<String>, String>,
 }
 
 /// What a write heard.
@@ -238,8 +265,10 @@ pub struct Chaos {
     settings: ChaosSettings,
     start: Instant,
     writes: Arc<Mutex<Vec<Write>>>,
+    reads: Arc<Mutex<Vec<Read>>>,
     stop: Arc<AtomicBool>,
     writer: Option<JoinHandle<()>>,
+    reader: Option<JoinHandle<()>>,
     /// The node the last membership change added on the spare host (the lab's last), while it
     /// is there; the id a new one gets.
     spare: Option<Spare>,
@@ -285,8 +314,10 @@ impl Chaos {
             settings,
             start: Instant::now(),
             writes: Arc::default(),
+            reads: Arc::default(),
             stop: Arc::default(),
             writer: None,
+            reader: None,
             spare: None,
             next_id: nodes as u64 + 1,
             clock_jumped: 0,
@@ -473,20 +504,37 @@ impl Chaos {
             self.settings.churn,
             self.start,
         );
+        let reader_endpoints = endpoints.clone();
+        let reader_creds = AdminCredentials::load(&self.pki, None)?;
         let handle = spawn_async_in(&ns, "chaos-writer", move || {
             write_loop(endpoints, creds, writes, stop, every, churn, start)
         })?;
         self.writer = Some(handle);
+        let (reads, stop) = (self.reads.clone(), self.stop.clone());
+        let handle = spawn_async_in(&ns, "chaos-reader", move || {
+            read_loop(
+                reader_endpoints,
+                reader_creds,
+                reads,
+                stop,
+                READ_EVERY,
+                start,
+            )
+        })?;
+        self.reader = Some(handle);
         Ok(())
     }
 
-    /// Stops the client and returns every write it made.
-    fn stop_writer(&mut self) -> Vec<Write> {
+    /// Stops the client and returns every write and read it made.
+    fn stop_writer(&mut self) -> (Vec<Write>, Vec<Read>) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(w) = self.writer.take() {
+        for w in [self.writer.take(), self.reader.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = w.join();
         }
-        lock(&self.writes).clone()
+        (lock(&self.writes).clone(), lock(&self.reads).clone())
     }
 
     /// The node `target` names now; a leader or owner not known within 5 s (a cluster still
@@ -743,7 +791,10 @@ impl Chaos {
 impl Drop for Chaos {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(w) = self.writer.take() {
+        for w in [self.writer.take(), self.reader.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = w.join();
         }
         // SIGCONT whatever a failed fault left stopped, so that the lab's kill reaps it.
@@ -812,40 +863,119 @@ async fn write_loop(
         };
         let expired = churn
             .and_then(|w| seq.checked_sub(w))
-            .map(|old| format!("c{old}"));
-        seq += 1;
-        let (creds, writes) = (creds.clone(), writes.clone());
-        running.spawn(async move {
-            let sent = Instant::now();
-            let call = async {
-                let mut c = AdminClient::connect(&endpoint, &creds)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let reply = c.call_leader(&AdminRequest::AddDevices(vec![device])).await;
-                if let (Some(old), Ok(AdminReply::Applied(_))) = (expired, &reply) {
-                    // The churn's removal is load, not history: its result is not checked.
-                    let remove = Command::RemoveDevice { id: old };
-                    let _ = c.call_leader(&AdminRequest::Write(remove)).await;
-                }
-                c.close().await;
-                reply.map_err(|e| e.to_string())
-            };
-            let result = match tokio::time::timeout(Duration::from_secs(3), call).await {
-                Ok(Ok(AdminReply::Applied(_))) => WriteResult::Acked,
-                Ok(Ok(other)) => WriteResult::Refused(format!("{other:?}")),
-                Ok(Err(e)) => WriteResult::Refused(e),
-                Err(_) => WriteResult::TimedOut,
-            };
-            lock(&writes).push(Write {
-                id,
-                sent: sent.duration_since(start),
-                took: sent.elapsed(),
-                result,
+            .map(|old| format!("c{old}"))
+            // Only a device whose add was acknowledged is removed: the history then says for
+            // every id whether it must be there at the end.
+            .filter(|old| {
+                lock(&writes)
+                    .iter()
+                    .rev()
+                    .any(|w| w.id == *old && w.op == Op::Add && w.result == WriteResult::Acked)
             });
-        });
+        seq += 1;
+        let add = AdminRequest::AddDevices(vec![device]);
+        running.spawn(timed_write(
+            endpoint.clone(),
+            creds.clone(),
+            writes.clone(),
+            start,
+            id,
+            Op::Add,
+            add,
+        ));
+        if let Some(old) = expired {
+            let remove = AdminRequest::Write(Command::RemoveDevice { id: old.clone() });
+            running.spawn(timed_write(
+                endpoint,
+                creds.clone(),
+                writes.clone(),
+                start,
+                old,
+                Op::Remove,
+                remove,
+            ));
+        }
         while running.try_join_next().is_some() {}
     }
     while running.join_next().await.is_some() {}
+}
+
+/// Sends one write through `endpoint` (following a redirect to the leader) and records it.
+async fn timed_write(
+    endpoint: String,
+    creds: Arc<AdminCredentials>,
+    writes: Arc<Mutex<Vec<Write>>>,
+    start: Instant,
+    id: String,
+    op: Op,
+    req: AdminRequest,
+) {
+    let sent = Instant::now();
+    let call = async {
+        let mut c = AdminClient::connect(&endpoint, &creds)
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = c.call_leader(&req).await;
+        c.close().await;
+        reply.map_err(|e| e.to_string())
+    };
+    let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(AdminReply::Applied(_))) => WriteResult::Acked,
+        Ok(Ok(other)) => WriteResult::Refused(format!("{other:?}")),
+        Ok(Err(e)) => WriteResult::Refused(e),
+        Err(_) => WriteResult::TimedOut,
+    };
+    lock(&writes).push(Write {
+        id,
+        op,
+        sent: sent.duration_since(start),
+        took: sent.elapsed(),
+        result,
+    });
+}
+
+/// The reader: one linearizable read of every device at a time, every `every`, through the
+/// nodes in turn (following a redirect to the leader).
+async fn read_loop(
+    endpoints: Vec<String>,
+    creds: AdminCredentials,
+    reads: Arc<Mutex<Vec<Read>>>,
+    stop: Arc<AtomicBool>,
+    every: Duration,
+    start: Instant,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let endpoint = &endpoints[n % endpoints.len()];
+        n += 1;
+        let sent = Instant::now();
+        let call = async {
+            let mut c = AdminClient::connect(endpoint, &creds)
+                .await
+                .map_err(|e| e.to_string())?;
+            let reply = c.call_leader(&AdminRequest::ReadDevices).await;
+            c.close().await;
+            match reply.map_err(|e| e.to_string())? {
+                AdminReply::Devices(rows) => Ok(rows
+                    .into_iter()
+                    .map(|r| r.id)
+                    .filter(|id| id.starts_with('c'))
+                    .collect()),
+                other => Err(format!("{other:?}")),
+            }
+        };
+        let seen = tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+        lock(&reads).push(Read {
+            sent: sent.duration_since(start),
+            took: sent.elapsed(),
+            seen,
+        });
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -877,9 +1007,14 @@ pub struct Campaign {
     pub outcomes: Vec<Outcome>,
     /// Every write.
     pub writes: Vec<Write>,
+    /// Every linearizable read.
+    pub reads: Vec<Read>,
+    /// What the read checker found wrong with them ([`check_reads`]).
+    pub read_violations: Vec<String>,
     /// What the VIP watch saw (its times on the campaign's clock).
     pub watch: WatchReport,
-    /// Acknowledged writes some node does not hold at the end: (node, ids).
+    /// Acknowledged writes some node does not reflect at the end (an added device missing, or
+    /// a removed one still there): (node, ids).
     pub lost: Vec<(usize, Vec<String>)>,
     /// Devices a node holds that the client never wrote.
     pub phantoms: Vec<String>,
@@ -964,7 +1099,7 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
             break;
         }
     }
-    let writes = chaos.stop_writer();
+    let (writes, reads) = chaos.stop_writer();
     let shift = |mut report: WatchReport, offset: Duration| {
         for (at, _) in report
             .overlaps
@@ -984,36 +1119,46 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
     {
         checked.push(chaos.settings.nodes);
     }
-    // Every node must hold every acknowledged write once it has caught up.
-    let acked: BTreeSet<String> = writes
-        .iter()
-        .filter(|w| w.result == WriteResult::Acked)
-        .map(|w| w.id.clone())
-        .collect();
-    let written: BTreeSet<String> = writes.iter().map(|w| w.id.clone()).collect();
+    // Every node must hold every acknowledged add not removed since, and none whose removal
+    // was acknowledged, once it has caught up.
+    let history = History::of(&writes);
     let mut lost = Vec::new();
     let mut phantoms = BTreeSet::new();
     for i in checked {
         let deadline = Instant::now() + Duration::from_secs(30);
         let held = loop {
             let held = chaos.devices_on(i).unwrap_or_default();
-            if acked.is_subset(&held) || Instant::now() > deadline {
+            let caught_up =
+                history.must_hold.is_subset(&held) && history.must_lack.is_disjoint(&held);
+            if caught_up || Instant::now() > deadline {
                 break held;
             }
             std::thread::sleep(Duration::from_millis(500));
         };
-        let missing: Vec<String> = acked.difference(&held).cloned().collect();
+        let missing: Vec<String> = history
+            .must_hold
+            .difference(&held)
+            .chain(history.must_lack.intersection(&held))
+            .cloned()
+            .collect();
         if !missing.is_empty() {
             lost.push((i, missing));
         }
-        phantoms.extend(held.difference(&written).cloned());
+        phantoms.extend(
+            held.iter()
+                .filter(|id| id.starts_with('c') && !history.added.contains(*id))
+                .cloned(),
+        );
     }
+    let read_violations = check_reads(&writes, &reads);
     let quiet = |at: Duration| outcomes.iter().any(|o| o.quiet.0 < at && at <= o.quiet.1);
     let (flaps, blips) = flaps_and_blips(&watch.holders_over_time, quiet);
     let (singleton_flaps, _) = flaps_and_blips(&singleton.holders_over_time, quiet);
     Ok(Campaign {
         outcomes,
         writes,
+        reads,
+        read_violations,
         watch,
         lost,
         phantoms: phantoms.into_iter().collect(),
@@ -1023,6 +1168,140 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
         singleton_flaps,
         aborted,
     })
+}
+
+/// What the writes say the fabric must hold once every node has caught up.
+struct History {
+    /// Every id an add was sent for (acknowledged or not).
+    added: BTreeSet<String>,
+    /// Ids whose add was acknowledged and whose removal was never sent.
+    must_hold: BTreeSet<String>,
+    /// Ids whose removal was acknowledged.
+    must_lack: BTreeSet<String>,
+}
+
+impl History {
+    fn of(writes: &[Write]) -> History {
+        let ids = |op: Op, acked: bool| -> BTreeSet<String> {
+            writes
+                .iter()
+                .filter(|w| w.op == op && (!acked || w.result == WriteResult::Acked))
+                .map(|w| w.id.clone())
+                .collect()
+        };
+        let removal_sent = ids(Op::Remove, false);
+        History {
+            added: ids(Op::Add, false),
+            must_hold: ids(Op::Add, true)
+                .difference(&removal_sent)
+                .cloned()
+                .collect(),
+            must_lack: ids(Op::Remove, true),
+        }
+    }
+}
+
+/// Checks the reads against the writes, over the unique ids (Elle-style: each id is added
+/// once and removed at most once, so every read pins down which writes it saw). A
+/// linearizable read, sent at `s` and answered at `d`, must
+/// - hold every id whose add was acknowledged before `s`, unless its removal was sent
+///   before `d` (a stale read otherwise);
+/// - hold every id an earlier read (answered before `s`) saw, with the same exception: what
+///   one read saw, no later read may lose (reads never go back in time);
+/// - not hold an id whose removal was acknowledged before `s`;
+/// - not hold an id whose add was sent after `d`, or never (a read from the future, or of
+///   something never written).
+///
+/// Failed reads are skipped. One line per violation, at most 20.
+pub fn check_reads(writes: &[Write], reads: &[Read]) -> Vec<String> {
+    let mut add_sent: BTreeMap<&str, Duration> = BTreeMap::new();
+    let mut add_acked: Vec<(Duration, &str)> = Vec::new();
+    let mut remove_sent: BTreeMap<&str, Duration> = BTreeMap::new();
+    let mut remove_acked: BTreeMap<&str, Duration> = BTreeMap::new();
+    for w in writes {
+        let acked = (w.result == WriteResult::Acked).then_some(w.sent + w.took);
+        match w.op {
+            Op::Add => {
+                add_sent.insert(&w.id, w.sent);
+                if let Some(at) = acked {
+                    add_acked.push((at, &w.id));
+                }
+            }
+            Op::Remove => {
+                remove_sent.insert(&w.id, w.sent);
+                if let Some(at) = acked {
+                    remove_acked.insert(&w.id, at);
+                }
+            }
+        }
+    }
+    add_acked.sort();
+    let mut ok: Vec<(&Read, &BTreeSet<String>)> = reads
+        .iter()
+        .filter_map(|r| r.seen.as_ref().ok().map(|seen| (r, seen)))
+        .collect();
+    ok.sort_by_key(|(r, _)| r.sent);
+    let removed_before = |id: &str, t: Duration| remove_sent.get(id).is_some_and(|at| *at < t);
+    let mut v = Vec::new();
+    // Ids some read must hold (acknowledged, or seen by an answered read), and since when.
+    let mut required: BTreeMap<&str, String> = BTreeMap::new();
+    let mut next_ack = 0;
+    // Earlier reads not yet answered as of the current read's start (answered later).
+    let mut pending: Vec<(Duration, usize)> = Vec::new();
+    for (n, (r, seen)) in ok.iter().enumerate() {
+        let done = r.sent + r.took;
+        while next_ack < add_acked.len() && add_acked[next_ack].0 <= r.sent {
+            let (at, id) = add_acked[next_ack];
+            required
+                .entry(id)
+                .or_insert_with(|| format!("its add was acknowledged at {at:?}"));
+            next_ack += 1;
+        }
+        pending.retain(|(answered, earlier)| {
+            if *answered >= r.sent {
+                return true;
+            }
+            for id in ok[*earlier].1 {
+                required
+                    .entry(id.as_str())
+                    .or_insert_with(|| format!("a read answered at {answered:?} saw it"));
+            }
+            false
+        });
+        // A removal sent before this read began exempts the id from here on.
+        required.retain(|id, _| !removed_before(id, r.sent));
+        for (id, why) in &required {
+            if !seen.contains(*id) && !removed_before(id, done) {
+                v.push(format!(
+                    "the read sent at {:?} (answered at {done:?}) lacks {id}: {why}",
+                    r.sent
+                ));
+            }
+        }
+        for id in seen.iter() {
+            match (add_sent.get(id.as_str()), remove_acked.get(id.as_str())) {
+                (None, _) => v.push(format!(
+                    "the read sent at {:?} saw {id}, which was never written",
+                    r.sent
+                )),
+                (Some(at), _) if *at > done => v.push(format!(
+                    "the read sent at {:?} (answered at {done:?}) saw {id}, added only at {at:?}",
+                    r.sent
+                )),
+                (_, Some(at)) if *at < r.sent => v.push(format!(
+                    "the read sent at {:?} saw {id}, whose removal was acknowledged at {at:?}",
+                    r.sent
+                )),
+                _ => {}
+            }
+        }
+        pending.push((done, n));
+        if v.len() >= 20 {
+            v.truncate(20);
+            break;
+        }
+    }
+    v
 }
 
 /// Owner changes at a time `quiet` accepts (a flap: the holders came up other than the last
@@ -1120,6 +1399,11 @@ impl Campaign {
                 &ids[..ids.len().min(5)]
             ));
         }
+        v.extend(
+            self.read_violations
+                .iter()
+                .map(|r| format!("linearizable reads: {r}")),
+        );
         if !self.phantoms.is_empty() {
             v.push(format!(
                 "devices read back that were never written: {:?}",
@@ -1185,6 +1469,8 @@ impl Campaign {
         let count =
             |r: fn(&WriteResult) -> bool| self.writes.iter().filter(|w| r(&w.result)).count();
         let acked = count(|r| *r == WriteResult::Acked);
+        let removals = self.writes.iter().filter(|w| w.op == Op::Remove).count();
+        let reads_ok = self.reads.iter().filter(|r| r.seen.is_ok()).count();
         let refused = count(|r| matches!(r, WriteResult::Refused(_)));
         let timed_out = count(|r| *r == WriteResult::TimedOut);
         let lost: usize = self
@@ -1193,7 +1479,10 @@ impl Campaign {
             .map(|(_, ids)| ids.len())
             .max()
             .unwrap_or(0);
-        let mut out = format!("seed {seed}: {} faults\n", self.outcomes.len());
+        let mut out = format!(
+            "seed {seed}: {} faults; {removals} of the writes remove a device (churn)\n",
+            self.outcomes.len()
+        );
         out += "| fault | count | longest recovery after the heal | longest time without an acknowledged write |\n|---|---|---|---|\n";
         for (k, (n, rec, gap)) in &kinds {
             out += &format!(
@@ -1205,11 +1494,14 @@ impl Campaign {
         out += &format!(
             "\nwrites: {} sent, {acked} acknowledged, {refused} refused, {timed_out} timed out; \
              acknowledged writes lost: {lost}; never-written devices read back: {}\n\
+             linearizable reads: {} sent, {reads_ok} answered, {} violation(s)\n\
              VIP samples: {} rounds every 2 ms, {} with two holders; flaps (owner changes with no fault): {}; \
              outages with no fault that ended on the same host: {} (longest {} ms)\n\
              singleton samples: {} rounds every 5 ms, {} with two hosts running it; flaps: {}\n",
             self.writes.len(),
             self.phantoms.len(),
+            self.reads.len(),
+            self.read_violations.len(),
             self.watch.samples,
             self.watch.overlap_samples,
             self.flaps.len(),
@@ -1371,7 +1663,7 @@ pub fn soak(
             })
         }
     };
-    let writes = chaos.stop_writer();
+    let (writes, _) = chaos.stop_writer();
     Ok(Soak {
         duration: began.elapsed(),
         samples,
@@ -1455,5 +1747,115 @@ impl Soak {
             out += &format!("commit load (spacectl check perf --json): {load}\n");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn write(id: &str, op: Op, sent: u64, took: u64, acked: bool) -> Write {
+        Write {
+            id: id.into(),
+            op,
+            sent: ms(sent),
+            took: ms(took),
+            result: if acked {
+                WriteResult::Acked
+            } else {
+                WriteResult::TimedOut
+            },
+        }
+    }
+
+    fn read(sent: u64, took: u64, ids: &[&str]) -> Read {
+        Read {
+            sent: ms(sent),
+            took: ms(took),
+            seen: Ok(ids.iter().map(|i| i.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn reads_that_follow_the_writes_pass() {
+        let writes = [
+            write("c0", Op::Add, 0, 10, true),
+            write("c1", Op::Add, 20, 10, false),
+            write("c0", Op::Remove, 50, 10, true),
+        ];
+        let reads = [
+            // Before c0's ack it may or may not be seen; c1 (not acknowledged) may show up.
+            read(5, 2, &[]),
+            read(12, 5, &["c0"]),
+            read(25, 5, &["c0", "c1"]),
+            // c0's removal in flight: either way.
+            read(52, 2, &["c1"]),
+            read(70, 2, &["c1"]),
+            Read {
+                sent: ms(80),
+                took: ms(3000),
+                seen: Err("timed out".into()),
+            },
+        ];
+        assert_eq!(check_reads(&writes, &reads), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_stale_read_is_caught() {
+        let writes = [write("c0", Op::Add, 0, 10, true)];
+        let v = check_reads(&writes, &[read(20, 5, &[])]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("lacks c0"), "{v:?}");
+    }
+
+    #[test]
+    fn a_read_that_loses_what_an_earlier_read_saw_is_caught() {
+        // c1 was never acknowledged, but once a read saw it, later reads must too.
+        let writes = [write("c1", Op::Add, 0, 10, false)];
+        let v = check_reads(&writes, &[read(20, 5, &["c1"]), read(30, 5, &[])]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("a read answered at 25ms saw it"), "{v:?}");
+        // Overlapping reads are not ordered: the second began before the first was answered.
+        assert!(check_reads(&writes, &[read(20, 15, &["c1"]), read(30, 5, &[])]).is_empty());
+    }
+
+    #[test]
+    fn reads_of_removed_future_or_unwritten_ids_are_caught() {
+        let writes = [
+            write("c0", Op::Add, 0, 10, true),
+            write("c0", Op::Remove, 20, 5, true),
+            write("c1", Op::Add, 100, 10, true),
+        ];
+        let v = check_reads(&writes, &[read(30, 5, &["c0"])]);
+        assert!(
+            v.len() == 1 && v[0].contains("removal was acknowledged"),
+            "{v:?}"
+        );
+        let v = check_reads(&writes, &[read(40, 5, &["c1"])]);
+        assert!(v.len() == 1 && v[0].contains("added only at"), "{v:?}");
+        let v = check_reads(&writes, &[read(40, 5, &["c9"])]);
+        assert!(v.len() == 1 && v[0].contains("never written"), "{v:?}");
+    }
+
+    #[test]
+    fn the_history_says_what_must_and_must_not_be_held() {
+        let writes = [
+            write("c0", Op::Add, 0, 10, true),
+            write("c1", Op::Add, 0, 10, true),
+            write("c1", Op::Remove, 20, 10, true),
+            write("c2", Op::Add, 0, 10, true),
+            // A removal that timed out: c2 may be held or not.
+            write("c2", Op::Remove, 20, 10, false),
+            write("c3", Op::Add, 0, 10, false),
+        ];
+        let h = History::of(&writes);
+        let set = |ids: &[&str]| ids.iter().map(|i| i.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(h.must_hold, set(&["c0"]));
+        assert_eq!(h.must_lack, set(&["c1"]));
+        assert_eq!(h.added, set(&["c0", "c1", "c2", "c3"]));
     }
 }

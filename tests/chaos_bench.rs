@@ -1,7 +1,8 @@
 //! `cargo bench -p spaced-tests --bench chaos -- [--faults N] [--seed S] [--nodes N]
-//! [--write-every-ms MS]`: seeded random faults against one cluster of real `spaced` processes
+//! [--write-every-ms MS] [--churn N]`: seeded random faults against one cluster of real `spaced` processes
 //! in the network lab (root) while a client writes, then the checkers and a summary table
-//! (see `spaced_tests::chaos`). Exits 1 on a violation, printing the seed that replays it.
+//! (see `spaced_tests::chaos`). The client keeps its devices to N (default 1,000; 0: they
+//! pile up), removing the oldest with each add past it. Exits 1 on a violation, printing the seed that replays it.
 //!
 //! `... --bench chaos -- --soak SECONDS [--no-stress]`: the soak instead: no faults, 1,000
 //! devices and a steady churn of writes, every core busy with stress-ng, each node's memory
@@ -45,6 +46,7 @@ fn run() -> Result<()> {
             "--load-rate" => load_rate = Some(value("writes a second")? as u32),
             "--seed" => seed = value("a number")?,
             "--nodes" => settings.nodes = value("a count")? as usize,
+            "--churn" => settings.churn = Some(value("a count")? as usize).filter(|n| *n > 0),
             "--write-every-ms" => {
                 settings.write_every = Duration::from_millis(value("milliseconds")?)
             }

@@ -157,6 +157,12 @@ pub enum AdminRequest {
     /// Read this node's config file again and apply what can change while running, as
     /// SIGHUP does (`spacectl node reload`); served by the node asked, never forwarded.
     Reload,
+    /// All devices, read linearizably (leader only): after a read barrier (this node still
+    /// leads, and has applied everything committed before the request), so the answer holds
+    /// every write acknowledged before it was asked, unlike `ListDevices` (this node's applied
+    /// view, which may lag). Answered with `Devices`. Appended last: a node of an older build
+    /// cannot decode it and says so.
+    ReadDevices,
 }
 
 /// What `spacectl dr` asks of the site's leader.
@@ -291,7 +297,7 @@ pub enum AdminReply {
         /// The revoked serial.
         revoked: Option<String>,
     },
-    /// Answer to `ListDevices`.
+    /// Answer to `ListDevices` and `ReadDevices`.
     Devices(Vec<DeviceRow>),
     /// Answer to `VipList`.
     Vips(Vec<VipRow>),

@@ -284,22 +284,7 @@ impl AdminServer {
                     .map(|(s, r)| (s.clone(), r.clone()))
                     .collect()
             })),
-            AdminRequest::ListDevices => AdminReply::Devices(self.cluster.view.read(|f| {
-                f.devices
-                    .iter()
-                    .map(|(id, d)| DeviceRow {
-                        id: id.clone(),
-                        addr: d.addr.clone(),
-                        mode: d.mode,
-                        owner: d.owner,
-                        status: d.status,
-                        since: d.since,
-                        owner_name: d
-                            .owner
-                            .and_then(|o| f.nodes.get(&o).map(|n| n.name.clone())),
-                    })
-                    .collect()
-            })),
+            AdminRequest::ListDevices => AdminReply::Devices(self.cluster.view.read(device_rows)),
             AdminRequest::VipList => AdminReply::Vips(self.placements.vip_rows()),
             // A held singleton is released before its service goes: the leader's operation.
             AdminRequest::Write(Command::RemoveService { name }) => {
@@ -535,6 +520,10 @@ impl AdminServer {
                 }
             }
             AdminRequest::Snapshot => AdminReply::Snapshot(self.backup().await?),
+            AdminRequest::ReadDevices => {
+                self.read_barrier("the devices").await?;
+                AdminReply::Devices(self.cluster.view.read(device_rows))
+            }
             AdminRequest::Dr(action) => {
                 let dr = self.dr.as_ref().ok_or_else(|| {
                     OpError::Refused(
@@ -586,15 +575,23 @@ impl AdminServer {
         })
     }
 
-    /// A backup file of the fabric: after a read barrier (this node still leads, and has
-    /// applied everything committed before the request), the applied fabric, its last log id
-    /// and the membership, read at one instant.
-    async fn backup(&self) -> Result<Vec<u8>, OpError> {
+    /// Returns once this node has confirmed, with a majority, that it still leads, and has
+    /// applied everything committed before the call: what it reads of its fabric next is
+    /// linearizable. `what` names the read in the refusal.
+    async fn read_barrier(&self, what: &str) -> Result<(), OpError> {
         self.cluster
             .raft
             .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
             .await
-            .map_err(|e| OpError::Refused(format!("no consistent read for the snapshot: {e}")))?;
+            .map(|_| ())
+            .map_err(|e| OpError::Refused(format!("no consistent read for {what}: {e}")))
+    }
+
+    /// A backup file of the fabric: after a read barrier (this node still leads, and has
+    /// applied everything committed before the request), the applied fabric, its last log id
+    /// and the membership, read at one instant.
+    async fn backup(&self) -> Result<Vec<u8>, OpError> {
+        self.read_barrier("the snapshot").await?;
         let (last, membership, fabric) = self.cluster.view.backup();
         let last_applied =
             last.ok_or_else(|| OpError::Refused("nothing has been applied yet".into()))?;
@@ -746,6 +743,24 @@ pub struct NotAnAdminWrite {
 
 /// The reply to an operation that failed: "not the leader" (the client asks again there, or
 /// waits out an election) when this node lost the lead on the way, else the failure.
+/// Every device of `f`, as `device list` shows it.
+fn device_rows(f: &spaced_fabric::Fabric) -> Vec<DeviceRow> {
+    f.devices
+        .iter()
+        .map(|(id, d)| DeviceRow {
+            id: id.clone(),
+            addr: d.addr.clone(),
+            mode: d.mode,
+            owner: d.owner,
+            status: d.status,
+            since: d.since,
+            owner_name: d
+                .owner
+                .and_then(|o| f.nodes.get(&o).map(|n| n.name.clone())),
+        })
+        .collect()
+}
+
 fn redirect_or_failed(e: OpError) -> AdminReply {
     match e {
         OpError::Propose(ProposeError::NotLeader(leader, addr)) => {

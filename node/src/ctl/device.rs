@@ -32,6 +32,11 @@ pub enum DeviceCmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Read through the leader after a read barrier (like etcdctl's default
+        /// `--consistency=l`): the list holds every write acknowledged before it was asked.
+        /// Without it, the node asked answers from what it has applied, which may lag.
+        #[arg(long)]
+        linearizable: bool,
         /// Show it again every SECONDS (default 2) until interrupted, like `watch`.
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
         watch: Option<f64>,
@@ -172,10 +177,18 @@ pub(super) async fn run(cli: &Target, action: &DeviceCmd) -> Result<(), CtlError
             }
         }
         DeviceCmd::Import { file } => import(&cli, file).await,
-        DeviceCmd::List { json, watch } => {
+        DeviceCmd::List {
+            json,
+            watch,
+            linearizable,
+        } => {
             watching(*watch, || async {
                 let mut c = connect(cli).await?;
-                let reply = c.call(&AdminRequest::ListDevices).await;
+                let reply = if *linearizable {
+                    c.call_leader(&AdminRequest::ReadDevices).await
+                } else {
+                    c.call(&AdminRequest::ListDevices).await
+                };
                 let target = c.target().to_string();
                 c.close().await;
                 let devices = match reply? {
