@@ -84,6 +84,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) ->
             listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             ..DevicesSection::default()
         },
+        services: Default::default(),
         dr: None,
         source: dir.join(format!("{name}.toml")),
     }

@@ -246,6 +246,13 @@ fn sigkill_of_the_leader_loses_no_committed_command() -> Result<()> {
             "127.9.0.1:1",
         ],
     )?;
+    // A linearizable read, asked at either survivor, holds every acknowledged write at once.
+    for s in &survivors {
+        let v: Value =
+            serde_json::from_str(&lab.ctl_ok(s, &["device", "list", "--json", "--linearizable"])?)?;
+        let ids = v.as_array().context("device list is not an array")?;
+        assert_eq!(ids.len(), 321, "a linearizable read at {s}");
+    }
     for s in &survivors {
         wait_until(
             Duration::from_secs(10),

@@ -122,6 +122,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: u64, roles: &[&str]) -> Resul
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..DevicesSection::default()
         },
+        services: Default::default(),
         dr: None,
         source: dir.join(format!("{name}.toml")),
     })

@@ -422,7 +422,10 @@ impl Node {
         });
         let (takeover, vip_guard) = vip_backend(&cfg, &fabric_vips).await?;
         let supervisor = Supervisor::start_with_recorder(
-            SupervisorConfig::new(&cfg.data_dir.join("service-logs")),
+            SupervisorConfig {
+                log_limits: (&cfg.services).into(),
+                ..SupervisorConfig::new(cfg.data_dir.join("service-logs"))
+            },
             recorder,
         )
         .map_err(|e| StartError::input(&cfg, "data_dir", format!("service supervisor: {e}")))?;
@@ -695,7 +698,7 @@ impl Node {
             (Some(_), None) | (None, Some(_)) => report
                 .push("lb: section added or removed; takes effect when spaced restarts".into()),
         }
-        let restart_keys: [(&str, bool); 16] = [
+        let restart_keys: [(&str, bool); 17] = [
             ("node_id", old.node_id != cfg.node_id),
             ("name", old.name != cfg.name),
             ("data_dir", old.data_dir != cfg.data_dir),
@@ -711,6 +714,7 @@ impl Node {
             ("fence_cgroup", old.fence_cgroup != cfg.fence_cgroup),
             ("vip", old.vips != cfg.vips),
             ("devices", old.devices != cfg.devices),
+            ("services", old.services != cfg.services),
             ("dr", old.dr != cfg.dr),
         ];
         for (key, changed) in restart_keys {

@@ -73,6 +73,9 @@ pub struct NodeConfig {
     /// The device agent (DESIGN §8): keepalive, down detection and the device-initiated port.
     #[serde(default)]
     pub devices: DevicesSection,
+    /// Supervised services: how their output is kept.
+    #[serde(default)]
+    pub services: ServicesSection,
     /// Disaster recovery (DESIGN §9): this site, its peer site and the link between them;
     /// absent = a standalone site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -319,6 +322,34 @@ pub struct DevicesSection {
     /// others (a new leader also waits this long before it counts a node it has not heard from
     /// as lost). Lower fails over faster; too low moves devices off a node that only paused.
     pub lost_after_ms: u64,
+}
+
+/// `[services]`: how this node keeps its supervised services' output
+/// (`<data_dir>/service-logs/<name>.log`); every key is optional.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesSection {
+    /// A service's log file is rotated (to `<name>.log.1`, the older ones moving up) before it
+    /// would grow past this many bytes; at least [`MIN_SERVICE_LOG_BYTES`].
+    pub log_max_bytes: u64,
+    /// Rotated files kept per service (0: the log starts over empty instead); at most
+    /// [`MAX_SERVICE_LOG_FILES`].
+    pub log_files: u32,
+}
+
+/// The smallest `services.log_max_bytes`.
+pub const MIN_SERVICE_LOG_BYTES: u64 = 16 * 1024;
+/// The most `services.log_files`.
+pub const MAX_SERVICE_LOG_FILES: u32 = 100;
+
+impl Default for ServicesSection {
+    /// 10 MiB files, 5 rotated ones kept: at most 60 MiB per service.
+    fn default() -> Self {
+        Self {
+            log_max_bytes: 10 * 1024 * 1024,
+            log_files: 5,
+        }
+    }
 }
 
 /// The port devices connect to in device-initiated mode (as in the model).
@@ -896,6 +927,24 @@ impl NodeConfig {
                 ),
             ));
         }
+        if self.services.log_max_bytes < MIN_SERVICE_LOG_BYTES {
+            return Err(err(
+                "services.log_max_bytes",
+                format!(
+                    "must be at least {MIN_SERVICE_LOG_BYTES} ({} < {MIN_SERVICE_LOG_BYTES})",
+                    self.services.log_max_bytes
+                ),
+            ));
+        }
+        if self.services.log_files > MAX_SERVICE_LOG_FILES {
+            return Err(err(
+                "services.log_files",
+                format!(
+                    "must be at most {MAX_SERVICE_LOG_FILES} ({} > {MAX_SERVICE_LOG_FILES})",
+                    self.services.log_files
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -1367,6 +1416,56 @@ key = "n.key"
             ("keepalive = 5", "devices.keepalive", "unknown key"),
         ] {
             let msg = err_of(&format!("{MINIMAL}[devices]\n{body}\n"));
+            assert!(
+                msg.contains(&format!("key `{key}`")) && msg.contains(problem),
+                "{key}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn services_section_defaults_parses_and_bad_values_are_named() {
+        let c = NodeConfig::parse_str(MINIMAL, src()).unwrap();
+        assert_eq!(c.services, ServicesSection::default());
+        assert_eq!(
+            (c.services.log_max_bytes, c.services.log_files),
+            (10 * 1024 * 1024, 5)
+        );
+        let c = NodeConfig::parse_str(
+            &format!(
+                "{MINIMAL}[services]
+log_max_bytes = 1048576
+log_files = 0
+"
+            ),
+            src(),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.services.log_max_bytes, c.services.log_files),
+            (1 << 20, 0)
+        );
+        let back = NodeConfig::parse_str(&c.to_toml(), src()).unwrap();
+        assert_eq!(back.services, c.services);
+        for (body, key, problem) in [
+            (
+                "log_max_bytes = 1000",
+                "services.log_max_bytes",
+                "at least 16384 (1000 < 16384)",
+            ),
+            (
+                "log_files = 101",
+                "services.log_files",
+                "at most 100 (101 > 100)",
+            ),
+            (
+                "log_max_bytes = -1",
+                "services.log_max_bytes",
+                "invalid value",
+            ),
+            ("max_files = 3", "services.max_files", "unknown key"),
+        ] {
+            let msg = err_of(&format!("{MINIMAL}[services]\n{body}\n"));
             assert!(
                 msg.contains(&format!("key `{key}`")) && msg.contains(problem),
                 "{key}: {msg}"

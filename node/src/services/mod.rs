@@ -4,4 +4,5 @@
 //! Uses the cluster handle and the placement agent.
 
 pub mod desired;
+pub mod logfile;
 pub mod supervisor;

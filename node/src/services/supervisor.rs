@@ -22,7 +22,6 @@
 //! `spaced` (they are reparented to init). Only cgroups can close that gap.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::OpenOptions;
 use std::future::Future;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
@@ -44,6 +43,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{error, info, warn};
 
+use super::logfile::{LogLimits, ServiceLogs};
+
 const RESTARTS_TOTAL: &str = "spaced_service_restarts_total";
 const SERVICE_UP: &str = "spaced_service_up";
 
@@ -62,6 +63,8 @@ pub struct SupervisorConfig {
     /// Service `X`'s stdout and stderr are appended to `<log_dir>/X.log`, so output survives
     /// restarts; created at start.
     pub log_dir: PathBuf,
+    /// When `X.log` is rotated to `X.log.1` and how many rotated files are kept.
+    pub log_limits: LogLimits,
     /// Pace of health checks. Liveness needs no polling: an exit is noticed the moment it happens.
     pub check_interval: Duration,
     /// Time a service gets to exit after SIGTERM before its whole group gets SIGKILL.
@@ -90,6 +93,7 @@ impl SupervisorConfig {
     pub fn new(log_dir: impl Into<PathBuf>) -> Self {
         SupervisorConfig {
             log_dir: log_dir.into(),
+            log_limits: LogLimits::default(),
             check_interval: Duration::from_secs(1),
             stop_grace: Duration::from_secs(5),
             health_timeout: Duration::from_secs(2),
@@ -616,6 +620,8 @@ fn parse_stat(stat: &str) -> Option<(char, i32)> {
 struct Shared {
     /// Timing and paths.
     cfg: SupervisorConfig,
+    /// Where the services' output goes.
+    logs: ServiceLogs,
     /// The thread every child is forked from.
     spawner: Spawner,
     /// What `status()` reports, updated by the service tasks.
@@ -734,8 +740,10 @@ impl Supervisor {
             source,
         })?;
         let spawner = Spawner::start(runtime).map_err(StartError::SpawnerThread)?;
+        let logs = ServiceLogs::new(cfg.log_dir.clone(), cfg.log_limits);
         let shared = Arc::new(Shared {
             cfg,
+            logs,
             spawner,
             statuses: Mutex::default(),
             recorder,
@@ -1129,21 +1137,17 @@ impl ServiceRun {
     async fn spawn_service(&self) -> Result<Live, ServiceError> {
         let name = self.name();
         let program = self.spec.command.first().map_or("", String::as_str);
-        let log_path = self
-            .shared
-            .cfg
-            .log_dir
-            .join(format!("{}.log", self.spec.name));
+        let log_path = self.shared.logs.path(&self.spec.name);
         let log_error = |e: io::Error| {
             ServiceError::Start(format!(
                 "service {name}: cannot open log file {}: {e}",
                 log_path.display()
             ))
         };
-        let stdout = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
+        let stdout = self
+            .shared
+            .logs
+            .attach(&self.spec.name)
             .map_err(log_error)?;
         let stderr = stdout.try_clone().map_err(log_error)?;
         let spawn_error = |e: io::Error| {
@@ -1560,6 +1564,7 @@ mod tests {
     fn test_config(dir: &Path) -> SupervisorConfig {
         SupervisorConfig {
             log_dir: dir.join("logs"),
+            log_limits: LogLimits::default(),
             check_interval: Duration::from_millis(100),
             stop_grace: Duration::from_secs(1),
             health_timeout: Duration::from_secs(1),
@@ -1672,6 +1677,60 @@ mod tests {
             sup.set_desired(vec![service("web", "true")]).await,
             Err(DesiredError::ShutDown(1))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_services_output_is_rotated_by_size_into_a_bounded_count_of_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SupervisorConfig {
+            log_limits: LogLimits {
+                max_bytes: 16 * 1024,
+                files: 2,
+            },
+            ..test_config(dir.path())
+        };
+        let sup = Supervisor::start(cfg).unwrap();
+        // 100,000 bytes in lines of 100, from the service and from a child it forked.
+        let script = "i=0; while [ $i -lt 1000 ]; do printf '%099d\\n' $i; i=$((i+1)); done; \
+                      sh -c 'echo from-the-child >&2'; exec sleep 1000";
+        sup.set_desired(vec![service("chatty", script)])
+            .await
+            .unwrap();
+        let logs = dir.path().join("logs");
+        let file = |n: u32| {
+            logs.join(match n {
+                0 => "chatty.log".to_string(),
+                n => format!("chatty.log.{n}"),
+            })
+        };
+        let now = eventually("the child's line in the current log", LONG, || {
+            std::fs::read_to_string(file(0))
+                .ok()
+                .filter(|t| t.ends_with("from-the-child\n"))
+        })
+        .await;
+        assert!(!file(3).exists(), "only 2 rotated files are kept");
+        let (one, two) = (
+            std::fs::read_to_string(file(1)).unwrap(),
+            std::fs::read_to_string(file(2)).unwrap(),
+        );
+        for f in [&two, &one, &now] {
+            assert!(f.len() <= 16 * 1024, "a file of {} bytes", f.len());
+        }
+        // The files are the tail of the output, in order, nothing lost at the rotations.
+        let tail = [two, one, now].concat();
+        let lines: Vec<&str> = tail.lines().collect();
+        let numbers: Vec<u32> = lines[1..lines.len() - 1]
+            .iter()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        assert_eq!(numbers.last(), Some(&999));
+        assert!(
+            numbers.windows(2).all(|w| w[1] == w[0] + 1),
+            "consecutive lines across the files"
+        );
+        assert!(numbers.len() > 300, "{} whole lines kept", numbers.len());
+        sup.shutdown().await;
     }
 
     #[tokio::test]
