@@ -1188,6 +1188,62 @@ async fn a_revoked_certificate_is_refused_everywhere() -> Result<()> {
     Ok(())
 }
 
+/// An unsigned request (`check perf`'s, straight to the leader) is carried out by the leader
+/// on the connection's proof; a follower answers "not the leader" instead of forwarding it,
+/// since the leader could not check it; a signed one the follower forwards as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsigned_request_is_served_by_the_leader_and_never_forwarded() -> Result<()> {
+    let mut c = Cluster::start(3, timings()).await?;
+    let leader = c.wait_leader(T).await?;
+    c.wait_converged(T).await?;
+    let follower = (1..=3).find(|id| *id != leader).context("a follower")?;
+    let add = |id: &str| {
+        AdminRequest::AddDevices(vec![spaced_fabric::NewDevice {
+            id: id.into(),
+            addr: "127.9.0.1:1".into(),
+            mode: spaced_fabric::DeviceMode::SpaceInitiated,
+        }])
+    };
+    let at_leader = c.admin(leader).await?;
+    match at_leader.caller().unsigned().call(&add("u-leader")).await? {
+        AdminReply::Applied(_) => {}
+        other => bail!("the leader refused an unsigned write: {other:?}"),
+    }
+    let at_follower = c.admin(follower).await?;
+    match at_follower
+        .caller()
+        .unsigned()
+        .call(&add("u-follower"))
+        .await?
+    {
+        AdminReply::NotLeader { leader: l, .. } => assert_eq!(l, Some(leader)),
+        other => bail!("a follower answered an unsigned write with {other:?}"),
+    }
+    match at_follower.caller().call(&add("s-follower")).await? {
+        AdminReply::Applied(_) => {}
+        other => bail!("a signed write was not forwarded: {other:?}"),
+    }
+    c.wait_for(
+        T,
+        "the leader applied both writes that were carried out",
+        |c| {
+            c.fabric_of(leader).is_some_and(|f| {
+                f.devices.contains_key("u-leader") && f.devices.contains_key("s-follower")
+            })
+        },
+    )
+    .await?;
+    assert!(
+        c.fabric_of(leader)
+            .is_some_and(|f| !f.devices.contains_key("u-follower")),
+        "the unsigned write at the follower was carried out"
+    );
+    at_leader.close().await;
+    at_follower.close().await;
+    c.stop_all().await;
+    Ok(())
+}
+
 /// A member node's certificate carries no admin power: an admin request it forwards to the
 /// leader is carried out only with a valid admin's signature over exactly those bytes, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
