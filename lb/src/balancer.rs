@@ -151,6 +151,11 @@ pub fn bind_listener(addr: SocketAddr, freebind: bool, backlog: i32) -> io::Resu
 /// exists, so they are std sockets (non-blocking); each runtime converts its own. With port 0
 /// they all share the port the kernel gives the first. All or none: if one fails, those
 /// already bound are closed.
+///
+/// `SO_REUSEPORT` would also let another process of the same user share the port (a second
+/// `spaced lb` on it, which would silently take half of the connections). So with more than
+/// one listener the port is first bound once without it: that fails with "address in use"
+/// while anything listens there, as a single listener's bind does.
 pub fn bind_listeners(
     addr: SocketAddr,
     freebind: bool,
@@ -158,6 +163,9 @@ pub fn bind_listeners(
     count: usize,
 ) -> io::Result<Vec<std::net::TcpListener>> {
     let count = count.max(1);
+    if count > 1 && addr.port() != 0 {
+        drop(bind_std_socket(addr, freebind, false)?);
+    }
     let first = bind_std_listener(addr, freebind, backlog, count > 1)?;
     // Port 0: the others take the port the kernel gave the first.
     let addr = SocketAddr::new(addr.ip(), first.local_addr()?.port());
@@ -174,6 +182,23 @@ fn bind_std_listener(
     backlog: i32,
     reuseport: bool,
 ) -> io::Result<std::net::TcpListener> {
+    let fd = bind_std_socket(addr, freebind, reuseport)?;
+    let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
+    listen(&fd, backlog).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("listener {addr}: listen: {e}"),
+        )
+    })?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
+/// A TCP socket bound to `addr` (`SO_REUSEADDR`, and `SO_REUSEPORT` if asked), not listening.
+fn bind_std_socket(
+    addr: SocketAddr,
+    freebind: bool,
+    reuseport: bool,
+) -> io::Result<std::os::fd::OwnedFd> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
@@ -199,9 +224,7 @@ fn bind_std_listener(
         setsockopt(&fd, sockopt::IpFreebind, &true).map_err(|e| context("IP_FREEBIND", e))?;
     }
     bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(|e| context("bind", e))?;
-    let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
-    listen(&fd, backlog).map_err(|e| context("listen", e))?;
-    Ok(std::net::TcpListener::from(fd))
+    Ok(fd)
 }
 
 /// One listener's balancer: its configuration, backends, counters and pipes.

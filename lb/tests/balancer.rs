@@ -838,6 +838,28 @@ async fn reconfigure_keeps_100_open_connections_and_new_ones_follow_it() {
     assert_eq!(lb.stats().relay_errors.load(Ordering::Relaxed), 0);
 }
 
+/// Several accept loops share their port through SO_REUSEPORT, but no other process's (or
+/// set's) listeners may join them: a second set on a port in use fails as a single listener
+/// would, naming the address.
+#[test]
+fn a_second_set_of_listeners_cannot_share_a_port_in_use() {
+    use spaced_lb::balancer::bind_listeners;
+    let first = bind_listeners("127.0.0.1:0".parse().unwrap(), false, 1024, 2).unwrap();
+    let addr = first[0].local_addr().unwrap();
+    for count in [1, 2] {
+        let err = bind_listeners(addr, false, 1024, count).expect_err("a second set on the port");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    }
+    drop(first);
+    let again = bind_listeners(addr, false, 1024, 2).unwrap();
+    assert_eq!(
+        again.len(),
+        2,
+        "the port is free again once the first set is closed"
+    );
+}
+
 /// Two accept loops on one port (`bind_listeners`, SO_REUSEPORT): both serve, the balancer
 /// accepts until the last one stops, and the first one's connections live on meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
