@@ -46,6 +46,12 @@ const DATA_DISK: &str = "256m";
 const READ_EVERY: Duration = Duration::from_millis(100);
 /// A read or write with no answer within this is recorded as timed out.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// The balancer's port on the VIP, and the application's port on every node behind it.
+pub const LB_PORT: u16 = 8080;
+/// See [`LB_PORT`].
+pub const APP_PORT: u16 = 8081;
+/// The soak's client opens a connection through the balancer this often (one at a time).
+const LB_CONNECT_EVERY: Duration = Duration::from_millis(20);
 
 /// The campaign's knobs.
 #[derive(Debug, Clone)]
@@ -58,6 +64,9 @@ pub struct ChaosSettings {
     /// added that many adds before, if that add was acknowledged (a steady state for long runs;
     /// the removals are history the checkers read). `None`: they pile up.
     pub churn: Option<usize>,
+    /// Run the balancer on the VIP (`[lb]`: port [`LB_PORT`] to [`APP_PORT`] on every node,
+    /// where a lab server answers with its host's name); the soak sends connections through it.
+    pub balancer: bool,
 }
 
 impl Default for ChaosSettings {
@@ -66,6 +75,7 @@ impl Default for ChaosSettings {
             nodes: 3,
             write_every: Duration::from_millis(40),
             churn: Some(1000),
+            balancer: false,
         }
     }
 }
@@ -236,6 +246,7 @@ fn node_config(
     id: u64,
     vip: Ipv4Addr,
     data_dir: PathBuf,
+    balancer: bool,
 ) -> Result<PathBuf> {
     let mut cfg = crate::node_config(lab.dir(), pki, id, RaftTimings::default());
     cfg.listen = SocketAddr::new(IpAddr::V4(lab.hosts()[host].ip), NODE_PORT);
@@ -249,6 +260,18 @@ fn node_config(
         roles: vec!["ha".into()],
         port: None,
     }];
+    if balancer {
+        cfg.lb = Some(spaced_node::ops::config::LbSection {
+            health_interval_ms: 500,
+            ..spaced_node::ops::config::LbSection::new(
+                "front",
+                vec![spaced_node::ops::config::LbPort {
+                    listen: LB_PORT,
+                    backend: APP_PORT,
+                }],
+            )
+        });
+    }
     std::fs::write(&cfg.source, cfg.to_toml())?;
     Ok(cfg.source)
 }
@@ -300,7 +323,16 @@ impl Chaos {
         for i in 0..settings.nodes {
             let disk = SmallDisk::mount(lab.dir().join(format!("disk-n{}", i + 1)), DATA_DISK)
                 .context("a small disk for a node's data dir")?;
-            let cfg = node_config(&lab, &pki, i, i as u64 + 1, vip, disk.path().join("data"))?;
+            let data = disk.path().join("data");
+            let cfg = node_config(&lab, &pki, i, i as u64 + 1, vip, data, settings.balancer)?;
+            if settings.balancer {
+                let host = &lab.hosts()[i];
+                lab.serve_in(
+                    &host.ns,
+                    SocketAddr::new(IpAddr::V4(host.ip), APP_PORT),
+                    format!("app-n{}", i + 1).into_bytes(),
+                )?;
+            }
             configs.push(cfg);
             disks.push(disk);
         }
@@ -666,7 +698,15 @@ impl Chaos {
                 let name = format!("n{id}");
                 spaced_raft::pki::issue(&self.pki, &name, false)?;
                 let data = self.lab.dir().join(format!("data-{name}"));
-                let config = node_config(&self.lab, &self.pki, spare_host, id, self.vip, data)?;
+                let config = node_config(
+                    &self.lab,
+                    &self.pki,
+                    spare_host,
+                    id,
+                    self.vip,
+                    data,
+                    self.settings.balancer,
+                )?;
                 let proc = self.spawn_config(spare_host, &config, false, &name)?;
                 let addr = format!("{}:{NODE_PORT}", self.lab.hosts()[spare_host].ip);
                 let id_s = id.to_string();
@@ -1563,6 +1603,39 @@ pub struct Soak {
     pub stress: Option<String>,
     /// What `spacectl check perf --json` reported of the commit load beside it, if one ran.
     pub load: Option<String>,
+    /// Each connection through the balancer: how long its exchange took, or why it failed
+    /// (empty without [`ChaosSettings::balancer`]).
+    pub balanced: Vec<Result<Duration, String>>,
+}
+
+/// Connects to the balancer at `to` every [`LB_CONNECT_EVERY`], one connection at a time,
+/// and reads the backend's whole answer, until `stop`; records each exchange's time or
+/// failure in `out`.
+async fn lb_client_loop(
+    to: SocketAddr,
+    stop: Arc<AtomicBool>,
+    out: Arc<Mutex<Vec<Result<Duration, String>>>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut tick = tokio::time::interval(LB_CONNECT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let began = Instant::now();
+        let exchange = async {
+            let mut s = tokio::net::TcpStream::connect(to).await?;
+            let mut answer = Vec::new();
+            s.read_to_end(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let result = match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
+            Ok(Ok(a)) if a.starts_with(b"app-n") => Ok(began.elapsed()),
+            Ok(Ok(a)) => Err(format!("answer {:?}", String::from_utf8_lossy(&a))),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        };
+        lock(&out).push(result);
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -1631,6 +1704,23 @@ pub fn soak(
         stress_line = Some(format!("stress-ng {}", args.join(" ")));
         stressor = Some(child);
     }
+    // Connections through the balancer on the VIP, one at a time, from the client namespace.
+    let lb_stop = Arc::new(AtomicBool::new(false));
+    let balanced: Arc<Mutex<Vec<Result<Duration, String>>>> = Arc::default();
+    let lb_client = if chaos.settings.balancer {
+        let (stop, to) = (
+            lb_stop.clone(),
+            SocketAddr::new(IpAddr::V4(chaos.vip), LB_PORT),
+        );
+        let out = balanced.clone();
+        Some(spawn_async_in(
+            &chaos.lab.client().ns,
+            "soak-lb-client",
+            move || lb_client_loop(to, stop, out),
+        )?)
+    } else {
+        None
+    };
     let began = Instant::now();
     let sample = || SoakSample {
         at: began.elapsed(),
@@ -1663,11 +1753,17 @@ pub fn soak(
             })
         }
     };
+    lb_stop.store(true, Ordering::Relaxed);
+    if let Some(h) = lb_client {
+        let _ = h.join();
+    }
+    let balanced = lock(&balanced).clone();
     let (writes, _) = chaos.stop_writer();
     Ok(Soak {
         duration: began.elapsed(),
         samples,
         writes,
+        balanced,
         watch: watch.stop(),
         singleton: singleton.stop(),
         stress: stress_line,
@@ -1746,7 +1842,42 @@ impl Soak {
         if let Some(load) = &self.load {
             out += &format!("commit load (spacectl check perf --json): {load}\n");
         }
+        if !self.balanced.is_empty() {
+            let mut took: Vec<Duration> = self
+                .balanced
+                .iter()
+                .filter_map(|r| r.as_ref().ok().copied())
+                .collect();
+            took.sort_unstable();
+            let pct = |p: f64| {
+                took.get(((took.len().max(1) - 1) as f64 * p).round() as usize)
+                    .map_or("-".into(), |d| {
+                        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+                    })
+            };
+            let failed: Vec<&String> = self
+                .balanced
+                .iter()
+                .filter_map(|r| r.as_ref().err())
+                .collect();
+            out += &format!(
+                "balancer: {} connections through the VIP, {} failed{}; answered in p50 {}, p99 {}, max {}\n",
+                self.balanced.len(),
+                failed.len(),
+                failed
+                    .first()
+                    .map_or(String::new(), |e| format!(" (first: {e})")),
+                pct(0.5),
+                pct(0.99),
+                pct(1.0),
+            );
+        }
         out
+    }
+
+    /// Connections through the balancer that failed.
+    pub fn balancer_failures(&self) -> usize {
+        self.balanced.iter().filter(|r| r.is_err()).count()
     }
 }
 

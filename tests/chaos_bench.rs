@@ -5,7 +5,8 @@
 //! pile up), removing the oldest with each add past it. Exits 1 on a violation, printing the seed that replays it.
 //!
 //! `... --bench chaos -- --soak SECONDS [--no-stress]`: the soak instead: no faults, 1,000
-//! devices and a steady churn of writes, every core busy with stress-ng, each node's memory
+//! devices and a steady churn of writes, connections through the balancer on the VIP every
+//! 20 ms, every core busy with stress-ng, each node's memory
 //! and descriptors sampled every 10 s; exits 1 if the VIP moved or two hosts held it.
 //! `--load-rate N` adds N commits a second beside it (`spacectl check perf --rate N` from the
 //! client's namespace, straight to the leader), reported at the end.
@@ -63,6 +64,7 @@ fn run() -> Result<()> {
     }
     if let Some(secs) = soak_s {
         settings.churn = Some(1000);
+        settings.balancer = true;
         println!("soak {secs} s, {settings:?}");
         let mut c = Chaos::start(settings)?.context("the lab could not be built")?;
         let s = chaos::soak(

@@ -57,6 +57,7 @@ fn a_short_soak_samples_every_node_and_keeps_the_vip_in_place() -> Result<()> {
     let _one = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
     let settings = ChaosSettings {
         churn: Some(100),
+        balancer: true,
         ..ChaosSettings::default()
     };
     let Some(mut c) = Chaos::start(settings)? else {
@@ -86,6 +87,15 @@ fn a_short_soak_samples_every_node_and_keeps_the_vip_in_place() -> Result<()> {
         s.writes
             .iter()
             .any(|w| w.result == chaos::WriteResult::Acked)
+    );
+    // Connections went through the balancer on the VIP to the nodes' servers.
+    let ok = s.balanced.iter().filter(|r| r.is_ok()).count();
+    assert!(ok > 0, "no connection through the balancer was answered");
+    assert!(
+        s.balancer_failures() * 100 <= s.balanced.len(),
+        "{} of {} connections through the balancer failed",
+        s.balancer_failures(),
+        s.balanced.len()
     );
     assert_eq!(s.spurious_moves(), 0, "the VIP moved with no fault");
     assert_eq!(s.watch.overlap_samples, 0);

@@ -84,6 +84,7 @@ impl Fabric {
                 fence_cgroup: None,
                 lb: None,
                 devices: Default::default(),
+                services: Default::default(),
                 dr: None,
                 source: dir.join(format!("{name}.toml")),
             };
