@@ -73,8 +73,9 @@ pub struct NodeConfig {
     /// The device agent (DESIGN §8): keepalive, down detection and the device-initiated port.
     #[serde(default)]
     pub devices: DevicesSection,
-    /// Supervised services: how their output is kept.
-    #[serde(default)]
+    /// Supervised services: how their output is kept. Written out only when not the default,
+    /// so a config this build writes still loads in builds that predate the section.
+    #[serde(default, skip_serializing_if = "ServicesSection::is_default")]
     pub services: ServicesSection,
     /// Disaster recovery (DESIGN §9): this site, its peer site and the link between them;
     /// absent = a standalone site.
@@ -335,6 +336,13 @@ pub struct ServicesSection {
     /// Rotated files kept per service (0: the log starts over empty instead); at most
     /// [`MAX_SERVICE_LOG_FILES`].
     pub log_files: u32,
+}
+
+impl ServicesSection {
+    /// Whether every key has its default.
+    pub fn is_default(&self) -> bool {
+        *self == ServicesSection::default()
+    }
 }
 
 /// The smallest `services.log_max_bytes`.
@@ -1427,6 +1435,8 @@ key = "n.key"
     fn services_section_defaults_parses_and_bad_values_are_named() {
         let c = NodeConfig::parse_str(MINIMAL, src()).unwrap();
         assert_eq!(c.services, ServicesSection::default());
+        // Left out when default: builds that predate the section load what this one writes.
+        assert!(!c.to_toml().contains("[services]"), "{}", c.to_toml());
         assert_eq!(
             (c.services.log_max_bytes, c.services.log_files),
             (10 * 1024 * 1024, 5)
