@@ -155,8 +155,11 @@ fn append_to(path: &Path) -> io::Result<File> {
 pub struct ServiceLogs {
     dir: PathBuf,
     limits: LogLimits,
-    open: Mutex<HashMap<String, Arc<Mutex<RotatingLog>>>>,
+    /// The logs some copying thread writes; a log leaves (its file closes) with the last one.
+    open: Arc<Mutex<OpenLogs>>,
 }
+
+type OpenLogs = HashMap<String, Arc<Mutex<RotatingLog>>>;
 
 impl ServiceLogs {
     /// Logs in `dir`, which must exist.
@@ -164,7 +167,7 @@ impl ServiceLogs {
         ServiceLogs {
             dir,
             limits,
-            open: Mutex::default(),
+            open: Arc::default(),
         }
     }
 
@@ -191,11 +194,24 @@ impl ServiceLogs {
             }
         };
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let name = service.to_string();
+        let (name, open) = (service.to_string(), self.open.clone());
         std::thread::Builder::new()
             .name(format!("log-{service}"))
-            .spawn(move || RotatingLog::copy_from(&log, read, &name))?;
+            .spawn(move || {
+                RotatingLog::copy_from(&log, read, &name);
+                // The last thread of this service closes its file (a removed service holds no
+                // descriptor); the map's lock orders this against a new instance's attach.
+                let mut open = crate::lock(&open);
+                if Arc::strong_count(&log) == 2 {
+                    open.remove(&name);
+                }
+            })?;
         Ok(write)
+    }
+
+    /// How many services' log files are open now.
+    pub fn open_files(&self) -> usize {
+        crate::lock(&self.open).len()
     }
 }
 
@@ -283,8 +299,11 @@ mod tests {
         drop(w);
         let path = logs.path("svc");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::read(&path).unwrap_or_default() != b"hello\n" {
-            assert!(Instant::now() < deadline, "the copy never arrived");
+        while std::fs::read(&path).unwrap_or_default() != b"hello\n" || logs.open_files() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the copy never arrived, or the file stayed open"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
