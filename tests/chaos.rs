@@ -46,6 +46,8 @@ const DATA_DISK: &str = "256m";
 const READ_EVERY: Duration = Duration::from_millis(100);
 /// A read or write with no answer within this is recorded as timed out.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a harness `spacectl` call (status, membership, leader transfer) may take.
+const CTL_WITHIN: Duration = Duration::from_secs(8);
 /// The balancer's port on the VIP, and the application's port on every node behind it.
 pub const LB_PORT: u16 = 8080;
 /// See [`LB_PORT`].
@@ -223,7 +225,57 @@ pub struct Read {
     /// How long until the answer (or the time-out).
     pub took: Duration,
     /// The client's device ids it saw, or why it failed.
-    pub seen: Result<BTreeSet<String>, String>,
+    pub seen: Result<Seen, String>,
+}
+
+/// The ids one read saw, kept small: a read of every device every 100 ms for an hour is
+/// 36,000 sets. The client's ids are `c<n>`: their numbers, sorted; any other id as it came.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seen {
+    numbers: Vec<u64>,
+    other: Vec<String>,
+}
+
+impl Seen {
+    /// The number of a `c<n>` id written the way the client writes it.
+    fn number(id: &str) -> Option<u64> {
+        let n: u64 = id.strip_prefix('c')?.parse().ok()?;
+        (format!("c{n}") == id).then_some(n)
+    }
+
+    /// Whether the read saw `id`.
+    pub fn contains(&self, id: &str) -> bool {
+        match Self::number(id) {
+            Some(n) => self.numbers.binary_search(&n).is_ok(),
+            None => self.other.iter().any(|o| o == id),
+        }
+    }
+
+    /// The ids it saw.
+    pub fn iter(&self) -> impl Iterator<Item = String> + '_ {
+        self.numbers
+            .iter()
+            .map(|n| format!("c{n}"))
+            .chain(self.other.iter().cloned())
+    }
+}
+
+impl FromIterator<String> for Seen {
+    fn from_iter<I: IntoIterator<Item = String>>(ids: I) -> Self {
+        let mut seen = Seen::default();
+        for id in ids {
+            match Seen::number(&id) {
+                Some(n) => seen.numbers.push(n),
+                None => seen.other.push(id),
+            }
+        }
+        seen.numbers.sort_unstable();
+        seen.numbers.dedup();
+        seen.other.sort();
+        seen.other.dedup();
+        seen.numbers.shrink_to_fit();
+        seen
+    }
 }
 
 /// What a write heard.
@@ -420,13 +472,20 @@ impl Chaos {
         format!("{}:{NODE_PORT}", self.lab.hosts()[i].ip)
     }
 
-    /// Runs spacectl against `endpoint` from the client namespace.
+    /// Keeps the lab's directory (node logs, configs) when it is dropped, and says where.
+    pub fn keep_logs(&self) {
+        self.lab.keep_logs();
+    }
+
+    /// Runs spacectl against `endpoint` from the client namespace, giving up after
+    /// [`CTL_WITHIN`]: a call to a faulted node must not hold the campaign (and the fault) up.
     pub fn ctl(&self, endpoint: &str, args: &[&str]) -> Result<String> {
         let mut cmd = self
             .lab
             .command_in(&self.lab.client().ns, binary("spacectl")?);
         cmd.env("SPACED_ENDPOINT", endpoint)
-            .env("SPACED_PKI", &self.pki);
+            .env("SPACED_PKI", &self.pki)
+            .env("SPACED_COMMAND_TIMEOUT", CTL_WITHIN.as_secs().to_string());
         crate::spacectl_stdout(cmd, args)
     }
 
@@ -1072,6 +1131,22 @@ pub struct Campaign {
     pub aborted: Option<String>,
 }
 
+/// The wall clock now as the node logs print it (UTC `HH:MM:SS.mmm`): the campaign jumps that
+/// clock, so its lines say both clocks to line the node logs up with the faults.
+fn wall_clock_now() -> String {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let s = since.as_secs() % 86_400;
+    format!(
+        "wall {:02}:{:02}:{:02}.{:03}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        since.subsec_millis()
+    )
+}
+
 /// Runs `faults` random faults from `seed`, each held for 0.3–3 s, and checks the history.
 pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign> {
     let mut rng = Rng::new(seed);
@@ -1094,14 +1169,21 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
             }
         };
         println!(
-            "fault {n}: {}{} for {} ms",
+            "fault {n}: {}{} for {} ms, from {:.3} s ({})",
             fault.kind(),
             hit.map_or(String::new(), |i| format!(" (n{})", i + 1)),
-            hold.as_millis()
+            hold.as_millis(),
+            began.as_secs_f64(),
+            wall_clock_now()
         );
         std::thread::sleep(hold);
         chaos.heal(heal)?;
         let healed = chaos.start.elapsed();
+        println!(
+            "  healed at {:.3} s ({})",
+            healed.as_secs_f64(),
+            wall_clock_now()
+        );
         let recovered_in = recover(chaos, healed, RECOVERY_BOUND);
         if recovered_in.is_none() {
             // For the record: what the cluster says, and whether it recovers at all later.
@@ -1276,7 +1358,7 @@ pub fn check_reads(writes: &[Write], reads: &[Read]) -> Vec<String> {
         }
     }
     add_acked.sort();
-    let mut ok: Vec<(&Read, &BTreeSet<String>)> = reads
+    let mut ok: Vec<(&Read, &Seen)> = reads
         .iter()
         .filter_map(|r| r.seen.as_ref().ok().map(|seen| (r, seen)))
         .collect();
@@ -1301,17 +1383,20 @@ pub fn check_reads(writes: &[Write], reads: &[Read]) -> Vec<String> {
             if *answered >= r.sent {
                 return true;
             }
-            for id in ok[*earlier].1 {
-                required
-                    .entry(id.as_str())
-                    .or_insert_with(|| format!("a read answered at {answered:?} saw it"));
+            for id in ok[*earlier].1.iter() {
+                // An id never written has been reported with that read.
+                if let Some((id, _)) = add_sent.get_key_value(id.as_str()) {
+                    required
+                        .entry(id)
+                        .or_insert_with(|| format!("a read answered at {answered:?} saw it"));
+                }
             }
             false
         });
         // A removal sent before this read began exempts the id from here on.
         required.retain(|id, _| !removed_before(id, r.sent));
         for (id, why) in &required {
-            if !seen.contains(*id) && !removed_before(id, done) {
+            if !seen.contains(id) && !removed_before(id, done) {
                 v.push(format!(
                     "the read sent at {:?} (answered at {done:?}) lacks {id}: {why}",
                     r.sent
@@ -1377,6 +1462,33 @@ fn flaps_and_blips(
         emptied = None;
     }
     (flaps, blips)
+}
+
+/// A soak's owner changes in words: the moves to another host (spurious failovers) and the
+/// outages that ended on the same host, each with its time.
+#[allow(clippy::type_complexity)]
+fn describe_changes(
+    (moves, blips): (
+        Vec<(Duration, Vec<String>, Vec<String>)>,
+        Vec<(Duration, Duration)>,
+    ),
+) -> String {
+    let mut out = format!(
+        "{} move(s) to another host (spurious failovers), {} outage(s) that ended on the same host",
+        moves.len(),
+        blips.len()
+    );
+    for (at, from, to) in moves.iter().take(10) {
+        out += &format!("; at {:.1} s {from:?} -> {to:?}", at.as_secs_f64());
+    }
+    for (at, took) in blips.iter().take(10) {
+        out += &format!(
+            "; at {:.1} s out for {} ms",
+            at.as_secs_f64(),
+            took.as_millis()
+        );
+    }
+    out
 }
 
 /// Waits until the VIP is held by exactly one host, the singleton runs on exactly one, and a
@@ -1772,14 +1884,37 @@ pub fn soak(
 }
 
 impl Soak {
-    /// Owner changes of the VIP during the soak (none is right: there was no fault).
-    pub fn spurious_moves(&self) -> usize {
-        self.watch.holders_over_time.len().saturating_sub(1)
+    /// Owner changes of the VIP during the soak (none is right: there was no fault), and
+    /// outages that ended on the same host (when, how long).
+    #[allow(clippy::type_complexity)]
+    pub fn vip_changes(
+        &self,
+    ) -> (
+        Vec<(Duration, Vec<String>, Vec<String>)>,
+        Vec<(Duration, Duration)>,
+    ) {
+        flaps_and_blips(&self.watch.holders_over_time, |_| true)
     }
 
-    /// Changes of the hosts running the singleton during the soak (none is right).
+    /// The same for the hosts running the singleton.
+    #[allow(clippy::type_complexity)]
+    pub fn singleton_changes(
+        &self,
+    ) -> (
+        Vec<(Duration, Vec<String>, Vec<String>)>,
+        Vec<(Duration, Duration)>,
+    ) {
+        flaps_and_blips(&self.singleton.holders_over_time, |_| true)
+    }
+
+    /// Spurious failovers of the VIP: it came up on another host with no fault.
+    pub fn spurious_moves(&self) -> usize {
+        self.vip_changes().0.len()
+    }
+
+    /// Spurious moves of the singleton to another host.
     pub fn spurious_singleton_moves(&self) -> usize {
-        self.singleton.holders_over_time.len().saturating_sub(1)
+        self.singleton_changes().0.len()
     }
 
     /// The summary: memory and descriptors at the start, the highest and at the end per node,
@@ -1826,18 +1961,18 @@ impl Soak {
         let acked = took.len();
         out += &format!(
             "\nwrites: {} sent, {acked} acknowledged; acknowledged in (connect, write, close): p50 {}, p99 {}, max {}\n\
-             VIP: {} samples, {} with two holders, {} owner changes (spurious: no fault ran)\n\
-             singleton: {} samples, {} with two hosts running it, {} changes (spurious)\n",
+             VIP: {} samples, {} with two holders, {}\n\
+             singleton: {} samples, {} with two hosts running it, {}\n",
             self.writes.len(),
             pct(0.5),
             pct(0.99),
             pct(1.0),
             self.watch.samples,
             self.watch.overlap_samples,
-            self.spurious_moves(),
+            describe_changes(self.vip_changes()),
             self.singleton.samples,
             self.singleton.overlap_samples,
-            self.spurious_singleton_moves(),
+            describe_changes(self.singleton_changes()),
         );
         if let Some(load) = &self.load {
             out += &format!("commit load (spacectl check perf --json): {load}\n");
@@ -1909,6 +2044,20 @@ mod tests {
             took: ms(took),
             seen: Ok(ids.iter().map(|i| i.to_string()).collect()),
         }
+    }
+
+    #[test]
+    fn a_read_set_keeps_every_id_it_was_given() {
+        let ids = ["c10", "c2", "c01", "x7", "c", "c2"];
+        let seen: Seen = ids.iter().map(|i| i.to_string()).collect();
+        for id in ids {
+            assert!(seen.contains(id), "{id}");
+        }
+        for id in ["c1", "c02", "c3", "x", "7"] {
+            assert!(!seen.contains(id), "{id}");
+        }
+        let back: Vec<String> = seen.iter().collect();
+        assert_eq!(back, ["c2", "c10", "c", "c01", "x7"]);
     }
 
     #[test]

@@ -75,6 +75,13 @@ fn run() -> Result<()> {
             load_rate,
         )?;
         println!("{}", s.summary());
+        let failed = s.spurious_moves() > 0
+            || s.watch.overlap_samples > 0
+            || s.spurious_singleton_moves() > 0
+            || s.singleton.overlap_samples > 0;
+        if failed {
+            c.keep_logs();
+        }
         if s.spurious_moves() > 0 || s.watch.overlap_samples > 0 {
             bail!("the VIP moved {} time(s) with no fault", s.spurious_moves());
         }

@@ -1374,6 +1374,24 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
         err.contains(&dead) && err.trim().lines().count() == 1,
         "{err}"
     );
+
+    // --command-timeout bounds the whole command: a node that swallows every packet (a frozen
+    // one) is given up on when the operator said, not after the dial's own 3 s.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let silent = silent.local_addr()?.to_string();
+    let out = lab.ctl(&silent, &["--command-timeout", "0.3", "status"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no answer within 0.3 s (--command-timeout)"),
+        "{err}"
+    );
+    for bad in ["0", "-1", "soon"] {
+        let out = lab.ctl(&n2, &[&format!("--command-timeout={bad}"), "status"])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(err.contains("--command-timeout"), "{bad}: {err}");
+    }
     Ok(())
 }
 

@@ -39,6 +39,28 @@ pub struct Target {
     /// Output of the commands that print data: `table`, `json` or `yaml` (`--json` is `-o json`).
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Give up on the whole command after SECONDS (etcdctl's `--command-timeout`); a change
+    /// cut off this way may or may not have been made. Default: each call waits up to 60 s.
+    #[arg(
+        long,
+        global = true,
+        env = "SPACED_COMMAND_TIMEOUT",
+        value_name = "SECONDS",
+        value_parser = parse_command_timeout
+    )]
+    pub command_timeout: Option<std::time::Duration>,
+}
+
+/// `--command-timeout`: seconds, more than 0 and at most a day.
+pub fn parse_command_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!("{s} s: must be more than 0 and at most 86400"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 /// How commands print what they read (etcdctl's `-w`, kubectl's `-o`).

@@ -146,6 +146,21 @@ pub enum Cmd {
 /// Runs one spacectl command, printing its output; returns the error to report.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
     common::set_output(cli.target.output);
+    let Some(within) = cli.target.command_timeout else {
+        return run_command(&cli).await;
+    };
+    match tokio::time::timeout(within, run_command(&cli)).await {
+        Ok(r) => r,
+        Err(_) => Err(failed(format!(
+            "no answer within {} s (--command-timeout); a change this command asked for may \
+             or may not have been made: read it back",
+            within.as_secs_f64()
+        ))),
+    }
+}
+
+/// The command itself.
+async fn run_command(cli: &Cli) -> Result<(), CtlError> {
     match &cli.command {
         Cmd::Pki { action } => pki::run(&cli.target, action).await,
         Cmd::Status { json, watch } => node::status(&cli.target, json, *watch).await,
