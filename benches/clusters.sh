@@ -42,7 +42,7 @@ for s in json.load(sys.stdin):
 ctl() { "$SPACECTL_BIN" --pki "$work/pki" --endpoint "127.0.0.1:$((base + 1))" "$@"; }
 
 # start_spaced3: makes a PKI, starts n1 (bootstrap), n2, n3 (role app) and adds n2 and n3; the
-# nodes' pids go to spaced_pids too. Returns 1 if a node cannot be added.
+# nodes' pids go to spaced_pids too. $SPACED_EXTRA_CONFIG (TOML) ends each node's config. Returns 1 if a node cannot be added.
 start_spaced3() {
     local i boot
     "$SPACECTL_BIN" pki init --dir "$work/pki" >/dev/null
@@ -61,6 +61,7 @@ listen = "127.0.0.1:$((base + 30 + i))"
 ca = "$work/pki/ca.pem"
 cert = "$work/pki/n$i.pem"
 key = "$work/pki/n$i.key"
+${SPACED_EXTRA_CONFIG:-}
 EOF
         if [ "$i" = 1 ]; then boot=--bootstrap; else boot=; fi
         "$SPACED_BIN" run --config "$work/n$i.toml" $boot >"$work/spaced$i.log" 2>&1 &

@@ -1947,6 +1947,28 @@ impl Soak {
                 fds[fds.len() - 1]
             );
         }
+        // The trend: each node's RSS at every tenth of the soak (flat, or still growing).
+        if self.samples.len() > 2 {
+            out += "\nRSS (MiB) over time:\n| at | ";
+            out += &(1..=nodes)
+                .map(|i| format!("n{i}"))
+                .collect::<Vec<_>>()
+                .join(" | ");
+            out += " |\n|---|";
+            out += &"---|".repeat(nodes);
+            out += "\n";
+            let last = self.samples.len() - 1;
+            let mut picked: Vec<usize> = (0..=10).map(|k| last * k / 10).collect();
+            picked.dedup();
+            for k in picked {
+                let s = &self.samples[k];
+                out += &format!("| {} s |", s.at.as_secs());
+                for kib in &s.rss_kib {
+                    out += &format!(" {:.1} |", *kib as f64 / 1024.0);
+                }
+                out += "\n";
+            }
+        }
         let mut took: Vec<u128> = self
             .writes
             .iter()
