@@ -1273,7 +1273,7 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
         );
     }
     let read_violations = check_reads(&writes, &reads);
-    let quiet = |at: Duration| outcomes.iter().any(|o| o.quiet.0 < at && at <= o.quiet.1);
+    let quiet = |at: Duration| in_quiet_window(&outcomes, at);
     let (flaps, blips) = flaps_and_blips(&watch.holders_over_time, quiet);
     let (singleton_flaps, _) = flaps_and_blips(&singleton.holders_over_time, quiet);
     Ok(Campaign {
@@ -1427,6 +1427,20 @@ pub fn check_reads(writes: &[Write], reads: &[Read]) -> Vec<String> {
         }
     }
     v
+}
+
+/// How long after `recover` saw the recovered holders the watches may still be recording
+/// their arrival: a watch stamps a sample with the start of its round, and `recover` can see
+/// the new holder a round (or, on a loaded machine, a few) before the watch does. Without this,
+/// a recovery onto another host (the old owner was cut off and fenced itself) read as a flap.
+const WATCH_LAG: Duration = Duration::from_millis(100);
+
+/// Whether `at` (campaign clock) is in a quiet window: after a fault healed, the cluster
+/// recovered and the watches caught up with the recovery, and before the next fault.
+fn in_quiet_window(outcomes: &[Outcome], at: Duration) -> bool {
+    outcomes
+        .iter()
+        .any(|o| o.quiet.0 + WATCH_LAG < at && at <= o.quiet.1)
 }
 
 /// Owner changes at a time `quiet` accepts (a flap: the holders came up other than the last
@@ -2066,6 +2080,32 @@ mod tests {
             took: ms(took),
             seen: Ok(ids.iter().map(|i| i.to_string()).collect()),
         }
+    }
+
+    #[test]
+    fn a_recovery_onto_another_host_is_not_a_flap_but_a_later_move_is() {
+        let outcome = Outcome {
+            fault: Fault::Partition(Target::Leader),
+            hit: Some(1),
+            began: ms(1000),
+            healed: ms(2000),
+            recovered_in: Some(ms(500)),
+            quiet: (ms(2500), ms(4000)),
+        };
+        let outcomes = [outcome];
+        let h = |n: &str| vec![n.to_string()];
+        // h2 held it, was cut off and fenced itself; h3 took it up as the cluster recovered:
+        // `recover` saw h3 at 2,500 ms, the watch recorded it 3 ms later.
+        let history = [
+            (ms(0), h("h2")),
+            (ms(1200), vec![]),
+            (ms(2503), h("h3")),
+            // Then h3 lost it and h1 took it, with no fault: a flap.
+            (ms(3000), vec![]),
+            (ms(3400), h("h1")),
+        ];
+        let (flaps, _) = flaps_and_blips(&history, |at| in_quiet_window(&outcomes, at));
+        assert_eq!(flaps, vec![(ms(3400), h("h3"), h("h1"))]);
     }
 
     #[test]
