@@ -239,8 +239,11 @@ pub struct Seen {
 impl Seen {
     /// The number of a `c<n>` id written the way the client writes it.
     fn number(id: &str) -> Option<u64> {
-        let n: u64 = id.strip_prefix('c')?.parse().ok()?;
-        (format!("c{n}") == id).then_some(n)
+        let digits = id.strip_prefix('c')?;
+        let canonical = !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && (digits.len() == 1 || !digits.starts_with('0'));
+        canonical.then(|| digits.parse().ok()).flatten()
     }
 
     /// Whether the read saw `id`.
@@ -1443,16 +1446,19 @@ fn in_quiet_window(outcomes: &[Outcome], at: Duration) -> bool {
         .any(|o| o.quiet.0 + WATCH_LAG < at && at <= o.quiet.1)
 }
 
+/// An owner's moves to other hosts (when, holders before, holders after) and its outages
+/// that ended on the same holders (when, how long).
+type OwnerChanges = (
+    Vec<(Duration, Vec<String>, Vec<String>)>,
+    Vec<(Duration, Duration)>,
+);
+
 /// Owner changes at a time `quiet` accepts (a flap: the holders came up other than the last
-/// ones seen), and outages at such times that ended on the same holders (when, how long).
-#[allow(clippy::type_complexity)]
+/// ones seen), and outages at such times that ended on the same holders.
 fn flaps_and_blips(
     holders_over_time: &[(Duration, Vec<String>)],
     quiet: impl Fn(Duration) -> bool,
-) -> (
-    Vec<(Duration, Vec<String>, Vec<String>)>,
-    Vec<(Duration, Duration)>,
-) {
+) -> OwnerChanges {
     let mut flaps = Vec::new();
     let mut blips = Vec::new();
     let mut last_holders: Vec<String> = Vec::new();
@@ -1480,13 +1486,7 @@ fn flaps_and_blips(
 
 /// A soak's owner changes in words: the moves to another host (spurious failovers) and the
 /// outages that ended on the same host, each with its time.
-#[allow(clippy::type_complexity)]
-fn describe_changes(
-    (moves, blips): (
-        Vec<(Duration, Vec<String>, Vec<String>)>,
-        Vec<(Duration, Duration)>,
-    ),
-) -> String {
+fn describe_changes((moves, blips): OwnerChanges) -> String {
     let mut out = format!(
         "{} move(s) to another host (spurious failovers), {} outage(s) that ended on the same host",
         moves.len(),
@@ -1897,38 +1897,20 @@ pub fn soak(
     })
 }
 
+/// A watch's owner changes over a soak: every moment counts, since no fault ran.
+fn unfaulted_changes(watch: &WatchReport) -> OwnerChanges {
+    flaps_and_blips(&watch.holders_over_time, |_| true)
+}
+
 impl Soak {
-    /// Owner changes of the VIP during the soak (none is right: there was no fault), and
-    /// outages that ended on the same host (when, how long).
-    #[allow(clippy::type_complexity)]
-    pub fn vip_changes(
-        &self,
-    ) -> (
-        Vec<(Duration, Vec<String>, Vec<String>)>,
-        Vec<(Duration, Duration)>,
-    ) {
-        flaps_and_blips(&self.watch.holders_over_time, |_| true)
-    }
-
-    /// The same for the hosts running the singleton.
-    #[allow(clippy::type_complexity)]
-    pub fn singleton_changes(
-        &self,
-    ) -> (
-        Vec<(Duration, Vec<String>, Vec<String>)>,
-        Vec<(Duration, Duration)>,
-    ) {
-        flaps_and_blips(&self.singleton.holders_over_time, |_| true)
-    }
-
     /// Spurious failovers of the VIP: it came up on another host with no fault.
     pub fn spurious_moves(&self) -> usize {
-        self.vip_changes().0.len()
+        unfaulted_changes(&self.watch).0.len()
     }
 
     /// Spurious moves of the singleton to another host.
     pub fn spurious_singleton_moves(&self) -> usize {
-        self.singleton_changes().0.len()
+        unfaulted_changes(&self.singleton).0.len()
     }
 
     /// The summary: memory and descriptors at the start, the highest and at the end per node,
@@ -2005,10 +1987,10 @@ impl Soak {
             pct(1.0),
             self.watch.samples,
             self.watch.overlap_samples,
-            describe_changes(self.vip_changes()),
+            describe_changes(unfaulted_changes(&self.watch)),
             self.singleton.samples,
             self.singleton.overlap_samples,
-            describe_changes(self.singleton_changes()),
+            describe_changes(unfaulted_changes(&self.singleton)),
         );
         if let Some(load) = &self.load {
             out += &format!("commit load (spacectl check perf --json): {load}\n");

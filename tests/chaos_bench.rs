@@ -75,17 +75,15 @@ fn run() -> Result<()> {
             load_rate,
         )?;
         println!("{}", s.summary());
-        let failed = s.spurious_moves() > 0
-            || s.watch.overlap_samples > 0
-            || s.spurious_singleton_moves() > 0
-            || s.singleton.overlap_samples > 0;
-        if failed {
+        let vip_failed = s.spurious_moves() > 0 || s.watch.overlap_samples > 0;
+        let singleton_failed = s.spurious_singleton_moves() > 0 || s.singleton.overlap_samples > 0;
+        if vip_failed || singleton_failed {
             c.keep_logs();
         }
-        if s.spurious_moves() > 0 || s.watch.overlap_samples > 0 {
+        if vip_failed {
             bail!("the VIP moved {} time(s) with no fault", s.spurious_moves());
         }
-        if s.spurious_singleton_moves() > 0 || s.singleton.overlap_samples > 0 {
+        if singleton_failed {
             bail!(
                 "the singleton moved {} time(s) with no fault",
                 s.spurious_singleton_moves()

@@ -1377,9 +1377,10 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
 
     // --command-timeout bounds the whole command: a node that swallows every packet (a frozen
     // one) is given up on when the operator said, not after the dial's own 3 s.
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let silent = silent.local_addr()?.to_string();
+    let swallower = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let silent = swallower.local_addr()?.to_string();
     let out = lab.ctl(&silent, &["--command-timeout", "0.3", "status"])?;
+    drop(swallower);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

@@ -51,16 +51,20 @@ pub struct Target {
     pub command_timeout: Option<std::time::Duration>,
 }
 
+/// `secs` as a duration if it is a number of seconds above 0 and at most a day (the bounds of
+/// `--watch` and `--command-timeout`).
+fn up_to_a_day(secs: f64) -> Option<std::time::Duration> {
+    (secs.is_finite() && secs > 0.0 && secs <= 86_400.0)
+        .then(|| std::time::Duration::from_secs_f64(secs))
+}
+
 /// `--command-timeout`: seconds, more than 0 and at most a day.
 pub fn parse_command_timeout(s: &str) -> Result<std::time::Duration, String> {
     let secs: f64 = s
         .trim()
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
-    if !(secs > 0.0 && secs <= 86_400.0) {
-        return Err(format!("{s} s: must be more than 0 and at most 86400"));
-    }
-    Ok(std::time::Duration::from_secs_f64(secs))
+    up_to_a_day(secs).ok_or_else(|| format!("{s} s: must be more than 0 and at most 86400"))
 }
 
 /// How commands print what they read (etcdctl's `-w`, kubectl's `-o`).
@@ -163,12 +167,11 @@ where
         print!("{}", view().await?);
         return Ok(());
     };
-    if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
-        return Err(usage(format!(
+    let every = up_to_a_day(secs).ok_or_else(|| {
+        usage(format!(
             "--watch {secs}: must be a number of seconds above 0 (at most a day)"
-        )));
-    }
-    let every = std::time::Duration::from_secs_f64(secs);
+        ))
+    })?;
     let terminal = std::io::stdout().is_terminal();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| failed(format!("cannot listen for SIGTERM: {e}")))?;
