@@ -365,11 +365,20 @@ fn a_restarted_node_removes_a_vip_address_left_on_its_host() -> Result<()> {
         "the leftover address removed",
         |f| Ok(!f.lab.addresses(&f.lab.host(other).ns)?.contains(&vip_ip)),
     )?;
-    let log = f.procs[other - 1].as_ref().context("node")?.read_log();
-    assert!(
-        log.contains("removed the VIP's address left over from a previous run"),
-        "{log}"
-    );
+    // The node says so once the removal returns: a moment after the address is gone.
+    let said = |f: &Fabric| -> Result<bool> {
+        Ok(f.procs[other - 1]
+            .as_ref()
+            .context("node")?
+            .read_log()
+            .contains("removed the VIP's address left over from a previous run"))
+    };
+    if f.wait(Duration::from_secs(5), "the removal logged", |f| said(f))
+        .is_err()
+    {
+        let log = f.procs[other - 1].as_ref().context("node")?.read_log();
+        panic!("the node removed the leftover address without saying so:\n{log}");
+    }
     assert_eq!(f.vip_owner("cluster", None), Some(owner as u64));
     assert!(f.lab.addresses(&f.lab.host(owner).ns)?.contains(&vip_ip));
     Ok(())
