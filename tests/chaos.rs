@@ -69,6 +69,9 @@ pub struct ChaosSettings {
     /// Run the balancer on the VIP (`[lb]`: port [`LB_PORT`] to [`APP_PORT`] on every node,
     /// where a lab server answers with its host's name); the soak sends connections through it.
     pub balancer: bool,
+    /// `[raft] snapshot_after_logs` of every node (`None`: the default): small values
+    /// snapshot (and purge the log) often, to see what that costs the leases.
+    pub snapshot_after_logs: Option<u64>,
 }
 
 impl Default for ChaosSettings {
@@ -78,6 +81,7 @@ impl Default for ChaosSettings {
             write_every: Duration::from_millis(40),
             churn: Some(1000),
             balancer: false,
+            snapshot_after_logs: None,
         }
     }
 }
@@ -301,9 +305,13 @@ fn node_config(
     id: u64,
     vip: Ipv4Addr,
     data_dir: PathBuf,
-    balancer: bool,
+    settings: &ChaosSettings,
 ) -> Result<PathBuf> {
-    let mut cfg = crate::node_config(lab.dir(), pki, id, RaftTimings::default());
+    let mut raft = RaftTimings::default();
+    if let Some(n) = settings.snapshot_after_logs {
+        raft.snapshot_after_logs = n;
+    }
+    let mut cfg = crate::node_config(lab.dir(), pki, id, raft);
     cfg.listen = SocketAddr::new(IpAddr::V4(lab.hosts()[host].ip), NODE_PORT);
     cfg.takeover = TakeoverMode::Netlink;
     cfg.roles = vec!["ha".into(), "app".into()];
@@ -315,7 +323,7 @@ fn node_config(
         roles: vec!["ha".into()],
         port: None,
     }];
-    if balancer {
+    if settings.balancer {
         cfg.lb = Some(spaced_node::ops::config::LbSection {
             health_interval_ms: 500,
             ..spaced_node::ops::config::LbSection::new(
@@ -379,7 +387,7 @@ impl Chaos {
             let disk = SmallDisk::mount(lab.dir().join(format!("disk-n{}", i + 1)), DATA_DISK)
                 .context("a small disk for a node's data dir")?;
             let data = disk.path().join("data");
-            let cfg = node_config(&lab, &pki, i, i as u64 + 1, vip, data, settings.balancer)?;
+            let cfg = node_config(&lab, &pki, i, i as u64 + 1, vip, data, &settings)?;
             if settings.balancer {
                 let host = &lab.hosts()[i];
                 lab.serve_in(
@@ -767,7 +775,7 @@ impl Chaos {
                     id,
                     self.vip,
                     data,
-                    self.settings.balancer,
+                    &self.settings,
                 )?;
                 let proc = self.spawn_config(spare_host, &config, false, &name)?;
                 let addr = format!("{}:{NODE_PORT}", self.lab.hosts()[spare_host].ip);

@@ -9,7 +9,9 @@
 //! 20 ms, every core busy with stress-ng, each node's memory
 //! and descriptors sampled every 10 s; exits 1 if the VIP moved or two hosts held it.
 //! `--load-rate N` adds N commits a second beside it (`spacectl check perf --rate N` from the
-//! client's namespace, straight to the leader), reported at the end.
+//! client's namespace, straight to the leader), reported at the end. `--snapshot-after N`
+//! sets every node's `[raft] snapshot_after_logs` (default 10,000): a small N snapshots and
+//! purges the log often, to see what that costs the leases.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -46,6 +48,7 @@ fn run() -> Result<()> {
             "--no-stress" => stress = false,
             "--load-rate" => load_rate = Some(value("writes a second")? as u32),
             "--seed" => seed = value("a number")?,
+            "--snapshot-after" => settings.snapshot_after_logs = Some(value("a count")?),
             "--nodes" => settings.nodes = value("a count")? as usize,
             "--churn" => settings.churn = Some(value("a count")? as usize).filter(|n| *n > 0),
             "--write-every-ms" => {

@@ -286,6 +286,12 @@ impl Caller {
         &self.target
     }
 
+    /// Whether the connection has closed (the node closed it, it timed out idle, or it
+    /// broke): every call on it fails from now on, so a long-lived caller opens another.
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
     /// This caller with requests that carry no signature, for a caller that writes straight
     /// to the node it knows leads (`check perf`): the node carries them out on the
     /// connection's proof (the admin's certificate, verified at the handshake), as it does

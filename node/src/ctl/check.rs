@@ -133,8 +133,8 @@ pub struct PerfResult {
     pub latencies: Vec<f64>,
     /// Failed writes by error.
     pub errors: BTreeMap<String, u64>,
-    /// Refusals ("not the leader": a leader that stepped down or let its lease lapse) after
-    /// which the write was sent again and then acknowledged or failed for another reason.
+    /// Refusals ("not the leader": a leader that stepped down or let its lease lapse) and
+    /// closed connections after which the write was sent again and then acknowledged or failed for another reason.
     pub retried: u64,
     /// From the first write offered to the last answered.
     pub elapsed: Duration,
@@ -280,6 +280,8 @@ async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<()
         }),
         opened: std::sync::Mutex::new(Vec::new()),
         leader_changes: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        reopen_failed: tokio::sync::Mutex::new(None),
         following: tokio::sync::Mutex::new(()),
     });
     pool.open(&leader, Some(first)).await?;
@@ -291,6 +293,7 @@ async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<()
         c.close().await;
     }
     let leader_changes = pool.leader_changes.load(Ordering::Relaxed);
+    let reconnects = pool.reconnects.load(Ordering::Relaxed);
     let v = judge(&shape, &result);
     if structured(json) {
         println!(
@@ -303,6 +306,7 @@ async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<()
                     "clients": shape.clients,
                     "leader": leader,
                     "leader_changes": leader_changes,
+                    "reconnects": reconnects,
                     "seconds": result.elapsed.as_secs_f64(),
                     "acknowledged": v.acknowledged,
                     "failed": v.failed,
@@ -336,9 +340,14 @@ async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<()
                 "the leader changed {leader_changes} time(s) during the run; the writes followed it"
             );
         }
+        if reconnects > 0 {
+            println!(
+                "the connections closed and were opened again {reconnects} time(s); the writes on them were sent again"
+            );
+        }
         if result.retried > 0 {
             println!(
-                "{} time(s) a write was refused (not the leader) and sent again",
+                "{} time(s) a write was refused (not the leader, or its connection closed) and sent again",
                 result.retried
             );
         }
@@ -362,7 +371,11 @@ struct Pool {
     /// Every connection opened, to close at the end.
     opened: std::sync::Mutex<Vec<AdminClient>>,
     leader_changes: AtomicU64,
-    /// Held by the worker that opens connections to a new leader.
+    /// Times the connections were opened again after they closed.
+    reconnects: AtomicU64,
+    /// When opening them again last failed.
+    reopen_failed: tokio::sync::Mutex<Option<Instant>>,
+    /// Held by the worker that opens connections to a new leader or opens them again.
     following: tokio::sync::Mutex<()>,
 }
 
@@ -414,7 +427,38 @@ impl Pool {
             self.leader_changes.fetch_add(1, Ordering::Relaxed);
         }
     }
+
+    /// Worker `i`'s connection has closed (the node restarted, or stalled past the idle
+    /// time-out): opens new connections to the same node, once, whichever worker saw it
+    /// first. If the node is gone for good the writes fail; its successor, once it
+    /// answers, names itself in a refusal and the pool follows it.
+    async fn reopen(&self, i: usize) {
+        let _one = self.following.lock().await;
+        let target = {
+            let c = self.current.read().await;
+            if !c.callers[i % c.callers.len()].is_closed() {
+                return;
+            }
+            c.target.clone()
+        };
+        // A node that did not answer a moment ago is not dialled again by every worker in
+        // turn, each waiting out the connect time-out.
+        let mut failed_at = self.reopen_failed.lock().await;
+        if failed_at.is_some_and(|t| t.elapsed() < REOPEN_BACKOFF) {
+            return;
+        }
+        match self.open(&target, None).await {
+            Ok(()) => {
+                self.reconnects.fetch_add(1, Ordering::Relaxed);
+                *failed_at = None;
+            }
+            Err(_) => *failed_at = Some(Instant::now()),
+        }
+    }
 }
+
+/// How long after a failed attempt to open the connections again the next may start.
+const REOPEN_BACKOFF: Duration = Duration::from_millis(500);
 
 /// How long a write refused with "not the leader" is sent again before it counts as failed
 /// (spacectl's mutations wait out an election for up to 10 s; a benchmark gives up sooner).
@@ -496,6 +540,14 @@ async fn offer(
                                 // An election or a lapsed lease: give it a moment.
                                 None => tokio::time::sleep(Duration::from_millis(10)).await,
                             }
+                        }
+                        // A closed connection carried nothing: open it again and resend.
+                        Err(ClientError::Unreachable { .. })
+                            if caller.is_closed() && t.elapsed() < RETRY_FOR =>
+                        {
+                            retried += 1;
+                            pool.reopen(i).await;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                         other => break other,
                     }

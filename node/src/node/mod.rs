@@ -582,6 +582,10 @@ impl Node {
             site_gate.clone(),
             stop(),
         )));
+        tasks.push(tokio::spawn(crate::ops::stall::probe(
+            metrics.clone(),
+            stop(),
+        )));
         tasks.push(tokio::spawn(fence_on_raft_failure(
             cluster.clone(),
             placements.clone(),

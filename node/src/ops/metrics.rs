@@ -14,6 +14,7 @@ use metrics::{Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 const COMMIT_LATENCY: &str = "spaced_commit_latency_seconds";
+const RUNTIME_LATENESS: &str = "spaced_runtime_lateness_seconds";
 
 /// Commit-latency histogram buckets (seconds): sub-millisecond to one second.
 const BUCKETS: &[f64] = &[
@@ -40,6 +41,8 @@ pub struct NodeMetrics {
     last_applied: Gauge,
     /// Time from proposal to applied result, for proposals made on this node.
     commit_latency: Histogram,
+    /// How late the runtime probe ran ([`crate::ops::stall`]).
+    runtime_lateness: Histogram,
     /// Seconds since the leader last heard from each peer, by peer name.
     peers: Mutex<BTreeMap<String, Gauge>>,
     /// Entries appended here but not applied yet.
@@ -135,6 +138,13 @@ impl NodeMetrics {
         );
         let commit_latency =
             recorder.register_histogram(&Key::from_static_name(COMMIT_LATENCY), &meta());
+        recorder.describe_histogram(
+            RUNTIME_LATENESS.into(),
+            Some(metrics::Unit::Seconds),
+            "How late a task asking to wake every 20 ms ran: blocking work on the async runtime, or CPU starvation.".into(),
+        );
+        let runtime_lateness =
+            recorder.register_histogram(&Key::from_static_name(RUNTIME_LATENESS), &meta());
         recorder.describe_gauge(
             "spaced_peer_last_contact_seconds".into(),
             Some(metrics::Unit::Seconds),
@@ -259,6 +269,7 @@ impl NodeMetrics {
             is_leader,
             last_applied,
             commit_latency,
+            runtime_lateness,
             peers: Mutex::default(),
         }
     }
@@ -271,6 +282,11 @@ impl NodeMetrics {
     /// The commit-latency histogram, for the `Cluster` handle that times its proposals.
     pub fn commit_latency_histogram(&self) -> Histogram {
         self.commit_latency.clone()
+    }
+
+    /// Records how late the runtime probe ran.
+    pub fn runtime_lateness(&self, late: Duration) {
+        self.runtime_lateness.record(late.as_secs_f64());
     }
 
     /// Refreshes the Raft gauges from a metrics snapshot.
