@@ -491,9 +491,11 @@ async fn flush_durably(db: &sled::Db, file: &Arc<std::fs::File>) -> Result<(), i
         .map_err(|e| io_err("fdatasync", e))
 }
 
-/// Deletes purged entries below `floor` in small batches: sled's batch write holds a
-/// process-wide lock, and one batch of thousands of keys stalls every other write for 100+ ms.
-async fn delete_purged(log: sled::Tree, floor: u64) {
+/// Deletes purged entries below `floor` in small batches, on a blocking thread: sled's batch
+/// write holds a process-wide lock, and one batch of thousands of keys stalls every other
+/// write for 100+ ms; run on an async worker, even small batches take that worker from the
+/// tasks that renew leases.
+fn delete_purged(log: &sled::Tree, floor: u64) {
     const CHUNK: usize = 256;
     loop {
         let keys: Vec<sled::IVec> = log
@@ -513,7 +515,8 @@ async fn delete_purged(log: sled::Tree, floor: u64) {
             tracing::warn!(error = %e, "deleting purged log entries failed; retried at the next purge");
             return;
         }
-        tokio::task::yield_now().await;
+        // Lets appends waiting for sled's lock in between.
+        std::thread::yield_now();
     }
 }
 
@@ -645,7 +648,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let floor = log_id.index() + 1;
         tokio::spawn(async move {
             let _one_at_a_time = purging.lock().await;
-            delete_purged(log, floor).await;
+            let _ = tokio::task::spawn_blocking(move || delete_purged(&log, floor)).await;
         });
         Ok(())
     }
@@ -729,13 +732,18 @@ impl FabricStore {
             meta: meta.clone(),
             data: data.to_vec(),
         };
-        let bytes = codec::encode(&stored).map_err(|e| io_err("encode snapshot", e))?;
-        let old = chunked::count(&self.sm, KEY_SNAPSHOT).map_err(|e| io_err("read snapshot", e))?;
-        let mut batch = sled::Batch::default();
-        chunked::put(&mut batch, KEY_SNAPSHOT, &bytes, old);
-        self.sm
-            .apply_batch(batch)
-            .map_err(|e| io_err("write snapshot", e))?;
+        let sm = self.sm.clone();
+        // Encoding and writing a snapshot are long synchronous work: off the async workers.
+        tokio::task::spawn_blocking(move || -> Result<(), io::Error> {
+            let bytes = codec::encode(&stored).map_err(|e| io_err("encode snapshot", e))?;
+            let old = chunked::count(&sm, KEY_SNAPSHOT).map_err(|e| io_err("read snapshot", e))?;
+            let mut batch = sled::Batch::default();
+            chunked::put(&mut batch, KEY_SNAPSHOT, &bytes, old);
+            sm.apply_batch(batch)
+                .map_err(|e| io_err("write snapshot", e))
+        })
+        .await
+        .map_err(|e| io_err("write snapshot", e))??;
         flush_durably(&self.db, &self.db_file).await?;
         Ok(())
     }
@@ -745,17 +753,23 @@ impl RaftSnapshotBuilder<TypeConfig> for FabricStore {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (data, meta) = {
+        // A copy, taken under the read lock, is encoded on a blocking thread: encoding under
+        // the lock would hold up `apply`'s write lock, and every reader queued behind it (the
+        // voters' lease confirmations among them), for the whole encoding.
+        let (copy, meta) = {
             let st = self.state.read().unwrap_or_else(|p| p.into_inner());
-            let data = codec::encode(&*st).map_err(|e| io_err("encode fabric", e))?;
             (
-                data,
+                st.clone(),
                 SnapshotMeta {
                     last_log_id: st.last_applied,
                     last_membership: st.last_membership.clone(),
                 },
             )
         };
+        let data = tokio::task::spawn_blocking(move || codec::encode(&copy))
+            .await
+            .map_err(|e| io_err("encode fabric", e))?
+            .map_err(|e| io_err("encode fabric", e))?;
         self.persist_snapshot(&meta, &data).await?;
         tracing::info!(bytes = data.len(), last = ?meta.last_log_id.map(|l| l.index()), "snapshot built");
         Ok(Snapshot {
