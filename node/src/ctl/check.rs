@@ -134,7 +134,8 @@ pub struct PerfResult {
     /// Failed writes by error.
     pub errors: BTreeMap<String, u64>,
     /// Refusals ("not the leader": a leader that stepped down or let its lease lapse) and
-    /// closed connections after which the write was sent again and then acknowledged or failed for another reason.
+    /// closed connections after which the write was sent again and then acknowledged or
+    /// failed for another reason.
     pub retried: u64,
     /// From the first write offered to the last answered.
     pub elapsed: Duration,
@@ -281,7 +282,7 @@ async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<()
         opened: std::sync::Mutex::new(Vec::new()),
         leader_changes: AtomicU64::new(0),
         reconnects: AtomicU64::new(0),
-        reopen_failed: tokio::sync::Mutex::new(None),
+        reopen_failed: std::sync::Mutex::new(None),
         following: tokio::sync::Mutex::new(()),
     });
     pool.open(&leader, Some(first)).await?;
@@ -373,8 +374,8 @@ struct Pool {
     leader_changes: AtomicU64,
     /// Times the connections were opened again after they closed.
     reconnects: AtomicU64,
-    /// When opening them again last failed.
-    reopen_failed: tokio::sync::Mutex<Option<Instant>>,
+    /// When opening them again last failed (written under `following`).
+    reopen_failed: std::sync::Mutex<Option<Instant>>,
     /// Held by the worker that opens connections to a new leader or opens them again.
     following: tokio::sync::Mutex<()>,
 }
@@ -443,17 +444,15 @@ impl Pool {
         };
         // A node that did not answer a moment ago is not dialled again by every worker in
         // turn, each waiting out the connect time-out.
-        let mut failed_at = self.reopen_failed.lock().await;
-        if failed_at.is_some_and(|t| t.elapsed() < REOPEN_BACKOFF) {
+        let failed_at = || self.reopen_failed.lock().unwrap_or_else(|p| p.into_inner());
+        if failed_at().is_some_and(|t| t.elapsed() < REOPEN_BACKOFF) {
             return;
         }
-        match self.open(&target, None).await {
-            Ok(()) => {
-                self.reconnects.fetch_add(1, Ordering::Relaxed);
-                *failed_at = None;
-            }
-            Err(_) => *failed_at = Some(Instant::now()),
+        let opened = self.open(&target, None).await.is_ok();
+        if opened {
+            self.reconnects.fetch_add(1, Ordering::Relaxed);
         }
+        *failed_at() = (!opened).then(Instant::now);
     }
 }
 

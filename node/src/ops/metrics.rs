@@ -131,20 +131,18 @@ impl NodeMetrics {
             "spaced_raft_last_applied",
             "Index of the last applied log entry.",
         );
-        recorder.describe_histogram(
-            COMMIT_LATENCY.into(),
-            Some(metrics::Unit::Seconds),
-            "Time from proposing a command on this node until it was committed and applied.".into(),
+        let seconds_histogram = |name: &'static str, help: &'static str| {
+            recorder.describe_histogram(name.into(), Some(metrics::Unit::Seconds), help.into());
+            recorder.register_histogram(&Key::from_static_name(name), &meta())
+        };
+        let commit_latency = seconds_histogram(
+            COMMIT_LATENCY,
+            "Time from proposing a command on this node until it was committed and applied.",
         );
-        let commit_latency =
-            recorder.register_histogram(&Key::from_static_name(COMMIT_LATENCY), &meta());
-        recorder.describe_histogram(
-            RUNTIME_LATENESS.into(),
-            Some(metrics::Unit::Seconds),
-            "How late a task asking to wake every 20 ms ran: blocking work on the async runtime, or CPU starvation.".into(),
+        let runtime_lateness = seconds_histogram(
+            RUNTIME_LATENESS,
+            "How late a task asking to wake every 20 ms ran: blocking work on the async runtime, or CPU starvation.",
         );
-        let runtime_lateness =
-            recorder.register_histogram(&Key::from_static_name(RUNTIME_LATENESS), &meta());
         recorder.describe_gauge(
             "spaced_peer_last_contact_seconds".into(),
             Some(metrics::Unit::Seconds),
