@@ -1740,6 +1740,29 @@ pub struct Soak {
     /// Each connection through the balancer: how long its exchange took, or why it failed
     /// (empty without [`ChaosSettings::balancer`]).
     pub balanced: Vec<Result<Duration, String>>,
+    /// Per node, the daemon's "async runtime stalled" warnings: how many, and the longest (ms).
+    pub stalls: Vec<(usize, u64)>,
+}
+
+/// The "async runtime stalled" warnings in a daemon's log: how many, and the longest lateness
+/// in milliseconds (its `late_ms` field).
+pub fn runtime_stalls(log: &str) -> (usize, u64) {
+    log.lines()
+        .filter(|l| l.contains("async runtime stalled"))
+        .fold((0, 0), |(n, worst), l| {
+            let late = l
+                .split("late_ms")
+                .nth(1)
+                .map(|rest| {
+                    rest.trim_start_matches(|c: char| !c.is_ascii_digit())
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect::<String>()
+                })
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(0);
+            (n + 1, worst.max(late))
+        })
 }
 
 /// Connects to the balancer at `to` every [`LB_CONNECT_EVERY`], one connection at a time,
@@ -1893,7 +1916,13 @@ pub fn soak(
     }
     let balanced = lock(&balanced).clone();
     let (writes, _) = chaos.stop_writer();
+    let stalls = chaos
+        .procs
+        .iter()
+        .map(|p| runtime_stalls(&p.read_log()))
+        .collect();
     Ok(Soak {
+        stalls,
         duration: began.elapsed(),
         samples,
         writes,
@@ -2000,6 +2029,15 @@ impl Soak {
             self.singleton.overlap_samples,
             describe_changes(unfaulted_changes(&self.singleton)),
         );
+        out += &format!(
+            "runtime stalls (\"async runtime stalled\" warnings, count / longest): {}\n",
+            self.stalls
+                .iter()
+                .enumerate()
+                .map(|(i, (n, worst))| format!("n{} {n} / {worst} ms", i + 1))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         if let Some(load) = &self.load {
             out += &format!("commit load (spacectl check perf --json): {load}\n");
         }
@@ -2048,6 +2086,15 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn runtime_stalls_counts_the_warnings_and_keeps_the_longest() {
+        let log = "2026-12-05T12:00:00Z  WARN spaced::ops::stall: async runtime stalled: a task ran 41 ms late late_ms=41\n\
+                   2026-12-05T12:00:01Z  INFO spaced::vip: renewed late_ms=900\n\
+                   {\"level\":\"WARN\",\"fields\":{\"late_ms\":130,\"message\":\"async runtime stalled: a task ran 130 ms late\"}}\n";
+        assert_eq!(runtime_stalls(log), (2, 130));
+        assert_eq!(runtime_stalls("nothing here\n"), (0, 0));
     }
 
     fn write(id: &str, op: Op, sent: u64, took: u64, acked: bool) -> Write {

@@ -11,7 +11,9 @@
 //! `--load-rate N` adds N commits a second beside it (`spacectl check perf --rate N` from the
 //! client's namespace, straight to the leader), reported at the end. `--snapshot-after N`
 //! sets every node's `[raft] snapshot_after_logs` (default 10,000): a small N snapshots and
-//! purges the log often, to see what that costs the leases.
+//! purges the log often, to see what that costs the leases. The summary counts each node's
+//! "async runtime stalled" warnings; `SPACED_LAB_KEEP=1` keeps the daemons' logs of a run
+//! that passed.
 
 use std::process::ExitCode;
 use std::time::Duration;
