@@ -227,6 +227,73 @@ fn bind_std_socket(
     Ok(fd)
 }
 
+/// Opens a connection to a backend: non-blocking, with `TCP_NODELAY` set before the connect
+/// (the relay forwards what arrives as it arrives). With `hold_ack` (the caller has bytes to
+/// send as soon as it is connected) `TCP_QUICKACK` is off first, so Linux holds back the
+/// handshake's last ACK and those bytes carry it: one packet fewer per connection, as with a
+/// client that keeps `TCP_DEFER_ACCEPT` on its socket. Without bytes to send the ACK must go
+/// at once: a server-first backend would otherwise see its connection only when the
+/// delayed-ACK timer fires (200 ms).
+///
+/// Success is read from the readiness epoll reports (`EPOLLOUT` alone): only a socket that
+/// also reports a hang-up or an error is asked for its error (`SO_ERROR`), which saves that
+/// system call on every connection that succeeds.
+async fn connect_backend(addr: SocketAddr, hold_ack: bool) -> io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    if hold_ack {
+        // Best effort: without it the handshake ends with an ACK of its own.
+        let _ = socket.set_tcp_quickack(false);
+    }
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    let ready = stream.ready(Interest::WRITABLE).await?;
+    if (ready.is_error() || ready.is_write_closed())
+        && let Some(e) = stream.take_error()?
+    {
+        return Err(e);
+    }
+    Ok(stream)
+}
+
+/// Reads what the client has sent already (an HTTP request usually arrives with the
+/// handshake) into `consumed`, before the backend is connected, so that it leaves with the
+/// backend handshake's last ACK. This is the read the relay would make first; a short read
+/// emptied the socket and clears tokio's read readiness, as the relay's own reads do. Nothing
+/// queued, or a failure, leaves it to the relay.
+fn read_early(client: &TcpStream, consumed: &mut Vec<u8>) {
+    let mut buf = [0u8; EARLY_READ];
+    let fd = client.as_fd();
+    let mut got = 0;
+    let _ = client.try_io(Interest::READABLE, || {
+        match crate::relay::recv_io(fd, &mut buf) {
+            Ok(n) if n > 0 && n < EARLY_READ => {
+                got = n;
+                // A short read emptied the socket: WouldBlock clears readiness.
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            Ok(n) => {
+                got = n;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    });
+    consumed.extend_from_slice(&buf[..got]);
+}
+
+/// The most [`read_early`] takes; a longer first message is relayed from there on.
+const EARLY_READ: usize = 4096;
+
 /// One listener's balancer: its configuration, backends, counters and pipes.
 #[derive(Debug)]
 pub struct Balancer {
@@ -464,12 +531,17 @@ impl Balancer {
         peer: SocketAddr,
         client_nodelay: bool,
     ) {
-        // Client bytes the peek had to consume; they go to the backend first.
+        // Client bytes already read (by a peek that timed out, or `read_early`); they go to
+        // the backend first.
         let mut consumed = Vec::new();
         let route = match config.policy {
             Policy::Sticky => self.peek_route(config, &client, &mut consumed).await,
             _ => None,
         };
+        read_early(&client, &mut consumed);
+        // Bytes to send the moment the backend answers: its handshake's last ACK can wait
+        // for them (see `connect_backend`).
+        let hold_ack = config.proxy_protocol || !consumed.is_empty();
         let mut tried: Vec<Arc<Backend>> = Vec::new();
         let (backend, upstream, claim) = loop {
             let Some(backend) =
@@ -484,7 +556,7 @@ impl Balancer {
             let claim = backend.claim();
             match timeout(
                 config.connect_timeout,
-                TcpStream::connect(backend.spec.addr),
+                connect_backend(backend.spec.addr, hold_ack),
             )
             .await
             {
@@ -525,7 +597,6 @@ impl Balancer {
         if !client_nodelay {
             let _ = client.set_nodelay(true);
         }
-        let _ = upstream.set_nodelay(true);
         let mut upstream = upstream;
         let mut first = Vec::new();
         if config.proxy_protocol {
@@ -533,6 +604,7 @@ impl Balancer {
             first = crate::proxy_v2::encode(peer, local);
         }
         first.extend_from_slice(&consumed);
+
         if !first.is_empty() {
             if let Err(error) = upstream.write_all(&first).await {
                 tracing::debug!(lb = %self.label, backend = %backend.name(), %error, "writing the first bytes (PROXY header, peeked request) failed");

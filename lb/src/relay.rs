@@ -69,6 +69,16 @@
 //! `shutdown`: both sockets are closed right after, and a `close` of a
 //! socket read to its end sends the same FIN.
 //!
+//! A server that answers and closes at once (HTTP `Connection: close`) sends
+//! its last bytes and its FIN together, and epoll reports them together
+//! (`EPOLLRDHUP` with `EPOLLIN`). When a copy-phase read empties the socket
+//! with the FIN already seen, the read that finds the EOF is made before the
+//! bytes are written, and they are written with `MSG_MORE`: the `shutdown`
+//! (or `close`) that follows at once then puts the FIN on the same segment
+//! (the kernel adds a FIN to an unsent tail), one packet and one ACK fewer
+//! per connection, as the server itself did. Only a read that confirms the
+//! EOF holds the tail back, so no byte waits for anything but the FIN.
+//!
 //! Splicing into a reset socket may raise `SIGPIPE`; Rust programs ignore it
 //! by default (std sets `SIG_IGN` at start-up), so it surfaces as `EPIPE`.
 
@@ -658,12 +668,15 @@ async fn step_over_urgent_mark(way: Way<'_>) -> Result<bool, RelayError> {
         return Ok(true);
     }
     way.activity.touch();
-    send_all(way, &buf[..n]).await?;
+    send_all(way, &buf[..n], false).await?;
     Ok(false)
 }
 
 /// Writes all of `buf` to the destination, waiting for room as needed, counting it as copied.
-async fn send_all(way: Way<'_>, buf: &[u8]) -> Result<(), RelayError> {
+/// `last`: the source's EOF follows these bytes, and the caller shuts the destination's
+/// writing down (or closes it) right after: the tail is held back (`MSG_MORE`) so that the
+/// FIN leaves in the same segment.
+async fn send_all(way: Way<'_>, buf: &[u8], last: bool) -> Result<(), RelayError> {
     let Way {
         dst,
         tally,
@@ -673,7 +686,7 @@ async fn send_all(way: Way<'_>, buf: &[u8]) -> Result<(), RelayError> {
     let to = dst.as_fd();
     let mut sent = 0;
     while sent < buf.len() {
-        match dst.try_io(Interest::WRITABLE, || send_io(to, &buf[sent..])) {
+        match dst.try_io(Interest::WRITABLE, || send_io(to, &buf[sent..], last)) {
             Ok(k) => {
                 sent += k;
                 tally.moved.fetch_add(k as u64, Ordering::Relaxed);
@@ -745,6 +758,8 @@ async fn copy_phase(way: Way<'_>) -> Result<bool, RelayError> {
     let buf = &mut lease.buffer[..];
     let from = src.as_fd();
     loop {
+        // Waits for an edge only when tokio's readiness was cleared (no syscall otherwise).
+        let ready = src.ready(Interest::READABLE).await.map_err(read_err)?;
         let mut drained = None;
         let result = src.try_io(Interest::READABLE, || match recv_io(from, buf) {
             Ok(n) if n > 0 && n < COPY_BUFFER => {
@@ -754,19 +769,32 @@ async fn copy_phase(way: Way<'_>) -> Result<bool, RelayError> {
             }
             other => other,
         });
-        let n = match (result, drained) {
+        let mut n = match (result, drained) {
             (_, Some(n)) | (Ok(n), None) => n,
-            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
-                src.readable().await.map_err(read_err)?;
-                continue;
-            }
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
             (Err(e), None) => return Err(read_err(e)),
         };
         if n == 0 {
             return Ok(true);
         }
         activity.touch();
-        send_all(way, &buf[..n]).await?;
+        // The source's FIN had arrived when these bytes were read (epoll saw EPOLLRDHUP with
+        // them, as when a server answers and closes at once): the read that would find the
+        // EOF is made now, before the bytes go out, so that they leave with the FIN in one
+        // segment (module docs).
+        let mut eof = false;
+        if drained.is_some() && ready.is_read_closed() {
+            match recv_io(from, &mut buf[n..]) {
+                Ok(0) => eof = true,
+                Ok(more) => n += more,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(read_err(e)),
+            }
+        }
+        send_all(way, &buf[..n], eof).await?;
+        if eof {
+            return Ok(true);
+        }
         if n == COPY_BUFFER {
             return Ok(false);
         }
@@ -784,14 +812,15 @@ pub(crate) fn recv_io(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usiz
 }
 
 /// One non-blocking `send` of `buf` (no `SIGPIPE`: a closed peer is `EPIPE`);
-/// `EINTR` is retried.
-fn send_io(socket: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+/// `EINTR` is retried. `more`: `MSG_MORE`, the tail waits for what follows (the FIN).
+fn send_io(socket: BorrowedFd<'_>, buf: &[u8], more: bool) -> io::Result<usize> {
+    let mut flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    if more {
+        // nix names no MSG_MORE.
+        flags |= MsgFlags::from_bits_retain(nix::libc::MSG_MORE);
+    }
     loop {
-        match send(
-            socket.as_raw_fd(),
-            buf,
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-        ) {
+        match send(socket.as_raw_fd(), buf, flags) {
             Err(Errno::EINTR) => continue,
             other => return other.map_err(io::Error::from),
         }

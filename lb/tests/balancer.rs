@@ -918,3 +918,61 @@ async fn accept_loops_share_a_port_until_the_last_one_stops() {
     timeout(STEP, first_task).await.unwrap().unwrap();
     timeout(STEP, last_task).await.unwrap().unwrap();
 }
+
+/// Segments the kernel counted into the socket whose local port is `port`, in state
+/// `state` (`ss -ti`'s `segs_in`).
+fn segments_in(state: &str, port: u16) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-tinH", "state", state, &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("segs_in:"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no segs_in for port {port} in state {state}: {text:?}"))
+}
+
+/// A client whose request came with its handshake: the balancer reads it before it connects
+/// the backend, and the request carries the backend handshake's last ACK, so the backend's
+/// socket counts two segments in (the SYN, then the request), not three.
+#[tokio::test]
+async fn a_request_sent_with_the_handshake_carries_the_backend_handshakes_ack() {
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let spec = BackendSpec {
+        name: "b".into(),
+        addr: backend.local_addr().unwrap(),
+    };
+    // No health checks: every connection the backend accepts is a client's.
+    let config = LbConfig {
+        health: None,
+        ..LbConfig::default()
+    };
+    let (_b, addr, _stop, _task) = start(config, &[spec.clone()]).await;
+    // Connected and written before the balancer's accept loop runs (no await in between).
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut client, b"request").unwrap();
+    let (mut server, _) = timeout(STEP, backend.accept()).await.unwrap().unwrap();
+    let mut got = [0u8; 7];
+    timeout(STEP, server.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"request");
+    assert_eq!(
+        segments_in("established", spec.addr.port()),
+        2,
+        "the backend should get its SYN and the request, with no ACK of its own between"
+    );
+    // A server-first exchange on the same balancer still works: nothing is held back when
+    // the client has sent nothing.
+    let mut quiet = TcpStream::connect(addr).await.unwrap();
+    let (mut second, _) = timeout(STEP, backend.accept()).await.unwrap().unwrap();
+    second.write_all(b"hello\n").await.unwrap();
+    let mut hello = [0u8; 6];
+    timeout(STEP, quiet.read_exact(&mut hello))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&hello, b"hello\n");
+}

@@ -522,6 +522,44 @@ async fn half_close_backend_first() {
     );
 }
 
+/// Segments the kernel counted into the socket whose local port is `port`, in state
+/// `state` (`ss -ti`'s `segs_in`).
+fn segments_in(state: &str, port: u16) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-tinH", "state", state, &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("segs_in:"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no segs_in for port {port} in state {state}: {text:?}"))
+}
+
+/// A server that answers and closes at once sends its last bytes and its FIN in one segment;
+/// the relay forwards them the same way (`MSG_MORE` before the `shutdown`), so the client
+/// gets the SYN-ACK and one segment, not the data and then a bare FIN.
+#[tokio::test]
+async fn a_last_answer_and_its_fin_leave_in_one_segment() {
+    use std::os::fd::AsRawFd;
+    let (mut client, mut server, _outcomes) = one_pair(Duration::from_secs(10)).await;
+    let more = nix::sys::socket::MsgFlags::from_bits_retain(nix::libc::MSG_MORE);
+    let sent = nix::sys::socket::send(server.as_raw_fd(), b"answer", more).unwrap();
+    assert_eq!(sent, 6);
+    server.shutdown().await.unwrap();
+
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"answer");
+    // The client has read the FIN and not closed: its socket is in CLOSE-WAIT.
+    let port = client.local_addr().unwrap().port();
+    assert_eq!(
+        segments_in("close-wait", port),
+        2,
+        "the client should get the SYN-ACK and one segment with the answer and the FIN"
+    );
+}
+
 /// Reads until EOF or error; returns how long that took.
 async fn wait_closed(client: &mut TcpStream) -> Duration {
     let started = Instant::now();
