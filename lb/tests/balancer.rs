@@ -948,7 +948,7 @@ async fn a_request_sent_with_the_handshake_carries_the_backend_handshakes_ack() 
         health: None,
         ..LbConfig::default()
     };
-    let (_b, addr, _stop, _task) = start(config, &[spec.clone()]).await;
+    let (_b, addr, _stop, _task) = start(config, std::slice::from_ref(&spec)).await;
     // Connected and written before the balancer's accept loop runs (no await in between).
     let mut client = std::net::TcpStream::connect(addr).unwrap();
     std::io::Write::write_all(&mut client, b"request").unwrap();
