@@ -1,5 +1,7 @@
 //! The balancer end to end on 127.0.0.1: real listener, real backends, real connections.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -919,20 +921,6 @@ async fn accept_loops_share_a_port_until_the_last_one_stops() {
     timeout(STEP, last_task).await.unwrap().unwrap();
 }
 
-/// Segments the kernel counted into the socket whose local port is `port`, in state
-/// `state` (`ss -ti`'s `segs_in`).
-fn segments_in(state: &str, port: u16) -> u64 {
-    let out = std::process::Command::new("ss")
-        .args(["-tinH", "state", state, &format!("sport = :{port}")])
-        .output()
-        .expect("ss (iproute2) runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .find_map(|w| w.strip_prefix("segs_in:"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no segs_in for port {port} in state {state}: {text:?}"))
-}
-
 /// A client whose request came with its handshake: the balancer reads it before it connects
 /// the backend, and the request carries the backend handshake's last ACK, so the backend's
 /// socket counts two segments in (the SYN, then the request), not three.
@@ -960,7 +948,7 @@ async fn a_request_sent_with_the_handshake_carries_the_backend_handshakes_ack() 
         .unwrap();
     assert_eq!(&got, b"request");
     assert_eq!(
-        segments_in("established", spec.addr.port()),
+        common::segments_in("established", spec.addr.port()),
         2,
         "the backend should get its SYN and the request, with no ACK of its own between"
     );

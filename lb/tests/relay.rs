@@ -1,5 +1,7 @@
 //! Integration tests of the splice relay over real 127.0.0.1 sockets through a tiny test proxy.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -522,20 +524,6 @@ async fn half_close_backend_first() {
     );
 }
 
-/// Segments the kernel counted into the socket whose local port is `port`, in state
-/// `state` (`ss -ti`'s `segs_in`).
-fn segments_in(state: &str, port: u16) -> u64 {
-    let out = std::process::Command::new("ss")
-        .args(["-tinH", "state", state, &format!("sport = :{port}")])
-        .output()
-        .expect("ss (iproute2) runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .find_map(|w| w.strip_prefix("segs_in:"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no segs_in for port {port} in state {state}: {text:?}"))
-}
-
 /// A server that answers and closes at once sends its last bytes and its FIN in one segment;
 /// the relay forwards them the same way (`MSG_MORE` before the `shutdown`), so the client
 /// gets the SYN-ACK and one segment, not the data and then a bare FIN.
@@ -554,7 +542,7 @@ async fn a_last_answer_and_its_fin_leave_in_one_segment() {
     // The client has read the FIN and not closed: its socket is in CLOSE-WAIT.
     let port = client.local_addr().unwrap().port();
     assert_eq!(
-        segments_in("close-wait", port),
+        common::segments_in("close-wait", port),
         2,
         "the client should get the SYN-ACK and one segment with the answer and the FIN"
     );
