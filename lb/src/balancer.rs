@@ -272,23 +272,9 @@ async fn connect_backend(addr: SocketAddr, hold_ack: bool) -> io::Result<TcpStre
 /// queued, or a failure, leaves it to the relay.
 fn read_early(client: &TcpStream, consumed: &mut Vec<u8>) {
     let mut buf = [0u8; EARLY_READ];
-    let fd = client.as_fd();
-    let mut got = 0;
-    let _ = client.try_io(Interest::READABLE, || {
-        match crate::relay::recv_io(fd, &mut buf) {
-            Ok(n) if n > 0 && n < EARLY_READ => {
-                got = n;
-                // A short read emptied the socket: WouldBlock clears readiness.
-                Err(io::ErrorKind::WouldBlock.into())
-            }
-            Ok(n) => {
-                got = n;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    });
-    consumed.extend_from_slice(&buf[..got]);
+    if let Ok(n) = crate::relay::recv_clearing(client, &mut buf) {
+        consumed.extend_from_slice(&buf[..n]);
+    }
 }
 
 /// The most [`read_early`] takes; a longer first message is relayed from there on.
@@ -604,10 +590,9 @@ impl Balancer {
             first = crate::proxy_v2::encode(peer, local);
         }
         first.extend_from_slice(&consumed);
-
         if !first.is_empty() {
             if let Err(error) = upstream.write_all(&first).await {
-                tracing::debug!(lb = %self.label, backend = %backend.name(), %error, "writing the first bytes (PROXY header, peeked request) failed");
+                tracing::debug!(lb = %self.label, backend = %backend.name(), %error, "writing the first bytes (PROXY header, request read before the connect) failed");
                 self.stats.relay_errors.fetch_add(1, Ordering::Relaxed);
                 return;
             }

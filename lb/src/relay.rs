@@ -760,19 +760,10 @@ async fn copy_phase(way: Way<'_>) -> Result<bool, RelayError> {
     loop {
         // Waits for an edge only when tokio's readiness was cleared (no syscall otherwise).
         let ready = src.ready(Interest::READABLE).await.map_err(read_err)?;
-        let mut drained = None;
-        let result = src.try_io(Interest::READABLE, || match recv_io(from, buf) {
-            Ok(n) if n > 0 && n < COPY_BUFFER => {
-                // A short read emptied the socket: WouldBlock clears readiness.
-                drained = Some(n);
-                Err(io::ErrorKind::WouldBlock.into())
-            }
-            other => other,
-        });
-        let mut n = match (result, drained) {
-            (_, Some(n)) | (Ok(n), None) => n,
-            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            (Err(e), None) => return Err(read_err(e)),
+        let mut n = match recv_clearing(src, buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(read_err(e)),
         };
         if n == 0 {
             return Ok(true);
@@ -783,7 +774,7 @@ async fn copy_phase(way: Way<'_>) -> Result<bool, RelayError> {
         // EOF is made now, before the bytes go out, so that they leave with the FIN in one
         // segment (module docs).
         let mut eof = false;
-        if drained.is_some() && ready.is_read_closed() {
+        if n < COPY_BUFFER && ready.is_read_closed() {
             match recv_io(from, &mut buf[n..]) {
                 Ok(0) => eof = true,
                 Ok(more) => n += more,
@@ -798,6 +789,26 @@ async fn copy_phase(way: Way<'_>) -> Result<bool, RelayError> {
         if n == COPY_BUFFER {
             return Ok(false);
         }
+    }
+}
+
+/// One `recv` into `buf` through tokio's read readiness. A short read (fewer bytes than `buf`
+/// holds) emptied the socket, so it clears the readiness, as tokio's own reads do: that saves
+/// the `EAGAIN` read that would follow every message. `WouldBlock`: nothing was queued.
+pub(crate) fn recv_clearing(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let (from, len) = (src.as_fd(), buf.len());
+    let mut drained = None;
+    let result = src.try_io(Interest::READABLE, || match recv_io(from, buf) {
+        Ok(n) if n > 0 && n < len => {
+            // WouldBlock clears readiness.
+            drained = Some(n);
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        other => other,
+    });
+    match drained {
+        Some(n) => Ok(n),
+        None => result,
     }
 }
 
