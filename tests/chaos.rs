@@ -72,6 +72,9 @@ pub struct ChaosSettings {
     /// `[raft] snapshot_after_logs` of every node (`None`: the default): small values
     /// snapshot (and purge the log) often, to see what that costs the leases.
     pub snapshot_after_logs: Option<u64>,
+    /// `nice` of every node (`None`: the daemon's default), to compare stalls at two
+    /// priorities.
+    pub nice: Option<i32>,
 }
 
 impl Default for ChaosSettings {
@@ -82,6 +85,7 @@ impl Default for ChaosSettings {
             churn: Some(1000),
             balancer: false,
             snapshot_after_logs: None,
+            nice: None,
         }
     }
 }
@@ -316,6 +320,7 @@ fn node_config(
     cfg.takeover = TakeoverMode::Netlink;
     cfg.roles = vec!["ha".into(), "app".into()];
     cfg.data_dir = data_dir;
+    cfg.nice = settings.nice;
     cfg.vips = vec![VipSection {
         name: "front".into(),
         address: format!("{vip}/24"),
@@ -1740,29 +1745,59 @@ pub struct Soak {
     /// Each connection through the balancer: how long its exchange took, or why it failed
     /// (empty without [`ChaosSettings::balancer`]).
     pub balanced: Vec<Result<Duration, String>>,
-    /// Per node, the daemon's "async runtime stalled" warnings: how many, and the longest (ms).
-    pub stalls: Vec<(usize, u64)>,
+    /// Per node, the daemon's "async runtime stalled" warnings.
+    pub stalls: Vec<Stalls>,
 }
 
-/// The "async runtime stalled" warnings in a daemon's log: how many, and the longest lateness
-/// in milliseconds (its `late_ms` field).
-pub fn runtime_stalls(log: &str) -> (usize, u64) {
-    log.lines()
-        .filter(|l| l.contains("async runtime stalled"))
-        .fold((0, 0), |(n, worst), l| {
-            let late = l
-                .split("late_ms")
-                .nth(1)
-                .map(|rest| {
-                    rest.trim_start_matches(|c: char| !c.is_ascii_digit())
-                        .chars()
-                        .take_while(char::is_ascii_digit)
-                        .collect::<String>()
-                })
-                .and_then(|d| d.parse().ok())
-                .unwrap_or(0);
-            (n + 1, worst.max(late))
-        })
+/// A daemon's "async runtime stalled" warnings.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stalls {
+    /// How many.
+    pub count: usize,
+    /// The longest lateness in milliseconds (its `late_ms` field).
+    pub longest_ms: u64,
+    /// How many of each `cause` the daemon gave (where its time went).
+    pub causes: std::collections::BTreeMap<String, usize>,
+    /// The cause given for the longest.
+    pub longest_cause: Option<String>,
+}
+
+/// Reads the "async runtime stalled" warnings in a daemon's log, in the text or the JSON
+/// format.
+pub fn runtime_stalls(log: &str) -> Stalls {
+    /// The digits after the first `field`.
+    fn number(line: &str, field: &str) -> Option<u64> {
+        let rest = line.split(field).nth(1)?;
+        rest.trim_start_matches(|c: char| !c.is_ascii_digit())
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .ok()
+    }
+    /// The quoted text after the first `field` (`cause="x"` or `"cause":"x"`).
+    fn quoted(line: &str, field: &str) -> Option<String> {
+        let rest = line.split(field).nth(1)?;
+        let rest = &rest[rest.find('"')? + 1..];
+        let rest = rest
+            .strip_prefix(':')
+            .map_or(rest, |r| &r[r.find('"').map_or(0, |i| i + 1)..]);
+        Some(rest[..rest.find('"')?].to_string())
+    }
+    let mut out = Stalls::default();
+    for l in log.lines().filter(|l| l.contains("async runtime stalled")) {
+        let late = number(l, "late_ms").unwrap_or(0);
+        let cause = quoted(l, "cause");
+        out.count += 1;
+        if let Some(c) = &cause {
+            *out.causes.entry(c.clone()).or_default() += 1;
+        }
+        if late >= out.longest_ms {
+            out.longest_ms = late;
+            out.longest_cause = cause;
+        }
+    }
+    out
 }
 
 /// Connects to the balancer at `to` every [`LB_CONNECT_EVERY`], one connection at a time,
@@ -2030,13 +2065,32 @@ impl Soak {
             describe_changes(unfaulted_changes(&self.singleton)),
         );
         out += &format!(
-            "runtime stalls (\"async runtime stalled\" warnings, count / longest): {}\n",
+            "runtime stalls (\"async runtime stalled\" warnings, count / longest, causes): {}\n",
             self.stalls
                 .iter()
                 .enumerate()
-                .map(|(i, (n, worst))| format!("n{} {n} / {worst} ms", i + 1))
+                .map(|(i, s)| {
+                    let causes = s
+                        .causes
+                        .iter()
+                        .map(|(c, n)| format!("{n} {c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let longest = s.longest_cause.as_deref().unwrap_or("no cause given");
+                    format!(
+                        "n{} {} / {} ms ({longest}){}",
+                        i + 1,
+                        s.count,
+                        s.longest_ms,
+                        if causes.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; {causes}")
+                        }
+                    )
+                })
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join("; ")
         );
         if let Some(load) = &self.load {
             out += &format!("commit load (spacectl check perf --json): {load}\n");
@@ -2090,11 +2144,21 @@ mod tests {
 
     #[test]
     fn runtime_stalls_counts_the_warnings_and_keeps_the_longest() {
-        let log = "2026-12-05T12:00:00Z  WARN spaced::ops::stall: async runtime stalled: a task ran 41 ms late late_ms=41\n\
+        let log = "2026-12-05T12:00:00Z  WARN spaced::ops::stall: async runtime stalled: a task ran 41 ms late late_ms=41 window_ms=260 cause=\"waiting for a CPU\"\n\
                    2026-12-05T12:00:01Z  INFO spaced::vip: renewed late_ms=900\n\
-                   {\"level\":\"WARN\",\"fields\":{\"late_ms\":130,\"message\":\"async runtime stalled: a task ran 130 ms late\"}}\n";
-        assert_eq!(runtime_stalls(log), (2, 130));
-        assert_eq!(runtime_stalls("nothing here\n"), (0, 0));
+                   {\"level\":\"WARN\",\"fields\":{\"late_ms\":130,\"cause\":\"hypervisor steal\",\"message\":\"async runtime stalled: a task ran 130 ms late\"}}\n\
+                   2026-12-05T12:00:02Z  WARN spaced::ops::stall: async runtime stalled: a task ran 35 ms late late_ms=35\n";
+        let s = runtime_stalls(log);
+        assert_eq!((s.count, s.longest_ms), (3, 130));
+        assert_eq!(s.longest_cause.as_deref(), Some("hypervisor steal"));
+        assert_eq!(
+            s.causes.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("hypervisor steal".to_string(), 1),
+                ("waiting for a CPU".to_string(), 1)
+            ]
+        );
+        assert_eq!(runtime_stalls("nothing here\n"), Stalls::default());
     }
 
     fn write(id: &str, op: Op, sent: u64, took: u64, acked: bool) -> Write {

@@ -11,9 +11,10 @@
 //! `--load-rate N` adds N commits a second beside it (`spacectl check perf --rate N` from the
 //! client's namespace, straight to the leader), reported at the end. `--snapshot-after N`
 //! sets every node's `[raft] snapshot_after_logs` (default 10,000): a small N snapshots and
-//! purges the log often, to see what that costs the leases. The summary counts each node's
-//! "async runtime stalled" warnings; `SPACED_LAB_KEEP=1` keeps the daemons' logs of a run
-//! that passed.
+//! purges the log often, to see what that costs the leases. `--nice N` sets every node's
+//! `nice` (default: the daemon's, -10). The summary counts each node's "async runtime
+//! stalled" warnings by the cause each gives; `SPACED_LAB_KEEP=1` keeps the daemons' logs of
+//! a run that passed.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -51,6 +52,16 @@ fn run() -> Result<()> {
             "--load-rate" => load_rate = Some(value("writes a second")? as u32),
             "--seed" => seed = value("a number")?,
             "--snapshot-after" => settings.snapshot_after_logs = Some(value("a count")?),
+            "--nice" => {
+                let v = args.next().context("--nice needs a nice value")?;
+                let n: i32 = v
+                    .parse()
+                    .with_context(|| format!("--nice {v:?}: not a number"))?;
+                if !(-20..=19).contains(&n) {
+                    bail!("--nice {n}: must be from -20 to 19");
+                }
+                settings.nice = Some(n);
+            }
             "--nodes" => settings.nodes = value("a count")? as usize,
             "--churn" => settings.churn = Some(value("a count")? as usize).filter(|n| *n > 0),
             "--write-every-ms" => {

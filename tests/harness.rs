@@ -77,6 +77,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: NodeId, raft: RaftTimings) ->
         takeover: Default::default(),
         vips: Vec::new(),
         garp_refresh_s: 0,
+        nice: None,
         fence_cgroup: None,
         lb: None,
         // Several nodes share the host: each takes its own device port.

@@ -1772,6 +1772,23 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
 }
 
 /// Whether a process is alive (not a zombie).
+/// The nice value of a process (its main thread) or of one of its threads, from the 19th
+/// field of its `stat` file.
+fn nice_of(pid: i32, tid: Option<i32>) -> Result<i32> {
+    let path = match tid {
+        Some(t) => format!("/proc/{pid}/task/{t}/stat"),
+        None => format!("/proc/{pid}/stat"),
+    };
+    let stat = std::fs::read_to_string(&path).with_context(|| path.clone())?;
+    // The command name (field 2) may hold spaces; the fields after its `)` are plain.
+    let rest = &stat[stat.rfind(')').context("no ) in stat")? + 2..];
+    rest.split(' ')
+        .nth(16)
+        .context("short stat")?
+        .parse()
+        .with_context(|| format!("nice in {path}"))
+}
+
 fn pid_alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -1846,6 +1863,26 @@ fn services_run_where_scoped_restart_when_killed_and_a_singleton_moves_on_sigkil
             .iter()
             .all(|n| read_pid(&pid_file(n)).is_some_and(pid_alive)))
     })?;
+    // The daemon runs ahead of ordinary processes (`nice`, default -10, when it may raise
+    // its priority: as root); the services it starts run at the priority it was started
+    // with, this test's.
+    let ours = nice_of(std::process::id() as i32, None)?;
+    let daemon = lab.procs[0].child.as_ref().context("n1 running")?.id() as i32;
+    let threads: Vec<i32> = std::fs::read_dir(format!("/proc/{daemon}/task"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let expected = if nix::unistd::geteuid().is_root() {
+        -10
+    } else {
+        ours
+    };
+    for tid in &threads {
+        assert_eq!(nice_of(daemon, Some(*tid))?, expected, "n1's thread {tid}");
+    }
+    for n in ["n1", "n2", "n3"] {
+        let pid = read_pid(&pid_file(n)).context("web pid")?;
+        assert_eq!(nice_of(pid, None)?, ours, "{n}'s web service");
+    }
     // A killed service is restarted by its node's supervisor.
     let old = read_pid(&pid_file("n2")).context("n2's web pid")?;
     nix::sys::signal::kill(

@@ -81,6 +81,7 @@ impl Fabric {
                 takeover: TakeoverMode::Netlink,
                 vips: Vec::new(),
                 garp_refresh_s: 0,
+                nice: None,
                 fence_cgroup: None,
                 lb: None,
                 devices: Default::default(),

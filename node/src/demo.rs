@@ -115,6 +115,7 @@ pub fn node_config(dir: &Path, pki_dir: &Path, id: u64, roles: &[&str]) -> Resul
         takeover: Default::default(),
         vips: Vec::new(),
         garp_refresh_s: 0,
+        nice: None,
         fence_cgroup: None,
         lb: None,
         // Three nodes share the host: each takes its own device port.

@@ -605,16 +605,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            let bytes = codec::encode(&entry).map_err(|e| io_err("encode log entry", e))?;
-            let key = index_key(entry.index());
-            let old = chunked::count(&self.log, &key).map_err(|e| io_err("read log", e))?;
-            chunked::put(&mut batch, &key, &bytes, old);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_err("append log", e))?;
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let log = self.log.clone();
+        // Encoding and sled's batch write on a blocking thread: the write takes sled's
+        // process-wide lock and can wait for sled's IO buffers to reach the disk; on an async
+        // worker that wait would hold up every task queued behind it, lease renewals among
+        // them.
+        tokio::task::spawn_blocking(move || -> Result<(), io::Error> {
+            let mut batch = sled::Batch::default();
+            for entry in &entries {
+                let bytes = codec::encode(entry).map_err(|e| io_err("encode log entry", e))?;
+                let key = index_key(entry.index());
+                let old = chunked::count(&log, &key).map_err(|e| io_err("read log", e))?;
+                chunked::put(&mut batch, &key, &bytes, old);
+            }
+            log.apply_batch(batch).map_err(|e| io_err("append log", e))
+        })
+        .await
+        .map_err(|e| io_err("append log", e))??;
         // Acknowledge only once durable.
         let res = self.flush().await;
         let ack = res

@@ -702,7 +702,7 @@ impl Node {
             (Some(_), None) | (None, Some(_)) => report
                 .push("lb: section added or removed; takes effect when spaced restarts".into()),
         }
-        let restart_keys: [(&str, bool); 17] = [
+        let restart_keys: [(&str, bool); 18] = [
             ("node_id", old.node_id != cfg.node_id),
             ("name", old.name != cfg.name),
             ("data_dir", old.data_dir != cfg.data_dir),
@@ -716,6 +716,7 @@ impl Node {
             ("lease", old.lease != cfg.lease),
             ("takeover", old.takeover != cfg.takeover),
             ("fence_cgroup", old.fence_cgroup != cfg.fence_cgroup),
+            ("nice", old.nice != cfg.nice),
             ("vip", old.vips != cfg.vips),
             ("devices", old.devices != cfg.devices),
             ("services", old.services != cfg.services),

@@ -35,6 +35,7 @@ pub(super) async fn metrics_loop(
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+        metrics.upkeep();
         let m = inner.raft.metrics().borrow_watched().clone();
         if let Some(dr) = &dr {
             let status = dr.status();

@@ -64,6 +64,12 @@ pub struct NodeConfig {
     /// guards stay in the daemon's cgroup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence_cgroup: Option<String>,
+    /// The daemon's CPU priority as a nice value, -20 (first) to 19 (last); unset:
+    /// [`crate::ops::priority::DEFAULT_NICE`]. Services it starts run at the priority the
+    /// daemon was started with. Raising it needs root or CAP_SYS_NICE; without, the daemon
+    /// runs at the priority it was given and says so in its log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nice: Option<i32>,
     /// VIPs this node declares; registered in the fabric at start-up if missing.
     #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
     pub vips: Vec<VipSection>,
@@ -713,6 +719,14 @@ impl NodeConfig {
         }
         if let Some(problem) = name_problem(&self.name) {
             return Err(err("name", problem));
+        }
+        if let Some(n) = self.nice
+            && !(-20..=19).contains(&n)
+        {
+            return Err(err(
+                "nice",
+                format!("{n} is not a nice value: must be from -20 to 19"),
+            ));
         }
         if let Some(v) = &self.fence_cgroup
             && let Err(e) = FenceCgroup::parse(v)
@@ -1622,6 +1636,24 @@ log_files = 0
             msg.contains("key `fence_cgroup`: \"../x\" is not a cgroup path"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn nice_is_optional_kept_and_out_of_range_values_are_named() {
+        assert_eq!(NodeConfig::parse_str(MINIMAL, src()).unwrap().nice, None);
+        let c = NodeConfig::parse_str(&format!("nice = -5\n{MINIMAL}"), src()).unwrap();
+        assert_eq!(c.nice, Some(-5));
+        assert_eq!(NodeConfig::parse_str(&c.to_toml(), src()).unwrap(), c);
+        for bad in ["-21", "20"] {
+            let msg = err_of(&format!("nice = {bad}\n{MINIMAL}"));
+            assert!(
+                msg.contains(&format!(
+                    "key `nice`: {bad} is not a nice value: must be from -20 to 19"
+                )),
+                "{msg}"
+            );
+        }
+        assert!(err_of(&format!("nice = \"high\"\n{MINIMAL}")).contains("nice"));
     }
 
     #[test]

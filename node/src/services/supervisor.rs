@@ -482,6 +482,8 @@ impl Spawner {
         std::thread::Builder::new()
             .name("spaced-spawner".into())
             .spawn(move || {
+                // Children inherit the forking thread's priority: the host's, not the daemon's.
+                crate::ops::priority::restore_started_priority();
                 let _runtime = runtime.enter();
                 for mut req in rx {
                     // A requester that went away drops the child, and kill_on_drop kills it.
