@@ -22,15 +22,26 @@ pub const WARN_AFTER: Duration = Duration::from_millis(30);
 /// much before it. Each sample reads one small `/proc` file per thread.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
+/// How long the probe may stay silent before a watcher thread, outside the runtime, looks at
+/// what the daemon's threads are doing: where each one sleeps in the kernel, while the stall
+/// lasts (afterwards only the sums in `/proc` are left).
+const LOOK_AFTER: Duration = Duration::from_millis(250);
+/// How often the watcher thread wakes to check.
+const WATCH_EVERY: Duration = Duration::from_millis(50);
+
 /// Runs until `stop` turns true.
 pub async fn probe(metrics: Arc<NodeMetrics>, mut stop: watch::Receiver<bool>) {
     let ticks_per_s = clock_ticks_per_second();
     let mut last_sample = CpuSample::read(ticks_per_s);
+    let watch = Watcher::start();
     loop {
         let asked = Instant::now() + PROBE_EVERY;
         tokio::select! {
             _ = tokio::time::sleep_until(asked.into()) => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Some(w) = &watch {
+            w.beat();
         }
         let late = Instant::now().saturating_duration_since(asked);
         metrics.runtime_lateness(late);
@@ -54,6 +65,106 @@ pub async fn probe(metrics: Arc<NodeMetrics>, mut stop: watch::Receiver<bool>) {
             last_sample = CpuSample::read(ticks_per_s);
         }
     }
+}
+
+/// A thread that logs where the daemon's threads wait when the probe has not run for
+/// [`LOOK_AFTER`]; it ends when its handle (held by the probe) is dropped.
+struct Watcher {
+    /// Milliseconds since `base` at the probe's last run.
+    last: Arc<std::sync::atomic::AtomicU64>,
+    base: Instant,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watcher {
+    /// Starts the thread; `None` (said in the log) if it cannot be.
+    fn start() -> Option<Watcher> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let w = Watcher {
+            last: Arc::new(AtomicU64::new(0)),
+            base: Instant::now(),
+            done: Arc::new(AtomicBool::new(false)),
+        };
+        let (last, base, done) = (w.last.clone(), w.base, w.done.clone());
+        let started = std::thread::Builder::new()
+            .name("spaced-stallwatch".into())
+            .spawn(move || {
+                let mut told = false;
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(WATCH_EVERY);
+                    let now = base.elapsed().as_millis() as u64;
+                    let silent = Duration::from_millis(now.saturating_sub(last.load(Ordering::Relaxed)));
+                    if silent < LOOK_AFTER {
+                        told = false;
+                    } else if !told {
+                        told = true;
+                        tracing::warn!(
+                            silent_ms = silent.as_millis() as u64,
+                            threads = %threads_now(),
+                            "async runtime silent: where each thread waits (name, state, kernel wait channel)"
+                        );
+                    }
+                }
+            });
+        match started {
+            Ok(_) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the stall watcher thread");
+                None
+            }
+        }
+    }
+
+    fn beat(&self) {
+        self.last.store(
+            self.base.elapsed().as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Each of the process's threads as `name state wchan`, and for a thread in uninterruptible
+/// sleep (`D`: disk, memory) the top of its kernel stack where readable (root).
+fn threads_now() -> String {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return "unreadable".into();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let read = |f: &str| std::fs::read_to_string(path.join(f)).unwrap_or_default();
+        let name = read("comm").trim_end().to_string();
+        let stat = read("stat");
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 2..i + 3))
+            .unwrap_or("?")
+            .to_string();
+        let wchan = read("wchan");
+        let mut line = format!(
+            "{name} {state} {}",
+            if wchan.is_empty() { "-" } else { &wchan }
+        );
+        if state == "D" {
+            let stack: Vec<String> = read("stack")
+                .lines()
+                .take(6)
+                .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+                .collect();
+            if !stack.is_empty() {
+                line += &format!(" [{}]", stack.join(" < "));
+            }
+        }
+        out.push(line);
+    }
+    out.sort();
+    out.join("; ")
 }
 
 /// `USER_HZ`, the unit of `/proc/stat`; 100 where the kernel will not say.
@@ -272,6 +383,18 @@ mod tests {
         assert_eq!(
             Where::between(&before, &blocked).cause(late),
             "threads blocked off the CPU"
+        );
+    }
+
+    #[test]
+    fn the_threads_are_listed_with_state_and_wait_channel() {
+        let t = threads_now();
+        // This test's own thread is running; each entry has a name, a state and a channel.
+        assert!(t.split("; ").count() >= 1, "{t}");
+        assert!(t.split("; ").all(|e| e.split(' ').count() >= 3), "{t}");
+        assert!(
+            t.split("; ").any(|e| e.split(' ').nth(1) == Some("R")),
+            "{t}"
         );
     }
 
