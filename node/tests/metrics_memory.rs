@@ -61,8 +61,11 @@ fn a_million_unscraped_samples_leave_the_heap_flat_and_are_all_counted() {
     }
     m.upkeep();
     let grown = LIVE.load(Ordering::SeqCst) - before;
+    // A drained batch is freed through epoch-based reclamation, so up to about one batch
+    // between drains (20,000 samples, ~330 KB) may still be held; without the drains the
+    // heap grows by about 16.5 MB.
     assert!(
-        grown < 256 * 1024,
+        grown < 2 * 1024 * 1024,
         "the heap grew by {grown} bytes over {SAMPLES} samples (peak {} above the start)",
         peak - before
     );
