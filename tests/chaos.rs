@@ -1777,11 +1777,10 @@ pub fn runtime_stalls(log: &str) -> Stalls {
     }
     /// The quoted text after the first `field` (`cause="x"` or `"cause":"x"`).
     fn quoted(line: &str, field: &str) -> Option<String> {
-        let rest = line.split(field).nth(1)?;
-        let rest = &rest[rest.find('"')? + 1..];
-        let rest = rest
-            .strip_prefix(':')
-            .map_or(rest, |r| &r[r.find('"').map_or(0, |i| i + 1)..]);
+        let rest = line
+            .split(field)
+            .nth(1)?
+            .trim_start_matches(['"', '=', ':']);
         Some(rest[..rest.find('"')?].to_string())
     }
     let mut out = Stalls::default();

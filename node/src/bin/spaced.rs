@@ -250,21 +250,7 @@ fn main() -> ExitCode {
                 };
             tracing::info!(version = spaced_node::VERSION, "spaced starting");
             // Before the runtime starts its threads, so that they all inherit it.
-            let nice = cfg.nice.unwrap_or(spaced_node::ops::priority::DEFAULT_NICE);
-            match spaced_node::ops::priority::raise(nice) {
-                spaced_node::ops::priority::Raised::Set { from, to } => {
-                    tracing::info!(nice = to, was = from, "daemon priority set")
-                }
-                spaced_node::ops::priority::Raised::Unchanged(_) => {}
-                spaced_node::ops::priority::Raised::Refused { at, wanted, error } => {
-                    // Said louder when the config asked for it than for the default.
-                    if cfg.nice.is_some() {
-                        tracing::warn!(nice = at, wanted, %error, "cannot set the daemon's priority (raising it needs root or CAP_SYS_NICE): under CPU contention it may miss lease renewals")
-                    } else {
-                        tracing::info!(nice = at, wanted, %error, "runs at the priority it was started with (raising it needs root or CAP_SYS_NICE)")
-                    }
-                }
-            }
+            spaced_node::ops::priority::set_for_daemon(cfg.nice);
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(c) => return c,

@@ -69,6 +69,28 @@ pub fn raise(nice: i32) -> Raised {
     }
 }
 
+/// Sets the daemon's priority to the configured `nice` (unset: [`DEFAULT_NICE`]) and logs
+/// what came of it; a refusal is a warning when the config asked for the value, a note when
+/// it is only the default. Call on the main thread before the runtime starts.
+pub fn set_for_daemon(configured: Option<i32>) {
+    match raise(configured.unwrap_or(DEFAULT_NICE)) {
+        Raised::Set { from, to } => tracing::info!(nice = to, was = from, "daemon priority set"),
+        Raised::Unchanged(_) => {}
+        Raised::Refused { at, wanted, error } if configured.is_some() => tracing::warn!(
+            nice = at,
+            wanted,
+            %error,
+            "cannot set the daemon's priority (raising it needs root or CAP_SYS_NICE): under CPU contention it may miss lease renewals"
+        ),
+        Raised::Refused { at, wanted, error } => tracing::info!(
+            nice = at,
+            wanted,
+            %error,
+            "runs at the priority it was started with (raising it needs root or CAP_SYS_NICE)"
+        ),
+    }
+}
+
 /// Puts the calling thread back at the priority the daemon was started with, so that the
 /// processes it forks (services) run at the host's ordinary priority, not the daemon's.
 /// Lowering a priority is always allowed; a failure is logged and the thread goes on.

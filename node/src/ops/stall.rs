@@ -7,7 +7,9 @@
 //! time the hypervisor stole, and the warning compares it with one taken when the stall ends.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -71,15 +73,14 @@ pub async fn probe(metrics: Arc<NodeMetrics>, mut stop: watch::Receiver<bool>) {
 /// [`LOOK_AFTER`]; it ends when its handle (held by the probe) is dropped.
 struct Watcher {
     /// Milliseconds since `base` at the probe's last run.
-    last: Arc<std::sync::atomic::AtomicU64>,
+    last: Arc<AtomicU64>,
     base: Instant,
-    done: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<AtomicBool>,
 }
 
 impl Watcher {
     /// Starts the thread; `None` (said in the log) if it cannot be.
     fn start() -> Option<Watcher> {
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let w = Watcher {
             last: Arc::new(AtomicU64::new(0)),
             base: Instant::now(),
@@ -116,30 +117,24 @@ impl Watcher {
     }
 
     fn beat(&self) {
-        self.last.store(
-            self.base.elapsed().as_millis() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.last
+            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.done.store(true, Ordering::Relaxed);
     }
 }
 
 /// Each of the process's threads as `name state wchan`, and for a thread in uninterruptible
 /// sleep (`D`: disk, memory) the top of its kernel stack where readable (root).
 fn threads_now() -> String {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return "unreadable".into();
-    };
     let mut out = Vec::new();
-    for entry in dir.flatten() {
-        let path = entry.path();
-        let read = |f: &str| std::fs::read_to_string(path.join(f)).unwrap_or_default();
-        let name = read("comm").trim_end().to_string();
+    for (_, path) in tasks() {
+        let read = |f: &str| task_file(&path, f);
+        let name = read("comm");
         let stat = read("stat");
         let state = stat
             .rfind(')')
@@ -163,8 +158,29 @@ fn threads_now() -> String {
         }
         out.push(line);
     }
+    if out.is_empty() {
+        return "unreadable".into();
+    }
     out.sort();
     out.join("; ")
+}
+
+/// The process's threads: id and `/proc/self/task/<tid>` directory (none if unreadable).
+fn tasks() -> Vec<(u32, PathBuf)> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+        .collect()
+}
+
+/// One file of a thread's `/proc` directory, its trailing newline cut; empty if unreadable
+/// (the thread may have ended).
+fn task_file(task: &Path, file: &str) -> String {
+    let mut text = std::fs::read_to_string(task.join(file)).unwrap_or_default();
+    text.truncate(text.trim_end().len());
+    text
 }
 
 /// `USER_HZ`, the unit of `/proc/stat`; 100 where the kernel will not say.
@@ -192,22 +208,9 @@ impl CpuSample {
     fn read(ticks_per_s: u64) -> CpuSample {
         let at = Instant::now();
         let mut threads = HashMap::new();
-        if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
-            for entry in dir.flatten() {
-                let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
-                    continue;
-                };
-                let path = entry.path();
-                let Some((run, wait)) = std::fs::read_to_string(path.join("schedstat"))
-                    .ok()
-                    .and_then(|s| parse_schedstat(&s))
-                else {
-                    continue;
-                };
-                let name = std::fs::read_to_string(path.join("comm"))
-                    .map(|n| n.trim_end().to_string())
-                    .unwrap_or_default();
-                threads.insert(tid, (name, run, wait));
+        for (tid, path) in tasks() {
+            if let Some((run, wait)) = parse_schedstat(&task_file(&path, "schedstat")) {
+                threads.insert(tid, (task_file(&path, "comm"), run, wait));
             }
         }
         let steal = std::fs::read_to_string("/proc/stat")
