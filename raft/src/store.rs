@@ -412,8 +412,10 @@ pub async fn seed(
         last_membership,
     };
     sm.persist_snapshot(&meta, &data).await.map_err(write)?;
-    log.put_meta(KEY_PURGED, &last).map_err(write)?;
-    log.put_meta(KEY_COMMITTED, &Some(last)).map_err(write)?;
+    log.put_meta(KEY_PURGED, &last).await.map_err(write)?;
+    log.put_meta(KEY_COMMITTED, &Some(last))
+        .await
+        .map_err(write)?;
     let term = last.committed_leader_id().term;
     log.save_vote(&Vote::new(term, me)).await.map_err(write)?;
     Ok(())
@@ -458,22 +460,48 @@ pub struct LogStore {
     purging: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// Runs `f`, sled work, on a blocking thread, never on an async worker. A sled call can block:
+/// every read waits while another thread's batch write holds sled's process-wide lock, and the
+/// call that fills one of sled's 512 KiB log segments allocates the next with a `mmap` of its
+/// own, which waits whenever another thread holds the process's memory map (sled's I/O threads
+/// unmap a written segment's buffer about ten times a second at 1,000 commits a second). An
+/// async worker blocked there can hold up the whole runtime, lease renewals included: a soak
+/// saw a 4 s stall when a worker's `mmap` waited behind such an `munmap`.
+async fn off_worker<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, io::Error> + Send + 'static,
+) -> Result<T, io::Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io_err(what, e))?
+}
+
 impl LogStore {
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, io::Error> {
-        match self.meta.get(key).map_err(|e| io_err("read meta", e))? {
-            None => Ok(None),
-            Some(v) => codec::decode(&v)
-                .map(Some)
-                .map_err(|e| io_err("decode meta", e)),
-        }
+    async fn get_meta<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        key: &'static [u8],
+    ) -> Result<Option<T>, io::Error> {
+        let meta = self.meta.clone();
+        off_worker("read meta", move || {
+            match meta.get(key).map_err(|e| io_err("read meta", e))? {
+                None => Ok(None),
+                Some(v) => codec::decode(&v)
+                    .map(Some)
+                    .map_err(|e| io_err("decode meta", e)),
+            }
+        })
+        .await
     }
 
-    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), io::Error> {
+    async fn put_meta<T: Serialize>(&self, key: &'static [u8], value: &T) -> Result<(), io::Error> {
         let bytes = codec::encode(value).map_err(|e| io_err("encode meta", e))?;
-        self.meta
-            .insert(key, bytes)
-            .map_err(|e| io_err("write meta", e))?;
-        Ok(())
+        let meta = self.meta.clone();
+        off_worker("write meta", move || {
+            meta.insert(key, bytes)
+                .map(|_| ())
+                .map_err(|e| io_err("write meta", e))
+        })
+        .await
     }
 
     async fn flush(&self) -> Result<(), io::Error> {
@@ -543,16 +571,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let start = Bound::Included(index_key(first));
         let end = end.map_or(Bound::Unbounded, |e| Bound::Excluded(index_key(e)));
-        let mut out = Vec::new();
-        for item in chunked::Assemble::new(self.log.range::<[u8; 8], _>((start, end)), 8) {
-            let (_, v) = item.map_err(|e| io_err("read log", e))?;
-            out.push(codec::decode(&v).map_err(|e| io_err("decode log entry", e))?);
-        }
-        Ok(out)
+        let log = self.log.clone();
+        off_worker("read log", move || {
+            let mut out = Vec::new();
+            for item in chunked::Assemble::new(log.range::<[u8; 8], _>((start, end)), 8) {
+                let (_, v) = item.map_err(|e| io_err("read log", e))?;
+                out.push(codec::decode(&v).map_err(|e| io_err("decode log entry", e))?);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        self.get_meta(KEY_VOTE)
+        self.get_meta(KEY_VOTE).await
     }
 }
 
@@ -560,18 +592,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged: Option<LogId> = self.get_meta(KEY_PURGED)?;
+        let last_purged: Option<LogId> = self.get_meta(KEY_PURGED).await?;
         let floor = self.floor.load(Ordering::SeqCst);
-        let last = match self.log.last().map_err(|e| io_err("read log", e))? {
-            Some((k, _)) if k.as_ref() >= index_key(floor).as_slice() && k.len() >= 8 => {
-                let v = chunked::get(&self.log, &k[..8])
-                    .map_err(|e| io_err("read log", e))?
-                    .ok_or_else(|| io_err("read log", "the last entry vanished"))?;
-                let e: Entry = codec::decode(&v).map_err(|e| io_err("decode log entry", e))?;
-                Some(e.log_id())
-            }
-            _ => last_purged,
-        };
+        let log = self.log.clone();
+        let last = off_worker("read log", move || {
+            Ok(match log.last().map_err(|e| io_err("read log", e))? {
+                Some((k, _)) if k.as_ref() >= index_key(floor).as_slice() && k.len() >= 8 => {
+                    let v = chunked::get(&log, &k[..8])
+                        .map_err(|e| io_err("read log", e))?
+                        .ok_or_else(|| io_err("read log", "the last entry vanished"))?;
+                    let e: Entry = codec::decode(&v).map_err(|e| io_err("decode log entry", e))?;
+                    Some(e.log_id())
+                }
+                _ => last_purged,
+            })
+        })
+        .await?;
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
@@ -583,18 +619,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.put_meta(KEY_VOTE, vote)?;
+        self.put_meta(KEY_VOTE, vote).await?;
         self.flush().await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         // Not flushed on its own: a stale marker after a crash only means re-applying less, and
         // the next log flush carries it anyway.
-        self.put_meta(KEY_COMMITTED, &committed)
+        self.put_meta(KEY_COMMITTED, &committed).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId>>(KEY_COMMITTED)
+            .await?
+            .flatten())
     }
 
     async fn append<I>(
@@ -607,11 +646,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let log = self.log.clone();
-        // Encoding and sled's batch write on a blocking thread: the write takes sled's
-        // process-wide lock and can wait for sled's IO buffers to reach the disk; on an async
-        // worker that wait would hold up every task queued behind it, lease renewals among
-        // them.
-        tokio::task::spawn_blocking(move || -> Result<(), io::Error> {
+        off_worker("append log", move || {
             let mut batch = sled::Batch::default();
             for entry in &entries {
                 let bytes = codec::encode(entry).map_err(|e| io_err("encode log entry", e))?;
@@ -621,8 +656,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             log.apply_batch(batch).map_err(|e| io_err("append log", e))
         })
-        .await
-        .map_err(|e| io_err("append log", e))??;
+        .await?;
         // Acknowledge only once durable.
         let res = self.flush().await;
         let ack = res
@@ -635,20 +669,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let start = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(index_key(start)..) {
-            let (k, _) = item.map_err(|e| io_err("read log", e))?;
-            batch.remove(k);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_err("truncate log", e))?;
+        let log = self.log.clone();
+        off_worker("truncate log", move || {
+            let mut batch = sled::Batch::default();
+            for item in log.range(index_key(start)..) {
+                let (k, _) = item.map_err(|e| io_err("read log", e))?;
+                batch.remove(k);
+            }
+            log.apply_batch(batch)
+                .map_err(|e| io_err("truncate log", e))
+        })
+        .await?;
         self.flush().await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         // Marker first: a crash before the deletions leaves extra entries, never a hole.
-        self.put_meta(KEY_PURGED, &log_id)?;
+        self.put_meta(KEY_PURGED, &log_id).await?;
         self.flush().await?;
         self.floor.fetch_max(log_id.index() + 1, Ordering::SeqCst);
         let log = self.log.clone();
@@ -742,7 +779,7 @@ impl FabricStore {
         };
         let sm = self.sm.clone();
         // Encoding and writing a snapshot are long synchronous work: off the async workers.
-        tokio::task::spawn_blocking(move || -> Result<(), io::Error> {
+        off_worker("write snapshot", move || {
             let bytes = codec::encode(&stored).map_err(|e| io_err("encode snapshot", e))?;
             let old = chunked::count(&sm, KEY_SNAPSHOT).map_err(|e| io_err("read snapshot", e))?;
             let mut batch = sled::Batch::default();
@@ -750,8 +787,7 @@ impl FabricStore {
             sm.apply_batch(batch)
                 .map_err(|e| io_err("write snapshot", e))
         })
-        .await
-        .map_err(|e| io_err("write snapshot", e))??;
+        .await?;
         flush_durably(&self.db, &self.db_file).await?;
         Ok(())
     }
@@ -841,13 +877,21 @@ impl RaftStateMachine<TypeConfig> for FabricStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let Some(bytes) =
-            chunked::get(&self.sm, KEY_SNAPSHOT).map_err(|e| io_err("read snapshot", e))?
+        let sm = self.sm.clone();
+        let Some(stored) = off_worker("read snapshot", move || {
+            let Some(bytes) =
+                chunked::get(&sm, KEY_SNAPSHOT).map_err(|e| io_err("read snapshot", e))?
+            else {
+                return Ok(None);
+            };
+            codec::decode::<StoredSnapshot>(&bytes)
+                .map(Some)
+                .map_err(|e| io_err("decode snapshot", e))
+        })
+        .await?
         else {
             return Ok(None);
         };
-        let stored: StoredSnapshot =
-            codec::decode(&bytes).map_err(|e| io_err("decode snapshot", e))?;
         Ok(Some(Snapshot {
             meta: stored.meta,
             snapshot: Cursor::new(stored.data),
