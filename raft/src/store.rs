@@ -464,7 +464,7 @@ pub struct LogStore {
 /// every read waits while another thread's batch write holds sled's process-wide lock, and the
 /// call that fills one of sled's 512 KiB log segments allocates the next with a `mmap` of its
 /// own, which waits whenever another thread holds the process's memory map (sled's I/O threads
-/// unmap a written segment's buffer about ten times a second at 1,000 commits a second). An
+/// unmap a written segment's buffer about 12 times a second at 1,000 commits a second). An
 /// async worker blocked there can hold up the whole runtime, lease renewals included: a soak
 /// saw a 4 s stall when a worker's `mmap` waited behind such an `munmap`.
 async fn off_worker<T: Send + 'static>(
