@@ -476,21 +476,26 @@ async fn off_worker<T: Send + 'static>(
         .map_err(|e| io_err(what, e))?
 }
 
+/// A marker of the `meta` tree, decoded (on the calling thread: call it off the workers).
+fn read_meta<T: serde::de::DeserializeOwned>(
+    meta: &sled::Tree,
+    key: &[u8],
+) -> Result<Option<T>, io::Error> {
+    match meta.get(key).map_err(|e| io_err("read meta", e))? {
+        None => Ok(None),
+        Some(v) => codec::decode(&v)
+            .map(Some)
+            .map_err(|e| io_err("decode meta", e)),
+    }
+}
+
 impl LogStore {
     async fn get_meta<T: serde::de::DeserializeOwned + Send + 'static>(
         &self,
         key: &'static [u8],
     ) -> Result<Option<T>, io::Error> {
         let meta = self.meta.clone();
-        off_worker("read meta", move || {
-            match meta.get(key).map_err(|e| io_err("read meta", e))? {
-                None => Ok(None),
-                Some(v) => codec::decode(&v)
-                    .map(Some)
-                    .map_err(|e| io_err("decode meta", e)),
-            }
-        })
-        .await
+        off_worker("read meta", move || read_meta(&meta, key)).await
     }
 
     async fn put_meta<T: Serialize>(&self, key: &'static [u8], value: &T) -> Result<(), io::Error> {
@@ -509,14 +514,15 @@ impl LogStore {
     }
 }
 
-/// sled flush, then `fdatasync` of its data file: only then is a write acknowledged.
+/// sled flush, then `fdatasync` of its data file: only then is a write acknowledged. Both on
+/// one blocking thread (sled's `flush_async` would hand the flush to a thread of its own first).
 async fn flush_durably(db: &sled::Db, file: &Arc<std::fs::File>) -> Result<(), io::Error> {
-    db.flush_async().await.map_err(|e| io_err("flush", e))?;
-    let f = file.clone();
-    tokio::task::spawn_blocking(move || f.sync_data())
-        .await
-        .map_err(|e| io_err("fdatasync", e))?
-        .map_err(|e| io_err("fdatasync", e))
+    let (db, file) = (db.clone(), file.clone());
+    off_worker("flush", move || {
+        db.flush().map_err(|e| io_err("flush", e))?;
+        file.sync_data().map_err(|e| io_err("fdatasync", e))
+    })
+    .await
 }
 
 /// Deletes purged entries below `floor` in small batches, on a blocking thread: sled's batch
@@ -592,11 +598,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged: Option<LogId> = self.get_meta(KEY_PURGED).await?;
         let floor = self.floor.load(Ordering::SeqCst);
-        let log = self.log.clone();
-        let last = off_worker("read log", move || {
-            Ok(match log.last().map_err(|e| io_err("read log", e))? {
+        let (log, meta) = (self.log.clone(), self.meta.clone());
+        let (last_purged, last) = off_worker("read log", move || {
+            let last_purged: Option<LogId> = read_meta(&meta, KEY_PURGED)?;
+            let last = match log.last().map_err(|e| io_err("read log", e))? {
                 Some((k, _)) if k.as_ref() >= index_key(floor).as_slice() && k.len() >= 8 => {
                     let v = chunked::get(&log, &k[..8])
                         .map_err(|e| io_err("read log", e))?
@@ -605,7 +611,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     Some(e.log_id())
                 }
                 _ => last_purged,
-            })
+            };
+            Ok((last_purged, last))
         })
         .await?;
         Ok(LogState {
