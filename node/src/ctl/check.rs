@@ -38,6 +38,10 @@ pub enum CheckCmd {
         /// Concurrent clients instead of the load shape's.
         #[arg(long)]
         clients: Option<u32>,
+        /// Also write every acknowledged write to FILE as CSV: seconds into the run it was
+        /// sent, seconds it took (to find when the slow ones were sent).
+        #[arg(long, value_name = "FILE")]
+        latencies: Option<PathBuf>,
         /// Print JSON instead of the verdict lines.
         #[arg(long)]
         json: bool,
@@ -64,6 +68,7 @@ pub(super) async fn run(cli: &Target, action: &CheckCmd) -> Result<(), CtlError>
             duration,
             rate,
             clients,
+            latencies,
             json,
         } => {
             let mut shape = load_shape(load).ok_or_else(|| {
@@ -86,7 +91,7 @@ pub(super) async fn run(cli: &Target, action: &CheckCmd) -> Result<(), CtlError>
                 }
                 shape.clients = *clients;
             }
-            perf(cli, shape, *duration, *json).await
+            perf(cli, shape, *duration, latencies.as_deref(), *json).await
         }
         CheckCmd::Datadir { dir, count, json } => datadir(dir, *count, *json).await,
     }
@@ -131,6 +136,8 @@ const MAX_CONNECTIONS: u32 = 16;
 pub struct PerfResult {
     /// Seconds each acknowledged write took.
     pub latencies: Vec<f64>,
+    /// Seconds into the run each acknowledged write was sent, in the order of `latencies`.
+    pub sent_at: Vec<f64>,
     /// Failed writes by error.
     pub errors: BTreeMap<String, u64>,
     /// Refusals ("not the leader": a leader that stepped down or let its lease lapse) and
@@ -243,12 +250,30 @@ pub fn judge(load: &Load, r: &PerfResult) -> Verdict {
     }
 }
 
-async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<(), CtlError> {
+async fn perf(
+    cli: &Target,
+    shape: Load,
+    duration: f64,
+    latencies: Option<&Path>,
+    json: bool,
+) -> Result<(), CtlError> {
     if !(duration.is_finite() && (0.1..=86_400.0).contains(&duration)) {
         return Err(usage(format!(
             "--duration {duration}: must be seconds from 0.1 to 86400"
         )));
     }
+    // Made before the run, so a path that cannot be written fails at once, not after it.
+    let mut latencies_file = match latencies {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).map_err(|e| {
+                usage(format!(
+                    "--latencies {}: cannot create it: {e}",
+                    path.display()
+                ))
+            })?,
+        )),
+        None => None,
+    };
     let creds = credentials(cli)?;
     let mut first = connect(cli).await?;
     // Straight to the leader: a follower would hand each write on to it.
@@ -296,6 +321,10 @@ async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<()
     let leader_changes = pool.leader_changes.load(Ordering::Relaxed);
     let reconnects = pool.reconnects.load(Ordering::Relaxed);
     let v = judge(&shape, &result);
+    if let (Some(file), Some(path)) = (latencies_file.as_mut(), latencies) {
+        write_latencies(file, &result)
+            .map_err(|e| failed(format!("--latencies {}: {e}", path.display())))?;
+    }
     if structured(json) {
         println!(
             "{}",
@@ -361,6 +390,22 @@ async fn perf(cli: &Target, shape: Load, duration: f64, json: bool) -> Result<()
     } else {
         Err(failed("check perf: FAIL"))
     }
+}
+
+/// Writes `sent_s,latency_s` lines, one per acknowledged write, in the order they were sent.
+fn write_latencies(out: &mut impl std::io::Write, result: &PerfResult) -> std::io::Result<()> {
+    let mut rows: Vec<(f64, f64)> = result
+        .sent_at
+        .iter()
+        .copied()
+        .zip(result.latencies.iter().copied())
+        .collect();
+    rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    writeln!(out, "sent_s,latency_s")?;
+    for (sent, took) in rows {
+        writeln!(out, "{sent:.6},{took:.6}")?;
+    }
+    out.flush()
 }
 
 /// The connections to the leader the workers write through, opened again at a new leader.
@@ -521,6 +566,7 @@ async fn offer(
                 bytes: vec![0; WRITE_BYTES],
             });
             let mut latencies = Vec::new();
+            let mut sent_at = Vec::new();
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
             let mut retried = 0u64;
             while let Ok(permit) = permits.acquire().await {
@@ -554,7 +600,10 @@ async fn offer(
                 let took = t.elapsed().as_secs_f64();
                 answered_last.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 match outcome {
-                    Ok(AdminReply::Applied(_)) => latencies.push(took),
+                    Ok(AdminReply::Applied(_)) => {
+                        latencies.push(took);
+                        sent_at.push(t.duration_since(started).as_secs_f64());
+                    }
                     Ok(AdminReply::NotLeader { leader, .. }) => {
                         *errors
                             .entry(format!(
@@ -567,14 +616,15 @@ async fn offer(
                     Err(e) => *errors.entry(e.to_string()).or_default() += 1,
                 }
             }
-            (latencies, errors, retried)
+            (latencies, sent_at, errors, retried)
         }));
     }
     let _ = pacer.await;
     let mut result = PerfResult::default();
     for w in workers {
-        if let Ok((latencies, errors, retried)) = w.await {
+        if let Ok((latencies, sent_at, errors, retried)) = w.await {
             result.latencies.extend(latencies);
+            result.sent_at.extend(sent_at);
             result.retried += retried;
             for (e, n) in errors {
                 *result.errors.entry(e).or_default() += n;
@@ -698,6 +748,7 @@ mod tests {
         let s = load_shape("s").unwrap();
         let fast = PerfResult {
             latencies: vec![0.002; 1_500],
+            sent_at: Vec::new(),
             errors: BTreeMap::new(),
             retried: 0,
             elapsed: Duration::from_secs(10),
@@ -708,6 +759,7 @@ mod tests {
         // Too few writes, one too slow, and errors: three failures.
         let mut slow = PerfResult {
             latencies: vec![0.002; 1_000],
+            sent_at: Vec::new(),
             errors: BTreeMap::from([("boom".to_string(), 2)]),
             retried: 0,
             elapsed: Duration::from_secs(10),

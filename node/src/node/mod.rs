@@ -321,8 +321,11 @@ impl Node {
         let advertise = cfg.advertise.unwrap_or(listen);
 
         let revoked = tls.revoked().clone();
+        // An append of entries waits for the follower's fsync: it may take as long as a
+        // follower waits for its leader before it stands for election.
         let network = QuicNetwork::new(cfg.node_id, endpoint.clone(), client_cfg)
-            .with_revoked(revoked.clone());
+            .with_revoked(revoked.clone())
+            .with_append_timeout(Duration::from_millis(cfg.raft.election_timeout_max_ms));
         let raft_config = openraft::Config {
             cluster_name: "spaced".into(),
             heartbeat_interval: cfg.raft.heartbeat_interval_ms,
