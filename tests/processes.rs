@@ -1246,12 +1246,69 @@ fn spacectl_status_membership_devices_and_errors() -> Result<()> {
     assert!(perf["retried"].is_u64(), "{perf}");
     assert_eq!(out.status.success(), perf["pass"] == true, "{perf}");
     assert!(applied(&lab)? >= before + acknowledged, "{perf}");
-    let out = lab.ctl(&n2, &["check", "perf", "--load", "s", "--duration", "1"])?;
+    let lat_dir = tempfile::tempdir()?;
+    let lat = lat_dir.path().join("latencies.csv");
+    let lat_arg = lat.display().to_string();
+    let out = lab.ctl(
+        &n2,
+        &[
+            "check",
+            "perf",
+            "--load",
+            "s",
+            "--duration",
+            "1",
+            "--latencies",
+            &lat_arg,
+        ],
+    )?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("Throughput") && text.contains("Slowest request") && text.contains("Stddev"),
         "{text}"
     );
+    // --latencies: a header, then one row per acknowledged write, in the order sent, each
+    // sent within the run and answered in at most the slowest request's time.
+    let csv = std::fs::read_to_string(&lat)?;
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("sent_s,latency_s"), "{csv}");
+    let rows: Vec<(f64, f64)> = lines
+        .map(|l| {
+            let (a, b) = l.split_once(',').context("a row of two fields")?;
+            Ok((a.parse()?, b.parse()?))
+        })
+        .collect::<Result<_>>()?;
+    let acked: u64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("writes acknowledged in: {text}"))?;
+    assert_eq!(rows.len() as u64, acked, "{text}");
+    assert!(
+        rows.windows(2).all(|w| w[0].0 <= w[1].0),
+        "not in the order sent"
+    );
+    assert!(
+        rows.iter()
+            .all(|&(sent, took)| (0.0..1.5).contains(&sent) && took > 0.0 && took < 5.0),
+        "{csv}"
+    );
+    // A file that cannot be made fails at once, naming the flag, before any write.
+    let out = lab.ctl(
+        &n2,
+        &[
+            "check",
+            "perf",
+            "--load",
+            "s",
+            "--duration",
+            "1",
+            "--latencies",
+            "/nonexistent/dir/x.csv",
+        ],
+    )?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--latencies /nonexistent/dir/x.csv"));
     let out = lab.ctl(&n2, &["check", "perf", "--load", "xxl"])?;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown load shape"));
