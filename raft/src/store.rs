@@ -518,11 +518,14 @@ impl LogStore {
 /// one blocking thread (sled's `flush_async` would hand the flush to a thread of its own first).
 async fn flush_durably(db: &sled::Db, file: &Arc<std::fs::File>) -> Result<(), io::Error> {
     let (db, file) = (db.clone(), file.clone());
-    off_worker("flush", move || {
-        db.flush().map_err(|e| io_err("flush", e))?;
-        file.sync_data().map_err(|e| io_err("fdatasync", e))
-    })
-    .await
+    off_worker("flush", move || flush_now(&db, &file)).await
+}
+
+/// [`flush_durably`] on the calling (blocking) thread: for a write that is already off the
+/// async workers, so that it and its flush take one hop, not two.
+fn flush_now(db: &sled::Db, file: &std::fs::File) -> Result<(), io::Error> {
+    db.flush().map_err(|e| io_err("flush", e))?;
+    file.sync_data().map_err(|e| io_err("fdatasync", e))
 }
 
 /// Deletes purged entries below `floor` in small batches, on a blocking thread: sled's batch
@@ -652,8 +655,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let log = self.log.clone();
-        off_worker("append log", move || {
+        let (log, db, file) = (self.log.clone(), self.db.clone(), self.db_file.clone());
+        // The batch and its flush in one hop off the async workers. Acknowledged only once
+        // durable.
+        let res = off_worker("append log", move || {
             let mut batch = sled::Batch::default();
             for entry in &entries {
                 let bytes = codec::encode(entry).map_err(|e| io_err("encode log entry", e))?;
@@ -661,11 +666,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let old = chunked::count(&log, &key).map_err(|e| io_err("read log", e))?;
                 chunked::put(&mut batch, &key, &bytes, old);
             }
-            log.apply_batch(batch).map_err(|e| io_err("append log", e))
+            log.apply_batch(batch)
+                .map_err(|e| io_err("append log", e))?;
+            flush_now(&db, &file)
         })
-        .await?;
-        // Acknowledge only once durable.
-        let res = self.flush().await;
+        .await;
         let ack = res
             .as_ref()
             .map(|_| ())
@@ -676,7 +681,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let start = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
-        let log = self.log.clone();
+        let (log, db, file) = (self.log.clone(), self.db.clone(), self.db_file.clone());
         off_worker("truncate log", move || {
             let mut batch = sled::Batch::default();
             for item in log.range(index_key(start)..) {
@@ -684,10 +689,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 batch.remove(k);
             }
             log.apply_batch(batch)
-                .map_err(|e| io_err("truncate log", e))
+                .map_err(|e| io_err("truncate log", e))?;
+            flush_now(&db, &file)
         })
-        .await?;
-        self.flush().await
+        .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
