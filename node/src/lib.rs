@@ -72,10 +72,17 @@ pub fn write_man<C: clap::CommandFactory>(out: &mut dyn std::io::Write) -> std::
 /// [`VERSION`] with the data format and protocol versions, for `--version`.
 pub fn long_version() -> String {
     format!(
-        "{VERSION}\ndata format {} (format {} dirs and backups read too); protocols {}, {} \
-         (to nodes of format {} during a rolling upgrade) and {}",
+        "{VERSION}\ndata format {} (format {} backups read too), data dirs of format {} (dirs \
+         of formats {} upgraded in place); protocols {}, {} (to nodes of format {} during a \
+         rolling upgrade) and {}",
         spaced_raft::store::DATA_FORMAT,
         spaced_raft::store::PREVIOUS_FORMAT,
+        spaced_raft::store::DIR_FORMAT,
+        spaced_raft::store::UPGRADES_FROM
+            .iter()
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         String::from_utf8_lossy(spaced_raft::pki::ALPN_RAFT),
         String::from_utf8_lossy(spaced_raft::pki::ALPN_RAFT_PREVIOUS),
         spaced_raft::store::PREVIOUS_FORMAT,

@@ -427,7 +427,8 @@ fn version_names_commit_build_date_and_formats_and_log_flags_are_checked() {
     );
     assert!(text.contains(", built 20"), "{text}");
     assert!(
-        text.contains("data format 7 (format 6 dirs and backups read too)")
+        text.contains("data format 7 (format 6 backups read too)")
+            && text.contains("data dirs of format 8 (dirs of formats 5, 6, 7 upgraded in place)")
             && text.contains("spaced-raft/7, spaced-raft/6 (to nodes of format 6"),
         "{text}"
     );

@@ -8,6 +8,7 @@ pub mod frame;
 pub mod network;
 pub mod pki;
 pub mod proof;
+pub mod segments;
 pub mod store;
 pub mod types;
 

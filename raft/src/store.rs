@@ -1,4 +1,5 @@
-//! Durable Raft storage in sled: log, vote and markers (`log`, `meta` trees) and the fabric snapshot (`sm`).
+//! Durable Raft storage in sled: log (one tree per segment of indexes: [`crate::segments`]),
+//! vote and markers (`meta` tree) and the fabric snapshot (`sm`).
 //!
 //! The fabric itself lives in memory; it is made durable through snapshots plus the log. After a
 //! restart openraft re-applies the committed entries after the last snapshot, which is why the
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunked;
 use crate::codec;
+use crate::segments::{Segments, key_index, segment_of};
 use crate::types::{
     Entry, LogId, Member, NodeId, SnapshotMeta, StoredMembership, TypeConfig, Vote,
 };
@@ -41,10 +43,9 @@ const KEY_PURGED: &[u8] = b"last_purged";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 const KEY_FORMAT: &[u8] = b"format";
 
-/// The encoding of what this build keeps in a data dir (log entries, snapshots, markers),
-/// recorded in the dir when it is first used and checked at every open. Raised whenever that
-/// encoding changes, so that a dir written by another build is refused by name instead of
-/// failing to decode halfway through. It is also the Raft protocol's version
+/// The encoding of what this build keeps in a data dir and sends to its peers (log entries,
+/// snapshots, markers). Raised whenever that encoding changes. A data dir records its
+/// [`DIR_FORMAT`], which names this encoding and how the dir lays it out. It is also the Raft protocol's version
 /// ([`crate::pki::ALPN_RAFT`]), since log entries and snapshots travel in this encoding. 2:
 /// placements record the nodes that refused them (dirs written before formats were recorded
 /// have no marker). 3: the `SetMgmtIp` command, appended to the commands (format 2 data reads
@@ -66,10 +67,23 @@ pub const DATA_FORMAT: u32 = 7;
 /// snapshots and messages read the same in both, so a cluster is upgraded one node at a time.
 pub const PREVIOUS_FORMAT: u32 = 6;
 
-/// Formats whose data this build reads (only additions since, and a snapshot it converts):
-/// a dir of one of them is re-marked with [`DATA_FORMAT`] when opened, after which older
-/// builds refuse it by name. Formats 5 and 6 (formats 2 to 4 were, up to format 4).
-pub const UPGRADES_FROM: &[u32] = &[5, PREVIOUS_FORMAT];
+/// What a data dir records as its format, when it is first used, and what every open checks, so
+/// that a dir written by another build is refused by name instead of failing to decode halfway
+/// through. Up to 7 it was the [`DATA_FORMAT`] itself. 8: format 7's encoding, with the log in
+/// one sled tree per segment of indexes ([`crate::segments`]) instead of one tree, so a purge
+/// drops whole trees. A build of format 7 would find no log in such a dir, so the number is
+/// raised and it refuses the dir by name.
+pub const DIR_FORMAT: u32 = 8;
+
+/// Dir formats whose data this build reads (only additions since, a snapshot it converts, and
+/// the log it moves into segments): a dir of one of them is upgraded and re-marked with
+/// [`DIR_FORMAT`] when opened, after which older builds refuse it by name. Formats 5 to 7
+/// (formats 2 to 4 were, up to format 4).
+pub const UPGRADES_FROM: &[u32] = &[5, PREVIOUS_FORMAT, DATA_FORMAT];
+
+/// The one tree dirs of formats up to 7 keep the whole log in; moved into segments when such a
+/// dir is opened.
+const LEGACY_LOG: &str = "log";
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -88,14 +102,14 @@ pub enum StoreError {
         /// The data directory.
         dir: String,
     },
-    /// The data dir was written by a build with another data format.
-    #[error("data dir {dir} holds data format {}, and this spaced reads format {expected} only: give this node an empty data dir and add it to the cluster again (it catches up from its peers), or run the spaced that wrote it", found.map(|f| f.to_string()).unwrap_or_else(|| "from before formats were recorded".into()))]
+    /// The data dir was written by a build with another dir format.
+    #[error("data dir {dir} holds dir format {}, and this spaced reads dir format {expected} (and upgrades {} in place) only: give this node an empty data dir and add it to the cluster again (it catches up from its peers), or run the spaced that wrote it", found.map(|f| f.to_string()).unwrap_or_else(|| "from before formats were recorded".into()), UPGRADES_FROM.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", "))]
     Format {
         /// The data directory.
         dir: String,
         /// The format recorded in it (`None`: written before formats were recorded).
         found: Option<u32>,
-        /// The format this build reads and writes.
+        /// The dir format this build reads and writes.
         expected: u32,
     },
     /// A stored value's chunks cannot be read or do not make a value.
@@ -245,26 +259,64 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
                 )),
             })?;
     }
-    let log = db.open_tree("log").map_err(sled_err)?;
+    let legacy = if db
+        .tree_names()
+        .iter()
+        .any(|n| n.as_ref() == LEGACY_LOG.as_bytes())
+    {
+        Some(db.open_tree(LEGACY_LOG).map_err(sled_err)?)
+    } else {
+        None
+    };
+    let log = Segments::open(&db).map_err(sled_err)?;
     let meta = db.open_tree("meta").map_err(sled_err)?;
     let sm = db.open_tree("sm").map_err(sled_err)?;
+    let db_file = std::fs::File::open(dir.join("db")).map_err(|e| StoreError::Sled {
+        dir: dir_s.clone(),
+        source: sled::Error::Io(e),
+    })?;
+    let durably = |what: &str, r: Result<(), io::Error>| {
+        r.map_err(|e| StoreError::Sled {
+            dir: dir_s.clone(),
+            source: sled::Error::Io(io::Error::new(e.kind(), format!("{what}: {e}"))),
+        })
+    };
     // A marker that is not 4 bytes reads as format 0: refused like any other format.
     let found = meta.get(KEY_FORMAT).map_err(sled_err)?.map(|v| {
         <[u8; 4]>::try_from(v.as_ref())
             .map(u32::from_be_bytes)
             .unwrap_or(0)
     });
-    let used = !log.is_empty() || !sm.is_empty() || !meta.is_empty();
+    let legacy_used = legacy.as_ref().is_some_and(|t| !t.is_empty());
+    let used = legacy_used || !log.is_empty() || !sm.is_empty() || !meta.is_empty();
     match found {
-        Some(f) if f == DATA_FORMAT => {}
-        Some(f) if UPGRADES_FROM.contains(&f) => {
-            meta.insert(KEY_FORMAT, &DATA_FORMAT.to_be_bytes())
-                .map_err(sled_err)?;
-            db.flush().map_err(sled_err)?;
-            tracing::info!(dir = %dir_s, from = f, to = DATA_FORMAT, "data dir upgraded in place");
+        Some(f) if f == DIR_FORMAT || UPGRADES_FROM.contains(&f) => {
+            // The log of an older dir moves into segments before the dir is marked, and the
+            // old tree goes only once the mark is durable: a crash on the way leaves either
+            // an older dir with its log (and copies an older build never reads), or a marked
+            // one whose old tree is copied again at its next open; never a dir without a log.
+            // (A marked dir with the old tree still there is such a crash's.)
+            if let Some(old) = &legacy {
+                let moved = move_legacy_log(old, &log).map_err(sled_err)?;
+                durably("move the log into segments", flush_now(&db, &db_file))?;
+                if moved > 0 {
+                    tracing::info!(dir = %dir_s, keys = moved, "log moved into segment trees");
+                }
+            }
+            if f != DIR_FORMAT {
+                meta.insert(KEY_FORMAT, &DIR_FORMAT.to_be_bytes())
+                    .map_err(sled_err)?;
+                durably("mark the dir format", flush_now(&db, &db_file))?;
+                tracing::info!(dir = %dir_s, from = f, to = DIR_FORMAT, "data dir upgraded in place");
+            }
+            if legacy.is_some() {
+                drop(legacy);
+                db.drop_tree(LEGACY_LOG).map_err(sled_err)?;
+                durably("drop the moved log", flush_now(&db, &db_file))?;
+            }
         }
         None if !used => {
-            meta.insert(KEY_FORMAT, &DATA_FORMAT.to_be_bytes())
+            meta.insert(KEY_FORMAT, &DIR_FORMAT.to_be_bytes())
                 .map_err(sled_err)?;
             db.flush().map_err(sled_err)?;
         }
@@ -272,7 +324,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
             return Err(StoreError::Format {
                 dir: dir_s.clone(),
                 found,
-                expected: DATA_FORMAT,
+                expected: DIR_FORMAT,
             });
         }
     }
@@ -319,10 +371,6 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
             tracing::info!(dir = %dir_s, "snapshot stored again in data format {DATA_FORMAT}");
         }
     }
-    let db_file = std::fs::File::open(dir.join("db")).map_err(|e| StoreError::Sled {
-        dir: dir_s.clone(),
-        source: sled::Error::Io(e),
-    })?;
     let db_file = Arc::new(db_file);
     let purged: Option<LogId> = match meta.get(KEY_PURGED).map_err(sled_err)? {
         Some(v) => Some(
@@ -338,7 +386,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
     let log_store = LogStore {
         db: db.clone(),
         db_file: db_file.clone(),
-        log,
+        log: Arc::new(log),
         meta,
         floor: Arc::new(AtomicU64::new(floor)),
         purging: Arc::default(),
@@ -421,6 +469,41 @@ pub async fn seed(
     Ok(())
 }
 
+/// Copies every key of a format 7 (or older) dir's one log tree into the segment trees, each
+/// segment's keys in one batch; how many keys. Copying again is harmless: the same keys get the
+/// same values.
+fn move_legacy_log(old: &sled::Tree, segments: &Segments) -> Result<usize, sled::Error> {
+    let mut moved = 0;
+    let mut current: Option<(u64, sled::Batch)> = None;
+    let apply = |segment: u64, batch: sled::Batch| -> Result<(), sled::Error> {
+        let tree = segments.tree(segment).map_err(sled::Error::Io)?;
+        tree.apply_batch(batch)
+    };
+    for item in old.iter() {
+        let (k, v) = item?;
+        let Some(index) = key_index(&k) else {
+            continue;
+        };
+        let segment = segment_of(index);
+        match &mut current {
+            Some((s, batch)) if *s == segment => batch.insert(k, v),
+            _ => {
+                if let Some((s, batch)) = current.take() {
+                    apply(s, batch)?;
+                }
+                let mut batch = sled::Batch::default();
+                batch.insert(k, v);
+                current = Some((segment, batch));
+            }
+        }
+        moved += 1;
+    }
+    if let Some((s, batch)) = current {
+        apply(s, batch)?;
+    }
+    Ok(moved)
+}
+
 /// sled reports a held file lock as an `Other` IO error carrying the OS `WouldBlock`.
 fn is_lock_error(e: &sled::Error) -> bool {
     match e {
@@ -450,13 +533,14 @@ pub struct LogStore {
     /// sled's data file: sled's own flush uses `sync_file_range`, which does not reach the
     /// disk's cache or metadata, so durability needs an explicit `fdatasync` on it.
     db_file: Arc<std::fs::File>,
-    /// Entries keyed by big-endian index, so iteration order is log order.
-    log: sled::Tree,
+    /// Entries keyed by big-endian index (then chunk), one tree per segment of indexes.
+    log: Arc<Segments>,
     /// Vote, committed and purged markers.
     meta: sled::Tree,
-    /// First index not purged. Purged entries are deleted in the background; reads skip them.
+    /// First index not purged. Purged segments are dropped in the background; reads skip
+    /// purged entries.
     floor: Arc<AtomicU64>,
-    /// Serializes background deletions.
+    /// Serializes background drops.
     purging: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -528,35 +612,6 @@ fn flush_now(db: &sled::Db, file: &std::fs::File) -> Result<(), io::Error> {
     file.sync_data().map_err(|e| io_err("fdatasync", e))
 }
 
-/// Deletes purged entries below `floor` in small batches, on a blocking thread: sled's batch
-/// write holds a process-wide lock, and one batch of thousands of keys stalls every other
-/// write for 100+ ms; run on an async worker, even small batches take that worker from the
-/// tasks that renew leases.
-fn delete_purged(log: &sled::Tree, floor: u64) {
-    const CHUNK: usize = 256;
-    loop {
-        let keys: Vec<sled::IVec> = log
-            .range(..index_key(floor))
-            .keys()
-            .take(CHUNK)
-            .filter_map(|k| k.ok())
-            .collect();
-        if keys.is_empty() {
-            return;
-        }
-        let mut batch = sled::Batch::default();
-        for k in keys {
-            batch.remove(k);
-        }
-        if let Err(e) = log.apply_batch(batch) {
-            tracing::warn!(error = %e, "deleting purged log entries failed; retried at the next purge");
-            return;
-        }
-        // Lets appends waiting for sled's lock in between.
-        std::thread::yield_now();
-    }
-}
-
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -578,14 +633,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => Some(*i),
             Bound::Unbounded => None,
         };
+        if end.is_some_and(|e| e <= first) {
+            return Ok(Vec::new());
+        }
+        let trees = self
+            .log
+            .from(segment_of(first), end.map(|e| segment_of(e - 1)));
         let start = Bound::Included(index_key(first));
         let end = end.map_or(Bound::Unbounded, |e| Bound::Excluded(index_key(e)));
-        let log = self.log.clone();
         off_worker("read log", move || {
             let mut out = Vec::new();
-            for item in chunked::Assemble::new(log.range::<[u8; 8], _>((start, end)), 8) {
-                let (_, v) = item.map_err(|e| io_err("read log", e))?;
-                out.push(codec::decode(&v).map_err(|e| io_err("decode log entry", e))?);
+            for tree in trees {
+                for item in chunked::Assemble::new(tree.range::<[u8; 8], _>((start, end)), 8) {
+                    let (_, v) = item.map_err(|e| io_err("read log", e))?;
+                    out.push(codec::decode(&v).map_err(|e| io_err("decode log entry", e))?);
+                }
             }
             Ok(out)
         })
@@ -605,9 +667,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let (log, meta) = (self.log.clone(), self.meta.clone());
         let (last_purged, last) = off_worker("read log", move || {
             let last_purged: Option<LogId> = read_meta(&meta, KEY_PURGED)?;
-            let last = match log.last().map_err(|e| io_err("read log", e))? {
-                Some((k, _)) if k.as_ref() >= index_key(floor).as_slice() && k.len() >= 8 => {
-                    let v = chunked::get(&log, &k[..8])
+            let last = match log.last_key()? {
+                Some((tree, k)) if k.as_ref() >= index_key(floor).as_slice() && k.len() >= 8 => {
+                    let v = chunked::get(&tree, &k[..8])
                         .map_err(|e| io_err("read log", e))?
                         .ok_or_else(|| io_err("read log", "the last entry vanished"))?;
                     let e: Entry = codec::decode(&v).map_err(|e| io_err("decode log entry", e))?;
@@ -658,16 +720,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let (log, db, file) = (self.log.clone(), self.db.clone(), self.db_file.clone());
         // The batch and its flush in one hop off the async workers. Acknowledged only once
         // durable.
+        // Entries crossing into the next segment go in one batch per segment, in log order;
+        // none is acknowledged before the flush after the last.
         let res = off_worker("append log", move || {
-            let mut batch = sled::Batch::default();
+            let mut current: Option<(u64, Arc<sled::Tree>, sled::Batch)> = None;
             for entry in &entries {
                 let bytes = codec::encode(entry).map_err(|e| io_err("encode log entry", e))?;
+                let segment = segment_of(entry.index());
+                if current.as_ref().is_none_or(|(s, _, _)| *s != segment) {
+                    if let Some((_, tree, batch)) = current.take() {
+                        tree.apply_batch(batch)
+                            .map_err(|e| io_err("append log", e))?;
+                    }
+                    current = Some((segment, log.tree(segment)?, sled::Batch::default()));
+                }
+                let Some((_, tree, batch)) = current.as_mut() else {
+                    unreachable!("set just above");
+                };
                 let key = index_key(entry.index());
-                let old = chunked::count(&log, &key).map_err(|e| io_err("read log", e))?;
-                chunked::put(&mut batch, &key, &bytes, old);
+                let old = chunked::count(tree, &key).map_err(|e| io_err("read log", e))?;
+                chunked::put(batch, &key, &bytes, old);
             }
-            log.apply_batch(batch)
-                .map_err(|e| io_err("append log", e))?;
+            if let Some((_, tree, batch)) = current {
+                tree.apply_batch(batch)
+                    .map_err(|e| io_err("append log", e))?;
+            }
             flush_now(&db, &file)
         })
         .await;
@@ -682,30 +759,39 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let start = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
         let (log, db, file) = (self.log.clone(), self.db.clone(), self.db_file.clone());
+        // The last segment first: a crash half-way leaves a shorter log, never a hole.
         off_worker("truncate log", move || {
-            let mut batch = sled::Batch::default();
-            for item in log.range(index_key(start)..) {
-                let (k, _) = item.map_err(|e| io_err("read log", e))?;
-                batch.remove(k);
+            for tree in log.from(segment_of(start), None).iter().rev() {
+                let mut batch = sled::Batch::default();
+                for item in tree.range(index_key(start)..) {
+                    let (k, _) = item.map_err(|e| io_err("read log", e))?;
+                    batch.remove(k);
+                }
+                tree.apply_batch(batch)
+                    .map_err(|e| io_err("truncate log", e))?;
             }
-            log.apply_batch(batch)
-                .map_err(|e| io_err("truncate log", e))?;
             flush_now(&db, &file)
         })
         .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        // Marker first: a crash before the deletions leaves extra entries, never a hole.
+        // Marker first: a crash before the drops leaves extra entries, never a hole.
         self.put_meta(KEY_PURGED, &log_id).await?;
         self.flush().await?;
         self.floor.fetch_max(log_id.index() + 1, Ordering::SeqCst);
         let log = self.log.clone();
         let purging = self.purging.clone();
         let floor = log_id.index() + 1;
+        // In the background, one purge at a time, off the async workers: a drop waits for
+        // readers still holding one of its segments. A failed drop leaves the segment's
+        // entries (read past, as below any floor); the next purge drops it.
         tokio::spawn(async move {
             let _one_at_a_time = purging.lock().await;
-            let _ = tokio::task::spawn_blocking(move || delete_purged(&log, floor)).await;
+            let dropped = tokio::task::spawn_blocking(move || log.drop_below(floor)).await;
+            if let Ok(Err(e)) = dropped {
+                tracing::warn!(error = %e, "dropping purged log segments failed; retried at the next purge");
+            }
         });
         Ok(())
     }
@@ -973,14 +1059,14 @@ mod tests {
             meta.insert(KEY_VOTE, b"x".as_slice()).unwrap();
             db.flush().unwrap();
         };
-        set_format(Some(DATA_FORMAT + 1));
+        set_format(Some(DIR_FORMAT + 1));
         let err = open(dir.path())
             .err()
             .expect("another format is refused")
             .to_string();
         assert!(
-            err.contains(&format!("holds data format {}", DATA_FORMAT + 1))
-                && err.contains(&format!("reads format {DATA_FORMAT}")),
+            err.contains(&format!("holds dir format {}", DIR_FORMAT + 1))
+                && err.contains(&format!("reads dir format {DIR_FORMAT}")),
             "{err}"
         );
         set_format(None);
@@ -1014,7 +1100,7 @@ mod tests {
             }
             assert_eq!(format(), *old);
             drop(open(dir.path()).expect("an upgradable format opens"));
-            assert_eq!(format(), DATA_FORMAT);
+            assert_eq!(format(), DIR_FORMAT);
         }
     }
 
@@ -1139,5 +1225,177 @@ mod tests {
             Some(5)
         );
         assert!(sm.get_current_snapshot().await.unwrap().is_some());
+    }
+
+    fn blank(index: u64) -> Entry {
+        Entry::new_blank(openraft::LogId::new(
+            openraft::impls::leader_id_adv::LeaderId {
+                term: 3,
+                node_id: 1,
+            },
+            index,
+        ))
+    }
+
+    async fn indexes(log: &mut LogStore, range: std::ops::Range<u64>) -> Vec<u64> {
+        log.try_get_log_entries(range)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.index())
+            .collect()
+    }
+
+    fn segment_names(dir: &Path) -> Vec<String> {
+        let db = sled_open(dir);
+        let mut names: Vec<String> = db
+            .tree_names()
+            .iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .filter(|n| n.starts_with("log"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Appends that cross segments read back whole and in order, a truncation across a
+    /// segment boundary leaves no hole, and a purge drops exactly the segments wholly below its
+    /// floor, durably: after a reopen the dropped trees are gone and every entry from the
+    /// floor on is there.
+    #[tokio::test]
+    async fn the_log_spans_segments_and_a_purge_drops_whole_ones() {
+        use crate::segments::SEGMENT;
+        use openraft::storage::RaftLogStorageExt;
+        let dir = tempfile::tempdir().unwrap();
+        let last = 3 * SEGMENT + 10;
+        {
+            let (mut log, _sm) = open(dir.path()).unwrap();
+            // Batches of 1,000 straddle every boundary.
+            let mut next = 1;
+            while next <= last {
+                let to = (next + 999).min(last);
+                log.blocking_append((next..=to).map(blank)).await.unwrap();
+                next = to + 1;
+            }
+            assert_eq!(
+                indexes(&mut log, 1..last + 1).await,
+                (1..=last).collect::<Vec<_>>()
+            );
+            let across = SEGMENT - 2..SEGMENT + 3;
+            assert_eq!(
+                indexes(&mut log, across.clone()).await,
+                across.collect::<Vec<_>>()
+            );
+            // Truncation across a boundary, then the log goes on.
+            log.truncate_after(Some(blank(2 * SEGMENT - 3).log_id()))
+                .await
+                .unwrap();
+            assert_eq!(
+                log.get_log_state()
+                    .await
+                    .unwrap()
+                    .last_log_id
+                    .map(|l| l.index()),
+                Some(2 * SEGMENT - 3)
+            );
+            log.blocking_append((2 * SEGMENT - 2..=last).map(blank))
+                .await
+                .unwrap();
+            // Purge into segment 2: segments 0 and 1 are dropped (in the background).
+            let floor = 2 * SEGMENT + 7;
+            log.purge(blank(floor - 1).log_id()).await.unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !log.log.from(0, Some(1)).is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "segments 0 and 1 not dropped"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            drop(log.purging.clone().lock_owned().await);
+            assert_eq!(
+                indexes(&mut log, 0..last + 1).await,
+                (floor..=last).collect::<Vec<_>>()
+            );
+        }
+        let names = segment_names(dir.path());
+        assert_eq!(
+            names,
+            ["log.0000000000000002", "log.0000000000000003"],
+            "{names:?}"
+        );
+        let (mut log, _sm) = open(dir.path()).unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(
+            state.last_purged_log_id.map(|l| l.index()),
+            Some(2 * SEGMENT + 6)
+        );
+        assert_eq!(state.last_log_id.map(|l| l.index()), Some(last));
+        assert_eq!(
+            indexes(&mut log, 0..last + 1).await,
+            (2 * SEGMENT + 7..=last).collect::<Vec<_>>()
+        );
+    }
+
+    /// A format 7 dir keeps its log in one tree: opened, the log moves into segments and reads
+    /// the same, the old tree is gone and the dir is marked 8. A move cut short after the
+    /// marking (the old tree still there) is finished at the next open.
+    #[tokio::test]
+    async fn a_format_7_log_moves_into_segments() {
+        use crate::segments::SEGMENT;
+        let dir = tempfile::tempdir().unwrap();
+        let last = SEGMENT + 20;
+        let write_format_7 = |marker: u32| {
+            let db = sled_open(dir.path());
+            let old = db.open_tree(LEGACY_LOG).unwrap();
+            let mut batch = sled::Batch::default();
+            for i in 1..=last {
+                let bytes = codec::encode(&blank(i)).unwrap();
+                chunked::put(&mut batch, &index_key(i), &bytes, 0);
+            }
+            old.apply_batch(batch).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(KEY_FORMAT, &marker.to_be_bytes()).unwrap();
+            meta.insert(KEY_VOTE, codec::encode(&Vote::new(3, 1)).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        };
+        write_format_7(DATA_FORMAT);
+        for round in ["format 7", "a move cut short"] {
+            {
+                let (mut log, _sm) = open(dir.path()).expect(round);
+                assert_eq!(
+                    log.get_log_state()
+                        .await
+                        .unwrap()
+                        .last_log_id
+                        .map(|l| l.index()),
+                    Some(last),
+                    "{round}"
+                );
+                assert_eq!(
+                    indexes(&mut log, 0..last + 1).await,
+                    (1..=last).collect::<Vec<_>>(),
+                    "{round}"
+                );
+                assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
+            }
+            assert_eq!(
+                segment_names(dir.path()),
+                ["log.0000000000000000", "log.0000000000000001"],
+                "{round}: the old tree is gone"
+            );
+            let db = sled_open(dir.path());
+            let v = db
+                .open_tree("meta")
+                .unwrap()
+                .get(KEY_FORMAT)
+                .unwrap()
+                .unwrap();
+            assert_eq!(v.as_ref(), DIR_FORMAT.to_be_bytes(), "{round}");
+            drop(db);
+            // A crash after the marking, before the old tree was dropped.
+            write_format_7(DIR_FORMAT);
+        }
     }
 }

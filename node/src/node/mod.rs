@@ -225,8 +225,9 @@ pub async fn check(cfg: &NodeConfig) -> Result<Vec<String>, StartError> {
     if dir.join("db").exists() {
         match store::open(dir) {
             Ok(_) => done.push(format!(
-                "data_dir: {} holds data format {}",
+                "data_dir: {} holds dir format {} (data format {})",
                 dir.display(),
+                store::DIR_FORMAT,
                 store::DATA_FORMAT
             )),
             Err(store::StoreError::Locked { .. }) => done.push(format!(
