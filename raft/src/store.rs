@@ -390,6 +390,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
         meta,
         floor: Arc::new(AtomicU64::new(floor)),
         purging: Arc::default(),
+        drops_pending: Arc::default(),
     };
     let sm_store = FabricStore {
         db,
@@ -542,6 +543,8 @@ pub struct LogStore {
     floor: Arc<AtomicU64>,
     /// Serializes background drops.
     purging: Arc<tokio::sync::Mutex<()>>,
+    /// Purges whose drops have not finished yet.
+    drops_pending: Arc<AtomicU64>,
 }
 
 /// Runs `f`, sled work, on a blocking thread, never on an async worker. A sled call can block:
@@ -595,6 +598,14 @@ impl LogStore {
 
     async fn flush(&self) -> Result<(), io::Error> {
         flush_durably(&self.db, &self.db_file).await
+    }
+
+    /// Waits until the segment drops of every purge so far are done: they run in the background
+    /// after [`RaftLogStorage::purge`] returns.
+    pub async fn settle_purges(&self) {
+        while self.drops_pending.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
 }
 
@@ -783,6 +794,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let log = self.log.clone();
         let purging = self.purging.clone();
         let floor = log_id.index() + 1;
+        let pending = self.drops_pending.clone();
+        pending.fetch_add(1, Ordering::SeqCst);
         // In the background, one purge at a time, off the async workers: a drop waits for
         // readers still holding one of its segments. A failed drop leaves the segment's
         // entries (read past, as below any floor); the next purge drops it.
@@ -792,6 +805,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             if let Ok(Err(e)) = dropped {
                 tracing::warn!(error = %e, "dropping purged log segments failed; retried at the next purge");
             }
+            pending.fetch_sub(1, Ordering::SeqCst);
         });
         Ok(())
     }
@@ -1304,15 +1318,11 @@ mod tests {
             // Purge into segment 2: segments 0 and 1 are dropped (in the background).
             let floor = 2 * SEGMENT + 7;
             log.purge(blank(floor - 1).log_id()).await.unwrap();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while !log.log.from(0, Some(1)).is_empty() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "segments 0 and 1 not dropped"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            drop(log.purging.clone().lock_owned().await);
+            log.settle_purges().await;
+            assert!(
+                log.log.from(0, Some(1)).is_empty(),
+                "segments 0 and 1 not dropped"
+            );
             assert_eq!(
                 indexes(&mut log, 0..last + 1).await,
                 (floor..=last).collect::<Vec<_>>()

@@ -6,7 +6,8 @@
 //! - `every_acknowledged_entry_survives_a_power_cut` (needs `strace`): a writer process is
 //!   traced system call by system call; the test rebuilds, for many cut points, what a disk
 //!   could hold after a power cut there (what was fsynced, plus any part of what was not), and
-//!   checks that the store opens and holds every entry acknowledged before the cut.
+//!   checks that the store opens and holds every entry acknowledged before the cut. The
+//!   writer's entries straddle two log segments, and a purge drops the first segment.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -21,6 +22,11 @@ use spaced_raft::types::{Entry, Vote};
 /// Entry `i`'s content: every seventh is a 10,000-device import (about 600 KB encoded), the
 /// others 1 to 40 KB, so that leaves of the log tree hold far more than sled's blob threshold.
 fn entry(i: u64) -> Entry {
+    entry_at(i, i)
+}
+
+/// Entry `i`'s content at log index `index`.
+fn entry_at(i: u64, index: u64) -> Entry {
     let devices = if i % 7 == 3 {
         10_000
     } else {
@@ -42,7 +48,7 @@ fn entry(i: u64) -> Entry {
                 term: 1,
                 node_id: 1,
             },
-            i,
+            index,
         ),
         cmd,
     )
@@ -109,6 +115,24 @@ async fn large_entries_and_snapshots_leave_nothing_in_blob_files() {
 const WRITER_ENTRIES: u64 = 16;
 /// After this entry the writer also builds and persists a snapshot.
 const WRITER_SNAPSHOT_AT: u64 = 9;
+/// After acknowledging this entry the writer purges the log up to entry [`WRITER_PURGED_TO`]
+/// and prints `PURGED` once the purge and its segment drops are done.
+const WRITER_PURGE_AFTER: u64 = 12;
+/// The last entry the purge removes: the first segment lies wholly below it.
+const WRITER_PURGED_TO: u64 = 10;
+
+/// The log index of the writer's entry `i` (from 1): the 16 straddle the end of the first log
+/// segment (`SEGMENT - 7` to `SEGMENT + 8`), so appends write two segment trees and the purge
+/// drops the first.
+fn writer_index(i: u64) -> u64 {
+    spaced_raft::segments::SEGMENT - 8 + i
+}
+
+/// The writer's entry `i`, at its index.
+fn writer_entry(i: u64) -> Entry {
+    entry_at(i, writer_index(i))
+}
+
 /// Set in the traced child: the data dir it writes.
 const WRITER_ENV: &str = "SPACED_POWER_CUT_WRITER";
 
@@ -118,12 +142,25 @@ async fn writer(dir: &Path) {
     let (mut log, mut sm) = store::open(dir).expect("open");
     let mut out = std::io::stdout();
     for i in 1..=WRITER_ENTRIES {
-        log.blocking_append(vec![entry(i)]).await.expect("append");
+        log.blocking_append(vec![writer_entry(i)])
+            .await
+            .expect("append");
         writeln!(out, "ACK {i}").unwrap();
         out.flush().unwrap();
+        if i == WRITER_PURGE_AFTER {
+            log.purge(writer_entry(WRITER_PURGED_TO).log_id())
+                .await
+                .expect("purge");
+            log.settle_purges().await;
+            writeln!(out, "PURGED").unwrap();
+            out.flush().unwrap();
+        }
         if i == WRITER_SNAPSHOT_AT {
-            let entries =
-                futures::stream::iter((1..=i).map(|n| Ok((entry(n), None))).collect::<Vec<_>>());
+            let entries = futures::stream::iter(
+                (1..=i)
+                    .map(|n| Ok((writer_entry(n), None)))
+                    .collect::<Vec<_>>(),
+            );
             openraft::storage::RaftStateMachine::apply(&mut sm, entries)
                 .await
                 .unwrap();
@@ -159,6 +196,7 @@ struct Cut {
     dirs: BTreeSet<String>,
     acked: u64,
     snapshot_acked: bool,
+    purge_acked: bool,
 }
 
 /// Replays an strace log (`-f -xx`) of the writer: file ops under `root`, and the `ACK` lines
@@ -173,6 +211,7 @@ struct Trace {
     syncing: BTreeMap<String, (usize, usize)>,
     acked: u64,
     snapshot_acked: bool,
+    purge_acked: bool,
     cuts: Vec<Cut>,
 }
 
@@ -227,6 +266,7 @@ impl Trace {
             syncing: BTreeMap::new(),
             acked: 0,
             snapshot_acked: false,
+            purge_acked: false,
             cuts: Vec::new(),
         }
     }
@@ -264,6 +304,7 @@ impl Trace {
             dirs: self.dirs.clone(),
             acked: self.acked,
             snapshot_acked: self.snapshot_acked,
+            purge_acked: self.purge_acked,
         });
     }
 
@@ -319,6 +360,9 @@ impl Trace {
                             self.cut(line);
                         } else if l == "SNAP" {
                             self.snapshot_acked = true;
+                            self.cut(line);
+                        } else if l == "PURGED" {
+                            self.purge_acked = true;
                             self.cut(line);
                         }
                     }
@@ -521,19 +565,43 @@ async fn check_cut(dir: &Path, cut: &Cut) -> Result<(), String> {
     let (mut log, mut sm) =
         store::open(dir).map_err(|e| format!("the store does not open: {e}"))?;
     let entries = log
-        .try_get_log_entries(1..=WRITER_ENTRIES)
+        .try_get_log_entries(writer_index(1)..=writer_index(WRITER_ENTRIES))
         .await
         .map_err(|e| format!("the log does not read: {e}"))?;
-    for (i, e) in (1..).zip(&entries) {
-        if *e != entry(i) {
+    // The log reads from entry 1, or from the one after the purge once its marker is on disk
+    // (it must be, once the purge was acknowledged).
+    let first = match entries.first() {
+        Some(e) if e.index() == writer_index(1) && !cut.purge_acked => 1,
+        Some(e) if e.index() == writer_index(WRITER_PURGED_TO + 1) => WRITER_PURGED_TO + 1,
+        Some(e) => {
+            return Err(format!(
+                "the log starts at index {} (purge acknowledged: {})",
+                e.index(),
+                cut.purge_acked
+            ));
+        }
+        None => 1,
+    };
+    for (i, e) in (first..).zip(&entries) {
+        if *e != writer_entry(i) {
             return Err(format!("entry {i} differs from what was written"));
         }
     }
-    if (entries.len() as u64) < cut.acked {
+    let last = first + entries.len() as u64 - 1;
+    if last < cut.acked && !(entries.is_empty() && cut.acked == 0) {
         return Err(format!(
-            "{} entries acknowledged, {} there",
-            cut.acked,
-            entries.len()
+            "{} entries acknowledged, the log ends at entry {last}",
+            cut.acked
+        ));
+    }
+    let state = log
+        .get_log_state()
+        .await
+        .map_err(|e| format!("the log state does not read: {e}"))?;
+    if cut.acked > 0 && state.last_log_id.map(|l| l.index()) < Some(writer_index(cut.acked)) {
+        return Err(format!(
+            "{} entries acknowledged, the log state's last is {:?}",
+            cut.acked, state.last_log_id
         ));
     }
     let snapshot = openraft::storage::RaftStateMachine::get_current_snapshot(&mut sm)
@@ -588,21 +656,25 @@ async fn every_acknowledged_entry_survives_a_power_cut() {
     let log = std::fs::read_to_string(&trace_file).unwrap();
     let trace = Trace::replay(&data, &log);
     assert_eq!(trace.acked, WRITER_ENTRIES, "the trace shows every ACK");
+    assert!(trace.purge_acked, "the trace shows the purge");
     assert!(
         trace.files.iter().any(|f| f.durable > 0),
         "the trace shows no fsync of the data dir: the model is blind"
     );
-    // Every moment an acknowledgement was printed, and every 7th other step.
+    // Every moment an acknowledgement was printed, every step of the purge, and every 7th other
+    // step.
     let cuts: Vec<&Cut> = trace
         .cuts
         .iter()
         .enumerate()
         .filter(|(i, c)| {
             i % 7 == 0
-                || trace
-                    .cuts
-                    .get(i + 1)
-                    .is_some_and(|n| n.acked != c.acked || n.snapshot_acked != c.snapshot_acked)
+                || (c.acked == WRITER_PURGE_AFTER && !c.purge_acked)
+                || trace.cuts.get(i + 1).is_some_and(|n| {
+                    n.acked != c.acked
+                        || n.snapshot_acked != c.snapshot_acked
+                        || n.purge_acked != c.purge_acked
+                })
         })
         .map(|(_, c)| c)
         .chain(trace.cuts.last())
