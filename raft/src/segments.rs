@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::ops::RangeBounds;
 use std::sync::{Arc, RwLock};
 
 /// Entries per segment tree.
@@ -132,9 +133,18 @@ impl Segments {
     /// Drops every segment that lies wholly below `floor`; how many it dropped. Call on a
     /// blocking thread: it waits for readers still holding one of those trees.
     pub fn drop_below(&self, floor: u64) -> Result<usize, io::Error> {
+        self.drop_range(..segment_of(floor))
+    }
+
+    /// Drops every segment; how many it dropped. As [`Segments::drop_below`].
+    pub fn drop_all(&self) -> Result<usize, io::Error> {
+        self.drop_range(..)
+    }
+
+    fn drop_range(&self, range: impl RangeBounds<u64>) -> Result<usize, io::Error> {
         let doomed: Vec<(u64, Arc<sled::Tree>)> = {
             let mut trees = self.write();
-            let below: Vec<u64> = trees.range(..segment_of(floor)).map(|(s, _)| *s).collect();
+            let below: Vec<u64> = trees.range(range).map(|(s, _)| *s).collect();
             below
                 .into_iter()
                 .filter_map(|s| trees.remove(&s).map(|t| (s, t)))
@@ -148,9 +158,19 @@ impl Segments {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             if let Err(e) = self.db.drop_tree(tree_name(segment)) {
-                // Back in the map, so that the next purge tries them again.
+                // Back in the map, so that the next purge tries them again; this one only if
+                // sled still has it (a drop can fail after the tree is gone, in its page
+                // collection, and a gone tree's handle fails every call).
+                let name = tree_name(segment);
+                let still = self
+                    .db
+                    .tree_names()
+                    .iter()
+                    .any(|n| n.as_ref() == name.as_bytes());
                 let mut trees = self.write();
-                trees.insert(segment, tree);
+                if still {
+                    trees.insert(segment, tree);
+                }
                 trees.extend(doomed);
                 return Err(io_err("drop a purged log segment", e));
             }

@@ -294,9 +294,16 @@ pub fn open(dir: &Path) -> Result<(LogStore, FabricStore), StoreError> {
             // The log of an older dir moves into segments before the dir is marked, and the
             // old tree goes only once the mark is durable: a crash on the way leaves either
             // an older dir with its log (and copies an older build never reads), or a marked
-            // one whose old tree is copied again at its next open; never a dir without a log.
-            // (A marked dir with the old tree still there is such a crash's.)
-            if let Some(old) = &legacy {
+            // one whose old tree was copied in full before the mark; never a dir without a
+            // log. (A marked dir with the old tree still there is such a crash's: the tree is
+            // only dropped.) An unmarked dir's segments are an interrupted move's copies, and
+            // an older build may have truncated its log since (a rollback): they go before the
+            // copy starts, or entries truncated since would come back.
+            if let Some(old) = legacy.as_ref().filter(|_| f != DIR_FORMAT) {
+                let stale = log.drop_all().map_err(|e| sled_err(sled::Error::Io(e)))?;
+                if stale > 0 {
+                    tracing::info!(dir = %dir_s, segments = stale, "copies of an interrupted log move dropped");
+                }
                 let moved = move_legacy_log(old, &log).map_err(sled_err)?;
                 durably("move the log into segments", flush_now(&db, &db_file))?;
                 if moved > 0 {
@@ -471,8 +478,8 @@ pub async fn seed(
 }
 
 /// Copies every key of a format 7 (or older) dir's one log tree into the segment trees, each
-/// segment's keys in one batch; how many keys. Copying again is harmless: the same keys get the
-/// same values.
+/// segment's keys in one batch; how many keys. The segments must be empty (a copy over an
+/// earlier one would keep keys the old tree no longer holds).
 fn move_legacy_log(old: &sled::Tree, segments: &Segments) -> Result<usize, sled::Error> {
     let mut moved = 0;
     let mut current: Option<(u64, sled::Batch)> = None;
@@ -483,7 +490,13 @@ fn move_legacy_log(old: &sled::Tree, segments: &Segments) -> Result<usize, sled:
     for item in old.iter() {
         let (k, v) = item?;
         let Some(index) = key_index(&k) else {
-            continue;
+            return Err(sled::Error::Io(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the old log tree holds a key of {} bytes, not an index",
+                    k.len()
+                ),
+            )));
         };
         let segment = segment_of(index);
         match &mut current {
@@ -1345,6 +1358,65 @@ mod tests {
             indexes(&mut log, 0..last + 1).await,
             (2 * SEGMENT + 7..=last).collect::<Vec<_>>()
         );
+    }
+
+    /// A move cut short before the mark leaves copies in segments; an older build rolled back
+    /// onto the dir may truncate its log after that. The next move starts from its log, not
+    /// from the copies.
+    #[tokio::test]
+    async fn an_interrupted_move_rolled_back_does_not_bring_truncated_entries_back() {
+        use crate::segments::{SEGMENT, Segments, segment_of};
+        let dir = tempfile::tempdir().unwrap();
+        let (copied, kept) = (SEGMENT + 20, SEGMENT - 10);
+        {
+            let db = sled_open(dir.path());
+            let segments = Segments::open(&db).unwrap();
+            for i in 1..=copied {
+                let mut batch = sled::Batch::default();
+                chunked::put(
+                    &mut batch,
+                    &index_key(i),
+                    &codec::encode(&blank(i)).unwrap(),
+                    0,
+                );
+                segments
+                    .tree(segment_of(i))
+                    .unwrap()
+                    .apply_batch(batch)
+                    .unwrap();
+            }
+            let old = db.open_tree(LEGACY_LOG).unwrap();
+            let mut batch = sled::Batch::default();
+            for i in 1..=kept {
+                chunked::put(
+                    &mut batch,
+                    &index_key(i),
+                    &codec::encode(&blank(i)).unwrap(),
+                    0,
+                );
+            }
+            old.apply_batch(batch).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(KEY_FORMAT, &DATA_FORMAT.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        {
+            let (mut log, _sm) = open(dir.path()).unwrap();
+            assert_eq!(
+                log.get_log_state()
+                    .await
+                    .unwrap()
+                    .last_log_id
+                    .map(|l| l.index()),
+                Some(kept),
+                "the log the older build left, not the stale copy"
+            );
+            assert_eq!(
+                indexes(&mut log, 0..copied + 1).await,
+                (1..=kept).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(segment_names(dir.path()), ["log.0000000000000000"]);
     }
 
     /// A format 7 dir keeps its log in one tree: opened, the log moves into segments and reads
