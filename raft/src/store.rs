@@ -1273,6 +1273,32 @@ mod tests {
             .collect()
     }
 
+    /// One blank entry's log keys and value in `batch`.
+    fn put_blank(batch: &mut sled::Batch, i: u64) {
+        chunked::put(batch, &index_key(i), &codec::encode(&blank(i)).unwrap(), 0);
+    }
+
+    /// Writes an older dir's one-tree log (entries 1..=`last`), marked `format`, as an older
+    /// build leaves it.
+    fn write_old_log(db: &sled::Db, last: u64, format: u32) {
+        let old = db.open_tree(LEGACY_LOG).unwrap();
+        let mut batch = sled::Batch::default();
+        for i in 1..=last {
+            put_blank(&mut batch, i);
+        }
+        old.apply_batch(batch).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert(KEY_FORMAT, &format.to_be_bytes()).unwrap();
+    }
+
+    async fn last_index(log: &mut LogStore) -> Option<u64> {
+        log.get_log_state()
+            .await
+            .unwrap()
+            .last_log_id
+            .map(|l| l.index())
+    }
+
     fn segment_names(dir: &Path) -> Vec<String> {
         let db = sled_open(dir);
         let mut names: Vec<String> = db
@@ -1317,14 +1343,7 @@ mod tests {
             log.truncate_after(Some(blank(2 * SEGMENT - 3).log_id()))
                 .await
                 .unwrap();
-            assert_eq!(
-                log.get_log_state()
-                    .await
-                    .unwrap()
-                    .last_log_id
-                    .map(|l| l.index()),
-                Some(2 * SEGMENT - 3)
-            );
+            assert_eq!(last_index(&mut log).await, Some(2 * SEGMENT - 3));
             log.blocking_append((2 * SEGMENT - 2..=last).map(blank))
                 .await
                 .unwrap();
@@ -1373,41 +1392,20 @@ mod tests {
             let segments = Segments::open(&db).unwrap();
             for i in 1..=copied {
                 let mut batch = sled::Batch::default();
-                chunked::put(
-                    &mut batch,
-                    &index_key(i),
-                    &codec::encode(&blank(i)).unwrap(),
-                    0,
-                );
+                put_blank(&mut batch, i);
                 segments
                     .tree(segment_of(i))
                     .unwrap()
                     .apply_batch(batch)
                     .unwrap();
             }
-            let old = db.open_tree(LEGACY_LOG).unwrap();
-            let mut batch = sled::Batch::default();
-            for i in 1..=kept {
-                chunked::put(
-                    &mut batch,
-                    &index_key(i),
-                    &codec::encode(&blank(i)).unwrap(),
-                    0,
-                );
-            }
-            old.apply_batch(batch).unwrap();
-            let meta = db.open_tree("meta").unwrap();
-            meta.insert(KEY_FORMAT, &DATA_FORMAT.to_be_bytes()).unwrap();
+            write_old_log(&db, kept, DATA_FORMAT);
             db.flush().unwrap();
         }
         {
             let (mut log, _sm) = open(dir.path()).unwrap();
             assert_eq!(
-                log.get_log_state()
-                    .await
-                    .unwrap()
-                    .last_log_id
-                    .map(|l| l.index()),
+                last_index(&mut log).await,
                 Some(kept),
                 "the log the older build left, not the stale copy"
             );
@@ -1429,16 +1427,10 @@ mod tests {
         let last = SEGMENT + 20;
         let write_format_7 = |marker: u32| {
             let db = sled_open(dir.path());
-            let old = db.open_tree(LEGACY_LOG).unwrap();
-            let mut batch = sled::Batch::default();
-            for i in 1..=last {
-                let bytes = codec::encode(&blank(i)).unwrap();
-                chunked::put(&mut batch, &index_key(i), &bytes, 0);
-            }
-            old.apply_batch(batch).unwrap();
-            let meta = db.open_tree("meta").unwrap();
-            meta.insert(KEY_FORMAT, &marker.to_be_bytes()).unwrap();
-            meta.insert(KEY_VOTE, codec::encode(&Vote::new(3, 1)).unwrap())
+            write_old_log(&db, last, marker);
+            db.open_tree("meta")
+                .unwrap()
+                .insert(KEY_VOTE, codec::encode(&Vote::new(3, 1)).unwrap())
                 .unwrap();
             db.flush().unwrap();
         };
@@ -1446,15 +1438,7 @@ mod tests {
         for round in ["format 7", "a move cut short"] {
             {
                 let (mut log, _sm) = open(dir.path()).expect(round);
-                assert_eq!(
-                    log.get_log_state()
-                        .await
-                        .unwrap()
-                        .last_log_id
-                        .map(|l| l.index()),
-                    Some(last),
-                    "{round}"
-                );
+                assert_eq!(last_index(&mut log).await, Some(last), "{round}");
                 assert_eq!(
                     indexes(&mut log, 0..last + 1).await,
                     (1..=last).collect::<Vec<_>>(),
