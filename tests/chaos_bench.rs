@@ -78,6 +78,8 @@ fn run() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the network lab needs root");
     }
+    // The tree's daemon, not whatever an earlier build left.
+    spaced_tests::build_binaries()?;
     if let Some(secs) = soak_s {
         settings.churn = Some(1000);
         settings.balancer = true;

@@ -42,6 +42,8 @@ fn run() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the network lab needs root");
     }
+    // The tree's daemon, not whatever an earlier build left.
+    spaced_tests::build_binaries()?;
     println!("seed {seed}, {schedules} schedules, {settings:?}");
     let s = Sites::start(settings)?.context("the lab could not be built")?;
     let campaign = sites::campaign(&s, seed, schedules)?;

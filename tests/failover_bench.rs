@@ -1,5 +1,5 @@
 //! On-demand failover benchmark (`benches/failover`, or `cargo bench -p spaced-tests --bench
-//! failover` as root after `cargo build --release -p spaced-node --bins`).
+//! failover` as root; it builds `spaced` and `spacectl` first).
 //!
 //! What is measured is what a client sees: the time from a fault at the VIP's owner to the first
 //! successful TCP exchange on the VIP that is answered by a *different* host. One network lab
@@ -1730,7 +1730,8 @@ fn run(settings: &Settings) -> Result<bool> {
         None
     };
     let ka_version = ka_bin.as_deref().map(keepalived_version);
-    // Fail early, before building anything, if the binaries are missing.
+    // The tree's daemon, not whatever an earlier build left.
+    spaced_tests::build_binaries()?;
     binary("spaced")?;
     binary("spacectl")?;
 

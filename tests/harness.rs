@@ -418,6 +418,41 @@ pub fn build_package(workspace: &Path) -> Result<PathBuf> {
     Ok(deb)
 }
 
+/// Builds the daemon's binaries (`spaced`, `spacectl`) in the profile the running executable
+/// was built in, for the benchmarks: `cargo bench` builds only the libraries a bench links, so
+/// without this a bench would run whatever `spaced` an earlier build left in the target dir
+/// (a fault campaign once ran a daemon two commits older than the tree it reported on).
+pub fn build_binaries() -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let profile = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .and_then(|p| p.file_name())
+        .and_then(|p| p.to_str())
+        .context("locate the target profile dir")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args(["build", "-q", "-p", "spaced-node", "--bins"]);
+    match profile {
+        "debug" => {}
+        "release" => {
+            build.arg("--release");
+        }
+        other => {
+            build.args(["--profile", other]);
+        }
+    }
+    eprintln!("building spaced and spacectl ({profile}) so the run uses the tree's daemon");
+    let status = build.status().context("running cargo build for spaced")?;
+    anyhow::ensure!(
+        status.success(),
+        "cargo build -p spaced-node --bins ({profile}) failed: {status}"
+    );
+    Ok(())
+}
+
 /// Path of a workspace binary (`spaced`, `spacectl`). `cargo test --workspace` builds them
 /// (spaced-node has integration tests of its own, which makes cargo build its binaries).
 pub fn binary(name: &str) -> Result<PathBuf> {

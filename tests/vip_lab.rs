@@ -1708,3 +1708,144 @@ fn singleton_never_runs_twice_under_sigkill_sigstop_and_partition() -> Result<()
     );
     Ok(())
 }
+
+/// What one socket in h1 met while it sent to a silent address and to h2.
+#[derive(Debug)]
+struct SendsPastSilence {
+    /// Sends to h2 refused (`EAGAIN`).
+    refused: usize,
+    /// Sends to h2 that left.
+    sent: usize,
+}
+
+/// For `time`, sends bursts of 1,200-byte datagrams to each of `silent` (addresses no host
+/// answers ARP for, so they wait in h1's neighbour queues) and, between bursts, a small
+/// datagram to `live`, counting which the socket refused.
+fn send_past_silence(
+    socket: &std::net::UdpSocket,
+    silent: &[SocketAddr],
+    live: SocketAddr,
+    time: Duration,
+) -> Result<SendsPastSilence> {
+    let mut seen = SendsPastSilence {
+        refused: 0,
+        sent: 0,
+    };
+    let big = [0x5au8; 1200];
+    let start = Instant::now();
+    while start.elapsed() < time {
+        for to in silent.iter().cycle().take(40) {
+            // Refusals here are expected once the queues are full.
+            let _ = socket.send_to(&big, to);
+        }
+        match socket.send_to(b"renewal", live) {
+            Ok(_) => seen.sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => seen.refused += 1,
+            Err(e) => bail!("sending to {live}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(seen)
+}
+
+/// Peers that do not answer ARP (cut off, or hearing nothing) must not stop a node's sends to
+/// its other peers. The datagrams waiting for their addresses count against the sending
+/// socket's buffer, and Linux's default buffer is exactly one such queue: a fault campaign saw
+/// two nodes unable to send each other anything for over a second while a third was deaf, and
+/// a VIP moved. With two silent addresses the queues outgrow a default buffer for sure (one
+/// queue fills it only when its datagrams' sizes add up to the limit exactly, as they did
+/// there). The control (a socket whose buffer is one queue, like the default) shows the lab
+/// reproduces the stall; the endpoint's socket (`spaced_raft::udp::bind`) must send through
+/// it, and h2 must get what it sent.
+#[test]
+fn peers_that_do_not_answer_arp_do_not_stop_sends_to_the_others() -> Result<()> {
+    let _one = one_lab();
+    let Some(lab) = lab_or_skip(2)? else {
+        return Ok(());
+    };
+    let (h1, h2) = (lab.host(1).clone(), lab.host(2).clone());
+    let silent = [
+        SocketAddr::from((lab.free_ip(50), 7000)),
+        SocketAddr::from((lab.free_ip(51), 7000)),
+    ];
+    let live = SocketAddr::from((h2.ip, 7000));
+
+    // h2 counts what arrives, by sender.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let sink = {
+        let (ns, stop) = (h2.ns.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<Vec<SocketAddr>> {
+            spaced_tests::lab::enter_namespace(&ns)?;
+            let sink = std::net::UdpSocket::bind(live)?;
+            sink.set_read_timeout(Some(Duration::from_millis(100)))?;
+            bound_tx.send(()).ok();
+            let mut from = Vec::new();
+            let mut buf = [0u8; 64];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((_, peer)) = sink.recv_from(&mut buf) {
+                    from.push(peer);
+                }
+            }
+            Ok(from)
+        })
+    };
+    bound_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("h2's sink did not start")?;
+
+    let ns = h1.ns.clone();
+    let sender = std::thread::spawn(move || -> Result<_> {
+        spaced_tests::lab::enter_namespace(&ns)?;
+        let queue =
+            spaced_raft::udp::neighbour_queue_limit().context("reading h1's unres_qlen_bytes")?;
+        let control = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        // The kernel doubles what it is asked for: this makes the buffer one queue.
+        control.set_send_buffer_size(queue / 2)?;
+        control.set_nonblocking(true)?;
+        control.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
+        let control: std::net::UdpSocket = control.into();
+        let control_seen = send_past_silence(&control, &silent, live, Duration::from_secs(2))?;
+        let bound = spaced_raft::udp::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+        // Longer than a neighbour entry's 3 s of probes, so the queue is dropped and made again.
+        let seen = send_past_silence(&bound.socket, &silent, live, Duration::from_secs(4))?;
+        Ok((
+            control.local_addr()?,
+            control_seen,
+            bound.socket.local_addr()?,
+            bound.send_buffer,
+            seen,
+        ))
+    });
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("h1's sender panicked"));
+    // Let the last datagrams arrive before the sink stops.
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (control_addr, control_seen, addr, send_buffer, seen) = sent??;
+    let from = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("h2's sink panicked"))??;
+    let got = |a: SocketAddr| from.iter().filter(|p| p.port() == a.port()).count();
+    println!(
+        "control {control_seen:?} (h2 got {}), endpoint socket (send buffer {send_buffer}) {seen:?} (h2 got {})",
+        got(control_addr),
+        got(addr)
+    );
+    assert!(
+        control_seen.refused > 0,
+        "the lab did not reproduce the stall: a socket whose buffer is one neighbour queue was never refused ({control_seen:?})"
+    );
+    assert_eq!(
+        seen.refused, 0,
+        "the endpoint's socket refused sends to a live peer while other addresses went unanswered ({seen:?}, send buffer {send_buffer})"
+    );
+    assert!(
+        got(addr) * 10 >= seen.sent * 9,
+        "h2 got {} of the {} datagrams sent to it",
+        got(addr),
+        seen.sent
+    );
+    Ok(())
+}

@@ -11,6 +11,7 @@ pub mod proof;
 pub mod segments;
 pub mod store;
 pub mod types;
+pub mod udp;
 
 pub use spaced_fabric::{Command, CommandError, Fabric, Outcome};
 pub use types::{Member, NodeId, Raft, Response, TypeConfig};

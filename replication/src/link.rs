@@ -132,7 +132,7 @@ impl Link {
         let client = material
             .client_config(ALPN_DR, transport())
             .map_err(LinkError::Tls)?;
-        let endpoint = quinn::Endpoint::server(server, listen)
+        let endpoint = spaced_raft::udp::endpoint(listen, Some(server))
             .map_err(|source| LinkError::Bind { listen, source })?;
         Ok(Arc::new(Link {
             endpoint,

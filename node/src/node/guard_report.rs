@@ -123,6 +123,7 @@ fn dialer(me: &Identity, peers: &[&Peer]) -> Result<QuicNetwork, DialerError> {
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let endpoint = quinn::Endpoint::client(bind).map_err(|e| DialerError::Bind(bind, e))?;
+    let endpoint =
+        spaced_raft::udp::endpoint(bind, None).map_err(|e| DialerError::Bind(bind, e))?;
     Ok(QuicNetwork::new(me.node, endpoint, client))
 }

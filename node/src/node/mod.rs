@@ -311,7 +311,7 @@ impl Node {
         let view = sm_store.view();
 
         let (server_cfg, client_cfg) = quic_configs(&tls)?;
-        let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|e| {
+        let endpoint = spaced_raft::udp::endpoint(cfg.listen, Some(server_cfg)).map_err(|e| {
             StartError::input(
                 &cfg,
                 "listen",

@@ -25,6 +25,38 @@ const WITNESS_PRUNE_EVERY: Duration = Duration::from_secs(5);
 /// ([`crate::placement::agent::Agent::verify_up`]): one netlink look-up per held VIP.
 const VERIFY_EVERY: Duration = Duration::from_millis(250);
 
+/// At most one warning this often while renewals keep failing.
+const FAILURE_WARN_EVERY: Duration = Duration::from_secs(1);
+
+/// Failed renewals in a row, for warnings that say when they start, while they go on (at
+/// most one each [`FAILURE_WARN_EVERY`]) and when they end, instead of one line per renewal
+/// (every few tens of milliseconds).
+#[derive(Debug, Default)]
+struct FailureStreak {
+    failed: u64,
+    warned: Option<Instant>,
+}
+
+impl FailureStreak {
+    /// One more failure at `now`: the streak's length if it is time to warn.
+    fn failed(&mut self, now: Instant) -> Option<u64> {
+        self.failed += 1;
+        let due = self
+            .warned
+            .is_none_or(|at| now.duration_since(at) >= FAILURE_WARN_EVERY);
+        if due {
+            self.warned = Some(now);
+        }
+        due.then_some(self.failed)
+    }
+
+    /// A renewal was confirmed: the length of the streak it ended, if there was one.
+    fn succeeded(&mut self) -> Option<u64> {
+        self.warned = None;
+        Some(std::mem::take(&mut self.failed)).filter(|n| *n > 0)
+    }
+}
+
 /// Why a renewal did not reach a quorum.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -100,6 +132,7 @@ impl Placements {
         let agent = self.agent.clone();
         let cluster = &self.cluster;
         let renewing = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(std::sync::Mutex::new(FailureStreak::default()));
         let mut fabric_changed = cluster.view.changes();
         let mut pruned = Instant::now();
         let mut verified = Instant::now();
@@ -146,10 +179,20 @@ impl Placements {
             {
                 let placements = self.clone();
                 let renewing = renewing.clone();
+                let failures = failures.clone();
                 tokio::spawn(async move {
                     match placements.renew(renewal.placements.clone()).await {
-                        Ok(confirmed) => placements.agent.confirmed(&renewal, &confirmed),
-                        Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
+                        Ok(confirmed) => {
+                            placements.agent.confirmed(&renewal, &confirmed);
+                            if let Some(failed) = lock(&failures).succeeded() {
+                                tracing::info!(failed, "lease renewals confirmed again");
+                            }
+                        }
+                        Err(e) => {
+                            if let Some(failed) = lock(&failures).failed(Instant::now()) {
+                                tracing::warn!(error = %e, failed, "lease renewal failed (failed in a row so far)");
+                            }
+                        }
                     }
                     renewing.store(false, Ordering::SeqCst);
                 });
@@ -320,6 +363,29 @@ impl Placements {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn failed_renewals_warn_when_they_start_once_a_second_after_and_say_when_they_end() {
+        let mut streak = super::FailureStreak::default();
+        let t0 = std::time::Instant::now();
+        let ms = |n| t0 + std::time::Duration::from_millis(n);
+        assert_eq!(streak.succeeded(), None, "no streak to end");
+        assert_eq!(streak.failed(ms(0)), Some(1), "the first failure warns");
+        assert_eq!(streak.failed(ms(50)), None);
+        assert_eq!(streak.failed(ms(999)), None);
+        assert_eq!(
+            streak.failed(ms(1000)),
+            Some(4),
+            "a second later, with the count"
+        );
+        assert_eq!(streak.failed(ms(1050)), None);
+        assert_eq!(streak.succeeded(), Some(5));
+        assert_eq!(
+            streak.failed(ms(1100)),
+            Some(1),
+            "a new streak warns at once"
+        );
+    }
+
     use super::*;
 
     fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
