@@ -248,6 +248,42 @@ async fn node_added_after_snapshot_installs_it() -> Result<()> {
     Ok(())
 }
 
+/// Removing the leader itself: it hands leadership to another voter first, and the new leader
+/// carries the removal out (fabric record, certificate). A leader that removed itself could
+/// commit nothing more once its followers applied the new membership (they refuse a node
+/// that is not a member), so its removal from the fabric and the revocation of its
+/// certificate never came, and the request hung until the client gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_leader_hands_leadership_over_first() -> Result<()> {
+    let mut c = Cluster::start(3, timings()).await?;
+    let leader = c.wait_leader(T).await?;
+    let mut admin = c.admin(leader).await?;
+    remove_and_stop(&mut c, &mut admin, leader).await?;
+    let next = c.wait_leader(T).await?;
+    assert_ne!(next, leader);
+    // The client went back to the node it was made for, which is gone now.
+    let mut admin = c.admin(next).await?;
+    let s = admin.status().await?;
+    let ids: BTreeSet<u64> = s.nodes.iter().map(|n| n.id).collect();
+    assert!(!ids.contains(&leader), "removed leader still listed: {s:?}");
+    assert_eq!(ids.len(), 2);
+    for id in c.nodes.keys() {
+        assert!(
+            c.fabric_of(*id)
+                .is_some_and(|f| !f.nodes.contains_key(&leader)),
+            "node {id}'s fabric still lists the removed leader {leader}"
+        );
+    }
+    match admin
+        .call_leader(&AdminRequest::AddDevices(devices("rml", 3)))
+        .await?
+    {
+        AdminReply::Applied(_) => {}
+        other => bail!("write after removing the leader: {other:?}"),
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_node_and_transfer_leadership() -> Result<()> {
     let mut c = Cluster::start(3, timings()).await?;

@@ -12,7 +12,7 @@ use spaced_raft::network::{RaftReply, RaftRpc};
 use spaced_raft::{Member, NodeId};
 
 use super::server::AdminServer;
-use crate::cluster::OpError;
+use crate::cluster::{OpError, ProposeError};
 use crate::now_millis;
 
 /// A membership change Raft did not carry out: when this node no longer leads (it lost an
@@ -153,8 +153,28 @@ impl AdminServer {
     /// presents (read from this node's connection to it, dialed if need be, before it leaves),
     /// so that it cannot come back with it: `Ok` carries the revoked serial, `None` when the
     /// node could not be reached to read it (then `spacectl pki revoke` its certificate file).
+    ///
+    /// A leader asked to remove itself hands leadership to the voter furthest along first and
+    /// answers "not the leader", naming the new one, which the client asks again: once its
+    /// followers applied the new membership they would refuse it as a stranger, so it could
+    /// commit nothing more (the fabric record and the revocation would never come).
     pub(super) async fn remove_node(&self, who: &str) -> Result<Option<String>, OpError> {
         let id = self.resolve_node(who)?;
+        if id == self.cluster.id && self.cluster.raft.is_leader() {
+            let to = self.successor().ok_or_else(|| {
+                OpError::Refused(format!(
+                    "node {id} is the only voter: a cluster cannot remove its last voter"
+                ))
+            })?;
+            tracing::info!(
+                node = id,
+                to,
+                "asked to remove itself while leading: handing leadership over first"
+            );
+            self.transfer_leader(&to.to_string()).await?;
+            let (leader, addr) = self.cluster.leader();
+            return Err(OpError::Propose(ProposeError::NotLeader(leader, addr)));
+        }
         let member = self.cluster.member(id);
         let serial = match &member {
             Some(m) if id != self.cluster.id => {
@@ -205,6 +225,24 @@ impl AdminServer {
                  {e}; revoke it with `spacectl pki revoke`"
             ))),
         }
+    }
+
+    /// On the leader: the other voter whose log is furthest along (the lowest id of those
+    /// level), to lead in its place; `None` when it is the only voter.
+    fn successor(&self) -> Option<NodeId> {
+        let m = self.cluster.raft.metrics();
+        let m = m.borrow_watched();
+        let matched = m.replication.clone().unwrap_or_default();
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != self.cluster.id)
+            .max_by_key(|v| {
+                (
+                    matched.get(v).copied().flatten().map(|l| l.index),
+                    std::cmp::Reverse(*v),
+                )
+            })
     }
 
     pub(super) async fn transfer_leader(&self, who: &str) -> Result<(), OpError> {
