@@ -1177,6 +1177,7 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
         let fault = Fault::random(&mut rng);
         let hold = Duration::from_millis(300 + rng.below(2700));
         let began = chaos.start.elapsed();
+        let began_wall = wall_clock_now();
         let (heal, hit) = match chaos.apply(&fault, &mut rng) {
             Ok(h) => h,
             Err(e) => {
@@ -1184,13 +1185,20 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
                 break;
             }
         };
+        // A membership change waits for its `spacectl` calls with the inner fault applied:
+        // that time counts too (the fault is held from `began` to the heal).
+        let applying = chaos.start.elapsed().saturating_sub(began);
+        let inner = match &fault {
+            Fault::Membership(during) => format!(" [inner fault: {}]", during.kind()),
+            _ => String::new(),
+        };
         println!(
-            "fault {n}: {}{} for {} ms, from {:.3} s ({})",
+            "fault {n}: {}{}{inner} for {} ms after {} ms applying it, from {:.3} s ({began_wall})",
             fault.kind(),
             hit.map_or(String::new(), |i| format!(" (n{})", i + 1)),
             hold.as_millis(),
+            applying.as_millis(),
             began.as_secs_f64(),
-            wall_clock_now()
         );
         std::thread::sleep(hold);
         chaos.heal(heal)?;
