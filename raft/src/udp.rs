@@ -11,7 +11,7 @@
 //! leaves through its one endpoint socket: with the default buffer, one unreachable peer
 //! stops every send to every other peer for seconds (`EAGAIN`, and the socket is not writable
 //! again until the queue is dropped), long enough for the node's leases to run out while its
-//! healthy peers are a wire away. A fault campaign lost a VIP that way.
+//! healthy peers are a wire away. In a fault campaign a VIP and a singleton moved that way.
 //!
 //! So the socket asks for [`SEND_BUFFER`], room for the queues of many unreachable peers at
 //! once, first past `wmem_max` (`SO_SNDBUFFORCE`, which needs `CAP_NET_ADMIN`, which the
