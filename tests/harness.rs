@@ -418,31 +418,34 @@ pub fn build_package(workspace: &Path) -> Result<PathBuf> {
     Ok(deb)
 }
 
+/// target/<profile> of the running test or bench executable (which lives in
+/// target/<profile>/deps), where cargo puts the workspace's binaries.
+fn profile_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .and_then(|p| p.parent())
+        .map(Path::to_path_buf)
+        .context("locate the target profile dir")
+}
+
 /// Builds the daemon's binaries (`spaced`, `spacectl`) in the profile the running executable
 /// was built in, for the benchmarks: `cargo bench` builds only the libraries a bench links, so
 /// without this a bench would run whatever `spaced` an earlier build left in the target dir
 /// (a fault campaign once ran a daemon two commits older than the tree it reported on).
 pub fn build_binaries() -> Result<()> {
-    let exe = std::env::current_exe()?;
-    let profile = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .and_then(|p| p.file_name())
+    let dir = profile_dir()?;
+    let profile = dir
+        .file_name()
         .and_then(|p| p.to_str())
-        .context("locate the target profile dir")?;
+        .context("name the target profile dir")?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = std::process::Command::new(cargo);
     build
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .args(["build", "-q", "-p", "spaced-node", "--bins"]);
-    match profile {
-        "debug" => {}
-        "release" => {
-            build.arg("--release");
-        }
-        other => {
-            build.args(["--profile", other]);
-        }
+    // The dev profile builds into `debug`; every other profile into a dir of its name.
+    if profile != "debug" {
+        build.args(["--profile", profile]);
     }
     eprintln!("building spaced and spacectl ({profile}) so the run uses the tree's daemon");
     let status = build.status().context("running cargo build for spaced")?;
@@ -456,13 +459,7 @@ pub fn build_binaries() -> Result<()> {
 /// Path of a workspace binary (`spaced`, `spacectl`). `cargo test --workspace` builds them
 /// (spaced-node has integration tests of its own, which makes cargo build its binaries).
 pub fn binary(name: &str) -> Result<PathBuf> {
-    // Test executables live in target/<profile>/deps; binaries in target/<profile>.
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .context("locate target dir")?;
-    let path = profile_dir.join(name);
+    let path = profile_dir()?.join(name);
     if !path.exists() {
         bail!(
             "binary {} not found: run the tests with `cargo test --workspace` (or `cargo build -p spaced-node` first)",
