@@ -81,6 +81,17 @@ fn spaced_lb_bad_flags_exit_2_naming_them_and_a_busy_port_exits_1() {
             ],
             "--threads",
         ),
+        (
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                "127.0.0.1:80",
+                "--busy-poll-us",
+                "5000",
+            ],
+            "--busy-poll-us: at most 1000",
+        ),
         (vec!["--listen", "127.0.0.1:0"], "--backend"),
     ] {
         let out = spaced().arg("lb").args(&args).output().unwrap();
@@ -119,19 +130,23 @@ fn spaced_lb_relays_to_its_backend_and_stops_on_sigterm() {
         .unwrap()
         .port();
     let listen = format!("127.0.0.1:{port}");
+    // Two threads, each of which must find its runtime's epoll instance for its busy poll.
     let mut child = spaced()
         .args([
             "lb",
             "--listen",
             &listen,
             "--threads",
-            "1",
+            "2",
+            "--busy-poll-us",
+            "100",
             "--drain-grace-s",
             "0",
         ])
         .arg("--backend")
         .arg(format!("b1={backend_addr}"))
         .env("SPACED_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -151,9 +166,11 @@ fn spaced_lb_relays_to_its_backend_and_stops_on_sigterm() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = child.wait().unwrap();
+    let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&reply), "pong:ping!");
-    assert!(status.success(), "{status:?}");
+    assert!(out.status.success(), "{:?}", out.status);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("epoll descriptor"), "{log}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `spaced lb`: the balancer alone, with backends from flags, for users who want only it and for benchmarks.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ pub const EVENT_INTERVAL: u32 = 16;
 pub fn thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .event_interval(EVENT_INTERVAL)
+        .on_thread_park(super::busy_poll::before_park)
         .enable_all()
         .build()
 }
@@ -95,7 +97,18 @@ pub struct LbArgs {
     /// Serve /metrics and /healthz on this address.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Microseconds a thread that ran out of work polls its sockets before it sleeps: a
+    /// connection arriving meanwhile is taken without a wake-up. Bounded, unlike HAProxy's
+    /// `busy-polling`: an idle balancer sleeps as before. 0 = sleep at once.
+    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US)]
+    pub busy_poll_us: u64,
 }
+
+/// `--busy-poll-us` when not given.
+pub const DEFAULT_BUSY_POLL_US: u64 = 50;
+
+/// The longest `--busy-poll-us`: beyond it a thread would hold its core for the polls alone.
+const MAX_BUSY_POLL_US: u64 = 1_000;
 
 fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -167,6 +180,12 @@ impl LbArgs {
             if v == 0 {
                 return bad_flag(flag, "must be greater than 0");
             }
+        }
+        if self.busy_poll_us > MAX_BUSY_POLL_US {
+            return bad_flag(
+                "--busy-poll-us",
+                format!("at most {MAX_BUSY_POLL_US} (a poll that long holds a core for itself)"),
+            );
         }
         if self.rise == 0 || self.fall == 0 {
             return bad_flag("--rise/--fall", "must be at least 1");
@@ -242,10 +261,11 @@ pub async fn run(
             .await
             .map_err(LbRunError::Metrics)?;
     }
+    let busy_poll = Duration::from_micros(args.busy_poll_us);
     let mut listeners = listeners.into_iter();
     let first = listeners
         .next()
-        .map(TcpListener::from_std)
+        .map(|l| register(l, busy_poll))
         .transpose()
         .map_err(|error| LbRunError::Thread { thread: 0, error })?
         .ok_or(LbRunError::Thread {
@@ -261,7 +281,7 @@ pub async fn run(
             .name(format!("lb-{thread}"))
             .spawn(move || -> std::io::Result<()> {
                 thread_runtime()?.block_on(async move {
-                    balancer.serve(TcpListener::from_std(listener)?, stop).await;
+                    balancer.serve(register(listener, busy_poll)?, stop).await;
                     Ok(())
                 })
             });
@@ -292,6 +312,16 @@ pub async fn run(
         failed.get_or_insert(LbRunError::Thread { thread, error });
     }
     failed.map_or(Ok(()), Err)
+}
+
+/// `listener` registered with this thread's runtime, whose busy poll it arms (a warning if
+/// that cannot be done: the thread then sleeps at once, as with `--busy-poll-us 0`).
+fn register(listener: std::net::TcpListener, busy_poll: Duration) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::from_std(listener)?;
+    if let Err(error) = super::busy_poll::attach(listener.as_raw_fd(), busy_poll) {
+        tracing::warn!(%error, "cannot find the balancer runtime's epoll descriptor: --busy-poll-us has no effect");
+    }
+    Ok(listener)
 }
 
 /// `/metrics` and `/healthz` of the standalone balancer.
