@@ -265,7 +265,7 @@ pub async fn run(
     let mut listeners = listeners.into_iter();
     let first = listeners
         .next()
-        .map(|l| register(l, busy_poll))
+        .map(|l| register(l, busy_poll, &balancer))
         .transpose()
         .map_err(|error| LbRunError::Thread { thread: 0, error })?
         .ok_or(LbRunError::Thread {
@@ -281,7 +281,9 @@ pub async fn run(
             .name(format!("lb-{thread}"))
             .spawn(move || -> std::io::Result<()> {
                 thread_runtime()?.block_on(async move {
-                    balancer.serve(register(listener, busy_poll)?, stop).await;
+                    balancer
+                        .serve(register(listener, busy_poll, &balancer)?, stop)
+                        .await;
                     Ok(())
                 })
             });
@@ -316,9 +318,20 @@ pub async fn run(
 
 /// `listener` registered with this thread's runtime, whose busy poll it arms (a warning if
 /// that cannot be done: the thread then sleeps at once, as with `--busy-poll-us 0`).
-fn register(listener: std::net::TcpListener, busy_poll: Duration) -> std::io::Result<TcpListener> {
+fn register(
+    listener: std::net::TcpListener,
+    busy_poll: Duration,
+    balancer: &Arc<Balancer>,
+) -> std::io::Result<TcpListener> {
     let listener = TcpListener::from_std(listener)?;
-    if let Err(error) = super::busy_poll::attach(listener.as_raw_fd(), busy_poll) {
+    let counted = balancer.clone();
+    let accepted = Box::new(move || {
+        counted
+            .stats()
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    });
+    if let Err(error) = super::busy_poll::attach(listener.as_raw_fd(), busy_poll, accepted) {
         tracing::warn!(%error, "cannot find the balancer runtime's epoll descriptor: --busy-poll-us has no effect");
     }
     Ok(listener)
