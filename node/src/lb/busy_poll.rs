@@ -23,7 +23,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -40,8 +40,9 @@ struct Armed {
     epoll: OwnedFd,
     /// The longest poll.
     window: Duration,
-    /// The balancer's accept count, and the count and time the hook last saw it change.
+    /// Reads the balancer's accept count.
     accepted: Accepted,
+    /// The count the hook last read, and when it last saw it change (`None`: not yet).
     seen: Cell<(u64, Option<Instant>)>,
 }
 
@@ -133,7 +134,7 @@ fn epoll_holding(registered: RawFd) -> io::Result<OwnedFd> {
             continue;
         };
         if interest_list(&info).any(|t| t == registered) {
-            found.push((instance(&info).join("\n"), fd));
+            found.push((registrations(&info).collect::<Vec<_>>().join("\n"), fd));
         }
     }
     found.sort_unstable();
@@ -143,9 +144,7 @@ fn epoll_holding(registered: RawFd) -> io::Result<OwnedFd> {
             // SAFETY: `fd` is open (its fdinfo was just read) and belongs to the runtime this
             // thread is running, which outlives this call; it is only borrowed to duplicate it.
             let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-            let owned = borrowed.try_clone_to_owned()?;
-            debug_assert_ne!(owned.as_raw_fd(), fd);
-            Ok(owned)
+            borrowed.try_clone_to_owned()
         }
         [] => Err(io::Error::new(
             io::ErrorKind::NotFound,
@@ -161,26 +160,24 @@ fn epoll_holding(registered: RawFd) -> io::Result<OwnedFd> {
     }
 }
 
-/// What tells epoll instances apart in their fdinfo texts: the registrations (`tfd:` lines,
-/// which include each one's user data, for tokio the address of its own state). Descriptors
-/// of one instance show the same; the `ino:` line cannot tell them apart, as every epoll
-/// instance shares one anonymous inode.
-fn instance(fdinfo: &str) -> Vec<&str> {
-    fdinfo.lines().filter(|l| l.starts_with("tfd:")).collect()
+/// The registrations an epoll instance's fdinfo text lists (its `tfd:` lines, without the
+/// prefix). They also tell instances apart: each includes its user data, for tokio the
+/// address of its own state, so descriptors of one instance show the same and two instances
+/// differ; the `ino:` line cannot, as every epoll instance shares one anonymous inode.
+fn registrations(fdinfo: &str) -> impl Iterator<Item = &str> {
+    fdinfo.lines().filter_map(|line| line.strip_prefix("tfd:"))
 }
 
-/// The descriptors an epoll instance's fdinfo text lists as registered (`tfd:` lines).
+/// The descriptors an epoll instance's fdinfo text lists as registered.
 fn interest_list(fdinfo: &str) -> impl Iterator<Item = RawFd> + '_ {
-    fdinfo.lines().filter_map(|line| {
-        let rest = line.strip_prefix("tfd:")?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
+    registrations(fdinfo).filter_map(|r| r.split_whitespace().next()?.parse().ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn reads_the_interest_list_of_an_epoll_fdinfo() {
@@ -188,8 +185,8 @@ mod tests {
                     tfd:        9 events:       19 data:                0  pos:0 ino:2c sdev:9\n\
                     tfd:       12 events: 80002019 data:       7f00000001  pos:0 ino:2f sdev:9\n";
         assert_eq!(interest_list(info).collect::<Vec<_>>(), vec![9, 12]);
-        assert_eq!(instance(info).len(), 2);
-        assert!(instance("pos:\t0\nino:\t26\n").is_empty());
+        assert_eq!(registrations(info).count(), 2);
+        assert_eq!(registrations("pos:\t0\nino:\t26\n").count(), 0);
         assert_eq!(interest_list("pos:\t0\nflags:\t02\n").count(), 0);
         assert_eq!(interest_list("tfd: x events: 1\n").count(), 0);
     }
