@@ -75,6 +75,9 @@ pub struct ChaosSettings {
     /// `nice` of every node (`None`: the daemon's default), to compare stalls at two
     /// priorities.
     pub nice: Option<i32>,
+    /// Only faults whose kind (as the report names it) contains this text, to look at how
+    /// one kind of fault is recovered from (`None`: the whole mix).
+    pub only: Option<String>,
 }
 
 impl Default for ChaosSettings {
@@ -86,6 +89,7 @@ impl Default for ChaosSettings {
             balancer: false,
             snapshot_after_logs: None,
             nice: None,
+            only: None,
         }
     }
 }
@@ -1163,6 +1167,24 @@ fn wall_clock_now() -> String {
     )
 }
 
+/// A random fault whose kind contains `only` (any fault if `None`); an error if no kind of
+/// the mix does.
+pub fn draw_fault(rng: &mut Rng, only: Option<&str>) -> Result<Fault> {
+    let Some(only) = only else {
+        return Ok(Fault::random(rng));
+    };
+    // The rarest kind (a membership change beside one given kind) is about 1 draw in 400.
+    for _ in 0..100_000 {
+        let fault = Fault::random(rng);
+        if fault.kind().contains(only) {
+            return Ok(fault);
+        }
+    }
+    bail!(
+        "--only {only:?}: no kind of fault contains it (the kinds are as the report's table names them)"
+    )
+}
+
 /// Runs `faults` random faults from `seed`, each held for 0.3–3 s, and checks the history.
 pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign> {
     let mut rng = Rng::new(seed);
@@ -1174,7 +1196,7 @@ pub fn campaign(chaos: &mut Chaos, seed: u64, faults: usize) -> Result<Campaign>
     let mut outcomes = Vec::new();
     let mut aborted = None;
     for n in 0..faults {
-        let fault = Fault::random(&mut rng);
+        let fault = draw_fault(&mut rng, chaos.settings.only.as_deref())?;
         let hold = Duration::from_millis(300 + rng.below(2700));
         let began = chaos.start.elapsed();
         let began_wall = wall_clock_now();
@@ -2147,6 +2169,21 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn only_draws_the_kind_asked_for_and_refuses_a_kind_that_is_not_there() {
+        let mut rng = Rng::new(7);
+        for _ in 0..50 {
+            let f = draw_fault(&mut rng, Some("(majority)")).expect("majority partitions exist");
+            assert_eq!(f.kind(), "partition of all but one (majority)");
+        }
+        let kinds: BTreeSet<String> = (0..500)
+            .map(|_| draw_fault(&mut rng, None).expect("any fault").kind())
+            .collect();
+        assert!(kinds.len() > 10, "the whole mix without --only: {kinds:?}");
+        let e = draw_fault(&mut rng, Some("meteor strike")).expect_err("no such kind");
+        assert!(e.to_string().contains("\"meteor strike\""), "{e}");
     }
 
     #[test]

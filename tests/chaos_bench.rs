@@ -1,8 +1,10 @@
 //! `cargo bench -p spaced-tests --bench chaos -- [--faults N] [--seed S] [--nodes N]
-//! [--write-every-ms MS] [--churn N]`: seeded random faults against one cluster of real `spaced` processes
+//! [--write-every-ms MS] [--churn N] [--only TEXT]`: seeded random faults against one cluster of real `spaced` processes
 //! in the network lab (root) while a client writes, then the checkers and a summary table
 //! (see `spaced_tests::chaos`). The client keeps its devices to N (default 1,000; 0: they
-//! pile up), removing the oldest with each add past it. Exits 1 on a violation, printing the seed that replays it.
+//! pile up), removing the oldest with each add past it. `--only TEXT` draws only the faults
+//! whose kind, as the summary table names it, contains TEXT (`--only "(majority)"`: majority
+//! partitions alone, to look at one kind's recovery). Exits 1 on a violation, printing the seed that replays it.
 //!
 //! `... --bench chaos -- --soak SECONDS [--no-stress]`: the soak instead: no faults, 1,000
 //! devices and a steady churn of writes, connections through the balancer on the VIP every
@@ -62,6 +64,10 @@ fn run() -> Result<()> {
                 }
                 settings.nice = Some(n);
             }
+            "--only" => {
+                let v = args.next().context("--only needs a fault kind's text")?;
+                settings.only = Some(v);
+            }
             "--nodes" => settings.nodes = value("a count")? as usize,
             "--churn" => settings.churn = Some(value("a count")? as usize).filter(|n| *n > 0),
             "--write-every-ms" => {
@@ -74,6 +80,10 @@ fn run() -> Result<()> {
     }
     if !(3..=7).contains(&settings.nodes) {
         bail!("--nodes {}: 3 to 7", settings.nodes);
+    }
+    if let Some(only) = &settings.only {
+        // Refused before the lab is built.
+        chaos::draw_fault(&mut spaced_tests::sites::Rng::new(seed), Some(only))?;
     }
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the network lab needs root");
