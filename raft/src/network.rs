@@ -16,7 +16,6 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
 
 use crate::codec;
 use crate::frame::{self, FrameBudget, MAX_FRAME, STRANGER_FRAME};
@@ -39,6 +38,15 @@ const MAX_SNAPSHOT: u64 = 1 << 30;
 pub const RAFT_FRAME_BUDGET: usize = 256 << 20;
 /// How long dialing a peer may take before it counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// While a dial has no answer, a fresh attempt starts this often (see
+/// [`QuicNetwork::dial_attempts`]).
+const REDIAL_EVERY: Duration = Duration::from_millis(100);
+
+/// A connection that has received nothing for this long, across requests left unanswered,
+/// gets a fresh one dialed beside it (see [`QuicNetwork::unanswered`]). A live peer
+/// acknowledges within its ACK delay (25 ms) and sends keep-alives every 250 ms.
+const SILENT_BEFORE_REDIAL: Duration = Duration::from_millis(150);
 
 /// QUIC transport settings for Raft and admin connections: a dead peer is noticed within
 /// about a second.
@@ -274,8 +282,20 @@ fn peer_serial(conn: &quinn::Connection) -> Option<String> {
         .and_then(|leaf| crate::pki::serial_of(&leaf).ok())
 }
 
-/// One peer's cached connection; its own lock so a slow dial blocks only that peer.
-type PeerSlot = Arc<Mutex<Option<quinn::Connection>>>;
+/// How a dial ended: the connection, or why there is none.
+type DialOutcome = Result<quinn::Connection, String>;
+
+/// One peer's cached connection, and the dial under way to it if there is none.
+#[derive(Default)]
+struct PeerSlot {
+    /// The connection in use.
+    conn: Option<quinn::Connection>,
+    /// The dial under way: its outcome is published here (`None` until it ends).
+    dial: Option<tokio::sync::watch::Receiver<Option<DialOutcome>>>,
+    /// How many datagrams `conn` had received when a request on it was last left unanswered,
+    /// and since when that count has not moved (see [`QuicNetwork::unanswered`]).
+    heard: Option<(u64, std::time::Instant)>,
+}
 
 /// Dials peers and caches one connection per peer.
 #[derive(Clone)]
@@ -287,8 +307,9 @@ pub struct QuicNetwork {
     /// TLS + transport settings for Raft connections (ALPN [`crate::pki::ALPN_RAFT`]);
     /// replaced when the node's certificate is reloaded.
     client_config: Arc<std::sync::RwLock<quinn::ClientConfig>>,
-    /// Live connections by peer.
-    conns: Arc<Mutex<HashMap<NodeId, PeerSlot>>>,
+    /// Live connections and dials under way, by peer (held only to look or to swap, never
+    /// across an await).
+    conns: Arc<std::sync::Mutex<HashMap<NodeId, PeerSlot>>>,
     /// Revoked certificates: a cached connection to a peer whose certificate was revoked
     /// since is closed instead of used (a new one fails in the handshake).
     revoked: crate::pki::Revoked,
@@ -397,59 +418,169 @@ impl QuicNetwork {
         self
     }
 
+    /// The connection to `target`, dialed if there is none. One dial per peer is under way at
+    /// a time, in a task of its own: a caller that gives up (its time-out, or openraft's)
+    /// leaves it running for the next caller, instead of cutting it short and dialing again
+    /// (see [`Self::dial`]).
     async fn connection(
         &self,
         target: NodeId,
         member: &Member,
     ) -> Result<quinn::Connection, RpcError> {
-        // One slot per peer: dialing a dead peer must not hold up RPCs to live ones.
-        let slot = self.conns.lock().await.entry(target).or_default().clone();
-        let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref()
-            && c.close_reason().is_none()
-        {
-            if peer_revoked(c, &self.revoked) {
-                c.close(REVOKED_CLOSE.into(), b"certificate revoked");
-            } else if self.refused_as_previous(c) {
-                c.close(PREVIOUS_FORMAT_CLOSE.into(), b"previous data format");
-            } else {
-                return Ok(c.clone());
+        let mut dialing = {
+            let mut peers = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = peers.entry(target).or_default();
+            if let Some(c) = slot.conn.as_ref()
+                && c.close_reason().is_none()
+            {
+                if peer_revoked(c, &self.revoked) {
+                    c.close(REVOKED_CLOSE.into(), b"certificate revoked");
+                } else if self.refused_as_previous(c) {
+                    c.close(PREVIOUS_FORMAT_CLOSE.into(), b"previous data format");
+                } else {
+                    return Ok(c.clone());
+                }
             }
-        }
-        *slot = None;
-        let dial = |why: String| RpcError::Dial {
+            slot.conn = None;
+            self.dialing(slot, target, member)
+        };
+        let outcome = dialing
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| "the dial was dropped (the node is stopping)".to_string())
+            .and_then(|o| o.clone().unwrap_or_else(|| Err("no outcome".into())));
+        outcome.map_err(|why| RpcError::Dial {
             node: target,
             member: member.to_string(),
             why,
+        })
+    }
+
+    /// The dial to `target` under way, started if there is none.
+    fn dialing(
+        &self,
+        slot: &mut PeerSlot,
+        target: NodeId,
+        member: &Member,
+    ) -> tokio::sync::watch::Receiver<Option<DialOutcome>> {
+        if let Some(dial) = &slot.dial {
+            return dial.clone();
+        }
+        let (done, dial) = tokio::sync::watch::channel(None);
+        slot.dial = Some(dial.clone());
+        tokio::spawn(self.clone().dial(target, member.clone(), done));
+        dial
+    }
+
+    /// A request to `target` was left unanswered within its limit. If its connection has
+    /// received nothing for [`SILENT_BEFORE_REDIAL`] across such requests, a fresh connection
+    /// is dialed beside it, and replaces it once made.
+    ///
+    /// After a short partition (shorter than the idle timeout) the old connection lives on but
+    /// sends only when QUIC's probe timer fires, and that timer doubles with every probe lost:
+    /// after a partition of a second the next probe can be half a second after the heal. A
+    /// fresh dial's attempts reach the peer within [`REDIAL_EVERY`]. Requests in flight on the
+    /// old connection keep it until they end: it is not closed under them.
+    fn unanswered(&self, target: NodeId, member: &Member) {
+        let mut peers = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = peers.get_mut(&target) else {
+            return;
         };
-        let addr = resolve(&member.addr)
-            .await
-            .map_err(|e| dial(e.to_string()))?;
+        let Some(conn) = &slot.conn else { return };
+        if slot.dial.is_some() {
+            return;
+        }
+        let heard = conn.stats().udp_rx.datagrams;
+        let now = std::time::Instant::now();
+        match slot.heard {
+            Some((count, since)) if count == heard => {
+                if now.duration_since(since) >= SILENT_BEFORE_REDIAL {
+                    slot.heard = None;
+                    drop(self.dialing(slot, target, member));
+                }
+            }
+            _ => slot.heard = Some((heard, now)),
+        }
+    }
+
+    /// Dials `target` (see [`Self::dial_attempts`]), caches the connection (in place of a
+    /// silent one, see [`Self::unanswered`]), and publishes the outcome to every caller
+    /// waiting on it.
+    async fn dial(
+        self,
+        target: NodeId,
+        member: Member,
+        done: tokio::sync::watch::Sender<Option<DialOutcome>>,
+    ) {
+        let outcome = self.dial_attempts(&member).await;
+        {
+            let mut peers = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = peers.entry(target).or_default();
+            slot.dial = None;
+            if let Ok(conn) = &outcome {
+                slot.conn = Some(conn.clone());
+                slot.heard = None;
+            }
+        }
+        done.send_replace(Some(outcome));
+    }
+
+    /// Dials `member` within [`CONNECT_TIMEOUT`], starting a fresh attempt every
+    /// [`REDIAL_EVERY`] while none has answered, the earlier ones still waiting; the first
+    /// connection made wins and the others are dropped.
+    ///
+    /// One attempt alone would sit out QUIC's retransmission of its first packet (a second
+    /// at the default initial RTT) after a partition heals; fresh attempts reach the peer
+    /// within `REDIAL_EVERY` of the heal, while a slow path (a second site's) still has the
+    /// whole `CONNECT_TIMEOUT` to answer the first. A peer that answers with a refusal (TLS,
+    /// protocol, a closed endpoint) ends the dial at once with its reason.
+    async fn dial_attempts(&self, member: &Member) -> DialOutcome {
+        use futures::StreamExt;
+        let addr = resolve(&member.addr).await.map_err(|e| e.to_string())?;
         let server_name = format!("{}.{}", member.name, NODE_DOMAIN);
-        let connecting = self
-            .endpoint
-            .connect_with(self.client_config(), addr, &server_name)
-            .map_err(|e| dial(e.to_string()))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| dial("timed out".into()))?
-            .map_err(|e| {
-                dial(crate::pki::explain_connection_error(
-                    &e,
-                    crate::pki::ALPN_RAFT,
-                ))
-            })?;
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let mut attempts = futures::stream::FuturesUnordered::new();
+        let mut next = tokio::time::Instant::now();
+        loop {
+            if next <= tokio::time::Instant::now() && next < deadline {
+                let connecting = self
+                    .endpoint
+                    .connect_with(self.client_config(), addr, &server_name)
+                    .map_err(|e| e.to_string())?;
+                attempts.push(tokio::time::timeout_at(deadline, connecting));
+                next += REDIAL_EVERY;
+            }
+            let outcome = tokio::select! {
+                Some(outcome) = attempts.next() => outcome,
+                () = tokio::time::sleep_until(next), if next < deadline => continue,
+                else => return Err("timed out".into()),
+            };
+            match outcome {
+                Ok(Ok(conn)) => return self.admitted(conn),
+                // Nothing came back from the peer: the others (and the next) may yet.
+                Ok(Err(quinn::ConnectionError::TimedOut)) | Err(_) => {}
+                Ok(Err(e)) => {
+                    return Err(crate::pki::explain_connection_error(
+                        &e,
+                        crate::pki::ALPN_RAFT,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// `conn`, unless it speaks only the previous format's protocol while that is refused.
+    fn admitted(&self, conn: quinn::Connection) -> DialOutcome {
         if self.refused_as_previous(&conn) {
             conn.close(PREVIOUS_FORMAT_CLOSE.into(), b"previous data format");
-            return Err(dial(format!(
+            return Err(format!(
                 "it speaks only {} (data format {}), and every node of this cluster has \
                  recorded data format {}: upgrade it to this build",
                 String::from_utf8_lossy(crate::pki::ALPN_RAFT_PREVIOUS),
                 crate::store::PREVIOUS_FORMAT,
                 crate::store::DATA_FORMAT
-            )));
+            ));
         }
-        *slot = Some(conn.clone());
         Ok(conn)
     }
 
@@ -470,9 +601,9 @@ impl QuicNetwork {
 
     /// Sends one request on a new stream and reads the reply, all within `ttl`, dialing
     /// included: a dead peer costs its callers `ttl`, not a connect timeout each (callers of
-    /// one peer queue on its slot, so those would add up: seconds of a leader asking a dead
-    /// voter about leases before it could move a VIP). A dial cut short is simply retried by
-    /// the next caller.
+    /// one peer wait on its one dial, so those would add up: seconds of a leader asking a dead
+    /// voter about leases before it could move a VIP). The dial goes on when a caller gives
+    /// up; the next caller waits on it.
     pub async fn call(
         &self,
         target: NodeId,
@@ -484,12 +615,15 @@ impl QuicNetwork {
             from: self.self_id,
             rpc,
         };
-        tokio::time::timeout(ttl, async {
+        let reply = tokio::time::timeout(ttl, async {
             let conn = self.connection(target, member).await?;
             call_on(&conn, &req, &[]).await
         })
-        .await
-        .map_err(|_| RpcError::Timeout { node: target, ttl })?
+        .await;
+        if reply.is_err() {
+            self.unanswered(target, member);
+        }
+        reply.map_err(|_| RpcError::Timeout { node: target, ttl })?
     }
 }
 
@@ -641,10 +775,13 @@ impl PeerClient {
         match reply {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(network(format!("node {}: {e}", self.target))),
-            Err(_) => Err(network(format!(
-                "node {}: no reply within {ttl:?}",
-                self.target
-            ))),
+            Err(_) => {
+                self.net.unanswered(self.target, &self.member);
+                Err(network(format!(
+                    "node {}: no reply within {ttl:?}",
+                    self.target
+                )))
+            }
         }
     }
 }
