@@ -463,7 +463,10 @@ impl QuicNetwork {
         target: NodeId,
         member: &Member,
     ) -> tokio::sync::watch::Receiver<Option<DialOutcome>> {
-        if let Some(dial) = &slot.dial {
+        // A dial whose task was dropped unfinished (its runtime shut down) is replaced.
+        if let Some(dial) = &slot.dial
+            && dial.has_changed().is_ok()
+        {
             return dial.clone();
         }
         let (done, dial) = tokio::sync::watch::channel(None);
