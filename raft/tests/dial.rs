@@ -15,24 +15,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use openraft::raft::AppendEntriesResponse;
-use spaced_raft::network::{QuicNetwork, RaftReply, RaftRequest, RaftRpc, RpcError, WireReply};
-use spaced_raft::pki::{self, ALPN_RAFT, TlsMaterial, TlsPaths};
+use spaced_raft::network::{RaftReply, RaftRequest, RaftRpc, RpcError, WireReply};
 use spaced_raft::{Member, codec, frame};
 use tokio::net::UdpSocket;
+
+mod common;
+use common::{dialer, pki_for, tls};
 
 /// The limit of each node RPC in the first test: shorter than the relayed handshake.
 const CALL_TTL: Duration = Duration::from_millis(50);
 /// What the relay holds back each handshake packet, each way.
 const HANDSHAKE_DELAY: Duration = Duration::from_millis(60);
-
-fn tls(dir: &std::path::Path, name: &str) -> TlsMaterial {
-    TlsMaterial::load(&TlsPaths {
-        ca: dir.join("ca.pem"),
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}.key")),
-    })
-    .expect("the test's certificates load")
-}
 
 /// A peer presenting `name`'s certificate on loopback, answering every request at once; and
 /// how many connections it has accepted.
@@ -136,25 +129,6 @@ async fn relay(server: SocketAddr, delay: Duration, open: Arc<AtomicBool>) -> So
         }
     });
     addr
-}
-
-/// Node 1's dialer, with its certificate.
-fn dialer(dir: &std::path::Path) -> QuicNetwork {
-    let cfg = tls(dir, "n1")
-        .client_config(ALPN_RAFT, spaced_raft::network::transport_config())
-        .expect("a client config");
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("an address"))
-        .expect("a client endpoint");
-    QuicNetwork::new(1, ep, cfg)
-}
-
-fn pki_for(names: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    pki::init_ca(dir.path()).expect("a CA");
-    for name in names {
-        pki::issue(dir.path(), name, false).expect("a node certificate");
-    }
-    dir
 }
 
 fn probe() -> RaftRpc {

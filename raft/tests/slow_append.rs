@@ -17,7 +17,9 @@ use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use spaced_fabric::Command;
 use spaced_raft::network::{QuicNetwork, RaftReply, RaftRequest, RaftRpc, WireReply};
-use spaced_raft::pki::{self, ALPN_RAFT, TlsMaterial, TlsPaths};
+
+mod common;
+use common::{dialer, pki_for, tls};
 use spaced_raft::types::{Entry, Vote};
 use spaced_raft::{Member, TypeConfig, codec, frame};
 
@@ -27,15 +29,6 @@ const FOLLOWER_DELAY: Duration = Duration::from_millis(80);
 const HEARTBEAT: Duration = Duration::from_millis(25);
 /// The longer limit for appends with entries (the default election timeout's upper end).
 const APPEND_LIMIT: Duration = Duration::from_millis(400);
-
-fn tls(dir: &std::path::Path, name: &str) -> TlsMaterial {
-    TlsMaterial::load(&TlsPaths {
-        ca: dir.join("ca.pem"),
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}.key")),
-    })
-    .unwrap()
-}
 
 /// A follower "n2" on loopback answering every append with success after `FOLLOWER_DELAY`.
 fn slow_follower(dir: &std::path::Path) -> std::net::SocketAddr {
@@ -113,23 +106,13 @@ async fn send(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_with_entries_wait_for_a_slow_follower_and_heartbeats_do_not() {
-    let dir = tempfile::tempdir().unwrap();
-    pki::init_ca(dir.path()).unwrap();
-    for name in ["n1", "n2"] {
-        pki::issue(dir.path(), name, false).unwrap();
-    }
+    let dir = pki_for(&["n1", "n2"]);
     let addr = slow_follower(dir.path());
     let follower = Member {
         name: "n2".into(),
         addr: addr.to_string(),
     };
-    let client = || {
-        let cfg = tls(dir.path(), "n1")
-            .client_config(ALPN_RAFT, spaced_raft::network::transport_config())
-            .unwrap();
-        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        QuicNetwork::new(1, ep, cfg)
-    };
+    let client = || dialer(dir.path());
 
     // Without the longer limit (openraft's alone), the batch is given up on at 25 ms.
     let mut plain = client();
