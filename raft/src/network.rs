@@ -498,6 +498,12 @@ impl QuicNetwork {
         match slot.heard {
             Some((count, since)) if count == heard => {
                 if now.duration_since(since) >= SILENT_BEFORE_REDIAL {
+                    tracing::info!(
+                        peer = target,
+                        silent_ms = now.duration_since(since).as_millis() as u64,
+                        "nothing heard from the peer across unanswered requests: dialing a \
+                         fresh connection beside the silent one"
+                    );
                     slot.heard = None;
                     drop(self.dialing(slot, target, member));
                 }
@@ -516,6 +522,10 @@ impl QuicNetwork {
         done: tokio::sync::watch::Sender<Option<DialOutcome>>,
     ) {
         let outcome = self.dial_attempts(&member).await;
+        match &outcome {
+            Ok(_) => tracing::debug!(peer = target, "dialed"),
+            Err(why) => tracing::debug!(peer = target, %why, "dial failed"),
+        }
         {
             let mut peers = self.conns.lock().unwrap_or_else(|p| p.into_inner());
             let slot = peers.entry(target).or_default();
@@ -628,6 +638,14 @@ impl QuicNetwork {
         }
         reply.map_err(|_| RpcError::Timeout { node: target, ttl })?
     }
+}
+
+/// Whether a handshake failed because the dialer gave it up: a dial's spare attempts are
+/// dropped once one of them connects (see [`QuicNetwork::dial_attempts`]), and an attempt
+/// dropped before its handshake ends closes with QUIC's `APPLICATION_ERROR`.
+pub fn abandoned_by_dialer(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ConnectionClosed(c)
+        if c.error_code == quinn::TransportErrorCode::APPLICATION_ERROR)
 }
 
 /// The protocol (ALPN) `conn` negotiated.

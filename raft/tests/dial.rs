@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use openraft::raft::AppendEntriesResponse;
-use spaced_raft::network::{RaftReply, RaftRequest, RaftRpc, RpcError, WireReply};
+use spaced_raft::network::{
+    RaftReply, RaftRequest, RaftRpc, RpcError, WireReply, abandoned_by_dialer,
+};
 use spaced_raft::{Member, codec, frame};
 use tokio::net::UdpSocket;
 
@@ -25,13 +27,24 @@ use common::{dialer, pki_for, tls};
 /// The limit of each node RPC in the first test: shorter than the relayed handshake.
 const CALL_TTL: Duration = Duration::from_millis(50);
 /// What the relay holds back each handshake packet, each way.
-const HANDSHAKE_DELAY: Duration = Duration::from_millis(60);
+const HANDSHAKE_DELAY: Duration = Duration::from_millis(150);
+
+/// What a test peer saw of its incoming connections.
+#[derive(Default)]
+struct Seen {
+    /// Connections accepted.
+    accepted: AtomicUsize,
+    /// Handshakes the dialer gave up (`abandoned_by_dialer`).
+    abandoned: AtomicUsize,
+    /// Every other failed handshake's error.
+    failed: std::sync::Mutex<Vec<String>>,
+}
 
 /// A peer presenting `name`'s certificate on loopback, answering every request at once; and
-/// how many connections it has accepted.
-fn peer(dir: &std::path::Path, name: &str) -> (SocketAddr, Arc<AtomicUsize>) {
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counted = accepted.clone();
+/// what it saw of its incoming connections.
+fn peer(dir: &std::path::Path, name: &str) -> (SocketAddr, Arc<Seen>) {
+    let seen = Arc::new(Seen::default());
+    let counted = seen.clone();
     let cfg = tls(dir, name)
         .server_config(spaced_raft::network::transport_config())
         .expect("a server config");
@@ -42,8 +55,19 @@ fn peer(dir: &std::path::Path, name: &str) -> (SocketAddr, Arc<AtomicUsize>) {
         while let Some(incoming) = ep.accept().await {
             let counted = counted.clone();
             tokio::spawn(async move {
-                let Ok(conn) = incoming.await else { return };
-                counted.fetch_add(1, Ordering::SeqCst);
+                let conn = match incoming.await {
+                    Ok(conn) => conn,
+                    Err(e) if abandoned_by_dialer(&e) => {
+                        counted.abandoned.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(e) => {
+                        let mut failed = counted.failed.lock().unwrap_or_else(|p| p.into_inner());
+                        failed.push(e.to_string());
+                        return;
+                    }
+                };
+                counted.accepted.fetch_add(1, Ordering::SeqCst);
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                     tokio::spawn(async move {
                         let Ok(Some(bytes)) = frame::read_frame(&mut recv, frame::MAX_FRAME).await
@@ -66,7 +90,7 @@ fn peer(dir: &std::path::Path, name: &str) -> (SocketAddr, Arc<AtomicUsize>) {
             });
         }
     });
-    (addr, accepted)
+    (addr, seen)
 }
 
 /// A UDP relay to `server` that delays each QUIC long-header packet (the handshake's) by
@@ -143,7 +167,7 @@ fn probe() -> RaftRpc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_slower_than_each_callers_limit_still_connects() {
     let dir = pki_for(&["n1", "n2"]);
-    let (addr, _) = peer(dir.path(), "n2");
+    let (addr, seen) = peer(dir.path(), "n2");
     let slow = relay(addr, HANDSHAKE_DELAY, Arc::new(AtomicBool::new(true))).await;
     let member = Member {
         name: "n2".into(),
@@ -151,7 +175,7 @@ async fn a_handshake_slower_than_each_callers_limit_still_connects() {
     };
     let net = dialer(dir.path());
     // Callers as a lease renewal makes them: each gives up at CALL_TTL, and the handshake
-    // (two delayed flights, 120 ms) is longer. When each caller's limit cut its dial short,
+    // (two delayed flights, 300 ms) is longer. When each caller's limit cut its dial short,
     // none of these was ever answered.
     let started = Instant::now();
     let mut timed_out = 0;
@@ -175,6 +199,18 @@ async fn a_handshake_slower_than_each_callers_limit_still_connects() {
         timed_out >= 1,
         "the first call should have given up before the delayed handshake ended"
     );
+    // The dial's spare attempts (one every 100 ms while the first had no answer) were given
+    // up once it connected, and the peer tells that from a failed handshake.
+    let waited = Instant::now();
+    while seen.abandoned.load(Ordering::SeqCst) == 0 && waited.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen.abandoned.load(Ordering::SeqCst) >= 1,
+        "no spare attempt was seen given up"
+    );
+    let failed = seen.failed.lock().unwrap_or_else(|p| p.into_inner());
+    assert!(failed.is_empty(), "handshakes failed otherwise: {failed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,7 +237,8 @@ async fn a_peer_that_refuses_the_handshake_ends_the_dial_with_its_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_silent_across_unanswered_requests_gets_a_fresh_one_beside_it() {
     let dir = pki_for(&["n1", "n2"]);
-    let (addr, accepted) = peer(dir.path(), "n2");
+    let (addr, seen) = peer(dir.path(), "n2");
+    let accepted = &seen.accepted;
     let open = Arc::new(AtomicBool::new(true));
     let wire = relay(addr, Duration::ZERO, open.clone()).await;
     let member = Member {

@@ -81,6 +81,10 @@ pub(super) async fn accept_loop(
                     );
                     return;
                 }
+                Err(e) if spaced_raft::network::abandoned_by_dialer(&e) => {
+                    tracing::debug!(%remote, "a spare dial attempt given up by the peer");
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "refused connection: handshake failed");
                     return;
