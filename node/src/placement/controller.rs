@@ -81,6 +81,8 @@ pub struct StepAsideView {
     pub caught_up: BTreeSet<NodeId>,
     /// Nodes live for placements.
     pub live: BTreeSet<NodeId>,
+    /// Whether a placement it owns has lapsed (a majority of voters found its lease silent).
+    pub own_lapsed: bool,
 }
 
 /// A leader that also holds placements makes its own crash cost an election *and* a lease
@@ -93,8 +95,14 @@ pub struct StepAsideView {
 /// leadership away in its next pass; its first renewals then had to reach the new leader over
 /// connections still being set up after the heal, and its leases ran out 230–460 ms after the
 /// grant: the VIP and the singleton moved with no fault.
+///
+/// Not while a placement it owns has lapsed: the leader grants that one elsewhere in the same
+/// pass, where a new leader would first wait out the old leases. Found by the fault campaign: a
+/// leader that had owned the VIP from before a majority partition (self-fenced during it)
+/// handed leadership away 130 ms after the heal; the new leader waited, and granted the VIP
+/// 180 ms later, 341 ms after the heal.
 pub fn step_aside_target(v: &StepAsideView) -> Option<NodeId> {
-    if !v.owners.contains(&v.me) {
+    if !v.owners.contains(&v.me) || v.own_lapsed {
         return None;
     }
     if !v.leading_for.is_some_and(|t| t > STEP_ASIDE_AFTER) || v.holding_for <= STEP_ASIDE_AFTER {
@@ -284,9 +292,11 @@ impl Placements {
             if held != holding.0 {
                 holding = (held, Instant::now());
             }
+            let expired = self.expired_leases().await;
+            let own_lapsed = holding.0.iter().any(|(name, _)| expired.contains(name));
             if !last_step_aside.is_some_and(|t| t.elapsed() < STEP_ASIDE_EVERY)
                 && let Some(to) = self
-                    .step_aside_view(&live, holding.1.elapsed())
+                    .step_aside_view(&live, holding.1.elapsed(), own_lapsed)
                     .as_ref()
                     .and_then(step_aside_target)
             {
@@ -301,7 +311,6 @@ impl Placements {
             }
             self.let_go_on_standby();
             let prefer = lock(&self.moves).clone();
-            let expired = self.expired_leases().await;
             let withheld = lock(&self.withheld).clone();
             let cmds: Vec<Command> = cluster
                 .view
@@ -389,6 +398,7 @@ impl Placements {
         &self,
         live: &BTreeSet<NodeId>,
         holding_for: Duration,
+        own_lapsed: bool,
     ) -> Option<StepAsideView> {
         let cluster = &self.cluster;
         let owners: BTreeSet<NodeId> = cluster
@@ -410,6 +420,7 @@ impl Placements {
                 && membership.get_joint_config().len() == 1,
             caught_up: caught_up(&m),
             live: live.clone(),
+            own_lapsed,
         })
     }
 }
@@ -481,6 +492,7 @@ mod tests {
             stable: true,
             caught_up: set(&[2, 3]),
             live: set(&[1, 2, 3]),
+            own_lapsed: false,
         }
     }
 
@@ -546,6 +558,13 @@ mod tests {
                 "others down",
                 StepAsideView {
                     live: set(&[1]),
+                    ..base()
+                },
+            ),
+            (
+                "its own placement lapsed (self-fenced in a partition): granted elsewhere first",
+                StepAsideView {
+                    own_lapsed: true,
                     ..base()
                 },
             ),
