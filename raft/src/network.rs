@@ -297,6 +297,14 @@ struct PeerSlot {
     heard: Option<(u64, std::time::Instant)>,
 }
 
+impl PeerSlot {
+    /// The dial under way, if any. A dial whose task was dropped unfinished (its runtime shut
+    /// down) is not: it will never publish.
+    fn dial_under_way(&self) -> Option<&tokio::sync::watch::Receiver<Option<DialOutcome>>> {
+        self.dial.as_ref().filter(|d| d.has_changed().is_ok())
+    }
+}
+
 /// Dials peers and caches one connection per peer.
 #[derive(Clone)]
 pub struct QuicNetwork {
@@ -463,10 +471,7 @@ impl QuicNetwork {
         target: NodeId,
         member: &Member,
     ) -> tokio::sync::watch::Receiver<Option<DialOutcome>> {
-        // A dial whose task was dropped unfinished (its runtime shut down) is replaced.
-        if let Some(dial) = &slot.dial
-            && dial.has_changed().is_ok()
-        {
+        if let Some(dial) = slot.dial_under_way() {
             return dial.clone();
         }
         let (done, dial) = tokio::sync::watch::channel(None);
@@ -489,10 +494,10 @@ impl QuicNetwork {
         let Some(slot) = peers.get_mut(&target) else {
             return;
         };
-        let Some(conn) = &slot.conn else { return };
-        if slot.dial.is_some() {
+        if slot.dial_under_way().is_some() {
             return;
         }
+        let Some(conn) = &slot.conn else { return };
         let heard = conn.stats().udp_rx.datagrams;
         let now = std::time::Instant::now();
         match slot.heard {
