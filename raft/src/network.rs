@@ -48,6 +48,15 @@ const REDIAL_EVERY: Duration = Duration::from_millis(100);
 /// acknowledges within its ACK delay (25 ms) and sends keep-alives every 250 ms.
 const SILENT_BEFORE_REDIAL: Duration = Duration::from_millis(150);
 
+/// The longest a dial attempt waits for the path probe (see [`QuicNetwork::with_path_probe`])
+/// before it goes out anyway.
+const PATH_PROBE_LIMIT: Duration = Duration::from_millis(20);
+
+/// Asks the host to find the way to a peer's address afresh, now (see
+/// [`QuicNetwork::with_path_probe`]); done when the future it returns is.
+pub type PathProbe =
+    Arc<dyn Fn(SocketAddr) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
 /// QUIC transport settings for Raft and admin connections: a dead peer is noticed within
 /// about a second.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -330,6 +339,8 @@ pub struct QuicNetwork {
     /// The least time an append that carries entries may take (see
     /// [`Self::with_append_timeout`]); zero: openraft's own, the heartbeat interval.
     append_ttl: Duration,
+    /// Run before every dial attempt but a dial's first (see [`Self::with_path_probe`]).
+    path_probe: Option<PathProbe>,
 }
 
 impl QuicNetwork {
@@ -348,7 +359,21 @@ impl QuicNetwork {
             refuse_previous: Arc::default(),
             strangers_to: Arc::default(),
             append_ttl: Duration::ZERO,
+            path_probe: None,
         }
+    }
+
+    /// The same dialer, running `probe` with the peer's address before every attempt of a
+    /// dial but its first (for at most [`PATH_PROBE_LIMIT`]).
+    ///
+    /// The node's probe has the host resolve the peer's link-layer address again at once.
+    /// After a partition a host's entry for a peer can sit unresolved: Linux asks ARP again
+    /// only once a second (`retrans_time_ms`), holding every datagram to that peer meanwhile,
+    /// so a healed cluster waited up to a second for its first packet through. An attempt
+    /// that follows an unanswered one is the sign that the way may be lost.
+    pub fn with_path_probe(mut self, probe: PathProbe) -> Self {
+        self.path_probe = Some(probe);
+        self
     }
 
     /// The same dialer, giving an append that carries entries at least `ttl` for its answer.
@@ -551,7 +576,8 @@ impl QuicNetwork {
     /// at the default initial RTT) after a partition heals; fresh attempts reach the peer
     /// within `REDIAL_EVERY` of the heal, while a slow path (a second site's) still has the
     /// whole `CONNECT_TIMEOUT` to answer the first. A peer that answers with a refusal (TLS,
-    /// protocol, a closed endpoint) ends the dial at once with its reason.
+    /// protocol, a closed endpoint) ends the dial at once with its reason. Every attempt but
+    /// the first runs the path probe first, if there is one ([`Self::with_path_probe`]).
     async fn dial_attempts(&self, member: &Member) -> DialOutcome {
         use futures::StreamExt;
         let addr = resolve(&member.addr).await.map_err(|e| e.to_string())?;
@@ -559,8 +585,15 @@ impl QuicNetwork {
         let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         let mut attempts = futures::stream::FuturesUnordered::new();
         let mut next = tokio::time::Instant::now();
+        let mut made = 0u32;
         loop {
             if next <= tokio::time::Instant::now() && next < deadline {
+                if made > 0
+                    && let Some(probe) = &self.path_probe
+                {
+                    let _ = tokio::time::timeout(PATH_PROBE_LIMIT, probe(addr)).await;
+                }
+                made += 1;
                 let connecting = self
                     .endpoint
                     .connect_with(self.client_config(), addr, &server_name)

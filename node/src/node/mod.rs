@@ -324,9 +324,25 @@ impl Node {
         let revoked = tls.revoked().clone();
         // An append of entries waits for the follower's fsync: it may take as long as a
         // follower waits for its leader before it stands for election.
-        let network = QuicNetwork::new(cfg.node_id, endpoint.clone(), client_cfg)
+        let mut network = QuicNetwork::new(cfg.node_id, endpoint.clone(), client_cfg)
             .with_revoked(revoked.clone())
             .with_append_timeout(Duration::from_millis(cfg.raft.election_timeout_max_ms));
+        // A dial that goes unanswered has the host ask for the peer's link-layer address again
+        // (docs/architecture.md, Transport and identity).
+        match crate::takeover::neighbours::NeighbourProbe::new() {
+            Ok(probe) => {
+                let probe = Arc::new(probe);
+                network = network.with_path_probe(Arc::new(move |peer| {
+                    let probe = probe.clone();
+                    Box::pin(async move { probe.reprobe_for_dial(peer).await })
+                }));
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                "no netlink socket: a peer's address left unresolved after a partition is asked \
+                 for again only on the kernel's timer"
+            ),
+        }
         let raft_config = openraft::Config {
             cluster_name: "spaced".into(),
             heartbeat_interval: cfg.raft.heartbeat_interval_ms,

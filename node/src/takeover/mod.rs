@@ -11,6 +11,7 @@ pub mod backend;
 pub mod cgroup;
 pub mod frames;
 pub mod guard;
+pub mod neighbours;
 pub mod netlink;
 pub mod probe;
 pub mod report;
