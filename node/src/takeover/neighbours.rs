@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::TryStreamExt;
 use nix::errno::Errno;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
@@ -72,7 +73,16 @@ impl NeighbourProbe {
     /// datagram to it asks for its link-layer address at once; how many it deleted.
     pub async fn reprobe(&self, ip: IpAddr) -> Result<usize, rtnetlink::Error> {
         let mut found = Vec::new();
-        let mut dump = self.handle.neighbours().get().execute();
+        let family = match ip {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        let mut dump = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
         while let Some(msg) = dump.try_next().await? {
             if unresolved_entry_for(&msg, ip) {
                 found.push(msg);
