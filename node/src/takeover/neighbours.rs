@@ -5,8 +5,8 @@
 //! peer makes an entry in state `INCOMPLETE`, which broadcasts an ARP request at once, and then
 //! again only every `retrans_time_ms` (a second by default), holding the datagrams meanwhile.
 //! So after a heal a host could wait up to a second before anything it sent to a peer left it:
-//! measured in the lab, a 3-node cluster cut off and healed waited 300–700 ms for its first
-//! exchange, and two hosts on a bridge 317–762 ms for their first ping.
+//! in a kept lab run two nodes of a healed cluster heard nothing from each other for 600 ms,
+//! and two hosts on a bridge, cut and healed, waited 317–762 ms for their first ping.
 //!
 //! The Raft dialer calls [`NeighbourProbe::reprobe`] before an attempt that follows an
 //! unanswered one (`QuicNetwork::with_path_probe`): an `INCOMPLETE` entry for the peer's
@@ -26,6 +26,8 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
+
+use super::netlink::netlink_errno;
 
 /// A netlink connection for re-resolving peers' addresses.
 pub struct NeighbourProbe {
@@ -93,7 +95,7 @@ impl NeighbourProbe {
             match self.handle.neighbours().del(msg).execute().await {
                 Ok(()) => deleted += 1,
                 // Resolved or dropped meanwhile.
-                Err(e) if errno(&e) == Some(Errno::ENOENT as i32) => {}
+                Err(e) if netlink_errno(&e) == Some(Errno::ENOENT as i32) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -110,7 +112,7 @@ impl NeighbourProbe {
                 entries = n,
                 "the peer's address was unresolved: asking for it again now"
             ),
-            Err(e) if errno(&e) == Some(Errno::EPERM as i32) => {
+            Err(e) if netlink_errno(&e) == Some(Errno::EPERM as i32) => {
                 if !self.refused.swap(true, Ordering::Relaxed) {
                     tracing::info!(
                         error = %e,
@@ -121,14 +123,6 @@ impl NeighbourProbe {
             }
             Err(e) => tracing::debug!(%peer, error = %e, "re-resolving the peer's address failed"),
         }
-    }
-}
-
-/// The errno of a netlink refusal, as a positive number.
-fn errno(err: &rtnetlink::Error) -> Option<i32> {
-    match err {
-        rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| c.get().abs()),
-        _ => None,
     }
 }
 

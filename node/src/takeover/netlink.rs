@@ -152,7 +152,7 @@ impl fmt::Debug for Takeover {
 }
 
 /// The negative errno of a netlink NACK, as a positive number.
-fn netlink_errno(err: &rtnetlink::Error) -> Option<i32> {
+pub(super) fn netlink_errno(err: &rtnetlink::Error) -> Option<i32> {
     match err {
         rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| c.get().abs()),
         _ => None,
