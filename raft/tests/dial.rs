@@ -280,3 +280,51 @@ async fn a_connection_silent_across_unanswered_requests_gets_a_fresh_one_beside_
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_path_probe_runs_before_each_attempt_but_the_first_with_the_peers_address() {
+    let dir = pki_for(&["n1", "n2"]);
+    let (addr, _) = peer(dir.path(), "n2");
+    // A relay that drops everything: no attempt is ever answered.
+    let wire = relay(addr, Duration::ZERO, Arc::new(AtomicBool::new(false))).await;
+    let member = Member {
+        name: "n2".into(),
+        addr: wire.to_string(),
+    };
+    let probed: Arc<std::sync::Mutex<Vec<(SocketAddr, Instant)>>> = Arc::default();
+    let net = dialer(dir.path()).with_path_probe({
+        let probed = probed.clone();
+        Arc::new(move |to| {
+            probed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((to, Instant::now()));
+            Box::pin(async {})
+        })
+    });
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(600) {
+        let reply = net.call(2, &member, probe(), CALL_TTL).await;
+        assert!(
+            matches!(reply, Err(RpcError::Timeout { .. })),
+            "answered through a closed relay: {reply:?}"
+        );
+    }
+    let probed = probed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(
+        probed.len() >= 2,
+        "the probe ran {} times in 600 ms of unanswered attempts (one every 100 ms)",
+        probed.len()
+    );
+    assert!(
+        probed.iter().all(|(to, _)| *to == wire),
+        "the probe was given another address than the peer's: {probed:?}"
+    );
+    // The dial's first attempt goes out at once, without the probe; the second, 100 ms later
+    // by the dialer's own clock, runs it first.
+    let first = probed[0].1.duration_since(started);
+    assert!(
+        first >= Duration::from_millis(90),
+        "the probe ran {first:?} after the dial began: before its first attempt"
+    );
+}
