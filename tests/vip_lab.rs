@@ -278,6 +278,20 @@ fn wait_served_within(
     Ok(owner)
 }
 
+/// Three `ha` nodes serving the VIP "cluster", added at run time at the lab's free address
+/// `free` (a /24): the fabric, the address and its owner's host index (`None`: no lab here).
+fn three_serving_a_vip(free: u8) -> Result<Option<(Fabric, IpAddr, usize)>> {
+    let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
+    let Some(f) = Fabric::start(roles)? else {
+        return Ok(None);
+    };
+    let vip_ip = IpAddr::V4(f.lab.free_ip(free));
+    // Added at run time: known from the fabric, not from any config.
+    f.add_vip("cluster", vip_ip, 24, "ha")?;
+    let owner = wait_served(&f, "cluster", vip_ip, None)?;
+    Ok(Some((f, vip_ip, owner)))
+}
+
 #[test]
 fn vip_fails_over_on_sigkill_and_the_client_follows_the_gratuitous_arp() -> Result<()> {
     let _serial = one_lab();
@@ -344,14 +358,9 @@ fn vip_fails_over_on_sigkill_and_the_client_follows_the_gratuitous_arp() -> Resu
 #[test]
 fn a_restarted_node_removes_a_vip_address_left_on_its_host() -> Result<()> {
     let _serial = one_lab();
-    let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
-    let Some(mut f) = Fabric::start(roles)? else {
+    let Some((mut f, vip_ip, owner)) = three_serving_a_vip(9)? else {
         return Ok(());
     };
-    let vip_ip = IpAddr::V4(f.lab.free_ip(9));
-    // Added at run time: known from the fabric, not from any config.
-    f.add_vip("cluster", vip_ip, 24, "ha")?;
-    let owner = wait_served(&f, "cluster", vip_ip, None)?;
     let other = (1..=3).find(|h| *h != owner).context("another host")?;
     f.procs[other - 1].take().context("node")?.kill();
     let ns = f.lab.host(other).ns.clone();
@@ -434,13 +443,9 @@ fn a_vip_held_by_a_dead_node_is_refused_naming_that_node() -> Result<()> {
 #[test]
 fn partitioned_owner_drops_the_vip_and_the_majority_takes_over_without_overlap() -> Result<()> {
     let _serial = one_lab();
-    let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
-    let Some(f) = Fabric::start(roles)? else {
+    let Some((f, vip_ip, owner)) = three_serving_a_vip(0)? else {
         return Ok(());
     };
-    let vip_ip = IpAddr::V4(f.lab.free_ip(0));
-    f.add_vip("cluster", vip_ip, 24, "ha")?;
-    let owner = wait_served(&f, "cluster", vip_ip, None)?;
     let watch = AddressWatch::start(
         &f.lab,
         &f.host_namespaces(),
@@ -494,14 +499,10 @@ fn partitioned_owner_drops_the_vip_and_the_majority_takes_over_without_overlap()
 #[test]
 fn a_healed_cluster_asks_for_its_peers_addresses_again_without_the_kernels_timer() -> Result<()> {
     let _serial = one_lab();
-    let roles: &[&[&str]] = &[&["ha"], &["ha"], &["ha"]];
-    let Some(f) = Fabric::start(roles)? else {
+    let Some((f, vip_ip, _)) = three_serving_a_vip(0)? else {
         return Ok(());
     };
-    let vip_ip = IpAddr::V4(f.lab.free_ip(0));
-    f.add_vip("cluster", vip_ip, 24, "ha")?;
-    wait_served(&f, "cluster", vip_ip, None)?;
-    let hosts = 1..=roles.len();
+    let hosts = 1..=3;
     for h in hosts.clone() {
         let ns = f.lab.host(h).ns.clone();
         f.lab.run_in(
