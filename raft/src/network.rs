@@ -585,15 +585,13 @@ impl QuicNetwork {
         let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         let mut attempts = futures::stream::FuturesUnordered::new();
         let mut next = tokio::time::Instant::now();
-        let mut made = 0u32;
+        let mut first = true;
         loop {
             if next <= tokio::time::Instant::now() && next < deadline {
-                if made > 0
-                    && let Some(probe) = &self.path_probe
-                {
+                if !first && let Some(probe) = &self.path_probe {
                     let _ = tokio::time::timeout(PATH_PROBE_LIMIT, probe(addr)).await;
                 }
-                made += 1;
+                first = false;
                 let connecting = self
                     .endpoint
                     .connect_with(self.client_config(), addr, &server_name)

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use openraft::raft::AppendEntriesResponse;
 use spaced_raft::network::{
-    RaftReply, RaftRequest, RaftRpc, RpcError, WireReply, abandoned_by_dialer,
+    QuicNetwork, RaftReply, RaftRequest, RaftRpc, RpcError, WireReply, abandoned_by_dialer,
 };
 use spaced_raft::{Member, codec, frame};
 use tokio::net::UdpSocket;
@@ -255,15 +255,13 @@ async fn a_connection_silent_across_unanswered_requests_gets_a_fresh_one_beside_
     // it sends only when QUIC's doubled probe timer fires. Requests go on meanwhile, as a
     // leader's heartbeats do.
     open.store(false, Ordering::SeqCst);
-    let cut = Instant::now();
-    while cut.elapsed() < Duration::from_millis(600) {
-        let reply = net.call(2, &member, probe(), CALL_TTL).await;
-        assert!(
-            matches!(reply, Err(RpcError::Timeout { .. })),
-            "answered through a closed relay: {reply:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    calls_go_unanswered_for(
+        &net,
+        &member,
+        Duration::from_millis(600),
+        Duration::from_millis(20),
+    )
+    .await;
     open.store(true, Ordering::SeqCst);
     let healed = Instant::now();
     loop {
@@ -303,13 +301,7 @@ async fn the_path_probe_runs_before_each_attempt_but_the_first_with_the_peers_ad
         })
     });
     let started = Instant::now();
-    while started.elapsed() < Duration::from_millis(600) {
-        let reply = net.call(2, &member, probe(), CALL_TTL).await;
-        assert!(
-            matches!(reply, Err(RpcError::Timeout { .. })),
-            "answered through a closed relay: {reply:?}"
-        );
-    }
+    calls_go_unanswered_for(&net, &member, Duration::from_millis(600), Duration::ZERO).await;
     let probed = probed.lock().unwrap_or_else(|p| p.into_inner()).clone();
     assert!(
         probed.len() >= 2,
@@ -327,4 +319,25 @@ async fn the_path_probe_runs_before_each_attempt_but_the_first_with_the_peers_ad
         first >= Duration::from_millis(90),
         "the probe ran {first:?} after the dial began: before its first attempt"
     );
+}
+
+/// Calls `member` (node 2) for `during`, `pause` apart (none: back to back), each of which must time out: the relay
+/// in front of it is closed.
+async fn calls_go_unanswered_for(
+    net: &QuicNetwork,
+    member: &Member,
+    during: Duration,
+    pause: Duration,
+) {
+    let began = Instant::now();
+    while began.elapsed() < during {
+        let reply = net.call(2, member, probe(), CALL_TTL).await;
+        assert!(
+            matches!(reply, Err(RpcError::Timeout { .. })),
+            "answered through a closed relay: {reply:?}"
+        );
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
 }

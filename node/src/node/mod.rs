@@ -330,13 +330,7 @@ impl Node {
         // A dial that goes unanswered has the host ask for the peer's link-layer address again
         // (docs/architecture.md, Transport and identity).
         match crate::takeover::neighbours::NeighbourProbe::new() {
-            Ok(probe) => {
-                let probe = Arc::new(probe);
-                network = network.with_path_probe(Arc::new(move |peer| {
-                    let probe = probe.clone();
-                    Box::pin(async move { probe.reprobe_for_dial(peer).await })
-                }));
-            }
+            Ok(probe) => network = network.with_path_probe(probe.into_path_probe()),
             Err(error) => tracing::warn!(
                 %error,
                 "no netlink socket: a peer's address left unresolved after a partition is asked \

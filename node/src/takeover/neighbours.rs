@@ -18,6 +18,7 @@
 //! as before.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::TryStreamExt;
@@ -26,6 +27,7 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
+use spaced_raft::network::PathProbe;
 
 use super::netlink::netlink_errno;
 
@@ -123,6 +125,15 @@ impl NeighbourProbe {
             }
             Err(e) => tracing::debug!(%peer, error = %e, "re-resolving the peer's address failed"),
         }
+    }
+
+    /// This probe as the Raft dialer's path probe (`QuicNetwork::with_path_probe`).
+    pub fn into_path_probe(self) -> PathProbe {
+        let probe = Arc::new(self);
+        Arc::new(move |peer| {
+            let probe = probe.clone();
+            Box::pin(async move { probe.reprobe_for_dial(peer).await })
+        })
     }
 }
 
